@@ -1,0 +1,296 @@
+"""Typed, frozen configs for the model, LoRA and gates.
+
+All configs are frozen dataclasses: hashable, so a ``ModelConfig`` can be a static argument of
+``jax.jit``; validated in ``__post_init__`` so a bad value fails where it is written, with a message
+that names the field and what was expected. ``LoraConfig`` uses PEFT's field names and meanings so an
+adapter round-trips through ``adapter_config.json`` unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping
+
+from flexora_jax.errors import ConfigError
+
+#: Linear modules of a LLaMA block that LoRA can adapt, in block order.
+ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+ALL_MODULES = ATTENTION_MODULES + MLP_MODULES
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check(cond: bool, msg: str) -> None:
+    if not cond:
+        raise ConfigError(msg)
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Llama-3 style RoPE frequency scaling (``rope_type: llama3`` in ``config.rope_parameters``)."""
+
+    factor: float = 8.0  # how much the context was extended
+    low_freq_factor: float = 1.0  # wavelengths above original/low_freq_factor are scaled by 1/factor
+    high_freq_factor: float = 4.0  # wavelengths below original/high_freq_factor are kept
+    original_max_position_embeddings: int = 8192  # context length before extension
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape and numerics of a LLaMA-style decoder (LLaMA 1-3, Mistral, Qwen2 checkpoints)."""
+
+    vocab_size: int = 256  # tokens in the vocabulary
+    hidden_size: int = 64  # model width d
+    intermediate_size: int = 128  # SwiGLU hidden width
+    num_hidden_layers: int = 2  # transformer blocks L
+    num_attention_heads: int = 4  # query heads
+    num_key_value_heads: int | None = None  # KV heads (GQA); None means = num_attention_heads
+    head_dim: int | None = None  # per-head width; None means hidden_size // num_attention_heads
+    max_position_embeddings: int = 2048  # longest sequence the model is meant for
+    rms_norm_eps: float = 1e-6  # RMSNorm epsilon
+    rope_theta: float = 10000.0  # RoPE base
+    rope_scaling: RopeScaling | None = None  # Llama-3 scaling, None for default RoPE
+    tie_word_embeddings: bool = False  # LM head shares the token embedding
+    attention_bias: bool = False  # biases on q/k/v (Qwen2: True)
+    model_type: str = "llama"  # HF model_type of the source checkpoint
+    bos_token_id: int | None = 1
+    eos_token_id: int | None = 2
+    pad_token_id: int | None = None
+    dtype: str = "float32"  # compute / base-weight dtype; LoRA, gates and logits stay fp32
+    scan_layers: bool = True  # run blocks under lax.scan (compile time flat in depth)
+    remat_layers: bool = False  # jax.checkpoint each block (less activation memory, more compute)
+
+    def __post_init__(self) -> None:
+        if self.num_key_value_heads is None:
+            object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.head_dim is None:
+            _check(
+                self.hidden_size % self.num_attention_heads == 0,
+                f"ModelConfig: hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}; set head_dim explicitly",
+            )
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "max_position_embeddings"):
+            value = getattr(self, name)
+            _check(isinstance(value, int) and value > 0,
+                   f"ModelConfig.{name} must be a positive integer, got {value!r}")
+        _check(self.num_attention_heads % self.num_key_value_heads == 0,
+               f"ModelConfig: num_attention_heads {self.num_attention_heads} must be a multiple of "
+               f"num_key_value_heads {self.num_key_value_heads}")
+        _check(self.head_dim % 2 == 0, f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
+        _check(self.dtype in DTYPES, f"ModelConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _check(self.model_type in SUPPORTED_MODEL_TYPES,
+               f"ModelConfig.model_type {self.model_type!r} is not supported; "
+               f"supported: {SUPPORTED_MODEL_TYPES}")
+        _check(self.rms_norm_eps > 0, f"ModelConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+
+    @property
+    def q_dim(self) -> int:
+        return self.num_attention_heads * self.head_dim
+
+    @property
+    def kv_dim(self) -> int:
+        return self.num_key_value_heads * self.head_dim
+
+    def module_shape(self, module: str) -> tuple[int, int]:
+        """(d_in, d_out) of a linear module of one block."""
+        d, f = self.hidden_size, self.intermediate_size
+        shapes = {
+            "q_proj": (d, self.q_dim), "k_proj": (d, self.kv_dim), "v_proj": (d, self.kv_dim),
+            "o_proj": (self.q_dim, d), "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d),
+        }
+        if module not in shapes:
+            raise ConfigError(f"unknown module {module!r}; valid modules: {ALL_MODULES}")
+        return shapes[module]
+
+    def num_params(self) -> int:
+        """Parameter count of the base model (embedding + blocks + final norm + head)."""
+        per_layer = 2 * self.hidden_size + sum(a * b for a, b in map(self.module_shape, ALL_MODULES))
+        if self.attention_bias:
+            per_layer += self.q_dim + 2 * self.kv_dim
+        head = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
+        return self.vocab_size * self.hidden_size + self.num_hidden_layers * per_layer + self.hidden_size + head
+
+    # ----------------------------------------------------------------------------- HF conversion
+    @classmethod
+    def from_hf(cls, hf_config: Any, **overrides: Any) -> "ModelConfig":
+        """Build from a ``transformers`` config object (LlamaConfig, MistralConfig, Qwen2Config)."""
+        model_type = getattr(hf_config, "model_type", None)
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(f"model_type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
+        act = getattr(hf_config, "hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"hidden_act {act!r} is not supported; only 'silu' (SwiGLU) is")
+        rope = dict(getattr(hf_config, "rope_parameters", None) or {})
+        legacy_scaling = getattr(hf_config, "rope_scaling", None)
+        if not rope and legacy_scaling:
+            rope = dict(legacy_scaling)
+        theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+        rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+        scaling = None
+        if rope_type == "llama3":
+            scaling = RopeScaling(
+                factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
+                high_freq_factor=float(rope["high_freq_factor"]),
+                original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
+        elif rope_type != "default":
+            raise ConfigError(f"rope_type {rope_type!r} is not supported; supported: 'default', 'llama3'")
+        attention_bias = bool(getattr(hf_config, "attention_bias", model_type == "qwen2"))
+        if model_type == "qwen2":
+            attention_bias = True
+        kwargs = dict(
+            vocab_size=hf_config.vocab_size, hidden_size=hf_config.hidden_size,
+            intermediate_size=hf_config.intermediate_size, num_hidden_layers=hf_config.num_hidden_layers,
+            num_attention_heads=hf_config.num_attention_heads,
+            num_key_value_heads=getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads,
+            head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads,
+            max_position_embeddings=hf_config.max_position_embeddings, rms_norm_eps=float(hf_config.rms_norm_eps),
+            rope_theta=float(theta), rope_scaling=scaling,
+            tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+            attention_bias=attention_bias, model_type=model_type,
+            bos_token_id=getattr(hf_config, "bos_token_id", None),
+            eos_token_id=_first(getattr(hf_config, "eos_token_id", None)),
+            pad_token_id=getattr(hf_config, "pad_token_id", None),
+        )
+        kwargs.update(overrides)
+        return cls(**kwargs)
+
+    def to_hf(self) -> Any:
+        """The matching ``transformers`` config (LlamaConfig / MistralConfig / Qwen2Config)."""
+        import transformers
+
+        rope: dict[str, Any] = {"rope_theta": self.rope_theta, "rope_type": "default"}
+        if self.rope_scaling is not None:
+            rope.update(rope_type="llama3", **dataclasses.asdict(self.rope_scaling))
+        common = dict(
+            vocab_size=self.vocab_size, hidden_size=self.hidden_size, intermediate_size=self.intermediate_size,
+            num_hidden_layers=self.num_hidden_layers, num_attention_heads=self.num_attention_heads,
+            num_key_value_heads=self.num_key_value_heads, max_position_embeddings=self.max_position_embeddings,
+            rms_norm_eps=self.rms_norm_eps, tie_word_embeddings=self.tie_word_embeddings,
+            bos_token_id=self.bos_token_id, eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id,
+            hidden_act="silu", rope_parameters=rope,
+        )
+        if self.model_type == "qwen2":
+            return transformers.Qwen2Config(**common)
+        if self.model_type == "mistral":
+            return transformers.MistralConfig(head_dim=self.head_dim, sliding_window=None, **common)
+        return transformers.LlamaConfig(head_dim=self.head_dim, attention_bias=self.attention_bias,
+                                        mlp_bias=False, **common)
+
+
+def _first(value: Any) -> Any:
+    return value[0] if isinstance(value, (list, tuple)) and value else value
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """LoRA hyperparameters with PEFT's field names and meanings.
+
+    ``target_modules`` is a tuple of module names or ``"all-linear"``; ``layers_to_transform`` is
+    ``None`` (every block) or a tuple of block indices; ``rank_pattern`` / ``alpha_pattern`` map a
+    key to a rank / alpha, where the key is a module name (``"q_proj"``) or a PEFT-style path
+    (``"model.layers.3.self_attn.q_proj"``, matched as a suffix, as PEFT does).
+    """
+
+    r: int = 8  # rank of every module unless rank_pattern says otherwise
+    lora_alpha: float = 16.0  # scale = lora_alpha / r (or / sqrt(r) with use_rslora)
+    lora_dropout: float = 0.0  # dropout on the LoRA input, training only
+    target_modules: tuple[str, ...] | str = ("q_proj", "v_proj")
+    layers_to_transform: tuple[int, ...] | None = None  # None = all blocks
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    use_rslora: bool = False  # scale = lora_alpha / sqrt(r)
+    init_lora_weights: bool | str = True  # True: A kaiming-uniform, B = 0; "gaussian": A ~ N(0, 1/r), B = 0
+
+    def __post_init__(self) -> None:
+        tm = self.target_modules
+        if isinstance(tm, str):
+            tm = ALL_MODULES if tm == "all-linear" else (tm,)
+        tm = tuple(tm)
+        bad = [m for m in tm if m not in ALL_MODULES]
+        _check(not bad, f"LoraConfig.target_modules: unknown module(s) {bad}; "
+                        f"valid choices: {list(ALL_MODULES)} or 'all-linear'")
+        _check(len(tm) > 0, "LoraConfig.target_modules is empty; name at least one module")
+        # Canonical block order, no duplicates: the same config always means the same pytree.
+        object.__setattr__(self, "target_modules", tuple(m for m in ALL_MODULES if m in tm))
+        _check(isinstance(self.r, int) and self.r > 0, f"LoraConfig.r must be a positive integer, got {self.r!r}")
+        _check(self.lora_alpha > 0, f"LoraConfig.lora_alpha must be > 0, got {self.lora_alpha!r}")
+        _check(0.0 <= self.lora_dropout < 1.0, f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
+        if self.layers_to_transform is not None:
+            layers = (self.layers_to_transform,) if isinstance(self.layers_to_transform, int) else self.layers_to_transform
+            layers = tuple(sorted(set(int(i) for i in layers)))
+            _check(all(i >= 0 for i in layers), f"LoraConfig.layers_to_transform has negative indices: {layers}")
+            object.__setattr__(self, "layers_to_transform", layers)
+        for key, rank in dict(self.rank_pattern).items():
+            _check(isinstance(rank, int) and rank >= 0,
+                   f"LoraConfig.rank_pattern[{key!r}] must be a non-negative integer, got {rank!r}")
+        for key, alpha in dict(self.alpha_pattern).items():
+            _check(alpha > 0, f"LoraConfig.alpha_pattern[{key!r}] must be > 0, got {alpha!r}")
+        _check(self.init_lora_weights in (True, False, "gaussian"),
+               f"LoraConfig.init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+        # Freeze the mappings into sorted tuples so the config stays hashable (a static jit argument).
+        object.__setattr__(self, "rank_pattern", _FrozenDict(self.rank_pattern))
+        object.__setattr__(self, "alpha_pattern", _FrozenDict(self.alpha_pattern))
+
+    def validate_for(self, config: ModelConfig) -> None:
+        """Check layer indices against a model; raise naming the valid range."""
+        n = config.num_hidden_layers
+        if self.layers_to_transform is not None:
+            bad = [i for i in self.layers_to_transform if i >= n]
+            _check(not bad, f"LoraConfig.layers_to_transform: layer index(es) {bad} out of range; "
+                            f"the model has {n} layers (valid: 0..{n - 1})")
+            _check(len(self.layers_to_transform) > 0, "LoraConfig.layers_to_transform is empty")
+
+    def layers(self, num_layers: int) -> tuple[int, ...]:
+        return tuple(range(num_layers)) if self.layers_to_transform is None else tuple(self.layers_to_transform)
+
+    def _pattern_lookup(self, pattern: Mapping[str, Any], module: str, layer: int) -> Any:
+        """PEFT semantics: the most specific key that matches the module path as a suffix wins."""
+        group = "self_attn" if module in ATTENTION_MODULES else "mlp"
+        path = f"model.layers.{layer}.{group}.{module}"
+        best, best_len = None, -1
+        for key, value in pattern.items():
+            if path == key or path.endswith("." + key):
+                if len(key) > best_len:
+                    best, best_len = value, len(key)
+        return best
+
+    def rank_for(self, module: str, layer: int) -> int:
+        r = self._pattern_lookup(self.rank_pattern, module, layer)
+        return self.r if r is None else int(r)
+
+    def alpha_for(self, module: str, layer: int) -> float:
+        a = self._pattern_lookup(self.alpha_pattern, module, layer)
+        return float(self.lora_alpha if a is None else a)
+
+    def scale_for(self, module: str, layer: int) -> float:
+        r = self.rank_for(module, layer)
+        if r == 0:
+            return 0.0
+        alpha = self.alpha_for(module, layer)
+        return alpha / math.sqrt(r) if self.use_rslora else alpha / r
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["target_modules"] = list(self.target_modules)
+        d["layers_to_transform"] = None if self.layers_to_transform is None else list(self.layers_to_transform)
+        d["rank_pattern"] = dict(self.rank_pattern)
+        d["alpha_pattern"] = dict(self.alpha_pattern)
+        return d
+
+
+class _FrozenDict(dict):
+    """A dict that hashes by its sorted items (configs must be hashable to be static jit args)."""
+
+    def __hash__(self) -> int:  # type: ignore[override]
+        return hash(tuple(sorted(self.items())))
+
+    def _readonly(self, *args: Any, **kwargs: Any) -> None:
+        raise TypeError("this mapping is frozen")
+
+    __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _readonly  # type: ignore[assignment]

@@ -1,0 +1,170 @@
+"""LoRA adapters as a pytree next to (never inside) the frozen base params.
+
+A :class:`LoraParams` holds the trainable A/B matrices of every adapted module, stacked over *all*
+L blocks so the layer scan stays uniform, plus a static :class:`LoraSpec` (hashable, not a pytree
+leaf) that says which blocks are adapted, each (module, block)'s rank and scale. Blocks that are not
+adapted get scale 0 and are never exported or counted. Variable ranks (AutoLoRA, ``rank_pattern``)
+are stored as ``r_max`` columns plus a static rank mask, so one compiled program serves every rank
+pattern of the same ``r_max``; exports contain the true ranks.
+
+Because the spec is static metadata, ``jax.grad`` and any ``optax`` optimizer see only A and B:
+the frozen base cannot be trained by accident, and an optimizer state covers LoRA leaves only.
+
+Layout (fp32 whatever the base dtype): ``weights[module] = {"a": [L, d_in, r_max], "b": [L, r_max, d_out]}``
+(``a`` is PEFT's ``lora_A.weight`` transposed, ``b`` is ``lora_B.weight`` transposed).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from flexora_jax.config import LoraConfig, ModelConfig
+from flexora_jax.gates import Gates, layer_gate_values, rank_gate_values
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraSpec:
+    """Static description of a LoRA pytree: targets, adapted blocks, ranks and scales."""
+
+    config: LoraConfig  # the LoraConfig it was built from (PEFT fields)
+    num_layers: int  # L of the base model
+    targets: tuple[str, ...]  # adapted module names, block order
+    layers: tuple[int, ...]  # adapted block indices
+    r_max: tuple[tuple[str, int], ...]  # per module: stored rank (columns of A)
+    ranks: tuple[tuple[str, tuple[int, ...]], ...]  # per module: true rank in each block (0 = not adapted)
+    scales: tuple[tuple[str, tuple[float, ...]], ...]  # per module: lora scale in each block (0 = not adapted)
+
+    @property
+    def dropout(self) -> float:
+        return float(self.config.lora_dropout)
+
+    def rank_of(self, module: str) -> tuple[int, ...]:
+        return dict(self.ranks)[module]
+
+    def scale_of(self, module: str) -> tuple[float, ...]:
+        return dict(self.scales)[module]
+
+    def r_max_of(self, module: str) -> int:
+        return dict(self.r_max)[module]
+
+    def coefficients(self, module: str) -> np.ndarray:
+        """Static per-component multiplier [L, r_max]: scale where a component exists, else 0."""
+        r_max = self.r_max_of(module)
+        ranks = np.asarray(self.rank_of(module))[:, None]
+        mask = (np.arange(r_max)[None, :] < ranks).astype(np.float32)
+        return mask * np.asarray(self.scale_of(module), np.float32)[:, None]
+
+
+def make_spec(model_config: ModelConfig, lora_config: LoraConfig) -> LoraSpec:
+    """Resolve a LoraConfig against a model: adapted blocks, per-block ranks and scales."""
+    lora_config.validate_for(model_config)
+    L = model_config.num_hidden_layers
+    layers = lora_config.layers(L)
+    ranks, scales, r_max = [], [], []
+    for m in lora_config.target_modules:
+        rk = tuple(lora_config.rank_for(m, i) if i in layers else 0 for i in range(L))
+        sc = tuple(lora_config.scale_for(m, i) if i in layers else 0.0 for i in range(L))
+        ranks.append((m, rk))
+        scales.append((m, sc))
+        r_max.append((m, max(max(rk), 1)))
+    return LoraSpec(config=lora_config, num_layers=L, targets=lora_config.target_modules, layers=layers,
+                    r_max=tuple(r_max), ranks=tuple(ranks), scales=tuple(scales))
+
+
+@struct.dataclass
+class LoraParams:
+    """Trainable LoRA weights (pytree leaves) and their static :class:`LoraSpec`."""
+
+    weights: dict[str, dict[str, jax.Array]]
+    spec: LoraSpec = struct.field(pytree_node=False)
+
+
+def init_lora(model_config: ModelConfig, lora_config: LoraConfig, key: jax.Array) -> LoraParams:
+    """Fresh LoRA params with PEFT's initialisation.
+
+    ``init_lora_weights=True``: A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (kaiming-uniform, a = sqrt(5)),
+    B = 0, so the adapted model starts equal to the base. ``"gaussian"``: A ~ N(0, 1/r), B = 0.
+    ``False``: B is random too (U(-1/sqrt(r), 1/sqrt(r))), useful for tests. Components beyond a
+    block's rank and blocks that are not adapted are zero.
+    """
+    spec = make_spec(model_config, lora_config)
+    L = model_config.num_hidden_layers
+    init = lora_config.init_lora_weights
+    weights = {}
+    for i, m in enumerate(spec.targets):
+        d_in, d_out = model_config.module_shape(m)
+        r = spec.r_max_of(m)
+        ka, kb = jax.random.split(jax.random.fold_in(key, i))
+        if init == "gaussian":
+            a = jax.random.normal(ka, (L, d_in, r), jnp.float32) / r
+        else:
+            bound = 1.0 / np.sqrt(d_in)
+            a = jax.random.uniform(ka, (L, d_in, r), jnp.float32, -bound, bound)
+        if init is False:
+            bound_b = 1.0 / np.sqrt(r)
+            b = jax.random.uniform(kb, (L, r, d_out), jnp.float32, -bound_b, bound_b)
+        else:
+            b = jnp.zeros((L, r, d_out), jnp.float32)
+        present = jnp.asarray(spec.coefficients(m) != 0, jnp.float32)  # [L, r]
+        weights[m] = {"a": a * present[:, None, :], "b": b * present[:, :, None]}
+    return LoraParams(weights=weights, spec=spec)
+
+
+def per_layer_lora(lora: LoraParams, gates: Gates | None, num_layers: int) -> dict[str, dict[str, jax.Array]]:
+    """Stacked per-block inputs of the layer scan: ``{module: {"a", "b", "c"}}`` with c [L, r].
+
+    ``c`` folds the static scale and rank mask with the layer gate and the rank gate; it is the one
+    place where gate values enter the forward pass.
+    """
+    if lora.spec.num_layers != num_layers:
+        raise ValueError(f"LoRA was built for {lora.spec.num_layers} layers, the model has {num_layers}")
+    layer_w = layer_gate_values(gates, num_layers)  # [L]
+    out = {}
+    for m in lora.spec.targets:
+        coeff = jnp.asarray(lora.spec.coefficients(m))  # [L, r]
+        c = coeff * layer_w[:, None] * rank_gate_values(gates, m, coeff.shape)
+        out[m] = {"a": lora.weights[m]["a"], "b": lora.weights[m]["b"], "c": c}
+    return out
+
+
+def delta_weights(lora: LoraParams, gates: Gates | None = None) -> dict[str, jax.Array]:
+    """The dense update of every adapted module, fp32 [L, d_in, d_out] (gates included)."""
+    stacked = per_layer_lora(lora, gates, lora.spec.num_layers)
+    return {m: jnp.einsum("ldr,lr,lrf->ldf", v["a"], v["c"], v["b"]) for m, v in stacked.items()}
+
+
+def merge(params: dict[str, Any], lora: LoraParams, gates: Gates | None = None,
+          sign: float = 1.0) -> dict[str, Any]:
+    """Base params with the LoRA update added (``sign=-1`` removes it), in fp32 then cast back."""
+    deltas = delta_weights(lora, gates)
+    layers = dict(params["layers"])
+    for m, delta in deltas.items():
+        kernel = layers[m]["kernel"]
+        if kernel.shape != delta.shape:
+            raise ValueError(f"LoRA for {m} has shape {delta.shape}, base kernel {kernel.shape}")
+        merged = (kernel.astype(jnp.float32) + sign * delta).astype(kernel.dtype)
+        layers[m] = {**layers[m], "kernel": merged}
+    return {**params, "layers": layers}
+
+
+def unmerge(params: dict[str, Any], lora: LoraParams, gates: Gates | None = None) -> dict[str, Any]:
+    """Inverse of :func:`merge` (exact in fp32; up to rounding in lower precision)."""
+    return merge(params, lora, gates, sign=-1.0)
+
+
+def count_params(model_config: ModelConfig, lora: LoraParams | LoraSpec) -> dict[str, int | float]:
+    """Trainable LoRA parameters (true ranks, adapted blocks only) vs the base model's total."""
+    spec = lora.spec if isinstance(lora, LoraParams) else lora
+    trainable = 0
+    for m in spec.targets:
+        d_in, d_out = model_config.module_shape(m)
+        trainable += sum(r * (d_in + d_out) for r in spec.rank_of(m))
+    base = model_config.num_params()
+    return {"trainable": int(trainable), "base": int(base), "total": int(base + trainable),
+            "trainable_percent": 100.0 * trainable / (base + trainable)}

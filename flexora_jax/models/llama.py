@@ -1,0 +1,258 @@
+"""A LLaMA-style decoder as a pure function of three pytrees: base params, LoRA, gates.
+
+Design:
+- ``forward(config, params, tokens, attention_mask, lora, gates)`` is pure: ``jax.grad`` picks what is
+  differentiated by argument (LoRA for training, gates for the hypergradient), and the frozen base is
+  never inside the trained pytree.
+- Block parameters are stacked on a leading layer axis and the blocks run under ``jax.lax.scan``, so
+  compile time does not grow with depth; ``config.scan_layers=False`` unrolls the blocks instead
+  (same function, useful for debugging and for per-layer profiling).
+- Per block and adapted module, the LoRA branch is ``((x @ A) * c) @ B`` with one coefficient vector
+  ``c`` [rank] that folds together the LoRA scale, the rank mask (variable ranks), the Flexora layer
+  gate and the AutoLoRA rank gate. Gate values never change shapes, so a search never recompiles.
+- Base weights are in the compute dtype (``config.dtype``); LoRA A/B and gates stay fp32 and are cast
+  at use; logits are fp32.
+
+Shapes: ``b`` batch, ``t`` sequence, ``d`` hidden, ``h``/``k`` query/KV heads, ``e`` head_dim,
+``f`` MLP width, ``v`` vocab, ``r`` LoRA rank, ``l`` layers.
+
+Param layout (HF ``(out, in)`` weights are stored transposed as ``(in, out)`` kernels)::
+
+    {"embed": [v, d], "final_norm": [d], "lm_head": [d, v] (absent when tied),
+     "layers": {"input_norm": [l, d], "post_attention_norm": [l, d],
+                "q_proj": {"kernel": [l, d, h*e], "bias": [l, h*e]?}, "k_proj": ..., "v_proj": ...,
+                "o_proj": {"kernel": [l, h*e, d]}, "gate_proj": {"kernel": [l, d, f]},
+                "up_proj": {"kernel": [l, d, f]}, "down_proj": {"kernel": [l, f, d]}}}
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flexora_jax.config import ALL_MODULES, ModelConfig
+
+Params = dict[str, Any]
+
+_NEG_INF = -1e30  # finite "minus infinity": a fully masked row gives a uniform softmax, not NaN
+
+
+# ----------------------------------------------------------------------------------- building blocks
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm computed in fp32 and cast back, as HF LLaMA does."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * x32.astype(x.dtype)
+
+
+def rope_inv_freq(config: ModelConfig) -> np.ndarray:
+    """Inverse frequencies [e/2], with Llama-3 scaling when ``config.rope_scaling`` is set."""
+    e = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, e, 2, dtype=np.float64) / e))
+    s = config.rope_scaling
+    if s is None:
+        return inv_freq.astype(np.float32)
+    low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
+    high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+    smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
+        s.high_freq_factor - s.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def rope_tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables [b, t, e] for integer positions [b, t] (HF 'rotate half' convention)."""
+    inv_freq = jnp.asarray(rope_inv_freq(config))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, e/2]
+    angles = jnp.concatenate([angles, angles], axis=-1)
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate x [b, t, heads, e] by the tables [b, t, e]; computed in fp32."""
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
+    out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
+    return out.astype(x.dtype)
+
+
+def attention_bias(attention_mask: jax.Array | None, batch: int, seq: int) -> jax.Array:
+    """Additive bias [b, 1, t, t]: causal, plus key padding from ``attention_mask`` [b, t]."""
+    causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))[None, None]
+    allowed = causal
+    if attention_mask is not None:
+        allowed = allowed & (attention_mask[:, None, None, :] > 0)
+    allowed = jnp.broadcast_to(allowed, (batch, 1, seq, seq))
+    return jnp.where(allowed, 0.0, _NEG_INF).astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------------------- linear + LoRA
+def linear(x: jax.Array, layer: Params, name: str, lora_layer: dict[str, Any] | None,
+           dropout_key: jax.Array | None, dropout_rate: float) -> jax.Array:
+    """``x @ W (+ b)`` plus, when ``name`` is adapted, the gated LoRA branch ``((x @ A) * c) @ B``."""
+    kernel = layer[name]["kernel"]
+    y = jnp.einsum("btd,df->btf", x, kernel)
+    if "bias" in layer[name]:
+        y = y + layer[name]["bias"]
+    if lora_layer is not None and name in lora_layer:
+        a, b, c = lora_layer[name]["a"], lora_layer[name]["b"], lora_layer[name]["c"]  # [d,r] [r,f] [r]
+        xin = x
+        if dropout_key is not None and dropout_rate > 0.0:
+            key = jax.random.fold_in(dropout_key, ALL_MODULES.index(name))
+            keep = jax.random.bernoulli(key, 1.0 - dropout_rate, x.shape)
+            xin = jnp.where(keep, x / (1.0 - dropout_rate), 0.0).astype(x.dtype)
+        down = jnp.einsum("btd,dr->btr", xin, a.astype(x.dtype)) * c.astype(x.dtype)
+        y = y + jnp.einsum("btr,rf->btf", down, b.astype(x.dtype))
+    return y
+
+
+def block(config: ModelConfig, layer: Params, h: jax.Array, cos: jax.Array, sin: jax.Array,
+          bias: jax.Array, lora_layer: dict[str, Any] | None, dropout_key: jax.Array | None,
+          dropout_rate: float) -> jax.Array:
+    """One pre-norm LLaMA block: attention (GQA, RoPE) and SwiGLU MLP, each with a residual."""
+    b, t, _ = h.shape
+    nh, nk, e = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+
+    def lin(x, name):
+        return linear(x, layer, name, lora_layer, dropout_key, dropout_rate)
+
+    x = rms_norm(h, layer["input_norm"], config.rms_norm_eps)
+    q = lin(x, "q_proj").reshape(b, t, nh, e)
+    k = lin(x, "k_proj").reshape(b, t, nk, e)
+    v = lin(x, "v_proj").reshape(b, t, nk, e)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q = q.reshape(b, t, nk, nh // nk, e)  # query heads grouped by the KV head they share
+    scores = jnp.einsum("btkge,bske->bkgts", q, k,
+                        preferred_element_type=jnp.float32) / math.sqrt(e)
+    scores = scores + bias[:, :, None]  # [b, k, g, t, s]
+    probs = jax.nn.softmax(scores, axis=-1).astype(h.dtype)
+    attn = jnp.einsum("bkgts,bske->btkge", probs, v).reshape(b, t, nh * e)
+    h = h + lin(attn, "o_proj")
+
+    x = rms_norm(h, layer["post_attention_norm"], config.rms_norm_eps)
+    mlp = jax.nn.silu(lin(x, "gate_proj")) * lin(x, "up_proj")
+    return h + lin(mlp, "down_proj")
+
+
+# ---------------------------------------------------------------------------------------- forward
+def forward(config: ModelConfig, params: Params, tokens: jax.Array, attention_mask: jax.Array | None = None,
+            lora: Any = None, gates: Any = None, positions: jax.Array | None = None,
+            dropout_key: jax.Array | None = None, return_hidden: bool = False) -> jax.Array:
+    """Logits [b, t, v] (fp32) of the decoder for ``tokens`` [b, t].
+
+    Args:
+      config: the model's (hashable) ``ModelConfig``; static under jit.
+      params: base params (layout in the module docstring), in ``config.dtype``.
+      tokens: int token ids [b, t].
+      attention_mask: 1 for real tokens, 0 for padding [b, t]; None means all real.
+      lora: a ``flexora_jax.lora.LoraParams`` or None.
+      gates: a ``flexora_jax.gates.Gates`` or None (no gate: plain LoRA).
+      positions: RoPE positions [b, t]; default ``arange(t)`` (use ``cumsum(mask) - 1`` for left padding).
+      dropout_key: PRNG key enabling LoRA dropout (training); None disables it.
+      return_hidden: return the final normed hidden states [b, t, d] instead of logits.
+    """
+    tokens = jnp.asarray(tokens)
+    if tokens.ndim != 2:
+        raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
+    b, t = tokens.shape
+    dtype = jnp.dtype(config.dtype)
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    cos, sin = rope_tables(config, positions)
+    bias = attention_bias(attention_mask, b, t)
+    h = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
+
+    lora_layers = None
+    dropout_rate = 0.0
+    if lora is not None:
+        from flexora_jax.lora import per_layer_lora
+
+        lora_layers = per_layer_lora(lora, gates, config.num_hidden_layers)
+        dropout_rate = lora.spec.dropout
+    elif gates is not None:
+        raise ValueError("gates were given without LoRA params: gates scale the LoRA branch only")
+
+    def step(h, xs):
+        layer, lora_layer, key = xs
+        return block(config, layer, h, cos, sin, bias, lora_layer, key, dropout_rate), None
+
+    if config.remat_layers:
+        step = jax.checkpoint(step)
+    keys = None if dropout_key is None else jax.random.split(dropout_key, config.num_hidden_layers)
+    if config.scan_layers:
+        h, _ = jax.lax.scan(step, h, (params["layers"], lora_layers, keys))
+    else:
+        for i in range(config.num_hidden_layers):
+            xs = jax.tree.map(lambda x: x[i], (params["layers"], lora_layers, keys))
+            h, _ = step(h, xs)
+
+    h = rms_norm(h, params["final_norm"], config.rms_norm_eps)
+    if return_hidden:
+        return h
+    head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+    return jnp.einsum("btd,dv->btv", h, head.astype(dtype), preferred_element_type=jnp.float32)
+
+
+# ------------------------------------------------------------------------------------------ init
+def init_params(config: ModelConfig, key: jax.Array, init_std: float = 0.02,
+                head_std: float | None = None) -> Params:
+    """Random base params in ``config.dtype`` (normal(0, init_std) kernels, unit norms).
+
+    ``head_std`` overrides the LM-head (or tied embedding) scale: a peaked output distribution makes a
+    planted LoRA change visible (see the planted-task notes).
+    """
+    L, d = config.num_hidden_layers, config.hidden_size
+    dtype = jnp.dtype(config.dtype)
+    keys = iter(jax.random.split(key, 16))
+
+    def normal(shape, std=init_std):
+        return (std * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
+
+    layers: Params = {"input_norm": jnp.ones((L, d), dtype), "post_attention_norm": jnp.ones((L, d), dtype)}
+    for name in ALL_MODULES:
+        d_in, d_out = config.module_shape(name)
+        layers[name] = {"kernel": normal((L, d_in, d_out))}
+        if config.attention_bias and name in ("q_proj", "k_proj", "v_proj"):
+            layers[name]["bias"] = jnp.zeros((L, d_out), dtype)
+    params: Params = {"embed": normal((config.vocab_size, d), head_std if config.tie_word_embeddings and head_std else init_std),
+                      "layers": layers, "final_norm": jnp.ones((d,), dtype)}
+    if not config.tie_word_embeddings:
+        params["lm_head"] = normal((d, config.vocab_size), head_std or init_std)
+    return params
+
+
+def param_shapes(config: ModelConfig) -> Params:
+    """The expected shape of every base param (what loaders validate against)."""
+    return jax.tree.map(lambda x: x.shape, jax.eval_shape(lambda: init_params(config, jax.random.key(0))))
+
+
+# ------------------------------------------------------------------------------------------- loss
+def causal_lm_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy over the tokens where ``loss_mask`` is 1.
+
+    ``loss_mask[b, t] = 1`` means token ``t`` is a target (predicted from position ``t - 1``); the
+    first position is never a target.
+    """
+    import optax
+
+    logp_logits = logits[:, :-1].astype(jnp.float32)
+    targets = tokens[:, 1:]
+    mask = loss_mask[:, 1:].astype(jnp.float32)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logp_logits, targets)
+    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def soft_lm_loss(logits: jax.Array, target_probs: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """Mean cross-entropy against target distributions [b, t, v] (distillation / planted soft targets)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    ce = -jnp.sum(target_probs * logp, axis=-1)
+    mask = loss_mask.astype(jnp.float32)
+    return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
