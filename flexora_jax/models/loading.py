@@ -298,7 +298,8 @@ def read_llama2c(checkpoint: str | os.PathLike) -> tuple[dict[str, int], dict[st
         raise CheckpointError(f"{path}: implausible llama2.c header {header}")
     head = dim // n_heads
     kv = n_kv * head
-    floats = np.frombuffer(data, dtype="<f4", offset=offset)
+    usable = offset + 4 * ((len(data) - offset) // 4)
+    floats = np.frombuffer(data[:usable], dtype="<f4", offset=offset)
     pos = 0
 
     def take(*shape: int) -> np.ndarray:

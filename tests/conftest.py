@@ -1,0 +1,42 @@
+"""Shared test setup: 8 virtual CPU devices, offline hub, real data location, shared fixtures."""
+
+from __future__ import annotations
+
+import os
+
+# Must be set before JAX initialises its backend.
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", str(Path(__file__).resolve().parents[1] / ".jax_cache"))
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+
+REPO = Path(__file__).resolve().parents[1]
+DATA_DIR = Path(os.environ.get("FLEXORA_DATA_DIR", REPO.parent / "shared" / "data"))
+TINYSTORIES = DATA_DIR / "tinystories260k"
+
+requires_data = pytest.mark.skipif(
+    not DATA_DIR.exists(), reason=f"reference data folder {DATA_DIR} is absent (set FLEXORA_DATA_DIR)")
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    if not DATA_DIR.exists():
+        pytest.skip(f"reference data folder {DATA_DIR} is absent (set FLEXORA_DATA_DIR)")
+    return DATA_DIR
+
+
+@pytest.fixture(scope="session")
+def tinystories_dir(tmp_path_factory, data_dir) -> Path:
+    """The real llama2.c stories260K model converted once per session into an HF directory."""
+    from flexora_jax import convert_llama2c
+
+    out = tmp_path_factory.mktemp("tinystories260k")
+    return convert_llama2c(TINYSTORIES / "checkpoint_legacy.bin", TINYSTORIES / "tok512.model", out)
