@@ -294,3 +294,114 @@ class _FrozenDict(dict):
         raise TypeError("this mapping is frozen")
 
     __setitem__ = __delitem__ = update = pop = popitem = clear = setdefault = _readonly  # type: ignore[assignment]
+
+
+HYPERGRADIENTS = ("unrolled", "first_order", "darts", "forward")
+OPTIMIZERS = ("adamw", "adam", "sgd")
+SCHEDULES = ("constant", "cosine")
+SELECTION_RULES = ("positive", "topk", "threshold")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchConfig:
+    """The bilevel search: K inner LoRA steps on train data, one gate step on validation data.
+
+    Defaults follow the planted-task regime that recovers planted layers on CPU; the paper's reference
+    settings are :meth:`flexora_reference` and :meth:`autolora_reference`.
+    """
+
+    gates: str = "layer"  # "layer" (Flexora), "rank" (AutoLoRA) or "both"
+    hypergradient: str = "unrolled"  # unrolled | first_order | darts | forward (jvp, few gates)
+    inner_steps: int = 4  # K, inner optimizer steps per search step
+    steps: int = 40  # outer (gate) steps
+    batch_size: int = 16  # training examples per inner step
+    val_batch_size: int = 16  # validation examples per outer step
+    inner_optimizer: str = "adamw"  # adamw | adam | sgd (any optax transform through the API)
+    inner_lr: float = 3e-3
+    inner_schedule: str = "constant"  # constant | cosine (over steps * inner_steps)
+    inner_weight_decay: float = 0.0
+    inner_eps_root: float = 1e-16  # > 0 so the hypergradient through Adam is finite with B = 0
+    inner_grad_clip: float = 0.0  # global-norm clip of inner gradients; 0 = off
+    reset_inner_optimizer: bool = False  # reference-code quirk: fresh inner optimizer state each step
+    outer_lr: float = 0.01  # Adam on the raw gates
+    outer_b1: float = 0.9
+    outer_b2: float = 0.999
+    gate_power: int = 1  # layer gate exponent: 1, or 3 as in the reference code
+    remat: bool = True  # jax.checkpoint the inner scan body (memory flat in K)
+    darts_mode: str = "exact"  # exact (jvp mixed Hessian-vector product) | finite_difference
+    darts_redo_inner: bool = True  # AutoLoRA: redo the inner step with the updated gates
+    selection: str = "positive"  # positive (alpha > 0) | topk | threshold
+    top_k: int = 0  # layers kept by "topk"
+    threshold: float = 1.0  # gate value w_l kept by "threshold" (w_l >= threshold)
+    log_every: int = 1
+
+    def __post_init__(self) -> None:
+        _check(self.gates in ("layer", "rank", "both"),
+               f"search.gates must be 'layer', 'rank' or 'both', got {self.gates!r}")
+        _check(self.hypergradient in HYPERGRADIENTS,
+               f"search.hypergradient must be one of {HYPERGRADIENTS}, got {self.hypergradient!r}")
+        for name in ("inner_steps", "steps", "batch_size", "val_batch_size", "log_every"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v >= 1, f"search.{name} must be an integer >= 1, got {v!r}")
+        _check(self.inner_optimizer in OPTIMIZERS,
+               f"search.inner_optimizer must be one of {OPTIMIZERS}, got {self.inner_optimizer!r}")
+        _check(self.inner_schedule in SCHEDULES,
+               f"search.inner_schedule must be one of {SCHEDULES}, got {self.inner_schedule!r}")
+        for name in ("inner_lr", "outer_lr"):
+            v = getattr(self, name)
+            _check(isinstance(v, (int, float)) and 0 < v < 10, f"search.{name} must be in (0, 10), got {v!r}")
+        _check(self.inner_eps_root >= 0, f"search.inner_eps_root must be >= 0, got {self.inner_eps_root}")
+        _check(self.gate_power in (1, 3), f"search.gate_power must be 1 or 3, got {self.gate_power!r}")
+        _check(self.darts_mode in ("exact", "finite_difference"),
+               f"search.darts_mode must be 'exact' or 'finite_difference', got {self.darts_mode!r}")
+        _check(self.selection in SELECTION_RULES,
+               f"search.selection must be one of {SELECTION_RULES}, got {self.selection!r}")
+        _check(self.top_k >= 0, f"search.top_k must be >= 0, got {self.top_k}")
+        _check(self.selection != "topk" or self.top_k >= 1, "search.selection 'topk' needs search.top_k >= 1")
+
+    @classmethod
+    def flexora_reference(cls, **overrides: Any) -> "SearchConfig":
+        """The Flexora reference code's settings (first-order, AdamW 1e-4 cosine, batch 8, 600 steps)."""
+        base = dict(gates="layer", hypergradient="first_order", inner_steps=1, steps=600, batch_size=8,
+                    val_batch_size=8, inner_optimizer="adamw", inner_lr=1e-4, inner_schedule="cosine",
+                    inner_grad_clip=1.0, outer_lr=0.01, gate_power=3, selection="positive")
+        base.update(overrides)
+        return cls(**base)
+
+    @classmethod
+    def autolora_reference(cls, **overrides: Any) -> "SearchConfig":
+        """AutoLoRA's settings (DARTS one-step hypergradient, Adam 3e-4 both levels, outer betas 0.5/0.999)."""
+        base = dict(gates="rank", hypergradient="darts", inner_steps=1, batch_size=32, val_batch_size=32,
+                    inner_optimizer="adam", inner_lr=3e-4, outer_lr=3e-4, outer_b1=0.5, outer_b2=0.999)
+        base.update(overrides)
+        return cls(**base)
+
+
+@dataclasses.dataclass(frozen=True)
+class FinetuneConfig:
+    """The fine-tuning stage: a fresh LoRA on the selection, standard optax training loop."""
+
+    epochs: float = 1.0  # passes over the training set (fractional allowed)
+    max_steps: int = 0  # > 0 caps the number of optimizer steps
+    batch_size: int = 16
+    grad_accum: int = 1  # micro-batches accumulated per optimizer step (optax.MultiSteps)
+    lr: float = 3e-3
+    schedule: str = "cosine"  # constant | cosine (with linear warm-up)
+    warmup_ratio: float = 0.1
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # global-norm clip; 0 = off
+    optimizer: str = "adamw"
+    eval_every: int = 0  # > 0: validation loss every N steps, best checkpoint kept
+    keep_best: bool = False  # return the LoRA with the best validation loss
+
+    def __post_init__(self) -> None:
+        _check(self.epochs > 0, f"finetune.epochs must be > 0, got {self.epochs!r}")
+        for name in ("batch_size", "grad_accum"):
+            v = getattr(self, name)
+            _check(isinstance(v, int) and v >= 1, f"finetune.{name} must be an integer >= 1, got {v!r}")
+        _check(self.max_steps >= 0, f"finetune.max_steps must be >= 0, got {self.max_steps!r}")
+        _check(0 < self.lr < 10, f"finetune.lr must be in (0, 10), got {self.lr!r}")
+        _check(self.schedule in SCHEDULES, f"finetune.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        _check(0 <= self.warmup_ratio < 1, f"finetune.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
+        _check(self.optimizer in OPTIMIZERS, f"finetune.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        _check(self.grad_clip >= 0, f"finetune.grad_clip must be >= 0, got {self.grad_clip!r}")

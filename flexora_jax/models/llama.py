@@ -256,3 +256,12 @@ def soft_lm_loss(logits: jax.Array, target_probs: jax.Array, loss_mask: jax.Arra
     ce = -jnp.sum(target_probs * logp, axis=-1)
     mask = loss_mask.astype(jnp.float32)
     return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def labels_lm_loss(logits: jax.Array, labels: jax.Array, loss_mask: jax.Array) -> jax.Array:
+    """Mean cross-entropy of ``logits[b, t]`` against ``labels[b, t]`` where ``loss_mask[b, t]`` is 1."""
+    import optax
+
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    mask = loss_mask.astype(jnp.float32)
+    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)

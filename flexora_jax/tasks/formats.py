@@ -136,7 +136,8 @@ def _choices(doc: Mapping[str, Any], task: str, doc_id: int) -> tuple[list[str],
 def arc(doc: Mapping[str, Any], doc_id: int, task: str = "arc") -> MCRecord:
     texts, labels = _choices(doc, task, doc_id)
     gold = _index(_field(doc, "answerKey", task, doc_id), labels, task, doc_id, "answerKey")
-    return MCRecord(task, doc_id, f"Question: {_field(doc, 'question', task, doc_id)}\nAnswer:", tuple(texts), gold)
+    context = f"Question: {_field(doc, 'question', task, doc_id)}\nAnswer:"
+    return MCRecord(task, doc_id, context, tuple(texts), gold)
 
 
 def openbookqa(doc: Mapping[str, Any], doc_id: int, task: str = "openbookqa") -> MCRecord:
@@ -162,7 +163,8 @@ def commonsenseqa(doc: Mapping[str, Any], doc_id: int, task: str = "commonsenseq
 # --------------------------------------------------------------------------------------- boolq / siqa
 def boolq(doc: Mapping[str, Any], doc_id: int, task: str = "boolq") -> MCRecord:
     context = f"{_field(doc, 'passage', task, doc_id)}\nQuestion: {_field(doc, 'question', task, doc_id)}?\nAnswer:"
-    return MCRecord(task, doc_id, context, ("no", "yes"), _int_label(_field(doc, "label", task, doc_id), task, doc_id, "label"))
+    label = _int_label(_field(doc, "label", task, doc_id), task, doc_id, "label")
+    return MCRecord(task, doc_id, context, ("no", "yes"), label)
 
 
 def siqa(doc: Mapping[str, Any], doc_id: int, task: str = "siqa") -> MCRecord:

@@ -1,0 +1,423 @@
+"""PEFT interop: LoRA adapters in and out of the ``adapter_config.json`` + ``adapter_model.safetensors`` format.
+
+Why this module exists: a LoRA trained here must be usable by ``peft.PeftModel.from_pretrained`` on
+the transformers model, and an adapter trained with PEFT must run in :func:`flexora_jax.forward`
+unchanged. Both directions compute the same function, not merely load without error:
+
+- Tensors: PEFT stores ``lora_A.weight`` as (r, in) and ``lora_B.weight`` as (out, r) under keys like
+  ``base_model.model.model.layers.3.self_attn.q_proj.lora_A.weight``; our ``a`` [L, in, r_max] and
+  ``b`` [L, r_max, out] are their transposes stacked over blocks, zero-padded beyond each true rank.
+  Exports contain the true ranks only.
+- Ranks and scales: every (module, block) whose rank or alpha differs from ``r`` / ``lora_alpha`` gets
+  a fully qualified ``rank_pattern`` / ``alpha_pattern`` key (``model.layers.1.self_attn.q_proj``), so
+  PEFT's first-match regex lookup and our suffix lookup cannot disagree. Blocks that are not adapted
+  are expressed with ``layers_to_transform`` when the adapted set is a (modules x layers) rectangle,
+  otherwise with ``target_modules`` listing the fully qualified module paths (PEFT matches those
+  exactly).
+- Reading a PEFT adapter resolves ``target_modules`` (names, fully qualified paths, a regex string or
+  ``"all-linear"``), ``exclude_modules``, ``layers_to_transform``/``layers_pattern`` and the patterns
+  with PEFT 0.21's own matching rules, then restates the result as an unambiguous
+  :class:`~flexora_jax.config.LoraConfig` (fully qualified keys, rank 0 where a block is not adapted).
+  Settings that would change the function and that we do not implement (DoRA, biases,
+  ``fan_in_fan_out``, ``modules_to_save``, LoRA variants, ...) raise a :class:`ConfigError` naming the
+  field; PEFT's bookkeeping fields are ignored; a field PEFT does not know at all is an error.
+
+Gates are folded into the exported B (``B * layer_gate * rank_gate`` per component), so an adapter
+exported from a gated search computes the gated function under PEFT as well.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+from flexora_jax.config import ALL_MODULES, ATTENTION_MODULES, LoraConfig, ModelConfig
+from flexora_jax.errors import CheckpointError, ConfigError
+from flexora_jax.gates import Gates, layer_gate_values, rank_gate_values
+from flexora_jax.lora import LoraParams, make_spec, merge
+from flexora_jax.models.loading import save_model
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PREFIX = "base_model.model."  # PeftModel wraps the CausalLM: base_model (LoraModel) . model (LlamaForCausalLM)
+
+# PEFT 0.21 LoraConfig fields, by what reading them means for us.
+_USED_FIELDS = frozenset({
+    "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform",
+    "layers_pattern", "rank_pattern", "alpha_pattern", "use_rslora", "init_lora_weights"})
+_METADATA_FIELDS = frozenset({  # bookkeeping, or settings that only matter for other models/initialisers
+    "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
+    "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
+    "qalora_group_size", "runtime_config", "ensure_weight_tying"})
+_NEUTRAL_FIELDS: dict[str, str] = {  # change the function unless at their neutral value: field -> why
+    "fan_in_fan_out": "weights stored as (in, out)",
+    "bias": "trained bias terms",
+    "use_dora": "DoRA (weight-decomposed LoRA)",
+    "lora_bias": "a bias on lora_B",
+    "modules_to_save": "fully trained extra modules",
+    "layer_replication": "replicated decoder layers",
+    "target_parameters": "LoRA on raw parameters",
+    "trainable_token_indices": "trained embedding rows",
+    "use_qalora": "QALoRA",
+    "alora_invocation_tokens": "activated LoRA (aLoRA)",
+    "use_bdlora": "block-diagonal LoRA",
+    "arrow_config": "Arrow routing",
+    "kasa_config": "the KaSA variant",
+    "velora_config": "the VeLoRA variant",
+    "monteclora_config": "the MonteCLoRA variant",
+}
+_NEUTRAL_VALUES: dict[str, Any] = {"bias": "none"}
+_HARMLESS_INIT = (True, False, "gaussian", "orthogonal")  # initialisers that do not touch the base weights
+_TASK_TYPES = (None, "CAUSAL_LM")
+
+
+# ------------------------------------------------------------------------------------------ names
+def module_path(module: str, layer: int) -> str:
+    """PEFT's module key of ``module`` in block ``layer`` (relative to the CausalLM)."""
+    group = "self_attn" if module in ATTENTION_MODULES else "mlp"
+    return f"model.layers.{layer}.{group}.{module}"
+
+
+def _tensor_key(module: str, layer: int, which: str) -> str:
+    return f"{_PREFIX}{module_path(module, layer)}.lora_{which}.weight"
+
+
+def _other_module_paths(num_layers: int) -> list[str]:
+    """Non-adaptable module keys of a LLaMA CausalLM (a PEFT target matching one of them is an error)."""
+    keys = ["model", "model.embed_tokens", "model.norm", "model.rotary_emb", "model.layers", "lm_head"]
+    for i in range(num_layers):
+        p = f"model.layers.{i}"
+        keys += [p, f"{p}.self_attn", f"{p}.mlp", f"{p}.mlp.act_fn", f"{p}.input_layernorm",
+                 f"{p}.post_attention_layernorm"]
+    return keys
+
+
+# ----------------------------------------------------------------------------------------- export
+def export_peft(lora: LoraParams, out_dir: str | os.PathLike, *, gates: Gates | None = None,
+                base_model_name_or_path: str | None = None, task_type: str | None = "CAUSAL_LM") -> Path:
+    """Write ``lora`` as a PEFT adapter directory (``adapter_config.json`` + ``adapter_model.safetensors``).
+
+    The directory loads with ``peft.PeftModel.from_pretrained(hf_model, out_dir)`` and computes what
+    ``flexora_jax.forward(config, params, tokens, lora=lora, gates=gates)`` computes (fp32 tensors,
+    true ranks, per-(module, block) ``rank_pattern``/``alpha_pattern`` where they differ from ``r``).
+
+    Args:
+      lora: the LoRA params (their static spec carries targets, ranks and scales).
+      out_dir: directory to create or overwrite the two files in.
+      gates: gate values to fold into B, or None (plain LoRA).
+      base_model_name_or_path: recorded in the config for PEFT's convenience (hub id or path).
+      task_type: PEFT task type; ``"CAUSAL_LM"`` gives a ``PeftModelForCausalLM``.
+
+    Returns:
+      The adapter directory.
+    """
+    spec = lora.spec
+    cfg = spec.config
+    L = spec.num_layers
+    layer_w = np.asarray(layer_gate_values(gates, L), np.float64)  # [L]
+    adapted: dict[tuple[str, int], tuple[int, float]] = {}  # (module, layer) -> (rank, alpha)
+    tensors: dict[str, np.ndarray] = {}
+    for m in spec.targets:
+        a, b = np.asarray(lora.weights[m]["a"], np.float32), np.asarray(lora.weights[m]["b"], np.float32)
+        fold = layer_w[:, None] * np.asarray(rank_gate_values(gates, m, (L, spec.r_max_of(m))), np.float64)
+        for layer, (rank, scale) in enumerate(zip(spec.rank_of(m), spec.scale_of(m))):
+            if rank == 0 or scale == 0.0:
+                continue
+            alpha = scale * (math.sqrt(rank) if cfg.use_rslora else rank)
+            adapted[(m, layer)] = (rank, float(f"{alpha:.10g}"))
+            tensors[_tensor_key(m, layer, "A")] = np.ascontiguousarray(a[layer, :, :rank].T)  # (r, in)
+            b_folded = b[layer, :rank, :] * fold[layer, :rank, None]
+            tensors[_tensor_key(m, layer, "B")] = np.ascontiguousarray(b_folded.T.astype(np.float32))  # (out, r)
+    if not adapted:
+        raise ConfigError("export_peft: the LoRA adapts no module (every rank or scale is 0); nothing to export")
+
+    modules = [m for m in spec.targets if any((m, i) in adapted for i in range(L))]
+    layers = sorted({i for _, i in adapted})
+    target_modules: list[str]
+    layers_to_transform: list[int] | None
+    if len(adapted) == len(modules) * len(layers):  # a rectangle: names + layers_to_transform
+        target_modules = modules
+        layers_to_transform = None if layers == list(range(L)) else layers
+    else:  # mixed: PEFT matches a fully qualified path exactly
+        target_modules = [module_path(m, i) for i in range(L) for m in spec.targets if (m, i) in adapted]
+        layers_to_transform = None
+    alpha0 = _plain_number(cfg.lora_alpha)
+    rank_pattern = {module_path(m, i): r for (m, i), (r, _) in adapted.items() if r != cfg.r}
+    alpha_pattern = {module_path(m, i): _plain_number(a) for (m, i), (_, a) in adapted.items()
+                     if not math.isclose(a, alpha0, rel_tol=1e-9)}
+    config = {
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
+        "revision": None, "inference_mode": True, "r": cfg.r, "lora_alpha": alpha0,
+        "lora_dropout": cfg.lora_dropout, "target_modules": target_modules, "exclude_modules": None,
+        "layers_to_transform": layers_to_transform, "layers_pattern": None, "rank_pattern": rank_pattern,
+        "alpha_pattern": alpha_pattern, "use_rslora": cfg.use_rslora, "init_lora_weights": True,
+        "fan_in_fan_out": False, "bias": "none", "use_dora": False, "lora_bias": False,
+        "modules_to_save": None, "layer_replication": None,
+    }
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    _write_safetensors(tensors, out / ADAPTER_WEIGHTS)
+    _write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", out / ADAPTER_CONFIG)
+    return out
+
+
+def export_merged(config: ModelConfig, params: dict[str, Any], lora: LoraParams, out_dir: str | os.PathLike, *,
+                  gates: Gates | None = None, tokenizer: Any = None, dtype: str | None = None) -> Path:
+    """Write the base model with the (gated) LoRA merged in as an HF directory transformers loads.
+
+    The merge is computed in fp32 and cast to the base dtype (or ``dtype`` when given).
+    """
+    return save_model(config, merge(params, lora, gates), out_dir, tokenizer=tokenizer, dtype=dtype)
+
+
+def _plain_number(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def _write_safetensors(tensors: dict[str, np.ndarray], path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+
+
+def _write_text(text: str, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------------------------------- load
+def load_peft(adapter_dir: str | os.PathLike, config: ModelConfig) -> LoraParams:
+    """Read a PEFT LoRA adapter directory (written by PEFT or by :func:`export_peft`) for ``config``'s model.
+
+    Returns LoRA params whose spec carries the adapter's targets, per-(module, block) ranks and
+    scales, so ``flexora_jax.forward(config, params, tokens, lora=...)`` computes what PEFT computes.
+    Raises :class:`ConfigError` for an ``adapter_config.json`` field that is unknown or that changes
+    the function in a way flexora_jax does not implement, and :class:`CheckpointError` for missing
+    files, missing or unexpected tensors and shapes that do not match the base model.
+    """
+    directory = Path(adapter_dir)
+    cfg_file, weights_file = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
+    if not cfg_file.exists():
+        raise CheckpointError(f"{directory} is not a PEFT adapter directory: {ADAPTER_CONFIG} is missing")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{cfg_file} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_file} must hold a JSON object, got {type(raw).__name__}")
+    _check_fields(raw, cfg_file)
+    L = config.num_hidden_layers
+    adapted = _resolve_targets(raw, cfg_file, L)
+    r0, alpha0 = raw.get("r", 8), raw.get("lora_alpha", 8)
+    if not isinstance(r0, int) or isinstance(r0, bool) or r0 <= 0:
+        raise ConfigError(f"{cfg_file}: r must be a positive integer, got {r0!r}")
+    rank_pattern, alpha_pattern = raw.get("rank_pattern") or {}, raw.get("alpha_pattern") or {}
+    ranks: dict[tuple[str, int], int] = {}
+    alphas: dict[tuple[str, int], float] = {}
+    for m, i in adapted:
+        path = module_path(m, i)
+        rank = _pattern_value(rank_pattern, path, r0, "rank_pattern", cfg_file)
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+            raise ConfigError(f"{cfg_file}: rank_pattern gives {path} rank {rank!r}; PEFT needs a positive integer")
+        ranks[(m, i)] = rank
+        alphas[(m, i)] = float(_pattern_value(alpha_pattern, path, alpha0, "alpha_pattern", cfg_file))
+
+    if not weights_file.exists():
+        hint = " (adapter_model.bin is pickle, which flexora_jax does not read; re-save it with PEFT's " \
+               "save_pretrained(safe_serialization=True))" if (directory / "adapter_model.bin").exists() else ""
+        raise CheckpointError(f"{directory}: {ADAPTER_WEIGHTS} is missing{hint}")
+    tensors = _read_safetensors(weights_file)
+    expected = {_tensor_key(m, i, w): (m, i, w) for m, i in adapted for w in ("A", "B")}
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        raise CheckpointError(f"{weights_file}: missing tensor(s) {missing[:4]}{' ...' if len(missing) > 4 else ''} "
+                              f"({len(missing)} in all) that {ADAPTER_CONFIG} implies")
+    extra = sorted(k for k in tensors if k not in expected)
+    if extra:
+        raise CheckpointError(f"{weights_file}: unexpected tensor(s) {extra[:4]}{' ...' if len(extra) > 4 else ''} "
+                              f"({len(extra)} in all): {ADAPTER_CONFIG} does not adapt these modules, or the adapter "
+                              f"was made for a different model ({L}-layer {config.model_type} expected)")
+    for key, (m, i, w) in expected.items():
+        d_in, d_out = config.module_shape(m)
+        want = (ranks[(m, i)], d_in) if w == "A" else (d_out, ranks[(m, i)])
+        got = tuple(tensors[key].shape)
+        if got != want:
+            if len(got) == 2 and (got[1] if w == "A" else got[0]) == (d_in if w == "A" else d_out):
+                raise CheckpointError(
+                    f"{weights_file}: tensor {key} has rank {got[0] if w == 'A' else got[1]} (shape {got}), but "
+                    f"{ADAPTER_CONFIG} gives {module_path(m, i)} rank {ranks[(m, i)]} (expected shape {want})")
+            raise CheckpointError(
+                f"{weights_file}: tensor {key} has shape {got}, expected {want}: the adapter was made for a base "
+                f"model of different shape ({m} of this model is {d_in} -> {d_out}: hidden_size "
+                f"{config.hidden_size}, intermediate_size {config.intermediate_size}, "
+                f"{config.num_attention_heads} heads / {config.num_key_value_heads} KV heads of {config.head_dim})")
+
+    lora_config = _lora_config(raw, cfg_file, ranks, alphas, r0, float(alpha0), L)
+    spec = make_spec(config, lora_config)
+    weights = {}
+    for m in spec.targets:
+        d_in, d_out = config.module_shape(m)
+        r_max = spec.r_max_of(m)
+        a = np.zeros((L, d_in, r_max), np.float32)
+        b = np.zeros((L, r_max, d_out), np.float32)
+        for i in range(L):
+            if (m, i) in ranks:
+                r = ranks[(m, i)]
+                a[i, :, :r] = tensors[_tensor_key(m, i, "A")].T
+                b[i, :r, :] = tensors[_tensor_key(m, i, "B")].T
+        weights[m] = {"a": jnp.asarray(a), "b": jnp.asarray(b)}
+    return LoraParams(weights=weights, spec=spec)
+
+
+def _check_fields(raw: dict[str, Any], cfg_file: Path) -> None:
+    """Unknown fields and function-changing settings fail here, each naming the field."""
+    known = _USED_FIELDS | _METADATA_FIELDS | set(_NEUTRAL_FIELDS) | {"peft_type", "task_type"}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"{cfg_file}: unknown field(s) {unknown}; they are not PEFT LoraConfig fields "
+                          "(is this a LoRA adapter_config.json?)")
+    if raw.get("peft_type", "LORA") != "LORA":
+        raise ConfigError(f"{cfg_file}: peft_type {raw['peft_type']!r} is not supported; only 'LORA' is")
+    if raw.get("task_type") not in _TASK_TYPES:
+        raise ConfigError(f"{cfg_file}: task_type {raw['task_type']!r} is not supported; "
+                          f"supported: {list(_TASK_TYPES)} (a causal LM)")
+    for field, what in _NEUTRAL_FIELDS.items():
+        value = raw.get(field)
+        neutral = _NEUTRAL_VALUES.get(field)
+        if value is not None and value != neutral and value not in (False, [], {}):
+            raise ConfigError(f"{cfg_file}: {field}={value!r} ({what}) is not supported by flexora_jax; "
+                              f"only {neutral!r} is")
+    init = raw.get("init_lora_weights", True)
+    if init not in _HARMLESS_INIT:
+        raise ConfigError(f"{cfg_file}: init_lora_weights={init!r} is not supported: that initialisation "
+                          "modifies the base weights or selects a LoRA variant; convert the adapter to plain "
+                          "LoRA first (PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))")
+
+
+def _resolve_targets(raw: dict[str, Any], cfg_file: Path, num_layers: int) -> list[tuple[str, int]]:
+    """The (module, layer) pairs PEFT 0.21 would adapt on a LLaMA CausalLM, in block order."""
+    tm = raw.get("target_modules")
+    if tm is None:
+        raise ConfigError(f"{cfg_file}: target_modules is null; name the adapted modules")
+    layers_to_transform = raw.get("layers_to_transform")
+    if isinstance(tm, str) and tm.lower() == "all-linear":
+        tm = list(ALL_MODULES)  # PEFT: every nn.Linear except the output layer
+    candidates = {module_path(m, i): (m, i) for i in range(num_layers) for m in ALL_MODULES}
+    others = _other_module_paths(num_layers)
+    if isinstance(tm, str):
+        if layers_to_transform is not None:
+            raise ConfigError(f"{cfg_file}: layers_to_transform cannot be used with a regex target_modules "
+                              f"({tm!r}); PEFT rejects this combination too")
+        try:
+            hits = [k for k in candidates if re.fullmatch(tm, k)]
+            bad = [k for k in others if re.fullmatch(tm, k)]
+        except re.error as exc:
+            raise ConfigError(f"{cfg_file}: target_modules {tm!r} is not a valid regex ({exc})") from None
+        if bad:
+            raise ConfigError(f"{cfg_file}: target_modules {tm!r} selects {bad[:3]}, which flexora_jax does "
+                              f"not adapt (only {list(ALL_MODULES)} inside the decoder blocks)")
+    else:
+        if not isinstance(tm, (list, tuple)) or not all(isinstance(t, str) for t in tm):
+            raise ConfigError(f"{cfg_file}: target_modules must be a list of module names or a regex string, "
+                              f"got {tm!r}")
+        for t in tm:
+            if not any(k == t or k.endswith("." + t) for k in candidates):
+                raise ConfigError(f"{cfg_file}: target_modules entry {t!r} names no module flexora_jax can adapt "
+                                  f"in a {num_layers}-layer model (valid: {list(ALL_MODULES)} or "
+                                  f"'model.layers.<i>.self_attn|mlp.<name>')")
+        hits = [k for k in candidates if k in tm or any(k.endswith("." + t) for t in tm)]
+        if layers_to_transform is not None:
+            hits = _filter_layers(hits, tm, raw, cfg_file, num_layers)
+    excl = raw.get("exclude_modules")
+    if excl:
+        if isinstance(excl, str):
+            hits = [k for k in hits if not re.fullmatch(excl, k)]
+        else:
+            hits = [k for k in hits if not (k in excl or any(k.endswith("." + e) for e in excl))]
+    if not hits:
+        raise ConfigError(f"{cfg_file}: target_modules {raw.get('target_modules')!r} (with layers_to_transform "
+                          f"{layers_to_transform!r}, exclude_modules {excl!r}) adapts no module of this "
+                          f"{num_layers}-layer model")
+    return [candidates[k] for k in hits]
+
+
+def _filter_layers(hits: list[str], tm: list[str], raw: dict[str, Any], cfg_file: Path,
+                   num_layers: int) -> list[str]:
+    """PEFT's ``layers_to_transform``: only a module named exactly in target_modules escapes the filter."""
+    idx = raw["layers_to_transform"]
+    indexes = [idx] if isinstance(idx, int) else list(idx)
+    if not all(isinstance(i, int) for i in indexes):
+        raise ConfigError(f"{cfg_file}: layers_to_transform must be an int or a list of ints, got {idx!r}")
+    if isinstance(idx, list) and not indexes:
+        return hits  # PEFT: an empty list means every layer
+    bad = [i for i in indexes if not 0 <= i < num_layers]
+    if bad:
+        raise ConfigError(f"{cfg_file}: layers_to_transform has index(es) {bad} out of range for this "
+                          f"{num_layers}-layer model (valid: 0..{num_layers - 1})")
+    patterns = raw.get("layers_pattern")
+    patterns = [patterns] if isinstance(patterns, str) and patterns else list(patterns or [])
+    kept = []
+    for key in hits:
+        if key in tm:
+            kept.append(key)
+            continue
+        if not patterns:
+            match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+        else:
+            match = next((mt for p in patterns if (mt := re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key))), None)
+        if match is not None and int(match.group("idx")) in indexes:
+            kept.append(key)
+    return kept
+
+
+def _pattern_value(pattern: dict[str, Any], path: str, default: Any, field: str, cfg_file: Path) -> Any:
+    """PEFT's ``get_pattern_key``: the first key (a regex) matching a suffix of the module path wins."""
+    if not isinstance(pattern, dict):
+        raise ConfigError(f"{cfg_file}: {field} must be a JSON object, got {pattern!r}")
+    for key, value in pattern.items():
+        try:
+            if re.match(rf"(.*\.)?({key})$", path):
+                return value
+        except re.error as exc:
+            raise ConfigError(f"{cfg_file}: {field} key {key!r} is not a valid regex ({exc})") from None
+    return default
+
+
+def _lora_config(raw: dict[str, Any], cfg_file: Path, ranks: dict[tuple[str, int], int],
+                 alphas: dict[tuple[str, int], float], r0: int, alpha0: float, num_layers: int) -> LoraConfig:
+    """An unambiguous LoraConfig for the resolved adapter: fully qualified keys, rank 0 off the adapted set."""
+    modules = tuple(m for m in ALL_MODULES if any(k[0] == m for k in ranks))
+    layers = tuple(sorted({i for _, i in ranks}))
+    rank_pattern = {module_path(m, i): ranks.get((m, i), 0) for i in layers for m in modules
+                    if ranks.get((m, i), 0) != r0}
+    alpha_pattern = {module_path(m, i): a for (m, i), a in alphas.items() if a != alpha0}
+    init = raw.get("init_lora_weights", True)
+    try:
+        return LoraConfig(
+            r=r0, lora_alpha=alpha0, lora_dropout=float(raw.get("lora_dropout", 0.0) or 0.0),
+            target_modules=modules, layers_to_transform=None if layers == tuple(range(num_layers)) else layers,
+            rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, use_rslora=bool(raw.get("use_rslora", False)),
+            init_lora_weights=init if init in (True, False, "gaussian") else True)
+    except ConfigError as exc:
+        raise ConfigError(f"{cfg_file}: {exc}") from None
+
+
+def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """All tensors of a safetensors file as fp32 numpy arrays (bf16/fp16 adapters included)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="flax") as reader:
+            return {k: np.asarray(jnp.asarray(reader.get_tensor(k), jnp.float32)) for k in reader.keys()}
+    except Exception as exc:
+        raise CheckpointError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from None

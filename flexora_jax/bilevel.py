@@ -1,0 +1,238 @@
+"""The bilevel search: LoRA descends the training loss, the gates descend the validation loss.
+
+What is differentiated w.r.t. what:
+- the *inner* problem trains the LoRA params ``theta`` on training batches with the gates held as
+  arguments: ``theta_{k+1} = opt_step(theta_k, grad_theta L_train(theta_k, gates))``;
+- the *outer* problem moves the raw gate values (:class:`flexora_jax.gates.Gates`) along the
+  hypergradient ``d L_val(theta_K(gates), gates) / d gates``.
+
+Estimators (one function, :func:`hypergradient`):
+- ``unrolled``: reverse mode through the K inner steps, which run as one ``jax.lax.scan`` whose carry
+  is ``(lora, optimizer state)``. The scan body is rematerialised (``jax.checkpoint``) by default, so
+  the backward pass stores only the K small carries and recomputes each step's activations: memory is
+  flat in K beyond the LoRA state, and on CPU the step is even faster (less memory traffic).
+- ``forward``: the same total derivative by forward mode (``jax.jacfwd``), one tangent per gate value:
+  no reverse storage at all; cheaper than reverse mode when there are few gates (layer gates of a
+  shallow model).
+- ``first_order``: K inner steps, then only the direct partial ``dL_val/dgates`` at the new theta
+  (what the Flexora reference code does).
+- ``darts``: AutoLoRA's one-step estimator: direct partial at ``theta' = step(theta)`` minus the mixed
+  second derivative ``d/dgates <grad_theta L_train(theta', gates), v>`` with
+  ``v = dL_val/dtheta'``; computed exactly (forward-over-reverse, ``jax.jvp`` of the gate gradient) or
+  by AutoLoRA's central finite difference (eps = 0.01 / ||v||).
+
+The inner state carries on from one search step to the next (truncated, online unrolling): the
+hypergradient of step t differentiates only through the K steps of step t. A whole search step
+(K inner steps + hypergradient + outer update) is one jitted function, compiled once per search.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from flexora_jax.config import ModelConfig, SearchConfig
+from flexora_jax.gates import Gates
+from flexora_jax.lora import LoraParams
+from flexora_jax.models.llama import causal_lm_loss, forward, labels_lm_loss, soft_lm_loss
+
+Batch = dict[str, jax.Array]
+LossFn = Callable[[LoraParams, Gates | None, Batch], jax.Array]
+
+
+class InnerState(NamedTuple):
+    """What the inner loop carries: LoRA params and their optimizer state."""
+
+    lora: LoraParams
+    opt_state: Any
+
+
+class SearchState(NamedTuple):
+    """Everything a search step reads and writes (and a checkpoint holds)."""
+
+    inner: InnerState
+    gates: Gates
+    gate_opt_state: Any
+    step: jax.Array
+
+
+def lm_loss(config: ModelConfig, params: Any, lora: LoraParams | None, gates: Gates | None,
+            batch: Batch, dropout_key: jax.Array | None = None) -> jax.Array:
+    """Answer-token cross-entropy of a batch (soft targets when the batch has ``target_probs``)."""
+    logits = forward(config, params, batch["input_ids"], batch.get("attention_mask"), lora=lora, gates=gates,
+                     dropout_key=dropout_key)
+    if "target_probs" in batch:
+        # target_probs[b, t] / labels[b, t] are the targets of the token after position t: aligned
+        # with logits[b, t] and weighted by loss_mask[b, t] (planted / distillation data).
+        return soft_lm_loss(logits, batch["target_probs"], batch["loss_mask"])
+    if "labels" in batch:
+        return labels_lm_loss(logits, batch["labels"], batch["loss_mask"])
+    return causal_lm_loss(logits, batch["input_ids"], batch["loss_mask"])
+
+
+def make_loss_fn(config: ModelConfig, params: Any) -> LossFn:
+    """``loss(lora, gates, batch)`` with the frozen base closed over (never differentiated)."""
+    def loss(lora, gates, batch):
+        return lm_loss(config, params, lora, gates, batch)
+    return loss
+
+
+def inner_optimizer(search: SearchConfig) -> optax.GradientTransformation:
+    """The inner optimizer from a SearchConfig (AdamW keeps ``eps_root > 0``: finite hypergradients)."""
+    total = search.steps * search.inner_steps
+    lr = search.inner_lr if search.inner_schedule == "constant" else optax.cosine_decay_schedule(search.inner_lr, total)
+    if search.inner_optimizer == "sgd":
+        opt = optax.sgd(lr)
+    elif search.inner_optimizer == "adam":
+        opt = optax.adam(lr, eps_root=search.inner_eps_root)
+    else:
+        opt = optax.adamw(lr, eps_root=search.inner_eps_root, weight_decay=search.inner_weight_decay)
+    if search.inner_grad_clip > 0:
+        opt = optax.chain(optax.clip_by_global_norm(search.inner_grad_clip), opt)
+    return opt
+
+
+def outer_optimizer(search: SearchConfig) -> optax.GradientTransformation:
+    return optax.adam(search.outer_lr, b1=search.outer_b1, b2=search.outer_b2)
+
+
+# -------------------------------------------------------------------------------------- inner loop
+def inner_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, gates: Gates | None,
+               state: InnerState, batch: Batch, reset_optimizer: bool = False) -> tuple[InnerState, jax.Array]:
+    """One optimizer step of the LoRA params on a training batch, gates held fixed (but traced)."""
+    loss, grads = jax.value_and_grad(loss_fn)(state.lora, gates, batch)
+    opt_state = optimizer.init(state.lora) if reset_optimizer else state.opt_state
+    updates, opt_state = optimizer.update(grads, opt_state, state.lora)
+    return InnerState(optax.apply_updates(state.lora, updates), opt_state), loss
+
+
+def unroll(loss_fn: LossFn, optimizer: optax.GradientTransformation, gates: Gates | None, state: InnerState,
+           batches: Batch, remat: bool = True, reset_optimizer: bool = False) -> tuple[InnerState, jax.Array]:
+    """K inner steps as one ``lax.scan`` over ``batches`` (leading axis K); returns state and K losses.
+
+    With ``remat`` the body is ``jax.checkpoint``-ed: reverse mode through the scan keeps only the
+    carries and recomputes each step's forward pass, so memory does not grow with activations x K.
+    """
+    def body(carry, batch):
+        return inner_step(loss_fn, optimizer, gates, carry, batch, reset_optimizer)
+
+    if remat:
+        body = jax.checkpoint(body)
+    return jax.lax.scan(body, state, batches)
+
+
+# ---------------------------------------------------------------------------------- hypergradients
+def _tree_dot(a: Any, b: Any) -> jax.Array:
+    return sum(jnp.vdot(x, y) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def _tree_norm(a: Any) -> jax.Array:
+    return jnp.sqrt(_tree_dot(a, a))
+
+
+def hypergradient(estimator: str, train_loss: LossFn, val_loss: LossFn, optimizer: optax.GradientTransformation,
+                  gates: Gates, state: InnerState, train_batches: Batch, val_batch: Batch, remat: bool = True,
+                  reset_optimizer: bool = False, darts_mode: str = "exact") -> tuple[Gates, InnerState, dict]:
+    """The hypergradient w.r.t. the raw ``gates``, the advanced inner state, and metrics.
+
+    Args:
+      estimator: "unrolled", "forward", "first_order" or "darts" (see the module docstring).
+      train_loss, val_loss: ``loss(lora, gates, batch)``; usually the same function.
+      optimizer: the inner optax optimizer (differentiable for unrolled/forward: AdamW needs eps_root > 0).
+      gates: raw gate values (the differentiated hyperparameters).
+      state: inner state before this step (a constant: truncated unrolling).
+      train_batches: K training batches stacked on a leading axis (darts uses only the first).
+      val_batch: one validation batch.
+    Returns:
+      (hypergradient as a Gates pytree, inner state after the K steps, metrics dict).
+    """
+    if estimator in ("unrolled", "forward"):
+        def objective(g):
+            new_state, losses = unroll(train_loss, optimizer, g, state, train_batches, remat, reset_optimizer)
+            return val_loss(new_state.lora, g, val_batch), (new_state, losses)
+
+        if estimator == "unrolled":
+            (vloss, (new_state, losses)), hg = jax.value_and_grad(objective, has_aux=True)(gates)
+        else:
+            hg, (new_state, losses) = jax.jacfwd(objective, has_aux=True)(gates)
+            vloss = val_loss(new_state.lora, gates, val_batch)
+        return hg, new_state, {"val_loss": vloss, "train_loss": jnp.mean(losses)}
+
+    if estimator == "first_order":
+        frozen = jax.lax.stop_gradient(gates)
+        new_state, losses = unroll(train_loss, optimizer, frozen, state, train_batches, remat, reset_optimizer)
+        vloss, hg = jax.value_and_grad(lambda g: val_loss(new_state.lora, g, val_batch))(gates)
+        return hg, new_state, {"val_loss": vloss, "train_loss": jnp.mean(losses)}
+
+    if estimator == "darts":
+        batch = jax.tree.map(lambda x: x[0], train_batches)
+        stepped, tloss = inner_step(train_loss, optimizer, gates, state, batch, reset_optimizer)
+        theta = stepped.lora
+        vloss, (v, direct) = jax.value_and_grad(val_loss, argnums=(0, 1))(theta, gates, val_batch)
+        implicit = darts_implicit(train_loss, theta, gates, batch, v, darts_mode)
+        hg = jax.tree.map(lambda d, i: d - i, direct, implicit)
+        return hg, stepped, {"val_loss": vloss, "train_loss": tloss}
+
+    raise ValueError(f"unknown hypergradient estimator {estimator!r}; "
+                     "valid: 'unrolled', 'forward', 'first_order', 'darts'")
+
+
+def darts_implicit(train_loss: LossFn, theta: LoraParams, gates: Gates, batch: Batch, v: LoraParams,
+                   mode: str = "exact") -> Gates:
+    """``d/dgates <grad_theta L_train(theta, gates), v>``: AutoLoRA's implicit (second-order) term.
+
+    ``exact`` is the mixed Hessian-vector product by forward-over-reverse (``jax.jvp`` of the gate
+    gradient along ``v``); ``finite_difference`` is AutoLoRA's central difference with
+    eps = 0.01 / ||v||.
+    """
+    gate_grad = jax.grad(train_loss, argnums=1)
+
+    if mode == "exact":
+        return jax.jvp(lambda th: gate_grad(th, gates, batch), (theta,), (v,))[1]
+    if mode == "finite_difference":
+        eps = 0.01 / jnp.maximum(_tree_norm(v), 1e-12)
+        plus = jax.tree.map(lambda t, d: t + eps * d, theta, v)
+        minus = jax.tree.map(lambda t, d: t - eps * d, theta, v)
+        gp, gm = gate_grad(plus, gates, batch), gate_grad(minus, gates, batch)
+        return jax.tree.map(lambda a, b: (a - b) / (2 * eps), gp, gm)
+    raise ValueError(f"unknown darts mode {mode!r}; valid: 'exact', 'finite_difference'")
+
+
+# ------------------------------------------------------------------------------------- search step
+def init_search_state(lora: LoraParams, gates: Gates, search: SearchConfig) -> SearchState:
+    return SearchState(inner=InnerState(lora, inner_optimizer(search).init(lora)), gates=gates,
+                       gate_opt_state=outer_optimizer(search).init(gates), step=jnp.zeros((), jnp.int32))
+
+
+@functools.lru_cache(maxsize=32)
+def make_search_step(config: ModelConfig, search: SearchConfig) -> Callable[..., tuple[SearchState, dict]]:
+    """One jitted search step ``(params, state, train_batches[K], val_batch) -> (state, metrics)``.
+
+    K inner steps + hypergradient + outer Adam update on the gates. The state is donated; the frozen
+    base params are an argument (never differentiated), so one compiled program serves every search
+    with the same config and shapes. For AutoLoRA's ``darts`` with ``darts_redo_inner``, the inner step
+    is redone from the old LoRA with the updated gates.
+    """
+    inner_opt, outer_opt = inner_optimizer(search), outer_optimizer(search)
+
+    def step(params: Any, state: SearchState, train_batches: Batch, val_batch: Batch) -> tuple[SearchState, dict]:
+        loss = make_loss_fn(config, params)
+        hg, new_inner, metrics = hypergradient(
+            search.hypergradient, loss, loss, inner_opt, state.gates, state.inner, train_batches, val_batch,
+            remat=search.remat, reset_optimizer=search.reset_inner_optimizer, darts_mode=search.darts_mode)
+        updates, gate_opt_state = outer_opt.update(hg, state.gate_opt_state, state.gates)
+        gates = optax.apply_updates(state.gates, updates)
+        if search.hypergradient == "darts" and search.darts_redo_inner:
+            batch = jax.tree.map(lambda x: x[0], train_batches)
+            new_inner, _ = inner_step(loss, inner_opt, jax.lax.stop_gradient(gates), state.inner, batch,
+                                      search.reset_inner_optimizer)
+        hg_norm = optax.global_norm(hg)
+        metrics = dict(metrics, hypergrad_norm=hg_norm,
+                       finite=jnp.isfinite(hg_norm) & jnp.isfinite(metrics["val_loss"]))
+        return SearchState(new_inner, gates, gate_opt_state, state.step + 1), metrics
+
+    return jax.jit(step, donate_argnums=1)

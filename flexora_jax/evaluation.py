@@ -1,0 +1,207 @@
+"""Multiple-choice evaluation by per-choice log-likelihood, with lm-evaluation-harness's rules.
+
+Each record's requests (``MCRecord.requests()``: target delimiter " " before each choice, or the
+shared continuation under WinoGrande's partial scoring) are tokenised as lm-eval does
+(:func:`flexora_jax.tasks.sft.encode_pair`: whitespace moved onto the continuation, continuation
+tokens taken from the joint encoding, empty context -> BOS). A request longer than the model's
+context keeps its last ``max_length + 1`` tokens, exactly like lm-eval's HF model; such requests are
+counted per task in ``truncated``. A continuation longer than the context cannot be scored and
+raises.
+
+Scoring runs ONE jitted function over ``[batch_size, bucket]`` arrays: requests are sorted by
+length, cut into fixed-size batches (the last one padded with empty rows) and right-padded to a
+power-of-two bucket, so thousands of requests compile one program per bucket.
+
+Metrics: ``acc`` = argmax of summed continuation log-probs; ``acc_norm`` = argmax of log-prob /
+character length of the choice (lm-eval: ``len(choice)``, delimiter excluded); ties go to the first
+choice (``np.argmax``); stderr = sample std (ddof 1) / sqrt(n), lm-eval's ``mean_stderr``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flexora_jax.config import ModelConfig
+from flexora_jax.errors import DataError
+from flexora_jax.tasks.formats import MCRecord
+from flexora_jax.tasks.sft import bucket_of, encode_pair, length_buckets
+
+
+@dataclasses.dataclass(frozen=True)
+class Loglikelihoods:
+    """Per-request results, in request order."""
+
+    logprob: np.ndarray  # float64 [n]: summed log-prob of the continuation tokens
+    is_greedy: np.ndarray  # bool [n]: every continuation token is the argmax
+    truncated: np.ndarray  # bool [n]: the request lost tokens from the left
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _score_batch(config: ModelConfig, params: Any, lora: Any, gates: Any, tokens: jax.Array,
+                 attention_mask: jax.Array, targets: jax.Array, score_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Summed target log-probs and all-greedy flags over ``score_mask`` positions; [b] each."""
+    from flexora_jax.models.llama import forward
+
+    logits = forward(config, params, tokens, attention_mask=attention_mask, lora=lora, gates=gates)  # [b, t, v]
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    token_lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [b, t]
+    scored = score_mask > 0
+    total = jnp.sum(jnp.where(scored, token_lp, 0.0), axis=-1)
+    greedy = jnp.all(jnp.where(scored, jnp.argmax(logp, axis=-1) == targets, True), axis=-1)
+    return total, greedy
+
+
+def loglikelihoods(config: ModelConfig, params: Any, tokenizer: Any, requests: Sequence[tuple[str, str]],
+                   lora: Any = None, gates: Any = None, batch_size: int = 32, max_length: int | None = None,
+                   progress: bool = True, desc: str = "scoring") -> Loglikelihoods:
+    """lm-eval's ``loglikelihood`` for ``(context, continuation)`` pairs with our JAX model.
+
+    ``max_length`` defaults to ``config.max_position_embeddings`` (what lm-eval reads from the HF
+    config). Returns float64 sums so callers can compare against lm-eval to 1e-3 and better.
+    """
+    if not requests:
+        raise DataError("loglikelihoods: no requests given")
+    max_length = int(max_length or config.max_position_embeddings)
+    inputs, n_cont, truncated = [], [], []
+    for i, (context, continuation) in enumerate(requests):
+        ctx, cont = encode_pair(tokenizer, context, continuation)
+        if not cont:
+            raise DataError(f"request {i}: continuation {continuation!r} encodes to no tokens; nothing to score")
+        if len(cont) > max_length:
+            raise DataError(f"request {i}: continuation is {len(cont)} tokens, longer than the model's context "
+                            f"{max_length}; it cannot be scored (shorten the choice or raise max_length)")
+        whole = ctx + cont
+        truncated.append(len(whole) > max_length + 1)
+        inputs.append(whole[-(max_length + 1):])
+        n_cont.append(len(cont))
+
+    buckets = length_buckets(max_length)
+    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]), reverse=True)
+    logprob = np.zeros(len(inputs), np.float64)
+    greedy = np.zeros(len(inputs), bool)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for chunk in _progress(chunks, progress, desc):
+        width = bucket_of(max(len(inputs[i]) - 1 for i in chunk), buckets)
+        tokens = np.full((batch_size, width), pad, np.int32)
+        targets = np.zeros((batch_size, width), np.int32)
+        attention = np.zeros((batch_size, width), np.int32)
+        attention[:, 0] = 1  # empty filler rows attend to one token, so no row is all -inf
+        score = np.zeros((batch_size, width), np.float32)
+        for row, i in enumerate(chunk):
+            seq = inputs[i]
+            n = len(seq) - 1
+            tokens[row, :n] = seq[:-1]
+            targets[row, :n] = seq[1:]
+            attention[row, :n] = 1
+            score[row, n - n_cont[i]:n] = 1.0
+        total, all_greedy = _score_batch(config, params, lora, gates, jnp.asarray(tokens), jnp.asarray(attention),
+                                         jnp.asarray(targets), jnp.asarray(score))
+        total, all_greedy = np.asarray(total, np.float64), np.asarray(all_greedy)
+        for row, i in enumerate(chunk):
+            logprob[i], greedy[i] = total[row], all_greedy[row]
+    return Loglikelihoods(logprob, greedy, np.asarray(truncated, bool))
+
+
+def _progress(items: list, enabled: bool, desc: str):
+    if not enabled:
+        return items
+    from tqdm.auto import tqdm
+
+    return tqdm(items, desc=desc, unit="batch")
+
+
+def _stderr(values: np.ndarray) -> float:
+    """lm-eval's ``mean_stderr``: sample standard deviation / sqrt(n); NaN below two examples."""
+    if len(values) < 2:
+        return math.nan
+    return float(np.std(values, ddof=1) / math.sqrt(len(values)))
+
+
+def _as_records(task_or_records: Any, limit: int | None) -> dict[str, list[MCRecord]]:
+    """Normalise the ``evaluate`` input to task name -> records (test split for task names)."""
+    from flexora_jax import tasks
+
+    if isinstance(task_or_records, (str, tasks.TaskSpec)):
+        task_or_records = [task_or_records]
+    if isinstance(task_or_records, Mapping):
+        grouped = {name: list(recs) for name, recs in task_or_records.items()}
+    else:
+        items = list(task_or_records)
+        grouped = {}
+        for item in items:
+            if isinstance(item, MCRecord):
+                grouped.setdefault(item.task, []).append(item)
+            else:
+                spec = tasks.get_task(item)
+                grouped[spec.name] = tasks.load_records(spec, "test")
+    for name, recs in grouped.items():
+        if not recs:
+            raise DataError(f"evaluate: task {name!r} has no examples; expected a non-empty split")
+        if limit is not None:
+            grouped[name] = recs[:limit]
+    if not grouped:
+        raise DataError("evaluate: nothing to evaluate; give task names or MCRecords")
+    return grouped
+
+
+def evaluate(config: ModelConfig, params: Any, tokenizer: Any, task_or_records: Any, lora: Any = None,
+             gates: Any = None, batch_size: int = 32, max_length: int | None = None, limit: int | None = None,
+             return_per_example: bool = False, progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Score multiple-choice tasks; returns ``{task: {acc, acc_norm, n, acc_stderr, acc_norm_stderr, truncated}}``.
+
+    Args:
+      config, params: the model (``flexora_jax.models.loading.load_model``).
+      tokenizer: its tokenizer (``load_tokenizer``).
+      task_or_records: a task name, a list of names (each scored on its ``test`` split), a list of
+        :class:`MCRecord` (grouped by ``record.task``) or a mapping task -> records.
+      lora, gates: adapter pytrees passed to ``forward`` (None: the base model).
+      batch_size: requests per jitted call (fixed: the last batch is padded).
+      max_length: model context for truncation; default ``config.max_position_embeddings``.
+      limit: score only the first ``limit`` examples of each task.
+      return_per_example: add ``"examples"``: per example ``doc_id, gold, loglikelihoods, is_greedy``
+        (per choice), ``pred, pred_norm, truncated``.
+      progress: show a progress bar.
+
+    ``truncated`` counts examples with at least one request cut from the left.
+    """
+    grouped = _as_records(task_or_records, limit)
+    requests, owners = [], []
+    for name, recs in grouped.items():
+        for k, rec in enumerate(recs):
+            for req in rec.requests():
+                requests.append(req)
+                owners.append((name, k))
+    ll = loglikelihoods(config, params, tokenizer, requests, lora=lora, gates=gates, batch_size=batch_size,
+                        max_length=max_length, progress=progress, desc="evaluate")
+    results: dict[str, dict[str, Any]] = {}
+    pos = 0
+    for name, recs in grouped.items():
+        acc, acc_norm, n_trunc, examples = [], [], 0, []
+        for rec in recs:
+            n = len(rec.choices)
+            lls, trunc = ll.logprob[pos:pos + n], bool(ll.truncated[pos:pos + n].any())
+            pos += n
+            pred = int(np.argmax(lls))
+            pred_norm = int(np.argmax(lls / np.asarray(rec.norm_lengths())))
+            acc.append(float(pred == rec.gold))
+            acc_norm.append(float(pred_norm == rec.gold))
+            n_trunc += trunc
+            if return_per_example:
+                examples.append({"doc_id": rec.doc_id, "gold": rec.gold, "loglikelihoods": lls.tolist(),
+                                 "is_greedy": ll.is_greedy[pos - n:pos].tolist(), "pred": pred,
+                                 "pred_norm": pred_norm, "truncated": trunc})
+        acc_a, acc_norm_a = np.asarray(acc), np.asarray(acc_norm)
+        results[name] = {"acc": float(acc_a.mean()), "acc_norm": float(acc_norm_a.mean()), "n": len(recs),
+                         "acc_stderr": _stderr(acc_a), "acc_norm_stderr": _stderr(acc_norm_a),
+                         "truncated": int(n_trunc)}
+        if return_per_example:
+            results[name]["examples"] = examples
+    return results

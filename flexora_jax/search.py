@@ -1,0 +1,83 @@
+"""The search stage: run jitted search steps over train / validation streams, then select.
+
+:func:`search` is the whole Flexora / AutoLoRA search: build LoRA and gates, compile the search step
+once, feed it K stacked training batches and one validation batch per step, record the gate
+trajectory, stop with a clear error on a non-finite hypergradient, and turn the final gates into a
+:class:`flexora_jax.selection.Selection` for the fine-tune stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from flexora_jax.bilevel import SearchState, init_search_state, make_search_step
+from flexora_jax.config import LoraConfig, ModelConfig, SearchConfig
+from flexora_jax.data import BatchSampler, Dataset
+from flexora_jax.errors import NumericsError
+from flexora_jax.gates import Gates, gate_values, init_gates
+from flexora_jax.lora import init_lora
+from flexora_jax.selection import Selection, select
+
+
+@dataclasses.dataclass
+class SearchResult:
+    """Final gates, their trajectory (one row of layer gate values per step) and the selection."""
+
+    gates: Gates
+    selection: Selection
+    trajectory: list[list[float]]
+    history: list[dict]
+    state: SearchState
+
+
+def search(config: ModelConfig, params: Any, lora_config: LoraConfig, search_config: SearchConfig,
+           train: Dataset, val: Dataset, seed: int = 0, callback: Callable[[int, dict], None] | None = None,
+           state: SearchState | None = None, sampler_states: dict | None = None) -> SearchResult:
+    """Run the search stage and select layers / ranks.
+
+    Args:
+      config, params: the frozen base model.
+      lora_config: LoRA of the search model (usually all layers, the targets to choose among).
+      search_config: estimator, K, steps, optimizers, selection rule.
+      train, val: tokenised datasets (dicts of arrays); batches are drawn with ``seed``.
+      callback: ``callback(step, record)`` after each step (logging, checkpointing); ``record`` holds
+        the metrics, the gate values, the state and the sampler positions.
+      state, sampler_states: resume from a checkpoint.
+    """
+    sc = search_config
+    key = jax.random.key(seed)
+    if state is None:
+        lora = init_lora(config, lora_config, key)
+        gates = init_gates(sc.gates, config.num_hidden_layers, dict(lora.spec.r_max), power=sc.gate_power)
+        state = init_search_state(lora, gates, sc)
+    train_sampler = BatchSampler(train, sc.batch_size, seed=seed)
+    val_sampler = BatchSampler(val, sc.val_batch_size, seed=seed + 1)
+    if sampler_states is not None:
+        train_sampler.restore(sampler_states["train"])
+        val_sampler.restore(sampler_states["val"])
+    step_fn = make_search_step(config, sc)
+    trajectory: list[list[float]] = []
+    history: list[dict] = []
+    for step in range(int(state.step), sc.steps):
+        state, metrics = step_fn(params, state, train_sampler.next_stacked(sc.inner_steps), val_sampler.next())
+        if not bool(metrics["finite"]):
+            raise NumericsError(
+                f"non-finite hypergradient or validation loss at search step {step + 1} "
+                f"(val_loss={float(metrics['val_loss'])}); lower search.inner_lr, keep inner_eps_root > 0, "
+                "or use search.hypergradient=first_order")
+        values = gate_values(state.gates, config.num_hidden_layers)
+        record = {"step": step + 1, "val_loss": float(metrics["val_loss"]),
+                  "train_loss": float(metrics["train_loss"]), "hypergrad_norm": float(metrics["hypergrad_norm"])}
+        if "layer" in values:
+            record["gates"] = [round(float(x), 6) for x in np.asarray(values["layer"])]
+            trajectory.append(record["gates"])
+        history.append(record)
+        if callback is not None:
+            callback(step + 1, dict(record, state=state,
+                                    sampler={"train": train_sampler.state(), "val": val_sampler.state()}))
+    selection = select(state.gates, lora_config, config.num_hidden_layers, sc.selection, sc.top_k, sc.threshold)
+    return SearchResult(gates=state.gates, selection=selection, trajectory=trajectory, history=history, state=state)
