@@ -5,10 +5,16 @@ The public API is flat: ``import flexora_jax as fj`` and use ``fj.forward``, ``f
 base ``params``, the trained ``lora`` and the hyperparameter ``gates``.
 """
 
-from flexora_jax.config import LoraConfig, ModelConfig, RopeScaling
+from flexora_jax.adapters import export_merged, export_peft, load_peft
+from flexora_jax.bilevel import SearchState, hypergradient, init_search_state, make_search_step, unroll
+from flexora_jax.config import FinetuneConfig, LoraConfig, ModelConfig, RopeScaling, SearchConfig
 from flexora_jax.errors import CheckpointError, ConfigError, DataError, FlexoraError, NumericsError
 from flexora_jax.gates import Gates, gate_values, init_gates, layer_gate_values, rank_gate_values
 from flexora_jax.lora import LoraParams, LoraSpec, count_params, delta_weights, init_lora, make_spec, merge, unmerge
+from flexora_jax.search import SearchResult, search
+from flexora_jax.selection import Selection, select, select_layers, select_ranks
+from flexora_jax.train import dataset_loss, finetune
+from flexora_jax.evaluation import evaluate
 from flexora_jax.models import (causal_lm_loss, convert_llama2c, forward, init_params, load_config, load_model,
                                 load_tokenizer, save_model, soft_lm_loss)
 

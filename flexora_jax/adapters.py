@@ -221,6 +221,8 @@ def load_peft(adapter_dir: str | os.PathLike, config: ModelConfig) -> LoraParams
     r0, alpha0 = raw.get("r", 8), raw.get("lora_alpha", 8)
     if not isinstance(r0, int) or isinstance(r0, bool) or r0 <= 0:
         raise ConfigError(f"{cfg_file}: r must be a positive integer, got {r0!r}")
+    if not isinstance(alpha0, (int, float)) or isinstance(alpha0, bool) or alpha0 <= 0:
+        raise ConfigError(f"{cfg_file}: lora_alpha must be a positive number, got {alpha0!r}")
     rank_pattern, alpha_pattern = raw.get("rank_pattern") or {}, raw.get("alpha_pattern") or {}
     ranks: dict[tuple[str, int], int] = {}
     alphas: dict[tuple[str, int], float] = {}

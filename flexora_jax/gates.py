@@ -72,7 +72,8 @@ def layer_gate_values(gates: Gates | None, num_layers: int) -> jax.Array:
     """Multiplier of each block's LoRA branch, [L]; all ones without a layer gate."""
     if gates is None or gates.layer is None:
         return jnp.ones((num_layers,), jnp.float32)
-    alpha = gates.layer.astype(jnp.float32)
+    alpha = jnp.asarray(gates.layer)
+    alpha = alpha.astype(jnp.promote_types(alpha.dtype, jnp.float32))
     if alpha.shape != (num_layers,):
         raise ValueError(f"layer gate has shape {alpha.shape}, expected ({num_layers},)")
     w = num_layers * jax.nn.softmax(alpha)
@@ -85,7 +86,8 @@ def rank_gate_values(gates: Gates | None, module: str, shape: tuple[int, int]) -
         return jnp.ones(shape, jnp.float32)
     if module not in gates.rank:
         raise ValueError(f"rank gates have no entry for module {module!r}; they cover {sorted(gates.rank)}")
-    beta = gates.rank[module].astype(jnp.float32)
+    beta = jnp.asarray(gates.rank[module])
+    beta = beta.astype(jnp.promote_types(beta.dtype, jnp.float32))
     if beta.shape != shape:
         raise ValueError(f"rank gate of {module!r} has shape {beta.shape}, expected {shape}")
     return jax.nn.softmax(beta, axis=-1)

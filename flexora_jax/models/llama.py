@@ -41,10 +41,15 @@ Params = dict[str, Any]
 _NEG_INF = -1e30  # finite "minus infinity": a fully masked row gives a uniform softmax, not NaN
 
 
+def _acc(dtype) -> jnp.dtype:
+    """Accumulation dtype: at least fp32 (fp64 stays fp64, for finite-difference checks)."""
+    return jnp.promote_types(dtype, jnp.float32)
+
+
 # ----------------------------------------------------------------------------------- building blocks
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """RMSNorm computed in fp32 and cast back, as HF LLaMA does."""
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(_acc(x.dtype))
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return weight * x32.astype(x.dtype)
 
@@ -77,7 +82,7 @@ def rope_tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, j
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate x [b, t, heads, e] by the tables [b, t, e]; computed in fp32."""
-    x32 = x.astype(jnp.float32)
+    x32 = x.astype(_acc(x.dtype))
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
     out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
@@ -91,7 +96,7 @@ def attention_bias(attention_mask: jax.Array | None, batch: int, seq: int) -> ja
     if attention_mask is not None:
         allowed = allowed & (attention_mask[:, None, None, :] > 0)
     allowed = jnp.broadcast_to(allowed, (batch, 1, seq, seq))
-    return jnp.where(allowed, 0.0, _NEG_INF).astype(jnp.float32)
+    return jnp.where(allowed, 0.0, _NEG_INF)
 
 
 # --------------------------------------------------------------------------------------- linear + LoRA
@@ -131,7 +136,7 @@ def block(config: ModelConfig, layer: Params, h: jax.Array, cos: jax.Array, sin:
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     q = q.reshape(b, t, nk, nh // nk, e)  # query heads grouped by the KV head they share
     scores = jnp.einsum("btkge,bske->bkgts", q, k,
-                        preferred_element_type=jnp.float32) / math.sqrt(e)
+                        preferred_element_type=_acc(h.dtype)) / math.sqrt(e)
     scores = scores + bias[:, :, None]  # [b, k, g, t, s]
     probs = jax.nn.softmax(scores, axis=-1).astype(h.dtype)
     attn = jnp.einsum("bkgts,bske->btkge", probs, v).reshape(b, t, nh * e)
@@ -198,7 +203,7 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array, attention_ma
     if return_hidden:
         return h
     head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
-    return jnp.einsum("btd,dv->btv", h, head.astype(dtype), preferred_element_type=jnp.float32)
+    return jnp.einsum("btd,dv->btv", h, head.astype(dtype), preferred_element_type=_acc(dtype))
 
 
 # ------------------------------------------------------------------------------------------ init
@@ -243,16 +248,16 @@ def causal_lm_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -
     """
     import optax
 
-    logp_logits = logits[:, :-1].astype(jnp.float32)
+    logp_logits = logits[:, :-1].astype(_acc(logits.dtype))
     targets = tokens[:, 1:]
-    mask = loss_mask[:, 1:].astype(jnp.float32)
+    mask = loss_mask[:, 1:].astype(logp_logits.dtype)
     nll = optax.softmax_cross_entropy_with_integer_labels(logp_logits, targets)
     return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def soft_lm_loss(logits: jax.Array, target_probs: jax.Array, loss_mask: jax.Array) -> jax.Array:
     """Mean cross-entropy against target distributions [b, t, v] (distillation / planted soft targets)."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    logp = jax.nn.log_softmax(logits.astype(_acc(logits.dtype)), axis=-1)
     ce = -jnp.sum(target_probs * logp, axis=-1)
     mask = loss_mask.astype(jnp.float32)
     return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
@@ -262,6 +267,6 @@ def labels_lm_loss(logits: jax.Array, labels: jax.Array, loss_mask: jax.Array) -
     """Mean cross-entropy of ``logits[b, t]`` against ``labels[b, t]`` where ``loss_mask[b, t]`` is 1."""
     import optax
 
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(_acc(logits.dtype)), labels)
     mask = loss_mask.astype(jnp.float32)
     return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)

@@ -108,7 +108,8 @@ def hellaswag(doc: Mapping[str, Any], doc_id: int, task: str = "hellaswag") -> M
 def piqa(doc: Mapping[str, Any], doc_id: int, task: str = "piqa") -> MCRecord:
     context = f"Question: {_field(doc, 'goal', task, doc_id)}\nAnswer:"
     choices = (_field(doc, "sol1", task, doc_id), _field(doc, "sol2", task, doc_id))
-    return MCRecord(task, doc_id, context, choices, _int_label(_field(doc, "label", task, doc_id), task, doc_id, "label"))
+    label = _int_label(_field(doc, "label", task, doc_id), task, doc_id, "label")
+    return MCRecord(task, doc_id, context, choices, label)
 
 
 # --------------------------------------------------------------------------------------- winogrande

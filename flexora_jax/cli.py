@@ -1,0 +1,118 @@
+"""``flexora-jax``: the command line over :mod:`flexora_jax.pipeline`.
+
+    flexora-jax [run] [--config FILE] [--output-dir DIR] [--resume] [--section.key=value ...]
+    flexora-jax search|finetune|evaluate|export --output-dir DIR [--merged] [--section.key=value ...]
+
+``run`` with no arguments runs the embedded default (a planted task). The stage commands continue a
+run directory: its ``config.yaml`` is the config unless ``--config`` names another. A user error
+(bad config key or value, missing file, NaN loss) exits with status 2 and a one-paragraph message, no
+traceback; SIGTERM / SIGINT save a checkpoint and exit with 128 + the signal number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import textwrap
+from pathlib import Path
+
+COMMANDS = ("run", "search", "finetune", "evaluate", "export")
+EXIT_USER_ERROR = 2
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flexora-jax", add_help=False,
+        description="Find which layers (Flexora) and ranks (AutoLoRA) to fine-tune with LoRA, then fine-tune there.",
+        epilog="Any config key can be overridden as --section.key=value (YAML values), e.g. --seed=3 "
+               "--lora.r=8 --search.hypergradient=first_order --compare=[lora,random_k]. "
+               "`flexora-jax run --help-config` lists every key with its default.")
+    p.add_argument("command", nargs="?", default="run", choices=COMMANDS, help="what to run (default: run)")
+    p.add_argument("--config", help="YAML config file (default: the embedded planted demo, or DIR/config.yaml)")
+    p.add_argument("--output-dir", "--output_dir", dest="output_dir", help="the run directory")
+    p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoints")
+    p.add_argument("--merged", action="store_true", help="export: also write the merged model (merged/)")
+    p.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
+    p.add_argument("-h", "--help", action="store_true", help="show this help")
+    p.add_argument("--help-config", action="store_true", help="show every config key and its default")
+    return p
+
+
+def _fail(message: str, status: int = EXIT_USER_ERROR) -> int:
+    print("\n".join(textwrap.wrap(f"flexora-jax: error: {message}", width=100)), file=sys.stderr)
+    return status
+
+
+def _setup_logging(quiet: bool) -> None:
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    for noisy in ("absl", "orbax", "jax", "datasets", "transformers"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if quiet:
+        os.environ["FLEXORA_PROGRESS"] = "0"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``flexora-jax`` console script; returns the exit status."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = _parser()
+    try:
+        args, overrides = parser.parse_known_args(argv)
+    except SystemExit as exc:  # argparse already printed its one-line usage error
+        return int(exc.code or 0) and EXIT_USER_ERROR
+    if args.help:
+        parser.print_help()
+        return 0
+    from flexora_jax.config import RunConfig, config_to_dict, load_config
+    from flexora_jax.errors import FlexoraError
+
+    if args.help_config:
+        import yaml
+
+        print(yaml.safe_dump(config_to_dict(RunConfig()), sort_keys=False), end="")
+        return 0
+    _setup_logging(args.quiet)
+    try:
+        config_file = args.config
+        if config_file is None and args.command != "run" or (args.resume and config_file is None):
+            if args.output_dir is None:
+                raise_user(f"`flexora-jax {args.command}{' --resume' if args.resume else ''}` continues a run: "
+                           "pass --output-dir DIR (the run directory)")
+            candidate = Path(args.output_dir) / "config.yaml"
+            config_file = str(candidate) if candidate.exists() else None
+        if args.output_dir is not None:
+            overrides = overrides + [f"--output_dir={args.output_dir}"]
+        config = load_config(config_file, overrides)
+        from flexora_jax import pipeline
+
+        if args.command == "run":
+            result = pipeline.run(config, resume=args.resume)
+            print(result.summary())
+        else:
+            pipeline.run_stage(args.command, config, merged=args.merged)
+            print(f"{args.command}: done; files in {Path(config.output_dir).absolute()}")
+        return 0
+    except _UserExit as exc:
+        return _fail(str(exc))
+    except FlexoraError as exc:
+        from flexora_jax.pipeline import Interrupted
+
+        if isinstance(exc, Interrupted):
+            return _fail(str(exc), 128 + exc.signum)
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return _fail("interrupted; continue with --resume", 130)
+
+
+class _UserExit(Exception):
+    pass
+
+
+def raise_user(message: str) -> None:
+    raise _UserExit(message)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,706 @@
+"""The whole run as functions: prepare -> search -> select -> fine-tune -> evaluate -> export.
+
+``run(config)`` is what ``flexora-jax run`` does; each stage is also a function of its own
+(:func:`prepare`, :func:`search_stage`, :func:`finetune_stage`, :func:`evaluate_stage`,
+:func:`export_stage`) that reads what earlier stages wrote into the run directory, so a stage can be
+rerun, or a run resumed, from files alone. The run directory layout is the contract in
+``docs/design.md``; beyond it, ``searches/<gates>/`` holds each search's gates and selection,
+``methods/<method>/`` each method's selection and adapter, ``compare.json`` every method's scores.
+
+Reliability: every file is written atomically (temporary file + ``os.replace``) and only by process 0;
+each search / fine-tune saves an orbax checkpoint every ``checkpoint.every`` steps and at its end, and
+``resume=True`` continues from the latest one with the same data position, so a resumed run writes
+the same gates, selection and adapter as an uninterrupted one. SIGTERM / SIGINT save a checkpoint and
+raise :class:`Interrupted`; a NaN / Inf stops the run at that step (recorded in ``metrics.jsonl``) and
+keeps the last good checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import jax
+import numpy as np
+
+from flexora_jax.config import (METHOD_GATES, PLANTED_TASK, LoraConfig, ModelConfig, RunConfig, config_to_dict,
+                                load_config, save_config)
+from flexora_jax.data import Dataset
+from flexora_jax.errors import ConfigError, DataError, FlexoraError, NumericsError
+from flexora_jax.selection import Selection
+
+log = logging.getLogger("flexora_jax")
+
+CONFIG_FILE = "config.yaml"
+METRICS_FILE = "metrics.jsonl"
+
+
+class Interrupted(FlexoraError):
+    """SIGTERM / SIGINT arrived: the current stage saved a checkpoint; rerun with ``--resume``."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+# ------------------------------------------------------------------------------------ file helpers
+def is_main_process() -> bool:
+    return jax.process_index() == 0
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Atomic write on process 0 (a kill leaves the old file or the new one, never half of one)."""
+    if not is_main_process():
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path} does not exist; run the stage that writes it first (or `flexora-jax run`)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}); delete it and rerun its stage") from None
+
+
+class RunLog:
+    """``metrics.jsonl`` (one JSON object per logged step) plus the console log."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / METRICS_FILE
+        self.last_step: dict[str, int] = {}
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.last_step[record.get("stage", "")] = int(record.get("step", 0))
+        if not is_main_process():
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    def records(self, stage: str | None = None) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if stage is None or rec.get("stage") == stage:
+                out.append(rec)
+        return out
+
+    def truncate(self, stage: str, step: int) -> None:
+        """Drop ``stage`` records after ``step`` (a resumed stage re-logs them) and any cut line."""
+        if not self.path.exists():
+            return
+        keep = [r for r in self.records() if not (r.get("stage") == stage and int(r.get("step", 0)) > step)]
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def _progress(total: int, initial: int, desc: str):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True,
+                leave=False, disable=not is_main_process() or os.environ.get("FLEXORA_PROGRESS", "1") == "0")
+
+
+# ------------------------------------------------------------------------------------------ signals
+class _StopFlag:
+    signum: int | None = None
+
+
+_STOP = _StopFlag()
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While active, SIGTERM / SIGINT set a flag that the stages check after each step."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    _STOP.signum = None
+
+    def handler(signum, frame):  # noqa: ARG001
+        if _STOP.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        _STOP.signum = signum
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        _STOP.signum = None
+
+
+# -------------------------------------------------------------------------------------- workspace
+@dataclasses.dataclass
+class TaskData:
+    """Token datasets of a run: search train / validation, fine-tune train, held-out test."""
+
+    train: Dataset
+    val: Dataset
+    finetune: Dataset
+    test: Dataset
+    test_records: list | None = None  # multiple-choice records of a real task (for accuracy)
+
+
+@dataclasses.dataclass
+class Workspace:
+    """Everything the stages share: the config, the run directory, the base model and the data."""
+
+    config: RunConfig
+    run_dir: Path
+    model_config: ModelConfig
+    params: Any
+    data: TaskData
+    log: RunLog
+    resume: bool = False
+    tokenizer: Any = None
+    planted: Any = None  # the PlantedTask of the embedded default
+    model_source: str | None = None  # model directory recorded in the adapter config
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def num_layers(self) -> int:
+        return self.model_config.num_hidden_layers
+
+
+def _hard_targets(data: Dataset, n: int, seed: int) -> Dataset:
+    """The first ``n`` sequences with tokens sampled from their target distributions (scarce, noisy data)."""
+    probs = data["target_probs"][:n].astype(np.float64)
+    rng = np.random.default_rng([seed, 7])
+    cdf = np.cumsum(probs, axis=-1)
+    u = rng.random(cdf.shape[:-1] + (1,)) * cdf[..., -1:]
+    labels = np.minimum((cdf < u).sum(-1), probs.shape[-1] - 1).astype(np.int32)
+    return {"input_ids": data["input_ids"][:n], "attention_mask": data["attention_mask"][:n],
+            "loss_mask": data["loss_mask"][:n], "labels": labels}
+
+
+def _prepare_planted(config: RunConfig) -> tuple[Any, TaskData]:
+    from flexora_jax.planted import PlantedConfig, make_planted_task
+
+    po = config.task.planted
+    task = make_planted_task(PlantedConfig(num_layers=po.num_layers, num_planted=po.num_planted,
+                                           soft_targets=po.soft_targets, n_train=po.n_train, n_val=po.n_val,
+                                           n_test=po.n_test, seed=config.seed))
+    n = po.finetune_examples or po.n_train
+    if po.finetune_targets == "hard" and "target_probs" in task.train:
+        finetune = _hard_targets(task.train, n, config.seed)
+    else:
+        finetune = {k: v[:n] for k, v in task.train.items()}
+    return task, TaskData(train=task.train, val=task.val, finetune=finetune, test=task.test)
+
+
+def _pad_sft(ds: Any, what: str) -> Dataset:
+    """A tokenised SFT ``datasets.Dataset`` -> fixed-shape numpy arrays (right padded to a multiple of 16)."""
+    ids, masks = ds["input_ids"], ds["loss_mask"]
+    if not ids:
+        raise DataError(f"{what}: no examples after tokenisation")
+    width = int(math.ceil(max(len(x) for x in ids) / 16) * 16)
+    out = {"input_ids": np.zeros((len(ids), width), np.int32), "attention_mask": np.zeros((len(ids), width), np.int32),
+           "loss_mask": np.zeros((len(ids), width), np.float32)}
+    for i, (x, m) in enumerate(zip(ids, masks)):
+        out["input_ids"][i, :len(x)] = x
+        out["attention_mask"][i, :len(x)] = 1
+        out["loss_mask"][i, :len(m)] = m
+    return out
+
+
+def _resolve_model(config: RunConfig, run_dir: Path) -> str:
+    """The model directory: ``model.path``, or the llama2.c checkpoint converted into ``<run>/model``."""
+    ms = config.model
+    if ms.path is not None:
+        return ms.path
+    from flexora_jax.models.loading import convert_llama2c
+
+    for f in (ms.llama2c, ms.tokenizer_model):
+        if not Path(f).exists():
+            raise ConfigError(f"model.llama2c / model.tokenizer_model: file {f} does not exist")
+    out = run_dir / "model"
+    if not (out / "config.json").exists():
+        if is_main_process():
+            tmp = run_dir / "model.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            convert_llama2c(ms.llama2c, ms.tokenizer_model, tmp)
+            os.replace(tmp, out)
+    return str(out)
+
+
+def _prepare_task(config: RunConfig, run_dir: Path) -> tuple[ModelConfig, Any, Any, str, TaskData]:
+    """A real multiple-choice task: model + tokenizer, SFT token data for search / fine-tune, test records."""
+    from flexora_jax import tasks
+    from flexora_jax.models.loading import load_model, load_tokenizer
+    from flexora_jax.tasks.sft import sft_dataset
+
+    tc = config.task
+    source = _resolve_model(config, run_dir)
+    model_config, params = load_model(source, dtype=config.model.dtype)
+    tokenizer = load_tokenizer(source)
+    kwargs = dict(source=tc.source, data_dir=tc.data_dir, seed=tc.split_seed)
+    splits = {role: tasks.load_records(tc.name, role, **kwargs) for role in ("train", "validation", "test")}
+    limits = {"train": tc.n_train, "validation": tc.n_val, "test": tc.n_test or config.eval.limit}
+    splits = {role: recs[:limits[role]] if limits[role] else recs for role, recs in splits.items()}
+    max_length = min(tc.max_length, model_config.max_position_embeddings)
+    train = _pad_sft(sft_dataset(splits["train"], tokenizer, max_length), f"{tc.name} train")
+    val = _pad_sft(sft_dataset(splits["validation"], tokenizer, max_length), f"{tc.name} validation")
+    test = _pad_sft(sft_dataset(splits["test"], tokenizer, max_length), f"{tc.name} test")
+    data = TaskData(train=train, val=val, finetune=train, test=test, test_records=splits["test"])
+    return model_config, params, tokenizer, source, data
+
+
+def prepare(config: RunConfig, resume: bool = False, stage: str = "run") -> Workspace:
+    """Create (or reopen) the run directory, build / load the model and the data.
+
+    A fresh ``run`` refuses a directory that already holds a run (pass ``resume=True`` to continue it);
+    a resumed run or a single stage must use the config the directory was created with.
+    """
+    run_dir = Path(config.output_dir).absolute()
+    saved = run_dir / CONFIG_FILE
+    if saved.exists():
+        previous = load_config(saved)
+        if stage == "run" and not resume:
+            raise ConfigError(f"{run_dir} already holds a run ({CONFIG_FILE} exists); pass --resume to continue "
+                              "it, or choose another --output-dir")
+        diff = _config_diff(config_to_dict(previous), config_to_dict(config))
+        if diff:
+            raise ConfigError(f"the config differs from the one {run_dir} was run with ({saved}): "
+                              f"{'; '.join(diff)}; use the same settings, or another --output-dir")
+    elif stage != "run" and stage != "search":
+        raise ConfigError(f"{run_dir} has no {CONFIG_FILE}: the '{stage}' stage continues a run; "
+                          "run `flexora-jax run` (or `search`) first")
+    if is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+        save_config(config, saved)
+    t0 = time.perf_counter()
+    tokenizer = planted = source = None
+    if config.task.name == PLANTED_TASK:
+        planted, data = _prepare_planted(config)
+        model_config, params = planted.config, planted.params
+        write_json(run_dir / "planted.json", planted.planted_json())
+    else:
+        model_config, params, tokenizer, source, data = _prepare_task(config, run_dir)
+    ws = Workspace(config=config, run_dir=run_dir, model_config=model_config, params=params, data=data,
+                   log=RunLog(run_dir), resume=resume, tokenizer=tokenizer, planted=planted, model_source=source)
+    ws.timings["prepare"] = time.perf_counter() - t0
+    log.info("prepared %s: %d layers, %d / %d / %d train / val / test sequences (%.1f s)", config.task.name,
+             ws.num_layers, len(data.train["input_ids"]), len(data.val["input_ids"]),
+             len(data.test["input_ids"]), ws.timings["prepare"])
+    return ws
+
+
+def _config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _config_diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} -> {b!r}"]
+
+
+# ---------------------------------------------------------------------------------------- stages
+def _stage_loop_hooks(ws: Workspace, stage: str, total: int, start: int, ckpt: Any,
+                      to_state: Callable[[dict], Any], meta_of: Callable[[dict], dict],
+                      loss_key: str) -> tuple[Callable[[int, dict], None], Any]:
+    """The per-step callback of a search / fine-tune: log, progress bar, checkpoint, stop on a signal."""
+    bar = _progress(total, start, stage)
+    t_last = [time.perf_counter()]
+
+    def callback(step: int, record: dict) -> None:
+        now = time.perf_counter()
+        metrics = {k: v for k, v in record.items() if k not in ("state", "sampler")}
+        ws.log.write(dict(stage=stage, **metrics, seconds=round(now - t_last[0], 4)))
+        t_last[0] = now
+        bar.update(1)
+        bar.set_postfix({loss_key: f"{record[loss_key]:.4f}"}, refresh=False)
+        state = to_state(record)
+        if ckpt.due(step) or step == total or _STOP.signum is not None:
+            ckpt.save(step, state, meta_of(record), force=True)
+        if _STOP.signum is not None:
+            bar.close()
+            raise Interrupted(f"interrupted by signal {_STOP.signum} at {stage} step {step}/{total}; a checkpoint "
+                              f"was saved in {ckpt.directory}; continue with `flexora-jax run --resume "
+                              f"--output-dir {ws.run_dir}`", _STOP.signum)
+
+    return callback, bar
+
+
+def _record_nonfinite(ws: Workspace, stage: str, exc: NumericsError) -> None:
+    step = ws.log.last_step.get(stage, 0) + 1
+    ws.log.write({"stage": stage, "step": step, "event": "non_finite", "message": str(exc)})
+    log.error("%s stopped at step %d: %s (the last good checkpoint is kept)", stage, step, exc)
+
+
+@dataclasses.dataclass
+class SearchOutcome:
+    """A finished search, as written to ``searches/<gates>/``."""
+
+    kind: str
+    gates: dict[str, Any]  # gates.json content
+    selection: Selection
+
+
+def _selection_from_json(ws: Workspace, obj: dict) -> Selection:
+    lc = obj["lora_config"]
+    lora_config = LoraConfig(**{**lc, "target_modules": tuple(lc["target_modules"]),
+                                "layers_to_transform": (None if lc["layers_to_transform"] is None
+                                                        else tuple(lc["layers_to_transform"]))})
+    return Selection(layers=tuple(obj["layers"]), ranks=obj.get("rank_lists"), lora_config=lora_config)
+
+
+def _selection_json(ws: Workspace, selection: Selection) -> dict[str, Any]:
+    from flexora_jax.lora import count_params, make_spec
+
+    trainable = count_params(ws.model_config, make_spec(ws.model_config, selection.lora_config))["trainable"]
+    out = selection.to_json(trainable)
+    out["rank_lists"] = selection.ranks
+    out["lora_config"] = selection.lora_config.to_dict()
+    return out
+
+
+def search_stage(ws: Workspace, kind: str = "layer") -> SearchOutcome:
+    """Run (or resume, or reuse) the ``kind`` gate search ("layer", "rank", "both"); write its files."""
+    from flexora_jax.bilevel import init_search_state
+    from flexora_jax.checkpoint import StageCheckpointer
+    from flexora_jax.gates import gate_values, init_gates
+    from flexora_jax.lora import init_lora
+    from flexora_jax.search import search
+
+    cfg = ws.config
+    out_dir = ws.run_dir / "searches" / kind
+    stage = f"search_{kind}"
+    if ws.resume and (out_dir / "selection.json").exists():
+        log.info("%s: done in a previous session, reusing %s", stage, out_dir)
+        return SearchOutcome(kind, read_json(out_dir / "gates.json"),
+                             _selection_from_json(ws, read_json(out_dir / "selection.json")))
+    sc = dataclasses.replace(cfg.search, gates=kind)
+    ckpt = StageCheckpointer(ws.run_dir / "checkpoints" / stage, cfg.checkpoint.every, cfg.checkpoint.keep)
+    state = sampler = None
+    if ws.resume:
+        lora0 = init_lora(ws.model_config, cfg.lora, jax.random.key(cfg.seed))
+        template = init_search_state(lora0, init_gates(kind, ws.num_layers, dict(lora0.spec.r_max),
+                                                       power=sc.gate_power), sc)
+        restored = ckpt.restore(template)
+        if restored is not None:
+            state, meta = restored
+            sampler = meta["sampler"]
+            log.info("%s: resuming from checkpoint step %d", stage, int(state.step))
+    start = 0 if state is None else int(state.step)
+    ws.log.truncate(stage, start)
+    callback, bar = _stage_loop_hooks(
+        ws, stage, sc.steps, start, ckpt, to_state=lambda r: r["state"],
+        meta_of=lambda r: {"sampler": r["sampler"]}, loss_key="val_loss")
+    t0 = time.perf_counter()
+    try:
+        result = search(ws.model_config, ws.params, cfg.lora, sc, ws.data.train, ws.data.val, seed=cfg.seed,
+                        callback=callback, state=state, sampler_states=sampler)
+    except NumericsError as exc:
+        _record_nonfinite(ws, stage, exc)
+        raise
+    finally:
+        bar.close()
+        ckpt.close()
+    ws.timings[stage] = time.perf_counter() - t0
+    values = gate_values(result.gates, ws.num_layers)
+    gates_json: dict[str, Any] = {}
+    if "layer" in values:
+        gates_json["layer"] = [float(x) for x in np.asarray(values["layer"])]
+        gates_json["layer_alpha"] = [float(x) for x in np.asarray(result.gates.layer)]
+    if "rank" in values:
+        gates_json["rank"] = {m: np.asarray(v).tolist() for m, v in values["rank"].items()}
+    write_json(out_dir / "gates.json", gates_json)
+    write_json(out_dir / "selection.json", _selection_json(ws, result.selection))
+    log.info("%s: %d steps in %.1f s; selected layers %s", stage, sc.steps, ws.timings[stage],
+             list(result.selection.layers))
+    return SearchOutcome(kind, gates_json, result.selection)
+
+
+def needed_searches(config: RunConfig) -> list[str]:
+    """Gate kinds to search for the run's methods (random_k / lora_drop need k from a layer search)."""
+    kinds = [METHOD_GATES[m] for m in config.methods if m in METHOD_GATES]
+    if config.baseline_k == 0 and any(m in ("random_k", "lora_drop") for m in config.methods):
+        kinds.append("layer")
+    return list(dict.fromkeys(kinds))
+
+
+def method_selection(ws: Workspace, method: str, searches: dict[str, SearchOutcome]) -> Selection:
+    """The layers (and ranks) ``method`` fine-tunes."""
+    cfg, L = ws.config, ws.num_layers
+    if method in METHOD_GATES:
+        return searches[METHOD_GATES[method]].selection
+    if method == "lora":
+        return Selection(layers=tuple(range(L)), ranks=None,
+                         lora_config=dataclasses.replace(cfg.lora, layers_to_transform=None))
+    k = cfg.baseline_k or len(searches["layer"].selection.layers)
+    if k > L:
+        raise ConfigError(f"baseline_k {k} exceeds the model's {L} layers; expected 0..{L}")
+    if method == "random_k":
+        layers = tuple(sorted(int(i) for i in np.random.default_rng([cfg.seed, 11]).choice(L, k, replace=False)))
+    else:  # lora_drop: the last k layers
+        layers = tuple(range(L - k, L))
+    return Selection(layers=layers, ranks=None, lora_config=dataclasses.replace(
+        cfg.lora, layers_to_transform=layers if k < L else None))
+
+
+def method_dir(ws: Workspace, method: str) -> Path:
+    return ws.run_dir / "methods" / method.replace("+", "_")
+
+
+def finetune_stage(ws: Workspace, method: str, selection: Selection) -> Any:
+    """Fine-tune a fresh LoRA on ``selection`` (or resume / reuse it); export it in PEFT format."""
+    from flexora_jax.adapters import export_peft, load_peft
+    from flexora_jax.checkpoint import StageCheckpointer
+    from flexora_jax.lora import init_lora
+    from flexora_jax.train import finetune, init_train_state, make_optimizer, total_steps
+
+    cfg = ws.config
+    out_dir = method_dir(ws, method)
+    stage = f"finetune_{method}"
+    adapter = out_dir / "adapter"
+    if ws.resume and (adapter / "adapter_model.safetensors").exists() and (out_dir / "selection.json").exists():
+        log.info("%s: done in a previous session, reusing %s", stage, adapter)
+        return load_peft(adapter, ws.model_config)
+    lora = init_lora(ws.model_config, selection.lora_config, jax.random.key(cfg.seed + 1))
+    ft = cfg.finetune
+    steps = total_steps(ft, len(ws.data.finetune["input_ids"]))
+    total = steps * ft.grad_accum
+    ckpt = StageCheckpointer(ws.run_dir / "checkpoints" / stage, cfg.checkpoint.every, cfg.checkpoint.keep)
+    state = sampler = None
+    if ws.resume:
+        restored = ckpt.restore(init_train_state(lora, make_optimizer(ft, steps), cfg.seed))
+        if restored is not None:
+            state, meta = restored
+            sampler = meta["sampler"]
+            log.info("%s: resuming from checkpoint step %d", stage, int(state.step))
+    start = 0 if state is None else int(state.step)
+    ws.log.truncate(stage, start)
+    callback, bar = _stage_loop_hooks(ws, stage, total, start, ckpt, to_state=lambda r: r["state"],
+                                      meta_of=lambda r: {"sampler": r["sampler"]}, loss_key="loss")
+    t0 = time.perf_counter()
+    try:
+        trained, _ = finetune(ws.model_config, ws.params, lora, ws.data.finetune, ft, val=ws.data.val,
+                              seed=cfg.seed, callback=callback, state=state, sampler_state=sampler)
+    except NumericsError as exc:
+        _record_nonfinite(ws, stage, exc)
+        raise
+    finally:
+        bar.close()
+        ckpt.close()
+    ws.timings[stage] = time.perf_counter() - t0
+    if is_main_process():
+        tmp = out_dir / "adapter.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        export_peft(trained, tmp, base_model_name_or_path=ws.model_source)
+        shutil.rmtree(adapter, ignore_errors=True)
+        os.replace(tmp, adapter)
+    write_json(out_dir / "selection.json", _selection_json(ws, selection))
+    log.info("%s: %d steps in %.1f s on layers %s", stage, total, ws.timings[stage], list(selection.layers))
+    return trained
+
+
+def evaluate_stage(ws: Workspace, loras: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Held-out scores of the base model (``"base"``) and of each method's LoRA: ``{method: {task: {...}}}``.
+
+    The planted task reports the test cross-entropy against the teacher's distributions
+    (``test_loss``; the teacher's own entropy is the floor); a real task reports lm-eval style
+    ``acc`` / ``acc_norm`` from :func:`flexora_jax.evaluation.evaluate`.
+    """
+    from flexora_jax.train import dataset_loss
+
+    cfg = ws.config
+    t0 = time.perf_counter()
+    candidates: dict[str, Any] = ({"base": None} if cfg.eval.base else {}) | dict(loras)
+    results: dict[str, dict[str, Any]] = {}
+    for name, lora in candidates.items():
+        if ws.planted is not None:
+            test = ws.data.test
+            n = len(test["input_ids"]) if not cfg.eval.limit else min(cfg.eval.limit, len(test["input_ids"]))
+            test = {k: v[:n] for k, v in test.items()}
+            loss = dataset_loss(ws.model_config, ws.params, lora, test, batch_size=cfg.eval.batch_size)
+            results[name] = {PLANTED_TASK: {"test_loss": loss, "teacher_test_loss": ws.planted.teacher_test_loss,
+                                            "n": n}}
+        else:
+            from flexora_jax.evaluation import evaluate
+
+            res = evaluate(ws.model_config, ws.params, ws.tokenizer, {cfg.task.name: ws.data.test_records},
+                           lora=lora, batch_size=cfg.eval.batch_size, progress=is_main_process())
+            test_loss = dataset_loss(ws.model_config, ws.params, lora, ws.data.test, batch_size=cfg.eval.batch_size)
+            results[name] = {t: dict(v, test_loss=test_loss) for t, v in res.items()}
+        log.info("evaluate %s: %s", name, _score_line(results[name]))
+    ws.timings["evaluate"] = time.perf_counter() - t0
+    write_json(ws.run_dir / "compare.json", results)
+    write_json(ws.run_dir / "eval.json", results[cfg.method])
+    return results
+
+
+def _score_line(scores: dict[str, Any]) -> str:
+    parts = []
+    for task, m in scores.items():
+        keys = [k for k in ("acc", "acc_norm", "test_loss") if k in m]
+        parts.append(f"{task} " + ", ".join(f"{k} {m[k]:.4f}" for k in keys))
+    return "; ".join(parts)
+
+
+def export_stage(ws: Workspace, merged: bool = False) -> None:
+    """The run's main result at the top of the run directory, ``report.md`` and ``gates.png``.
+
+    Copies the main method's ``selection.json`` and ``adapter/`` up, writes ``gates.json`` (of the
+    main method's search, else of the layer search, else empty), and with ``merged`` also the base
+    model with the adapter merged in (an HF directory in ``merged/``).
+    """
+    from flexora_jax import report
+
+    cfg = ws.config
+    src = method_dir(ws, cfg.method)
+    if not (src / "adapter").exists():
+        raise DataError(f"{src / 'adapter'} does not exist; run the fine-tune stage first")
+    if is_main_process():
+        tmp = ws.run_dir / "adapter.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src / "adapter", tmp)
+        shutil.rmtree(ws.run_dir / "adapter", ignore_errors=True)
+        os.replace(tmp, ws.run_dir / "adapter")
+    write_json(ws.run_dir / "selection.json", {k: v for k, v in read_json(src / "selection.json").items()
+                                                if k in ("layers", "ranks", "trainable_params")})
+    kind = METHOD_GATES.get(cfg.method) or ("layer" if (ws.run_dir / "searches" / "layer").exists() else None)
+    gates = read_json(ws.run_dir / "searches" / kind / "gates.json") if kind else {}
+    write_json(ws.run_dir / "gates.json", gates)
+    if merged:
+        from flexora_jax.adapters import export_merged, load_peft
+
+        lora = load_peft(ws.run_dir / "adapter", ws.model_config)
+        if is_main_process():
+            export_merged(ws.model_config, ws.params, lora, ws.run_dir / "merged", tokenizer=ws.tokenizer)
+    report.write_report(ws)
+
+
+# -------------------------------------------------------------------------------------------- run
+@dataclasses.dataclass
+class RunResult:
+    """What a run produced (also on disk in ``run_dir``)."""
+
+    run_dir: Path
+    selections: dict[str, Selection]
+    scores: dict[str, dict[str, Any]]
+    planted: dict[str, Any] | None
+    timings: dict[str, float]
+
+    def summary(self) -> str:
+        lines = []
+        if self.planted is not None:
+            lines.append(f"planted layers:  {self.planted['layers']}")
+        for m, sel in self.selections.items():
+            lines.append(f"{m + ' layers:':<17}{list(sel.layers)}")
+        for m, scores in self.scores.items():
+            lines.append(f"{m + ':':<17}{_score_line(scores)}")
+        if self.planted is not None:
+            first = next(iter(self.scores.values()))
+            lines.append(f"{'teacher floor:':<17}{first[PLANTED_TASK]['teacher_test_loss']:.4f}")
+        lines.append(f"run directory:   {self.run_dir} ({sum(self.timings.values()):.0f} s)")
+        return "\n".join(lines)
+
+
+def searches_stage(ws: Workspace) -> dict[str, SearchOutcome]:
+    """Every search the run's methods need."""
+    return {kind: search_stage(ws, kind) for kind in needed_searches(ws.config)}
+
+
+def load_searches(ws: Workspace) -> dict[str, SearchOutcome]:
+    """The searches a previous ``search`` stage wrote."""
+    out = {}
+    for kind in needed_searches(ws.config):
+        d = ws.run_dir / "searches" / kind
+        out[kind] = SearchOutcome(kind, read_json(d / "gates.json"), _selection_from_json(ws, read_json(d / "selection.json")))
+    return out
+
+
+def finetune_all(ws: Workspace, searches: dict[str, SearchOutcome]) -> tuple[dict[str, Selection], dict[str, Any]]:
+    selections = {m: method_selection(ws, m, searches) for m in ws.config.methods}
+    loras = {m: finetune_stage(ws, m, sel) for m, sel in selections.items()}
+    return selections, loras
+
+
+def load_adapters(ws: Workspace) -> dict[str, Any]:
+    """Each method's fine-tuned adapter, read back from ``methods/<method>/adapter``."""
+    from flexora_jax.adapters import load_peft
+
+    out = {}
+    for m in ws.config.methods:
+        adapter = method_dir(ws, m) / "adapter"
+        if not adapter.exists():
+            raise DataError(f"{adapter} does not exist; run `flexora-jax finetune --output-dir {ws.run_dir}` first")
+        out[m] = load_peft(adapter, ws.model_config)
+    return out
+
+
+def run(config: RunConfig | None = None, resume: bool = False) -> RunResult:
+    """The whole pipeline: prepare, search, select, fine-tune every method, evaluate, export.
+
+    Args:
+      config: the run; ``None`` runs the embedded default (a planted task).
+      resume: continue the run in ``config.output_dir`` from its files and latest checkpoints.
+    Raises:
+      FlexoraError: a user error (config, data, checkpoint, numerics); :class:`Interrupted` on a signal.
+    """
+    config = config or RunConfig()
+    t0 = time.perf_counter()
+    with stop_on_signals():
+        ws = prepare(config, resume=resume, stage="run")
+        searches = searches_stage(ws)
+        selections, loras = finetune_all(ws, searches)
+        scores = evaluate_stage(ws, loras)
+        export_stage(ws)
+    ws.timings["total"] = time.perf_counter() - t0
+    write_json(ws.run_dir / "timings.json", ws.timings)
+    planted = ws.planted.planted_json() if ws.planted is not None else None
+    timings = {k: v for k, v in ws.timings.items() if k != "total"}
+    return RunResult(ws.run_dir, selections, scores, planted, timings)
+
+
+def run_stage(stage: str, config: RunConfig, merged: bool = False) -> Any:
+    """One stage of a run from the files of earlier stages in ``config.output_dir``.
+
+    ``search`` writes ``searches/``; ``finetune`` reads them and writes ``methods/*/adapter``;
+    ``evaluate`` reads the adapters and writes ``eval.json`` / ``compare.json``; ``export`` writes the
+    top-level files, ``report.md``, ``gates.png`` (and ``merged/`` with ``merged=True``).
+    """
+    with stop_on_signals():
+        ws = prepare(config, resume=False, stage=stage)
+        if stage == "search":
+            return searches_stage(ws)
+        if stage == "finetune":
+            return finetune_all(ws, load_searches(ws))
+        if stage == "evaluate":
+            return evaluate_stage(ws, load_adapters(ws))
+        if stage == "export":
+            return export_stage(ws, merged=merged)
+    raise ConfigError(f"unknown stage {stage!r}; expected one of search, finetune, evaluate, export")
+
+
+__all__ = ["Interrupted", "RunResult", "SearchOutcome", "TaskData", "Workspace", "evaluate_stage", "export_stage",
+           "finetune_stage", "method_selection", "needed_searches", "prepare", "run", "run_stage", "search_stage"]
