@@ -506,7 +506,7 @@ class EvalConfig:
 class CheckpointConfig:
     """Resumable orbax checkpoints under ``<output_dir>/checkpoints``."""
 
-    every: int = 10  # save every N steps of each search / fine-tune (and at its end); 0 = only at the end
+    every: int = 50  # save every N steps of each search / fine-tune (and at its end); 0 = only at the end
     keep: int = 2  # checkpoints kept per stage
 
     def __post_init__(self) -> None:
@@ -683,8 +683,10 @@ def load_config(path: str | Any | None = None, overrides: tuple[str, ...] | list
         loaded = {} if loaded is None else loaded
         _check_keys(RunConfig, loaded, "", origin)
         data = loaded
+    # Every leaf of the default RunConfig first: draccus fills a section's missing keys from the
+    # section class's own defaults, and RunConfig's sections have run-specific defaults.
     args: list[str] = []
-    for source, mapping in (("defaults", base or {}), (origin, data)):
+    for source, mapping in (("defaults", config_to_dict(RunConfig())), ("defaults", base or {}), (origin, data)):
         for key, value in _flatten(RunConfig, mapping):
             args.append(f"--{key}={yaml.safe_dump(value, default_flow_style=True, width=10**9).strip()}"
                         .removesuffix("\n..."))

@@ -11,6 +11,7 @@ and a planted delta then changes almost nothing.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -40,6 +41,7 @@ class PlantedConfig:
     planted_rank: int = 4
     planted_ranks: dict[str, int] | None = None  # per module rank (AutoLoRA checks); default planted_rank
     magnitude: float = 0.5  # B ~ N(0, m^2 / r): delta about m x the base projection
+    layer_kl: float | None = 0.4  # rescale each planted layer so it alone moves the output by this KL
     soft_targets: bool = True  # teacher distributions (True) or sampled tokens (False)
     n_train: int = 500
     n_val: int = 200
@@ -65,10 +67,17 @@ class PlantedTask:
 
 def _teacher_lora(config: ModelConfig, pc: PlantedConfig, layers: tuple[int, ...], ranks: dict[str, int],
                   key: jax.Array) -> LoraParams:
+    """Teacher deltas: A ~ N(0, 1/d_in), B ~ N(0, m^2/r) in the planted layers, exactly zero elsewhere.
+
+    The spec covers every layer (zeros outside the planted ones), so teachers of different seeds share
+    one compiled program.
+    """
     r_max = max(ranks.values())
-    lcfg = LoraConfig(r=r_max, lora_alpha=float(r_max), target_modules=pc.targets, layers_to_transform=layers,
+    lcfg = LoraConfig(r=r_max, lora_alpha=float(r_max), target_modules=pc.targets,
                       rank_pattern={m: r for m, r in ranks.items() if r != r_max})
     spec = make_spec(config, lcfg)
+    planted = np.zeros((config.num_hidden_layers, 1, 1), np.float32)
+    planted[list(layers)] = 1.0
     weights = {}
     for i, m in enumerate(spec.targets):
         d_in, d_out = config.module_shape(m)
@@ -77,8 +86,38 @@ def _teacher_lora(config: ModelConfig, pc: PlantedConfig, layers: tuple[int, ...
         a = jax.random.normal(ka, (config.num_hidden_layers, d_in, r_max)) / np.sqrt(d_in)
         b = jax.random.normal(kb, (config.num_hidden_layers, r_max, d_out)) * pc.magnitude / np.sqrt(r)
         mask = jnp.asarray(spec.coefficients(m) != 0, jnp.float32)
-        weights[m] = {"a": a * mask[:, None, :], "b": b * mask[:, :, None]}
+        weights[m] = {"a": a * mask[:, None, :], "b": b * mask[:, :, None] * planted}
     return LoraParams(weights=weights, spec=spec)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _teacher_probs(config: ModelConfig, params: Any, teacher: LoraParams, tokens: jax.Array) -> jax.Array:
+    return jax.nn.softmax(forward(config, params, tokens, lora=teacher), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _kl_from_base(config: ModelConfig, params: Any, teacher: LoraParams, tokens: jax.Array) -> jax.Array:
+    base = jax.nn.log_softmax(forward(config, params, tokens), axis=-1)
+    lp = jax.nn.log_softmax(forward(config, params, tokens, lora=teacher), axis=-1)
+    return jnp.mean(jnp.sum(jnp.exp(lp) * (lp - base), axis=-1))
+
+
+def _calibrate(config: ModelConfig, params: Any, teacher: LoraParams, layers: tuple[int, ...],
+               tokens: np.ndarray, target: float, iterations: int = 3) -> LoraParams:
+    """Scale each planted layer's B so that layer alone gives KL(teacher_l || base) ~= target.
+
+    Without this, a random base lets some layers' deltas move the output 30x more than others', and
+    a weak planted layer is indistinguishable from noise: the task would test the base, not the search.
+    """
+    scale = np.ones((config.num_hidden_layers, 1, 1), np.float32)
+    for _ in range(iterations):
+        for layer in layers:
+            only = np.zeros_like(scale)
+            only[layer] = scale[layer]
+            single = teacher.replace(weights={m: {"a": w["a"], "b": w["b"] * only} for m, w in teacher.weights.items()})
+            kl = float(_kl_from_base(config, params, single, tokens))
+            scale[layer] *= np.sqrt(target / max(kl, 1e-8))
+    return teacher.replace(weights={m: {"a": w["a"], "b": w["b"] * scale} for m, w in teacher.weights.items()})
 
 
 def make_planted_task(pc: PlantedConfig = PlantedConfig()) -> PlantedTask:
@@ -100,11 +139,9 @@ def make_planted_task(pc: PlantedConfig = PlantedConfig()) -> PlantedTask:
     n = pc.n_train + pc.n_val + pc.n_test
     tokens = np.asarray(jax.random.randint(k_data, (n, pc.seq_len), 0, pc.vocab_size), np.int32)
 
-    @jax.jit
-    def teacher_probs(t):
-        return jax.nn.softmax(forward(config, params, t, lora=teacher), axis=-1)
-
-    probs = np.concatenate([np.asarray(teacher_probs(tokens[i:i + 250])) for i in range(0, n, 250)])
+    if pc.layer_kl is not None:
+        teacher = _calibrate(config, params, teacher, layers, tokens[:200], pc.layer_kl)
+    probs = np.asarray(_teacher_probs(config, params, teacher, tokens))
     data: Dataset = {"input_ids": tokens, "attention_mask": np.ones_like(tokens),
                      "loss_mask": np.ones_like(tokens, dtype=np.float32)}
     if pc.soft_targets:

@@ -1,0 +1,82 @@
+"""``flexora-jax``: the embedded default end to end, and user errors as exit status 2 without a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from flexora_jax import cli
+
+REPO = Path(__file__).resolve().parents[1]
+RUN_FILES = ("config.yaml", "gates.json", "selection.json", "adapter/adapter_config.json",
+             "adapter/adapter_model.safetensors", "eval.json", "metrics.jsonl", "gates.png", "report.md",
+             "planted.json", "compare.json")
+
+
+@pytest.fixture(scope="module")
+def default_run(tmp_path_factory):
+    """`flexora-jax run` with no config: the embedded planted demo (run once for the module)."""
+    out = tmp_path_factory.mktemp("default") / "run"
+    os.environ["FLEXORA_PROGRESS"] = "0"
+    assert cli.main(["run", "--output-dir", str(out)]) == 0
+    return out
+
+
+def test_embedded_default_end_to_end(default_run, capsys):
+    for name in RUN_FILES:
+        assert (default_run / name).is_file(), name
+    assert any((default_run / "checkpoints").iterdir())
+    planted = json.loads((default_run / "planted.json").read_text())
+    selection = json.loads((default_run / "selection.json").read_text())
+    assert selection["layers"] == planted["layers"] and set(planted) == {"layers", "ranks"}
+    assert selection["trainable_params"] == len(planted["layers"]) * 2 * 4 * (64 + 64)
+    gates = json.loads((default_run / "gates.json").read_text())
+    assert len(gates["layer"]) == 6
+    assert sorted(range(6), key=lambda i: -gates["layer"][i])[:2] == planted["layers"]
+    scores = json.loads((default_run / "compare.json").read_text())
+    flex, lora, base = (scores[m]["planted"]["test_loss"] for m in ("flexora", "lora", "base"))
+    assert flex < lora and flex < base  # scarce data: the selected layers beat all-layer LoRA
+    assert json.loads((default_run / "eval.json").read_text())["planted"]["test_loss"] == flex
+    report = (default_run / "report.md").read_text()
+    assert "recovered the planted layers exactly" in report and "| lora |" in report
+    stages = {json.loads(line)["stage"] for line in (default_run / "metrics.jsonl").read_text().splitlines()}
+    assert stages == {"search_layer", "finetune_flexora", "finetune_lora"}
+
+
+def test_export_stage_reruns_from_files(default_run):
+    (default_run / "report.md").unlink()
+    assert cli.main(["export", "--output-dir", str(default_run), "--quiet"]) == 0
+    assert (default_run / "report.md").is_file()
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["run", "--lora.rr=3"], "unknown key 'lora.rr'"),
+    (["run", "--search.hypergradient=nope"], "search.hypergradient must be one of"),
+    (["run", "--config", "/no/such.yaml"], "/no/such.yaml does not exist"),
+    (["finetune"], "pass --output-dir"),
+    (["evaluate", "--output-dir", "/tmp/flexora-no-such-run"], "has no config.yaml"),
+])
+def test_user_errors_exit_2_with_one_paragraph(argv, needle, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err.replace("\n", " ") and "Traceback" not in err
+
+
+def test_console_entry_point_has_no_traceback(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.run([sys.executable, "-m", "flexora_jax.cli", "--seed=abc", "--output-dir", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 2
+    assert "bad value for seed" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_help_lists_config_keys(capsys):
+    assert cli.main(["--help-config"]) == 0
+    out = capsys.readouterr().out
+    for key in ("method:", "seed:", "output_dir:", "inner_steps:", "hypergradient:", "epochs:"):
+        assert key in out
