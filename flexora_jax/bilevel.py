@@ -204,6 +204,8 @@ def darts_implicit(train_loss: LossFn, theta: LoraParams, gates: Gates, batch: B
 
 # ------------------------------------------------------------------------------------- search step
 def init_search_state(lora: LoraParams, gates: Gates, search: SearchConfig) -> SearchState:
+    """A fresh search state (copies of ``lora`` and ``gates``: the jitted step donates its state)."""
+    lora, gates = jax.tree.map(jnp.copy, (lora, gates))
     return SearchState(inner=InnerState(lora, inner_optimizer(search).init(lora)), gates=gates,
                        gate_opt_state=outer_optimizer(search).init(gates), step=jnp.zeros((), jnp.int32))
 
@@ -230,7 +232,7 @@ def make_search_step(config: ModelConfig, search: SearchConfig) -> Callable[...,
             batch = jax.tree.map(lambda x: x[0], train_batches)
             new_inner, _ = inner_step(loss, inner_opt, jax.lax.stop_gradient(gates), state.inner, batch,
                                       search.reset_inner_optimizer)
-        hg_norm = optax.global_norm(hg)
+        hg_norm = optax.tree.norm(hg)
         metrics = dict(metrics, hypergrad_norm=hg_norm,
                        finite=jnp.isfinite(hg_norm) & jnp.isfinite(metrics["val_loss"]))
         return SearchState(new_inner, gates, gate_opt_state, state.step + 1), metrics

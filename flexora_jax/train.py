@@ -62,6 +62,9 @@ def make_optimizer(cfg: FinetuneConfig, steps: int) -> optax.GradientTransformat
 
 
 def init_train_state(lora: LoraParams, optimizer: optax.GradientTransformation, seed: int = 0) -> TrainState:
+    """A fresh training state. The LoRA is copied: the jitted step donates its state, and the caller's
+    arrays must stay usable."""
+    lora = jax.tree.map(jnp.copy, lora)
     return TrainState(lora, optimizer.init(lora), jnp.zeros((), jnp.int32), jax.random.key(seed))
 
 
@@ -81,7 +84,7 @@ def make_train_step(config: ModelConfig, cfg: FinetuneConfig, steps: int) -> Cal
             lambda lora: lm_loss(config, params, lora, gates, batch, drop if use_dropout else None))(state.lora)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
         lora = optax.apply_updates(state.lora, updates)
-        return TrainState(lora, opt_state, state.step + 1, rng), {"loss": loss, "grad_norm": optax.global_norm(grads)}
+        return TrainState(lora, opt_state, state.step + 1, rng), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     return jax.jit(step, donate_argnums=1)
 

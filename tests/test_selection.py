@@ -1,0 +1,48 @@
+"""Gates -> layers and ranks, and the fine-tune LoraConfig they produce."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import flexora_jax as fj
+from flexora_jax.selection import select, select_layers, select_ranks
+
+
+def test_layer_rules():
+    g = fj.Gates(layer=jnp.array([0.3, -0.1, 0.0, 1.2, -2.0, 0.05]))
+    assert select_layers(g) == (0, 3, 5)  # alpha > 0: above the mean gate
+    assert select_layers(g, "topk", k=2) == (0, 3)
+    w = 6 * np.exp(g.layer) / np.exp(g.layer).sum()
+    assert select_layers(g, "threshold", threshold=1.5) == tuple(int(i) for i in np.flatnonzero(w >= 1.5))
+    assert select_layers(fj.Gates(layer=jnp.zeros(4) - 1.0)) == (0,)  # never empty
+    with pytest.raises(ValueError, match="1 <= k <= 6"):
+        select_layers(g, "topk", k=7)
+
+
+def test_rank_rule_counts_components_above_uniform():
+    beta = jnp.log(jnp.array([[0.7, 0.1, 0.1, 0.1], [0.25, 0.25, 0.25, 0.25], [0.3, 0.3, 0.2, 0.2]]))
+    ranks = select_ranks(fj.Gates(rank={"q_proj": beta}))
+    assert ranks == {"q_proj": [1, 4, 2]}
+
+
+def test_select_builds_a_peft_style_lora_config():
+    L = 4
+    gates = fj.Gates(layer=jnp.array([1.0, -1.0, 0.5, -0.5]),
+                     rank={"q_proj": jnp.log(jnp.array([[0.7, 0.1, 0.1, 0.1]] * L)),
+                           "v_proj": jnp.zeros((L, 4))})
+    base = fj.LoraConfig(r=4, lora_alpha=8.0)
+    sel = select(gates, base, L)
+    assert sel.layers == (0, 2)
+    cfg = sel.lora_config
+    assert cfg.layers_to_transform == (0, 2)
+    assert cfg.rank_for("q_proj", 0) == 1 and cfg.rank_for("v_proj", 0) == 4
+    assert cfg.scale_for("q_proj", 2) == 8.0  # lora_alpha / r_i, as PEFT with rank_pattern
+    model = fj.ModelConfig(num_hidden_layers=L)
+    lora = fj.init_lora(model, cfg, __import__("jax").random.key(0))
+    n = fj.count_params(model, lora)["trainable"]
+    assert sel.to_json(n) == {"layers": [0, 2], "ranks": {
+        "model.layers.0.self_attn.q_proj": 1, "model.layers.2.self_attn.q_proj": 1,
+        "model.layers.0.self_attn.v_proj": 4, "model.layers.2.self_attn.v_proj": 4}, "trainable_params": n}
+    assert n == 2 * (1 * (64 + 64) + 4 * (64 + 64))
