@@ -1,0 +1,178 @@
+"""The effectiveness study: many runs of the pipeline, aggregated into tables.
+
+A study plan (YAML) lists experiments; each experiment is a base run config plus variants (dotted
+overrides) and seeds. Every (experiment, variant, seed) is one ordinary ``flexora_jax.run`` in its own
+directory, so every number in the write-up comes from the same code path users run, and the study is
+resumable: a finished run (its ``compare.json`` exists) is skipped, an interrupted one resumes from its
+checkpoints. ``aggregate`` turns the run directories into ``results.json`` (mean and std over seeds of
+held-out loss, accuracy, trainable parameters, wall time, and precision / recall of the selected
+layers against the planted ones) and a markdown table per experiment.
+
+    python -m flexora_jax.study configs/study/planted.yaml --out study/planted [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from flexora_jax.errors import ConfigError, FlexoraError
+
+SMOKE_OVERRIDES = ["--search.steps=3", "--finetune.max_steps=5", "--task.planted.n_train=64",
+                   "--task.planted.n_val=32", "--task.planted.n_test=32", "--task.planted.finetune_examples=32",
+                   "--task.n_train=16", "--task.n_val=8", "--task.n_test=8", "--checkpoint.every=1000"]
+
+
+def load_plan(path: str | Path) -> dict[str, Any]:
+    """Read and check a study plan: ``{experiments: [{name, config, seeds, variants: {name: [overrides]}}]}``."""
+    path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"study plan {path} does not exist")
+    plan = yaml.safe_load(path.read_text()) or {}
+    exps = plan.get("experiments")
+    if not isinstance(exps, list) or not exps:
+        raise ConfigError(f"{path}: 'experiments' must be a non-empty list")
+    for i, e in enumerate(exps):
+        unknown = set(e) - {"name", "config", "seeds", "variants", "overrides"}
+        if unknown or "name" not in e:
+            raise ConfigError(f"{path}: experiment {i} has unknown keys {sorted(unknown)} or no 'name'; "
+                              "allowed: name, config, seeds, variants, overrides")
+        e.setdefault("seeds", [0, 1, 2])
+        e.setdefault("variants", {"default": []})
+        e.setdefault("overrides", [])
+        if e.get("config"):
+            cfg = (path.parent / e["config"]) if not Path(e["config"]).is_absolute() else Path(e["config"])
+            if not cfg.exists():
+                cfg = Path(e["config"])
+            e["config"] = str(cfg)
+    return plan
+
+
+def run_plan(plan_path: str | Path, out: str | Path, smoke: bool = False, only: str | None = None) -> dict[str, Any]:
+    """Run every missing run of the plan (resumable), then aggregate; returns the aggregate."""
+    from flexora_jax.config import load_config
+    from flexora_jax.pipeline import run
+
+    plan = load_plan(plan_path)
+    out = Path(out).resolve()
+    for e in plan["experiments"]:
+        if only and e["name"] != only:
+            continue
+        seeds = e["seeds"][:1] if smoke else e["seeds"]
+        for variant, overrides in e["variants"].items():
+            for seed in seeds:
+                run_dir = out / e["name"] / variant / f"seed{seed}"
+                if (run_dir / "compare.json").exists():
+                    continue
+                extra = list(e["overrides"]) + list(overrides or []) + [f"--seed={seed}", f"--output_dir={run_dir}"]
+                if smoke:
+                    extra += SMOKE_OVERRIDES
+                config = load_config(e.get("config"), extra)
+                t0 = time.perf_counter()
+                run(config, resume=run_dir.exists())
+                print(f"[study] {e['name']}/{variant}/seed{seed}: {time.perf_counter() - t0:.1f} s", flush=True)
+    result = aggregate(out)
+    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
+    (out / "results.md").write_text(render_markdown(result))
+    return result
+
+
+def _mean_std(xs: list[float]) -> dict[str, float]:
+    a = np.asarray([x for x in xs if x is not None], dtype=np.float64)
+    if a.size == 0:
+        return {"mean": float("nan"), "std": float("nan"), "n": 0}
+    return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0, "n": int(a.size)}
+
+
+def _read(path: Path) -> Any:
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def aggregate(out: str | Path) -> dict[str, Any]:
+    """``{experiment: {variant: {method: {metric: {mean, std, n}}}}}`` from finished run directories."""
+    out = Path(out)
+    result: dict[str, Any] = {}
+    for compare in sorted(out.glob("*/*/seed*/compare.json")):
+        run_dir = compare.parent
+        exp, variant = run_dir.parent.parent.name, run_dir.parent.name
+        scores = _read(compare)
+        planted = _read(run_dir / "planted.json")
+        timings = _read(run_dir / "timings.json") or {}
+        slot = result.setdefault(exp, {}).setdefault(variant, {})
+        for method, tasks in scores.items():
+            task_scores = next(iter(tasks.values()))
+            rec = slot.setdefault(method, {})
+            for key in ("test_loss", "acc", "acc_norm"):
+                if key in task_scores:
+                    rec.setdefault(key, []).append(task_scores[key])
+            if "teacher_test_loss" in task_scores:
+                rec.setdefault("floor", []).append(task_scores["teacher_test_loss"])
+            sel = _read(run_dir / "methods" / method / "selection.json")
+            if sel is not None:
+                rec.setdefault("trainable_params", []).append(sel.get("trainable_params"))
+                rec.setdefault("num_layers", []).append(len(sel.get("layers", [])))
+                if planted is not None:
+                    chosen, truth = set(sel["layers"]), set(planted["layers"])
+                    rec.setdefault("precision", []).append(len(chosen & truth) / max(len(chosen), 1))
+                    rec.setdefault("recall", []).append(len(chosen & truth) / max(len(truth), 1))
+            wall = timings.get(f"finetune_{method}")
+            if wall is not None:
+                rec.setdefault("finetune_s", []).append(wall)
+        for key, value in timings.items():
+            if key.startswith("search_"):
+                slot.setdefault("_" + key, {}).setdefault("search_s", []).append(value)
+    return {exp: {var: {m: {k: _mean_std(v) for k, v in rec.items()} for m, rec in methods.items()}
+                  for var, methods in variants.items()} for exp, variants in result.items()}
+
+
+def render_markdown(result: dict[str, Any]) -> str:
+    """One table per experiment: rows (variant, method), mean +- std over seeds."""
+    cols = ["test_loss", "acc", "precision", "recall", "num_layers", "trainable_params", "finetune_s"]
+    lines = []
+    for exp, variants in result.items():
+        lines += [f"### {exp}", "", "| variant | method | " + " | ".join(cols) + " | seeds |",
+                  "|---" * (len(cols) + 3) + "|"]
+        for var, methods in variants.items():
+            for method, rec in methods.items():
+                if method.startswith("_"):
+                    continue
+                cells = []
+                for c in cols:
+                    m = rec.get(c)
+                    if m is None or m["n"] == 0:
+                        cells.append("")
+                    elif c in ("trainable_params", "num_layers"):
+                        cells.append(f"{m['mean']:.0f}")
+                    else:
+                        cells.append(f"{m['mean']:.3f} ± {m['std']:.3f}")
+                n = max((v["n"] for v in rec.values()), default=0)
+                lines.append(f"| {var} | {method} | " + " | ".join(cells) + f" | {n} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m flexora_jax.study", description=__doc__.split("\n\n")[0])
+    parser.add_argument("plan", help="study plan YAML (configs/study/*.yaml)")
+    parser.add_argument("--out", required=True, help="results directory (one run directory per run)")
+    parser.add_argument("--smoke", action="store_true", help="one seed, tiny sizes: checks the plan runs")
+    parser.add_argument("--only", default=None, help="run only this experiment")
+    args = parser.parse_args(argv)
+    try:
+        result = run_plan(args.plan, args.out, smoke=args.smoke, only=args.only)
+    except FlexoraError as exc:
+        print(f"flexora_jax.study: {exc}", file=sys.stderr)
+        return 2
+    print(render_markdown(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
