@@ -13,7 +13,9 @@ multi-host writes, so every process calls :meth:`StageCheckpointer.save`.
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +23,37 @@ import jax
 import numpy as np
 
 from flexora_jax.errors import CheckpointError
+
+log = logging.getLogger("flexora_jax")
+
+#: Test hook: seconds to pause inside every checkpoint save, after the files are written into orbax's
+#: temporary directory and before it is renamed into place (so a test can kill a run mid-save).
+SAVE_DELAY_ENV = "FLEXORA_TEST_SAVE_DELAY"
+
+
+class CheckpointWarning(UserWarning):
+    """A checkpoint was unusable and an earlier one was used instead."""
+
+
+def _install_test_save_delay() -> None:
+    delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
+    if delay <= 0:
+        return
+    import asyncio
+
+    from orbax.checkpoint._src.path import atomicity
+
+    cls = atomicity.AtomicRenameTemporaryPath
+    if getattr(cls.finalize, "_flexora_delayed", False):
+        return
+    original = cls.finalize
+
+    async def finalize(self, *args, **kwargs):
+        await asyncio.sleep(delay)
+        return await original(self, *args, **kwargs)
+
+    finalize._flexora_delayed = True  # type: ignore[attr-defined]
+    cls.finalize = finalize
 
 
 def _is_key(x: Any) -> bool:
@@ -50,6 +83,7 @@ class StageCheckpointer:
     def __init__(self, directory: str | os.PathLike, every: int = 10, keep: int = 2) -> None:
         import orbax.checkpoint as ocp
 
+        _install_test_save_delay()
         self.directory = Path(directory).absolute()
         self.every = every
         self._ocp = ocp
@@ -74,11 +108,48 @@ class StageCheckpointer:
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
 
+    def all_steps(self) -> list[int]:
+        return sorted(int(s) for s in self._manager.all_steps())
+
     def restore(self, template: Any, step: int | None = None) -> tuple[Any, dict[str, Any]] | None:
-        """``(state, meta)`` of the latest (or given) checkpoint, shaped like ``template``; None if none."""
-        step = self._manager.latest_step() if step is None else step
-        if step is None:
+        """``(state, meta)`` of the latest (or given) checkpoint, shaped like ``template``; None if none.
+
+        Without ``step``, a latest checkpoint that cannot be read (truncated, corrupt or mis-shaped
+        files) is skipped with a warning and the previous one is restored instead; only when every
+        checkpoint fails is :class:`CheckpointError` raised (naming each step and its problem).
+        """
+        if step is not None:
+            return self._restore_step(template, step)
+        steps = self.all_steps()
+        if not steps:
             return None
+        failures = []
+        for candidate in reversed(steps):
+            try:
+                restored = self._restore_step(template, candidate)
+            except CheckpointError as exc:
+                failures.append(str(exc))
+                log.warning("checkpoint step %d in %s is unusable, falling back to the previous one: %s",
+                            candidate, self.directory, exc)
+                warnings.warn(f"checkpoint step {candidate} in {self.directory} is corrupt or unreadable; "
+                              "falling back to the previous checkpoint", CheckpointWarning, stacklevel=2)
+                continue
+            if failures:
+                self._discard_after(candidate)
+            return restored
+        raise CheckpointError(f"no usable checkpoint in {self.directory}: " + " | ".join(failures)
+                              + "; delete that directory to restart this stage from its beginning")
+
+    def _discard_after(self, step: int) -> None:
+        """Remove the unusable checkpoints after ``step`` so the resumed stage can save those steps again."""
+        import shutil
+
+        for s in self.all_steps():
+            if s > step:
+                shutil.rmtree(self.directory / str(s), ignore_errors=True)
+        self._manager.reload()
+
+    def _restore_step(self, template: Any, step: int) -> tuple[Any, dict[str, Any]]:
         savable = to_savable(template)
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype) if hasattr(x, "dtype") else x,
                                 savable)
@@ -90,7 +161,14 @@ class StageCheckpointer:
             raise CheckpointError(f"could not restore checkpoint step {step} from {self.directory} "
                                   f"({type(exc).__name__}: {exc}); delete that step directory to fall back to "
                                   "an earlier one, or start the run afresh without --resume") from None
-        return from_savable(restored["state"], template), dict(restored["meta"])
+        state = from_savable(restored["state"], template)
+        bad = [f"{jax.tree_util.keystr(p)}: {np.shape(x)} vs {np.shape(t)}" for (p, x), t in
+               zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(template))
+               if np.shape(x) != np.shape(t)]
+        if bad:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} has mis-shaped arrays ({bad[:3]}); "
+                                  "expected the shapes of this run's config")
+        return state, dict(restored["meta"])
 
     def close(self) -> None:
         self._manager.close()

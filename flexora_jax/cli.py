@@ -41,7 +41,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str, status: int = EXIT_USER_ERROR) -> int:
-    print("\n".join(textwrap.wrap(f"flexora-jax: error: {message}", width=100)), file=sys.stderr)
+    # Paths and keys stay whole (no breaks at hyphens or inside long words): they are copied from here.
+    print("\n".join(textwrap.wrap(f"flexora-jax: error: {message}", width=100, break_on_hyphens=False,
+                                   break_long_words=False)), file=sys.stderr)
     return status
 
 

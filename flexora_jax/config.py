@@ -429,9 +429,11 @@ class ModelSourceConfig:
     llama2c: str | None = None  # a llama2.c checkpoint, converted into <output_dir>/model on first use
     tokenizer_model: str | None = None  # the SentencePiece .model that goes with ``llama2c``
     dtype: str = "float32"  # compute / base-weight dtype: float32 on CPU, bfloat16 on accelerators
+    allow_pickle: bool = False  # read a pickle-only (pytorch_model.bin) checkpoint: only for files you trust
 
     def __post_init__(self) -> None:
         _check(self.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        _check(isinstance(self.allow_pickle, bool), f"model.allow_pickle must be true or false, got {self.allow_pickle!r}")
         _check(not (self.path and self.llama2c),
                f"model.path ({self.path!r}) and model.llama2c ({self.llama2c!r}) are exclusive; set one")
         _check(self.llama2c is None or self.tokenizer_model is not None,
@@ -473,9 +475,10 @@ class TaskConfig:
     data_dir: str | None = None  # local data folder; None = $FLEXORA_DATA_DIR or ../shared/data
     split_seed: int = 0  # seed of the train / validation / test carve-up (kept fixed across runs)
     max_length: int = 256  # SFT sequence length (prompt truncated from the left)
-    n_train: int = 0  # use the first N training examples; 0 = all
+    n_train: int = 0  # search training examples (the first N of the train split); 0 = all
     n_val: int = 0  # search-validation examples; 0 = all
     n_test: int = 0  # test examples scored; 0 = all
+    n_finetune: int = 0  # fine-tune training examples (the first N of the train split); 0 = same as n_train
     planted: PlantedOptions = dataclasses.field(default_factory=PlantedOptions)
 
     def __post_init__(self) -> None:
@@ -483,7 +486,7 @@ class TaskConfig:
         _check(self.source in ("local", "hub"), f"task.source must be 'local' or 'hub', got {self.source!r}")
         _check(isinstance(self.max_length, int) and self.max_length >= 8,
                f"task.max_length must be an integer >= 8, got {self.max_length!r}")
-        for name in ("n_train", "n_val", "n_test"):
+        for name in ("n_train", "n_val", "n_test", "n_finetune"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v >= 0, f"task.{name} must be an integer >= 0 (0 = all), got {v!r}")
 

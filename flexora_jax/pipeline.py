@@ -36,7 +36,7 @@ import numpy as np
 from flexora_jax.config import (METHOD_GATES, PLANTED_TASK, LoraConfig, ModelConfig, RunConfig, config_to_dict,
                                 load_config, save_config)
 from flexora_jax.data import Dataset
-from flexora_jax.errors import ConfigError, DataError, FlexoraError, NumericsError
+from flexora_jax.errors import CheckpointError, ConfigError, DataError, FlexoraError, NumericsError
 from flexora_jax.selection import Selection
 
 log = logging.getLogger("flexora_jax")
@@ -113,17 +113,24 @@ class RunLog:
 
     def truncate(self, stage: str, step: int) -> None:
         """Drop ``stage`` records after ``step`` (a resumed stage re-logs them) and any cut line."""
+        self.last_step[stage] = int(step)
         if not self.path.exists():
             return
-        keep = [r for r in self.records() if not (r.get("stage") == stage and int(r.get("step", 0)) > step)]
+        keep = [r for r in self.records()  # events (a NaN stop, an interrupt) stay as history
+                if "event" in r or not (r.get("stage") == stage and int(r.get("step", 0)) > step)]
         write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
 
 
-def _progress(total: int, initial: int, desc: str):
+def progress_enabled() -> bool:
+    """Progress bars on process 0 unless ``FLEXORA_PROGRESS=0`` (``--quiet``)."""
+    return is_main_process() and os.environ.get("FLEXORA_PROGRESS", "1") != "0"
+
+
+def _progress(total: int, initial: int, desc: str, unit: str = "step"):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc=desc, unit="step", file=sys.stderr, dynamic_ncols=True,
-                leave=False, disable=not is_main_process() or os.environ.get("FLEXORA_PROGRESS", "1") == "0")
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
+                leave=False, disable=not progress_enabled())
 
 
 # ------------------------------------------------------------------------------------------ signals
@@ -168,6 +175,8 @@ class TaskData:
     finetune: Dataset
     test: Dataset
     test_records: list | None = None  # multiple-choice records of a real task (for accuracy)
+    hf: Any = None  # the same splits as a ``datasets.DatasetDict`` (train, validation, finetune, test)
+    info: dict[str, Any] | None = None  # sizes and split provenance, written to data.json
 
 
 @dataclasses.dataclass
@@ -202,7 +211,26 @@ def _hard_targets(data: Dataset, n: int, seed: int) -> Dataset:
             "loss_mask": data["loss_mask"][:n], "labels": labels}
 
 
+def to_hf_dataset(data: Dataset) -> Any:
+    """A dict of equal-length numpy arrays as a ``datasets.Dataset`` (one row per sequence)."""
+    import datasets
+
+    return datasets.Dataset.from_dict({k: np.asarray(v) for k, v in data.items()})
+
+
+def from_hf_dataset(ds: Any, like: Dataset | None = None) -> Dataset:
+    """A ``datasets.Dataset`` of fixed-shape columns back to numpy arrays (dtypes of ``like`` if given)."""
+    arrays = ds.with_format("numpy")[:]
+    out = {k: np.asarray(v) for k, v in arrays.items()}
+    if like is not None:
+        out = {k: v.astype(like[k].dtype, copy=False) for k, v in out.items()}
+    return out
+
+
 def _prepare_planted(config: RunConfig) -> tuple[Any, TaskData]:
+    """The embedded default's teacher and its data, generated as a ``datasets.DatasetDict``."""
+    import datasets
+
     from flexora_jax.planted import PlantedConfig, make_planted_task
 
     po = config.task.planted
@@ -214,7 +242,11 @@ def _prepare_planted(config: RunConfig) -> tuple[Any, TaskData]:
         finetune = _hard_targets(task.train, n, config.seed)
     else:
         finetune = {k: v[:n] for k, v in task.train.items()}
-    return task, TaskData(train=task.train, val=task.val, finetune=finetune, test=task.test)
+    raw = {"train": task.train, "validation": task.val, "finetune": finetune, "test": task.test}
+    hf = datasets.DatasetDict({name: to_hf_dataset(d) for name, d in raw.items()})
+    arrays = {name: from_hf_dataset(hf[name], like=raw[name]) for name in raw}
+    return task, TaskData(train=arrays["train"], val=arrays["validation"], finetune=arrays["finetune"],
+                          test=arrays["test"], hf=hf)
 
 
 def _pad_sft(ds: Any, what: str) -> Dataset:
@@ -253,25 +285,79 @@ def _resolve_model(config: RunConfig, run_dir: Path) -> str:
 
 
 def _prepare_task(config: RunConfig, run_dir: Path) -> tuple[ModelConfig, Any, Any, str, TaskData]:
-    """A real multiple-choice task: model + tokenizer, SFT token data for search / fine-tune, test records."""
+    """A real multiple-choice task: model + tokenizer, SFT token data for search / fine-tune, test records.
+
+    The search trains on the first ``task.n_train`` training examples and the fine-tune on the first
+    ``task.n_finetune`` (default: the same ones); ``task.n_val`` search-validation examples tune the
+    gates; ``task.n_test`` (or ``eval.limit``) held-out examples are scored.
+    """
+    import datasets
+
     from flexora_jax import tasks
     from flexora_jax.models.loading import load_model, load_tokenizer
     from flexora_jax.tasks.sft import sft_dataset
 
     tc = config.task
     source = _resolve_model(config, run_dir)
-    model_config, params = load_model(source, dtype=config.model.dtype)
+    model_config, params = load_model(source, dtype=config.model.dtype, allow_pickle=config.model.allow_pickle)
     tokenizer = load_tokenizer(source)
+    _check_tokenizer(tokenizer, model_config, source)
     kwargs = dict(source=tc.source, data_dir=tc.data_dir, seed=tc.split_seed)
-    splits = {role: tasks.load_records(tc.name, role, **kwargs) for role in ("train", "validation", "test")}
+    try:
+        splits = {role: tasks.load_split(tc.name, role, **kwargs) for role in ("train", "validation", "test")}
+        records = {role: split.records() for role, split in splits.items()}
+    except UnicodeDecodeError as exc:
+        raise DataError(f"task {tc.name}: a data file under {tc.data_dir or 'the data folder'} is not UTF-8 text "
+                        f"({exc.reason} at byte {exc.start}); expected UTF-8 encoded files") from None
     limits = {"train": tc.n_train, "validation": tc.n_val, "test": tc.n_test or config.eval.limit}
-    splits = {role: recs[:limits[role]] if limits[role] else recs for role, recs in splits.items()}
+    n_ft = tc.n_finetune or tc.n_train
+    finetune_records = records["train"][:n_ft] if n_ft else records["train"]
+    records = {role: recs[:limits[role]] if limits[role] else recs for role, recs in records.items()}
     max_length = min(tc.max_length, model_config.max_position_embeddings)
-    train = _pad_sft(sft_dataset(splits["train"], tokenizer, max_length), f"{tc.name} train")
-    val = _pad_sft(sft_dataset(splits["validation"], tokenizer, max_length), f"{tc.name} validation")
-    test = _pad_sft(sft_dataset(splits["test"], tokenizer, max_length), f"{tc.name} test")
-    data = TaskData(train=train, val=val, finetune=train, test=test, test_records=splits["test"])
+    # SFT examples whose gold answer alone does not fit max_length are dropped (counted in data.json);
+    # the test records are still all scored for accuracy (lm-eval cuts long contexts from the left).
+    sft_records = {"train": records["train"], "validation": records["validation"], "finetune": finetune_records,
+                   "test": records["test"]}
+    dropped = {}
+    for name, recs in sft_records.items():
+        sft_records[name] = _fitting(recs, tokenizer, max_length)
+        dropped[name] = len(recs) - len(sft_records[name])
+        if not sft_records[name]:
+            raise DataError(f"task {tc.name}: every {name} example's answer is longer than task.max_length "
+                            f"{max_length} tokens; expected a larger task.max_length (the model allows up to "
+                            f"{model_config.max_position_embeddings})")
+    hf = datasets.DatasetDict({name: sft_dataset(recs, tokenizer, max_length) for name, recs in sft_records.items()})
+    arrays = {name: _pad_sft(ds, f"task {tc.name} {name} split") for name, ds in hf.items()}
+    sizes = {"search_train": len(records["train"]), "search_validation": len(records["validation"]),
+             "finetune_train": len(finetune_records), "test": len(records["test"])}
+    truncated = {name: int(sum(ds["truncated"])) for name, ds in hf.items()}
+    info = {"task": tc.name, "sizes": sizes, "truncated": truncated, "dropped_too_long": dropped,
+            "max_length": max_length,
+            "splits": tasks.split_report(list(splits.values()))}
+    data = TaskData(train=arrays["train"], val=arrays["validation"], finetune=arrays["finetune"],
+                    test=arrays["test"], test_records=records["test"], hf=hf, info=info)
     return model_config, params, tokenizer, source, data
+
+
+def _fitting(records: list, tokenizer: Any, max_length: int) -> list:
+    """The records whose gold answer leaves room for at least one prompt token within ``max_length``."""
+    from flexora_jax.tasks.sft import encode_pair
+
+    out = []
+    for rec in records:
+        prompt, answer = rec.sft_pair()
+        if len(encode_pair(tokenizer, prompt, answer)[1]) < max_length:
+            out.append(rec)
+    return out
+
+
+def _check_tokenizer(tokenizer: Any, model_config: ModelConfig, source: str) -> None:
+    """A tokenizer whose ids exceed the model's embedding table would index out of range silently."""
+    n = len(tokenizer)
+    if n > model_config.vocab_size:
+        raise CheckpointError(f"{source}: the tokenizer has {n} tokens but the model's vocab_size is "
+                              f"{model_config.vocab_size}; expected a tokenizer of at most {model_config.vocab_size} "
+                              "tokens (the tokenizer does not belong to this model)")
 
 
 def prepare(config: RunConfig, resume: bool = False, stage: str = "run") -> Workspace:
@@ -280,6 +366,8 @@ def prepare(config: RunConfig, resume: bool = False, stage: str = "run") -> Work
     A fresh ``run`` refuses a directory that already holds a run (pass ``resume=True`` to continue it);
     a resumed run or a single stage must use the config the directory was created with.
     """
+    if config.task.name == PLANTED_TASK:  # config errors first, before the run directory is looked at
+        _validate_for_layers(config, config.task.planted.num_layers, "the planted model")
     run_dir = Path(config.output_dir).absolute()
     saved = run_dir / CONFIG_FILE
     if saved.exists():
@@ -291,20 +379,36 @@ def prepare(config: RunConfig, resume: bool = False, stage: str = "run") -> Work
         if diff:
             raise ConfigError(f"the config differs from the one {run_dir} was run with ({saved}): "
                               f"{'; '.join(diff)}; use the same settings, or another --output-dir")
+    elif resume:
+        raise ConfigError(f"--resume: {run_dir} holds no run to continue (no {CONFIG_FILE}); drop --resume to "
+                          "start a fresh run there, or pass the --output-dir of an existing run")
     elif stage != "run" and stage != "search":
         raise ConfigError(f"{run_dir} has no {CONFIG_FILE}: the '{stage}' stage continues a run; "
                           "run `flexora-jax run` (or `search`) first")
     if is_main_process():
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, saved)
+    if not progress_enabled():
+        import datasets
+
+        datasets.disable_progress_bars()
     t0 = time.perf_counter()
     tokenizer = planted = source = None
     if config.task.name == PLANTED_TASK:
         planted, data = _prepare_planted(config)
         model_config, params = planted.config, planted.params
         write_json(run_dir / "planted.json", planted.planted_json())
+        po = config.task.planted
+        data.info = {"task": PLANTED_TASK, "sizes": {"search_train": po.n_train, "search_validation": po.n_val,
+                                                     "finetune_train": len(data.finetune["input_ids"]),
+                                                     "test": po.n_test}}
     else:
         model_config, params, tokenizer, source, data = _prepare_task(config, run_dir)
+    # The config is written once the model and data are known good: a run that fails on bad input
+    # leaves no config.yaml behind, so the corrected command is a fresh run again (not a --resume).
+    if is_main_process():
+        save_config(config, saved)
+    write_json(run_dir / "data.json", data.info)
+    _validate_for_layers(config, model_config.num_hidden_layers, f"the model {source}")
     ws = Workspace(config=config, run_dir=run_dir, model_config=model_config, params=params, data=data,
                    log=RunLog(run_dir), resume=resume, tokenizer=tokenizer, planted=planted, model_source=source)
     ws.timings["prepare"] = time.perf_counter() - t0
@@ -312,6 +416,22 @@ def prepare(config: RunConfig, resume: bool = False, stage: str = "run") -> Work
              ws.num_layers, len(data.train["input_ids"]), len(data.val["input_ids"]),
              len(data.test["input_ids"]), ws.timings["prepare"])
     return ws
+
+
+def _validate_for_layers(config: RunConfig, num_layers: int, what: str) -> None:
+    """Layer indices and counts of the run config against the model's depth (before any work is done)."""
+    lt = config.lora.layers_to_transform
+    if lt is not None:
+        bad = [i for i in lt if i >= num_layers]
+        if bad:
+            raise ConfigError(f"lora.layers_to_transform: layer index(es) {bad} out of range; {what} has "
+                              f"{num_layers} layers (expected indices 0..{num_layers - 1})")
+    if config.baseline_k > num_layers:
+        raise ConfigError(f"baseline_k {config.baseline_k} exceeds the {num_layers} layers of {what}; "
+                          f"expected 0..{num_layers}")
+    if config.search.selection == "topk" and config.search.top_k > num_layers:
+        raise ConfigError(f"search.top_k {config.search.top_k} exceeds the {num_layers} layers of {what}; "
+                          f"expected 1..{num_layers}")
 
 
 def _config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -341,6 +461,8 @@ def _stage_loop_hooks(ws: Workspace, stage: str, total: int, start: int, ckpt: A
         state = to_state(record)
         if ckpt.due(step) or step == total or _STOP.signum is not None:
             ckpt.save(step, state, meta_of(record), force=True)
+        if os.environ.get(NAN_HOOK_ENV) == f"{stage}:{step}":
+            _poison_data(ws.data)
         if _STOP.signum is not None:
             bar.close()
             raise Interrupted(f"interrupted by signal {_STOP.signum} at {stage} step {step}/{total}; a checkpoint "
@@ -348,6 +470,18 @@ def _stage_loop_hooks(ws: Workspace, stage: str, total: int, start: int, ckpt: A
                               f"--output-dir {ws.run_dir}`", _STOP.signum)
 
     return callback, bar
+
+
+#: Test hook: ``<stage>:<step>`` turns every float array of the run's data into NaN after that step, so
+#: the next step meets a real NaN loss (the NaN path is tested end to end without a divergent config).
+NAN_HOOK_ENV = "FLEXORA_TEST_NAN_AFTER"
+
+
+def _poison_data(data: TaskData) -> None:
+    for split in (data.train, data.val, data.finetune):
+        for arr in split.values():
+            if np.issubdtype(arr.dtype, np.floating):
+                arr[...] = np.nan
 
 
 def _record_nonfinite(ws: Workspace, stage: str, exc: NumericsError) -> None:
@@ -536,7 +670,10 @@ def evaluate_stage(ws: Workspace, loras: dict[str, Any]) -> dict[str, dict[str, 
     t0 = time.perf_counter()
     candidates: dict[str, Any] = ({"base": None} if cfg.eval.base else {}) | dict(loras)
     results: dict[str, dict[str, Any]] = {}
+    bar = _progress(len(candidates), 0, "evaluate", unit="model") if ws.planted is not None else None
     for name, lora in candidates.items():
+        if bar is not None:
+            bar.set_postfix_str(name, refresh=False)
         if ws.planted is not None:
             test = ws.data.test
             n = len(test["input_ids"]) if not cfg.eval.limit else min(cfg.eval.limit, len(test["input_ids"]))
@@ -548,10 +685,14 @@ def evaluate_stage(ws: Workspace, loras: dict[str, Any]) -> dict[str, dict[str, 
             from flexora_jax.evaluation import evaluate
 
             res = evaluate(ws.model_config, ws.params, ws.tokenizer, {cfg.task.name: ws.data.test_records},
-                           lora=lora, batch_size=cfg.eval.batch_size, progress=is_main_process())
+                           lora=lora, batch_size=cfg.eval.batch_size, progress=progress_enabled())
             test_loss = dataset_loss(ws.model_config, ws.params, lora, ws.data.test, batch_size=cfg.eval.batch_size)
             results[name] = {t: dict(v, test_loss=test_loss) for t, v in res.items()}
         log.info("evaluate %s: %s", name, _score_line(results[name]))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     ws.timings["evaluate"] = time.perf_counter() - t0
     write_json(ws.run_dir / "compare.json", results)
     write_json(ws.run_dir / "eval.json", results[cfg.method])
@@ -612,16 +753,17 @@ class RunResult:
 
     def summary(self) -> str:
         lines = []
+        w = max([17] + [len(m) + 9 for m in self.selections])
         if self.planted is not None:
-            lines.append(f"planted layers:  {self.planted['layers']}")
+            lines.append(f"{'planted layers:':<{w}}{self.planted['layers']}")
         for m, sel in self.selections.items():
-            lines.append(f"{m + ' layers:':<17}{list(sel.layers)}")
+            lines.append(f"{m + ' layers:':<{w}}{list(sel.layers)}")
         for m, scores in self.scores.items():
-            lines.append(f"{m + ':':<17}{_score_line(scores)}")
+            lines.append(f"{m + ':':<{w}}{_score_line(scores)}")
         if self.planted is not None:
             first = next(iter(self.scores.values()))
-            lines.append(f"{'teacher floor:':<17}{first[PLANTED_TASK]['teacher_test_loss']:.4f}")
-        lines.append(f"run directory:   {self.run_dir} ({sum(self.timings.values()):.0f} s)")
+            lines.append(f"{'teacher floor:':<{w}}{first[PLANTED_TASK]['teacher_test_loss']:.4f}")
+        lines.append(f"{'run directory:':<{w}}{self.run_dir} ({sum(self.timings.values()):.0f} s)")
         return "\n".join(lines)
 
 

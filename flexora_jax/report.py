@@ -85,7 +85,21 @@ def render(run_dir: Path, config: dict[str, Any], timings: dict[str, float] | No
               f"inner lr {s['inner_lr']}, gate lr {s['outer_lr']}, selection rule `{s['selection']}`",
               f"- fine-tune: {config['finetune']['optimizer']} lr {config['finetune']['lr']}, batch "
               f"{config['finetune']['batch_size']}, epochs {config['finetune']['epochs']}, max steps "
-              f"{config['finetune']['max_steps']}", ""]
+              f"{config['finetune']['max_steps']}"]
+    data = _read(run_dir / "data.json") or {}
+    if data.get("sizes"):
+        z = data["sizes"]
+        lines.append(f"- data: search {z.get('search_train')} train / {z.get('search_validation')} validation, "
+                     f"fine-tune {z.get('finetune_train')} train, test {z.get('test')}"
+                     + (f" (max length {data['max_length']}; cut from the left: {data['truncated']})"
+                        if any((data.get("truncated") or {}).values()) else "")
+                     + (f"; dropped from SFT (answer longer than max length): {data['dropped_too_long']}"
+                        if any((data.get("dropped_too_long") or {}).values()) else ""))
+        for sp in data.get("splits") or []:
+            how = (f"re-split of `{sp.get('source_split')}` with seed {sp.get('seed')}" if sp.get("resplit")
+                   else f"official split `{sp.get('source_split')}`")
+            lines.append(f"  - {sp.get('role')} pool: {sp.get('n')} examples ({how}); the first N are used")
+    lines.append("")
     lines += ["## Selection", "", "| method | layers | ranks | trainable params |", "|---|---|---|---|"]
     if planted is not None:
         lines.append(f"| *planted (truth)* | {planted['layers']} | {planted['ranks']} | |")
@@ -107,6 +121,10 @@ def render(run_dir: Path, config: dict[str, Any], timings: dict[str, float] | No
         for m, sc in scores.items():
             lines.append(f"| {m} | " + " | ".join(_fmt(sc.get(t, {}).get(k, "")) for t in tasks
                                                   for k in metric_keys) + " |")
+        if planted is None and "test_loss" in metric_keys:
+            lines += ["", "`test_loss` is the held-out answer loss per token (nats; gold answer given the "
+                          "prompt, as in fine-tuning). `acc` / `acc_norm` follow lm-evaluation-harness "
+                          "log-likelihood scoring. Lower loss / higher accuracy is better."]
         if planted is not None:
             floor = next(iter(scores.values()))[task]["teacher_test_loss"]
             lines += ["", f"Test loss is the cross-entropy against the teacher's next-token distributions; the "

@@ -109,3 +109,35 @@ def test_baseline_selections():
     assert pipeline.method_selection(ws, "random_k", searches).layers == rk.layers  # seeded
     assert pipeline.needed_searches(RunConfig(method="lora", compare=("lora_drop",), baseline_k=3)) == []
     assert pipeline.needed_searches(RunConfig(method="flexora+autolora", compare=("autolora",))) == ["both", "rank"]
+
+
+TINY_TASK = ["--task.n_train=16", "--task.n_finetune=24", "--task.n_val=8", "--task.n_test=8", "--task.max_length=64",
+             "--search.steps=2", "--finetune.max_steps=2", "--compare=[lora]", "--eval.base=false",
+             "--checkpoint.every=0"]
+
+
+@pytest.mark.parametrize("task", ["arc_easy"])
+def test_tinystories260k_config_on_a_local_task_end_to_end(tmp_path, data_dir, task, monkeypatch):
+    """A shipped tinystories260k config on the local release files: every file, finite acc and loss."""
+    from flexora_jax import cli
+
+    monkeypatch.setenv("FLEXORA_PROGRESS", "0")
+    monkeypatch.chdir(REPO)  # the config's model paths are relative to the repository root
+    out = tmp_path / "run"
+    assert cli.main(["run", "--quiet", "--config", f"configs/tinystories260k_{task}.yaml", "--output-dir", str(out),
+                     f"--task.data_dir={data_dir}", *TINY_TASK]) == 0
+    for name in ("config.yaml", "data.json", "gates.json", "selection.json", "adapter/adapter_model.safetensors",
+                 "adapter/adapter_config.json", "eval.json", "compare.json", "metrics.jsonl", "gates.png",
+                 "report.md", "model/config.json"):
+        assert (out / name).is_file(), name
+    sizes = json.loads((out / "data.json").read_text())["sizes"]
+    assert sizes == {"search_train": 16, "search_validation": 8, "finetune_train": 24, "test": 8}
+    scores = json.loads((out / "compare.json").read_text())
+    assert set(scores) == {"flexora", "lora"}
+    for m in scores.values():
+        s = m[task]
+        assert s["n"] == 8 and 0.0 <= s["acc"] <= 1.0 and 0.0 <= s["acc_norm"] <= 1.0
+        assert np.isfinite(s["test_loss"]) and s["test_loss"] > 0
+    assert json.loads((out / "eval.json").read_text()) == scores["flexora"]
+    report = (out / "report.md").read_text()
+    assert "| flexora |" in report and "| lora |" in report and "answer loss per token" in report

@@ -1,0 +1,150 @@
+"""Faults on a real run: SIGTERM saves and exits cleanly; a NaN stops at its step and keeps the last good
+checkpoint; SIGKILL at seeded random points (one in the middle of a checkpoint write) then --resume gives
+the same files as an uninterrupted run. One uninterrupted reference run is shared by the module."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flexora_jax import cli, pipeline
+from flexora_jax.checkpoint import SAVE_DELAY_ENV
+from flexora_jax.config import load_config
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--compare=[]", "--task.planted.num_layers=4", "--task.planted.num_planted=1", "--task.planted.n_train=64",
+        "--task.planted.n_val=32", "--task.planted.n_test=64", "--task.planted.finetune_examples=32",
+        "--search.steps=6", "--finetune.max_steps=12", "--checkpoint.every=2", "--eval.base=false"]
+COMPARED = ("gates.json", "selection.json", "eval.json")
+
+
+def _env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ, FLEXORA_PROGRESS="0", HF_HUB_OFFLINE="1",
+               JAX_COMPILATION_CACHE_DIR=str(REPO / ".jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+    env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it
+    env.update(extra)
+    return env
+
+
+def _launch(out: Path, **env: str) -> subprocess.Popen:
+    resume = ["--resume"] if (out / "config.yaml").exists() else []
+    return subprocess.Popen([sys.executable, "-m", "flexora_jax.cli", "run", "--quiet", "--output-dir", str(out),
+                             *TINY, *resume], env=_env(**env), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
+
+
+def _reached(metrics: Path, stage: str, step: int) -> bool:
+    if not metrics.exists():
+        return False
+    for line in metrics.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("stage") == stage and rec.get("step", 0) >= step:
+            return True
+    return False
+
+
+def _saving(run: Path) -> bool:
+    ck = run / "checkpoints"
+    return ck.exists() and any("tmp" in p.name for stage in ck.iterdir() for p in stage.iterdir())
+
+
+def _signal_when(proc: subprocess.Popen, cond, sig: int, what: str, timeout: float = 240.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before {what}: {proc.stdout.read().decode()[-2000:]}")
+        if cond():
+            proc.send_signal(sig)
+            return
+        time.sleep(0.01)
+    proc.kill()
+    pytest.fail(f"never reached {what}")
+
+
+def _assert_same_as(run: Path, ref: Path) -> None:
+    from safetensors.numpy import load_file
+
+    for name in COMPARED:
+        assert json.loads((run / name).read_text()) == json.loads((ref / name).read_text()), name
+    a = load_file(ref / "adapter" / "adapter_model.safetensors")
+    b = load_file(run / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("reference") / "run"
+    os.environ["FLEXORA_PROGRESS"] = "0"
+    pipeline.run(load_config(overrides=[*TINY, f"--output_dir={out}"]))
+    return out
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes_identically(reference, tmp_path):
+    run = tmp_path / "run"
+    proc = _launch(run)
+    _signal_when(proc, lambda: _reached(run / "metrics.jsonl", "search_layer", 3), signal.SIGTERM, "search step 3")
+    out = proc.communicate(timeout=120)[0].decode()
+    assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
+    assert "Traceback" not in out and "interrupted by signal 15" in out and "--resume" in out
+    steps = [p.name for p in (run / "checkpoints" / "search_layer").iterdir() if p.name.isdigit()]
+    assert steps and not (run / "searches" / "layer" / "gates.json").exists()
+    done = _launch(run)
+    out = done.communicate(timeout=300)[0].decode()
+    assert done.returncode == 0, out[-3000:]
+    _assert_same_as(run, reference)
+
+
+def test_nan_stops_at_its_step_keeps_the_last_good_checkpoint(reference, tmp_path, monkeypatch, capsys):
+    run = tmp_path / "run"
+    monkeypatch.setenv("FLEXORA_PROGRESS", "0")
+    monkeypatch.setenv(pipeline.NAN_HOOK_ENV, "finetune_flexora:4")  # step 5 meets NaN data
+    assert cli.main(["run", "--quiet", "--output-dir", str(run), *TINY]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "Traceback" not in err and "fine-tune loss is nan at step 5" in err
+    events = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert {"stage": "finetune_flexora", "step": 5, "event": "non_finite"}.items() <= events[-1].items()
+    ck = run / "checkpoints" / "finetune_flexora"
+    assert max(int(p.name) for p in ck.iterdir() if p.name.isdigit()) == 4
+    assert not (run / "adapter").exists()
+    monkeypatch.delenv(pipeline.NAN_HOOK_ENV)
+    assert cli.main(["run", "--quiet", "--resume", "--output-dir", str(run), *TINY]) == 0  # from step 4
+    _assert_same_as(run, reference)
+    assert any(r.get("event") == "non_finite" for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()))
+
+
+def test_sigkill_at_random_points_and_mid_save_then_resume_is_identical(reference, tmp_path):
+    rng = random.Random(1234)
+    run = tmp_path / "run"
+    points = [("search_layer", rng.randint(1, 5)), ("finetune_flexora", rng.randint(1, 11))]
+    # 1. a random search step
+    proc = _launch(run)
+    _signal_when(proc, lambda: _reached(run / "metrics.jsonl", *points[0]), signal.SIGKILL, f"{points[0]}")
+    proc.wait()
+    # 2. in the middle of a checkpoint write (files in orbax's temporary directory, not yet renamed)
+    proc = _launch(run, **{SAVE_DELAY_ENV: "3"})
+    _signal_when(proc, lambda: _saving(run), signal.SIGKILL, "a checkpoint save")
+    proc.wait()
+    assert _saving(run)  # the half-written checkpoint is left behind
+    # 3. a random fine-tune step
+    proc = _launch(run)
+    _signal_when(proc, lambda: _reached(run / "metrics.jsonl", *points[1]), signal.SIGKILL, f"{points[1]}")
+    proc.wait()
+    done = _launch(run)
+    out = done.communicate(timeout=300)[0].decode()
+    assert done.returncode == 0, out[-3000:]
+    _assert_same_as(run, reference)
