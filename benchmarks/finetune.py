@@ -1,0 +1,137 @@
+"""Figure 1: LoRA fine-tune step throughput (tokens/s), flexora_jax vs transformers + peft (torch).
+
+Like with like: the same base weights (written by ``save_model`` and loaded by transformers), LoRA
+r = 8 / alpha 16 on q, v, fp32, the same batch and sequence length, and the same optimizer
+(global-norm clip 1.0, AdamW with weight decay 0, warm-up + cosine schedule); torch in train mode with
+``loss.backward`` + ``clip_grad_norm_`` + ``optimizer.step`` + ``scheduler.step`` + ``zero_grad`` and as
+many threads as there are cores. flexora_jax runs with the library's defaults (``ModelConfig`` and
+``FinetuneConfig`` defaults; the jitted ``make_train_step`` with the state donated). Both steps are
+timed round-robin in one process.
+
+    python -m benchmarks.finetune [--configs h256_l4 h768_l12] [--smoke]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import os
+from typing import Any
+
+import jax
+import numpy as np
+
+from benchmarks import common, harness
+from flexora_jax.config import FinetuneConfig, ModelConfig
+from flexora_jax.lora import init_lora
+from flexora_jax.models.llama import init_params
+from flexora_jax.train import init_train_state, make_optimizer, make_train_step
+
+#: name -> (model, batch, seq, timed repeats)
+CASES = {"h256_l4": ("h256_l4", 8, 128, 15), "h768_l12": ("h768_l12", 4, 128, 4)}
+SMOKE = {"tiny": ("tiny", 2, 16, 2)}
+STEPS = 1000  # schedule length (only the schedule's shape depends on it)
+
+
+def torch_step_fn(config: ModelConfig, params: Any, cfg: FinetuneConfig, batch: dict, threads: int):
+    """A closure running one torch + peft training step (same optimizer as ``make_optimizer``) on ``threads``."""
+    import torch
+
+    model = common.torch_model(config, params, common.LORA)
+    model.train()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
+    warmup = int(cfg.warmup_ratio * STEPS)
+
+    def lr_lambda(i: int) -> float:  # optax.warmup_cosine_decay_schedule(0, lr, warmup, STEPS)
+        if i < warmup:
+            return i / warmup
+        return 0.5 * (1 + math.cos(math.pi * min(i - warmup, STEPS - warmup) / (STEPS - warmup)))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
+    tb = common.to_torch(batch)
+    labels = tb["input_ids"].long().masked_fill(tb["loss_mask"] == 0, -100)
+    ids, mask = tb["input_ids"].long(), tb["attention_mask"].long()
+
+    def step() -> float:
+        torch.set_num_threads(threads)
+        out = model(input_ids=ids, attention_mask=mask, labels=labels)
+        out.loss.backward()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(trainable, cfg.grad_clip)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        return float(out.loss.detach())
+
+    return step
+
+
+def jax_step_fn(config: ModelConfig, params: Any, cfg: FinetuneConfig, batch: dict) -> tuple[Any, dict]:
+    """(closure running one flexora_jax step, compile stats)."""
+    lora = init_lora(config, common.LORA, jax.random.key(1))
+    state = init_train_state(lora, make_optimizer(cfg, STEPS))
+    compiled, stats = harness.compile_stats(make_train_step(config, cfg, STEPS), params, state, batch)
+    cell = {"state": state}
+
+    def step() -> float:
+        cell["state"], metrics = compiled(params, cell["state"], batch)
+        return float(common.block(metrics["loss"]))
+
+    return step, stats
+
+
+def measure(case: str, model: str, batch_size: int, seq: int, repeats: int,
+            model_overrides: dict | None = None) -> dict:
+    config = dataclasses.replace(common.MODELS[model], **(model_overrides or {}))
+    cfg = FinetuneConfig(batch_size=batch_size)
+    params = init_params(config, jax.random.key(0))
+    batch = common.random_batch(config, batch_size, seq)
+    jax_step, stats = jax_step_fn(config, params, cfg, batch)
+    cores = os.cpu_count() or 1
+    fns = {"flexora_jax": jax_step}
+    # torch at as many threads as cores, and at 1 thread: on a shared machine OpenMP's spinning
+    # barriers can make the all-core setting much slower; the reference is torch's faster setting.
+    for threads in sorted({cores, 1}, reverse=True):
+        fns[f"torch_peft_{threads}t"] = torch_step_fn(config, params, cfg, batch, threads)
+    first_loss = {name: fn() for name, fn in fns.items()}  # the first losses agree: same model, same batch
+    timings = harness.interleaved(fns, repeats, warmup=1)
+    tokens = batch_size * seq
+    for t in timings.values():
+        t["tokens_per_s"] = tokens / t["median_s"]
+    best = min((n for n in timings if n.startswith("torch")), key=lambda n: timings[n]["median_s"])
+    jt, tt = timings["flexora_jax"]["median_s"], timings[best]["median_s"]
+    return {"case": case, "model": common.describe(config), "batch": batch_size, "seq": seq,
+            "lora": common.LORA.to_dict(), "finetune": dataclasses.asdict(cfg), "first_loss": first_loss,
+            "flexora_jax": {**timings.pop("flexora_jax"), **stats}, "torch_variants": timings,
+            "torch_peft": dict(timings[best], variant=best), "speedup": tt / jt, "target_speedup": 1.25}
+
+
+def run(smoke: bool = False, configs: list[str] | None = None, out_dir: str | None = None,
+        command: str | None = None) -> dict:
+    """Measure every case; writes ``finetune.json`` (``finetune_smoke.json`` in smoke mode)."""
+    harness.set_threads()
+    cases = SMOKE if smoke else {k: v for k, v in CASES.items() if configs is None or k in configs}
+    rows = [measure(name, *spec) for name, spec in cases.items()]
+    payload = {"command": command or "python -m benchmarks.finetune" + (" --smoke" if smoke else ""),
+               "rows": rows}
+    harness.write_result("finetune_smoke" if smoke else "finetune", payload, out_dir)
+    return payload
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--configs", nargs="*", choices=sorted(CASES), default=None)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (what the tests run)")
+    p.add_argument("--out-dir", default=None)
+    a = p.parse_args(argv)
+    out = run(a.smoke, a.configs, a.out_dir, harness.command_line("benchmarks.finetune", argv))
+    for r in out["rows"]:
+        print(f"{r['case']}: flexora_jax {r['flexora_jax']['median_s'] * 1e3:.1f} ms, torch+peft "
+              f"{r['torch_peft']['median_s'] * 1e3:.1f} ms ({r['torch_peft']['variant']}), speedup {r['speedup']:.2f}x "
+              f"(compile {r['flexora_jax']['compile_s']:.1f} s)")
+
+
+if __name__ == "__main__":
+    main()

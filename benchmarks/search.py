@@ -1,0 +1,160 @@
+"""Figure 2: the cost of one search step against K plain LoRA steps, per hypergradient estimator.
+
+For K = 1, 2, 4, 8, 16, 32 inner steps: the time of one jitted search step (``make_search_step``:
+K inner steps + hypergradient + outer update) divided by the time of K plain LoRA training steps
+(``make_train_step`` with the same AdamW, no clipping, constant lr, called K times), both timed
+round-robin in one process; and XLA's compiled memory analysis of the search step with and without
+remat of the inner scan body. ``darts`` runs one inner step whatever K is, so it is measured at K = 1
+only. Also the first (cold) compile time of the search step of a 32-layer model (scan over layers).
+
+    python -m benchmarks.search [--smoke] [--ks 1 2 4] [--estimators unrolled first_order]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import common, harness
+from flexora_jax.bilevel import init_search_state, make_search_step
+from flexora_jax.config import FinetuneConfig, SearchConfig
+from flexora_jax.gates import init_gates
+from flexora_jax.lora import init_lora
+from flexora_jax.models.llama import init_params
+from flexora_jax.train import init_train_state, make_optimizer, make_train_step
+
+FULL = dict(model="h256_l4", batch=4, seq=64, ks=(1, 2, 4, 8, 16, 32), repeats=3,
+            estimators=("unrolled", "first_order", "forward", "darts"), deep_model="h256_l32", deep_k=4)
+# smoke: every estimator at K = 1, only ``unrolled`` (remat on/off, for the memory ratio) at K = 2
+SMOKE = dict(model="tiny", batch=2, seq=8, ks=(1, 2), repeats=1,
+             estimators=("unrolled", "first_order", "forward", "darts"), deep_model="tiny", deep_k=1,
+             later_estimators=("unrolled",))
+TARGET_TIME_RATIO = 3.0  # search step <= 3x the time of K plain steps
+TARGET_MEMORY_RATIO = 1.5  # with remat: memory at K = 32 <= 1.5x memory at K = 1
+
+
+def _fresh_lora(config):
+    return init_lora(config, common.LORA, jax.random.key(1))
+
+
+def search_variant(config, params, search: SearchConfig, batches, val) -> tuple[Any, dict]:
+    """(closure running one search step, compile stats) for ``search``."""
+    gates = init_gates("layer", config.num_hidden_layers)
+    state = init_search_state(_fresh_lora(config), gates, search)
+    compiled, stats = harness.compile_stats(make_search_step(config, search), params, state, batches, val)
+    cell = {"state": state}
+
+    def step():
+        cell["state"], metrics = compiled(params, cell["state"], batches, val)
+        return common.block(metrics["val_loss"])
+
+    return step, stats
+
+
+def plain_steps(config, params, k: int, batch) -> tuple[Any, dict]:
+    """(closure running K plain LoRA steps with the inner optimizer's settings, compile stats)."""
+    cfg = FinetuneConfig(batch_size=batch["input_ids"].shape[0], lr=SearchConfig().inner_lr,
+                         schedule="constant", grad_clip=0.0, optimizer="adamw")
+    state = init_train_state(_fresh_lora(config), make_optimizer(cfg, 1))
+    compiled, stats = harness.compile_stats(make_train_step(config, cfg, 1), params, state, batch)
+    cell = {"state": state}
+
+    def steps():
+        for _ in range(k):
+            cell["state"], metrics = compiled(params, cell["state"], batch)
+        return common.block(metrics["loss"])
+
+    return steps, stats
+
+
+def measure_k(config, params, k: int, estimators, batch: int, seq: int, repeats: int) -> dict:
+    batches = common.random_batch(config, batch, seq, seed=1, k=k)
+    val = common.random_batch(config, batch, seq, seed=2)
+    one = jax.tree.map(lambda x: x[0], batches)
+    fns, compile_info = {}, {}
+    fns["plain"], compile_info["plain"] = plain_steps(config, params, k, one)
+    for est in estimators:
+        if est == "darts" and k != 1:
+            continue
+        for remat in ((True, False) if est == "unrolled" else (True,)):
+            name = f"{est}{'' if remat else '_noremat'}"
+            search = SearchConfig(hypergradient=est, inner_steps=k, batch_size=batch, val_batch_size=batch,
+                                  remat=remat)
+            fns[name], compile_info[name] = search_variant(config, params, search, batches, val)
+    timings = harness.interleaved(fns, repeats, warmup=1)
+    plain = timings["plain"]["median_s"]
+    rows = {name: {**t, **compile_info[name], "ratio_to_plain": t["median_s"] / plain}
+            for name, t in timings.items()}
+    return {"k": k, "plain_step_s": plain / k, "variants": rows}
+
+
+def deep_compile(model: str, k: int, batch: int, seq: int) -> dict:
+    """First compile of the unrolled search step of a deep model, from abstract shapes (nothing runs)."""
+    config = common.MODELS[model]
+    search = SearchConfig(hypergradient="unrolled", inner_steps=k, batch_size=batch, val_batch_size=batch)
+    params = jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+    state = jax.eval_shape(lambda: init_search_state(_fresh_lora(config), init_gates("layer", config.num_hidden_layers),
+                                                     search))
+    batches = jax.eval_shape(lambda: common.random_batch(config, batch, seq, k=k))
+    val = jax.eval_shape(lambda: common.random_batch(config, batch, seq))
+    make_search_step.cache_clear()
+    t0 = time.perf_counter()
+    _, stats = harness.compile_stats(make_search_step(config, search), params, state, batches, val)
+    return {"model": common.describe(config), "k": k, "batch": batch, "seq": seq, "search": dataclasses.asdict(search),
+            "first_compile_s": time.perf_counter() - t0, **stats, "target_s": 60.0}
+
+
+def run(smoke: bool = False, out_dir: str | None = None, command: str | None = None,
+        ks: tuple[int, ...] | None = None, estimators: tuple[str, ...] | None = None) -> dict:
+    """Measure every K; writes ``search.json`` (``search_smoke.json`` in smoke mode)."""
+    spec = dict(SMOKE if smoke else FULL)
+    spec["ks"] = tuple(ks or spec["ks"])
+    spec["estimators"] = tuple(estimators or spec["estimators"])
+    config = common.MODELS[spec["model"]]
+    params = init_params(config, jax.random.key(0))
+    deep = deep_compile(spec["deep_model"], spec["deep_k"], spec["batch"], spec["seq"])
+    later = spec.get("later_estimators", spec["estimators"])
+    rows = [measure_k(config, params, k, spec["estimators"] if i == 0 else later, spec["batch"], spec["seq"],
+                      spec["repeats"]) for i, k in enumerate(spec["ks"])]
+    mem = {name: {r["k"]: r["variants"][name]["memory"] for r in rows if name in r["variants"]}
+           for name in ("unrolled", "unrolled_noremat")}
+    k_lo, k_hi = min(spec["ks"]), max(spec["ks"])
+
+    def mem_ratio(name):
+        m = mem.get(name, {})
+        if k_lo not in m or k_hi not in m:
+            return None
+        return m[k_hi]["footprint_bytes"] / m[k_lo]["footprint_bytes"]
+
+    payload = {"command": command or "python -m benchmarks.search" + (" --smoke" if smoke else ""),
+               "model": common.describe(config), "batch": spec["batch"], "seq": spec["seq"], "lora": common.LORA.to_dict(),
+               "rows": rows, "memory_ratio_kmax_over_kmin": {"remat": mem_ratio("unrolled"),
+                                                             "no_remat": mem_ratio("unrolled_noremat"),
+                                                             "k_min": k_lo, "k_max": k_hi},
+               "deep_compile": deep, "targets": {"time_ratio": TARGET_TIME_RATIO, "memory_ratio": TARGET_MEMORY_RATIO}}
+    harness.write_result("search_smoke" if smoke else "search", payload, out_dir)
+    return payload
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (what the tests run)")
+    p.add_argument("--ks", nargs="*", type=int, default=None)
+    p.add_argument("--estimators", nargs="*", default=None)
+    p.add_argument("--out-dir", default=None)
+    a = p.parse_args(argv)
+    out = run(a.smoke, a.out_dir, harness.command_line("benchmarks.search", argv), a.ks, a.estimators)
+    for r in out["rows"]:
+        parts = ", ".join(f"{n} {v['ratio_to_plain']:.2f}x" for n, v in r["variants"].items() if n != "plain")
+        print(f"K={r['k']}: plain step {r['plain_step_s'] * 1e3:.1f} ms; search / K plain: {parts}")
+    print("memory K_max/K_min:", out["memory_ratio_kmax_over_kmin"])
+    print(f"32-layer first compile: {out['deep_compile']['first_compile_s']:.1f} s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Every benchmark runner in its smoke mode (tiny sizes), so none of them rots.
+
+No timing thresholds: these check that each runner runs end to end, that both sides of a comparison
+compute the same thing, and that the JSON and the RESULTS.md tables are written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("peft")
+
+from benchmarks import finetune, forward, harness, report, search  # noqa: E402
+
+
+def _load(path):
+    data = json.loads(path.read_text())
+    assert data["machine"]["versions"]["jax"]
+    assert data["command"].startswith("python -m benchmarks")
+    return data
+
+
+def test_harness_summary_and_interleaving():
+    calls = []
+    out = harness.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")}, repeats=3, warmup=1)
+    assert calls == ["a", "b"] * 4  # round-robin, warm-up first
+    assert out["a"]["n"] == 3 and out["a"]["min_s"] <= out["a"]["median_s"] <= out["a"]["max_s"]
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    forward.run(smoke=True, out_dir=str(out))
+    finetune.run(smoke=True, out_dir=str(out))
+    search.run(smoke=True, out_dir=str(out))
+    return out
+
+
+def test_forward_smoke(smoke_results):
+    (row,) = _load(smoke_results / "forward_smoke.json")["rows"]
+    assert row["max_abs_logit_diff"] < 1e-4  # the torch model is the same function
+    assert row["flexora_jax"]["median_s"] > 0 and row["torch"]["median_s"] > 0 and row["speedup"] > 0
+    assert row["flexora_jax"]["memory"]["argument_bytes"] > 0
+
+
+def test_finetune_smoke(smoke_results):
+    (row,) = _load(smoke_results / "finetune_smoke.json")["rows"]
+    losses = list(row["first_loss"].values())
+    assert max(losses) - min(losses) < 1e-4  # same model, same batch, same first loss
+    assert row["flexora_jax"]["tokens_per_s"] > 0 and row["torch_peft"]["tokens_per_s"] > 0
+    assert row["flexora_jax"]["compile_s"] > 0
+
+
+def test_search_smoke(smoke_results):
+    data = _load(smoke_results / "search_smoke.json")
+    ks = [r["k"] for r in data["rows"]]
+    assert ks == list(search.SMOKE["ks"])
+    for r in data["rows"]:
+        assert "plain" in r["variants"] and "unrolled" in r["variants"] and "unrolled_noremat" in r["variants"]
+        for v in r["variants"].values():
+            assert v["ratio_to_plain"] > 0 and v["memory"]["footprint_bytes"] > 0
+    assert {"first_order", "forward", "darts"} <= set(data["rows"][0]["variants"])
+    assert data["memory_ratio_kmax_over_kmin"]["remat"] is not None
+    assert data["deep_compile"]["first_compile_s"] > 0
+
+
+def test_report_rewrites_tables(smoke_results, tmp_path):
+    for name in ("forward", "finetune", "search"):
+        shutil.copy(smoke_results / f"{name}_smoke.json", tmp_path / f"{name}.json")
+    md = tmp_path / "RESULTS.md"
+    md.write_text("intro\n" + "".join(f"<!-- BEGIN {n} -->\nold\n<!-- END {n} -->\nkept {n}\n"
+                                      for n in ("forward", "finetune", "search")))
+    assert sorted(report.update(tmp_path, md)) == ["finetune", "forward", "search"]
+    text = md.read_text()
+    assert "old" not in text and "kept search" in text and "intro" in text
+    assert "| tiny |" in text and "python -m benchmarks" in text
