@@ -14,7 +14,15 @@ power-of-two bucket, so thousands of requests compile one program per bucket.
 
 Metrics: ``acc`` = argmax of summed continuation log-probs; ``acc_norm`` = argmax of log-prob /
 character length of the choice (lm-eval: ``len(choice)``, delimiter excluded); ties go to the first
-choice (``np.argmax``); stderr = sample std (ddof 1) / sqrt(n), lm-eval's ``mean_stderr``.
+choice (``np.argmax``); stderr = sample std (ddof 1) / sqrt(n), lm-eval's ``mean_stderr``. Tasks
+whose records carry a ``group`` (MMLU subjects) also report ``acc_macro`` (mean of the per-group
+accuracies), ``acc_micro`` (= ``acc``, over all examples) and the per-group figures.
+
+Generative tasks (GSM8K, AQuA; :class:`~flexora_jax.tasks.generative.GenRecord`) are scored by
+:func:`evaluate_generative`: prompts are left-truncated to ``max_length - max_new_tokens`` tokens (as
+lm-eval's HF model does), continued greedily by :func:`flexora_jax.generate.generate`, cut at the
+task's stop strings, and the extracted answer is compared by exact match. ``evaluate`` dispatches
+to it for such tasks.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ import numpy as np
 from flexora_jax.config import ModelConfig
 from flexora_jax.errors import DataError
 from flexora_jax.tasks.formats import MCRecord
+from flexora_jax.tasks.generative import MAX_NEW_TOKENS, GenRecord, score
 from flexora_jax.tasks.sft import bucket_of, encode_pair, length_buckets
 
 
@@ -137,7 +146,7 @@ def _as_records(task_or_records: Any, limit: int | None) -> dict[str, list[MCRec
         items = list(task_or_records)
         grouped = {}
         for item in items:
-            if isinstance(item, MCRecord):
+            if isinstance(item, (MCRecord, GenRecord)):
                 grouped.setdefault(item.task, []).append(item)
             else:
                 spec = tasks.get_task(item)
@@ -148,20 +157,24 @@ def _as_records(task_or_records: Any, limit: int | None) -> dict[str, list[MCRec
         if limit is not None:
             grouped[name] = recs[:limit]
     if not grouped:
-        raise DataError("evaluate: nothing to evaluate; give task names or MCRecords")
+        raise DataError("evaluate: nothing to evaluate; give task names or records")
     return grouped
 
 
 def evaluate(config: ModelConfig, params: Any, tokenizer: Any, task_or_records: Any, lora: Any = None,
              gates: Any = None, batch_size: int = 32, max_length: int | None = None, limit: int | None = None,
              return_per_example: bool = False, progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Score multiple-choice tasks; returns ``{task: {acc, acc_norm, n, acc_stderr, acc_norm_stderr, truncated}}``.
+    """Score tasks; returns ``{task: {acc, acc_norm, n, acc_stderr, acc_norm_stderr, truncated}}``.
+
+    Multiple-choice tasks are scored by log-likelihood; tasks with groups (MMLU) add ``acc_macro``,
+    ``acc_micro`` and ``groups``; generative tasks (GSM8K, AQuA) get :func:`evaluate_generative`'s
+    ``{exact_match, stderr, n, ...}`` instead.
 
     Args:
       config, params: the model (``flexora_jax.models.loading.load_model``).
       tokenizer: its tokenizer (``load_tokenizer``).
       task_or_records: a task name, a list of names (each scored on its ``test`` split), a list of
-        :class:`MCRecord` (grouped by ``record.task``) or a mapping task -> records.
+        records (:class:`MCRecord` / ``GenRecord``, grouped by ``record.task``) or a mapping task -> records.
       lora, gates: adapter pytrees passed to ``forward`` (None: the base model).
       batch_size: requests per jitted call (fixed: the last batch is padded).
       max_length: model context for truncation; default ``config.max_position_embeddings``.
@@ -173,6 +186,20 @@ def evaluate(config: ModelConfig, params: Any, tokenizer: Any, task_or_records: 
     ``truncated`` counts examples with at least one request cut from the left.
     """
     grouped = _as_records(task_or_records, limit)
+    results: dict[str, dict[str, Any]] = {}
+    for name in [n for n, recs in grouped.items() if isinstance(recs[0], GenRecord)]:
+        results[name] = evaluate_generative(config, params, tokenizer, grouped.pop(name), lora=lora, gates=gates,
+                                            batch_size=batch_size, max_length=max_length,
+                                            return_per_example=return_per_example, progress=progress)
+    if grouped:
+        results.update(_evaluate_mc(config, params, tokenizer, grouped, lora, gates, batch_size, max_length,
+                                    return_per_example, progress))
+    return results
+
+
+def _evaluate_mc(config: ModelConfig, params: Any, tokenizer: Any, grouped: dict[str, list[MCRecord]], lora: Any,
+                 gates: Any, batch_size: int, max_length: int | None, return_per_example: bool,
+                 progress: bool) -> dict[str, dict[str, Any]]:
     requests, owners = [], []
     for name, recs in grouped.items():
         for k, rec in enumerate(recs):
@@ -202,6 +229,94 @@ def evaluate(config: ModelConfig, params: Any, tokenizer: Any, task_or_records: 
         results[name] = {"acc": float(acc_a.mean()), "acc_norm": float(acc_norm_a.mean()), "n": len(recs),
                          "acc_stderr": _stderr(acc_a), "acc_norm_stderr": _stderr(acc_norm_a),
                          "truncated": int(n_trunc)}
+        if any(rec.group is not None for rec in recs):
+            results[name].update(_group_accuracy(recs, acc_a))
         if return_per_example:
             results[name]["examples"] = examples
     return results
+
+
+def _group_accuracy(recs: Sequence[MCRecord], acc: np.ndarray) -> dict[str, Any]:
+    """``acc_macro`` (mean over groups), ``acc_micro`` (over examples) and per-group acc / n."""
+    groups: dict[str, list[float]] = {}
+    for rec, a in zip(recs, acc):
+        groups.setdefault(str(rec.group), []).append(float(a))
+    per_group = {g: {"acc": float(np.mean(v)), "n": len(v)} for g, v in sorted(groups.items())}
+    return {"acc_macro": float(np.mean([g["acc"] for g in per_group.values()])), "acc_micro": float(acc.mean()),
+            "groups": per_group}
+
+
+def evaluate_generative(config: ModelConfig, params: Any, tokenizer: Any, task: Any, lora: Any = None,
+                        gates: Any = None, limit: int | None = None, batch_size: int = 32,
+                        max_new_tokens: int | None = None, max_length: int | None = None,
+                        return_per_example: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Exact match of greedily generated answers on a generative task (GSM8K, AQuA).
+
+    Args:
+      config, params, tokenizer: the model and its tokenizer.
+      task: a task name / ``TaskSpec`` (its ``test`` split) or a list of ``GenRecord`` of one task.
+      lora, gates: adapter pytrees (None: the base or merged weights).
+      limit: score only the first ``limit`` examples.
+      batch_size: prompts per jitted generation call.
+      max_new_tokens: tokens generated per prompt; default per task (GSM8K 256 as lm-eval, AQuA 128).
+      max_length: model context; default ``config.max_position_embeddings``. Prompts keep their last
+        ``max_length - max_new_tokens`` tokens; ``truncated`` counts the ones that lost tokens.
+      return_per_example: add ``"examples"`` (doc_id, generation, extracted answers, target, scores).
+      progress: show a progress bar.
+
+    Returns:
+      ``{"exact_match", "stderr", "n", "truncated", "filters": {filter: {"exact_match", "stderr"}}}``;
+      ``exact_match`` is the task's primary filter (GSM8K: lm-eval's ``strict-match``; its
+      ``flexible-extract`` is under ``filters``).
+    """
+    from flexora_jax import tasks
+    from flexora_jax.generate import generate
+    from flexora_jax.tasks import generative
+
+    if isinstance(task, (str, tasks.TaskSpec)):
+        records = tasks.load_records(task, "test")
+    else:
+        records = list(task)
+    if limit is not None:
+        records = records[:limit]
+    if not records or not all(isinstance(r, GenRecord) for r in records):
+        raise DataError("evaluate_generative: expected a non-empty list of GenRecord (or a generative task name)")
+    names = {r.task for r in records}
+    if len(names) != 1 or len({r.until for r in records}) != 1:
+        raise DataError(f"evaluate_generative: records must come from one task with one set of stop strings, "
+                        f"got tasks {sorted(names)}")
+    name = records[0].task
+    if name not in generative.EXTRACTORS:
+        raise DataError(f"evaluate_generative: no answer extraction for task {name!r}; "
+                        f"known: {sorted(generative.EXTRACTORS)}")
+    max_new_tokens = int(max_new_tokens or MAX_NEW_TOKENS[name])
+    max_length = int(max_length or config.max_position_embeddings)
+    keep = max_length - max_new_tokens
+    if keep < 1:
+        raise DataError(f"evaluate_generative: max_new_tokens={max_new_tokens} leaves no room for a prompt in "
+                        f"the model's context {max_length}")
+    encoded = [tokenizer.encode(r.prompt) for r in records]
+    truncated = [len(ids) > keep for ids in encoded]
+    encoded = [ids[-keep:] for ids in encoded]
+    order = sorted(range(len(records)), key=lambda i: len(encoded[i]), reverse=True)
+    texts: list[str] = [""] * len(records)
+    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    for chunk in _progress(chunks, progress, f"generating {name}"):
+        out = generate(config, params, [encoded[i] for i in chunk], lora=lora, gates=gates,
+                       max_new_tokens=max_new_tokens, tokenizer=tokenizer, stop=records[0].until,
+                       batch_size=batch_size, max_length=max_length)
+        for i, text in zip(chunk, out.texts):
+            texts[i] = text
+    scored = [score(r, t) for r, t in zip(records, texts)]
+    _, primary = generative.EXTRACTORS[name]
+    filters = {}
+    for key in [k for k in scored[0] if k.startswith("exact_match,")]:
+        values = np.asarray([s[key] for s in scored])
+        filters[key.split(",", 1)[1]] = {"exact_match": float(values.mean()), "stderr": _stderr(values)}
+    result: dict[str, Any] = {"exact_match": filters[primary]["exact_match"], "stderr": filters[primary]["stderr"],
+                              "n": len(records), "truncated": int(sum(truncated)), "filter": primary,
+                              "max_new_tokens": max_new_tokens, "filters": filters}
+    if return_per_example:
+        result["examples"] = [{"doc_id": r.doc_id, "generation": t, "target": r.target, **s, "truncated": tr}
+                              for r, t, s, tr in zip(records, texts, scored, truncated)]
+    return result

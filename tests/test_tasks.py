@@ -66,7 +66,8 @@ def test_race_last_question_only_is_one_per_passage():
 
 def test_registry_lists_all_tasks():
     assert set(tasks.list_tasks()) == {"hellaswag", "piqa", "winogrande", "race_middle", "race_high", "boolq",
-                                       "arc_easy", "arc_challenge", "openbookqa", "commonsenseqa", "siqa"}
+                                       "arc_easy", "arc_challenge", "openbookqa", "commonsenseqa", "siqa",
+                                       "gsm8k", "aqua", "mmlu"}
     with pytest.raises(ConfigError, match="unknown task 'nope'"):
         tasks.get_task("nope")
 

@@ -1,4 +1,4 @@
-"""Multiple-choice tasks: registry, loaders (hub and local files), splits, records and SFT formatting.
+"""Tasks (multiple-choice and generative): registry, loaders (hub and local files), splits, records, SFT.
 
 Typical use::
 
@@ -12,13 +12,14 @@ schema from the hub (``source="hub"``) or from the original release files (``sou
 """
 
 from flexora_jax.tasks.formats import MCRecord
+from flexora_jax.tasks.generative import GenRecord
 from flexora_jax.tasks.local import HUB_FEATURES, default_data_dir, load_local
 from flexora_jax.tasks.registry import (TASKS, Split, TaskSpec, get_task, list_tasks, load_records, load_source,
                                         load_split, split_report)
 from flexora_jax.tasks.splits import DEFAULT_SEED, REST, ROLES, SplitInfo, SplitPlan
 
 __all__ = [
-    "DEFAULT_SEED", "HUB_FEATURES", "MCRecord", "REST", "ROLES", "Split", "SplitInfo", "SplitPlan", "TASKS",
-    "TaskSpec", "default_data_dir", "get_task", "list_tasks", "load_local", "load_records", "load_source",
+    "DEFAULT_SEED", "GenRecord", "HUB_FEATURES", "MCRecord", "REST", "ROLES", "Split", "SplitInfo", "SplitPlan",
+    "TASKS", "TaskSpec", "default_data_dir", "get_task", "list_tasks", "load_local", "load_records", "load_source",
     "load_split", "split_report",
 ]

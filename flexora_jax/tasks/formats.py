@@ -7,7 +7,8 @@ scoring and SFT formatting read one definition of each prompt.
 
 The ``doc_to_*`` functions below transcribe lm-eval 0.4.13's task configs (``lm_eval/tasks/<task>/``):
 hellaswag ``utils.process_docs``, piqa, winogrande ``preprocess_winogrande``, arc, openbookqa,
-super_glue/boolq, race ``preprocess_race``, commonsense_qa, siqa. Where lm-eval differs from
+super_glue/boolq, race ``preprocess_race``, commonsense_qa, siqa, mmlu
+(``default/_default_template_yaml``). Where lm-eval differs from
 ``docs/evaluation.md`` (siqa's ``Q: .. A:`` prompt, commonsense_qa's lettered choices) lm-eval wins.
 """
 
@@ -40,6 +41,7 @@ class MCRecord:
     gold: int  # index of the correct choice
     continuation: str | None = None  # shared scored text under partial scoring, else None
     target_delimiter: str = TARGET_DELIMITER  # put between context and continuation
+    group: str | None = None  # sub-task for macro averages (MMLU subject), else None
 
     def __post_init__(self) -> None:
         if len(self.choices) < 2:
@@ -210,4 +212,47 @@ def race_records(docs: Iterable[Mapping[str, Any]], task: str = "race",
             solved += question[:-5] + options[gold] + "\n"
         else:
             solved += "Question: " + question + "\n" + "Answer: " + options[gold] + "\n"
+    return records
+
+
+# --------------------------------------------------------------------------------------- mmlu
+MMLU_LETTERS = ("A", "B", "C", "D")
+MMLU_FEWSHOT = 5
+
+
+def mmlu_question(doc: Mapping[str, Any], task: str, doc_id: int) -> str:
+    """lm-eval's mmlu ``doc_to_text``: the stripped question, the lettered choices, ``Answer:``."""
+    choices = list(_field(doc, "choices", task, doc_id))
+    if len(choices) != 4:
+        raise DataError(f"{task} doc {doc_id}: expected 4 choices, got {len(choices)}")
+    lines = "".join(f"\n{letter}. {c}" for letter, c in zip(MMLU_LETTERS, choices))
+    return f"{_field(doc, 'question', task, doc_id).strip()}{lines}\nAnswer:"
+
+
+def mmlu_records(docs: Iterable[Mapping[str, Any]], task: str = "mmlu",
+                 fewshot_docs: Iterable[Mapping[str, Any]] | None = None, exclude_self: bool = False,
+                 num_fewshot: int = MMLU_FEWSHOT) -> list[MCRecord]:
+    """MMLU with lm-eval's default 5-shot prompt: the subject's first ``num_fewshot`` dev questions.
+
+    Context = "The following are multiple choice questions (with answers) about {subject}.\\n\\n" +
+    per shot ``doc_to_text + " " + letter + "\\n\\n"`` + ``doc_to_text``; the choices are " A".." D"
+    (lm-eval's ``first_n`` sampler, ``fewshot_split: dev``). ``group`` is the subject.
+    """
+    shots: dict[str, list[str]] = {}
+    for j, shot in enumerate(fewshot_docs or []):
+        subject = _field(shot, "subject", task, j)
+        if len(shots.setdefault(subject, [])) < num_fewshot:
+            answer = _int_label(_field(shot, "answer", task, j), task, j, "answer")
+            shots[subject].append(f"{mmlu_question(shot, task, j)} {MMLU_LETTERS[answer]}\n\n")
+    records = []
+    for i, doc in enumerate(docs):
+        subject = _field(doc, "subject", task, i)
+        if fewshot_docs is not None and len(shots.get(subject, [])) < num_fewshot:
+            raise DataError(f"{task} doc {i}: subject {subject!r} has {len(shots.get(subject, []))} few-shot "
+                            f"examples in the dev split, expected {num_fewshot}")
+        about = subject.replace("_", " ")
+        description = f"The following are multiple choice questions (with answers) about {about}.\n\n"
+        context = description + "".join(shots.get(subject, [])) + mmlu_question(doc, task, i)
+        gold = _int_label(_field(doc, "answer", task, i), task, i, "answer")
+        records.append(MCRecord(task, i, context, MMLU_LETTERS, gold, group=subject))
     return records

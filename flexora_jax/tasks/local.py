@@ -50,6 +50,10 @@ HUB_FEATURES: dict[str, Features] = {
     "commonsenseqa": Features({"id": _S, "question": _S, "question_concept": _S, "choices": _CHOICES,
                                "answerKey": _S}),
     "siqa": Features({"context": _S, "question": _S, "answerA": _S, "answerB": _S, "answerC": _S, "label": _S}),
+    "gsm8k": Features({"question": _S, "answer": _S}),
+    "aqua": Features({"question": _S, "options": Sequence(_S), "rationale": _S, "correct": _S}),
+    "mmlu": Features({"question": _S, "subject": _S, "choices": Sequence(_S),
+                      "answer": ClassLabel(names=["A", "B", "C", "D"])}),
 }
 
 
@@ -395,6 +399,63 @@ def _siqa(data_dir: Path, split: str) -> list[dict]:
     return rows
 
 
+# --------------------------------------------------------------------------------------- gsm8k / aqua / mmlu
+def _gsm8k(data_dir: Path, split: str) -> list[dict]:
+    if split not in ("train", "test"):
+        raise _no_split("gsm8k", split, ("train", "test"), "the release has train and test only")
+    rows = []
+    for where, obj in _jsonl(data_dir / "gsm8k" / f"{split}.jsonl"):
+        answer = _get(obj, "answer", where)
+        if not re.search(r"\n#### (.+)$", answer):
+            raise DataError(f"{where}: answer does not end with a '#### <number>' line: {answer[-60:]!r}")
+        rows.append({"question": _get(obj, "question", where), "answer": answer})
+    return rows
+
+
+def _aqua(data_dir: Path, split: str) -> list[dict]:
+    files = {"validation": "dev.json", "test": "test.json"}
+    if split not in files:
+        raise _no_split("aqua", split, tuple(files), "the 97k-example train.json is not kept")
+    rows = []
+    for where, obj in _jsonl(data_dir / "aqua" / files[split]):
+        options = _get(obj, "options", where, list)
+        if len(options) != 5 or any(not str(o).startswith(f"{c})") for o, c in zip(options, "ABCDE")):
+            raise DataError(f"{where}: expected 5 options prefixed 'A)'..'E)', got {options!r}")
+        correct = _get(obj, "correct", where)
+        if correct not in ("A", "B", "C", "D", "E"):
+            raise DataError(f"{where}: correct={correct!r} is not one of A..E")
+        rows.append({"question": _get(obj, "question", where), "options": options,
+                     "rationale": _get(obj, "rationale", where), "correct": correct})
+    return rows
+
+
+_MMLU_FILES = {"dev": "dev", "validation": "val", "test": "test"}
+
+
+def _mmlu(data_dir: Path, split: str) -> list[dict]:
+    """All 57 subjects of one split, subjects in name order, rows in file order (``cais/mmlu`` 'all')."""
+    if split not in _MMLU_FILES:
+        raise _no_split("mmlu", split, tuple(_MMLU_FILES), "auxiliary_train is not kept")
+    folder = _require(data_dir / "mmlu" / _MMLU_FILES[split], "MMLU's per-subject CSV files")
+    suffix = f"_{_MMLU_FILES[split]}.csv"
+    files = sorted(folder.glob(f"*{suffix}"))
+    if not files:
+        raise DataError(f"{folder}: no '*{suffix}' files; expected one CSV per subject")
+    rows = []
+    for path in files:
+        subject = path.name[:-len(suffix)]
+        with path.open(encoding="utf-8", newline="") as f:
+            for n, row in enumerate(csv.DictReader(f), 2):
+                where = f"{path}:{n}"
+                choices = [_get(row, f"choice{k}", where) for k in range(4)]
+                answer = _get(row, "answer", where)
+                if answer not in ("0", "1", "2", "3"):
+                    raise DataError(f"{where}: answer={answer!r} is out of range; expected 0..3")
+                rows.append({"question": _get(row, "question", where), "subject": subject, "choices": choices,
+                             "answer": int(answer)})
+    return rows
+
+
 #: task name -> (hub schema key, loader(data_dir, split) -> rows).
 LOADERS: dict[str, tuple[str, Callable[[Path, str], list[dict]]]] = {
     "hellaswag": ("hellaswag", _hellaswag),
@@ -408,6 +469,9 @@ LOADERS: dict[str, tuple[str, Callable[[Path, str], list[dict]]]] = {
     "race_high": ("race", _race("high")),
     "commonsenseqa": ("commonsenseqa", _commonsenseqa),
     "siqa": ("siqa", _siqa),
+    "gsm8k": ("gsm8k", _gsm8k),
+    "aqua": ("aqua", _aqua),
+    "mmlu": ("mmlu", _mmlu),
 }
 
 

@@ -16,17 +16,26 @@ import datasets
 
 from flexora_jax.errors import ConfigError, DataError
 from flexora_jax.tasks import formats
+from flexora_jax.tasks import generative
 from flexora_jax.tasks.formats import MCRecord
+from flexora_jax.tasks.generative import GenRecord
 from flexora_jax.tasks.local import HUB_FEATURES, load_local
 from flexora_jax.tasks.splits import (DEFAULT_SEED, REST, SplitInfo, SplitPlan, canonical_role,
                                       check_size_roles, resolve_sizes, resplit_indices)
 
 Source = Literal["local", "hub"]
+Record = MCRecord | GenRecord
 
 
 @dataclasses.dataclass(frozen=True)
 class TaskSpec:
-    """One multiple-choice task: where its data lives and how a document becomes a record."""
+    """One task: where its data lives and how a document becomes a record.
+
+    ``kind`` is ``"multiple_choice"`` (records are :class:`MCRecord`, scored by log-likelihood) or
+    ``"generate"`` (records are :class:`GenRecord`, scored by exact match of generated answers).
+    Tasks with few-shot prompts name the source split the shots come from (``fewshot_split``) and
+    convert a whole split at once (``split_to_records``), since a prompt depends on other documents.
+    """
 
     name: str  # registry key
     hub_path: str  # datasets.load_dataset path
@@ -35,16 +44,31 @@ class TaskSpec:
     doc_to_record: Callable[..., MCRecord] | None  # (doc, doc_id, task=) -> record; None: whole-split converter
     plan: SplitPlan  # where train / validation / test come from
     metrics: tuple[str, ...]  # the metrics lm-eval reports for this task
+    kind: str = "multiple_choice"  # "multiple_choice" or "generate"
+    fewshot_split: str | None = None  # source split the few-shot examples are taken from
+    split_to_records: Callable[..., list[Record]] | None = None  # (rows, task, fewshot_rows, exclude_self)
 
     @property
     def features(self) -> datasets.Features:
         return HUB_FEATURES[self.schema]
 
+    @property
+    def is_generative(self) -> bool:
+        return self.kind == "generate"
+
     def to_records(self, docs: datasets.Dataset | Iterable[Mapping[str, Any]],
-                   last_question_only: bool = False) -> list[MCRecord]:
-        """Convert hub-schema documents; ``last_question_only`` selects lm-eval's RACE documents."""
+                   last_question_only: bool = False, fewshot_docs: datasets.Dataset | None = None,
+                   exclude_self: bool = False) -> list[Record]:
+        """Convert hub-schema documents; ``last_question_only`` selects lm-eval's RACE documents.
+
+        ``fewshot_docs`` (the ``fewshot_split`` documents) feed few-shot prompts; ``exclude_self``
+        says the documents are drawn from that same split, so none is its own example.
+        """
         rows = docs.to_list() if isinstance(docs, datasets.Dataset) else list(docs)
-        if self.doc_to_record is None:
+        if self.split_to_records is not None:
+            shots = None if fewshot_docs is None else fewshot_docs.to_list()
+            records = self.split_to_records(rows, self.name, shots, exclude_self) if rows else []
+        elif self.doc_to_record is None:
             records = formats.race_records(rows, self.name, last_question_only=last_question_only)
         else:
             records = [self.doc_to_record(doc, i, task=self.name) for i, doc in enumerate(rows)]
@@ -61,6 +85,13 @@ _OFFICIAL = SplitPlan(official={"train": "train", "validation": "validation", "t
 _TRAIN_POOL = SplitPlan(official={"test": "validation"}, pool="train", sizes={"train": REST, "validation": 1000})
 _ACC = ("acc",)
 _ACC_NORM = ("acc", "acc_norm")
+_GSM8K = SplitPlan(official={"test": "test"}, pool="train", sizes={"train": REST, "validation": 500})
+_AQUA = SplitPlan(official={"validation": "validation", "test": "test"},
+                  unavailable={"train": "AQuA-RAT's 97k-example train set is not in the local files; "
+                                        "AQuA is evaluation only"})
+_MMLU = SplitPlan(official={"validation": "validation", "test": "test"},
+                  unavailable={"train": "MMLU has no train split (auxiliary_train is not in the local files); "
+                                        "MMLU is evaluation only"})
 
 TASKS: dict[str, TaskSpec] = {t.name: t for t in (
     TaskSpec("hellaswag", "Rowan/hellaswag", None, "hellaswag", formats.hellaswag, _three_way(1000, 1000), _ACC_NORM),
@@ -75,6 +106,12 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
     TaskSpec("openbookqa", "allenai/openbookqa", "main", "openbookqa", formats.openbookqa, _OFFICIAL, _ACC_NORM),
     TaskSpec("commonsenseqa", "tau/commonsense_qa", None, "commonsenseqa", formats.commonsenseqa, _TRAIN_POOL, _ACC),
     TaskSpec("siqa", "allenai/social_i_qa", None, "siqa", formats.siqa, _TRAIN_POOL, _ACC),
+    TaskSpec("gsm8k", "openai/gsm8k", "main", "gsm8k", None, _GSM8K, ("exact_match",), kind="generate",
+             fewshot_split="train", split_to_records=generative.gsm8k_records),
+    TaskSpec("aqua", "deepmind/aqua_rat", "raw", "aqua", None, _AQUA, ("exact_match",), kind="generate",
+             split_to_records=generative.aqua_records),
+    TaskSpec("mmlu", "cais/mmlu", "all", "mmlu", None, _MMLU, ("acc", "acc_macro"), fewshot_split="dev",
+             split_to_records=formats.mmlu_records),
 )}
 
 
@@ -130,10 +167,12 @@ class Split:
     task: TaskSpec
     docs: datasets.Dataset  # hub schema, in source order
     info: SplitInfo  # role, source split, seed and sizes: store with the run
+    fewshot_docs: datasets.Dataset | None = None  # the task's fewshot_split, when it has one
 
-    def records(self, last_question_only: bool = False) -> list[MCRecord]:
-        """The documents as multiple-choice records (``last_question_only``: RACE as lm-eval)."""
-        return self.task.to_records(self.docs, last_question_only=last_question_only)
+    def records(self, last_question_only: bool = False) -> list[Record]:
+        """The documents as records (``last_question_only``: RACE as lm-eval)."""
+        return self.task.to_records(self.docs, last_question_only=last_question_only, fewshot_docs=self.fewshot_docs,
+                                    exclude_self=self.info.source_split == self.task.fewshot_split)
 
     def __len__(self) -> int:
         return len(self.docs)
@@ -151,6 +190,8 @@ def load_split(task: str | TaskSpec, split: str, *, source: Source = "local",
     spec = get_task(task)
     role = canonical_role(split)
     plan = spec.plan
+    if role in plan.unavailable:
+        raise DataError(f"{spec.name}: no {role!r} split: {plan.unavailable[role]}")
     if role in plan.official:
         check_size_roles(plan, sizes)
         docs = load_source(spec, plan.official[role], source, data_dir, hub_path)
@@ -165,11 +206,12 @@ def load_split(task: str | TaskSpec, split: str, *, source: Source = "local",
     if len(docs) == 0:
         raise DataError(f"{spec.name}: split {role!r} is empty (source split {info.source_split!r}, "
                         f"sizes {info.sizes}); expected at least one example")
-    return Split(spec, docs, info)
+    fewshot = None if spec.fewshot_split is None else load_source(spec, spec.fewshot_split, source, data_dir, hub_path)
+    return Split(spec, docs, info, fewshot)
 
 
 def load_records(task: str | TaskSpec, split: str, *, last_question_only: bool = False,
-                 **kwargs: Any) -> list[MCRecord]:
+                 **kwargs: Any) -> list[Record]:
     """``load_split(task, split, **kwargs).records()`` in one call."""
     return load_split(task, split, **kwargs).records(last_question_only=last_question_only)
 

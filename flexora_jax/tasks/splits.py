@@ -42,21 +42,23 @@ class SplitPlan:
 
     ``official`` maps roles to source splits used whole; the other roles are carved out of the
     source split ``pool`` with the sizes in ``sizes`` (``REST`` = what is left after the others).
+    Roles in ``unavailable`` have no data at all (e.g. AQuA's train set is not kept locally).
     """
 
     official: Mapping[str, str]  # role -> source split used as is
     pool: str | None = None  # source split re-split into the remaining roles
     sizes: Mapping[str, int] = dataclasses.field(default_factory=dict)  # role -> default size from the pool
+    unavailable: Mapping[str, str] = dataclasses.field(default_factory=dict)  # role -> why it has no data
 
     def __post_init__(self) -> None:
-        carved = [r for r in ROLES if r not in self.official]
+        carved = [r for r in ROLES if r not in self.official and r not in self.unavailable]
         if set(carved) != set(self.sizes) or (carved and self.pool is None):
             raise ConfigError(f"SplitPlan: roles {carved} are not official, so they need a pool and sizes; "
                               f"got pool={self.pool!r}, sizes={dict(self.sizes)}")
 
     @property
     def carved_roles(self) -> tuple[str, ...]:
-        return tuple(r for r in ROLES if r not in self.official)
+        return tuple(r for r in ROLES if r not in self.official and r not in self.unavailable)
 
 
 @dataclasses.dataclass(frozen=True)

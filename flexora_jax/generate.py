@@ -1,0 +1,346 @@
+"""Batched autoregressive generation with a KV cache, as one jitted program per shape bucket.
+
+Design:
+- ``generate(config, params, prompts, lora, gates, ...)`` left-pads the prompts into a
+  ``[batch_bucket, prompt_bucket]`` array and runs :func:`_decode`, a pure function jitted per
+  (config, batch bucket, prompt bucket, ``max_new_tokens``, sampling mode). Buckets are powers of two,
+  so a long evaluation compiles a handful of programs.
+- :func:`_decode` reuses the decoder's building blocks (``rms_norm``, ``apply_rope``, ``rope_tables``,
+  ``linear`` with the gated LoRA branch): a prefill pass over the prompt fills the cache, then a
+  ``lax.while_loop`` feeds one token per step until every row has emitted EOS or ``max_new_tokens``
+  tokens. Layers run under ``lax.scan``; the cache ``[l, b, s, k, e]`` is carried whole and written
+  in place (``dynamic_update_slice`` at the layer index and the step's column).
+- Left padding as in transformers' ``generate``: RoPE positions are ``cumsum(mask) - 1`` (padding
+  gets position 1, never read), the cache columns of padding are masked out as keys, and generated
+  token ``j`` of a row with ``n`` prompt tokens has position ``n + j``.
+- Greedy decoding takes the argmax of the fp32 logits; sampling applies temperature, then top-k, then
+  top-p (nucleus; the most likely token is always kept), with a seeded PRNG key. EOS stops a row
+  in-graph (later tokens are padding); stop *strings* are matched on the host after decoding and cut
+  the text at the first occurrence, as lm-evaluation-harness's ``generate_until`` does.
+- Sharded params (``NamedSharding`` under a device mesh) need nothing special: ``jax.jit`` follows
+  the data's shardings.
+
+Shapes: ``b`` batch, ``p`` prompt bucket, ``s`` cache length (``p + max_new_tokens``), ``d`` hidden,
+``h``/``k`` query/KV heads, ``g`` query heads per KV head, ``e`` head_dim, ``v`` vocab, ``l`` layers,
+``n`` new tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from flexora_jax.config import ModelConfig
+from flexora_jax.errors import ConfigError, DataError
+from flexora_jax.lora import per_layer_lora
+from flexora_jax.models.llama import apply_rope, linear, rms_norm, rope_tables
+
+_NEG_INF = -1e30  # as in models/llama.py: a fully masked row gives a uniform softmax, not NaN
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateOutput:
+    """Generated continuations, one entry per prompt, in prompt order."""
+
+    tokens: list[list[int]]  # new token ids, cut after EOS (EOS included) and at a stop string
+    logprobs: list[list[float]]  # log-prob of each new token under the (unwarped) model distribution
+    texts: list[str] | None  # decoded new tokens, cut at the first stop string (None without a tokenizer)
+    finish_reasons: list[str]  # "eos", "stop" (a stop string) or "length" (max_new_tokens reached)
+
+
+# ---------------------------------------------------------------------------------------- in-graph
+def _cached_block(config: ModelConfig, layer: Any, lora_layer: Any, h: jax.Array, cos: jax.Array,
+                  sin: jax.Array, cache_k: jax.Array, cache_v: jax.Array, index: jax.Array,
+                  column: jax.Array, allowed: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One LLaMA block over ``h`` [b, t, d] that writes its keys/values into the cache.
+
+    ``cache_k``/``cache_v`` [l, b, s, k, e] hold every layer; this block is layer ``index`` and its
+    ``t`` new tokens go to columns ``column .. column + t - 1``. ``allowed`` [b, t, s] says which cache
+    columns each query may attend to (causal and not padding).
+    """
+    b, t, _ = h.shape
+    nh, nk, e = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+
+    def lin(x, name):
+        return linear(x, layer, name, lora_layer, None, 0.0)
+
+    x = rms_norm(h, layer["input_norm"], config.rms_norm_eps)
+    q = lin(x, "q_proj").reshape(b, t, nh, e)
+    k = lin(x, "k_proj").reshape(b, t, nk, e)
+    v = lin(x, "v_proj").reshape(b, t, nk, e)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    zero = jnp.zeros((), jnp.int32)
+    cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), (index, zero, column, zero, zero))
+    cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), (index, zero, column, zero, zero))
+    keys = jax.lax.dynamic_index_in_dim(cache_k, index, keepdims=False)  # [b, s, k, e]
+    values = jax.lax.dynamic_index_in_dim(cache_v, index, keepdims=False)
+    acc = jnp.promote_types(h.dtype, jnp.float32)
+    q = q.reshape(b, t, nk, nh // nk, e)
+    scores = jnp.einsum("btkge,bske->bkgts", q, keys, preferred_element_type=acc) / math.sqrt(e)
+    scores = jnp.where(allowed[:, None, None], scores, _NEG_INF)
+    probs = jax.nn.softmax(scores, axis=-1).astype(h.dtype)
+    attn = jnp.einsum("bkgts,bske->btkge", probs, values).reshape(b, t, nh * e)
+    h = h + lin(attn, "o_proj")
+    x = rms_norm(h, layer["post_attention_norm"], config.rms_norm_eps)
+    mlp = jax.nn.silu(lin(x, "gate_proj")) * lin(x, "up_proj")
+    return h + lin(mlp, "down_proj"), cache_k, cache_v
+
+
+def _layers(config: ModelConfig, params: Any, lora_layers: Any, h: jax.Array, positions: jax.Array,
+            cache: tuple[jax.Array, jax.Array], column: jax.Array, allowed: jax.Array
+            ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+    """All blocks (scanned over the stacked layer params) and the final norm."""
+    cos, sin = rope_tables(config, positions)
+
+    def step(carry, xs):
+        h, ck, cv = carry
+        layer, lora_layer, index = xs
+        h, ck, cv = _cached_block(config, layer, lora_layer, h, cos, sin, ck, cv, index, column, allowed)
+        return (h, ck, cv), None
+
+    indices = jnp.arange(config.num_hidden_layers, dtype=jnp.int32)
+    (h, ck, cv), _ = jax.lax.scan(step, (h, *cache), (params["layers"], lora_layers, indices))
+    return rms_norm(h, params["final_norm"], config.rms_norm_eps), (ck, cv)
+
+
+def _logits(config: ModelConfig, params: Any, h: jax.Array) -> jax.Array:
+    """fp32 logits [b, v] of hidden states [b, d]."""
+    dtype = jnp.dtype(config.dtype)
+    head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+    return jnp.einsum("bd,dv->bv", h, head.astype(dtype), preferred_element_type=jnp.float32)
+
+
+def _choose(logits: jax.Array, key: jax.Array, do_sample: bool, top_k: int, temperature: jax.Array,
+            top_p: jax.Array) -> jax.Array:
+    """Next token [b] from logits [b, v]: argmax, or a sample after temperature / top-k / top-p."""
+    if not do_sample:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits / temperature
+    if top_k > 0:
+        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    before = jnp.cumsum(probs, axis=-1) - probs  # probability mass of the more likely tokens
+    keep_sorted = before < top_p
+    keep_sorted = keep_sorted.at[:, 0].set(True)
+    keep = jnp.zeros_like(keep_sorted).at[jnp.arange(logits.shape[0])[:, None], order].set(keep_sorted)
+    logits = jnp.where(keep, logits, -jnp.inf)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "do_sample", "top_k"))
+def _decode(config: ModelConfig, params: Any, lora: Any, gates: Any, tokens: jax.Array, mask: jax.Array,
+            eos_ids: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, pad_id: jax.Array,
+            *, max_new_tokens: int, do_sample: bool, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Prefill + decode loop for left-padded ``tokens``/``mask`` [b, p].
+
+    Returns new tokens [b, n] (``pad_id`` after a row's EOS), their log-probs [b, n] and the number of
+    tokens each row generated (EOS included) [b].
+    """
+    b, p = tokens.shape
+    s = p + max_new_tokens
+    L, nk, e = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
+    dtype = jnp.dtype(config.dtype)
+    lora_layers = None if lora is None else per_layer_lora(lora, gates, L)
+    cache = (jnp.zeros((L, b, s, nk, e), dtype), jnp.zeros((L, b, s, nk, e), dtype))
+
+    # Prefill: the whole prompt at columns 0..p-1.
+    mask = mask.astype(jnp.int32)
+    n_prompt = jnp.sum(mask, axis=-1)  # [b]
+    positions = jnp.where(mask > 0, jnp.cumsum(mask, axis=-1) - 1, 1)
+    valid = jnp.concatenate([mask > 0, jnp.ones((b, max_new_tokens), bool)], axis=-1)  # [b, s] key columns
+    cols = jnp.arange(s)
+    causal = cols[None, :] <= jnp.arange(p)[:, None]  # [p, s]
+    h = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
+    h, cache = _layers(config, params, lora_layers, h, positions, cache, jnp.int32(0),
+                       causal[None] & valid[:, None, :])
+
+    def pick(h_last, step):
+        logits = _logits(config, params, h_last)
+        token = _choose(logits, jax.random.fold_in(key, step), do_sample, top_k, temperature, top_p)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
+
+    first, first_lp = pick(h[:, -1], 0)
+    out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
+    out_lp = jnp.zeros((b, max_new_tokens), jnp.float32).at[:, 0].set(first_lp)
+    done = jnp.isin(first, eos_ids)
+    length = jnp.ones((b,), jnp.int32)
+
+    def cond(state):
+        step, _, _, _, done, _, _ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, out, out_lp, cache, done, length, last = state
+        column = p + step - 1  # where the previous token goes
+        h = jnp.take(params["embed"], last, axis=0).astype(dtype)[:, None]  # [b, 1, d]
+        pos = (n_prompt + step - 1)[:, None]
+        allowed = (valid & (cols[None, :] <= column))[:, None, :]
+        h, cache = _layers(config, params, lora_layers, h, pos, cache, column, allowed)
+        token, lp = pick(h[:, 0], step)
+        token = jnp.where(done, pad_id, token)
+        out = jax.lax.dynamic_update_slice(out, token[:, None], (0, step))
+        out_lp = jax.lax.dynamic_update_slice(out_lp, jnp.where(done, 0.0, lp)[:, None], (0, step))
+        length = length + (~done).astype(jnp.int32)
+        done = done | jnp.isin(token, eos_ids)
+        return step + 1, out, out_lp, cache, done, length, token
+
+    state = (jnp.int32(1), out, out_lp, cache, done, length, first)
+    _, out, out_lp, _, _, length, _ = jax.lax.while_loop(cond, body, state)
+    return out, out_lp, length
+
+
+# ---------------------------------------------------------------------------------------- host side
+def power_of_two_buckets(largest: int, smallest: int = 1) -> tuple[int, ...]:
+    """Powers of two from ``smallest`` below ``largest``, then ``largest``: the padded shapes used."""
+    out, n = [], smallest
+    while n < largest:
+        out.append(n)
+        n *= 2
+    return tuple(out) + (largest,)
+
+
+def _bucket(n: int, buckets: Sequence[int]) -> int:
+    return next(bk for bk in buckets if n <= bk)
+
+
+def _eos_ids(config: ModelConfig, tokenizer: Any, eos_token_id: int | Sequence[int] | None) -> list[int]:
+    if eos_token_id is None:
+        eos_token_id = config.eos_token_id
+        if eos_token_id is None and tokenizer is not None:
+            eos_token_id = tokenizer.eos_token_id
+    if eos_token_id is None:
+        return [-1]  # no EOS: every row runs to max_new_tokens
+    return [int(eos_token_id)] if isinstance(eos_token_id, (int, np.integer)) else [int(i) for i in eos_token_id]
+
+
+def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
+    """``text`` up to the first occurrence of any stop string; whether one was found."""
+    cut = min((i for i in (text.find(s) for s in stop) if i >= 0), default=-1)
+    return (text, False) if cut < 0 else (text[:cut], True)
+
+
+def generate(config: ModelConfig, params: Any, prompts: Sequence[str] | Sequence[Sequence[int]], lora: Any = None,
+             gates: Any = None, *, max_new_tokens: int = 256, tokenizer: Any = None, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
+             eos_token_id: int | Sequence[int] | None = None, batch_size: int = 32,
+             max_length: int | None = None) -> GenerateOutput:
+    """Continue each prompt by up to ``max_new_tokens`` tokens (greedy unless ``temperature > 0``).
+
+    Args:
+      config, params: the model (``flexora_jax.models.loading.load_model``); params may be sharded.
+      prompts: strings (encoded with ``tokenizer``, special tokens as it adds them) or token id lists.
+      lora, gates: an unmerged adapter and its gates (None: the base or merged weights).
+      max_new_tokens: tokens to generate per prompt (>= 1); a static shape: one program per value.
+      tokenizer: decodes the outputs into ``texts`` (and encodes string prompts).
+      temperature: 0 = greedy; > 0 samples from softmax(logits / temperature).
+      top_k: keep the k most likely tokens when sampling (0 = all).
+      top_p: nucleus sampling: keep the most likely tokens whose mass before them is < top_p.
+      seed: PRNG seed for sampling; the same seed and inputs give the same samples.
+      stop: strings that end a continuation; matched on the decoded text after decoding.
+      eos_token_id: id(s) that end a row in-graph; default ``config.eos_token_id``.
+      batch_size: the largest batch per jitted call; smaller batches pad to a power of two.
+      max_length: the model's context (prompt + new tokens must fit); default
+        ``config.max_position_embeddings``.
+
+    Returns:
+      a :class:`GenerateOutput` (tokens, log-probs, texts, finish reasons) in prompt order.
+    """
+    if isinstance(prompts, str):
+        raise DataError("generate: prompts must be a list of prompts, got a single string; wrap it in a list")
+    prompts = list(prompts)
+    if not prompts:
+        raise DataError("generate: no prompts given")
+    if int(max_new_tokens) != max_new_tokens or max_new_tokens <= 0:
+        raise ConfigError(f"generate: max_new_tokens must be a positive integer, got {max_new_tokens!r}")
+    if any((not isinstance(s, str)) or s == "" for s in stop):
+        raise ConfigError(f"generate: stop strings must be non-empty strings, got {list(stop)!r}")
+    if stop and tokenizer is None:
+        raise ConfigError("generate: stop strings need a tokenizer to decode the generated tokens")
+    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+        raise ConfigError(f"generate: need temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got "
+                          f"temperature={temperature}, top_p={top_p}, top_k={top_k}")
+    if batch_size < 1:
+        raise ConfigError(f"generate: batch_size must be >= 1, got {batch_size}")
+    max_length = int(max_length or config.max_position_embeddings)
+    encoded = []
+    for i, prompt in enumerate(prompts):
+        if isinstance(prompt, str):
+            if tokenizer is None:
+                raise ConfigError("generate: string prompts need a tokenizer (or pass token id lists)")
+            ids = list(tokenizer.encode(prompt))
+        else:
+            ids = [int(t) for t in prompt]
+        if not ids:
+            raise DataError(f"generate: prompt {i} has no tokens; start it with at least the BOS token")
+        if len(ids) + max_new_tokens > max_length:
+            raise DataError(f"generate: prompt {i} is {len(ids)} tokens; with max_new_tokens={max_new_tokens} "
+                            f"it needs {len(ids) + max_new_tokens} positions, more than the model's context "
+                            f"{max_length} (shorten or left-truncate the prompt, or lower max_new_tokens)")
+        encoded.append(ids)
+
+    eos = _eos_ids(config, tokenizer, eos_token_id)
+    pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos[0] >= 0 else 0)
+    prompt_buckets = power_of_two_buckets(max_length - max_new_tokens, smallest=min(16, max_length - max_new_tokens))
+    batch_buckets = power_of_two_buckets(batch_size)
+    do_sample = temperature > 0
+    key = jax.random.key(seed)
+    tokens_out: list[list[int]] = [[] for _ in encoded]
+    logprobs_out: list[list[float]] = [[] for _ in encoded]
+    reasons = ["length"] * len(encoded)
+    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)  # similar lengths batch together
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        b = _bucket(len(chunk), batch_buckets)
+        p = _bucket(max(len(encoded[i]) for i in chunk), prompt_buckets)
+        tokens = np.full((b, p), pad, np.int32)
+        mask = np.zeros((b, p), np.int32)
+        mask[:, -1] = 1  # filler rows attend to one token
+        for row, i in enumerate(chunk):
+            ids = encoded[i]
+            tokens[row, p - len(ids):] = ids
+            mask[row, p - len(ids):] = 1
+        out, lps, lengths = _decode(config, params, lora, gates, tokens, mask, jnp.asarray(eos, jnp.int32),
+                                    jax.random.fold_in(key, start), jnp.float32(max(temperature, 1e-6)),
+                                    jnp.float32(top_p), jnp.int32(pad), max_new_tokens=int(max_new_tokens),
+                                    do_sample=do_sample, top_k=int(top_k))
+        out, lps, lengths = np.asarray(out), np.asarray(lps), np.asarray(lengths)
+        for row, i in enumerate(chunk):
+            n = int(lengths[row])
+            tokens_out[i] = out[row, :n].tolist()
+            logprobs_out[i] = lps[row, :n].astype(float).tolist()
+            if n and tokens_out[i][-1] in eos:
+                reasons[i] = "eos"
+
+    texts = None
+    if tokenizer is not None:
+        texts = []
+        for i, ids in enumerate(tokens_out):
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            text, stopped = _cut_at_stop(text, stop)
+            if stopped:
+                reasons[i] = "stop"
+                tokens_out[i], logprobs_out[i] = _tokens_before(tokenizer, ids, logprobs_out[i], text)
+            texts.append(text)
+    return GenerateOutput(tokens_out, logprobs_out, texts, reasons)
+
+
+def _tokens_before(tokenizer: Any, ids: list[int], logprobs: list[float], text: str) -> tuple[list[int], list[float]]:
+    """The shortest prefix of ``ids`` whose decoding covers ``text`` (the tokens up to a stop string)."""
+    lo, hi = 0, len(ids)
+    while lo < hi:  # decoded length grows with the prefix: bisect on it
+        mid = (lo + hi) // 2
+        if len(tokenizer.decode(ids[:mid], skip_special_tokens=True)) >= len(text):
+            hi = mid
+        else:
+            lo = mid + 1
+    return ids[:lo], logprobs[:lo]

@@ -1,0 +1,172 @@
+"""KV-cache generation: parity with transformers' generate, with recomputing the full forward, golden ids."""
+
+from __future__ import annotations
+
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from flexora_jax import generate as gen
+from flexora_jax.config import LoraConfig, ModelConfig
+from flexora_jax.errors import ConfigError, DataError
+from flexora_jax.lora import init_lora, merge
+from flexora_jax.models.llama import forward, init_params
+
+CONFIG = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, max_position_embeddings=64, eos_token_id=5, pad_token_id=0)
+NEW = 12
+PROMPTS = [[1, 17, 40, 8, 66, 23, 9], [1, 50], [1, 33, 71, 12, 90]]  # different lengths: left padding
+
+
+@pytest.fixture(scope="module")
+def model():
+    params = init_params(CONFIG, jax.random.key(0), init_std=0.2, head_std=0.5)
+    lora = init_lora(CONFIG, LoraConfig(r=4, lora_alpha=8.0, target_modules=("q_proj", "v_proj", "down_proj"),
+                                        init_lora_weights=False), jax.random.key(1))
+    return params, lora, merge(params, lora)
+
+
+def _hf_greedy(params, prompts):
+    import torch
+    import transformers
+
+    from flexora_jax.models.loading import save_model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(CONFIG, params, tmp)
+        hf = transformers.LlamaForCausalLM.from_pretrained(tmp, dtype=torch.float32).eval()
+    width = max(map(len, prompts))
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    with torch.inference_mode():
+        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
+                          eos_token_id=CONFIG.eos_token_id, pad_token_id=0)
+    return [row[width:].tolist() for row in out]
+
+
+def _assert_same_as_reference(ours: list[list[int]], ref: list[list[int]]) -> None:
+    for o, r in zip(ours, ref):
+        assert o == r[:len(o)]  # transformers pads after EOS; ours stops there
+        assert len(o) == NEW or o[-1] == CONFIG.eos_token_id
+
+
+@pytest.fixture(scope="module")
+def greedy(model):
+    params, lora, merged = model
+    return {"base": gen.generate(CONFIG, params, PROMPTS, max_new_tokens=NEW),
+            "lora": gen.generate(CONFIG, params, PROMPTS, lora=lora, max_new_tokens=NEW),
+            "merged": gen.generate(CONFIG, merged, PROMPTS, max_new_tokens=NEW)}
+
+
+def test_greedy_matches_transformers_with_left_padding(model, greedy):
+    params, _, merged = model
+    _assert_same_as_reference(greedy["base"].tokens, _hf_greedy(params, PROMPTS))
+    _assert_same_as_reference(greedy["merged"].tokens, _hf_greedy(merged, PROMPTS))
+    assert sum(len(t) for t in greedy["base"].tokens) > 2 * len(PROMPTS)  # more than a token or two each
+
+
+def test_unmerged_adapter_equals_merged_weights(greedy):
+    assert greedy["lora"].tokens == greedy["merged"].tokens
+    assert greedy["lora"].tokens != greedy["base"].tokens  # the adapter changes the output
+    np.testing.assert_allclose(np.concatenate(greedy["lora"].logprobs), np.concatenate(greedy["merged"].logprobs),
+                               atol=1e-4)
+
+
+def test_kv_cache_equals_recomputing_the_full_forward(model, greedy):
+    params, lora, _ = model
+    fwd = jax.jit(lambda p, lo, ids, m, pos: forward(CONFIG, p, ids, m, lora=lo, positions=pos))
+    width = max(map(len, PROMPTS)) + NEW  # one fixed (left-padded) width: one compiled forward per adapter
+    for name, lo in (("base", None), ("lora", lora)):
+        seqs = [list(p) for p in PROMPTS]
+        logps = [[] for _ in PROMPTS]
+        for _ in range(NEW):  # re-run the whole left-padded batch at every step, no cache
+            ids = np.array([[0] * (width - len(s)) + s for s in seqs], np.int32)
+            mask = np.array([[0] * (width - len(s)) + [1] * len(s) for s in seqs], np.int32)
+            pos = np.where(mask > 0, np.cumsum(mask, -1) - 1, 1)
+            logits = np.asarray(fwd(params, lo, ids, mask, pos))[:, -1]
+            logp = np.asarray(jax.nn.log_softmax(jnp.asarray(logits), -1))
+            for i, s in enumerate(seqs):
+                nxt = int(np.argmax(logits[i]))
+                s.append(nxt)
+                logps[i].append(float(logp[i, nxt]))
+        out = greedy[name]
+        for i, p in enumerate(PROMPTS):
+            n = len(out.tokens[i])
+            assert out.tokens[i] == seqs[i][len(p):len(p) + n], name
+            np.testing.assert_allclose(out.logprobs[i], logps[i][:n], atol=1e-4)
+
+
+def test_tinystories_greedy_from_bos_matches_golden_ids(tinystories_dir):
+    from flexora_jax.models.loading import load_model, load_tokenizer
+
+    golden = [1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337,
+              410, 408, 419, 292, 411, 322, 265, 282, 295, 433, 426, 385]  # data/tinystories260k/SOURCE.md
+    config, params = load_model(tinystories_dir)
+    tokenizer = load_tokenizer(tinystories_dir)
+    out = gen.generate(config, params, [[1]], max_new_tokens=32, tokenizer=tokenizer, stop=["Lily"])
+    assert out.finish_reasons == ["stop"]
+    assert out.texts[0] == "Once upon a time, there was a little girl named "
+    assert out.tokens[0] == golden[1:len(out.tokens[0]) + 1]
+    full = gen.generate(config, params, [[1]], max_new_tokens=32)
+    assert full.tokens[0] == golden[1:] and full.finish_reasons == ["length"]
+    assert np.exp(full.logprobs[0][0]) == pytest.approx(0.784, abs=1e-3)
+
+
+def test_sampling_is_seeded_and_warpers_reduce_to_greedy(model, greedy):
+    params, _, _ = model
+    kw = dict(max_new_tokens=NEW, temperature=1.5)
+    a = gen.generate(CONFIG, params, PROMPTS, seed=3, **kw)
+    assert a.tokens == gen.generate(CONFIG, params, PROMPTS, seed=3, **kw).tokens
+    assert a.tokens != gen.generate(CONFIG, params, PROMPTS, seed=4, **kw).tokens
+    assert gen.generate(CONFIG, params, PROMPTS, top_p=1e-6, **kw).tokens == greedy["base"].tokens
+    logits = jax.random.normal(jax.random.key(0), (6, 40))
+    t, p = jnp.float32(2.0), jnp.float32(1.0)
+    top1 = [gen._choose(logits, jax.random.key(s), True, 1, t, p) for s in range(3)]
+    assert all(np.array_equal(x, np.argmax(logits, -1)) for x in top1)
+    top3 = np.stack([gen._choose(logits, jax.random.key(s), True, 3, t, p) for s in range(30)])
+    allowed = np.argsort(-np.asarray(logits), -1)[:, :3]
+    assert all(np.isin(top3[:, i], allowed[i]).all() for i in range(6))
+    assert len(np.unique(top3)) > 6  # it does sample
+
+
+def test_sharded_params_give_the_same_tokens(model, greedy):
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    params, _, _ = model
+    mesh = jax.make_mesh((2,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+
+    def place(path, x):
+        name = jax.tree_util.keystr(path)
+        spec = P(None, None, "model") if "kernel" in name and x.shape[-1] % 2 == 0 else P()
+        return jax.device_put(x, NamedSharding(mesh, spec))
+
+    sharded = jax.tree_util.tree_map_with_path(place, params)
+    assert len(sharded["layers"]["q_proj"]["kernel"].sharding.device_set) == 2
+    with jax.set_mesh(mesh):
+        out = gen.generate(CONFIG, sharded, PROMPTS, max_new_tokens=NEW)
+    assert out.tokens == greedy["base"].tokens
+
+
+def test_few_programs_for_many_batches(model):
+    params, _, _ = model
+    before = gen._decode._cache_size()
+    prompts = [[1] + [7 + (i * j) % 80 for j in range(i % 9)] for i in range(11)]
+    gen.generate(CONFIG, params, prompts, max_new_tokens=NEW, batch_size=4)  # batches of 4, 4, 3 -> one shape
+    assert gen._decode._cache_size() - before <= 1
+
+
+def test_bad_inputs_raise_clear_errors(model):
+    params, _, _ = model
+    with pytest.raises(DataError, match="more than the model's context 64"):
+        gen.generate(CONFIG, params, [[1] * 60], max_new_tokens=NEW)
+    with pytest.raises(ConfigError, match="max_new_tokens must be a positive integer"):
+        gen.generate(CONFIG, params, PROMPTS, max_new_tokens=0)
+    with pytest.raises(ConfigError, match="stop strings must be non-empty"):
+        gen.generate(CONFIG, params, PROMPTS, max_new_tokens=NEW, stop=[""])
+    with pytest.raises(DataError, match="no tokens"):
+        gen.generate(CONFIG, params, [[]], max_new_tokens=NEW)
+    with pytest.raises(ConfigError, match="need a tokenizer"):
+        gen.generate(CONFIG, params, ["text"], max_new_tokens=NEW)
