@@ -96,10 +96,31 @@ def table_search(d: dict) -> str:
     return "\n".join(lines)
 
 
+def table_generate(d: dict) -> str:
+    lines = ["| case | batch | prompt + new tokens | flexora_jax tokens/s | transformers tokens/s | speedup (target > 1x) "
+             "| same tokens | first call s | command | date | machine |", "|---" * 11 + "|"]
+    for r in d["rows"]:
+        ours, ref = r["flexora_jax"], r["torch"]
+        verdict = "met" if r["speedup"] > 1 else "**missed**"
+        lines.append(f"| {r['case']} | {r['batch']} | {r['prompt_tokens']} + {r['new_tokens']} | {ours['tokens_per_s']:.0f} "
+                     f"| {ref['tokens_per_s']:.0f} [{ref.get('variant', '')}] | **{r['speedup']:.2f}x** ({verdict}) "
+                     f"| {r['same_tokens_row0']} | {ours['first_call_s']:.1f} | `{d['command']}` | {d['machine']['date']} "
+                     f"| {_machine(d)} |")
+    return "\n".join(lines)
+
+
+def _scaling_table(d: dict) -> str:
+    from benchmarks import bench_scaling
+
+    return bench_scaling.table(d)
+
+
 TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "forward": ("forward.json", table_forward),
     "finetune": ("finetune.json", table_finetune),
     "search": ("search.json", table_search),
+    "generate": ("generate.json", table_generate),
+    "scaling": ("scaling.json", _scaling_table),
 }
 
 

@@ -13,9 +13,10 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks import finetune, forward, report, search  # noqa: E402
+from benchmarks import bench_generate, bench_scaling, finetune, forward, report, search  # noqa: E402
 
-RUNNERS = {"forward": forward.run, "finetune": finetune.run, "search": search.run}
+RUNNERS = {"forward": forward.run, "finetune": finetune.run, "search": search.run,
+           "generate": bench_generate.run, "scaling": bench_scaling.run}
 
 
 def run_all(smoke: bool = False, only: list[str] | None = None, out_dir: str | None = None,

@@ -19,4 +19,8 @@ from flexora_jax.generate import GenerateOutput, generate
 from flexora_jax.models import (causal_lm_loss, convert_llama2c, forward, init_params, load_config, load_model,
                                 load_tokenizer, save_model, soft_lm_loss)
 
+from flexora_jax import memory, sharding
+from flexora_jax.pipeline import run, run_stage
+from flexora_jax.config import RunConfig, load_config as load_run_config
+
 __version__ = "0.1.0"

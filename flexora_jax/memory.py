@@ -1,0 +1,172 @@
+"""A memory planner: per-device bytes of the search step and the fine-tune step on a mesh.
+
+Design: the persistent state is counted exactly, leaf by leaf, from the same partition rules the
+sharded steps use (:func:`flexora_jax.sharding.partition_specs` on ``jax.eval_shape`` trees, so a
+dimension that does not divide its mesh axis is counted replicated); the transient activations come
+from a per-token model of what reverse mode keeps alive, with a few constants calibrated against
+XLA's compiled memory analysis on CPU (``tests/test_memory.py`` checks the plan within 25%):
+
+- params: the frozen base in the compute dtype, sharded over ``fsdp`` x ``model``;
+- lora / optimizer: fp32 LoRA A/B and the optimizer moments (Adam/AdamW: 2 x LoRA), plus gates and
+  their Adam state in the search;
+- carries (search): reverse mode through the K-step inner ``lax.scan`` stores each step's input
+  carry (LoRA + optimizer state): K copies;
+- activations: what the backward pass of one forward keeps per layer and token (norm inputs, q/k/v,
+  roped q/k, attention scores and probabilities in fp32, attention output, MLP gate/up/product, LoRA
+  down-projections) plus the fp32 logits; the search differentiates through the inner gradient
+  (second order), which keeps the residuals of a forward *and* a backward pass. Without remat of the
+  inner scan body every one of the K steps keeps them; with remat one step's worth is alive at once.
+  ``remat_layers`` on the model keeps only each block's input plus one block's residuals.
+
+The batch dimension is split over ``data`` x ``fsdp``; heads, MLP width and vocab over ``model``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+
+from flexora_jax.config import LoraConfig, ModelConfig
+from jax.sharding import PartitionSpec as P
+
+from flexora_jax.sharding import AXES, axis_sizes, partition_specs
+
+#: Calibrated against XLA's CPU memory analysis (tests/test_memory.py; hidden 64-128, 2-4 layers,
+#: K = 2-4, with and without remat: plan / XLA within 0.9-1.1): the share of the per-token residual
+#: model alive at the peak of a first-order backward pass, and what the second-order (hypergradient)
+#: backward keeps per inner step: the forward residuals, the backward's residuals and their cotangents.
+TRAIN_ACTIVATION_FACTOR = 1.05
+SEARCH_ACTIVATION_FACTOR = 4.0
+
+_ADAM = ("adam", "adamw")
+
+
+def _sharded_bytes(tree: Any, sizes: Mapping[str, int]) -> int:
+    """Per-device bytes of an abstract pytree laid out by the partition rules."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        specs = partition_specs(tree, sizes)
+    total = 0
+    for leaf, spec in zip(jax.tree.leaves(tree), jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P))):
+        n = math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
+        for axes in spec:
+            for a in (axes,) if isinstance(axes, str) else tuple(axes or ()):
+                n //= sizes[a]
+        total += n
+    return total
+
+
+def _abstract(model_config: ModelConfig, lora_config: LoraConfig) -> tuple[Any, Any]:
+    from flexora_jax.lora import init_lora
+    from flexora_jax.models.llama import init_params
+
+    params = jax.eval_shape(lambda: init_params(model_config, jax.random.key(0)))
+    lora = jax.eval_shape(lambda: init_lora(model_config, lora_config, jax.random.key(0)))
+    return params, lora
+
+
+def _split(n: int, k: int) -> int:
+    """``n`` split over ``k`` devices (replicated when it does not divide, as the partition rules do)."""
+    return n // k if n % k == 0 else n
+
+
+def activation_bytes(model_config: ModelConfig, lora_config: LoraConfig, sizes: Mapping[str, int], batch: int,
+                     seq: int) -> dict[str, int]:
+    """Per-device residuals of one forward pass kept for its backward: ``{"layers", "logits"}`` in bytes."""
+    c = model_config
+    model = sizes["model"]
+    b = _split(batch, sizes["data"] * sizes["fsdp"])
+    t = seq
+    item = jnp.dtype(c.dtype).itemsize
+    heads = _split(c.num_attention_heads, model)
+    q, kv, f = _split(c.q_dim, model), _split(c.kv_dim, model), _split(c.intermediate_size, model)
+    ranks = sum(lora_config.rank_for(m, 0) for m in lora_config.target_modules)
+    per_token = item * (4 * c.hidden_size + 3 * q + 3 * kv + 4 * f) + 4 * ranks  # dtype residuals + fp32 LoRA
+    per_token += 2 * 4 * heads * t  # attention scores and probabilities (fp32), [heads, t] per query token
+    per_layer = b * t * per_token
+    if c.remat_layers:  # each block keeps its input; one block's residuals are rebuilt at a time
+        layers = c.num_hidden_layers * b * t * c.hidden_size * item + per_layer
+    else:
+        layers = c.num_hidden_layers * per_layer
+    logits = 3 * b * t * _split(c.vocab_size, model) * 4  # logits, log-softmax and its cotangent, fp32
+    return {"layers": int(layers), "logits": int(logits)}
+
+
+def plan_memory(model_config: ModelConfig, lora_config: LoraConfig, mesh_shape: Mapping[str, int],
+                inner_steps: int, batch: int, seq: int, remat: bool = True, dtype: str | None = None,
+                inner_optimizer: str = "adamw", finetune_optimizer: str = "adamw") -> dict[str, dict[str, int]]:
+    """Per-device bytes of one search step and one fine-tune step.
+
+    Args:
+      model_config: the base model (``dtype`` overrides its compute dtype, e.g. "bfloat16").
+      lora_config: the adapters (the search and the fine-tune are planned with the same LoRA).
+      mesh_shape: ``{"data": .., "fsdp": .., "model": ..}`` (missing axes are 1).
+      inner_steps: K, inner steps per search step.
+      batch, seq: the *global* batch of one inner step / fine-tune step, and the sequence length.
+      remat: the search's inner scan body is rematerialised (``SearchConfig.remat``).
+      inner_optimizer, finetune_optimizer: "adamw" / "adam" (2 moments) or "sgd" (none).
+
+    Returns:
+      ``{"search": {...}, "finetune": {...}}``, each with ``params``, ``lora``, ``optimizer``,
+      ``carries``, ``activations``, ``batch`` and ``total`` bytes per device.
+    """
+    import dataclasses
+
+    if dtype is not None:
+        model_config = dataclasses.replace(model_config, dtype=dtype)
+    sizes = axis_sizes(dict(mesh_shape))
+    unknown = set(mesh_shape) - set(AXES)
+    if unknown:
+        raise ValueError(f"unknown mesh axes {sorted(unknown)}; valid: {AXES}")
+    params, lora = _abstract(model_config, lora_config)
+    params_b = _sharded_bytes(params, sizes)
+    lora_b = _sharded_bytes(lora, sizes)
+    acts = activation_bytes(model_config, lora_config, sizes, batch, seq)
+    act_fwd = acts["layers"] + acts["logits"]
+    tokens_b = 3 * 4 * _split(batch, sizes["data"] * sizes["fsdp"]) * seq  # ids, attention and loss masks
+    L = model_config.num_hidden_layers
+
+    inner_opt = 2 * lora_b if inner_optimizer in _ADAM else 0
+    gates = 3 * 4 * L  # layer gates + their Adam moments
+    carry = lora_b + inner_opt
+    search_act = SEARCH_ACTIVATION_FACTOR * act_fwd * (1 if remat else inner_steps)
+    search = {"params": params_b, "lora": lora_b + gates, "optimizer": inner_opt,
+              "carries": inner_steps * carry, "activations": int(search_act),
+              "batch": (inner_steps + 1) * tokens_b}
+    ft_opt = 2 * lora_b if finetune_optimizer in _ADAM else 0
+    finetune = {"params": params_b, "lora": lora_b, "optimizer": ft_opt, "carries": 0,
+                "activations": int(TRAIN_ACTIVATION_FACTOR * act_fwd) + 2 * lora_b,  # + gradients, updates
+                "batch": tokens_b}
+    for plan in (search, finetune):
+        plan["total"] = sum(plan.values())
+    return {"search": search, "finetune": finetune}
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:.1f}"
+
+
+def memory_table(rows: list[dict[str, Any]]) -> str:
+    """A markdown table of plans: each row ``{"model", "slice", "mesh", "hbm_gb", "plan", ...}``.
+
+    ``plan`` is a :func:`plan_memory` result; a step fits when its total is below 90% of ``hbm_gb``
+    (headroom for XLA's scratch and fragmentation).
+    """
+    lines = ["| model | hardware | mesh (data, fsdp, model) | batch x seq, K | step | params | LoRA + opt "
+             "| K carries | activations | total GB / device | HBM GB | fits |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        mesh = r["mesh"]
+        shape = f"({mesh.get('data', 1)}, {mesh.get('fsdp', 1)}, {mesh.get('model', 1)})"
+        for step in ("search", "finetune"):
+            p = r["plan"][step]
+            fits = "yes" if p["total"] <= 0.9 * r["hbm_gb"] * 1e9 else "no"
+            lines.append(f"| {r['model']} | {r['slice']} | {shape} | {r['batch']} x {r['seq']}, K={r['k']} | {step} "
+                         f"| {_gb(p['params'])} | {_gb(p['lora'] + p['optimizer'])} | {_gb(p['carries'])} "
+                         f"| {_gb(p['activations'])} | {_gb(p['total'])} | {r['hbm_gb']} | {fits} |")
+    return "\n".join(lines)

@@ -1,0 +1,513 @@
+"""Scale out with JAX's SPMD partitioner: a device mesh, partition rules, sharded steps, multi-host.
+
+Design:
+- One ``Mesh`` with three Auto axes: ``data`` (batch), ``fsdp`` (parameters and batch) and ``model``
+  (tensor parallel). Every step is a ``jax.jit`` with explicit ``NamedSharding`` in/out shardings and
+  the state donated; XLA's partitioner inserts every collective (no hand-written communication).
+- Partition specs are derived from a leaf's *path* and shape, so one rule set covers the base params,
+  the LoRA params, any optax state over them (Adam's ``mu``/``nu`` hold LoRA-shaped pytrees at the same
+  relative paths) and the gates::
+
+      embed      [v, d]         P("model", "fsdp")     lm_head   [d, v]         P("fsdp", "model")
+      q/k/v/gate/up kernel [l, d, out]  P(None, "fsdp", "model")   bias [l, out]  P(None, "model")
+      o/down kernel        [l, in, d]   P(None, "model", "fsdp")   norms          replicated
+      LoRA a     [l, d_in, r]   P(None, <kernel's d_in axis>, None)
+      LoRA b     [l, r, d_out]  P(None, None, <kernel's d_out axis>)
+      gates, step counters, RNG keys    replicated
+      batches    [b, ...]       P(("data", "fsdp"))  ([K, b, ...] for the search's K inner batches)
+
+  A dimension that does not divide its mesh axis is replicated instead, with a warning, never a crash.
+- Multi-host: :func:`initialize_distributed` calls ``jax.distributed.initialize()`` when the
+  environment asks for it; every process builds the same global mesh, feeds its own rows through
+  :func:`global_batch` (``jax.make_array_from_process_local_data``) and writes files only on process 0
+  (:func:`is_main_process`, :func:`write_on_main`).
+
+Example::
+
+    mesh = make_mesh(MeshConfig(data=1, fsdp=-1, model=1))
+    step = shard_search_step(config, search, mesh, params, state, train_batches, val_batch)
+    params, state = step.place(params, state)
+    state, metrics = step(params, state, step.batch(train_batches, 2), step.batch(val_batch, 3))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from flexora_jax.config import ModelConfig
+from flexora_jax.errors import CheckpointError, ConfigError
+
+AXES = ("data", "fsdp", "model")
+BATCH_AXES = ("data", "fsdp")
+
+#: Spec of each linear kernel [l, d_in, d_out]: input projections shard d over fsdp and their output
+#: features over model; output projections the reverse (Megatron-style column / row parallel pairs).
+KERNEL_SPECS: dict[str, tuple] = {
+    "q_proj": (None, "fsdp", "model"), "k_proj": (None, "fsdp", "model"), "v_proj": (None, "fsdp", "model"),
+    "gate_proj": (None, "fsdp", "model"), "up_proj": (None, "fsdp", "model"),
+    "o_proj": (None, "model", "fsdp"), "down_proj": (None, "model", "fsdp"),
+}
+
+
+# ------------------------------------------------------------------------------------------- mesh
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes; one of them may be -1 (all the devices the others leave)."""
+
+    data: int = 1  # batch (pure data parallel: parameters replicated over it)
+    fsdp: int = -1  # batch and parameters (ZeRO-3 style: params gathered per layer)
+    model: int = 1  # tensor parallel (attention heads, MLP width, vocab)
+
+    def resolve(self, n_devices: int) -> tuple[int, int, int]:
+        """The concrete (data, fsdp, model) sizes for ``n_devices`` devices."""
+        sizes = [self.data, self.fsdp, self.model]
+        if sizes.count(-1) > 1:
+            raise ConfigError(f"MeshConfig: at most one axis may be -1, got {sizes}")
+        if any(s == 0 or s < -1 for s in sizes):
+            raise ConfigError(f"MeshConfig: axis sizes must be positive or -1, got {sizes}")
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            if n_devices % known:
+                raise ConfigError(f"MeshConfig {sizes}: {n_devices} devices are not a multiple of {known}")
+            sizes[sizes.index(-1)] = n_devices // known
+        if math.prod(sizes) != n_devices:
+            raise ConfigError(f"MeshConfig {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices, "
+                              f"{n_devices} are available; use -1 for one axis to take the rest")
+        return tuple(sizes)  # type: ignore[return-value]
+
+
+def make_mesh(mesh_config: MeshConfig | Mapping[str, int] | Sequence[int] | None = None,
+              devices: Sequence[Any] | None = None) -> Mesh:
+    """A ``(data, fsdp, model)`` mesh with Auto axis types over ``devices`` (default: all, global).
+
+    Args:
+      mesh_config: a :class:`MeshConfig`, a dict of axis sizes, or a (data, fsdp, model) tuple; None
+        means all devices on ``fsdp``.
+    """
+    if mesh_config is None:
+        mesh_config = MeshConfig()
+    elif isinstance(mesh_config, Mapping):
+        unknown = set(mesh_config) - set(AXES)
+        if unknown:
+            raise ConfigError(f"unknown mesh axes {sorted(unknown)}; valid: {AXES}")
+        mesh_config = MeshConfig(**{a: mesh_config.get(a, 1) for a in AXES})
+    elif not isinstance(mesh_config, MeshConfig):
+        mesh_config = MeshConfig(*mesh_config)
+    devices = list(jax.devices() if devices is None else devices)
+    shape = mesh_config.resolve(len(devices))
+    return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
+
+
+def axis_sizes(mesh: Mesh | Mapping[str, int]) -> dict[str, int]:
+    """``{axis: size}`` of a mesh, or of a plain dict (missing axes are 1)."""
+    if isinstance(mesh, Mesh):
+        return dict(mesh.shape)
+    return {a: int(mesh.get(a, 1)) for a in AXES}
+
+
+# ----------------------------------------------------------------------------------- partition rules
+def _names(path: tuple) -> list[str]:
+    out = []
+    for k in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(k, attr):
+                out.append(str(getattr(k, attr)))
+                break
+    return out
+
+
+def _rule(names: list[str], ndim: int) -> tuple:
+    """The wanted spec (before divisibility checks) of a leaf at ``names`` with ``ndim`` dims."""
+    last = names[-1] if names else ""
+    parent = names[-2] if len(names) > 1 else ""
+    if last in ("a", "b") and parent in KERNEL_SPECS and len(names) > 2 and names[-3] == "weights" and ndim == 3:
+        kernel = KERNEL_SPECS[parent]
+        return (None, kernel[1], None) if last == "a" else (None, None, kernel[2])
+    if last == "kernel" and parent in KERNEL_SPECS and ndim == 3:
+        return KERNEL_SPECS[parent]
+    if last == "bias" and parent in KERNEL_SPECS and ndim == 2:
+        return (None, KERNEL_SPECS[parent][2])
+    if last == "embed" and ndim == 2:
+        return ("model", "fsdp")
+    if last == "lm_head" and ndim == 2:
+        return ("fsdp", "model")
+    return ()
+
+
+def _fit(spec: Sequence[Any], shape: tuple[int, ...], sizes: Mapping[str, int], where: str) -> P:
+    """``spec`` with every axis that does not divide its dimension dropped (replicated), with a warning."""
+    out = []
+    for dim, axes in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
+        group = (axes,) if isinstance(axes, str) else tuple(axes or ())
+        group = tuple(a for a in group if sizes.get(a, 1) > 1)
+        n = math.prod(sizes[a] for a in group) if group else 1
+        if group and shape[dim] % n:
+            warnings.warn(f"sharding: {where} dim {dim} has size {shape[dim]}, not divisible by mesh axes "
+                          f"{group} ({n} devices); that dimension is replicated", stacklevel=3)
+            group = ()
+        out.append(None if not group else group[0] if len(group) == 1 else group)
+    while out and out[-1] is None:
+        out.pop()
+    return P(*out)
+
+
+def partition_specs(tree: Any, mesh: Mesh | Mapping[str, int]) -> Any:
+    """A ``PartitionSpec`` for every leaf of ``tree``, from its path and shape (rules in the module docstring).
+
+    Works on base params, :class:`~flexora_jax.lora.LoraParams`, search / train states (optax states
+    included), gates, and their ``jax.eval_shape`` abstractions.
+    """
+    sizes = axis_sizes(mesh)
+
+    def spec(path, leaf):
+        shape = tuple(np.shape(leaf))
+        names = _names(path)
+        return _fit(_rule(names, len(shape)), shape, sizes, "/".join(names) or "leaf")
+
+    return jax.tree_util.tree_map_with_path(spec, tree)
+
+
+def batch_specs(tree: Any, mesh: Mesh | Mapping[str, int], batch_dim: int = 0) -> Any:
+    """Specs sharding dim ``batch_dim`` of every leaf over ``("data", "fsdp")`` (replicated if it does not divide)."""
+    sizes = axis_sizes(mesh)
+
+    def spec(path, leaf):
+        shape = tuple(np.shape(leaf))
+        if len(shape) <= batch_dim:
+            return P()
+        want = (None,) * batch_dim + (BATCH_AXES,)
+        return _fit(want, shape, sizes, "batch " + "/".join(_names(path)))
+
+    return jax.tree_util.tree_map_with_path(spec, tree)
+
+
+def named(specs: Any, mesh: Mesh) -> Any:
+    """``PartitionSpec`` tree -> ``NamedSharding`` tree on ``mesh``."""
+    return jax.tree.map(lambda s: NamedSharding(mesh, s), specs, is_leaf=lambda x: isinstance(x, P))
+
+
+def shardings(tree: Any, mesh: Mesh) -> Any:
+    """``NamedSharding`` of every leaf of a params / LoRA / state pytree."""
+    return named(partition_specs(tree, mesh), mesh)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def put(tree: Any, shardings_tree: Any) -> Any:
+    """``jax.device_put`` that also places typed PRNG keys on shardings spanning several processes."""
+    def one(x, s):
+        if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
+            return jax.random.wrap_key_data(jax.device_put(jax.random.key_data(x), s), impl=jax.random.key_impl(x))
+        return jax.device_put(x, s)
+
+    return jax.tree.map(one, tree, shardings_tree)
+
+
+def shard(tree: Any, mesh: Mesh, specs: Any = None) -> Any:
+    """Place ``tree`` on ``mesh`` (specs from :func:`partition_specs` unless given).
+
+    Host values must be equal on every process (jax checks it across hosts).
+    """
+    specs = partition_specs(tree, mesh) if specs is None else specs
+    return put(tree, named(specs, mesh))
+
+
+def global_batch(local: Any, mesh: Mesh, batch_dim: int = 0) -> Any:
+    """Assemble each process's rows into global arrays sharded over ``("data", "fsdp")``.
+
+    Every process passes the rows :func:`local_rows` names (``global batch / process_count`` rows); where
+    the batch cannot be sharded (it does not divide the mesh) every process passes the whole batch.
+    On a single process this is a plain sharded ``device_put``.
+    """
+    n = jax.process_count()
+
+    def scaled(x):
+        shape = tuple(np.shape(x))
+        return tuple(d * n if i == batch_dim else d for i, d in enumerate(shape))
+
+    specs = batch_specs(jax.tree.map(lambda x: jax.ShapeDtypeStruct(scaled(x), np.asarray(x).dtype), local),
+                        mesh, batch_dim)
+
+    def one(spec, x):
+        x = np.asarray(x)
+        sharded = len(spec) > batch_dim and spec[batch_dim] is not None
+        shape = scaled(x) if sharded else x.shape
+        return jax.make_array_from_process_local_data(NamedSharding(mesh, spec), x, shape)
+
+    return jax.tree.map(one, specs, local, is_leaf=lambda x: isinstance(x, P))
+
+
+def local_rows(mesh: Mesh, global_rows: int) -> slice:
+    """The rows of a global batch that this process's devices hold (what its data loader should read)."""
+    spec = _fit((BATCH_AXES,), (global_rows,), axis_sizes(mesh), "batch")
+    index = NamedSharding(mesh, spec).addressable_devices_indices_map((global_rows,))
+    starts = [idx[0].indices(global_rows) for idx in index.values()]
+    lo, hi = min(s[0] for s in starts), max(s[1] for s in starts)
+    if spec == P() or jax.process_count() == 1:
+        return slice(0, global_rows)
+    return slice(lo, hi)
+
+
+# ------------------------------------------------------------------------------------- sharded steps
+@dataclasses.dataclass(frozen=True, eq=False)
+class ShardedStep:
+    """A jitted step with explicit in/out shardings; :meth:`place` puts arguments where it wants them."""
+
+    fn: Callable[..., Any]  # the jax.jit-ed function
+    mesh: Mesh
+    in_shardings: tuple  # one NamedSharding pytree per positional argument
+    out_shardings: Any
+    batch_dims: Mapping[int, int] = dataclasses.field(default_factory=dict)  # arg -> its batch dim
+
+    def __call__(self, *args: Any) -> Any:
+        return self.fn(*args)
+
+    def place(self, *args: Any) -> tuple:
+        """``jax.device_put`` of the leading arguments onto their in-shardings (params, state, ...)."""
+        return tuple(put(a, s) for a, s in zip(args, self.in_shardings))
+
+    def batch(self, local: Any, arg: int) -> Any:
+        """Process-local rows of positional argument ``arg`` assembled into its global sharded array."""
+        return global_batch(local, self.mesh, self.batch_dims[arg])
+
+    def lower(self, *args: Any) -> Any:
+        return self.fn.lower(*args)
+
+
+def shard_search_step(config: ModelConfig, search: Any, mesh: Mesh, params: Any, state: Any,
+                      train_batches: Any, val_batch: Any) -> ShardedStep:
+    """The search step of :func:`flexora_jax.bilevel.make_search_step` under ``mesh``.
+
+    ``(params, state, train_batches [K, b, ...], val_batch [b, ...]) -> (state, metrics)`` with params
+    and state sharded by :func:`partition_specs`, batches over ``("data", "fsdp")`` (the K axis
+    replicated), metrics replicated, and the state donated. The arguments only give shapes.
+    """
+    from flexora_jax.bilevel import make_search_step
+
+    inner = make_search_step(config, search)
+    state_s = shardings(state, mesh)
+    in_s = (shardings(params, mesh), state_s, named(batch_specs(train_batches, mesh, 1), mesh),
+            named(batch_specs(val_batch, mesh, 0), mesh))
+    out_s = (state_s, replicated(mesh))
+    fn = jax.jit(lambda p, s, tb, vb: inner(p, s, tb, vb), in_shardings=in_s, out_shardings=out_s,
+                 donate_argnums=1)
+    return ShardedStep(fn, mesh, in_s, out_s, {2: 1, 3: 0})
+
+
+def shard_train_step(config: ModelConfig, cfg: Any, steps: int, mesh: Mesh, params: Any, state: Any,
+                     batch: Any, gates: Any = None) -> ShardedStep:
+    """The fine-tune step of :func:`flexora_jax.train.make_train_step` under ``mesh``.
+
+    ``(params, state, batch, gates) -> (state, {"loss", "grad_norm"})``; ``gates`` is always passed
+    (None for plain LoRA). State donated, metrics replicated.
+    """
+    from flexora_jax.train import make_train_step
+
+    inner = make_train_step(config, cfg, steps)
+    state_s = shardings(state, mesh)
+    in_s = (shardings(params, mesh), state_s, named(batch_specs(batch, mesh, 0), mesh), shardings(gates, mesh))
+    out_s = (state_s, replicated(mesh))
+    fn = jax.jit(lambda p, s, b, g: inner(p, s, b, g), in_shardings=in_s, out_shardings=out_s, donate_argnums=1)
+    return ShardedStep(fn, mesh, in_s, out_s, {2: 0})
+
+
+def shard_eval_step(config: ModelConfig, mesh: Mesh, params: Any, lora: Any = None, gates: Any = None,
+                    batch_size: int = 32, width: int = 128) -> ShardedStep:
+    """The evaluation scorer (``evaluation._score_batch``) under ``mesh``.
+
+    ``(params, lora, gates, tokens, attention_mask, targets, score_mask) -> (logprob [b], greedy [b])``,
+    rows over ``("data", "fsdp")``, results replicated. Any width compiles its own program.
+    """
+    from flexora_jax.evaluation import _score_batch
+
+    rows = jax.ShapeDtypeStruct((batch_size, width), np.int32)
+    row_s = named(batch_specs(rows, mesh), mesh)
+    in_s = (shardings(params, mesh), shardings(lora, mesh), shardings(gates, mesh), row_s, row_s, row_s, row_s)
+    out_s = replicated(mesh)
+    fn = jax.jit(lambda p, l, g, t, a, y, s: _score_batch(config, p, l, g, t, a, y, s),
+                 in_shardings=in_s, out_shardings=out_s)
+    return ShardedStep(fn, mesh, in_s, out_s, {3: 0, 4: 0, 5: 0, 6: 0})
+
+
+# ------------------------------------------------------------------------------------ loading
+def load_model_sharded(path: str | os.PathLike, mesh: Mesh, dtype: str = "float32",
+                       **config_overrides: Any) -> tuple[ModelConfig, Any]:
+    """``(config, params)`` from an HF directory, each param built straight into its sharding.
+
+    Every device's shard is read from the safetensors files as a slice (``safe_open(...).get_slice``):
+    no process ever holds a full copy of a sharded tensor, only the rows its own devices need.
+    """
+    import jax.numpy as jnp
+    from safetensors import safe_open
+
+    from flexora_jax.models.loading import _weight_files, hf_tensor_names, load_config, resolve_model_dir
+    from flexora_jax.models.llama import param_shapes
+
+    directory = resolve_model_dir(path)
+    config = load_config(directory, dtype=dtype, **config_overrides)
+    files = _weight_files(directory)
+    readers = {f: safe_open(str(f), framework="flax") for f in files}
+    where = {name: f for f, r in readers.items() for name in r.keys()}
+    names = hf_tensor_names(config)
+    shapes = param_shapes(config)
+    by_path: dict[tuple, dict] = {}
+    for name, (ppath, layer, transpose) in names.items():
+        if name not in where:
+            raise CheckpointError(f"{directory}: missing tensor {name} for a {config.num_hidden_layers}-layer "
+                                  f"{config.model_type} model")
+        by_path.setdefault(ppath, {})[layer] = (name, transpose)
+    target = jnp.dtype(config.dtype)
+
+    def read(name: str, transpose: bool, index: tuple) -> np.ndarray:
+        sl = readers[where[name]].get_slice(name)
+        hf_index = tuple(reversed(index)) if transpose else index
+        arr = np.asarray(sl[hf_index])
+        return (arr.T if transpose else arr).astype(target)
+
+    def build(ppath: tuple, shape: tuple) -> jax.Array:
+        entries = by_path[ppath]
+        stacked = None not in entries
+        for layer, (name, transpose) in entries.items():
+            got = tuple(readers[where[name]].get_slice(name).get_shape())
+            want = tuple(shape[1:] if stacked else shape)
+            if got != (tuple(reversed(want)) if transpose else want):
+                raise CheckpointError(f"{where[name]}: tensor {name} has shape {got}, expected "
+                                      f"{tuple(reversed(want)) if transpose else want} from config.json")
+        spec = _fit(_rule(list(ppath), len(shape)), shape, axis_sizes(mesh), "/".join(ppath))
+
+        def callback(index: tuple) -> np.ndarray:
+            index = tuple(slice(*s.indices(n)) for s, n in zip(index, shape))
+            if not stacked:
+                name, transpose = entries[None]
+                return read(name, transpose, index)
+            return np.stack([read(*entries[i], index[1:]) for i in range(*index[0].indices(shape[0]))])
+
+        return jax.make_array_from_callback(shape, NamedSharding(mesh, spec), callback)
+
+    params: dict = {}
+    for ppath in by_path:
+        shape = shapes
+        for p in ppath:
+            shape = shape[p]
+        node = params
+        for p in ppath[:-1]:
+            node = node.setdefault(p, {})
+        node[ppath[-1]] = build(ppath, tuple(shape))
+    return config, params
+
+
+# ----------------------------------------------------------------------------- sharded checkpoints
+def save_sharded(directory: str | os.PathLike, tree: Any) -> Path:
+    """Write a (sharded) pytree with orbax: every process writes its own shards; returns the path."""
+    import orbax.checkpoint as ocp
+
+    from flexora_jax.checkpoint import to_savable
+
+    path = Path(directory).absolute()
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(path, to_savable(tree), force=True)
+        ckpt.wait_until_finished()
+    return path
+
+
+def restore_sharded(directory: str | os.PathLike, template: Any, mesh: Mesh, specs: Any = None) -> Any:
+    """Restore a :func:`save_sharded` checkpoint onto ``mesh`` (any mesh shape), shaped like ``template``.
+
+    Each device reads only its shard of the new layout; ``template`` (real or ``jax.eval_shape`` values)
+    gives the structure, shapes and dtypes, ``specs`` the layout (default :func:`partition_specs`).
+    """
+    import orbax.checkpoint as ocp
+
+    from flexora_jax.checkpoint import to_savable
+
+    specs = partition_specs(template, mesh) if specs is None else specs
+    savable = jax.eval_shape(to_savable, template)  # typed PRNG keys -> their uint32 key data
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s)),
+                            savable, specs, is_leaf=lambda x: isinstance(x, P))
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            restored = ckpt.restore(Path(directory).absolute(), abstract)
+    except Exception as exc:  # orbax raises ValueError / FileNotFoundError / tensorstore errors
+        raise CheckpointError(f"could not restore {directory} onto mesh {dict(mesh.shape)} "
+                              f"({type(exc).__name__}: {exc})") from None
+
+    def unwrap(x, t):
+        if not jax.dtypes.issubdtype(t.dtype, jax.dtypes.prng_key):
+            return x
+        return jax.random.wrap_key_data(x, impl=jax.random.key_impl(t) if isinstance(t, jax.Array) else None)
+
+    return jax.tree.map(unwrap, restored, template)
+
+
+# ------------------------------------------------------------------------------------- multi-host
+def initialize_distributed(force: bool = False) -> bool:
+    """``jax.distributed.initialize()`` when the environment asks for it; True if running multi-process.
+
+    It is asked for by ``JAX_COORDINATOR_ADDRESS`` (with ``JAX_NUM_PROCESSES`` / ``JAX_PROCESS_ID``),
+    by a cluster jax detects itself (a TPU pod slice, SLURM, Open MPI) when ``FLEXORA_DISTRIBUTED=1``,
+    or by ``force``. On CPU the gloo collectives are switched on. Calling it twice is harmless.
+    """
+    if jax.distributed.is_initialized():
+        return jax.process_count() > 1
+    env = os.environ
+    kwargs: dict[str, Any] = {}
+    if env.get("JAX_COORDINATOR_ADDRESS"):
+        kwargs["coordinator_address"] = env["JAX_COORDINATOR_ADDRESS"]
+        if env.get("JAX_NUM_PROCESSES"):
+            kwargs["num_processes"] = int(env["JAX_NUM_PROCESSES"])
+        if env.get("JAX_PROCESS_ID"):
+            kwargs["process_id"] = int(env["JAX_PROCESS_ID"])
+    elif not (force or env.get("FLEXORA_DISTRIBUTED") == "1"):
+        return False
+    if env.get("JAX_PLATFORMS", "").startswith("cpu"):
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(**kwargs)
+    return jax.process_count() > 1
+
+
+def is_main_process() -> bool:
+    """True on process 0 (the one that logs and writes run files)."""
+    return jax.process_index() == 0
+
+
+def write_on_main(path: str | os.PathLike, content: str | bytes | Mapping[str, Any]) -> bool:
+    """Write ``content`` (text, bytes, or a dict as JSON) to ``path`` on process 0 only; True if written."""
+    if not is_main_process():
+        return False
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(content, Mapping):
+        content = json.dumps(content, indent=2, default=float) + "\n"
+    tmp = path.with_name(path.name + ".tmp")
+    if isinstance(content, bytes):
+        tmp.write_bytes(content)
+    else:
+        tmp.write_text(content)
+    os.replace(tmp, path)
+    return True
+
+
+def fetch(tree: Any) -> Any:
+    """Global arrays -> numpy on every process (gathers shards that live on other hosts)."""
+    from jax.experimental import multihost_utils
+
+    def one(x):
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return np.asarray(x)
+        if x.is_fully_replicated:
+            return np.asarray(x.addressable_data(0))
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+    return jax.tree.map(one, tree)
