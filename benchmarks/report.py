@@ -115,12 +115,26 @@ def _scaling_table(d: dict) -> str:
     return bench_scaling.table(d)
 
 
+def _eval_table(d: dict) -> str:
+    from benchmarks import bench_eval
+
+    return bench_eval.table(d)
+
+
+def _accuracy_table(d: dict) -> str:
+    from benchmarks import accuracy_table
+
+    return accuracy_table.table(d)
+
+
 TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "forward": ("forward.json", table_forward),
     "finetune": ("finetune.json", table_finetune),
     "search": ("search.json", table_search),
     "generate": ("generate.json", table_generate),
     "scaling": ("scaling.json", _scaling_table),
+    "eval": ("eval.json", _eval_table),
+    "accuracy": ("accuracy.json", _accuracy_table),
 }
 
 

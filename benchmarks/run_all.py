@@ -13,10 +13,15 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from benchmarks import bench_generate, bench_scaling, finetune, forward, report, search  # noqa: E402
+import functools  # noqa: E402
+
+from benchmarks import (accuracy_table, bench_eval, bench_generate, bench_scaling, finetune, forward,  # noqa: E402
+                        report, search)
 
 RUNNERS = {"forward": forward.run, "finetune": finetune.run, "search": search.run,
-           "generate": bench_generate.run, "scaling": bench_scaling.run}
+           "generate": bench_generate.run, "scaling": bench_scaling.run, "eval": bench_eval.run,
+           "accuracy": functools.partial(accuracy_table.run, limit=500,
+                                         limits={"race_middle": 150, "race_high": 150, "boolq": 250})}
 
 
 def run_all(smoke: bool = False, only: list[str] | None = None, out_dir: str | None = None,

@@ -99,9 +99,7 @@ def test_truncation_is_counted_per_task(ours):
 
 
 def test_few_compiled_programs(ours):
-    from flexora_jax.tasks.sft import length_buckets
-
-    assert 1 <= COMPILED["programs"] <= len(length_buckets(MAX_LENGTH))  # 100 examples, ~280 requests
+    assert 1 <= COMPILED["programs"] <= len(evaluation.score_buckets(MAX_LENGTH))  # 100 examples, ~280 requests
 
 
 def test_bad_inputs_raise_clear_errors(model):
