@@ -22,7 +22,7 @@ import jax
 import numpy as np
 
 from benchmarks import common, harness
-from flexora_jax.generate import _decode, generate
+from flexora_jax.generation import _decode, generate
 from flexora_jax.models.llama import init_params
 
 #: case -> (model, batch, prompt tokens, new tokens, repeats)

@@ -15,7 +15,7 @@ from flexora_jax.search import SearchResult, search
 from flexora_jax.selection import Selection, select, select_layers, select_ranks
 from flexora_jax.train import dataset_loss, finetune
 from flexora_jax.evaluation import evaluate, evaluate_generative
-from flexora_jax.generate import GenerateOutput, generate
+from flexora_jax.generation import GenerateOutput, generate
 from flexora_jax.models import (causal_lm_loss, convert_llama2c, forward, init_params, load_config, load_model,
                                 load_tokenizer, save_model, soft_lm_loss)
 

@@ -20,7 +20,7 @@ accuracies), ``acc_micro`` (= ``acc``, over all examples) and the per-group figu
 
 Generative tasks (GSM8K, AQuA; :class:`~flexora_jax.tasks.generative.GenRecord`) are scored by
 :func:`evaluate_generative`: prompts are left-truncated to ``max_length - max_new_tokens`` tokens (as
-lm-eval's HF model does), continued greedily by :func:`flexora_jax.generate.generate`, cut at the
+lm-eval's HF model does), continued greedily by :func:`flexora_jax.generation.generate`, cut at the
 task's stop strings, and the extracted answer is compared by exact match. ``evaluate`` dispatches
 to it for such tasks.
 """
@@ -282,7 +282,7 @@ def evaluate_generative(config: ModelConfig, params: Any, tokenizer: Any, task: 
       ``flexible-extract`` is under ``filters``).
     """
     from flexora_jax import tasks
-    from flexora_jax.generate import generate
+    from flexora_jax.generation import generate
     from flexora_jax.tasks import generative
 
     if isinstance(task, (str, tasks.TaskSpec)):

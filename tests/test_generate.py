@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flexora_jax import generate as gen
+from flexora_jax import generation as gen
 from flexora_jax.config import LoraConfig, ModelConfig
 from flexora_jax.errors import ConfigError, DataError
 from flexora_jax.lora import init_lora, merge
