@@ -135,6 +135,7 @@ TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "scaling": ("scaling.json", _scaling_table),
     "eval": ("eval.json", _eval_table),
     "accuracy": ("accuracy.json", _accuracy_table),
+    "end_to_end": ("end_to_end.json", lambda d: __import__("benchmarks.end_to_end", fromlist=["table"]).table(d)),
 }
 
 

@@ -15,11 +15,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import functools  # noqa: E402
 
-from benchmarks import (accuracy_table, bench_eval, bench_generate, bench_scaling, finetune, forward,  # noqa: E402
-                        report, search)
+from benchmarks import (accuracy_table, bench_eval, bench_generate, bench_scaling, end_to_end, finetune,  # noqa: E402
+                        forward, report, search)
 
 RUNNERS = {"forward": forward.run, "finetune": finetune.run, "search": search.run,
-           "generate": bench_generate.run, "scaling": bench_scaling.run, "eval": bench_eval.run,
+           "end_to_end": functools.partial(end_to_end.run, search_steps=100), "generate": bench_generate.run, "scaling": bench_scaling.run, "eval": bench_eval.run,
            "accuracy": functools.partial(accuracy_table.run, limit=500,
                                          limits={"race_middle": 150, "race_high": 150, "boolq": 250})}
 

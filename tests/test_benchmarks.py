@@ -78,3 +78,13 @@ def test_report_rewrites_tables(smoke_results, tmp_path):
     text = md.read_text()
     assert "old" not in text and "kept search" in text and "intro" in text
     assert "| tiny |" in text and "python -m benchmarks" in text
+
+
+def test_end_to_end_smoke(tmp_path):
+    from benchmarks import end_to_end
+
+    d = end_to_end.run(smoke=True, out_dir=str(tmp_path))
+    assert (tmp_path / "end_to_end_smoke.json").exists()
+    assert d["flexora_total_s"] > d["search_s"] > 0 and d["lora_all_s"] > 0
+    assert d["ratio"] == d["flexora_total_s"] / d["lora_all_s"]
+    assert "first-order" in end_to_end.table(d)
