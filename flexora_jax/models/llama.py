@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexora_jax.config import ALL_MODULES, ModelConfig
+from flexora_jax.models.attention import recompute_attention_hm
 
 Params = dict[str, Any]
 
@@ -135,11 +136,9 @@ def block(config: ModelConfig, layer: Params, h: jax.Array, cos: jax.Array, sin:
     v = lin(x, "v_proj").reshape(b, t, nk, e)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     q = q.reshape(b, t, nk, nh // nk, e)  # query heads grouped by the KV head they share
-    scores = jnp.einsum("btkge,bske->bkgts", q, k,
-                        preferred_element_type=_acc(h.dtype)) / math.sqrt(e)
-    scores = scores + bias[:, :, None]  # [b, k, g, t, s]
-    probs = jax.nn.softmax(scores, axis=-1).astype(h.dtype)
-    attn = jnp.einsum("bkgts,bske->btkge", probs, v).reshape(b, t, nh * e)
+    # Heads-major batched matmuls under jax.checkpoint: the layer scan keeps q, k, v per layer instead
+    # of the [b, k, g, t, s] probabilities, which the backward pass recomputes (see attention.py).
+    attn = recompute_attention_hm(q, k, v, bias).reshape(b, t, nh * e)
     h = h + lin(attn, "o_proj")
 
     x = rms_norm(h, layer["post_attention_norm"], config.rms_norm_eps)
