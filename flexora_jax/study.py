@@ -134,7 +134,7 @@ def aggregate(out: str | Path) -> dict[str, Any]:
 
 def render_markdown(result: dict[str, Any]) -> str:
     """One table per experiment: rows (variant, method), mean +- std over seeds."""
-    cols = ["test_loss", "acc", "precision", "recall", "num_layers", "trainable_params", "finetune_s"]
+    cols = ["test_loss", "floor", "acc", "precision", "recall", "num_layers", "trainable_params", "finetune_s"]
     lines = []
     for exp, variants in result.items():
         lines += [f"### {exp}", "", "| variant | method | " + " | ".join(cols) + " | seeds |",
