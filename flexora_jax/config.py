@@ -505,6 +505,84 @@ class EvalConfig:
         _check(isinstance(self.limit, int) and self.limit >= 0, f"eval.limit must be >= 0, got {self.limit!r}")
 
 
+MESH_AXES = ("data", "fsdp", "model")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """The device mesh of a run: axis sizes of ``(data, fsdp, model)``; one of them may be -1.
+
+    -1 takes all the devices the other axes leave. The default puts every device on ``fsdp`` (on one
+    device that is the plain single-device run). The sizes must multiply to the device count, checked
+    by :meth:`resolve` once the devices are known (``jax.device_count()`` after
+    ``jax.distributed.initialize()`` on a pod); ``num_devices`` > 0 builds the mesh over only the
+    first ``num_devices`` devices (single-process only), e.g. a 1-device run on an 8-device host.
+    """
+
+    data: int = 1  # batch (pure data parallel: parameters replicated over it)
+    fsdp: int = -1  # batch and parameters (ZeRO-3 style: params gathered per layer)
+    model: int = 1  # tensor parallel (attention heads, MLP width, vocab)
+    num_devices: int = 0  # use the first N devices; 0 = all of them (jax.device_count())
+
+    def __post_init__(self) -> None:
+        sizes = self.sizes
+        bad = [f"mesh.{a}={v!r}" for a, v in zip(MESH_AXES, sizes)
+               if not isinstance(v, int) or isinstance(v, bool) or v == 0 or v < -1]
+        _check(not bad, f"mesh: axis sizes must be positive integers or -1, got {', '.join(bad)} "
+                        f"(sizes {self._sizes_text()})")
+        _check(sizes.count(-1) <= 1, f"mesh: at most one axis may be -1, got {self._sizes_text()}; "
+                                     "give the others explicit sizes")
+        _check(isinstance(self.num_devices, int) and not isinstance(self.num_devices, bool)
+               and self.num_devices >= 0,
+               f"mesh.num_devices must be an integer >= 0 (0 = all devices), got {self.num_devices!r}")
+
+    @property
+    def sizes(self) -> list[int]:
+        return [self.data, self.fsdp, self.model]
+
+    def _sizes_text(self) -> str:
+        return ", ".join(f"{a}={v!r}" for a, v in zip(MESH_AXES, self.sizes))
+
+    def resolve(self, n_devices: int | None = None) -> tuple[int, int, int]:
+        """The concrete (data, fsdp, model) sizes for ``n_devices`` devices (default: the devices to use).
+
+        ``n_devices`` defaults to ``num_devices`` or else ``jax.device_count()``. Raises
+        :class:`ConfigError` naming the ``mesh`` keys, the sizes and the device count when they do not fit.
+        """
+        if n_devices is None:
+            n_devices = self.devices_to_use()
+        sizes = self.sizes
+        known = math.prod(s for s in sizes if s != -1)
+        where = (f"mesh.num_devices={self.num_devices}" if self.num_devices
+                 else "jax.device_count()")
+        if -1 in sizes:
+            if n_devices % known:
+                raise ConfigError(f"mesh: sizes {self._sizes_text()} do not fit {n_devices} devices "
+                                  f"({where}): {n_devices} is not a multiple of {known}; set "
+                                  "mesh.data / mesh.fsdp / mesh.model so they multiply to the device count")
+            sizes[sizes.index(-1)] = n_devices // known
+        if math.prod(sizes) != n_devices:
+            raise ConfigError(f"mesh: sizes {self._sizes_text()} multiply to {math.prod(sizes)}: the mesh "
+                              f"needs {math.prod(sizes)} devices, but {n_devices} are available ({where}); set mesh.data / mesh.fsdp / mesh.model "
+                              "so they multiply to the device count (use -1 for one axis to take the rest)")
+        return tuple(sizes)  # type: ignore[return-value]
+
+    def devices_to_use(self) -> int:
+        """``num_devices`` (checked against ``jax.device_count()``) or all devices."""
+        import jax
+
+        available = jax.device_count()
+        if not self.num_devices:
+            return available
+        if self.num_devices > available:
+            raise ConfigError(f"mesh.num_devices={self.num_devices} exceeds the {available} available devices "
+                              "(jax.device_count()); expected 0 (all) or at most that many")
+        if self.num_devices != available and jax.process_count() > 1:
+            raise ConfigError(f"mesh.num_devices={self.num_devices}: a subset of the {available} devices "
+                              f"cannot be used across {jax.process_count()} processes; set it to 0 (all)")
+        return self.num_devices
+
+
 @dataclasses.dataclass(frozen=True)
 class CheckpointConfig:
     """Resumable orbax checkpoints under ``<output_dir>/checkpoints``."""
@@ -553,6 +631,7 @@ class RunConfig:
     finetune: FinetuneConfig = dataclasses.field(default_factory=_default_run_finetune)
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
+    mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # device mesh (see docs/scaling.md)
 
     def __post_init__(self) -> None:
         _check(self.method in METHODS, f"method must be one of {list(METHODS)}, got {self.method!r}")

@@ -193,6 +193,7 @@ class Workspace:
     tokenizer: Any = None
     planted: Any = None  # the PlantedTask of the embedded default
     model_source: str | None = None  # model directory recorded in the adapter config
+    mesh: Any = None  # the run's jax.sharding.Mesh when it spans more than one device (params live sharded on it)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
@@ -284,7 +285,7 @@ def _resolve_model(config: RunConfig, run_dir: Path) -> str:
     return str(out)
 
 
-def _prepare_task(config: RunConfig, run_dir: Path) -> tuple[ModelConfig, Any, Any, str, TaskData]:
+def _prepare_task(config: RunConfig, run_dir: Path, mesh: Any = None) -> tuple[ModelConfig, Any, Any, str, TaskData]:
     """A real multiple-choice task: model + tokenizer, SFT token data for search / fine-tune, test records.
 
     The search trains on the first ``task.n_train`` training examples and the fine-tune on the first
@@ -294,12 +295,12 @@ def _prepare_task(config: RunConfig, run_dir: Path) -> tuple[ModelConfig, Any, A
     import datasets
 
     from flexora_jax import tasks
-    from flexora_jax.models.loading import load_model, load_tokenizer
+    from flexora_jax.models.loading import load_tokenizer
     from flexora_jax.tasks.sft import sft_dataset
 
     tc = config.task
     source = _resolve_model(config, run_dir)
-    model_config, params = load_model(source, dtype=config.model.dtype, allow_pickle=config.model.allow_pickle)
+    model_config, params = _load_base(config, source, mesh)
     tokenizer = load_tokenizer(source)
     _check_tokenizer(tokenizer, model_config, source)
     kwargs = dict(source=tc.source, data_dir=tc.data_dir, seed=tc.split_seed)
@@ -339,6 +340,38 @@ def _prepare_task(config: RunConfig, run_dir: Path) -> tuple[ModelConfig, Any, A
     return model_config, params, tokenizer, source, data
 
 
+def _load_base(config: RunConfig, source: str, mesh: Any) -> tuple[ModelConfig, Any]:
+    """The base model; on a multi-device mesh each parameter is built straight into its sharding."""
+    from flexora_jax.models.loading import load_model
+
+    if mesh is None:
+        return load_model(source, dtype=config.model.dtype, allow_pickle=config.model.allow_pickle)
+    from flexora_jax import sharding as sh
+
+    try:
+        return sh.load_model_sharded(source, mesh, dtype=config.model.dtype)
+    except Exception:  # noqa: BLE001 - load_model below names the problem (a CheckpointError naming the file)
+        pass
+    # load_model raises the checkpoint's problem, or reads a pickle-only checkpoint (model.allow_pickle)
+    model_config, params = load_model(source, dtype=config.model.dtype, allow_pickle=config.model.allow_pickle)
+    return model_config, sh.shard(params, mesh)
+
+
+def run_mesh(config: RunConfig) -> Any:
+    """The run's device mesh from its ``mesh:`` section, or None when it is a single device.
+
+    Initialises ``jax.distributed`` first when the environment asks for it (a pod slice, a GPU
+    cluster: :func:`flexora_jax.sharding.initialize_distributed`), so the device count is the global
+    one. Raises :class:`ConfigError` when the mesh sizes do not match the devices.
+    """
+    from flexora_jax import sharding as sh
+
+    sh.initialize_distributed()
+    config.mesh.resolve()  # ConfigError naming the mesh keys, the sizes and the device count
+    mesh = sh.make_mesh(config.mesh)
+    return None if mesh.size == 1 else mesh
+
+
 def _fitting(records: list, tokenizer: Any, max_length: int) -> list:
     """The records whose gold answer leaves room for at least one prompt token within ``max_length``."""
     from flexora_jax.tasks.sft import encode_pair
@@ -368,6 +401,7 @@ def prepare(config: RunConfig, resume: bool = False, stage: str = "run") -> Work
     """
     if config.task.name == PLANTED_TASK:  # config errors first, before the run directory is looked at
         _validate_for_layers(config, config.task.planted.num_layers, "the planted model")
+    mesh = run_mesh(config)
     run_dir = Path(config.output_dir).absolute()
     saved = run_dir / CONFIG_FILE
     if saved.exists():
@@ -375,7 +409,8 @@ def prepare(config: RunConfig, resume: bool = False, stage: str = "run") -> Work
         if stage == "run" and not resume:
             raise ConfigError(f"{run_dir} already holds a run ({CONFIG_FILE} exists); pass --resume to continue "
                               "it, or choose another --output-dir")
-        diff = _config_diff(config_to_dict(previous), config_to_dict(config))
+        # the mesh is where the run executes, not what it computes: a run may resume on another slice
+        diff = _config_diff({**config_to_dict(previous), "mesh": None}, {**config_to_dict(config), "mesh": None})
         if diff:
             raise ConfigError(f"the config differs from the one {run_dir} was run with ({saved}): "
                               f"{'; '.join(diff)}; use the same settings, or another --output-dir")
@@ -396,13 +431,17 @@ def prepare(config: RunConfig, resume: bool = False, stage: str = "run") -> Work
     if config.task.name == PLANTED_TASK:
         planted, data = _prepare_planted(config)
         model_config, params = planted.config, planted.params
+        if mesh is not None:
+            from flexora_jax import sharding as sh
+
+            params = sh.shard(params, mesh)
         write_json(run_dir / "planted.json", planted.planted_json())
         po = config.task.planted
         data.info = {"task": PLANTED_TASK, "sizes": {"search_train": po.n_train, "search_validation": po.n_val,
                                                      "finetune_train": len(data.finetune["input_ids"]),
                                                      "test": po.n_test}}
     else:
-        model_config, params, tokenizer, source, data = _prepare_task(config, run_dir)
+        model_config, params, tokenizer, source, data = _prepare_task(config, run_dir, mesh)
     # The config is written once the model and data are known good: a run that fails on bad input
     # leaves no config.yaml behind, so the corrected command is a fresh run again (not a --resume).
     if is_main_process():
@@ -410,11 +449,14 @@ def prepare(config: RunConfig, resume: bool = False, stage: str = "run") -> Work
     write_json(run_dir / "data.json", data.info)
     _validate_for_layers(config, model_config.num_hidden_layers, f"the model {source}")
     ws = Workspace(config=config, run_dir=run_dir, model_config=model_config, params=params, data=data,
-                   log=RunLog(run_dir), resume=resume, tokenizer=tokenizer, planted=planted, model_source=source)
+                   log=RunLog(run_dir), resume=resume, tokenizer=tokenizer, planted=planted, model_source=source,
+                   mesh=mesh)
     ws.timings["prepare"] = time.perf_counter() - t0
     log.info("prepared %s: %d layers, %d / %d / %d train / val / test sequences (%.1f s)", config.task.name,
              ws.num_layers, len(data.train["input_ids"]), len(data.val["input_ids"]),
              len(data.test["input_ids"]), ws.timings["prepare"])
+    if mesh is not None:
+        log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
     return ws
 
 
@@ -552,7 +594,7 @@ def search_stage(ws: Workspace, kind: str = "layer") -> SearchOutcome:
     t0 = time.perf_counter()
     try:
         result = search(ws.model_config, ws.params, cfg.lora, sc, ws.data.train, ws.data.val, seed=cfg.seed,
-                        callback=callback, state=state, sampler_states=sampler)
+                        callback=callback, state=state, sampler_states=sampler, mesh=ws.mesh)
     except NumericsError as exc:
         _record_nonfinite(ws, stage, exc)
         raise
@@ -638,7 +680,7 @@ def finetune_stage(ws: Workspace, method: str, selection: Selection) -> Any:
     t0 = time.perf_counter()
     try:
         trained, _ = finetune(ws.model_config, ws.params, lora, ws.data.finetune, ft, val=ws.data.val,
-                              seed=cfg.seed, callback=callback, state=state, sampler_state=sampler)
+                              seed=cfg.seed, callback=callback, state=state, sampler_state=sampler, mesh=ws.mesh)
     except NumericsError as exc:
         _record_nonfinite(ws, stage, exc)
         raise
@@ -646,10 +688,15 @@ def finetune_stage(ws: Workspace, method: str, selection: Selection) -> Any:
         bar.close()
         ckpt.close()
     ws.timings[stage] = time.perf_counter() - t0
+    host = trained
+    if ws.mesh is not None and jax.process_count() > 1:
+        from flexora_jax import sharding as sh
+
+        host = sh.fetch(trained)  # every process takes part in the gather; process 0 writes
     if is_main_process():
         tmp = out_dir / "adapter.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        export_peft(trained, tmp, base_model_name_or_path=ws.model_source)
+        export_peft(host, tmp, base_model_name_or_path=ws.model_source)
         shutil.rmtree(adapter, ignore_errors=True)
         os.replace(tmp, adapter)
     write_json(out_dir / "selection.json", _selection_json(ws, selection))
@@ -669,6 +716,10 @@ def evaluate_stage(ws: Workspace, loras: dict[str, Any]) -> dict[str, dict[str, 
     cfg = ws.config
     t0 = time.perf_counter()
     candidates: dict[str, Any] = ({"base": None} if cfg.eval.base else {}) | dict(loras)
+    if ws.mesh is not None:  # adapters read back from disk (or kept-best host copies) go onto the mesh too;
+        from flexora_jax import sharding as sh  # the jitted scorers then follow the sharded params / LoRA
+
+        candidates = {k: None if v is None else sh.shard(v, ws.mesh) for k, v in candidates.items()}
     results: dict[str, dict[str, Any]] = {}
     bar = _progress(len(candidates), 0, "evaluate", unit="model") if ws.planted is not None else None
     for name, lora in candidates.items():
@@ -735,8 +786,13 @@ def export_stage(ws: Workspace, merged: bool = False) -> None:
         from flexora_jax.adapters import export_merged, load_peft
 
         lora = load_peft(ws.run_dir / "adapter", ws.model_config)
+        params = ws.params
+        if ws.mesh is not None and jax.process_count() > 1:
+            from flexora_jax import sharding as sh
+
+            params = sh.fetch(params)  # a full host copy (collective: every process gathers)
         if is_main_process():
-            export_merged(ws.model_config, ws.params, lora, ws.run_dir / "merged", tokenizer=ws.tokenizer)
+            export_merged(ws.model_config, params, lora, ws.run_dir / "merged", tokenizer=ws.tokenizer)
     report.write_report(ws)
 
 
@@ -845,4 +901,5 @@ def run_stage(stage: str, config: RunConfig, merged: bool = False) -> Any:
 
 
 __all__ = ["Interrupted", "RunResult", "SearchOutcome", "TaskData", "Workspace", "evaluate_stage", "export_stage",
-           "finetune_stage", "method_selection", "needed_searches", "prepare", "run", "run_stage", "search_stage"]
+           "finetune_stage", "method_selection", "needed_searches", "prepare", "run", "run_mesh", "run_stage",
+           "search_stage"]

@@ -36,7 +36,8 @@ class SearchResult:
 
 def search(config: ModelConfig, params: Any, lora_config: LoraConfig, search_config: SearchConfig,
            train: Dataset, val: Dataset, seed: int = 0, callback: Callable[[int, dict], None] | None = None,
-           state: SearchState | None = None, sampler_states: dict | None = None) -> SearchResult:
+           state: SearchState | None = None, sampler_states: dict | None = None,
+           mesh: Any = None) -> SearchResult:
     """Run the search stage and select layers / ranks.
 
     Args:
@@ -47,6 +48,9 @@ def search(config: ModelConfig, params: Any, lora_config: LoraConfig, search_con
       callback: ``callback(step, record)`` after each step (logging, checkpointing); ``record`` holds
         the metrics, the gate values, the state and the sampler positions.
       state, sampler_states: resume from a checkpoint.
+      mesh: a ``jax.sharding.Mesh`` of more than one device runs the step through
+        :func:`flexora_jax.sharding.shard_search_step` (params and state placed sharded, batches
+        assembled from each process's rows); None (or a 1-device mesh) is the single-device path.
     """
     sc = search_config
     key = jax.random.key(seed)
@@ -59,9 +63,11 @@ def search(config: ModelConfig, params: Any, lora_config: LoraConfig, search_con
     if sampler_states is not None:
         train_sampler.restore(sampler_states["train"])
         val_sampler.restore(sampler_states["val"])
-    step_fn = make_search_step(config, sc)
     trajectory: list[list[float]] = []
     history: list[dict] = []
+    if mesh is not None and mesh.size > 1:
+        return _search_sharded(config, params, lora_config, sc, state, train_sampler, val_sampler, callback, mesh)
+    step_fn = make_search_step(config, sc)
     for step in range(int(state.step), sc.steps):
         state, metrics = step_fn(params, state, train_sampler.next_stacked(sc.inner_steps), val_sampler.next())
         if not bool(metrics["finite"]):
@@ -81,3 +87,48 @@ def search(config: ModelConfig, params: Any, lora_config: LoraConfig, search_con
                                     sampler={"train": train_sampler.state(), "val": val_sampler.state()}))
     selection = select(state.gates, lora_config, config.num_hidden_layers, sc.selection, sc.top_k, sc.threshold)
     return SearchResult(gates=state.gates, selection=selection, trajectory=trajectory, history=history, state=state)
+
+
+def _search_sharded(config: ModelConfig, params: Any, lora_config: LoraConfig, sc: SearchConfig,
+                    state: SearchState, train_sampler: BatchSampler, val_sampler: BatchSampler,
+                    callback: Callable[[int, dict], None] | None, mesh: Any) -> SearchResult:
+    """:func:`search` on a multi-device mesh: the same loop through ``sharding.shard_search_step``.
+
+    Every process draws the same global batches (same seeds) and contributes its own rows; metrics and
+    gates come back replicated and are read with ``sharding.fetch`` (works across hosts).
+    """
+    import jax.numpy as jnp
+
+    from flexora_jax import sharding as sh
+
+    first = int(state.step)
+    train_pos, val_pos = train_sampler.state(), val_sampler.state()
+    example_train, example_val = train_sampler.next_stacked(sc.inner_steps), val_sampler.next()
+    train_sampler.restore(train_pos)  # the examples only gave shapes: rewind
+    val_sampler.restore(val_pos)
+    step_fn = sh.shard_search_step(config, sc, mesh, params, state, example_train, example_val)
+    params, state = step_fn.place(params, state)
+    trajectory: list[list[float]] = []
+    history: list[dict] = []
+    for step in range(first, sc.steps):
+        state, metrics = step_fn(params, state, step_fn.batch_from_global(train_sampler.next_stacked(sc.inner_steps), 2),
+                                 step_fn.batch_from_global(val_sampler.next(), 3))
+        metrics = sh.fetch(metrics)
+        if not bool(metrics["finite"]):
+            raise NumericsError(
+                f"non-finite hypergradient or validation loss at search step {step + 1} "
+                f"(val_loss={float(metrics['val_loss'])}); lower search.inner_lr, keep inner_eps_root > 0, "
+                "or use search.hypergradient=first_order")
+        values = gate_values(jax.tree.map(jnp.asarray, sh.fetch(state.gates)), config.num_hidden_layers)
+        record = {"step": step + 1, "val_loss": float(metrics["val_loss"]),
+                  "train_loss": float(metrics["train_loss"]), "hypergrad_norm": float(metrics["hypergrad_norm"])}
+        if "layer" in values:
+            record["gates"] = [round(float(x), 6) for x in np.asarray(values["layer"])]
+            trajectory.append(record["gates"])
+        history.append(record)
+        if callback is not None:
+            callback(step + 1, dict(record, state=state,
+                                    sampler={"train": train_sampler.state(), "val": val_sampler.state()}))
+    gates = jax.tree.map(jnp.asarray, sh.fetch(state.gates))  # host-local copies, readable on every process
+    selection = select(gates, lora_config, config.num_hidden_layers, sc.selection, sc.top_k, sc.threshold)
+    return SearchResult(gates=gates, selection=selection, trajectory=trajectory, history=history, state=state)

@@ -44,7 +44,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from flexora_jax.config import ModelConfig
+from flexora_jax.config import MeshConfig, ModelConfig  # MeshConfig lives in config (the run's mesh: section)
 from flexora_jax.errors import CheckpointError, ConfigError
 
 AXES = ("data", "fsdp", "model")
@@ -60,39 +60,14 @@ KERNEL_SPECS: dict[str, tuple] = {
 
 
 # ------------------------------------------------------------------------------------------- mesh
-@dataclasses.dataclass(frozen=True)
-class MeshConfig:
-    """Mesh axis sizes; one of them may be -1 (all the devices the others leave)."""
-
-    data: int = 1  # batch (pure data parallel: parameters replicated over it)
-    fsdp: int = -1  # batch and parameters (ZeRO-3 style: params gathered per layer)
-    model: int = 1  # tensor parallel (attention heads, MLP width, vocab)
-
-    def resolve(self, n_devices: int) -> tuple[int, int, int]:
-        """The concrete (data, fsdp, model) sizes for ``n_devices`` devices."""
-        sizes = [self.data, self.fsdp, self.model]
-        if sizes.count(-1) > 1:
-            raise ConfigError(f"MeshConfig: at most one axis may be -1, got {sizes}")
-        if any(s == 0 or s < -1 for s in sizes):
-            raise ConfigError(f"MeshConfig: axis sizes must be positive or -1, got {sizes}")
-        known = math.prod(s for s in sizes if s != -1)
-        if -1 in sizes:
-            if n_devices % known:
-                raise ConfigError(f"MeshConfig {sizes}: {n_devices} devices are not a multiple of {known}")
-            sizes[sizes.index(-1)] = n_devices // known
-        if math.prod(sizes) != n_devices:
-            raise ConfigError(f"MeshConfig {dict(zip(AXES, sizes))} needs {math.prod(sizes)} devices, "
-                              f"{n_devices} are available; use -1 for one axis to take the rest")
-        return tuple(sizes)  # type: ignore[return-value]
-
-
 def make_mesh(mesh_config: MeshConfig | Mapping[str, int] | Sequence[int] | None = None,
               devices: Sequence[Any] | None = None) -> Mesh:
     """A ``(data, fsdp, model)`` mesh with Auto axis types over ``devices`` (default: all, global).
 
     Args:
-      mesh_config: a :class:`MeshConfig`, a dict of axis sizes, or a (data, fsdp, model) tuple; None
-        means all devices on ``fsdp``.
+      mesh_config: a :class:`MeshConfig` (``flexora_jax.config.MeshConfig``, the run config's ``mesh:``
+        section), a dict of axis sizes, or a (data, fsdp, model) tuple; None means all devices on ``fsdp``.
+        With ``MeshConfig.num_devices`` > 0 (and no ``devices``) only the first that many devices are used.
     """
     if mesh_config is None:
         mesh_config = MeshConfig()
@@ -103,7 +78,9 @@ def make_mesh(mesh_config: MeshConfig | Mapping[str, int] | Sequence[int] | None
         mesh_config = MeshConfig(**{a: mesh_config.get(a, 1) for a in AXES})
     elif not isinstance(mesh_config, MeshConfig):
         mesh_config = MeshConfig(*mesh_config)
-    devices = list(jax.devices() if devices is None else devices)
+    if devices is None:
+        devices = jax.devices()[:mesh_config.devices_to_use()]
+    devices = list(devices)
     shape = mesh_config.resolve(len(devices))
     return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
 
@@ -281,6 +258,20 @@ class ShardedStep:
     def batch(self, local: Any, arg: int) -> Any:
         """Process-local rows of positional argument ``arg`` assembled into its global sharded array."""
         return global_batch(local, self.mesh, self.batch_dims[arg])
+
+    def batch_from_global(self, batch: Any, arg: int) -> Any:
+        """A batch that every process holds in full (same seed, same sampler) -> its global sharded array.
+
+        Each process keeps only the rows :func:`local_rows` gives it and :meth:`batch` assembles the
+        global array (``jax.make_array_from_process_local_data``); on one process it is a sharded put.
+        """
+        dim = self.batch_dims[arg]
+        rows = int(np.shape(jax.tree.leaves(batch)[0])[dim])
+        if jax.process_count() == 1:
+            return self.batch(batch, arg)
+        sl = local_rows(self.mesh, rows)
+        local = jax.tree.map(lambda x: np.asarray(x)[(slice(None),) * dim + (sl,)], batch)
+        return self.batch(local, arg)
 
     def lower(self, *args: Any) -> Any:
         return self.fn.lower(*args)

@@ -120,11 +120,15 @@ def check_finite(value: float, what: str, step: int) -> None:
 
 def finetune(config: ModelConfig, params: Any, lora: LoraParams, train: Dataset, cfg: FinetuneConfig,
              val: Dataset | None = None, seed: int = 0, callback: Callable[[int, dict], None] | None = None,
-             state: TrainState | None = None, sampler_state: dict | None = None) -> tuple[LoraParams, list[dict]]:
+             state: TrainState | None = None, sampler_state: dict | None = None,
+             mesh: Any = None) -> tuple[LoraParams, list[dict]]:
     """Train ``lora`` on ``train`` for the configured steps; returns the final (or best) LoRA and history.
 
     ``callback(step, metrics)`` is called after every step (logging, checkpoints). A NaN/Inf loss raises
-    :class:`NumericsError` naming the step.
+    :class:`NumericsError` naming the step. ``mesh``: a ``jax.sharding.Mesh`` of more than one device
+    runs the step through :func:`flexora_jax.sharding.shard_train_step` (params and state placed
+    sharded, batches assembled from each process's rows; the returned LoRA is sharded the same way);
+    None (or a 1-device mesh) is the single-device path.
     """
     steps = total_steps(cfg, len(train["input_ids"]))
     optimizer = make_optimizer(cfg, steps)
@@ -132,10 +136,28 @@ def finetune(config: ModelConfig, params: Any, lora: LoraParams, train: Dataset,
     if sampler_state is not None:
         sampler.restore(sampler_state)
     state = state or init_train_state(lora, optimizer, seed)
-    step_fn = make_train_step(config, cfg, steps)
     history: list[dict] = []
     best = (math.inf, None)
     micro_steps = steps * cfg.grad_accum
+    if mesh is not None and mesh.size > 1:
+        from flexora_jax import sharding as sh
+
+        pos = sampler.state()
+        sharded = sh.shard_train_step(config, cfg, steps, mesh, params, state, sampler.next())
+        sampler.restore(pos)  # the example batch only gave shapes: rewind
+        params, state = sharded.place(params, state)
+
+        def step_fn(p, s, batch):
+            s, m = sharded(p, s, sharded.batch_from_global(batch, 2), None)
+            return s, sh.fetch(m)
+
+        def to_host(tree):
+            return sh.fetch(tree)
+    else:
+        step_fn = make_train_step(config, cfg, steps)
+
+        def to_host(tree):
+            return jax.tree.map(np.asarray, tree)
     for i in range(int(state.step), micro_steps):
         state, metrics = step_fn(params, state, sampler.next())
         loss = float(metrics["loss"])
@@ -144,7 +166,7 @@ def finetune(config: ModelConfig, params: Any, lora: LoraParams, train: Dataset,
         if val is not None and cfg.eval_every > 0 and ((i + 1) % cfg.eval_every == 0 or i + 1 == micro_steps):
             record["val_loss"] = dataset_loss(config, params, state.lora, val)
             if cfg.keep_best and record["val_loss"] < best[0]:
-                best = (record["val_loss"], jax.tree.map(np.asarray, state.lora))
+                best = (record["val_loss"], to_host(state.lora))
         history.append(record)
         if callback is not None:
             callback(i + 1, dict(record, sampler=sampler.state(), state=state))

@@ -90,7 +90,7 @@ def _assert_same_as(run: Path, ref: Path) -> None:
 def reference(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reference") / "run"
     os.environ["FLEXORA_PROGRESS"] = "0"
-    pipeline.run(load_config(overrides=[*TINY, f"--output_dir={out}"]))
+    pipeline.run(load_config(overrides=[*TINY, "--mesh.num_devices=1", f"--output_dir={out}"]))  # subprocesses see 1 device
     return out
 
 
