@@ -34,12 +34,12 @@ from jax.sharding import PartitionSpec as P
 
 from flexora_jax.sharding import AXES, axis_sizes, partition_specs
 
-#: Calibrated against XLA's CPU memory analysis (tests/test_memory.py; hidden 64-128, 2-4 layers,
-#: K = 2-4, with and without remat: plan / XLA within 0.9-1.1): the share of the per-token residual
+#: Calibrated against XLA's CPU memory analysis (tests/test_memory.py; hidden 96-128, 2-4 layers,
+#: K = 2, remat; plan / XLA within 0.95-1.05 with the recomputing attention): the share of the per-token residual
 #: model alive at the peak of a first-order backward pass, and what the second-order (hypergradient)
 #: backward keeps per inner step: the forward residuals, the backward's residuals and their cotangents.
-TRAIN_ACTIVATION_FACTOR = 1.05
-SEARCH_ACTIVATION_FACTOR = 4.0
+TRAIN_ACTIVATION_FACTOR = 0.83
+SEARCH_ACTIVATION_FACTOR = 3.05
 
 _ADAM = ("adam", "adamw")
 
