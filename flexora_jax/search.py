@@ -70,16 +70,8 @@ def search(config: ModelConfig, params: Any, lora_config: LoraConfig, search_con
     step_fn = make_search_step(config, sc)
     for step in range(int(state.step), sc.steps):
         state, metrics = step_fn(params, state, train_sampler.next_stacked(sc.inner_steps), val_sampler.next())
-        if not bool(metrics["finite"]):
-            raise NumericsError(
-                f"non-finite hypergradient or validation loss at search step {step + 1} "
-                f"(val_loss={float(metrics['val_loss'])}); lower search.inner_lr, keep inner_eps_root > 0, "
-                "or use search.hypergradient=first_order")
-        values = gate_values(state.gates, config.num_hidden_layers)
-        record = {"step": step + 1, "val_loss": float(metrics["val_loss"]),
-                  "train_loss": float(metrics["train_loss"]), "hypergrad_norm": float(metrics["hypergrad_norm"])}
-        if "layer" in values:
-            record["gates"] = [round(float(x), 6) for x in np.asarray(values["layer"])]
+        record = _step_record(step, metrics, state.gates, config.num_hidden_layers)
+        if "gates" in record:
             trajectory.append(record["gates"])
         history.append(record)
         if callback is not None:
@@ -87,6 +79,21 @@ def search(config: ModelConfig, params: Any, lora_config: LoraConfig, search_con
                                     sampler={"train": train_sampler.state(), "val": val_sampler.state()}))
     selection = select(state.gates, lora_config, config.num_hidden_layers, sc.selection, sc.top_k, sc.threshold)
     return SearchResult(gates=state.gates, selection=selection, trajectory=trajectory, history=history, state=state)
+
+
+def _step_record(step: int, metrics: dict, gates: Gates, num_layers: int) -> dict:
+    """The logged record of one search step; a non-finite step stops the search with a clear error."""
+    if not bool(metrics["finite"]):
+        raise NumericsError(
+            f"non-finite hypergradient or validation loss at search step {step + 1} "
+            f"(val_loss={float(metrics['val_loss'])}); lower search.inner_lr, keep inner_eps_root > 0, "
+            "or use search.hypergradient=first_order")
+    record = {"step": step + 1, "val_loss": float(metrics["val_loss"]),
+              "train_loss": float(metrics["train_loss"]), "hypergrad_norm": float(metrics["hypergrad_norm"])}
+    values = gate_values(gates, num_layers)
+    if "layer" in values:
+        record["gates"] = [round(float(x), 6) for x in np.asarray(values["layer"])]
+    return record
 
 
 def _search_sharded(config: ModelConfig, params: Any, lora_config: LoraConfig, sc: SearchConfig,
@@ -114,16 +121,9 @@ def _search_sharded(config: ModelConfig, params: Any, lora_config: LoraConfig, s
         state, metrics = step_fn(params, state, step_fn.batch_from_global(train_sampler.next_stacked(sc.inner_steps), 2),
                                  step_fn.batch_from_global(val_sampler.next(), 3))
         metrics = sh.fetch(metrics)
-        if not bool(metrics["finite"]):
-            raise NumericsError(
-                f"non-finite hypergradient or validation loss at search step {step + 1} "
-                f"(val_loss={float(metrics['val_loss'])}); lower search.inner_lr, keep inner_eps_root > 0, "
-                "or use search.hypergradient=first_order")
-        values = gate_values(jax.tree.map(jnp.asarray, sh.fetch(state.gates)), config.num_hidden_layers)
-        record = {"step": step + 1, "val_loss": float(metrics["val_loss"]),
-                  "train_loss": float(metrics["train_loss"]), "hypergrad_norm": float(metrics["hypergrad_norm"])}
-        if "layer" in values:
-            record["gates"] = [round(float(x), 6) for x in np.asarray(values["layer"])]
+        record = _step_record(step, metrics, jax.tree.map(jnp.asarray, sh.fetch(state.gates)),
+                              config.num_hidden_layers)
+        if "gates" in record:
             trajectory.append(record["gates"])
         history.append(record)
         if callback is not None:
