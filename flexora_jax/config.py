@@ -414,8 +414,14 @@ class FinetuneConfig:
 #: What ``method:`` / ``compare:`` may name. ``lora``: every layer (the baseline); ``flexora``: the
 #: layers a layer-gate search selects; ``autolora``: every layer at the ranks a rank-gate search
 #: selects; ``flexora+autolora``: both from one combined search; ``random_k``: as many layers as the
-#: flexora selection, drawn with the run seed; ``lora_drop``: the last k layers.
-METHODS = ("lora", "flexora", "autolora", "flexora+autolora", "random_k", "lora_drop")
+#: flexora selection, drawn with the run seed; ``lora_drop``: the last k layers. Equal-parameter
+#: baselines: ``lora_lowrank``: every layer at rank ``max(1, round(r * k / L))`` (about flexora's
+#: parameter count spread over all layers); ``flexora_highrank``: flexora's layers at rank
+#: ``round(r * L / k)`` (LoRA-all's parameter count on fewer layers). Both keep ``lora_alpha / r``.
+METHODS = ("lora", "flexora", "autolora", "flexora+autolora", "random_k", "lora_drop", "lora_lowrank",
+           "flexora_highrank")
+#: Methods whose layers or rank follow the size of the flexora selection (k): they need a layer search.
+K_METHODS = ("random_k", "lora_drop", "lora_lowrank", "flexora_highrank")
 #: The gate kind a method's search uses (methods without a search are absent).
 METHOD_GATES = {"flexora": "layer", "autolora": "rank", "flexora+autolora": "both"}
 PLANTED_TASK = "planted"
@@ -498,6 +504,7 @@ class EvalConfig:
     batch_size: int = 32  # requests (or sequences) per jitted call
     limit: int = 0  # score only the first N test examples of each task; 0 = all
     base: bool = True  # also score the base model without LoRA
+    question_control: bool = False  # also score every model with the question removed from the prompt
 
     def __post_init__(self) -> None:
         _check(isinstance(self.batch_size, int) and self.batch_size >= 1,

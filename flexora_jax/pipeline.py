@@ -33,8 +33,8 @@ from typing import Any, Callable, Iterator
 import jax
 import numpy as np
 
-from flexora_jax.config import (METHOD_GATES, PLANTED_TASK, LoraConfig, ModelConfig, RunConfig, config_to_dict,
-                                load_config, save_config)
+from flexora_jax.config import (K_METHODS, METHOD_GATES, PLANTED_TASK, LoraConfig, ModelConfig, RunConfig,
+                                config_to_dict, load_config, save_config)
 from flexora_jax.data import Dataset
 from flexora_jax.errors import CheckpointError, ConfigError, DataError, FlexoraError, NumericsError
 from flexora_jax.selection import Selection
@@ -175,6 +175,8 @@ class TaskData:
     finetune: Dataset
     test: Dataset
     test_records: list | None = None  # multiple-choice records of a real task (for accuracy)
+    test_noq: Dataset | None = None  # eval.question_control: the test SFT data with the question removed
+    test_records_noq: list | None = None  # eval.question_control: the test records with the question removed
     hf: Any = None  # the same splits as a ``datasets.DatasetDict`` (train, validation, finetune, test)
     info: dict[str, Any] | None = None  # sizes and split provenance, written to data.json
 
@@ -327,6 +329,10 @@ def _prepare_task(config: RunConfig, run_dir: Path, mesh: Any = None) -> tuple[M
             raise DataError(f"task {tc.name}: every {name} example's answer is longer than task.max_length "
                             f"{max_length} tokens; expected a larger task.max_length (the model allows up to "
                             f"{model_config.max_position_embeddings})")
+    if config.eval.question_control:  # the same held-out examples, prompts cut down to the answer cue
+        from flexora_jax.tasks.formats import question_removed
+
+        sft_records["test_noq"] = [question_removed(r) for r in sft_records["test"]]
     hf = datasets.DatasetDict({name: sft_dataset(recs, tokenizer, max_length) for name, recs in sft_records.items()})
     arrays = {name: _pad_sft(ds, f"task {tc.name} {name} split") for name, ds in hf.items()}
     sizes = {"search_train": len(records["train"]), "search_validation": len(records["validation"]),
@@ -337,6 +343,11 @@ def _prepare_task(config: RunConfig, run_dir: Path, mesh: Any = None) -> tuple[M
             "splits": tasks.split_report(list(splits.values()))}
     data = TaskData(train=arrays["train"], val=arrays["validation"], finetune=arrays["finetune"],
                     test=arrays["test"], test_records=records["test"], hf=hf, info=info)
+    if config.eval.question_control:
+        from flexora_jax.tasks.formats import question_removed
+
+        data.test_noq = arrays["test_noq"]
+        data.test_records_noq = [question_removed(r) for r in records["test"]]
     return model_config, params, tokenizer, source, data
 
 
@@ -617,9 +628,10 @@ def search_stage(ws: Workspace, kind: str = "layer") -> SearchOutcome:
 
 
 def needed_searches(config: RunConfig) -> list[str]:
-    """Gate kinds to search for the run's methods (random_k / lora_drop need k from a layer search)."""
+    """Gate kinds to search for the run's methods (the K_METHODS baselines need k from a layer search)."""
     kinds = [METHOD_GATES[m] for m in config.methods if m in METHOD_GATES]
-    if config.baseline_k == 0 and any(m in ("random_k", "lora_drop") for m in config.methods):
+    if ("flexora_highrank" in config.methods
+            or (config.baseline_k == 0 and any(m in K_METHODS for m in config.methods))):
         kinds.append("layer")
     return list(dict.fromkeys(kinds))
 
@@ -635,6 +647,17 @@ def method_selection(ws: Workspace, method: str, searches: dict[str, SearchOutco
     k = cfg.baseline_k or len(searches["layer"].selection.layers)
     if k > L:
         raise ConfigError(f"baseline_k {k} exceeds the model's {L} layers; expected 0..{L}")
+    if method in ("lora_lowrank", "flexora_highrank"):
+        if cfg.lora.rank_pattern:
+            raise ConfigError(f"{method} rescales lora.r; it cannot be combined with lora.rank_pattern")
+        if method == "lora_lowrank":
+            layers, r = tuple(range(L)), max(1, round(cfg.lora.r * k / L))
+        else:
+            layers = tuple(searches["layer"].selection.layers)
+            r = round(cfg.lora.r * L / max(len(layers), 1))
+        scaled = dataclasses.replace(cfg.lora, r=r, lora_alpha=cfg.lora.lora_alpha * r / cfg.lora.r,
+                                     layers_to_transform=layers if len(layers) < L else None)
+        return Selection(layers=layers, ranks=None, lora_config=scaled)
     if method == "random_k":
         layers = tuple(sorted(int(i) for i in np.random.default_rng([cfg.seed, 11]).choice(L, k, replace=False)))
     else:  # lora_drop: the last k layers
@@ -739,6 +762,8 @@ def evaluate_stage(ws: Workspace, loras: dict[str, Any]) -> dict[str, dict[str, 
                            lora=lora, batch_size=cfg.eval.batch_size, progress=progress_enabled())
             test_loss = dataset_loss(ws.model_config, ws.params, lora, ws.data.test, batch_size=cfg.eval.batch_size)
             results[name] = {t: dict(v, test_loss=test_loss) for t, v in res.items()}
+            if ws.data.test_noq is not None:
+                results[name][cfg.task.name].update(_question_control(ws, lora, test_loss))
         log.info("evaluate %s: %s", name, _score_line(results[name]))
         if bar is not None:
             bar.update(1)
@@ -748,6 +773,24 @@ def evaluate_stage(ws: Workspace, loras: dict[str, Any]) -> dict[str, dict[str, 
     write_json(ws.run_dir / "compare.json", results)
     write_json(ws.run_dir / "eval.json", results[cfg.method])
     return results
+
+
+def _question_control(ws: Workspace, lora: Any, test_loss: float) -> dict[str, float]:
+    """Scores with the question removed from every test prompt (``eval.question_control``).
+
+    ``question_gain`` = answer loss without the question minus with it: how many nats per answer
+    token the model draws from the question (0 = it answers from length / wording priors alone).
+    """
+    from flexora_jax.evaluation import evaluate
+    from flexora_jax.train import dataset_loss
+
+    cfg = ws.config
+    loss = dataset_loss(ws.model_config, ws.params, lora, ws.data.test_noq, batch_size=cfg.eval.batch_size)
+    res = evaluate(ws.model_config, ws.params, ws.tokenizer, {cfg.task.name: ws.data.test_records_noq},
+                   lora=lora, batch_size=cfg.eval.batch_size, progress=False)[cfg.task.name]
+    out = {"test_loss_noq": loss, "question_gain": loss - test_loss}
+    out.update({f"{k}_noq": res[k] for k in ("acc", "acc_norm") if k in res})
+    return out
 
 
 def _score_line(scores: dict[str, Any]) -> str:

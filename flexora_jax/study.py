@@ -30,6 +30,10 @@ SMOKE_OVERRIDES = ["--search.steps=3", "--finetune.max_steps=5", "--task.planted
                    "--task.n_train=16", "--task.n_val=8", "--task.n_test=8", "--checkpoint.every=1000"]
 
 
+#: Scores of the question-removed control (``eval.question_control``), aggregated when present.
+CONTROL_KEYS = ("test_loss_noq", "question_gain", "acc_noq", "acc_norm_noq")
+
+
 def load_plan(path: str | Path) -> dict[str, Any]:
     """Read and check a study plan: ``{experiments: [{name, config, seeds, variants: {name: [overrides]}}]}``."""
     path = Path(path)
@@ -109,7 +113,7 @@ def aggregate(out: str | Path) -> dict[str, Any]:
         for method, tasks in scores.items():
             task_scores = next(iter(tasks.values()))
             rec = slot.setdefault(method, {})
-            for key in ("test_loss", "acc", "acc_norm"):
+            for key in ("test_loss", "acc", "acc_norm", *CONTROL_KEYS):
                 if key in task_scores:
                     rec.setdefault(key, []).append(task_scores[key])
             if "teacher_test_loss" in task_scores:
@@ -134,9 +138,12 @@ def aggregate(out: str | Path) -> dict[str, Any]:
 
 def render_markdown(result: dict[str, Any]) -> str:
     """One table per experiment: rows (variant, method), mean +- std over seeds."""
-    cols = ["test_loss", "floor", "acc", "precision", "recall", "num_layers", "trainable_params", "finetune_s"]
+    base_cols = ["test_loss", "floor", "acc", "precision", "recall", "num_layers", "trainable_params", "finetune_s"]
     lines = []
     for exp, variants in result.items():
+        present = {k for methods in variants.values() for rec in methods.values() for k in rec}
+        cols = [c for c in base_cols if c in present or c == "test_loss"]
+        cols[2:2] = [c for c in ("question_gain", "acc_noq") if c in present]
         lines += [f"### {exp}", "", "| variant | method | " + " | ".join(cols) + " | seeds |",
                   "|---" * (len(cols) + 3) + "|"]
         for var, methods in variants.items():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -111,6 +112,28 @@ def test_baseline_selections():
     assert pipeline.needed_searches(RunConfig(method="flexora+autolora", compare=("autolora",))) == ["both", "rank"]
 
 
+def test_equal_parameter_baselines_match_the_parameter_counts():
+    """lora_lowrank ~ flexora's parameters over all layers; flexora_highrank = LoRA-all's on flexora's layers."""
+    from flexora_jax.config import LoraConfig
+
+    lc = LoraConfig(r=8, lora_alpha=16.0)
+    cfg = RunConfig(lora=lc, compare=("lora", "lora_lowrank", "flexora_highrank"), baseline_k=3)
+    assert pipeline.needed_searches(cfg) == ["layer"]  # highrank needs flexora's layers even with baseline_k
+    ws = SimpleNamespace(config=cfg, num_layers=6)
+    flex = Selection(layers=(1, 4), ranks=None, lora_config=dataclasses.replace(lc, layers_to_transform=(1, 4)))
+    searches = {"layer": pipeline.SearchOutcome("layer", {}, flex)}
+    low = pipeline.method_selection(ws, "lora_lowrank", searches)
+    assert low.layers == tuple(range(6)) and low.lora_config.layers_to_transform is None
+    assert low.lora_config.r == 4 and low.lora_config.lora_alpha == 8.0  # round(8 * 3 / 6); alpha / r kept
+    high = pipeline.method_selection(ws, "flexora_highrank", searches)
+    assert high.layers == (1, 4) and high.lora_config.layers_to_transform == (1, 4)
+    assert high.lora_config.r == 24 and high.lora_config.lora_alpha == 48.0  # round(8 * 6 / 2)
+    assert 2 * high.lora_config.r == 6 * lc.r  # same parameter count as every layer at r
+    with pytest.raises(ConfigError, match="rank_pattern"):
+        pipeline.method_selection(SimpleNamespace(config=dataclasses.replace(
+            cfg, lora=dataclasses.replace(lc, rank_pattern={"q_proj": 2})), num_layers=6), "lora_lowrank", searches)
+
+
 TINY_TASK = ["--task.n_train=16", "--task.n_finetune=24", "--task.n_val=8", "--task.n_test=8", "--task.max_length=64",
              "--search.steps=2", "--finetune.max_steps=2", "--compare=[lora]", "--eval.base=false",
              "--checkpoint.every=0"]
@@ -125,7 +148,7 @@ def test_tinystories260k_config_on_a_local_task_end_to_end(tmp_path, data_dir, t
     monkeypatch.chdir(REPO)  # the config's model paths are relative to the repository root
     out = tmp_path / "run"
     assert cli.main(["run", "--quiet", "--config", f"configs/tinystories260k_{task}.yaml", "--output-dir", str(out),
-                     f"--task.data_dir={data_dir}", *TINY_TASK]) == 0
+                     f"--task.data_dir={data_dir}", *TINY_TASK, "--eval.question_control=true"]) == 0
     for name in ("config.yaml", "data.json", "gates.json", "selection.json", "adapter/adapter_model.safetensors",
                  "adapter/adapter_config.json", "eval.json", "compare.json", "metrics.jsonl", "gates.png",
                  "report.md", "model/config.json"):
@@ -138,6 +161,9 @@ def test_tinystories260k_config_on_a_local_task_end_to_end(tmp_path, data_dir, t
         s = m[task]
         assert s["n"] == 8 and 0.0 <= s["acc"] <= 1.0 and 0.0 <= s["acc_norm"] <= 1.0
         assert np.isfinite(s["test_loss"]) and s["test_loss"] > 0
+        # the question-removed control: same examples, prompt cut to the answer cue
+        assert s["question_gain"] == pytest.approx(s["test_loss_noq"] - s["test_loss"])
+        assert 0.0 <= s["acc_noq"] <= 1.0 and 0.0 <= s["acc_norm_noq"] <= 1.0
     assert json.loads((out / "eval.json").read_text()) == scores["flexora"]
     report = (out / "report.md").read_text()
     assert "| flexora |" in report and "| lora |" in report and "answer loss per token" in report

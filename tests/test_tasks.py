@@ -66,8 +66,8 @@ def test_race_last_question_only_is_one_per_passage():
 
 def test_registry_lists_all_tasks():
     assert set(tasks.list_tasks()) == {"hellaswag", "piqa", "winogrande", "race_middle", "race_high", "boolq",
-                                       "arc_easy", "arc_challenge", "openbookqa", "commonsenseqa", "siqa",
-                                       "gsm8k", "aqua", "mmlu"}
+                                       "arc_easy", "arc_challenge", "openbookqa", "commonsenseqa",
+                                       "commonsenseqa_cloze", "siqa", "gsm8k", "aqua", "mmlu"}
     with pytest.raises(ConfigError, match="unknown task 'nope'"):
         tasks.get_task("nope")
 
@@ -232,3 +232,29 @@ def test_formats_match_lm_eval_task_code():
     assert (siqa.context, siqa.gold) == ("Q: C. Q?\nA:", 2)
     boolq = formats.boolq({"passage": "P.", "question": "is it", "label": 1}, 0)
     assert boolq.requests() == [("P.\nQuestion: is it?\nAnswer:", " no"), ("P.\nQuestion: is it?\nAnswer:", " yes")]
+
+
+def test_cloze_commonsenseqa_and_the_question_removed_control():
+    doc = {"question": " Where? ", "choices": {"label": list("ABCDE"), "text": list("vwxyz")}, "answerKey": "C"}
+    cloze = formats.commonsenseqa_cloze(doc, 0)
+    assert (cloze.context, cloze.choices, cloze.gold) == ("Question: Where?\nAnswer:", tuple("vwxyz"), 2)
+    noq = formats.question_removed(cloze)
+    assert noq.requests() == [("Answer:", " v"), ("Answer:", " w"), ("Answer:", " x"), ("Answer:", " y"),
+                              ("Answer:", " z")] and noq.gold == 2
+    siqa = formats.siqa({"context": "C.", "question": "Q?", "answerA": "a", "answerB": "b", "answerC": "c",
+                         "label": "1"}, 0)
+    assert formats.question_removed(siqa).context == "A:"
+    hs = formats.question_removed(formats.hellaswag(HELLASWAG_HUB[0], 0))
+    assert hs.context == "" and hs.choices == formats.hellaswag(HELLASWAG_HUB[0], 0).choices
+    wg = formats.winogrande({"sentence": "A _ b.", "option1": "x", "option2": "y", "answer": "1"}, 0)
+    with pytest.raises(DataError, match="partial scoring"):
+        formats.question_removed(wg)
+
+
+@requires_data
+def test_cloze_commonsenseqa_reads_the_commonsenseqa_files():
+    recs = tasks.load_records("commonsenseqa_cloze", "test", data_dir=DATA_DIR)
+    lettered = tasks.load_records("commonsenseqa", "test", data_dir=DATA_DIR)
+    assert len(recs) == len(lettered) == 1221
+    assert [r.gold for r in recs] == [r.gold for r in lettered]
+    assert all(len(r.choices) == 5 and r.context.startswith("Question: ") for r in recs)

@@ -163,6 +163,34 @@ def commonsenseqa(doc: Mapping[str, Any], doc_id: int, task: str = "commonsenseq
     return MCRecord(task, doc_id, f"Question: {question}{lines}\nAnswer:", CSQA_LETTERS, gold)
 
 
+def commonsenseqa_cloze(doc: Mapping[str, Any], doc_id: int, task: str = "commonsenseqa_cloze") -> MCRecord:
+    """CommonsenseQA as a cloze task: ``Question: ..\nAnswer:`` scored on the answer *text*.
+
+    Not an lm-eval task (lm-eval lists the options and scores letters). The effectiveness study uses
+    it because its held-out answer loss measures how well a model predicts the answer words, which a
+    single letter token cannot show for a model that does not read option lists.
+    """
+    texts, _ = _choices(doc, task, doc_id)
+    question = _field(doc, "question", task, doc_id).strip()
+    gold = _index(_field(doc, "answerKey", task, doc_id), CSQA_LETTERS[:len(texts)], task, doc_id, "answerKey")
+    return MCRecord(task, doc_id, f"Question: {question}\nAnswer:", tuple(texts), gold)
+
+
+def question_removed(record: MCRecord) -> MCRecord:
+    """The same record with the question taken out of its prompt: only the answer cue is left.
+
+    The cue is the prompt's last line (``"A:"``, ``"Answer:"``); a one-line prompt becomes empty (the
+    choices are then scored after BOS). Comparing a model's answer loss or accuracy on these records
+    with the full ones shows how much it *uses* the question rather than answer-length or wording
+    priors. Partial scoring (WinoGrande) has no separate question, so it is refused.
+    """
+    if record.is_partial:
+        raise DataError(f"{record.task}: the question-removed control needs a shared prompt; this task uses "
+                        "partial scoring (each choice in its own context), which has no question to remove")
+    cue = record.context.rsplit("\n", 1)[-1] if "\n" in record.context else ""
+    return dataclasses.replace(record, context=cue)
+
+
 # --------------------------------------------------------------------------------------- boolq / siqa
 def boolq(doc: Mapping[str, Any], doc_id: int, task: str = "boolq") -> MCRecord:
     context = f"{_field(doc, 'passage', task, doc_id)}\nQuestion: {_field(doc, 'question', task, doc_id)}?\nAnswer:"

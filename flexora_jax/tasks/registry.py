@@ -47,6 +47,7 @@ class TaskSpec:
     kind: str = "multiple_choice"  # "multiple_choice" or "generate"
     fewshot_split: str | None = None  # source split the few-shot examples are taken from
     split_to_records: Callable[..., list[Record]] | None = None  # (rows, task, fewshot_rows, exclude_self)
+    local_name: str | None = None  # the local loader's task, when another task's files are read
 
     @property
     def features(self) -> datasets.Features:
@@ -105,6 +106,8 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
     TaskSpec("arc_challenge", "allenai/ai2_arc", "ARC-Challenge", "arc", formats.arc, _OFFICIAL, _ACC_NORM),
     TaskSpec("openbookqa", "allenai/openbookqa", "main", "openbookqa", formats.openbookqa, _OFFICIAL, _ACC_NORM),
     TaskSpec("commonsenseqa", "tau/commonsense_qa", None, "commonsenseqa", formats.commonsenseqa, _TRAIN_POOL, _ACC),
+    TaskSpec("commonsenseqa_cloze", "tau/commonsense_qa", None, "commonsenseqa", formats.commonsenseqa_cloze,
+             _TRAIN_POOL, _ACC, local_name="commonsenseqa"),
     TaskSpec("siqa", "allenai/social_i_qa", None, "siqa", formats.siqa, _TRAIN_POOL, _ACC),
     TaskSpec("gsm8k", "openai/gsm8k", "main", "gsm8k", None, _GSM8K, ("exact_match",), kind="generate",
              fewshot_split="train", split_to_records=generative.gsm8k_records),
@@ -139,7 +142,7 @@ def load_source(task: str | TaskSpec, source_split: str, source: Source = "local
     """
     spec = get_task(task)
     if source == "local":
-        return load_local(spec.name, source_split, data_dir)
+        return load_local(spec.local_name or spec.name, source_split, data_dir)
     if source != "hub":
         raise ConfigError(f"source must be 'local' or 'hub', got {source!r}")
     path, name = (str(hub_path), None) if hub_path is not None else (spec.hub_path, spec.hub_name)
