@@ -5,11 +5,26 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from flexora_jax.models.attention import (ATTENTION, flash_attention, flash_attention_hm,
-                                          recompute_attention_hm, reference_attention)
+from flexora_jax.models.attention import (ATTENTION, blocked_attention_hm, flash_attention, flash_attention_hm,
+                                          query_block, recompute_attention_hm, recompute_blocked_attention_hm,
+                                          reference_attention)
 from flexora_jax.models.llama import attention_bias
 
-CORES = {"recompute_hm": recompute_attention_hm, "flash": flash_attention, "flash_hm": flash_attention_hm}
+
+def _blocked(block):
+    return lambda q, k, v, bias: recompute_blocked_attention_hm(q, k, v, bias, block)
+
+
+# t = 7 below: blocks of 3 give spans [0,3) [3,6) [6,7) (a ragged last one).
+CORES = {"recompute_hm": recompute_attention_hm, "flash": flash_attention, "flash_hm": flash_attention_hm,
+         "blocked_b3": _blocked(3)}
+
+
+def _live_rows(bias):
+    """[b, t, 1, 1, 1]: 1 where the query sees at least one key. A fully masked query row (left padding)
+    attends uniformly to every key in the reference but to the keys of its block when blocked; such rows
+    are padding and never reach a real position, so blocked cores are compared on live rows only."""
+    return (jnp.max(bias[:, 0], axis=-1) > -1.0)[:, :, None, None, None].astype(bias.dtype)
 
 
 def _inputs(nk, g, mask, dtype=jnp.float32, t=7, e=4):
@@ -29,7 +44,7 @@ def _inputs(nk, g, mask, dtype=jnp.float32, t=7, e=4):
 
 
 def _loss(core, bias, w):
-    return lambda q, k, v: jnp.sum(jnp.sin(core(q, k, v, bias)) * w)
+    return lambda q, k, v: jnp.sum(jnp.sin(core(q, k, v, bias)) * w * _live_rows(bias))
 
 
 def _max_diff(a, b):
@@ -43,7 +58,8 @@ def _max_diff(a, b):
 def test_values_and_gradients(name, nk, g, mask):
     core = CORES[name]
     q, k, v, bias, w = _inputs(nk, g, mask)
-    assert _max_diff(core(q, k, v, bias), reference_attention(q, k, v, bias)) < 1e-5
+    live = _live_rows(bias)
+    assert _max_diff(core(q, k, v, bias) * live, reference_attention(q, k, v, bias) * live) < 1e-5
     grads = jax.grad(_loss(core, bias, w), (0, 1, 2))(q, k, v)
     ref = jax.grad(_loss(reference_attention, bias, w), (0, 1, 2))(q, k, v)
     assert _max_diff(grads, ref) < 1e-5
@@ -76,6 +92,21 @@ def test_recompute_forward_mode(mask):
     assert _max_diff(hv(recompute_attention_hm), hv(reference_attention)) < 1e-4
     # and forward-over-reverse through the custom-VJP cores as well
     assert _max_diff(hv(flash_attention_hm), hv(reference_attention)) < 1e-4
+    # the default (blocked, checkpointed) core: jvp and forward-over-reverse
+    _, t2 = jax.jvp(lambda *a: _blocked(3)(*a, bias), (q, k, v), tangents)
+    live = _live_rows(bias)
+    assert _max_diff(t2 * live, t0 * live) < 1e-5
+    assert _max_diff(hv(_blocked(3)), hv(reference_attention)) < 1e-4
+
+
+def test_blocked_attention_default_block_and_long_sequences():
+    assert [query_block(t) for t in (7, 128, 512, 2048)] == [32, 32, 32, 128]
+    q, k, v, bias, w = _inputs(2, 2, "right_pad", t=80, e=8)  # blocks [0,32) [32,64) [64,80)
+    ref = reference_attention(q, k, v, bias)
+    assert _max_diff(blocked_attention_hm(q, k, v, bias, query_block(80)), ref) < 1e-5
+    assert _max_diff(blocked_attention_hm(q, k, v, bias, 0), ref) < 1e-5  # 0 = one unblocked block
+    for block in (1, 2, 5, 79, 80):  # one-token blocks, ragged last blocks, one block
+        assert _max_diff(blocked_attention_hm(q, k, v, bias, block), ref) < 1e-5
 
 
 def test_float64_exact():
@@ -87,4 +118,4 @@ def test_float64_exact():
 
 
 def test_registry():
-    assert set(CORES) <= set(ATTENTION) and "xla" in ATTENTION
+    assert {"recompute_hm", "flash", "flash_hm", "xla", "blocked_hm", "recompute_blocked_hm"} <= set(ATTENTION)

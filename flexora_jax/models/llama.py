@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexora_jax.config import ALL_MODULES, ModelConfig
-from flexora_jax.models.attention import recompute_attention_hm
+from flexora_jax.models.attention import query_block, recompute_attention_hm, recompute_blocked_attention_hm
 
 Params = dict[str, Any]
 
@@ -122,7 +122,7 @@ def linear(x: jax.Array, layer: Params, name: str, lora_layer: dict[str, Any] | 
 
 def block(config: ModelConfig, layer: Params, h: jax.Array, cos: jax.Array, sin: jax.Array,
           bias: jax.Array, lora_layer: dict[str, Any] | None, dropout_key: jax.Array | None,
-          dropout_rate: float) -> jax.Array:
+          dropout_rate: float, attention_block: int | None = None) -> jax.Array:
     """One pre-norm LLaMA block: attention (GQA, RoPE) and SwiGLU MLP, each with a residual."""
     b, t, _ = h.shape
     nh, nk, e = config.num_attention_heads, config.num_key_value_heads, config.head_dim
@@ -136,9 +136,14 @@ def block(config: ModelConfig, layer: Params, h: jax.Array, cos: jax.Array, sin:
     v = lin(x, "v_proj").reshape(b, t, nk, e)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     q = q.reshape(b, t, nk, nh // nk, e)  # query heads grouped by the KV head they share
-    # Heads-major batched matmuls under jax.checkpoint: the layer scan keeps q, k, v per layer instead
-    # of the [b, k, g, t, s] probabilities, which the backward pass recomputes (see attention.py).
-    attn = recompute_attention_hm(q, k, v, bias).reshape(b, t, nh * e)
+    # Causal query blocks, heads-major, under jax.checkpoint: the layer scan keeps q, k, v per layer
+    # instead of the [b, k, g, t, s] probabilities, which the backward pass recomputes (attention.py).
+    blk = query_block(t) if attention_block is None else attention_block
+    if blk > 0:
+        attn = recompute_blocked_attention_hm(q, k, v, bias, blk)
+    else:
+        attn = recompute_attention_hm(q, k, v, bias)
+    attn = attn.reshape(b, t, nh * e)
     h = h + lin(attn, "o_proj")
 
     x = rms_norm(h, layer["post_attention_norm"], config.rms_norm_eps)
@@ -149,7 +154,8 @@ def block(config: ModelConfig, layer: Params, h: jax.Array, cos: jax.Array, sin:
 # ---------------------------------------------------------------------------------------- forward
 def forward(config: ModelConfig, params: Params, tokens: jax.Array, attention_mask: jax.Array | None = None,
             lora: Any = None, gates: Any = None, positions: jax.Array | None = None,
-            dropout_key: jax.Array | None = None, return_hidden: bool = False) -> jax.Array:
+            dropout_key: jax.Array | None = None, return_hidden: bool = False,
+            attention_block: int | None = None) -> jax.Array:
     """Logits [b, t, v] (fp32) of the decoder for ``tokens`` [b, t].
 
     Args:
@@ -162,6 +168,8 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array, attention_ma
       positions: RoPE positions [b, t]; default ``arange(t)`` (use ``cumsum(mask) - 1`` for left padding).
       dropout_key: PRNG key enabling LoRA dropout (training); None disables it.
       return_hidden: return the final normed hidden states [b, t, d] instead of logits.
+      attention_block: attend by causal query blocks of this many tokens; None = ``query_block(t)``
+        (32 up to 512 tokens), 0 = one unblocked block. Same function either way (see attention.py).
     """
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
@@ -186,7 +194,7 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array, attention_ma
 
     def step(h, xs):
         layer, lora_layer, key = xs
-        return block(config, layer, h, cos, sin, bias, lora_layer, key, dropout_rate), None
+        return block(config, layer, h, cos, sin, bias, lora_layer, key, dropout_rate, attention_block), None
 
     if config.remat_layers:
         step = jax.checkpoint(step)
