@@ -69,23 +69,29 @@ def build_requests(tasks_: tuple[str, ...], n: int, data_dir: str | None = None)
 
 
 def token_stats(tokenizer: Any, requests: list[tuple[str, str]], max_length: int, batch_size: int) -> dict:
-    """Request lengths and the padding each side computes over (ours: power-of-two buckets; lm-eval: batch max)."""
-    from flexora_jax.tasks.sft import bucket_of, encode_pair, length_buckets
+    """Request lengths and the tokens each side computes over.
 
-    lengths = np.array([min(len(c) + len(x), max_length + 1) - 1 for c, x in (encode_pair(tokenizer, *r) for r in requests)])
-    order = np.sort(lengths)[::-1]
-    buckets = length_buckets(max_length)
-    ours = lm = 0
+    Ours: the choices of an example packed into one row (``evaluation._packs``), rows padded to the
+    scoring buckets in fixed batches; lm-eval: one row per request, padded to its batch's longest.
+    """
+    from flexora_jax import evaluation
+    from flexora_jax.tasks.sft import bucket_of
+
+    windows, _ = evaluation.request_windows(tokenizer, requests, max_length)
+    lengths = np.array([len(p) + len(c) - 1 for p, c in windows])
+    packs = sorted((p.length for p in evaluation._packs(windows, max_length, True)), reverse=True)
+    buckets = evaluation.score_buckets(max_length)
+    ours = 0
     bucket_use: dict[int, int] = {}
-    for i in range(0, len(order), batch_size):
-        chunk = order[i:i + batch_size]
-        width = bucket_of(int(chunk.max()), buckets)
+    for i in range(0, len(packs), batch_size):
+        width = bucket_of(packs[i], buckets)
         bucket_use[width] = bucket_use.get(width, 0) + 1
         ours += batch_size * width  # fixed batch: the last one is padded with empty rows
-        lm += len(chunk) * int(chunk.max())
+    order = np.sort(lengths)[::-1]
+    lm = sum(len(order[i:i + batch_size]) * int(order[i]) for i in range(0, len(order), batch_size))
     real = int(lengths.sum())
-    return {"requests": len(requests), "real_tokens": real, "mean_len": float(lengths.mean()),
-            "p50_len": float(np.median(lengths)), "max_len": int(lengths.max()),
+    return {"requests": len(requests), "rows_packed": len(packs), "real_tokens": real,
+            "mean_len": float(lengths.mean()), "p50_len": float(np.median(lengths)), "max_len": int(lengths.max()),
             "truncated": int(np.sum(lengths >= max_length)), "ours_padded_tokens": int(ours),
             "lm_eval_padded_tokens": int(lm), "ours_padding_ratio": ours / real, "lm_eval_padding_ratio": lm / real,
             "batches_per_bucket": {str(k): v for k, v in sorted(bucket_use.items())}}
@@ -112,11 +118,11 @@ def measure(tasks_: tuple[str, ...], n: int, batch_size: int, repeats: int, thre
                                          max_length=max_length, progress=False)
 
     # Cold: tracing + compiling every bucket's program + one pass (the persistent cache is not used here).
-    evaluation._score_batch.clear_cache()
+    evaluation._score_packed.clear_cache()
     t0 = time.perf_counter()
     got = ours()
     cold_s = time.perf_counter() - t0
-    programs = evaluation._score_batch._cache_size()
+    programs = evaluation._score_packed._cache_size()
 
     def lm_fn(n_threads):
         def fn():

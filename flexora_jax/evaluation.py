@@ -8,9 +8,12 @@ context keeps its last ``max_length + 1`` tokens, exactly like lm-eval's HF mode
 counted per task in ``truncated``. A continuation longer than the context cannot be scored and
 raises.
 
-Scoring runs ONE jitted function over ``[batch_size, bucket]`` arrays: requests are sorted by
-length, cut into fixed-size batches (the last one padded with empty rows) and right-padded to a
-power-of-two bucket, so thousands of requests compile one program per bucket.
+Scoring runs ONE jitted function over ``[batch_size, bucket]`` arrays. The requests of one example
+share their context tokens, so they are packed into one row (the context once, then each choice,
+masked from the others by ``segment_ids``; every token sees exactly what it sees in lm-eval's own
+per-request pass). Rows are sorted by length, cut into fixed-size batches (the last one padded with
+empty rows) and right-padded to a length bucket, so thousands of requests compile one program per
+bucket.
 
 Metrics: ``acc`` = argmax of summed continuation log-probs; ``acc_norm`` = argmax of log-prob /
 character length of the choice (lm-eval: ``len(choice)``, delimiter excluded); ties go to the first
@@ -67,6 +70,72 @@ def _score_batch(config: ModelConfig, params: Any, lora: Any, gates: Any, tokens
     return total, greedy
 
 
+#: At most this many requests share one packed row (the choices of one example share their context).
+PACK_REQUESTS = 8
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _score_packed(config: ModelConfig, params: Any, lora: Any, gates: Any, tokens: jax.Array, positions: jax.Array,
+                  segments: jax.Array, pred_pos: jax.Array, targets: jax.Array,
+                  slots: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per request slot of packed rows: summed target log-probs and all-greedy flags, [b, PACK_REQUESTS] each.
+
+    ``tokens``/``positions``/``segments`` [b, w] are packed rows (``forward``'s ``segment_ids``);
+    ``pred_pos``/``targets``/``slots`` [b, p] list every scored token: the row position whose logits
+    predict it, its id, and the request slot it belongs to (``-1``: padding).
+    """
+    from flexora_jax.models.llama import forward
+
+    logits = forward(config, params, tokens, lora=lora, gates=gates, positions=positions,
+                     segment_ids=segments).astype(jnp.float32)  # [b, w, v]
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [b, w]
+    best = jnp.argmax(logits, axis=-1)  # [b, w]
+    rows = jnp.arange(tokens.shape[0])[:, None]
+    token_lp = logits[rows, pred_pos, targets] - lse[rows, pred_pos]  # [b, p]
+    ok = best[rows, pred_pos] == targets
+    onehot = slots[..., None] == jnp.arange(PACK_REQUESTS)  # [b, p, slots]
+    total = jnp.sum(jnp.where(onehot, token_lp[..., None], 0.0), axis=1)
+    greedy = jnp.all(jnp.where(onehot, ok[..., None], True), axis=1)
+    return total, greedy
+
+
+@dataclasses.dataclass
+class _Pack:
+    """Requests sharing one prefix, packed into one row: prefix, then each continuation but its last token."""
+
+    prefix: list[int]
+    conts: list[list[int]] = dataclasses.field(default_factory=list)
+    requests: list[int] = dataclasses.field(default_factory=list)
+
+    @property
+    def length(self) -> int:
+        return len(self.prefix) + sum(len(c) - 1 for c in self.conts)
+
+    def fits(self, cont: list[int], max_length: int) -> bool:
+        return len(self.conts) < PACK_REQUESTS and self.length + len(cont) - 1 <= max_length
+
+
+def _packs(windows: list[tuple[list[int], list[int]]], max_length: int, pack: bool) -> list[_Pack]:
+    """Group requests by identical prefix tokens (the choices of one example) into packed rows.
+
+    A request's row position sees exactly the tokens it sees alone (the prefix and its own earlier
+    continuation tokens, at the same positions), so packing changes no log-likelihood beyond float
+    summation order; it only scores a shared prefix once instead of once per choice.
+    """
+    out: list[_Pack] = []
+    open_: dict[tuple[int, ...], _Pack] = {}
+    for i, (prefix, cont) in enumerate(windows):
+        key = tuple(prefix)
+        p = open_.get(key) if pack else None
+        if p is None or not p.fits(cont, max_length):
+            p = _Pack(prefix)
+            out.append(p)
+            open_[key] = p
+        p.conts.append(cont)
+        p.requests.append(i)
+    return out
+
+
 def score_buckets(max_length: int, step: int = 64) -> tuple[int, ...]:
     """Scoring widths: powers of two up to ``2 * step``, then every multiple of ``step``, then ``max_length``.
 
@@ -79,18 +148,14 @@ def score_buckets(max_length: int, step: int = 64) -> tuple[int, ...]:
     return tuple(out) + (max_length,)
 
 
-def loglikelihoods(config: ModelConfig, params: Any, tokenizer: Any, requests: Sequence[tuple[str, str]],
-                   lora: Any = None, gates: Any = None, batch_size: int = 32, max_length: int | None = None,
-                   progress: bool = True, desc: str = "scoring") -> Loglikelihoods:
-    """lm-eval's ``loglikelihood`` for ``(context, continuation)`` pairs with our JAX model.
+def request_windows(tokenizer: Any, requests: Sequence[tuple[str, str]],
+                    max_length: int) -> tuple[list[tuple[list[int], list[int]]], list[bool]]:
+    """``(prefix, continuation)`` token ids of each request as lm-eval scores it, and whether it was cut.
 
-    ``max_length`` defaults to ``config.max_position_embeddings`` (what lm-eval reads from the HF
-    config). Returns float64 sums so callers can compare against lm-eval to 1e-3 and better.
+    lm-eval keeps the last ``max_length + 1`` tokens of context + continuation; ``prefix`` is what is
+    left of the context in that window.
     """
-    if not requests:
-        raise DataError("loglikelihoods: no requests given")
-    max_length = int(max_length or config.max_position_embeddings)
-    inputs, n_cont, truncated = [], [], []
+    windows, truncated = [], []
     for i, (context, continuation) in enumerate(requests):
         ctx, cont = encode_pair(tokenizer, context, continuation)
         if not cont:
@@ -98,36 +163,65 @@ def loglikelihoods(config: ModelConfig, params: Any, tokenizer: Any, requests: S
         if len(cont) > max_length:
             raise DataError(f"request {i}: continuation is {len(cont)} tokens, longer than the model's context "
                             f"{max_length}; it cannot be scored (shorten the choice or raise max_length)")
-        whole = ctx + cont
-        truncated.append(len(whole) > max_length + 1)
-        inputs.append(whole[-(max_length + 1):])
-        n_cont.append(len(cont))
+        whole = (ctx + cont)[-(max_length + 1):]
+        truncated.append(len(ctx) + len(cont) > max_length + 1)
+        windows.append((whole[:len(whole) - len(cont)], cont))
+    return windows, truncated
 
+
+def loglikelihoods(config: ModelConfig, params: Any, tokenizer: Any, requests: Sequence[tuple[str, str]],
+                   lora: Any = None, gates: Any = None, batch_size: int = 32, max_length: int | None = None,
+                   progress: bool = True, desc: str = "scoring", pack: bool = True) -> Loglikelihoods:
+    """lm-eval's ``loglikelihood`` for ``(context, continuation)`` pairs with our JAX model.
+
+    ``max_length`` defaults to ``config.max_position_embeddings`` (what lm-eval reads from the HF
+    config). A request keeps its last ``max_length + 1`` tokens (lm-eval's window). With ``pack``,
+    requests whose windows share the same prefix tokens (the choices of one example) are scored in
+    one row: the prefix once, each continuation masked from the others (``segment_ids``), so an
+    example with n choices costs about one context instead of n. ``batch_size`` rows go into each
+    jitted call. Returns float64 sums so callers can compare against lm-eval to 1e-3 and better.
+    """
+    if not requests:
+        raise DataError("loglikelihoods: no requests given")
+    max_length = int(max_length or config.max_position_embeddings)
+    windows, truncated = request_windows(tokenizer, requests, max_length)
+    packs = _packs(windows, max_length, pack)
     buckets = score_buckets(max_length)
-    order = sorted(range(len(inputs)), key=lambda i: len(inputs[i]), reverse=True)
-    logprob = np.zeros(len(inputs), np.float64)
-    greedy = np.zeros(len(inputs), bool)
+    packs.sort(key=lambda p: p.length, reverse=True)
+    logprob = np.zeros(len(requests), np.float64)
+    greedy = np.zeros(len(requests), bool)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    chunks = [packs[i:i + batch_size] for i in range(0, len(packs), batch_size)]
     for chunk in _progress(chunks, progress, desc):
-        width = bucket_of(max(len(inputs[i]) - 1 for i in chunk), buckets)
+        width = bucket_of(max(p.length for p in chunk), buckets)
+        n_scored = width + PACK_REQUESTS  # >= every pack's scored tokens: sum(len(cont)) <= length + #conts
         tokens = np.full((batch_size, width), pad, np.int32)
-        targets = np.zeros((batch_size, width), np.int32)
-        attention = np.zeros((batch_size, width), np.int32)
-        attention[:, 0] = 1  # empty filler rows attend to one token, so no row is all -inf
-        score = np.zeros((batch_size, width), np.float32)
-        for row, i in enumerate(chunk):
-            seq = inputs[i]
-            n = len(seq) - 1
-            tokens[row, :n] = seq[:-1]
-            targets[row, :n] = seq[1:]
-            attention[row, :n] = 1
-            score[row, n - n_cont[i]:n] = 1.0
-        total, all_greedy = _score_batch(config, params, lora, gates, jnp.asarray(tokens), jnp.asarray(attention),
-                                         jnp.asarray(targets), jnp.asarray(score))
+        positions = np.zeros((batch_size, width), np.int32)
+        segments = np.full((batch_size, width), -1, np.int32)
+        segments[:, 0] = 0  # empty filler rows attend to one token, so no row is all -inf
+        pred_pos = np.zeros((batch_size, n_scored), np.int32)
+        targets = np.zeros((batch_size, n_scored), np.int32)
+        slots = np.full((batch_size, n_scored), -1, np.int32)
+        for row, p in enumerate(chunk):
+            c = len(p.prefix)
+            tokens[row, :c], positions[row, :c], segments[row, :c] = p.prefix, np.arange(c), 0
+            at, k = c, 0
+            for slot, cont in enumerate(p.conts):
+                n = len(cont) - 1
+                tokens[row, at:at + n] = cont[:-1]
+                positions[row, at:at + n] = np.arange(c, c + n)
+                segments[row, at:at + n] = slot + 1
+                # cont[0] is predicted by the prefix's last token, cont[j] by cont[j - 1] at at + j - 1
+                pred_pos[row, k:k + n + 1] = [c - 1] + list(range(at, at + n))
+                targets[row, k:k + n + 1] = cont
+                slots[row, k:k + n + 1] = slot
+                at, k = at + n, k + n + 1
+        total, all_greedy = _score_packed(config, params, lora, gates, *map(jnp.asarray, (
+            tokens, positions, segments, pred_pos, targets, slots)))
         total, all_greedy = np.asarray(total, np.float64), np.asarray(all_greedy)
-        for row, i in enumerate(chunk):
-            logprob[i], greedy[i] = total[row], all_greedy[row]
+        for row, p in enumerate(chunk):
+            for slot, i in enumerate(p.requests):
+                logprob[i], greedy[i] = total[row, slot], all_greedy[row, slot]
     return Loglikelihoods(logprob, greedy, np.asarray(truncated, bool))
 
 

@@ -55,10 +55,10 @@ COMPILED = {}
 @pytest.fixture(scope="module")
 def ours(model, records):
     config, params, tokenizer = model
-    before = evaluation._score_batch._cache_size()
+    before = evaluation._score_packed._cache_size()
     out = evaluation.evaluate(config, params, tokenizer, records, batch_size=BATCH, max_length=MAX_LENGTH,
                               return_per_example=True, progress=False)
-    COMPILED["programs"] = evaluation._score_batch._cache_size() - before
+    COMPILED["programs"] = evaluation._score_packed._cache_size() - before
     return out
 
 
@@ -111,3 +111,18 @@ def test_bad_inputs_raise_clear_errors(model):
         evaluation.evaluate(config, params, tokenizer, [long_choice], max_length=64, progress=False)
     with pytest.raises(DataError, match="out of range"):
         MCRecord("toy", 0, "Q:", ("a", "b"), 2)
+
+
+def test_packed_choices_equal_one_request_per_row(model, records):
+    """Packing an example's choices into one row (shared context, segment masks) changes no score."""
+    config, params, tokenizer = model
+    reqs = [req for t in PARITY_TASKS for r in records[t][:6] for req in r.requests()]
+    packed = evaluation.loglikelihoods(config, params, tokenizer, reqs, batch_size=BATCH, max_length=MAX_LENGTH,
+                                       progress=False)
+    single = evaluation.loglikelihoods(config, params, tokenizer, reqs, batch_size=BATCH, max_length=MAX_LENGTH,
+                                       progress=False, pack=False)
+    np.testing.assert_allclose(packed.logprob, single.logprob, atol=2e-4, rtol=0)
+    assert (packed.is_greedy == single.is_greedy).all() and (packed.truncated == single.truncated).all()
+    packs = evaluation._packs([([1, 5], [6, 7])] * 10 + [([2], [6])], 64, True)  # at most PACK_REQUESTS a row
+    assert [p.requests for p in packs] == [list(range(8)), [8, 9], [10]] and packs[0].length == 2 + 8
+    assert [p.requests for p in evaluation._packs([([1, 5], [6, 7])] * 3, 3, True)] == [[0, 1], [2]]  # width

@@ -90,12 +90,21 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def attention_bias(attention_mask: jax.Array | None, batch: int, seq: int) -> jax.Array:
-    """Additive bias [b, 1, t, t]: causal, plus key padding from ``attention_mask`` [b, t]."""
+def attention_bias(attention_mask: jax.Array | None, batch: int, seq: int,
+                   segment_ids: jax.Array | None = None) -> jax.Array:
+    """Additive bias [b, 1, t, t]: causal, plus key padding from ``attention_mask`` [b, t].
+
+    ``segment_ids`` [b, t] packs several sequences that share a prefix into one row: ``0`` marks the
+    shared prefix, ``s > 0`` a segment that sees the prefix and its own earlier tokens only (another
+    segment's tokens are masked), ``-1`` padding. The mask stays causal.
+    """
     causal = jnp.tril(jnp.ones((seq, seq), dtype=bool))[None, None]
     allowed = causal
     if attention_mask is not None:
         allowed = allowed & (attention_mask[:, None, None, :] > 0)
+    if segment_ids is not None:
+        q_seg, k_seg = segment_ids[:, None, :, None], segment_ids[:, None, None, :]
+        allowed = allowed & (k_seg >= 0) & ((k_seg == 0) | (k_seg == q_seg))
     allowed = jnp.broadcast_to(allowed, (batch, 1, seq, seq))
     return jnp.where(allowed, 0.0, _NEG_INF)
 
@@ -155,7 +164,7 @@ def block(config: ModelConfig, layer: Params, h: jax.Array, cos: jax.Array, sin:
 def forward(config: ModelConfig, params: Params, tokens: jax.Array, attention_mask: jax.Array | None = None,
             lora: Any = None, gates: Any = None, positions: jax.Array | None = None,
             dropout_key: jax.Array | None = None, return_hidden: bool = False,
-            attention_block: int | None = None) -> jax.Array:
+            attention_block: int | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
     """Logits [b, t, v] (fp32) of the decoder for ``tokens`` [b, t].
 
     Args:
@@ -170,6 +179,8 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array, attention_ma
       return_hidden: return the final normed hidden states [b, t, d] instead of logits.
       attention_block: attend by causal query blocks of this many tokens; None = ``query_block(t)``
         (32 up to 512 tokens), 0 = one unblocked block. Same function either way (see attention.py).
+      segment_ids: [b, t] packed rows: 0 = shared prefix, s > 0 = segment s (sees the prefix and
+        itself), -1 = padding (see :func:`attention_bias`); give matching ``positions``.
     """
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
@@ -179,7 +190,7 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array, attention_ma
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     cos, sin = rope_tables(config, positions)
-    bias = attention_bias(attention_mask, b, t)
+    bias = attention_bias(attention_mask, b, t, segment_ids)
     h = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
 
     lora_layers = None
