@@ -16,8 +16,7 @@ def _blocked(block):
 
 
 # t = 7 below: blocks of 3 give spans [0,3) [3,6) [6,7) (a ragged last one).
-CORES = {"recompute_hm": recompute_attention_hm, "flash": flash_attention, "flash_hm": flash_attention_hm,
-         "blocked_b3": _blocked(3)}
+CORES = {"recompute_hm": recompute_attention_hm, "flash": flash_attention, "flash_hm": flash_attention_hm}
 
 
 def _live_rows(bias):
@@ -97,6 +96,23 @@ def test_recompute_forward_mode(mask):
     live = _live_rows(bias)
     assert _max_diff(t2 * live, t0 * live) < 1e-5
     assert _max_diff(hv(_blocked(3)), hv(reference_attention)) < 1e-4
+
+
+@pytest.mark.parametrize("nk,g,mask", [(2, 3, "left_pad"), (1, 4, "right_pad")])
+def test_blocked_values_gradients_and_second_derivative(nk, g, mask):
+    """The decoder's default core (blocks of 3 over t = 7: spans [0,3) [3,6) [6,7)) vs the reference."""
+    core = _blocked(3)
+    q, k, v, bias, w = _inputs(nk, g, mask)
+    live = _live_rows(bias)
+    assert _max_diff(core(q, k, v, bias) * live, reference_attention(q, k, v, bias) * live) < 1e-5
+    grad = lambda c: jax.grad(_loss(c, bias, w), (0, 1, 2))(q, k, v)
+    assert _max_diff(grad(core), grad(reference_attention)) < 1e-5
+
+    def outer(c):
+        return jax.grad(lambda q, k, v: sum(jnp.sum(x ** 2) for x in jax.grad(_loss(c, bias, w), (0, 1, 2))(q, k, v)),
+                        (0, 1, 2))(q, k, v)
+
+    assert _max_diff(outer(core), outer(reference_attention)) < 1e-4
 
 
 def test_blocked_attention_default_block_and_long_sequences():

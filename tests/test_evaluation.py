@@ -125,4 +125,4 @@ def test_packed_choices_equal_one_request_per_row(model, records):
     assert (packed.is_greedy == single.is_greedy).all() and (packed.truncated == single.truncated).all()
     packs = evaluation._packs([([1, 5], [6, 7])] * 10 + [([2], [6])], 64, True)  # at most PACK_REQUESTS a row
     assert [p.requests for p in packs] == [list(range(8)), [8, 9], [10]] and packs[0].length == 2 + 8
-    assert [p.requests for p in evaluation._packs([([1, 5], [6, 7])] * 3, 3, True)] == [[0, 1], [2]]  # width
+    assert [p.requests for p in evaluation._packs([([1, 5], [6, 7])] * 3, 4, True)] == [[0, 1], [2]]  # width
