@@ -458,9 +458,12 @@ class PlantedOptions:
     n_test: int = 500  # held-out test sequences (scored against the teacher's distributions)
     finetune_examples: int = 200  # fine-tune on the first N training sequences; 0 = all
     finetune_targets: str = "hard"  # "hard": tokens sampled from the teacher (scarce, noisy data); "same"
+    rank: int = 4  # rank of every planted delta ...
+    ranks: dict[str, int] = dataclasses.field(default_factory=dict)  # ... or per module (AutoLoRA's target)
 
     def __post_init__(self) -> None:
-        for name in ("num_layers", "num_planted", "n_train", "n_val", "n_test"):
+        object.__setattr__(self, "ranks", _FrozenDict(self.ranks))
+        for name in ("num_layers", "num_planted", "n_train", "n_val", "n_test", "rank"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v >= 1, f"task.planted.{name} must be an integer >= 1, got {v!r}")
         _check(self.num_planted <= self.num_layers,
@@ -470,6 +473,10 @@ class PlantedOptions:
                f"got {self.finetune_examples!r}")
         _check(self.finetune_targets in ("hard", "same"),
                f"task.planted.finetune_targets must be 'hard' or 'same', got {self.finetune_targets!r}")
+        for module, r in self.ranks.items():
+            _check(module in ("q_proj", "v_proj") and isinstance(r, int) and r >= 1,
+                   f"task.planted.ranks maps q_proj / v_proj (the planted modules) to ranks >= 1, "
+                   f"got {module!r}: {r!r}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -55,21 +55,6 @@ class Loglikelihoods:
     truncated: np.ndarray  # bool [n]: the request lost tokens from the left
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _score_batch(config: ModelConfig, params: Any, lora: Any, gates: Any, tokens: jax.Array,
-                 attention_mask: jax.Array, targets: jax.Array, score_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """Summed target log-probs and all-greedy flags over ``score_mask`` positions; [b] each."""
-    from flexora_jax.models.llama import forward
-
-    logits = forward(config, params, tokens, attention_mask=attention_mask, lora=lora, gates=gates)  # [b, t, v]
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    token_lp = jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [b, t]
-    scored = score_mask > 0
-    total = jnp.sum(jnp.where(scored, token_lp, 0.0), axis=-1)
-    greedy = jnp.all(jnp.where(scored, jnp.argmax(logp, axis=-1) == targets, True), axis=-1)
-    return total, greedy
-
-
 #: At most this many requests share one packed row (the choices of one example share their context).
 PACK_REQUESTS = 8
 
@@ -169,6 +154,41 @@ def request_windows(tokenizer: Any, requests: Sequence[tuple[str, str]],
     return windows, truncated
 
 
+def pack_rows(packs: Sequence[_Pack], batch_size: int, width: int, pad: int) -> tuple[np.ndarray, ...]:
+    """The six :func:`_score_packed` inputs for ``packs`` in ``batch_size`` rows of ``width`` tokens.
+
+    ``(tokens, positions, segments, pred_pos, targets, slots)``: a row holds its prefix (segment 0,
+    positions from 0), then each continuation but its last token (segment ``slot + 1``, positions
+    continuing the prefix's); every scored token lists the row position predicting it. Rows past
+    ``len(packs)`` are filler that attends to one token (no row is all ``-inf``).
+    """
+    n_scored = width + PACK_REQUESTS  # >= every pack's scored tokens: sum(len(cont)) <= length + #conts
+    tokens = np.full((batch_size, width), pad, np.int32)
+    positions = np.zeros((batch_size, width), np.int32)
+    segments = np.full((batch_size, width), -1, np.int32)
+    segments[:, 0] = 0
+    pred_pos = np.zeros((batch_size, n_scored), np.int32)
+    targets = np.zeros((batch_size, n_scored), np.int32)
+    slots = np.full((batch_size, n_scored), -1, np.int32)
+    for row, p in enumerate(packs):
+        if p.length > width:
+            raise ValueError(f"pack_rows: a pack of {p.length} tokens does not fit width {width}")
+        c = len(p.prefix)
+        tokens[row, :c], positions[row, :c], segments[row, :c] = p.prefix, np.arange(c), 0
+        at, k = c, 0
+        for slot, cont in enumerate(p.conts):
+            n = len(cont) - 1
+            tokens[row, at:at + n] = cont[:-1]
+            positions[row, at:at + n] = np.arange(c, c + n)
+            segments[row, at:at + n] = slot + 1
+            # cont[0] is predicted by the prefix's last token, cont[j] by cont[j - 1] at at + j - 1
+            pred_pos[row, k:k + n + 1] = [c - 1] + list(range(at, at + n))
+            targets[row, k:k + n + 1] = cont
+            slots[row, k:k + n + 1] = slot
+            at, k = at + n, k + n + 1
+    return tokens, positions, segments, pred_pos, targets, slots
+
+
 def loglikelihoods(config: ModelConfig, params: Any, tokenizer: Any, requests: Sequence[tuple[str, str]],
                    lora: Any = None, gates: Any = None, batch_size: int = 32, max_length: int | None = None,
                    progress: bool = True, desc: str = "scoring", pack: bool = True) -> Loglikelihoods:
@@ -194,30 +214,8 @@ def loglikelihoods(config: ModelConfig, params: Any, tokenizer: Any, requests: S
     chunks = [packs[i:i + batch_size] for i in range(0, len(packs), batch_size)]
     for chunk in _progress(chunks, progress, desc):
         width = bucket_of(max(p.length for p in chunk), buckets)
-        n_scored = width + PACK_REQUESTS  # >= every pack's scored tokens: sum(len(cont)) <= length + #conts
-        tokens = np.full((batch_size, width), pad, np.int32)
-        positions = np.zeros((batch_size, width), np.int32)
-        segments = np.full((batch_size, width), -1, np.int32)
-        segments[:, 0] = 0  # empty filler rows attend to one token, so no row is all -inf
-        pred_pos = np.zeros((batch_size, n_scored), np.int32)
-        targets = np.zeros((batch_size, n_scored), np.int32)
-        slots = np.full((batch_size, n_scored), -1, np.int32)
-        for row, p in enumerate(chunk):
-            c = len(p.prefix)
-            tokens[row, :c], positions[row, :c], segments[row, :c] = p.prefix, np.arange(c), 0
-            at, k = c, 0
-            for slot, cont in enumerate(p.conts):
-                n = len(cont) - 1
-                tokens[row, at:at + n] = cont[:-1]
-                positions[row, at:at + n] = np.arange(c, c + n)
-                segments[row, at:at + n] = slot + 1
-                # cont[0] is predicted by the prefix's last token, cont[j] by cont[j - 1] at at + j - 1
-                pred_pos[row, k:k + n + 1] = [c - 1] + list(range(at, at + n))
-                targets[row, k:k + n + 1] = cont
-                slots[row, k:k + n + 1] = slot
-                at, k = at + n, k + n + 1
-        total, all_greedy = _score_packed(config, params, lora, gates, *map(jnp.asarray, (
-            tokens, positions, segments, pred_pos, targets, slots)))
+        rows = pack_rows(chunk, batch_size, width, pad)
+        total, all_greedy = _score_packed(config, params, lora, gates, *map(jnp.asarray, rows))
         total, all_greedy = np.asarray(total, np.float64), np.asarray(all_greedy)
         for row, p in enumerate(chunk):
             for slot, i in enumerate(p.requests):

@@ -62,7 +62,8 @@ class PlantedTask:
     teacher_test_loss: float  # the floor: cross-entropy of the teacher on its own test data
 
     def planted_json(self) -> dict[str, Any]:
-        return {"layers": list(self.planted_layers), "ranks": dict(self.planted_ranks)}
+        return {"layers": list(self.planted_layers), "ranks": dict(self.planted_ranks),
+                "num_layers": self.config.num_hidden_layers}
 
 
 def _teacher_lora(config: ModelConfig, pc: PlantedConfig, layers: tuple[int, ...], ranks: dict[str, int],

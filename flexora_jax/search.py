@@ -71,12 +71,7 @@ def search(config: ModelConfig, params: Any, lora_config: LoraConfig, search_con
     for step in range(int(state.step), sc.steps):
         state, metrics = step_fn(params, state, train_sampler.next_stacked(sc.inner_steps), val_sampler.next())
         record = _step_record(step, metrics, state.gates, config.num_hidden_layers)
-        if "gates" in record:
-            trajectory.append(record["gates"])
-        history.append(record)
-        if callback is not None:
-            callback(step + 1, dict(record, state=state,
-                                    sampler={"train": train_sampler.state(), "val": val_sampler.state()}))
+        _log_step(record, state, trajectory, history, callback, train_sampler, val_sampler)
     selection = select(state.gates, lora_config, config.num_hidden_layers, sc.selection, sc.top_k, sc.threshold)
     return SearchResult(gates=state.gates, selection=selection, trajectory=trajectory, history=history, state=state)
 
@@ -94,6 +89,19 @@ def _step_record(step: int, metrics: dict, gates: Gates, num_layers: int) -> dic
     if "layer" in values:
         record["gates"] = [round(float(x), 6) for x in np.asarray(values["layer"])]
     return record
+
+
+def _log_step(record: dict, state: SearchState, trajectory: list[list[float]], history: list[dict],
+              callback: Callable[[int, dict], None] | None, train_sampler: BatchSampler,
+              val_sampler: BatchSampler) -> None:
+    """Append one step's record to the trajectory / history and hand it to the callback (with the state
+    and sampler positions a checkpoint needs)."""
+    if "gates" in record:
+        trajectory.append(record["gates"])
+    history.append(record)
+    if callback is not None:
+        callback(record["step"], dict(record, state=state,
+                                      sampler={"train": train_sampler.state(), "val": val_sampler.state()}))
 
 
 def _search_sharded(config: ModelConfig, params: Any, lora_config: LoraConfig, sc: SearchConfig,
@@ -123,12 +131,7 @@ def _search_sharded(config: ModelConfig, params: Any, lora_config: LoraConfig, s
         metrics = sh.fetch(metrics)
         record = _step_record(step, metrics, jax.tree.map(jnp.asarray, sh.fetch(state.gates)),
                               config.num_hidden_layers)
-        if "gates" in record:
-            trajectory.append(record["gates"])
-        history.append(record)
-        if callback is not None:
-            callback(step + 1, dict(record, state=state,
-                                    sampler={"train": train_sampler.state(), "val": val_sampler.state()}))
+        _log_step(record, state, trajectory, history, callback, train_sampler, val_sampler)
     gates = jax.tree.map(jnp.asarray, sh.fetch(state.gates))  # host-local copies, readable on every process
     selection = select(gates, lora_config, config.num_hidden_layers, sc.selection, sc.top_k, sc.threshold)
     return SearchResult(gates=gates, selection=selection, trajectory=trajectory, history=history, state=state)

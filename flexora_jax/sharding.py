@@ -316,20 +316,24 @@ def shard_train_step(config: ModelConfig, cfg: Any, steps: int, mesh: Mesh, para
 
 def shard_eval_step(config: ModelConfig, mesh: Mesh, params: Any, lora: Any = None, gates: Any = None,
                     batch_size: int = 32, width: int = 128) -> ShardedStep:
-    """The evaluation scorer (``evaluation._score_batch``) under ``mesh``.
+    """The packed evaluation scorer (``evaluation._score_packed``) under ``mesh``.
 
-    ``(params, lora, gates, tokens, attention_mask, targets, score_mask) -> (logprob [b], greedy [b])``,
-    rows over ``("data", "fsdp")``, results replicated. Any width compiles its own program.
+    ``(params, lora, gates, tokens, positions, segments, pred_pos, targets, slots)`` ->
+    ``(logprob [b, PACK_REQUESTS], greedy [b, PACK_REQUESTS])``, the six row arrays as
+    :func:`flexora_jax.evaluation.pack_rows` builds them (``[batch_size, width]`` and
+    ``[batch_size, width + PACK_REQUESTS]``), rows over ``("data", "fsdp")``, results replicated.
+    Any width compiles its own program.
     """
-    from flexora_jax.evaluation import _score_batch
+    from flexora_jax.evaluation import PACK_REQUESTS, _score_packed
 
-    rows = jax.ShapeDtypeStruct((batch_size, width), np.int32)
-    row_s = named(batch_specs(rows, mesh), mesh)
-    in_s = (shardings(params, mesh), shardings(lora, mesh), shardings(gates, mesh), row_s, row_s, row_s, row_s)
+    row_s = named(batch_specs(jax.ShapeDtypeStruct((batch_size, width), np.int32), mesh), mesh)
+    scored_s = named(batch_specs(jax.ShapeDtypeStruct((batch_size, width + PACK_REQUESTS), np.int32), mesh), mesh)
+    in_s = (shardings(params, mesh), shardings(lora, mesh), shardings(gates, mesh),
+            row_s, row_s, row_s, scored_s, scored_s, scored_s)
     out_s = replicated(mesh)
-    fn = jax.jit(lambda p, l, g, t, a, y, s: _score_batch(config, p, l, g, t, a, y, s),
+    fn = jax.jit(lambda p, l, g, *rows: _score_packed(config, p, l, g, *rows),
                  in_shardings=in_s, out_shardings=out_s)
-    return ShardedStep(fn, mesh, in_s, out_s, {3: 0, 4: 0, 5: 0, 6: 0})
+    return ShardedStep(fn, mesh, in_s, out_s, {i: 0 for i in range(3, 9)})
 
 
 # ------------------------------------------------------------------------------------ loading

@@ -5,8 +5,9 @@ overrides) and seeds. Every (experiment, variant, seed) is one ordinary ``flexor
 directory, so every number in the write-up comes from the same code path users run, and the study is
 resumable: a finished run (its ``compare.json`` exists) is skipped, an interrupted one resumes from its
 checkpoints. ``aggregate`` turns the run directories into ``results.json`` (mean and std over seeds of
-held-out loss, accuracy, trainable parameters, wall time, and precision / recall of the selected
-layers against the planted ones) and a markdown table per experiment.
+held-out loss, accuracy, trainable parameters, wall time, precision / recall of the selected
+layers against the planted ones and, for rank-selecting methods, the rank correlation of the selected
+ranks with the planted ones) and a markdown table per experiment.
 
     python -m flexora_jax.study configs/study/planted.yaml --out study/planted [--smoke]
 """
@@ -95,6 +96,27 @@ def _mean_std(xs: list[float]) -> dict[str, float]:
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0, "n": int(a.size)}
 
 
+def rank_correlation(selected: dict[str, int], planted: dict[str, Any], num_layers: int) -> float:
+    """Spearman correlation of selected vs planted LoRA ranks over every (layer, module) slot.
+
+    ``selected`` maps peft-style module paths (``model.layers.{i}.self_attn.q_proj``) to ranks, a missing
+    slot meaning rank 0; the planted rank of a slot is ``planted["ranks"][module]`` in a planted layer
+    and 0 elsewhere. NaN when either side is constant (no ranking to correlate).
+    """
+    from scipy.stats import spearmanr
+
+    modules = sorted(planted["ranks"])
+    truth, chosen = [], []
+    for layer in range(num_layers):
+        for m in modules:
+            truth.append(planted["ranks"][m] if layer in planted["layers"] else 0)
+            key = next((k for k in selected if k.endswith(f".{m}") and f"layers.{layer}." in k), None)
+            chosen.append(selected[key] if key is not None else 0)
+    if len(set(truth)) < 2 or len(set(chosen)) < 2:
+        return float("nan")
+    return float(spearmanr(truth, chosen).statistic)
+
+
 def _read(path: Path) -> Any:
     return json.loads(path.read_text()) if path.exists() else None
 
@@ -126,6 +148,9 @@ def aggregate(out: str | Path) -> dict[str, Any]:
                     chosen, truth = set(sel["layers"]), set(planted["layers"])
                     rec.setdefault("precision", []).append(len(chosen & truth) / max(len(chosen), 1))
                     rec.setdefault("recall", []).append(len(chosen & truth) / max(len(truth), 1))
+                    if sel.get("ranks") and "num_layers" in planted:
+                        rec.setdefault("rank_corr", []).append(
+                            rank_correlation(sel["ranks"], planted, planted["num_layers"]))
             wall = timings.get(f"finetune_{method}")
             if wall is not None:
                 rec.setdefault("finetune_s", []).append(wall)
@@ -138,7 +163,7 @@ def aggregate(out: str | Path) -> dict[str, Any]:
 
 def render_markdown(result: dict[str, Any]) -> str:
     """One table per experiment: rows (variant, method), mean +- std over seeds."""
-    base_cols = ["test_loss", "floor", "acc", "precision", "recall", "num_layers", "trainable_params", "finetune_s"]
+    base_cols = ["test_loss", "floor", "acc", "precision", "recall", "rank_corr", "num_layers", "trainable_params", "finetune_s"]
     lines = []
     for exp, variants in result.items():
         present = {k for methods in variants.values() for rec in methods.values() for k in rec}

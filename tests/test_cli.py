@@ -33,7 +33,7 @@ def test_embedded_default_end_to_end(default_run, capsys):
     assert any((default_run / "checkpoints").iterdir())
     planted = json.loads((default_run / "planted.json").read_text())
     selection = json.loads((default_run / "selection.json").read_text())
-    assert selection["layers"] == planted["layers"] and set(planted) == {"layers", "ranks"}
+    assert selection["layers"] == planted["layers"] and set(planted) == {"layers", "ranks", "num_layers"}
     assert selection["trainable_params"] == len(planted["layers"]) * 2 * 4 * (64 + 64)
     gates = json.loads((default_run / "gates.json").read_text())
     assert len(gates["layer"]) == 6

@@ -18,7 +18,7 @@ from jax.sharding import PartitionSpec as P
 from flexora_jax import sharding as sh
 from flexora_jax.bilevel import init_search_state, make_search_step
 from flexora_jax.config import ConfigError, FinetuneConfig, LoraConfig, ModelConfig, SearchConfig
-from flexora_jax.evaluation import _score_batch
+from flexora_jax.evaluation import _Pack, _score_packed, pack_rows
 from flexora_jax.gates import init_gates
 from flexora_jax.lora import init_lora
 from flexora_jax.models.llama import init_params
@@ -50,13 +50,13 @@ def _train_state():
 
 
 def _score_inputs(rng):
-    tokens = rng.integers(0, CONFIG.vocab_size, (8, 16)).astype(np.int32)
-    attention = np.ones((8, 16), np.int32)
-    attention[::2, 12:] = 0
-    targets = np.roll(tokens, -1, axis=1)
-    score = np.zeros((8, 16), np.float32)
-    score[:, 6:12] = 1.0
-    return tokens, attention, targets, score
+    """Packed scoring rows: 6 examples of 1-3 continuations sharing a prefix, 2 filler rows."""
+    packs = []
+    for _ in range(6):
+        tok = lambda n: rng.integers(0, CONFIG.vocab_size, n).tolist()  # noqa: E731
+        conts = [tok(int(rng.integers(1, 4))) for _ in range(int(rng.integers(1, 4)))]
+        packs.append(_Pack(tok(int(rng.integers(2, 6))), conts, list(range(len(conts)))))
+    return pack_rows(packs, 8, 16, 0)
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def setup():
         tstate, m = train_fn(params, tstate, b)
         losses.append(float(m["loss"]))
     lora = init_lora(CONFIG, LORA, jax.random.key(4))
-    scores = _score_batch(CONFIG, params, lora, None, *map(jax.numpy.asarray, data["score"]))
+    scores = _score_packed(CONFIG, params, lora, None, *map(jax.numpy.asarray, data["score"]))
     ref = {"search_state": state, "search": metrics, "losses": np.asarray(losses), "scores": scores,
            "lora": lora}
     return params, data, ref

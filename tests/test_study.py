@@ -37,3 +37,22 @@ def test_committed_study_plans_parse():
         for e in plan["experiments"]:
             for overrides in e["variants"].values():
                 load_config(e.get("config"), list(e["overrides"]) + list(overrides or []))
+
+
+def test_rank_correlation_against_planted_ranks():
+    import math
+
+    from flexora_jax.study import rank_correlation
+
+    planted = {"layers": [1, 2], "ranks": {"q_proj": 8, "v_proj": 1}, "num_layers": 3}
+    path = "model.layers.{}.self_attn.{}".format
+    # ordering of the truth (0 outside planted layers, q above v inside) reproduced: correlation 1
+    exact = {path(1, "q_proj"): 6, path(2, "q_proj"): 6, path(1, "v_proj"): 2, path(2, "v_proj"): 2}
+    assert math.isclose(rank_correlation(exact, planted, 3), 1.0)
+    # the reverse order inside the planted layers and ranks outside them: negative
+    wrong = {path(0, "q_proj"): 8, path(0, "v_proj"): 8, path(1, "v_proj"): 4, path(2, "v_proj"): 4,
+             path(1, "q_proj"): 1, path(2, "q_proj"): 1}
+    assert rank_correlation(wrong, planted, 3) < 0
+    # a uniform selection carries no ranking
+    uniform = {path(i, m): 4 for i in range(3) for m in ("q_proj", "v_proj")}
+    assert math.isnan(rank_correlation(uniform, planted, 3))
