@@ -96,6 +96,24 @@ def _mean_std(xs: list[float]) -> dict[str, float]:
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0, "n": int(a.size)}
 
 
+def _rank_slots(selected: dict[str, int], planted: dict[str, Any], num_layers: int) -> tuple[list[int], list[int]]:
+    """(planted, selected) rank of every (layer, module) slot; see :func:`rank_correlation`."""
+    truth, chosen = [], []
+    for layer in range(num_layers):
+        for m in sorted(planted["ranks"]):
+            truth.append(planted["ranks"][m] if layer in planted["layers"] else 0)
+            key = next((k for k in selected if k.endswith(f".{m}") and f"layers.{layer}." in k), None)
+            chosen.append(selected[key] if key is not None else 0)
+    return truth, chosen
+
+
+def rank_by_planted(selected: dict[str, int], planted: dict[str, Any], num_layers: int) -> dict[str, float]:
+    """Mean selected rank per planted rank: ``{"rank_at_planted_0": ..., "rank_at_planted_8": ...}``."""
+    truth, chosen = _rank_slots(selected, planted, num_layers)
+    return {f"rank_at_planted_{t}": float(np.mean([c for tt, c in zip(truth, chosen) if tt == t]))
+            for t in sorted(set(truth))}
+
+
 def rank_correlation(selected: dict[str, int], planted: dict[str, Any], num_layers: int) -> float:
     """Spearman correlation of selected vs planted LoRA ranks over every (layer, module) slot.
 
@@ -105,13 +123,7 @@ def rank_correlation(selected: dict[str, int], planted: dict[str, Any], num_laye
     """
     from scipy.stats import spearmanr
 
-    modules = sorted(planted["ranks"])
-    truth, chosen = [], []
-    for layer in range(num_layers):
-        for m in modules:
-            truth.append(planted["ranks"][m] if layer in planted["layers"] else 0)
-            key = next((k for k in selected if k.endswith(f".{m}") and f"layers.{layer}." in k), None)
-            chosen.append(selected[key] if key is not None else 0)
+    truth, chosen = _rank_slots(selected, planted, num_layers)
     if len(set(truth)) < 2 or len(set(chosen)) < 2:
         return float("nan")
     return float(spearmanr(truth, chosen).statistic)
@@ -151,6 +163,8 @@ def aggregate(out: str | Path) -> dict[str, Any]:
                     if sel.get("ranks") and "num_layers" in planted:
                         rec.setdefault("rank_corr", []).append(
                             rank_correlation(sel["ranks"], planted, planted["num_layers"]))
+                        for key, value in rank_by_planted(sel["ranks"], planted, planted["num_layers"]).items():
+                            rec.setdefault(key, []).append(value)
             wall = timings.get(f"finetune_{method}")
             if wall is not None:
                 rec.setdefault("finetune_s", []).append(wall)
@@ -168,6 +182,10 @@ def render_markdown(result: dict[str, Any]) -> str:
     for exp, variants in result.items():
         present = {k for methods in variants.values() for rec in methods.values() for k in rec}
         cols = [c for c in base_cols if c in present or c == "test_loss"]
+        if "rank_corr" in cols:
+            at = cols.index("rank_corr") + 1
+            cols[at:at] = sorted((c for c in present if c.startswith("rank_at_planted_")),
+                                 key=lambda c: int(c.rsplit("_", 1)[1]))
         cols[2:2] = [c for c in ("question_gain", "acc_noq") if c in present]
         lines += [f"### {exp}", "", "| variant | method | " + " | ".join(cols) + " | seeds |",
                   "|---" * (len(cols) + 3) + "|"]

@@ -56,3 +56,22 @@ def test_rank_correlation_against_planted_ranks():
     # a uniform selection carries no ranking
     uniform = {path(i, m): 4 for i in range(3) for m in ("q_proj", "v_proj")}
     assert math.isnan(rank_correlation(uniform, planted, 3))
+
+
+def test_rank_by_planted_means_per_planted_rank():
+    from flexora_jax.study import rank_by_planted
+
+    planted = {"layers": [1], "ranks": {"q_proj": 8, "v_proj": 1}, "num_layers": 2}
+    path = "model.layers.{}.self_attn.{}".format
+    selected = {path(0, "q_proj"): 2, path(0, "v_proj"): 4, path(1, "q_proj"): 6, path(1, "v_proj"): 1}
+    assert rank_by_planted(selected, planted, 2) == {"rank_at_planted_0": 3.0, "rank_at_planted_1": 1.0,
+                                                     "rank_at_planted_8": 6.0}
+
+
+def test_effectiveness_doc_is_rendered_from_its_json():
+    """Every table of docs/effectiveness.md is the committed JSON rendered by the study's renderer."""
+    import runpy
+    from pathlib import Path
+
+    build = Path(__file__).resolve().parents[1] / "docs" / "effectiveness" / "build.py"
+    assert runpy.run_path(str(build))["main"](["--check"]) == 0
