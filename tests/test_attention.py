@@ -117,12 +117,15 @@ def test_blocked_values_gradients_and_second_derivative(nk, g, mask):
 
 def test_blocked_attention_default_block_and_long_sequences():
     assert [query_block(t) for t in (7, 128, 512, 2048)] == [32, 32, 32, 128]
-    q, k, v, bias, w = _inputs(2, 2, "right_pad", t=80, e=8)  # blocks [0,32) [32,64) [64,80)
+    blocked = jax.jit(blocked_attention_hm, static_argnums=4)
+    q, k, v, bias, w = _inputs(2, 2, "right_pad", t=40, e=8)  # default blocks [0,32) [32,40)
     ref = reference_attention(q, k, v, bias)
-    assert _max_diff(blocked_attention_hm(q, k, v, bias, query_block(80)), ref) < 1e-5
-    assert _max_diff(blocked_attention_hm(q, k, v, bias, 0), ref) < 1e-5  # 0 = one unblocked block
-    for block in (1, 2, 5, 79, 80):  # one-token blocks, ragged last blocks, one block
-        assert _max_diff(blocked_attention_hm(q, k, v, bias, block), ref) < 1e-5
+    assert _max_diff(blocked(q, k, v, bias, query_block(40)), ref) < 1e-5
+    assert _max_diff(blocked(q, k, v, bias, 0), ref) < 1e-5  # 0 = one unblocked block
+    q, k, v, bias, w = _inputs(2, 2, "right_pad", t=12, e=8)
+    ref = reference_attention(q, k, v, bias)
+    for block in (1, 5, 11, 12):  # one-token blocks, ragged last blocks, one block
+        assert _max_diff(blocked(q, k, v, bias, block), ref) < 1e-5
 
 
 def test_float64_exact():
