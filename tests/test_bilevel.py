@@ -109,9 +109,13 @@ def test_forward_mode_equals_reverse_mode_and_remat_and_python_loop():
         opt = optax.adamw(1e-2, eps_root=1e-16)
         loss = make_loss_fn(cfg, params)
         state = InnerState(lora, opt.init(lora))
-        rev, s_rev, _ = hypergradient("unrolled", loss, loss, opt, gates, state, batches, val, remat=True)
-        norem, _, _ = hypergradient("unrolled", loss, loss, opt, gates, state, batches, val, remat=False)
-        fwd, s_fwd, _ = hypergradient("forward", loss, loss, opt, gates, state, batches, val)
+        def hg(estimator, **kw):  # jitted: op-by-op dispatch of the unrolled scan is slow
+            return jax.jit(lambda g, s: hypergradient(estimator, loss, loss, opt, g, s, batches, val, **kw))(
+                gates, state)
+
+        rev, s_rev, _ = hg("unrolled", remat=True)
+        norem, _, _ = hg("unrolled", remat=False)
+        fwd, s_fwd, _ = hg("forward")
         assert _rel_err(norem, rev) < 1e-10
         assert _rel_err(fwd, rev) < 1e-10
 
@@ -121,7 +125,7 @@ def test_forward_mode_equals_reverse_mode_and_remat_and_python_loop():
                 s, _ = inner_step(loss, opt, g, s, jax.tree.map(lambda x: x[i], batches))
             return loss(s.lora, g, val), s
 
-        (_, s_loop), loop_grad = jax.value_and_grad(python_loop, has_aux=True)(gates)
+        (_, s_loop), loop_grad = jax.jit(jax.value_and_grad(python_loop, has_aux=True))(gates)
         assert _rel_err(loop_grad, rev) < 1e-10
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), s_loop.lora, s_rev.lora)
 
@@ -169,8 +173,9 @@ def test_adamw_without_eps_root_gives_nan_hypergradient():
     gates32 = jax.tree.map(lambda x: x.astype(jnp.float32), gates)
     for eps_root, finite in ((0.0, False), (1e-16, True)):
         opt = optax.adamw(1e-2, eps_root=eps_root)
-        hg, _, _ = hypergradient("unrolled", loss, loss, opt, gates32, InnerState(lora32, opt.init(lora32)),
-                                 jax.tree.map(lambda x: x[:2], batches), val)
+        hg, _, _ = jax.jit(lambda g, s: hypergradient("unrolled", loss, loss, opt, g, s,  # noqa: B023
+                                                      jax.tree.map(lambda x: x[:2], batches), val))(
+            gates32, InnerState(lora32, opt.init(lora32)))
         assert bool(np.all(np.isfinite(hg.layer))) == finite
 
 
