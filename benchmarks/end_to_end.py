@@ -37,8 +37,8 @@ def run(smoke: bool = False, out_dir: str | None = None, command: str | None = N
     overrides = [f"--search.steps={steps}", "--search.hypergradient=first_order", "--search.inner_steps=1",
                  "--search.batch_size=8", "--search.val_batch_size=8", f"--finetune.max_steps={finetune_steps}",
                  "--finetune.batch_size=8", "--compare=[lora]", "--checkpoint.every=100000", "--eval.base=false"]
-    if smoke:
-        overrides += ["--task.planted.n_train=64", "--task.planted.n_val=32", "--task.planted.n_test=32",
+    if smoke:  # tiny sizes on one device (the tests' process has 8 virtual CPU devices)
+        overrides += ["--mesh.num_devices=1", "--task.planted.n_train=64", "--task.planted.n_val=32", "--task.planted.n_test=32",
                       "--task.planted.finetune_examples=32"]
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"

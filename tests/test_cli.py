@@ -20,10 +20,17 @@ RUN_FILES = ("config.yaml", "gates.json", "selection.json", "adapter/adapter_con
 
 @pytest.fixture(scope="module")
 def default_run(tmp_path_factory):
-    """`flexora-jax run` with no config: the embedded planted demo (run once for the module)."""
+    """`flexora-jax run` with no config: the embedded planted demo, run once for the module.
+
+    A subprocess on one CPU device, as a user runs it (this test process has 8 virtual devices, over
+    which the run would shard its steps and take twice as long on a 2-core machine).
+    """
     out = tmp_path_factory.mktemp("default") / "run"
-    os.environ["FLEXORA_PROGRESS"] = "0"
-    assert cli.main(["run", "--output-dir", str(out)]) == 0
+    env = dict(os.environ, FLEXORA_PROGRESS="0", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("XLA_FLAGS", None)
+    proc = subprocess.run([sys.executable, "-m", "flexora_jax.cli", "run", "--output-dir", str(out)],
+                          capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
 

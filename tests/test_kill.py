@@ -151,3 +151,6 @@ def test_sigkill_at_random_points_and_mid_save_then_resume_is_identical(referenc
     out = done.communicate(timeout=300)[0].decode()
     assert done.returncode == 0, out[-3000:]
     _assert_same_as(run, reference)
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    for stage, steps in (("search_layer", 6), ("finetune_flexora", 12)):  # re-run steps are logged once
+        assert [r["step"] for r in records if r["stage"] == stage and "event" not in r] == list(range(1, steps + 1))

@@ -12,7 +12,7 @@ from flexora_jax.study import aggregate, load_plan, main
 def test_study_smoke(tmp_path):
     plan = tmp_path / "plan.yaml"
     plan.write_text(yaml.safe_dump({"experiments": [{
-        "name": "tiny", "seeds": [0, 1], "overrides": ["--compare=[lora,random_k]"],
+        "name": "tiny", "seeds": [0, 1], "overrides": ["--compare=[lora,random_k]", "--mesh.num_devices=1"],
         "variants": {"top1": ["--search.selection=topk", "--search.top_k=1"]}}]}))
     out = tmp_path / "out"
     assert main([str(plan), "--out", str(out), "--smoke"]) == 0
