@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexora_jax.config import LoraConfig, ModelConfig
+from flexora_jax.config import ALL_MODULES, LoraConfig, ModelConfig
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -23,10 +23,39 @@ MODELS: dict[str, ModelConfig] = {
                             num_attention_heads=12),
     "h256_l32": ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=32,
                             num_attention_heads=8),
+    # GPU mode: a 1B-parameter LLaMA shape (TinyLlama-1.1B's), random init, bf16
+    "llama_1b": ModelConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                            num_attention_heads=32, num_key_value_heads=4, dtype="bfloat16"),
     # seconds-long smoke mode (tests)
     "tiny": ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                         num_attention_heads=4),
 }
+
+#: Dense bf16 peak TFLOP/s (datasheets, no sparsity) by device-kind substring: the MFU denominator.
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
+                    "TPU v4": 275.0, "TPU v5e": 197.0, "TPU v5p": 459.0}
+
+
+def peak_flops(device_kind: str) -> float | None:
+    """Peak bf16 FLOP/s of a device kind (``jax.devices()[0].device_kind``); None when unknown (CPUs)."""
+    for name, tflops in PEAK_BF16_TFLOPS.items():
+        if name.lower() in device_kind.lower():
+            return tflops * 1e12
+    return None
+
+
+def lora_step_flops_per_token(config: ModelConfig, seq: int) -> float:
+    """Model FLOPs of one LoRA fine-tune step per token (the MFU numerator's convention).
+
+    The frozen base needs no weight gradients, so its matmuls cost the forward (2 N) plus the
+    input-gradient half of the backward (2 N): 4 N, N = the block and LM-head weights. Attention's
+    ``q k^T`` and ``p v`` cost 4 L t d forward and twice that backward (all of q, k, v need gradients):
+    12 L t d, counted over the full length as PaLM's MFU does. LoRA's rank-r matmuls are left out.
+    """
+    n = config.num_hidden_layers * sum(a * b for a, b in map(config.module_shape, ALL_MODULES))
+    n += config.hidden_size * config.vocab_size
+    return 4.0 * n + 12.0 * config.num_hidden_layers * seq * config.hidden_size
+
 
 #: LoRA r = 8 on q, v (PEFT's defaults for LLaMA; the pitfalls.md reference).
 LORA = LoraConfig(r=8, lora_alpha=16.0, target_modules=("q_proj", "v_proj"))

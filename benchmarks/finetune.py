@@ -8,7 +8,11 @@ many threads as there are cores. flexora_jax runs with the library's defaults (`
 ``FinetuneConfig`` defaults; the jitted ``make_train_step`` with the state donated). Both steps are
 timed round-robin in one process.
 
-    python -m benchmarks.finetune [--configs h256_l4 h768_l12] [--smoke]
+GPU mode (``--gpu``): a 1B-parameter LLaMA shape (random init), bf16 base weights, sequence 2048,
+both stacks on the first CUDA device; rows add MFU (model FLOPs of :func:`common.lora_step_flops_per_token`
+over the device's bf16 peak). Targets there: 1.3x torch + peft and MFU >= 40%.
+
+    python -m benchmarks.finetune [--configs h256_l4 h768_l12] [--smoke] [--gpu]
 """
 
 from __future__ import annotations
@@ -31,14 +35,18 @@ from flexora_jax.train import init_train_state, make_optimizer, make_train_step
 #: name -> (model, batch, seq, timed repeats)
 CASES = {"h256_l4": ("h256_l4", 8, 128, 15), "h768_l12": ("h768_l12", 4, 128, 4)}
 SMOKE = {"tiny": ("tiny", 2, 16, 2)}
+GPU_CASES = {"llama_1b_bf16": ("llama_1b", 4, 2048, 10)}
 STEPS = 1000  # schedule length (only the schedule's shape depends on it)
 
 
-def torch_step_fn(config: ModelConfig, params: Any, cfg: FinetuneConfig, batch: dict, threads: int):
-    """A closure running one torch + peft training step (same optimizer as ``make_optimizer``) on ``threads``."""
+def torch_step_fn(config: ModelConfig, params: Any, cfg: FinetuneConfig, batch: dict, threads: int,
+                  device: str = "cpu"):
+    """A closure running one torch + peft training step (same optimizer as ``make_optimizer``) on ``threads``
+    (CPU) or on ``device``; base and LoRA weights in ``config.dtype``."""
     import torch
 
     model = common.torch_model(config, params, common.LORA)
+    model.to(device=device, dtype=getattr(torch, str(config.dtype)))
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=cfg.lr, betas=(0.9, 0.999), eps=1e-8, weight_decay=cfg.weight_decay)
@@ -50,12 +58,13 @@ def torch_step_fn(config: ModelConfig, params: Any, cfg: FinetuneConfig, batch: 
         return 0.5 * (1 + math.cos(math.pi * min(i - warmup, STEPS - warmup) / (STEPS - warmup)))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda)
-    tb = common.to_torch(batch)
+    tb = {k: v.to(device) for k, v in common.to_torch(batch).items()}
     labels = tb["input_ids"].long().masked_fill(tb["loss_mask"] == 0, -100)
     ids, mask = tb["input_ids"].long(), tb["attention_mask"].long()
 
     def step() -> float:
-        torch.set_num_threads(threads)
+        if device == "cpu":
+            torch.set_num_threads(threads)
         out = model(input_ids=ids, attention_mask=mask, labels=labels)
         out.loss.backward()
         if cfg.grad_clip > 0:
@@ -83,7 +92,7 @@ def jax_step_fn(config: ModelConfig, params: Any, cfg: FinetuneConfig, batch: di
 
 
 def measure(case: str, model: str, batch_size: int, seq: int, repeats: int,
-            model_overrides: dict | None = None) -> dict:
+            model_overrides: dict | None = None, gpu: bool = False) -> dict:
     config = dataclasses.replace(common.MODELS[model], **(model_overrides or {}))
     cfg = FinetuneConfig(batch_size=batch_size)
     params = init_params(config, jax.random.key(0))
@@ -93,40 +102,61 @@ def measure(case: str, model: str, batch_size: int, seq: int, repeats: int,
     fns = {"flexora_jax": jax_step}
     # torch at as many threads as cores, and at 1 thread: on a shared machine OpenMP's spinning
     # barriers can make the all-core setting much slower; the reference is torch's faster setting.
-    for threads in sorted({cores, 1}, reverse=True):
+    if gpu:
+        fns["torch_peft_cuda"] = torch_step_fn(config, params, cfg, batch, cores, device="cuda")
+    for threads in () if gpu else sorted({cores, 1}, reverse=True):
         fns[f"torch_peft_{threads}t"] = torch_step_fn(config, params, cfg, batch, threads)
     first_loss = {name: fn() for name, fn in fns.items()}  # the first losses agree: same model, same batch
     timings = harness.interleaved(fns, repeats, warmup=1)
     tokens = batch_size * seq
+    flops, peak = common.lora_step_flops_per_token(config, seq), common.peak_flops(jax.devices()[0].device_kind)
     for t in timings.values():
         t["tokens_per_s"] = tokens / t["median_s"]
+        t["mfu"] = flops * t["tokens_per_s"] / peak if peak else None
     best = min((n for n in timings if n.startswith("torch")), key=lambda n: timings[n]["median_s"])
     jt, tt = timings["flexora_jax"]["median_s"], timings[best]["median_s"]
     return {"case": case, "model": common.describe(config), "batch": batch_size, "seq": seq,
             "lora": common.LORA.to_dict(), "finetune": dataclasses.asdict(cfg), "first_loss": first_loss,
             "flexora_jax": {**timings.pop("flexora_jax"), **stats}, "torch_variants": timings,
-            "torch_peft": dict(timings[best], variant=best), "speedup": tt / jt, "target_speedup": 1.25}
+            "torch_peft": dict(timings[best], variant=best), "speedup": tt / jt,
+            "target_speedup": 1.3 if gpu else 1.25, "flops_per_token": flops,
+            "device": jax.devices()[0].device_kind, "peak_flops": peak}
+
+
+def check_gpu() -> None:
+    """Fail with a clear message unless both jax and torch see a CUDA GPU (what ``--gpu`` compares)."""
+    import torch
+
+    backend = jax.default_backend()
+    if backend != "gpu" or not torch.cuda.is_available():
+        raise SystemExit(f"benchmarks.finetune --gpu needs a CUDA GPU visible to jax and torch; jax's backend is "
+                         f"{backend!r}, torch.cuda.is_available() is {torch.cuda.is_available()}")
 
 
 def run(smoke: bool = False, configs: list[str] | None = None, out_dir: str | None = None,
-        command: str | None = None) -> dict:
-    """Measure every case; writes ``finetune.json`` (``finetune_smoke.json`` in smoke mode)."""
+        command: str | None = None, gpu: bool = False) -> dict:
+    """Measure every case; writes ``finetune.json`` (``finetune_smoke.json`` in smoke mode,
+    ``finetune_gpu.json`` in GPU mode)."""
+    if gpu:
+        check_gpu()
     harness.set_threads()
-    cases = SMOKE if smoke else {k: v for k, v in CASES.items() if configs is None or k in configs}
-    rows = [measure(name, *spec) for name, spec in cases.items()]
-    payload = {"command": command or "python -m benchmarks.finetune" + (" --smoke" if smoke else ""),
-               "rows": rows}
-    harness.write_result("finetune_smoke" if smoke else "finetune", payload, out_dir)
+    table = GPU_CASES if gpu else CASES
+    cases = SMOKE if smoke else {k: v for k, v in table.items() if configs is None or k in configs}
+    rows = [measure(name, *spec, gpu=gpu) for name, spec in cases.items()]
+    flag = " --smoke" if smoke else " --gpu" if gpu else ""
+    payload = {"command": command or "python -m benchmarks.finetune" + flag, "rows": rows}
+    harness.write_result("finetune_smoke" if smoke else "finetune_gpu" if gpu else "finetune", payload, out_dir)
     return payload
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--configs", nargs="*", choices=sorted(CASES), default=None)
+    p.add_argument("--configs", nargs="*", choices=sorted(CASES) + sorted(GPU_CASES), default=None)
+    p.add_argument("--gpu", action="store_true", help="1B LLaMA shape, bf16, sequence 2048, on the GPU; adds MFU")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (what the tests run)")
     p.add_argument("--out-dir", default=None)
     a = p.parse_args(argv)
-    out = run(a.smoke, a.configs, a.out_dir, harness.command_line("benchmarks.finetune", argv))
+    out = run(a.smoke, a.configs, a.out_dir, harness.command_line("benchmarks.finetune", argv), gpu=a.gpu)
     for r in out["rows"]:
         print(f"{r['case']}: flexora_jax {r['flexora_jax']['median_s'] * 1e3:.1f} ms, torch+peft "
               f"{r['torch_peft']['median_s'] * 1e3:.1f} ms ({r['torch_peft']['variant']}), speedup {r['speedup']:.2f}x "

@@ -60,6 +60,24 @@ def table_finetune(d: dict) -> str:
     return "\n".join(lines)
 
 
+def table_finetune_gpu(d: dict) -> str:
+    """GPU mode of the fine-tune runner: tokens/s and MFU of both stacks on one GPU."""
+    lines = ["| config | batch x seq | GPU | flexora_jax tokens/s (MFU) | torch+peft tokens/s (MFU) | "
+             "speedup (target 1.3x) | MFU target 40% | command | date |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        j, t = r["flexora_jax"], r["torch_peft"]
+
+        def mfu(x):
+            return "n/a" if x.get("mfu") is None else f"{100 * x['mfu']:.1f}%"
+
+        met = "met" if r["speedup"] >= r["target_speedup"] else "**missed**"
+        mfu_met = "n/a" if j.get("mfu") is None else ("met" if j["mfu"] >= 0.4 else "**missed**")
+        lines.append(f"| {r['case']} (random init) | {r['batch']} x {r['seq']} | {r['device']} | "
+                     f"{j['tokens_per_s']:.0f} ({mfu(j)}) | {t['tokens_per_s']:.0f} ({mfu(t)}) | "
+                     f"**{r['speedup']:.2f}x** ({met}) | {mfu_met} | `{d['command']}` | {d['machine']['date']} |")
+    return "\n".join(lines)
+
+
 def table_search(d: dict) -> str:
     names = []
     for r in d["rows"]:
@@ -130,6 +148,7 @@ def _accuracy_table(d: dict) -> str:
 TABLES: dict[str, tuple[str, Callable[[dict], str]]] = {
     "forward": ("forward.json", table_forward),
     "finetune": ("finetune.json", table_finetune),
+    "finetune_gpu": ("finetune_gpu.json", table_finetune_gpu),
     "search": ("search.json", table_search),
     "generate": ("generate.json", table_generate),
     "scaling": ("scaling.json", _scaling_table),

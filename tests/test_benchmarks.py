@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import jax
 import pytest
 
 pytest.importorskip("torch")
@@ -53,6 +54,24 @@ def test_finetune_smoke(smoke_results):
     assert max(losses) - min(losses) < 1e-4  # same model, same batch, same first loss
     assert row["flexora_jax"]["tokens_per_s"] > 0 and row["torch_peft"]["tokens_per_s"] > 0
     assert row["flexora_jax"]["compile_s"] > 0
+
+
+def test_finetune_gpu_mode_needs_a_gpu_and_counts_flops():
+    from benchmarks import common
+
+    if jax.default_backend() != "gpu":
+        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+            finetune.run(gpu=True)
+    cfg = common.MODELS["tiny"]  # d 32, f 64, 2 layers, vocab 64, MHA
+    n = 2 * (4 * 32 * 32 + 3 * 32 * 64) + 32 * 64
+    assert common.lora_step_flops_per_token(cfg, 16) == 4 * n + 12 * 2 * 16 * 32
+    assert common.peak_flops("NVIDIA H100 80GB HBM3") == 989e12 and common.peak_flops("cpu") is None
+    rows = report.table_finetune_gpu({"command": "python -m benchmarks.finetune --gpu", "machine": {"date": "d"},
+                                      "rows": [{"case": "c", "batch": 4, "seq": 2048, "device": "H100",
+                                                "flexora_jax": {"tokens_per_s": 10.0, "mfu": 0.45},
+                                                "torch_peft": {"tokens_per_s": 5.0, "mfu": 0.2},
+                                                "speedup": 2.0, "target_speedup": 1.3}]})
+    assert "45.0%" in rows and "**2.00x** (met)" in rows
 
 
 def test_search_smoke(smoke_results):
