@@ -34,6 +34,9 @@ FULL = dict(model="h256_l4", batch=4, seq=64, ks=(1, 2, 4, 8, 16, 32), repeats=3
 SMOKE = dict(model="tiny", batch=2, seq=8, ks=(1, 2), repeats=1,
              estimators=("unrolled", "first_order", "forward", "darts"), deep_model="tiny", deep_k=1,
              later_estimators=("unrolled",))
+# GPU mode: the 1B LLaMA shape in bf16 at sequence 2048 (batch 2: K unrolled inner steps fit with remat)
+GPU = dict(model="llama_1b", batch=2, seq=2048, ks=(1, 2, 4, 8), repeats=3,
+           estimators=("unrolled", "first_order"), deep_model="llama_1b", deep_k=4)
 TARGET_TIME_RATIO = 3.0  # search step <= 3x the time of K plain steps
 TARGET_MEMORY_RATIO = 1.5  # with remat: memory at K = 32 <= 1.5x memory at K = 1
 
@@ -110,9 +113,12 @@ def deep_compile(model: str, k: int, batch: int, seq: int) -> dict:
 
 
 def run(smoke: bool = False, out_dir: str | None = None, command: str | None = None,
-        ks: tuple[int, ...] | None = None, estimators: tuple[str, ...] | None = None) -> dict:
-    """Measure every K; writes ``search.json`` (``search_smoke.json`` in smoke mode)."""
-    spec = dict(SMOKE if smoke else FULL)
+        ks: tuple[int, ...] | None = None, estimators: tuple[str, ...] | None = None, gpu: bool = False) -> dict:
+    """Measure every K; writes ``search.json`` (``search_smoke.json`` in smoke mode, ``search_gpu.json``
+    in GPU mode)."""
+    if gpu and jax.default_backend() != "gpu":
+        raise SystemExit(f"benchmarks.search --gpu needs a GPU visible to jax; its backend is {jax.default_backend()!r}")
+    spec = dict(SMOKE if smoke else GPU if gpu else FULL)
     spec["ks"] = tuple(ks or spec["ks"])
     spec["estimators"] = tuple(estimators or spec["estimators"])
     config = common.MODELS[spec["model"]]
@@ -131,13 +137,14 @@ def run(smoke: bool = False, out_dir: str | None = None, command: str | None = N
             return None
         return m[k_hi]["footprint_bytes"] / m[k_lo]["footprint_bytes"]
 
-    payload = {"command": command or "python -m benchmarks.search" + (" --smoke" if smoke else ""),
+    payload = {"command": command or "python -m benchmarks.search" + (" --smoke" if smoke else " --gpu" if gpu else ""),
+               "device": jax.devices()[0].device_kind,
                "model": common.describe(config), "batch": spec["batch"], "seq": spec["seq"], "lora": common.LORA.to_dict(),
                "rows": rows, "memory_ratio_kmax_over_kmin": {"remat": mem_ratio("unrolled"),
                                                              "no_remat": mem_ratio("unrolled_noremat"),
                                                              "k_min": k_lo, "k_max": k_hi},
                "deep_compile": deep, "targets": {"time_ratio": TARGET_TIME_RATIO, "memory_ratio": TARGET_MEMORY_RATIO}}
-    harness.write_result("search_smoke" if smoke else "search", payload, out_dir)
+    harness.write_result("search_smoke" if smoke else "search_gpu" if gpu else "search", payload, out_dir)
     return payload
 
 
@@ -147,8 +154,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--ks", nargs="*", type=int, default=None)
     p.add_argument("--estimators", nargs="*", default=None)
     p.add_argument("--out-dir", default=None)
+    p.add_argument("--gpu", action="store_true", help="1B LLaMA shape, bf16, sequence 2048, on the GPU")
     a = p.parse_args(argv)
-    out = run(a.smoke, a.out_dir, harness.command_line("benchmarks.search", argv), a.ks, a.estimators)
+    out = run(a.smoke, a.out_dir, harness.command_line("benchmarks.search", argv), a.ks, a.estimators, gpu=a.gpu)
     for r in out["rows"]:
         parts = ", ".join(f"{n} {v['ratio_to_plain']:.2f}x" for n, v in r["variants"].items() if n != "plain")
         print(f"K={r['k']}: plain step {r['plain_step_s'] * 1e3:.1f} ms; search / K plain: {parts}")

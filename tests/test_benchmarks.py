@@ -62,6 +62,8 @@ def test_finetune_gpu_mode_needs_a_gpu_and_counts_flops():
     if jax.default_backend() != "gpu":
         with pytest.raises(SystemExit, match="needs a CUDA GPU"):
             finetune.run(gpu=True)
+        with pytest.raises(SystemExit, match="needs a GPU"):
+            search.run(gpu=True)
     cfg = common.MODELS["tiny"]  # d 32, f 64, 2 layers, vocab 64, MHA
     n = 2 * (4 * 32 * 32 + 3 * 32 * 64) + 32 * 64
     assert common.lora_step_flops_per_token(cfg, 16) == 4 * n + 12 * 2 * 16 * 32
