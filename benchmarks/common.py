@@ -44,6 +44,20 @@ def peak_flops(device_kind: str) -> float | None:
     return None
 
 
+def require_gpu(runner: str, torch_too: bool = False) -> None:
+    """Stop ``runner --gpu`` with a clear message unless jax (and, with ``torch_too``, torch) sees a CUDA GPU."""
+    backend = jax.default_backend()
+    torch_ok = True
+    if torch_too:
+        import torch
+
+        torch_ok = torch.cuda.is_available()
+    if backend != "gpu" or not torch_ok:
+        seen = f"jax's backend is {backend!r}" + (f", torch.cuda.is_available() is {torch_ok}" if torch_too else "")
+        raise SystemExit(f"benchmarks.{runner} --gpu needs a CUDA GPU visible to jax"
+                         f"{' and torch' if torch_too else ''}; {seen}")
+
+
 def lora_step_flops_per_token(config: ModelConfig, seq: int) -> float:
     """Model FLOPs of one LoRA fine-tune step per token (the MFU numerator's convention).
 

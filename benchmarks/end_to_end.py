@@ -39,8 +39,8 @@ def run(smoke: bool = False, out_dir: str | None = None, command: str | None = N
                  "--finetune.epochs=1000",  # enough epochs that max_steps, the recipe's 12.5x, is what stops it
                  "--finetune.batch_size=8", "--compare=[lora]", "--checkpoint.every=100000", "--eval.base=false"]
     if smoke:  # tiny sizes on one device (the tests' process has 8 virtual CPU devices)
-        overrides += ["--mesh.num_devices=1", "--task.planted.n_train=64", "--task.planted.n_val=32", "--task.planted.n_test=32",
-                      "--task.planted.finetune_examples=32"]
+        overrides += ["--mesh.num_devices=1", "--task.planted.n_train=64", "--task.planted.n_val=32",
+                      "--task.planted.n_test=32", "--task.planted.finetune_examples=32"]
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         result = run_pipeline(load_config(None, overrides + [f"--output_dir={run_dir}"]))

@@ -109,7 +109,8 @@ def measure(case: str, model: str, batch_size: int, seq: int, repeats: int,
     first_loss = {name: fn() for name, fn in fns.items()}  # the first losses agree: same model, same batch
     timings = harness.interleaved(fns, repeats, warmup=1)
     tokens = batch_size * seq
-    flops, peak = common.lora_step_flops_per_token(config, seq), common.peak_flops(jax.devices()[0].device_kind)
+    device = jax.devices()[0].device_kind
+    flops, peak = common.lora_step_flops_per_token(config, seq), common.peak_flops(device)
     for t in timings.values():
         t["tokens_per_s"] = tokens / t["median_s"]
         t["mfu"] = flops * t["tokens_per_s"] / peak if peak else None
@@ -120,17 +121,7 @@ def measure(case: str, model: str, batch_size: int, seq: int, repeats: int,
             "flexora_jax": {**timings.pop("flexora_jax"), **stats}, "torch_variants": timings,
             "torch_peft": dict(timings[best], variant=best), "speedup": tt / jt,
             "target_speedup": 1.3 if gpu else 1.25, "flops_per_token": flops,
-            "device": jax.devices()[0].device_kind, "peak_flops": peak}
-
-
-def check_gpu() -> None:
-    """Fail with a clear message unless both jax and torch see a CUDA GPU (what ``--gpu`` compares)."""
-    import torch
-
-    backend = jax.default_backend()
-    if backend != "gpu" or not torch.cuda.is_available():
-        raise SystemExit(f"benchmarks.finetune --gpu needs a CUDA GPU visible to jax and torch; jax's backend is "
-                         f"{backend!r}, torch.cuda.is_available() is {torch.cuda.is_available()}")
+            "device": device, "peak_flops": peak}
 
 
 def run(smoke: bool = False, configs: list[str] | None = None, out_dir: str | None = None,
@@ -138,7 +129,7 @@ def run(smoke: bool = False, configs: list[str] | None = None, out_dir: str | No
     """Measure every case; writes ``finetune.json`` (``finetune_smoke.json`` in smoke mode,
     ``finetune_gpu.json`` in GPU mode)."""
     if gpu:
-        check_gpu()
+        common.require_gpu("finetune", torch_too=True)
     harness.set_threads()
     table = GPU_CASES if gpu else CASES
     cases = SMOKE if smoke else {k: v for k, v in table.items() if configs is None or k in configs}

@@ -116,8 +116,8 @@ def run(smoke: bool = False, out_dir: str | None = None, command: str | None = N
         ks: tuple[int, ...] | None = None, estimators: tuple[str, ...] | None = None, gpu: bool = False) -> dict:
     """Measure every K; writes ``search.json`` (``search_smoke.json`` in smoke mode, ``search_gpu.json``
     in GPU mode)."""
-    if gpu and jax.default_backend() != "gpu":
-        raise SystemExit(f"benchmarks.search --gpu needs a GPU visible to jax; its backend is {jax.default_backend()!r}")
+    if gpu:
+        common.require_gpu("search")
     spec = dict(SMOKE if smoke else GPU if gpu else FULL)
     spec["ks"] = tuple(ks or spec["ks"])
     spec["estimators"] = tuple(estimators or spec["estimators"])

@@ -60,9 +60,9 @@ def test_finetune_gpu_mode_needs_a_gpu_and_counts_flops():
     from benchmarks import common
 
     if jax.default_backend() != "gpu":
-        with pytest.raises(SystemExit, match="needs a CUDA GPU"):
+        with pytest.raises(SystemExit, match="finetune --gpu needs a CUDA GPU visible to jax and torch"):
             finetune.run(gpu=True)
-        with pytest.raises(SystemExit, match="needs a GPU"):
+        with pytest.raises(SystemExit, match="search --gpu needs a CUDA GPU visible to jax;"):
             search.run(gpu=True)
     cfg = common.MODELS["tiny"]  # d 32, f 64, 2 layers, vocab 64, MHA
     n = 2 * (4 * 32 * 32 + 3 * 32 * 64) + 32 * 64
