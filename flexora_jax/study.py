@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -90,7 +91,12 @@ def run_plan(plan_path: str | Path, out: str | Path, smoke: bool = False, only: 
 
 
 def _mean_std(xs: list[float]) -> dict[str, float]:
-    a = np.asarray([x for x in xs if x is not None], dtype=np.float64)
+    """Mean and std over the seeds where ``x`` is defined.
+
+    Undefined values (``None``, or NaN: e.g. a rank correlation when every slot got the same rank) are
+    left out rather than poisoning the mean; ``n`` says how many seeds remain, and the table marks it.
+    """
+    a = np.asarray([x for x in xs if x is not None and math.isfinite(x)], dtype=np.float64)
     if a.size == 0:
         return {"mean": float("nan"), "std": float("nan"), "n": 0}
     return {"mean": float(a.mean()), "std": float(a.std(ddof=1)) if a.size > 1 else 0.0, "n": int(a.size)}
@@ -194,6 +200,7 @@ def render_markdown(result: dict[str, Any]) -> str:
                 if method.startswith("_"):
                     continue
                 cells = []
+                n = max((v["n"] for v in rec.values()), default=0)
                 for c in cols:
                     m = rec.get(c)
                     if m is None or m["n"] == 0:
@@ -201,8 +208,8 @@ def render_markdown(result: dict[str, Any]) -> str:
                     elif c in ("trainable_params", "num_layers"):
                         cells.append(f"{m['mean']:.0f}")
                     else:
-                        cells.append(f"{m['mean']:.3f} ± {m['std']:.3f}")
-                n = max((v["n"] for v in rec.values()), default=0)
+                        partial = f" ({m['n']} of {n} seeds)" if m["n"] < n else ""
+                        cells.append(f"{m['mean']:.3f} ± {m['std']:.3f}{partial}")
                 lines.append(f"| {var} | {method} | " + " | ".join(cells) + f" | {n} |")
         lines.append("")
     return "\n".join(lines)

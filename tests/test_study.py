@@ -75,3 +75,14 @@ def test_effectiveness_doc_is_rendered_from_its_json():
 
     build = Path(__file__).resolve().parents[1] / "docs" / "effectiveness" / "build.py"
     assert runpy.run_path(str(build))["main"](["--check"]) == 0
+
+
+def test_undefined_values_left_out_of_mean_and_marked():
+    """A NaN rank correlation on one seed must not turn the mean into NaN; the table says so."""
+    from flexora_jax.study import _mean_std, render_markdown
+
+    rc = _mean_std([0.5, float("nan"), 0.7])
+    assert rc["n"] == 2 and abs(rc["mean"] - 0.6) < 1e-12
+    result = {"planted": {"v": {"autolora": {"test_loss": _mean_std([1.0, 1.1, 1.2]), "rank_corr": rc}}}}
+    table = render_markdown(result)
+    assert "0.600 ± 0.141 (2 of 3 seeds)" in table and "| 3 |" in table
