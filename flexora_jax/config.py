@@ -460,9 +460,18 @@ class PlantedOptions:
     finetune_targets: str = "hard"  # "hard": tokens sampled from the teacher (scarce, noisy data); "same"
     rank: int = 4  # rank of every planted delta ...
     ranks: dict[str, int] = dataclasses.field(default_factory=dict)  # ... or per module (AutoLoRA's target)
+    modules: tuple[str, ...] = ("q_proj", "v_proj")  # the modules that carry the planted deltas
+    layer_kl: float = 0.4  # signal strength: each planted layer alone moves the output by this KL (nats)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "ranks", _FrozenDict(self.ranks))
+        modules = (self.modules,) if isinstance(self.modules, str) else tuple(self.modules)
+        object.__setattr__(self, "modules", modules)
+        bad = [m for m in modules if m not in ALL_MODULES]
+        _check(modules and not bad, f"task.planted.modules must name modules of {list(ALL_MODULES)}, got {list(modules)!r}")
+        _check(len(set(modules)) == len(modules), f"task.planted.modules has duplicates: {list(modules)!r}")
+        _check(isinstance(self.layer_kl, (int, float)) and self.layer_kl > 0,
+               f"task.planted.layer_kl must be a KL > 0 (nats), got {self.layer_kl!r}")
         for name in ("num_layers", "num_planted", "n_train", "n_val", "n_test", "rank"):
             v = getattr(self, name)
             _check(isinstance(v, int) and v >= 1, f"task.planted.{name} must be an integer >= 1, got {v!r}")
@@ -474,8 +483,8 @@ class PlantedOptions:
         _check(self.finetune_targets in ("hard", "same"),
                f"task.planted.finetune_targets must be 'hard' or 'same', got {self.finetune_targets!r}")
         for module, r in self.ranks.items():
-            _check(module in ("q_proj", "v_proj") and isinstance(r, int) and r >= 1,
-                   f"task.planted.ranks maps q_proj / v_proj (the planted modules) to ranks >= 1, "
+            _check(module in modules and isinstance(r, int) and r >= 1,
+                   f"task.planted.ranks maps planted modules ({list(modules)}) to ranks >= 1, "
                    f"got {module!r}: {r!r}")
 
 

@@ -240,7 +240,8 @@ def _prepare_planted(config: RunConfig) -> tuple[Any, TaskData]:
     task = make_planted_task(PlantedConfig(num_layers=po.num_layers, num_planted=po.num_planted,
                                            soft_targets=po.soft_targets, n_train=po.n_train, n_val=po.n_val,
                                            n_test=po.n_test, seed=config.seed, planted_rank=po.rank,
-                                           planted_ranks=dict(po.ranks) or None))
+                                           planted_ranks=dict(po.ranks) or None, targets=po.modules,
+                                           layer_kl=float(po.layer_kl)))
     n = po.finetune_examples or po.n_train
     if po.finetune_targets == "hard" and "target_probs" in task.train:
         finetune = _hard_targets(task.train, n, config.seed)

@@ -47,6 +47,9 @@ def test_yaml_then_overrides_and_round_trip(tmp_path):
     (["--method=bogus"], "method must be one of"),
     (["--compare=[lora,xyz]"], "unknown method(s) ['xyz']"),
     (["--task.planted.n_trian=3"], "task.planted.n_train"),
+    (["--task.planted.modules=[q_proj,mlp]"], "task.planted.modules must name modules"),
+    (["--task.planted.layer_kl=0"], "task.planted.layer_kl must be a KL > 0"),
+    (["--task.planted.ranks={k_proj: 2}"], "task.planted.ranks maps planted modules (['q_proj', 'v_proj'])"),
     (["--task.name=piqa"], "model.path"),
     (["seed=3"], "--section.key=value"),
 ])
