@@ -198,6 +198,16 @@ class Workspace:
     mesh: Any = None  # the run's jax.sharding.Mesh when it spans more than one device (params live sharded on it)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
+    def record_time(self, stage: str, seconds: float) -> None:
+        """Record a stage's wall time and write ``timings.json`` at once.
+
+        Written after every stage, and read back on ``--resume``, so a run that is killed or fails
+        later (or is resumed after it finished) keeps the times of the stages it already ran; a stage
+        resumed from a checkpoint counts the resumed part only.
+        """
+        self.timings[stage] = seconds
+        write_json(self.run_dir / "timings.json", self.timings)
+
     @property
     def num_layers(self) -> int:
         return self.model_config.num_hidden_layers
@@ -464,7 +474,9 @@ def prepare(config: RunConfig, resume: bool = False, stage: str = "run") -> Work
     ws = Workspace(config=config, run_dir=run_dir, model_config=model_config, params=params, data=data,
                    log=RunLog(run_dir), resume=resume, tokenizer=tokenizer, planted=planted, model_source=source,
                    mesh=mesh)
-    ws.timings["prepare"] = time.perf_counter() - t0
+    if resume and (run_dir / "timings.json").exists():
+        ws.timings.update({k: v for k, v in read_json(run_dir / "timings.json").items() if k != "total"})
+    ws.record_time("prepare", time.perf_counter() - t0)
     log.info("prepared %s: %d layers, %d / %d / %d train / val / test sequences (%.1f s)", config.task.name,
              ws.num_layers, len(data.train["input_ids"]), len(data.val["input_ids"]),
              len(data.test["input_ids"]), ws.timings["prepare"])
@@ -614,7 +626,7 @@ def search_stage(ws: Workspace, kind: str = "layer") -> SearchOutcome:
     finally:
         bar.close()
         ckpt.close()
-    ws.timings[stage] = time.perf_counter() - t0
+    ws.record_time(stage, time.perf_counter() - t0)
     values = gate_values(result.gates, ws.num_layers)
     gates_json: dict[str, Any] = {}
     if "layer" in values:
@@ -712,7 +724,7 @@ def finetune_stage(ws: Workspace, method: str, selection: Selection) -> Any:
     finally:
         bar.close()
         ckpt.close()
-    ws.timings[stage] = time.perf_counter() - t0
+    ws.record_time(stage, time.perf_counter() - t0)
     host = trained
     if ws.mesh is not None and jax.process_count() > 1:
         from flexora_jax import sharding as sh
@@ -771,7 +783,7 @@ def evaluate_stage(ws: Workspace, loras: dict[str, Any]) -> dict[str, dict[str, 
             bar.update(1)
     if bar is not None:
         bar.close()
-    ws.timings["evaluate"] = time.perf_counter() - t0
+    ws.record_time("evaluate", time.perf_counter() - t0)
     write_json(ws.run_dir / "compare.json", results)
     write_json(ws.run_dir / "eval.json", results[cfg.method])
     return results
@@ -918,8 +930,7 @@ def run(config: RunConfig | None = None, resume: bool = False) -> RunResult:
         selections, loras = finetune_all(ws, searches)
         scores = evaluate_stage(ws, loras)
         export_stage(ws)
-    ws.timings["total"] = time.perf_counter() - t0
-    write_json(ws.run_dir / "timings.json", ws.timings)
+    ws.record_time("total", time.perf_counter() - t0)  # this call's wall time
     planted = ws.planted.planted_json() if ws.planted is not None else None
     timings = {k: v for k, v in ws.timings.items() if k != "total"}
     return RunResult(ws.run_dir, selections, scores, planted, timings)

@@ -123,10 +123,13 @@ def test_nan_stops_at_its_step_keeps_the_last_good_checkpoint(reference, tmp_pat
     ck = run / "checkpoints" / "finetune_flexora"
     assert max(int(p.name) for p in ck.iterdir() if p.name.isdigit()) == 4
     assert not (run / "adapter").exists()
+    assert {"prepare", "search_layer"} <= set(json.loads((run / "timings.json").read_text()))  # written per stage
     done = _launch(run)  # --resume, from step 4
     log = done.communicate(timeout=300)[0].decode()
     assert done.returncode == 0, log[-3000:]
     _assert_same_as(run, reference)
+    timings = json.loads((run / "timings.json").read_text())  # the search ran in the first call only: kept
+    assert {"search_layer", "finetune_flexora", "evaluate", "total"} <= set(timings)
     assert any(r.get("event") == "non_finite" for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()))
 
 
