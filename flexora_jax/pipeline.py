@@ -680,8 +680,13 @@ def method_selection(ws: Workspace, method: str, searches: dict[str, SearchOutco
         cfg.lora, layers_to_transform=layers if k < L else None))
 
 
+def method_dirname(method: str) -> str:
+    """The folder under ``methods/`` of a method (``flexora+autolora`` -> ``flexora_autolora``)."""
+    return method.replace("+", "_")
+
+
 def method_dir(ws: Workspace, method: str) -> Path:
-    return ws.run_dir / "methods" / method.replace("+", "_")
+    return ws.run_dir / "methods" / method_dirname(method)
 
 
 def finetune_stage(ws: Workspace, method: str, selection: Selection) -> Any:

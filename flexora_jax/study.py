@@ -141,6 +141,8 @@ def _read(path: Path) -> Any:
 
 def aggregate(out: str | Path) -> dict[str, Any]:
     """``{experiment: {variant: {method: {metric: {mean, std, n}}}}}`` from finished run directories."""
+    from flexora_jax.pipeline import method_dirname
+
     out = Path(out)
     result: dict[str, Any] = {}
     for compare in sorted(out.glob("*/*/seed*/compare.json")):
@@ -158,7 +160,7 @@ def aggregate(out: str | Path) -> dict[str, Any]:
                     rec.setdefault(key, []).append(task_scores[key])
             if "teacher_test_loss" in task_scores:
                 rec.setdefault("floor", []).append(task_scores["teacher_test_loss"])
-            sel = _read(run_dir / "methods" / method / "selection.json")
+            sel = _read(run_dir / "methods" / method_dirname(method) / "selection.json")
             if sel is not None:
                 rec.setdefault("trainable_params", []).append(sel.get("trainable_params"))
                 rec.setdefault("num_layers", []).append(len(sel.get("layers", [])))

@@ -86,3 +86,17 @@ def test_undefined_values_left_out_of_mean_and_marked():
     result = {"planted": {"v": {"autolora": {"test_loss": _mean_std([1.0, 1.1, 1.2]), "rank_corr": rc}}}}
     table = render_markdown(result)
     assert "0.600 ± 0.141 (2 of 3 seeds)" in table and "| 3 |" in table
+
+
+def test_aggregate_reads_the_selection_of_a_combined_method(tmp_path):
+    """``flexora+autolora`` lives in ``methods/flexora_autolora``: its layers and ranks are aggregated too."""
+    run = tmp_path / "exp" / "var" / "seed0"
+    (run / "methods" / "flexora_autolora").mkdir(parents=True)
+    (run / "compare.json").write_text(json.dumps({"flexora+autolora": {"planted": {"test_loss": 2.5}}}))
+    (run / "planted.json").write_text(json.dumps({"layers": [1], "ranks": {"q_proj": 4}, "num_layers": 2}))
+    (run / "methods" / "flexora_autolora" / "selection.json").write_text(json.dumps({
+        "layers": [1], "trainable_params": 100,
+        "ranks": {"model.layers.1.self_attn.q_proj": 3}}))
+    rec = aggregate(tmp_path)["exp"]["var"]["flexora+autolora"]
+    assert rec["precision"]["mean"] == 1.0 and rec["trainable_params"]["mean"] == 100
+    assert abs(rec["rank_corr"]["mean"] - 1.0) < 1e-9 and rec["rank_at_planted_4"]["mean"] == 3.0
