@@ -103,6 +103,13 @@ def _kl_from_base(config: ModelConfig, params: Any, teacher: LoraParams, tokens:
     return jnp.mean(jnp.sum(jnp.exp(lp) * (lp - base), axis=-1))
 
 
+def layer_only(teacher: LoraParams, layer: int, factor: float = 1.0) -> LoraParams:
+    """The teacher's delta in ``layer`` alone (times ``factor``), zero in every other layer."""
+    only = np.zeros((teacher.weights[next(iter(teacher.weights))]["b"].shape[0], 1, 1), np.float32)
+    only[layer] = factor
+    return teacher.replace(weights={m: {"a": w["a"], "b": w["b"] * only} for m, w in teacher.weights.items()})
+
+
 def _calibrate(config: ModelConfig, params: Any, teacher: LoraParams, layers: tuple[int, ...],
                tokens: np.ndarray, target: float, iterations: int = 3) -> LoraParams:
     """Scale each planted layer's B so that layer alone gives KL(teacher_l || base) ~= target.
@@ -113,10 +120,7 @@ def _calibrate(config: ModelConfig, params: Any, teacher: LoraParams, layers: tu
     scale = np.ones((config.num_hidden_layers, 1, 1), np.float32)
     for _ in range(iterations):
         for layer in layers:
-            only = np.zeros_like(scale)
-            only[layer] = scale[layer]
-            single = teacher.replace(weights={m: {"a": w["a"], "b": w["b"] * only} for m, w in teacher.weights.items()})
-            kl = float(_kl_from_base(config, params, single, tokens))
+            kl = float(_kl_from_base(config, params, layer_only(teacher, layer, float(scale[layer, 0, 0])), tokens))
             scale[layer] *= np.sqrt(target / max(kl, 1e-8))
     return teacher.replace(weights={m: {"a": w["a"], "b": w["b"] * scale} for m, w in teacher.weights.items()})
 

@@ -32,16 +32,13 @@ def test_planted_task_is_deterministic_and_calibrated(tasks):
 
 def test_signal_module_and_strength_are_configurable():
     """The planted deltas sit in the named modules only, and each planted layer moves the output by layer_kl."""
-    from flexora_jax.planted import _kl_from_base
+    from flexora_jax.planted import _kl_from_base, layer_only
 
     pc = PlantedConfig(seed=3, targets=("up_proj",), layer_kl=0.1, n_train=8, n_val=8, n_test=8)
     t = make_planted_task(pc)
     assert set(t.teacher.weights) == {"up_proj"} and t.planted_ranks == {"up_proj": 4}
     for layer in range(t.config.num_hidden_layers):
-        only = np.zeros((t.config.num_hidden_layers, 1, 1), np.float32)
-        only[layer] = 1.0
-        single = t.teacher.replace(weights={m: {"a": w["a"], "b": w["b"] * only} for m, w in t.teacher.weights.items()})
-        kl = float(_kl_from_base(t.config, t.params, single, t.train["input_ids"]))
+        kl = float(_kl_from_base(t.config, t.params, layer_only(t.teacher, layer), t.train["input_ids"]))
         if layer in t.planted_layers:
             assert 0.05 < kl < 0.2, (layer, kl)  # calibrated on other sequences: close to 0.1, not exact
         else:
