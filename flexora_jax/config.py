@@ -19,6 +19,16 @@ ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 ALL_MODULES = ATTENTION_MODULES + MLP_MODULES
 
+
+def module_path(module: str, layer: int) -> str:
+    """The HF / PEFT path of ``module`` in block ``layer``, e.g. ``model.layers.3.self_attn.q_proj``.
+
+    The one place that spells a module's path: checkpoint tensor names, PEFT adapter keys,
+    ``rank_pattern`` keys and ``selection.json`` all build on it.
+    """
+    group = "self_attn" if module in ATTENTION_MODULES else "mlp"
+    return f"model.layers.{layer}.{group}.{module}"
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: finite-difference checks (x64 mode)
 
@@ -254,8 +264,7 @@ class LoraConfig:
 
     def _pattern_lookup(self, pattern: Mapping[str, Any], module: str, layer: int) -> Any:
         """The most specific key that matches the module path as a suffix wins (order-independent)."""
-        group = "self_attn" if module in ATTENTION_MODULES else "mlp"
-        path = f"model.layers.{layer}.{group}.{module}"
+        path = module_path(module, layer)
         best, best_len = None, -1
         for key, value in pattern.items():
             if path == key or path.endswith("." + key):

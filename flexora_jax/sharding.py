@@ -138,6 +138,12 @@ def _fit(spec: Sequence[Any], shape: tuple[int, ...], sizes: Mapping[str, int], 
     return P(*out)
 
 
+def leaf_spec(names: Sequence[str], shape: tuple[int, ...], mesh: Mesh | Mapping[str, int]) -> P:
+    """The ``PartitionSpec`` of one leaf from its path names and shape (a loader building params shard by shard)."""
+    names = [str(n) for n in names]
+    return _fit(_rule(names, len(shape)), tuple(shape), axis_sizes(mesh), "/".join(names) or "leaf")
+
+
 def partition_specs(tree: Any, mesh: Mesh | Mapping[str, int]) -> Any:
     """A ``PartitionSpec`` for every leaf of ``tree``, from its path and shape (rules in the module docstring).
 
@@ -145,13 +151,7 @@ def partition_specs(tree: Any, mesh: Mesh | Mapping[str, int]) -> Any:
     included), gates, and their ``jax.eval_shape`` abstractions.
     """
     sizes = axis_sizes(mesh)
-
-    def spec(path, leaf):
-        shape = tuple(np.shape(leaf))
-        names = _names(path)
-        return _fit(_rule(names, len(shape)), shape, sizes, "/".join(names) or "leaf")
-
-    return jax.tree_util.tree_map_with_path(spec, tree)
+    return jax.tree_util.tree_map_with_path(lambda path, leaf: leaf_spec(_names(path), np.shape(leaf), sizes), tree)
 
 
 def batch_specs(tree: Any, mesh: Mesh | Mapping[str, int], batch_dim: int = 0) -> Any:
