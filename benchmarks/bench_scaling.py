@@ -31,13 +31,14 @@ def worker(spec: dict) -> dict:
     import jax
 
     from benchmarks import common, harness
+    from flexora_jax import loops
     from flexora_jax import sharding as sh
-    from flexora_jax.bilevel import init_search_state
+    from flexora_jax.bilevel import init_search_state, make_search_step
     from flexora_jax.config import FinetuneConfig, SearchConfig
     from flexora_jax.gates import init_gates
     from flexora_jax.lora import init_lora
     from flexora_jax.models.llama import init_params
-    from flexora_jax.train import init_train_state, make_optimizer
+    from flexora_jax.train import init_train_state, make_optimizer, make_train_step
 
     config = common.MODELS[spec["model"]]
     b, t, k = spec["batch"], spec["seq"], spec["k"]
@@ -53,13 +54,14 @@ def worker(spec: dict) -> dict:
     val = common.random_batch(config, b, t, seed=2)
     one = common.random_batch(config, b, t, seed=3)
 
-    sstep = sh.shard_search_step(config, search, mesh, params, sstate, train_batches, val)
-    tstep = sh.shard_train_step(config, finetune, 100, mesh, params, tstate, one)
+    sstep = loops.compile_step(make_search_step(config, search), mesh, (params, sstate, train_batches, val),
+                               {2: 1, 3: 0})
+    tstep = loops.compile_step(make_train_step(config, finetune, 100), mesh, (params, tstate, one), {2: 0})
     sp, sstate = sstep.place(params, sstate)
     tp, tstate = tstep.place(params, tstate)
     tb, vb, ob = sstep.batch(train_batches, 2), sstep.batch(val, 3), tstep.batch(one, 2)
     _, search_compile = harness.compile_stats(sstep.fn, sp, sstate, tb, vb)
-    _, train_compile = harness.compile_stats(tstep.fn, tp, tstate, ob, None)
+    _, train_compile = harness.compile_stats(tstep.fn, tp, tstate, ob)
     cell = {"s": sstate, "t": tstate}
 
     def run_search():
@@ -67,7 +69,7 @@ def worker(spec: dict) -> dict:
         return common.block(m["val_loss"])
 
     def run_train():
-        cell["t"], m = tstep(tp, cell["t"], ob, None)
+        cell["t"], m = tstep(tp, cell["t"], ob)
         return common.block(m["loss"])
 
     timings = harness.interleaved({"search": run_search, "finetune": run_train}, spec["repeats"], warmup=1)

@@ -29,7 +29,7 @@ TARGET = 1.3  # Flexora end to end at most 1.3x LoRA-all
 
 def run(smoke: bool = False, out_dir: str | None = None, command: str | None = None,
         search_steps: int | None = None) -> dict[str, Any]:
-    from flexora_jax.config import load_config
+    from flexora_jax.pipeline import load_config
     from flexora_jax.pipeline import run as run_pipeline
 
     steps = search_steps or (3 if smoke else 600)

@@ -81,7 +81,8 @@ def jax_step_fn(config: ModelConfig, params: Any, cfg: FinetuneConfig, batch: di
     """(closure running one flexora_jax step, compile stats)."""
     lora = init_lora(config, common.LORA, jax.random.key(1))
     state = init_train_state(lora, make_optimizer(cfg, STEPS))
-    compiled, stats = harness.compile_stats(make_train_step(config, cfg, STEPS), params, state, batch)
+    compiled, stats = harness.compile_stats(jax.jit(make_train_step(config, cfg, STEPS), donate_argnums=1), params, state,
+                                             batch)
     cell = {"state": state}
 
     def step() -> float:

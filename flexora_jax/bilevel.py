@@ -28,16 +28,23 @@ hypergradient of step t differentiates only through the K steps of step t. A who
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
-from flexora_jax.config import ModelConfig, SearchConfig
-from flexora_jax.gates import Gates
-from flexora_jax.lora import LoraParams
+from flexora_jax import loops
+from flexora_jax.config import LoraConfig, ModelConfig, SearchConfig, SelectionConfig
+from flexora_jax.data import BatchSampler, Dataset
+from flexora_jax.errors import ConfigError, NumericsError
+from flexora_jax.gates import GateKind, Gates, gate_values, init_gates
+from flexora_jax.lora import LoraParams, init_lora
+from flexora_jax.selection import Selection, select
+from flexora_jax.sharding import fetch
 from flexora_jax.models.llama import causal_lm_loss, forward, labels_lm_loss, soft_lm_loss
 
 Batch = dict[str, jax.Array]
@@ -177,8 +184,8 @@ def hypergradient(estimator: str, train_loss: LossFn, val_loss: LossFn, optimize
         hg = jax.tree.map(lambda d, i: d - i, direct, implicit)
         return hg, stepped, {"val_loss": vloss, "train_loss": tloss}
 
-    raise ValueError(f"unknown hypergradient estimator {estimator!r}; "
-                     "valid: 'unrolled', 'forward', 'first_order', 'darts'")
+    raise ConfigError(f"unknown hypergradient estimator {estimator!r}; "
+                      "valid: 'unrolled', 'forward', 'first_order', 'darts'")
 
 
 def darts_implicit(train_loss: LossFn, theta: LoraParams, gates: Gates, batch: Batch, v: LoraParams,
@@ -199,7 +206,7 @@ def darts_implicit(train_loss: LossFn, theta: LoraParams, gates: Gates, batch: B
         minus = jax.tree.map(lambda t, d: t - eps * d, theta, v)
         gp, gm = gate_grad(plus, gates, batch), gate_grad(minus, gates, batch)
         return jax.tree.map(lambda a, b: (a - b) / (2 * eps), gp, gm)
-    raise ValueError(f"unknown darts mode {mode!r}; valid: 'exact', 'finite_difference'")
+    raise ConfigError(f"unknown darts mode {mode!r}; valid: 'exact', 'finite_difference'")
 
 
 # ------------------------------------------------------------------------------------- search step
@@ -212,12 +219,13 @@ def init_search_state(lora: LoraParams, gates: Gates, search: SearchConfig) -> S
 
 @functools.lru_cache(maxsize=32)
 def make_search_step(config: ModelConfig, search: SearchConfig) -> Callable[..., tuple[SearchState, dict]]:
-    """One jitted search step ``(params, state, train_batches[K], val_batch) -> (state, metrics)``.
+    """The pure search step ``(params, state, train_batches[K], val_batch) -> (state, metrics)``.
 
-    K inner steps + hypergradient + outer Adam update on the gates. The state is donated; the frozen
-    base params are an argument (never differentiated), so one compiled program serves every search
-    with the same config and shapes. For AutoLoRA's ``darts`` with ``darts_redo_inner``, the inner step
-    is redone from the old LoRA with the updated gates.
+    K inner steps + hypergradient + outer Adam update on the gates. The frozen base params are an
+    argument (never differentiated). Jit it yourself (``jax.jit(step, donate_argnums=1)``) or let
+    :func:`flexora_jax.loops.compile_step` jit it over a mesh; cached on the configs, so every search with
+    the same settings gets the same function and therefore the same compiled program. For AutoLoRA's
+    ``darts`` with ``darts_redo_inner``, the inner step is redone from the old LoRA with the updated gates.
     """
     inner_opt, outer_opt = inner_optimizer(search), outer_optimizer(search)
 
@@ -237,4 +245,83 @@ def make_search_step(config: ModelConfig, search: SearchConfig) -> Callable[...,
                        finite=jnp.isfinite(hg_norm) & jnp.isfinite(metrics["val_loss"]))
         return SearchState(new_inner, gates, gate_opt_state, state.step + 1), metrics
 
-    return jax.jit(step, donate_argnums=1)
+    return step
+
+
+# ------------------------------------------------------------------------------------- host loop
+@dataclasses.dataclass
+class SearchResult:
+    """Final gates (host copies), their trajectory (layer gate values per step), the selection, the state."""
+
+    gates: Gates
+    selection: Selection
+    trajectory: list[list[float]]
+    history: list[dict]
+    state: SearchState
+
+
+def search(config: ModelConfig, params: Any, lora_config: LoraConfig, search_config: SearchConfig,
+           train: Dataset, val: Dataset, *, gates: GateKind = "layer", selection: SelectionConfig = SelectionConfig(),
+           seed: int = 0, callback: Callable[[int, dict], None] | None = None, state: SearchState | None = None,
+           sampler_states: dict | None = None, mesh: Any = None) -> SearchResult:
+    """Run the bilevel search and select layers / ranks.
+
+    Args:
+      config, params: the frozen base model.
+      lora_config: LoRA of the search model (usually all layers: the targets to choose among).
+      search_config: estimator, K, steps, optimizers.
+      train, val: tokenised datasets (dicts of arrays); batches are drawn with ``seed``.
+      gates: "layer" (Flexora), "rank" (AutoLoRA) or "both".
+      selection: how the final layer gates become layers.
+      callback: ``callback(step, record)`` after each step (logging, checkpoints); ``record`` holds the
+        metrics, the gate values, the state and the sampler positions. It may raise to stop the search.
+      state, sampler_states: resume from a checkpoint.
+      mesh: a ``jax.sharding.Mesh`` (params and state are placed sharded on it, batches assembled from
+        each process's rows); None runs on one device.
+    Raises:
+      NumericsError: a non-finite hypergradient or validation loss, naming the step.
+    """
+    sc = search_config
+    if state is None:
+        lora = init_lora(config, lora_config, jax.random.key(seed))
+        state = init_search_state(lora, init_gates(gates, config.num_hidden_layers, dict(lora.spec.r_max),
+                                                   power=sc.gate_power), sc)
+    train_sampler = BatchSampler(train, sc.batch_size, seed=seed)
+    val_sampler = BatchSampler(val, sc.val_batch_size, seed=seed + 1)
+    if sampler_states is not None:
+        train_sampler.restore(sampler_states["train"])
+        val_sampler.restore(sampler_states["val"])
+    example = (train_sampler.abstract(sc.inner_steps), val_sampler.abstract())
+    program = loops.compile_step(make_search_step(config, sc), loops.default_mesh(mesh), (params, state, *example),
+                                 {2: 1, 3: 0})
+    params, state = program.place(params, state)
+    trajectory: list[list[float]] = []
+    history: list[dict] = []
+
+    def on_step(step: int, state: SearchState, metrics: dict) -> None:
+        if not bool(metrics["finite"]):
+            raise NumericsError(
+                f"non-finite hypergradient or validation loss at search step {step} "
+                f"(val_loss={float(metrics['val_loss'])}); lower search.inner_lr, keep search.inner_eps_root > 0, "
+                "or use search.hypergradient=first_order")
+        record = {"step": step, "val_loss": float(metrics["val_loss"]), "train_loss": float(metrics["train_loss"]),
+                  "hypergrad_norm": float(metrics["hypergrad_norm"])}
+        values = gate_values(_host(state.gates), config.num_hidden_layers)
+        if "layer" in values:
+            record["gates"] = [round(float(x), 6) for x in np.asarray(values["layer"])]
+            trajectory.append(record["gates"])
+        history.append(record)
+        if callback is not None:
+            callback(step, dict(record, state=state,
+                                sampler={"train": train_sampler.state(), "val": val_sampler.state()}))
+
+    state = loops.run(program, params, state, lambda: (train_sampler.next_stacked(sc.inner_steps), val_sampler.next()),
+                      int(state.step), sc.steps, [on_step])
+    final = _host(state.gates)
+    return SearchResult(gates=final, selection=select(final, lora_config, config.num_hidden_layers, selection),
+                        trajectory=trajectory, history=history, state=state)
+
+
+def _host(tree: Any) -> Any:
+    """Host-local copies of (possibly sharded, multi-process) arrays, readable on every process."""
+    return jax.tree.map(jnp.asarray, fetch(tree))

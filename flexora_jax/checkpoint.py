@@ -15,45 +15,23 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flexora_jax.errors import CheckpointError
+from flexora_jax.sharding import partition_specs
 
 log = logging.getLogger("flexora_jax")
 
-#: Test hook: seconds to pause inside every checkpoint save, after the files are written into orbax's
-#: temporary directory and before it is renamed into place (so a test can kill a run mid-save).
-SAVE_DELAY_ENV = "FLEXORA_TEST_SAVE_DELAY"
-
-
 class CheckpointWarning(UserWarning):
     """A checkpoint was unusable and an earlier one was used instead."""
-
-
-def _install_test_save_delay() -> None:
-    delay = float(os.environ.get(SAVE_DELAY_ENV, "0") or 0)
-    if delay <= 0:
-        return
-    import asyncio
-
-    from orbax.checkpoint._src.path import atomicity
-
-    cls = atomicity.AtomicRenameTemporaryPath
-    if getattr(cls.finalize, "_flexora_delayed", False):
-        return
-    original = cls.finalize
-
-    async def finalize(self, *args, **kwargs):
-        await asyncio.sleep(delay)
-        return await original(self, *args, **kwargs)
-
-    finalize._flexora_delayed = True  # type: ignore[attr-defined]
-    cls.finalize = finalize
 
 
 def _is_key(x: Any) -> bool:
@@ -81,12 +59,8 @@ class StageCheckpointer:
     """
 
     def __init__(self, directory: str | os.PathLike, every: int = 10, keep: int = 2) -> None:
-        import orbax.checkpoint as ocp
-
-        _install_test_save_delay()
         self.directory = Path(directory).absolute()
         self.every = every
-        self._ocp = ocp
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
         self._manager = ocp.CheckpointManager(self.directory, options=options)
 
@@ -99,8 +73,8 @@ class StageCheckpointer:
             return False
         if self._manager.latest_step() == step:
             return False
-        args = self._ocp.args.Composite(state=self._ocp.args.StandardSave(to_savable(state)),
-                                        meta=self._ocp.args.JsonSave(dict(meta, step=int(step))))
+        args = ocp.args.Composite(state=ocp.args.StandardSave(to_savable(state)),
+                                        meta=ocp.args.JsonSave(dict(meta, step=int(step))))
         self._manager.save(step, args=args, force=True)
         self._manager.wait_until_finished()
         return True
@@ -142,8 +116,6 @@ class StageCheckpointer:
 
     def _discard_after(self, step: int) -> None:
         """Remove the unusable checkpoints after ``step`` so the resumed stage can save those steps again."""
-        import shutil
-
         for s in self.all_steps():
             if s > step:
                 shutil.rmtree(self.directory / str(s), ignore_errors=True)
@@ -153,8 +125,8 @@ class StageCheckpointer:
         savable = to_savable(template)
         abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype) if hasattr(x, "dtype") else x,
                                 savable)
-        args = self._ocp.args.Composite(state=self._ocp.args.StandardRestore(abstract),
-                                        meta=self._ocp.args.JsonRestore())
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                        meta=ocp.args.JsonRestore())
         try:
             restored = self._manager.restore(step, args=args)
         except Exception as exc:  # orbax raises ValueError / FileNotFoundError / tensorstore errors
@@ -172,3 +144,38 @@ class StageCheckpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+# ----------------------------------------------------------------------------- sharded checkpoints
+def save_sharded(directory: str | os.PathLike, tree: Any) -> Path:
+    """Write a (sharded) pytree with orbax: every process writes its own shards; returns the path."""
+    path = Path(directory).absolute()
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(path, to_savable(tree), force=True)
+        ckpt.wait_until_finished()
+    return path
+
+
+def restore_sharded(directory: str | os.PathLike, template: Any, mesh: Mesh, specs: Any = None) -> Any:
+    """Restore a :func:`save_sharded` checkpoint onto ``mesh`` (any mesh shape), shaped like ``template``.
+
+    Each device reads only its shard of the new layout; ``template`` (real or ``jax.eval_shape`` values)
+    gives the structure, shapes and dtypes, ``specs`` the layout (default :func:`partition_specs`).
+    """
+    specs = partition_specs(template, mesh) if specs is None else specs
+    savable = jax.eval_shape(to_savable, template)  # typed PRNG keys -> their uint32 key data
+    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s)),
+                            savable, specs, is_leaf=lambda x: isinstance(x, P))
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            restored = ckpt.restore(Path(directory).absolute(), abstract)
+    except Exception as exc:  # orbax raises ValueError / FileNotFoundError / tensorstore errors
+        raise CheckpointError(f"could not restore {directory} onto mesh {dict(mesh.shape)} "
+                              f"({type(exc).__name__}: {exc})") from None
+
+    def unwrap(x, t):
+        if not jax.dtypes.issubdtype(t.dtype, jax.dtypes.prng_key):
+            return x
+        return jax.random.wrap_key_data(x, impl=jax.random.key_impl(t) if isinstance(t, jax.Array) else None)
+
+    return jax.tree.map(unwrap, restored, template)

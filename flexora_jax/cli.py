@@ -18,6 +18,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import yaml
+
+from flexora_jax.errors import FlexoraError
+from flexora_jax.pipeline.config import RunConfig, config_to_dict, load_config
+from flexora_jax.pipeline.io import Interrupted
+from flexora_jax.pipeline.stages import run, run_stage
+
 COMMANDS = ("run", "search", "finetune", "evaluate", "export")
 EXIT_USER_ERROR = 2
 
@@ -67,12 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.help:
         parser.print_help()
         return 0
-    from flexora_jax.config import RunConfig, config_to_dict, load_config
-    from flexora_jax.errors import FlexoraError
-
     if args.help_config:
-        import yaml
-
         print(yaml.safe_dump(config_to_dict(RunConfig()), sort_keys=False), end="")
         return 0
     _setup_logging(args.quiet)
@@ -87,22 +89,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.output_dir is not None:
             overrides = overrides + [f"--output_dir={args.output_dir}"]
         config = load_config(config_file, overrides)
-        from flexora_jax import pipeline
-
         if args.command == "run":
-            result = pipeline.run(config, resume=args.resume)
-            print(result.summary())
+            print(run(config, resume=args.resume).summary())
         else:
-            pipeline.run_stage(args.command, config, merged=args.merged)
+            run_stage(args.command, config, merged=args.merged)
             print(f"{args.command}: done; files in {Path(config.output_dir).absolute()}")
         return 0
     except _UserExit as exc:
         return _fail(str(exc))
+    except Interrupted as exc:
+        return _fail(str(exc), 128 + exc.signum)
     except FlexoraError as exc:
-        from flexora_jax.pipeline import Interrupted
-
-        if isinstance(exc, Interrupted):
-            return _fail(str(exc), 128 + exc.signum)
         return _fail(str(exc))
     except KeyboardInterrupt:
         return _fail("interrupted; continue with --resume", 130)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+import jax
 import numpy as np
 
 from flexora_jax.errors import DataError
@@ -68,6 +69,11 @@ class BatchSampler:
         """K batches stacked on a leading axis (the inputs of the inner scan)."""
         batches = [self.next() for _ in range(k)]
         return {key: np.stack([b[key] for b in batches]) for key in batches[0]}
+
+    def abstract(self, k: int | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+        """Shapes and dtypes of :meth:`next` (or of :meth:`next_stacked` with ``k``): what a step compiles for."""
+        lead = (self.batch_size,) if k is None else (k, self.batch_size)
+        return {key: jax.ShapeDtypeStruct(lead + v.shape[1:], v.dtype) for key, v in self.data.items()}
 
     def state(self) -> dict[str, Any]:
         return {"seed": self.seed, "epoch": self.epoch, "position": self.position}

@@ -38,9 +38,14 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from tqdm.auto import tqdm
 
+from flexora_jax import tasks
 from flexora_jax.config import ModelConfig
 from flexora_jax.errors import DataError
+from flexora_jax.generation import generate
+from flexora_jax.models.llama import forward
+from flexora_jax.tasks import generative
 from flexora_jax.tasks.formats import MCRecord
 from flexora_jax.tasks.generative import MAX_NEW_TOKENS, GenRecord, score
 from flexora_jax.tasks.sft import bucket_of, encode_pair, length_buckets
@@ -69,8 +74,6 @@ def _score_packed(config: ModelConfig, params: Any, lora: Any, gates: Any, token
     ``pred_pos``/``targets``/``slots`` [b, p] list every scored token: the row position whose logits
     predict it, its id, and the request slot it belongs to (``-1``: padding).
     """
-    from flexora_jax.models.llama import forward
-
     logits = forward(config, params, tokens, lora=lora, gates=gates, positions=positions,
                      segment_ids=segments).astype(jnp.float32)  # [b, w, v]
     lse = jax.nn.logsumexp(logits, axis=-1)  # [b, w]
@@ -226,8 +229,6 @@ def loglikelihoods(config: ModelConfig, params: Any, tokenizer: Any, requests: S
 def _progress(items: list, enabled: bool, desc: str):
     if not enabled:
         return items
-    from tqdm.auto import tqdm
-
     return tqdm(items, desc=desc, unit="batch")
 
 
@@ -240,8 +241,6 @@ def _stderr(values: np.ndarray) -> float:
 
 def _as_records(task_or_records: Any, limit: int | None) -> dict[str, list[MCRecord]]:
     """Normalise the ``evaluate`` input to task name -> records (test split for task names)."""
-    from flexora_jax import tasks
-
     if isinstance(task_or_records, (str, tasks.TaskSpec)):
         task_or_records = [task_or_records]
     if isinstance(task_or_records, Mapping):
@@ -373,10 +372,6 @@ def evaluate_generative(config: ModelConfig, params: Any, tokenizer: Any, task: 
       ``exact_match`` is the task's primary filter (GSM8K: lm-eval's ``strict-match``; its
       ``flexible-extract`` is under ``filters``).
     """
-    from flexora_jax import tasks
-    from flexora_jax.generation import generate
-    from flexora_jax.tasks import generative
-
     if isinstance(task, (str, tasks.TaskSpec)):
         records = tasks.load_records(task, "test")
     else:

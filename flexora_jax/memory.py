@@ -23,15 +23,18 @@ The batch dimension is split over ``data`` x ``fsdp``; heads, MLP width and voca
 
 from __future__ import annotations
 
+import dataclasses
 import math
+import warnings
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-
-from flexora_jax.config import LoraConfig, ModelConfig
 from jax.sharding import PartitionSpec as P
 
+from flexora_jax.config import LoraConfig, ModelConfig
+from flexora_jax.lora import init_lora
+from flexora_jax.models.llama import init_params
 from flexora_jax.sharding import AXES, axis_sizes, partition_specs
 
 #: Calibrated against XLA's CPU memory analysis (tests/test_memory.py; hidden 96-128, 2-4 layers,
@@ -46,8 +49,6 @@ _ADAM = ("adam", "adamw")
 
 def _sharded_bytes(tree: Any, sizes: Mapping[str, int]) -> int:
     """Per-device bytes of an abstract pytree laid out by the partition rules."""
-    import warnings
-
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         specs = partition_specs(tree, sizes)
@@ -62,9 +63,6 @@ def _sharded_bytes(tree: Any, sizes: Mapping[str, int]) -> int:
 
 
 def _abstract(model_config: ModelConfig, lora_config: LoraConfig) -> tuple[Any, Any]:
-    from flexora_jax.lora import init_lora
-    from flexora_jax.models.llama import init_params
-
     params = jax.eval_shape(lambda: init_params(model_config, jax.random.key(0)))
     lora = jax.eval_shape(lambda: init_lora(model_config, lora_config, jax.random.key(0)))
     return params, lora
@@ -115,8 +113,6 @@ def plan_memory(model_config: ModelConfig, lora_config: LoraConfig, mesh_shape: 
       ``{"search": {...}, "finetune": {...}}``, each with ``params``, ``lora``, ``optimizer``,
       ``carries``, ``activations``, ``batch`` and ``total`` bytes per device.
     """
-    import dataclasses
-
     if dtype is not None:
         model_config = dataclasses.replace(model_config, dtype=dtype)
     sizes = axis_sizes(dict(mesh_shape))

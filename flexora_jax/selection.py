@@ -12,33 +12,41 @@ from typing import Any
 
 import numpy as np
 
-from flexora_jax.config import ATTENTION_MODULES, LoraConfig, SELECTION_RULES
+from flexora_jax.config import SELECTION_RULES, LoraConfig, SelectionConfig, module_path
+from flexora_jax.errors import ConfigError, NumericsError
 from flexora_jax.gates import Gates
 
 
 def select_layers(gates: Gates, rule: str = "positive", k: int = 0, threshold: float = 1.0) -> tuple[int, ...]:
-    """Layers to keep from the layer gate alpha [L].
+    """Layers to keep from the layer gates, judged on the gate value the model applies.
 
-    - ``positive``: alpha_l > 0, i.e. gate value above the mean gate (the paper's rule);
-    - ``topk``: the k layers with the largest alpha;
-    - ``threshold``: gate value ``w_l = L softmax(alpha)_l >= threshold``.
+    ``w_l = (L * softmax(alpha)_l) ** power`` (what multiplies the LoRA branch, and what ``gates.json``
+    reports):
+
+    - ``positive``: ``alpha_l > 0`` (the paper's rule; at mean-zero alpha the same as ``w_l > 1``);
+    - ``top_k``: the k layers with the largest gate;
+    - ``threshold``: ``w_l >= threshold``.
     Never empty: if no layer passes, the single best layer is kept.
+    Raises:
+      ConfigError: no layer gates, an unknown rule or k out of range; NumericsError: non-finite gates.
     """
     if gates is None or gates.layer is None:
-        raise ValueError("select_layers needs layer gates (search.gates 'layer' or 'both')")
+        raise ConfigError("select_layers needs layer gates (a 'layer' or 'both' search)")
     alpha = np.asarray(gates.layer, np.float64)
+    if not np.all(np.isfinite(alpha)):
+        raise NumericsError(f"layer gates are not finite ({alpha.tolist()}); the search diverged, nothing to select")
     L = alpha.size
+    w = (L * np.exp(alpha - alpha.max()) / np.exp(alpha - alpha.max()).sum()) ** gates.power
     if rule == "positive":
         keep = np.flatnonzero(alpha > 0)
-    elif rule == "topk":
+    elif rule == "top_k":
         if not 1 <= k <= L:
-            raise ValueError(f"top-k selection needs 1 <= k <= {L}, got k={k}")
-        keep = np.sort(np.argsort(-alpha, kind="stable")[:k])
+            raise ConfigError(f"top_k selection needs 1 <= k <= {L} (the model's layers), got k={k}")
+        keep = np.sort(np.argsort(-w, kind="stable")[:k])
     elif rule == "threshold":
-        w = L * np.exp(alpha - alpha.max()) / np.exp(alpha - alpha.max()).sum()
         keep = np.flatnonzero(w >= threshold)
     else:
-        raise ValueError(f"unknown selection rule {rule!r}; valid: {SELECTION_RULES}")
+        raise ConfigError(f"unknown selection rule {rule!r}; valid: {SELECTION_RULES}")
     if keep.size == 0:
         keep = np.array([int(np.argmax(alpha))])
     return tuple(int(i) for i in keep)
@@ -47,22 +55,18 @@ def select_layers(gates: Gates, rule: str = "positive", k: int = 0, threshold: f
 def select_ranks(gates: Gates) -> dict[str, list[int]]:
     """AutoLoRA ranks: per module and layer, #{j : softmax(beta)_j >= 1 / r_max}, in [1, r_max]."""
     if gates is None or gates.rank is None:
-        raise ValueError("select_ranks needs rank gates (search.gates 'rank' or 'both')")
+        raise ConfigError("select_ranks needs rank gates (a 'rank' or 'both' search)")
     out = {}
     for module, beta in gates.rank.items():
         beta = np.asarray(beta, np.float64)
+        if not np.all(np.isfinite(beta)):
+            raise NumericsError(f"rank gates of {module} are not finite; the search diverged, nothing to select")
         r_max = beta.shape[-1]
         p = np.exp(beta - beta.max(-1, keepdims=True))
         p /= p.sum(-1, keepdims=True)
         # a tiny tolerance: at a uniform softmax every component sits exactly on the threshold
         out[module] = [int(max(1, n)) for n in (p >= (1.0 / r_max) * (1 - 1e-6)).sum(-1)]
     return out
-
-
-def module_path(module: str, layer: int) -> str:
-    """PEFT's module path of ``module`` in block ``layer`` (a rank_pattern key)."""
-    group = "self_attn" if module in ATTENTION_MODULES else "mlp"
-    return f"model.layers.{layer}.{group}.{module}"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,10 +87,12 @@ class Selection:
         return out
 
 
-def select(gates: Gates, base: LoraConfig, num_layers: int, rule: str = "positive", k: int = 0,
-           threshold: float = 1.0) -> Selection:
+def select(gates: Gates, base: LoraConfig, num_layers: int,
+           selection: SelectionConfig = SelectionConfig()) -> Selection:
     """Layers (if layer gates) and ranks (if rank gates) -> a fine-tune :class:`LoraConfig`."""
-    layers = (select_layers(gates, rule, k, threshold) if gates.layer is not None
+    if gates is None:
+        raise ConfigError("select needs gates from a search (layer, rank or both), got None")
+    layers = (select_layers(gates, selection.rule, selection.top_k, selection.threshold) if gates.layer is not None
               else tuple(base.layers(num_layers)))
     ranks = select_ranks(gates) if gates.rank is not None else None
     pattern: dict[str, int] = dict(base.rank_pattern)

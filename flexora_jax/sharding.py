@@ -20,14 +20,15 @@ Design:
 - Multi-host: :func:`initialize_distributed` calls ``jax.distributed.initialize()`` when the
   environment asks for it; every process builds the same global mesh, feeds its own rows through
   :func:`global_batch` (``jax.make_array_from_process_local_data``) and writes files only on process 0
-  (:func:`is_main_process`, :func:`write_on_main`).
+  (:func:`is_main_process`).
+- This module knows meshes, specs and placement only: it imports no algorithm. Steps are jitted over a
+  mesh by :mod:`flexora_jax.loops`, sharded checkpoints live in :mod:`flexora_jax.checkpoint`.
 
 Example::
 
     mesh = make_mesh(MeshConfig(data=1, fsdp=-1, model=1))
-    step = shard_search_step(config, search, mesh, params, state, train_batches, val_batch)
-    params, state = step.place(params, state)
-    state, metrics = step(params, state, step.batch(train_batches, 2), step.batch(val_batch, 3))
+    params = shard(params, mesh)                      # every leaf on its spec
+    batch = global_batch(local_rows_of_batch, mesh)   # rows over ("data", "fsdp")
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import numpy as np
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from flexora_jax.config import MeshConfig, ModelConfig  # MeshConfig lives in config (the run's mesh: section)
@@ -237,105 +239,6 @@ def local_rows(mesh: Mesh, global_rows: int) -> slice:
     return slice(lo, hi)
 
 
-# ------------------------------------------------------------------------------------- sharded steps
-@dataclasses.dataclass(frozen=True, eq=False)
-class ShardedStep:
-    """A jitted step with explicit in/out shardings; :meth:`place` puts arguments where it wants them."""
-
-    fn: Callable[..., Any]  # the jax.jit-ed function
-    mesh: Mesh
-    in_shardings: tuple  # one NamedSharding pytree per positional argument
-    out_shardings: Any
-    batch_dims: Mapping[int, int] = dataclasses.field(default_factory=dict)  # arg -> its batch dim
-
-    def __call__(self, *args: Any) -> Any:
-        return self.fn(*args)
-
-    def place(self, *args: Any) -> tuple:
-        """``jax.device_put`` of the leading arguments onto their in-shardings (params, state, ...)."""
-        return tuple(put(a, s) for a, s in zip(args, self.in_shardings))
-
-    def batch(self, local: Any, arg: int) -> Any:
-        """Process-local rows of positional argument ``arg`` assembled into its global sharded array."""
-        return global_batch(local, self.mesh, self.batch_dims[arg])
-
-    def batch_from_global(self, batch: Any, arg: int) -> Any:
-        """A batch that every process holds in full (same seed, same sampler) -> its global sharded array.
-
-        Each process keeps only the rows :func:`local_rows` gives it and :meth:`batch` assembles the
-        global array (``jax.make_array_from_process_local_data``); on one process it is a sharded put.
-        """
-        dim = self.batch_dims[arg]
-        rows = int(np.shape(jax.tree.leaves(batch)[0])[dim])
-        if jax.process_count() == 1:
-            return self.batch(batch, arg)
-        sl = local_rows(self.mesh, rows)
-        local = jax.tree.map(lambda x: np.asarray(x)[(slice(None),) * dim + (sl,)], batch)
-        return self.batch(local, arg)
-
-    def lower(self, *args: Any) -> Any:
-        return self.fn.lower(*args)
-
-
-def shard_search_step(config: ModelConfig, search: Any, mesh: Mesh, params: Any, state: Any,
-                      train_batches: Any, val_batch: Any) -> ShardedStep:
-    """The search step of :func:`flexora_jax.bilevel.make_search_step` under ``mesh``.
-
-    ``(params, state, train_batches [K, b, ...], val_batch [b, ...]) -> (state, metrics)`` with params
-    and state sharded by :func:`partition_specs`, batches over ``("data", "fsdp")`` (the K axis
-    replicated), metrics replicated, and the state donated. The arguments only give shapes.
-    """
-    from flexora_jax.bilevel import make_search_step
-
-    inner = make_search_step(config, search)
-    state_s = shardings(state, mesh)
-    in_s = (shardings(params, mesh), state_s, named(batch_specs(train_batches, mesh, 1), mesh),
-            named(batch_specs(val_batch, mesh, 0), mesh))
-    out_s = (state_s, replicated(mesh))
-    fn = jax.jit(lambda p, s, tb, vb: inner(p, s, tb, vb), in_shardings=in_s, out_shardings=out_s,
-                 donate_argnums=1)
-    return ShardedStep(fn, mesh, in_s, out_s, {2: 1, 3: 0})
-
-
-def shard_train_step(config: ModelConfig, cfg: Any, steps: int, mesh: Mesh, params: Any, state: Any,
-                     batch: Any, gates: Any = None) -> ShardedStep:
-    """The fine-tune step of :func:`flexora_jax.train.make_train_step` under ``mesh``.
-
-    ``(params, state, batch, gates) -> (state, {"loss", "grad_norm"})``; ``gates`` is always passed
-    (None for plain LoRA). State donated, metrics replicated.
-    """
-    from flexora_jax.train import make_train_step
-
-    inner = make_train_step(config, cfg, steps)
-    state_s = shardings(state, mesh)
-    in_s = (shardings(params, mesh), state_s, named(batch_specs(batch, mesh, 0), mesh), shardings(gates, mesh))
-    out_s = (state_s, replicated(mesh))
-    fn = jax.jit(lambda p, s, b, g: inner(p, s, b, g), in_shardings=in_s, out_shardings=out_s, donate_argnums=1)
-    return ShardedStep(fn, mesh, in_s, out_s, {2: 0})
-
-
-def shard_eval_step(config: ModelConfig, mesh: Mesh, params: Any, lora: Any = None, gates: Any = None,
-                    batch_size: int = 32, width: int = 128) -> ShardedStep:
-    """The packed evaluation scorer (``evaluation._score_packed``) under ``mesh``.
-
-    ``(params, lora, gates, tokens, positions, segments, pred_pos, targets, slots)`` ->
-    ``(logprob [b, PACK_REQUESTS], greedy [b, PACK_REQUESTS])``, the six row arrays as
-    :func:`flexora_jax.evaluation.pack_rows` builds them (``[batch_size, width]`` and
-    ``[batch_size, width + PACK_REQUESTS]``), rows over ``("data", "fsdp")``, results replicated.
-    Any width compiles its own program.
-    """
-    from flexora_jax.evaluation import PACK_REQUESTS, _score_packed
-
-    row_s = named(batch_specs(jax.ShapeDtypeStruct((batch_size, width), np.int32), mesh), mesh)
-    scored_s = named(batch_specs(jax.ShapeDtypeStruct((batch_size, width + PACK_REQUESTS), np.int32), mesh), mesh)
-    in_s = (shardings(params, mesh), shardings(lora, mesh), shardings(gates, mesh),
-            row_s, row_s, row_s, scored_s, scored_s, scored_s)
-    out_s = replicated(mesh)
-    fn = jax.jit(lambda p, l, g, *rows: _score_packed(config, p, l, g, *rows),
-                 in_shardings=in_s, out_shardings=out_s)
-    return ShardedStep(fn, mesh, in_s, out_s, {i: 0 for i in range(3, 9)})
-
-
 # ------------------------------------------------------------------------------------ loading
 def load_model_sharded(path: str | os.PathLike, mesh: Mesh, dtype: str = "float32",
                        **config_overrides: Any) -> tuple[ModelConfig, Any]:
@@ -403,49 +306,6 @@ def load_model_sharded(path: str | os.PathLike, mesh: Mesh, dtype: str = "float3
     return config, params
 
 
-# ----------------------------------------------------------------------------- sharded checkpoints
-def save_sharded(directory: str | os.PathLike, tree: Any) -> Path:
-    """Write a (sharded) pytree with orbax: every process writes its own shards; returns the path."""
-    import orbax.checkpoint as ocp
-
-    from flexora_jax.checkpoint import to_savable
-
-    path = Path(directory).absolute()
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(path, to_savable(tree), force=True)
-        ckpt.wait_until_finished()
-    return path
-
-
-def restore_sharded(directory: str | os.PathLike, template: Any, mesh: Mesh, specs: Any = None) -> Any:
-    """Restore a :func:`save_sharded` checkpoint onto ``mesh`` (any mesh shape), shaped like ``template``.
-
-    Each device reads only its shard of the new layout; ``template`` (real or ``jax.eval_shape`` values)
-    gives the structure, shapes and dtypes, ``specs`` the layout (default :func:`partition_specs`).
-    """
-    import orbax.checkpoint as ocp
-
-    from flexora_jax.checkpoint import to_savable
-
-    specs = partition_specs(template, mesh) if specs is None else specs
-    savable = jax.eval_shape(to_savable, template)  # typed PRNG keys -> their uint32 key data
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s)),
-                            savable, specs, is_leaf=lambda x: isinstance(x, P))
-    try:
-        with ocp.StandardCheckpointer() as ckpt:
-            restored = ckpt.restore(Path(directory).absolute(), abstract)
-    except Exception as exc:  # orbax raises ValueError / FileNotFoundError / tensorstore errors
-        raise CheckpointError(f"could not restore {directory} onto mesh {dict(mesh.shape)} "
-                              f"({type(exc).__name__}: {exc})") from None
-
-    def unwrap(x, t):
-        if not jax.dtypes.issubdtype(t.dtype, jax.dtypes.prng_key):
-            return x
-        return jax.random.wrap_key_data(x, impl=jax.random.key_impl(t) if isinstance(t, jax.Array) else None)
-
-    return jax.tree.map(unwrap, restored, template)
-
-
 # ------------------------------------------------------------------------------------- multi-host
 def initialize_distributed(force: bool = False) -> bool:
     """``jax.distributed.initialize()`` when the environment asks for it; True if running multi-process.
@@ -477,27 +337,8 @@ def is_main_process() -> bool:
     return jax.process_index() == 0
 
 
-def write_on_main(path: str | os.PathLike, content: str | bytes | Mapping[str, Any]) -> bool:
-    """Write ``content`` (text, bytes, or a dict as JSON) to ``path`` on process 0 only; True if written."""
-    if not is_main_process():
-        return False
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if isinstance(content, Mapping):
-        content = json.dumps(content, indent=2, default=float) + "\n"
-    tmp = path.with_name(path.name + ".tmp")
-    if isinstance(content, bytes):
-        tmp.write_bytes(content)
-    else:
-        tmp.write_text(content)
-    os.replace(tmp, path)
-    return True
-
-
 def fetch(tree: Any) -> Any:
     """Global arrays -> numpy on every process (gathers shards that live on other hosts)."""
-    from jax.experimental import multihost_utils
-
     def one(x):
         if not isinstance(x, jax.Array) or x.is_fully_addressable:
             return np.asarray(x)

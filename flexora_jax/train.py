@@ -17,12 +17,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from flexora_jax import loops
 from flexora_jax.bilevel import lm_loss
 from flexora_jax.config import FinetuneConfig, ModelConfig
 from flexora_jax.data import BatchSampler, Dataset, batches_in_order
 from flexora_jax.errors import NumericsError
 from flexora_jax.gates import Gates
 from flexora_jax.lora import LoraParams
+from flexora_jax.sharding import fetch
 
 
 class TrainState(NamedTuple):
@@ -70,10 +72,11 @@ def init_train_state(lora: LoraParams, optimizer: optax.GradientTransformation, 
 
 @functools.lru_cache(maxsize=32)
 def make_train_step(config: ModelConfig, cfg: FinetuneConfig, steps: int) -> Callable[..., tuple[TrainState, dict]]:
-    """Jitted ``(params, state, batch, gates=None) -> (state, {"loss", "grad_norm"})``, state donated.
+    """The pure fine-tune step ``(params, state, batch, gates=None) -> (state, {"loss", "grad_norm"})``.
 
-    Cached on (model config, fine-tune config, steps): one compiled program per shape, shared by every
-    fine-tune with the same settings (e.g. the methods of a comparison).
+    Jit it yourself (``jax.jit(step, donate_argnums=1)``) or through :func:`flexora_jax.loops.compile_step`.
+    Cached on (model config, fine-tune config, steps): every fine-tune with the same settings (e.g. the
+    methods of a comparison) gets the same function, hence the same compiled program.
     """
     optimizer = make_optimizer(cfg, steps)
 
@@ -86,7 +89,7 @@ def make_train_step(config: ModelConfig, cfg: FinetuneConfig, steps: int) -> Cal
         lora = optax.apply_updates(state.lora, updates)
         return TrainState(lora, opt_state, state.step + 1, rng), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
-    return jax.jit(step, donate_argnums=1)
+    return step
 
 
 @functools.lru_cache(maxsize=32)
@@ -124,52 +127,36 @@ def finetune(config: ModelConfig, params: Any, lora: LoraParams, train: Dataset,
              mesh: Any = None) -> tuple[LoraParams, list[dict]]:
     """Train ``lora`` on ``train`` for the configured steps; returns the final (or best) LoRA and history.
 
-    ``callback(step, metrics)`` is called after every step (logging, checkpoints). A NaN/Inf loss raises
-    :class:`NumericsError` naming the step. ``mesh``: a ``jax.sharding.Mesh`` of more than one device
-    runs the step through :func:`flexora_jax.sharding.shard_train_step` (params and state placed
-    sharded, batches assembled from each process's rows; the returned LoRA is sharded the same way);
-    None (or a 1-device mesh) is the single-device path.
+    ``callback(step, record)`` is called after every step (logging, checkpoints; it may raise to stop).
+    A NaN / Inf loss raises :class:`NumericsError` naming the step. ``mesh``: a ``jax.sharding.Mesh``
+    (params and state placed sharded, batches assembled from each process's rows; the returned LoRA is
+    sharded the same way); None runs on one device.
     """
     steps = total_steps(cfg, len(train["input_ids"]))
-    optimizer = make_optimizer(cfg, steps)
     sampler = BatchSampler(train, cfg.batch_size, seed=seed)
     if sampler_state is not None:
         sampler.restore(sampler_state)
-    state = state or init_train_state(lora, optimizer, seed)
+    state = state or init_train_state(lora, make_optimizer(cfg, steps), seed)
+    program = loops.compile_step(make_train_step(config, cfg, steps), loops.default_mesh(mesh),
+                                 (params, state, sampler.abstract()), {2: 0})
+    params, state = program.place(params, state)
     history: list[dict] = []
-    best = (math.inf, None)
+    best: list[Any] = [math.inf, None]
     micro_steps = steps * cfg.grad_accum
-    if mesh is not None and mesh.size > 1:
-        from flexora_jax import sharding as sh
 
-        pos = sampler.state()
-        sharded = sh.shard_train_step(config, cfg, steps, mesh, params, state, sampler.next())
-        sampler.restore(pos)  # the example batch only gave shapes: rewind
-        params, state = sharded.place(params, state)
-
-        def step_fn(p, s, batch):
-            s, m = sharded(p, s, sharded.batch_from_global(batch, 2), None)
-            return s, sh.fetch(m)
-
-        def to_host(tree):
-            return sh.fetch(tree)
-    else:
-        step_fn = make_train_step(config, cfg, steps)
-
-        def to_host(tree):
-            return jax.tree.map(np.asarray, tree)
-    for i in range(int(state.step), micro_steps):
-        state, metrics = step_fn(params, state, sampler.next())
+    def on_step(step: int, state: TrainState, metrics: dict) -> None:
         loss = float(metrics["loss"])
-        check_finite(loss, "fine-tune loss", i + 1)
-        record = {"step": i + 1, "loss": loss, "grad_norm": float(metrics["grad_norm"])}
-        if val is not None and cfg.eval_every > 0 and ((i + 1) % cfg.eval_every == 0 or i + 1 == micro_steps):
+        check_finite(loss, "fine-tune loss", step)
+        record = {"step": step, "loss": loss, "grad_norm": float(metrics["grad_norm"])}
+        if val is not None and cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == micro_steps):
             record["val_loss"] = dataset_loss(config, params, state.lora, val)
             if cfg.keep_best and record["val_loss"] < best[0]:
-                best = (record["val_loss"], to_host(state.lora))
+                best[:] = [record["val_loss"], fetch(state.lora)]
         history.append(record)
         if callback is not None:
-            callback(i + 1, dict(record, sampler=sampler.state(), state=state))
+            callback(step, dict(record, sampler=sampler.state(), state=state))
+
+    state = loops.run(program, params, state, lambda: (sampler.next(),), int(state.step), micro_steps, [on_step])
     final = state.lora
     if cfg.keep_best and best[1] is not None:
         final = jax.tree.map(jnp.asarray, best[1])

@@ -14,6 +14,7 @@ import flexora_jax as fj
 from flexora_jax.bilevel import (InnerState, darts_implicit, hypergradient, inner_step, make_loss_fn,
                                  make_search_step, unroll)
 from flexora_jax.config import SearchConfig
+from flexora_jax.data import BatchSampler
 
 L = 3
 
@@ -180,8 +181,6 @@ def test_adamw_without_eps_root_gives_nan_hypergradient():
 
 
 def test_search_step_compiles_once_and_state_carries_on():
-    from flexora_jax.search import search
-
     cfg = fj.ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=L,
                          num_attention_heads=2)
     params = fj.init_params(cfg, jax.random.key(0), init_std=0.3, head_std=0.5)
@@ -190,12 +189,15 @@ def test_search_step_compiles_once_and_state_carries_on():
             "loss_mask": np.ones((40, 8), np.float32)}
     sc = SearchConfig(inner_steps=2, steps=6, batch_size=4, val_batch_size=4)
     make_search_step.cache_clear()
-    res = search(cfg, params, fj.LoraConfig(r=2), sc, data, data, seed=0)
-    step_fn = make_search_step(cfg, sc)
-    assert step_fn._cache_size() == 1  # six steps, one compiled program
+    res = fj.search(cfg, params, fj.LoraConfig(r=2), sc, data, data, seed=0)
+    sampler = BatchSampler(data, 4)
+    program = fj.loops.compile_step(make_search_step(cfg, sc), fj.loops.default_mesh(),
+                                    (params, res.state, sampler.abstract(2), sampler.abstract()), {2: 1, 3: 0})
+    assert program.fn._cache_size() == 1  # six steps, one compiled program (the loop's, found again)
     assert int(res.state.step) == 6 and len(res.trajectory) == 6
     assert not np.allclose(res.trajectory[0], res.trajectory[-1])
     assert abs(float(np.mean(res.trajectory[-1])) - 1.0) < 1e-5  # L * softmax keeps the mean gate at 1
     # same seed, same gates
-    res2 = search(cfg, params, fj.LoraConfig(r=2), sc, data, data, seed=0)
+    res2 = fj.search(cfg, params, fj.LoraConfig(r=2), sc, data, data, seed=0)
     np.testing.assert_array_equal(np.asarray(res.gates.layer), np.asarray(res2.gates.layer))
+    assert program.fn._cache_size() == 1  # a second search with the same settings reuses the program

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flexora_jax.config import METHODS, RunConfig, load_config, save_config
+from flexora_jax.pipeline.config import METHODS, RunConfig, load_config, save_config
 from flexora_jax.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))

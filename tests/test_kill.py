@@ -16,8 +16,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flexora_jax import pipeline
-from flexora_jax.checkpoint import SAVE_DELAY_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--compare=[]", "--task.planted.num_layers=4", "--task.planted.num_planted=1", "--task.planted.n_train=64",
@@ -37,9 +35,9 @@ def _env(**extra: str) -> dict[str, str]:
 
 def _launch(out: Path, **env: str) -> subprocess.Popen:
     resume = ["--resume"] if (out / "config.yaml").exists() else []
-    return subprocess.Popen([sys.executable, "-m", "flexora_jax.cli", "run", "--quiet", "--output-dir", str(out),
-                             *TINY, *resume], env=_env(**env), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen([sys.executable, str(REPO / "tests" / "fault_cli.py"), "run", "--quiet",
+                             "--output-dir", str(out), *TINY, *resume], env=_env(**env), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
 
 
 def _reached(metrics: Path, stage: str, step: int) -> bool:
@@ -114,7 +112,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes_identically(r
 
 def test_nan_stops_at_its_step_keeps_the_last_good_checkpoint(reference, tmp_path):
     run = tmp_path / "run"
-    proc = _launch(run, **{pipeline.NAN_HOOK_ENV: "finetune_flexora:4"})  # step 5 meets NaN data
+    proc = _launch(run, FAULT_NAN_AFTER="finetune_flexora:4")  # step 5 meets NaN data
     out = " ".join(proc.communicate(timeout=300)[0].decode().split())
     assert proc.returncode == 2, out[-2000:]
     assert "Traceback" not in out and "fine-tune loss is nan at step 5" in out
@@ -142,7 +140,7 @@ def test_sigkill_at_random_points_and_mid_save_then_resume_is_identical(referenc
     _signal_when(proc, lambda: _reached(run / "metrics.jsonl", *points[0]), signal.SIGKILL, f"{points[0]}")
     proc.wait()
     # 2. in the middle of a checkpoint write (files in orbax's temporary directory, not yet renamed)
-    proc = _launch(run, **{SAVE_DELAY_ENV: "3"})
+    proc = _launch(run, FAULT_SAVE_DELAY="3")
     _signal_when(proc, lambda: _saving(run), signal.SIGKILL, "a checkpoint save")
     proc.wait()
     assert _saving(run)  # the half-written checkpoint is left behind

@@ -38,9 +38,9 @@ def test_plan_matches_xla_memory_analysis():
     lora = lambda: init_lora(CONFIG, LORA, jax.random.key(1))  # noqa: E731
     sstate = jax.eval_shape(lambda: init_search_state(lora(), init_gates("layer", 2), search))
     tstate = jax.eval_shape(lambda: init_train_state(lora(), make_optimizer(finetune, 10)))
-    xla_search = _footprint(make_search_step(CONFIG, search).lower(
+    xla_search = _footprint(jax.jit(make_search_step(CONFIG, search), donate_argnums=1).lower(
         params, sstate, _abstract_batch((K, BATCH, SEQ)), _abstract_batch((BATCH, SEQ))).compile())
-    xla_train = _footprint(make_train_step(CONFIG, finetune, 10).lower(
+    xla_train = _footprint(jax.jit(make_train_step(CONFIG, finetune, 10), donate_argnums=1).lower(
         params, tstate, _abstract_batch((BATCH, SEQ))).compile())
     plan = plan_memory(CONFIG, LORA, {}, K, BATCH, SEQ, remat=True)
     assert plan["search"]["total"] == pytest.approx(xla_search, rel=0.25)

@@ -71,7 +71,11 @@ def worker(out_dir: Path) -> None:
     import jax
     from jax.experimental import multihost_utils
 
+    from flexora_jax import loops
     from flexora_jax import sharding as sh
+    from flexora_jax.bilevel import make_search_step
+    from flexora_jax.pipeline.io import write_json, write_text
+    from flexora_jax.train import make_train_step
 
     assert sh.initialize_distributed(), "expected a multi-process run"
     assert jax.process_count() == 2 and jax.local_device_count() == 4 and jax.device_count() == 8
@@ -81,28 +85,30 @@ def worker(out_dir: Path) -> None:
     rows = sh.local_rows(mesh, 8)
     assert rows.stop - rows.start == 4, rows  # each process loads only its half of the global batch
 
-    step = sh.shard_search_step(config, search, mesh, params, sstate, data["train"], data["val"])
+    # the host loop's programs: every process holds the same global batch and feeds only its rows
+    step = loops.compile_step(make_search_step(config, search), mesh, (params, sstate, data["train"], data["val"]),
+                              {2: 1, 3: 0})
     p, s = step.place(params, sstate)
-    tb = step.batch({k: v[:, rows] for k, v in data["train"].items()}, 2)
-    vb = step.batch({k: v[rows] for k, v in data["val"].items()}, 3)
-    tstep = sh.shard_train_step(config, finetune, 10, mesh, params, tstate, data["ft"][0])
+    tb, vb = step.batch(data["train"], 2), step.batch(data["val"], 3)
+    assert tb["input_ids"].addressable_shards[0].data.shape[1] <= rows.stop - rows.start
+    tstep = loops.compile_step(make_train_step(config, finetune, 10), mesh, (params, tstate, data["ft"][0]), {2: 0})
     tp, t = tstep.place(params, tstate)
-    fts = [tstep.batch({k: v[rows] for k, v in b.items()}, 2) for b in data["ft"]]
+    fts = [tstep.batch(b, 2) for b in data["ft"]]
     # Compile both programs first, then meet: a process still compiling would leave its peer waiting in a
     # gloo collective, which times out on a loaded machine.
     search_exec = step.lower(p, s, tb, vb).compile()
-    train_exec = tstep.lower(tp, t, fts[0], None).compile()
+    train_exec = tstep.lower(tp, t, fts[0]).compile()
     multihost_utils.sync_global_devices("compiled")
 
     s, metrics = search_exec(p, s, tb, vb)
     losses = []
     for b in fts:
-        t, m = train_exec(tp, t, b, None)
+        t, m = train_exec(tp, t, b)
         losses.append(float(sh.fetch(m["loss"])))
     result = _summary(metrics, s, losses, t, sh.fetch)
     result["process"] = jax.process_index()
-    sh.write_on_main(out_dir / "result.json", result)
-    sh.write_on_main(out_dir / f"written_by_{jax.process_index()}.txt", "ok\n")
+    write_json(out_dir / "result.json", result)
+    write_text(out_dir / f"written_by_{jax.process_index()}.txt", "ok\n")
     jax.distributed.shutdown()
 
 
@@ -147,8 +153,8 @@ def test_two_processes_match_single_process(tmp_path):
 
     config, lora_cfg, search, finetune, params, data = _setup()
     sstate, tstate = _states(config, lora_cfg, search, finetune)
-    sstate, metrics = make_search_step(config, search)(params, sstate, data["train"], data["val"])
-    train = make_train_step(config, finetune, 10)
+    sstate, metrics = jax.jit(make_search_step(config, search))(params, sstate, data["train"], data["val"])
+    train = jax.jit(make_train_step(config, finetune, 10))
     losses = []
     for b in data["ft"]:
         tstate, m = train(params, tstate, b)

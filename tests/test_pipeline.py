@@ -13,8 +13,9 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from flexora_jax import pipeline
-from flexora_jax.config import RunConfig
+from flexora_jax.pipeline import methods
+from flexora_jax.pipeline.config import RunConfig
+from flexora_jax.pipeline.workspace import prepare
 from flexora_jax.errors import ConfigError
 from flexora_jax.selection import Selection
 
@@ -24,24 +25,24 @@ REPO = Path(__file__).resolve().parents[1]
 def test_a_fresh_run_refuses_an_existing_run_dir(tmp_path):
     (tmp_path / "config.yaml").write_text("seed: 0\n")
     with pytest.raises(ConfigError, match="--resume"):
-        pipeline.prepare(RunConfig(output_dir=str(tmp_path)))
+        prepare(RunConfig(output_dir=str(tmp_path)))
     with pytest.raises(ConfigError, match=r"seed: 0 -> 1"):
-        pipeline.prepare(RunConfig(output_dir=str(tmp_path), seed=1), resume=True)
+        prepare(RunConfig(output_dir=str(tmp_path), seed=1), resume=True)
 
 
 def test_baseline_selections():
     cfg = RunConfig(compare=("lora", "random_k", "lora_drop"))
     ws = SimpleNamespace(config=cfg, num_layers=6)
     flex = Selection(layers=(1, 4), ranks=None, lora_config=cfg.lora)
-    searches = {"layer": pipeline.SearchOutcome("layer", {}, flex)}
-    assert pipeline.needed_searches(cfg) == ["layer"]
-    assert pipeline.method_selection(ws, "lora", searches).layers == tuple(range(6))
-    assert pipeline.method_selection(ws, "lora_drop", searches).layers == (4, 5)
-    rk = pipeline.method_selection(ws, "random_k", searches)
+    searches = {"layer": methods.SearchOutcome("layer", {}, flex)}
+    assert methods.needed_searches(cfg) == ["layer"]
+    assert methods.method_selection(ws, "lora", searches).layers == tuple(range(6))
+    assert methods.method_selection(ws, "lora_drop", searches).layers == (4, 5)
+    rk = methods.method_selection(ws, "random_k", searches)
     assert len(rk.layers) == 2 and rk.lora_config.layers_to_transform == rk.layers
-    assert pipeline.method_selection(ws, "random_k", searches).layers == rk.layers  # seeded
-    assert pipeline.needed_searches(RunConfig(method="lora", compare=("lora_drop",), baseline_k=3)) == []
-    assert pipeline.needed_searches(RunConfig(method="flexora+autolora", compare=("autolora",))) == ["both", "rank"]
+    assert methods.method_selection(ws, "random_k", searches).layers == rk.layers  # seeded
+    assert methods.needed_searches(RunConfig(method="lora", compare=("lora_drop",), baseline_k=3)) == []
+    assert methods.needed_searches(RunConfig(method="flexora+autolora", compare=("autolora",))) == ["both", "rank"]
 
 
 def test_equal_parameter_baselines_match_the_parameter_counts():
@@ -50,19 +51,19 @@ def test_equal_parameter_baselines_match_the_parameter_counts():
 
     lc = LoraConfig(r=8, lora_alpha=16.0)
     cfg = RunConfig(lora=lc, compare=("lora", "lora_lowrank", "flexora_highrank"), baseline_k=3)
-    assert pipeline.needed_searches(cfg) == ["layer"]  # highrank needs flexora's layers even with baseline_k
+    assert methods.needed_searches(cfg) == ["layer"]  # highrank needs flexora's layers even with baseline_k
     ws = SimpleNamespace(config=cfg, num_layers=6)
     flex = Selection(layers=(1, 4), ranks=None, lora_config=dataclasses.replace(lc, layers_to_transform=(1, 4)))
-    searches = {"layer": pipeline.SearchOutcome("layer", {}, flex)}
-    low = pipeline.method_selection(ws, "lora_lowrank", searches)
+    searches = {"layer": methods.SearchOutcome("layer", {}, flex)}
+    low = methods.method_selection(ws, "lora_lowrank", searches)
     assert low.layers == tuple(range(6)) and low.lora_config.layers_to_transform is None
     assert low.lora_config.r == 4 and low.lora_config.lora_alpha == 8.0  # round(8 * 3 / 6); alpha / r kept
-    high = pipeline.method_selection(ws, "flexora_highrank", searches)
+    high = methods.method_selection(ws, "flexora_highrank", searches)
     assert high.layers == (1, 4) and high.lora_config.layers_to_transform == (1, 4)
     assert high.lora_config.r == 24 and high.lora_config.lora_alpha == 48.0  # round(8 * 6 / 2)
     assert 2 * high.lora_config.r == 6 * lc.r  # same parameter count as every layer at r
     with pytest.raises(ConfigError, match="rank_pattern"):
-        pipeline.method_selection(SimpleNamespace(config=dataclasses.replace(
+        methods.method_selection(SimpleNamespace(config=dataclasses.replace(
             cfg, lora=dataclasses.replace(lc, rank_pattern={"q_proj": 2})), num_layers=6), "lora_lowrank", searches)
 
 

@@ -21,8 +21,11 @@ import numpy as np
 import pytest
 
 from flexora_jax import pipeline
+from flexora_jax.pipeline.io import RunLog
+from flexora_jax.pipeline.workspace import prepare, run_mesh
 from flexora_jax import sharding as sh
-from flexora_jax.config import MeshConfig, RunConfig, load_config
+from flexora_jax.config import MeshConfig
+from flexora_jax.pipeline.config import RunConfig, load_config
 from flexora_jax.errors import ConfigError
 
 # Tiny and compile-light (cold compile dominates: 4 layers, K=2, no compared method): ~25 s warm, ~105 s
@@ -64,19 +67,19 @@ def test_run_on_mesh_equals_single_device(tmp_path, monkeypatch):
     for f in ("gates.json", "eval.json", "compare.json"):
         _close(read(sharded, f), read(single, f), f)
     # the fine-tune really ran sharded: its logged losses match, step by step
-    losses = {d: [r["loss"] for r in pipeline.RunLog(d).records("finetune_flexora")] for d in (single, sharded)}
+    losses = {d: [r["loss"] for r in RunLog(d).records("finetune_flexora")] for d in (single, sharded)}
     assert len(losses[single]) == 10
     np.testing.assert_allclose(losses[sharded], losses[single], rtol=RTOL)
 
 
 def test_run_mesh_placement(tmp_path):
-    """prepare() puts the base params on the run's mesh (1-device meshes keep the plain path)."""
-    ws = pipeline.prepare(load_config(None, [*TINY, f"--output_dir={tmp_path / 'a'}", "--mesh.fsdp=4",
+    """prepare() puts the base params on the run's mesh (one device: a one-device mesh, the same loop)."""
+    ws = prepare(load_config(None, [*TINY, f"--output_dir={tmp_path / 'a'}", "--mesh.fsdp=4",
                                              "--mesh.data=2"]))
     assert dict(ws.mesh.shape) == {"data": 2, "fsdp": 4, "model": 1}
     kernel = ws.params["layers"]["q_proj"]["kernel"]
     assert kernel.sharding.mesh.shape == ws.mesh.shape and not kernel.sharding.is_fully_replicated
-    assert pipeline.run_mesh(RunConfig(mesh=MeshConfig(fsdp=1, num_devices=1))) is None
+    assert run_mesh(RunConfig(mesh=MeshConfig(fsdp=1, num_devices=1))).size == 1
     assert sh.make_mesh(MeshConfig(model=2, num_devices=2)).devices.size == 2
 
 

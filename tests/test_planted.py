@@ -9,7 +9,7 @@ import pytest
 import flexora_jax as fj
 from flexora_jax.config import SearchConfig
 from flexora_jax.planted import PlantedConfig, make_planted_task
-from flexora_jax.search import search
+from flexora_jax.bilevel import search
 
 SEEDS = range(5)
 
@@ -77,11 +77,12 @@ def test_autolora_darts_search_gives_high_rank_modules_higher_ranks():
     mass spread, so q_proj must get the higher selected ranks (averaged over seeds and planted
     layers; single seeds are noisy, as the AutoLoRA paper's own rank patterns are).
     """
-    sc = SearchConfig(gates="rank", hypergradient="darts", inner_steps=1, steps=40, outer_lr=0.05)
+    sc = SearchConfig(hypergradient="darts", inner_steps=1, steps=40, outer_lr=0.05)
     high, low = [], []
     for seed in range(4):
         t = make_planted_task(PlantedConfig(seed=seed, planted_rank=8, planted_ranks={"q_proj": 8, "v_proj": 1}))
-        res = search(t.config, t.params, fj.LoraConfig(r=8, lora_alpha=8.0), sc, t.train, t.val, seed=seed)
+        res = search(t.config, t.params, fj.LoraConfig(r=8, lora_alpha=8.0), sc, t.train, t.val, gates="rank",
+                     seed=seed)
         ranks = res.selection.ranks
         assert all(1 <= r <= 8 for rs in ranks.values() for r in rs)
         high += [ranks["q_proj"][i] for i in t.planted_layers]

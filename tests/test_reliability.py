@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from flexora_jax import cli, pipeline
-from flexora_jax.config import RunConfig, load_config, save_config
+from flexora_jax.pipeline.config import RunConfig, load_config, save_config
+from flexora_jax.pipeline.workspace import prepare
 from flexora_jax.errors import CheckpointError, ConfigError, DataError, FlexoraError
 
 PIQA_POOL = 900  # piqa is re-split from one labelled file: 338 validation + 500 test + the rest for training
@@ -134,7 +135,8 @@ CONFIG_CASES = [
     E(["--finetune.lr=100"], ConfigError, ["finetune.lr", "(0, 10)", "100"], id="finetune-lr"),
     E(["--finetune.batch_size=0"], ConfigError, ["finetune.batch_size", ">= 1"], id="batch-zero"),
     E(["--search.hypergradient=magic"], ConfigError, ["search.hypergradient", "magic", "unrolled"], id="estimator"),
-    E(["--search.selection=topk"], ConfigError, ["topk", "top_k >= 1"], id="topk-without-k"),
+    E(["--selection.rule=top_k"], ConfigError, ["selection.rule", "top_k >= 1"], id="top-k-without-k"),
+    E(["--selection.rule=topk"], ConfigError, ["selection.rule", "topk", "top_k"], id="one-spelling"),
     E(["--lora.layers_to_transform=[-1]"], ConfigError, ["layers_to_transform", "negative"], id="layer-negative"),
     E(["--lora.layers_to_transform=[9]"], ConfigError, ["layers_to_transform", "[9]", "6 layers", "0..5"],
       id="layer-out-of-range"),
@@ -143,7 +145,7 @@ CONFIG_CASES = [
     E(["--compare=[lora,bogus]"], ConfigError, ["compare", "bogus", "allowed"], id="compare"),
     E(["--seed=abc"], ConfigError, ["seed", "abc"], id="seed-type"),
     E(["--checkpoint.keep=0"], ConfigError, ["checkpoint.keep", ">= 1"], id="keep-zero"),
-    E(["--search.gates=rank"], ConfigError, ["search.gates", "per method"], id="gates-per-method"),
+    E(["--search.gates=rank"], ConfigError, ["unknown key", "search.gates"], id="gates-per-method"),
     E(["--task.name=piqa"], ConfigError, ["needs a base model", "model.path"], id="task-without-model"),
     E(["--model.path=/m", "--model.llama2c=/c", "--model.tokenizer_model=/t"], ConfigError, ["exclusive"],
       id="two-models"),
@@ -211,7 +213,7 @@ def test_run_dir_misuse(existing_run, tmp_path, capsys):
     _assert_cli_fails(["run", "--resume", "--output-dir", str(tmp_path / "fresh")], ["--resume", "holds no run"],
                       capsys)
     assert not (tmp_path / "fresh" / "config.yaml").exists()
-    _assert_api_fails(lambda: pipeline.prepare(RunConfig(output_dir=str(tmp_path / "fresh2")), resume=True),
+    _assert_api_fails(lambda: prepare(RunConfig(output_dir=str(tmp_path / "fresh2")), resume=True),
                       ConfigError, ["holds no run"])
     # an override that is not --key=value
     _assert_cli_fails(["run", "--output-dir", str(existing_run), "--lora.r"], ["--section.key=value"], capsys)
@@ -248,7 +250,7 @@ def test_bad_task_data(kind, keywords, tinystories_dir, tmp_path, existing_run, 
     assert not (out / "config.yaml").exists()  # a failed fresh run leaves no half-made run behind
     args = _task_args(tinystories_dir, data, tmp_path / "out-api", *extra)
     config = load_config(overrides=[f"--output_dir={args[1]}", *args[2:]])
-    _assert_api_fails(lambda: pipeline.prepare(config), DataError, keywords)
+    _assert_api_fails(lambda: prepare(config), DataError, keywords)
     assert _snapshot(existing_run) == before
 
 
@@ -275,7 +277,7 @@ def test_bad_model_checkpoints(kind, exc_type, keywords, tinystories_dir, data_d
     _assert_cli_fails(["run", "--quiet", *_task_args(model, data_dir, out)], keywords, capsys)
     args = _task_args(model, data_dir, tmp_path / "out-api")
     config = load_config(overrides=[f"--output_dir={args[1]}", *args[2:]])
-    _assert_api_fails(lambda: pipeline.prepare(config), exc_type, keywords)
+    _assert_api_fails(lambda: prepare(config), exc_type, keywords)
     assert _snapshot(existing_run) == before
 
 

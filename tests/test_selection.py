@@ -13,12 +13,34 @@ from flexora_jax.selection import select, select_layers, select_ranks
 def test_layer_rules():
     g = fj.Gates(layer=jnp.array([0.3, -0.1, 0.0, 1.2, -2.0, 0.05]))
     assert select_layers(g) == (0, 3, 5)  # alpha > 0: above the mean gate
-    assert select_layers(g, "topk", k=2) == (0, 3)
+    assert select_layers(g, "top_k", k=2) == (0, 3)
     w = 6 * np.exp(g.layer) / np.exp(g.layer).sum()
     assert select_layers(g, "threshold", threshold=1.5) == tuple(int(i) for i in np.flatnonzero(w >= 1.5))
     assert select_layers(fj.Gates(layer=jnp.zeros(4) - 1.0)) == (0,)  # never empty
-    with pytest.raises(ValueError, match="1 <= k <= 6"):
-        select_layers(g, "topk", k=7)
+    with pytest.raises(fj.ConfigError, match="1 <= k <= 6"):
+        select_layers(g, "top_k", k=7)
+    with pytest.raises(fj.ConfigError, match="topk"):
+        select_layers(g, "topk", k=2)  # one spelling of the rule: top_k
+
+
+def test_threshold_judges_the_gate_the_model_applies_at_power_3():
+    """gates.json and the model use w = (L softmax(alpha)) ** power: the threshold must too."""
+    alpha = jnp.array([0.3, -0.1, 0.0, 0.25, -2.0, 0.05])
+    g = fj.Gates(layer=alpha, power=3)
+    applied = np.asarray(fj.layer_gate_values(g, 6))
+    base = 6 * np.exp(alpha) / np.exp(alpha).sum()
+    np.testing.assert_allclose(applied, base ** 3, rtol=1e-5)
+    # 1.4 lies between base and base ** 3 for layers 0 and 3: only the applied value keeps them
+    assert select_layers(g, "threshold", threshold=1.4) == tuple(int(i) for i in np.flatnonzero(applied >= 1.4))
+    assert select_layers(g, "threshold", threshold=1.4) == (0, 3)
+    assert select_layers(fj.Gates(layer=alpha, power=1), "threshold", threshold=1.4) == (0,)
+
+
+def test_non_finite_gates_are_refused():
+    with pytest.raises(fj.NumericsError, match="not finite"):
+        select_layers(fj.Gates(layer=jnp.array([0.1, jnp.nan, 0.2])))
+    with pytest.raises(fj.NumericsError, match="q_proj"):
+        select_ranks(fj.Gates(rank={"q_proj": jnp.full((2, 4), jnp.inf)}))
 
 
 def test_rank_rule_counts_components_above_uniform():

@@ -57,26 +57,18 @@ def _records(n: int) -> list[MCRecord]:
             for i in range(n)]
 
 
-def test_bucketed_batches_have_few_fixed_shapes_and_cover_every_example(tokenizer):
+def test_pad_dataset_gives_fixed_shape_arrays(tokenizer):
     ds = sft.sft_dataset(_records(37), tokenizer, max_length=64)
-    buckets = sft.length_buckets(64, min_length=8)
-    assert buckets == (8, 16, 32, 64)
-    out = list(sft.batches(ds, batch_size=4, buckets=buckets, seed=1))
-    shapes = {b["input_ids"].shape for b in out}
-    assert shapes <= {(4, n) for n in buckets} and len(shapes) <= len(buckets)
-    for b in out:
-        assert b["input_ids"].dtype == np.int32 and b["attention_mask"].dtype == np.int32
-        assert b["loss_mask"].dtype == np.float32
-        assert np.all(b["loss_mask"] <= b["attention_mask"]) and np.all(b["loss_mask"][:, 0] == 0)
-    rows = [tuple(r[m == 1]) for b in out for r, m in zip(b["input_ids"], b["attention_mask"]) if m.any()]
-    expected = [tuple(x) for x in ds["input_ids"]]
-    assert sorted(rows) == sorted(expected)  # each example exactly once
-    again = list(sft.batches(ds, batch_size=4, buckets=buckets, seed=1))
-    assert all(np.array_equal(a["input_ids"], b["input_ids"]) for a, b in zip(out, again))
-    other = list(sft.batches(ds, batch_size=4, buckets=buckets, seed=2))
-    assert not all(np.array_equal(a["input_ids"], b["input_ids"]) for a, b in zip(out, other))
-    dropped = list(sft.batches(ds, batch_size=4, buckets=buckets, seed=1, drop_last=True))
-    assert all(b["attention_mask"].any(axis=1).all() for b in dropped)
+    out = sft.pad_dataset(ds, multiple=16)
+    n, width = out["input_ids"].shape
+    assert n == 37 and width % 16 == 0 and width >= max(len(x) for x in ds["input_ids"])
+    assert out["input_ids"].dtype == np.int32 and out["attention_mask"].dtype == np.int32
+    assert out["loss_mask"].dtype == np.float32
+    assert np.all(out["loss_mask"] <= out["attention_mask"]) and np.all(out["loss_mask"][:, 0] == 0)
+    rows = [tuple(r[m == 1]) for r, m in zip(out["input_ids"], out["attention_mask"])]
+    assert rows == [tuple(x) for x in ds["input_ids"]]  # each example once, in order
+    with pytest.raises(DataError, match="no examples"):
+        sft.pad_dataset(ds.select([]), "empty split")
 
 
 @requires_data
@@ -84,10 +76,10 @@ def test_sft_pipeline_on_real_piqa(tokenizer):
     records = tasks.load_records("piqa", "train", data_dir=DATA_DIR)[:64]
     ds = sft.sft_dataset(records, tokenizer, max_length=512)
     assert len(ds) == 64 and set(ds.column_names) >= {"input_ids", "loss_mask", "length", "truncated"}
-    batch = next(sft.batches(ds, batch_size=8, buckets=sft.length_buckets(512)))
+    batch = sft.pad_dataset(ds)
     row = int(np.argmax(batch["attention_mask"].sum(1)))
     answer = tokenizer.decode(batch["input_ids"][row][batch["loss_mask"][row] == 1])
-    assert answer.strip() and batch["input_ids"].shape[1] in sft.length_buckets(512)
+    assert answer.strip() and batch["input_ids"].shape[1] <= 512
 
 
 def test_empty_inputs_raise(tokenizer):

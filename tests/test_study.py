@@ -6,14 +6,14 @@ import json
 
 import yaml
 
-from flexora_jax.study import aggregate, load_plan, main
+from flexora_jax.pipeline.study import aggregate, load_plan, main
 
 
 def test_study_smoke(tmp_path):
     plan = tmp_path / "plan.yaml"
     plan.write_text(yaml.safe_dump({"experiments": [{
         "name": "tiny", "seeds": [0, 1], "overrides": ["--compare=[lora,random_k]", "--mesh.num_devices=1"],
-        "variants": {"top1": ["--search.selection=topk", "--search.top_k=1"]}}]}))
+        "variants": {"top1": ["--selection.rule=top_k", "--selection.top_k=1"]}}]}))
     out = tmp_path / "out"
     assert main([str(plan), "--out", str(out), "--smoke"]) == 0
     result = json.loads((out / "results.json").read_text())
@@ -42,7 +42,7 @@ def test_committed_study_plans_parse():
 def test_rank_correlation_against_planted_ranks():
     import math
 
-    from flexora_jax.study import rank_correlation
+    from flexora_jax.pipeline.study import rank_correlation
 
     planted = {"layers": [1, 2], "ranks": {"q_proj": 8, "v_proj": 1}, "num_layers": 3}
     path = "model.layers.{}.self_attn.{}".format
@@ -59,7 +59,7 @@ def test_rank_correlation_against_planted_ranks():
 
 
 def test_rank_by_planted_means_per_planted_rank():
-    from flexora_jax.study import rank_by_planted
+    from flexora_jax.pipeline.study import rank_by_planted
 
     planted = {"layers": [1], "ranks": {"q_proj": 8, "v_proj": 1}, "num_layers": 2}
     path = "model.layers.{}.self_attn.{}".format
@@ -79,7 +79,7 @@ def test_effectiveness_doc_is_rendered_from_its_json():
 
 def test_undefined_values_left_out_of_mean_and_marked():
     """A NaN rank correlation on one seed must not turn the mean into NaN; the table says so."""
-    from flexora_jax.study import _mean_std, render_markdown
+    from flexora_jax.pipeline.study import _mean_std, render_markdown
 
     rc = _mean_std([0.5, float("nan"), 0.7])
     assert rc["n"] == 2 and abs(rc["mean"] - 0.6) < 1e-12

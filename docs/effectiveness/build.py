@@ -2,9 +2,9 @@
 
     python docs/effectiveness/build.py [--planted STUDY_DIR] [--real STUDY_DIR]
 
-With a study output directory (``python -m flexora_jax.study PLAN --out STUDY_DIR``), its experiments are
+With a study output directory (``python -m flexora_jax.pipeline.study PLAN --out STUDY_DIR``), its experiments are
 aggregated and merged into ``planted.json`` / ``real.json`` first (experiments not in the directory are
-kept). Every ``{TABLE:experiment}`` of the template becomes ``flexora_jax.study.render_markdown``'s
+kept). Every ``{TABLE:experiment}`` of the template becomes ``flexora_jax.pipeline.study.render_markdown``'s
 table of that experiment, so every number in the write-up comes from a JSON file here.
 """
 
@@ -19,7 +19,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parents[1]))
 
-from flexora_jax.study import aggregate, render_markdown  # noqa: E402
+from flexora_jax.pipeline.study import aggregate, render_markdown  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

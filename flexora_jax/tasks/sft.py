@@ -1,4 +1,4 @@
-"""SFT formatting: prompt + gold answer, loss on the answer tokens only, length-bucketed batches.
+"""SFT formatting: prompt + gold answer, loss on the answer tokens only, padded fixed-shape arrays.
 
 A training example is the gold request of an :class:`~flexora_jax.tasks.formats.MCRecord`
 (``record.sft_pair()``): the prompt lm-eval would score and the continuation it would score, so
@@ -7,12 +7,10 @@ the answer's tokens are ``encode(prompt + answer)[len(encode(prompt)):]`` after 
 prompt's trailing whitespace onto the answer. Examples longer than ``max_length`` lose tokens from
 the *left* (the start of the prompt), as lm-eval truncates, and are counted in ``truncated``.
 
-Batches are padded to a few lengths (powers of two up to ``max_length``) and a fixed batch size,
-so a jitted train step compiles one program per bucket, not one per batch. The pipeline is plain
-``datasets``: ``Dataset.map`` tokenises, ``Dataset.shuffle(seed)`` orders, ``with_format("numpy")``
-hands arrays over.
+:func:`pad_dataset` right pads a split to one width (a multiple of 16), so a jitted step compiles one
+program per run. The pipeline is plain ``datasets``: ``Dataset.map`` tokenises.
 
-Batch layout (all ``[batch, seq]``, right padded):
+Array layout (all ``[batch, seq]``, right padded):
   ``input_ids`` int32; ``attention_mask`` int32, 1 on real tokens;
   ``loss_mask`` float32, ``loss_mask[b, t] = 1`` where ``input_ids[b, t]`` is an answer token to be
   predicted, i.e. the loss term at ``t`` is ``-log p(input_ids[b, t] | input_ids[b, :t])``, read from
@@ -21,7 +19,8 @@ Batch layout (all ``[batch, seq]``, right padded):
 
 from __future__ import annotations
 
-from typing import Any, Iterator, Sequence
+import math
+from typing import Any, Sequence
 
 import datasets
 import numpy as np
@@ -108,35 +107,20 @@ def bucket_of(length: int, buckets: Sequence[int]) -> int:
     raise DataError(f"sequence of {length} tokens exceeds the largest bucket {buckets[-1]}")
 
 
-def batches(dataset: datasets.Dataset, batch_size: int, buckets: Sequence[int], seed: int = 0,
-            shuffle: bool = True, pad_id: int = 0, drop_last: bool = False) -> Iterator[dict[str, np.ndarray]]:
-    """One pass over a tokenised dataset in length-bucketed, fixed-size batches.
+def pad_dataset(dataset: datasets.Dataset, what: str = "dataset", multiple: int = 16) -> dict[str, np.ndarray]:
+    """A tokenised SFT dataset -> fixed-shape arrays, right padded to a multiple of ``multiple`` tokens.
 
-    Examples are shuffled with ``seed`` (``Dataset.shuffle``), grouped by bucket, cut into batches
-    of ``batch_size`` and the batch order shuffled again, so each batch is one of
-    ``len(buckets)`` shapes ``[batch_size, bucket]``. A bucket's last, short batch is filled with
-    empty rows (all masks 0) unless ``drop_last``. See the module docstring for the layout.
+    ``input_ids`` / ``attention_mask`` int32 and ``loss_mask`` float32, all ``[n, width]``: what the
+    search and the fine-tune draw batches from (one compiled shape per run).
     """
-    if len(dataset) == 0:
-        raise DataError("batches: the dataset is empty; expected at least one example")
-    ds = dataset.shuffle(seed=seed) if shuffle else dataset
-    ds = ds.with_format("numpy", columns=["input_ids", "loss_mask", "length"])
-    lengths = np.asarray(ds["length"])
-    sizes = np.array([bucket_of(int(n), buckets) for n in lengths])
-    groups = []
-    for size in sorted(set(sizes.tolist())):
-        idx = np.flatnonzero(sizes == size)
-        stop = len(idx) - len(idx) % batch_size if drop_last else len(idx)
-        groups += [(size, idx[i:i + batch_size]) for i in range(0, stop, batch_size)]
-    order = np.random.default_rng(seed).permutation(len(groups)) if shuffle else np.arange(len(groups))
-    for g in order:
-        size, idx = groups[g]
-        rows = ds[idx]
-        input_ids = np.full((batch_size, size), pad_id, np.int32)
-        attention = np.zeros((batch_size, size), np.int32)
-        loss_mask = np.zeros((batch_size, size), np.float32)
-        for i, (ids, mask) in enumerate(zip(rows["input_ids"], rows["loss_mask"])):
-            input_ids[i, :len(ids)] = ids
-            attention[i, :len(ids)] = 1
-            loss_mask[i, :len(ids)] = mask
-        yield {"input_ids": input_ids, "attention_mask": attention, "loss_mask": loss_mask}
+    ids, masks = dataset["input_ids"], dataset["loss_mask"]
+    if not ids:
+        raise DataError(f"{what}: no examples after tokenisation")
+    width = int(math.ceil(max(len(x) for x in ids) / multiple) * multiple)
+    out = {"input_ids": np.zeros((len(ids), width), np.int32), "attention_mask": np.zeros((len(ids), width), np.int32),
+           "loss_mask": np.zeros((len(ids), width), np.float32)}
+    for i, (x, m) in enumerate(zip(ids, masks)):
+        out["input_ids"][i, :len(x)] = x
+        out["attention_mask"][i, :len(x)] = 1
+        out["loss_mask"][i, :len(m)] = m
+    return out

@@ -9,7 +9,7 @@ held-out loss, accuracy, trainable parameters, wall time, precision / recall of 
 layers against the planted ones and, for rank-selecting methods, the rank correlation of the selected
 ranks with the planted ones) and a markdown table per experiment.
 
-    python -m flexora_jax.study configs/study/planted.yaml --out study/planted [--smoke]
+    python -m flexora_jax.pipeline.study configs/study/planted.yaml --out study/planted [--smoke]
 """
 
 from __future__ import annotations
@@ -24,8 +24,13 @@ from typing import Any
 
 import numpy as np
 import yaml
+from scipy.stats import spearmanr
 
+from flexora_jax import fileio
 from flexora_jax.errors import ConfigError, FlexoraError
+from flexora_jax.pipeline.config import load_config
+from flexora_jax.pipeline.methods import method_dirname
+from flexora_jax.pipeline.stages import run
 
 SMOKE_OVERRIDES = ["--search.steps=3", "--finetune.max_steps=5", "--task.planted.n_train=64",
                    "--task.planted.n_val=32", "--task.planted.n_test=32", "--task.planted.finetune_examples=32",
@@ -63,9 +68,6 @@ def load_plan(path: str | Path) -> dict[str, Any]:
 
 def run_plan(plan_path: str | Path, out: str | Path, smoke: bool = False, only: str | None = None) -> dict[str, Any]:
     """Run every missing run of the plan (resumable), then aggregate; returns the aggregate."""
-    from flexora_jax.config import load_config
-    from flexora_jax.pipeline import run
-
     plan = load_plan(plan_path)
     out = Path(out).resolve()
     for e in plan["experiments"]:
@@ -85,8 +87,8 @@ def run_plan(plan_path: str | Path, out: str | Path, smoke: bool = False, only: 
                 run(config, resume=run_dir.exists())
                 print(f"[study] {e['name']}/{variant}/seed{seed}: {time.perf_counter() - t0:.1f} s", flush=True)
     result = aggregate(out)
-    (out / "results.json").write_text(json.dumps(result, indent=2) + "\n")
-    (out / "results.md").write_text(render_markdown(result))
+    fileio.write_json(out / "results.json", result)
+    fileio.write_bytes(out / "results.md", render_markdown(result))
     return result
 
 
@@ -127,8 +129,6 @@ def rank_correlation(selected: dict[str, int], planted: dict[str, Any], num_laye
     slot meaning rank 0; the planted rank of a slot is ``planted["ranks"][module]`` in a planted layer
     and 0 elsewhere. NaN when either side is constant (no ranking to correlate).
     """
-    from scipy.stats import spearmanr
-
     truth, chosen = _rank_slots(selected, planted, num_layers)
     if len(set(truth)) < 2 or len(set(chosen)) < 2:
         return float("nan")
@@ -141,8 +141,6 @@ def _read(path: Path) -> Any:
 
 def aggregate(out: str | Path) -> dict[str, Any]:
     """``{experiment: {variant: {method: {metric: {mean, std, n}}}}}`` from finished run directories."""
-    from flexora_jax.pipeline import method_dirname
-
     out = Path(out)
     result: dict[str, Any] = {}
     for compare in sorted(out.glob("*/*/seed*/compare.json")):
@@ -218,7 +216,7 @@ def render_markdown(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flexora_jax.study", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m flexora_jax.pipeline.study", description=__doc__.split("\n\n")[0])
     parser.add_argument("plan", help="study plan YAML (configs/study/*.yaml)")
     parser.add_argument("--out", required=True, help="results directory (one run directory per run)")
     parser.add_argument("--smoke", action="store_true", help="one seed, tiny sizes: checks the plan runs")
@@ -227,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         result = run_plan(args.plan, args.out, smoke=args.smoke, only=args.only)
     except FlexoraError as exc:
-        print(f"flexora_jax.study: {exc}", file=sys.stderr)
+        print(f"flexora_jax.pipeline.study: {exc}", file=sys.stderr)
         return 2
     print(render_markdown(result))
     return 0

@@ -8,9 +8,13 @@ the part after the resume.
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
+
+from flexora_jax import fileio
+from flexora_jax.pipeline.config import RunConfig, config_to_dict
+from flexora_jax.pipeline.methods import method_dirname
+from flexora_jax.sharding import is_main_process
 
 
 def _read(path: Path) -> Any:
@@ -57,10 +61,8 @@ def plot_gates(run_dir: Path, out: Path, planted: list[int] | None = None) -> bo
         ax.set_axis_off()
     ax.set_title("Flexora layer gates during the search")
     fig.tight_layout()
-    tmp = out.with_name(out.name + ".tmp")
-    fig.savefig(tmp, format="png")
+    fileio.write_with(out, lambda tmp: fig.savefig(tmp, format="png"))
     plt.close(fig)
-    os.replace(tmp, out)
     return bool(traj)
 
 
@@ -104,7 +106,7 @@ def render(run_dir: Path, config: dict[str, Any], timings: dict[str, float] | No
     if planted is not None:
         lines.append(f"| *planted (truth)* | {planted['layers']} | {planted['ranks']} | |")
     for m in methods:
-        sel = _read(run_dir / "methods" / m.replace("+", "_") / "selection.json") or {}
+        sel = _read(run_dir / "methods" / method_dirname(m) / "selection.json") or {}
         lines.append(f"| {m} | {sel.get('layers')} | {sel.get('ranks') or '-'} | {sel.get('trainable_params')} |")
     if planted is not None:
         flex = _read(run_dir / "searches" / "layer" / "selection.json")
@@ -139,13 +141,10 @@ def render(run_dir: Path, config: dict[str, Any], timings: dict[str, float] | No
     return "\n".join(lines) + "\n"
 
 
-def write_report(ws: Any) -> None:
-    """Write ``gates.png`` and ``report.md`` of a pipeline workspace (process 0 only)."""
-    from flexora_jax.config import config_to_dict
-    from flexora_jax.pipeline import is_main_process, write_text
-
+def write_report(run_dir: Path, config: RunConfig, timings: dict[str, float] | None = None) -> None:
+    """Write ``gates.png`` and ``report.md`` of a run directory (process 0 only)."""
     if not is_main_process():
         return
-    planted = _read(ws.run_dir / "planted.json")
-    plot_gates(ws.run_dir, ws.run_dir / "gates.png", planted["layers"] if planted else None)
-    write_text(ws.run_dir / "report.md", render(ws.run_dir, config_to_dict(ws.config), ws.timings))
+    planted = _read(run_dir / "planted.json")
+    plot_gates(run_dir, run_dir / "gates.png", planted["layers"] if planted else None)
+    fileio.write_bytes(run_dir / "report.md", render(run_dir, config_to_dict(config), timings))

@@ -1,0 +1,12 @@
+"""The ``flexora-jax`` command as a package: run config and YAML loader (``config``), the run directory's
+side effects (``io``), the workspace (``workspace``), the compared methods (``methods``), the stages and
+the whole run (``stages``), ``report.md`` (``report``) and the effectiveness study (``study``).
+
+The library below never imports this package.
+"""
+
+from flexora_jax.pipeline.config import RunConfig, load_config, save_config
+from flexora_jax.pipeline.io import Interrupted
+from flexora_jax.pipeline.stages import RunResult, run, run_stage
+
+__all__ = ["Interrupted", "RunConfig", "RunResult", "load_config", "run", "run_stage", "save_config"]

@@ -1,0 +1,136 @@
+"""The run's side effects: process-0 file writes, the run log, progress bars and signals.
+
+Every file of a run directory is written atomically (:mod:`flexora_jax.fileio`) and only by process 0;
+every process takes part in the computation. ``metrics.jsonl`` is the run log: one JSON object per
+logged step or event, truncated back to the checkpoint a resumed stage continues from. SIGTERM /
+SIGINT set a flag that the stages check after each step (they save and raise :class:`Interrupted`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Any, Iterator
+
+from tqdm.auto import tqdm
+
+from flexora_jax import fileio
+from flexora_jax.errors import DataError, FlexoraError
+from flexora_jax.sharding import is_main_process
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class Interrupted(FlexoraError):
+    """SIGTERM / SIGINT arrived: the current stage saved a checkpoint; rerun with ``--resume``."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.signum = signum
+
+
+# ------------------------------------------------------------------------------------------- files
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Atomic write on process 0 (a kill leaves the old file or the new one, never half of one)."""
+    if is_main_process():
+        fileio.write_bytes(path, text)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    if is_main_process():
+        fileio.write_json(path, obj)
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    """A run file's JSON; :class:`DataError` naming the file when it is missing or not JSON."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path} does not exist; run the stage that writes it first (or `flexora-jax run`)")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path} is not valid JSON ({exc}); delete it and rerun its stage") from None
+
+
+class RunLog:
+    """``metrics.jsonl`` (one JSON object per logged step) plus the last step logged per stage."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self.path = run_dir / METRICS_FILE
+        self.last_step: dict[str, int] = {}
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.last_step[record.get("stage", "")] = int(record.get("step", 0))
+        if not is_main_process():
+            return
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+
+    def records(self, stage: str | None = None) -> list[dict[str, Any]]:
+        if not self.path.exists():
+            return []
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut by a kill
+            if stage is None or rec.get("stage") == stage:
+                out.append(rec)
+        return out
+
+    def truncate(self, stage: str, step: int) -> None:
+        """Drop ``stage`` records after ``step`` (a resumed stage re-logs them) and any cut line."""
+        self.last_step[stage] = int(step)
+        if not self.path.exists():
+            return
+        keep = [r for r in self.records()  # events (a NaN stop, an interrupt) stay as history
+                if "event" in r or not (r.get("stage") == stage and int(r.get("step", 0)) > step)]
+        write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+# ---------------------------------------------------------------------------------------- progress
+def progress_enabled() -> bool:
+    """Progress bars on process 0 unless ``FLEXORA_PROGRESS=0`` (``--quiet``)."""
+    return is_main_process() and os.environ.get("FLEXORA_PROGRESS", "1") != "0"
+
+
+def progress(total: int, initial: int, desc: str, unit: str = "step") -> tqdm:
+    return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
+                leave=False, disable=not progress_enabled())
+
+
+# ----------------------------------------------------------------------------------------- signals
+class _StopFlag:
+    signum: int | None = None
+
+
+STOP = _StopFlag()
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """While active, SIGTERM / SIGINT set ``STOP.signum``; the stages check it after each step."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    STOP.signum = None
+
+    def handler(signum, frame):  # noqa: ARG001
+        if STOP.signum is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        STOP.signum = signum
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+        STOP.signum = None

@@ -1,0 +1,336 @@
+"""The whole run as functions: prepare -> search -> select -> fine-tune -> evaluate -> export.
+
+``run(config)`` is what ``flexora-jax run`` does; each stage is also a function of its own that reads
+what earlier stages wrote into the run directory, so a stage can be rerun, or a run resumed, from files
+alone (layout: ``docs/design.md``; ``searches/<gates>/`` holds each search's gates and selection,
+``methods/<method>/`` each method's selection and adapter, ``compare.json`` every method's scores).
+
+The search and the fine-tune share one skeleton (:func:`_resumable`): restore the latest orbax
+checkpoint on ``--resume``, truncate the run log back to it, run the library loop with a per-step hook
+(log, progress, checkpoint every ``checkpoint.every`` steps and at the end, stop on a signal), record a
+non-finite step as an event and keep the last good checkpoint. A resumed run writes the same gates,
+selection and adapter as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from flexora_jax import sharding as sh
+from flexora_jax.adapters import export_merged, export_peft, load_peft
+from flexora_jax.bilevel import init_search_state, search
+from flexora_jax.checkpoint import StageCheckpointer
+from flexora_jax.errors import ConfigError, DataError, NumericsError
+from flexora_jax.fileio import write_dir
+from flexora_jax.gates import gate_values, init_gates
+from flexora_jax.lora import init_lora
+from flexora_jax.pipeline import report
+from flexora_jax.pipeline.config import METHOD_GATES, PLANTED_TASK, RunConfig
+from flexora_jax.pipeline.io import STOP, Interrupted, progress, progress_enabled, read_json, stop_on_signals, write_json
+from flexora_jax.pipeline.methods import (SearchOutcome, load_search, method_dir, method_selection, needed_searches,
+                                     selection_json)
+from flexora_jax.pipeline.workspace import Workspace, prepare
+from flexora_jax.evaluation import evaluate
+from flexora_jax.selection import Selection
+from flexora_jax.train import dataset_loss, finetune, init_train_state, make_optimizer, total_steps
+
+log = logging.getLogger("flexora_jax")
+
+
+# ------------------------------------------------------------------------------- stage skeleton
+def _resumable(ws: Workspace, stage: str, total: int, template: Callable[[], Any], loss_key: str,
+               body: Callable[[Any, Any, Callable[[int, dict], None]], Any]) -> Any:
+    """Run ``body(state, sampler_state, callback)`` as a resumable, logged, checkpointed, interruptible stage.
+
+    ``template()`` builds a fresh state of the right shapes (the restore target); ``total`` is the
+    stage's last step; ``callback`` is the library loop's per-step hook.
+    """
+    cfg = ws.config
+    ckpt = StageCheckpointer(ws.run_dir / "checkpoints" / stage, cfg.checkpoint.every, cfg.checkpoint.keep)
+    state = sampler = None
+    if ws.resume:
+        restored = ckpt.restore(template())
+        if restored is not None:
+            state, meta = restored
+            sampler = meta["sampler"]
+            log.info("%s: resuming from checkpoint step %d", stage, int(state.step))
+    start = 0 if state is None else int(state.step)
+    ws.log.truncate(stage, start)
+    bar = progress(total, start, stage)
+    t_last = [time.perf_counter()]
+
+    def callback(step: int, record: dict) -> None:
+        now = time.perf_counter()
+        metrics = {k: v for k, v in record.items() if k not in ("state", "sampler")}
+        ws.log.write(dict(stage=stage, **metrics, seconds=round(now - t_last[0], 4)))
+        t_last[0] = now
+        bar.update(1)
+        bar.set_postfix({loss_key: f"{record[loss_key]:.4f}"}, refresh=False)
+        if ckpt.due(step) or step == total or STOP.signum is not None:
+            ckpt.save(step, record["state"], {"sampler": record["sampler"]}, force=True)
+        if STOP.signum is not None:
+            raise Interrupted(f"interrupted by signal {STOP.signum} at {stage} step {step}/{total}; a checkpoint "
+                              f"was saved in {ckpt.directory}; continue with `flexora-jax run --resume "
+                              f"--output-dir {ws.run_dir}`", STOP.signum)
+
+    t0 = time.perf_counter()
+    try:
+        result = body(state, sampler, callback)
+    except NumericsError as exc:
+        step = ws.log.last_step.get(stage, 0) + 1
+        ws.log.write({"stage": stage, "step": step, "event": "non_finite", "message": str(exc)})
+        log.error("%s stopped at step %d: %s (the last good checkpoint is kept)", stage, step, exc)
+        raise
+    finally:
+        bar.close()
+        ckpt.close()
+    ws.record_time(stage, time.perf_counter() - t0)
+    return result
+
+
+# ---------------------------------------------------------------------------------------- stages
+def search_stage(ws: Workspace, kind: str = "layer") -> SearchOutcome:
+    """Run (or resume, or reuse) the ``kind`` gate search ("layer", "rank", "both"); write its files."""
+    cfg, sc = ws.config, ws.config.search
+    out_dir = ws.run_dir / "searches" / kind
+    stage = f"search_{kind}"
+    if ws.resume and (out_dir / "selection.json").exists():
+        log.info("%s: done in a previous session, reusing %s", stage, out_dir)
+        return load_search(ws.run_dir, kind)
+
+    def template() -> Any:
+        lora0 = init_lora(ws.model_config, cfg.lora, jax.random.key(cfg.seed))
+        return init_search_state(lora0, init_gates(kind, ws.num_layers, dict(lora0.spec.r_max), power=sc.gate_power),
+                                 sc)
+
+    result = _resumable(ws, stage, sc.steps, template, "val_loss", lambda state, sampler, callback: search(
+        ws.model_config, ws.params, cfg.lora, sc, ws.data.train, ws.data.val, gates=kind, selection=cfg.selection,
+        seed=cfg.seed, callback=callback, state=state, sampler_states=sampler, mesh=ws.mesh))
+    values = gate_values(result.gates, ws.num_layers)
+    gates_json: dict[str, Any] = {}
+    if "layer" in values:
+        gates_json["layer"] = [float(x) for x in np.asarray(values["layer"])]
+        gates_json["layer_alpha"] = [float(x) for x in np.asarray(result.gates.layer)]
+    if "rank" in values:
+        gates_json["rank"] = {m: np.asarray(v).tolist() for m, v in values["rank"].items()}
+    write_json(out_dir / "gates.json", gates_json)
+    write_json(out_dir / "selection.json", selection_json(ws, result.selection))
+    log.info("%s: %d steps in %.1f s; selected layers %s", stage, sc.steps, ws.timings[stage],
+             list(result.selection.layers))
+    return SearchOutcome(kind, gates_json, result.selection)
+
+
+def finetune_stage(ws: Workspace, method: str, selection: Selection) -> Any:
+    """Fine-tune a fresh LoRA on ``selection`` (or resume / reuse it); export it in PEFT format."""
+    cfg, ft = ws.config, ws.config.finetune
+    out_dir = method_dir(ws, method)
+    stage = f"finetune_{method}"
+    adapter = out_dir / "adapter"
+    if ws.resume and (adapter / "adapter_model.safetensors").exists() and (out_dir / "selection.json").exists():
+        log.info("%s: done in a previous session, reusing %s", stage, adapter)
+        return load_peft(adapter, ws.model_config)
+    lora = init_lora(ws.model_config, selection.lora_config, jax.random.key(cfg.seed + 1))
+    steps = total_steps(ft, len(ws.data.finetune["input_ids"]))
+    trained, _ = _resumable(
+        ws, stage, steps * ft.grad_accum, lambda: init_train_state(lora, make_optimizer(ft, steps), cfg.seed), "loss",
+        lambda state, sampler, callback: finetune(
+            ws.model_config, ws.params, lora, ws.data.finetune, ft, val=ws.data.val, seed=cfg.seed,
+            callback=callback, state=state, sampler_state=sampler, mesh=ws.mesh))
+    host = sh.fetch(trained) if jax.process_count() > 1 else trained  # every process gathers; process 0 writes
+    if sh.is_main_process():
+        write_dir(adapter, lambda tmp: export_peft(host, tmp, base_model_name_or_path=ws.model_source))
+    write_json(out_dir / "selection.json", selection_json(ws, selection))
+    log.info("%s: %d steps in %.1f s on layers %s", stage, steps * ft.grad_accum, ws.timings[stage],
+             list(selection.layers))
+    return trained
+
+
+def evaluate_stage(ws: Workspace, loras: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Held-out scores of the base model (``"base"``) and of each method's LoRA: ``{method: {task: {...}}}``.
+
+    The planted task reports the test cross-entropy against the teacher's distributions
+    (``test_loss``; the teacher's own entropy is the floor); a real task reports lm-eval style
+    ``acc`` / ``acc_norm`` from :func:`flexora_jax.evaluation.evaluate`.
+    """
+    cfg = ws.config
+    t0 = time.perf_counter()
+    candidates: dict[str, Any] = ({"base": None} if cfg.eval.base else {}) | dict(loras)
+    # adapters read back from disk (or kept-best host copies) go onto the mesh: the scorers follow them
+    candidates = {k: None if v is None else sh.shard(v, ws.mesh) for k, v in candidates.items()}
+    results: dict[str, dict[str, Any]] = {}
+    bar = progress(len(candidates), 0, "evaluate", unit="model") if ws.planted is not None else None
+    for name, lora in candidates.items():
+        if bar is not None:
+            bar.set_postfix_str(name, refresh=False)
+        if ws.planted is not None:
+            test = ws.data.test
+            n = len(test["input_ids"]) if not cfg.eval.limit else min(cfg.eval.limit, len(test["input_ids"]))
+            test = {k: v[:n] for k, v in test.items()}
+            loss = dataset_loss(ws.model_config, ws.params, lora, test, batch_size=cfg.eval.batch_size)
+            results[name] = {PLANTED_TASK: {"test_loss": loss, "teacher_test_loss": ws.planted.teacher_test_loss,
+                                            "n": n}}
+        else:
+            res = evaluate(ws.model_config, ws.params, ws.tokenizer, {cfg.task.name: ws.data.test_records},
+                           lora=lora, batch_size=cfg.eval.batch_size, progress=progress_enabled())
+            test_loss = dataset_loss(ws.model_config, ws.params, lora, ws.data.test, batch_size=cfg.eval.batch_size)
+            results[name] = {t: dict(v, test_loss=test_loss) for t, v in res.items()}
+            if ws.data.test_noq is not None:
+                results[name][cfg.task.name].update(_question_control(ws, lora, test_loss))
+        log.info("evaluate %s: %s", name, score_line(results[name]))
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    ws.record_time("evaluate", time.perf_counter() - t0)
+    write_json(ws.run_dir / "compare.json", results)
+    write_json(ws.run_dir / "eval.json", results[cfg.method])
+    return results
+
+
+def _question_control(ws: Workspace, lora: Any, test_loss: float) -> dict[str, float]:
+    """Scores with the question removed from every test prompt (``eval.question_control``).
+
+    ``question_gain`` = answer loss without the question minus with it: how many nats per answer
+    token the model draws from the question (0 = it answers from length / wording priors alone).
+    """
+    cfg = ws.config
+    loss = dataset_loss(ws.model_config, ws.params, lora, ws.data.test_noq, batch_size=cfg.eval.batch_size)
+    res = evaluate(ws.model_config, ws.params, ws.tokenizer, {cfg.task.name: ws.data.test_records_noq},
+                   lora=lora, batch_size=cfg.eval.batch_size, progress=False)[cfg.task.name]
+    out = {"test_loss_noq": loss, "question_gain": loss - test_loss}
+    out.update({f"{k}_noq": res[k] for k in ("acc", "acc_norm") if k in res})
+    return out
+
+
+def score_line(scores: dict[str, Any]) -> str:
+    """One line of a method's scores: ``task acc 0.5, acc_norm 0.5, test_loss 2.1``."""
+    parts = []
+    for task, m in scores.items():
+        keys = [k for k in ("acc", "acc_norm", "test_loss") if k in m]
+        parts.append(f"{task} " + ", ".join(f"{k} {m[k]:.4f}" for k in keys))
+    return "; ".join(parts)
+
+
+def export_stage(ws: Workspace, merged: bool = False) -> None:
+    """The run's main result at the top of the run directory, ``report.md`` and ``gates.png``.
+
+    Copies the main method's ``selection.json`` and ``adapter/`` up, writes ``gates.json`` (of the
+    main method's search, else of the layer search, else empty), and with ``merged`` also the base
+    model with the adapter merged in (an HF directory in ``merged/``).
+    """
+    cfg = ws.config
+    src = method_dir(ws, cfg.method)
+    if not (src / "adapter").exists():
+        raise DataError(f"{src / 'adapter'} does not exist; run the fine-tune stage first")
+    if sh.is_main_process():
+        write_dir(ws.run_dir / "adapter", lambda tmp: shutil.copytree(src / "adapter", tmp))
+    write_json(ws.run_dir / "selection.json", {k: v for k, v in read_json(src / "selection.json").items()
+                                                if k in ("layers", "ranks", "trainable_params")})
+    kind = METHOD_GATES.get(cfg.method) or ("layer" if (ws.run_dir / "searches" / "layer").exists() else None)
+    write_json(ws.run_dir / "gates.json", read_json(ws.run_dir / "searches" / kind / "gates.json") if kind else {})
+    if merged:
+        lora = load_peft(src / "adapter", ws.model_config)
+        params = sh.fetch(ws.params) if jax.process_count() > 1 else ws.params  # collective: every process gathers
+        if sh.is_main_process():
+            export_merged(ws.model_config, params, lora, ws.run_dir / "merged", tokenizer=ws.tokenizer)
+    report.write_report(ws.run_dir, ws.config, ws.timings)
+
+
+# -------------------------------------------------------------------------------------------- run
+@dataclasses.dataclass
+class RunResult:
+    """What a run produced (also on disk in ``run_dir``)."""
+
+    run_dir: Path
+    selections: dict[str, Selection]
+    scores: dict[str, dict[str, Any]]
+    planted: dict[str, Any] | None
+    timings: dict[str, float]
+
+    def summary(self) -> str:
+        lines = []
+        w = max([17] + [len(m) + 9 for m in self.selections])
+        if self.planted is not None:
+            lines.append(f"{'planted layers:':<{w}}{self.planted['layers']}")
+        for m, sel in self.selections.items():
+            lines.append(f"{m + ' layers:':<{w}}{list(sel.layers)}")
+        for m, scores in self.scores.items():
+            lines.append(f"{m + ':':<{w}}{score_line(scores)}")
+        if self.planted is not None:
+            first = next(iter(self.scores.values()))
+            lines.append(f"{'teacher floor:':<{w}}{first[PLANTED_TASK]['teacher_test_loss']:.4f}")
+        lines.append(f"{'run directory:':<{w}}{self.run_dir} ({sum(self.timings.values()):.0f} s)")
+        return "\n".join(lines)
+
+
+def searches_stage(ws: Workspace) -> dict[str, SearchOutcome]:
+    """Every search the run's methods need."""
+    return {kind: search_stage(ws, kind) for kind in needed_searches(ws.config)}
+
+
+def finetune_all(ws: Workspace, searches: dict[str, SearchOutcome]) -> tuple[dict[str, Selection], dict[str, Any]]:
+    selections = {m: method_selection(ws, m, searches) for m in ws.config.methods}
+    loras = {m: finetune_stage(ws, m, sel) for m, sel in selections.items()}
+    return selections, loras
+
+
+def load_adapters(ws: Workspace) -> dict[str, Any]:
+    """Each method's fine-tuned adapter, read back from ``methods/<method>/adapter``."""
+    out = {}
+    for m in ws.config.methods:
+        adapter = method_dir(ws, m) / "adapter"
+        if not adapter.exists():
+            raise DataError(f"{adapter} does not exist; run `flexora-jax finetune --output-dir {ws.run_dir}` first")
+        out[m] = load_peft(adapter, ws.model_config)
+    return out
+
+
+def run(config: RunConfig | None = None, resume: bool = False) -> RunResult:
+    """The whole pipeline: prepare, search, select, fine-tune every method, evaluate, export.
+
+    Args:
+      config: the run; ``None`` runs the embedded default (a planted task).
+      resume: continue the run in ``config.output_dir`` from its files and latest checkpoints.
+    Raises:
+      FlexoraError: a user error (config, data, checkpoint, numerics); :class:`Interrupted` on a signal.
+    """
+    config = config or RunConfig()
+    t0 = time.perf_counter()
+    with stop_on_signals():
+        ws = prepare(config, resume=resume, stage="run")
+        searches = searches_stage(ws)
+        selections, loras = finetune_all(ws, searches)
+        scores = evaluate_stage(ws, loras)
+        export_stage(ws)
+    ws.record_time("total", time.perf_counter() - t0)  # this call's wall time
+    planted = ws.planted.planted_json() if ws.planted is not None else None
+    timings = {k: v for k, v in ws.timings.items() if k != "total"}
+    return RunResult(ws.run_dir, selections, scores, planted, timings)
+
+
+def run_stage(stage: str, config: RunConfig, merged: bool = False) -> Any:
+    """One stage of a run from the files of earlier stages in ``config.output_dir``.
+
+    ``search`` writes ``searches/``; ``finetune`` reads them and writes ``methods/*/adapter``;
+    ``evaluate`` reads the adapters and writes ``eval.json`` / ``compare.json``; ``export`` writes the
+    top-level files, ``report.md``, ``gates.png`` (and ``merged/`` with ``merged=True``).
+    """
+    if stage not in ("search", "finetune", "evaluate", "export"):
+        raise ConfigError(f"unknown stage {stage!r}; expected one of search, finetune, evaluate, export")
+    with stop_on_signals():
+        ws = prepare(config, resume=False, stage=stage)
+        if stage == "search":
+            return searches_stage(ws)
+        if stage == "finetune":
+            return finetune_all(ws, {kind: load_search(ws.run_dir, kind) for kind in needed_searches(ws.config)})
+        if stage == "evaluate":
+            return evaluate_stage(ws, load_adapters(ws))
+        return export_stage(ws, merged=merged)

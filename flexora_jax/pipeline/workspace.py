@@ -1,0 +1,303 @@
+"""The run's workspace: the run directory, the base model and the data every stage shares.
+
+:func:`prepare` validates the config against the model, creates (or reopens) the run directory,
+builds or loads the base model (sharded on the run's mesh) and prepares the task's token data: the
+embedded planted task's teacher data, or a real task's SFT arrays (search train / validation,
+fine-tune train, test) and its multiple-choice test records. A fresh run refuses a directory that
+already holds a run; a resumed run or a stage must use the config the directory was created with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+import datasets
+import jax
+import numpy as np
+
+from flexora_jax import sharding as sh
+from flexora_jax import tasks
+from flexora_jax.config import ModelConfig
+from flexora_jax.data import Dataset
+from flexora_jax.errors import CheckpointError, ConfigError, DataError
+from flexora_jax.fileio import write_dir
+from flexora_jax.models import convert_llama2c, load_model, load_tokenizer
+from flexora_jax.planted import PlantedConfig, make_planted_task
+from flexora_jax.pipeline.config import PLANTED_TASK, RunConfig, config_to_dict, load_config, save_config
+from flexora_jax.pipeline.io import RunLog, progress_enabled, read_json, write_json
+from flexora_jax.tasks.formats import question_removed
+from flexora_jax.tasks.sft import encode_pair, pad_dataset, sft_dataset
+
+log = logging.getLogger("flexora_jax")
+
+CONFIG_FILE = "config.yaml"
+
+
+@dataclasses.dataclass
+class TaskData:
+    """Token datasets of a run: search train / validation, fine-tune train, held-out test."""
+
+    train: Dataset
+    val: Dataset
+    finetune: Dataset
+    test: Dataset
+    test_records: list | None = None  # multiple-choice records of a real task (for accuracy)
+    test_noq: Dataset | None = None  # eval.question_control: the test SFT data with the question removed
+    test_records_noq: list | None = None  # eval.question_control: the test records with the question removed
+    info: dict[str, Any] | None = None  # sizes and split provenance, written to data.json
+
+
+@dataclasses.dataclass
+class Workspace:
+    """Everything the stages share: the config, the run directory, the base model and the data."""
+
+    config: RunConfig
+    run_dir: Path
+    model_config: ModelConfig
+    params: Any
+    data: TaskData
+    log: RunLog
+    resume: bool = False
+    tokenizer: Any = None
+    planted: Any = None  # the PlantedTask of the embedded default
+    model_source: str | None = None  # model directory recorded in the adapter config
+    mesh: Any = None  # the run's jax.sharding.Mesh (one device or many); params live sharded on it
+    timings: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    def record_time(self, stage: str, seconds: float) -> None:
+        """Record a stage's wall time and write ``timings.json`` at once.
+
+        Written after every stage, and read back on ``--resume``, so a run that is killed or fails
+        later (or is resumed after it finished) keeps the times of the stages it already ran; a stage
+        resumed from a checkpoint counts the resumed part only.
+        """
+        self.timings[stage] = seconds
+        write_json(self.run_dir / "timings.json", self.timings)
+
+    @property
+    def num_layers(self) -> int:
+        return self.model_config.num_hidden_layers
+
+
+def _hard_targets(data: Dataset, n: int, seed: int) -> Dataset:
+    """The first ``n`` sequences with tokens sampled from their target distributions (scarce, noisy data)."""
+    probs = data["target_probs"][:n].astype(np.float64)
+    rng = np.random.default_rng([seed, 7])
+    cdf = np.cumsum(probs, axis=-1)
+    u = rng.random(cdf.shape[:-1] + (1,)) * cdf[..., -1:]
+    labels = np.minimum((cdf < u).sum(-1), probs.shape[-1] - 1).astype(np.int32)
+    return {"input_ids": data["input_ids"][:n], "attention_mask": data["attention_mask"][:n],
+            "loss_mask": data["loss_mask"][:n], "labels": labels}
+
+
+def _prepare_planted(config: RunConfig) -> tuple[Any, TaskData]:
+    """The embedded default's teacher and its data (search train / validation, scarce fine-tune data, test)."""
+    po = config.task.planted
+    task = make_planted_task(PlantedConfig(num_layers=po.num_layers, num_planted=po.num_planted,
+                                           soft_targets=po.soft_targets, n_train=po.n_train, n_val=po.n_val,
+                                           n_test=po.n_test, seed=config.seed, planted_rank=po.rank,
+                                           planted_ranks=dict(po.ranks) or None, targets=po.modules,
+                                           layer_kl=float(po.layer_kl)))
+    n = po.finetune_examples or po.n_train
+    if po.finetune_targets == "hard" and "target_probs" in task.train:
+        finetune = _hard_targets(task.train, n, config.seed)
+    else:
+        finetune = {k: v[:n] for k, v in task.train.items()}
+    return task, TaskData(train=task.train, val=task.val, finetune=finetune, test=task.test)
+
+
+def _resolve_model(config: RunConfig, run_dir: Path) -> str:
+    """The model directory: ``model.path``, or the llama2.c checkpoint converted into ``<run>/model``."""
+    ms = config.model
+    if ms.path is not None:
+        return ms.path
+    for f in (ms.llama2c, ms.tokenizer_model):
+        if not Path(f).exists():
+            raise ConfigError(f"model.llama2c / model.tokenizer_model: file {f} does not exist")
+    out = run_dir / "model"
+    if not (out / "config.json").exists() and sh.is_main_process():
+        write_dir(out, lambda tmp: convert_llama2c(ms.llama2c, ms.tokenizer_model, tmp))
+    return str(out)
+
+
+def _prepare_task(config: RunConfig, run_dir: Path, mesh: Any = None) -> tuple[ModelConfig, Any, Any, str, TaskData]:
+    """A real multiple-choice task: model + tokenizer, SFT token data for search / fine-tune, test records.
+
+    The search trains on the first ``task.n_train`` training examples and the fine-tune on the first
+    ``task.n_finetune`` (default: the same ones); ``task.n_val`` search-validation examples tune the
+    gates; ``task.n_test`` (or ``eval.limit``) held-out examples are scored.
+    """
+    tc = config.task
+    source = _resolve_model(config, run_dir)
+    model_config, params = _load_base(config, source, mesh)
+    tokenizer = load_tokenizer(source)
+    _check_tokenizer(tokenizer, model_config, source)
+    kwargs = dict(source=tc.source, data_dir=tc.data_dir, seed=tc.split_seed)
+    try:
+        splits = {role: tasks.load_split(tc.name, role, **kwargs) for role in ("train", "validation", "test")}
+        records = {role: split.records() for role, split in splits.items()}
+    except UnicodeDecodeError as exc:
+        raise DataError(f"task {tc.name}: a data file under {tc.data_dir or 'the data folder'} is not UTF-8 text "
+                        f"({exc.reason} at byte {exc.start}); expected UTF-8 encoded files") from None
+    limits = {"train": tc.n_train, "validation": tc.n_val, "test": tc.n_test or config.eval.limit}
+    n_ft = tc.n_finetune or tc.n_train
+    finetune_records = records["train"][:n_ft] if n_ft else records["train"]
+    records = {role: recs[:limits[role]] if limits[role] else recs for role, recs in records.items()}
+    max_length = min(tc.max_length, model_config.max_position_embeddings)
+    # SFT examples whose gold answer alone does not fit max_length are dropped (counted in data.json);
+    # the test records are still all scored for accuracy (lm-eval cuts long contexts from the left).
+    sft_records = {"train": records["train"], "validation": records["validation"], "finetune": finetune_records,
+                   "test": records["test"]}
+    dropped = {}
+    for name, recs in sft_records.items():
+        sft_records[name] = _fitting(recs, tokenizer, max_length)
+        dropped[name] = len(recs) - len(sft_records[name])
+        if not sft_records[name]:
+            raise DataError(f"task {tc.name}: every {name} example's answer is longer than task.max_length "
+                            f"{max_length} tokens; expected a larger task.max_length (the model allows up to "
+                            f"{model_config.max_position_embeddings})")
+    if config.eval.question_control:  # the same held-out examples, prompts cut down to the answer cue
+        sft_records["test_noq"] = [question_removed(r) for r in sft_records["test"]]
+    hf = datasets.DatasetDict({name: sft_dataset(recs, tokenizer, max_length) for name, recs in sft_records.items()})
+    arrays = {name: pad_dataset(ds, f"task {tc.name} {name} split") for name, ds in hf.items()}
+    sizes = {"search_train": len(records["train"]), "search_validation": len(records["validation"]),
+             "finetune_train": len(finetune_records), "test": len(records["test"])}
+    truncated = {name: int(sum(ds["truncated"])) for name, ds in hf.items()}
+    info = {"task": tc.name, "sizes": sizes, "truncated": truncated, "dropped_too_long": dropped,
+            "max_length": max_length,
+            "splits": tasks.split_report(list(splits.values()))}
+    data = TaskData(train=arrays["train"], val=arrays["validation"], finetune=arrays["finetune"],
+                    test=arrays["test"], test_records=records["test"], info=info)
+    if config.eval.question_control:
+        data.test_noq = arrays["test_noq"]
+        data.test_records_noq = [question_removed(r) for r in records["test"]]
+    return model_config, params, tokenizer, source, data
+
+
+def _load_base(config: RunConfig, source: str, mesh: Any) -> tuple[ModelConfig, Any]:
+    """The base model, each parameter built straight into its sharding on the run's mesh."""
+    return load_model(source, dtype=config.model.dtype, allow_pickle=config.model.allow_pickle, mesh=mesh)
+
+
+def run_mesh(config: RunConfig) -> Any:
+    """The run's device mesh from its ``mesh:`` section (a one-device mesh on a single device).
+
+    Initialises ``jax.distributed`` first when the environment asks for it (a pod slice, a GPU
+    cluster: :func:`flexora_jax.sharding.initialize_distributed`), so the device count is the global
+    one. Raises :class:`ConfigError` when the mesh sizes do not match the devices.
+    """
+    sh.initialize_distributed()
+    config.mesh.resolve()  # ConfigError naming the mesh keys, the sizes and the device count
+    return sh.make_mesh(config.mesh)
+
+
+def _fitting(records: list, tokenizer: Any, max_length: int) -> list:
+    """The records whose gold answer leaves room for at least one prompt token within ``max_length``."""
+    out = []
+    for rec in records:
+        prompt, answer = rec.sft_pair()
+        if len(encode_pair(tokenizer, prompt, answer)[1]) < max_length:
+            out.append(rec)
+    return out
+
+
+def _check_tokenizer(tokenizer: Any, model_config: ModelConfig, source: str) -> None:
+    """A tokenizer whose ids exceed the model's embedding table would index out of range silently."""
+    n = len(tokenizer)
+    if n > model_config.vocab_size:
+        raise CheckpointError(f"{source}: the tokenizer has {n} tokens but the model's vocab_size is "
+                              f"{model_config.vocab_size}; expected a tokenizer of at most {model_config.vocab_size} "
+                              "tokens (the tokenizer does not belong to this model)")
+
+
+def prepare(config: RunConfig, resume: bool = False, stage: str = "run") -> Workspace:
+    """Create (or reopen) the run directory, build / load the model and the data.
+
+    A fresh ``run`` refuses a directory that already holds a run (pass ``resume=True`` to continue it);
+    a resumed run or a single stage must use the config the directory was created with.
+    """
+    if config.task.name == PLANTED_TASK:  # config errors first, before the run directory is looked at
+        _validate_for_layers(config, config.task.planted.num_layers, "the planted model")
+    mesh = run_mesh(config)
+    run_dir = Path(config.output_dir).absolute()
+    saved = run_dir / CONFIG_FILE
+    if saved.exists():
+        previous = load_config(saved)
+        if stage == "run" and not resume:
+            raise ConfigError(f"{run_dir} already holds a run ({CONFIG_FILE} exists); pass --resume to continue "
+                              "it, or choose another --output-dir")
+        # the mesh is where the run executes, not what it computes: a run may resume on another slice
+        diff = _config_diff({**config_to_dict(previous), "mesh": None}, {**config_to_dict(config), "mesh": None})
+        if diff:
+            raise ConfigError(f"the config differs from the one {run_dir} was run with ({saved}): "
+                              f"{'; '.join(diff)}; use the same settings, or another --output-dir")
+    elif resume:
+        raise ConfigError(f"--resume: {run_dir} holds no run to continue (no {CONFIG_FILE}); drop --resume to "
+                          "start a fresh run there, or pass the --output-dir of an existing run")
+    elif stage != "run" and stage != "search":
+        raise ConfigError(f"{run_dir} has no {CONFIG_FILE}: the '{stage}' stage continues a run; "
+                          "run `flexora-jax run` (or `search`) first")
+    if sh.is_main_process():
+        run_dir.mkdir(parents=True, exist_ok=True)
+    if not progress_enabled():
+        datasets.disable_progress_bars()
+    t0 = time.perf_counter()
+    tokenizer = planted = source = None
+    if config.task.name == PLANTED_TASK:
+        planted, data = _prepare_planted(config)
+        model_config, params = planted.config, sh.shard(planted.params, mesh)
+        write_json(run_dir / "planted.json", planted.planted_json())
+        po = config.task.planted
+        data.info = {"task": PLANTED_TASK, "sizes": {"search_train": po.n_train, "search_validation": po.n_val,
+                                                     "finetune_train": len(data.finetune["input_ids"]),
+                                                     "test": po.n_test}}
+    else:
+        model_config, params, tokenizer, source, data = _prepare_task(config, run_dir, mesh)
+    # The config is written once the model and data are known good: a run that fails on bad input
+    # leaves no config.yaml behind, so the corrected command is a fresh run again (not a --resume).
+    if sh.is_main_process():
+        save_config(config, saved)
+    write_json(run_dir / "data.json", data.info)
+    _validate_for_layers(config, model_config.num_hidden_layers, f"the model {source}")
+    ws = Workspace(config=config, run_dir=run_dir, model_config=model_config, params=params, data=data,
+                   log=RunLog(run_dir), resume=resume, tokenizer=tokenizer, planted=planted, model_source=source,
+                   mesh=mesh)
+    if resume and (run_dir / "timings.json").exists():
+        ws.timings.update({k: v for k, v in read_json(run_dir / "timings.json").items() if k != "total"})
+    ws.record_time("prepare", time.perf_counter() - t0)
+    log.info("prepared %s: %d layers, %d / %d / %d train / val / test sequences (%.1f s)", config.task.name,
+             ws.num_layers, len(data.train["input_ids"]), len(data.val["input_ids"]),
+             len(data.test["input_ids"]), ws.timings["prepare"])
+    if mesh.size > 1:
+        log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
+    return ws
+
+
+def _validate_for_layers(config: RunConfig, num_layers: int, what: str) -> None:
+    """Layer indices and counts of the run config against the model's depth (before any work is done)."""
+    lt = config.lora.layers_to_transform
+    if lt is not None:
+        bad = [i for i in lt if i >= num_layers]
+        if bad:
+            raise ConfigError(f"lora.layers_to_transform: layer index(es) {bad} out of range; {what} has "
+                              f"{num_layers} layers (expected indices 0..{num_layers - 1})")
+    if config.baseline_k > num_layers:
+        raise ConfigError(f"baseline_k {config.baseline_k} exceeds the {num_layers} layers of {what}; "
+                          f"expected 0..{num_layers}")
+    if config.search.selection == "topk" and config.search.top_k > num_layers:
+        raise ConfigError(f"search.top_k {config.search.top_k} exceeds the {num_layers} layers of {what}; "
+                          f"expected 1..{num_layers}")
+
+
+def _config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        out = []
+        for k in sorted(set(a) | set(b)):
+            out += _config_diff(a.get(k), b.get(k), f"{prefix}{k}.")
+        return out
+    return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} -> {b!r}"]
+
