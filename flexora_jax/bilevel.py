@@ -40,7 +40,7 @@ import optax
 from flexora_jax import loops
 from flexora_jax.config import LoraConfig, ModelConfig, SearchConfig, SelectionConfig
 from flexora_jax.data import BatchSampler, Dataset
-from flexora_jax.errors import ConfigError, NumericsError
+from flexora_jax.errors import ConfigError, NumericsError, check_tree_shapes
 from flexora_jax.gates import GateKind, Gates, gate_values, init_gates
 from flexora_jax.lora import LoraParams, init_lora
 from flexora_jax.selection import Selection, select
@@ -282,10 +282,16 @@ def search(config: ModelConfig, params: Any, lora_config: LoraConfig, search_con
       NumericsError: a non-finite hypergradient or validation loss, naming the step.
     """
     sc = search_config
-    if state is None:
+
+    def fresh() -> SearchState:
         lora = init_lora(config, lora_config, jax.random.key(seed))
-        state = init_search_state(lora, init_gates(gates, config.num_hidden_layers, dict(lora.spec.r_max),
-                                                   power=sc.gate_power), sc)
+        return init_search_state(lora, init_gates(gates, config.num_hidden_layers, dict(lora.spec.r_max),
+                                                  power=sc.gate_power), sc)
+
+    if state is None:
+        state = fresh()
+    else:
+        check_tree_shapes(state, jax.eval_shape(fresh), "search: the given state")
     train_sampler = BatchSampler(train, sc.batch_size, seed=seed)
     val_sampler = BatchSampler(val, sc.val_batch_size, seed=seed + 1)
     if sampler_states is not None:

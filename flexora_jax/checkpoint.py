@@ -25,7 +25,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from flexora_jax.errors import CheckpointError
+from flexora_jax.errors import CheckpointError, check_tree_shapes
 from flexora_jax.sharding import partition_specs
 
 log = logging.getLogger("flexora_jax")
@@ -134,12 +134,8 @@ class StageCheckpointer:
                                   f"({type(exc).__name__}: {exc}); delete that step directory to fall back to "
                                   "an earlier one, or start the run afresh without --resume") from None
         state = from_savable(restored["state"], template)
-        bad = [f"{jax.tree_util.keystr(p)}: {np.shape(x)} vs {np.shape(t)}" for (p, x), t in
-               zip(jax.tree_util.tree_flatten_with_path(state)[0], jax.tree.leaves(template))
-               if np.shape(x) != np.shape(t)]
-        if bad:
-            raise CheckpointError(f"checkpoint step {step} in {self.directory} has mis-shaped arrays ({bad[:3]}); "
-                                  "expected the shapes of this run's config")
+        check_tree_shapes(state, template, f"checkpoint step {step} in {self.directory} (expected the shapes of "
+                                           "this run's config)")
         return state, dict(restored["meta"])
 
     def close(self) -> None:

@@ -8,6 +8,10 @@ one-paragraph message instead of a traceback.
 
 from __future__ import annotations
 
+from typing import Any
+
+import chex
+
 
 class FlexoraError(Exception):
     """Base class of every user-facing error raised by flexora_jax."""
@@ -27,3 +31,17 @@ class DataError(FlexoraError, ValueError):
 
 class NumericsError(FlexoraError, FloatingPointError):
     """A NaN or Inf in a loss, gradient or hypergradient."""
+
+
+def check_tree_shapes(tree: Any, template: Any, what: str) -> None:
+    """Raise :class:`CheckpointError` naming ``what`` unless ``tree`` has ``template``'s structure and shapes.
+
+    Built on chex (``chex.assert_trees_all_equal_structs`` / ``_shapes``), so ``chex.disable_asserts()``
+    turns the check off in production runs that trust their inputs. ``template`` may be abstract
+    (``jax.eval_shape``).
+    """
+    try:
+        chex.assert_trees_all_equal_structs(tree, template)
+        chex.assert_trees_all_equal_shapes(tree, template)
+    except AssertionError as exc:
+        raise CheckpointError(f"{what} does not match the expected structure / shapes: {exc}") from None

@@ -42,7 +42,7 @@ from tqdm.auto import tqdm
 
 from flexora_jax import tasks
 from flexora_jax.config import ModelConfig
-from flexora_jax.errors import DataError
+from flexora_jax.errors import ConfigError, DataError
 from flexora_jax.generation import generate
 from flexora_jax.models.llama import forward
 from flexora_jax.tasks import generative
@@ -175,7 +175,7 @@ def pack_rows(packs: Sequence[_Pack], batch_size: int, width: int, pad: int) -> 
     slots = np.full((batch_size, n_scored), -1, np.int32)
     for row, p in enumerate(packs):
         if p.length > width:
-            raise ValueError(f"pack_rows: a pack of {p.length} tokens does not fit width {width}")
+            raise ConfigError(f"pack_rows: a pack of {p.length} tokens does not fit width {width}")
         c = len(p.prefix)
         tokens[row, :c], positions[row, :c], segments[row, :c] = p.prefix, np.arange(c), 0
         at, k = c, 0

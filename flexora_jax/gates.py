@@ -54,16 +54,16 @@ def init_gates(kind: GateKind, num_layers: int, ranks: dict[str, int] | None = N
       power: exponent of the layer gate (1, or 3 to reproduce the reference code).
     """
     if kind not in GATE_KINDS:
-        raise ValueError(f"unknown gate kind {kind!r}; valid: {GATE_KINDS}")
+        raise ConfigError(f"unknown gate kind {kind!r}; valid: {GATE_KINDS}")
     if power not in (1, 3):
-        raise ValueError(f"gate power must be 1 or 3, got {power!r}")
+        raise ConfigError(f"gate power must be 1 or 3, got {power!r}")
     if kind == "none":
         return None
     layer = jnp.zeros((num_layers,), jnp.float32) if kind in ("layer", "both") else None
     rank = None
     if kind in ("rank", "both"):
         if not ranks:
-            raise ValueError("rank gates need the rank of every adapted module (ranks={module: r})")
+            raise ConfigError("rank gates need the rank of every adapted module (ranks={module: r})")
         rank = {m: jnp.zeros((num_layers, r), jnp.float32) for m, r in ranks.items()}
     return Gates(layer=layer, rank=rank, power=power)
 
@@ -75,7 +75,7 @@ def layer_gate_values(gates: Gates | None, num_layers: int) -> jax.Array:
     alpha = jnp.asarray(gates.layer)
     alpha = alpha.astype(jnp.promote_types(alpha.dtype, jnp.float32))
     if alpha.shape != (num_layers,):
-        raise ValueError(f"layer gate has shape {alpha.shape}, expected ({num_layers},)")
+        raise ConfigError(f"layer gate has shape {alpha.shape}, expected ({num_layers},)")
     w = num_layers * jax.nn.softmax(alpha)
     return w ** gates.power
 
@@ -85,11 +85,11 @@ def rank_gate_values(gates: Gates | None, module: str, shape: tuple[int, int]) -
     if gates is None or gates.rank is None:
         return jnp.ones(shape, jnp.float32)
     if module not in gates.rank:
-        raise ValueError(f"rank gates have no entry for module {module!r}; they cover {sorted(gates.rank)}")
+        raise ConfigError(f"rank gates have no entry for module {module!r}; they cover {sorted(gates.rank)}")
     beta = jnp.asarray(gates.rank[module])
     beta = beta.astype(jnp.promote_types(beta.dtype, jnp.float32))
     if beta.shape != shape:
-        raise ValueError(f"rank gate of {module!r} has shape {beta.shape}, expected {shape}")
+        raise ConfigError(f"rank gate of {module!r} has shape {beta.shape}, expected {shape}")
     return jax.nn.softmax(beta, axis=-1)
 
 

@@ -25,6 +25,7 @@ import numpy as np
 from flax import struct
 
 from flexora_jax.config import LoraConfig, ModelConfig
+from flexora_jax.errors import ConfigError
 from flexora_jax.gates import Gates, layer_gate_values, rank_gate_values
 
 
@@ -123,7 +124,7 @@ def per_layer_lora(lora: LoraParams, gates: Gates | None, num_layers: int) -> di
     place where gate values enter the forward pass.
     """
     if lora.spec.num_layers != num_layers:
-        raise ValueError(f"LoRA was built for {lora.spec.num_layers} layers, the model has {num_layers}")
+        raise ConfigError(f"LoRA was built for {lora.spec.num_layers} layers, the model has {num_layers}")
     layer_w = layer_gate_values(gates, num_layers)  # [L]
     out = {}
     for m in lora.spec.targets:
@@ -147,7 +148,7 @@ def merge(params: dict[str, Any], lora: LoraParams, gates: Gates | None = None,
     for m, delta in deltas.items():
         kernel = layers[m]["kernel"]
         if kernel.shape != delta.shape:
-            raise ValueError(f"LoRA for {m} has shape {delta.shape}, base kernel {kernel.shape}")
+            raise ConfigError(f"LoRA for {m} has shape {delta.shape}, base kernel {kernel.shape}")
         merged = (kernel.astype(jnp.float32) + sign * delta).astype(kernel.dtype)
         layers[m] = {**layers[m], "kernel": merged}
     return {**params, "layers": layers}

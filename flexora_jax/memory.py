@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from flexora_jax.config import LoraConfig, ModelConfig
+from flexora_jax.errors import ConfigError
 from flexora_jax.lora import init_lora
 from flexora_jax.models.llama import init_params
 from flexora_jax.sharding import AXES, axis_sizes, partition_specs
@@ -118,7 +119,7 @@ def plan_memory(model_config: ModelConfig, lora_config: LoraConfig, mesh_shape: 
     sizes = axis_sizes(dict(mesh_shape))
     unknown = set(mesh_shape) - set(AXES)
     if unknown:
-        raise ValueError(f"unknown mesh axes {sorted(unknown)}; valid: {AXES}")
+        raise ConfigError(f"unknown mesh axes {sorted(unknown)}; valid: {AXES}")
     params, lora = _abstract(model_config, lora_config)
     params_b = _sharded_bytes(params, sizes)
     lora_b = _sharded_bytes(lora, sizes)

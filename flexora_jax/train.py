@@ -21,7 +21,7 @@ from flexora_jax import loops
 from flexora_jax.bilevel import lm_loss
 from flexora_jax.config import FinetuneConfig, ModelConfig
 from flexora_jax.data import BatchSampler, Dataset, batches_in_order
-from flexora_jax.errors import NumericsError
+from flexora_jax.errors import NumericsError, check_tree_shapes
 from flexora_jax.gates import Gates
 from flexora_jax.lora import LoraParams
 from flexora_jax.sharding import fetch
@@ -136,7 +136,11 @@ def finetune(config: ModelConfig, params: Any, lora: LoraParams, train: Dataset,
     sampler = BatchSampler(train, cfg.batch_size, seed=seed)
     if sampler_state is not None:
         sampler.restore(sampler_state)
-    state = state or init_train_state(lora, make_optimizer(cfg, steps), seed)
+    fresh = functools.partial(init_train_state, lora, make_optimizer(cfg, steps), seed)
+    if state is None:
+        state = fresh()
+    else:
+        check_tree_shapes(state, jax.eval_shape(fresh), "finetune: the given state")
     program = loops.compile_step(make_train_step(config, cfg, steps), loops.default_mesh(mesh),
                                  (params, state, sampler.abstract()), {2: 0})
     params, state = program.place(params, state)
