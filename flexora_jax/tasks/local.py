@@ -354,23 +354,31 @@ def _race(level: str) -> Callable[[Path, str], list[dict]]:
 
 
 # --------------------------------------------------------------------------------------- commonsenseqa
-def _commonsenseqa(data_dir: Path, split: str) -> list[dict]:
-    files = {"train": "train", "validation": "valid"}
+def _split_jsonl(task: str, data_dir: Path, split: str, files: dict[str, str],
+                 why: str) -> Iterator[tuple[str, dict]]:
+    """The records of ``data_dir/task/<file of split>``, or the error naming the splits the release files have."""
     if split not in files:
-        raise _no_split("commonsenseqa", split, tuple(files), "test.jsonl has no answers")
-    rows = []
-    for where, doc in _jsonl(data_dir / "commonsenseqa" / f"{files[split]}.jsonl"):
-        question = _get(doc, "question", where, dict)
-        choices = _get(question, "choices", where + " question", list)
-        labels = [_get(c, "label", where + " choice") for c in choices]
-        key = _get(doc, "answerKey", where)
-        if key not in labels:
-            raise DataError(f"{where}: answerKey {key!r} is out of range; expected one of {labels}")
-        rows.append({"id": _get(doc, "id", where), "question": _get(question, "stem", where + " question"),
-                     "question_concept": question.get("question_concept", ""),
-                     "choices": {"label": labels, "text": [_get(c, "text", where + " choice") for c in choices]},
-                     "answerKey": key})
-    return rows
+        raise _no_split(task, split, tuple(files), why)
+    return _jsonl(data_dir / task / files[split])
+
+
+def _commonsenseqa_row(where: str, doc: dict) -> dict:
+    question = _get(doc, "question", where, dict)
+    choices = _get(question, "choices", where + " question", list)
+    labels = [_get(c, "label", where + " choice") for c in choices]
+    key = _get(doc, "answerKey", where)
+    if key not in labels:
+        raise DataError(f"{where}: answerKey {key!r} is out of range; expected one of {labels}")
+    return {"id": _get(doc, "id", where), "question": _get(question, "stem", where + " question"),
+            "question_concept": question.get("question_concept", ""),
+            "choices": {"label": labels, "text": [_get(c, "text", where + " choice") for c in choices]},
+            "answerKey": key}
+
+
+def _commonsenseqa(data_dir: Path, split: str) -> list[dict]:
+    files = {"train": "train.jsonl", "validation": "valid.jsonl"}
+    return [_commonsenseqa_row(where, doc) for where, doc in _split_jsonl(
+        "commonsenseqa", data_dir, split, files, "test.jsonl has no answers")]
 
 
 # --------------------------------------------------------------------------------------- siqa
@@ -412,21 +420,21 @@ def _gsm8k(data_dir: Path, split: str) -> list[dict]:
     return rows
 
 
+def _aqua_row(where: str, obj: dict) -> dict:
+    options = _get(obj, "options", where, list)
+    if len(options) != 5 or any(not str(o).startswith(f"{c})") for o, c in zip(options, "ABCDE")):
+        raise DataError(f"{where}: expected 5 options prefixed 'A)'..'E)', got {options!r}")
+    correct = _get(obj, "correct", where)
+    if correct not in ("A", "B", "C", "D", "E"):
+        raise DataError(f"{where}: correct={correct!r} is not one of A..E")
+    return {"question": _get(obj, "question", where), "options": options, "rationale": _get(obj, "rationale", where),
+            "correct": correct}
+
+
 def _aqua(data_dir: Path, split: str) -> list[dict]:
     files = {"validation": "dev.json", "test": "test.json"}
-    if split not in files:
-        raise _no_split("aqua", split, tuple(files), "the 97k-example train.json is not kept")
-    rows = []
-    for where, obj in _jsonl(data_dir / "aqua" / files[split]):
-        options = _get(obj, "options", where, list)
-        if len(options) != 5 or any(not str(o).startswith(f"{c})") for o, c in zip(options, "ABCDE")):
-            raise DataError(f"{where}: expected 5 options prefixed 'A)'..'E)', got {options!r}")
-        correct = _get(obj, "correct", where)
-        if correct not in ("A", "B", "C", "D", "E"):
-            raise DataError(f"{where}: correct={correct!r} is not one of A..E")
-        rows.append({"question": _get(obj, "question", where), "options": options,
-                     "rationale": _get(obj, "rationale", where), "correct": correct})
-    return rows
+    return [_aqua_row(where, obj) for where, obj in _split_jsonl(
+        "aqua", data_dir, split, files, "the 97k-example train.json is not kept")]
 
 
 _MMLU_FILES = {"dev": "dev", "validation": "val", "test": "test"}
