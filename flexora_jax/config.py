@@ -398,7 +398,8 @@ class SelectionConfig:
 
     def __post_init__(self) -> None:
         require(self.rule in SELECTION_RULES, f"selection.rule must be one of {SELECTION_RULES}, got {self.rule!r}")
-        require(isinstance(self.top_k, int) and self.top_k >= 0, f"selection.top_k must be an integer >= 0, got {self.top_k!r}")
+        require(isinstance(self.top_k, int) and self.top_k >= 0,
+                f"selection.top_k must be an integer >= 0, got {self.top_k!r}")
         require(self.rule != "top_k" or self.top_k >= 1, "selection.rule 'top_k' needs selection.top_k >= 1")
         require(isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold >= 0,
                f"selection.threshold must be a finite gate value >= 0, got {self.threshold!r}")

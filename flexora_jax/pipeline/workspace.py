@@ -288,8 +288,8 @@ def _validate_for_layers(config: RunConfig, num_layers: int, what: str) -> None:
     if config.baseline_k > num_layers:
         raise ConfigError(f"baseline_k {config.baseline_k} exceeds the {num_layers} layers of {what}; "
                           f"expected 0..{num_layers}")
-    if config.search.selection == "topk" and config.search.top_k > num_layers:
-        raise ConfigError(f"search.top_k {config.search.top_k} exceeds the {num_layers} layers of {what}; "
+    if config.selection.rule == "top_k" and config.selection.top_k > num_layers:
+        raise ConfigError(f"selection.top_k {config.selection.top_k} exceeds the {num_layers} layers of {what}; "
                           f"expected 1..{num_layers}")
 
 
