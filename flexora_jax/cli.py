@@ -18,11 +18,13 @@ import sys
 import textwrap
 from pathlib import Path
 
+import jax
 import yaml
 
 from flexora_jax.errors import FlexoraError
 from flexora_jax.pipeline.config import RunConfig, config_to_dict, load_config
 from flexora_jax.pipeline.io import Interrupted
+from flexora_jax.pipeline.rundir import describe_os_error
 from flexora_jax.pipeline.stages import run, run_stage
 
 COMMANDS = ("run", "search", "finetune", "evaluate", "export")
@@ -103,6 +105,15 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(str(exc))
     except KeyboardInterrupt:
         return _fail("interrupted; continue with --resume", 130)
+    except OSError as exc:  # the error boundary: a full disk, a read-only place, a file where a folder belongs
+        return _fail(f"{describe_os_error(exc)}; nothing already written was removed")
+    except UnicodeError as exc:
+        return _fail(f"a file or argument is not valid text ({exc}); expected UTF-8")
+    except (MemoryError, jax.errors.JaxRuntimeError) as exc:
+        if isinstance(exc, MemoryError) or "RESOURCE_EXHAUSTED" in str(exc):
+            return _fail("out of memory: the model, batch or sequence does not fit this device; lower "
+                         "search.batch_size / finetune.batch_size / task.max_length, or use more devices (mesh)")
+        raise
 
 
 class _UserExit(Exception):

@@ -109,23 +109,34 @@ def progress(total: int, initial: int, desc: str, unit: str = "step") -> tqdm:
 # ----------------------------------------------------------------------------------------- signals
 class _StopFlag:
     signum: int | None = None
+    deferred: bool = False  # inside a checkpointed loop: the loop saves at the next step, then stops
+    where: str = ""  # the run directory, for the message
 
 
 STOP = _StopFlag()
 
 
+def _interrupted(signum: int) -> Interrupted:
+    hint = f" --output-dir {STOP.where}" if STOP.where else ""
+    return Interrupted(f"interrupted by signal {signum}; what the finished stages wrote is kept; continue with "
+                       f"`flexora-jax run --resume{hint}`", signum)
+
+
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """While active, SIGTERM / SIGINT set ``STOP.signum``; the stages check it after each step."""
+    """While active, SIGTERM / SIGINT stop the run: at once (raising :class:`Interrupted`), or, inside
+    :func:`deferred_signals`, at the next step boundary, where the loop saves a checkpoint first."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    STOP.signum = None
+    STOP.signum, STOP.deferred = None, False
 
     def handler(signum, frame):  # noqa: ARG001
-        if STOP.signum is not None:  # a second signal: stop now
-            raise KeyboardInterrupt
+        if STOP.deferred and STOP.signum is None:
+            STOP.signum = signum  # the loop saves, then raises
+            return
         STOP.signum = signum
+        raise _interrupted(signum)
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
@@ -133,4 +144,16 @@ def stop_on_signals() -> Iterator[None]:
     finally:
         for s, h in old.items():
             signal.signal(s, h)
-        STOP.signum = None
+        STOP.signum, STOP.deferred, STOP.where = None, False, ""
+
+
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """A checkpointed loop: a signal sets ``STOP.signum`` and the loop's hook saves and stops at its next step."""
+    STOP.deferred = True
+    try:
+        yield
+    finally:
+        STOP.deferred = False
+    if STOP.signum is not None:  # arrived after the last step's hook: stop now, everything is saved
+        raise _interrupted(STOP.signum)

@@ -34,7 +34,8 @@ from flexora_jax.gates import gate_values, init_gates
 from flexora_jax.lora import init_lora
 from flexora_jax.pipeline import report
 from flexora_jax.pipeline.config import METHOD_GATES, PLANTED_TASK, RunConfig
-from flexora_jax.pipeline.io import STOP, Interrupted, progress, progress_enabled, read_json, stop_on_signals, write_json
+from flexora_jax.pipeline.io import (STOP, Interrupted, deferred_signals, progress, progress_enabled, read_json,
+                                    stop_on_signals, write_json)
 from flexora_jax.pipeline.methods import (SearchOutcome, load_search, method_dir, method_selection, needed_searches,
                                      selection_json)
 from flexora_jax.pipeline.workspace import Workspace, prepare
@@ -83,7 +84,8 @@ def _resumable(ws: Workspace, stage: str, total: int, template: Callable[[], Any
 
     t0 = time.perf_counter()
     try:
-        result = body(state, sampler, callback)
+        with deferred_signals():
+            result = body(state, sampler, callback)
     except NumericsError as exc:
         step = ws.log.last_step.get(stage, 0) + 1
         ws.log.write({"stage": stage, "step": step, "event": "non_finite", "message": str(exc)})
@@ -306,11 +308,15 @@ def run(config: RunConfig | None = None, resume: bool = False) -> RunResult:
     t0 = time.perf_counter()
     with stop_on_signals():
         ws = prepare(config, resume=resume, stage="run")
-        searches = searches_stage(ws)
-        selections, loras = finetune_all(ws, searches)
-        scores = evaluate_stage(ws, loras)
-        export_stage(ws)
-    ws.record_time("total", time.perf_counter() - t0)  # this call's wall time
+        STOP.where = str(ws.run_dir)
+        try:
+            searches = searches_stage(ws)
+            selections, loras = finetune_all(ws, searches)
+            scores = evaluate_stage(ws, loras)
+            export_stage(ws)
+            ws.record_time("total", time.perf_counter() - t0)  # this call's wall time
+        finally:
+            ws.rundir.release()
     planted = ws.planted.planted_json() if ws.planted is not None else None
     timings = {k: v for k, v in ws.timings.items() if k != "total"}
     return RunResult(ws.run_dir, selections, scores, planted, timings)
@@ -327,10 +333,14 @@ def run_stage(stage: str, config: RunConfig, merged: bool = False) -> Any:
         raise ConfigError(f"unknown stage {stage!r}; expected one of search, finetune, evaluate, export")
     with stop_on_signals():
         ws = prepare(config, resume=False, stage=stage)
-        if stage == "search":
-            return searches_stage(ws)
-        if stage == "finetune":
-            return finetune_all(ws, {kind: load_search(ws.run_dir, kind) for kind in needed_searches(ws.config)})
-        if stage == "evaluate":
-            return evaluate_stage(ws, load_adapters(ws))
-        return export_stage(ws, merged=merged)
+        STOP.where = str(ws.run_dir)
+        try:
+            if stage == "search":
+                return searches_stage(ws)
+            if stage == "finetune":
+                return finetune_all(ws, {kind: load_search(ws.run_dir, kind) for kind in needed_searches(ws.config)})
+            if stage == "evaluate":
+                return evaluate_stage(ws, load_adapters(ws))
+            return export_stage(ws, merged=merged)
+        finally:
+            ws.rundir.release()

@@ -29,12 +29,14 @@ from flexora_jax.models import convert_llama2c, load_model, load_tokenizer
 from flexora_jax.planted import PlantedConfig, make_planted_task
 from flexora_jax.pipeline.config import PLANTED_TASK, RunConfig, config_to_dict, load_config, save_config
 from flexora_jax.pipeline.io import RunLog, progress_enabled, read_json, write_json
+from flexora_jax.pipeline.rundir import RunDir
 from flexora_jax.tasks.formats import question_removed
 from flexora_jax.tasks.sft import encode_pair, pad_dataset, sft_dataset
 
 log = logging.getLogger("flexora_jax")
 
 CONFIG_FILE = "config.yaml"
+MESH_FILE = "mesh.json"  # the mesh a run started on: a resume must use the same one
 
 
 @dataclasses.dataclass
@@ -66,6 +68,7 @@ class Workspace:
     planted: Any = None  # the PlantedTask of the embedded default
     model_source: str | None = None  # model directory recorded in the adapter config
     mesh: Any = None  # the run's jax.sharding.Mesh (one device or many); params live sharded on it
+    rundir: RunDir | None = None  # the claimed run directory (its lock is released when the run or stage ends)
     timings: dict[str, float] = dataclasses.field(default_factory=dict)
 
     def record_time(self, stage: str, seconds: float) -> None:
@@ -110,7 +113,7 @@ def _prepare_planted(config: RunConfig) -> tuple[Any, TaskData]:
     return task, TaskData(train=task.train, val=task.val, finetune=finetune, test=task.test)
 
 
-def _resolve_model(config: RunConfig, run_dir: Path) -> str:
+def _resolve_model(config: RunConfig, rundir: RunDir) -> str:
     """The model directory: ``model.path``, or the llama2.c checkpoint converted into ``<run>/model``."""
     ms = config.model
     if ms.path is not None:
@@ -118,13 +121,14 @@ def _resolve_model(config: RunConfig, run_dir: Path) -> str:
     for f in (ms.llama2c, ms.tokenizer_model):
         if not Path(f).exists():
             raise ConfigError(f"model.llama2c / model.tokenizer_model: file {f} does not exist")
-    out = run_dir / "model"
+    out = rundir / "model"
     if not (out / "config.json").exists() and sh.is_main_process():
         write_dir(out, lambda tmp: convert_llama2c(ms.llama2c, ms.tokenizer_model, tmp))
+        rundir.made.append(out)
     return str(out)
 
 
-def _prepare_task(config: RunConfig, run_dir: Path, mesh: Any = None) -> tuple[ModelConfig, Any, Any, str, TaskData]:
+def _prepare_task(config: RunConfig, rundir: RunDir, mesh: Any) -> tuple[ModelConfig, Any, Any, str, TaskData]:
     """A real multiple-choice task: model + tokenizer, SFT token data for search / fine-tune, test records.
 
     The search trains on the first ``task.n_train`` training examples and the fine-tune on the first
@@ -132,7 +136,7 @@ def _prepare_task(config: RunConfig, run_dir: Path, mesh: Any = None) -> tuple[M
     gates; ``task.n_test`` (or ``eval.limit``) held-out examples are scored.
     """
     tc = config.task
-    source = _resolve_model(config, run_dir)
+    source = _resolve_model(config, rundir)
     model_config, params = _load_base(config, source, mesh)
     tokenizer = load_tokenizer(source)
     _check_tokenizer(tokenizer, model_config, source)
@@ -215,34 +219,42 @@ def _check_tokenizer(tokenizer: Any, model_config: ModelConfig, source: str) -> 
 
 
 def prepare(config: RunConfig, resume: bool = False, stage: str = "run") -> Workspace:
-    """Create (or reopen) the run directory, build / load the model and the data.
+    """Validate, claim the run directory, build / load the model and the data, then write the run's config.
 
-    A fresh ``run`` refuses a directory that already holds a run (pass ``resume=True`` to continue it);
-    a resumed run or a single stage must use the config the directory was created with.
+    Everything that can be checked is checked before the first file is written: the config against
+    the model's depth and the data's sizes, the run directory (:class:`RunDir`), the config identity
+    of an existing run. A fresh ``run`` refuses a directory that already holds a run (``resume=True``
+    continues it) or holds other files; a resumed run or a stage must use the config the directory
+    was created with. A fresh run that fails before its config is written leaves no directory.
     """
     if config.task.name == PLANTED_TASK:  # config errors first, before the run directory is looked at
         _validate_for_layers(config, config.task.planted.num_layers, "the planted model")
     mesh = run_mesh(config)
-    run_dir = Path(config.output_dir).absolute()
-    saved = run_dir / CONFIG_FILE
-    if saved.exists():
-        previous = load_config(saved)
-        if stage == "run" and not resume:
-            raise ConfigError(f"{run_dir} already holds a run ({CONFIG_FILE} exists); pass --resume to continue "
-                              "it, or choose another --output-dir")
-        # the mesh is where the run executes, not what it computes: a run may resume on another slice
-        diff = _config_diff({**config_to_dict(previous), "mesh": None}, {**config_to_dict(config), "mesh": None})
-        if diff:
-            raise ConfigError(f"the config differs from the one {run_dir} was run with ({saved}): "
-                              f"{'; '.join(diff)}; use the same settings, or another --output-dir")
+    rundir = RunDir(config.output_dir)
+    rundir.check_usable()
+    run_dir = rundir.path
+    holds_run = (rundir / CONFIG_FILE).exists()
+    if holds_run:
+        _check_same_run(config, rundir, resume, stage, mesh)
     elif resume:
         raise ConfigError(f"--resume: {run_dir} holds no run to continue (no {CONFIG_FILE}); drop --resume to "
                           "start a fresh run there, or pass the --output-dir of an existing run")
-    elif stage != "run" and stage != "search":
+    elif stage not in ("run", "search"):
         raise ConfigError(f"{run_dir} has no {CONFIG_FILE}: the '{stage}' stage continues a run; "
                           "run `flexora-jax run` (or `search`) first")
-    if sh.is_main_process():
-        run_dir.mkdir(parents=True, exist_ok=True)
+    else:
+        rundir.check_fresh(CONFIG_FILE)
+    rundir.claim()
+    try:
+        ws = _build(config, rundir, mesh, resume, stage, fresh=not holds_run)
+    except BaseException:
+        rundir.release() if holds_run else rundir.abandon()
+        raise
+    return ws
+
+
+def _build(config: RunConfig, rundir: RunDir, mesh: Any, resume: bool, stage: str, fresh: bool) -> Workspace:
+    run_dir = rundir.path
     if not progress_enabled():
         datasets.disable_progress_bars()
     t0 = time.perf_counter()
@@ -250,31 +262,78 @@ def prepare(config: RunConfig, resume: bool = False, stage: str = "run") -> Work
     if config.task.name == PLANTED_TASK:
         planted, data = _prepare_planted(config)
         model_config, params = planted.config, sh.shard(planted.params, mesh)
-        write_json(run_dir / "planted.json", planted.planted_json())
         po = config.task.planted
         data.info = {"task": PLANTED_TASK, "sizes": {"search_train": po.n_train, "search_validation": po.n_val,
                                                      "finetune_train": len(data.finetune["input_ids"]),
                                                      "test": po.n_test}}
     else:
-        model_config, params, tokenizer, source, data = _prepare_task(config, run_dir, mesh)
+        model_config, params, tokenizer, source, data = _prepare_task(config, rundir, mesh)
+    _validate_for_layers(config, model_config.num_hidden_layers, f"the model {source}")
+    _validate_sizes(config, data)
     # The config is written once the model and data are known good: a run that fails on bad input
     # leaves no config.yaml behind, so the corrected command is a fresh run again (not a --resume).
-    if sh.is_main_process():
-        save_config(config, saved)
+    if sh.is_main_process() and fresh:
+        save_config(config, run_dir / CONFIG_FILE)
+        write_json(run_dir / MESH_FILE, dict(mesh.shape))
+    if planted is not None:
+        write_json(run_dir / "planted.json", planted.planted_json())
     write_json(run_dir / "data.json", data.info)
-    _validate_for_layers(config, model_config.num_hidden_layers, f"the model {source}")
     ws = Workspace(config=config, run_dir=run_dir, model_config=model_config, params=params, data=data,
                    log=RunLog(run_dir), resume=resume, tokenizer=tokenizer, planted=planted, model_source=source,
-                   mesh=mesh)
-    if resume and (run_dir / "timings.json").exists():
+                   mesh=mesh, rundir=rundir)
+    if not fresh and (run_dir / "timings.json").exists():  # a stage or a resume adds to the earlier stages' times
         ws.timings.update({k: v for k, v in read_json(run_dir / "timings.json").items() if k != "total"})
-    ws.record_time("prepare", time.perf_counter() - t0)
+    if stage == "run":
+        ws.record_time("prepare", time.perf_counter() - t0)
     log.info("prepared %s: %d layers, %d / %d / %d train / val / test sequences (%.1f s)", config.task.name,
              ws.num_layers, len(data.train["input_ids"]), len(data.val["input_ids"]),
-             len(data.test["input_ids"]), ws.timings["prepare"])
+             len(data.test["input_ids"]), time.perf_counter() - t0)
     if mesh.size > 1:
         log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
     return ws
+
+
+def _identity(config: RunConfig) -> dict[str, Any]:
+    """What a run computes: the config without where its directory lives and which devices it runs on."""
+    return {k: v for k, v in config_to_dict(config).items() if k not in ("output_dir", "mesh")}
+
+
+def _check_same_run(config: RunConfig, rundir: RunDir, resume: bool, stage: str, mesh: Any) -> None:
+    """An existing run may be resumed or continued by a stage only with its own config and mesh."""
+    saved = rundir / CONFIG_FILE
+    if stage == "run" and not resume:
+        raise ConfigError(f"{rundir.path} already holds a run ({CONFIG_FILE} exists); pass --resume to continue "
+                          "it, or choose another --output-dir")
+    try:
+        previous = load_config(saved)
+    except ConfigError as exc:
+        raise ConfigError(f"{saved} (the config of the run in {rundir.path}) is damaged: {exc}; restore it, or "
+                          "start a new run in another --output-dir") from None
+    diff = _config_diff(_identity(previous), _identity(config))
+    if diff:
+        raise ConfigError(f"the config differs from the one {rundir.path} was run with ({saved}): "
+                          f"{'; '.join(diff)}; use the same settings, or another --output-dir")
+    mesh_file = rundir / MESH_FILE
+    if (resume or stage in ("search", "finetune")) and mesh_file.exists():
+        started = {k: int(v) for k, v in read_json(mesh_file).items()}
+        if started != dict(mesh.shape):
+            raise ConfigError(f"{rundir.path} was started on mesh {started} and would continue on {dict(mesh.shape)}: "
+                              "a resumed run reproduces an uninterrupted one bit for bit only on the same mesh; set "
+                              + " ".join(f"--mesh.{a}={n}" for a, n in started.items())
+                              + " (with as many devices), or start a new run")
+
+
+def _validate_sizes(config: RunConfig, data: TaskData) -> None:
+    """Batch sizes against the data they are drawn from (checked before anything is written)."""
+    for key, batch, split, name in (("search.batch_size", config.search.batch_size, data.train, "search training"),
+                                    ("search.val_batch_size", config.search.val_batch_size, data.val,
+                                     "search validation"),
+                                    ("finetune.batch_size", config.finetune.batch_size, data.finetune,
+                                     "fine-tune training")):
+        n = len(split["input_ids"])
+        if batch > n:
+            raise ConfigError(f"{key} {batch} is larger than the {n} {name} examples; expected at most {n} "
+                              "(or more examples)")
 
 
 def _validate_for_layers(config: RunConfig, num_layers: int, what: str) -> None:
