@@ -95,7 +95,7 @@ def torch_model(config: ModelConfig, params: Any, lora: LoraConfig | None = None
     import torch
     import transformers
 
-    from flexora_jax.models.loading import save_model
+    from flexora_jax.models.hf import save_model
 
     with tempfile.TemporaryDirectory() as tmp:
         save_model(config, params, tmp)

@@ -38,11 +38,12 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from flexora_jax.config import ALL_MODULES, ATTENTION_MODULES, LoraConfig, ModelConfig
+from flexora_jax.config import ALL_MODULES, LoraConfig, ModelConfig, module_path
 from flexora_jax.errors import CheckpointError, ConfigError
+from flexora_jax.fileio import write_bytes
 from flexora_jax.gates import Gates, layer_gate_values, rank_gate_values
 from flexora_jax.lora import LoraParams, make_spec, merge
-from flexora_jax.models.loading import save_model
+from flexora_jax.models.hf import read_safetensors, save_model, write_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -79,12 +80,6 @@ _TASK_TYPES = (None, "CAUSAL_LM")
 
 
 # ------------------------------------------------------------------------------------------ names
-def module_path(module: str, layer: int) -> str:
-    """PEFT's module key of ``module`` in block ``layer`` (relative to the CausalLM)."""
-    group = "self_attn" if module in ATTENTION_MODULES else "mlp"
-    return f"model.layers.{layer}.{group}.{module}"
-
-
 def _tensor_key(module: str, layer: int, which: str) -> str:
     return f"{_PREFIX}{module_path(module, layer)}.lora_{which}.weight"
 
@@ -117,6 +112,9 @@ def export_peft(lora: LoraParams, out_dir: str | os.PathLike, *, gates: Gates | 
 
     Returns:
       The adapter directory.
+
+    Raises:
+      CheckpointError: the directory cannot be written (read-only, disk full, a file in its place).
     """
     spec = lora.spec
     cfg = spec.config
@@ -162,9 +160,13 @@ def export_peft(lora: LoraParams, out_dir: str | os.PathLike, *, gates: Gates | 
         "modules_to_save": None, "layer_replication": None,
     }
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _write_safetensors(tensors, out / ADAPTER_WEIGHTS)
-    _write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", out / ADAPTER_CONFIG)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        write_safetensors(out / ADAPTER_WEIGHTS, tensors)
+        write_bytes(out / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
+    except OSError as exc:
+        raise CheckpointError(f"export_peft: could not write the adapter to {out}: "
+                              f"{exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}") from None
     return out
 
 
@@ -179,20 +181,6 @@ def export_merged(config: ModelConfig, params: dict[str, Any], lora: LoraParams,
 
 def _plain_number(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
-
-
-def _write_safetensors(tensors: dict[str, np.ndarray], path: Path) -> None:
-    from safetensors.numpy import save_file
-
-    tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
-
-
-def _write_text(text: str, path: Path) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 # ------------------------------------------------------------------------------------------- load
@@ -238,7 +226,7 @@ def load_peft(adapter_dir: str | os.PathLike, config: ModelConfig) -> LoraParams
         hint = " (adapter_model.bin is pickle, which flexora_jax does not read; re-save it with PEFT's " \
                "save_pretrained(safe_serialization=True))" if (directory / "adapter_model.bin").exists() else ""
         raise CheckpointError(f"{directory}: {ADAPTER_WEIGHTS} is missing{hint}")
-    tensors = _read_safetensors(weights_file)
+    tensors = {k: v.astype(np.float32) for k, v in read_safetensors(weights_file).items()}  # bf16/fp16 too
     expected = {_tensor_key(m, i, w): (m, i, w) for m, i in adapted for w in ("A", "B")}
     missing = [k for k in expected if k not in tensors]
     if missing:
@@ -412,14 +400,3 @@ def _lora_config(raw: dict[str, Any], cfg_file: Path, ranks: dict[tuple[str, int
             init_lora_weights=init if init in (True, False, "gaussian") else True)
     except ConfigError as exc:
         raise ConfigError(f"{cfg_file}: {exc}") from None
-
-
-def _read_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """All tensors of a safetensors file as fp32 numpy arrays (bf16/fp16 adapters included)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="flax") as reader:
-            return {k: np.asarray(jnp.asarray(reader.get_tensor(k), jnp.float32)) for k in reader.keys()}
-    except Exception as exc:
-        raise CheckpointError(f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc})") from None

@@ -45,7 +45,7 @@ from flexora_jax.gates import GateKind, Gates, gate_values, init_gates
 from flexora_jax.lora import LoraParams, init_lora
 from flexora_jax.selection import Selection, select
 from flexora_jax.sharding import fetch
-from flexora_jax.models.llama import causal_lm_loss, forward, labels_lm_loss, soft_lm_loss
+from flexora_jax.models.losses import lm_loss
 
 Batch = dict[str, jax.Array]
 LossFn = Callable[[LoraParams, Gates | None, Batch], jax.Array]
@@ -65,20 +65,6 @@ class SearchState(NamedTuple):
     gates: Gates
     gate_opt_state: Any
     step: jax.Array
-
-
-def lm_loss(config: ModelConfig, params: Any, lora: LoraParams | None, gates: Gates | None,
-            batch: Batch, dropout_key: jax.Array | None = None) -> jax.Array:
-    """Answer-token cross-entropy of a batch (soft targets when the batch has ``target_probs``)."""
-    logits = forward(config, params, batch["input_ids"], batch.get("attention_mask"), lora=lora, gates=gates,
-                     dropout_key=dropout_key)
-    if "target_probs" in batch:
-        # target_probs[b, t] / labels[b, t] are the targets of the token after position t: aligned
-        # with logits[b, t] and weighted by loss_mask[b, t] (planted / distillation data).
-        return soft_lm_loss(logits, batch["target_probs"], batch["loss_mask"])
-    if "labels" in batch:
-        return labels_lm_loss(logits, batch["labels"], batch["loss_mask"])
-    return causal_lm_loss(logits, batch["input_ids"], batch["loss_mask"])
 
 
 def make_loss_fn(config: ModelConfig, params: Any) -> LossFn:

@@ -274,7 +274,7 @@ def evaluate(config: ModelConfig, params: Any, tokenizer: Any, task_or_records: 
     ``{exact_match, stderr, n, ...}`` instead.
 
     Args:
-      config, params: the model (``flexora_jax.models.loading.load_model``).
+      config, params: the model (``flexora_jax.load_model``).
       tokenizer: its tokenizer (``load_tokenizer``).
       task_or_records: a task name, a list of names (each scored on its ``test`` split), a list of
         records (:class:`MCRecord` / ``GenRecord``, grouped by ``record.task``) or a mapping task -> records.

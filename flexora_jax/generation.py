@@ -5,10 +5,10 @@ Design:
   ``[batch_bucket, prompt_bucket]`` array and runs :func:`_decode`, a pure function jitted per
   (config, batch bucket, prompt bucket, ``max_new_tokens``, sampling mode). Buckets are powers of two,
   so a long evaluation compiles a handful of programs.
-- :func:`_decode` reuses the decoder's building blocks (``rms_norm``, ``apply_rope``, ``rope_tables``,
-  ``linear`` with the gated LoRA branch): a prefill pass over the prompt fills the cache, then a
-  ``lax.while_loop`` feeds one token per step until every row has emitted EOS or ``max_new_tokens``
-  tokens. Layers run under ``lax.scan``; the cache ``[l, b, s, k, e]`` is carried whole and written
+- :func:`_decode` runs the decoder's own ``llama.block`` (given a ``KVCache``) and ``llama.lm_head``,
+  the gated LoRA branch included, so generation cannot drift from the trained model: a prefill pass
+  over the prompt fills the cache, then a ``lax.while_loop`` feeds one token per step until every row
+  has emitted EOS or ``max_new_tokens`` tokens. Layers run under ``lax.scan``; the cache ``[l, b, s, k, e]`` is carried whole and written
   in place (``dynamic_update_slice`` at the layer index and the step's column).
 - Left padding as in transformers' ``generate``: RoPE positions are ``cumsum(mask) - 1`` (padding
   gets position 1, never read), the cache columns of padding are masked out as keys, and generated
@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from typing import Any, Sequence
 
 import jax
@@ -39,9 +38,9 @@ import numpy as np
 from flexora_jax.config import ModelConfig
 from flexora_jax.errors import ConfigError, DataError
 from flexora_jax.lora import per_layer_lora
-from flexora_jax.models.llama import apply_rope, linear, rms_norm, rope_tables
-
-_NEG_INF = -1e30  # as in models/llama.py: a fully masked row gives a uniform softmax, not NaN
+from flexora_jax.models.attention import NEG_INF
+from flexora_jax.models.llama import KVCache, Params, block, embed, lm_head, rms_norm, rope_tables
+from flexora_jax.tasks.sft import bucket_of, length_buckets  # the power-of-two shapes scoring uses too
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,65 +54,26 @@ class GenerateOutput:
 
 
 # ---------------------------------------------------------------------------------------- in-graph
-def _cached_block(config: ModelConfig, layer: Any, lora_layer: Any, h: jax.Array, cos: jax.Array,
-                  sin: jax.Array, cache_k: jax.Array, cache_v: jax.Array, index: jax.Array,
-                  column: jax.Array, allowed: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """One LLaMA block over ``h`` [b, t, d] that writes its keys/values into the cache.
-
-    ``cache_k``/``cache_v`` [l, b, s, k, e] hold every layer; this block is layer ``index`` and its
-    ``t`` new tokens go to columns ``column .. column + t - 1``. ``allowed`` [b, t, s] says which cache
-    columns each query may attend to (causal and not padding).
-    """
-    b, t, _ = h.shape
-    nh, nk, e = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-
-    def lin(x, name):
-        return linear(x, layer, name, lora_layer, None, 0.0)
-
-    x = rms_norm(h, layer["input_norm"], config.rms_norm_eps)
-    q = lin(x, "q_proj").reshape(b, t, nh, e)
-    k = lin(x, "k_proj").reshape(b, t, nk, e)
-    v = lin(x, "v_proj").reshape(b, t, nk, e)
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    zero = jnp.zeros((), jnp.int32)
-    cache_k = jax.lax.dynamic_update_slice(cache_k, k[None].astype(cache_k.dtype), (index, zero, column, zero, zero))
-    cache_v = jax.lax.dynamic_update_slice(cache_v, v[None].astype(cache_v.dtype), (index, zero, column, zero, zero))
-    keys = jax.lax.dynamic_index_in_dim(cache_k, index, keepdims=False)  # [b, s, k, e]
-    values = jax.lax.dynamic_index_in_dim(cache_v, index, keepdims=False)
-    acc = jnp.promote_types(h.dtype, jnp.float32)
-    q = q.reshape(b, t, nk, nh // nk, e)
-    scores = jnp.einsum("btkge,bske->bkgts", q, keys, preferred_element_type=acc) / math.sqrt(e)
-    scores = jnp.where(allowed[:, None, None], scores, _NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(h.dtype)
-    attn = jnp.einsum("bkgts,bske->btkge", probs, values).reshape(b, t, nh * e)
-    h = h + lin(attn, "o_proj")
-    x = rms_norm(h, layer["post_attention_norm"], config.rms_norm_eps)
-    mlp = jax.nn.silu(lin(x, "gate_proj")) * lin(x, "up_proj")
-    return h + lin(mlp, "down_proj"), cache_k, cache_v
-
-
-def _layers(config: ModelConfig, params: Any, lora_layers: Any, h: jax.Array, positions: jax.Array,
+def _layers(config: ModelConfig, params: Params, lora_layers: Any, h: jax.Array, positions: jax.Array,
             cache: tuple[jax.Array, jax.Array], column: jax.Array, allowed: jax.Array
             ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """All blocks (scanned over the stacked layer params) and the final norm."""
+    """All blocks over ``h`` [b, t, d] (scanned over the stacked layer params) and the final norm.
+
+    The ``t`` new tokens' keys/values go to cache columns ``column .. column + t - 1`` of every layer;
+    ``allowed`` [b, t, s] says which cache columns each query may attend to (causal and not padding).
+    """
     cos, sin = rope_tables(config, positions)
+    bias = jnp.where(allowed[:, None], 0.0, NEG_INF)  # [b, 1, t, s]
 
     def step(carry, xs):
         h, ck, cv = carry
         layer, lora_layer, index = xs
-        h, ck, cv = _cached_block(config, layer, lora_layer, h, cos, sin, ck, cv, index, column, allowed)
-        return (h, ck, cv), None
+        h, kv = block(config, layer, h, cos, sin, bias, lora_layer, None, 0.0, cache=KVCache(ck, cv, index, column))
+        return (h, kv.k, kv.v), None
 
     indices = jnp.arange(config.num_hidden_layers, dtype=jnp.int32)
     (h, ck, cv), _ = jax.lax.scan(step, (h, *cache), (params["layers"], lora_layers, indices))
     return rms_norm(h, params["final_norm"], config.rms_norm_eps), (ck, cv)
-
-
-def _logits(config: ModelConfig, params: Any, h: jax.Array) -> jax.Array:
-    """fp32 logits [b, v] of hidden states [b, d]."""
-    dtype = jnp.dtype(config.dtype)
-    head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
-    return jnp.einsum("bd,dv->bv", h, head.astype(dtype), preferred_element_type=jnp.float32)
 
 
 def _choose(logits: jax.Array, key: jax.Array, do_sample: bool, top_k: int, temperature: jax.Array,
@@ -137,7 +97,7 @@ def _choose(logits: jax.Array, key: jax.Array, do_sample: bool, top_k: int, temp
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "do_sample", "top_k"))
-def _decode(config: ModelConfig, params: Any, lora: Any, gates: Any, tokens: jax.Array, mask: jax.Array,
+def _decode(config: ModelConfig, params: Params, lora: Any, gates: Any, tokens: jax.Array, mask: jax.Array,
             eos_ids: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, pad_id: jax.Array,
             *, max_new_tokens: int, do_sample: bool, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Prefill + decode loop for left-padded ``tokens``/``mask`` [b, p].
@@ -159,12 +119,12 @@ def _decode(config: ModelConfig, params: Any, lora: Any, gates: Any, tokens: jax
     valid = jnp.concatenate([mask > 0, jnp.ones((b, max_new_tokens), bool)], axis=-1)  # [b, s] key columns
     cols = jnp.arange(s)
     causal = cols[None, :] <= jnp.arange(p)[:, None]  # [p, s]
-    h = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
+    h = embed(config, params, tokens)
     h, cache = _layers(config, params, lora_layers, h, positions, cache, jnp.int32(0),
                        causal[None] & valid[:, None, :])
 
     def pick(h_last, step):
-        logits = _logits(config, params, h_last)
+        logits = lm_head(config, params, h_last)
         token = _choose(logits, jax.random.fold_in(key, step), do_sample, top_k, temperature, top_p)
         logp = jax.nn.log_softmax(logits, axis=-1)
         return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
@@ -182,7 +142,7 @@ def _decode(config: ModelConfig, params: Any, lora: Any, gates: Any, tokens: jax
     def body(state):
         step, out, out_lp, cache, done, length, last = state
         column = p + step - 1  # where the previous token goes
-        h = jnp.take(params["embed"], last, axis=0).astype(dtype)[:, None]  # [b, 1, d]
+        h = embed(config, params, last[:, None])  # [b, 1, d]
         pos = (n_prompt + step - 1)[:, None]
         allowed = (valid & (cols[None, :] <= column))[:, None, :]
         h, cache = _layers(config, params, lora_layers, h, pos, cache, column, allowed)
@@ -200,19 +160,6 @@ def _decode(config: ModelConfig, params: Any, lora: Any, gates: Any, tokens: jax
 
 
 # ---------------------------------------------------------------------------------------- host side
-def power_of_two_buckets(largest: int, smallest: int = 1) -> tuple[int, ...]:
-    """Powers of two from ``smallest`` below ``largest``, then ``largest``: the padded shapes used."""
-    out, n = [], smallest
-    while n < largest:
-        out.append(n)
-        n *= 2
-    return tuple(out) + (largest,)
-
-
-def _bucket(n: int, buckets: Sequence[int]) -> int:
-    return next(bk for bk in buckets if n <= bk)
-
-
 def _eos_ids(config: ModelConfig, tokenizer: Any, eos_token_id: int | Sequence[int] | None) -> list[int]:
     if eos_token_id is None:
         eos_token_id = config.eos_token_id
@@ -237,7 +184,7 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[str] | Sequence
     """Continue each prompt by up to ``max_new_tokens`` tokens (greedy unless ``temperature > 0``).
 
     Args:
-      config, params: the model (``flexora_jax.models.loading.load_model``); params may be sharded.
+      config, params: the model (``flexora_jax.load_model``); params may be sharded.
       prompts: strings (encoded with ``tokenizer``, special tokens as it adds them) or token id lists.
       lora, gates: an unmerged adapter and its gates (None: the base or merged weights).
       max_new_tokens: tokens to generate per prompt (>= 1); a static shape: one program per value.
@@ -290,8 +237,8 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[str] | Sequence
 
     eos = _eos_ids(config, tokenizer, eos_token_id)
     pad = config.pad_token_id if config.pad_token_id is not None else (eos[0] if eos[0] >= 0 else 0)
-    prompt_buckets = power_of_two_buckets(max_length - max_new_tokens, smallest=min(16, max_length - max_new_tokens))
-    batch_buckets = power_of_two_buckets(batch_size)
+    prompt_buckets = length_buckets(max_length - max_new_tokens, min(16, max_length - max_new_tokens))
+    batch_buckets = length_buckets(batch_size, 1)
     do_sample = temperature > 0
     key = jax.random.key(seed)
     tokens_out: list[list[int]] = [[] for _ in encoded]
@@ -300,8 +247,8 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[str] | Sequence
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)  # similar lengths batch together
     for start in range(0, len(order), batch_size):
         chunk = order[start:start + batch_size]
-        b = _bucket(len(chunk), batch_buckets)
-        p = _bucket(max(len(encoded[i]) for i in chunk), prompt_buckets)
+        b = bucket_of(len(chunk), batch_buckets)
+        p = bucket_of(max(len(encoded[i]) for i in chunk), prompt_buckets)
         tokens = np.full((b, p), pad, np.int32)
         mask = np.zeros((b, p), np.int32)
         mask[:, -1] = 1  # filler rows attend to one token

@@ -46,8 +46,8 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from flexora_jax.config import MeshConfig, ModelConfig  # MeshConfig lives in config (the run's mesh: section)
-from flexora_jax.errors import CheckpointError, ConfigError
+from flexora_jax.config import MeshConfig  # MeshConfig lives in config (the run's mesh: section)
+from flexora_jax.errors import ConfigError
 
 AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
@@ -237,73 +237,6 @@ def local_rows(mesh: Mesh, global_rows: int) -> slice:
     if spec == P() or jax.process_count() == 1:
         return slice(0, global_rows)
     return slice(lo, hi)
-
-
-# ------------------------------------------------------------------------------------ loading
-def load_model_sharded(path: str | os.PathLike, mesh: Mesh, dtype: str = "float32",
-                       **config_overrides: Any) -> tuple[ModelConfig, Any]:
-    """``(config, params)`` from an HF directory, each param built straight into its sharding.
-
-    Every device's shard is read from the safetensors files as a slice (``safe_open(...).get_slice``):
-    no process ever holds a full copy of a sharded tensor, only the rows its own devices need.
-    """
-    import jax.numpy as jnp
-    from safetensors import safe_open
-
-    from flexora_jax.models.loading import _weight_files, hf_tensor_names, load_config, resolve_model_dir
-    from flexora_jax.models.llama import param_shapes
-
-    directory = resolve_model_dir(path)
-    config = load_config(directory, dtype=dtype, **config_overrides)
-    files = _weight_files(directory)
-    readers = {f: safe_open(str(f), framework="flax") for f in files}
-    where = {name: f for f, r in readers.items() for name in r.keys()}
-    names = hf_tensor_names(config)
-    shapes = param_shapes(config)
-    by_path: dict[tuple, dict] = {}
-    for name, (ppath, layer, transpose) in names.items():
-        if name not in where:
-            raise CheckpointError(f"{directory}: missing tensor {name} for a {config.num_hidden_layers}-layer "
-                                  f"{config.model_type} model")
-        by_path.setdefault(ppath, {})[layer] = (name, transpose)
-    target = jnp.dtype(config.dtype)
-
-    def read(name: str, transpose: bool, index: tuple) -> np.ndarray:
-        sl = readers[where[name]].get_slice(name)
-        hf_index = tuple(reversed(index)) if transpose else index
-        arr = np.asarray(sl[hf_index])
-        return (arr.T if transpose else arr).astype(target)
-
-    def build(ppath: tuple, shape: tuple) -> jax.Array:
-        entries = by_path[ppath]
-        stacked = None not in entries
-        for layer, (name, transpose) in entries.items():
-            got = tuple(readers[where[name]].get_slice(name).get_shape())
-            want = tuple(shape[1:] if stacked else shape)
-            if got != (tuple(reversed(want)) if transpose else want):
-                raise CheckpointError(f"{where[name]}: tensor {name} has shape {got}, expected "
-                                      f"{tuple(reversed(want)) if transpose else want} from config.json")
-        spec = _fit(_rule(list(ppath), len(shape)), shape, axis_sizes(mesh), "/".join(ppath))
-
-        def callback(index: tuple) -> np.ndarray:
-            index = tuple(slice(*s.indices(n)) for s, n in zip(index, shape))
-            if not stacked:
-                name, transpose = entries[None]
-                return read(name, transpose, index)
-            return np.stack([read(*entries[i], index[1:]) for i in range(*index[0].indices(shape[0]))])
-
-        return jax.make_array_from_callback(shape, NamedSharding(mesh, spec), callback)
-
-    params: dict = {}
-    for ppath in by_path:
-        shape = shapes
-        for p in ppath:
-            shape = shape[p]
-        node = params
-        for p in ppath[:-1]:
-            node = node.setdefault(p, {})
-        node[ppath[-1]] = build(ppath, tuple(shape))
-    return config, params
 
 
 # ------------------------------------------------------------------------------------- multi-host

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 
 from flexora_jax import loops
-from flexora_jax.bilevel import lm_loss
+from flexora_jax.models.losses import lm_loss
 from flexora_jax.config import FinetuneConfig, ModelConfig
 from flexora_jax.data import BatchSampler, Dataset, batches_in_order
 from flexora_jax.errors import NumericsError, check_tree_shapes

@@ -18,8 +18,8 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 import flexora_jax as fj  # noqa: E402
-from flexora_jax.adapters import (ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_merged, export_peft, load_peft,  # noqa: E402
-                                  module_path)
+from flexora_jax.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, export_merged, export_peft, load_peft  # noqa: E402
+from flexora_jax.config import module_path  # noqa: E402
 from flexora_jax.errors import CheckpointError, ConfigError  # noqa: E402
 from flexora_jax.gates import Gates  # noqa: E402
 
@@ -271,3 +271,14 @@ def test_missing_files_are_named(base, tmp_path):
     (tmp_path / "adapter_model.bin").write_bytes(b"")
     with pytest.raises(CheckpointError, match="adapter_model.safetensors is missing.*pickle"):
         load_peft(tmp_path, base[2])
+
+
+def test_unwritable_export_names_path_and_reason(base, tmp_path):
+    config = base[2]
+    lora = fj.init_lora(config, EXPORT_CASES["layers_to_transform"], jax.random.key(7))
+    blocker = tmp_path / "taken"
+    blocker.write_text("a file where the adapter directory belongs")
+    with pytest.raises(CheckpointError, match=r"could not write the adapter to .*taken.*: File exists"):
+        export_peft(lora, blocker)
+    with pytest.raises(CheckpointError, match=r"could not write the adapter to .*taken/adapter: Not a directory"):
+        export_peft(lora, blocker / "adapter")

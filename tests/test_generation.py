@@ -33,7 +33,7 @@ def _hf_greedy(params, prompts):
     import torch
     import transformers
 
-    from flexora_jax.models.loading import save_model
+    from flexora_jax.models.hf import save_model
 
     with tempfile.TemporaryDirectory() as tmp:
         save_model(CONFIG, params, tmp)
@@ -100,7 +100,7 @@ def test_kv_cache_equals_recomputing_the_full_forward(model, greedy):
 
 
 def test_tinystories_greedy_from_bos_matches_golden_ids(tinystories_dir):
-    from flexora_jax.models.loading import load_model, load_tokenizer
+    from flexora_jax.models.hf import load_model, load_tokenizer
 
     golden = [1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337,
               410, 408, 419, 292, 411, 322, 265, 282, 295, 433, 426, 385]  # data/tinystories260k/SOURCE.md

@@ -19,7 +19,7 @@ GEN_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def model(tinystories_dir):
-    from flexora_jax.models.loading import load_model, load_tokenizer
+    from flexora_jax.models.hf import load_model, load_tokenizer
 
     config, params = load_model(tinystories_dir)
     return config, params, load_tokenizer(tinystories_dir)

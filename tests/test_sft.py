@@ -20,7 +20,7 @@ requires_data = pytest.mark.skipif(not DATA_DIR.exists(),
 
 @pytest.fixture(scope="module")
 def tokenizer(tinystories_dir):
-    from flexora_jax.models.loading import load_tokenizer
+    from flexora_jax.models.hf import load_tokenizer
 
     return load_tokenizer(tinystories_dir)
 

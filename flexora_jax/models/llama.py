@@ -12,6 +12,8 @@ Design:
   gate and the AutoLoRA rank gate. Gate values never change shapes, so a search never recompiles.
 - Base weights are in the compute dtype (``config.dtype``); LoRA A/B and gates stay fp32 and are cast
   at use; logits are fp32.
+- Generation (:mod:`flexora_jax.generation`) runs the same :func:`block` with a :class:`KVCache` and
+  the same :func:`lm_head`, so the cached decoder cannot drift from the trained one.
 
 Shapes: ``b`` batch, ``t`` sequence, ``d`` hidden, ``h``/``k`` query/KV heads, ``e`` head_dim,
 ``f`` MLP width, ``v`` vocab, ``r`` LoRA rank, ``l`` layers.
@@ -28,29 +30,37 @@ Param layout (HF ``(out, in)`` weights are stored transposed as ``(in, out)`` ke
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from flexora_jax.config import ALL_MODULES, ModelConfig
-from flexora_jax.models.attention import query_block, recompute_attention_hm, recompute_blocked_attention_hm
+from flexora_jax.errors import ConfigError, DataError
+from flexora_jax.lora import per_layer_lora
+from flexora_jax.models.attention import NEG_INF, accum_dtype, attention_hm, query_block, recompute_blocked_attention_hm
 
 Params = dict[str, Any]
 
-_NEG_INF = -1e30  # finite "minus infinity": a fully masked row gives a uniform softmax, not NaN
 
+class KVCache(NamedTuple):
+    """Keys and values of every block, written in place by :func:`block` during generation.
 
-def _acc(dtype) -> jnp.dtype:
-    """Accumulation dtype: at least fp32 (fp64 stays fp64, for finite-difference checks)."""
-    return jnp.promote_types(dtype, jnp.float32)
+    ``k``/``v`` [l, b, s, k, e] hold all layers (one buffer carried through the layer scan); the block
+    at index ``layer`` writes its ``t`` new keys/values to columns ``column .. column + t - 1``.
+    """
+
+    k: jax.Array
+    v: jax.Array
+    layer: jax.Array  # int32 scalar
+    column: jax.Array  # int32 scalar
 
 
 # ----------------------------------------------------------------------------------- building blocks
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     """RMSNorm computed in fp32 and cast back, as HF LLaMA does."""
-    x32 = x.astype(_acc(x.dtype))
+    x32 = x.astype(accum_dtype(x.dtype))
     x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
     return weight * x32.astype(x.dtype)
 
@@ -83,7 +93,7 @@ def rope_tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, j
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotate x [b, t, heads, e] by the tables [b, t, e]; computed in fp32."""
-    x32 = x.astype(_acc(x.dtype))
+    x32 = x.astype(accum_dtype(x.dtype))
     half = x.shape[-1] // 2
     rotated = jnp.concatenate([-x32[..., half:], x32[..., :half]], axis=-1)
     out = x32 * cos[:, :, None, :] + rotated * sin[:, :, None, :]
@@ -106,7 +116,7 @@ def attention_bias(attention_mask: jax.Array | None, batch: int, seq: int,
         q_seg, k_seg = segment_ids[:, None, :, None], segment_ids[:, None, None, :]
         allowed = allowed & (k_seg >= 0) & ((k_seg == 0) | (k_seg == q_seg))
     allowed = jnp.broadcast_to(allowed, (batch, 1, seq, seq))
-    return jnp.where(allowed, 0.0, _NEG_INF)
+    return jnp.where(allowed, 0.0, NEG_INF)
 
 
 # --------------------------------------------------------------------------------------- linear + LoRA
@@ -131,8 +141,15 @@ def linear(x: jax.Array, layer: Params, name: str, lora_layer: dict[str, Any] | 
 
 def block(config: ModelConfig, layer: Params, h: jax.Array, cos: jax.Array, sin: jax.Array,
           bias: jax.Array, lora_layer: dict[str, Any] | None, dropout_key: jax.Array | None,
-          dropout_rate: float, attention_block: int | None = None) -> jax.Array:
-    """One pre-norm LLaMA block: attention (GQA, RoPE) and SwiGLU MLP, each with a residual."""
+          dropout_rate: float, attention_block: int | None = None,
+          cache: KVCache | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
+    """One pre-norm LLaMA block: attention (GQA, RoPE) and SwiGLU MLP, each with a residual.
+
+    Without ``cache``: ``h`` [b, t, d] attends to itself (``bias`` [b, 1, t, t]) and the block returns
+    the new ``h``. With a :class:`KVCache` (generation): the block's keys/values are written into the
+    cache first, ``h`` attends to every cache column (``bias`` [b, 1, t, s]), and the block returns
+    ``(h, cache)``.
+    """
     b, t, _ = h.shape
     nh, nk, e = config.num_attention_heads, config.num_key_value_heads, config.head_dim
 
@@ -145,19 +162,44 @@ def block(config: ModelConfig, layer: Params, h: jax.Array, cos: jax.Array, sin:
     v = lin(x, "v_proj").reshape(b, t, nk, e)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     q = q.reshape(b, t, nk, nh // nk, e)  # query heads grouped by the KV head they share
-    # Causal query blocks, heads-major, under jax.checkpoint: the layer scan keeps q, k, v per layer
-    # instead of the [b, k, g, t, s] probabilities, which the backward pass recomputes (attention.py).
-    blk = query_block(t) if attention_block is None else attention_block
-    if blk > 0:
+    if cache is None:
+        # Causal query blocks, heads-major, under jax.checkpoint: the layer scan keeps q, k, v per layer
+        # instead of the [b, k, g, t, s] probabilities, which the backward pass recomputes (attention.py).
+        blk = query_block(t) if attention_block is None else attention_block
         attn = recompute_blocked_attention_hm(q, k, v, bias, blk)
     else:
-        attn = recompute_attention_hm(q, k, v, bias)
+        cache, k, v = _write_cache(cache, k, v)
+        attn = attention_hm(q, k, v, bias)
     attn = attn.reshape(b, t, nh * e)
     h = h + lin(attn, "o_proj")
 
     x = rms_norm(h, layer["post_attention_norm"], config.rms_norm_eps)
     mlp = jax.nn.silu(lin(x, "gate_proj")) * lin(x, "up_proj")
-    return h + lin(mlp, "down_proj")
+    h = h + lin(mlp, "down_proj")
+    return h if cache is None else (h, cache)
+
+
+def _write_cache(cache: KVCache, k: jax.Array, v: jax.Array) -> tuple[KVCache, jax.Array, jax.Array]:
+    """Write new keys/values [b, t, k, e] at the cache's layer and column; this layer's whole cache [b, s, k, e]."""
+    zero = jnp.zeros((), jnp.int32)
+    at = (cache.layer, zero, cache.column, zero, zero)
+    ck = jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), at)
+    cv = jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), at)
+    keys = jax.lax.dynamic_index_in_dim(ck, cache.layer, keepdims=False)
+    values = jax.lax.dynamic_index_in_dim(cv, cache.layer, keepdims=False)
+    return cache._replace(k=ck, v=cv), keys, values
+
+
+def embed(config: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
+    """Token embeddings [b, t, d] in the compute dtype."""
+    return jnp.take(params["embed"], tokens, axis=0).astype(jnp.dtype(config.dtype))
+
+
+def lm_head(config: ModelConfig, params: Params, h: jax.Array) -> jax.Array:
+    """Logits [..., v] (fp32 or wider) of final-normed hidden states [..., d]; tied heads use the embedding."""
+    dtype = jnp.dtype(config.dtype)
+    head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
+    return jnp.einsum("...d,dv->...v", h, head.astype(dtype), preferred_element_type=accum_dtype(dtype))
 
 
 # ---------------------------------------------------------------------------------------- forward
@@ -184,24 +226,21 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array, attention_ma
     """
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
-        raise ValueError(f"tokens must be [batch, seq], got shape {tokens.shape}")
+        raise DataError(f"tokens must be [batch, seq], got shape {tokens.shape}")
     b, t = tokens.shape
-    dtype = jnp.dtype(config.dtype)
     if positions is None:
         positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     cos, sin = rope_tables(config, positions)
     bias = attention_bias(attention_mask, b, t, segment_ids)
-    h = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
+    h = embed(config, params, tokens)
 
     lora_layers = None
     dropout_rate = 0.0
     if lora is not None:
-        from flexora_jax.lora import per_layer_lora
-
         lora_layers = per_layer_lora(lora, gates, config.num_hidden_layers)
         dropout_rate = lora.spec.dropout
     elif gates is not None:
-        raise ValueError("gates were given without LoRA params: gates scale the LoRA branch only")
+        raise ConfigError("gates were given without LoRA params: gates scale the LoRA branch only")
 
     def step(h, xs):
         layer, lora_layer, key = xs
@@ -218,10 +257,7 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array, attention_ma
             h, _ = step(h, xs)
 
     h = rms_norm(h, params["final_norm"], config.rms_norm_eps)
-    if return_hidden:
-        return h
-    head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
-    return jnp.einsum("btd,dv->btv", h, head.astype(dtype), preferred_element_type=_acc(dtype))
+    return h if return_hidden else lm_head(config, params, h)
 
 
 # ------------------------------------------------------------------------------------------ init
@@ -255,36 +291,3 @@ def init_params(config: ModelConfig, key: jax.Array, init_std: float = 0.02,
 def param_shapes(config: ModelConfig) -> Params:
     """The expected shape of every base param (what loaders validate against)."""
     return jax.tree.map(lambda x: x.shape, jax.eval_shape(lambda: init_params(config, jax.random.key(0))))
-
-
-# ------------------------------------------------------------------------------------------- loss
-def causal_lm_loss(logits: jax.Array, tokens: jax.Array, loss_mask: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy over the tokens where ``loss_mask`` is 1.
-
-    ``loss_mask[b, t] = 1`` means token ``t`` is a target (predicted from position ``t - 1``); the
-    first position is never a target.
-    """
-    import optax
-
-    logp_logits = logits[:, :-1].astype(_acc(logits.dtype))
-    targets = tokens[:, 1:]
-    mask = loss_mask[:, 1:].astype(logp_logits.dtype)
-    nll = optax.softmax_cross_entropy_with_integer_labels(logp_logits, targets)
-    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
-def soft_lm_loss(logits: jax.Array, target_probs: jax.Array, loss_mask: jax.Array) -> jax.Array:
-    """Mean cross-entropy against target distributions [b, t, v] (distillation / planted soft targets)."""
-    logp = jax.nn.log_softmax(logits.astype(_acc(logits.dtype)), axis=-1)
-    ce = -jnp.sum(target_probs * logp, axis=-1)
-    mask = loss_mask.astype(jnp.float32)
-    return jnp.sum(ce * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-
-
-def labels_lm_loss(logits: jax.Array, labels: jax.Array, loss_mask: jax.Array) -> jax.Array:
-    """Mean cross-entropy of ``logits[b, t]`` against ``labels[b, t]`` where ``loss_mask[b, t]`` is 1."""
-    import optax
-
-    nll = optax.softmax_cross_entropy_with_integer_labels(logits.astype(_acc(logits.dtype)), labels)
-    mask = loss_mask.astype(jnp.float32)
-    return jnp.sum(nll * mask) / jnp.maximum(jnp.sum(mask), 1.0)

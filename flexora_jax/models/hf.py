@@ -1,0 +1,382 @@
+"""Hugging Face checkpoints in and out: tensor names, configs, safetensors, hub ids, tokenizers.
+
+Loading never unpickles: weights come from safetensors only (``pytorch_model.bin`` is refused with a
+message saying how to convert it, unless the caller opts in with ``allow_pickle=True``, which uses
+``torch.load(weights_only=True)``). Every tensor name and shape is checked against the config before
+any param is built, so a bad checkpoint raises a :class:`CheckpointError` naming the file and the
+tensor, and no partial params are ever handed back.
+
+With a device ``mesh``, :func:`load_model` builds each param straight into its sharding
+(:func:`flexora_jax.sharding.leaf_spec`): every device's block is read from the safetensors files as
+a slice, so no process ever holds a full copy of a sharded tensor, only the rows its devices need.
+
+Every file is written atomically through :mod:`flexora_jax.fileio`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import transformers
+from huggingface_hub import snapshot_download
+from jax.sharding import Mesh, NamedSharding
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from flexora_jax.config import SUPPORTED_MODEL_TYPES, ModelConfig, RopeScaling, module_path
+from flexora_jax.errors import CheckpointError, ConfigError
+from flexora_jax.fileio import write_bytes, write_with
+from flexora_jax.models.llama import Params, param_shapes
+from flexora_jax.sharding import leaf_spec
+
+SAFETENSORS = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_WEIGHTS = "pytorch_model.bin"
+_PICKLE_FILES = (PICKLE_WEIGHTS, "pytorch_model.bin.index.json")
+
+
+# ------------------------------------------------------------------------------------------- names
+def hf_tensor_names(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], int | None, bool]]:
+    """HF tensor name -> (param path, layer index or None, transpose?) for every base tensor."""
+    names: dict[str, tuple[tuple[str, ...], int | None, bool]] = {
+        "model.embed_tokens.weight": (("embed",), None, False),
+        "model.norm.weight": (("final_norm",), None, False)}
+    if not config.tie_word_embeddings:
+        names["lm_head.weight"] = (("lm_head",), None, True)
+    for i in range(config.num_hidden_layers):
+        names[f"model.layers.{i}.input_layernorm.weight"] = (("layers", "input_norm"), i, False)
+        names[f"model.layers.{i}.post_attention_layernorm.weight"] = (("layers", "post_attention_norm"), i, False)
+        for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+            names[f"{module_path(m, i)}.weight"] = (("layers", m, "kernel"), i, True)
+            if config.attention_bias and m in ("q_proj", "k_proj", "v_proj"):
+                names[f"{module_path(m, i)}.bias"] = (("layers", m, "bias"), i, False)
+    return names
+
+
+def _get(tree: Any, path: tuple[str, ...]) -> Any:
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+# ------------------------------------------------------------------------------------------ config
+def config_from_hf(hf_config: Any, **overrides: Any) -> ModelConfig:
+    """A :class:`ModelConfig` from a ``transformers`` config (LlamaConfig, MistralConfig, Qwen2Config)."""
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"model_type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
+    act = getattr(hf_config, "hidden_act", "silu")
+    if act != "silu":
+        raise ConfigError(f"hidden_act {act!r} is not supported; only 'silu' (SwiGLU) is")
+    rope = dict(getattr(hf_config, "rope_parameters", None) or {})
+    legacy_scaling = getattr(hf_config, "rope_scaling", None)
+    if not rope and legacy_scaling:
+        rope = dict(legacy_scaling)
+    theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
+    rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
+    scaling = None
+    if rope_type == "llama3":
+        scaling = RopeScaling(
+            factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
+            high_freq_factor=float(rope["high_freq_factor"]),
+            original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
+    elif rope_type != "default":
+        raise ConfigError(f"rope_type {rope_type!r} is not supported; supported: 'default', 'llama3'")
+    attention_bias = model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False))
+    eos = getattr(hf_config, "eos_token_id", None)
+    kwargs = dict(
+        vocab_size=hf_config.vocab_size, hidden_size=hf_config.hidden_size,
+        intermediate_size=hf_config.intermediate_size, num_hidden_layers=hf_config.num_hidden_layers,
+        num_attention_heads=hf_config.num_attention_heads,
+        num_key_value_heads=getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads,
+        head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads,
+        max_position_embeddings=hf_config.max_position_embeddings, rms_norm_eps=float(hf_config.rms_norm_eps),
+        rope_theta=float(theta), rope_scaling=scaling,
+        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
+        attention_bias=attention_bias, model_type=model_type,
+        bos_token_id=getattr(hf_config, "bos_token_id", None),
+        eos_token_id=eos[0] if isinstance(eos, (list, tuple)) and eos else eos,  # the first of several
+        pad_token_id=getattr(hf_config, "pad_token_id", None),
+    )
+    kwargs.update(overrides)
+    return ModelConfig(**kwargs)
+
+
+def config_to_hf(config: ModelConfig) -> transformers.PretrainedConfig:
+    """The matching ``transformers`` config (LlamaConfig / MistralConfig / Qwen2Config)."""
+    rope: dict[str, Any] = {"rope_theta": config.rope_theta, "rope_type": "default"}
+    if config.rope_scaling is not None:
+        rope.update(rope_type="llama3", **dataclasses.asdict(config.rope_scaling))
+    common = dict(
+        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
+        num_key_value_heads=config.num_key_value_heads, max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps, tie_word_embeddings=config.tie_word_embeddings,
+        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
+        hidden_act="silu", rope_parameters=rope,
+    )
+    if config.model_type == "qwen2":
+        return transformers.Qwen2Config(**common)
+    if config.model_type == "mistral":
+        return transformers.MistralConfig(head_dim=config.head_dim, sliding_window=None, **common)
+    return transformers.LlamaConfig(head_dim=config.head_dim, attention_bias=config.attention_bias,
+                                    mlp_bias=False, **common)
+
+
+# ---------------------------------------------------------------------------------- model directory
+def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> Path:
+    """A local directory as is; otherwise download a hub snapshot (config, safetensors, tokenizer).
+
+    Offline (no network or ``HF_HUB_OFFLINE=1``) a hub id fails at once with a message that says how
+    to use a local directory instead.
+    """
+    path = Path(path_or_hub_id).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CheckpointError(f"{path} is a file; pass the model *directory* (with config.json and safetensors)")
+        return path
+    text = str(path_or_hub_id)
+    if text.startswith((".", "/", "~")) or text.count("/") > 1:
+        raise CheckpointError(f"model directory {text} does not exist")
+    try:
+        local = snapshot_download(repo_id=text, allow_patterns=[
+            "*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"])
+    except Exception as exc:  # offline, unknown repo, auth: all end the same way for the user
+        raise CheckpointError(
+            f"could not fetch {text!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
+            "If this machine is offline, download the model elsewhere (config.json, *.safetensors, "
+            "tokenizer files) and pass the local directory instead, e.g. --model.path=/path/to/model"
+        ) from None
+    return Path(local)
+
+
+def load_model_config(path_or_hub_id: str | os.PathLike, **overrides: Any) -> ModelConfig:
+    """:class:`ModelConfig` from a model directory's config.json (through transformers' config classes)."""
+    directory = resolve_model_dir(path_or_hub_id)
+    cfg_file = directory / "config.json"
+    if not cfg_file.exists():
+        raise CheckpointError(f"{directory} has no config.json; a model directory needs config.json "
+                              f"plus {SAFETENSORS} (or {SAFETENSORS_INDEX})")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{cfg_file} is not valid JSON: {exc}") from None
+    model_type = raw.get("model_type")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(f"{cfg_file}: model_type {model_type!r} is not supported; "
+                              f"supported: {list(SUPPORTED_MODEL_TYPES)}")
+    try:
+        return config_from_hf(transformers.AutoConfig.for_model(**raw), **overrides)
+    except Exception as exc:
+        raise CheckpointError(f"{cfg_file}: {exc}") from None
+
+
+def weight_files(directory: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a model directory: the index's shards, ``model.safetensors`` or ``*.safetensors``."""
+    directory = Path(directory)
+    index = directory / SAFETENSORS_INDEX
+    if index.exists():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as exc:
+            raise CheckpointError(f"{index} is not a valid safetensors index ({exc})") from None
+        files = sorted({directory / f for f in weight_map.values()})
+        missing = [str(f) for f in files if not f.exists()]
+        if missing:
+            raise CheckpointError(f"{index} names shard(s) that do not exist: {missing}")
+        return files
+    if (directory / SAFETENSORS).exists():
+        return [directory / SAFETENSORS]
+    shards = sorted(directory.glob("*.safetensors"))
+    if shards:
+        return shards
+    pickles = [f for f in _PICKLE_FILES if (directory / f).exists()]
+    if pickles:
+        raise CheckpointError(
+            f"{directory} has only pickle weights ({pickles[0]}); pickle can execute code, so flexora_jax "
+            "reads safetensors only. Convert it (transformers: model.save_pretrained(dir, "
+            "safe_serialization=True)) or pass allow_pickle=True if you trust the file")
+    raise CheckpointError(f"{directory} has no weights: expected {SAFETENSORS} or {SAFETENSORS_INDEX}")
+
+
+# ------------------------------------------------------------------------------------ tensor sources
+@dataclasses.dataclass(frozen=True)
+class TensorSource:
+    """HF-named tensors read on demand: the file each comes from, its shape, and a block of it."""
+
+    files: Mapping[str, Path]  # tensor name -> the file it is read from (for messages)
+    shape: Callable[[str], tuple[int, ...]]
+    read: Callable[[str, tuple[slice, ...]], np.ndarray]  # (name, index) -> that block, as stored
+
+
+def in_memory(tensors: Mapping[str, np.ndarray], file: str | os.PathLike) -> TensorSource:
+    """A :class:`TensorSource` over arrays already read (llama2.c, pickle), all from ``file``."""
+    return TensorSource({name: Path(file) for name in tensors}, lambda name: tuple(np.shape(tensors[name])),
+                        lambda name, index: np.asarray(tensors[name][index]))
+
+
+def _open_safetensors(files: list[Path], stack: contextlib.ExitStack) -> TensorSource:
+    """A :class:`TensorSource` reading slices of safetensors files (open while ``stack`` is)."""
+    readers, where = {}, {}
+    for f in files:
+        try:
+            readers[f] = stack.enter_context(safe_open(str(f), framework="numpy"))
+        except Exception as exc:
+            raise CheckpointError(f"{f} is not a readable safetensors file ({type(exc).__name__}: {exc})") from None
+        where.update({name: f for name in readers[f].keys()})
+
+    def read(name: str, index: tuple[slice, ...]) -> np.ndarray:
+        try:
+            return np.asarray(readers[where[name]].get_slice(name)[index])
+        except Exception as exc:
+            raise CheckpointError(f"{where[name]}: tensor {name} is unreadable ({type(exc).__name__}: {exc})") from None
+
+    return TensorSource(where, lambda name: tuple(readers[where[name]].get_slice(name).get_shape()), read)
+
+
+def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Every tensor of one safetensors file as numpy arrays in their stored dtype."""
+    with contextlib.ExitStack() as stack:
+        source = _open_safetensors([Path(path)], stack)
+        return {name: source.read(name, tuple(slice(None) for _ in source.shape(name))) for name in source.files}
+
+
+def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]) -> Path:
+    """Write ``tensors`` as a safetensors file (PyTorch-tagged, as transformers and PEFT expect), atomically."""
+    return write_with(path, lambda tmp: save_file(dict(tensors), str(tmp), metadata={"format": "pt"}))
+
+
+def _read_pickle(file: Path) -> dict[str, np.ndarray]:
+    import torch  # heavy and optional: only for a trusted pickle checkpoint
+
+    state = torch.load(str(file), map_location="cpu", weights_only=True)
+    return {k: v.float().numpy() for k, v in state.items()}
+
+
+# ------------------------------------------------------------------------------------------ params
+def params_from_hf(config: ModelConfig, tensors: TensorSource, source: str, mesh: Mesh | None = None) -> Params:
+    """Stacked params from HF-named tensors, every name and shape checked before anything is built.
+
+    Without ``mesh`` each param is one host array moved to the default device; with a ``mesh`` each is
+    built into its :func:`~flexora_jax.sharding.leaf_spec` sharding from the blocks its devices hold.
+    """
+    names = hf_tensor_names(config)
+    missing = [n for n in names if n not in tensors.files]
+    if missing:
+        raise CheckpointError(f"{source}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                              f"({len(missing)} in all) for a {config.num_hidden_layers}-layer {config.model_type} model")
+    shapes = param_shapes(config)
+    by_path: dict[tuple[str, ...], dict[int | None, tuple[str, bool]]] = {}
+    for name, (path, layer, transpose) in names.items():
+        want = _get(shapes, path)[1:] if layer is not None else _get(shapes, path)
+        want_hf = tuple(reversed(want)) if transpose else tuple(want)
+        if tensors.shape(name) != want_hf:
+            raise CheckpointError(f"{tensors.files[name]}: tensor {name} has shape {tensors.shape(name)}, "
+                                  f"expected {want_hf} from config.json")
+        by_path.setdefault(path, {})[layer] = (name, transpose)
+    target = jnp.dtype(config.dtype)
+
+    def read(name: str, transpose: bool, index: tuple[slice, ...]) -> np.ndarray:
+        arr = tensors.read(name, tuple(reversed(index)) if transpose else index)
+        return (arr.T if transpose else arr).astype(target)
+
+    def build(path: tuple[str, ...], shape: tuple[int, ...]) -> jax.Array:
+        entries = by_path[path]
+
+        def block(index: tuple[slice, ...]) -> np.ndarray:
+            index = tuple(slice(*s.indices(n)) for s, n in zip(index, shape))
+            if None in entries:
+                return read(*entries[None], index)
+            return np.stack([read(*entries[i], index[1:]) for i in range(*index[0].indices(shape[0]))])
+
+        if mesh is None:
+            return jnp.asarray(block(tuple(slice(None) for _ in shape)))
+        return jax.make_array_from_callback(shape, NamedSharding(mesh, leaf_spec(path, shape, mesh)), block)
+
+    params: Params = {}
+    for path in by_path:
+        node = params
+        for p in path[:-1]:
+            node = node.setdefault(p, {})
+        node[path[-1]] = build(path, tuple(_get(shapes, path)))
+    return params
+
+
+def load_model(path_or_hub_id: str | os.PathLike, dtype: str = "float32", allow_pickle: bool = False,
+               mesh: Mesh | None = None, **config_overrides: Any) -> tuple[ModelConfig, Params]:
+    """``(ModelConfig, params)`` from an HF model directory or hub id.
+
+    Reads config.json through transformers' config classes and the weights from ``model.safetensors``
+    or a sharded ``model.safetensors.index.json``. With a ``mesh`` every param is built straight into
+    its sharding (see the module docstring). Raises :class:`CheckpointError` naming the file and the
+    tensor or key on any problem; nothing partial is returned.
+    """
+    directory = resolve_model_dir(path_or_hub_id)
+    config = load_model_config(directory, dtype=dtype, **config_overrides)
+    with contextlib.ExitStack() as stack:
+        try:
+            files = weight_files(directory)
+            tensors = _open_safetensors(files, stack)
+            source = str(files[0] if len(files) == 1 else directory / SAFETENSORS_INDEX)
+        except CheckpointError:
+            pickle_file = directory / PICKLE_WEIGHTS
+            if not allow_pickle or not pickle_file.exists():
+                raise
+            tensors, source = in_memory(_read_pickle(pickle_file), pickle_file), str(pickle_file)
+        return config, params_from_hf(config, tensors, source, mesh)
+
+
+def load_tokenizer(path_or_hub_id: str | os.PathLike) -> Any:
+    """The model's tokenizer (``transformers.AutoTokenizer``), never with remote code."""
+    directory = resolve_model_dir(path_or_hub_id)
+    try:
+        return transformers.AutoTokenizer.from_pretrained(str(directory), trust_remote_code=False)
+    except Exception as exc:
+        raise CheckpointError(f"could not load a tokenizer from {directory} ({type(exc).__name__}: {exc})") from None
+
+
+# ------------------------------------------------------------------------------------------ saving
+def hf_state_dict(config: ModelConfig, params: Params) -> dict[str, np.ndarray]:
+    """Params as HF-named (out, in) numpy tensors (what ``save_pretrained`` would write)."""
+    out = {}
+    for name, (path, layer, transpose) in hf_tensor_names(config).items():
+        arr = np.asarray(_get(params, path) if layer is None else _get(params, path)[layer])
+        out[name] = np.ascontiguousarray(arr.T if transpose else arr)
+    return out
+
+
+def save_model(config: ModelConfig, params: Params, out_dir: str | os.PathLike,
+               tokenizer: Any = None, dtype: str | None = None) -> Path:
+    """Write an HF model directory (config.json + model.safetensors [+ tokenizer]) transformers can load.
+
+    Each file lands atomically; a stale sharded index is removed so loaders read the new weights.
+    An unwritable directory raises :class:`CheckpointError` naming it and the reason.
+    """
+    out = Path(out_dir)
+    target = jnp.dtype(dtype or config.dtype)
+    state = {k: v.astype(target) for k, v in hf_state_dict(config, params).items()}
+    hf_config = config_to_hf(config)
+    hf_config.dtype = str(target)
+    try:
+        write_safetensors(out / SAFETENSORS, state)
+        (out / SAFETENSORS_INDEX).unlink(missing_ok=True)
+        write_bytes(out / "config.json", hf_config.to_json_string(use_diff=True))
+        if tokenizer is not None:
+            tokenizer.model_max_length = config.max_position_embeddings
+            with tempfile.TemporaryDirectory() as tmp:
+                tokenizer.save_pretrained(tmp)
+                for f in sorted(Path(tmp).iterdir()):
+                    write_with(out / f.name, lambda dst, src=f: shutil.copyfile(src, dst))
+    except OSError as exc:
+        raise CheckpointError(f"could not write the model directory {out}: {exc.strerror or exc}") from None
+    return out
