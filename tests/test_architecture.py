@@ -113,7 +113,8 @@ def test_no_block_of_six_lines_stands_twice():
     repeats = []
     for name, path in MODULES.items():
         lines = [_normalised(x) for x in path.read_text().splitlines()]
-        lines = [x for x in lines if x and x not in (")", "]", "}", "else:", "try:", '"""')]
+        lines = [x for x in lines if x and x not in (")", "]", "}", "else:", "try:", '"""')
+                 and not x.startswith(("import ", "from "))]  # import blocks alike are not repeated logic
         for i in range(len(lines) - REPEAT_LINES + 1):
             block = tuple(lines[i:i + REPEAT_LINES])
             first = seen.setdefault(block, (name, i))
@@ -151,5 +152,6 @@ def test_every_runtime_dependency_is_imported():
     names = {d.split(">")[0].split("=")[0].split("<")[0].strip().replace("-", "_").lower() for d in deps}
     module_of = {"orbax_checkpoint": "orbax", "pyyaml": "yaml"}
     imported = {t.split(".")[0].lower() for path in MODULES.values() for t, _ in _imports(path)}
-    missing = sorted(n for n in names if module_of.get(n, n) not in imported)
+    indirect = {"sentencepiece"}  # read by transformers' LlamaTokenizer for llama2.c's tokenizer.model
+    missing = sorted(n for n in names - indirect if module_of.get(n, n) not in imported)
     assert missing == []

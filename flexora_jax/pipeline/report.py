@@ -84,7 +84,7 @@ def render(run_dir: Path, config: dict[str, Any], timings: dict[str, float] | No
               f"- LoRA: r {config['lora']['r']}, alpha {config['lora']['lora_alpha']}, "
               f"targets {', '.join(config['lora']['target_modules'])}",
               f"- search: {s['hypergradient']} hypergradient, K = {s['inner_steps']}, {s['steps']} steps, "
-              f"inner lr {s['inner_lr']}, gate lr {s['outer_lr']}, selection rule `{s['selection']}`",
+              f"inner lr {s['inner_lr']}, gate lr {s['outer_lr']}, selection rule `{config['selection']['rule']}`",
               f"- fine-tune: {config['finetune']['optimizer']} lr {config['finetune']['lr']}, batch "
               f"{config['finetune']['batch_size']}, epochs {config['finetune']['epochs']}, max steps "
               f"{config['finetune']['max_steps']}"]
