@@ -24,6 +24,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from flexora_jax.errors import ConfigError
+
 GateKind = Literal["none", "layer", "rank", "both"]
 GATE_KINDS = ("none", "layer", "rank", "both")
 

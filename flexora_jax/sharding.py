@@ -33,13 +33,10 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
-import json
 import math
 import os
 import warnings
-from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
