@@ -75,7 +75,7 @@ def token_stats(tokenizer: Any, requests: list[tuple[str, str]], max_length: int
     scoring buckets in fixed batches; lm-eval: one row per request, padded to its batch's longest.
     """
     from flexora_jax import evaluation
-    from flexora_jax.tasks.sft import bucket_of
+    from flexora_jax.data import bucket_of
 
     windows, _ = evaluation.request_windows(tokenizer, requests, max_length)
     lengths = np.array([len(p) + len(c) - 1 for p, c in windows])

@@ -9,7 +9,7 @@ run sees exactly the batches an uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, Sequence
 
 import jax
 import numpy as np
@@ -97,3 +97,20 @@ def batches_in_order(data: Dataset, batch_size: int) -> list[Dataset]:
             chunk = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)]) for k, v in chunk.items()}
         out.append(chunk)
     return out
+
+
+def length_buckets(max_length: int, min_length: int = 16) -> tuple[int, ...]:
+    """Powers of two from ``min_length`` below ``max_length``, then ``max_length`` itself."""
+    out, n = [], min_length
+    while n < max_length:
+        out.append(n)
+        n *= 2
+    return tuple(out) + (max_length,)
+
+
+def bucket_of(length: int, buckets: Sequence[int]) -> int:
+    """The smallest bucket that holds ``length`` tokens."""
+    for b in buckets:
+        if length <= b:
+            return b
+    raise DataError(f"sequence of {length} tokens exceeds the largest bucket {buckets[-1]}")

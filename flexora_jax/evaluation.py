@@ -42,13 +42,14 @@ from tqdm.auto import tqdm
 
 from flexora_jax import tasks
 from flexora_jax.config import ModelConfig
+from flexora_jax.data import bucket_of, length_buckets
 from flexora_jax.errors import ConfigError, DataError
 from flexora_jax.generation import generate
 from flexora_jax.models.llama import forward
 from flexora_jax.tasks import generative
 from flexora_jax.tasks.formats import MCRecord
 from flexora_jax.tasks.generative import MAX_NEW_TOKENS, GenRecord, score
-from flexora_jax.tasks.sft import bucket_of, encode_pair, length_buckets
+from flexora_jax.tasks.sft import encode_pair
 
 
 @dataclasses.dataclass(frozen=True)

@@ -40,7 +40,7 @@ from flexora_jax.errors import ConfigError, DataError
 from flexora_jax.lora import per_layer_lora
 from flexora_jax.models.attention import NEG_INF
 from flexora_jax.models.llama import KVCache, Params, block, embed, lm_head, rms_norm, rope_tables
-from flexora_jax.tasks.sft import bucket_of, length_buckets  # the power-of-two shapes scoring uses too
+from flexora_jax.data import bucket_of, length_buckets  # the power-of-two shapes scoring uses too
 
 
 @dataclasses.dataclass(frozen=True)

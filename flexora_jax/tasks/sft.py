@@ -90,23 +90,6 @@ def sft_dataset(records: Sequence[MCRecord], tokenizer: Any, max_length: int, ad
                    desc="tokenizing SFT examples")
 
 
-def length_buckets(max_length: int, min_length: int = 16) -> tuple[int, ...]:
-    """Powers of two from ``min_length`` below ``max_length``, then ``max_length`` itself."""
-    out, n = [], min_length
-    while n < max_length:
-        out.append(n)
-        n *= 2
-    return tuple(out) + (max_length,)
-
-
-def bucket_of(length: int, buckets: Sequence[int]) -> int:
-    """The smallest bucket that holds ``length`` tokens."""
-    for b in buckets:
-        if length <= b:
-            return b
-    raise DataError(f"sequence of {length} tokens exceeds the largest bucket {buckets[-1]}")
-
-
 def pad_dataset(dataset: datasets.Dataset, what: str = "dataset", multiple: int = 16) -> dict[str, np.ndarray]:
     """A tokenised SFT dataset -> fixed-shape arrays, right padded to a multiple of ``multiple`` tokens.
 
