@@ -18,8 +18,9 @@ from flexora_jax.evaluation import evaluate, evaluate_generative
 from flexora_jax.gates import Gates, gate_values, init_gates, layer_gate_values, rank_gate_values
 from flexora_jax.generation import GenerateOutput, generate
 from flexora_jax.lora import LoraParams, LoraSpec, count_params, delta_weights, init_lora, make_spec, merge, unmerge
-from flexora_jax.models import (causal_lm_loss, convert_llama2c, forward, init_params, load_model, load_model_config,
-                                load_tokenizer, save_model, soft_lm_loss)
+from flexora_jax.models import (causal_lm_loss, config_from_hf, config_to_hf, convert_llama2c, forward, init_params,
+                                labels_lm_loss, lm_loss, load_model, load_model_config, load_tokenizer, save_model,
+                                soft_lm_loss)
 from flexora_jax.pipeline import RunConfig, RunResult, run, run_stage
 from flexora_jax.pipeline import load_config as load_run_config
 from flexora_jax.selection import Selection, select, select_layers, select_ranks
@@ -30,7 +31,8 @@ __version__ = "0.1.0"
 __all__ = [
     # the model and its checkpoints
     "ModelConfig", "RopeScaling", "forward", "init_params", "load_model", "load_model_config", "load_tokenizer",
-    "save_model", "convert_llama2c", "causal_lm_loss", "soft_lm_loss",
+    "save_model", "convert_llama2c", "config_from_hf", "config_to_hf", "lm_loss", "causal_lm_loss", "soft_lm_loss",
+    "labels_lm_loss",
     # LoRA, gates, adapters
     "LoraConfig", "LoraParams", "LoraSpec", "init_lora", "make_spec", "count_params", "delta_weights", "merge",
     "unmerge", "Gates", "init_gates", "gate_values", "layer_gate_values", "rank_gate_values", "export_peft",
