@@ -292,10 +292,7 @@ def search(config: ModelConfig, params: Any, lora_config: LoraConfig, search_con
 
     def on_step(step: int, state: SearchState, metrics: dict) -> None:
         if not bool(metrics["finite"]):
-            raise NumericsError(
-                f"non-finite hypergradient or validation loss at search step {step} "
-                f"(val_loss={float(metrics['val_loss'])}); lower search.inner_lr, keep search.inner_eps_root > 0, "
-                "or use search.hypergradient=first_order")
+            raise NumericsError(_nonfinite_message(step, metrics, sc))
         record = {"step": step, "val_loss": float(metrics["val_loss"]), "train_loss": float(metrics["train_loss"]),
                   "hypergrad_norm": float(metrics["hypergrad_norm"])}
         values = gate_values(_host(state.gates), config.num_hidden_layers)
@@ -312,6 +309,23 @@ def search(config: ModelConfig, params: Any, lora_config: LoraConfig, search_con
     final = _host(state.gates)
     return SearchResult(gates=final, selection=select(final, lora_config, config.num_hidden_layers, selection),
                         trajectory=trajectory, history=history, state=state)
+
+
+def _nonfinite_message(step: int, metrics: dict, sc: SearchConfig) -> str:
+    """Which quantity went non-finite at ``step``, and the remedies that fit this search."""
+    values = {k: float(metrics[k]) for k in ("train_loss", "val_loss", "hypergrad_norm")}
+    bad = ", ".join(f"{k}={v}" for k, v in values.items() if not np.isfinite(v))
+    if not np.isfinite(values["train_loss"]):
+        hint = ("the training loss itself is non-finite: check the base model's weights and the data, and lower "
+                "search.inner_lr")
+    elif not np.isfinite(values["val_loss"]):
+        hint = "the LoRA diverged in the inner steps: lower search.inner_lr or set search.inner_grad_clip"
+    elif sc.hypergradient in ("unrolled", "forward", "darts"):
+        hint = ("only the hypergradient is non-finite: keep search.inner_eps_root > 0 (Adam differentiated through), "
+                "lower search.inner_lr, or use search.hypergradient=first_order")
+    else:
+        hint = "the gate gradient is non-finite: lower search.outer_lr"
+    return f"non-finite search step {step} ({bad}; search.hypergradient={sc.hypergradient}): {hint}"
 
 
 def _host(tree: Any) -> Any:

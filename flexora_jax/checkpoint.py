@@ -58,7 +58,9 @@ class StageCheckpointer:
       keep: how many checkpoints to keep.
     """
 
-    def __init__(self, directory: str | os.PathLike, every: int = 10, keep: int = 2) -> None:
+    def __init__(self, directory: str | os.PathLike, every: int = 10, keep: int = 2,
+                 required_meta: tuple[str, ...] = ()) -> None:
+        self.required_meta = required_meta  # keys a usable checkpoint's metadata must hold
         self.directory = Path(directory).absolute()
         self.every = every
         options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True, enable_async_checkpointing=False)
@@ -74,9 +76,13 @@ class StageCheckpointer:
         if self._manager.latest_step() == step:
             return False
         args = ocp.args.Composite(state=ocp.args.StandardSave(to_savable(state)),
-                                        meta=ocp.args.JsonSave(dict(meta, step=int(step))))
-        self._manager.save(step, args=args, force=True)
-        self._manager.wait_until_finished()
+                                  meta=ocp.args.JsonSave(dict(meta, step=int(step))))
+        try:
+            self._manager.save(step, args=args, force=True)
+            self._manager.wait_until_finished()
+        except Exception as exc:  # a full disk or a read-only place reaches us through orbax and tensorstore
+            raise CheckpointError(f"could not save checkpoint step {step} in {self.directory} "
+                                  f"({type(exc).__name__}: {exc}); the earlier checkpoints are kept") from None
         return True
 
     def latest_step(self) -> int | None:
@@ -136,7 +142,12 @@ class StageCheckpointer:
         state = from_savable(restored["state"], template)
         check_tree_shapes(state, template, f"checkpoint step {step} in {self.directory} (expected the shapes of "
                                            "this run's config)")
-        return state, dict(restored["meta"])
+        meta = restored["meta"]
+        missing = [k for k in self.required_meta if not isinstance(meta, dict) or k not in meta]
+        if missing:
+            raise CheckpointError(f"checkpoint step {step} in {self.directory} has damaged metadata (missing "
+                                  f"{missing}); expected a JSON object with {list(self.required_meta)}")
+        return state, dict(meta)
 
     def close(self) -> None:
         self._manager.close()

@@ -156,6 +156,8 @@ class LoraConfig:
 
     def __post_init__(self) -> None:
         tm = self.target_modules
+        if not isinstance(tm, str) and len(tm) > 1 and all(isinstance(m, str) and len(m) == 1 for m in tm):
+            tm = "".join(tm)  # a command-line string the union decoder split into characters ("all-linear")
         if isinstance(tm, str):
             tm = ALL_MODULES if tm == "all-linear" else (tm,)
         tm = tuple(tm)
@@ -291,6 +293,13 @@ class SearchConfig:
             v = getattr(self, name)
             require(isinstance(v, (int, float)) and 0 < v < 10, f"search.{name} must be in (0, 10), got {v!r}")
         require(self.inner_eps_root >= 0, f"search.inner_eps_root must be >= 0, got {self.inner_eps_root}")
+        for name in ("outer_b1", "outer_b2"):  # Adam's decay rates: 1.0 divides by zero in the bias correction
+            v = getattr(self, name)
+            require(isinstance(v, (int, float)) and 0 <= v < 1, f"search.{name} must be in [0, 1), got {v!r}")
+        for name in ("inner_weight_decay", "inner_grad_clip"):
+            v = getattr(self, name)
+            require(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
+                    f"search.{name} must be a finite number >= 0, got {v!r}")
         require(self.gate_power in (1, 3), f"search.gate_power must be 1 or 3, got {self.gate_power!r}")
         require(self.darts_mode in ("exact", "finite_difference"),
                f"search.darts_mode must be 'exact' or 'finite_difference', got {self.darts_mode!r}")
@@ -353,7 +362,8 @@ class FinetuneConfig:
     keep_best: bool = False  # return the LoRA with the best validation loss
 
     def __post_init__(self) -> None:
-        require(self.epochs > 0, f"finetune.epochs must be > 0, got {self.epochs!r}")
+        require(isinstance(self.epochs, (int, float)) and math.isfinite(self.epochs) and self.epochs > 0,
+                f"finetune.epochs must be a finite number > 0, got {self.epochs!r}")
         for name in ("batch_size", "grad_accum"):
             v = getattr(self, name)
             require(isinstance(v, int) and v >= 1, f"finetune.{name} must be an integer >= 1, got {v!r}")
@@ -363,6 +373,8 @@ class FinetuneConfig:
         require(0 <= self.warmup_ratio < 1, f"finetune.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         require(self.optimizer in OPTIMIZERS, f"finetune.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         require(self.grad_clip >= 0, f"finetune.grad_clip must be >= 0, got {self.grad_clip!r}")
+        require(isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+                f"finetune.weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
 
 
 # ============================================================================ the run (pipeline) config

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import typing
 from typing import Any, Mapping
 
@@ -181,7 +182,18 @@ class RunConfig:
         bad = [m for m in compare if m not in METHODS]
         require(not bad, f"compare: unknown method(s) {bad}; allowed: {list(METHODS)}")
         object.__setattr__(self, "compare", compare)
-        require(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**31 - 1,
+                f"seed must be an integer in 0..{2**31 - 2}, got {self.seed!r}")
+        lt = self.lora.layers_to_transform
+        require(lt is None or len(lt) > 0, "lora.layers_to_transform is empty; list at least one layer, or leave it "
+                                           "unset (null) for every layer")
+        alphas = {"lora.lora_alpha": self.lora.lora_alpha} | {f"lora.alpha_pattern[{k!r}]": v
+                                                             for k, v in dict(self.lora.alpha_pattern).items()}
+        bad_alpha = {k: v for k, v in alphas.items() if not math.isfinite(float(v))}
+        require(not bad_alpha, f"{', '.join(bad_alpha)} must be finite, got {list(bad_alpha.values())}")
+        bad = {k: v for k, v in dict(self.lora.rank_pattern).items() if v < 1}
+        require(not bad, f"lora.rank_pattern gives rank 0 to {sorted(bad)}; expected ranks >= 1 (leave a module out of "
+                         "lora.target_modules / layers_to_transform to not adapt it)")
         require(isinstance(self.baseline_k, int) and self.baseline_k >= 0,
                f"baseline_k must be an integer >= 0, got {self.baseline_k!r}")
         require(isinstance(self.output_dir, str) and self.output_dir != "", "output_dir must be a non-empty path")
@@ -292,6 +304,11 @@ def load_config(path: str | Any | None = None, overrides: tuple[str, ...] | list
                 loaded = yaml.safe_load(f)
         except FileNotFoundError:
             raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path} is a directory; pass a YAML file to --config") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); expected "
+                              "a YAML file") from None
         except yaml.YAMLError as exc:
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
         loaded = {} if loaded is None else loaded

@@ -52,8 +52,8 @@ def read_json(path: str | os.PathLike) -> Any:
     if not path.exists():
         raise DataError(f"{path} does not exist; run the stage that writes it first (or `flexora-jax run`)")
     try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        return json.loads(path.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise DataError(f"{path} is not valid JSON ({exc}); delete it and rerun its stage") from None
 
 
@@ -65,7 +65,7 @@ class RunLog:
         self.last_step: dict[str, int] = {}
 
     def write(self, record: dict[str, Any]) -> None:
-        self.last_step[record.get("stage", "")] = int(record.get("step", 0))
+        self.last_step[record.get("stage", "")] = _step_of(record)
         if not is_main_process():
             return
         with open(self.path, "a", encoding="utf-8") as f:
@@ -73,15 +73,16 @@ class RunLog:
             f.flush()
 
     def records(self, stage: str | None = None) -> list[dict[str, Any]]:
+        """The log's records; lines a kill cut short, or that are not JSON objects, are skipped."""
         if not self.path.exists():
             return []
         out = []
-        for line in self.path.read_text().splitlines():
+        for line in self.path.read_bytes().decode("utf-8", errors="replace").splitlines():
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue  # a line cut by a kill
-            if stage is None or rec.get("stage") == stage:
+            if isinstance(rec, dict) and (stage is None or rec.get("stage") == stage):
                 out.append(rec)
         return out
 
@@ -91,8 +92,13 @@ class RunLog:
         if not self.path.exists():
             return
         keep = [r for r in self.records()  # events (a NaN stop, an interrupt) stay as history
-                if "event" in r or not (r.get("stage") == stage and int(r.get("step", 0)) > step)]
+                if "event" in r or not (r.get("stage") == stage and _step_of(r) > step)]
         write_text(self.path, "".join(json.dumps(r) + "\n" for r in keep))
+
+
+def _step_of(record: dict[str, Any]) -> int:
+    step = record.get("step", 0)
+    return int(step) if isinstance(step, (int, float)) and not isinstance(step, bool) else 0
 
 
 # ---------------------------------------------------------------------------------------- progress

@@ -55,7 +55,8 @@ def _resumable(ws: Workspace, stage: str, total: int, template: Callable[[], Any
     stage's last step; ``callback`` is the library loop's per-step hook.
     """
     cfg = ws.config
-    ckpt = StageCheckpointer(ws.run_dir / "checkpoints" / stage, cfg.checkpoint.every, cfg.checkpoint.keep)
+    ckpt = StageCheckpointer(ws.run_dir / "checkpoints" / stage, cfg.checkpoint.every, cfg.checkpoint.keep,
+                             required_meta=("sampler",))
     state = sampler = None
     if ws.resume:
         restored = ckpt.restore(template())

@@ -17,6 +17,7 @@ from typing import Any
 
 import datasets
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from flexora_jax import sharding as sh
@@ -183,8 +184,16 @@ def _prepare_task(config: RunConfig, rundir: RunDir, mesh: Any) -> tuple[ModelCo
 
 
 def _load_base(config: RunConfig, source: str, mesh: Any) -> tuple[ModelConfig, Any]:
-    """The base model, each parameter built straight into its sharding on the run's mesh."""
-    return load_model(source, dtype=config.model.dtype, allow_pickle=config.model.allow_pickle, mesh=mesh)
+    """The base model, each parameter built straight into its sharding on the run's mesh; every weight finite."""
+    model_config, params = load_model(source, dtype=config.model.dtype, allow_pickle=config.model.allow_pickle,
+                                      mesh=mesh)
+    finite = jax.tree_util.tree_map_with_path(lambda p, x: (jax.tree_util.keystr(p), bool(jnp.all(jnp.isfinite(x)))),
+                                              params)
+    bad = [name for name, ok in jax.tree.leaves(finite, is_leaf=lambda v: isinstance(v, tuple)) if not ok]
+    if bad:
+        raise CheckpointError(f"{source}: the checkpoint holds NaN or Inf values in {', '.join(bad[:5])}; expected "
+                              "finite weights (the file is damaged, or was saved from a diverged model)")
+    return model_config, params
 
 
 def run_mesh(config: RunConfig) -> Any:
