@@ -43,7 +43,7 @@ from tqdm.auto import tqdm
 from flexora_jax import tasks
 from flexora_jax.config import ModelConfig
 from flexora_jax.data import bucket_of, length_buckets
-from flexora_jax.errors import ConfigError, DataError
+from flexora_jax.errors import ConfigError, DataError, check_positive
 from flexora_jax.generation import generate
 from flexora_jax.models.llama import forward
 from flexora_jax.tasks import generative
@@ -289,6 +289,7 @@ def evaluate(config: ModelConfig, params: Any, tokenizer: Any, task_or_records: 
 
     ``truncated`` counts examples with at least one request cut from the left.
     """
+    check_positive(batch_size=batch_size, limit=limit, max_length=max_length)
     grouped = _as_records(task_or_records, limit)
     results: dict[str, dict[str, Any]] = {}
     for name in [n for n, recs in grouped.items() if isinstance(recs[0], GenRecord)]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 from typing import Any, Sequence
 
 import jax
@@ -36,11 +37,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexora_jax.config import ModelConfig
+from flexora_jax.data import bucket_of, length_buckets  # the power-of-two shapes scoring uses too
 from flexora_jax.errors import ConfigError, DataError
 from flexora_jax.lora import per_layer_lora
 from flexora_jax.models.attention import NEG_INF
 from flexora_jax.models.llama import KVCache, Params, block, embed, lm_head, rms_norm, rope_tables
-from flexora_jax.data import bucket_of, length_buckets  # the power-of-two shapes scoring uses too
 
 
 @dataclasses.dataclass(frozen=True)
@@ -213,7 +214,7 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[str] | Sequence
         raise ConfigError(f"generate: stop strings must be non-empty strings, got {list(stop)!r}")
     if stop and tokenizer is None:
         raise ConfigError("generate: stop strings need a tokenizer to decode the generated tokens")
-    if temperature < 0 or not 0 < top_p <= 1 or top_k < 0:
+    if not (math.isfinite(temperature) and temperature >= 0 and 0 < top_p <= 1 and top_k >= 0):
         raise ConfigError(f"generate: need temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got "
                           f"temperature={temperature}, top_p={top_p}, top_k={top_k}")
     if batch_size < 1:
@@ -229,6 +230,10 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[str] | Sequence
             ids = [int(t) for t in prompt]
         if not ids:
             raise DataError(f"generate: prompt {i} has no tokens; start it with at least the BOS token")
+        outside = [t for t in ids if not 0 <= t < config.vocab_size]
+        if outside:
+            raise DataError(f"generate: prompt {i} holds token ids {outside[:5]} outside the vocabulary "
+                            f"0..{config.vocab_size - 1}")
         if len(ids) + max_new_tokens > max_length:
             raise DataError(f"generate: prompt {i} is {len(ids)} tokens; with max_new_tokens={max_new_tokens} "
                             f"it needs {len(ids) + max_new_tokens} positions, more than the model's context "
