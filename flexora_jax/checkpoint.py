@@ -13,12 +13,13 @@ multi-host writes, so every process calls :meth:`StageCheckpointer.save`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import shutil
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import jax
 import numpy as np
@@ -32,6 +33,21 @@ log = logging.getLogger("flexora_jax")
 
 class CheckpointWarning(UserWarning):
     """A checkpoint was unusable and an earlier one was used instead."""
+
+
+@contextlib.contextmanager
+def _quiet_orbax() -> Iterator[None]:
+    """Orbax logs a failed write from each of its threads (tracebacks included) before raising it: the
+    caller reports the error once, as a :class:`CheckpointError`."""
+    loggers = [logging.getLogger(name) for name in ("absl", "orbax")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def _is_key(x: Any) -> bool:
@@ -78,8 +94,9 @@ class StageCheckpointer:
         args = ocp.args.Composite(state=ocp.args.StandardSave(to_savable(state)),
                                   meta=ocp.args.JsonSave(dict(meta, step=int(step))))
         try:
-            self._manager.save(step, args=args, force=True)
-            self._manager.wait_until_finished()
+            with _quiet_orbax():
+                self._manager.save(step, args=args, force=True)
+                self._manager.wait_until_finished()
         except Exception as exc:  # a full disk or a read-only place reaches us through orbax and tensorstore
             raise CheckpointError(f"could not save checkpoint step {step} in {self.directory} "
                                   f"({type(exc).__name__}: {exc}); the earlier checkpoints are kept") from None

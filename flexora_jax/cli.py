@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _fail(message: str, status: int = EXIT_USER_ERROR) -> int:
+    # a value may hold characters the terminal cannot encode (lone surrogates): show them escaped
+    message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     # Paths and keys stay whole (no breaks at hyphens or inside long words): they are copied from here.
     print("\n".join(textwrap.wrap(f"flexora-jax: error: {message}", width=100, break_on_hyphens=False,
                                    break_long_words=False)), file=sys.stderr)
@@ -61,6 +63,7 @@ def _setup_logging(quiet: bool) -> None:
                         datefmt="%H:%M:%S", stream=sys.stderr, force=True)
     for noisy in ("absl", "orbax", "jax", "datasets", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # orbax's orphaned write tasks after a failed save
     if quiet:
         os.environ["FLEXORA_PROGRESS"] = "0"
 

@@ -314,6 +314,8 @@ def _check_same_run(config: RunConfig, rundir: RunDir, resume: bool, stage: str,
         raise ConfigError(f"{rundir.path} already holds a run ({CONFIG_FILE} exists); pass --resume to continue "
                           "it, or choose another --output-dir")
     try:
+        if not saved.read_bytes().strip():
+            raise ConfigError("the file is empty")
         previous = load_config(saved)
     except ConfigError as exc:
         raise ConfigError(f"{saved} (the config of the run in {rundir.path}) is damaged: {exc}; restore it, or "
