@@ -6,7 +6,9 @@ Faults, from the environment (test hooks live here, never in the package):
 - ``FAULT_NAN_AFTER=<stage>:<step>``: once ``<stage>`` has logged ``<step>``, every float array of the run's
   data becomes NaN, so the next step meets a real NaN loss (the NaN path end to end, no divergent config);
 - ``FAULT_SAVE_DELAY=<seconds>``: every checkpoint save pauses after its files are written into orbax's
-  temporary directory and before the rename, so a test can kill a run in the middle of a save.
+  temporary directory and before the rename, so a test can kill a run in the middle of a save;
+- ``FAULT_SLOW_STAGE=<stage>:<seconds>:<marker file>``: the ``evaluate`` or ``export`` stage first touches
+  the marker file, then works for that long (in short sleeps), so a test can signal a run inside it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import time
+from pathlib import Path
 
 import numpy as np
 from orbax.checkpoint._src.path import atomicity
@@ -44,6 +48,20 @@ def _nan_after(spec: str) -> None:
     io.RunLog.write = poisoning_write
 
 
+def _slow_stage(spec: str) -> None:
+    stage, seconds, marker = spec.split(":", 2)
+    original = getattr(stages, f"{stage}_stage")
+
+    def slow(*args, **kwargs):
+        Path(marker).touch()
+        deadline = time.monotonic() + float(seconds)
+        while time.monotonic() < deadline:
+            time.sleep(0.05)
+        return original(*args, **kwargs)
+
+    setattr(stages, f"{stage}_stage", slow)
+
+
 def _save_delay(seconds: float) -> None:
     cls = atomicity.AtomicRenameTemporaryPath
     original = cls.finalize
@@ -58,6 +76,8 @@ def _save_delay(seconds: float) -> None:
 if __name__ == "__main__":
     if os.environ.get("FAULT_NAN_AFTER"):
         _nan_after(os.environ["FAULT_NAN_AFTER"])
+    if os.environ.get("FAULT_SLOW_STAGE"):
+        _slow_stage(os.environ["FAULT_SLOW_STAGE"])
     if float(os.environ.get("FAULT_SAVE_DELAY", "0") or 0) > 0:
         _save_delay(float(os.environ["FAULT_SAVE_DELAY"]))
     sys.exit(cli.main())

@@ -110,6 +110,22 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes_identically(r
     _assert_same_as(run, reference)
 
 
+@pytest.mark.parametrize("stage", ["evaluate", "export"])
+def test_sigterm_stops_evaluate_and_export_within_seconds_then_resumes_identically(reference, tmp_path, stage):
+    run, marker = tmp_path / "run", tmp_path / "inside"
+    proc = _launch(run, FAULT_SLOW_STAGE=f"{stage}:60:{marker}")
+    _signal_when(proc, marker.exists, signal.SIGTERM, f"the {stage} stage")
+    sent = time.time()
+    out = proc.communicate(timeout=120)[0].decode()
+    assert time.time() - sent < 10, f"{stage} took {time.time() - sent:.0f} s to stop"
+    assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
+    assert "Traceback" not in out and "interrupted by signal 15" in out and "--resume" in out
+    done = _launch(run)
+    out = done.communicate(timeout=300)[0].decode()
+    assert done.returncode == 0, out[-3000:]
+    _assert_same_as(run, reference)
+
+
 def test_nan_stops_at_its_step_keeps_the_last_good_checkpoint(reference, tmp_path):
     run = tmp_path / "run"
     proc = _launch(run, FAULT_NAN_AFTER="finetune_flexora:4")  # step 5 meets NaN data

@@ -365,14 +365,14 @@ def _ckpt_states():
     return lambda: init_train_state(lora, opt, seed=0)
 
 
-@pytest.mark.parametrize("damage", ["truncate", "garbage", "delete"])
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "delete", "meta_empty", "meta_wrong_type"])
 def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, damage):
     import jax
 
     from flexora_jax.checkpoint import CheckpointWarning, StageCheckpointer
 
     fresh = _ckpt_states()
-    ck = StageCheckpointer(tmp_path / "ck", every=1, keep=3)
+    ck = StageCheckpointer(tmp_path / "ck", every=1, keep=3, required_meta=("sampler",))
     for step in (1, 2, 3):
         state = fresh()
         state = state._replace(step=state.step + step, lora=jax.tree.map(lambda x: x + step, state.lora))
@@ -380,7 +380,12 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, damage):
     ck.close()
     files = [p for p in (tmp_path / "ck" / "3").rglob("*") if p.is_file() and p.stat().st_size > 0
              and "meta" not in p.parts and "_CHECKPOINT_METADATA" not in p.name]
-    assert files
+    metas = [p for p in (tmp_path / "ck" / "3" / "meta").rglob("*") if p.is_file()]
+    assert files and metas
+    if damage.startswith("meta"):
+        files = []
+        for f in metas:
+            f.write_text("{}" if damage == "meta_empty" else "[1, 2]")
     for f in files:
         if damage == "truncate":
             f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
@@ -388,7 +393,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, damage):
             f.write_bytes(np.random.default_rng(0).bytes(f.stat().st_size))
         else:
             f.unlink()
-    ck = StageCheckpointer(tmp_path / "ck", every=1, keep=3)
+    ck = StageCheckpointer(tmp_path / "ck", every=1, keep=3, required_meta=("sampler",))
     with pytest.warns(CheckpointWarning, match="step 3"):
         restored, meta = ck.restore(fresh())
     assert int(restored.step) == 2 and meta["sampler"]["position"] == 2
