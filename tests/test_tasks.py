@@ -184,6 +184,44 @@ def test_local_bad_files(tmp_path):
         tasks.load_local("hellaswag", "train", tmp_path)
 
 
+@pytest.mark.parametrize("task, split, path, damage", [
+    ("siqa", "train", "siqa/socialiqa-train-dev.zip", "truncated"),
+    ("siqa", "train", "siqa/socialiqa-train-dev.zip", "garbage"),
+    ("hellaswag", "validation", "hellaswag/hellaswag_val_full.txt.bz2", "truncated"),
+    ("hellaswag", "validation", "hellaswag/hellaswag_val_full.txt.bz2", "garbage"),
+    ("race_middle", "test", "race/RACE-dev-test.tar.gz", "truncated"),
+    ("race_middle", "test", "race/RACE-dev-test.tar.gz", "garbage"),
+    ("piqa", "validation", "piqa/valid.jsonl", "directory"),
+    ("piqa", "validation", "piqa/valid.jsonl", "surrogates"),
+], ids=lambda v: str(v).split("/")[-1])
+def test_damaged_release_files_are_data_errors(tmp_path, data_dir, task, split, path, damage):
+    """Archives cut short or overwritten, a directory where a file belongs, unpaired surrogates: a DataError
+    naming the task and the reason, never BadZipFile / EOFError / UnicodeEncodeError."""
+    src = data_dir / path
+    if damage in ("truncated", "garbage") and not src.exists():
+        pytest.skip(f"{src} is not in this data folder")
+    dst = tmp_path / path
+    dst.parent.mkdir(parents=True)
+    if damage == "truncated":
+        raw = src.read_bytes()
+        dst.write_bytes(raw[: len(raw) // 3])
+    elif damage == "garbage":
+        dst.write_bytes(np.random.default_rng(0).bytes(4096))
+    elif damage == "directory":
+        dst.mkdir()
+        (dst.parent / "valid-labels.lst").write_text("0\n")
+    else:
+        dst.write_text('{"goal": "\\ud800 jar", "sol1": "a", "sol2": "b"}\n')
+        (dst.parent / "valid-labels.lst").write_text("0\n")
+    with pytest.raises(DataError, match=task.split("_")[0]):
+        tasks.load_local(task, split, tmp_path)
+
+
+def test_empty_choices_are_refused():
+    with pytest.raises(DataError, match=r"choice\(s\) \[1\] are empty"):
+        formats.piqa({"goal": "g", "sol1": "a", "sol2": "", "label": 0}, 7)
+
+
 def test_converter_bad_docs():
     with pytest.raises(DataError, match="gold label 4 is out of range; expected 0..1"):
         formats.piqa({"goal": "g", "sol1": "a", "sol2": "b", "label": 4}, 7)

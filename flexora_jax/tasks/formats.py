@@ -46,6 +46,10 @@ class MCRecord:
     def __post_init__(self) -> None:
         if len(self.choices) < 2:
             raise DataError(f"{self.task} doc {self.doc_id}: needs at least 2 choices, got {list(self.choices)}")
+        empty = [i for i, c in enumerate(self.choices) if not isinstance(c, str) or not c.strip()]
+        if empty:
+            raise DataError(f"{self.task} doc {self.doc_id}: choice(s) {empty} are empty; expected text for every "
+                            "choice (acc_norm divides by its length)")
         if not 0 <= self.gold < len(self.choices):
             raise DataError(f"{self.task} doc {self.doc_id}: gold label {self.gold} is out of range; "
                             f"expected 0..{len(self.choices) - 1} for {len(self.choices)} choices")

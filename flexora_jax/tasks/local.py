@@ -25,6 +25,7 @@ import os
 import re
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -498,7 +499,17 @@ def load_local(task: str, split: str, data_dir: str | os.PathLike | None = None)
 @functools.lru_cache(maxsize=32)
 def _load_cached(task: str, split: str, root: str) -> datasets.Dataset:
     schema, loader = LOADERS[task]
-    rows = loader(Path(root), split)
-    if not rows:
-        raise DataError(f"{task}: split {split!r} under {root} is empty; expected at least one example")
-    return datasets.Dataset.from_list(rows, features=HUB_FEATURES[schema])
+    try:  # one boundary for whatever a damaged release file raises on the way in
+        rows = loader(Path(root), split)
+        if not rows:
+            raise DataError(f"{task}: split {split!r} under {root} is empty; expected at least one example")
+        return datasets.Dataset.from_list(rows, features=HUB_FEATURES[schema])
+    except (zipfile.BadZipFile, tarfile.TarError, EOFError, zlib.error, OSError, UnicodeError, ValueError) as exc:
+        if isinstance(exc, DataError):
+            raise
+        if isinstance(exc, UnicodeDecodeError):
+            raise DataError(f"{task}: a {split!r} data file under {root} is not UTF-8 text ({exc.reason} at byte "
+                            f"{exc.start}); expected UTF-8 encoded files") from None
+        raise DataError(f"{task}: the {split!r} data under {root} cannot be read ({type(exc).__name__}: {exc}); "
+                        "expected the release files intact, as UTF-8 text (a truncated download, a directory "
+                        "where a file belongs, or text with unpaired surrogates)") from None
