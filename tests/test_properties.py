@@ -16,7 +16,7 @@ from flexora_jax.errors import ConfigError, DataError
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 valid_overrides = st.fixed_dictionaries({
-    "seed": st.integers(-2**31, 2**31 - 1),
+    "seed": st.integers(0, 2**31 - 2),  # negative or larger seeds are refused (numpy rejects them late)
     "method": st.sampled_from(METHODS),
     "lora.r": st.integers(1, 64),
     "lora.lora_alpha": st.floats(0.01, 1e4, allow_nan=False),
