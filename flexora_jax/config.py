@@ -32,7 +32,10 @@ def module_path(module: str, layer: int) -> str:
     group = "self_attn" if module in ATTENTION_MODULES else "mlp"
     return f"model.layers.{layer}.{group}.{module}"
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+ROPE_TYPES = ("llama3", "linear", "dynamic")  # scaled RoPE variants (RopeScaling.rope_type)
+HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")  # SwiGLU / GeGLU (tanh-approximate GELU)
+GEMMA_TYPES = ("gemma", "gemma2")  # sqrt(d)-scaled embeddings, (1 + w) RMSNorm
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: finite-difference checks (x64 mode)
 
 
@@ -44,17 +47,31 @@ def require(cond: bool, msg: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Llama-3 style RoPE frequency scaling (``rope_type: llama3`` in ``config.rope_parameters``)."""
+    """Scaled RoPE (``config.rope_parameters``): Llama-3 (default), ``linear`` or ``dynamic`` (NTK).
+
+    ``linear`` divides every frequency by ``factor``; ``dynamic`` raises the base when a sequence is
+    longer than ``max_position_embeddings`` (as transformers does); both use ``factor`` only.
+    """
 
     factor: float = 8.0  # how much the context was extended
-    low_freq_factor: float = 1.0  # wavelengths above original/low_freq_factor are scaled by 1/factor
-    high_freq_factor: float = 4.0  # wavelengths below original/high_freq_factor are kept
-    original_max_position_embeddings: int = 8192  # context length before extension
+    low_freq_factor: float = 1.0  # llama3: wavelengths above original/low_freq_factor are scaled by 1/factor
+    high_freq_factor: float = 4.0  # llama3: wavelengths below original/high_freq_factor are kept
+    original_max_position_embeddings: int = 8192  # llama3: context length before extension
+    rope_type: str = "llama3"  # one of ROPE_TYPES
+
+    def __post_init__(self) -> None:
+        require(self.rope_type in ROPE_TYPES, f"RopeScaling.rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
+        require(self.factor >= 1.0 if self.rope_type == "dynamic" else self.factor > 0,
+                f"RopeScaling.factor must be > 0 (>= 1 for dynamic), got {self.factor}")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shape and numerics of a LLaMA-style decoder (LLaMA 1-3, Mistral, Qwen2 checkpoints)."""
+    """Shape and numerics of a LLaMA-style decoder (LLaMA 1-3, Mistral, Qwen2/3, Gemma 1/2 checkpoints).
+
+    Family traits fixed by ``model_type``: Gemma scales embeddings by sqrt(d) and uses ``(1 + w)``
+    RMSNorm weights; Gemma 2 adds norms after attention and MLP (sandwich norms).
+    """
 
     vocab_size: int = 256  # tokens in the vocabulary
     hidden_size: int = 64  # model width d
@@ -69,6 +86,15 @@ class ModelConfig:
     rope_scaling: RopeScaling | None = None  # Llama-3 scaling, None for default RoPE
     tie_word_embeddings: bool = False  # LM head shares the token embedding
     attention_bias: bool = False  # biases on q/k/v (Qwen2: True)
+    attention_out_bias: bool = False  # bias on o_proj (HF attention_bias of Llama / Qwen3 / Gemma)
+    mlp_bias: bool = False  # biases on gate/up/down (Llama mlp_bias)
+    hidden_act: str = "silu"  # gate activation: "silu" (SwiGLU) or "gelu_pytorch_tanh" (GeGLU)
+    sliding_window: int | None = None  # attend to at most this many latest keys (Mistral / Qwen / Gemma 2)
+    sliding_layers: tuple[int, ...] | None = None  # the windowed layers; None = all (when sliding_window)
+    qk_norm: bool = False  # RMSNorm of each query / key head before RoPE (Qwen3)
+    query_pre_attn_scalar: float | None = None  # scores scaled by this**-0.5, not head_dim**-0.5 (Gemma 2)
+    attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
+    final_logit_softcapping: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
     model_type: str = "llama"  # HF model_type of the source checkpoint
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
@@ -102,6 +128,42 @@ class ModelConfig:
                f"ModelConfig.model_type {self.model_type!r} is not supported; "
                f"supported: {SUPPORTED_MODEL_TYPES}")
         require(self.rms_norm_eps > 0, f"ModelConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
+        require(self.hidden_act in HIDDEN_ACTS, f"ModelConfig.hidden_act must be one of {HIDDEN_ACTS}, got {self.hidden_act!r}")
+        require(self.sliding_window is None or (isinstance(self.sliding_window, int) and self.sliding_window > 0),
+                f"ModelConfig.sliding_window must be a positive integer or None, got {self.sliding_window!r}")
+        if self.sliding_layers is not None:
+            layers = tuple(sorted(set(int(i) for i in self.sliding_layers)))
+            require(all(0 <= i < self.num_hidden_layers for i in layers),
+                    f"ModelConfig.sliding_layers must be layer indices in [0, {self.num_hidden_layers}), got {layers}")
+            object.__setattr__(self, "sliding_layers", layers)
+        # Canonical form: None = every layer windowed; no windowed layer = no window.
+        if self.sliding_window is None or self.sliding_layers == tuple(range(self.num_hidden_layers)):
+            object.__setattr__(self, "sliding_layers", None)
+        elif self.sliding_layers == ():
+            object.__setattr__(self, "sliding_window", None)
+            object.__setattr__(self, "sliding_layers", None)
+        for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
+            value = getattr(self, name)
+            require(value is None or value > 0, f"ModelConfig.{name} must be > 0 or None, got {value!r}")
+
+    @property
+    def layer_windows(self) -> tuple[int, ...]:
+        """Per layer: the sliding window in keys, 0 for full causal attention."""
+        layers = range(self.num_hidden_layers) if self.sliding_layers is None else self.sliding_layers
+        return tuple(self.sliding_window if self.sliding_window and i in layers else 0
+                     for i in range(self.num_hidden_layers))
+
+    @property
+    def bias_modules(self) -> tuple[str, ...]:
+        """The linear modules that carry a bias."""
+        return tuple(m for m in ALL_MODULES if (self.attention_bias and m in ("q_proj", "k_proj", "v_proj"))
+                     or (self.attention_out_bias and m == "o_proj") or (self.mlp_bias and m in MLP_MODULES))
+
+    @property
+    def layer_norms(self) -> tuple[str, ...]:
+        """Names of the [l, d] norm weights of a block (Gemma 2 adds norms after attention and MLP)."""
+        extra = ("pre_feedforward_norm", "post_feedforward_norm") if self.model_type == "gemma2" else ()
+        return ("input_norm", "post_attention_norm") + extra
 
     @property
     def q_dim(self) -> int:
@@ -124,9 +186,8 @@ class ModelConfig:
 
     def num_params(self) -> int:
         """Parameter count of the base model (embedding + blocks + final norm + head)."""
-        per_layer = 2 * self.hidden_size + sum(a * b for a, b in map(self.module_shape, ALL_MODULES))
-        if self.attention_bias:
-            per_layer += self.q_dim + 2 * self.kv_dim
+        per_layer = len(self.layer_norms) * self.hidden_size + sum(a * b for a, b in map(self.module_shape, ALL_MODULES))
+        per_layer += sum(self.module_shape(m)[1] for m in self.bias_modules) + 2 * self.head_dim * self.qk_norm
         head = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
         return self.vocab_size * self.hidden_size + self.num_hidden_layers * per_layer + self.hidden_size + head
 

@@ -40,11 +40,17 @@ def accum_dtype(dtype: jnp.dtype) -> jnp.dtype:
     return jnp.promote_types(dtype, jnp.float32)
 
 
-def _hm_scores(qh: jax.Array, kh: jax.Array, bias: jax.Array) -> jax.Array:
-    """Scaled scores plus bias: qh [b, k, g*t, e] (rows g-major), kh [b, k, s, e] -> [b, k, g*t, s]."""
+def softcap_scores(s: jax.Array, softcap: float | None) -> jax.Array:
+    """``softcap * tanh(s / softcap)`` (Gemma 2's attention logit soft-capping); ``s`` when None."""
+    return s if softcap is None else softcap * jnp.tanh(s / softcap)
+
+
+def _hm_scores(qh: jax.Array, kh: jax.Array, bias: jax.Array, softcap: float | None = None) -> jax.Array:
+    """Scaled (soft-capped) scores plus bias: qh [b, k, g*t, e] (rows g-major), kh [b, k, s, e] -> [b, k, g*t, s]."""
     b, nk, gt, e = qh.shape
     t = bias.shape[-2]
     s = jnp.einsum("bkre,bkse->bkrs", qh, kh, preferred_element_type=accum_dtype(qh.dtype)) / math.sqrt(e)
+    s = softcap_scores(s, softcap)
     s = s.reshape(b, nk, gt // t, t, -1) + bias[:, :, None]
     return s.reshape(b, nk, gt, -1)
 
@@ -62,15 +68,16 @@ def _from_hm_q(x: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     return jnp.transpose(x.reshape(b, nk, g, t, e), (0, 3, 1, 2, 4))
 
 
-def attention_hm(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array) -> jax.Array:
+def attention_hm(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, softcap: float | None = None) -> jax.Array:
     """Unblocked softmax attention, heads-major; any key length ``s`` (a KV cache too)."""
     qh, kh, vh = _to_hm(q, k, v)
-    probs = jax.nn.softmax(_hm_scores(qh, kh, bias), axis=-1).astype(q.dtype)
+    probs = jax.nn.softmax(_hm_scores(qh, kh, bias, softcap), axis=-1).astype(q.dtype)
     oh = jnp.einsum("bkrs,bkse->bkre", probs, vh)
     return _from_hm_q(oh, q.shape)
 
 
-def blocked_attention_hm(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, block: int) -> jax.Array:
+def blocked_attention_hm(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, block: int,
+                         softcap: float | None = None) -> jax.Array:
     """Causal attention by static query blocks: block ``[start, stop)`` attends to keys ``[:stop]`` only.
 
     Requires a causal ``bias`` (every key after a query is masked), as ``llama.attention_bias``
@@ -80,7 +87,7 @@ def blocked_attention_hm(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Arr
     """
     b, t, nk, g, e = q.shape
     if block <= 0 or t <= block:
-        return attention_hm(q, k, v, bias)
+        return attention_hm(q, k, v, bias, softcap)
     q5 = jnp.transpose(q, (0, 2, 3, 1, 4))  # [b, k, g, t, e]
     kh, vh = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))  # [b, k, s, e]
     acc, outs = accum_dtype(q.dtype), []
@@ -89,7 +96,7 @@ def blocked_attention_hm(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Arr
         n = stop - start
         qb = q5[:, :, :, start:stop].reshape(b, nk, g * n, e)
         scores = jnp.einsum("bkre,bkse->bkrs", qb, kh[:, :, :stop], preferred_element_type=acc) / math.sqrt(e)
-        scores = scores.reshape(b, nk, g, n, stop) + bias[:, :, None, start:stop, :stop]
+        scores = softcap_scores(scores, softcap).reshape(b, nk, g, n, stop) + bias[:, :, None, start:stop, :stop]
         probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(b, nk, g * n, stop)
         outs.append(jnp.einsum("bkrs,bkse->bkre", probs, vh[:, :, :stop]).reshape(b, nk, g, n, e))
     return jnp.transpose(jnp.concatenate(outs, axis=3), (0, 3, 1, 2, 4))
@@ -105,5 +112,11 @@ def query_block(t: int) -> int:
 
 
 #: The decoder's core: causal query blocks, probabilities recomputed in the backward pass (the layer
-#: scan keeps q, k, v per layer). ``block`` (argument 4) is static; 0 = one unblocked block.
-recompute_blocked_attention_hm = jax.checkpoint(blocked_attention_hm, static_argnums=(4,))
+#: scan keeps q, k, v per layer). ``block`` and ``softcap`` are static; block 0 = one unblocked block.
+_recompute_blocked = jax.checkpoint(blocked_attention_hm, static_argnums=(4, 5))
+
+
+def recompute_blocked_attention_hm(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, block: int,
+                                   softcap: float | None = None) -> jax.Array:
+    """:func:`blocked_attention_hm` under ``jax.checkpoint`` (probabilities recomputed in the backward pass)."""
+    return _recompute_blocked(q, k, v, bias, block, softcap)

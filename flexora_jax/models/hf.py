@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import shutil
@@ -33,7 +34,7 @@ from jax.sharding import Mesh, NamedSharding
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from flexora_jax.config import SUPPORTED_MODEL_TYPES, ModelConfig, RopeScaling, module_path
+from flexora_jax.config import ALL_MODULES, GEMMA_TYPES, SUPPORTED_MODEL_TYPES, ModelConfig, RopeScaling, module_path
 from flexora_jax.errors import CheckpointError, ConfigError
 from flexora_jax.fileio import write_bytes, write_with
 from flexora_jax.models.llama import Params, param_shapes
@@ -46,6 +47,12 @@ _PICKLE_FILES = (PICKLE_WEIGHTS, "pytorch_model.bin.index.json")
 
 
 # ------------------------------------------------------------------------------------------- names
+#: Block norm param -> HF module name (under ``model.layers.{i}``).
+_NORMS = {"input_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
+          "pre_feedforward_norm": "pre_feedforward_layernorm", "post_feedforward_norm": "post_feedforward_layernorm",
+          "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
+
+
 def hf_tensor_names(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], int | None, bool]]:
     """HF tensor name -> (param path, layer index or None, transpose?) for every base tensor."""
     names: dict[str, tuple[tuple[str, ...], int | None, bool]] = {
@@ -53,14 +60,20 @@ def hf_tensor_names(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], int
         "model.norm.weight": (("final_norm",), None, False)}
     if not config.tie_word_embeddings:
         names["lm_head.weight"] = (("lm_head",), None, True)
+    norms = config.layer_norms + (("q_norm", "k_norm") if config.qk_norm else ())
     for i in range(config.num_hidden_layers):
-        names[f"model.layers.{i}.input_layernorm.weight"] = (("layers", "input_norm"), i, False)
-        names[f"model.layers.{i}.post_attention_layernorm.weight"] = (("layers", "post_attention_norm"), i, False)
-        for m in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"):
+        for norm in norms:
+            names[f"model.layers.{i}.{_NORMS[norm]}.weight"] = (("layers", norm), i, False)
+        for m in ALL_MODULES:
             names[f"{module_path(m, i)}.weight"] = (("layers", m, "kernel"), i, True)
-            if config.attention_bias and m in ("q_proj", "k_proj", "v_proj"):
+            if m in config.bias_modules:
                 names[f"{module_path(m, i)}.bias"] = (("layers", m, "bias"), i, False)
     return names
+
+
+def _norm_offset(config: ModelConfig, path: tuple[str, ...]) -> float:
+    """1.0 for Gemma's ``(1 + w)`` RMSNorm weights (stored here as ``1 + w``), else 0.0."""
+    return 1.0 if config.model_type in GEMMA_TYPES and path[-1].endswith("_norm") else 0.0
 
 
 def _get(tree: Any, path: tuple[str, ...]) -> Any:
@@ -70,29 +83,78 @@ def _get(tree: Any, path: tuple[str, ...]) -> Any:
 
 
 # ------------------------------------------------------------------------------------------ config
-def config_from_hf(hf_config: Any, **overrides: Any) -> ModelConfig:
-    """A :class:`ModelConfig` from a ``transformers`` config (LlamaConfig, MistralConfig, Qwen2Config)."""
-    model_type = getattr(hf_config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(f"model_type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
-    act = getattr(hf_config, "hidden_act", "silu")
-    if act != "silu":
-        raise ConfigError(f"hidden_act {act!r} is not supported; only 'silu' (SwiGLU) is")
+_ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_pytorch_tanh", "gelu_new": "gelu_pytorch_tanh"}
+
+
+def _rope_scaling(hf_config: Any) -> tuple[float, RopeScaling | None]:
+    """``(rope_theta, RopeScaling or None)`` from ``rope_parameters`` (or a legacy ``rope_scaling``)."""
     rope = dict(getattr(hf_config, "rope_parameters", None) or {})
     legacy_scaling = getattr(hf_config, "rope_scaling", None)
     if not rope and legacy_scaling:
         rope = dict(legacy_scaling)
+    if any(isinstance(v, Mapping) for v in rope.values()):
+        raise ConfigError(f"per-layer-type rope_parameters {sorted(rope)} are not supported")
+    partial = float(rope.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0) or 1.0))
+    if partial != 1.0:
+        raise ConfigError(f"partial_rotary_factor {partial} is not supported; only 1.0 (RoPE on the whole head)")
     theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
     rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
-    scaling = None
     if rope_type == "llama3":
-        scaling = RopeScaling(
+        return float(theta), RopeScaling(
             factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
             high_freq_factor=float(rope["high_freq_factor"]),
             original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
-    elif rope_type != "default":
-        raise ConfigError(f"rope_type {rope_type!r} is not supported; supported: 'default', 'llama3'")
-    attention_bias = model_type == "qwen2" or bool(getattr(hf_config, "attention_bias", False))
+    if rope_type in ("linear", "dynamic"):
+        return float(theta), RopeScaling(factor=float(rope["factor"]), rope_type=rope_type)
+    if rope_type != "default":
+        raise ConfigError(f"rope_type {rope_type!r} is not supported; supported: 'default', 'llama3', 'linear', 'dynamic'")
+    return float(theta), None
+
+
+def _family_fields(hf_config: Any, model_type: str) -> dict[str, Any]:
+    """The per-family ModelConfig fields, refusing every HF setting that changes the computation unimplemented."""
+    get = functools.partial(getattr, hf_config)
+    act_key = "hidden_activation" if model_type == "gemma2" else "hidden_act"
+    act = get(act_key, "silu")
+    if act not in _ACTS:
+        raise ConfigError(f"{act_key} {act!r} is not supported; supported: {sorted(_ACTS)}")
+    if get("quantization_config", None):
+        raise ConfigError("quantization_config: quantized checkpoints are not supported; load a full-precision one")
+    if get("use_bidirectional_attention", False):
+        raise ConfigError("use_bidirectional_attention=True is not supported (the decoder is causal)")
+    if get("mlp_bias", False) and model_type != "llama":
+        raise ConfigError(f"mlp_bias=True is not supported for model_type {model_type!r}")
+    bias = bool(get("attention_bias", False)) and model_type != "mistral"
+    fields: dict[str, Any] = dict(hidden_act=_ACTS[act], attention_bias=bias or model_type == "qwen2",
+                                  attention_out_bias=bias, mlp_bias=bool(get("mlp_bias", False)),
+                                  qk_norm=model_type == "qwen3")
+    window = get("sliding_window", None) if model_type != "llama" else None
+    if window:
+        layer_types = list(get("layer_types", None) or ["sliding_attention"] * hf_config.num_hidden_layers)
+        unknown = sorted(set(layer_types) - {"sliding_attention", "full_attention"})
+        if unknown:
+            raise ConfigError(f"layer_types {unknown} are not supported; only 'sliding_attention' and 'full_attention'")
+        if model_type == "mistral":  # MistralForCausalLM ignores layer_types: every layer is windowed
+            layer_types = ["sliding_attention"] * hf_config.num_hidden_layers
+        fields.update(sliding_window=int(window),
+                      sliding_layers=tuple(i for i, kind in enumerate(layer_types) if kind == "sliding_attention"))
+    if model_type == "gemma2":
+        fields.update(query_pre_attn_scalar=get("query_pre_attn_scalar"),
+                      attn_logit_softcapping=get("attn_logit_softcapping", None),
+                      final_logit_softcapping=get("final_logit_softcapping", None))
+    return fields
+
+
+def config_from_hf(hf_config: Any, **overrides: Any) -> ModelConfig:
+    """A :class:`ModelConfig` from a ``transformers`` config (Llama, Mistral, Qwen2/3, Gemma 1/2).
+
+    Every setting that changes the computation is either implemented or refused with a
+    :class:`ConfigError` naming it (never silently ignored).
+    """
+    model_type = getattr(hf_config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ConfigError(f"model_type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
+    theta, scaling = _rope_scaling(hf_config)
     eos = getattr(hf_config, "eos_token_id", None)
     kwargs = dict(
         vocab_size=hf_config.vocab_size, hidden_size=hf_config.hidden_size,
@@ -101,36 +163,56 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> ModelConfig:
         num_key_value_heads=getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads,
         head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads,
         max_position_embeddings=hf_config.max_position_embeddings, rms_norm_eps=float(hf_config.rms_norm_eps),
-        rope_theta=float(theta), rope_scaling=scaling,
-        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)),
-        attention_bias=attention_bias, model_type=model_type,
+        rope_theta=theta, rope_scaling=scaling,
+        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)), model_type=model_type,
         bos_token_id=getattr(hf_config, "bos_token_id", None),
         eos_token_id=eos[0] if isinstance(eos, (list, tuple)) and eos else eos,  # the first of several
         pad_token_id=getattr(hf_config, "pad_token_id", None),
+        **_family_fields(hf_config, model_type),
     )
     kwargs.update(overrides)
     return ModelConfig(**kwargs)
 
 
+_HF_CONFIGS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
+               "gemma": "GemmaConfig", "gemma2": "Gemma2Config"}
+
+
 def config_to_hf(config: ModelConfig) -> transformers.PretrainedConfig:
-    """The matching ``transformers`` config (LlamaConfig / MistralConfig / Qwen2Config)."""
+    """The matching ``transformers`` config (LlamaConfig, MistralConfig, Qwen2/3Config, Gemma/Gemma2Config)."""
     rope: dict[str, Any] = {"rope_theta": config.rope_theta, "rope_type": "default"}
-    if config.rope_scaling is not None:
-        rope.update(rope_type="llama3", **dataclasses.asdict(config.rope_scaling))
-    common = dict(
+    s = config.rope_scaling
+    if s is not None and s.rope_type == "llama3":
+        rope.update(dataclasses.asdict(s))
+    elif s is not None:
+        rope.update(rope_type=s.rope_type, factor=s.factor)
+    kwargs: dict[str, Any] = dict(
         vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
         num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
         num_key_value_heads=config.num_key_value_heads, max_position_embeddings=config.max_position_embeddings,
         rms_norm_eps=config.rms_norm_eps, tie_word_embeddings=config.tie_word_embeddings,
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
-        hidden_act="silu", rope_parameters=rope,
-    )
-    if config.model_type == "qwen2":
-        return transformers.Qwen2Config(**common)
-    if config.model_type == "mistral":
-        return transformers.MistralConfig(head_dim=config.head_dim, sliding_window=None, **common)
-    return transformers.LlamaConfig(head_dim=config.head_dim, attention_bias=config.attention_bias,
-                                    mlp_bias=False, **common)
+        rope_parameters=rope)
+    kwargs["hidden_activation" if config.model_type == "gemma2" else "hidden_act"] = config.hidden_act
+    if config.model_type != "qwen2":
+        kwargs["head_dim"] = config.head_dim
+    if config.model_type not in ("qwen2", "mistral"):
+        kwargs["attention_bias"] = config.attention_out_bias
+    if config.model_type == "llama":
+        kwargs["mlp_bias"] = config.mlp_bias
+    windows = config.layer_windows
+    if config.model_type != "llama":
+        kwargs["sliding_window"] = config.sliding_window
+    if config.model_type in ("qwen2", "qwen3", "gemma2"):
+        kwargs["layer_types"] = ["sliding_attention" if w else "full_attention" for w in windows]
+    if config.model_type in ("qwen2", "qwen3"):
+        kwargs.update(use_sliding_window=config.sliding_window is not None,
+                      max_window_layers=next((i for i, w in enumerate(windows) if w), len(windows)))
+    if config.model_type == "gemma2":
+        kwargs.update(query_pre_attn_scalar=config.query_pre_attn_scalar,
+                      attn_logit_softcapping=config.attn_logit_softcapping,
+                      final_logit_softcapping=config.final_logit_softcapping)
+    return getattr(transformers, _HF_CONFIGS[config.model_type])(**kwargs)
 
 
 # ---------------------------------------------------------------------------------- model directory
@@ -275,6 +357,7 @@ def params_from_hf(config: ModelConfig, tensors: TensorSource, source: str, mesh
     if missing:
         raise CheckpointError(f"{source}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                               f"({len(missing)} in all) for a {config.num_hidden_layers}-layer {config.model_type} model")
+    _refuse_unused(config, tensors, names, source)
     shapes = param_shapes(config)
     by_path: dict[tuple[str, ...], dict[int | None, tuple[str, bool]]] = {}
     for name, (path, layer, transpose) in names.items():
@@ -286,18 +369,19 @@ def params_from_hf(config: ModelConfig, tensors: TensorSource, source: str, mesh
         by_path.setdefault(path, {})[layer] = (name, transpose)
     target = jnp.dtype(config.dtype)
 
-    def read(name: str, transpose: bool, index: tuple[slice, ...]) -> np.ndarray:
+    def read(name: str, transpose: bool, index: tuple[slice, ...], offset: float) -> np.ndarray:
         arr = tensors.read(name, tuple(reversed(index)) if transpose else index)
-        return (arr.T if transpose else arr).astype(target)
+        arr = arr.T if transpose else arr
+        return (arr.astype(np.float32) + offset if offset else arr).astype(target)
 
     def build(path: tuple[str, ...], shape: tuple[int, ...]) -> jax.Array:
-        entries = by_path[path]
+        entries, offset = by_path[path], _norm_offset(config, path)
 
         def block(index: tuple[slice, ...]) -> np.ndarray:
             index = tuple(slice(*s.indices(n)) for s, n in zip(index, shape))
             if None in entries:
-                return read(*entries[None], index)
-            return np.stack([read(*entries[i], index[1:]) for i in range(*index[0].indices(shape[0]))])
+                return read(*entries[None], index, offset)
+            return np.stack([read(*entries[i], index[1:], offset) for i in range(*index[0].indices(shape[0]))])
 
         if mesh is None:
             return jnp.asarray(block(tuple(slice(None) for _ in shape)))
@@ -310,6 +394,24 @@ def params_from_hf(config: ModelConfig, tensors: TensorSource, source: str, mesh
             node = node.setdefault(p, {})
         node[path[-1]] = build(path, tuple(_get(shapes, path)))
     return params
+
+
+def _refuse_unused(config: ModelConfig, tensors: TensorSource, names: Mapping[str, Any], source: str) -> None:
+    """Raise :class:`CheckpointError` naming any checkpoint tensor the model would not use.
+
+    Ignored: RoPE ``inv_freq`` buffers (recomputed) and an ``lm_head.weight`` equal to the tied embedding.
+    """
+    extra = sorted(n for n in tensors.files if n not in names and not n.endswith("rotary_emb.inv_freq"))
+    if config.tie_word_embeddings and "lm_head.weight" in extra:
+        head, emb = (tensors.read(n, tuple(slice(None) for _ in tensors.shape(n)))
+                     for n in ("lm_head.weight", "model.embed_tokens.weight"))
+        if head.shape == emb.shape and np.array_equal(head, emb):
+            extra.remove("lm_head.weight")
+    if extra:
+        raise CheckpointError(
+            f"{source}: tensor(s) {extra[:5]}{' ...' if len(extra) > 5 else ''} ({len(extra)} in all) would not "
+            f"be used by a {config.model_type} model as config.json describes it (biases, norms or heads the "
+            "config does not declare); refusing rather than computing a different function")
 
 
 def load_model(path_or_hub_id: str | os.PathLike, dtype: str = "float32", allow_pickle: bool = False,
@@ -351,6 +453,8 @@ def hf_state_dict(config: ModelConfig, params: Params) -> dict[str, np.ndarray]:
     out = {}
     for name, (path, layer, transpose) in hf_tensor_names(config).items():
         arr = np.asarray(_get(params, path) if layer is None else _get(params, path)[layer])
+        offset = _norm_offset(config, path)
+        arr = (arr.astype(np.float32) - offset).astype(arr.dtype) if offset else arr
         out[name] = np.ascontiguousarray(arr.T if transpose else arr)
     return out
 

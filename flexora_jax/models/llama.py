@@ -1,4 +1,4 @@
-"""A LLaMA-style decoder as a pure function of three pytrees: base params, LoRA, gates.
+"""A LLaMA-style decoder (LLaMA, Mistral, Qwen2/3, Gemma 1/2) as a pure function of base params, LoRA, gates.
 
 Design:
 - ``forward(config, params, tokens, attention_mask, lora, gates)`` is pure: ``jax.grad`` picks what is
@@ -13,7 +13,12 @@ Design:
 - Base weights are in the compute dtype (``config.dtype``); LoRA A/B and gates stay fp32 and are cast
   at use; logits are fp32.
 - Generation (:mod:`flexora_jax.generation`) runs the same :func:`block` with a :class:`KVCache` and
-  the same :func:`lm_head`, so the cached decoder cannot drift from the trained one.
+  the same :func:`embed` / :func:`lm_head`, so the cached decoder cannot drift from the trained one.
+- Family differences are static Python on the config (resolved at trace time, nothing on the LLaMA
+  path): biases, GeGLU, q/k norms, Gemma's sqrt(d) embedding scale and sandwich norms, soft-capping.
+  Per-layer sliding windows are a scanned [l] array (0 = full causal), so the layer scan stays one body.
+- Gemma's ``(1 + w)`` RMSNorm weights are stored as the effective scale ``1 + w`` (converted on HF
+  load / save), so every norm here is ``w * x``.
 
 Shapes: ``b`` batch, ``t`` sequence, ``d`` hidden, ``h``/``k`` query/KV heads, ``e`` head_dim,
 ``f`` MLP width, ``v`` vocab, ``r`` LoRA rank, ``l`` layers.
@@ -22,8 +27,10 @@ Param layout (HF ``(out, in)`` weights are stored transposed as ``(in, out)`` ke
 
     {"embed": [v, d], "final_norm": [d], "lm_head": [d, v] (absent when tied),
      "layers": {"input_norm": [l, d], "post_attention_norm": [l, d],
+                "pre_feedforward_norm": [l, d]?, "post_feedforward_norm": [l, d]? (Gemma 2),
+                "q_norm": [l, e]?, "k_norm": [l, e]? (Qwen3),
                 "q_proj": {"kernel": [l, d, h*e], "bias": [l, h*e]?}, "k_proj": ..., "v_proj": ...,
-                "o_proj": {"kernel": [l, h*e, d]}, "gate_proj": {"kernel": [l, d, f]},
+                "o_proj": {"kernel": [l, h*e, d], "bias": [l, d]?}, "gate_proj": {"kernel": [l, d, f]},
                 "up_proj": {"kernel": [l, d, f]}, "down_proj": {"kernel": [l, f, d]}}}
 """
 
@@ -36,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexora_jax.config import ALL_MODULES, ModelConfig
+from flexora_jax.config import ALL_MODULES, GEMMA_TYPES, ModelConfig
 from flexora_jax.errors import ConfigError, DataError
 from flexora_jax.lora import per_layer_lora
 from flexora_jax.models.attention import NEG_INF, accum_dtype, attention_hm, query_block, recompute_blocked_attention_hm
@@ -66,12 +73,17 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-    """Inverse frequencies [e/2], with Llama-3 scaling when ``config.rope_scaling`` is set."""
+    """Inverse frequencies [e/2], with Llama-3 or linear scaling when ``config.rope_scaling`` says so.
+
+    Dynamic (NTK) scaling depends on the positions and is applied in :func:`rope_tables`.
+    """
     e = config.head_dim
     inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, e, 2, dtype=np.float64) / e))
     s = config.rope_scaling
-    if s is None:
+    if s is None or s.rope_type == "dynamic":
         return inv_freq.astype(np.float32)
+    if s.rope_type == "linear":
+        return (inv_freq / s.factor).astype(np.float32)
     low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
     high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -86,6 +98,12 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
 def rope_tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     """cos/sin tables [b, t, e] for integer positions [b, t] (HF 'rotate half' convention)."""
     inv_freq = jnp.asarray(rope_inv_freq(config))
+    s = config.rope_scaling
+    if s is not None and s.rope_type == "dynamic":  # NTK: a larger base past max_position_embeddings
+        e, m = config.head_dim, config.max_position_embeddings
+        seq = jnp.maximum(jnp.max(positions) + 1, m).astype(jnp.float32)
+        base = config.rope_theta * (s.factor * seq / m - (s.factor - 1)) ** (e / (e - 2))
+        inv_freq = 1.0 / base ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, e/2]
     angles = jnp.concatenate([angles, angles], axis=-1)
     return jnp.cos(angles), jnp.sin(angles)
@@ -119,6 +137,18 @@ def attention_bias(attention_mask: jax.Array | None, batch: int, seq: int,
     return jnp.where(allowed, 0.0, NEG_INF)
 
 
+def window_bias(bias: jax.Array, window: jax.Array, start: jax.Array | int = 0) -> jax.Array:
+    """``bias`` [b, 1, t, s] with keys more than ``window - 1`` columns before the query masked.
+
+    Query ``i`` sits at column ``start + i``, key ``j`` at column ``j`` (as transformers counts them,
+    padding included); ``window`` 0 leaves ``bias`` as it is.
+    """
+    t, s = bias.shape[-2:]
+    q = start + jnp.arange(t, dtype=jnp.int32)[:, None]
+    inside = (window <= 0) | (jnp.arange(s, dtype=jnp.int32)[None, :] > q - window)
+    return jnp.where(inside, bias, NEG_INF)
+
+
 # --------------------------------------------------------------------------------------- linear + LoRA
 def linear(x: jax.Array, layer: Params, name: str, lora_layer: dict[str, Any] | None,
            dropout_key: jax.Array | None, dropout_rate: float) -> jax.Array:
@@ -142,40 +172,54 @@ def linear(x: jax.Array, layer: Params, name: str, lora_layer: dict[str, Any] | 
 def block(config: ModelConfig, layer: Params, h: jax.Array, cos: jax.Array, sin: jax.Array,
           bias: jax.Array, lora_layer: dict[str, Any] | None, dropout_key: jax.Array | None,
           dropout_rate: float, attention_block: int | None = None,
-          cache: KVCache | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
-    """One pre-norm LLaMA block: attention (GQA, RoPE) and SwiGLU MLP, each with a residual.
+          cache: KVCache | None = None, window: jax.Array | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
+    """One pre-norm block: attention (GQA, RoPE) and a gated MLP (SwiGLU / GeGLU), each with a residual.
 
     Without ``cache``: ``h`` [b, t, d] attends to itself (``bias`` [b, 1, t, t]) and the block returns
     the new ``h``. With a :class:`KVCache` (generation): the block's keys/values are written into the
     cache first, ``h`` attends to every cache column (``bias`` [b, 1, t, s]), and the block returns
-    ``(h, cache)``.
+    ``(h, cache)``. With ``config.sliding_window`` the layer's window (``window``, or looked up by
+    ``cache.layer``) further restricts ``bias``.
     """
     b, t, _ = h.shape
     nh, nk, e = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    eps = config.rms_norm_eps
 
     def lin(x, name):
         return linear(x, layer, name, lora_layer, dropout_key, dropout_rate)
 
-    x = rms_norm(h, layer["input_norm"], config.rms_norm_eps)
+    x = rms_norm(h, layer["input_norm"], eps)
     q = lin(x, "q_proj").reshape(b, t, nh, e)
     k = lin(x, "k_proj").reshape(b, t, nk, e)
     v = lin(x, "v_proj").reshape(b, t, nk, e)
+    if config.qk_norm:
+        q, k = rms_norm(q, layer["q_norm"], eps), rms_norm(k, layer["k_norm"], eps)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if config.query_pre_attn_scalar is not None and config.query_pre_attn_scalar != e:
+        q = q * jnp.asarray(math.sqrt(e / config.query_pre_attn_scalar), q.dtype)  # attention divides by sqrt(e)
     q = q.reshape(b, t, nk, nh // nk, e)  # query heads grouped by the KV head they share
+    if config.sliding_window:
+        if cache is not None:
+            window = jnp.asarray(config.layer_windows, jnp.int32)[cache.layer]
+        bias = window_bias(bias, window, 0 if cache is None else cache.column)
+    cap = config.attn_logit_softcapping
     if cache is None:
         # Causal query blocks, heads-major, under jax.checkpoint: the layer scan keeps q, k, v per layer
         # instead of the [b, k, g, t, s] probabilities, which the backward pass recomputes (attention.py).
         blk = query_block(t) if attention_block is None else attention_block
-        attn = recompute_blocked_attention_hm(q, k, v, bias, blk)
+        attn = recompute_blocked_attention_hm(q, k, v, bias, blk, cap)
     else:
         cache, k, v = _write_cache(cache, k, v)
-        attn = attention_hm(q, k, v, bias)
-    attn = attn.reshape(b, t, nh * e)
-    h = h + lin(attn, "o_proj")
+        attn = attention_hm(q, k, v, bias, cap)
+    attn = lin(attn.reshape(b, t, nh * e), "o_proj")
+    sandwich = config.model_type == "gemma2"
+    h = h + (rms_norm(attn, layer["post_attention_norm"], eps) if sandwich else attn)
 
-    x = rms_norm(h, layer["post_attention_norm"], config.rms_norm_eps)
-    mlp = jax.nn.silu(lin(x, "gate_proj")) * lin(x, "up_proj")
-    h = h + lin(mlp, "down_proj")
+    x = rms_norm(h, layer["pre_feedforward_norm" if sandwich else "post_attention_norm"], eps)
+    gate = lin(x, "gate_proj")
+    gate = jax.nn.silu(gate) if config.hidden_act == "silu" else jax.nn.gelu(gate, approximate=True)
+    mlp = lin(gate * lin(x, "up_proj"), "down_proj")
+    h = h + (rms_norm(mlp, layer["post_feedforward_norm"], eps) if sandwich else mlp)
     return h if cache is None else (h, cache)
 
 
@@ -191,15 +235,22 @@ def _write_cache(cache: KVCache, k: jax.Array, v: jax.Array) -> tuple[KVCache, j
 
 
 def embed(config: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
-    """Token embeddings [b, t, d] in the compute dtype."""
-    return jnp.take(params["embed"], tokens, axis=0).astype(jnp.dtype(config.dtype))
+    """Token embeddings [b, t, d] in the compute dtype (times sqrt(d) for Gemma)."""
+    dtype = jnp.dtype(config.dtype)
+    h = jnp.take(params["embed"], tokens, axis=0).astype(dtype)
+    return h * jnp.asarray(math.sqrt(config.hidden_size), dtype) if config.model_type in GEMMA_TYPES else h
 
 
 def lm_head(config: ModelConfig, params: Params, h: jax.Array) -> jax.Array:
-    """Logits [..., v] (fp32 or wider) of final-normed hidden states [..., d]; tied heads use the embedding."""
+    """Logits [..., v] (fp32 or wider) of final-normed hidden states [..., d]; tied heads use the embedding.
+
+    With ``config.final_logit_softcapping`` (Gemma 2) the logits are ``cap * tanh(logits / cap)``.
+    """
     dtype = jnp.dtype(config.dtype)
     head = params["embed"].T if config.tie_word_embeddings else params["lm_head"]
-    return jnp.einsum("...d,dv->...v", h, head.astype(dtype), preferred_element_type=accum_dtype(dtype))
+    logits = jnp.einsum("...d,dv->...v", h, head.astype(dtype), preferred_element_type=accum_dtype(dtype))
+    cap = config.final_logit_softcapping
+    return logits if cap is None else cap * jnp.tanh(logits / cap)
 
 
 # ---------------------------------------------------------------------------------------- forward
@@ -243,17 +294,19 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array, attention_ma
         raise ConfigError("gates were given without LoRA params: gates scale the LoRA branch only")
 
     def step(h, xs):
-        layer, lora_layer, key = xs
-        return block(config, layer, h, cos, sin, bias, lora_layer, key, dropout_rate, attention_block), None
+        layer, lora_layer, key, window = xs
+        return block(config, layer, h, cos, sin, bias, lora_layer, key, dropout_rate, attention_block,
+                     window=window), None
 
     if config.remat_layers:
         step = jax.checkpoint(step)
     keys = None if dropout_key is None else jax.random.split(dropout_key, config.num_hidden_layers)
+    windows = jnp.asarray(config.layer_windows, jnp.int32) if config.sliding_window else None
     if config.scan_layers:
-        h, _ = jax.lax.scan(step, h, (params["layers"], lora_layers, keys))
+        h, _ = jax.lax.scan(step, h, (params["layers"], lora_layers, keys, windows))
     else:
         for i in range(config.num_hidden_layers):
-            xs = jax.tree.map(lambda x: x[i], (params["layers"], lora_layers, keys))
+            xs = jax.tree.map(lambda x: x[i], (params["layers"], lora_layers, keys, windows))
             h, _ = step(h, xs)
 
     h = rms_norm(h, params["final_norm"], config.rms_norm_eps)
@@ -275,11 +328,13 @@ def init_params(config: ModelConfig, key: jax.Array, init_std: float = 0.02,
     def normal(shape, std=init_std):
         return (std * jax.random.normal(next(keys), shape, jnp.float32)).astype(dtype)
 
-    layers: Params = {"input_norm": jnp.ones((L, d), dtype), "post_attention_norm": jnp.ones((L, d), dtype)}
+    layers: Params = {name: jnp.ones((L, d), dtype) for name in config.layer_norms}
+    if config.qk_norm:
+        layers.update(q_norm=jnp.ones((L, config.head_dim), dtype), k_norm=jnp.ones((L, config.head_dim), dtype))
     for name in ALL_MODULES:
         d_in, d_out = config.module_shape(name)
         layers[name] = {"kernel": normal((L, d_in, d_out))}
-        if config.attention_bias and name in ("q_proj", "k_proj", "v_proj"):
+        if name in config.bias_modules:
             layers[name]["bias"] = jnp.zeros((L, d_out), dtype)
     params: Params = {"embed": normal((config.vocab_size, d), head_std if config.tie_word_embeddings and head_std else init_std),
                       "layers": layers, "final_norm": jnp.ones((d,), dtype)}
