@@ -32,7 +32,7 @@ def module_path(module: str, layer: int) -> str:
     group = "self_attn" if module in ATTENTION_MODULES else "mlp"
     return f"model.layers.{layer}.{group}.{module}"
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2")
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
 ROPE_TYPES = ("llama3", "linear", "dynamic")  # scaled RoPE variants (RopeScaling.rope_type)
 HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")  # SwiGLU / GeGLU (tanh-approximate GELU)
 GEMMA_TYPES = ("gemma", "gemma2")  # sqrt(d)-scaled embeddings, (1 + w) RMSNorm
@@ -67,7 +67,7 @@ class RopeScaling:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shape and numerics of a LLaMA-style decoder (LLaMA 1-3, Mistral, Qwen2/3, Gemma 1/2 checkpoints).
+    """Shape and numerics of a LLaMA-style decoder (LLaMA 1-3, Mistral, Qwen2/3, Gemma 1/2, Phi-3 checkpoints).
 
     Family traits fixed by ``model_type``: Gemma scales embeddings by sqrt(d) and uses ``(1 + w)``
     RMSNorm weights; Gemma 2 adds norms after attention and MLP (sandwich norms).

@@ -18,6 +18,7 @@ import transformers
 from safetensors.numpy import load_file, save_file
 
 import flexora_jax as fj
+from flexora_jax import sharding as sh
 from flexora_jax.adapters import export_peft
 from flexora_jax.errors import CheckpointError, ConfigError
 from flexora_jax.models.hf import config_from_hf, config_to_hf, save_model
@@ -42,6 +43,7 @@ FAMILIES = {
     "gemma2": (transformers.Gemma2Config, dict(head_dim=16, tie_word_embeddings=True, sliding_window=8,
                                                query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
                                                final_logit_softcapping=5.0)),
+    "phi3_window": (transformers.Phi3Config, dict(sliding_window=8)),  # fused qkv_proj / gate_up_proj
 }
 _forward = jax.jit(fj.forward, static_argnums=0)
 
@@ -178,7 +180,7 @@ def test_unimplemented_config_fields_are_refused(what):
         config_from_hf(cls(**{**BASE, **kw}))
 
 
-@pytest.mark.parametrize("model_type", ["phi3", "olmo"])
+@pytest.mark.parametrize("model_type", ["olmo", "gpt_neox"])
 def test_unsupported_families_are_refused_by_name(model_type, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": model_type, **BASE}))
     with pytest.raises(CheckpointError, match=f"model_type '{model_type}'"):
@@ -210,6 +212,7 @@ def test_tied_head_copy_and_rope_buffers_are_accepted(tmp_path):
 
 TRAIT_OFF = {"llama_linear_rope": dict(rope_scaling=None), "llama_dynamic_rope": dict(rope_scaling=None),
              "mistral_window": dict(sliding_window=None), "qwen2_window": dict(sliding_window=None),
+             "phi3_window": dict(sliding_window=None),
              "qwen3": dict(qk_norm=False), "gemma": dict(model_type="llama", hidden_act="silu"),
              "gemma2": dict(sliding_window=None, attn_logit_softcapping=None, final_logit_softcapping=None,
                             query_pre_attn_scalar=None)}
@@ -226,3 +229,22 @@ def test_each_family_trait_changes_the_logits(family):
     on = np.asarray(_forward(config, params, tokens, mask, positions=positions))
     off = np.asarray(_forward(off_config, off_params, tokens, mask, positions=positions))
     assert np.abs(on - off)[mask.astype(bool)].max() > 100 * TOL
+
+
+def test_family_params_get_partition_specs(family):
+    """New leaves (biases, q/k norms, sandwich norms) fit the sharding rules: kernels' biases follow their
+    output axis, norms are replicated."""
+    _, _, _, config, params = family
+    specs = sh.partition_specs(params, {"data": 1, "fsdp": 2, "model": 2})
+    for name, leaf in specs["layers"].items():
+        if isinstance(leaf, dict) and "bias" in leaf:
+            assert leaf["bias"] == sh.P(None, sh.KERNEL_SPECS[name][2]), name
+        elif not isinstance(leaf, dict):
+            assert leaf == sh.P(), name
+
+
+def test_family_loads_onto_a_mesh(family):
+    """Mesh loading reads every param as device blocks: Phi-3's fused rows and Gemma's norm offsets too."""
+    _, _, directory, _, params = family
+    _, got = fj.load_model(directory, mesh=sh.make_mesh((2, 2, 2)))
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, got), params)

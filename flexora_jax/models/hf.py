@@ -71,6 +71,47 @@ def hf_tensor_names(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], int
     return names
 
 
+#: Fused HF tensors (Phi-3) -> the modules they hold, in row order; split on load, fused back on save.
+_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def fused_rows(config: ModelConfig) -> dict[str, tuple[str, int, int]]:
+    """Phi-3: module weight name -> (fused HF weight name, first row, rows); empty for other families."""
+    if config.model_type != "phi3":
+        return {}
+    out = {}
+    for i in range(config.num_hidden_layers):
+        for fused, parts in _FUSED.items():
+            start = 0
+            for m in parts:
+                rows = config.module_shape(m)[1]
+                out[f"{module_path(m, i)}.weight"] = (f"{module_path(m, i).rsplit('.', 1)[0]}.{fused}.weight", start, rows)
+                start += rows
+    return out
+
+
+def _unfuse(config: ModelConfig, tensors: TensorSource) -> TensorSource:
+    """``tensors`` with each fused Phi-3 tensor seen as its modules' tensors (row slices, read on demand)."""
+    split = {n: v for n, v in fused_rows(config).items() if v[0] in tensors.files}
+    if not split:
+        return tensors
+    fused = {v[0] for v in split.values()}
+    files = {n: f for n, f in tensors.files.items() if n not in fused}
+    files.update({n: tensors.files[v[0]] for n, v in split.items()})
+
+    def shape(name: str) -> tuple[int, ...]:
+        return (split[name][2],) + tensors.shape(split[name][0])[1:] if name in split else tensors.shape(name)
+
+    def read(name: str, index: tuple[slice, ...]) -> np.ndarray:
+        if name not in split:
+            return tensors.read(name, index)
+        src, start, rows = split[name]
+        lo, hi, _ = index[0].indices(rows)
+        return tensors.read(src, (slice(start + lo, start + hi),) + tuple(index[1:]))
+
+    return TensorSource(files, shape, read)
+
+
 def _norm_offset(config: ModelConfig, path: tuple[str, ...]) -> float:
     """1.0 for Gemma's ``(1 + w)`` RMSNorm weights (stored here as ``1 + w``), else 0.0."""
     return 1.0 if config.model_type in GEMMA_TYPES and path[-1].endswith("_norm") else 0.0
@@ -134,7 +175,7 @@ def _family_fields(hf_config: Any, model_type: str) -> dict[str, Any]:
         unknown = sorted(set(layer_types) - {"sliding_attention", "full_attention"})
         if unknown:
             raise ConfigError(f"layer_types {unknown} are not supported; only 'sliding_attention' and 'full_attention'")
-        if model_type == "mistral":  # MistralForCausalLM ignores layer_types: every layer is windowed
+        if model_type in ("mistral", "phi3"):  # these ignore layer_types: every layer is windowed
             layer_types = ["sliding_attention"] * hf_config.num_hidden_layers
         fields.update(sliding_window=int(window),
                       sliding_layers=tuple(i for i, kind in enumerate(layer_types) if kind == "sliding_attention"))
@@ -146,7 +187,7 @@ def _family_fields(hf_config: Any, model_type: str) -> dict[str, Any]:
 
 
 def config_from_hf(hf_config: Any, **overrides: Any) -> ModelConfig:
-    """A :class:`ModelConfig` from a ``transformers`` config (Llama, Mistral, Qwen2/3, Gemma 1/2).
+    """A :class:`ModelConfig` from a ``transformers`` config (Llama, Mistral, Qwen2/3, Gemma 1/2, Phi-3).
 
     Every setting that changes the computation is either implemented or refused with a
     :class:`ConfigError` naming it (never silently ignored).
@@ -175,11 +216,11 @@ def config_from_hf(hf_config: Any, **overrides: Any) -> ModelConfig:
 
 
 _HF_CONFIGS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
-               "gemma": "GemmaConfig", "gemma2": "Gemma2Config"}
+               "gemma": "GemmaConfig", "gemma2": "Gemma2Config", "phi3": "Phi3Config"}
 
 
 def config_to_hf(config: ModelConfig) -> transformers.PretrainedConfig:
-    """The matching ``transformers`` config (LlamaConfig, MistralConfig, Qwen2/3Config, Gemma/Gemma2Config)."""
+    """The matching ``transformers`` config (Llama, Mistral, Qwen2/3, Gemma/Gemma2, Phi3)."""
     rope: dict[str, Any] = {"rope_theta": config.rope_theta, "rope_type": "default"}
     s = config.rope_scaling
     if s is not None and s.rope_type == "llama3":
@@ -196,7 +237,7 @@ def config_to_hf(config: ModelConfig) -> transformers.PretrainedConfig:
     kwargs["hidden_activation" if config.model_type == "gemma2" else "hidden_act"] = config.hidden_act
     if config.model_type != "qwen2":
         kwargs["head_dim"] = config.head_dim
-    if config.model_type not in ("qwen2", "mistral"):
+    if config.model_type not in ("qwen2", "mistral", "phi3"):
         kwargs["attention_bias"] = config.attention_out_bias
     if config.model_type == "llama":
         kwargs["mlp_bias"] = config.mlp_bias
@@ -352,7 +393,7 @@ def params_from_hf(config: ModelConfig, tensors: TensorSource, source: str, mesh
     Without ``mesh`` each param is one host array moved to the default device; with a ``mesh`` each is
     built into its :func:`~flexora_jax.sharding.leaf_spec` sharding from the blocks its devices hold.
     """
-    names = hf_tensor_names(config)
+    names, tensors = hf_tensor_names(config), _unfuse(config, tensors)
     missing = [n for n in names if n not in tensors.files]
     if missing:
         raise CheckpointError(f"{source}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
@@ -456,6 +497,8 @@ def hf_state_dict(config: ModelConfig, params: Params) -> dict[str, np.ndarray]:
         offset = _norm_offset(config, path)
         arr = (arr.astype(np.float32) - offset).astype(arr.dtype) if offset else arr
         out[name] = np.ascontiguousarray(arr.T if transpose else arr)
+    for name, (fused, _, _) in fused_rows(config).items():  # Phi-3: rows in module order
+        out[fused] = np.concatenate([out[fused], out.pop(name)]) if fused in out else out.pop(name)
     return out
 
 
