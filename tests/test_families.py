@@ -248,3 +248,12 @@ def test_family_loads_onto_a_mesh(family):
     _, _, directory, _, params = family
     _, got = fj.load_model(directory, mesh=sh.make_mesh((2, 2, 2)))
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, got), params)
+
+
+def test_load_model_refuses_an_unimplemented_field_as_a_checkpoint_error(tmp_path):
+    transformers.LlamaForCausalLM(transformers.LlamaConfig(**BASE)).save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["rope_parameters"] = dict(rope_type="longrope", rope_theta=1e4, short_factor=[1.0] * 4, long_factor=[1.0] * 4)
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="config.json.*rope_type 'longrope'"):
+        fj.load_model(tmp_path)

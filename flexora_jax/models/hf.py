@@ -10,6 +10,11 @@ With a device ``mesh``, :func:`load_model` builds each param straight into its s
 (:func:`flexora_jax.sharding.leaf_spec`): every device's block is read from the safetensors files as
 a slice, so no process ever holds a full copy of a sharded tensor, only the rows its devices need.
 
+Never silently wrong: a config field that changes the computation and is not implemented (see
+:func:`config_from_hf`) or a checkpoint tensor the model would not use is refused, naming it. Family
+conversions: Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` are split into q/k/v/gate/up on load and
+fused back on save; Gemma's ``(1 + w)`` norm weights are stored as ``1 + w``.
+
 Every file is written atomically through :mod:`flexora_jax.fileio`.
 """
 

@@ -273,7 +273,8 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array, attention_ma
       attention_block: attend by causal query blocks of this many tokens; None = ``query_block(t)``
         (32 up to 512 tokens), 0 = one unblocked block. Same function either way (see attention.py).
       segment_ids: [b, t] packed rows: 0 = shared prefix, s > 0 = segment s (sees the prefix and
-        itself), -1 = padding (see :func:`attention_bias`); give matching ``positions``.
+        itself), -1 = padding (see :func:`attention_bias`); give matching ``positions``. Sliding windows
+        count columns of the row (as transformers does), not positions within a segment.
     """
     tokens = jnp.asarray(tokens)
     if tokens.ndim != 2:
