@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from benchmarks import common, harness
-from flexora_jax.bilevel import init_search_state, make_search_step
+from flexora_jax.bilevel import _search_step, init_search_state, make_search_step
 from flexora_jax.config import FinetuneConfig, SearchConfig
 from flexora_jax.gates import init_gates
 from flexora_jax.lora import init_lora
@@ -107,7 +107,7 @@ def deep_compile(model: str, k: int, batch: int, seq: int) -> dict:
                                                      search))
     batches = jax.eval_shape(lambda: common.random_batch(config, batch, seq, k=k))
     val = jax.eval_shape(lambda: common.random_batch(config, batch, seq))
-    make_search_step.cache_clear()
+    _search_step.cache_clear()
     t0 = time.perf_counter()
     _, stats = harness.compile_stats(jax.jit(make_search_step(config, search), donate_argnums=1), params, state,
                                      batches, val)

@@ -45,6 +45,7 @@ from flexora_jax.gates import GateKind, Gates, gate_values, init_gates
 from flexora_jax.lora import LoraParams, init_lora
 from flexora_jax.selection import Selection, select
 from flexora_jax.sharding import fetch
+from flexora_jax.models.attention import stage_config
 from flexora_jax.models.losses import lm_loss
 
 Batch = dict[str, jax.Array]
@@ -143,6 +144,8 @@ def hypergradient(estimator: str, train_loss: LossFn, val_loss: LossFn, optimize
     Returns:
       (hypergradient as a Gates pytree, inner state after the K steps, metrics dict).
     """
+    if estimator in ("unrolled", "forward") or (estimator == "darts" and darts_mode == "exact"):
+        check_differentiable(optimizer)
     if estimator in ("unrolled", "forward"):
         def objective(g):
             new_state, losses = unroll(train_loss, optimizer, g, state, train_batches, remat, reset_optimizer)
@@ -174,6 +177,25 @@ def hypergradient(estimator: str, train_loss: LossFn, val_loss: LossFn, optimize
                       "valid: 'unrolled', 'forward', 'first_order', 'darts'")
 
 
+def check_differentiable(optimizer: optax.GradientTransformation) -> None:
+    """Refuse an inner optimizer whose update has no derivative at a zero second moment.
+
+    LoRA starts with B = 0, so some gradients are exactly 0 at the first step; through Adam / AdamW with
+    ``eps_root = 0`` the derivative of ``sqrt(nu)`` at ``nu = 0`` is infinite and every hypergradient
+    becomes NaN. Probed on a scalar at trace time (a few eager operations).
+    """
+    with jax.ensure_compile_time_eval():
+        zero = {"x": jnp.zeros((), jnp.float32)}
+        state = optimizer.init(zero)
+        one = {"x": jnp.ones((), jnp.float32)}
+        tangent = jax.jvp(lambda g: optimizer.update(g, state, zero)[0], (zero,), (one,))[1]
+        finite = bool(jnp.isfinite(tangent["x"]))
+    if not finite:
+        raise ConfigError("the inner optimizer's update has no derivative at a zero gradient (Adam / AdamW with "
+                          "eps_root=0: the hypergradient is NaN while LoRA's B is 0); use eps_root > 0, e.g. "
+                          "optax.adamw(lr, eps_root=1e-16), or the first_order estimator")
+
+
 def darts_implicit(train_loss: LossFn, theta: LoraParams, gates: Gates, batch: Batch, v: LoraParams,
                    mode: str = "exact") -> Gates:
     """``d/dgates <grad_theta L_train(theta, gates), v>``: AutoLoRA's implicit (second-order) term.
@@ -203,8 +225,26 @@ def init_search_state(lora: LoraParams, gates: Gates, search: SearchConfig) -> S
                        gate_opt_state=outer_optimizer(search).init(gates), step=jnp.zeros((), jnp.int32))
 
 
-@functools.lru_cache(maxsize=32)
+def program_key(search: SearchConfig) -> SearchConfig:
+    """``search`` with the fields that do not change the compiled step set to fixed values.
+
+    The number of outer steps enters the program only through a cosine inner schedule; batch sizes come
+    in through the batches' shapes; ``log_every`` is host-side. So a longer search, or another batch size
+    of the same shape, reuses the compiled step.
+    """
+    fixed: dict[str, Any] = {"batch_size": 1, "val_batch_size": 1, "log_every": 1}
+    if search.inner_schedule == "constant":
+        fixed["steps"] = 1
+    return dataclasses.replace(search, **fixed)
+
+
 def make_search_step(config: ModelConfig, search: SearchConfig) -> Callable[..., tuple[SearchState, dict]]:
+    """The pure search step for ``config`` and ``search`` (see :func:`_search_step`), cached on what changes it."""
+    return _search_step(config, program_key(search))
+
+
+@functools.lru_cache(maxsize=32)
+def _search_step(config: ModelConfig, search: SearchConfig) -> Callable[..., tuple[SearchState, dict]]:
     """The pure search step ``(params, state, train_batches[K], val_batch) -> (state, metrics)``.
 
     K inner steps + hypergradient + outer Adam update on the gates. The frozen base params are an
@@ -214,6 +254,7 @@ def make_search_step(config: ModelConfig, search: SearchConfig) -> Callable[...,
     ``darts`` with ``darts_redo_inner``, the inner step is redone from the old LoRA with the updated gates.
     """
     inner_opt, outer_opt = inner_optimizer(search), outer_optimizer(search)
+    config = stage_config(config, search.hypergradient, search.darts_mode)  # XLA attention where AD is second order
 
     def step(params: Any, state: SearchState, train_batches: Batch, val_batch: Batch) -> tuple[SearchState, dict]:
         loss = make_loss_fn(config, params)

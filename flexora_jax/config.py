@@ -37,6 +37,7 @@ ROPE_TYPES = ("llama3", "linear", "dynamic")  # scaled RoPE variants (RopeScalin
 HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")  # SwiGLU / GeGLU (tanh-approximate GELU)
 GEMMA_TYPES = ("gemma", "gemma2")  # sqrt(d)-scaled embeddings, (1 + w) RMSNorm
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: finite-difference checks (x64 mode)
+ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "splash")  # models.attention.select_attention decides "auto"
 
 
 def require(cond: bool, msg: str) -> None:
@@ -102,6 +103,7 @@ class ModelConfig:
     dtype: str = "float32"  # compute / base-weight dtype; LoRA, gates and logits stay fp32
     scan_layers: bool = True  # run blocks under lax.scan (compile time flat in depth)
     remat_layers: bool = False  # jax.checkpoint each block (less activation memory, more compute)
+    attention: str = "auto"  # attention backend, one of ATTENTION_BACKENDS (models.attention.select_attention)
 
     def __post_init__(self) -> None:
         if self.num_key_value_heads is None:
@@ -124,6 +126,8 @@ class ModelConfig:
                f"num_key_value_heads {self.num_key_value_heads}")
         require(self.head_dim % 2 == 0, f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
         require(self.dtype in DTYPES, f"ModelConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
+        require(self.attention in ATTENTION_BACKENDS,
+                f"ModelConfig.attention must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
         require(self.model_type in SUPPORTED_MODEL_TYPES,
                f"ModelConfig.model_type {self.model_type!r} is not supported; "
                f"supported: {SUPPORTED_MODEL_TYPES}")
@@ -536,3 +540,8 @@ class MeshConfig:
                               f"cannot be used across {jax.process_count()} processes; set it to 0 (all)")
         return self.num_devices
 
+
+# Configs are hashable static pytrees (no leaves): a user may pass one through jax.jit as an ordinary
+# argument, and it is part of the compiled program's key, not a traced value.
+for _cls in (ModelConfig, LoraConfig, SearchConfig, SelectionConfig, FinetuneConfig, EvalConfig, MeshConfig):
+    jax.tree_util.register_static(_cls)

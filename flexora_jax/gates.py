@@ -70,10 +70,16 @@ def init_gates(kind: GateKind, num_layers: int, ranks: dict[str, int] | None = N
     return Gates(layer=layer, rank=rank, power=power)
 
 
-def layer_gate_values(gates: Gates | None, num_layers: int) -> jax.Array:
-    """Multiplier of each block's LoRA branch, [L]; all ones without a layer gate."""
+def layer_gate_values(gates: Gates | None, num_layers: int | None = None) -> jax.Array:
+    """Multiplier of each block's LoRA branch, [L]; all ones without a layer gate.
+
+    ``num_layers`` defaults to the gates' own length; it is needed only when there is no layer gate.
+    """
     if gates is None or gates.layer is None:
+        if num_layers is None:
+            raise ConfigError("layer_gate_values: without layer gates, pass num_layers")
         return jnp.ones((num_layers,), jnp.float32)
+    num_layers = jnp.shape(gates.layer)[0] if num_layers is None else num_layers
     alpha = jnp.asarray(gates.layer)
     alpha = alpha.astype(jnp.promote_types(alpha.dtype, jnp.float32))
     if alpha.shape != (num_layers,):
@@ -95,7 +101,7 @@ def rank_gate_values(gates: Gates | None, module: str, shape: tuple[int, int]) -
     return jax.nn.softmax(beta, axis=-1)
 
 
-def gate_values(gates: Gates | None, num_layers: int) -> dict:
+def gate_values(gates: Gates | None, num_layers: int | None = None) -> dict:
     """All gate values as plain arrays (for logging and ``gates.json``)."""
     out: dict = {}
     if gates is None:

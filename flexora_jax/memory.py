@@ -148,22 +148,29 @@ def _gb(n: float) -> str:
     return f"{n / 1e9:.1f}"
 
 
-def memory_table(rows: list[dict[str, Any]]) -> str:
-    """A markdown table of plans: each row ``{"model", "slice", "mesh", "hbm_gb", "plan", ...}``.
+def memory_table(rows: list[dict[str, Any]] | Mapping[str, Any], hbm_gb: float | None = None) -> str:
+    """A markdown table of plans: a :func:`plan_memory` result, or rows ``{"plan", "model", "slice", "mesh",
+    "hbm_gb", "batch", "seq", "k"}`` (every key but ``plan`` optional).
 
-    ``plan`` is a :func:`plan_memory` result; a step fits when its total is below 90% of ``hbm_gb``
-    (headroom for XLA's scratch and fragmentation).
+    A step fits when its total is below 90% of ``hbm_gb`` (headroom for XLA's scratch and fragmentation);
+    without ``hbm_gb`` the column reads "-".
     """
+    if isinstance(rows, Mapping):
+        if not {"search", "finetune"} <= set(rows):
+            raise ConfigError("memory_table takes plan_memory's result ({'search': ..., 'finetune': ...}) or a list "
+                              f"of rows with a 'plan' key; got a mapping with keys {sorted(rows)}")
+        rows = [{"plan": rows, "hbm_gb": hbm_gb}]
     lines = ["| model | hardware | mesh (data, fsdp, model) | batch x seq, K | step | params | LoRA + opt "
              "| K carries | activations | total GB / device | HBM GB | fits |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        mesh = r["mesh"]
+        mesh, hbm = r.get("mesh", {}), r.get("hbm_gb", hbm_gb)
         shape = f"({mesh.get('data', 1)}, {mesh.get('fsdp', 1)}, {mesh.get('model', 1)})"
         for step in ("search", "finetune"):
             p = r["plan"][step]
-            fits = "yes" if p["total"] <= 0.9 * r["hbm_gb"] * 1e9 else "no"
-            lines.append(f"| {r['model']} | {r['slice']} | {shape} | {r['batch']} x {r['seq']}, K={r['k']} | {step} "
-                         f"| {_gb(p['params'])} | {_gb(p['lora'] + p['optimizer'])} | {_gb(p['carries'])} "
-                         f"| {_gb(p['activations'])} | {_gb(p['total'])} | {r['hbm_gb']} | {fits} |")
+            fits = "-" if hbm is None else "yes" if p["total"] <= 0.9 * hbm * 1e9 else "no"
+            lines.append(f"| {r.get('model', '-')} | {r.get('slice', '-')} | {shape} | {r.get('batch', '-')} x "
+                         f"{r.get('seq', '-')}, K={r.get('k', '-')} | {step} | {_gb(p['params'])} "
+                         f"| {_gb(p['lora'] + p['optimizer'])} | {_gb(p['carries'])} | {_gb(p['activations'])} "
+                         f"| {_gb(p['total'])} | {hbm if hbm is not None else '-'} | {fits} |")
     return "\n".join(lines)

@@ -12,7 +12,7 @@ import pytest
 
 import flexora_jax as fj
 from flexora_jax.bilevel import (InnerState, darts_implicit, hypergradient, inner_step, make_loss_fn,
-                                 make_search_step, unroll)
+                                 _search_step, make_search_step, unroll)
 from flexora_jax.config import SearchConfig
 from flexora_jax.data import BatchSampler
 
@@ -166,18 +166,31 @@ def test_darts_exact_matches_finite_differences_of_its_definition():
         assert _rel_err(hg, expected) < 1e-12
 
 
-def test_adamw_without_eps_root_gives_nan_hypergradient():
-    """The pitfall the default guards against: sqrt of a zero second moment with B = 0."""
+def test_adamw_without_eps_root_is_refused_and_with_it_finite():
+    """The pitfall: sqrt of a zero second moment with B = 0 makes every hypergradient NaN. The probe in
+    ``hypergradient`` refuses such an inner optimizer up front (ConfigError naming eps_root); the same
+    optimizer really does give NaN when the probe is skipped."""
     cfg, params, lora, gates, batches, val = _setup()
     loss = make_loss_fn(cfg, params)
     lora32 = jax.tree.map(lambda x: x.astype(jnp.float32), lora)
     gates32 = jax.tree.map(lambda x: x.astype(jnp.float32), gates)
-    for eps_root, finite in ((0.0, False), (1e-16, True)):
-        opt = optax.adamw(1e-2, eps_root=eps_root)
-        hg, _, _ = jax.jit(lambda g, s: hypergradient("unrolled", loss, loss, opt, g, s,  # noqa: B023
-                                                      jax.tree.map(lambda x: x[:2], batches), val))(
-            gates32, InnerState(lora32, opt.init(lora32)))
-        assert bool(np.all(np.isfinite(hg.layer))) == finite
+    two = jax.tree.map(lambda x: x[:2], batches)
+
+    def run(opt):
+        return jax.jit(lambda g, s: hypergradient("unrolled", loss, loss, opt, g, s, two, val))(  # noqa: B023
+            gates32, InnerState(lora32, opt.init(lora32)))[0]
+
+    with pytest.raises(fj.ConfigError, match="eps_root"):
+        run(optax.adamw(1e-2, eps_root=0.0))
+    with pytest.raises(fj.ConfigError, match="eps_root"):
+        hypergradient("darts", loss, loss, optax.adam(1e-2), gates32, InnerState(lora32, optax.adam(1e-2).init(lora32)),
+                      two, val)
+    hg = run(optax.adamw(1e-2, eps_root=1e-16))
+    assert bool(np.all(np.isfinite(hg.layer)))
+    skipped = optax.adamw(1e-2, eps_root=0.0)  # what the probe prevents: NaN, through unroll directly
+    state0 = InnerState(lora32, skipped.init(lora32))
+    g = jax.grad(lambda g: loss(unroll(loss, skipped, g, state0, two)[0].lora, g, val))(gates32)
+    assert not bool(np.all(np.isfinite(g.layer)))
 
 
 def test_search_step_compiles_once_and_state_carries_on():
@@ -188,7 +201,7 @@ def test_search_step_compiles_once_and_state_carries_on():
     data = {"input_ids": rng.integers(0, 32, (40, 8)).astype(np.int32), "attention_mask": np.ones((40, 8), np.int32),
             "loss_mask": np.ones((40, 8), np.float32)}
     sc = SearchConfig(inner_steps=2, steps=6, batch_size=4, val_batch_size=4)
-    make_search_step.cache_clear()
+    _search_step.cache_clear()
     res = fj.search(cfg, params, fj.LoraConfig(r=2), sc, data, data, seed=0)
     sampler = BatchSampler(data, 4)
     program = fj.loops.compile_step(make_search_step(cfg, sc), fj.loops.default_mesh(),
@@ -201,3 +214,7 @@ def test_search_step_compiles_once_and_state_carries_on():
     res2 = fj.search(cfg, params, fj.LoraConfig(r=2), sc, data, data, seed=0)
     np.testing.assert_array_equal(np.asarray(res.gates.layer), np.asarray(res2.gates.layer))
     assert program.fn._cache_size() == 1  # a second search with the same settings reuses the program
+    longer = dataclasses.replace(sc, steps=9)  # only the number of steps changes: the same program
+    res3 = fj.search(cfg, params, fj.LoraConfig(r=2), longer, data, data, seed=0)
+    assert int(res3.state.step) == 9 and program.fn._cache_size() == 1
+    assert _search_step.cache_info().currsize == 1
