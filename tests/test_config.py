@@ -98,3 +98,18 @@ def test_overriding_one_key_keeps_the_sections_run_defaults():
     c = load_config(overrides=["--finetune.max_steps=120", "--lora.r=8"])
     assert c.finetune == RunConfig().finetune.__class__(**{**RunConfig().finetune.__dict__, "max_steps": 120})
     assert c.lora.lora_alpha == RunConfig().lora.lora_alpha
+
+
+def test_configs_are_static_jit_arguments():
+    """A config passed to a user's jax.jit as an ordinary argument is static (hashed), not traced."""
+    import jax
+    import jax.numpy as jnp
+
+    import flexora_jax as fj
+
+    config = fj.ModelConfig(num_hidden_layers=1, vocab_size=32, hidden_size=16, intermediate_size=32,
+                            num_attention_heads=2)
+    params = fj.init_params(config, jax.random.key(0))
+    logits = jax.jit(lambda c, p, t: fj.forward(c, p, t))(config, params, jnp.ones((1, 3), jnp.int32))
+    assert logits.shape == (1, 3, 32)
+    assert jax.tree.leaves(fj.LoraConfig()) == [] and jax.tree.leaves(fj.SearchConfig()) == []

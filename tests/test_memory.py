@@ -8,6 +8,7 @@ import pytest
 
 from flexora_jax.bilevel import init_search_state, make_search_step
 from flexora_jax.config import FinetuneConfig, LoraConfig, ModelConfig, SearchConfig
+from flexora_jax.errors import ConfigError
 from flexora_jax.gates import init_gates
 from flexora_jax.lora import init_lora
 from flexora_jax.memory import memory_table, plan_memory
@@ -66,3 +67,12 @@ def test_plan_shards_and_scales():
     assert table.count("\n") == 3 and "| search |" in table and "| yes |" in table
     with pytest.raises(ValueError, match="unknown mesh axes"):
         plan_memory(CONFIG, LORA, {"tensor": 2}, K, BATCH, SEQ)
+
+
+def test_memory_table_takes_plan_memory_output():
+    plan = plan_memory(CONFIG, LoraConfig(r=4), {"fsdp": 1}, inner_steps=2, batch=2, seq=16)
+    table = memory_table(plan, hbm_gb=80)
+    assert table.count("\n") == 3 and "| search |" in table and "| finetune |" in table and "| yes |" in table
+    assert "| - |" in memory_table(plan)  # no HBM size: the fits column reads "-"
+    with pytest.raises(ConfigError, match="plan_memory"):
+        memory_table({"search": plan["search"]})
