@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flexora_jax.pipeline.config import METHODS, RunConfig, load_config, save_config
+from flexora_jax.pipeline.config import METHODS, RunConfig, config_to_dict, load_config, save_config
 from flexora_jax.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
@@ -113,3 +113,17 @@ def test_configs_are_static_jit_arguments():
     logits = jax.jit(lambda c, p, t: fj.forward(c, p, t))(config, params, jnp.ones((1, 3), jnp.int32))
     assert logits.shape == (1, 3, 32)
     assert jax.tree.leaves(fj.LoraConfig()) == [] and jax.tree.leaves(fj.SearchConfig()) == []
+
+
+def test_a_real_task_starts_from_the_papers_settings_the_demo_from_its_own():
+    from flexora_jax.pipeline.config import PAPER_DEFAULTS
+
+    real = load_config(None, ["--task.name=piqa", "--model.path=/models/x", "--search.steps=7"])
+    assert (real.lora.r, real.lora.lora_alpha, real.lora.target_modules) == (8, 16.0, ("q_proj", "v_proj"))
+    assert real.search.hypergradient == "first_order" and real.search.gate_power == 3 and real.search.steps == 7
+    assert (real.finetune.epochs, real.finetune.max_steps, real.finetune.lr) == (3.0, 0, 1e-4)
+    for section, values in PAPER_DEFAULTS.items():
+        got = config_to_dict(real)[section]
+        assert all(got[k] == v for k, v in values.items() if not (section == "search" and k == "steps")), section
+    demo = load_config(None, [])
+    assert (demo.lora.r, demo.search.hypergradient, demo.finetune.max_steps) == (4, "unrolled", 400)
