@@ -46,6 +46,7 @@ from flexora_jax.data import bucket_of, length_buckets
 from flexora_jax.errors import ConfigError, DataError, check_positive
 from flexora_jax.generation import generate
 from flexora_jax.models.llama import forward
+from flexora_jax.models.losses import token_logprobs
 from flexora_jax.tasks import generative
 from flexora_jax.tasks.formats import MCRecord
 from flexora_jax.tasks.generative import MAX_NEW_TOKENS, GenRecord, score
@@ -75,13 +76,9 @@ def _score_packed(config: ModelConfig, params: Any, lora: Any, gates: Any, token
     ``pred_pos``/``targets``/``slots`` [b, p] list every scored token: the row position whose logits
     predict it, its id, and the request slot it belongs to (``-1``: padding).
     """
-    logits = forward(config, params, tokens, lora=lora, gates=gates, positions=positions,
-                     segment_ids=segments).astype(jnp.float32)  # [b, w, v]
-    lse = jax.nn.logsumexp(logits, axis=-1)  # [b, w]
-    best = jnp.argmax(logits, axis=-1)  # [b, w]
-    rows = jnp.arange(tokens.shape[0])[:, None]
-    token_lp = logits[rows, pred_pos, targets] - lse[rows, pred_pos]  # [b, p]
-    ok = best[rows, pred_pos] == targets
+    hidden = forward(config, params, tokens, lora=lora, gates=gates, positions=positions, segment_ids=segments,
+                     return_hidden=True)  # [b, w, d]: the fp32 logits exist one chunk at a time
+    token_lp, ok = token_logprobs(config, params, hidden, pred_pos, targets)  # [b, p] each
     onehot = slots[..., None] == jnp.arange(PACK_REQUESTS)  # [b, p, slots]
     total = jnp.sum(jnp.where(onehot, token_lp[..., None], 0.0), axis=1)
     greedy = jnp.all(jnp.where(onehot, ok[..., None], True), axis=1)

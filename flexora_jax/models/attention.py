@@ -22,10 +22,16 @@ oracles (``tests/attention_variants.py``).
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu import splash_attention as splash
+
+from flexora_jax.config import ATTENTION_BACKENDS, ModelConfig
+from flexora_jax.errors import ConfigError
 
 #: Finite "minus infinity" for masks: a fully masked row gives a uniform softmax, not NaN.
 NEG_INF = -1e30
@@ -120,3 +126,127 @@ def recompute_blocked_attention_hm(q: jax.Array, k: jax.Array, v: jax.Array, bia
                                    softcap: float | None = None) -> jax.Array:
     """:func:`blocked_attention_hm` under ``jax.checkpoint`` (probabilities recomputed in the backward pass)."""
     return _recompute_blocked(q, k, v, bias, block, softcap)
+
+
+# ------------------------------------------------------------------------------------ backends
+#: Fused kernels: ``custom_vjp`` without higher-order or forward-mode rules.
+FUSED_ATTENTION = ("cudnn", "splash")
+_log = logging.getLogger(__name__)
+_logged: set[str] = set()
+
+
+def device_platform() -> str:
+    """The default device's platform: "cuda", "rocm", "tpu" or "cpu"."""
+    dev = jax.devices()[0]
+    if dev.platform == "gpu":
+        return "cuda" if "cuda" in str(getattr(dev.client, "platform_version", "cuda")).lower() else "rocm"
+    return dev.platform
+
+
+def differentiates_twice(estimator: str | None, darts_mode: str = "exact") -> bool:
+    """Whether a search estimator differentiates the loss twice (or in forward mode): ``unrolled``,
+    ``forward`` and ``darts`` exact do; ``first_order``, ``darts`` finite differences and the fine-tune don't."""
+    return estimator in ("unrolled", "forward") or (estimator == "darts" and darts_mode == "exact")
+
+
+def select_attention(requested: str, dtype: str, *, second_order: bool = False, platform: str | None = None) -> str:
+    """The attention a computation runs: "xla", "cudnn" or "splash" (the table in docs/scaling.md).
+
+    ``auto``: XLA whenever the computation is differentiated twice; else cuDNN flash on NVIDIA GPUs in
+    bf16/fp16, splash on TPU, XLA otherwise. A forced fused kernel where it cannot run (second order,
+    wrong platform or dtype) is a :class:`ConfigError`.
+    """
+    if requested not in ATTENTION_BACKENDS:
+        raise ConfigError(f"ModelConfig.attention must be one of {ATTENTION_BACKENDS}, got {requested!r}")
+    platform = device_platform() if platform is None else platform
+    half = dtype in ("bfloat16", "float16")
+    if requested == "auto":
+        if second_order:
+            return "xla"
+        return "cudnn" if platform == "cuda" and half else "splash" if platform == "tpu" else "xla"
+    if requested in FUSED_ATTENTION and second_order:
+        raise ConfigError(f"ModelConfig.attention={requested!r} is a fused kernel without second-order or forward-mode "
+                          "derivatives, and this stage differentiates the loss twice (search.hypergradient unrolled, "
+                          "forward or darts exact): use attention 'auto' (XLA there, the fused kernel elsewhere) or 'xla'")
+    if requested == "cudnn" and not (platform == "cuda" and half):
+        raise ConfigError(f"ModelConfig.attention='cudnn' needs an NVIDIA GPU and dtype bfloat16/float16; "
+                          f"this is {platform!r} with {dtype!r}: use 'auto' or 'xla'")
+    if requested == "splash" and platform != "tpu":
+        raise ConfigError(f"ModelConfig.attention='splash' needs a TPU; this is {platform!r}: use 'auto' or 'xla'")
+    return requested
+
+
+def stage_config(config: ModelConfig, estimator: str | None = None, darts_mode: str = "exact") -> ModelConfig:
+    """``config`` with its attention resolved for a stage (``estimator`` None: a first-order stage)."""
+    backend = select_attention(config.attention, config.dtype, second_order=differentiates_twice(estimator, darts_mode))
+    return dataclasses.replace(config, attention=backend)
+
+
+def _fall_back(reason: str) -> str:
+    if reason not in _logged:
+        _logged.add(reason)
+        _log.warning("fused attention falls back to XLA: %s", reason)
+    return "xla"
+
+
+def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
+                    implementation: str = "cudnn") -> jax.Array:
+    """``jax.nn.dot_product_attention`` on q [b, t, k, g, e] (GQA by head grouping), the boolean mask of
+    ``bias`` (causal, padding, packed segments, windows) with ``is_causal``; "xla" runs it anywhere."""
+    b, t, nk, g, e = q.shape
+    out = jax.nn.dot_product_attention(q.reshape(b, t, nk * g, e), k, v, mask=bias > NEG_INF / 2, is_causal=True,
+                                       implementation=implementation)
+    return out.reshape(q.shape)
+
+
+def splash_segments(bias: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Splash's view of ``bias`` [b, 1, t, t]: segment ids [b, t] (1 = real key, 0 = padding, read from the
+    last row), and whether the bias is exactly causal + key padding (a scalar: False for packed segments or
+    windows). Splash then differs only on padding query rows (which see padding keys), whose outputs no
+    real token reads."""
+    t = bias.shape[-1]
+    allowed = bias[:, 0] > NEG_INF / 2  # [b, t, s]
+    valid = allowed[:, -1, :]
+    return valid.astype(jnp.int32), jnp.all(allowed == (jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]))
+
+
+def splash_mqa(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, softcap: float | None = None,
+               interpret: bool = False) -> jax.Array:
+    """Pallas splash causal attention with ``segments`` [b, t]: one MQA kernel per batch row and KV head."""
+    b, t, nk, g, e = q.shape
+    blk = min(512, t)
+    blocks = splash.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
+                               block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
+    kernel = splash.make_splash_mqa_single_device(splash.MultiHeadMask([splash.CausalMask((t, t))] * g),
+                                                  block_sizes=blocks, attn_logits_soft_cap=softcap, interpret=interpret)
+    qs = jnp.transpose(q, (0, 2, 3, 1, 4)) / jnp.asarray(math.sqrt(e), q.dtype)  # [b, k, g, t, e]
+    ks, vs = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))  # [b, k, s, e]
+
+    def one(qb, kb, vb, sb):
+        return kernel(qb, kb, vb, splash.SegmentIds(q=sb, kv=sb))
+
+    out = jax.vmap(jax.vmap(one, (0, 0, 0, None)))(qs, ks, vs, segments)  # [b, k, g, t, e]
+    return jnp.transpose(out, (0, 3, 1, 2, 4)).astype(q.dtype)
+
+
+def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, softcap: float | None = None,
+                     interpret: bool = False) -> jax.Array:
+    """Splash (TPU) for causal + key-padding biases, GQA as MQA per KV head; any other bias (packed
+    segments, windows) takes the XLA attention, chosen at run time (``lax.cond``)."""
+    segments, plain = splash_segments(bias)
+    return jax.lax.cond(plain, lambda: splash_mqa(q, k, v, segments, softcap, interpret),
+                        lambda: recompute_blocked_attention_hm(q, k, v, bias, 0, softcap))
+
+
+def attend(config: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, block: int,
+           softcap: float | None = None) -> jax.Array:
+    """The decoder's attention by ``config.attention`` (:func:`select_attention`, first order; stages that
+    differentiate twice pass a :func:`stage_config` whose attention is "xla")."""
+    backend = select_attention(config.attention, config.dtype)
+    if backend == "cudnn" and softcap is not None:
+        backend = _fall_back("cuDNN attention has no logit soft-capping (Gemma 2)")
+    if backend == "cudnn":
+        return cudnn_attention(q, k, v, bias)
+    if backend == "splash":
+        return splash_attention(q, k, v, bias, softcap)
+    return recompute_blocked_attention_hm(q, k, v, bias, block, softcap)

@@ -46,7 +46,7 @@ import numpy as np
 from flexora_jax.config import ALL_MODULES, GEMMA_TYPES, ModelConfig
 from flexora_jax.errors import ConfigError, DataError
 from flexora_jax.lora import per_layer_lora
-from flexora_jax.models.attention import NEG_INF, accum_dtype, attention_hm, query_block, recompute_blocked_attention_hm
+from flexora_jax.models.attention import NEG_INF, accum_dtype, attend, attention_hm, query_block
 
 Params = dict[str, Any]
 
@@ -207,7 +207,7 @@ def block(config: ModelConfig, layer: Params, h: jax.Array, cos: jax.Array, sin:
         # Causal query blocks, heads-major, under jax.checkpoint: the layer scan keeps q, k, v per layer
         # instead of the [b, k, g, t, s] probabilities, which the backward pass recomputes (attention.py).
         blk = query_block(t) if attention_block is None else attention_block
-        attn = recompute_blocked_attention_hm(q, k, v, bias, blk, cap)
+        attn = attend(config, q, k, v, bias, blk, cap)  # config.attention's backend (attention.py)
     else:
         cache, k, v = _write_cache(cache, k, v)
         attn = attention_hm(q, k, v, bias, cap)

@@ -1,0 +1,109 @@
+"""What the chunked LM loss saves: XLA's compiled memory of the fine-tune step (and the K = 1 unrolled
+search step) at a large vocabulary, with and without chunking. Compile only: nothing runs.
+
+Model: one layer, hidden 64 (so the logits dominate), vocab 128256 (Llama 3), batch 1 x 2048 tokens,
+fp32, LoRA r = 8 on q, v. "unchunked" sets ``losses.LOSS_CHUNK_BYTES`` above the logits' size, so
+the loss takes one chunk: the full [b, t, v] fp32 logits, as before chunking.
+
+    python -m benchmarks.memory_logits [--vocab 128256] [--seq 2048] [--out-dir DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from typing import Any, Callable
+
+import jax
+
+from benchmarks import common, harness
+from flexora_jax.bilevel import init_search_state, make_search_step
+from flexora_jax.config import FinetuneConfig, ModelConfig, SearchConfig
+from flexora_jax.gates import init_gates
+from flexora_jax.lora import init_lora
+from flexora_jax.memory import plan_memory
+from flexora_jax.models import losses
+from flexora_jax.models.llama import init_params
+from flexora_jax.train import init_train_state, make_optimizer, make_train_step
+
+
+def model(vocab: int) -> ModelConfig:
+    return ModelConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+
+
+def _abstract(fn: Callable[[], Any]) -> Any:
+    return jax.eval_shape(fn)
+
+
+def finetune_args(config: ModelConfig, batch: int, seq: int) -> tuple[Callable, tuple]:
+    cfg = FinetuneConfig(batch_size=batch)
+    state = _abstract(lambda: init_train_state(init_lora(config, common.LORA, jax.random.key(1)), make_optimizer(cfg, 100)))
+    return make_train_step(config, cfg, 100), (state, _abstract(lambda: common.random_batch(config, batch, seq)))
+
+
+def search_args(config: ModelConfig, batch: int, seq: int) -> tuple[Callable, tuple]:
+    sc = SearchConfig(hypergradient="unrolled", inner_steps=1, batch_size=batch, val_batch_size=batch)
+    gates = init_gates("layer", config.num_hidden_layers)
+    state = _abstract(lambda: init_search_state(init_lora(config, common.LORA, jax.random.key(1)), gates, sc))
+    batches = _abstract(lambda: common.random_batch(config, batch, seq, k=1))
+    return make_search_step(config, sc), (state, batches, _abstract(lambda: common.random_batch(config, batch, seq)))
+
+
+def measure(vocab: int, seq: int, batch: int = 1) -> dict:
+    config = model(vocab)
+    params = _abstract(lambda: init_params(config, jax.random.key(0)))
+    logits_bytes = 4 * batch * seq * vocab
+    rows, default_budget = [], losses.LOSS_CHUNK_BYTES
+    try:
+        for chunked in (False, True):
+            losses.LOSS_CHUNK_BYTES = default_budget if chunked else 2 * logits_bytes
+            chunk = losses.loss_chunk(batch, seq, vocab)
+            for step_name, build in (("finetune", finetune_args), ("search_unrolled_k1", search_args)):
+                fn, args = build(config, batch, seq)
+                fresh = lambda *a, fn=fn: fn(*a)  # noqa: E731 - a new function: traced again under this budget
+                _, stats = harness.compile_stats(jax.jit(fresh, donate_argnums=1), params, *args)
+                rows.append({"step": step_name, "chunked": chunked, "chunk_tokens": chunk, **stats})
+    finally:
+        losses.LOSS_CHUNK_BYTES = default_budget
+    plan = plan_memory(config, common.LORA, {}, 1, batch, seq)
+    for r in rows:
+        if r["chunked"]:
+            base = next(x for x in rows if x["step"] == r["step"] and not x["chunked"])
+            r["temp_saved_bytes"] = base["memory"]["temp_bytes"] - r["memory"]["temp_bytes"]
+            r["saved_over_logits"] = r["temp_saved_bytes"] / logits_bytes
+    return {"model": common.describe(config), "batch": batch, "seq": seq, "logits_bytes": logits_bytes,
+            "loss_chunk_bytes": default_budget, "rows": rows,
+            "planner": {k: v["total"] for k, v in plan.items()}}
+
+
+def table(d: dict) -> str:
+    """Markdown table of a ``memory_logits`` result."""
+    mib = 2**20
+    lines = [f"fp32 logits [b, t, v] = {d['batch']} x {d['seq']} x {d['model']['vocab_size']}: "
+             f"{d['logits_bytes'] / mib:.0f} MiB", "",
+             "| step | loss | chunk (tokens) | XLA temp MiB | footprint MiB | temp saved MiB | saved / logits |",
+             "|---|---|---|---|---|---|---|"]
+    for r in d["rows"]:
+        m = r["memory"]
+        saved = f"{r['temp_saved_bytes'] / mib:.0f}" if "temp_saved_bytes" in r else "-"
+        ratio = f"{r['saved_over_logits']:.2f}x" if "saved_over_logits" in r else "-"
+        lines.append(f"| {r['step']} | {'chunked' if r['chunked'] else 'unchunked'} | {r['chunk_tokens']} | "
+                     f"{m['temp_bytes'] / mib:.0f} | {m['footprint_bytes'] / mib:.0f} | {saved} | {ratio} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--vocab", type=int, default=128256)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--out-dir", default=None)
+    a = p.parse_args(argv)
+    payload = {"command": harness.command_line("benchmarks.memory_logits", argv), **measure(a.vocab, a.seq)}
+    path = harness.write_result("memory_logits", payload, a.out_dir)
+    print(table(payload))
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
