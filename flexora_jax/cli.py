@@ -19,16 +19,26 @@ import textwrap
 from pathlib import Path
 
 import jax
-import yaml
 
 from flexora_jax.errors import FlexoraError
-from flexora_jax.pipeline.config import RunConfig, config_to_dict, load_config
+from flexora_jax.pipeline.config import help_text, load_config
 from flexora_jax.pipeline.io import Interrupted
 from flexora_jax.pipeline.rundir import describe_os_error
 from flexora_jax.pipeline.stages import run, run_stage
 
 COMMANDS = ("run", "search", "finetune", "evaluate", "export")
 EXIT_USER_ERROR = 2
+#: What each command does (its --help).
+ABOUT = {
+    "run": "Run the whole job into --output-dir: search, select, fine-tune every method, evaluate, export. "
+           "Without --config it runs the embedded planted demo; --resume continues an interrupted run.",
+    "search": "Run the gate searches the run's methods need; writes searches/<gates>/ (a fresh run directory, "
+              "or one that holds the run's config).",
+    "finetune": "Fine-tune every method on its selection; reads searches/, writes methods/<method>/adapter.",
+    "evaluate": "Score the base model and every method's adapter; writes eval.json and compare.json.",
+    "export": "Copy the main method's adapter and selection to the top of the run directory, write gates.json, "
+              "report.md and gates.png (--merged: also the merged model in merged/).",
+}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -37,7 +47,7 @@ def _parser() -> argparse.ArgumentParser:
         description="Find which layers (Flexora) and ranks (AutoLoRA) to fine-tune with LoRA, then fine-tune there.",
         epilog="Any config key can be overridden as --section.key=value (YAML values), e.g. --seed=3 "
                "--lora.r=8 --search.hypergradient=first_order --compare=[lora,random_k]. "
-               "`flexora-jax run --help-config` lists every key with its default.")
+               "`flexora-jax --help-config` lists every key with its type, default and meaning.")
     p.add_argument("command", nargs="?", default="run", choices=COMMANDS, help="what to run (default: run)")
     p.add_argument("--config", help="YAML config file (default: the embedded planted demo, or DIR/config.yaml)")
     p.add_argument("--output-dir", "--output_dir", dest="output_dir", help="the run directory")
@@ -45,7 +55,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--merged", action="store_true", help="export: also write the merged model (merged/)")
     p.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
     p.add_argument("-h", "--help", action="store_true", help="show this help")
-    p.add_argument("--help-config", action="store_true", help="show every config key and its default")
+    p.add_argument("--help-config", action="store_true", help="show every config key: type, default, meaning")
     return p
 
 
@@ -77,10 +87,15 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:  # argparse already printed its one-line usage error
         return int(exc.code or 0) and EXIT_USER_ERROR
     if args.help:
-        parser.print_help()
+        if any(a in COMMANDS for a in argv):  # `flexora-jax run --help`: that command's help
+            print(f"usage: flexora-jax {args.command} [--config FILE] [--output-dir DIR] [--section.key=value ...]\n")
+            print(textwrap.fill(ABOUT[args.command], width=100))
+            print("\nEvery key, its type, default and meaning: flexora-jax --help-config")
+        else:
+            parser.print_help()
         return 0
     if args.help_config:
-        print(yaml.safe_dump(config_to_dict(RunConfig()), sort_keys=False), end="")
+        print(help_text())
         return 0
     _setup_logging(args.quiet)
     try:

@@ -212,10 +212,10 @@ class LoraConfig:
     r: int = 8  # rank of every module unless rank_pattern says otherwise
     lora_alpha: float = 16.0  # scale = lora_alpha / r (or / sqrt(r) with use_rslora)
     lora_dropout: float = 0.0  # dropout on the LoRA input, training only
-    target_modules: tuple[str, ...] | str = ("q_proj", "v_proj")
+    target_modules: tuple[str, ...] | str = ("q_proj", "v_proj")  # module names, or "all-linear"
     layers_to_transform: tuple[int, ...] | None = None  # None = all blocks
-    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
-    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)  # module name / path -> rank
+    alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)  # module name / path -> alpha
     use_rslora: bool = False  # scale = lora_alpha / sqrt(r)
     init_lora_weights: bool | str = True  # True: A kaiming-uniform, B = 0; "gaussian": A ~ N(0, 1/r), B = 0
 
@@ -329,20 +329,20 @@ class SearchConfig:
     batch_size: int = 16  # training examples per inner step
     val_batch_size: int = 16  # validation examples per outer step
     inner_optimizer: str = "adamw"  # adamw | adam | sgd (any optax transform through the API)
-    inner_lr: float = 3e-3
+    inner_lr: float = 3e-3  # learning rate of the inner (LoRA) optimizer
     inner_schedule: str = "constant"  # constant | cosine (over steps * inner_steps)
-    inner_weight_decay: float = 0.0
+    inner_weight_decay: float = 0.0  # AdamW weight decay of the inner optimizer
     inner_eps_root: float = 1e-16  # > 0 so the hypergradient through Adam is finite with B = 0
     inner_grad_clip: float = 0.0  # global-norm clip of inner gradients; 0 = off
     reset_inner_optimizer: bool = False  # reference-code quirk: fresh inner optimizer state each step
     outer_lr: float = 0.01  # Adam on the raw gates
-    outer_b1: float = 0.9
-    outer_b2: float = 0.999
+    outer_b1: float = 0.9  # Adam beta1 of the gate optimizer, in [0, 1)
+    outer_b2: float = 0.999  # Adam beta2 of the gate optimizer, in [0, 1)
     gate_power: int = 1  # layer gate exponent: 1, or 3 as in the reference code
     remat: bool = True  # jax.checkpoint the inner scan body (memory flat in K)
     darts_mode: str = "exact"  # exact (jvp mixed Hessian-vector product) | finite_difference
     darts_redo_inner: bool = True  # AutoLoRA: redo the inner step with the updated gates
-    log_every: int = 1
+    log_every: int = 1  # log every N search steps
 
     def __post_init__(self) -> None:
         require(self.hypergradient in HYPERGRADIENTS,
@@ -415,14 +415,14 @@ class FinetuneConfig:
 
     epochs: float = 1.0  # passes over the training set (fractional allowed)
     max_steps: int = 0  # > 0 caps the number of optimizer steps
-    batch_size: int = 16
+    batch_size: int = 16  # sequences per micro-batch
     grad_accum: int = 1  # micro-batches accumulated per optimizer step (optax.MultiSteps)
-    lr: float = 3e-3
+    lr: float = 3e-3  # peak learning rate
     schedule: str = "cosine"  # constant | cosine (with linear warm-up)
-    warmup_ratio: float = 0.1
-    weight_decay: float = 0.0
+    warmup_ratio: float = 0.1  # fraction of the steps spent warming up linearly
+    weight_decay: float = 0.0  # AdamW weight decay
     grad_clip: float = 1.0  # global-norm clip; 0 = off
-    optimizer: str = "adamw"
+    optimizer: str = "adamw"  # adamw | adam | sgd
     eval_every: int = 0  # > 0: validation loss every N steps, best checkpoint kept
     keep_best: bool = False  # return the LoRA with the best validation loss
 

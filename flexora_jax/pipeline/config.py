@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import inspect
 import math
+import re
 import typing
 from typing import Any, Mapping
 
@@ -387,3 +389,41 @@ def _expected(key: str | None) -> str:
 def save_config(config: RunConfig, path: str | Any) -> None:
     """Write the fully resolved config as YAML (atomically: a kill never leaves half a file)."""
     write_bytes(path, yaml.safe_dump(config_to_dict(config), sort_keys=False))
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """``{field: comment}`` from the ``name: type = default  # comment`` lines of a dataclass's source."""
+    out = {}
+    for line in inspect.getsource(cls).splitlines():
+        m = re.match(r"^\s+(\w+)\s*:\s*[^#]+?#\s*(.*)$", line)
+        if m and m.group(1) in {f.name for f in dataclasses.fields(cls)}:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def describe_keys(config: Any = None, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """Every leaf key of the run config as ``(dotted key, type, default, meaning)``, meanings from the
+    comments on the dataclass fields (what ``flexora-jax run --help-config`` prints)."""
+    config = RunConfig() if config is None else config
+    cls, hints = type(config), typing.get_type_hints(type(config))
+    comments = _field_comments(cls)
+    rows = []
+    for f in dataclasses.fields(cls):
+        value = getattr(config, f.name)
+        if dataclasses.is_dataclass(value):
+            rows += describe_keys(value, f"{prefix}{f.name}.")
+            continue
+        kind = getattr(hints[f.name], "__name__", None) or str(hints[f.name]).replace("typing.", "")
+        rows.append((prefix + f.name, kind, config_to_dict(value), comments.get(f.name, "")))
+    return rows
+
+
+def help_text() -> str:
+    """The run config's keys, one line each: key, type, default and meaning."""
+    lines = ["Every key of the run config (--section.key=value on the command line, or YAML):", ""]
+    for key, kind, default, meaning in describe_keys():
+        shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("\n...")
+        lines.append(f"  {key} ({kind}, default {shown})" + (f": {meaning}" if meaning else ""))
+    lines += ["", "A real task (task.name other than 'planted') takes these defaults instead where they differ:"]
+    lines += [f"  {section}.{k}: {v}" for section, values in PAPER_DEFAULTS.items() for k, v in values.items()]
+    return "\n".join(lines)
