@@ -7,7 +7,7 @@ hyperparameter ``gates``. Submodules for the rest: ``fj.sharding`` (meshes, plac
 (the host loop), ``fj.memory`` (the memory planner), ``fj.pipeline`` (what ``flexora-jax run`` does).
 """
 
-from flexora_jax import loops, memory, pipeline, sharding
+from flexora_jax import loops, memory, pipeline, sharding, tasks
 from flexora_jax.adapters import export_merged, export_peft, load_peft
 from flexora_jax.bilevel import (SearchResult, SearchState, hypergradient, init_search_state, make_search_step, search,
                                  unroll)
@@ -24,6 +24,7 @@ from flexora_jax.models import (causal_lm_loss, config_from_hf, config_to_hf, co
 from flexora_jax.pipeline import RunConfig, RunResult, run, run_stage
 from flexora_jax.pipeline import load_config as load_run_config
 from flexora_jax.selection import Selection, select, select_layers, select_ranks
+from flexora_jax.tasks.sft import sft_arrays
 from flexora_jax.train import TrainState, dataset_loss, finetune, init_train_state, make_train_step
 
 __version__ = "0.1.0"
@@ -41,12 +42,12 @@ __all__ = [
     "SearchConfig", "SearchState", "SearchResult", "init_search_state", "make_search_step", "hypergradient", "unroll",
     "search", "SelectionConfig", "Selection", "select", "select_layers", "select_ranks", "FinetuneConfig",
     "TrainState", "init_train_state", "make_train_step", "finetune", "dataset_loss",
-    # evaluation and generation
-    "EvalConfig", "evaluate", "evaluate_generative", "GenerateOutput", "generate",
+    # data, evaluation and generation
+    "sft_arrays", "EvalConfig", "evaluate", "evaluate_generative", "GenerateOutput", "generate",
     # scale-out and the command
     "MeshConfig", "RunConfig", "RunResult", "run", "run_stage", "load_run_config",
     # errors
     "FlexoraError", "ConfigError", "DataError", "CheckpointError", "NumericsError",
     # submodules
-    "loops", "memory", "pipeline", "sharding",
+    "loops", "memory", "pipeline", "sharding", "tasks",
 ]

@@ -85,3 +85,20 @@ def test_sft_pipeline_on_real_piqa(tokenizer):
 def test_empty_inputs_raise(tokenizer):
     with pytest.raises(DataError, match="no records"):
         sft.sft_dataset([], tokenizer, max_length=32)
+
+
+def test_sft_arrays_over_long_policy_and_pairs(tokenizer):
+    long = " ".join(["word"] * 60)
+    pairs = [("Question: short?\nAnswer:", " yes"), ("Question: long?\nAnswer:", " " + long)]
+    arrays, info = sft.sft_arrays(pairs, tokenizer, max_length=32)
+    assert info == {"n": 1, "dropped": 1, "truncated": 0} and arrays["input_ids"].shape[0] == 1
+    arrays, info = sft.sft_arrays(pairs, tokenizer, max_length=32, too_long="truncate")
+    assert info["n"] == 2 and info["dropped"] == 0
+    row = arrays["loss_mask"][1]
+    assert row[:1].sum() == 0 and row.sum() == 31  # the last prompt token, then the answer's last 31 tokens
+    with pytest.raises(DataError, match="does not fit max_length"):
+        sft.sft_dataset(pairs, tokenizer, max_length=32)  # the strict default of the low-level function
+    with pytest.raises(DataError, match="every example's answer is longer than max_length 4"):
+        sft.sft_arrays(pairs[1:], tokenizer, max_length=4)
+    with pytest.raises(DataError, match="too_long"):
+        sft.sft_arrays(pairs, tokenizer, max_length=32, too_long="cut")

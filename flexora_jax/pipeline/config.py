@@ -114,11 +114,13 @@ class TaskConfig:
     n_val: int = 0  # search-validation examples; 0 = all
     n_test: int = 0  # test examples scored; 0 = all
     n_finetune: int = 0  # fine-tune training examples (the first N of the train split); 0 = same as n_train
+    too_long: str = "drop"  # an SFT example whose answer alone exceeds max_length: "drop" (counted) or "truncate"
     planted: PlantedOptions = dataclasses.field(default_factory=PlantedOptions)
 
     def __post_init__(self) -> None:
         require(isinstance(self.name, str) and self.name != "", "task.name must be a non-empty string")
         require(self.source in ("local", "hub"), f"task.source must be 'local' or 'hub', got {self.source!r}")
+        require(self.too_long in ("drop", "truncate"), f"task.too_long must be 'drop' or 'truncate', got {self.too_long!r}")
         require(isinstance(self.max_length, int) and self.max_length >= 8,
                f"task.max_length must be an integer >= 8, got {self.max_length!r}")
         for name in ("n_train", "n_val", "n_test", "n_finetune"):

@@ -32,7 +32,7 @@ from flexora_jax.pipeline.config import PLANTED_TASK, RunConfig, config_to_dict,
 from flexora_jax.pipeline.io import RunLog, progress_enabled, read_json, write_json
 from flexora_jax.pipeline.rundir import RunDir
 from flexora_jax.tasks.formats import question_removed
-from flexora_jax.tasks.sft import encode_pair, pad_dataset, sft_dataset
+from flexora_jax.tasks.sft import sft_arrays
 
 log = logging.getLogger("flexora_jax")
 
@@ -153,28 +153,21 @@ def _prepare_task(config: RunConfig, rundir: RunDir, mesh: Any) -> tuple[ModelCo
     finetune_records = records["train"][:n_ft] if n_ft else records["train"]
     records = {role: recs[:limits[role]] if limits[role] else recs for role, recs in records.items()}
     max_length = min(tc.max_length, model_config.max_position_embeddings)
-    # SFT examples whose gold answer alone does not fit max_length are dropped (counted in data.json);
-    # the test records are still all scored for accuracy (lm-eval cuts long contexts from the left).
+    # SFT examples whose gold answer alone does not fit max_length are dropped (counted in data.json) or cut
+    # (task.too_long); the test records are still all scored for accuracy (lm-eval cuts from the left).
     sft_records = {"train": records["train"], "validation": records["validation"], "finetune": finetune_records,
                    "test": records["test"]}
-    dropped = {}
-    for name, recs in sft_records.items():
-        sft_records[name] = _fitting(recs, tokenizer, max_length)
-        dropped[name] = len(recs) - len(sft_records[name])
-        if not sft_records[name]:
-            raise DataError(f"task {tc.name}: every {name} example's answer is longer than task.max_length "
-                            f"{max_length} tokens; expected a larger task.max_length (the model allows up to "
-                            f"{model_config.max_position_embeddings})")
     if config.eval.question_control:  # the same held-out examples, prompts cut down to the answer cue
         sft_records["test_noq"] = [question_removed(r) for r in sft_records["test"]]
-    hf = datasets.DatasetDict({name: sft_dataset(recs, tokenizer, max_length) for name, recs in sft_records.items()})
-    arrays = {name: pad_dataset(ds, f"task {tc.name} {name} split") for name, ds in hf.items()}
+    arrays, made = {}, {}
+    for name, recs in sft_records.items():
+        arrays[name], made[name] = sft_arrays(recs, tokenizer, max_length, too_long=tc.too_long,
+                                              name=f"task {tc.name} {name} split", length_key="task.max_length")
     sizes = {"search_train": len(records["train"]), "search_validation": len(records["validation"]),
              "finetune_train": len(finetune_records), "test": len(records["test"])}
-    truncated = {name: int(sum(ds["truncated"])) for name, ds in hf.items()}
-    info = {"task": tc.name, "sizes": sizes, "truncated": truncated, "dropped_too_long": dropped,
-            "max_length": max_length,
-            "splits": tasks.split_report(list(splits.values()))}
+    info = {"task": tc.name, "sizes": sizes, "truncated": {k: m["truncated"] for k, m in made.items()},
+            "dropped_too_long": {k: m["dropped"] for k, m in made.items() if k != "test_noq"},
+            "max_length": max_length, "splits": tasks.split_report(list(splits.values()))}
     data = TaskData(train=arrays["train"], val=arrays["validation"], finetune=arrays["finetune"],
                     test=arrays["test"], test_records=records["test"], info=info)
     if config.eval.question_control:
@@ -206,16 +199,6 @@ def run_mesh(config: RunConfig) -> Any:
     sh.initialize_distributed()
     config.mesh.resolve()  # ConfigError naming the mesh keys, the sizes and the device count
     return sh.make_mesh(config.mesh)
-
-
-def _fitting(records: list, tokenizer: Any, max_length: int) -> list:
-    """The records whose gold answer leaves room for at least one prompt token within ``max_length``."""
-    out = []
-    for rec in records:
-        prompt, answer = rec.sft_pair()
-        if len(encode_pair(tokenizer, prompt, answer)[1]) < max_length:
-            out.append(rec)
-    return out
 
 
 def _check_tokenizer(tokenizer: Any, model_config: ModelConfig, source: str) -> None:

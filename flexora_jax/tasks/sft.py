@@ -19,6 +19,7 @@ Array layout (all ``[batch, seq]``, right padded):
 
 from __future__ import annotations
 
+import logging
 import math
 from typing import Any, Sequence
 
@@ -26,7 +27,8 @@ import datasets
 import numpy as np
 
 from flexora_jax.errors import DataError
-from flexora_jax.tasks.formats import MCRecord
+
+log = logging.getLogger("flexora_jax")
 
 
 def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -55,17 +57,30 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
     return ctx, whole[len(ctx):]
 
 
+TOO_LONG = ("error", "drop", "truncate")
+
+
 def tokenize_pair(tokenizer: Any, prompt: str, answer: str, max_length: int,
-                  add_eos: bool = False) -> dict[str, Any]:
-    """One example: ``input_ids``, ``loss_mask`` (1 on answer tokens), ``length``, ``truncated``."""
+                  add_eos: bool = False, too_long: str = "error") -> dict[str, Any] | None:
+    """One example: ``input_ids``, ``loss_mask`` (1 on answer tokens), ``length``, ``truncated``.
+
+    The prompt is cut from the left to fit ``max_length``. An answer that alone leaves no room for a
+    prompt token is, by ``too_long``: ``"error"`` a DataError, ``"drop"`` None (the caller counts it),
+    ``"truncate"`` cut from the left too (the last prompt token and the answer's last tokens stay).
+    """
     ctx, ans = encode_pair(tokenizer, prompt, answer)
     if add_eos:
         ans = ans + [tokenizer.eos_token_id]
     if not ans:
         raise DataError(f"answer {answer!r} to prompt {prompt[-80:]!r} encodes to no tokens; nothing to train on")
     if len(ans) >= max_length:
-        raise DataError(f"answer {answer[:80]!r} is {len(ans)} tokens, which does not fit max_length "
-                        f"{max_length} with at least one prompt token before it")
+        if too_long == "drop":
+            return None
+        if too_long != "truncate":
+            raise DataError(f"answer {answer[:80]!r} is {len(ans)} tokens, which does not fit max_length "
+                            f"{max_length} with at least one prompt token before it (too_long='drop' or "
+                            "'truncate' to keep going)")
+        ctx, ans = ctx[-1:], ans[-(max_length - 1):]
     ids = ctx + ans
     truncated = len(ids) > max_length
     ids = ids[-max_length:]
@@ -73,21 +88,55 @@ def tokenize_pair(tokenizer: Any, prompt: str, answer: str, max_length: int,
     return {"input_ids": ids, "loss_mask": mask, "length": len(ids), "truncated": truncated}
 
 
-def sft_dataset(records: Sequence[MCRecord], tokenizer: Any, max_length: int, add_eos: bool = False,
-                num_proc: int | None = None) -> datasets.Dataset:
-    """Tokenised SFT examples (columns input_ids, loss_mask, length, truncated, task, doc_id)."""
+def sft_dataset(records: Sequence[Any], tokenizer: Any, max_length: int, add_eos: bool = False,
+                num_proc: int | None = None, too_long: str = "error") -> datasets.Dataset:
+    """Tokenised SFT examples (columns input_ids, loss_mask, length, truncated, task, doc_id).
+
+    ``records`` are task records (``MCRecord`` / ``GenRecord``: their ``sft_pair()``) or ``(prompt, answer)``
+    pairs; ``too_long`` as in :func:`tokenize_pair` (dropped examples are left out).
+    """
     if not records:
         raise DataError("sft_dataset: no records given; expected a non-empty training split")
-    pairs = [r.sft_pair() for r in records]
+    if too_long not in TOO_LONG:
+        raise DataError(f"sft_dataset: too_long must be one of {TOO_LONG}, got {too_long!r}")
+    pairs = [r if isinstance(r, (tuple, list)) else r.sft_pair() for r in records]
+    if any(len(p) != 2 or not all(isinstance(x, str) for x in p) for p in pairs):
+        raise DataError("sft_dataset: expected task records or (prompt, answer) string pairs")
     raw = datasets.Dataset.from_dict({"prompt": [p for p, _ in pairs], "answer": [a for _, a in pairs],
-                                      "task": [r.task for r in records], "doc_id": [r.doc_id for r in records]})
+                                      "task": [getattr(r, "task", "pairs") for r in records],
+                                      "doc_id": [getattr(r, "doc_id", i) for i, r in enumerate(records)]})
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
-        out = [tokenize_pair(tokenizer, p, a, max_length, add_eos) for p, a in zip(batch["prompt"], batch["answer"])]
-        return {k: [o[k] for o in out] for k in ("input_ids", "loss_mask", "length", "truncated")}
+        out = [tokenize_pair(tokenizer, p, a, max_length, add_eos, too_long)
+               for p, a in zip(batch["prompt"], batch["answer"])]
+        keep = [i for i, o in enumerate(out) if o is not None]
+        cols = {k: [out[i][k] for i in keep] for k in ("input_ids", "loss_mask", "length", "truncated")}
+        return cols | {k: [batch[k][i] for i in keep] for k in ("task", "doc_id")}
 
-    return raw.map(tokenize, batched=True, remove_columns=["prompt", "answer"], num_proc=num_proc,
+    return raw.map(tokenize, batched=True, remove_columns=["prompt", "answer", "task", "doc_id"], num_proc=num_proc,
                    desc="tokenizing SFT examples")
+
+
+def sft_arrays(records: Sequence[Any], tokenizer: Any, max_length: int, *, too_long: str = "drop",
+               add_eos: bool = False, name: str = "dataset",
+               length_key: str = "max_length") -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Task records or ``(prompt, answer)`` pairs -> the arrays ``fj.search`` / ``fj.finetune`` draw batches from.
+
+    Returns ``(arrays, info)``: ``input_ids`` / ``attention_mask`` int32 and ``loss_mask`` float32 (1 on the
+    answer tokens only), right padded to one width (a multiple of 16), and ``{"n", "dropped", "truncated"}``:
+    examples kept, dropped as too long (``too_long="drop"``), and cut from the left. The command uses the
+    same function, so the API and ``flexora-jax run`` treat over-long examples alike. ``name`` and
+    ``length_key`` only word the error messages.
+    """
+    ds = sft_dataset(records, tokenizer, max_length, add_eos=add_eos, too_long=too_long)
+    if len(ds) == 0:
+        raise DataError(f"{name}: every example's answer is longer than {length_key} {max_length} tokens; "
+                        f"expected a larger {length_key}")
+    info = {"n": len(ds), "dropped": len(records) - len(ds), "truncated": int(sum(ds["truncated"]))}
+    if info["dropped"]:
+        log.info("%s: %d of %d examples dropped (answer longer than max_length %d)", name, info["dropped"],
+                 len(records), max_length)
+    return pad_dataset(ds, name), info
 
 
 def pad_dataset(dataset: datasets.Dataset, what: str = "dataset", multiple: int = 16) -> dict[str, np.ndarray]:
