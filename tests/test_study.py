@@ -30,7 +30,7 @@ def test_study_smoke(tmp_path):
 def test_committed_study_plans_parse():
     from pathlib import Path
 
-    from flexora_jax.config import load_config
+    from flexora_jax.pipeline.config import load_config
 
     for path in sorted(Path(__file__).resolve().parents[1].glob("configs/study/*.yaml")):
         plan = load_plan(path)
