@@ -18,7 +18,8 @@ unchanged. Both directions compute the same function, not merely load without er
   ``"all-linear"``), ``exclude_modules``, ``layers_to_transform``/``layers_pattern`` and the patterns
   with PEFT 0.21's own matching rules, then restates the result as an unambiguous
   :class:`~flexora_jax.config.LoraConfig` (fully qualified keys, rank 0 where a block is not adapted).
-  Settings that would change the function and that we do not implement (DoRA, biases,
+  DoRA adapters (``use_dora: true``) carry one ``lora_magnitude_vector`` [out] per adapted module (our
+  ``magnitude`` row of that block). Settings that would change the function and that we do not implement (biases,
   ``fan_in_fan_out``, ``modules_to_save``, LoRA variants, ...) raise a :class:`ConfigError` naming the
   field; PEFT's bookkeeping fields are ignored; a field PEFT does not know at all is an error.
 
@@ -39,6 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexora_jax.config import ALL_MODULES, LoraConfig, ModelConfig, module_path
+from flexora_jax.dora import MAGNITUDE
 from flexora_jax.errors import CheckpointError, ConfigError
 from flexora_jax.fileio import write_bytes
 from flexora_jax.gates import Gates, layer_gate_values, rank_gate_values
@@ -52,7 +54,7 @@ _PREFIX = "base_model.model."  # PeftModel wraps the CausalLM: base_model (LoraM
 # PEFT 0.21 LoraConfig fields, by what reading them means for us.
 _USED_FIELDS = frozenset({
     "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform",
-    "layers_pattern", "rank_pattern", "alpha_pattern", "use_rslora", "init_lora_weights"})
+    "layers_pattern", "rank_pattern", "alpha_pattern", "use_rslora", "init_lora_weights", "use_dora"})
 _METADATA_FIELDS = frozenset({  # bookkeeping, or settings that only matter for other models/initialisers
     "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
     "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
@@ -60,7 +62,6 @@ _METADATA_FIELDS = frozenset({  # bookkeeping, or settings that only matter for 
 _NEUTRAL_FIELDS: dict[str, str] = {  # change the function unless at their neutral value: field -> why
     "fan_in_fan_out": "weights stored as (in, out)",
     "bias": "trained bias terms",
-    "use_dora": "DoRA (weight-decomposed LoRA)",
     "lora_bias": "a bias on lora_B",
     "modules_to_save": "fully trained extra modules",
     "layer_replication": "replicated decoder layers",
@@ -81,6 +82,9 @@ _TASK_TYPES = (None, "CAUSAL_LM")
 
 # ------------------------------------------------------------------------------------------ names
 def _tensor_key(module: str, layer: int, which: str) -> str:
+    """PEFT's key of ``lora_A`` / ``lora_B`` (``which`` "A" / "B") or DoRA's magnitude (``which`` "M")."""
+    if which == "M":
+        return f"{_PREFIX}{module_path(module, layer)}.lora_magnitude_vector"
     return f"{_PREFIX}{module_path(module, layer)}.lora_{which}.weight"
 
 
@@ -119,6 +123,9 @@ def export_peft(lora: LoraParams, out_dir: str | os.PathLike, *, gates: Gates | 
     spec = lora.spec
     cfg = spec.config
     L = spec.num_layers
+    if spec.use_dora and gates is not None:
+        raise ConfigError("export_peft: a gated DoRA is not a PEFT DoRA adapter (the gate mixes the base and DoRA "
+                          "weights); export the fine-tuned DoRA without gates")
     layer_w = np.asarray(layer_gate_values(gates, L), np.float64)  # [L]
     adapted: dict[tuple[str, int], tuple[int, float]] = {}  # (module, layer) -> (rank, alpha)
     tensors: dict[str, np.ndarray] = {}
@@ -133,6 +140,8 @@ def export_peft(lora: LoraParams, out_dir: str | os.PathLike, *, gates: Gates | 
             tensors[_tensor_key(m, layer, "A")] = np.ascontiguousarray(a[layer, :, :rank].T)  # (r, in)
             b_folded = b[layer, :rank, :] * fold[layer, :rank, None]
             tensors[_tensor_key(m, layer, "B")] = np.ascontiguousarray(b_folded.T.astype(np.float32))  # (out, r)
+            if spec.use_dora:
+                tensors[_tensor_key(m, layer, "M")] = np.asarray(lora.weights[m][MAGNITUDE][layer], np.float32)
     if not adapted:
         raise ConfigError("export_peft: the LoRA adapts no module (every rank or scale is 0); nothing to export")
 
@@ -156,7 +165,7 @@ def export_peft(lora: LoraParams, out_dir: str | os.PathLike, *, gates: Gates | 
         "lora_dropout": cfg.lora_dropout, "target_modules": target_modules, "exclude_modules": None,
         "layers_to_transform": layers_to_transform, "layers_pattern": None, "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern, "use_rslora": cfg.use_rslora, "init_lora_weights": True,
-        "fan_in_fan_out": False, "bias": "none", "use_dora": False, "lora_bias": False,
+        "fan_in_fan_out": False, "bias": "none", "use_dora": cfg.use_dora, "lora_bias": False,
         "modules_to_save": None, "layer_replication": None,
     }
     out = Path(out_dir)
@@ -227,7 +236,8 @@ def load_peft(adapter_dir: str | os.PathLike, config: ModelConfig) -> LoraParams
                "save_pretrained(safe_serialization=True))" if (directory / "adapter_model.bin").exists() else ""
         raise CheckpointError(f"{directory}: {ADAPTER_WEIGHTS} is missing{hint}")
     tensors = {k: v.astype(np.float32) for k, v in read_safetensors(weights_file).items()}  # bf16/fp16 too
-    expected = {_tensor_key(m, i, w): (m, i, w) for m, i in adapted for w in ("A", "B")}
+    use_dora = bool(raw.get("use_dora", False))
+    expected = {_tensor_key(m, i, w): (m, i, w) for m, i in adapted for w in ("A", "B", "M")[:3 if use_dora else 2]}
     missing = [k for k in expected if k not in tensors]
     if missing:
         raise CheckpointError(f"{weights_file}: missing tensor(s) {missing[:4]}{' ...' if len(missing) > 4 else ''} "
@@ -239,10 +249,10 @@ def load_peft(adapter_dir: str | os.PathLike, config: ModelConfig) -> LoraParams
                               f"was made for a different model ({L}-layer {config.model_type} expected)")
     for key, (m, i, w) in expected.items():
         d_in, d_out = config.module_shape(m)
-        want = (ranks[(m, i)], d_in) if w == "A" else (d_out, ranks[(m, i)])
+        want = (ranks[(m, i)], d_in) if w == "A" else (d_out, ranks[(m, i)]) if w == "B" else (d_out,)
         got = tuple(tensors[key].shape)
         if got != want:
-            if len(got) == 2 and (got[1] if w == "A" else got[0]) == (d_in if w == "A" else d_out):
+            if w != "M" and len(got) == 2 and (got[1] if w == "A" else got[0]) == (d_in if w == "A" else d_out):
                 raise CheckpointError(
                     f"{weights_file}: tensor {key} has rank {got[0] if w == 'A' else got[1]} (shape {got}), but "
                     f"{ADAPTER_CONFIG} gives {module_path(m, i)} rank {ranks[(m, i)]} (expected shape {want})")
@@ -266,6 +276,9 @@ def load_peft(adapter_dir: str | os.PathLike, config: ModelConfig) -> LoraParams
                 a[i, :, :r] = tensors[_tensor_key(m, i, "A")].T
                 b[i, :r, :] = tensors[_tensor_key(m, i, "B")].T
         weights[m] = {"a": jnp.asarray(a), "b": jnp.asarray(b)}
+        if use_dora:
+            weights[m][MAGNITUDE] = jnp.asarray(np.stack([
+                tensors[_tensor_key(m, i, "M")] if (m, i) in ranks else np.zeros(d_out, np.float32) for i in range(L)]))
     return LoraParams(weights=weights, spec=spec)
 
 
@@ -287,6 +300,8 @@ def _check_fields(raw: dict[str, Any], cfg_file: Path) -> None:
         if value is not None and value != neutral and value not in (False, [], {}):
             raise ConfigError(f"{cfg_file}: {field}={value!r} ({what}) is not supported by flexora_jax; "
                               f"only {neutral!r} is")
+    if not isinstance(raw.get("use_dora", False), bool):
+        raise ConfigError(f"{cfg_file}: use_dora must be true or false, got {raw['use_dora']!r}")
     init = raw.get("init_lora_weights", True)
     if init not in _HARMLESS_INIT:
         raise ConfigError(f"{cfg_file}: init_lora_weights={init!r} is not supported: that initialisation "
@@ -397,6 +412,7 @@ def _lora_config(raw: dict[str, Any], cfg_file: Path, ranks: dict[tuple[str, int
             r=r0, lora_alpha=alpha0, lora_dropout=float(raw.get("lora_dropout", 0.0) or 0.0),
             target_modules=modules, layers_to_transform=None if layers == tuple(range(num_layers)) else layers,
             rank_pattern=rank_pattern, alpha_pattern=alpha_pattern, use_rslora=bool(raw.get("use_rslora", False)),
-            init_lora_weights=init if init in (True, False, "gaussian") else True)
+            init_lora_weights=init if init in (True, False, "gaussian") else True,
+            use_dora=bool(raw.get("use_dora", False)))
     except ConfigError as exc:
         raise ConfigError(f"{cfg_file}: {exc}") from None

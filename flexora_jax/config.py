@@ -218,6 +218,7 @@ class LoraConfig:
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)  # module name / path -> alpha
     use_rslora: bool = False  # scale = lora_alpha / sqrt(r)
     init_lora_weights: bool | str = True  # True: A kaiming-uniform, B = 0; "gaussian": A ~ N(0, 1/r), B = 0
+    use_dora: bool = False  # DoRA: a trained magnitude per output column (flexora_jax.dora)
 
     def __post_init__(self) -> None:
         tm = self.target_modules
@@ -247,6 +248,7 @@ class LoraConfig:
             require(alpha > 0, f"LoraConfig.alpha_pattern[{key!r}] must be > 0, got {alpha!r}")
         require(self.init_lora_weights in (True, False, "gaussian"),
                f"LoraConfig.init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+        require(isinstance(self.use_dora, bool), f"LoraConfig.use_dora must be true or false, got {self.use_dora!r}")
         # Freeze the mappings into sorted tuples so the config stays hashable (a static jit argument).
         object.__setattr__(self, "rank_pattern", FrozenDict(self.rank_pattern))
         object.__setattr__(self, "alpha_pattern", FrozenDict(self.alpha_pattern))

@@ -11,7 +11,8 @@ Because the spec is static metadata, ``jax.grad`` and any ``optax`` optimizer se
 the frozen base cannot be trained by accident, and an optimizer state covers LoRA leaves only.
 
 Layout (fp32 whatever the base dtype): ``weights[module] = {"a": [L, d_in, r_max], "b": [L, r_max, d_out]}``
-(``a`` is PEFT's ``lora_A.weight`` transposed, ``b`` is ``lora_B.weight`` transposed).
+(``a`` is PEFT's ``lora_A.weight`` transposed, ``b`` is ``lora_B.weight`` transposed), plus
+``"magnitude": [L, d_out]`` (PEFT's ``lora_magnitude_vector``) with ``use_dora`` (see :mod:`flexora_jax.dora`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import numpy as np
 from flax import struct
 
 from flexora_jax.config import LoraConfig, ModelConfig
+from flexora_jax.dora import EXACT_NORM, GATE, MAGNITUDE, column_norm, dora_merge, lora_update
 from flexora_jax.errors import ConfigError
 from flexora_jax.gates import Gates, layer_gate_values, rank_gate_values
 
@@ -44,6 +46,14 @@ class LoraSpec:
     @property
     def dropout(self) -> float:
         return float(self.config.lora_dropout)
+
+    @property
+    def use_dora(self) -> bool:
+        return bool(self.config.use_dora)
+
+    def adapted_mask(self, module: str) -> np.ndarray:
+        """[L] float32: 1 where ``module`` is adapted in the block."""
+        return (np.asarray(self.rank_of(module)) > 0).astype(np.float32)
 
     def rank_of(self, module: str) -> tuple[int, ...]:
         return dict(self.ranks)[module]
@@ -86,15 +96,20 @@ class LoraParams:
     spec: LoraSpec = struct.field(pytree_node=False)
 
 
-def init_lora(model_config: ModelConfig, lora_config: LoraConfig, key: jax.Array) -> LoraParams:
-    """Fresh LoRA params with PEFT's initialisation.
+def init_lora(model_config: ModelConfig, lora_config: LoraConfig, key: jax.Array,
+              params: dict[str, Any] | None = None) -> LoraParams:
+    """Fresh LoRA params with PEFT's initialisation (``params``: the base, needed by DoRA only).
 
     ``init_lora_weights=True``: A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (kaiming-uniform, a = sqrt(5)),
     B = 0, so the adapted model starts equal to the base. ``"gaussian"``: A ~ N(0, 1/r), B = 0.
     ``False``: B is random too (U(-1/sqrt(r), 1/sqrt(r))), useful for tests. Components beyond a
-    block's rank and blocks that are not adapted are zero.
+    block's rank and blocks that are not adapted are zero. With ``use_dora`` the magnitude starts at
+    the column norms of ``W0 + s * B A`` (PEFT's ``DoraLinearLayer.update_layer``); 0 in blocks not adapted.
     """
     spec = make_spec(model_config, lora_config)
+    if spec.use_dora and params is None:
+        raise ConfigError("init_lora: DoRA (use_dora=True) starts its magnitude at the base weights' column norms; "
+                          "pass the base params (init_lora(config, lora_config, key, params))")
     L = model_config.num_hidden_layers
     init = lora_config.init_lora_weights
     weights = {}
@@ -114,6 +129,10 @@ def init_lora(model_config: ModelConfig, lora_config: LoraConfig, key: jax.Array
             b = jnp.zeros((L, r, d_out), jnp.float32)
         present = jnp.asarray(spec.coefficients(m) != 0, jnp.float32)  # [L, r]
         weights[m] = {"a": a * present[:, None, :], "b": b * present[:, :, None]}
+        if spec.use_dora:
+            update = lora_update(weights[m]["a"], jnp.asarray(spec.coefficients(m)), weights[m]["b"])
+            norms = column_norm(params["layers"][m]["kernel"], update)
+            weights[m][MAGNITUDE] = norms * jnp.asarray(spec.adapted_mask(m))[:, None]  # 0 where not adapted
     return LoraParams(weights=weights, spec=spec)
 
 
@@ -121,32 +140,59 @@ def per_layer_lora(lora: LoraParams, gates: Gates | None, num_layers: int) -> di
     """Stacked per-block inputs of the layer scan: ``{module: {"a", "b", "c"}}`` with c [L, r].
 
     ``c`` folds the static scale and rank mask with the layer gate and the rank gate; it is the one
-    place where gate values enter the forward pass.
+    place where gate values enter the forward pass. With DoRA, ``c`` is the static part only and the
+    layer gate (times the adapted mask) is ``"g"`` [L], which multiplies the whole DoRA branch.
     """
     if lora.spec.num_layers != num_layers:
         raise ConfigError(f"LoRA was built for {lora.spec.num_layers} layers, the model has {num_layers}")
     layer_w = layer_gate_values(gates, num_layers)  # [L]
+    if lora.spec.use_dora and gates is not None and gates.rank is not None:
+        raise ConfigError("DoRA (use_dora=True) cannot take rank gates (AutoLoRA): they would rescale components "
+                          "inside DoRA's weight norm; search ranks with plain LoRA, or use layer gates only")
     out = {}
     for m in lora.spec.targets:
         coeff = jnp.asarray(lora.spec.coefficients(m))  # [L, r]
+        w = lora.weights[m]
+        if lora.spec.use_dora:
+            out[m] = {"a": w["a"], "b": w["b"], "c": coeff, MAGNITUDE: w[MAGNITUDE],
+                      GATE: layer_w * jnp.asarray(lora.spec.adapted_mask(m))}
+            if gates is not None:
+                out[m][EXACT_NORM] = jnp.zeros((num_layers,), jnp.float32)
+            continue
         c = coeff * layer_w[:, None] * rank_gate_values(gates, m, coeff.shape)
-        out[m] = {"a": lora.weights[m]["a"], "b": lora.weights[m]["b"], "c": c}
+        out[m] = {"a": w["a"], "b": w["b"], "c": c}
     return out
 
 
 def delta_weights(lora: LoraParams, gates: Gates | None = None) -> dict[str, jax.Array]:
     """The dense update of every adapted module, fp32 [L, d_in, d_out] (gates included)."""
+    if lora.spec.use_dora:
+        raise ConfigError("delta_weights: a DoRA update depends on the base weights; use merge(params, lora, gates)")
     stacked = per_layer_lora(lora, gates, lora.spec.num_layers)
     return {m: jnp.einsum("ldr,lr,lrf->ldf", v["a"], v["c"], v["b"]) for m, v in stacked.items()}
 
 
 def merge(params: dict[str, Any], lora: LoraParams, gates: Gates | None = None,
           sign: float = 1.0) -> dict[str, Any]:
-    """Base params with the LoRA update added (``sign=-1`` removes it), in fp32 then cast back."""
-    deltas = delta_weights(lora, gates)
+    """Base params with the LoRA update added (``sign=-1`` removes it), in fp32 then cast back.
+
+    DoRA: each kernel becomes ``W + g * (m * (W + dW) / ||W + dW|| - W)`` (PEFT's merge at ``g = 1``).
+    """
+    dora = lora.spec.use_dora
+    if dora and sign != 1.0:
+        raise ConfigError("unmerge: a DoRA merge rescales the base weights by norms it does not keep; "
+                          "keep the unmerged base params instead")
+    deltas = (per_layer_lora(lora, gates, lora.spec.num_layers) if dora else delta_weights(lora, gates))
     layers = dict(params["layers"])
     for m, delta in deltas.items():
         kernel = layers[m]["kernel"]
+        if dora:
+            update = lora_update(delta["a"], delta["c"], delta["b"])
+            if kernel.shape != update.shape:
+                raise ConfigError(f"LoRA for {m} has shape {update.shape}, base kernel {kernel.shape}")
+            layers[m] = {**layers[m], "kernel": dora_merge(kernel, update, delta[MAGNITUDE], delta[GATE])
+                         .astype(kernel.dtype)}
+            continue
         if kernel.shape != delta.shape:
             raise ConfigError(f"LoRA for {m} has shape {delta.shape}, base kernel {kernel.shape}")
         merged = (kernel.astype(jnp.float32) + sign * delta).astype(kernel.dtype)
@@ -165,7 +211,7 @@ def count_params(model_config: ModelConfig, lora: LoraParams | LoraSpec) -> dict
     trainable = 0
     for m in spec.targets:
         d_in, d_out = model_config.module_shape(m)
-        trainable += sum(r * (d_in + d_out) for r in spec.rank_of(m))
+        trainable += sum(r * (d_in + d_out) + (d_out if spec.use_dora and r else 0) for r in spec.rank_of(m))
     base = model_config.num_params()
     return {"trainable": int(trainable), "base": int(base), "total": int(base + trainable),
             "trainable_percent": 100.0 * trainable / (base + trainable)}

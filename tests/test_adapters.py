@@ -232,13 +232,19 @@ def test_unknown_field_is_named(base, exported):
         load_peft(exported, base[2])
 
 
-@pytest.mark.parametrize("field,value", [("use_dora", True), ("bias", "all"), ("fan_in_fan_out", True),
+@pytest.mark.parametrize("field,value", [("use_dora", "yes"), ("bias", "all"), ("fan_in_fan_out", True),
                                          ("modules_to_save", ["lm_head"]), ("lora_bias", True),
                                          ("init_lora_weights", "pissa"), ("peft_type", "IA3"),
                                          ("target_modules", ["q_proj", "c_attn"]), ("target_modules", ["lm_head"])])
 def test_function_changing_settings_are_refused(base, exported, field, value):
     _edit_config(exported, **{field: value})
     with pytest.raises(ConfigError, match=field if field != "target_modules" else value[-1]):
+        load_peft(exported, base[2])
+
+
+def test_dora_flag_without_magnitudes_names_the_tensor(base, exported):
+    _edit_config(exported, use_dora=True)
+    with pytest.raises(CheckpointError, match="lora_magnitude_vector"):
         load_peft(exported, base[2])
 
 

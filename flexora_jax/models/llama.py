@@ -44,6 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexora_jax.config import ALL_MODULES, GEMMA_TYPES, ModelConfig
+from flexora_jax.dora import MAGNITUDE, dora_branch
 from flexora_jax.errors import ConfigError, DataError
 from flexora_jax.lora import per_layer_lora
 from flexora_jax.models.attention import NEG_INF, accum_dtype, attend, attention_hm, query_block
@@ -152,9 +153,9 @@ def window_bias(bias: jax.Array, window: jax.Array, start: jax.Array | int = 0) 
 # --------------------------------------------------------------------------------------- linear + LoRA
 def linear(x: jax.Array, layer: Params, name: str, lora_layer: dict[str, Any] | None,
            dropout_key: jax.Array | None, dropout_rate: float) -> jax.Array:
-    """``x @ W (+ b)`` plus, when ``name`` is adapted, the gated LoRA branch ``((x @ A) * c) @ B``."""
+    """``x @ W (+ b)`` plus, when ``name`` is adapted, the gated LoRA branch ``((x @ A) * c) @ B`` (or DoRA's)."""
     kernel = layer[name]["kernel"]
-    y = jnp.einsum("btd,df->btf", x, kernel)
+    y = base = jnp.einsum("btd,df->btf", x, kernel)
     if "bias" in layer[name]:
         y = y + layer[name]["bias"]
     if lora_layer is not None and name in lora_layer:
@@ -164,6 +165,8 @@ def linear(x: jax.Array, layer: Params, name: str, lora_layer: dict[str, Any] | 
             key = jax.random.fold_in(dropout_key, ALL_MODULES.index(name))
             keep = jax.random.bernoulli(key, 1.0 - dropout_rate, x.shape)
             xin = jnp.where(keep, x / (1.0 - dropout_rate), 0.0).astype(x.dtype)
+        if MAGNITUDE in lora_layer[name]:  # DoRA (flexora_jax.dora): PEFT reuses x @ W only without dropout
+            return y + dora_branch(xin, base if xin is x else None, kernel, lora_layer[name])
         down = jnp.einsum("btd,dr->btr", xin, a.astype(x.dtype)) * c.astype(x.dtype)
         y = y + jnp.einsum("btr,rf->btf", down, b.astype(x.dtype))
     return y
