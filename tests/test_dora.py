@@ -7,6 +7,7 @@ adapter has non-zero B and a magnitude moved away from its initial norms, so eac
 from __future__ import annotations
 
 import dataclasses
+import json
 
 import jax
 import jax.numpy as jnp
@@ -19,12 +20,14 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 import flexora_jax as fj  # noqa: E402
+from flexora_jax import cli  # noqa: E402
 from flexora_jax.adapters import export_peft, load_peft  # noqa: E402
 from flexora_jax.bilevel import InnerState, hypergradient, make_loss_fn, unroll  # noqa: E402
 from flexora_jax.dora import MAGNITUDE  # noqa: E402
 from flexora_jax.errors import ConfigError  # noqa: E402
 from flexora_jax.gates import Gates  # noqa: E402
 from flexora_jax.lora import per_layer_lora  # noqa: E402
+from flexora_jax.models.hf import read_safetensors  # noqa: E402
 from flexora_jax.models.llama import linear  # noqa: E402
 
 TOL = 1e-4
@@ -198,3 +201,21 @@ def test_count_includes_magnitude(base):
     plain = fj.count_params(config, fj.make_spec(config, dataclasses.replace(DORA, use_dora=False)))["trainable"]
     dora = fj.count_params(config, fj.make_spec(config, DORA))["trainable"]
     assert dora - plain == 2 * (64 + 32 + 64)  # two blocks x (q_proj, v_proj, down_proj) output sizes
+
+
+def test_dora_methods_run_end_to_end_from_the_command(tmp_path):
+    """``flexora-jax run --method=flexora+dora --compare=[dora]`` on the embedded planted task, tiny."""
+    out = tmp_path / "run"
+    tiny = ["--search.steps=4", "--search.inner_steps=2", "--finetune.max_steps=6", "--task.planted.num_layers=4",
+            "--task.planted.n_train=64", "--task.planted.n_val=32", "--task.planted.n_test=32",
+            "--task.planted.finetune_examples=32", "--checkpoint.every=0"]
+    assert cli.main(["run", "--quiet", "--output-dir", str(out), "--method=flexora+dora", "--compare=[dora]",
+                     *tiny]) == 0
+    chosen = json.loads((out / "selection.json").read_text())
+    for method, layers in (("flexora_dora", chosen["layers"]), ("dora", [0, 1, 2, 3])):
+        adapter = out / "methods" / method / "adapter"
+        assert json.loads((adapter / "adapter_config.json").read_text())["use_dora"] is True
+        keys = read_safetensors(adapter / "adapter_model.safetensors")
+        assert sorted(int(k.split(".")[4]) for k in keys if k.endswith("q_proj.lora_magnitude_vector")) == layers
+    assert set(json.loads((out / "compare.json").read_text())) >= {"flexora+dora", "dora"}
+    assert cli.main(["run", "--quiet", "--output-dir", str(tmp_path / "bad"), "--lora.use_dora=true", *tiny]) == 2

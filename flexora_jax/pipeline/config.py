@@ -31,12 +31,15 @@ from flexora_jax.fileio import write_bytes
 #: baselines: ``lora_lowrank``: every layer at rank ``max(1, round(r * k / L))`` (about flexora's
 #: parameter count spread over all layers); ``flexora_highrank``: flexora's layers at rank
 #: ``round(r * L / k)`` (LoRA-all's parameter count on fewer layers). Both keep ``lora_alpha / r``.
+#: ``dora`` / ``flexora+dora``: DoRA (flexora_jax.dora) on every layer / on flexora's layers.
 METHODS = ("lora", "flexora", "autolora", "flexora+autolora", "random_k", "lora_drop", "lora_lowrank",
-           "flexora_highrank")
+           "flexora_highrank", "dora", "flexora+dora")
+#: Methods that fine-tune DoRA instead of LoRA (their searches, if any, use plain LoRA).
+DORA_METHODS = ("dora", "flexora+dora")
 #: Methods whose layers or rank follow the size of the flexora selection (k): they need a layer search.
 K_METHODS = ("random_k", "lora_drop", "lora_lowrank", "flexora_highrank")
 #: The gate kind a method's search uses (methods without a search are absent).
-METHOD_GATES = {"flexora": "layer", "autolora": "rank", "flexora+autolora": "both"}
+METHOD_GATES = {"flexora": "layer", "autolora": "rank", "flexora+autolora": "both", "flexora+dora": "layer"}
 PLANTED_TASK = "planted"
 
 
@@ -209,6 +212,8 @@ class RunConfig:
                                                              for k, v in dict(self.lora.alpha_pattern).items()}
         bad_alpha = {k: v for k, v in alphas.items() if not math.isfinite(float(v))}
         require(not bad_alpha, f"{', '.join(bad_alpha)} must be finite, got {list(bad_alpha.values())}")
+        require(not self.lora.use_dora, "lora.use_dora: a run chooses DoRA by method; use method / compare 'dora' "
+                                        "or 'flexora+dora' (the searches then stay plain LoRA)")
         bad = {k: v for k, v in dict(self.lora.rank_pattern).items() if v < 1}
         require(not bad, f"lora.rank_pattern gives rank 0 to {sorted(bad)}; expected ranks >= 1 (leave a module out of "
                          "lora.target_modules / layers_to_transform to not adapt it)")

@@ -1,9 +1,9 @@
 """The methods a run compares, and the selection each one fine-tunes.
 
 ``flexora`` / ``autolora`` / ``flexora+autolora`` take their layers and ranks from a gate search;
-``lora`` adapts every layer; ``random_k`` / ``lora_drop`` take as many layers as the flexora selection
-(or ``baseline_k``), drawn with the run seed / the last ones; ``lora_lowrank`` / ``flexora_highrank``
-are the equal-parameter baselines. Each method's files live in ``methods/<method>/`` and each
+``lora`` adapts every layer (``dora`` too, with DoRA; ``flexora+dora``: DoRA on flexora's layers);
+``random_k`` / ``lora_drop`` take as many layers as the flexora selection (or ``baseline_k``), drawn
+with the run seed / the last ones; ``lora_lowrank`` / ``flexora_highrank`` are the equal-parameter baselines. Each method's files live in ``methods/<method>/`` and each
 search's in ``searches/<gates>/``; a ``selection.json`` holds the PEFT-visible selection plus what
 the run needs to rebuild it (``rank_lists``, ``lora_config``).
 """
@@ -19,7 +19,7 @@ import numpy as np
 from flexora_jax.config import LoraConfig
 from flexora_jax.errors import ConfigError
 from flexora_jax.lora import count_params, make_spec
-from flexora_jax.pipeline.config import K_METHODS, METHOD_GATES, RunConfig
+from flexora_jax.pipeline.config import DORA_METHODS, K_METHODS, METHOD_GATES, RunConfig
 from flexora_jax.pipeline.io import read_json
 from flexora_jax.pipeline.workspace import Workspace
 from flexora_jax.selection import Selection
@@ -66,10 +66,12 @@ def method_selection(ws: Workspace, method: str, searches: dict[str, SearchOutco
     """The layers (and ranks) ``method`` fine-tunes."""
     cfg, L = ws.config, ws.num_layers
     if method in METHOD_GATES:
-        return searches[METHOD_GATES[method]].selection
-    if method == "lora":
-        return Selection(layers=tuple(range(L)), ranks=None,
-                         lora_config=dataclasses.replace(cfg.lora, layers_to_transform=None))
+        found = searches[METHOD_GATES[method]].selection
+        return dataclasses.replace(found, lora_config=dataclasses.replace(
+            found.lora_config, use_dora=True)) if method in DORA_METHODS else found
+    if method in ("lora", "dora"):
+        return Selection(layers=tuple(range(L)), ranks=None, lora_config=dataclasses.replace(
+            cfg.lora, layers_to_transform=None, use_dora=method == "dora"))
     k = cfg.baseline_k or len(searches["layer"].selection.layers)
     if k > L:
         raise ConfigError(f"baseline_k {k} exceeds the model's {L} layers; expected 0..{L}")

@@ -140,7 +140,7 @@ def finetune_stage(ws: Workspace, method: str, selection: Selection) -> Any:
     if ws.resume and (adapter / "adapter_model.safetensors").exists() and (out_dir / "selection.json").exists():
         log.info("%s: done in a previous session, reusing %s", stage, adapter)
         return load_peft(adapter, ws.model_config)
-    lora = init_lora(ws.model_config, selection.lora_config, jax.random.key(cfg.seed + 1))
+    lora = init_lora(ws.model_config, selection.lora_config, jax.random.key(cfg.seed + 1), ws.params)  # DoRA: W0
     steps = total_steps(ft, len(ws.data.finetune["input_ids"]))
     trained, _ = _resumable(
         ws, stage, steps * ft.grad_accum, lambda: init_train_state(lora, make_optimizer(ft, steps), cfg.seed), "loss",
