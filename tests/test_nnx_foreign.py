@@ -9,39 +9,50 @@ leading layer axis, paths carry no layer index).
 
 from __future__ import annotations
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
 from flax import nnx
+from safetensors.numpy import load_file
 
-from flexora_jax.errors import ConfigError, FlexoraError
-from flexora_jax.nnx import Gate, add_lora, merge_lora, remove_lora
-from flexora_jax.nnx.surgery import count_lora_params, lora_sites
+from flexora_jax.errors import CheckpointError, ConfigError, FlexoraError
+from flexora_jax.nnx import Gate, add_lora, load_adapter, merge_lora, remove_lora, save_adapter, save_peft
+from flexora_jax.nnx.surgery import count_lora_params, delta_kernel, lora_sites
 
 VOCAB, D, HEADS, HEAD_DIM, FFN, SEQ = 64, 32, 4, 8, 64, 16
 BLOCK_INDEX = r"blocks\.(\d+)"
 ALL_TARGETS = ("q", "k", "v", "o", "up", "gate", "down")
 
 
+def kernel_init(std: float | None, spec: tuple | None):
+    """normal(std) (lecun normal for None), partitioned over the mesh axes ``spec`` through NNX metadata."""
+    init = nnx.initializers.lecun_normal() if std is None else nnx.initializers.normal(std)
+    return init if spec is None else nnx.with_partitioning(init, spec)
+
+
 class Projection(nnx.Module):
     """A model's own projection: an ``nnx.Param`` named ``w`` contracted by ``jnp.einsum`` in ``__call__``."""
 
-    def __init__(self, d_in: int, d_out: int, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.w = nnx.Param(jax.random.normal(rngs.params(), (d_in, d_out), dtype) / np.sqrt(d_in))
+    def __init__(self, d_in: int, d_out: int, *, rngs: nnx.Rngs, dtype=jnp.float32, spec: tuple | None = None):
+        self.w = nnx.Param(kernel_init(d_in ** -0.5, spec)(rngs.params(), (d_in, d_out), dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return jnp.einsum("btd,df->btf", x, self.w[...])
 
 
 class Attention(nnx.Module):
-    def __init__(self, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        kw = dict(rngs=rngs, param_dtype=dtype, kernel_init=nnx.initializers.normal(D ** -0.5))
-        self.q = nnx.Einsum("BTD,NDH->BTNH", (HEADS, D, HEAD_DIM), **kw)
-        self.k = nnx.Einsum("BTD,NDH->BTNH", (HEADS, D, HEAD_DIM), **kw)
-        self.v = nnx.Einsum("BTD,NDH->BTNH", (HEADS, D, HEAD_DIM), **kw)
-        self.o = nnx.Einsum("BTNH,NHD->BTD", (HEADS, HEAD_DIM, D), **kw)
+    def __init__(self, *, rngs: nnx.Rngs, dtype=jnp.float32, partitioned: bool = False):
+        def einsum(equation, shape, spec):
+            return nnx.Einsum(equation, shape, rngs=rngs, param_dtype=dtype,
+                              kernel_init=kernel_init(D ** -0.5, spec if partitioned else None))
+        self.q = einsum("BTD,NDH->BTNH", (HEADS, D, HEAD_DIM), ("model", "fsdp", None))
+        self.k = einsum("BTD,NDH->BTNH", (HEADS, D, HEAD_DIM), ("model", "fsdp", None))
+        self.v = einsum("BTD,NDH->BTNH", (HEADS, D, HEAD_DIM), ("model", "fsdp", None))
+        self.o = einsum("BTNH,NHD->BTD", (HEADS, HEAD_DIM, D), ("model", None, "fsdp"))
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         q, k, v = self.q(x), self.k(x), self.v(x)  # [b, t, n, h]
@@ -53,21 +64,25 @@ class Attention(nnx.Module):
 
 
 class Mlp(nnx.Module):
-    def __init__(self, *, rngs: nnx.Rngs, dtype=jnp.float32):
-        self.up = nnx.Linear(D, FFN, rngs=rngs, param_dtype=dtype)
-        self.gate = Projection(D, FFN, rngs=rngs, dtype=dtype)
-        self.down = nnx.Linear(FFN, D, rngs=rngs, param_dtype=dtype)
+    def __init__(self, *, rngs: nnx.Rngs, dtype=jnp.float32, partitioned: bool = False):
+        def spec(s):
+            return s if partitioned else None
+        self.up = nnx.Linear(D, FFN, rngs=rngs, param_dtype=dtype,
+                             kernel_init=kernel_init(None, spec(("fsdp", "model"))))
+        self.gate = Projection(D, FFN, rngs=rngs, dtype=dtype, spec=spec(("fsdp", "model")))
+        self.down = nnx.Linear(FFN, D, rngs=rngs, param_dtype=dtype,
+                               kernel_init=kernel_init(None, spec(("model", "fsdp"))))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
 
 
 class Block(nnx.Module):
-    def __init__(self, *, rngs: nnx.Rngs, dtype=jnp.float32):
+    def __init__(self, *, rngs: nnx.Rngs, dtype=jnp.float32, partitioned: bool = False):
         self.norm1 = nnx.RMSNorm(D, rngs=rngs, param_dtype=dtype)
-        self.attn = Attention(rngs=rngs, dtype=dtype)
+        self.attn = Attention(rngs=rngs, dtype=dtype, partitioned=partitioned)
         self.norm2 = nnx.RMSNorm(D, rngs=rngs, param_dtype=dtype)
-        self.mlp = Mlp(rngs=rngs, dtype=dtype)
+        self.mlp = Mlp(rngs=rngs, dtype=dtype, partitioned=partitioned)
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         x = x + self.attn(self.norm1(x), mask)
@@ -77,9 +92,10 @@ class Block(nnx.Module):
 class ForeignLM(nnx.Module):
     """A list of blocks; a peaked output head (``head_std``) so a planted change is visible in the output."""
 
-    def __init__(self, num_layers: int = 3, *, rngs: nnx.Rngs, head_std: float = 0.5, dtype=jnp.float32):
+    def __init__(self, num_layers: int = 3, *, rngs: nnx.Rngs, head_std: float = 0.5, dtype=jnp.float32,
+                 partitioned: bool = False):
         self.embed = nnx.Embed(VOCAB, D, rngs=rngs, param_dtype=dtype)
-        self.blocks = nnx.List([Block(rngs=rngs, dtype=dtype) for _ in range(num_layers)])
+        self.blocks = nnx.List([Block(rngs=rngs, dtype=dtype, partitioned=partitioned) for _ in range(num_layers)])
         self.final_norm = nnx.RMSNorm(D, rngs=rngs, param_dtype=dtype)
         self.head = nnx.Linear(D, VOCAB, use_bias=False, rngs=rngs, param_dtype=dtype,
                                kernel_init=nnx.initializers.normal(head_std))
@@ -252,3 +268,34 @@ def test_bad_input_raises_flexora_errors():
     add_lora(model, ("q",), layer_index=BLOCK_INDEX, rngs=nnx.Rngs(0))
     with pytest.raises(ConfigError, match="'blocks.0.attn.q' already has LoRA"):
         add_lora(model, ("q",), layer_index=BLOCK_INDEX, example_inputs=(tokens,), rngs=nnx.Rngs(0))
+
+
+# ------------------------------------------------------------------------------------- export
+def test_adapter_round_trip_and_peft_export(tmp_path):
+    model = foreign_with_lora(gates="both")
+    randomize_lora(model)
+    nnx.update(model, jax.tree.map(lambda g: g * 0.5, nnx.state(model, Gate)))
+    tokens, mask = tokens_and_mask()
+    expected = apply(model, tokens, mask)
+    save_adapter(model, tmp_path / "native")
+    fresh = ForeignLM(rngs=nnx.Rngs(0))  # the same base, no LoRA yet: rebuilt from adapter_config.json
+    load_adapter(fresh, tmp_path / "native")
+    assert sorted(lora_sites(fresh)) == sorted(lora_sites(model))
+    np.testing.assert_array_equal(apply(fresh, tokens, mask), expected)
+    with pytest.raises(CheckpointError, match="'blocks.0.attn.k'.*another model"):
+        load_adapter(StackedLM(rngs=nnx.Rngs(0)), tmp_path / "native")
+
+    def hf_name(path: str, layer: int) -> str:
+        return f"model.layers.{layer}.{path.split('.', 2)[2]}"
+
+    save_peft(model, tmp_path / "peft", peft_name=hf_name)
+    tensors = load_file(str(tmp_path / "peft" / "adapter_model.safetensors"))
+    config = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
+    assert config["r"] == 2 and len(config["target_modules"]) == 21
+    assert "model.layers.2.mlp.up" in config["target_modules"]
+    a = tensors["base_model.model.model.layers.2.mlp.up.lora_A.weight"]  # [r, in]
+    b = tensors["base_model.model.model.layers.2.mlp.up.lora_B.weight"]  # [out, r]
+    assert a.shape == (2, D) and b.shape == (FFN, 2)
+    # PEFT's delta (alpha / r) B A equals the gated delta the model computes
+    np.testing.assert_allclose((b @ a).T * config["lora_alpha"] / 2, delta_kernel(model.blocks[2].mlp.up),
+                               rtol=1e-5, atol=1e-6)

@@ -1,11 +1,66 @@
-"""Flax NNX face of flexora_jax (placeholder docstring; completed below)."""
+"""Flexora / AutoLoRA on Flax NNX models: the built-in decoder as an NNX module, gated LoRA on any NNX model.
 
+Names read next to ``flax.nnx``::
+
+    from flax import nnx
+    from flexora_jax import nnx as fnnx
+
+    model = MyFlaxModel(rngs=nnx.Rngs(0))                      # any NNX model (or fnnx.LlamaForCausalLM)
+    fnnx.add_lora(model, ("q", "v"), rank=8, gates="layer", rngs=nnx.Rngs(1))
+    graphdef, base, lora, gates = fnnx.split_for_search(model)  # nnx.Param / nnx.LoRAParam / fnnx.Gate
+    step = fnnx.make_search_step(graphdef, gates, loss_fn, search_config)   # loss_fn(model, batch)
+    state = fnnx.init_search_state(lora, fnnx.init_hyperparameters(gates, "layer"), search_config)
+    state, metrics = step(base, state, train_batches, val_batch)            # jitted, compiled once
+    selection = fnnx.select(model, state.gates)                # layers / ranks in the model's own paths
+    fnnx.apply_selection(model, selection, rngs=nnx.Rngs(2))   # fresh LoRA on those only
+    nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.LoRAParam) # fine-tune with any NNX trainer
+    fnnx.save_adapter(model, "out/adapter", selection)         # safetensors by NNX path + selection.json
+    fnnx.save_peft(model, "out/peft", peft_name=lambda path, layer: ...)  # PEFT names through a hook
+    fnnx.merge_lora(model)                                     # fold LoRA x gates into the kernels (fp32)
+
+Design: why split by variable type keeps the bilevel core pure.
+A gated-LoRA model holds three kinds of state with three different roles: the frozen base
+(``nnx.Param``), the LoRA adapters the inner loop trains (``nnx.LoRAParam``) and the gates, the
+hyperparameters the outer loop differentiates (:class:`Gate`). ``nnx.split(model, nnx.LoRAParam,
+Gate, ...)`` turns the one stateful module into exactly the three pytrees the functional core
+(:mod:`flexora_jax.bilevel`) is written over, plus a static graphdef. Merging them back happens inside
+the jitted loss, so every transform the core applies (``jax.grad`` w.r.t. LoRA, reverse mode through
+a ``lax.scan`` of K inner steps w.r.t. the gates, ``jax.jvp`` for DARTS, forward mode) sees a pure
+function ``loss(lora, hyper, batch)`` of explicit arguments: no hidden module state, no mutation
+under a transform, nothing the core has to know about NNX, and the same estimators, verified
+against finite differences, serve any model. Variable types are also what NNX users already select
+on (``nnx.Optimizer(..., wrt=nnx.LoRAParam)``, ``nnx.state(model, Gate)``), so the searched model
+trains with their own tools afterwards.
+
+The gate variables hold the *multipliers* of the LoRA branch (1.0 = plain LoRA, 0 = no LoRA), not
+Flexora's alpha: the parametrisations that couple modules (``w = L softmax(alpha)`` over all layers,
+``softmax(beta)`` per module) live in the search engine (:func:`gate_state`), which maps the raw
+hyperparameters to the multipliers before ``nnx.merge``. A module then needs nothing but its own
+gate, which is what makes layers stacked under ``nnx.scan`` simple (each step sees its slice) and
+keeps a zero gate an exact removal. The built-in decoder is the one exception: its functional core
+applies the parametrisation itself, so its gates hold the raw values (role ``*_logits``).
+
+LoRA attaches to any projection by re-evaluating the module's call with the LoRA term added where
+its kernel is contracted (:mod:`flexora_jax.nnx.intercept`), so ``nnx.Linear``, ``nnx.Einsum``,
+``nnx.LinearGeneral`` and a model's own ``jnp.einsum`` modules are all one case.
+"""
+
+from flexora_jax.nnx.export import load_adapter, save_adapter, save_peft
+from flexora_jax.nnx.llama import LlamaForCausalLM
 from flexora_jax.nnx.search import (GateLayout, Selection, apply_selection, gate_state, init_hyperparameters,
                                     init_search_state, make_loss, make_search_step, select, split_for_search,
                                     update_model)
-from flexora_jax.nnx.surgery import LoraSite, add_lora, merge_lora, remove_lora
+from flexora_jax.nnx.surgery import LoraSite, add_lora, count_lora_params, lora_sites, merge_lora, remove_lora
 from flexora_jax.nnx.variables import Gate
 
-__all__ = ["Gate", "LoraSite", "add_lora", "merge_lora", "remove_lora", "GateLayout", "Selection", "apply_selection",
-           "gate_state", "init_hyperparameters", "init_search_state", "make_loss", "make_search_step", "select",
-           "split_for_search", "update_model"]
+__all__ = [
+    # variables and models
+    "Gate", "LlamaForCausalLM",
+    # surgery
+    "LoraSite", "add_lora", "merge_lora", "remove_lora", "lora_sites", "count_lora_params",
+    # search over NNX states
+    "split_for_search", "GateLayout", "init_hyperparameters", "gate_state", "make_loss", "make_search_step",
+    "init_search_state", "update_model", "Selection", "select", "apply_selection",
+    # export
+    "save_adapter", "load_adapter", "save_peft",
+]

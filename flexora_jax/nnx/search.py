@@ -32,15 +32,15 @@ from flexora_jax.bilevel import (SearchState, hypergradient, init_search_state, 
 from flexora_jax.config import SearchConfig
 from flexora_jax.errors import ConfigError
 from flexora_jax.gates import Gates, layer_gate_values
-from flexora_jax.nnx.surgery import LoraSite, attach_lora, lora_sites, remove_lora
+from flexora_jax.nnx.surgery import LoraSite, adapted_modules, attach_lora, lora_sites, remove_lora
 from flexora_jax.nnx.variables import LOGIT_ROLES, Gate
 from flexora_jax.selection import select_layers, select_ranks
 
 Batch = dict[str, jax.Array]
 ModelLoss = Callable[[nnx.Module, Batch], jax.Array]
 
-__all__ = ["GateEntry", "GateLayout", "Selection", "apply_selection", "gate_state", "init_hyperparameters", "init_search_state",
-           "make_loss", "make_search_step", "select", "split_for_search", "update_model"]
+__all__ = ["GateEntry", "GateLayout", "Selection", "apply_selection", "gate_state", "init_hyperparameters",
+           "init_search_state", "make_loss", "make_search_step", "select", "split_for_search", "update_model"]
 
 
 def split_for_search(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State, nnx.State]:
@@ -233,8 +233,14 @@ class Selection:
 
 
 def select(model: nnx.Module, hyper: Gates, rule: str = "positive", k: int = 0, threshold: float = 1.0) -> Selection:
-    """Layers (Flexora rule on alpha) and ranks (AutoLoRA rule on beta) of a searched model."""
+    """Layers (Flexora rule on alpha) and ranks (AutoLoRA rule on beta) of a model adapted by ``add_lora``.
+
+    ``LlamaForCausalLM`` selects like the functional core: ``flexora_jax.selection.select(hyper, lora_config, L)``.
+    """
     sites = lora_sites(model)
+    if not sites:
+        raise ConfigError(f"select: {type(model).__name__} has no add_lora sites; for LlamaForCausalLM use "
+                          "flexora_jax.selection.select(hyper, model.lora_config, num_layers)")
     layout = GateLayout.of(nnx.state(model, Gate))
     if hyper.layer is not None:
         chosen = select_layers(Gates(layer=np.asarray(hyper.layer), power=hyper.power), rule, k, threshold)
@@ -265,7 +271,7 @@ def apply_selection(model: nnx.Module, selection: Selection, *, gates: str | Non
             raise ConfigError(
                 f"apply_selection: the selection names module {path!r} (layers {tuple(layers)}), which this model "
                 f"does not adapt that way; its adapted modules: {sorted(sites)[:12]} (a selection from another model?)")
-    modules = {path: module for path, module in _module_index(model).items() if path in selection.modules}
+    modules = {path: module for path, module in adapted_modules(model).items() if path in selection.modules}
     old = {path: sites[path] for path in selection.modules}
     remove_lora(model)
     shared: dict[Any, Gate] = {}
@@ -274,9 +280,4 @@ def apply_selection(model: nnx.Module, selection: Selection, *, gates: str | Non
         attach_lora(modules[path], site, gates=gates, layers=selection.layers, ranks=ranks,
                     shared_gates=shared, rngs=rngs)
     return model
-
-
-def _module_index(model: nnx.Module) -> dict[str, nnx.Module]:
-    """Adapted modules by the path they were adapted under (``LoraSite.path``)."""
-    return {m.lora_site.path: m for _, m in nnx.iter_modules(model) if isinstance(vars(m).get("lora_site"), LoraSite)}
 

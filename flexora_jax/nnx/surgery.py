@@ -83,7 +83,7 @@ def path_str(path: Sequence[Any]) -> str:
 
 def lora_sites(model: nnx.Module) -> dict[str, LoraSite]:
     """``{current module path: LoraSite}`` of every adapted module of ``model``."""
-    return {path_str(p): m.lora_site for p, m in nnx.iter_modules(model) if isinstance(vars(m).get("lora_site"), LoraSite)}
+    return {path: m.lora_site for path, m in _adapted(model)}
 
 
 def count_lora_params(model: nnx.Module) -> int:
@@ -262,11 +262,14 @@ def _place(value: jax.Array, kernel: nnx.Variable, axes: Sequence[int | None]) -
     if not isinstance(sharding, NamedSharding):
         return value
     spec = tuple(sharding.spec) + (None,) * (kernel.ndim - len(sharding.spec))
-    return jax.device_put(value, NamedSharding(sharding.mesh, PartitionSpec(*(None if a is None else spec[a] for a in axes))))
+    derived = PartitionSpec(*(None if a is None else spec[a] for a in axes))
+    return jax.device_put(value, NamedSharding(sharding.mesh, derived))
 
 
-def _new_var(kind: type, value: jax.Array, kernel: nnx.Variable, axes: Sequence[int | None], **meta: Any) -> nnx.Variable:
-    return kind(_place(value, kernel, axes), **_sharding_meta(kernel, axes), **meta)
+def _new_var(kind: type, value: jax.Array, kernel: nnx.Variable, axes: Sequence[int | None],
+             **meta: Any) -> nnx.Variable:
+    """A LoRA / gate variable placed like its kernel (annotation kept; no eager resharding by NNX)."""
+    return kind(_place(value, kernel, axes), **_sharding_meta(kernel, axes), eager_sharding=False, **meta)
 
 
 def _resolve_ranks(site_path: str, n_layers: int, rank: int, ranks: Mapping[str, Any] | None,
@@ -406,6 +409,11 @@ def _adapted(model: nnx.Module) -> list[tuple[str, nnx.Module]]:
     return [(path_str(p), m) for p, m in nnx.iter_modules(model) if isinstance(vars(m).get("lora_site"), LoraSite)]
 
 
+def adapted_modules(model: nnx.Module) -> dict[str, nnx.Module]:
+    """Adapted modules by the path they were adapted under (``LoraSite.path``)."""
+    return {m.lora_site.path: m for _, m in _adapted(model)}
+
+
 def delta_kernel(module: nnx.Module) -> jax.Array:
     """The dense update of one adapted module in its kernel's layout (gates and scale included), fp32 or wider."""
     site: LoraSite = module.lora_site
@@ -430,7 +438,12 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
     """Fold every LoRA branch (times its gates and scale) into its kernel and remove it (PEFT's merge_and_unload).
 
     The sum is computed in fp32 (or wider) and cast to the kernel's dtype. In place; returns ``model``.
+    A model that computes through its own core and defines ``merge_lora()`` (``LlamaForCausalLM``) folds
+    its LoRA itself.
     """
+    own = getattr(model, "merge_lora", None)
+    if callable(own):
+        return own()
     for _, module in _adapted(model):
         kernel = getattr(module, module.lora_site.kernel)
         value = kernel[...]

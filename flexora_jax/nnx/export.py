@@ -1,0 +1,182 @@
+"""Adapters of NNX models on disk: native (keyed by NNX paths) and PEFT (through a naming hook).
+
+Native format, a directory that :func:`load_adapter` reads back into the same model class::
+
+    adapter.safetensors   every nnx.LoRAParam and Gate, keyed by its dotted NNX path
+                          ("blocks.0.attn.q.lora_a", "blocks.0.attn.k.lora_gate", ...)
+    adapter_config.json   the LoRA sites (module path, kernel, layers, contracted axes, ranks, alpha)
+                          and which gates each carries, so LoRA can be rebuilt on a fresh base model
+    selection.json        the search's selection, when given (layers, ranks, modules, trainable_params)
+
+PEFT format (:func:`save_peft`): ``adapter_model.safetensors`` + ``adapter_config.json`` as PEFT
+writes them, the gate multipliers folded into B. Module names come from a hook ``peft_name(path,
+layer) -> str`` mapping an NNX module path (and its layer) to the PEFT module name, e.g. for a model
+whose blocks live at ``blocks.<i>``::
+
+    save_peft(model, "adapter", peft_name=lambda path, i: f"model.layers.{i}.self_attn.{path.rsplit('.', 1)[-1]}_proj")
+
+A is flattened over the kernel's contracted axes and B over its free axes, in kernel order (PEFT's
+``lora_A.weight`` [r, d_in], ``lora_B.weight`` [d_out, r]); the hook is also where the caller vouches
+that this matches the torch module's weight layout. ``LlamaForCausalLM`` uses the library's own HF
+names (:func:`flexora_jax.adapters.export_peft`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+from flexora_jax.adapters import export_peft
+from flexora_jax.errors import CheckpointError
+from flexora_jax.fileio import write_json, write_with
+from flexora_jax.nnx.llama import LlamaForCausalLM
+from flexora_jax.nnx.search import Selection
+from flexora_jax.nnx.surgery import (LoraSite, adapted_modules, attach_lora, count_lora_params, lora_scale,
+                                     path_str)
+from flexora_jax.nnx.variables import Gate
+
+ADAPTER_FILE, CONFIG_FILE, SELECTION_FILE = "adapter.safetensors", "adapter_config.json", "selection.json"
+PeftName = Callable[[str, int], str]
+
+
+def _flat(model: nnx.Module) -> dict[str, nnx.Variable]:
+    """Every LoRAParam and Gate of ``model`` by dotted NNX path (a shared gate once, at its first path)."""
+    state = nnx.state(model, nnx.Any(nnx.LoRAParam, Gate))
+    return {path_str(p): v for p, v in nnx.to_flat_state(state)}
+
+
+def save_adapter(model: nnx.Module, directory: str | os.PathLike, selection: Selection | None = None) -> Path:
+    """Write the model's LoRA and gates keyed by NNX paths (plus ``selection.json``); returns the directory."""
+    out = Path(directory)
+    tensors = {key: np.asarray(v.get_value()) for key, v in _flat(model).items()}
+    if not tensors:
+        raise CheckpointError(f"save_adapter: {type(model).__name__} has no LoRA to save")
+    sites = {}
+    for path, module in adapted_modules(model).items():
+        sites[path] = {**dataclasses.asdict(module.lora_site),
+                       "layer_gate": "lora_gate" in vars(module), "rank_gate": "lora_rank_gate" in vars(module)}
+    config = {"format": "flexora_jax.nnx", "model": type(model).__name__, "sites": sites,
+              "lora_config": model.lora_config.to_dict() if isinstance(model, LlamaForCausalLM) else None}
+    try:
+        write_with(out / ADAPTER_FILE, lambda tmp: save_file(tensors, str(tmp)))
+        write_json(out / CONFIG_FILE, config)
+        if selection is not None:
+            write_json(out / SELECTION_FILE, selection.to_json(count_lora_params(model)))
+    except OSError as exc:
+        raise CheckpointError(f"save_adapter: could not write {out}: {exc.strerror or exc}") from None
+    return out
+
+
+def _rebuild_sites(model: nnx.Module, sites: dict[str, dict[str, Any]], source: Path) -> None:
+    """Recreate LoRA on a bare model from saved sites (no probing: the layout is in the file)."""
+    modules = {path_str(p): m for p, m in nnx.iter_modules(model)}
+    shared: dict[Any, Gate] = {}
+    for path, raw in sites.items():
+        if path not in modules:
+            raise CheckpointError(f"load_adapter: {source} adapts module {path!r}, which this "
+                                  f"{type(model).__name__} does not have (an adapter of another model?)")
+        flags = raw.pop("layer_gate"), raw.pop("rank_gate")
+        site = LoraSite(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
+        gates = {(True, True): "both", (True, False): "layer", (False, True): "rank"}.get(flags)
+        attach_lora(modules[path], site, gates=gates, layers=None, ranks={path: site.ranks}, shared_gates=shared,
+                    rngs=nnx.Rngs(0))
+
+
+def load_adapter(model: nnx.Module, directory: str | os.PathLike) -> nnx.Module:
+    """Load a :func:`save_adapter` directory into ``model`` (in place); LoRA is rebuilt first if absent.
+
+    Raises CheckpointError naming the file and the key on a missing, unexpected or mis-shaped tensor.
+    The selection, if saved, reads back with ``Selection.from_json(json.load(open(dir / "selection.json")))``.
+    """
+    source = Path(directory)
+    try:
+        config = json.loads((source / CONFIG_FILE).read_text())
+        tensors = load_file(str(source / ADAPTER_FILE))
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"load_adapter: cannot read the adapter in {source}: {exc}") from None
+    if not _flat(model) and config.get("sites"):
+        _rebuild_sites(model, config["sites"], source)
+    current = _flat(model)
+    missing, unexpected = sorted(set(current) - set(tensors)), sorted(set(tensors) - set(current))
+    if missing or unexpected:
+        raise CheckpointError(f"load_adapter: {source / ADAPTER_FILE} does not match this model: missing "
+                              f"{missing[:6]}, unexpected {unexpected[:6]}")
+    for key, var in current.items():
+        value = tensors[key]
+        if value.shape != var.get_value().shape:
+            raise CheckpointError(f"load_adapter: {source / ADAPTER_FILE}: {key!r} has shape {value.shape}, "
+                                  f"the model expects {var.get_value().shape}")
+        var.set_value(jnp.asarray(value, var.get_value().dtype))
+    return model
+
+
+PeftEntry = tuple[np.ndarray, np.ndarray, int, float]  # A [r, in], B [out, r] (gates folded), rank, alpha
+
+
+def _peft_tensors(module: nnx.Module, name: PeftName | None) -> dict[tuple[str, int], PeftEntry]:
+    """``{(peft module name, layer): (A [r, in], B [out, r] with gates folded, rank, alpha)}`` of one module."""
+    site: LoraSite = module.lora_site
+    a = np.asarray(module.lora_a.get_value(), np.float64)
+    b = np.asarray(module.lora_b.get_value(), np.float64)
+    coeff = np.ones(a.shape[:-1 - len(site.in_axes)] + (site.rank,)) * site.scale
+    for attr in ("lora_gate", "lora_rank_gate"):
+        if attr in vars(module):
+            gate = np.asarray(getattr(module, attr).get_value(), np.float64)
+            coeff = coeff * (gate[..., None] if attr == "lora_gate" else gate)
+    if not site.stacked:
+        a, b, coeff = a[None], b[None], coeff[None]
+    out = {}
+    for i, (layer, rank) in enumerate(zip(site.layers, site.ranks)):
+        if rank == 0:
+            continue
+        peft_scale = lora_scale(site.alpha, rank, site.use_rslora)
+        a2 = a[i].reshape(-1, site.rank)[:, :rank]
+        b2 = b[i].reshape(site.rank, -1)[:rank] * (coeff[i, :rank] / peft_scale)[:, None]
+        key = name(site.path, layer) if name else (site.path if not site.stacked else f"{site.path}.{layer}")
+        out[(key, layer)] = (a2.T.astype(np.float32), b2.T.astype(np.float32), rank, site.alpha)
+    return out
+
+
+def save_peft(model: nnx.Module, directory: str | os.PathLike, peft_name: PeftName | None = None,
+              base_model_name_or_path: str | None = None) -> Path:
+    """Write the model's LoRA as a PEFT adapter (gates folded into B), module names from ``peft_name``."""
+    if isinstance(model, LlamaForCausalLM):
+        return export_peft(model.lora(), directory, gates=model.gates(),
+                           base_model_name_or_path=base_model_name_or_path)
+    modules = adapted_modules(model).values()
+    entries = {}
+    for module in modules:
+        entries.update(_peft_tensors(module, peft_name))
+    if not entries:
+        raise CheckpointError(f"save_peft: {type(model).__name__} has no LoRA to export")
+    tensors = {}
+    for (key, _), (a, b, _, _) in entries.items():
+        tensors[f"base_model.model.{key}.lora_A.weight"] = np.ascontiguousarray(a)
+        tensors[f"base_model.model.{key}.lora_B.weight"] = np.ascontiguousarray(b)
+    r = max(rank for _, _, rank, _ in entries.values())
+    alpha = max(al for _, _, _, al in entries.values())
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
+        "r": r, "lora_alpha": alpha, "lora_dropout": 0.0, "target_modules": sorted(k for k, _ in entries),
+        "rank_pattern": {k: rank for (k, _), (_, _, rank, _) in entries.items() if rank != r},
+        "alpha_pattern": {k: al for (k, _), (_, _, _, al) in entries.items() if not math.isclose(al, alpha)},
+        "use_rslora": any(m.lora_site.use_rslora for m in modules), "init_lora_weights": True,
+        "fan_in_fan_out": False, "bias": "none", "inference_mode": True, "layers_to_transform": None,
+        "modules_to_save": None,
+    }
+    out = Path(directory)
+    try:
+        write_with(out / "adapter_model.safetensors", lambda tmp: save_file(tensors, str(tmp)))
+        write_json(out / "adapter_config.json", config)
+    except OSError as exc:
+        raise CheckpointError(f"save_peft: could not write {out}: {exc.strerror or exc}") from None
+    return out
