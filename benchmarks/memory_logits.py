@@ -6,6 +6,12 @@ fp32, LoRA r = 8 on q, v. "unchunked" sets ``losses.LOSS_CHUNK_BYTES`` above the
 the loss takes one chunk: the full [b, t, v] fp32 logits, as before chunking.
 
     python -m benchmarks.memory_logits [--vocab 128256] [--seq 2048] [--out-dir DIR]
+    python -m benchmarks.memory_logits --step-ratio   # CPU fine-tune step (h256_l4, 8 x 128): chunking's cost
+
+``--step-ratio`` times the fine-tune step of ``benchmarks.finetune``'s default case round-robin in one
+process with the loss unchunked (the program before chunking), with the default rule (one chunk at this
+size: the same program) and forced to 64-token chunks (what a large vocabulary would get); it runs the
+steps, so it is for small models.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from typing import Any, Callable
 import jax
 
 from benchmarks import common, harness
+from benchmarks.finetune import jax_step_fn
 from flexora_jax.bilevel import init_search_state, make_search_step
 from flexora_jax.config import FinetuneConfig, ModelConfig, SearchConfig
 from flexora_jax.gates import init_gates
@@ -77,6 +84,26 @@ def measure(vocab: int, seq: int, batch: int = 1) -> dict:
             "planner": {k: v["total"] for k, v in plan.items()}}
 
 
+def step_ratio(model_name: str = "h256_l4", batch: int = 8, seq: int = 128, repeats: int = 15) -> dict:
+    """Fine-tune step time, unchunked vs the default rule vs 64-token chunks, interleaved in one process."""
+    config = common.MODELS[model_name]
+    params = init_params(config, jax.random.key(0))
+    data = common.random_batch(config, batch, seq)
+    fns, default_budget = {}, losses.LOSS_CHUNK_BYTES
+    try:
+        for name, budget in (("unchunked", 2**62), ("default", default_budget), ("chunk64", 1)):
+            losses.LOSS_CHUNK_BYTES = budget
+            make_train_step.cache_clear()  # a fresh step function: traced under this budget
+            fns[name], _ = jax_step_fn(config, params, FinetuneConfig(batch_size=batch), data)
+    finally:
+        losses.LOSS_CHUNK_BYTES = default_budget
+    timings = harness.interleaved(fns, repeats, warmup=1)
+    base = timings["unchunked"]["median_s"]
+    return {"model": common.describe(config), "batch": batch, "seq": seq,
+            "default_chunk": losses.loss_chunk(batch, seq, config.vocab_size),
+            "timings": timings, "ratio_to_unchunked": {n: t["median_s"] / base for n, t in timings.items()}}
+
+
 def table(d: dict) -> str:
     """Markdown table of a ``memory_logits`` result."""
     mib = 2**20
@@ -98,7 +125,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--out-dir", default=None)
+    p.add_argument("--step-ratio", action="store_true", help="time the CPU fine-tune step instead (chunking's cost)")
     a = p.parse_args(argv)
+    if a.step_ratio:
+        out = {"command": harness.command_line("benchmarks.memory_logits", argv), **step_ratio()}
+        path = harness.write_result("loss_chunk_step", out, a.out_dir)
+        print({n: round(r, 3) for n, r in out["ratio_to_unchunked"].items()}, f"wrote {path}")
+        return
     payload = {"command": harness.command_line("benchmarks.memory_logits", argv), **measure(a.vocab, a.seq)}
     path = harness.write_result("memory_logits", payload, a.out_dir)
     print(table(payload))

@@ -183,3 +183,11 @@ def test_splash_in_interpret_mode_equals_the_library_attention(softcap):
         pytest.skip(f"Pallas splash does not run in interpret mode on this CPU: {type(err).__name__}: {err}")
     want = attn.recompute_blocked_attention_hm(q, k, v, bias, 0, softcap)
     np.testing.assert_allclose(np.asarray(got)[0, :100], np.asarray(want)[0, :100], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="this checks the message on a machine without a GPU")
+def test_gpu_benchmark_without_a_gpu_exits_with_a_message():
+    from benchmarks import gpu  # benchmarks import torch only inside functions
+
+    with pytest.raises(SystemExit, match="needs a CUDA GPU.*--smoke"):
+        gpu.run()

@@ -14,9 +14,11 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import flexora_jax as fj
-from flexora_jax.bilevel import InnerState, make_loss_fn, unroll
+from flexora_jax.bilevel import InnerState, make_loss_fn, search, unroll
+from flexora_jax.config import SearchConfig
 from flexora_jax.models.llama import forward
 from flexora_jax.models.losses import LOSS_CHUNK_BYTES, MIN_LOSS_CHUNK, lm_loss, loss_chunk, token_logprobs
+from flexora_jax.planted import PlantedConfig, make_planted_task
 
 CONFIG = fj.ModelConfig(vocab_size=37, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                         num_attention_heads=2, num_key_value_heads=1)
@@ -78,13 +80,12 @@ def test_chunk_rule_keeps_small_batches_whole_and_bounds_large_logits():
 
 
 def test_chunked_unrolled_hypergradient_matches_float64_finite_differences():
-    """d L_val(theta_K(gates), gates) / d gates through K = 2 AdamW steps, every loss chunked (chunk 3 of 10)."""
+    """d L_val(theta_1(gates), gates) / d gates through an AdamW step, every loss chunked (chunk 3 of 10)."""
     with jax.enable_x64(True):
         cfg, params, lora, gates = _model("float64")
         opt = optax.adamw(1e-2, eps_root=1e-16)
         state = InnerState(lora, opt.init(lora))
-        train = jax.tree.map(lambda *x: jnp.stack(x), _batch("causal", True, np.float64),
-                             _batch("causal", False, np.float64, seed=1))
+        train = jax.tree.map(lambda x: x[None], _batch("causal", True, np.float64))  # K = 1
         val = _batch("labels", True, np.float64)
 
         def loss(lo, g, b):
@@ -124,3 +125,26 @@ def test_token_logprobs_match_a_direct_log_softmax(chunk):
     np.testing.assert_allclose(lp, logp[rows, pos, tgt], rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(ok, jnp.argmax(logits, -1)[rows, pos] == tgt)
     assert bool(ok[:, 0].all())
+
+
+# ------------------------------------------------------------------------------------ bf16 end to end
+def test_bf16_search_selects_what_the_fp32_search_selects():
+    """Planted task: bf16 base weights and activations, fp32 LoRA / gates / optimizer states / loss; the
+    unrolled search picks the same layers as in fp32."""
+    task = make_planted_task(PlantedConfig(seed=0, seq_len=16, n_train=64, n_val=32, n_test=8))
+    sc = SearchConfig(hypergradient="unrolled", inner_steps=4, steps=20)
+    lcfg = fj.LoraConfig(r=4, lora_alpha=4.0)
+    cfg16 = dataclasses.replace(task.config, dtype="bfloat16")
+    params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), task.params)
+    res16 = search(cfg16, params16, lcfg, sc, task.train, task.val, seed=0)
+    res32 = search(task.config, task.params, lcfg, sc, task.train, task.val, seed=0)
+    assert res16.selection.layers == res32.selection.layers
+    assert set(res32.selection.layers) == set(task.planted_layers)
+    floats = [x for x in jax.tree.leaves((res16.state.inner, res16.state.gates, res16.state.gate_opt_state))
+              if jnp.issubdtype(x.dtype, jnp.floating)]
+    assert floats and all(x.dtype == jnp.float32 for x in floats)
+    batch = jax.tree.map(lambda x: jnp.asarray(x[:2]), task.val)
+    hidden = forward(cfg16, params16, batch["input_ids"], lora=res16.state.inner.lora, gates=res16.gates,
+                     return_hidden=True)
+    assert hidden.dtype == jnp.bfloat16
+    assert lm_loss(cfg16, params16, res16.state.inner.lora, res16.gates, batch).dtype == jnp.float32

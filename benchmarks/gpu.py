@@ -1,0 +1,152 @@
+"""The GPU benchmark in one command: fine-tune tokens/s and MFU against torch + peft, the search step over K
+plain steps, and the memory planner against XLA's compiled memory analysis. Writes ``gpu.json``.
+
+Setup: the 1B LLaMA shape (TinyLlama-1.1B's: hidden 2048, 22 layers, 32 heads / 4 KV heads, MLP 5632,
+vocab 32000), random init, bf16 base weights and activations (LoRA, optimizer states, gates and losses
+fp32), sequence 2048, LoRA r = 8 on q, v.
+
+- Fine-tune: ``make_train_step`` with the fused attention ``auto`` picks (cuDNN flash on NVIDIA in
+  bf16) and with XLA attention, and transformers + peft (bf16, its default SDPA attention, flash on
+  the GPU) on the same device, timed round-robin. MFU = FLOPs/token x tokens/s / peak bf16 FLOP/s with
+  FLOPs/token = 4 N + 12 L t d (:func:`common.lora_step_flops_per_token`: the frozen base does the forward
+  2 N and the input-gradient half of the backward 2 N, no weight-gradient matmul; attention's
+  ``q k^T`` and ``p v`` 4 L t d forward and 8 L t d backward; LoRA's rank-r matmuls left out).
+- Search: one jitted search step (``unrolled`` and ``first_order``) against K plain steps at
+  K = 1, 4, 8, the plain steps with the fused attention and with XLA attention (the search resolves its
+  own: XLA where it differentiates twice).
+- Memory: ``flexora_jax.memory.plan_memory`` against XLA's compiled memory (footprint = arguments +
+  non-aliased outputs + temp) of each compiled step.
+
+    python -m benchmarks.gpu            # on a CUDA GPU (exits with a message without one)
+    python -m benchmarks.gpu --smoke    # tiny shape on any device, seconds: checks the script runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Any
+
+import jax
+
+from benchmarks import common, harness
+from benchmarks.finetune import STEPS, jax_step_fn, torch_step_fn
+from benchmarks.search import plain_steps, search_variant
+from flexora_jax.config import FinetuneConfig, ModelConfig, SearchConfig
+from flexora_jax.memory import plan_memory
+from flexora_jax.models.attention import differentiates_twice, select_attention
+from flexora_jax.models.llama import init_params
+
+GPU = dict(model="llama_1b", batch=4, seq=2048, search_batch=2, ks=(1, 4, 8), repeats=5)
+SMOKE = dict(model="tiny", batch=2, seq=16, search_batch=2, ks=(1, 2), repeats=1)
+ESTIMATORS = ("unrolled", "first_order")
+
+
+def _torch_device(smoke: bool) -> str | None:
+    """"cuda" on a GPU run; in smoke mode "cuda" or "cpu", or None when torch / peft are missing."""
+    try:
+        import peft  # noqa: F401
+        import torch
+    except ImportError:
+        return None
+    return "cuda" if torch.cuda.is_available() else "cpu" if smoke else None
+
+
+def _backend(config: ModelConfig, estimator: str | None = None) -> str:
+    return select_attention(config.attention, config.dtype, second_order=differentiates_twice(estimator))
+
+
+def finetune_rows(config: ModelConfig, batch_size: int, seq: int, repeats: int, smoke: bool) -> dict:
+    """Tokens/s and MFU of the fine-tune step: fused attention, XLA attention, torch + peft."""
+    params = init_params(config, jax.random.key(0))
+    cfg = FinetuneConfig(batch_size=batch_size)
+    batch = common.random_batch(config, batch_size, seq)
+    fns, compiled = {}, {}
+    for attention in ("auto", "xla"):
+        variant = dataclasses.replace(config, attention=attention)
+        name = f"flexora_jax[{_backend(variant)}]"
+        if name not in fns:
+            fns[name], compiled[name] = jax_step_fn(variant, params, cfg, batch)
+    device = _torch_device(smoke)
+    if device is not None:
+        fns["torch_peft"] = torch_step_fn(config, params, cfg, batch, os.cpu_count() or 1, device=device)
+    first_loss = {name: fn() for name, fn in fns.items()}
+    timings = harness.interleaved(fns, repeats, warmup=1)
+    flops, peak = common.lora_step_flops_per_token(config, seq), common.peak_flops(jax.devices()[0].device_kind)
+    plan = plan_memory(config, common.LORA, {}, 1, batch_size, seq)["finetune"]["total"]
+    for name, t in timings.items():
+        t["tokens_per_s"] = batch_size * seq / t["median_s"]
+        t["mfu"] = flops * t["tokens_per_s"] / peak if peak else None
+        if name in compiled:
+            t.update(compiled[name], planned_bytes=plan,
+                     plan_over_xla=plan / compiled[name]["memory"]["footprint_bytes"])
+    return {"batch": batch_size, "seq": seq, "flops_per_token": flops, "peak_flops": peak, "first_loss": first_loss,
+            "torch_device": device, "variants": timings}
+
+
+def search_rows(config: ModelConfig, batch_size: int, seq: int, ks: tuple[int, ...], repeats: int) -> list[dict]:
+    """Per K: the search step of each estimator over K plain steps (fused and XLA attention)."""
+    params = init_params(config, jax.random.key(0))
+    rows = []
+    for k in ks:
+        batches = common.random_batch(config, batch_size, seq, seed=1, k=k)
+        val = common.random_batch(config, batch_size, seq, seed=2)
+        one = jax.tree.map(lambda x: x[0], batches)
+        fns, info = {}, {}
+        for attention in ("auto", "xla"):
+            variant = dataclasses.replace(config, attention=attention)
+            name = f"plain[{_backend(variant)}]"
+            if name not in fns:
+                fns[name], info[name] = plain_steps(variant, params, k, one)
+        for est in ESTIMATORS:
+            sc = SearchConfig(hypergradient=est, inner_steps=k, batch_size=batch_size, val_batch_size=batch_size)
+            name = f"{est}[{_backend(config, est)}]"
+            fns[name], info[name] = search_variant(config, params, sc, batches, val)
+            plan = plan_memory(config, common.LORA, {}, k, batch_size, seq)["search"]["total"]
+            info[name].update(planned_bytes=plan, plan_over_xla=plan / info[name]["memory"]["footprint_bytes"])
+        timings = harness.interleaved(fns, repeats, warmup=1)
+        plains = {n: t["median_s"] for n, t in timings.items() if n.startswith("plain")}
+        for name, t in timings.items():
+            t.update(info[name])
+            if not name.startswith("plain"):
+                t["over_k_plain"] = {p: t["median_s"] / s for p, s in plains.items()}
+        rows.append({"k": k, "variants": timings})
+    return rows
+
+
+def run(smoke: bool = False, out_dir: str | None = None, command: str | None = None) -> dict:
+    """Everything on the first device; writes ``gpu.json`` (``gpu_smoke.json`` with ``smoke``)."""
+    if not smoke and (jax.default_backend() != "gpu" or _torch_device(False) != "cuda"):
+        raise SystemExit(f"benchmarks.gpu needs a CUDA GPU visible to jax and torch (+ peft); jax's backend is "
+                         f"{jax.default_backend()!r}, torch's device {_torch_device(False)!r}. "
+                         "`python -m benchmarks.gpu --smoke` checks the script on this device.")
+    spec = SMOKE if smoke else GPU
+    config = common.MODELS[spec["model"]]
+    payload: dict[str, Any] = {
+        "command": command or "python -m benchmarks.gpu" + (" --smoke" if smoke else ""),
+        "device": jax.devices()[0].device_kind, "model": common.describe(config), "lora": common.LORA.to_dict(),
+        "schedule_steps": STEPS,
+        "finetune": finetune_rows(config, spec["batch"], spec["seq"], spec["repeats"], smoke),
+        "search": search_rows(config, spec["search_batch"], spec["seq"], spec["ks"], spec["repeats"]),
+    }
+    harness.write_result("gpu_smoke" if smoke else "gpu", payload, out_dir)
+    return payload
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--smoke", action="store_true", help="tiny shape on any device (checks that the script runs)")
+    p.add_argument("--out-dir", default=None)
+    a = p.parse_args(argv)
+    out = run(a.smoke, a.out_dir, harness.command_line("benchmarks.gpu", argv))
+    for name, t in out["finetune"]["variants"].items():
+        mfu = "n/a" if t.get("mfu") is None else f"{100 * t['mfu']:.1f}%"
+        print(f"finetune {name}: {t['tokens_per_s']:.0f} tokens/s, MFU {mfu}")
+    for r in out["search"]:
+        parts = ", ".join(f"{n} {v['over_k_plain']}" for n, v in r["variants"].items() if "over_k_plain" in v)
+        print(f"K={r['k']}: {parts}")
+
+
+if __name__ == "__main__":
+    main()
