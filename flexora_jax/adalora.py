@@ -1,0 +1,156 @@
+"""AdaLoRA (arXiv 2303.10512) with PEFT 0.21's field names and ``RankAllocator`` rules.
+
+Adapter (SVD form) per adapted module and block: ``dW = P diag(Lambda) Q * lora_alpha / (ranknum + 1e-5)``;
+stored stacked over the L blocks like LoRA: ``{"a": [L, d_in, init_r] (P), "e": [L, init_r] (Lambda),
+"b": [L, init_r, d_out] (Q)}`` (PEFT's ``lora_A`` (r, in), ``lora_E`` (r, 1), ``lora_B`` (out, r), transposed).
+
+Allocator (PEFT's ``RankAllocator`` and ``AdaLoraModel.update_and_allocate``), called once per step after the
+gradient: for every parameter, sensitivity ``I = |p * grad p|``, smoothed ``Ibar = beta1 Ibar + (1 - beta1) I``
+and uncertainty ``U = beta2 U + (1 - beta2) |I - Ibar|``; a triplet's score is ``s(E_i) + mean_in s(A_i) +
+mean_out s(B_i)`` with ``s = Ibar * U``. The budget (total rank) follows the cubic schedule from
+``init_r * n`` to ``target_r * n`` between ``tinit`` and ``total_step - tfinal``; every ``deltaT`` steps of that
+phase the triplets whose score is at most the ``(init_bgt - budget)``-th smallest get Lambda zeroed. At
+``total_step - tfinal`` the final mask is taken (budget ``target_r * n``) and kept for the rest of training.
+The orthogonality regulariser is PEFT's: the mean over P and Q matrices of ``||P^T P - I||_F`` /
+``||Q Q^T - I||_F``, times ``orth_reg_weight``, added to the loss.
+
+Status: config, allocator and regulariser (tested against PEFT's ``RankAllocator`` step by step); the
+AdaLoRA forward, fine-tune method and PEFT AdaLoRA / rank-pruned LoRA export are not implemented yet.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+
+from flexora_jax.config import require
+
+Weights = dict[str, dict[str, Any]]  # {module: {"a": [L, d_in, r], "e": [L, r], "b": [L, r, d_out]}}
+
+
+@dataclasses.dataclass(frozen=True)
+class AdaLoraConfig:
+    """PEFT's ``AdaLoraConfig`` fields that drive the allocator (``r`` is unused there too)."""
+
+    target_r: int = 8  # target average rank per adapted matrix
+    init_r: int = 12  # initial rank per adapted matrix
+    tinit: int = 0  # warm-up steps without budget reduction
+    tfinal: int = 0  # final steps with the budget fixed
+    deltaT: int = 1  # steps between two masks during the budget phase
+    beta1: float = 0.85  # EMA of the sensitivity
+    beta2: float = 0.85  # EMA of the uncertainty
+    orth_reg_weight: float = 0.5  # weight of the orthogonality regulariser
+    total_step: int | None = None  # total training steps (required)
+    lora_alpha: float = 8.0
+    target_modules: tuple[str, ...] = ("q_proj", "v_proj")
+
+    def __post_init__(self) -> None:
+        for name in ("target_r", "init_r", "deltaT"):
+            v = getattr(self, name)
+            require(isinstance(v, int) and v >= 1, f"AdaLoraConfig.{name} must be an integer >= 1, got {v!r}")
+        require(self.target_r <= self.init_r, f"AdaLoraConfig.target_r ({self.target_r}) must not exceed init_r "
+                                              f"({self.init_r}): the allocator only removes rank")
+        require(isinstance(self.total_step, int) and self.total_step > 0,
+                f"AdaLoraConfig.total_step must be a positive integer (the training length), got {self.total_step!r}")
+        require(self.tinit >= 0 and self.tfinal >= 0, "AdaLoraConfig.tinit / tfinal must be >= 0")
+        require(self.tinit < self.total_step - self.tfinal,
+                f"AdaLoraConfig: tinit ({self.tinit}) must be < total_step - tfinal ({self.total_step - self.tfinal}): "
+                "no budget phase is left")
+        for name in ("beta1", "beta2"):
+            v = getattr(self, name)
+            require(0.0 < v < 1.0, f"AdaLoraConfig.{name} must be in (0, 1), got {v!r}")
+        require(self.orth_reg_weight >= 0, f"AdaLoraConfig.orth_reg_weight must be >= 0, got {self.orth_reg_weight!r}")
+
+
+@struct.dataclass
+class AllocatorState:
+    """EMAs of sensitivity and uncertainty (same tree as the weights) and the kept-triplet mask."""
+
+    exp_avg_ipt: Weights
+    exp_avg_unc: Weights
+    mask: dict[str, jax.Array] | None = None  # {module: [L, r] bool} of the last allocation
+
+
+def init_allocator(weights: Weights) -> AllocatorState:
+    zeros = jax.tree.map(jnp.zeros_like, weights)
+    return AllocatorState(exp_avg_ipt=zeros, exp_avg_unc=zeros)
+
+
+def budgets(config: AdaLoraConfig, num_matrices: int) -> tuple[int, int]:
+    """(initial, target) total rank over the ``num_matrices`` adapted (module, block) pairs."""
+    return config.init_r * num_matrices, config.target_r * num_matrices
+
+
+def budget_schedule(config: AdaLoraConfig, step: int, init_bgt: int, target_bgt: int) -> tuple[int, bool]:
+    """PEFT's cubic schedule: (budget, whether to mask at this step)."""
+    if step <= config.tinit:
+        return init_bgt, False
+    if step > config.total_step - config.tfinal:
+        return target_bgt, True
+    mul = 1 - (step - config.tinit) / (config.total_step - config.tfinal - config.tinit)
+    return int((init_bgt - target_bgt) * (mul ** 3) + target_bgt), step % config.deltaT == 0
+
+
+def update_ipt(config: AdaLoraConfig, state: AllocatorState, weights: Weights, grads: Weights) -> AllocatorState:
+    """One EMA step of the sensitivity ``|p * g|`` and its uncertainty."""
+    ipt = jax.tree.map(lambda p, g: jnp.abs(p * g), weights, grads)
+    avg = jax.tree.map(lambda s, i: config.beta1 * s + (1 - config.beta1) * i, state.exp_avg_ipt, ipt)
+    unc = jax.tree.map(lambda u, i, s: config.beta2 * u + (1 - config.beta2) * jnp.abs(i - s),
+                       state.exp_avg_unc, ipt, avg)
+    return state.replace(exp_avg_ipt=avg, exp_avg_unc=unc)
+
+
+def triplet_scores(state: AllocatorState) -> dict[str, np.ndarray]:
+    """Score [L, r] of every (Lambda_i, P_i, Q_i) triplet: s(E_i) + mean_in s(P_i) + mean_out s(Q_i)."""
+    out = {}
+    for m, avg in state.exp_avg_ipt.items():
+        s = {k: np.asarray(avg[k]) * np.asarray(state.exp_avg_unc[m][k]) for k in ("a", "e", "b")}
+        out[m] = s["e"] + (s["a"].mean(axis=1) + s["b"].mean(axis=2))
+    return out
+
+
+def mask_to_budget(state: AllocatorState, budget: int, init_bgt: int, layers: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Kept triplets {module: [L, r] bool}: scores above the ``(init_bgt - budget)``-th smallest (adapted blocks)."""
+    scores = triplet_scores(state)
+    pool = np.concatenate([scores[m][list(layers)].ravel() for m in scores])
+    k = init_bgt - budget
+    threshold = -np.inf if k <= 0 else np.partition(pool, k - 1)[k - 1]
+    return {m: s > threshold for m, s in scores.items()}
+
+
+def update_and_allocate(config: AdaLoraConfig, state: AllocatorState, weights: Weights, grads: Weights, step: int,
+                        layers: tuple[int, ...]) -> tuple[AllocatorState, Weights]:
+    """PEFT's ``AdaLoraModel.update_and_allocate`` at ``step``: the new state and the (masked) weights."""
+    init_bgt, target_bgt = budgets(config, len(weights) * len(layers))
+    final = config.total_step - config.tfinal
+    mask = None
+    if step < final:
+        state = update_ipt(config, state, weights, grads)
+        budget, due = budget_schedule(config, step, init_bgt, target_bgt)
+        if due:
+            mask = mask_to_budget(state, budget, init_bgt, layers)
+    elif step == final:
+        mask = mask_to_budget(state, budget_schedule(config, step, init_bgt, target_bgt)[0], init_bgt, layers)
+        state = init_allocator(weights)
+    else:
+        mask = state.mask
+    if mask is None:
+        return state, weights
+    masked = {m: {**w, "e": w["e"] * jnp.asarray(mask[m], w["e"].dtype)} for m, w in weights.items()}
+    return state.replace(mask={m: jnp.asarray(v) for m, v in mask.items()}), masked
+
+
+def orth_regularizer(weights: Weights, layers: tuple[int, ...]) -> jax.Array:
+    """PEFT's regulariser (unweighted): mean over P, Q matrices of ``||P^T P - I||_F`` and ``||Q Q^T - I||_F``."""
+    terms = []
+    for w in weights.values():
+        a, b = w["a"][jnp.asarray(layers)], w["b"][jnp.asarray(layers)]
+        eye = jnp.eye(a.shape[-1], dtype=a.dtype)
+        terms.append(jnp.sqrt(jnp.sum((jnp.einsum("ldr,lds->lrs", a, a) - eye) ** 2, axis=(1, 2))))
+        terms.append(jnp.sqrt(jnp.sum((jnp.einsum("lrf,lsf->lrs", b, b) - eye) ** 2, axis=(1, 2))))
+    return jnp.mean(jnp.concatenate(terms))

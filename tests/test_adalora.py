@@ -1,0 +1,86 @@
+"""AdaLoRA's allocator against PEFT's RankAllocator step by step, the regulariser, bad configs."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+peft = pytest.importorskip("peft")
+transformers = pytest.importorskip("transformers")
+
+from flexora_jax.adalora import AdaLoraConfig, init_allocator, orth_regularizer, update_and_allocate  # noqa: E402
+from flexora_jax.config import module_path  # noqa: E402
+from flexora_jax.errors import ConfigError  # noqa: E402
+
+L, MODULES = 2, ("q_proj", "v_proj")
+SCHEDULE = dict(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=2, total_step=10, beta1=0.85, beta2=0.9,
+                orth_reg_weight=0.3, lora_alpha=8)
+
+
+def _peft_model():
+    torch.manual_seed(0)
+    hf = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=L,
+                                  num_attention_heads=2, num_key_value_heads=1)
+    model = transformers.LlamaForCausalLM(hf)
+    config = peft.AdaLoraConfig(target_modules=list(MODULES), init_lora_weights=False, **SCHEDULE)
+    return peft.get_peft_model(model, config)
+
+
+def _name(m: str, i: int, which: str) -> str:
+    return f"base_model.model.{module_path(m, i)}.lora_{which}.default"
+
+
+def _ours(named: dict, attr: str) -> dict:
+    """Our stacked layout of PEFT's lora_A / lora_E / lora_B values (or grads)."""
+    def get(m, i, w):
+        return getattr(named[_name(m, i, w)], attr).detach().numpy()
+    return {m: {"a": jnp.asarray(np.stack([get(m, i, "A").T for i in range(L)])),
+                "e": jnp.asarray(np.stack([get(m, i, "E")[:, 0] for i in range(L)])),
+                "b": jnp.asarray(np.stack([get(m, i, "B").T for i in range(L)]))} for m in MODULES}
+
+
+def test_allocator_masks_equal_peft_step_by_step():
+    pm = _peft_model()
+    named = dict(pm.named_parameters())
+    config = AdaLoraConfig(**{k: v for k, v in SCHEDULE.items()}, target_modules=MODULES)
+    state = None
+    rng = torch.Generator().manual_seed(1)
+    masked_steps = 0
+    for step in range(SCHEDULE["total_step"]):
+        with torch.no_grad():
+            for n, p in named.items():
+                if "lora_" in n:
+                    p.add_(0.05 * torch.randn(p.shape, generator=rng))
+                    p.grad = torch.randn(p.shape, generator=rng)
+        weights, grads = _ours(named, "data"), _ours(named, "grad")
+        state = init_allocator(weights) if state is None else state
+        pm.base_model.update_and_allocate(step)
+        state, weights = update_and_allocate(config, state, weights, grads, step, tuple(range(L)))
+        after = _ours(named, "data")
+        for m in MODULES:
+            theirs = np.asarray(after[m]["e"])
+            np.testing.assert_array_equal(np.asarray(weights[m]["e"]) == 0, theirs == 0, err_msg=f"step {step} {m}")
+            np.testing.assert_allclose(np.asarray(weights[m]["e"]), theirs, rtol=1e-6)
+        masked_steps += int(any(bool((np.asarray(weights[m]["e"]) == 0).any()) for m in MODULES))
+    assert masked_steps >= 3  # masks were taken and kept
+    kept = sum(int(np.asarray(state.mask[m]).sum()) for m in MODULES)
+    assert kept == SCHEDULE["target_r"] * len(MODULES) * L
+
+
+def test_orth_regularizer_equals_peft():
+    pm = _peft_model()
+    tokens = torch.tensor(np.random.default_rng(0).integers(0, 32, (2, 6)))
+    total = pm.base_model(input_ids=tokens, labels=tokens).loss.item()  # AdaLoraModel.forward adds it
+    plain = pm.base_model.model(input_ids=tokens, labels=tokens).loss.item()  # (not under no_grad, where PEFT's
+    # in-place += on the loss does not show)
+    ours = float(orth_regularizer(_ours(dict(pm.named_parameters()), "data"), tuple(range(L))))
+    assert abs((total - plain) - SCHEDULE["orth_reg_weight"] * ours) < 1e-5
+
+
+@pytest.mark.parametrize("change,match", [({"target_r": 5}, "target_r"), ({"total_step": None}, "total_step"),
+                                          ({"tinit": 8}, "tinit"), ({"beta1": 1.0}, "beta1")])
+def test_bad_config_is_named(change, match):
+    with pytest.raises(ConfigError, match=match):
+        AdaLoraConfig(**{**SCHEDULE, **change})
