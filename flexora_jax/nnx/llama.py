@@ -2,8 +2,9 @@
 
 ``LlamaForCausalLM`` holds the same pytrees the functional core uses, as NNX variables: the base
 params (``nnx.Param``, one attribute per key of :func:`flexora_jax.models.init_params`' layout, block
-params stacked on a leading layer axis), the LoRA A/B of every adapted projection (``nnx.LoRAParam``,
-``layers.<module>.lora_a`` [L, d_in, r] / ``lora_b`` [L, r, d_out]) and the raw gates
+params stacked on a leading layer axis), the LoRA of every adapted projection (``nnx.LoRAParam``,
+``layers.<module>.lora_a`` [L, d_in, r] / ``lora_b`` [L, r, d_out], and DoRA's ``lora_magnitude``
+[L, d_out] with ``use_dora``) and the raw gates
 (:class:`~flexora_jax.nnx.Gate`: ``layers.lora_gate`` = Flexora's alpha [L], ``layers.<module>
 .lora_rank_gate`` = AutoLoRA's beta [L, r]). Its ``__call__`` rebuilds ``params`` / ``LoraParams`` /
 ``Gates`` from those variables and calls :func:`flexora_jax.models.llama.forward`, so the module and
@@ -107,7 +108,7 @@ class LlamaForCausalLM(nnx.Module):
                     nnx.Param(value, **_spec((key,), jax.numpy.ndim(value))))
         self.lora_config = lora_config
         if lora_config is not None:
-            self.set_lora(init_lora(config, lora_config, rngs.params()))
+            self.set_lora(init_lora(config, lora_config, rngs.params(), params))
         if gates not in (None, "none"):
             if lora_config is None:
                 raise ConfigError(f"LlamaForCausalLM: gates={gates!r} need a lora_config (gates scale LoRA only)")
@@ -152,8 +153,8 @@ class LlamaForCausalLM(nnx.Module):
         if self.lora_config is None:
             return None
         spec = make_spec(self.config, self.lora_config)
-        layers = self.layers
-        weights = {m: {"a": getattr(layers, m).lora_a[...], "b": getattr(layers, m).lora_b[...]} for m in spec.targets}
+        weights = {m: {name[len("lora_"):]: v[...] for name, v in vars(getattr(self.layers, m)).items()
+                       if isinstance(v, nnx.LoRAParam)} for m in spec.targets}
         return LoraParams(weights=weights, spec=spec)
 
     def gates(self) -> Gates | None:
@@ -171,10 +172,13 @@ class LlamaForCausalLM(nnx.Module):
         if self.lora_config is not None and lora.spec != make_spec(self.config, self.lora_config):
             raise ConfigError("set_lora: the LoRA was built for another LoraConfig than this model's")
         self.lora_config = lora.spec.config
-        for m, w in lora.weights.items():
+        for m, w in lora.weights.items():  # a [L, d_in, r], b [L, r, d_out], DoRA's magnitude [L, d_out]
             node, kernel_spec = getattr(self.layers, m), KERNEL_SPECS.get(m, (None,) * 3)
-            node.lora_a = nnx.LoRAParam(w["a"], out_sharding=(None, kernel_spec[1], None), eager_sharding=False)
-            node.lora_b = nnx.LoRAParam(w["b"], out_sharding=(None, None, kernel_spec[2]), eager_sharding=False)
+            specs = {"a": (None, kernel_spec[1], None), "b": (None, None, kernel_spec[2]),
+                     "magnitude": (None, kernel_spec[2])}
+            for key, value in w.items():
+                meta = {"out_sharding": specs[key]} if key in specs else {}
+                setattr(node, f"lora_{key}", nnx.LoRAParam(value, eager_sharding=False, **meta))
 
     def set_gates(self, gates: Gates) -> None:
         """Put functional raw ``Gates`` into the module (``Gate`` variables, roles ``*_logits``)."""
@@ -194,9 +198,8 @@ class LlamaForCausalLM(nnx.Module):
         for m in lora.spec.targets:
             node = getattr(self.layers, m)
             node.kernel.set_value(merged["layers"][m]["kernel"])
-            for name in ("lora_a", "lora_b", "lora_rank_gate"):
-                if name in vars(node):
-                    delattr(node, name)
+            for name in [n for n, v in vars(node).items() if isinstance(v, (nnx.LoRAParam, Gate))]:
+                delattr(node, name)
         if "lora_gate" in vars(self.layers):
             del self.layers.lora_gate
         self.lora_config = None
