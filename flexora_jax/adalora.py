@@ -14,8 +14,13 @@ phase the triplets whose score is at most the ``(init_bgt - budget)``-th smalles
 The orthogonality regulariser is PEFT's: the mean over P and Q matrices of ``||P^T P - I||_F`` /
 ``||Q Q^T - I||_F``, times ``orth_reg_weight``, added to the loss.
 
-Status: config, allocator and regulariser (tested against PEFT's ``RankAllocator`` step by step); the
-AdaLoRA forward, fine-tune method and PEFT AdaLoRA / rank-pruned LoRA export are not implemented yet.
+PEFT's AdaLoRA forward is ``x A^T (E * scaling / (ranknum + 1e-5)) B^T`` with ``scaling = lora_alpha`` and
+``ranknum = init_r``; :func:`to_lora` restates a (masked) AdaLoRA as a rank-pruned LoRA computing the same
+function (kept components only, Lambda and the scale folded into B, ``rank_pattern`` per module path), which
+runs in :func:`flexora_jax.forward` and exports with :func:`flexora_jax.adapters.export_peft`.
+
+Status: config, allocator, regulariser and the rank-pruned LoRA (tested against PEFT); a trainable
+AdaLoRA in the fine-tune loop, the ``adalora`` method and an ADALORA-type PEFT export are not implemented yet.
 """
 
 from __future__ import annotations
@@ -28,7 +33,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from flexora_jax.config import require
+from flexora_jax.config import LoraConfig, ModelConfig, module_path, require
+from flexora_jax.lora import LoraParams, make_spec
 
 Weights = dict[str, dict[str, Any]]  # {module: {"a": [L, d_in, r], "e": [L, r], "b": [L, r, d_out]}}
 
@@ -154,3 +160,29 @@ def orth_regularizer(weights: Weights, layers: tuple[int, ...]) -> jax.Array:
         terms.append(jnp.sqrt(jnp.sum((jnp.einsum("ldr,lds->lrs", a, a) - eye) ** 2, axis=(1, 2))))
         terms.append(jnp.sqrt(jnp.sum((jnp.einsum("lrf,lsf->lrs", b, b) - eye) ** 2, axis=(1, 2))))
     return jnp.mean(jnp.concatenate(terms))
+
+
+def to_lora(model_config: ModelConfig, config: AdaLoraConfig, weights: Weights, layers: tuple[int, ...]) -> LoraParams:
+    """The rank-pruned LoRA equal to the AdaLoRA ``weights`` (components with Lambda = 0 are dropped)."""
+    scale = (config.lora_alpha if config.lora_alpha > 0 else config.init_r) / (config.init_r + 1e-5)
+    e = {m: np.asarray(w["e"], np.float32) for m, w in weights.items()}
+    kept = {(m, i): np.flatnonzero(e[m][i]) for m in weights for i in layers}
+    r0 = config.init_r
+    lora_config = LoraConfig(
+        r=r0, lora_alpha=float(r0), target_modules=tuple(weights), layers_to_transform=tuple(layers),
+        rank_pattern={module_path(m, i): len(k) for (m, i), k in kept.items() if len(k) != r0},
+        alpha_pattern={module_path(m, i): float(len(k)) for (m, i), k in kept.items() if 0 < len(k) != r0},
+        init_lora_weights=False)
+    spec = make_spec(model_config, lora_config)
+    out = {}
+    for m, w in weights.items():
+        a_in, b_in = np.asarray(w["a"], np.float32), np.asarray(w["b"], np.float32)
+        r_max = spec.r_max_of(m)
+        a = np.zeros(a_in.shape[:2] + (r_max,), np.float32)
+        b = np.zeros((a_in.shape[0], r_max, b_in.shape[2]), np.float32)
+        for i in layers:
+            k = kept[(m, i)]
+            a[i, :, :len(k)] = a_in[i][:, k]
+            b[i, :len(k), :] = b_in[i][k, :] * (e[m][i][k] * scale)[:, None]
+        out[m] = {"a": jnp.asarray(a), "b": jnp.asarray(b)}
+    return LoraParams(weights=out, spec=spec)

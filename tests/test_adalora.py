@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -10,7 +12,10 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-from flexora_jax.adalora import AdaLoraConfig, init_allocator, orth_regularizer, update_and_allocate  # noqa: E402
+import flexora_jax as fj  # noqa: E402
+from flexora_jax.adalora import (AdaLoraConfig, init_allocator, orth_regularizer, to_lora,  # noqa: E402
+                                 update_and_allocate)
+from flexora_jax.adapters import export_peft  # noqa: E402
 from flexora_jax.config import module_path  # noqa: E402
 from flexora_jax.errors import ConfigError  # noqa: E402
 
@@ -19,11 +24,13 @@ SCHEDULE = dict(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=2, total_step=10
                 orth_reg_weight=0.3, lora_alpha=8)
 
 
-def _peft_model():
+def _peft_model(save_to=None):
     torch.manual_seed(0)
     hf = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=L,
-                                  num_attention_heads=2, num_key_value_heads=1)
+                                  num_attention_heads=2, num_key_value_heads=1, initializer_range=0.2)
     model = transformers.LlamaForCausalLM(hf)
+    if save_to is not None:
+        model.save_pretrained(save_to)
     config = peft.AdaLoraConfig(target_modules=list(MODULES), init_lora_weights=False, **SCHEDULE)
     return peft.get_peft_model(model, config)
 
@@ -41,8 +48,8 @@ def _ours(named: dict, attr: str) -> dict:
                 "b": jnp.asarray(np.stack([get(m, i, "B").T for i in range(L)]))} for m in MODULES}
 
 
-def test_allocator_masks_equal_peft_step_by_step():
-    pm = _peft_model()
+def test_allocator_masks_equal_peft_step_by_step(tmp_path):
+    pm = _peft_model(tmp_path / "base")
     named = dict(pm.named_parameters())
     config = AdaLoraConfig(**{k: v for k, v in SCHEDULE.items()}, target_modules=MODULES)
     state = None
@@ -67,6 +74,23 @@ def test_allocator_masks_equal_peft_step_by_step():
     assert masked_steps >= 3  # masks were taken and kept
     kept = sum(int(np.asarray(state.mask[m]).sum()) for m in MODULES)
     assert kept == SCHEDULE["target_r"] * len(MODULES) * L
+
+    # The allocated AdaLoRA as a rank-pruned LoRA: same logits here, and in PEFT from its LoRA export.
+    model_config, params = fj.load_model(tmp_path / "base")
+    lora = to_lora(model_config, config, weights, tuple(range(L)))
+    tokens = np.random.default_rng(0).integers(0, 32, (2, 6))
+    pm.eval()
+    with torch.no_grad():
+        expected = pm(input_ids=torch.tensor(tokens)).logits.numpy()
+    ours = np.asarray(fj.forward(model_config, params, tokens, lora=lora))
+    assert np.abs(ours - np.asarray(fj.forward(model_config, params, tokens))).max() > 1e-2
+    assert np.abs(ours - expected).max() < 1e-4
+    export_peft(lora, tmp_path / "lora")
+    assert json.loads((tmp_path / "lora" / "adapter_config.json").read_text())["rank_pattern"]
+    fresh = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "lora")).eval()(torch.tensor(tokens)).logits
+    assert np.abs(theirs.numpy() - expected).max() < 1e-4
 
 
 def test_orth_regularizer_equals_peft():
