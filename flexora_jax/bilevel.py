@@ -243,29 +243,28 @@ def make_search_step(config: ModelConfig, search: SearchConfig) -> Callable[...,
     return _search_step(config, program_key(search))
 
 
-@functools.lru_cache(maxsize=32)
-def _search_step(config: ModelConfig, search: SearchConfig) -> Callable[..., tuple[SearchState, dict]]:
-    """The pure search step ``(params, state, train_batches[K], val_batch) -> (state, metrics)``.
+def search_step(losses: Callable[[Any], tuple[LossFn, LossFn]], search: SearchConfig,
+                optimizer: optax.GradientTransformation | None = None) -> Callable[..., tuple[SearchState, dict]]:
+    """The pure search step ``(base, state, train_batches[K], val_batch) -> (state, metrics)`` of any model.
 
-    K inner steps + hypergradient + outer Adam update on the gates. The frozen base params are an
-    argument (never differentiated). Jit it yourself (``jax.jit(step, donate_argnums=1)``) or let
-    :func:`flexora_jax.loops.compile_step` jit it over a mesh; cached on the configs, so every search with
-    the same settings gets the same function and therefore the same compiled program. For AutoLoRA's
-    ``darts`` with ``darts_redo_inner``, the inner step is redone from the old LoRA with the updated gates.
+    ``losses(base)`` gives ``(train_loss, val_loss)``, each ``loss(lora, gates, batch)`` with the frozen
+    base closed over (never differentiated): the built-in decoder's params or a Flax NNX model's base state.
+    K inner steps + hypergradient + outer Adam update on the gates; ``optimizer`` is the inner optimizer
+    (default :func:`inner_optimizer`). For AutoLoRA's ``darts`` with ``darts_redo_inner``, the inner step is
+    redone from the old LoRA with the updated gates.
     """
-    inner_opt, outer_opt = inner_optimizer(search), outer_optimizer(search)
-    config = stage_config(config, search.hypergradient, search.darts_mode)  # XLA attention where AD is second order
+    inner_opt, outer_opt = optimizer or inner_optimizer(search), outer_optimizer(search)
 
-    def step(params: Any, state: SearchState, train_batches: Batch, val_batch: Batch) -> tuple[SearchState, dict]:
-        loss = make_loss_fn(config, params)
+    def step(base: Any, state: SearchState, train_batches: Batch, val_batch: Batch) -> tuple[SearchState, dict]:
+        train_loss, val_loss = losses(base)
         hg, new_inner, metrics = hypergradient(
-            search.hypergradient, loss, loss, inner_opt, state.gates, state.inner, train_batches, val_batch,
+            search.hypergradient, train_loss, val_loss, inner_opt, state.gates, state.inner, train_batches, val_batch,
             remat=search.remat, reset_optimizer=search.reset_inner_optimizer, darts_mode=search.darts_mode)
         updates, gate_opt_state = outer_opt.update(hg, state.gate_opt_state, state.gates)
         gates = optax.apply_updates(state.gates, updates)
         if search.hypergradient == "darts" and search.darts_redo_inner:
             batch = jax.tree.map(lambda x: x[0], train_batches)
-            new_inner, _ = inner_step(loss, inner_opt, jax.lax.stop_gradient(gates), state.inner, batch,
+            new_inner, _ = inner_step(train_loss, inner_opt, jax.lax.stop_gradient(gates), state.inner, batch,
                                       search.reset_inner_optimizer)
         hg_norm = optax.tree.norm(hg)
         metrics = dict(metrics, hypergrad_norm=hg_norm,
@@ -273,6 +272,23 @@ def _search_step(config: ModelConfig, search: SearchConfig) -> Callable[..., tup
         return SearchState(new_inner, gates, gate_opt_state, state.step + 1), metrics
 
     return step
+
+
+@functools.lru_cache(maxsize=32)
+def _search_step(config: ModelConfig, search: SearchConfig) -> Callable[..., tuple[SearchState, dict]]:
+    """The built-in decoder's search step ``(params, state, train_batches[K], val_batch) -> (state, metrics)``.
+
+    Jit it yourself (``jax.jit(step, donate_argnums=1)``) or let :func:`flexora_jax.loops.compile_step` jit
+    it over a mesh; cached on the configs, so every search with the same settings gets the same function
+    and therefore the same compiled program.
+    """
+    config = stage_config(config, search.hypergradient, search.darts_mode)  # XLA attention where AD is second order
+
+    def losses(params: Any) -> tuple[LossFn, LossFn]:
+        loss = make_loss_fn(config, params)
+        return loss, loss
+
+    return search_step(losses, search)
 
 
 # ------------------------------------------------------------------------------------- host loop

@@ -36,6 +36,7 @@ from flexora_jax.config import LoraConfig, ModelConfig
 from flexora_jax.errors import ConfigError
 from flexora_jax.lora import init_lora
 from flexora_jax.models.llama import init_params
+from flexora_jax.models.losses import loss_chunk
 from flexora_jax.sharding import AXES, axis_sizes, partition_specs
 
 #: Calibrated against XLA's CPU memory analysis (tests/test_memory.py; hidden 96-128, 2-4 layers,
@@ -92,7 +93,9 @@ def activation_bytes(model_config: ModelConfig, lora_config: LoraConfig, sizes: 
         layers = c.num_hidden_layers * b * t * c.hidden_size * item + per_layer
     else:
         layers = c.num_hidden_layers * per_layer
-    logits = 3 * b * t * _split(c.vocab_size, model) * 4  # logits, log-softmax and its cotangent, fp32
+    vocab = _split(c.vocab_size, model)
+    chunk = loss_chunk(b, t, vocab)  # the chunked loss holds one chunk's fp32 logits at a time
+    logits = 3 * b * chunk * vocab * 4 + b * t * c.hidden_size * 4  # a chunk's logits, log-softmax, cotangent + h
     return {"layers": int(layers), "logits": int(logits)}
 
 

@@ -27,8 +27,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from flexora_jax.bilevel import (SearchState, hypergradient, init_search_state, inner_optimizer,
-                                 inner_step, outer_optimizer)
+from flexora_jax.bilevel import SearchState, init_search_state, search_step
 from flexora_jax.config import SearchConfig
 from flexora_jax.errors import ConfigError
 from flexora_jax.gates import Gates, layer_gate_values
@@ -166,26 +165,12 @@ def make_search_step(graphdef: nnx.GraphDef, gates: nnx.State | GateLayout, loss
     serves the whole search. Start from :func:`init_search_state` ``(lora, hyper, search)``.
     """
     layout = gates if isinstance(gates, GateLayout) else GateLayout.of(gates)
-    inner_opt = optimizer or inner_optimizer(search)
-    outer_opt = outer_optimizer(search)
 
-    def step(base: nnx.State, state: SearchState, train_batches: Batch, val_batch: Batch) -> tuple[SearchState, dict]:
+    def losses(base: nnx.State) -> tuple[Callable, Callable]:
         train_loss = make_loss(graphdef, layout, loss_fn, base)
-        val_loss = train_loss if val_loss_fn is None else make_loss(graphdef, layout, val_loss_fn, base)
-        hg, inner, metrics = hypergradient(search.hypergradient, train_loss, val_loss, inner_opt, state.gates,
-                                           state.inner, train_batches, val_batch, remat=search.remat,
-                                           reset_optimizer=search.reset_inner_optimizer, darts_mode=search.darts_mode)
-        updates, gate_opt_state = outer_opt.update(hg, state.gate_opt_state, state.gates)
-        hyper = optax.apply_updates(state.gates, updates)
-        if search.hypergradient == "darts" and search.darts_redo_inner:  # AutoLoRA: redo theta's step with new gates
-            first = jax.tree.map(lambda x: x[0], train_batches)
-            inner, _ = inner_step(train_loss, inner_opt, jax.lax.stop_gradient(hyper), state.inner, first,
-                                  search.reset_inner_optimizer)
-        norm = optax.tree.norm(hg)
-        metrics.update(hypergrad_norm=norm, finite=jnp.isfinite(norm) & jnp.isfinite(metrics["val_loss"]))
-        return SearchState(inner, hyper, gate_opt_state, state.step + 1), metrics
+        return train_loss, train_loss if val_loss_fn is None else make_loss(graphdef, layout, val_loss_fn, base)
 
-    return jax.jit(step, donate_argnums=1)
+    return jax.jit(search_step(losses, search, optimizer), donate_argnums=1)
 
 
 def update_model(model: nnx.Module, lora: nnx.State, hyper: Gates | None = None) -> nnx.Module:
