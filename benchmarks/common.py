@@ -105,7 +105,7 @@ def torch_model(config: ModelConfig, params: Any, lora: LoraConfig | None = None
 
         model = peft.get_peft_model(model, peft.LoraConfig(
             r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-            target_modules=list(lora.target_modules)))
+            target_modules=list(lora.target_modules), use_dora=lora.use_dora))
     return model
 
 

@@ -12,7 +12,10 @@ GPU mode (``--gpu``): a 1B-parameter LLaMA shape (random init), bf16 base weight
 both stacks on the first CUDA device; rows add MFU (model FLOPs of :func:`common.lora_step_flops_per_token`
 over the device's bf16 peak). Targets there: 1.3x torch + peft and MFU >= 40%.
 
-    python -m benchmarks.finetune [--configs h256_l4 h768_l12] [--smoke] [--gpu]
+DoRA mode (``--dora``): the same step with ``use_dora`` on both sides (peft's ``DoraLinearLayer``; ours
+:mod:`flexora_jax.dora`), written to ``finetune_dora.json``.
+
+    python -m benchmarks.finetune [--configs h256_l4 h768_l12] [--smoke] [--gpu] [--dora]
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import jax
 import numpy as np
 
 from benchmarks import common, harness
-from flexora_jax.config import FinetuneConfig, ModelConfig
+from flexora_jax.config import FinetuneConfig, LoraConfig, ModelConfig
 from flexora_jax.lora import init_lora
 from flexora_jax.models.llama import init_params
 from flexora_jax.train import init_train_state, make_optimizer, make_train_step
@@ -40,12 +43,12 @@ STEPS = 1000  # schedule length (only the schedule's shape depends on it)
 
 
 def torch_step_fn(config: ModelConfig, params: Any, cfg: FinetuneConfig, batch: dict, threads: int,
-                  device: str = "cpu"):
+                  device: str = "cpu", lora: LoraConfig = common.LORA):
     """A closure running one torch + peft training step (same optimizer as ``make_optimizer``) on ``threads``
     (CPU) or on ``device``; base and LoRA weights in ``config.dtype``."""
     import torch
 
-    model = common.torch_model(config, params, common.LORA)
+    model = common.torch_model(config, params, lora)
     model.to(device=device, dtype=getattr(torch, str(config.dtype)))
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
@@ -77,9 +80,10 @@ def torch_step_fn(config: ModelConfig, params: Any, cfg: FinetuneConfig, batch: 
     return step
 
 
-def jax_step_fn(config: ModelConfig, params: Any, cfg: FinetuneConfig, batch: dict) -> tuple[Any, dict]:
+def jax_step_fn(config: ModelConfig, params: Any, cfg: FinetuneConfig, batch: dict,
+                lora_config: LoraConfig = common.LORA) -> tuple[Any, dict]:
     """(closure running one flexora_jax step, compile stats)."""
-    lora = init_lora(config, common.LORA, jax.random.key(1))
+    lora = init_lora(config, lora_config, jax.random.key(1), params)
     state = init_train_state(lora, make_optimizer(cfg, STEPS))
     compiled, stats = harness.compile_stats(jax.jit(make_train_step(config, cfg, STEPS), donate_argnums=1), params, state,
                                              batch)
@@ -93,20 +97,21 @@ def jax_step_fn(config: ModelConfig, params: Any, cfg: FinetuneConfig, batch: di
 
 
 def measure(case: str, model: str, batch_size: int, seq: int, repeats: int,
-            model_overrides: dict | None = None, gpu: bool = False) -> dict:
+            model_overrides: dict | None = None, gpu: bool = False, dora: bool = False) -> dict:
     config = dataclasses.replace(common.MODELS[model], **(model_overrides or {}))
+    lora = dataclasses.replace(common.LORA, use_dora=dora)
     cfg = FinetuneConfig(batch_size=batch_size)
     params = init_params(config, jax.random.key(0))
     batch = common.random_batch(config, batch_size, seq)
-    jax_step, stats = jax_step_fn(config, params, cfg, batch)
+    jax_step, stats = jax_step_fn(config, params, cfg, batch, lora)
     cores = os.cpu_count() or 1
     fns = {"flexora_jax": jax_step}
     # torch at as many threads as cores, and at 1 thread: on a shared machine OpenMP's spinning
     # barriers can make the all-core setting much slower; the reference is torch's faster setting.
     if gpu:
-        fns["torch_peft_cuda"] = torch_step_fn(config, params, cfg, batch, cores, device="cuda")
+        fns["torch_peft_cuda"] = torch_step_fn(config, params, cfg, batch, cores, device="cuda", lora=lora)
     for threads in () if gpu else sorted({cores, 1}, reverse=True):
-        fns[f"torch_peft_{threads}t"] = torch_step_fn(config, params, cfg, batch, threads)
+        fns[f"torch_peft_{threads}t"] = torch_step_fn(config, params, cfg, batch, threads, lora=lora)
     first_loss = {name: fn() for name, fn in fns.items()}  # the first losses agree: same model, same batch
     timings = harness.interleaved(fns, repeats, warmup=1)
     tokens = batch_size * seq
@@ -118,7 +123,7 @@ def measure(case: str, model: str, batch_size: int, seq: int, repeats: int,
     best = min((n for n in timings if n.startswith("torch")), key=lambda n: timings[n]["median_s"])
     jt, tt = timings["flexora_jax"]["median_s"], timings[best]["median_s"]
     return {"case": case, "model": common.describe(config), "batch": batch_size, "seq": seq,
-            "lora": common.LORA.to_dict(), "finetune": dataclasses.asdict(cfg), "first_loss": first_loss,
+            "lora": lora.to_dict(), "finetune": dataclasses.asdict(cfg), "first_loss": first_loss,
             "flexora_jax": {**timings.pop("flexora_jax"), **stats}, "torch_variants": timings,
             "torch_peft": dict(timings[best], variant=best), "speedup": tt / jt,
             "target_speedup": 1.3 if gpu else 1.25, "flops_per_token": flops,
@@ -126,7 +131,7 @@ def measure(case: str, model: str, batch_size: int, seq: int, repeats: int,
 
 
 def run(smoke: bool = False, configs: list[str] | None = None, out_dir: str | None = None,
-        command: str | None = None, gpu: bool = False) -> dict:
+        command: str | None = None, gpu: bool = False, dora: bool = False) -> dict:
     """Measure every case; writes ``finetune.json`` (``finetune_smoke.json`` in smoke mode,
     ``finetune_gpu.json`` in GPU mode)."""
     if gpu:
@@ -134,10 +139,11 @@ def run(smoke: bool = False, configs: list[str] | None = None, out_dir: str | No
     harness.set_threads()
     table = GPU_CASES if gpu else CASES
     cases = SMOKE if smoke else {k: v for k, v in table.items() if configs is None or k in configs}
-    rows = [measure(name, *spec, gpu=gpu) for name, spec in cases.items()]
-    flag = " --smoke" if smoke else " --gpu" if gpu else ""
+    rows = [measure(name, *spec, gpu=gpu, dora=dora) for name, spec in cases.items()]
+    flag = (" --smoke" if smoke else " --gpu" if gpu else "") + (" --dora" if dora else "")
     payload = {"command": command or "python -m benchmarks.finetune" + flag, "rows": rows}
-    harness.write_result("finetune_smoke" if smoke else "finetune_gpu" if gpu else "finetune", payload, out_dir)
+    name = "finetune_smoke" if smoke else "finetune_gpu" if gpu else "finetune"
+    harness.write_result(name + ("_dora" if dora else ""), payload, out_dir)
     return payload
 
 
@@ -146,9 +152,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--configs", nargs="*", choices=sorted(CASES) + sorted(GPU_CASES), default=None)
     p.add_argument("--gpu", action="store_true", help="1B LLaMA shape, bf16, sequence 2048, on the GPU; adds MFU")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (what the tests run)")
+    p.add_argument("--dora", action="store_true", help="DoRA (use_dora) on both sides instead of LoRA")
     p.add_argument("--out-dir", default=None)
     a = p.parse_args(argv)
-    out = run(a.smoke, a.configs, a.out_dir, harness.command_line("benchmarks.finetune", argv), gpu=a.gpu)
+    out = run(a.smoke, a.configs, a.out_dir, harness.command_line("benchmarks.finetune", argv), gpu=a.gpu,
+              dora=a.dora)
     for r in out["rows"]:
         print(f"{r['case']}: flexora_jax {r['flexora_jax']['median_s'] * 1e3:.1f} ms, torch+peft "
               f"{r['torch_peft']['median_s'] * 1e3:.1f} ms ({r['torch_peft']['variant']}), speedup {r['speedup']:.2f}x "
