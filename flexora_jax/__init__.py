@@ -7,7 +7,7 @@ hyperparameter ``gates``. Submodules for the rest: ``fj.sharding`` (meshes, plac
 (the host loop), ``fj.memory`` (the memory planner), ``fj.pipeline`` (what ``flexora-jax run`` does).
 """
 
-from flexora_jax import loops, memory, pipeline, sharding, tasks
+from flexora_jax import loops, memory, nnx, pipeline, sharding, tasks  # nnx registers fj.search / fj.finetune for NNX
 from flexora_jax.adapters import export_merged, export_peft, load_peft
 from flexora_jax.bilevel import (SearchResult, SearchState, hypergradient, init_search_state, make_search_step, search,
                                  unroll)
@@ -49,5 +49,5 @@ __all__ = [
     # errors
     "FlexoraError", "ConfigError", "DataError", "CheckpointError", "NumericsError",
     # submodules
-    "loops", "memory", "pipeline", "sharding", "tasks",
+    "loops", "memory", "nnx", "pipeline", "sharding", "tasks",
 ]

@@ -303,6 +303,7 @@ class SearchResult:
     state: SearchState
 
 
+@functools.singledispatch
 def search(config: ModelConfig, params: Any, lora_config: LoraConfig, search_config: SearchConfig,
            train: Dataset, val: Dataset, *, gates: GateKind = "layer", selection: SelectionConfig = SelectionConfig(),
            seed: int = 0, callback: Callable[[int, dict], None] | None = None, state: SearchState | None = None,
@@ -323,6 +324,9 @@ def search(config: ModelConfig, params: Any, lora_config: LoraConfig, search_con
         each process's rows); None runs on one device.
     Raises:
       NumericsError: a non-finite hypergradient or validation loss, naming the step.
+
+    A Flax NNX model as the first argument dispatches to :func:`flexora_jax.nnx.search_nnx`
+    (``fj.search(model, search_config, train, val, loss_fn=...)``).
     """
     sc = search_config
 

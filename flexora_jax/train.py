@@ -121,6 +121,7 @@ def check_finite(value: float, what: str, step: int) -> None:
                             "gradient clipping, or check the data for empty targets)")
 
 
+@functools.singledispatch
 def finetune(config: ModelConfig, params: Any, lora: LoraParams, train: Dataset, cfg: FinetuneConfig,
              val: Dataset | None = None, seed: int = 0, callback: Callable[[int, dict], None] | None = None,
              state: TrainState | None = None, sampler_state: dict | None = None,
@@ -130,7 +131,8 @@ def finetune(config: ModelConfig, params: Any, lora: LoraParams, train: Dataset,
     ``callback(step, record)`` is called after every step (logging, checkpoints; it may raise to stop).
     A NaN / Inf loss raises :class:`NumericsError` naming the step. ``mesh``: a ``jax.sharding.Mesh``
     (params and state placed sharded, batches assembled from each process's rows; the returned LoRA is
-    sharded the same way); None runs on one device.
+    sharded the same way); None runs on one device. A Flax NNX model as the first argument dispatches to
+    :func:`flexora_jax.nnx.finetune_nnx` (``fj.finetune(model, train, cfg, loss_fn=...)``).
     """
     steps = total_steps(cfg, len(train["input_ids"]))
     sampler = BatchSampler(train, cfg.batch_size, seed=seed)

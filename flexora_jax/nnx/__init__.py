@@ -8,6 +8,7 @@ Names read next to ``flax.nnx``::
     model = MyFlaxModel(rngs=nnx.Rngs(0))                      # any NNX model (or fnnx.LlamaForCausalLM)
     fnnx.add_lora(model, ("q", "v"), rank=8, gates="layer", rngs=nnx.Rngs(1))
     graphdef, base, lora, gates = fnnx.split_for_search(model)  # nnx.Param / nnx.LoRAParam / fnnx.Gate
+    result = fj.search(model, search_config, train, val, loss_fn=loss_fn)  # the one host loop; or by hand:
     step = fnnx.make_search_step(graphdef, gates, loss_fn, search_config)   # loss_fn(model, batch)
     state = fnnx.init_search_state(lora, fnnx.init_hyperparameters(gates, "layer"), search_config)
     state, metrics = step(base, state, train_batches, val_batch)            # jitted, compiled once
@@ -45,6 +46,7 @@ its kernel is contracted (:mod:`flexora_jax.nnx.intercept`), so ``nnx.Linear``, 
 ``nnx.LinearGeneral`` and a model's own ``jnp.einsum`` modules are all one case.
 """
 
+from flexora_jax.nnx.engine import NNXSearchResult, causal_lm, finetune_nnx, search_nnx
 from flexora_jax.nnx.export import load_adapter, save_adapter, save_peft
 from flexora_jax.nnx.llama import LlamaForCausalLM
 from flexora_jax.nnx.search import (GateLayout, Selection, apply_selection, gate_state, init_hyperparameters,
@@ -56,6 +58,8 @@ from flexora_jax.nnx.variables import Gate
 __all__ = [
     # variables and models
     "Gate", "LlamaForCausalLM",
+    # fj.search / fj.finetune on NNX models (dispatched on the first argument)
+    "NNXSearchResult", "causal_lm", "search_nnx", "finetune_nnx",
     # surgery
     "LoraSite", "add_lora", "merge_lora", "remove_lora", "lora_sites", "count_lora_params",
     # search over NNX states

@@ -1,0 +1,133 @@
+"""``fj.search`` and ``fj.finetune`` on a Flax NNX model, through the library's one host loop.
+
+The model is split by variable type (:func:`split_for_search`); the pure step over the split states
+(:func:`flexora_jax.bilevel.search_step` for the search, a LoRA-only optax step for the fine-tune)
+goes through :func:`flexora_jax.loops.compile_step` / :func:`flexora_jax.loops.run`, exactly as the
+built-in decoder's: compiled once per search, one device or a mesh, the same hooks. The results are
+written back into the model (``nnx.update``). Both functions are registered on ``fj.search`` /
+``fj.finetune``, which dispatch on their first argument: a ``ModelConfig`` (the built-in decoder) or an
+``nnx.Module``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from flexora_jax import bilevel, loops, train
+from flexora_jax.bilevel import SearchState, init_search_state, search_step
+from flexora_jax.config import FinetuneConfig, SearchConfig, SelectionConfig
+from flexora_jax.data import BatchSampler, Dataset
+from flexora_jax.errors import NumericsError
+from flexora_jax.gates import Gates
+from flexora_jax.models.losses import causal_lm_loss
+from flexora_jax.nnx.search import (GateLayout, Selection, init_hyperparameters, make_loss, select, split_for_search,
+                                    update_model)
+from flexora_jax.nnx.variables import Gate
+from flexora_jax.sharding import fetch
+
+ModelLoss = Callable[[nnx.Module, Dataset], jax.Array]
+
+
+def causal_lm(model: nnx.Module, batch: Dataset) -> jax.Array:
+    """The default ``loss_fn``: next-token cross-entropy on the answer tokens, ``model(input_ids) -> logits``."""
+    return causal_lm_loss(model(batch["input_ids"]), batch["input_ids"], batch["loss_mask"])
+
+
+@dataclasses.dataclass
+class NNXSearchResult:
+    """Final raw gates (alpha / beta), the selection in the model's own module paths, the log, the state."""
+
+    gates: Gates
+    selection: Selection
+    history: list[dict]
+    state: SearchState
+
+
+def _record(step: int, metrics: dict, keys: tuple[str, ...], what: str) -> dict:
+    record = {"step": step, **{k: float(metrics[k]) for k in keys}}
+    if not all(np.isfinite(v) for k, v in record.items() if k != "step"):
+        raise NumericsError(f"non-finite {what} at step {step}: {record}; lower the learning rate")
+    return record
+
+
+def search_nnx(model: nnx.Module, search_config: SearchConfig, train_data: Dataset, val_data: Dataset, *,
+               loss_fn: ModelLoss = causal_lm, gates: str = "layer", selection: SelectionConfig = SelectionConfig(),
+               seed: int = 0, callback: Callable[[int, dict], None] | None = None, mesh: Any = None) -> NNXSearchResult:
+    """The bilevel search on an NNX model that :func:`flexora_jax.nnx.add_lora` adapted (with gates).
+
+    ``loss_fn(model, batch)`` is both losses (default: :func:`causal_lm`). The searched LoRA and the gate
+    values are written back into ``model``; the selection speaks its module paths
+    (:func:`flexora_jax.nnx.apply_selection` rebuilds LoRA there).
+    """
+    sc = search_config
+    graphdef, base, lora, gate_vars = split_for_search(model)
+    layout = GateLayout.of(gate_vars)
+    state = init_search_state(lora, init_hyperparameters(layout, gates, power=sc.gate_power), sc)
+    train_s, val_s = BatchSampler(train_data, sc.batch_size, seed=seed), BatchSampler(val_data, sc.val_batch_size,
+                                                                                        seed=seed + 1)
+
+    def losses(base: nnx.State) -> tuple[Callable, Callable]:
+        loss = make_loss(graphdef, layout, loss_fn, base)
+        return loss, loss
+
+    program = loops.compile_step(search_step(losses, sc), loops.default_mesh(mesh),
+                                 (base, state, train_s.abstract(sc.inner_steps), val_s.abstract()), {2: 1, 3: 0})
+    base, state = program.place(base, state)
+    history: list[dict] = []
+
+    def on_step(step: int, state: SearchState, metrics: dict) -> None:
+        history.append(_record(step, metrics, ("train_loss", "val_loss", "hypergrad_norm"), "search step"))
+        if callback is not None:
+            callback(step, dict(history[-1], state=state))
+
+    state = loops.run(program, base, state, lambda: (train_s.next_stacked(sc.inner_steps), val_s.next()),
+                      0, sc.steps, [on_step])
+    final = jax.tree.map(jnp.asarray, fetch(state.gates))
+    update_model(model, jax.tree.map(jnp.asarray, fetch(state.inner.lora)), final)
+    chosen = select(model, final, selection.rule, selection.top_k, selection.threshold)
+    return NNXSearchResult(gates=final, selection=chosen, history=history, state=state)
+
+
+def finetune_nnx(model: nnx.Module, train_data: Dataset, cfg: FinetuneConfig, *, loss_fn: ModelLoss = causal_lm,
+                 seed: int = 0, callback: Callable[[int, dict], None] | None = None,
+                 mesh: Any = None) -> tuple[nnx.Module, list[dict]]:
+    """Train the model's ``nnx.LoRAParam`` on ``loss_fn`` (base and gates frozen); the result is written back.
+
+    The same optimizer as the built-in fine-tune (:func:`flexora_jax.train.make_optimizer`), the same loop.
+    """
+    graphdef, lora, gate_vars, base = nnx.split(model, nnx.LoRAParam, Gate, ...)
+    steps = train.total_steps(cfg, len(train_data["input_ids"]))
+    optimizer = train.make_optimizer(cfg, steps)
+
+    def step(base: nnx.State, state: tuple, batch: Dataset) -> tuple[tuple, dict]:
+        lora, opt_state = state
+        value, grads = jax.value_and_grad(
+            lambda lo: loss_fn(nnx.merge(graphdef, lo, gate_vars, base, copy=True), batch))(lora)
+        updates, opt_state = optimizer.update(grads, opt_state, lora)
+        return (optax.apply_updates(lora, updates), opt_state), {"loss": value, "grad_norm": optax.tree.norm(grads)}
+
+    sampler = BatchSampler(train_data, cfg.batch_size, seed=seed)
+    state = (jax.tree.map(jnp.copy, lora), optimizer.init(lora))
+    program = loops.compile_step(step, loops.default_mesh(mesh), (base, state, sampler.abstract()), {2: 0})
+    base, state = program.place(base, state)
+    history: list[dict] = []
+
+    def on_step(i: int, state: tuple, metrics: dict) -> None:
+        history.append(_record(i, metrics, ("loss", "grad_norm"), "fine-tune loss"))
+        if callback is not None:
+            callback(i, dict(history[-1], state=state))
+
+    state = loops.run(program, base, state, lambda: (sampler.next(),), 0, steps * cfg.grad_accum, [on_step])
+    nnx.update(model, jax.tree.map(jnp.asarray, fetch(state[0])))
+    return model, history
+
+
+bilevel.search.register(nnx.Module)(search_nnx)
+train.finetune.register(nnx.Module)(finetune_nnx)

@@ -1,0 +1,55 @@
+"""fj.search / fj.finetune take a Flax NNX model: the one host loop over the split states, compiled once."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import flexora_jax as fj
+from flexora_jax.nnx import Gate, apply_selection, lora_sites
+from test_nnx_search import PLANTED, planted_task
+
+
+def _dataset(d: dict) -> dict:
+    tokens = np.asarray(d["tokens"])
+    return {"input_ids": tokens, "loss_mask": np.ones(tokens.shape, np.float32), "targets": np.asarray(d["targets"])}
+
+
+def _soft(model: nnx.Module, batch: dict) -> jax.Array:
+    return -jnp.mean(jnp.sum(batch["targets"] * jax.nn.log_softmax(model(batch["input_ids"]), -1), -1))
+
+
+def test_fj_search_then_fj_finetune_on_a_foreign_nnx_model():
+    student, train, val = planted_task(0)
+    train, val = _dataset(train), _dataset(val)
+    sc = fj.SearchConfig(hypergradient="first_order", inner_steps=1, steps=150, inner_lr=3e-3, outer_lr=0.01,
+                         batch_size=16, val_batch_size=16)
+    result = fj.search(student, sc, train, val, loss_fn=_soft)
+    assert isinstance(result, fj.nnx.NNXSearchResult) and len(result.history) == 150
+    assert result.selection.layers == PLANTED  # the planted layers, in the model's own numbering
+    w = np.asarray(fj.layer_gate_values(result.gates))
+    got = [float(b.attn.v.lora_gate[...]) for b in student.blocks]  # the gate values were written back
+    np.testing.assert_allclose(got, w, rtol=1e-6)
+
+    apply_selection(student, result.selection, rngs=nnx.Rngs(0))
+    assert sorted(lora_sites(student)) == [f"blocks.{i}.attn.{m}" for i in PLANTED for m in "qv"]
+    assert not jax.tree.leaves(nnx.state(student, Gate))
+    frozen = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))  # LoRAParam subclasses Param
+    base = jax.tree.map(np.asarray, nnx.state(student, frozen))
+    model, history = fj.finetune(student, train, fj.FinetuneConfig(max_steps=30, batch_size=16, lr=3e-3,
+                                                                    warmup_ratio=0.0), loss_fn=_soft)
+    assert model is student and len(history) == 30 and history[-1]["loss"] < history[0]["loss"]
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.state(student, frozen)), base)
+
+
+def test_the_default_loss_is_the_causal_lm_loss_on_answer_tokens():
+    student, train, val = planted_task(1)
+    train, val = _dataset(train), _dataset(val)
+    sc = fj.SearchConfig(hypergradient="unrolled", inner_steps=2, steps=3, batch_size=8, val_batch_size=8)
+    result = fj.search(student, sc, train, val)  # loss_fn defaults to fj.nnx.causal_lm
+    assert len(result.history) == 3 and all(np.isfinite(r["val_loss"]) for r in result.history)
+    batch = {k: v[:4] for k, v in val.items()}
+    want = fj.causal_lm_loss(student(batch["input_ids"]), batch["input_ids"], batch["loss_mask"])
+    np.testing.assert_allclose(fj.nnx.causal_lm(student, batch), want, rtol=1e-6)
