@@ -19,13 +19,19 @@ PEFT's AdaLoRA forward is ``x A^T (E * scaling / (ranknum + 1e-5)) B^T`` with ``
 function (kept components only, Lambda and the scale folded into B, ``rank_pattern`` per module path), which
 runs in :func:`flexora_jax.forward` and exports with :func:`flexora_jax.adapters.export_peft`.
 
-Status: config, allocator, regulariser and the rank-pruned LoRA (tested against PEFT); a trainable
-AdaLoRA in the fine-tune loop, the ``adalora`` method and an ADALORA-type PEFT export are not implemented yet.
+:func:`export_adalora` writes the AdaLoRA itself as a PEFT ``ADALORA`` adapter (all ``init_r`` components, the
+pruned ones with Lambda = 0, ``rank_pattern`` null: PEFT's own layout before it resizes).
+
+Status: config, allocator, regulariser, the rank-pruned LoRA and both exports (tested against PEFT); a
+trainable AdaLoRA in the fine-tune loop and the ``adalora`` method are not implemented yet.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -34,7 +40,9 @@ import numpy as np
 from flax import struct
 
 from flexora_jax.config import LoraConfig, ModelConfig, module_path, require
+from flexora_jax.fileio import write_bytes
 from flexora_jax.lora import LoraParams, make_spec
+from flexora_jax.models.hf import write_safetensors
 
 Weights = dict[str, dict[str, Any]]  # {module: {"a": [L, d_in, r], "e": [L, r], "b": [L, r, d_out]}}
 
@@ -186,3 +194,26 @@ def to_lora(model_config: ModelConfig, config: AdaLoraConfig, weights: Weights, 
             b[i, :len(k), :] = b_in[i][k, :] * (e[m][i][k] * scale)[:, None]
         out[m] = {"a": jnp.asarray(a), "b": jnp.asarray(b)}
     return LoraParams(weights=out, spec=spec)
+
+
+def export_adalora(config: AdaLoraConfig, weights: Weights, layers: tuple[int, ...], num_layers: int,
+                   out_dir: str | os.PathLike) -> Path:
+    """Write ``weights`` as a PEFT AdaLoRA adapter directory (``peft.PeftModel.from_pretrained`` loads it)."""
+    tensors = {}
+    for m, w in weights.items():
+        a, e, b = (np.asarray(w[k], np.float32) for k in ("a", "e", "b"))
+        for i in layers:
+            key = f"base_model.model.{module_path(m, i)}.lora_"
+            tensors[key + "A"] = np.ascontiguousarray(a[i].T)  # (r, in)
+            tensors[key + "E"] = np.ascontiguousarray(e[i][:, None])  # (r, 1)
+            tensors[key + "B"] = np.ascontiguousarray(b[i].T)  # (out, r)
+    fields = {k: getattr(config, k) for k in ("target_r", "init_r", "tinit", "tfinal", "deltaT", "beta1", "beta2",
+                                              "orth_reg_weight", "total_step", "lora_alpha")}
+    meta = {"peft_type": "ADALORA", "task_type": "CAUSAL_LM", "r": 8, "lora_dropout": 0.0, "bias": "none",
+            "target_modules": list(weights), "rank_pattern": None, "inference_mode": True,
+            "layers_to_transform": None if tuple(layers) == tuple(range(num_layers)) else list(layers), **fields}
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_safetensors(out / "adapter_model.safetensors", tensors)
+    write_bytes(out / "adapter_config.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return out

@@ -13,8 +13,8 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 import flexora_jax as fj  # noqa: E402
-from flexora_jax.adalora import (AdaLoraConfig, init_allocator, orth_regularizer, to_lora,  # noqa: E402
-                                 update_and_allocate)
+from flexora_jax.adalora import (AdaLoraConfig, export_adalora, init_allocator, orth_regularizer,  # noqa: E402
+                                 to_lora, update_and_allocate)
 from flexora_jax.adapters import export_peft  # noqa: E402
 from flexora_jax.config import module_path  # noqa: E402
 from flexora_jax.errors import ConfigError  # noqa: E402
@@ -90,6 +90,11 @@ def test_allocator_masks_equal_peft_step_by_step(tmp_path):
     fresh = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
     with torch.no_grad():
         theirs = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "lora")).eval()(torch.tensor(tokens)).logits
+    assert np.abs(theirs.numpy() - expected).max() < 1e-4
+    export_adalora(config, weights, tuple(range(L)), L, tmp_path / "adalora")
+    fresh = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base").eval()
+    with torch.no_grad():
+        theirs = peft.PeftModel.from_pretrained(fresh, str(tmp_path / "adalora")).eval()(torch.tensor(tokens)).logits
     assert np.abs(theirs.numpy() - expected).max() < 1e-4
 
 
