@@ -22,7 +22,7 @@ def test_the_readme_shows_a_whole_run_and_the_pure_functions():
         assert step in blocks[0], step
 
 
-@pytest.mark.parametrize("index", [0, 1])
+@pytest.mark.parametrize("index", [0, 1, 2])
 def test_readme_python_example_runs(index, tinystories_dir, data_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("FLEXORA_DATA_DIR", str(data_dir))
     monkeypatch.chdir(tmp_path)
@@ -30,6 +30,9 @@ def test_readme_python_example_runs(index, tinystories_dir, data_dir, tmp_path, 
     namespace: dict = {}
     exec(compile(code, f"README.md python block {index}", "exec"), namespace)  # noqa: S102
     assert capsys.readouterr().out.strip()
+    if index == 2:  # bring your own Flax NNX model
+        assert namespace["history"] and np.isfinite([r["loss"] for r in namespace["history"]]).all()
+        assert namespace["found"].selection.layers and len(namespace["found"].history) == 10
     if index == 0:
         assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
         assert namespace["info"]["n"] + namespace["info"]["dropped"] == 256
