@@ -22,8 +22,8 @@ runs in :func:`flexora_jax.forward` and exports with :func:`flexora_jax.adapters
 :func:`export_adalora` writes the AdaLoRA itself as a PEFT ``ADALORA`` adapter (all ``init_r`` components, the
 pruned ones with Lambda = 0, ``rank_pattern`` null: PEFT's own layout before it resizes).
 
-Status: config, allocator, regulariser, the rank-pruned LoRA and both exports (tested against PEFT); a
-trainable AdaLoRA in the fine-tune loop and the ``adalora`` method are not implemented yet.
+Status: config, allocator, regulariser, the rank-pruned LoRA and both exports (tested against PEFT), and
+a plain fine-tune loop (:func:`finetune_adalora`); the pipeline's ``adalora`` method is not wired in yet.
 """
 
 from __future__ import annotations
@@ -37,12 +37,15 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import struct
 
 from flexora_jax.config import LoraConfig, ModelConfig, module_path, require
+from flexora_jax.errors import DataError
 from flexora_jax.fileio import write_bytes
 from flexora_jax.lora import LoraParams, make_spec
 from flexora_jax.models.hf import write_safetensors
+from flexora_jax.models.losses import lm_loss
 
 Weights = dict[str, dict[str, Any]]  # {module: {"a": [L, d_in, r], "e": [L, r], "b": [L, r, d_out]}}
 
@@ -217,3 +220,52 @@ def export_adalora(config: AdaLoraConfig, weights: Weights, layers: tuple[int, .
     write_safetensors(out / "adapter_model.safetensors", tensors)
     write_bytes(out / "adapter_config.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return out
+
+
+def init_adalora(model_config: ModelConfig, config: AdaLoraConfig, key: jax.Array) -> Weights:
+    """PEFT's initialisation: P, Q ~ N(0, 0.02), Lambda = 0 (the adapted model starts as the base)."""
+    out = {}
+    for n, m in enumerate(config.target_modules):
+        d_in, d_out = model_config.module_shape(m)
+        L, r = model_config.num_hidden_layers, config.init_r
+        ka, kb = jax.random.split(jax.random.fold_in(key, n))
+        out[m] = {"a": 0.02 * jax.random.normal(ka, (L, d_in, r), jnp.float32), "e": jnp.zeros((L, r), jnp.float32),
+                  "b": 0.02 * jax.random.normal(kb, (L, r, d_out), jnp.float32)}
+    return out
+
+
+def as_lora(model_config: ModelConfig, config: AdaLoraConfig, weights: Weights, layers: tuple[int, ...]) -> LoraParams:
+    """The AdaLoRA as LoRA params (differentiable): a = P, b = Lambda * Q, scale lora_alpha / (init_r + 1e-5)."""
+    r = config.init_r
+    scale = (config.lora_alpha if config.lora_alpha > 0 else r) / (r + 1e-5)
+    spec = make_spec(model_config, LoraConfig(r=r, lora_alpha=scale * r, target_modules=tuple(weights),
+                                              layers_to_transform=tuple(layers), init_lora_weights=False))
+    return LoraParams(weights={m: {"a": w["a"], "b": w["e"][..., None] * w["b"]} for m, w in weights.items()},
+                      spec=spec)
+
+
+def finetune_adalora(model_config: ModelConfig, params: Any, config: AdaLoraConfig, batches: list[dict],
+                     layers: tuple[int, ...], lr: float = 1e-3, seed: int = 0) -> tuple[Weights, AllocatorState, list]:
+    """``total_step`` AdamW steps on ``batches`` (one per step) with PEFT's loop: loss + orthogonality term,
+    optimizer step, then ``update_and_allocate`` on the new weights and this step's gradient."""
+    if len(batches) < config.total_step:
+        raise DataError(f"finetune_adalora needs total_step={config.total_step} batches, got {len(batches)}")
+    weights = init_adalora(model_config, config, jax.random.key(seed))
+    opt = optax.adamw(lr, weight_decay=0.0)
+    opt_state, state = opt.init(weights), init_allocator(weights)
+
+    @jax.jit
+    def grad_step(w: Weights, batch: dict) -> tuple[jax.Array, Weights]:
+        def loss(w):
+            task = lm_loss(model_config, params, as_lora(model_config, config, w, layers), None, batch)
+            return task + config.orth_reg_weight * orth_regularizer(w, layers)
+        return jax.value_and_grad(loss)(w)
+
+    losses = []
+    for step in range(config.total_step):
+        loss, grads = grad_step(weights, batches[step])
+        updates, opt_state = opt.update(grads, opt_state, weights)
+        weights = optax.apply_updates(weights, updates)
+        state, weights = update_and_allocate(config, state, weights, grads, step, layers)
+        losses.append(float(loss))
+    return weights, state, losses

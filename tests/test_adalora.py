@@ -13,8 +13,8 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 import flexora_jax as fj  # noqa: E402
-from flexora_jax.adalora import (AdaLoraConfig, export_adalora, init_allocator, orth_regularizer,  # noqa: E402
-                                 to_lora, update_and_allocate)
+from flexora_jax.adalora import (AdaLoraConfig, as_lora, export_adalora, finetune_adalora,  # noqa: E402
+                                 init_allocator, orth_regularizer, to_lora, update_and_allocate)
 from flexora_jax.adapters import export_peft  # noqa: E402
 from flexora_jax.config import module_path  # noqa: E402
 from flexora_jax.errors import ConfigError  # noqa: E402
@@ -113,3 +113,20 @@ def test_orth_regularizer_equals_peft():
 def test_bad_config_is_named(change, match):
     with pytest.raises(ConfigError, match=match):
         AdaLoraConfig(**{**SCHEDULE, **change})
+
+
+def test_finetune_allocates_the_target_budget_and_prunes_to_an_equal_lora(tmp_path):
+    _peft_model(tmp_path / "base")
+    model_config, params = fj.load_model(tmp_path / "base")
+    config = AdaLoraConfig(**SCHEDULE, target_modules=MODULES)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, 32, (config.total_step, 4, 8)).astype(np.int32)
+    batches = [{"input_ids": t, "attention_mask": np.ones_like(t), "loss_mask": np.ones(t.shape, np.float32)}
+               for t in tokens]
+    weights, state, losses = finetune_adalora(model_config, params, config, batches, tuple(range(L)), lr=1e-2)
+    assert np.isfinite(losses).all()
+    assert sum(int((np.asarray(weights[m]["e"]) != 0).sum()) for m in MODULES) == config.target_r * len(MODULES) * L
+    lora = to_lora(model_config, config, weights, tuple(range(L)))
+    full = as_lora(model_config, config, weights, tuple(range(L)))
+    np.testing.assert_allclose(np.asarray(fj.forward(model_config, params, tokens[0], lora=lora)),
+                               np.asarray(fj.forward(model_config, params, tokens[0], lora=full)), atol=1e-5)
