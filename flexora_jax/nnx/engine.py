@@ -29,7 +29,10 @@ from flexora_jax.gates import Gates
 from flexora_jax.models.losses import causal_lm_loss
 from flexora_jax.nnx.search import (GateLayout, Selection, init_hyperparameters, make_loss, select, split_for_search,
                                     update_model)
+from flexora_jax.nnx.llama import LlamaForCausalLM
 from flexora_jax.nnx.variables import Gate
+from flexora_jax.selection import Selection as LoraSelection
+from flexora_jax.selection import select as select_lora
 from flexora_jax.sharding import fetch
 
 ModelLoss = Callable[[nnx.Module, Dataset], jax.Array]
@@ -42,10 +45,11 @@ def causal_lm(model: nnx.Module, batch: Dataset) -> jax.Array:
 
 @dataclasses.dataclass
 class NNXSearchResult:
-    """Final raw gates (alpha / beta), the selection in the model's own module paths, the log, the state."""
+    """Final raw gates (alpha / beta), the selection (in the model's own module paths; a
+    :class:`flexora_jax.Selection` for ``LlamaForCausalLM``), the log, the state."""
 
     gates: Gates
-    selection: Selection
+    selection: Selection | LoraSelection
     history: list[dict]
     state: SearchState
 
@@ -91,7 +95,10 @@ def search_nnx(model: nnx.Module, search_config: SearchConfig, train_data: Datas
                       0, sc.steps, [on_step])
     final = jax.tree.map(jnp.asarray, fetch(state.gates))
     update_model(model, jax.tree.map(jnp.asarray, fetch(state.inner.lora)), final)
-    chosen = select(model, final, selection.rule, selection.top_k, selection.threshold)
+    if isinstance(model, LlamaForCausalLM):  # the built-in decoder selects like the functional core
+        chosen = select_lora(final, model.lora_config, model.config.num_hidden_layers, selection)
+    else:
+        chosen = select(model, final, selection.rule, selection.top_k, selection.threshold)
     return NNXSearchResult(gates=final, selection=chosen, history=history, state=state)
 
 
