@@ -4,8 +4,14 @@ A :class:`LoraParams` holds the trainable A/B matrices of every adapted module, 
 L blocks so the layer scan stays uniform, plus a static :class:`LoraSpec` (hashable, not a pytree
 leaf) that says which blocks are adapted, each (module, block)'s rank and scale. Blocks that are not
 adapted get scale 0 and are never exported or counted. Variable ranks (AutoLoRA, ``rank_pattern``)
-are stored as ``r_max`` columns plus a static rank mask, so one compiled program serves every rank
-pattern of the same ``r_max``; exports contain the true ranks.
+are stored as ``r_max`` columns plus a rank mask; exports contain the true ranks.
+
+What compiles when: the spec (adapted blocks, ranks, scales) is *static*, part of the pytree's
+structure, so a program compiled for one selection does not serve another: each new
+``layers_to_transform`` or ``rank_pattern`` compiles its fine-tune step once (a search never
+recompiles: gate values are traced). The arrays keep all L blocks, so a selection of 1 of L layers
+still holds L blocks of A / B (zero outside the selection) and their optimizer moments; the trainable
+count (:func:`count_params`) is the true one.
 
 Because the spec is static metadata, ``jax.grad`` and any ``optax`` optimizer see only A and B:
 the frozen base cannot be trained by accident, and an optimizer state covers LoRA leaves only.
