@@ -198,3 +198,39 @@ def test_mesh_loading_of_sharded_index_and_pickle_checkpoints(hf_dir, tmp_path):
     _, got = load_model(p, allow_pickle=True, mesh=mesh)
     assert got["layers"]["q_proj"]["kernel"].sharding.spec == P(None, "fsdp", "model")
     chex.assert_trees_all_equal(jax.tree.map(np.asarray, got), want)
+
+
+_CFG = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "rms_norm_eps": 1e-6, "max_position_embeddings": 128}
+
+
+@pytest.mark.parametrize("content, words", [
+    ([1, 2], ["holds a JSON list", "object"]),
+    (None, ["holds a JSON NoneType"]),
+    (b"\xff\xfe{", ["not valid JSON"]),
+    ("DIR", ["cannot be read"]),
+    (dict(_CFG, hidden_size="64"), ["hidden_size"]),
+    (dict(_CFG, num_attention_heads=0), ["config.json"]),
+    (dict(_CFG, rope_scaling={"rope_type": "llama3"}), ["rope"]),
+], ids=["list", "null", "not-utf8", "directory", "string-size", "zero-heads", "llama3-no-factors"])
+def test_malformed_config_json_is_a_checkpoint_error(tmp_path, content, words):
+    cfg = tmp_path / "config.json"
+    if content == "DIR":
+        cfg.mkdir()
+    elif isinstance(content, bytes):
+        cfg.write_bytes(content)
+    else:
+        cfg.write_text(json.dumps(content))
+    with pytest.raises(CheckpointError) as info:
+        load_model_config(tmp_path)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_malformed_index_and_missing_path_are_checkpoint_errors(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(_CFG))
+    (tmp_path / "model.safetensors.index.json").write_text(json.dumps({"weight_map": [1, 2]}))
+    with pytest.raises(CheckpointError, match="weight_map must map"):
+        load_model(tmp_path)
+    with pytest.raises(CheckpointError, match="a model path or hub id is needed"):
+        load_model(None)

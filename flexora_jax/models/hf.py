@@ -268,6 +268,9 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> Path:
     Offline (no network or ``HF_HUB_OFFLINE=1``) a hub id fails at once with a message that says how
     to use a local directory instead.
     """
+    if not isinstance(path_or_hub_id, (str, os.PathLike)) or not str(path_or_hub_id):
+        raise CheckpointError(f"a model path or hub id is needed (a directory with config.json and safetensors), "
+                              f"got {path_or_hub_id!r}")
     path = Path(path_or_hub_id).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -296,9 +299,13 @@ def load_model_config(path_or_hub_id: str | os.PathLike, **overrides: Any) -> Mo
         raise CheckpointError(f"{directory} has no config.json; a model directory needs config.json "
                               f"plus {SAFETENSORS} (or {SAFETENSORS_INDEX})")
     try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as exc:
+        raw = json.loads(cfg_file.read_bytes().decode("utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise CheckpointError(f"{cfg_file} is not valid JSON: {exc}") from None
+    except OSError as exc:
+        raise CheckpointError(f"{cfg_file} cannot be read ({exc.strerror or exc}); expected a JSON file") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_file} holds a JSON {type(raw).__name__}; expected an object of config fields")
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(f"{cfg_file}: model_type {model_type!r} is not supported; "
@@ -315,9 +322,12 @@ def weight_files(directory: str | os.PathLike) -> list[Path]:
     index = directory / SAFETENSORS_INDEX
     if index.exists():
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as exc:
+            weight_map = json.loads(index.read_bytes().decode("utf-8"))["weight_map"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, OSError) as exc:
             raise CheckpointError(f"{index} is not a valid safetensors index ({exc})") from None
+        if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
+            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names, got "
+                                  f"{type(weight_map).__name__}")
         files = sorted({directory / f for f in weight_map.values()})
         missing = [str(f) for f in files if not f.exists()]
         if missing:
