@@ -217,3 +217,22 @@ def test_every_refusal_is_a_flexora_error(tmp_path):
         RunDir(__file__).check_usable()
     with pytest.raises(ConfigError, match="seed"):
         RunConfig(seed=-1)
+
+
+def test_a_step_far_beyond_the_device_memory_is_refused_before_it_runs(monkeypatch):
+    """Without the planner check such a step aborts inside XLA (exit 134, no message)."""
+    import numpy as np
+
+    from flexora_jax.config import ModelConfig
+    from flexora_jax.pipeline import workspace
+
+    big = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                      num_attention_heads=32, num_key_value_heads=8, dtype="bfloat16", remat_layers=True)
+    config = load_config(None, ["--task.name=piqa", "--model.path=/m", "--search.batch_size=16"])
+    data = workspace.TaskData(train={"input_ids": np.zeros((32, 2048), np.int32)}, val={}, finetune={}, test={})
+    mesh = sh.make_mesh(MeshConfig(num_devices=1))
+    monkeypatch.setattr(workspace, "device_memory_bytes", lambda: 16 * 2**30)
+    with pytest.raises(ConfigError, match=r"the search step needs about .* GiB per device .* 16.0 GiB"):
+        workspace._validate_memory(config, big, data, mesh)
+    monkeypatch.setattr(workspace, "device_memory_bytes", lambda: 2**40)  # a terabyte: fits
+    workspace._validate_memory(config, big, data, mesh)

@@ -26,6 +26,7 @@ from flexora_jax.config import ModelConfig
 from flexora_jax.data import Dataset
 from flexora_jax.errors import CheckpointError, ConfigError, DataError
 from flexora_jax.fileio import write_dir
+from flexora_jax.memory import plan_memory
 from flexora_jax.models import convert_llama2c, load_model, load_tokenizer
 from flexora_jax.planted import PlantedConfig, make_planted_task
 from flexora_jax.pipeline.config import PLANTED_TASK, RunConfig, config_to_dict, load_config, save_config
@@ -262,6 +263,7 @@ def _build(config: RunConfig, rundir: RunDir, mesh: Any, resume: bool, stage: st
         model_config, params, tokenizer, source, data = _prepare_task(config, rundir, mesh)
     _validate_for_layers(config, model_config.num_hidden_layers, f"the model {source}")
     _validate_sizes(config, data)
+    _validate_memory(config, model_config, data, mesh)
     # The config is written once the model and data are known good: a run that fails on bad input
     # leaves no config.yaml behind, so the corrected command is a fresh run again (not a --resume).
     if sh.is_main_process() and fresh:
@@ -315,6 +317,45 @@ def _check_same_run(config: RunConfig, rundir: RunDir, resume: bool, stage: str,
                               "a resumed run reproduces an uninterrupted one bit for bit only on the same mesh; set "
                               + " ".join(f"--mesh.{a}={n}" for a, n in started.items())
                               + " (with as many devices), or start a new run")
+
+
+def device_memory_bytes() -> int | None:
+    """Memory of one device: the accelerator's ``bytes_limit``, on CPU the host's available memory."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def _validate_memory(config: RunConfig, model_config: ModelConfig, data: TaskData, mesh: Any) -> None:
+    """Refuse a search or fine-tune step the memory planner puts well beyond the device's memory.
+
+    Without this the step aborts inside XLA (exit 134, no message). The planner is calibrated within
+    25% (``tests/test_memory.py``), so only a plan over 1.25x the memory is refused.
+    """
+    limit = device_memory_bytes()
+    if limit is None:
+        return
+    sc, ft = config.search, config.finetune
+    seq = int(data.train["input_ids"].shape[1])
+    plans = {"search": plan_memory(model_config, config.lora, dict(mesh.shape), sc.inner_steps, sc.batch_size, seq,
+                                   remat=sc.remat, inner_optimizer=sc.inner_optimizer)["search"],
+             "finetune": plan_memory(model_config, config.lora, dict(mesh.shape), 1, ft.batch_size, seq,
+                                     finetune_optimizer=ft.optimizer)["finetune"]}
+    for step, plan in plans.items():
+        if plan["total"] > 1.25 * limit:
+            raise ConfigError(f"the {step} step needs about {plan['total'] / 2**30:.1f} GiB per device (memory "
+                              f"planner: batch {sc.batch_size if step == 'search' else ft.batch_size} x {seq} tokens"
+                              f"{f', K = {sc.inner_steps}' if step == 'search' else ''}), more than the "
+                              f"{limit / 2**30:.1f} GiB this device has; lower {step}.batch_size, "
+                              f"{'search.inner_steps, ' if step == 'search' else ''}task.max_length, or use more "
+                              "devices (mesh)")
 
 
 def _validate_sizes(config: RunConfig, data: TaskData) -> None:
