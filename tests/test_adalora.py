@@ -130,3 +130,23 @@ def test_finetune_allocates_the_target_budget_and_prunes_to_an_equal_lora(tmp_pa
     full = as_lora(model_config, config, weights, tuple(range(L)))
     np.testing.assert_allclose(np.asarray(fj.forward(model_config, params, tokens[0], lora=lora)),
                                np.asarray(fj.forward(model_config, params, tokens[0], lora=full)), atol=1e-5)
+
+
+def test_adalora_method_runs_end_to_end_from_the_command(tmp_path):
+    """``flexora-jax run --method=adalora``: PEFT's allocator in the fine-tune, the rank-pruned LoRA exported
+    with rank_pattern (evaluated like any adapter) next to a PEFT AdaLoRA adapter; the budget ends at r."""
+    import json
+
+    from flexora_jax import cli
+
+    out = tmp_path / "run"
+    tiny = ["--finetune.max_steps=12", "--task.planted.num_layers=3", "--task.planted.n_train=64",
+            "--task.planted.n_val=32", "--task.planted.n_test=32", "--task.planted.finetune_examples=32",
+            "--checkpoint.every=0", "--eval.base=false", "--lora.r=4"]
+    assert cli.main(["run", "--quiet", "--output-dir", str(out), "--method=adalora", "--compare=[]", *tiny]) == 0
+    selection = json.loads((out / "selection.json").read_text())
+    ranks = selection["ranks"]
+    assert len(ranks) == 2 * 3 and sum(ranks.values()) == 4 * 2 * 3  # target_r x matrices, as PEFT's budget
+    assert json.loads((out / "methods" / "adalora" / "adalora_adapter" / "adapter_config.json").read_text())[
+        "peft_type"] == "ADALORA"
+    assert json.loads((out / "eval.json").read_text())["planted"]["test_loss"] > 0

@@ -32,8 +32,10 @@ from flexora_jax.fileio import write_bytes
 #: parameter count spread over all layers); ``flexora_highrank``: flexora's layers at rank
 #: ``round(r * L / k)`` (LoRA-all's parameter count on fewer layers). Both keep ``lora_alpha / r``.
 #: ``dora`` / ``flexora+dora``: DoRA (flexora_jax.dora) on every layer / on flexora's layers.
+#: ``adalora``: PEFT's AdaLoRA (flexora_jax.adalora) on every layer, its budget from ``init_r`` = 1.5 r down
+#: to ``target_r`` = r, exported rank-pruned as LoRA with ``rank_pattern`` (and as a PEFT AdaLoRA adapter).
 METHODS = ("lora", "flexora", "autolora", "flexora+autolora", "random_k", "lora_drop", "lora_lowrank",
-           "flexora_highrank", "dora", "flexora+dora")
+           "flexora_highrank", "dora", "flexora+dora", "adalora")
 #: Methods that fine-tune DoRA instead of LoRA (their searches, if any, use plain LoRA).
 DORA_METHODS = ("dora", "flexora+dora")
 #: Methods whose layers or rank follow the size of the flexora selection (k): they need a layer search.

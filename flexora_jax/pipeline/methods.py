@@ -69,7 +69,7 @@ def method_selection(ws: Workspace, method: str, searches: dict[str, SearchOutco
         found = searches[METHOD_GATES[method]].selection
         return dataclasses.replace(found, lora_config=dataclasses.replace(
             found.lora_config, use_dora=True)) if method in DORA_METHODS else found
-    if method in ("lora", "dora"):
+    if method in ("lora", "dora", "adalora"):  # adalora: its own ranks, found while it trains
         return Selection(layers=tuple(range(L)), ranks=None, lora_config=dataclasses.replace(
             cfg.lora, layers_to_transform=None, use_dora=method == "dora"))
     k = cfg.baseline_k or len(searches["layer"].selection.layers)

@@ -25,9 +25,11 @@ import jax
 import numpy as np
 
 from flexora_jax import sharding as sh
+from flexora_jax.adalora import AdaLoraConfig, export_adalora, finetune_adalora, to_lora
 from flexora_jax.adapters import export_merged, export_peft, load_peft
 from flexora_jax.bilevel import init_search_state, search
 from flexora_jax.checkpoint import StageCheckpointer
+from flexora_jax.data import BatchSampler
 from flexora_jax.errors import ConfigError, DataError, NumericsError
 from flexora_jax.fileio import write_dir
 from flexora_jax.gates import gate_values, init_gates
@@ -140,6 +142,8 @@ def finetune_stage(ws: Workspace, method: str, selection: Selection) -> Any:
     if ws.resume and (adapter / "adapter_model.safetensors").exists() and (out_dir / "selection.json").exists():
         log.info("%s: done in a previous session, reusing %s", stage, adapter)
         return load_peft(adapter, ws.model_config)
+    if method == "adalora":
+        return _finetune_adalora(ws, stage, out_dir)
     lora = init_lora(ws.model_config, selection.lora_config, jax.random.key(cfg.seed + 1), ws.params)  # DoRA: W0
     steps = total_steps(ft, len(ws.data.finetune["input_ids"]))
     trained, _ = _resumable(
@@ -154,6 +158,37 @@ def finetune_stage(ws: Workspace, method: str, selection: Selection) -> Any:
     log.info("%s: %d steps in %.1f s on layers %s", stage, steps * ft.grad_accum, ws.timings[stage],
              list(selection.layers))
     return trained
+
+
+def _finetune_adalora(ws: Workspace, stage: str, out_dir: Path) -> Any:
+    """AdaLoRA on every layer (PEFT's loop and allocator), exported rank-pruned as LoRA with ``rank_pattern``.
+
+    The budget runs from ``init_r`` = 1.5 r to ``target_r`` = r (the run's ``lora.r``), warm-up and final
+    phases of 10% / 20% of the steps, a mask every 5%. Not checkpointed: an interrupted AdaLoRA fine-tune
+    restarts from its first step on ``--resume``.
+    """
+    cfg, ft = ws.config, ws.config.finetune
+    steps = total_steps(ft, len(ws.data.finetune["input_ids"])) * ft.grad_accum
+    r = cfg.lora.r
+    ada = AdaLoraConfig(target_r=r, init_r=max(r + 1, round(1.5 * r)), tinit=steps // 10, tfinal=steps // 5,
+                        deltaT=max(1, steps // 20), total_step=steps, lora_alpha=cfg.lora.lora_alpha,
+                        target_modules=cfg.lora.target_modules)
+    sampler, layers = BatchSampler(ws.data.finetune, ft.batch_size, seed=cfg.seed), tuple(range(ws.num_layers))
+    ws.log.truncate(stage, 0)
+    t0 = time.perf_counter()
+    weights, _, losses = finetune_adalora(ws.model_config, ws.params, ada, [sampler.next() for _ in range(steps)],
+                                          layers, lr=ft.lr, seed=cfg.seed + 1)
+    ws.record_time(stage, time.perf_counter() - t0)
+    for i, loss in enumerate(losses):
+        ws.log.write({"stage": stage, "step": i + 1, "loss": loss})
+    lora = to_lora(ws.model_config, ada, weights, layers)
+    if sh.is_main_process():
+        write_dir(out_dir / "adapter", lambda tmp: export_peft(lora, tmp, base_model_name_or_path=ws.model_source))
+        write_dir(out_dir / "adalora_adapter", lambda tmp: export_adalora(ada, weights, layers, ws.num_layers, tmp))
+    ranks = {m: list(lora.spec.rank_of(m)) for m in lora.spec.targets}
+    write_json(out_dir / "selection.json", selection_json(ws, Selection(layers, ranks, lora.spec.config)))
+    log.info("%s: %d steps in %.1f s; ranks %s", stage, steps, ws.timings[stage], dict(lora.spec.config.rank_pattern))
+    return lora
 
 
 def evaluate_stage(ws: Workspace, loras: dict[str, Any]) -> dict[str, dict[str, Any]]:
