@@ -7,27 +7,51 @@ hyperparameter ``gates``. Submodules for the rest: ``fj.sharding`` (meshes, plac
 (the host loop), ``fj.memory`` (the memory planner), ``fj.pipeline`` (what ``flexora-jax run`` does).
 """
 
-from flexora_jax import loops, memory, nnx, pipeline, sharding, tasks  # nnx registers fj.search / fj.finetune for NNX
+import importlib
+from typing import Any
+
+from flexora_jax import loops, memory, nnx, sharding  # nnx registers fj.search / fj.finetune for NNX models
 from flexora_jax.adapters import export_merged, export_peft, load_peft
 from flexora_jax.bilevel import (SearchResult, SearchState, hypergradient, init_search_state, make_search_step, search,
                                  unroll)
 from flexora_jax.config import (EvalConfig, FinetuneConfig, LoraConfig, MeshConfig, ModelConfig, RopeScaling,
                                 SearchConfig, SelectionConfig)
 from flexora_jax.errors import CheckpointError, ConfigError, DataError, FlexoraError, NumericsError
-from flexora_jax.evaluation import evaluate, evaluate_generative
 from flexora_jax.gates import Gates, gate_values, init_gates, layer_gate_values, rank_gate_values
 from flexora_jax.generation import GenerateOutput, generate
 from flexora_jax.lora import LoraParams, LoraSpec, count_params, delta_weights, init_lora, make_spec, merge, unmerge
 from flexora_jax.models import (causal_lm_loss, config_from_hf, config_to_hf, convert_llama2c, forward, init_params,
                                 labels_lm_loss, lm_loss, load_model, load_model_config, load_tokenizer, save_model,
                                 soft_lm_loss)
-from flexora_jax.pipeline import RunConfig, RunResult, run, run_stage
-from flexora_jax.pipeline import load_config as load_run_config
 from flexora_jax.selection import Selection, select, select_layers, select_ranks
-from flexora_jax.tasks.sft import sft_arrays
 from flexora_jax.train import TrainState, dataset_loss, finetune, init_train_state, make_train_step
 
 __version__ = "0.1.0"
+
+#: Imported on first use: the data and command layers bring in ``datasets`` and ``draccus``, which the
+#: model, LoRA, search and fine-tune code does not need (a benchmark on a bare accelerator image, say).
+_LAZY = {
+    "evaluate": ("flexora_jax.evaluation", "evaluate"), "evaluate_generative": ("flexora_jax.evaluation",
+                                                                               "evaluate_generative"),
+    "sft_arrays": ("flexora_jax.tasks.sft", "sft_arrays"), "tasks": ("flexora_jax.tasks", None),
+    "pipeline": ("flexora_jax.pipeline", None), "RunConfig": ("flexora_jax.pipeline", "RunConfig"),
+    "RunResult": ("flexora_jax.pipeline", "RunResult"), "run": ("flexora_jax.pipeline", "run"),
+    "run_stage": ("flexora_jax.pipeline", "run_stage"), "load_run_config": ("flexora_jax.pipeline", "load_config"),
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'flexora_jax' has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = importlib.import_module(module)
+    value = value if attr is None else getattr(value, attr)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 __all__ = [
     # the model and its checkpoints

@@ -155,3 +155,17 @@ def test_every_runtime_dependency_is_imported():
     indirect = {"sentencepiece"}  # read by transformers' LlamaTokenizer for llama2.c's tokenizer.model
     missing = sorted(n for n in names - indirect if module_of.get(n, n) not in imported)
     assert missing == []
+
+
+def test_the_core_and_the_gpu_benchmark_import_without_datasets_or_draccus():
+    """The accelerator image has jax, flax, optax, orbax, transformers, torch and peft but not datasets or
+    draccus: the model / search / fine-tune code and benchmarks/gpu.py must not need them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, flexora_jax as fj, flexora_jax.bilevel, flexora_jax.train, benchmarks.gpu; "
+            "assert 'datasets' not in sys.modules and 'draccus' not in sys.modules, 'eager import'; "
+            "fj.run; assert 'draccus' in sys.modules")  # the command layer still loads on first use
+    proc = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
