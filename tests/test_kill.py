@@ -95,15 +95,18 @@ def reference(tmp_path_factory) -> Path:
     return out
 
 
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes_identically(reference, tmp_path):
+@pytest.mark.parametrize("stage, step, output", [("search_layer", 3, "searches/layer/gates.json"),
+                                                 ("finetune_flexora", 5, "methods/flexora/adapter")])
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes_identically(reference, tmp_path, stage, step,
+                                                                               output):
     run = tmp_path / "run"
     proc = _launch(run)
-    _signal_when(proc, lambda: _reached(run / "metrics.jsonl", "search_layer", 3), signal.SIGTERM, "search step 3")
+    _signal_when(proc, lambda: _reached(run / "metrics.jsonl", stage, step), signal.SIGTERM, f"{stage} step {step}")
     out = proc.communicate(timeout=120)[0].decode()
     assert proc.returncode == 128 + signal.SIGTERM, out[-2000:]
     assert "Traceback" not in out and "interrupted by signal 15" in out and "--resume" in out
-    steps = [p.name for p in (run / "checkpoints" / "search_layer").iterdir() if p.name.isdigit()]
-    assert steps and not (run / "searches" / "layer" / "gates.json").exists()
+    steps = [p.name for p in (run / "checkpoints" / stage).iterdir() if p.name.isdigit()]
+    assert steps and not (run / output).exists()
     done = _launch(run)
     out = done.communicate(timeout=300)[0].decode()
     assert done.returncode == 0, out[-3000:]

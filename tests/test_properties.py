@@ -106,3 +106,32 @@ def test_arc_loader_raises_only_data_error(lines, tmp_path_factory):
     except DataError:
         return
     assert all(r["answerKey"] in r["choices"]["label"] for r in rows)
+
+
+@FAST
+@given(kwargs=st.fixed_dictionaries({}, optional={
+    "r": st.one_of(st.integers(-3, 70), st.floats(allow_nan=True), st.text(max_size=3)),
+    "lora_alpha": st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.integers(-5, 5)),
+    "target_modules": st.one_of(st.text(max_size=12), st.lists(st.sampled_from(["q_proj", "v_proj", "zz", ""]))),
+    "layers_to_transform": st.one_of(st.none(), st.lists(st.integers(-3, 9), max_size=4)),
+    "rank_pattern": st.dictionaries(st.sampled_from(["q_proj", "model.layers.0.self_attn.v_proj"]),
+                                    st.integers(-2, 9), max_size=2),
+    "use_dora": st.one_of(st.booleans(), st.text(max_size=2))}),
+       rule=st.one_of(st.sampled_from(["positive", "top_k", "threshold", "topk"]), st.text(max_size=5)),
+       k=st.integers(-2, 9), threshold=st.floats(allow_nan=True, allow_infinity=True))
+def test_api_inputs_raise_flexora_errors_only(kwargs, rule, k, threshold):
+    """The library's configs and the selection API on fuzzed inputs: a FlexoraError or a valid result."""
+    import jax.numpy as jnp
+
+    import flexora_jax as fj
+
+    try:
+        lora = fj.LoraConfig(**kwargs)
+        fj.make_spec(fj.ModelConfig(num_hidden_layers=4), lora)
+    except fj.FlexoraError:
+        pass
+    try:
+        layers = fj.select_layers(fj.Gates(layer=jnp.array([0.3, -0.1, 0.2, -1.0])), rule, k, threshold)
+        assert layers and all(0 <= i < 4 for i in layers)
+    except fj.FlexoraError:
+        pass
