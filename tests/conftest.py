@@ -12,6 +12,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pathlib import Path  # noqa: E402
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
 
 # No persistent compilation cache in the test process itself: its programs (8 virtual devices, x64 finite
@@ -41,3 +42,14 @@ def tinystories_dir(tmp_path_factory, data_dir) -> Path:
 
     out = tmp_path_factory.mktemp("tinystories260k")
     return convert_llama2c(TINYSTORIES / "checkpoint_legacy.bin", TINYSTORIES / "tok512.model", out)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+    """Drop every module's compiled programs when it ends: a test process that keeps all of them (hundreds of
+    test modules' worth) runs into the kernel's limit on memory mappings (vm.max_map_count) and XLA crashes."""
+    yield
+    import gc
+
+    jax.clear_caches()
+    gc.collect()
