@@ -317,7 +317,7 @@ def _adapter_case(src: Path, tmp: Path, kind: str) -> Path:
         w = d / "adapter_model.safetensors"
         w.write_bytes(w.read_bytes()[:40])
     elif kind == "unsupported_field":
-        cfg["use_dora"] = True
+        cfg["use_dora"] = "yes"  # DoRA is supported; a non-bool value is not
         cfg_file.write_text(json.dumps(cfg))
     return d
 
@@ -329,7 +329,7 @@ ADAPTER_CASES = [
     E("config_not_json", CheckpointError, ["adapter_config.json", "not valid JSON"], id="adapter-config-json"),
     E("layers_out_of_range", ConfigError, ["layers_to_transform", "out of range"], id="adapter-layer-range"),
     E("truncated", CheckpointError, ["adapter_model.safetensors"], id="adapter-truncated"),
-    E("unsupported_field", ConfigError, ["use_dora", "not supported"], id="adapter-dora"),
+    E("unsupported_field", ConfigError, ["use_dora"], id="adapter-dora"),
 ]
 
 
