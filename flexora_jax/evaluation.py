@@ -38,6 +38,7 @@ from typing import Any, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 from tqdm.auto import tqdm
 
 from flexora_jax import tasks
@@ -79,10 +80,29 @@ def _score_packed(config: ModelConfig, params: Any, lora: Any, gates: Any, token
     hidden = forward(config, params, tokens, lora=lora, gates=gates, positions=positions, segment_ids=segments,
                      return_hidden=True)  # [b, w, d]: the fp32 logits exist one chunk at a time
     token_lp, ok = token_logprobs(config, params, hidden, pred_pos, targets)  # [b, p] each
+    return _slot_sums(token_lp, ok, slots)
+
+
+def _slot_sums(token_lp: jax.Array, ok: jax.Array, slots: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Per request slot: summed log-probs and whether every token was the argmax, [b, PACK_REQUESTS] each."""
     onehot = slots[..., None] == jnp.arange(PACK_REQUESTS)  # [b, p, slots]
     total = jnp.sum(jnp.where(onehot, token_lp[..., None], 0.0), axis=1)
     greedy = jnp.all(jnp.where(onehot, ok[..., None], True), axis=1)
     return total, greedy
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _score_module(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, pred_pos: jax.Array,
+                  targets: jax.Array, slots: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """:func:`_score_packed` for any NNX language model ``model(input_ids) -> logits``, on unpacked rows.
+
+    One request per row (the context, then the continuation but its last token, right-padded): a causal
+    model's logits at a position depend on earlier tokens only, so the padding changes nothing scored.
+    """
+    logits = nnx.merge(graphdef, state)(tokens)
+    rows = jax.nn.log_softmax(jnp.take_along_axis(logits, pred_pos[..., None], axis=1).astype(jnp.float32), -1)
+    token_lp = jnp.take_along_axis(rows, targets[..., None], -1)[..., 0]  # [b, p]
+    return _slot_sums(token_lp, jnp.argmax(rows, -1) == targets, slots)
 
 
 @dataclasses.dataclass
@@ -202,10 +222,22 @@ def loglikelihoods(config: ModelConfig, params: Any, tokenizer: Any, requests: S
     example with n choices costs about one context instead of n. ``batch_size`` rows go into each
     jitted call. Returns float64 sums so callers can compare against lm-eval to 1e-3 and better.
     """
+    def scorer(tokens, positions, segments, pred_pos, targets, slots):
+        return _score_packed(config, params, lora, gates, tokens, positions, segments, pred_pos, targets, slots)
+
+    return _loglikelihoods(scorer, tokenizer, requests, batch_size, int(max_length or config.max_position_embeddings),
+                           progress, desc, pack)
+
+
+def _loglikelihoods(scorer: Any, tokenizer: Any, requests: Sequence[tuple[str, str]], batch_size: int,
+                    max_length: int | None, progress: bool, desc: str, pack: bool) -> Loglikelihoods:
+    """:func:`loglikelihoods` over any ``scorer(*pack_rows(...)) -> (total, greedy)``; ``max_length`` None:
+    no context limit (nothing truncated; the widths come from the longest request)."""
     if not requests:
         raise DataError("loglikelihoods: no requests given")
-    max_length = int(max_length or config.max_position_embeddings)
-    windows, truncated = request_windows(tokenizer, requests, max_length)
+    windows, truncated = request_windows(tokenizer, requests, max_length or 1 << 30)
+    longest = max(len(prefix) + len(cont) - 1 for prefix, cont in windows)
+    max_length = max_length or longest
     packs = _packs(windows, max_length, pack)
     buckets = score_buckets(max_length)
     packs.sort(key=lambda p: p.length, reverse=True)
@@ -216,7 +248,7 @@ def loglikelihoods(config: ModelConfig, params: Any, tokenizer: Any, requests: S
     for chunk in _progress(chunks, progress, desc):
         width = bucket_of(max(p.length for p in chunk), buckets)
         rows = pack_rows(chunk, batch_size, width, pad)
-        total, all_greedy = _score_packed(config, params, lora, gates, *map(jnp.asarray, rows))
+        total, all_greedy = scorer(*map(jnp.asarray, rows))
         total, all_greedy = np.asarray(total, np.float64), np.asarray(all_greedy)
         for row, p in enumerate(chunk):
             for slot, i in enumerate(p.requests):
@@ -262,6 +294,7 @@ def _as_records(task_or_records: Any, limit: int | None) -> dict[str, list[MCRec
     return grouped
 
 
+@functools.singledispatch
 def evaluate(config: ModelConfig, params: Any, tokenizer: Any, task_or_records: Any, lora: Any = None,
              gates: Any = None, batch_size: int = 32, max_length: int | None = None, limit: int | None = None,
              return_per_example: bool = False, progress: bool = True) -> dict[str, dict[str, Any]]:
@@ -285,6 +318,9 @@ def evaluate(config: ModelConfig, params: Any, tokenizer: Any, task_or_records: 
       progress: show a progress bar.
 
     ``truncated`` counts examples with at least one request cut from the left.
+
+    A Flax NNX model as the first argument dispatches to :func:`evaluate_nnx`
+    (``fj.evaluate(model, tokenizer, tasks, ...)``).
     """
     check_positive(batch_size=batch_size, limit=limit, max_length=max_length)
     grouped = _as_records(task_or_records, limit)
@@ -294,22 +330,50 @@ def evaluate(config: ModelConfig, params: Any, tokenizer: Any, task_or_records: 
                                             batch_size=batch_size, max_length=max_length,
                                             return_per_example=return_per_example, progress=progress)
     if grouped:
-        results.update(_evaluate_mc(config, params, tokenizer, grouped, lora, gates, batch_size, max_length,
-                                    return_per_example, progress))
+        results.update(_evaluate_mc(lambda requests: loglikelihoods(
+            config, params, tokenizer, requests, lora=lora, gates=gates, batch_size=batch_size, max_length=max_length,
+            progress=progress, desc="evaluate"), grouped, return_per_example))
     return results
 
 
-def _evaluate_mc(config: ModelConfig, params: Any, tokenizer: Any, grouped: dict[str, list[MCRecord]], lora: Any,
-                 gates: Any, batch_size: int, max_length: int | None, return_per_example: bool,
-                 progress: bool) -> dict[str, dict[str, Any]]:
-    requests, owners = [], []
-    for name, recs in grouped.items():
-        for k, rec in enumerate(recs):
-            for req in rec.requests():
-                requests.append(req)
-                owners.append((name, k))
-    ll = loglikelihoods(config, params, tokenizer, requests, lora=lora, gates=gates, batch_size=batch_size,
-                        max_length=max_length, progress=progress, desc="evaluate")
+@evaluate.register(nnx.Module)
+def evaluate_nnx(model: nnx.Module, tokenizer: Any, task_or_records: Any, batch_size: int = 32,
+                 max_length: int | None = None, limit: int | None = None, return_per_example: bool = False,
+                 progress: bool = True) -> dict[str, dict[str, Any]]:
+    """:func:`evaluate` on a Flax NNX language model (its LoRA and gates included), lm-eval's rules.
+
+    The built-in :class:`~flexora_jax.nnx.LlamaForCausalLM` goes through the functional scorer (packed rows,
+    chunked logits, generative tasks; identical numbers). Any other model is called as
+    ``model(input_ids) -> logits [b, t, vocab]`` on right-padded rows, one request per row, and must be
+    causal; ``max_length`` is its context (None: no truncation). Generative tasks need the built-in
+    decoder's KV-cache generation and are refused for other models.
+    """
+    from flexora_jax.nnx.llama import LlamaForCausalLM  # noqa: PLC0415 (the NNX face imports this module's deps)
+
+    if isinstance(model, LlamaForCausalLM):
+        return evaluate(model.config, model.params(), tokenizer, task_or_records, lora=model.lora(),
+                        gates=model.gates(), batch_size=batch_size, max_length=max_length, limit=limit,
+                        return_per_example=return_per_example, progress=progress)
+    check_positive(batch_size=batch_size, limit=limit, max_length=max_length)
+    grouped = _as_records(task_or_records, limit)
+    generative_tasks = sorted(n for n, recs in grouped.items() if isinstance(recs[0], GenRecord))
+    if generative_tasks:
+        raise ConfigError(f"evaluate: generative tasks {generative_tasks} need fj.nnx.LlamaForCausalLM (KV-cache "
+                          f"generation); a {type(model).__name__} scores multiple-choice tasks only")
+    graphdef, state = nnx.split(model)
+
+    def scorer(tokens, positions, segments, pred_pos, targets, slots):
+        return _score_module(graphdef, state, tokens, pred_pos, targets, slots)
+
+    return _evaluate_mc(lambda requests: _loglikelihoods(scorer, tokenizer, requests, batch_size, max_length,
+                                                         progress, "evaluate", pack=False),
+                        grouped, return_per_example)
+
+
+def _evaluate_mc(score: Any, grouped: dict[str, list[MCRecord]], return_per_example: bool) -> dict[str, dict[str, Any]]:
+    """Accuracies from per-choice log-likelihoods; ``score(requests) -> Loglikelihoods``."""
+    requests = [req for recs in grouped.values() for rec in recs for req in rec.requests()]
+    ll = score(requests)
     results: dict[str, dict[str, Any]] = {}
     pos = 0
     for name, recs in grouped.items():

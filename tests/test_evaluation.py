@@ -126,3 +126,44 @@ def test_packed_choices_equal_one_request_per_row(model, records):
     packs = evaluation._packs([([1, 5], [6, 7])] * 10 + [([2], [6])], 64, True)  # at most PACK_REQUESTS a row
     assert [p.requests for p in packs] == [list(range(8)), [8, 9], [10]] and packs[0].length == 2 + 8
     assert [p.requests for p in evaluation._packs([([1, 5], [6, 7])] * 3, 4, True)] == [[0, 1], [2]]  # width
+
+
+def test_evaluate_takes_an_nnx_model(model, records):
+    """``fj.evaluate(model, tokenizer, tasks)`` on the NNX decoder (LoRA and gates included) gives the functional
+    scores exactly; any other NNX language model is scored one request per row with the same rules."""
+    import jax
+    from flax import nnx
+
+    import flexora_jax as fj
+    from flexora_jax.errors import ConfigError
+    from flexora_jax.nnx import LlamaForCausalLM
+    from flexora_jax.tasks.generative import GenRecord
+
+    config, params, tokenizer = model
+    subset = {t: records[t][:4] for t in ("hellaswag", "boolq", "winogrande")}
+    lora = fj.init_lora(config, fj.LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj")),
+                        jax.random.key(0))
+    lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape, x.dtype), lora)
+    gates = fj.init_gates("layer", config.num_hidden_layers)
+    gates = gates.replace(layer=gates.layer.at[0].set(-1.0))
+    kw = dict(batch_size=BATCH, max_length=MAX_LENGTH, return_per_example=True, progress=False)
+    want = evaluation.evaluate(config, params, tokenizer, subset, lora=lora, gates=gates, **kw)
+    decoder = LlamaForCausalLM.from_params(config, params, lora, gates)
+    assert fj.evaluate(decoder, tokenizer, subset, **kw) == want
+
+    class Wrapped(nnx.Module):  # a model the library does not know: model(input_ids) -> logits
+        def __init__(self, inner: nnx.Module):
+            self.inner = inner
+
+        def __call__(self, input_ids):
+            return self.inner(input_ids)
+
+    got = fj.evaluate(Wrapped(decoder), tokenizer, subset, **kw)
+    for t in subset:
+        assert got[t]["truncated"] == want[t]["truncated"] and got[t]["n"] == want[t]["n"]
+        np.testing.assert_allclose([e["loglikelihoods"] for e in got[t]["examples"]],
+                                   [e["loglikelihoods"] for e in want[t]["examples"]], atol=2e-4, rtol=0)
+        assert [e["pred"] for e in got[t]["examples"]] == [e["pred"] for e in want[t]["examples"]]
+    with pytest.raises(ConfigError, match="generative tasks"):
+        fj.evaluate(Wrapped(decoder), tokenizer, [GenRecord("gsm8k", 0, "1 + 1 =", "2", ("\n",), "1 + 1 =", " 2")],
+                    progress=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import jax
+import pytest
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -53,3 +54,47 @@ def test_the_default_loss_is_the_causal_lm_loss_on_answer_tokens():
     batch = {k: v[:4] for k, v in val.items()}
     want = fj.causal_lm_loss(student(batch["input_ids"]), batch["input_ids"], batch["loss_mask"])
     np.testing.assert_allclose(fj.nnx.causal_lm(student, batch), want, rtol=1e-6)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _stop_at(step: int):
+    def callback(i: int, record: dict) -> None:
+        if i == step:
+            raise _Stop
+    return callback
+
+
+def test_interrupted_search_and_finetune_resume_bit_identically(tmp_path):
+    """Adapter-only orbax checkpoints (LoRA, gates, optimizer states, step, batch positions): an interrupted
+    search and fine-tune continue from their checkpoint and end bitwise where an uninterrupted run ends."""
+    sc = fj.SearchConfig(hypergradient="unrolled", inner_steps=2, steps=6, inner_lr=3e-3, outer_lr=0.05,
+                         batch_size=8, val_batch_size=8)
+    ft = fj.FinetuneConfig(max_steps=6, batch_size=8, lr=3e-3, warmup_ratio=0.0)
+
+    def run(ckpt: str | None, interrupt: bool):
+        student, train, val = planted_task(2)
+        train, val = _dataset(train), _dataset(val)
+        kw = dict(loss_fn=_soft, checkpoint_dir=ckpt and f"{ckpt}/search", checkpoint_every=3)
+        if interrupt:
+            with pytest.raises(_Stop):
+                fj.search(student, sc, train, val, callback=_stop_at(4), **kw)
+            student = planted_task(2)[0]  # a fresh process: the same model, resumed from step 3's checkpoint
+        result = fj.search(student, sc, train, val, **kw)
+        kw["checkpoint_dir"] = ckpt and f"{ckpt}/finetune"
+        if interrupt:
+            with pytest.raises(_Stop):
+                fj.finetune(nnx.clone(student), train, ft, callback=_stop_at(5), **kw)
+        fj.finetune(student, train, ft, **kw)
+        return result, jax.tree.map(np.asarray, nnx.state(student, nnx.LoRAParam))
+
+    want, want_lora = run(None, False)
+    got, got_lora = run(str(tmp_path), True)
+    assert [r["step"] for r in got.history] == [4, 5, 6]  # the resumed steps
+    assert [r["val_loss"] for r in got.history] == [r["val_loss"] for r in want.history[3:]]
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, got.gates), jax.tree.map(np.asarray,
+                                                                                                    want.gates))
+    jax.tree.map(np.testing.assert_array_equal, got_lora, want_lora)
+    assert sorted(p.name for p in (tmp_path / "finetune").iterdir()) == ["3", "6"]

@@ -244,3 +244,42 @@ def test_mesh_hypergradient_matches_one_device():
         val = jax.tree.map(lambda x: jax.device_put(x, NamedSharding(mesh, P(("data", "fsdp")))), val)
         sharded = hypergradient_of(model)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), sharded, expected)
+
+
+def test_mesh_search_and_finetune_match_one_device():
+    """fj.search and fj.finetune of the foreign model, kernels partitioned through NNX metadata on a (2, 2, 2)
+    mesh, end where the one-device runs end (gates, searched LoRA, fine-tuned LoRA to 1e-5 absolute: Adam
+    normalises the near-zero gradient entries, so relative agreement there is float noise)."""
+    import flexora_jax as fj
+
+    mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "model"),
+                axis_types=(AxisType.Auto,) * 3)
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(0, VOCAB, (48, SEQ))
+    logits = 2.0 * rng.standard_normal((48, SEQ, VOCAB))
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    data = {"input_ids": tokens, "tokens": tokens, "loss_mask": np.ones((48, SEQ), np.float32),
+            "targets": (probs / probs.sum(-1, keepdims=True)).astype(np.float32)}
+    train, val = {k: v[:32] for k, v in data.items()}, {k: v[32:] for k, v in data.items()}
+    sc = SearchConfig(hypergradient="unrolled", inner_steps=2, steps=3, inner_lr=1e-2, outer_lr=0.1, batch_size=8,
+                      val_batch_size=8)
+    ft = fj.FinetuneConfig(max_steps=3, batch_size=8, lr=1e-2, warmup_ratio=0.0)
+    lora_kw = dict(rank=2, gates="both", layer_index=BLOCK_INDEX, example_inputs=(jnp.asarray(tokens[:2]),))
+
+    def run(model, mesh_or_none):
+        found = fj.search(model, sc, train, val, loss_fn=soft_loss, gates="both", mesh=mesh_or_none)
+        searched = jax.tree.map(np.asarray, nnx.state(model, nnx.LoRAParam))
+        fj.finetune(model, train, ft, loss_fn=soft_loss, mesh=mesh_or_none)
+        return jax.tree.map(np.asarray, found.gates), searched, jax.tree.map(np.asarray, nnx.state(model, nnx.LoRAParam))
+
+    with nnx.use_eager_sharding(False):
+        base = ForeignLM(2, rngs=nnx.Rngs(0), partitioned=True)
+    expected = run(add_lora(nnx.clone(base), ("q", "o", "up"), rngs=nnx.Rngs(1), **lora_kw), None)
+    with jax.set_mesh(mesh):
+        state = nnx.state(base)
+        nnx.update(base, jax.tree.map(lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec)), state,
+                                      nnx.get_partition_spec(state)))
+        model = add_lora(base, ("q", "o", "up"), rngs=nnx.Rngs(1), **lora_kw)
+        assert model.blocks[0].attn.q.kernel.get_value().sharding.spec == P("model", "fsdp", None)
+        sharded = run(model, mesh)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), sharded, expected)
