@@ -100,3 +100,17 @@ def test_tinystories260k_config_on_a_local_task_end_to_end(tmp_path, data_dir, t
     assert json.loads((out / "eval.json").read_text()) == scores["flexora"]
     report = (out / "report.md").read_text()
     assert "| flexora |" in report and "| lora |" in report and "answer loss per token" in report
+
+    # the run's model and adapter open in the Flax NNX decoder, which scores like the functional core
+    import flexora_jax as fj
+    from flexora_jax.tasks.formats import MCRecord
+
+    decoder = fj.nnx.LlamaForCausalLM.from_pretrained(out / "model")
+    lora = fj.load_peft(out / "adapter", decoder.config)
+    tokenizer = fj.load_tokenizer(out / "model")
+    tuned = fj.nnx.LlamaForCausalLM.from_params(decoder.config, decoder.params(), lora)
+    records = [MCRecord("toy", i, f"Question {i}: which word?", ("yes", "no", "maybe"), i % 3) for i in range(4)]
+    got = fj.evaluate(tuned, tokenizer, records, batch_size=4, progress=False, return_per_example=True)
+    want = fj.evaluate(decoder.config, decoder.params(), tokenizer, records, lora=lora, batch_size=4, progress=False,
+                       return_per_example=True)
+    assert got == want and got["toy"]["n"] == 4

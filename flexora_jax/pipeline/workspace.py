@@ -27,7 +27,8 @@ from flexora_jax.data import Dataset
 from flexora_jax.errors import CheckpointError, ConfigError, DataError
 from flexora_jax.fileio import write_dir
 from flexora_jax.memory import plan_memory
-from flexora_jax.models import convert_llama2c, load_model, load_tokenizer
+from flexora_jax.models import convert_llama2c, load_tokenizer
+from flexora_jax.nnx.llama import LlamaForCausalLM
 from flexora_jax.planted import PlantedConfig, make_planted_task
 from flexora_jax.pipeline.config import PLANTED_TASK, RunConfig, config_to_dict, load_config, save_config
 from flexora_jax.pipeline.io import RunLog, progress_enabled, read_json, write_json
@@ -178,9 +179,14 @@ def _prepare_task(config: RunConfig, rundir: RunDir, mesh: Any) -> tuple[ModelCo
 
 
 def _load_base(config: RunConfig, source: str, mesh: Any) -> tuple[ModelConfig, Any]:
-    """The base model, each parameter built straight into its sharding on the run's mesh; every weight finite."""
-    model_config, params = load_model(source, dtype=config.model.dtype, allow_pickle=config.model.allow_pickle,
-                                      mesh=mesh)
+    """The base model, each parameter built straight into its sharding on the run's mesh; every weight finite.
+
+    Loaded as the Flax NNX decoder (:class:`flexora_jax.nnx.LlamaForCausalLM`), whose params the stages use:
+    the module and the functional core are one computation, so the run's adapters open in either.
+    """
+    model = LlamaForCausalLM.from_pretrained(source, dtype=config.model.dtype, allow_pickle=config.model.allow_pickle,
+                                             mesh=mesh)
+    model_config, params = model.config, model.params()
     finite = jax.tree_util.tree_map_with_path(lambda p, x: (jax.tree_util.keystr(p), bool(jnp.all(jnp.isfinite(x)))),
                                               params)
     bad = [name for name, ok in jax.tree.leaves(finite, is_leaf=lambda v: isinstance(v, tuple)) if not ok]
