@@ -22,8 +22,9 @@ runs in :func:`flexora_jax.forward` and exports with :func:`flexora_jax.adapters
 :func:`export_adalora` writes the AdaLoRA itself as a PEFT ``ADALORA`` adapter (all ``init_r`` components, the
 pruned ones with Lambda = 0, ``rank_pattern`` null: PEFT's own layout before it resizes).
 
-Status: config, allocator, regulariser, the rank-pruned LoRA and both exports (tested against PEFT), and
-a plain fine-tune loop (:func:`finetune_adalora`); the pipeline's ``adalora`` method is not wired in yet.
+Training: :func:`make_adalora_step` is one jitted step (loss with the regulariser, gradient, AdamW, the EMA
+of the allocator); the budget and the mask are host logic (:func:`allocate`), as in PEFT, and
+:func:`finetune_adalora` is the loop the pipeline's ``adalora`` method runs.
 """
 
 from __future__ import annotations
@@ -143,11 +144,19 @@ def mask_to_budget(state: AllocatorState, budget: int, init_bgt: int, layers: tu
 def update_and_allocate(config: AdaLoraConfig, state: AllocatorState, weights: Weights, grads: Weights, step: int,
                         layers: tuple[int, ...]) -> tuple[AllocatorState, Weights]:
     """PEFT's ``AdaLoraModel.update_and_allocate`` at ``step``: the new state and the (masked) weights."""
+    tracked = update_ipt(config, state, weights, grads) if step < config.total_step - config.tfinal else state
+    return allocate(config, state, tracked, weights, step, layers)
+
+
+def allocate(config: AdaLoraConfig, state: AllocatorState, tracked: AllocatorState, weights: Weights, step: int,
+             layers: tuple[int, ...]) -> tuple[AllocatorState, Weights]:
+    """The host half of :func:`update_and_allocate`, given ``tracked`` = ``update_ipt`` of ``state`` at this step
+    (computed inside the jitted step; used only before the final phase, as PEFT does)."""
     init_bgt, target_bgt = budgets(config, len(weights) * len(layers))
     final = config.total_step - config.tfinal
     mask = None
     if step < final:
-        state = update_ipt(config, state, weights, grads)
+        state = tracked
         budget, due = budget_schedule(config, step, init_bgt, target_bgt)
         if due:
             mask = mask_to_budget(state, budget, init_bgt, layers)
@@ -253,19 +262,30 @@ def finetune_adalora(model_config: ModelConfig, params: Any, config: AdaLoraConf
     weights = init_adalora(model_config, config, jax.random.key(seed))
     opt = optax.adamw(lr, weight_decay=0.0)
     opt_state, state = opt.init(weights), init_allocator(weights)
+    step_fn = make_adalora_step(model_config, config, layers, opt)
+    losses = []
+    for step in range(config.total_step):
+        loss, weights, opt_state, tracked = step_fn(params, weights, opt_state, state, batches[step])
+        state, weights = allocate(config, state, tracked, weights, step, layers)
+        losses.append(float(loss))
+    return weights, state, losses
 
+
+def make_adalora_step(model_config: ModelConfig, config: AdaLoraConfig, layers: tuple[int, ...],
+                      optimizer: optax.GradientTransformation) -> Any:
+    """Jitted ``(params, weights, opt_state, allocator, batch) -> (loss, weights, opt_state, tracked)``.
+
+    The task loss plus ``orth_reg_weight`` x the regulariser, its gradient, the optimizer step, and
+    ``tracked`` = :func:`update_ipt` on the new weights and this gradient (what :func:`allocate` needs).
+    """
     @jax.jit
-    def grad_step(w: Weights, batch: dict) -> tuple[jax.Array, Weights]:
+    def step(params: Any, w: Weights, opt_state: Any, alloc: AllocatorState, batch: dict):
         def loss(w):
             task = lm_loss(model_config, params, as_lora(model_config, config, w, layers), None, batch)
             return task + config.orth_reg_weight * orth_regularizer(w, layers)
-        return jax.value_and_grad(loss)(w)
+        value, grads = jax.value_and_grad(loss)(w)
+        updates, opt_state = optimizer.update(grads, opt_state, w)
+        w = optax.apply_updates(w, updates)
+        return value, w, opt_state, update_ipt(config, alloc, w, grads)
 
-    losses = []
-    for step in range(config.total_step):
-        loss, grads = grad_step(weights, batches[step])
-        updates, opt_state = opt.update(grads, opt_state, weights)
-        weights = optax.apply_updates(weights, updates)
-        state, weights = update_and_allocate(config, state, weights, grads, step, layers)
-        losses.append(float(loss))
-    return weights, state, losses
+    return step

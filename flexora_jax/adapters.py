@@ -44,7 +44,7 @@ from flexora_jax.dora import MAGNITUDE
 from flexora_jax.errors import CheckpointError, ConfigError
 from flexora_jax.fileio import write_bytes
 from flexora_jax.gates import Gates, layer_gate_values, rank_gate_values
-from flexora_jax.lora import LoraParams, make_spec, merge
+from flexora_jax.lora import LoraParams, LoraSpec, make_spec, merge
 from flexora_jax.models.hf import read_safetensors, save_model, write_safetensors
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -144,8 +144,13 @@ def export_peft(lora: LoraParams, out_dir: str | os.PathLike, *, gates: Gates | 
                 tensors[_tensor_key(m, layer, "M")] = np.asarray(lora.weights[m][MAGNITUDE][layer], np.float32)
     if not adapted:
         raise ConfigError("export_peft: the LoRA adapts no module (every rank or scale is 0); nothing to export")
+    use_rslora, names = cfg.use_rslora, list(spec.targets)
+    if spec.fused:  # Phi-3: PEFT sees qkv_proj / gate_up_proj, not their parts
+        adapted, tensors = _fuse_adapter(spec, adapted, tensors)
+        use_rslora = False  # every scale is folded into B or restated as alpha / r
+        names = list(dict.fromkeys(next((f for f, parts in spec.fused if m in dict(parts)), m) for m in spec.targets))
 
-    modules = [m for m in spec.targets if any((m, i) in adapted for i in range(L))]
+    modules = [m for m in names if any((m, i) in adapted for i in range(L))]
     layers = sorted({i for _, i in adapted})
     target_modules: list[str]
     layers_to_transform: list[int] | None
@@ -153,7 +158,7 @@ def export_peft(lora: LoraParams, out_dir: str | os.PathLike, *, gates: Gates | 
         target_modules = modules
         layers_to_transform = None if layers == list(range(L)) else layers
     else:  # mixed: PEFT matches a fully qualified path exactly
-        target_modules = [module_path(m, i) for i in range(L) for m in spec.targets if (m, i) in adapted]
+        target_modules = [module_path(m, i) for i in range(L) for m in names if (m, i) in adapted]
         layers_to_transform = None
     alpha0 = _plain_number(cfg.lora_alpha)
     rank_pattern = {module_path(m, i): r for (m, i), (r, _) in adapted.items() if r != cfg.r}
@@ -164,7 +169,7 @@ def export_peft(lora: LoraParams, out_dir: str | os.PathLike, *, gates: Gates | 
         "revision": None, "inference_mode": True, "r": cfg.r, "lora_alpha": alpha0,
         "lora_dropout": cfg.lora_dropout, "target_modules": target_modules, "exclude_modules": None,
         "layers_to_transform": layers_to_transform, "layers_pattern": None, "rank_pattern": rank_pattern,
-        "alpha_pattern": alpha_pattern, "use_rslora": cfg.use_rslora, "init_lora_weights": True,
+        "alpha_pattern": alpha_pattern, "use_rslora": use_rslora, "init_lora_weights": True,
         "fan_in_fan_out": False, "bias": "none", "use_dora": cfg.use_dora, "lora_bias": False,
         "modules_to_save": None, "layer_replication": None,
     }
@@ -177,6 +182,50 @@ def export_peft(lora: LoraParams, out_dir: str | os.PathLike, *, gates: Gates | 
         raise CheckpointError(f"export_peft: could not write the adapter to {out}: "
                               f"{exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}") from None
     return out
+
+
+def _fuse_adapter(spec: LoraSpec, adapted: dict[tuple[str, int], tuple[int, float]],
+                  tensors: dict[str, np.ndarray]) -> tuple[dict, dict[str, np.ndarray]]:
+    """Phi-3: the LoRA of q / k / v (gate / up) in a block as ONE LoRA of the fused projection, as PEFT adapts it.
+
+    A stacks the parts' A over rank, B is block-diagonal (each part's rows x its rank columns) with the
+    part's scale folded in, and alpha = rank (scale 1): the fused delta is exactly the parts' deltas. The
+    other modules keep their tensors, their alpha restated without rsLoRA (scale x rank).
+    """
+    rslora = spec.config.use_rslora
+
+    def scale(m: str, i: int) -> float:
+        rank, alpha = adapted[(m, i)]
+        return alpha / (math.sqrt(rank) if rslora else rank)
+
+    parts_of = {m: f for f, parts in spec.fused for m, _ in parts}
+    out = {(m, i): (rank, float(f"{scale(m, i) * rank:.10g}")) for (m, i), (rank, _) in adapted.items()
+           if m not in parts_of}
+    for fused, parts in spec.fused:
+        for i in range(spec.num_layers):
+            chosen = [m for m, _ in parts if (m, i) in adapted]
+            if not chosen:
+                continue
+            if spec.use_dora and len(chosen) < len(parts):
+                raise ConfigError(f"export_peft: DoRA on {chosen} of block {i} cannot be written as PEFT's DoRA on "
+                                  f"the fused {fused} (one magnitude over {[m for m, _ in parts]}); adapt all of them")
+            rank = sum(adapted[(m, i)][0] for m in chosen)
+            a_parts, b = [], np.zeros((sum(rows for _, rows in parts), rank), np.float32)
+            row = col = 0
+            for m, rows in parts:
+                if (m, i) in adapted:
+                    r = adapted[(m, i)][0]
+                    a_parts.append(tensors.pop(_tensor_key(m, i, "A")))
+                    b[row:row + rows, col:col + r] = tensors.pop(_tensor_key(m, i, "B")) * np.float32(scale(m, i))
+                    col += r
+                row += rows
+            tensors[_tensor_key(fused, i, "A")] = np.ascontiguousarray(np.concatenate(a_parts))
+            tensors[_tensor_key(fused, i, "B")] = b
+            if spec.use_dora:
+                tensors[_tensor_key(fused, i, "M")] = np.concatenate([tensors.pop(_tensor_key(m, i, "M"))
+                                                                      for m, _ in parts])
+            out[(fused, i)] = (rank, float(rank))
+    return out, tensors
 
 
 def export_merged(config: ModelConfig, params: dict[str, Any], lora: LoraParams, out_dir: str | os.PathLike, *,
@@ -214,7 +263,7 @@ def load_peft(adapter_dir: str | os.PathLike, config: ModelConfig) -> LoraParams
         raise CheckpointError(f"{cfg_file} must hold a JSON object, got {type(raw).__name__}")
     _check_fields(raw, cfg_file)
     L = config.num_hidden_layers
-    adapted = _resolve_targets(raw, cfg_file, L)
+    adapted = _resolve_targets(raw, cfg_file, L, peft_modules(config))
     r0, alpha0 = raw.get("r", 8), raw.get("lora_alpha", 8)
     if not isinstance(r0, int) or isinstance(r0, bool) or r0 <= 0:
         raise ConfigError(f"{cfg_file}: r must be a positive integer, got {r0!r}")
@@ -248,7 +297,7 @@ def load_peft(adapter_dir: str | os.PathLike, config: ModelConfig) -> LoraParams
                               f"({len(extra)} in all): {ADAPTER_CONFIG} does not adapt these modules, or the adapter "
                               f"was made for a different model ({L}-layer {config.model_type} expected)")
     for key, (m, i, w) in expected.items():
-        d_in, d_out = config.module_shape(m)
+        d_in, d_out = _peft_shape(config, m)
         want = (ranks[(m, i)], d_in) if w == "A" else (d_out, ranks[(m, i)]) if w == "B" else (d_out,)
         got = tuple(tensors[key].shape)
         if got != want:
@@ -262,6 +311,8 @@ def load_peft(adapter_dir: str | os.PathLike, config: ModelConfig) -> LoraParams
                 f"{config.hidden_size}, intermediate_size {config.intermediate_size}, "
                 f"{config.num_attention_heads} heads / {config.num_key_value_heads} KV heads of {config.head_dim})")
 
+    if config.fused_modules:
+        _split_fused(config, ranks, alphas, tensors, use_dora)
     lora_config = _lora_config(raw, cfg_file, ranks, alphas, r0, float(alpha0), L)
     spec = make_spec(config, lora_config)
     weights = {}
@@ -280,6 +331,37 @@ def load_peft(adapter_dir: str | os.PathLike, config: ModelConfig) -> LoraParams
             weights[m][MAGNITUDE] = jnp.asarray(np.stack([
                 tensors[_tensor_key(m, i, "M")] if (m, i) in ranks else np.zeros(d_out, np.float32) for i in range(L)]))
     return LoraParams(weights=weights, spec=spec)
+
+
+def peft_modules(config: ModelConfig) -> tuple[str, ...]:
+    """The module names PEFT sees in a block of this model (Phi-3: the fused ``qkv_proj`` / ``gate_up_proj``)."""
+    fused = config.fused_modules
+    parts_of = {m: f for f, parts in fused.items() for m, _ in parts}
+    return tuple(dict.fromkeys(parts_of.get(m, m) for m in ALL_MODULES))
+
+
+def _peft_shape(config: ModelConfig, module: str) -> tuple[int, int]:
+    parts = config.fused_modules.get(module)
+    if parts is None:
+        return config.module_shape(module)
+    return config.module_shape(parts[0][0])[0], sum(rows for _, rows in parts)
+
+
+def _split_fused(config: ModelConfig, ranks: dict, alphas: dict, tensors: dict[str, np.ndarray],
+                 use_dora: bool) -> None:
+    """Phi-3 (in place): a fused module's LoRA as LoRA on each part with the same A, rank and alpha, B (and
+    DoRA's magnitude, which PEFT applies row-wise) cut by rows: exactly the fused delta."""
+    for (f, i) in [k for k in ranks if k[0] in config.fused_modules]:
+        rank, alpha = ranks.pop((f, i)), alphas.pop((f, i))
+        a, b = tensors.pop(_tensor_key(f, i, "A")), tensors.pop(_tensor_key(f, i, "B"))
+        mag = tensors.pop(_tensor_key(f, i, "M")) if use_dora else None
+        row = 0
+        for m, rows in config.fused_modules[f]:
+            ranks[(m, i)], alphas[(m, i)] = rank, alpha
+            tensors[_tensor_key(m, i, "A")], tensors[_tensor_key(m, i, "B")] = a, b[row:row + rows]
+            if mag is not None:
+                tensors[_tensor_key(m, i, "M")] = mag[row:row + rows]
+            row += rows
 
 
 def _check_fields(raw: dict[str, Any], cfg_file: Path) -> None:
@@ -309,15 +391,17 @@ def _check_fields(raw: dict[str, Any], cfg_file: Path) -> None:
                           "LoRA first (PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))")
 
 
-def _resolve_targets(raw: dict[str, Any], cfg_file: Path, num_layers: int) -> list[tuple[str, int]]:
-    """The (module, layer) pairs PEFT 0.21 would adapt on a LLaMA CausalLM, in block order."""
+def _resolve_targets(raw: dict[str, Any], cfg_file: Path, num_layers: int,
+                     modules: tuple[str, ...] = ALL_MODULES) -> list[tuple[str, int]]:
+    """The (module, layer) pairs PEFT 0.21 would adapt on a LLaMA CausalLM, in block order (``modules``: the
+    names PEFT sees, :func:`peft_modules`)."""
     tm = raw.get("target_modules")
     if tm is None:
         raise ConfigError(f"{cfg_file}: target_modules is null; name the adapted modules")
     layers_to_transform = raw.get("layers_to_transform")
     if isinstance(tm, str) and tm.lower() == "all-linear":
-        tm = list(ALL_MODULES)  # PEFT: every nn.Linear except the output layer
-    candidates = {module_path(m, i): (m, i) for i in range(num_layers) for m in ALL_MODULES}
+        tm = list(modules)  # PEFT: every nn.Linear except the output layer
+    candidates = {module_path(m, i): (m, i) for i in range(num_layers) for m in modules}
     others = _other_module_paths(num_layers)
     if isinstance(tm, str):
         if layers_to_transform is not None:
@@ -330,7 +414,7 @@ def _resolve_targets(raw: dict[str, Any], cfg_file: Path, num_layers: int) -> li
             raise ConfigError(f"{cfg_file}: target_modules {tm!r} is not a valid regex ({exc})") from None
         if bad:
             raise ConfigError(f"{cfg_file}: target_modules {tm!r} selects {bad[:3]}, which flexora_jax does "
-                              f"not adapt (only {list(ALL_MODULES)} inside the decoder blocks)")
+                              f"not adapt (only {list(modules)} inside the decoder blocks)")
     else:
         if not isinstance(tm, (list, tuple)) or not all(isinstance(t, str) for t in tm):
             raise ConfigError(f"{cfg_file}: target_modules must be a list of module names or a regex string, "
@@ -338,7 +422,7 @@ def _resolve_targets(raw: dict[str, Any], cfg_file: Path, num_layers: int) -> li
         for t in tm:
             if not any(k == t or k.endswith("." + t) for k in candidates):
                 raise ConfigError(f"{cfg_file}: target_modules entry {t!r} names no module flexora_jax can adapt "
-                                  f"in a {num_layers}-layer model (valid: {list(ALL_MODULES)} or "
+                                  f"in a {num_layers}-layer model (valid: {list(modules)} or "
                                   f"'model.layers.<i>.self_attn|mlp.<name>')")
         hits = [k for k in candidates if k in tm or any(k.endswith("." + t) for t in tm)]
         if layers_to_transform is not None:

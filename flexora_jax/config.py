@@ -21,6 +21,8 @@ from flexora_jax.errors import ConfigError
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 ALL_MODULES = ATTENTION_MODULES + MLP_MODULES
+#: Phi-3's fused projections -> the modules they hold, in row order (checkpoints and PEFT adapters use these).
+FUSED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 def module_path(module: str, layer: int) -> str:
@@ -29,7 +31,7 @@ def module_path(module: str, layer: int) -> str:
     The one place that spells a module's path: checkpoint tensor names, PEFT adapter keys,
     ``rank_pattern`` keys and ``selection.json`` all build on it.
     """
-    group = "self_attn" if module in ATTENTION_MODULES else "mlp"
+    group = "self_attn" if module in ATTENTION_MODULES or module == "qkv_proj" else "mlp"
     return f"model.layers.{layer}.{group}.{module}"
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
@@ -176,6 +178,13 @@ class ModelConfig:
     @property
     def kv_dim(self) -> int:
         return self.num_key_value_heads * self.head_dim
+
+    @property
+    def fused_modules(self) -> dict[str, tuple[tuple[str, int], ...]]:
+        """Phi-3: fused projection -> ((module, rows), ...) in row order; empty for unfused families."""
+        if self.model_type != "phi3":
+            return {}
+        return {f: tuple((m, self.module_shape(m)[1]) for m in parts) for f, parts in FUSED_MODULES.items()}
 
     def module_shape(self, module: str) -> tuple[int, int]:
         """(d_in, d_out) of a linear module of one block."""

@@ -48,6 +48,8 @@ class LoraSpec:
     r_max: tuple[tuple[str, int], ...]  # per module: stored rank (columns of A)
     ranks: tuple[tuple[str, tuple[int, ...]], ...]  # per module: true rank in each block (0 = not adapted)
     scales: tuple[tuple[str, tuple[float, ...]], ...]  # per module: lora scale in each block (0 = not adapted)
+    #: Phi-3: fused projection -> ((module, rows), ...): PEFT adapters name the fused modules (export_peft)
+    fused: tuple[tuple[str, tuple[tuple[str, int], ...]], ...] = ()
 
     @property
     def dropout(self) -> float:
@@ -91,7 +93,8 @@ def make_spec(model_config: ModelConfig, lora_config: LoraConfig) -> LoraSpec:
         scales.append((m, sc))
         r_max.append((m, max(max(rk), 1)))
     return LoraSpec(config=lora_config, num_layers=L, targets=lora_config.target_modules, layers=layers,
-                    r_max=tuple(r_max), ranks=tuple(ranks), scales=tuple(scales))
+                    r_max=tuple(r_max), ranks=tuple(ranks), scales=tuple(scales),
+                    fused=tuple(model_config.fused_modules.items()))
 
 
 @struct.dataclass

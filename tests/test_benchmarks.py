@@ -15,7 +15,7 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from benchmarks import finetune, forward, harness, report, search  # noqa: E402
+from benchmarks import adalora, finetune, forward, harness, report, search  # noqa: E402
 
 
 def _load(path):
@@ -54,6 +54,15 @@ def test_finetune_smoke(smoke_results):
     assert max(losses) - min(losses) < 1e-4  # same model, same batch, same first loss
     assert row["flexora_jax"]["tokens_per_s"] > 0 and row["torch_peft"]["tokens_per_s"] > 0
     assert row["flexora_jax"]["compile_s"] > 0
+
+
+def test_adalora_smoke(tmp_path):
+    """The AdaLoRA step side by side with peft's AdaLoraModel: both losses carry the orthogonality term."""
+    adalora.run(smoke=True, out_dir=str(tmp_path))
+    (row,) = _load(tmp_path / "adalora_smoke.json")["rows"]
+    losses = list(row["first_loss"].values())
+    assert max(losses) - min(losses) < 5e-3  # same base and batch; only the random P, Q draws differ
+    assert row["flexora_jax"]["median_s"] > 0 and row["torch_peft"]["median_s"] > 0 and row["speedup"] > 0
 
 
 def test_finetune_gpu_mode_needs_a_gpu_and_counts_flops():

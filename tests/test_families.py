@@ -131,7 +131,7 @@ def test_save_roundtrip_reloads_in_transformers(family, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, again, params)
 
 
-@pytest.mark.parametrize("name", ["gemma", "gemma2", "qwen3"])
+@pytest.mark.parametrize("name", ["gemma", "gemma2", "qwen3", "phi3_window"])
 def test_lora_export_loads_in_peft(name, tmp_path):
     model = _hf_model(name)
     model.save_pretrained(tmp_path / "base")
@@ -147,6 +147,66 @@ def test_lora_export_loads_in_peft(name, tmp_path):
     export_peft(lora, tmp_path / "adapter")
     peft_model = peft.PeftModel.from_pretrained(model, str(tmp_path / "adapter")).eval()
     np.testing.assert_allclose(_hf_logits(peft_model, tokens), ours, atol=TOL, rtol=0)
+    back = fj.load_peft(tmp_path / "adapter", config)
+    np.testing.assert_allclose(np.asarray(_forward(config, params, tokens, lora=back)), ours, atol=TOL, rtol=0)
+
+
+# ----------------------------------------------------------------------------------- Phi-3's fused names
+@pytest.fixture(scope="module")
+def phi3(tmp_path_factory):
+    model = _hf_model("phi3_window")
+    directory = tmp_path_factory.mktemp("phi3_base")
+    model.save_pretrained(directory)
+    return model, directory, *fj.load_model(directory)
+
+
+@pytest.mark.parametrize("case", ["q_v_subset_gated", "rslora_rank_pattern", "dora_all_parts"])
+def test_phi3_lora_exports_under_fused_names(case, phi3, tmp_path):
+    """LoRA on q / v (or gate / up) of Phi-3 is PEFT's LoRA on the fused qkv_proj (gate_up_proj): A stacked over
+    rank, B block-diagonal with each part's scale folded in; peft computes the same logits and we read it back."""
+    model, directory, config, params = phi3
+    kw = {"q_v_subset_gated": dict(target_modules=("q_proj", "v_proj", "o_proj"), layers_to_transform=(1,)),
+          "rslora_rank_pattern": dict(target_modules=("q_proj", "up_proj", "down_proj"), use_rslora=True,
+                                      rank_pattern={"up_proj": 2}, alpha_pattern={"model.layers.0.self_attn.q_proj": 3}),
+          "dora_all_parts": dict(target_modules=("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"),
+                                 use_dora=True)}[case]
+    lora = fj.init_lora(config, fj.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **kw), jax.random.key(3),
+                        params)
+    lora = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(4), x.shape), lora)  # DoRA's m too
+    gates = None
+    if case == "q_v_subset_gated":
+        gates = fj.init_gates("layer", config.num_hidden_layers)
+        gates = gates.replace(layer=gates.layer.at[1].set(0.7))
+    tokens = np.random.default_rng(2).integers(3, VOCAB, size=(2, 20))
+    ours = np.asarray(_forward(config, params, tokens, lora=lora, gates=gates))
+    export_peft(lora, tmp_path / "adapter", gates=gates)
+    raw = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    names = {t.rsplit(".", 1)[-1] for t in raw["target_modules"]}
+    assert names & {"qkv_proj", "gate_up_proj"} and not names & {"q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"}
+    peft_model = peft.PeftModel.from_pretrained(_hf_model("phi3_window"), str(tmp_path / "adapter")).eval()
+    np.testing.assert_allclose(_hf_logits(peft_model, tokens), ours, atol=TOL, rtol=0)
+    back = fj.load_peft(tmp_path / "adapter", config)
+    np.testing.assert_allclose(np.asarray(_forward(config, params, tokens, lora=back)), ours, atol=TOL, rtol=0)
+
+
+def test_phi3_peft_native_adapters_load(phi3, tmp_path):
+    """Adapters peft itself writes on Phi-3 (qkv_proj, gate_up_proj; LoRA and DoRA) load with peft's logits; a
+    DoRA on only some parts of a fused projection is refused at export, naming them."""
+    model, directory, config, params = phi3
+    tokens = np.random.default_rng(5).integers(3, VOCAB, size=(2, 20))
+    for use_dora in (False, True):
+        torch.manual_seed(1)
+        pm = peft.get_peft_model(_hf_model("phi3_window"), peft.LoraConfig(
+            r=4, lora_alpha=6, target_modules=["qkv_proj", "gate_up_proj", "down_proj"], init_lora_weights=False,
+            use_dora=use_dora, layers_to_transform=[0] if use_dora else None)).eval()
+        pm.save_pretrained(tmp_path / f"native{use_dora}")
+        lora = fj.load_peft(tmp_path / f"native{use_dora}", config)
+        np.testing.assert_allclose(np.asarray(_forward(config, params, tokens, lora=lora)), _hf_logits(pm, tokens),
+                                   atol=TOL, rtol=0)
+    partial = fj.init_lora(config, fj.LoraConfig(r=2, target_modules=("q_proj",), use_dora=True), jax.random.key(0),
+                           params)
+    with pytest.raises(ConfigError, match=r"fused qkv_proj"):
+        export_peft(partial, tmp_path / "partial")
 
 
 # ----------------------------------------------------------------------------------- config <-> HF

@@ -76,20 +76,13 @@ def hf_tensor_names(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], int
     return names
 
 
-#: Fused HF tensors (Phi-3) -> the modules they hold, in row order; split on load, fused back on save.
-_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
-
-
 def fused_rows(config: ModelConfig) -> dict[str, tuple[str, int, int]]:
     """Phi-3: module weight name -> (fused HF weight name, first row, rows); empty for other families."""
-    if config.model_type != "phi3":
-        return {}
     out = {}
     for i in range(config.num_hidden_layers):
-        for fused, parts in _FUSED.items():
+        for fused, parts in config.fused_modules.items():
             start = 0
-            for m in parts:
-                rows = config.module_shape(m)[1]
+            for m, rows in parts:
                 out[f"{module_path(m, i)}.weight"] = (f"{module_path(m, i).rsplit('.', 1)[0]}.{fused}.weight", start, rows)
                 start += rows
     return out
