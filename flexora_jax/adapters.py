@@ -120,6 +120,9 @@ def export_peft(lora: LoraParams, out_dir: str | os.PathLike, *, gates: Gates | 
     Raises:
       CheckpointError: the directory cannot be written (read-only, disk full, a file in its place).
     """
+    if lora.coef is not None:
+        raise ConfigError("export_peft: this LoRA carries a traced layout (LoraParams.traced_layout); export "
+                          "lora.with_spec(<its static LoraSpec>) instead")
     spec = lora.spec
     cfg = spec.config
     L = spec.num_layers

@@ -106,7 +106,7 @@ def _rule(names: list[str], ndim: int) -> tuple:
     """The wanted spec (before divisibility checks) of a leaf at ``names`` with ``ndim`` dims."""
     last = names[-1] if names else ""
     parent = names[-2] if len(names) > 1 else ""
-    if last in ("a", "b") and parent in KERNEL_SPECS and len(names) > 2 and names[-3] == "weights" and ndim == 3:
+    if last in ("a", "b") and parent in KERNEL_SPECS and ndim == 3:  # LoRA A / B (and their optimizer moments)
         kernel = KERNEL_SPECS[parent]
         return (None, kernel[1], None) if last == "a" else (None, None, kernel[2])
     if last == "kernel" and parent in KERNEL_SPECS and ndim == 3:

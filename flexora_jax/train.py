@@ -64,10 +64,11 @@ def make_optimizer(cfg: FinetuneConfig, steps: int) -> optax.GradientTransformat
 
 
 def init_train_state(lora: LoraParams, optimizer: optax.GradientTransformation, seed: int = 0) -> TrainState:
-    """A fresh training state. The LoRA is copied: the jitted step donates its state, and the caller's
-    arrays must stay usable."""
-    lora = jax.tree.map(jnp.copy, lora)
-    return TrainState(lora, optimizer.init(lora), jnp.zeros((), jnp.int32), jax.random.key(seed))
+    """A fresh training state: the LoRA with its layout traced (:meth:`LoraParams.traced_layout`: one program
+    for every selection of the same targets and ``r_max``), the optimizer over its weights only. The LoRA is
+    copied: the jitted step donates its state, and the caller's arrays must stay usable."""
+    lora = jax.tree.map(jnp.copy, lora.traced_layout())
+    return TrainState(lora, optimizer.init(lora.weights), jnp.zeros((), jnp.int32), jax.random.key(seed))
 
 
 @functools.lru_cache(maxsize=32)
@@ -83,10 +84,10 @@ def make_train_step(config: ModelConfig, cfg: FinetuneConfig, steps: int) -> Cal
     def step(params: Any, state: TrainState, batch: Dataset, gates: Gates | None = None) -> tuple[TrainState, dict]:
         rng, drop = jax.random.split(state.rng)
         use_dropout = state.lora.spec.dropout > 0
-        loss, grads = jax.value_and_grad(
-            lambda lora: lm_loss(config, params, lora, gates, batch, drop if use_dropout else None))(state.lora)
-        updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
-        lora = optax.apply_updates(state.lora, updates)
+        loss, grads = jax.value_and_grad(lambda w: lm_loss(config, params, state.lora.replace(weights=w), gates, batch,
+                                                           drop if use_dropout else None))(state.lora.weights)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.lora.weights)
+        lora = state.lora.replace(weights=optax.apply_updates(state.lora.weights, updates))
         return TrainState(lora, opt_state, state.step + 1, rng), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
 
     return step
@@ -166,4 +167,4 @@ def finetune(config: ModelConfig, params: Any, lora: LoraParams, train: Dataset,
     final = state.lora
     if cfg.keep_best and best[1] is not None:
         final = jax.tree.map(jnp.asarray, best[1])
-    return final, history
+    return (final if lora.coef is not None else final.with_spec(lora.spec)), history

@@ -118,3 +118,16 @@ def test_end_to_end_smoke(tmp_path):
     assert d["flexora_total_s"] > d["search_s"] > 0 and d["lora_all_s"] > 0
     assert d["ratio"] == d["flexora_total_s"] / d["lora_all_s"]
     assert "first-order" in end_to_end.table(d)
+
+
+def test_lora_layout_smoke(tmp_path):
+    """The traced layout compiles one fine-tune program for every selection; the static one, one each."""
+    from benchmarks import lora_layout
+
+    out = lora_layout.run(smoke=True, out_dir=str(tmp_path))
+    traced, static = out["compile"]
+    assert traced["programs"] == 1 and static["programs"] == static["selections"] == 3
+    m = out["memory"]
+    # A and B of q, v in 32 blocks (4096 x 8 each side, fp32) and AdamW's two moments; the scalar counters aside
+    assert abs(m["stacked_state_bytes"] - 3 * 32 * 2 * 2 * 4096 * 8 * 4) < 64
+    assert m["stacked_over_base"] < 0.01

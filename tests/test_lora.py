@@ -177,3 +177,38 @@ def test_dropout_only_with_a_key(params, lora):
     np.testing.assert_array_equal(_forward(CONFIG, params, TOKENS, lora=drop), plain)
     keyed = fj.forward(CONFIG, params, TOKENS, lora=drop, dropout_key=jax.random.key(0))
     assert not np.allclose(keyed, plain)
+
+
+def test_one_fine_tune_program_serves_every_selection(params):
+    """The fine-tune traces the layout: selections of other blocks / ranks / scales (same targets and r_max)
+    reuse one compiled step and one optimizer-state shape; blocks outside a selection stay exactly zero and
+    the traced LoRA computes what the static one does."""
+    from flexora_jax import loops
+
+    config = dataclasses.replace(CONFIG, num_hidden_layers=4)
+    p4 = fj.init_params(config, jax.random.key(0))
+    base = fj.LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj"))
+    layouts = [dataclasses.replace(base, layers_to_transform=(1,)),
+               dataclasses.replace(base, layers_to_transform=(0, 3), rank_pattern={"model.layers.0.self_attn.v_proj": 2}),
+               dataclasses.replace(base, lora_alpha=3, use_rslora=True,
+                                   alpha_pattern={"model.layers.2.self_attn.q_proj": 5})]
+    rng = np.random.default_rng(0)
+    data = {"input_ids": rng.integers(0, 64, (16, 8)).astype(np.int32), "loss_mask": np.ones((16, 8), np.float32)}
+    ft = fj.FinetuneConfig(max_steps=2, batch_size=4, lr=1e-2, warmup_ratio=0.0)
+    before = loops._jit.cache_info().currsize
+    states = []
+    for i, lc in enumerate(layouts):
+        lora = fj.init_lora(config, dataclasses.replace(lc, init_lora_weights=False), jax.random.key(i))
+        np.testing.assert_allclose(fj.lm_loss(config, p4, lora.traced_layout(), None, data),
+                                   fj.lm_loss(config, p4, lora, None, data), rtol=1e-6)
+        trained, _ = fj.finetune(config, p4, lora, data, ft)
+        assert trained.spec == lora.spec and trained.coef is None  # back to the static layout
+        for m in base.target_modules:
+            off = np.asarray(lora.spec.coefficients(m)) == 0  # [L, r]: not adapted
+            assert not np.asarray(trained.weights[m]["a"]).transpose(0, 2, 1)[off].any()
+            assert not np.asarray(trained.weights[m]["b"])[off].any()
+        states.append(jax.tree.structure(fj.init_train_state(lora, fj.train.make_optimizer(ft, 2))))
+    assert loops._jit.cache_info().currsize - before == 1  # one program for the three selections
+    assert states[0] == states[1] == states[2]  # one optimizer-state shape
+    with pytest.raises(fj.ConfigError, match="traced layout"):
+        fj.export_peft(lora.traced_layout(), "/nonexistent")
