@@ -74,11 +74,13 @@ def jax_step_fn(config: ModelConfig, params: Any, batch: dict) -> tuple[Any, dic
     weights = init_adalora(config, ADALORA, jax.random.key(1))
     cell = {"w": weights, "opt": opt.init(weights), "alloc": init_allocator(weights), "step": 0}
     step_fn = make_adalora_step(config, ADALORA, layers, opt)
-    compiled, stats = harness.compile_stats(step_fn, params, cell["w"], cell["opt"], cell["alloc"], batch)
+    compiled, stats = harness.compile_stats(step_fn.jitted, params, cell["w"], cell["opt"], cell["alloc"], batch)
 
-    def step() -> float:
-        loss, w, cell["opt"], tracked = compiled(params, cell["w"], cell["opt"], cell["alloc"], batch)
-        cell["alloc"], cell["w"] = allocate(ADALORA, cell["alloc"], tracked, w, cell["step"], layers)
+    def step() -> float:  # what step_fn does, with the AOT-compiled program
+        alloc = cell["alloc"]
+        loss, w, cell["opt"], tracked = compiled(params, cell["w"], cell["opt"], alloc.replace(mask=None), batch)
+        cell["alloc"], cell["w"] = allocate(ADALORA, alloc, tracked.replace(mask=alloc.mask), w, cell["step"],
+                                            layers)
         cell["step"] += 1
         return float(common.block(loss))
 

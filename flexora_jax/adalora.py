@@ -273,13 +273,15 @@ def finetune_adalora(model_config: ModelConfig, params: Any, config: AdaLoraConf
 
 def make_adalora_step(model_config: ModelConfig, config: AdaLoraConfig, layers: tuple[int, ...],
                       optimizer: optax.GradientTransformation) -> Any:
-    """Jitted ``(params, weights, opt_state, allocator, batch) -> (loss, weights, opt_state, tracked)``.
+    """``(params, weights, opt_state, allocator, batch) -> (loss, weights, opt_state, tracked)``, one program.
 
     The task loss plus ``orth_reg_weight`` x the regulariser, its gradient, the optimizer step, and
     ``tracked`` = :func:`update_ipt` on the new weights and this gradient (what :func:`allocate` needs).
+    The allocator's mask (None until the first allocation) stays on the host side, so the jitted part
+    (``step.jitted``, over a mask-free allocator state) compiles once.
     """
     @jax.jit
-    def step(params: Any, w: Weights, opt_state: Any, alloc: AllocatorState, batch: dict):
+    def jitted(params: Any, w: Weights, opt_state: Any, alloc: AllocatorState, batch: dict):
         def loss(w):
             task = lm_loss(model_config, params, as_lora(model_config, config, w, layers), None, batch)
             return task + config.orth_reg_weight * orth_regularizer(w, layers)
@@ -288,4 +290,9 @@ def make_adalora_step(model_config: ModelConfig, config: AdaLoraConfig, layers: 
         w = optax.apply_updates(w, updates)
         return value, w, opt_state, update_ipt(config, alloc, w, grads)
 
+    def step(params: Any, w: Weights, opt_state: Any, alloc: AllocatorState, batch: dict):
+        loss, w, opt_state, tracked = jitted(params, w, opt_state, alloc.replace(mask=None), batch)
+        return loss, w, opt_state, tracked.replace(mask=alloc.mask)
+
+    step.jitted = jitted
     return step
