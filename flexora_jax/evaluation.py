@@ -48,6 +48,7 @@ from flexora_jax.errors import ConfigError, DataError, check_positive
 from flexora_jax.generation import generate
 from flexora_jax.models.llama import forward
 from flexora_jax.models.losses import token_logprobs
+from flexora_jax.nnx.llama import LlamaForCausalLM
 from flexora_jax.tasks import generative
 from flexora_jax.tasks.formats import MCRecord
 from flexora_jax.tasks.generative import MAX_NEW_TOKENS, GenRecord, score
@@ -348,8 +349,6 @@ def evaluate_nnx(model: nnx.Module, tokenizer: Any, task_or_records: Any, batch_
     causal; ``max_length`` is its context (None: no truncation). Generative tasks need the built-in
     decoder's KV-cache generation and are refused for other models.
     """
-    from flexora_jax.nnx.llama import LlamaForCausalLM  # noqa: PLC0415 (the NNX face imports this module's deps)
-
     if isinstance(model, LlamaForCausalLM):
         return evaluate(model.config, model.params(), tokenizer, task_or_records, lora=model.lora(),
                         gates=model.gates(), batch_size=batch_size, max_length=max_length, limit=limit,
