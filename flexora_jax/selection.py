@@ -8,6 +8,7 @@ chosen shapes and exports with the true ranks.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import numpy as np
@@ -87,9 +88,14 @@ class Selection:
         return out
 
 
+@functools.singledispatch
 def select(gates: Gates, base: LoraConfig, num_layers: int,
            selection: SelectionConfig = SelectionConfig()) -> Selection:
-    """Layers (if layer gates) and ranks (if rank gates) -> a fine-tune :class:`LoraConfig`."""
+    """Layers (if layer gates) and ranks (if rank gates) -> a fine-tune :class:`LoraConfig`.
+
+    A Flax NNX model as the first argument dispatches to :func:`flexora_jax.nnx.select_nnx`
+    (``fj.select(model, gates, selection)``: the selection in the model's own module paths).
+    """
     if gates is None:
         raise ConfigError("select needs gates from a search (layer, rank or both), got None")
     layers = (select_layers(gates, selection.rule, selection.top_k, selection.threshold) if gates.layer is not None

@@ -30,6 +30,9 @@ def test_fj_search_then_fj_finetune_on_a_foreign_nnx_model():
     result = fj.search(student, sc, train, val, loss_fn=_soft)
     assert isinstance(result, fj.nnx.NNXSearchResult) and len(result.history) == 150
     assert result.selection.layers == PLANTED  # the planted layers, in the model's own numbering
+    assert fj.select(student, result.gates) == result.selection  # fj.select dispatches on the model too
+    top1 = fj.select(student, result.gates, fj.SelectionConfig(rule="top_k", top_k=1))
+    assert len(top1.layers) == 1 and top1.layers[0] in PLANTED
     w = np.asarray(fj.layer_gate_values(result.gates))
     got = [float(b.attn.v.lora_gate[...]) for b in student.blocks]  # the gate values were written back
     np.testing.assert_allclose(got, w, rtol=1e-6)
@@ -98,3 +101,14 @@ def test_interrupted_search_and_finetune_resume_bit_identically(tmp_path):
                                                                                                     want.gates))
     jax.tree.map(np.testing.assert_array_equal, got_lora, want_lora)
     assert sorted(p.name for p in (tmp_path / "finetune").iterdir()) == ["3", "6"]
+
+
+def test_fj_select_on_the_nnx_decoder_is_the_functional_selection():
+    config = fj.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
+                            num_attention_heads=4, num_key_value_heads=2)
+    lora_config = fj.LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj"))
+    model = fj.nnx.LlamaForCausalLM(config, lora_config, gates="layer", rngs=nnx.Rngs(0))
+    gates = fj.init_gates("layer", 4)
+    gates = gates.replace(layer=jnp.asarray([0.5, -0.3, 0.2, -0.1]))
+    got = fj.select(model, gates)
+    assert got == fj.select(gates, lora_config, 4) and got.layers == (0, 2)

@@ -46,7 +46,8 @@ its kernel is contracted (:mod:`flexora_jax.nnx.intercept`), so ``nnx.Linear``, 
 ``nnx.LinearGeneral`` and a model's own ``jnp.einsum`` modules are all one case.
 """
 
-from flexora_jax.nnx.engine import NNXSearchResult, NNXTrainState, causal_lm, finetune_nnx, search_nnx
+from flexora_jax.nnx.engine import (NNXSearchResult, NNXTrainState, causal_lm, finetune_nnx, search_nnx,
+                                   select_nnx)
 from flexora_jax.nnx.export import load_adapter, save_adapter, save_peft
 from flexora_jax.nnx.llama import LlamaForCausalLM
 from flexora_jax.nnx.search import (GateLayout, Selection, apply_selection, gate_state, init_hyperparameters,
@@ -58,8 +59,8 @@ from flexora_jax.nnx.variables import Gate
 __all__ = [
     # variables and models
     "Gate", "LlamaForCausalLM",
-    # fj.search / fj.finetune on NNX models (dispatched on the first argument)
-    "NNXSearchResult", "NNXTrainState", "causal_lm", "search_nnx", "finetune_nnx",
+    # fj.search / fj.select / fj.finetune on NNX models (dispatched on the first argument)
+    "NNXSearchResult", "NNXTrainState", "causal_lm", "search_nnx", "select_nnx", "finetune_nnx",
     # surgery
     "LoraSite", "add_lora", "merge_lora", "remove_lora", "lora_sites", "count_lora_params",
     # search over NNX states

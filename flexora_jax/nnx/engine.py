@@ -28,6 +28,7 @@ import optax
 from flax import nnx
 
 from flexora_jax import bilevel, loops, train
+from flexora_jax import selection as selection_module
 from flexora_jax.bilevel import SearchState, init_search_state, search_step
 from flexora_jax.checkpoint import StageCheckpointer
 from flexora_jax.config import FinetuneConfig, SearchConfig, SelectionConfig
@@ -168,11 +169,19 @@ def search_nnx(model: nnx.Module, search_config: SearchConfig, train_data: Datas
         ckpt.close()
     final = jax.tree.map(jnp.asarray, fetch(state.gates))
     update_model(model, jax.tree.map(jnp.asarray, fetch(state.inner.lora)), final)
-    if isinstance(model, LlamaForCausalLM):  # the built-in decoder selects like the functional core
-        chosen = select_lora(final, model.lora_config, model.config.num_hidden_layers, selection)
-    else:
-        chosen = select(model, final, selection.rule, selection.top_k, selection.threshold)
-    return NNXSearchResult(gates=final, selection=chosen, history=history, state=state)
+    return NNXSearchResult(gates=final, selection=select_nnx(model, final, selection), history=history, state=state)
+
+
+def select_nnx(model: nnx.Module, gates: Gates, selection: SelectionConfig = SelectionConfig()) -> Selection | LoraSelection:
+    """``fj.select(model, gates, selection)``: the selection rule on a search's raw gates, for an NNX model.
+
+    ``LlamaForCausalLM`` selects like the functional core (a :class:`flexora_jax.Selection` with its
+    ``LoraConfig``); any other model gets :func:`flexora_jax.nnx.select` (its own module paths), which
+    :func:`flexora_jax.nnx.apply_selection` applies.
+    """
+    if isinstance(model, LlamaForCausalLM):
+        return select_lora(gates, model.lora_config, model.config.num_hidden_layers, selection)
+    return select(model, gates, selection.rule, selection.top_k, selection.threshold)
 
 
 def finetune_nnx(model: nnx.Module, train_data: Dataset, cfg: FinetuneConfig, *, loss_fn: ModelLoss = causal_lm,
@@ -223,4 +232,5 @@ def finetune_nnx(model: nnx.Module, train_data: Dataset, cfg: FinetuneConfig, *,
 
 
 bilevel.search.register(nnx.Module)(search_nnx)
+selection_module.select.register(nnx.Module)(select_nnx)
 train.finetune.register(nnx.Module)(finetune_nnx)
