@@ -96,6 +96,18 @@ def test_logit_parity_padded_batch(family):
     assert diff <= TOL
 
 
+def test_nnx_decoder_matches_transformers_and_the_functional_core(family):
+    """fj.nnx.LlamaForCausalLM.from_pretrained on each family: transformers' logits (padded batch) to TOL, and
+    bitwise the functional core's."""
+    name, model, directory, config, params = family
+    decoder = fj.nnx.LlamaForCausalLM.from_pretrained(directory)
+    tokens, mask, positions = _batch()
+    out = np.asarray(decoder(tokens, mask, positions=positions))
+    keep = mask.astype(bool)
+    assert np.abs(out[keep] - _hf_logits(model, tokens, mask, positions)[keep]).max() <= TOL
+    np.testing.assert_array_equal(out, np.asarray(fj.forward(config, params, tokens, mask, positions=positions)))
+
+
 def test_num_params_counts_what_transformers_counts(family):
     _, model, _, config, params = family
     assert config.num_params() == sum(p.numel() for p in model.parameters())
