@@ -94,3 +94,39 @@ def test_from_pretrained_and_bad_input(tmp_path):
         add_lora(model, ("q_proj",), rngs=nnx.Rngs(0))
     with pytest.raises(ConfigError, match="need a lora_config"):
         LlamaForCausalLM(CONFIG, gates="layer", rngs=nnx.Rngs(0))
+
+
+def test_decoder_exports_peft_and_merged_checkpoints_that_transformers_reads(tmp_path):
+    """From the NNX decoder: a PEFT adapter (byte-identical to fj.export_peft, gates folded) that peft applies with
+    our logits, and a merged HF checkpoint that transformers loads with our logits; the adapter reads back."""
+    import peft
+    import torch
+    import transformers
+
+    from flexora_jax.adapters import export_peft, load_peft
+    from flexora_jax.nnx import save_peft
+
+    params, lora, gates = functional_pytrees(3, LoraConfig(r=2, lora_alpha=4.0, init_lora_weights=False))
+    save_model(CONFIG, params, tmp_path / "base")
+    model = LlamaForCausalLM.from_params(CONFIG, params, lora, Gates(layer=gates.layer))
+    tokens, mask = batch_with_padding()
+    ours = np.asarray(apply(model, tokens, mask))
+    save_peft(model, tmp_path / "nnx_adapter")
+    export_peft(lora, tmp_path / "adapter", gates=Gates(layer=gates.layer))
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        assert (tmp_path / "nnx_adapter" / name).read_bytes() == (tmp_path / "adapter" / name).read_bytes()
+    hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
+    tuned = peft.PeftModel.from_pretrained(hf, str(tmp_path / "nnx_adapter")).eval()
+    with torch.no_grad():
+        theirs = tuned(torch.tensor(np.asarray(tokens)), attention_mask=torch.tensor(np.asarray(mask))).logits.numpy()
+    keep = np.asarray(mask).astype(bool)
+    np.testing.assert_allclose(theirs[keep], ours[keep], atol=1e-4, rtol=0)
+    back = LlamaForCausalLM.from_params(CONFIG, params, load_peft(tmp_path / "nnx_adapter", CONFIG))
+    np.testing.assert_allclose(apply(back, tokens, mask), ours, atol=1e-5, rtol=0)
+
+    model.merge_lora()
+    save_model(model.config, model.params(), tmp_path / "merged")
+    merged = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32).eval()
+    with torch.no_grad():
+        theirs = merged(torch.tensor(np.asarray(tokens)), attention_mask=torch.tensor(np.asarray(mask))).logits.numpy()
+    np.testing.assert_allclose(theirs[keep], ours[keep], atol=1e-4, rtol=0)
