@@ -3,28 +3,32 @@
 The public API is flat: ``import flexora_jax as fj`` and use ``fj.forward``, ``fj.load_model``,
 ``fj.init_lora``, ``fj.init_gates``, ``fj.search``, ``fj.select``, ``fj.finetune``, ... Everything is a
 pure function over three pytrees: the frozen base ``params``, the trained ``lora`` and the
-hyperparameter ``gates``. Submodules for the rest: ``fj.sharding`` (meshes, placement), ``fj.loops``
-(the host loop), ``fj.memory`` (the memory planner), ``fj.pipeline`` (what ``flexora-jax run`` does).
+hyperparameter ``gates``. ``fj.search`` / ``fj.finetune`` / ``fj.select`` take a model (any Flax NNX model with
+LoRA, ``fj.nnx.LlamaForCausalLM``) or a ``fj.Problem`` and run it through one engine. Submodules for the rest:
+``fj.sharding`` (meshes, placement), ``fj.loops`` (the driver), ``fj.hooks`` (checkpoints, validation, metric
+writers), ``fj.signals``, ``fj.memory`` (the memory planner), ``fj.pipeline`` (what ``flexora-jax run`` does).
 """
 
 import importlib
 from typing import Any
 
-from flexora_jax import loops, memory, nnx, sharding  # nnx registers fj.search / fj.finetune for NNX models
+from flexora_jax import hooks, loops, memory, nnx, sharding, signals
 from flexora_jax.adapters import export_merged, export_peft, load_peft
-from flexora_jax.bilevel import (SearchResult, SearchState, hypergradient, init_search_state, make_search_step, search,
-                                 unroll)
+from flexora_jax.bilevel import SearchState, hypergradient, init_search_state, make_search_step, search_step, unroll
+from flexora_jax.engine import Optimizer, SearchResult, finetune, search, select
 from flexora_jax.config import (EvalConfig, FinetuneConfig, LoraConfig, MeshConfig, ModelConfig, RopeScaling,
                                 SearchConfig, SelectionConfig)
 from flexora_jax.errors import CheckpointError, ConfigError, DataError, FlexoraError, NumericsError
-from flexora_jax.gates import Gates, gate_values, init_gates, layer_gate_values, rank_gate_values
+from flexora_jax.gates import (Gates, GateValues, gate_values, init_gates, layer_gate_values, multipliers,
+                               rank_gate_values)
 from flexora_jax.generation import GenerateOutput, generate
 from flexora_jax.lora import LoraParams, LoraSpec, count_params, delta_weights, init_lora, make_spec, merge, unmerge
 from flexora_jax.models import (causal_lm_loss, config_from_hf, config_to_hf, convert_llama2c, forward, init_params,
                                 labels_lm_loss, lm_loss, load_model, load_model_config, load_tokenizer, save_model,
                                 soft_lm_loss)
-from flexora_jax.selection import Selection, select, select_layers, select_ranks
-from flexora_jax.train import TrainState, dataset_loss, finetune, init_train_state, make_train_step
+from flexora_jax.problem import HyperLayout, Problem, decoder_problem
+from flexora_jax.selection import Selection, select_layers, select_lora, select_ranks
+from flexora_jax.train import TrainState, dataset_loss, init_train_state, make_train_step, train_step
 
 __version__ = "0.1.0"
 
@@ -60,12 +64,13 @@ __all__ = [
     "labels_lm_loss",
     # LoRA, gates, adapters
     "LoraConfig", "LoraParams", "LoraSpec", "init_lora", "make_spec", "count_params", "delta_weights", "merge",
-    "unmerge", "Gates", "init_gates", "gate_values", "layer_gate_values", "rank_gate_values", "export_peft",
-    "load_peft", "export_merged",
-    # search, selection, fine-tune
-    "SearchConfig", "SearchState", "SearchResult", "init_search_state", "make_search_step", "hypergradient", "unroll",
-    "search", "SelectionConfig", "Selection", "select", "select_layers", "select_ranks", "FinetuneConfig",
-    "TrainState", "init_train_state", "make_train_step", "finetune", "dataset_loss",
+    "unmerge", "Gates", "GateValues", "init_gates", "multipliers", "gate_values", "layer_gate_values",
+    "rank_gate_values", "export_peft", "load_peft", "export_merged",
+    # the engine: a problem, the drivers' entry points, the pure steps
+    "Problem", "HyperLayout", "decoder_problem", "Optimizer", "search", "finetune", "select",
+    "SearchConfig", "SearchState", "SearchResult", "init_search_state", "search_step", "make_search_step",
+    "hypergradient", "unroll", "SelectionConfig", "Selection", "select_lora", "select_layers", "select_ranks",
+    "FinetuneConfig", "TrainState", "init_train_state", "train_step", "make_train_step", "dataset_loss",
     # data, evaluation and generation
     "sft_arrays", "EvalConfig", "evaluate", "evaluate_generative", "GenerateOutput", "generate",
     # scale-out and the command
@@ -73,5 +78,5 @@ __all__ = [
     # errors
     "FlexoraError", "ConfigError", "DataError", "CheckpointError", "NumericsError",
     # submodules
-    "loops", "memory", "nnx", "pipeline", "sharding", "tasks",
+    "hooks", "loops", "memory", "nnx", "pipeline", "sharding", "signals", "tasks",
 ]

@@ -95,8 +95,9 @@ class AllocatorState:
 
 
 def init_allocator(weights: Weights) -> AllocatorState:
-    zeros = jax.tree.map(jnp.zeros_like, weights)
-    return AllocatorState(exp_avg_ipt=zeros, exp_avg_unc=zeros)
+    """Zero EMAs (two separate buffers: a jitted step may donate both)."""
+    return AllocatorState(exp_avg_ipt=jax.tree.map(jnp.zeros_like, weights),
+                          exp_avg_unc=jax.tree.map(jnp.zeros_like, weights))
 
 
 def budgets(config: AdaLoraConfig, num_matrices: int) -> tuple[int, int]:

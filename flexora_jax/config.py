@@ -350,7 +350,8 @@ class SearchConfig:
     outer_b1: float = 0.9  # Adam beta1 of the gate optimizer, in [0, 1)
     outer_b2: float = 0.999  # Adam beta2 of the gate optimizer, in [0, 1)
     gate_power: int = 1  # layer gate exponent: 1, or 3 as in the reference code
-    remat: bool = True  # jax.checkpoint the inner scan body (memory flat in K)
+    remat: bool = True  # jax.checkpoint the inner scan body (memory flat in K; unrolled_mode "reverse" only)
+    unrolled_mode: str = "mixed"  # unrolled: mixed (forward sweep + forward-over-reverse HVPs) | reverse
     darts_mode: str = "exact"  # exact (jvp mixed Hessian-vector product) | finite_difference
     darts_redo_inner: bool = True  # AutoLoRA: redo the inner step with the updated gates
     log_every: int = 1  # log every N search steps
@@ -377,6 +378,8 @@ class SearchConfig:
             require(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
                     f"search.{name} must be a finite number >= 0, got {v!r}")
         require(self.gate_power in (1, 3), f"search.gate_power must be 1 or 3, got {self.gate_power!r}")
+        require(self.unrolled_mode in ("mixed", "reverse"),
+                f"search.unrolled_mode must be 'mixed' or 'reverse', got {self.unrolled_mode!r}")
         require(self.darts_mode in ("exact", "finite_difference"),
                f"search.darts_mode must be 'exact' or 'finite_difference', got {self.darts_mode!r}")
 

@@ -9,7 +9,8 @@ run sees exactly the batches an uninterrupted one would.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+import hashlib
+from typing import Any, Mapping, Sequence
 
 import jax
 import numpy as np
@@ -21,7 +22,7 @@ Dataset = dict[str, np.ndarray]
 
 def check_dataset(data: Dataset, name: str = "dataset", required: tuple[str, ...] = ("input_ids", "loss_mask")) -> int:
     """Validate a dataset dict; return its size. Empty or ragged data is an error naming the field."""
-    if not isinstance(data, dict):
+    if not isinstance(data, Mapping):
         raise DataError(f"{name} must be a dict of arrays, got {type(data).__name__}")
     missing = [k for k in required if k not in data]
     if missing:
@@ -33,7 +34,7 @@ def check_dataset(data: Dataset, name: str = "dataset", required: tuple[str, ...
     ragged = {k: s for k, s in sizes.items() if s != n}
     if ragged:
         raise DataError(f"{name}: fields have different lengths: {sizes}")
-    if not np.any(np.asarray(data["loss_mask"]).sum(axis=-1) > 0):
+    if "loss_mask" in data and not np.any(np.asarray(data["loss_mask"]).sum(axis=-1) > 0):
         raise DataError(f"{name}: no example has a target token (loss_mask is all zero)")
     return n
 
@@ -47,9 +48,10 @@ class BatchSampler:
     seed: int = 0
     epoch: int = 0
     position: int = 0  # index into this epoch's permutation
+    required: tuple[str, ...] = ("input_ids", "loss_mask")  # fields the loss reads (checked once here)
 
     def __post_init__(self) -> None:
-        self.size = check_dataset(self.data)
+        self.size = check_dataset(self.data, required=self.required)
         if self.batch_size > self.size:
             raise DataError(f"batch size {self.batch_size} is larger than the dataset ({self.size} examples)")
 
@@ -86,9 +88,20 @@ class BatchSampler:
         return self.size // self.batch_size
 
 
-def batches_in_order(data: Dataset, batch_size: int) -> list[Dataset]:
+def fingerprint(data: Dataset) -> str:
+    """A short hash of a dataset's fields, shapes, dtypes and contents (what a checkpoint was trained on)."""
+    digest = hashlib.sha256()
+    for key in sorted(data):
+        array = np.ascontiguousarray(np.asarray(data[key]))
+        digest.update(f"{key}:{array.shape}:{array.dtype};".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()[:16]
+
+
+def batches_in_order(data: Dataset, batch_size: int,
+                     required: tuple[str, ...] = ("input_ids", "loss_mask")) -> list[Dataset]:
     """Every example once, in order, padded to full batches with zero-weight rows (for evaluation)."""
-    n = check_dataset(data)
+    n = check_dataset(data, required=required)
     out = []
     for start in range(0, n, batch_size):
         chunk = {k: v[start:start + batch_size] for k, v in data.items()}

@@ -31,6 +31,19 @@ GATE_KINDS = ("none", "layer", "rank", "both")
 
 
 @struct.dataclass
+class GateValues:
+    """The multipliers the LoRA branch applies (what :func:`multipliers` makes of raw :class:`Gates`).
+
+    ``layer`` [L] multiplies every adapted module of a block; ``rank`` {module: [L, r]} each rank-1
+    component; None = ones. A model's gate variables hold these values (``fj.nnx.Gate``), never the raw
+    hyperparameters, so a gate of 0 removes its LoRA branch exactly.
+    """
+
+    layer: jax.Array | None = None
+    rank: dict[str, jax.Array] | None = None
+
+
+@struct.dataclass
 class Gates:
     """Raw gate hyperparameters: ``layer`` [L] (alpha) and/or ``rank`` {module: [L, r]} (beta)."""
 
@@ -70,11 +83,31 @@ def init_gates(kind: GateKind, num_layers: int, ranks: dict[str, int] | None = N
     return Gates(layer=layer, rank=rank, power=power)
 
 
-def layer_gate_values(gates: Gates | None, num_layers: int | None = None) -> jax.Array:
+def multipliers(gates: Gates | GateValues | None, num_layers: int | None = None) -> GateValues | None:
+    """The one map from raw gates to the multipliers the model applies: Flexora ``(L softmax(alpha))^p``,
+    AutoLoRA ``softmax(beta)`` per module and layer. :class:`GateValues` pass through unchanged."""
+    if gates is None or isinstance(gates, GateValues):
+        return gates
+    layer = None if gates.layer is None else layer_gate_values(gates, num_layers)
+    rank = None if gates.rank is None else {m: jax.nn.softmax(_fp32(b), axis=-1) for m, b in gates.rank.items()}
+    return GateValues(layer=layer, rank=rank)
+
+
+def _fp32(x: jax.Array) -> jax.Array:
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
+def layer_gate_values(gates: Gates | GateValues | None, num_layers: int | None = None) -> jax.Array:
     """Multiplier of each block's LoRA branch, [L]; all ones without a layer gate.
 
     ``num_layers`` defaults to the gates' own length; it is needed only when there is no layer gate.
     """
+    if isinstance(gates, GateValues) and gates.layer is not None:
+        w = _fp32(gates.layer)
+        if num_layers is not None and w.shape != (num_layers,):
+            raise ConfigError(f"layer gate values have shape {w.shape}, expected ({num_layers},)")
+        return w
     if gates is None or gates.layer is None:
         if num_layers is None:
             raise ConfigError("layer_gate_values: without layer gates, pass num_layers")
@@ -88,26 +121,21 @@ def layer_gate_values(gates: Gates | None, num_layers: int | None = None) -> jax
     return w ** gates.power
 
 
-def rank_gate_values(gates: Gates | None, module: str, shape: tuple[int, int]) -> jax.Array:
+def rank_gate_values(gates: Gates | GateValues | None, module: str, shape: tuple[int, int]) -> jax.Array:
     """Multiplier of each rank-1 component of ``module``, [L, r]; all ones without a rank gate."""
     if gates is None or gates.rank is None:
         return jnp.ones(shape, jnp.float32)
     if module not in gates.rank:
         raise ConfigError(f"rank gates have no entry for module {module!r}; they cover {sorted(gates.rank)}")
-    beta = jnp.asarray(gates.rank[module])
-    beta = beta.astype(jnp.promote_types(beta.dtype, jnp.float32))
-    if beta.shape != shape:
-        raise ConfigError(f"rank gate of {module!r} has shape {beta.shape}, expected {shape}")
-    return jax.nn.softmax(beta, axis=-1)
+    value = _fp32(gates.rank[module])
+    if value.shape != shape:
+        raise ConfigError(f"rank gate of {module!r} has shape {value.shape}, expected {shape}")
+    return value if isinstance(gates, GateValues) else jax.nn.softmax(value, axis=-1)
 
 
-def gate_values(gates: Gates | None, num_layers: int | None = None) -> dict:
-    """All gate values as plain arrays (for logging and ``gates.json``)."""
-    out: dict = {}
-    if gates is None:
-        return out
-    if gates.layer is not None:
-        out["layer"] = layer_gate_values(gates, num_layers)
-    if gates.rank is not None:
-        out["rank"] = {m: jax.nn.softmax(b, axis=-1) for m, b in gates.rank.items()}
-    return out
+def gate_values(gates: Gates | GateValues | None, num_layers: int | None = None) -> dict:
+    """All gate multipliers as a plain dict (for logging and ``gates.json``): ``layer`` and / or ``rank``."""
+    values = multipliers(gates, num_layers)
+    if values is None:
+        return {}
+    return {k: v for k, v in (("layer", values.layer), ("rank", values.rank)) if v is not None}

@@ -23,10 +23,11 @@ import numpy as np
 from jax.sharding import Mesh
 
 from flexora_jax import sharding as sh
+from flexora_jax import signals
 from flexora_jax.config import MeshConfig
+from flexora_jax.errors import check_tree_shapes
 
 Step = Callable[..., tuple[Any, dict]]
-Hook = Callable[[int, Any, dict], None]
 
 
 def default_mesh(mesh: Mesh | None = None) -> Mesh:
@@ -92,22 +93,121 @@ def compile_step(step: Step, mesh: Mesh, args: Sequence[Any], batch_dims: Mappin
     return Program(fn, mesh, in_s, dict(batch_dims))
 
 
-def run(program: Program, params: Any, state: Any, draw: Callable[[], Sequence[Any]], start: int, stop: int,
-        hooks: Sequence[Hook] = ()) -> Any:
-    """Steps ``start + 1 .. stop``: draw the host batches, run the step, call every hook with the metrics.
+# ------------------------------------------------------------------------------------ the driver
+@dataclasses.dataclass
+class Stage:
+    """One training stage as the driver runs it (built by :mod:`flexora_jax.engine` from a problem).
 
-    Args:
-      program: from :func:`compile_step`; ``params`` and ``state`` already placed (:meth:`Program.place`).
-      draw: returns the step's batch arguments (positional arguments 2, 3, ...) as host arrays.
-      hooks: ``hook(step, state, metrics)`` after each step, ``metrics`` as numpy on every process; a hook
-        raises to stop the loop (a non-finite loss, a signal).
-    Returns:
-      the state after the last step.
+    Fields:
+      name: "search", "finetune" or "adalora" (what logs and checkpoints call it).
+      step: the pure step ``(base, state, *batches) -> (state, metrics)``.
+      fresh: a fresh state (also the shape template of a restore).
+      samplers: the stage's batch streams by name (their positions are checkpointed).
+      draw: the host batches of one step (positional arguments 2, 3, ...).
+      abstract: their shapes and dtypes (what the step compiles for).
+      batch_dims: positional argument -> its batch dimension.
+      total: the last step.
+      record: ``record(step, metrics) -> dict`` of host floats (raises ``NumericsError`` when non-finite).
+      host_update: ``host_update(step, state, metrics) -> state``, host logic between steps (AdaLoRA's
+        allocator); None: none.
+      identity: JSON-able: what a checkpoint of this stage must match to be resumed.
     """
-    for step in range(start, stop):
-        batches = [program.batch(b, i) for i, b in enumerate(draw(), start=2)]
-        state, metrics = program(params, state, *batches)
-        metrics = sh.fetch(metrics)
-        for hook in hooks:
-            hook(step + 1, state, metrics)
-    return state
+
+    name: str
+    step: Step
+    fresh: Callable[[], Any]
+    samplers: Mapping[str, Any]
+    draw: Callable[[], Sequence[Any]]
+    abstract: Callable[[], Sequence[Any]]
+    batch_dims: Mapping[int, int]
+    total: int
+    record: Callable[[int, Mapping[str, Any]], dict]
+    host_update: Callable[[int, Any, Mapping[str, Any]], Any] | None = None
+    identity: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def positions(self) -> dict[str, Any]:
+        """Every batch stream's position (what a checkpoint stores beside the state)."""
+        return {name: sampler.state() for name, sampler in self.samplers.items()}
+
+    def reposition(self, positions: Mapping[str, Any]) -> None:
+        for name, sampler in self.samplers.items():
+            sampler.restore(positions[name])
+
+
+@dataclasses.dataclass
+class RunContext:
+    """What hooks see of a running stage: the stage, its first step, the mesh, the base and the history."""
+
+    stage: Stage
+    start: int
+    mesh: Mesh
+    base: Any = None
+    history: list[dict] = dataclasses.field(default_factory=list)
+
+
+class Hook:
+    """A driver hook; override what you need. Hooks run in order after every step; one may raise to stop.
+
+    ``resume(stage, template)`` may return a state to start from (a checkpoint), ``start`` runs once the
+    program is compiled, ``step`` after each step with the step's record (a hook may add keys to it for the
+    hooks after it, as validation does), ``close`` once at the end (``error``: the exception that ended
+    the stage, or None).
+    """
+
+    def resume(self, stage: Stage, template: Any) -> Any | None:  # noqa: ARG002
+        return None
+
+    def start(self, run: RunContext) -> None:
+        pass
+
+    def step(self, run: RunContext, step: int, state: Any, record: dict) -> None:
+        pass
+
+    def close(self, run: RunContext, error: BaseException | None) -> None:
+        pass
+
+
+def drive(stage: Stage, base: Any, *, hooks: Sequence[Hook] = (), mesh: Mesh | None = None, state: Any = None,
+          sampler_states: Mapping[str, Any] | None = None) -> tuple[Any, list[dict]]:
+    """Run ``stage`` from its start to ``stage.total``: the one loop of every search and fine-tune.
+
+    The start state is ``state`` (checked against a fresh one) or, failing that, the first hook's
+    :meth:`Hook.resume` (a checkpoint), or a fresh state; ``sampler_states`` repositions the batch streams.
+    The step is compiled once over ``mesh`` (None: one device), then every step draws its host batches,
+    runs, reads the metrics back, records them and calls every hook; a requested stop
+    (:mod:`flexora_jax.signals`) raises :class:`~flexora_jax.signals.Interrupted` after the hooks, so a
+    checkpoint hook has saved first. Returns the final state and the records of the steps run.
+    """
+    if sampler_states is not None:
+        stage.reposition(sampler_states)
+    if state is not None:
+        check_tree_shapes(state, jax.eval_shape(stage.fresh), f"{stage.name}: the given state")
+    else:
+        template = stage.fresh()
+        state = next((s for s in (h.resume(stage, template) for h in hooks) if s is not None), template)
+    mesh = default_mesh(mesh)
+    program = compile_step(stage.step, mesh, (base, state, *stage.abstract()), stage.batch_dims)
+    base, state = program.place(base, state)
+    run = RunContext(stage, int(np.asarray(sh.fetch(state.step))), mesh, base)
+    error: BaseException | None = None
+    try:
+        for h in hooks:
+            h.start(run)
+        for step in range(run.start + 1, stage.total + 1):
+            batches = [program.batch(b, i) for i, b in enumerate(stage.draw(), start=2)]
+            state, metrics = program(base, state, *batches)
+            metrics = sh.fetch(metrics)
+            record = stage.record(step, metrics)
+            if stage.host_update is not None:
+                state = stage.host_update(step, state, metrics)
+            run.history.append(record)
+            for h in hooks:
+                h.step(run, step, state, record)
+            signals.check(f"at {stage.name} step {step}/{stage.total}")
+    except BaseException as exc:
+        error = exc
+        raise
+    finally:
+        for h in hooks:
+            h.close(run, error)
+    return state, run.history

@@ -8,8 +8,8 @@ chosen shapes and exports with the true ranks.
 from __future__ import annotations
 
 import dataclasses
-import functools
-from typing import Any
+import re
+from typing import Any, Mapping
 
 import numpy as np
 
@@ -70,43 +70,129 @@ def select_ranks(gates: Gates) -> dict[str, list[int]]:
     return out
 
 
+_PEFT_KEY = re.compile(r"^model\.layers\.(\d+)\.\w+\.(\w+)$")
+_STACKED_KEY = re.compile(r"^(.*)\[(\d+)\]$")
+
+
 @dataclasses.dataclass(frozen=True)
 class Selection:
-    """The search's discrete outcome; ``lora_config`` is what the fine-tune stage trains."""
+    """A search's discrete outcome, keyed by module path: the layers that keep LoRA and each module's ranks.
+
+    One class for every model. ``modules`` maps each searched module path to its layers: the decoder's
+    module names (``q_proj``, stacked over all L blocks) or an NNX model's paths (``blocks.0.attn.q``, or a
+    stacked ``layers.attn.q``). ``ranks`` (after a rank search) maps a path to the rank of each of its
+    layers, 0 where the layer is not selected. ``lora_config`` is the decoder's fine-tune LoRA
+    (``layers_to_transform``, ``rank_pattern``: :meth:`to_lora_config`), None for other models.
+    """
 
     layers: tuple[int, ...]
-    ranks: dict[str, list[int]] | None
-    lora_config: LoraConfig
+    modules: Mapping[str, tuple[int, ...]]
+    ranks: Mapping[str, tuple[int, ...]] = dataclasses.field(default_factory=dict)
+    lora_config: LoraConfig | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        object.__setattr__(self, "modules", {str(p): tuple(int(i) for i in v) for p, v in self.modules.items()})
+        object.__setattr__(self, "ranks", {str(p): tuple(int(r) for r in v) for p, v in (self.ranks or {}).items()})
+        for path, per_layer in self.ranks.items():
+            if path not in self.modules or len(per_layer) != len(self.modules[path]):
+                raise ConfigError(f"Selection: ranks of {path!r} ({per_layer}) do not match its layers "
+                                  f"{self.modules.get(path)}")
+
+    @classmethod
+    def of_lora_config(cls, lora_config: LoraConfig, num_layers: int) -> Selection:
+        """The decoder's selection that ``lora_config`` describes (its ``layers_to_transform``)."""
+        every = tuple(range(num_layers))
+        return cls(tuple(lora_config.layers(num_layers)), {m: every for m in lora_config.target_modules},
+                   lora_config=lora_config)
+
+    def rank_of(self, path: str, layer: int) -> int | None:
+        """The searched rank of ``path`` in ``layer`` (None without a rank search for it)."""
+        per_layer = self.ranks.get(path)
+        return None if per_layer is None else per_layer[self.modules[path].index(layer)]
+
+    def to_lora_config(self, base: LoraConfig) -> LoraConfig:
+        """``base`` restricted to the selection: ``layers_to_transform`` and the searched ranks in
+        ``rank_pattern`` (PEFT's module paths); what the decoder fine-tunes."""
+        num_layers = len(next(iter(self.modules.values()), ()))
+        pattern: dict[str, int] = dict(base.rank_pattern)
+        for module, per_layer in self.ranks.items():
+            for layer, r in zip(self.modules[module], per_layer):
+                if r and r != base.r:
+                    pattern[module_path(module, layer)] = r
+        layers = self.layers if len(self.layers) < num_layers else None
+        return dataclasses.replace(base, layers_to_transform=layers, rank_pattern=pattern)
+
+    def _rank_key(self, path: str, layer: int) -> str:
+        if self.lora_config is not None:
+            return module_path(path, layer)
+        return path if len(self.modules[path]) == 1 else f"{path}[{layer}]"
 
     def to_json(self, trainable_params: int | None = None) -> dict[str, Any]:
-        out: dict[str, Any] = {"layers": list(self.layers), "ranks": {}}
-        if self.ranks is not None:
-            out["ranks"] = {module_path(m, i): r for m, rs in self.ranks.items()
-                            for i, r in enumerate(rs) if i in self.layers}
+        """``selection.json``: ``layers``, ``ranks`` ({PEFT path or ``path[layer]``: r}, selected layers only),
+        ``modules``, and the decoder's ``lora_config``; :meth:`from_json` reads it back."""
+        ranks = {self._rank_key(p, layer): r for p, per_layer in self.ranks.items()
+                 for layer, r in zip(self.modules[p], per_layer) if r}
+        out: dict[str, Any] = {"layers": list(self.layers), "ranks": ranks,
+                               "modules": {p: list(v) for p, v in self.modules.items()}}
+        if self.lora_config is not None:
+            out["lora_config"] = self.lora_config.to_dict()
         if trainable_params is not None:
             out["trainable_params"] = int(trainable_params)
         return out
 
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> Selection:
+        """A selection written by :meth:`to_json`; a malformed one is a :class:`ConfigError` naming the field."""
+        if not isinstance(data, Mapping) or not isinstance(data.get("layers"), list) \
+                or not isinstance(data.get("modules"), Mapping):
+            raise ConfigError("Selection.from_json needs a mapping with 'layers' (a list) and 'modules' "
+                              f"({{path: [layers]}}), as Selection.to_json writes; got {data!r:.200}")
+        lora_config = None if data.get("lora_config") is None else _lora_config(data["lora_config"])
+        modules = {p: tuple(v) for p, v in data["modules"].items()}
+        ranks: dict[str, list[int]] = {}
+        for key, r in (data.get("ranks") or {}).items():
+            peft, stacked = _PEFT_KEY.match(key), _STACKED_KEY.match(key)
+            if lora_config is not None and peft:
+                path, layer = peft.group(2), int(peft.group(1))
+            elif stacked and stacked.group(1) in modules:
+                path, layer = stacked.group(1), int(stacked.group(2))
+            elif key in modules and len(modules[key]) == 1:
+                path, layer = key, modules[key][0]
+            else:
+                raise ConfigError(f"Selection.from_json: rank key {key!r} names no module of {sorted(modules)}")
+            per_layer = ranks.setdefault(path, [0] * len(modules[path]))
+            per_layer[modules[path].index(layer)] = int(r)
+        return cls(tuple(data["layers"]), modules, {p: tuple(v) for p, v in ranks.items()}, lora_config)
 
-@functools.singledispatch
-def select(gates: Gates, base: LoraConfig, num_layers: int,
-           selection: SelectionConfig = SelectionConfig()) -> Selection:
-    """Layers (if layer gates) and ranks (if rank gates) -> a fine-tune :class:`LoraConfig`.
 
-    A Flax NNX model as the first argument dispatches to :func:`flexora_jax.nnx.select_nnx`
-    (``fj.select(model, gates, selection)``: the selection in the model's own module paths).
+def _lora_config(obj: Any) -> LoraConfig:
+    if not isinstance(obj, Mapping):
+        raise ConfigError(f"Selection.from_json: 'lora_config' must be a mapping of LoraConfig fields, got {obj!r:.200}")
+    known = {f.name for f in dataclasses.fields(LoraConfig)}
+    unknown = sorted(set(obj) - known)
+    if unknown:
+        raise ConfigError(f"Selection.from_json: 'lora_config' has unknown field(s) {unknown}; known: {sorted(known)}")
+    return LoraConfig(**obj)
+
+
+def select_lora(gates: Gates, base: LoraConfig, num_layers: int,
+                selection: SelectionConfig = SelectionConfig()) -> Selection:
+    """The decoder's selection from its gates: layers (if layer gates) and ranks (if rank gates).
+
+    The result's ``lora_config`` is ``base`` restricted to it (:meth:`Selection.to_lora_config`), what the
+    fine-tune stage trains; ``fj.select(model_or_problem, gates)`` calls this for the built-in decoder.
     """
     if gates is None:
         raise ConfigError("select needs gates from a search (layer, rank or both), got None")
+    if gates.layer is not None and np.shape(gates.layer) != (num_layers,):
+        raise ConfigError(f"select: the layer gates have shape {np.shape(gates.layer)}, the model has {num_layers} "
+                          "layers (gates from another model?)")
     layers = (select_layers(gates, selection.rule, selection.top_k, selection.threshold) if gates.layer is not None
               else tuple(base.layers(num_layers)))
-    ranks = select_ranks(gates) if gates.rank is not None else None
-    pattern: dict[str, int] = dict(base.rank_pattern)
-    if ranks is not None:
-        for m, rs in ranks.items():
-            for i in layers:
-                if rs[i] != base.r:
-                    pattern[module_path(m, i)] = rs[i]
-    cfg = dataclasses.replace(base, layers_to_transform=layers if len(layers) < num_layers else None,
-                              rank_pattern=pattern)
-    return Selection(layers=layers, ranks=ranks, lora_config=cfg)
+    every = tuple(range(num_layers))
+    ranks = {}
+    if gates.rank is not None:
+        ranks = {m: tuple(r if i in layers else 0 for i, r in enumerate(rs)) for m, rs in select_ranks(gates).items()}
+    found = Selection(layers, {m: every for m in base.target_modules}, ranks)
+    return dataclasses.replace(found, lora_config=found.to_lora_config(base))

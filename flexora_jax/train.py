@@ -1,9 +1,10 @@
-"""The fine-tuning stage: a fresh LoRA on the selected layers / ranks, everything else frozen.
+"""The fine-tuning stage's pure pieces: a fresh LoRA on the selected layers / ranks, everything else frozen.
 
-``train_step`` is a pure function ``(state, batch) -> (state, metrics)`` jitted with the state
-donated, so the LoRA and optimizer buffers are updated in place. The optimizer is an optax chain
-(global-norm clip, AdamW with a warm-up + cosine schedule) wrapped in ``optax.MultiSteps`` for gradient
-accumulation; only LoRA leaves are ever seen by it.
+:func:`train_step` is a pure function ``(base, state, batch) -> (state, metrics)`` over any problem's loss
+(:class:`flexora_jax.problem.Problem`), jitted by the driver with the state donated, so the LoRA and
+optimizer buffers are updated in place. The optimizer is an optax chain (global-norm clip, AdamW with a
+warm-up + cosine schedule) wrapped in ``optax.MultiSteps`` for gradient accumulation, or any optax
+transformation; only LoRA leaves are ever seen by it. The loop is :mod:`flexora_jax.engine`'s.
 """
 
 from __future__ import annotations
@@ -17,18 +18,19 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flexora_jax import loops
-from flexora_jax.models.losses import lm_loss
+from flexora_jax.bilevel import ProblemLoss
 from flexora_jax.config import FinetuneConfig, ModelConfig
-from flexora_jax.data import BatchSampler, Dataset, batches_in_order
-from flexora_jax.errors import NumericsError, check_tree_shapes
+from flexora_jax.data import Dataset, batches_in_order
+from flexora_jax.errors import NumericsError
 from flexora_jax.gates import Gates
 from flexora_jax.lora import LoraParams
-from flexora_jax.sharding import fetch
+from flexora_jax.models.losses import lm_loss
 
 
 class TrainState(NamedTuple):
-    lora: LoraParams
+    """What the fine-tune step reads and writes (and a checkpoint holds): LoRA, optimizer state, step, key."""
+
+    lora: Any
     opt_state: Any
     step: jax.Array
     rng: jax.Array
@@ -41,8 +43,11 @@ def total_steps(cfg: FinetuneConfig, n_examples: int) -> int:
     return min(steps, cfg.max_steps) if cfg.max_steps > 0 else steps
 
 
+@functools.lru_cache(maxsize=64)
 def make_optimizer(cfg: FinetuneConfig, steps: int) -> optax.GradientTransformation:
-    """Clip -> AdamW/Adam/SGD with (warm-up +) cosine or constant lr, accumulated over ``grad_accum``."""
+    """Clip -> AdamW/Adam/SGD with (warm-up +) cosine or constant lr, accumulated over ``grad_accum``.
+
+    Cached: the same settings give the same transformation, hence the same compiled fine-tune step."""
     warmup = int(cfg.warmup_ratio * steps)
     if cfg.schedule == "cosine" and warmup > 0:
         lr = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, max(steps, warmup + 1), end_value=0.0)
@@ -63,21 +68,50 @@ def make_optimizer(cfg: FinetuneConfig, steps: int) -> optax.GradientTransformat
     return opt
 
 
-def init_train_state(lora: LoraParams, optimizer: optax.GradientTransformation, seed: int = 0) -> TrainState:
-    """A fresh training state: the LoRA with its layout traced (:meth:`LoraParams.traced_layout`: one program
-    for every selection of the same targets and ``r_max``), the optimizer over its weights only. The LoRA is
-    copied: the jitted step donates its state, and the caller's arrays must stay usable."""
-    lora = jax.tree.map(jnp.copy, lora.traced_layout())
-    return TrainState(lora, optimizer.init(lora.weights), jnp.zeros((), jnp.int32), jax.random.key(seed))
+def init_train_state(lora: Any, optimizer: optax.GradientTransformation, seed: int = 0) -> TrainState:
+    """A fresh training state over ``lora`` (copied: the jitted step donates its state).
+
+    A decoder ``LoraParams`` gets its layout traced (:meth:`LoraParams.traced_layout`: one program for every
+    selection of the same targets and ``r_max``) and the optimizer runs over its weights only.
+    """
+    if isinstance(lora, LoraParams):
+        lora = lora.traced_layout()
+        return TrainState(jax.tree.map(jnp.copy, lora), optimizer.init(lora.weights), jnp.zeros((), jnp.int32),
+                          jax.random.key(seed))
+    lora = jax.tree.map(jnp.copy, lora)
+    return TrainState(lora, optimizer.init(lora), jnp.zeros((), jnp.int32), jax.random.key(seed))
+
+
+def train_step(loss: ProblemLoss, optimizer: optax.GradientTransformation,
+               dropout: bool = False) -> Callable[..., tuple[TrainState, dict]]:
+    """The pure fine-tune step ``(base, state, batch) -> (state, {"loss", "grad_norm"})`` of any problem.
+
+    ``loss(base, lora, hyper, batch, key)`` is the problem's (hyper None: the model's own frozen gates),
+    ``key`` a fresh dropout key per step when ``dropout``. Cached on its arguments: one function, hence one
+    compiled program, for every fine-tune of the same problem loss and optimizer.
+    """
+    return _train_step(loss, optimizer, dropout)
+
+
+@functools.lru_cache(maxsize=64)
+def _train_step(loss: ProblemLoss, optimizer: optax.GradientTransformation,
+                dropout: bool) -> Callable[..., tuple[TrainState, dict]]:
+    def step(base: Any, state: TrainState, batch: Dataset) -> tuple[TrainState, dict]:
+        rng, key = jax.random.split(state.rng)
+        value, grads = jax.value_and_grad(lambda w: loss(base, w, None, batch, key if dropout else None))(state.lora)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
+        lora = optax.apply_updates(state.lora, updates)
+        return TrainState(lora, opt_state, state.step + 1, rng), {"loss": value, "grad_norm": optax.tree.norm(grads)}
+    return step
 
 
 @functools.lru_cache(maxsize=32)
 def make_train_step(config: ModelConfig, cfg: FinetuneConfig, steps: int) -> Callable[..., tuple[TrainState, dict]]:
-    """The pure fine-tune step ``(params, state, batch, gates=None) -> (state, {"loss", "grad_norm"})``.
+    """The built-in decoder's fine-tune step ``(params, state, batch, gates=None) -> (state, {"loss", "grad_norm"})``
+    over a :func:`init_train_state` of a ``LoraParams``: the functional convenience (``fj.finetune`` runs
+    :func:`train_step` over :func:`flexora_jax.problem.decoder_problem`, the same computation).
 
-    Jit it yourself (``jax.jit(step, donate_argnums=1)``) or through :func:`flexora_jax.loops.compile_step`.
-    Cached on (model config, fine-tune config, steps): every fine-tune with the same settings (e.g. the
-    methods of a comparison) gets the same function, hence the same compiled program.
+    Jit it yourself (``jax.jit(step, donate_argnums=1)``). Cached on (model config, fine-tune config, steps).
     """
     optimizer = make_optimizer(cfg, steps)
 
@@ -120,51 +154,3 @@ def check_finite(value: float, what: str, step: int) -> None:
     if not np.isfinite(value):
         raise NumericsError(f"{what} is {value} at step {step}: stopping (lower the learning rate, enable "
                             "gradient clipping, or check the data for empty targets)")
-
-
-@functools.singledispatch
-def finetune(config: ModelConfig, params: Any, lora: LoraParams, train: Dataset, cfg: FinetuneConfig,
-             val: Dataset | None = None, seed: int = 0, callback: Callable[[int, dict], None] | None = None,
-             state: TrainState | None = None, sampler_state: dict | None = None,
-             mesh: Any = None) -> tuple[LoraParams, list[dict]]:
-    """Train ``lora`` on ``train`` for the configured steps; returns the final (or best) LoRA and history.
-
-    ``callback(step, record)`` is called after every step (logging, checkpoints; it may raise to stop).
-    A NaN / Inf loss raises :class:`NumericsError` naming the step. ``mesh``: a ``jax.sharding.Mesh``
-    (params and state placed sharded, batches assembled from each process's rows; the returned LoRA is
-    sharded the same way); None runs on one device. A Flax NNX model as the first argument dispatches to
-    :func:`flexora_jax.nnx.finetune_nnx` (``fj.finetune(model, train, cfg, loss_fn=...)``).
-    """
-    steps = total_steps(cfg, len(train["input_ids"]))
-    sampler = BatchSampler(train, cfg.batch_size, seed=seed)
-    if sampler_state is not None:
-        sampler.restore(sampler_state)
-    fresh = functools.partial(init_train_state, lora, make_optimizer(cfg, steps), seed)
-    if state is None:
-        state = fresh()
-    else:
-        check_tree_shapes(state, jax.eval_shape(fresh), "finetune: the given state")
-    program = loops.compile_step(make_train_step(config, cfg, steps), loops.default_mesh(mesh),
-                                 (params, state, sampler.abstract()), {2: 0})
-    params, state = program.place(params, state)
-    history: list[dict] = []
-    best: list[Any] = [math.inf, None]
-    micro_steps = steps * cfg.grad_accum
-
-    def on_step(step: int, state: TrainState, metrics: dict) -> None:
-        loss = float(metrics["loss"])
-        check_finite(loss, "fine-tune loss", step)
-        record = {"step": step, "loss": loss, "grad_norm": float(metrics["grad_norm"])}
-        if val is not None and cfg.eval_every > 0 and (step % cfg.eval_every == 0 or step == micro_steps):
-            record["val_loss"] = dataset_loss(config, params, state.lora, val)
-            if cfg.keep_best and record["val_loss"] < best[0]:
-                best[:] = [record["val_loss"], fetch(state.lora)]
-        history.append(record)
-        if callback is not None:
-            callback(step, dict(record, sampler=sampler.state(), state=state))
-
-    state = loops.run(program, params, state, lambda: (sampler.next(),), int(state.step), micro_steps, [on_step])
-    final = state.lora
-    if cfg.keep_best and best[1] is not None:
-        final = jax.tree.map(jnp.asarray, best[1])
-    return (final if lora.coef is not None else final.with_spec(lora.spec)), history

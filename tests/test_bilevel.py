@@ -114,11 +114,14 @@ def test_forward_mode_equals_reverse_mode_and_remat_and_python_loop():
             return jax.jit(lambda g, s: hypergradient(estimator, loss, loss, opt, g, s, batches, val, **kw))(
                 gates, state)
 
-        rev, s_rev, _ = hg("unrolled", remat=True)
-        norem, _, _ = hg("unrolled", remat=False)
+        rev, s_rev, _ = hg("unrolled", unrolled_mode="reverse", remat=True)
+        norem, _, _ = hg("unrolled", unrolled_mode="reverse", remat=False)
+        mixed, s_mixed, _ = hg("unrolled")  # the default: forward sweep + forward-over-reverse HVPs
         fwd, s_fwd, _ = hg("forward")
         assert _rel_err(norem, rev) < 1e-10
+        assert _rel_err(mixed, rev) < 1e-10
         assert _rel_err(fwd, rev) < 1e-10
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-12), s_mixed.lora, s_rev.lora)
 
         def python_loop(g):
             s = state
@@ -129,6 +132,30 @@ def test_forward_mode_equals_reverse_mode_and_remat_and_python_loop():
         (_, s_loop), loop_grad = jax.jit(jax.value_and_grad(python_loop, has_aux=True))(gates)
         assert _rel_err(loop_grad, rev) < 1e-10
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12), s_loop.lora, s_rev.lora)
+
+
+@pytest.mark.parametrize("reset", [False, True])
+def test_mixed_mode_equals_reverse_mode_in_float32(reset):
+    """The mixed-mode unrolled hypergradient is reverse mode's to 1e-5 in float32: a clipped AdamW chain (integer
+    step counters in its state), layer and rank gates, non-zero B, and the reference code's optimizer reset."""
+    cfg, params, lora, gates, batches, val = _setup(rank_gates=True, nonzero_b=True)
+    cfg = dataclasses.replace(cfg, dtype="float32")
+    params, lora, gates, batches, val = jax.tree.map(
+        lambda x: x.astype(np.float32) if np.issubdtype(np.asarray(x).dtype, np.floating) else x,
+        (params, lora, gates, batches, val))
+    loss = make_loss_fn(cfg, params)
+    opt = optax.chain(optax.clip_by_global_norm(10.0), optax.adamw(1e-2, eps_root=1e-16))
+    state = InnerState(lora, opt.init(lora))
+    kb = jax.tree.map(lambda x: x[:3], batches)
+
+    @jax.jit
+    def both(g, s):
+        return [hypergradient("unrolled", loss, loss, opt, g, s, kb, val, reset_optimizer=reset,
+                              unrolled_mode=mode)[0] for mode in ("mixed", "reverse")]
+
+    mixed, reverse = both(gates, state)
+    assert _rel_err(mixed, reverse) < 1e-5
+    assert float(np.abs(mixed.layer).max()) > 0 and float(np.abs(mixed.rank["q_proj"]).max()) > 0
 
 
 def test_first_order_is_the_direct_partial():
@@ -202,19 +229,21 @@ def test_search_step_compiles_once_and_state_carries_on():
             "loss_mask": np.ones((40, 8), np.float32)}
     sc = SearchConfig(inner_steps=2, steps=6, batch_size=4, val_batch_size=4)
     _search_step.cache_clear()
-    res = fj.search(cfg, params, fj.LoraConfig(r=2), sc, data, data, seed=0)
+    problem = fj.decoder_problem(cfg, params, fj.LoraConfig(r=2))
+    res = fj.search(problem, sc, data, data, seed=0)
     sampler = BatchSampler(data, 4)
-    program = fj.loops.compile_step(make_search_step(cfg, sc), fj.loops.default_mesh(),
-                                    (params, res.state, sampler.abstract(2), sampler.abstract()), {2: 1, 3: 0})
+    first, twice = problem.for_stage(None), problem.for_stage(sc.hypergradient)  # what fj.search builds
+    program = fj.loops.compile_step(fj.search_step(first.loss, sc, None, None, twice.loss), fj.loops.default_mesh(),
+                                    (problem.base, res.state, sampler.abstract(2), sampler.abstract()), {2: 1, 3: 0})
     assert program.fn._cache_size() == 1  # six steps, one compiled program (the loop's, found again)
     assert int(res.state.step) == 6 and len(res.trajectory) == 6
     assert not np.allclose(res.trajectory[0], res.trajectory[-1])
     assert abs(float(np.mean(res.trajectory[-1])) - 1.0) < 1e-5  # L * softmax keeps the mean gate at 1
     # same seed, same gates
-    res2 = fj.search(cfg, params, fj.LoraConfig(r=2), sc, data, data, seed=0)
+    res2 = fj.search(fj.decoder_problem(cfg, params, fj.LoraConfig(r=2)), sc, data, data, seed=0)
     np.testing.assert_array_equal(np.asarray(res.gates.layer), np.asarray(res2.gates.layer))
     assert program.fn._cache_size() == 1  # a second search with the same settings reuses the program
     longer = dataclasses.replace(sc, steps=9)  # only the number of steps changes: the same program
-    res3 = fj.search(cfg, params, fj.LoraConfig(r=2), longer, data, data, seed=0)
+    res3 = fj.search(fj.decoder_problem(cfg, params, fj.LoraConfig(r=2)), longer, data, data, seed=0)
     assert int(res3.state.step) == 9 and program.fn._cache_size() == 1
     assert _search_step.cache_info().currsize == 1

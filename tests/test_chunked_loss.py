@@ -14,7 +14,9 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import flexora_jax as fj
-from flexora_jax.bilevel import InnerState, make_loss_fn, search, unroll
+from flexora_jax.bilevel import InnerState, make_loss_fn, unroll
+from flexora_jax.engine import search
+from flexora_jax.problem import decoder_problem
 from flexora_jax.config import SearchConfig
 from flexora_jax.models.llama import forward
 from flexora_jax.models.losses import LOSS_CHUNK_BYTES, MIN_LOSS_CHUNK, lm_loss, loss_chunk, token_logprobs
@@ -136,15 +138,15 @@ def test_bf16_search_selects_what_the_fp32_search_selects():
     lcfg = fj.LoraConfig(r=4, lora_alpha=4.0)
     cfg16 = dataclasses.replace(task.config, dtype="bfloat16")
     params16 = jax.tree.map(lambda x: x.astype(jnp.bfloat16), task.params)
-    res16 = search(cfg16, params16, lcfg, sc, task.train, task.val, seed=0)
-    res32 = search(task.config, task.params, lcfg, sc, task.train, task.val, seed=0)
+    res16 = search(decoder_problem(cfg16, params16, lcfg), sc, task.train, task.val, seed=0)
+    res32 = search(decoder_problem(task.config, task.params, lcfg), sc, task.train, task.val, seed=0)
     assert res16.selection.layers == res32.selection.layers
     assert set(res32.selection.layers) == set(task.planted_layers)
     floats = [x for x in jax.tree.leaves((res16.state.inner, res16.state.gates, res16.state.gate_opt_state))
               if jnp.issubdtype(x.dtype, jnp.floating)]
     assert floats and all(x.dtype == jnp.float32 for x in floats)
     batch = jax.tree.map(lambda x: jnp.asarray(x[:2]), task.val)
-    hidden = forward(cfg16, params16, batch["input_ids"], lora=res16.state.inner.lora, gates=res16.gates,
+    hidden = forward(cfg16, params16, batch["input_ids"], lora=res16.result, gates=res16.gates,
                      return_hidden=True)
     assert hidden.dtype == jnp.bfloat16
-    assert lm_loss(cfg16, params16, res16.state.inner.lora, res16.gates, batch).dtype == jnp.float32
+    assert lm_loss(cfg16, params16, res16.result, res16.gates, batch).dtype == jnp.float32

@@ -201,7 +201,7 @@ def test_one_fine_tune_program_serves_every_selection(params):
         lora = fj.init_lora(config, dataclasses.replace(lc, init_lora_weights=False), jax.random.key(i))
         np.testing.assert_allclose(fj.lm_loss(config, p4, lora.traced_layout(), None, data),
                                    fj.lm_loss(config, p4, lora, None, data), rtol=1e-6)
-        trained, _ = fj.finetune(config, p4, lora, data, ft)
+        trained, _ = fj.finetune(fj.decoder_problem(config, p4, lora), data, ft)
         assert trained.spec == lora.spec and trained.coef is None  # back to the static layout
         for m in base.target_modules:
             off = np.asarray(lora.spec.coefficients(m)) == 0  # [L, r]: not adapted

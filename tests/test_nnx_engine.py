@@ -28,7 +28,7 @@ def test_fj_search_then_fj_finetune_on_a_foreign_nnx_model():
     sc = fj.SearchConfig(hypergradient="first_order", inner_steps=1, steps=150, inner_lr=3e-3, outer_lr=0.01,
                          batch_size=16, val_batch_size=16)
     result = fj.search(student, sc, train, val, loss_fn=_soft)
-    assert isinstance(result, fj.nnx.NNXSearchResult) and len(result.history) == 150
+    assert isinstance(result, fj.SearchResult) and len(result.history) == 150
     assert result.selection.layers == PLANTED  # the planted layers, in the model's own numbering
     assert fj.select(student, result.gates) == result.selection  # fj.select dispatches on the model too
     top1 = fj.select(student, result.gates, fj.SelectionConfig(rule="top_k", top_k=1))
@@ -111,4 +111,4 @@ def test_fj_select_on_the_nnx_decoder_is_the_functional_selection():
     gates = fj.init_gates("layer", 4)
     gates = gates.replace(layer=jnp.asarray([0.5, -0.3, 0.2, -0.1]))
     got = fj.select(model, gates)
-    assert got == fj.select(gates, lora_config, 4) and got.layers == (0, 2)
+    assert got == fj.select_lora(gates, lora_config, 4) and got.layers == (0, 2)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -67,11 +69,13 @@ def test_nnx_loss_on_the_decoder_equals_the_functional_loss_and_gradients():
     batch = {"input_ids": tokens, "attention_mask": mask, "loss_mask": mask}
     graphdef, base, lora_state, gate_state = split_for_search(model)
     layout = GateLayout.of(gate_state)
-    assert layout.layers == (0, 1) and set(layout.sites("rank_logits")) == {"q_proj", "v_proj"}
+    assert layout.layers == (0, 1) and set(layout.sites("rank")) == {"q_proj", "v_proj"}
     neutral = init_hyperparameters(layout, "both")
     assert neutral.layer.shape == (2,) and neutral.rank["q_proj"].shape == (2, 2)
-    # the raw gates are this model's hyperparameters: the NNX loss and the functional loss are one function
-    nnx_loss = make_loss(graphdef, layout, lambda m, b: m.lm_loss(b), base)
+    # the raw gates are this model's hyperparameters (its gate variables hold their multipliers): the NNX
+    # loss and the functional loss are one function
+    nnx_loss = functools.partial(make_loss(graphdef, layout, lambda m, b: m.lm_loss(b)),
+                                 {"model": base, "gates": gate_state})
     grad = jax.jit(jax.value_and_grad(lambda loss, *a: loss(*a), argnums=(1, 2)), static_argnums=0)
     value_nnx, (dlora_nnx, dgates_nnx) = grad(nnx_loss, lora_state, gates, batch)
     value, (dlora, dgates) = grad(make_loss_fn(CONFIG, params), lora, gates, batch)

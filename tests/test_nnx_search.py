@@ -3,6 +3,8 @@ planted-layer recovery, selection in the model's own paths."""
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +19,8 @@ from flexora_jax.bilevel import InnerState, hypergradient, init_search_state
 from flexora_jax.config import SearchConfig
 from flexora_jax.errors import ConfigError
 from flexora_jax.gates import Gates
-from flexora_jax.nnx import (Gate, GateLayout, Selection, add_lora, apply_selection, gate_state, init_hyperparameters,
+from flexora_jax.selection import Selection
+from flexora_jax.nnx import (Gate, GateLayout, add_lora, apply_selection, gate_state, init_hyperparameters,
                              make_loss, make_search_step, merge_lora, select, split_for_search, update_model)
 from flexora_jax.nnx.surgery import count_lora_params, delta_kernel, lora_sites
 
@@ -49,7 +52,7 @@ def test_unrolled_hypergradient_matches_float64_finite_differences():
         layout = GateLayout.of(gates)
         hyper = perturbed(init_hyperparameters(layout, "both"), 3)
         assert hyper.layer.dtype == jnp.float64 and hyper.layer.shape == (2,)
-        loss = make_loss(graphdef, layout, soft_loss, base)
+        loss = functools.partial(make_loss(graphdef, layout, soft_loss), {"model": base, "gates": gates})
         opt = optax.adamw(1e-2, eps_root=1e-16)
         # One compiled function: the hypergradient, the state after K inner steps, and the objective
         # L_val(theta_K(h), h) in its metrics (what the finite differences evaluate).
@@ -218,7 +221,7 @@ def test_mesh_hypergradient_matches_one_device():
             var.set_value(jax.device_put(random, value.sharding))  # keeps the LoRA variable's placement
         graphdef, base, lora, gates = split_for_search(model)
         layout = GateLayout.of(gates)
-        loss = make_loss(graphdef, layout, soft_loss, base)
+        loss = functools.partial(make_loss(graphdef, layout, soft_loss), {"model": base, "gates": gates})
         opt = optax.adamw(1e-2, eps_root=1e-16)
         hyper = perturbed(init_hyperparameters(layout, "both"), 3)
         run = jax.jit(lambda h, s, t, v: hypergradient("first_order", loss, loss, opt, h, s, t, v)[0])

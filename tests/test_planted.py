@@ -9,7 +9,8 @@ import pytest
 import flexora_jax as fj
 from flexora_jax.config import SearchConfig
 from flexora_jax.planted import PlantedConfig, make_planted_task
-from flexora_jax.bilevel import search
+from flexora_jax.engine import search
+from flexora_jax.problem import decoder_problem
 
 SEEDS = range(5)
 
@@ -49,12 +50,12 @@ def test_flexora_unrolled_search_recovers_planted_layers(tasks):
     sc = SearchConfig(hypergradient="unrolled", inner_steps=4, steps=20)
     precision, recall = [], []
     for seed, t in tasks.items():
-        res = search(t.config, t.params, fj.LoraConfig(r=4, lora_alpha=4.0), sc, t.train, t.val, seed=seed)
+        res = search(decoder_problem(t.config, t.params, fj.LoraConfig(r=4, lora_alpha=4.0), seed=seed), sc, t.train, t.val, seed=seed)
         chosen, planted = set(res.selection.layers), set(t.planted_layers)
         precision.append(len(chosen & planted) / len(chosen))
         recall.append(len(chosen & planted) / len(planted))
         # the second check: the gated LoRA energy sits in the planted layers
-        delta = fj.delta_weights(res.state.inner.lora, res.gates)
+        delta = fj.delta_weights(res.result, res.gates)
         energy = sum(np.sum(np.asarray(d) ** 2, axis=(1, 2)) for d in delta.values())
         assert energy[list(planted)].sum() / energy.sum() >= 0.5
     assert np.mean(precision) >= 0.8 and np.mean(recall) >= 0.8, (precision, recall)
@@ -65,7 +66,7 @@ def test_first_order_search_recovers_planted_layers(tasks):
     hits = 0
     for seed in (0, 3):
         t = tasks[seed]
-        res = search(t.config, t.params, fj.LoraConfig(r=4, lora_alpha=4.0), sc, t.train, t.val, seed=seed)
+        res = search(decoder_problem(t.config, t.params, fj.LoraConfig(r=4, lora_alpha=4.0), seed=seed), sc, t.train, t.val, seed=seed)
         hits += set(res.selection.layers) == set(t.planted_layers)
     assert hits == 2
 
@@ -81,7 +82,7 @@ def test_autolora_darts_search_gives_high_rank_modules_higher_ranks():
     high, low = [], []
     for seed in range(4):
         t = make_planted_task(PlantedConfig(seed=seed, planted_rank=8, planted_ranks={"q_proj": 8, "v_proj": 1}))
-        res = search(t.config, t.params, fj.LoraConfig(r=8, lora_alpha=8.0), sc, t.train, t.val, gates="rank",
+        res = search(decoder_problem(t.config, t.params, fj.LoraConfig(r=8, lora_alpha=8.0), seed=seed), sc, t.train, t.val, gates="rank",
                      seed=seed)
         ranks = res.selection.ranks
         assert all(1 <= r <= 8 for rs in ranks.values() for r in rs)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import flexora_jax as fj
-from flexora_jax.selection import select, select_layers, select_ranks
+from flexora_jax.selection import Selection, select_layers, select_lora, select_ranks
 
 
 def test_layer_rules():
@@ -55,7 +55,7 @@ def test_select_builds_a_peft_style_lora_config():
                      rank={"q_proj": jnp.log(jnp.array([[0.7, 0.1, 0.1, 0.1]] * L)),
                            "v_proj": jnp.zeros((L, 4))})
     base = fj.LoraConfig(r=4, lora_alpha=8.0)
-    sel = select(gates, base, L)
+    sel = select_lora(gates, base, L)
     assert sel.layers == (0, 2)
     cfg = sel.lora_config
     assert cfg.layers_to_transform == (0, 2)
@@ -64,7 +64,10 @@ def test_select_builds_a_peft_style_lora_config():
     model = fj.ModelConfig(num_hidden_layers=L)
     lora = fj.init_lora(model, cfg, __import__("jax").random.key(0))
     n = fj.count_params(model, lora)["trainable"]
-    assert sel.to_json(n) == {"layers": [0, 2], "ranks": {
+    info = sel.to_json(n)
+    assert {k: info[k] for k in ("layers", "ranks", "trainable_params")} == {"layers": [0, 2], "ranks": {
         "model.layers.0.self_attn.q_proj": 1, "model.layers.2.self_attn.q_proj": 1,
         "model.layers.0.self_attn.v_proj": 4, "model.layers.2.self_attn.v_proj": 4}, "trainable_params": n}
+    assert info["modules"] == {"q_proj": [0, 1, 2, 3], "v_proj": [0, 1, 2, 3]}
+    assert Selection.from_json(info) == sel  # selection.json reads back whole (decoder kind: PEFT paths)
     assert n == 2 * (1 * (64 + 64) + 4 * (64 + 64))

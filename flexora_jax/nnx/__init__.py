@@ -8,7 +8,7 @@ Names read next to ``flax.nnx``::
     model = MyFlaxModel(rngs=nnx.Rngs(0))                      # any NNX model (or fnnx.LlamaForCausalLM)
     fnnx.add_lora(model, ("q", "v"), rank=8, gates="layer", rngs=nnx.Rngs(1))
     graphdef, base, lora, gates = fnnx.split_for_search(model)  # nnx.Param / nnx.LoRAParam / fnnx.Gate
-    result = fj.search(model, search_config, train, val, loss_fn=loss_fn)  # the one host loop; or by hand:
+    result = fj.search(model, search_config, train, val, loss_fn=loss_fn)  # the one engine; or by hand:
     step = fnnx.make_search_step(graphdef, gates, loss_fn, search_config)   # loss_fn(model, batch)
     state = fnnx.init_search_state(lora, fnnx.init_hyperparameters(gates, "layer"), search_config)
     state, metrics = step(base, state, train_batches, val_batch)            # jitted, compiled once
@@ -27,45 +27,46 @@ Gate, ...)`` turns the one stateful module into exactly the three pytrees the fu
 (:mod:`flexora_jax.bilevel`) is written over, plus a static graphdef. Merging them back happens inside
 the jitted loss, so every transform the core applies (``jax.grad`` w.r.t. LoRA, reverse mode through
 a ``lax.scan`` of K inner steps w.r.t. the gates, ``jax.jvp`` for DARTS, forward mode) sees a pure
-function ``loss(lora, hyper, batch)`` of explicit arguments: no hidden module state, no mutation
+function ``loss(base, lora, hyper, batch, key)`` of explicit arguments: no hidden module state, no mutation
 under a transform, nothing the core has to know about NNX, and the same estimators, verified
 against finite differences, serve any model. Variable types are also what NNX users already select
 on (``nnx.Optimizer(..., wrt=nnx.LoRAParam)``, ``nnx.state(model, Gate)``), so the searched model
 trains with their own tools afterwards.
 
 The gate variables hold the *multipliers* of the LoRA branch (1.0 = plain LoRA, 0 = no LoRA), not
-Flexora's alpha: the parametrisations that couple modules (``w = L softmax(alpha)`` over all layers,
-``softmax(beta)`` per module) live in the search engine (:func:`gate_state`), which maps the raw
-hyperparameters to the multipliers before ``nnx.merge``. A module then needs nothing but its own
-gate, which is what makes layers stacked under ``nnx.scan`` simple (each step sees its slice) and
-keeps a zero gate an exact removal. The built-in decoder is the one exception: its functional core
-applies the parametrisation itself, so its gates hold the raw values (role ``*_logits``).
+Flexora's alpha, in every model (``LlamaForCausalLM`` too): the parametrisations that couple modules
+(``w = L softmax(alpha)`` over all layers, ``softmax(beta)`` per module) are one function,
+:func:`flexora_jax.gates.multipliers`, applied to the raw hyperparameters inside the jitted loss. A
+module then needs nothing but its own gate, which is what makes layers stacked under ``nnx.scan``
+simple (each step sees its slice) and keeps a zero gate an exact removal.
+
+One engine: :func:`problem` makes a model the same :class:`flexora_jax.problem.Problem` value the built-in
+decoder makes (``LlamaForCausalLM.lora_problem``), and ``fj.search`` / ``fj.finetune`` run every problem
+through one driver with the same hooks.
 
 LoRA attaches to any projection by re-evaluating the module's call with the LoRA term added where
 its kernel is contracted (:mod:`flexora_jax.nnx.intercept`), so ``nnx.Linear``, ``nnx.Einsum``,
 ``nnx.LinearGeneral`` and a model's own ``jnp.einsum`` modules are all one case.
 """
 
-from flexora_jax.nnx.engine import (NNXSearchResult, NNXTrainState, causal_lm, finetune_nnx, search_nnx,
-                                   select_nnx)
 from flexora_jax.nnx.export import load_adapter, save_adapter, save_peft
 from flexora_jax.nnx.llama import LlamaForCausalLM
-from flexora_jax.nnx.search import (GateLayout, Selection, apply_selection, gate_state, init_hyperparameters,
-                                    init_search_state, make_loss, make_search_step, select, split_for_search,
-                                    update_model)
+from flexora_jax.nnx.problem import as_problem, causal_lm, problem
+from flexora_jax.nnx.search import (GateLayout, apply_selection, gate_state, init_hyperparameters, init_search_state,
+                                    make_loss, make_search_step, select, split_for_search, update_model)
 from flexora_jax.nnx.surgery import LoraSite, add_lora, count_lora_params, lora_sites, merge_lora, remove_lora
 from flexora_jax.nnx.variables import Gate
 
 __all__ = [
     # variables and models
     "Gate", "LlamaForCausalLM",
-    # fj.search / fj.select / fj.finetune on NNX models (dispatched on the first argument)
-    "NNXSearchResult", "NNXTrainState", "causal_lm", "search_nnx", "select_nnx", "finetune_nnx",
+    # the engine's entrance: an NNX model as a fj.Problem (fj.search / fj.finetune / fj.select take the model)
+    "problem", "as_problem", "causal_lm",
     # surgery
     "LoraSite", "add_lora", "merge_lora", "remove_lora", "lora_sites", "count_lora_params",
     # search over NNX states
     "split_for_search", "GateLayout", "init_hyperparameters", "gate_state", "make_loss", "make_search_step",
-    "init_search_state", "update_model", "Selection", "select", "apply_selection",
+    "init_search_state", "update_model", "select", "apply_selection",
     # export
     "save_adapter", "load_adapter", "save_peft",
 ]

@@ -4,17 +4,18 @@
 params (``nnx.Param``, one attribute per key of :func:`flexora_jax.models.init_params`' layout, block
 params stacked on a leading layer axis), the LoRA of every adapted projection (``nnx.LoRAParam``,
 ``layers.<module>.lora_a`` [L, d_in, r] / ``lora_b`` [L, r, d_out], and DoRA's ``lora_magnitude``
-[L, d_out] with ``use_dora``) and the raw gates
-(:class:`~flexora_jax.nnx.Gate`: ``layers.lora_gate`` = Flexora's alpha [L], ``layers.<module>
-.lora_rank_gate`` = AutoLoRA's beta [L, r]). Its ``__call__`` rebuilds ``params`` / ``LoraParams`` /
-``Gates`` from those variables and calls :func:`flexora_jax.models.llama.forward`, so the module and
-the function give identical logits, and the layer scan, the attention backends and the chunked
-losses are the functional core's.
+[L, d_out] with ``use_dora``: the stacked layout of :func:`~flexora_jax.nnx.add_lora`) and the gates
+(:class:`~flexora_jax.nnx.Gate`, multipliers as in every model: ``layers.lora_gate`` [L] per layer,
+``layers.<module>.lora_rank_gate`` [L, r] per rank-1 component). Its ``__call__`` rebuilds ``params`` /
+``LoraParams`` / ``GateValues`` from those variables and calls :func:`flexora_jax.models.llama.forward`, so
+the module and the function give identical logits, and the layer scan, the attention backends and the
+chunked losses are the functional core's.
 
-Because the core parametrises the gates itself (``w = L softmax(alpha)``), this model's gates hold
-raw hyperparameters (roles ``layer_logits`` / ``rank_logits``); the NNX search engine
-(:mod:`flexora_jax.nnx.search`) handles both kinds. The projections here are containers, not
-callable modules: LoRA comes through ``lora_config``, not :func:`~flexora_jax.nnx.add_lora`.
+The engine sees it as the decoder's :class:`~flexora_jax.problem.Problem` (:meth:`lora_problem`, over
+:func:`flexora_jax.problem.decoder_problem`): ``fj.search`` / ``fj.finetune`` run the functional core with
+the LoRA layout traced, selections are the decoder's (``layers_to_transform``, ``rank_pattern``), and
+results are written back here. The projections are containers, not callable modules: LoRA comes through
+``lora_config`` (and :meth:`apply_selection`), not :func:`~flexora_jax.nnx.add_lora`.
 """
 
 from __future__ import annotations
@@ -23,14 +24,18 @@ import os
 from typing import Any, Mapping
 
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
 from flexora_jax.config import LoraConfig, ModelConfig
 from flexora_jax.errors import ConfigError
-from flexora_jax.gates import Gates, init_gates
+from flexora_jax.gates import Gates, GateValues, multipliers
 from flexora_jax.lora import LoraParams, init_lora, make_spec, merge
 from flexora_jax.models import forward, init_params, lm_loss, load_model
+from flexora_jax.nnx.problem import ModelLoss, split_problem
 from flexora_jax.nnx.variables import Gate
+from flexora_jax.problem import Problem, decoder_problem
+from flexora_jax.selection import Selection
 from flexora_jax.sharding import KERNEL_SPECS
 
 Params = dict[str, Any]
@@ -85,10 +90,9 @@ class LlamaForCausalLM(nnx.Module):
     Args:
       config: the model's ``ModelConfig`` (static).
       lora_config: LoRA on the projections (PEFT fields); None for the bare model.
-      gates: "layer", "rank", "both" or None: the searchable gates, at their neutral point.
+      gates: "layer", "rank", "both" or None: the searchable gates, at their neutral point (multipliers 1).
       rngs: draws the base params (when ``params`` is None) and LoRA's A.
       params: base params in the functional layout (else random, ``init_std`` / ``head_std``).
-      gate_power: Flexora's gate exponent (1, or 3 as the reference code).
     Example::
 
         model = LlamaForCausalLM.from_pretrained("path/to/hf-model", lora_config=LoraConfig(r=8), gates="layer")
@@ -97,12 +101,11 @@ class LlamaForCausalLM(nnx.Module):
     """
 
     def __init__(self, config: ModelConfig, lora_config: LoraConfig | None = None, gates: str | None = None, *,
-                 rngs: nnx.Rngs, params: Params | None = None, gate_power: int = 1, init_std: float = 0.02,
+                 rngs: nnx.Rngs, params: Params | None = None, init_std: float = 0.02,
                  head_std: float | None = None):
         if params is None:
             params = init_params(config, rngs.params(), init_std, head_std)
         self.config = config
-        self.gate_power = gate_power
         for key, value in params.items():
             setattr(self, key, ParamNode(value, (key,)) if isinstance(value, Mapping) else
                     nnx.Param(value, **_spec((key,), jax.numpy.ndim(value))))
@@ -112,27 +115,27 @@ class LlamaForCausalLM(nnx.Module):
         if gates not in (None, "none"):
             if lora_config is None:
                 raise ConfigError(f"LlamaForCausalLM: gates={gates!r} need a lora_config (gates scale LoRA only)")
-            spec = make_spec(config, lora_config)
-            self.set_gates(init_gates(gates, config.num_hidden_layers, dict(spec.r_max), gate_power))
+            self.add_gates(gates)
 
     # ------------------------------------------------------------------------------ construction
     @classmethod
     def from_params(cls, config: ModelConfig, params: Params, lora: LoraParams | LoraConfig | None = None,
-                    gates: Gates | str | None = None, *, rngs: nnx.Rngs | None = None) -> "LlamaForCausalLM":
-        """The module over given functional pytrees (``lora`` / ``gates`` as objects, or as config / kind)."""
+                    gates: Gates | GateValues | str | None = None, *,
+                    rngs: nnx.Rngs | None = None) -> "LlamaForCausalLM":
+        """The module over given functional pytrees (``lora`` / ``gates`` as objects, or as config / kind;
+        raw ``Gates`` are stored as their multipliers)."""
         lora_config = lora.spec.config if isinstance(lora, LoraParams) else lora
-        power = gates.power if isinstance(gates, Gates) else 1
         model = cls(config, lora_config, gates if isinstance(gates, str) else None, rngs=rngs or nnx.Rngs(0),
-                    params=params, gate_power=power)
+                    params=params)
         if isinstance(lora, LoraParams):
             model.set_lora(lora)
-        if isinstance(gates, Gates):
+        if isinstance(gates, (Gates, GateValues)):
             model.set_gates(gates)
         return model
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: str = "float32", lora_config: LoraConfig | None = None,
-                        gates: str | None = None, *, rngs: nnx.Rngs | None = None, gate_power: int = 1,
+                        gates: str | None = None, *, rngs: nnx.Rngs | None = None,
                         **load_kwargs: Any) -> "LlamaForCausalLM":
         """Load an HF checkpoint (safetensors, sharded index) via :func:`flexora_jax.models.load_model`.
 
@@ -140,7 +143,7 @@ class LlamaForCausalLM(nnx.Module):
         (``mesh``, ``allow_pickle``, config overrides) are passed to ``load_model``.
         """
         config, params = load_model(path, dtype=dtype, **load_kwargs)
-        return cls(config, lora_config, gates, rngs=rngs or nnx.Rngs(0), params=params, gate_power=gate_power)
+        return cls(config, lora_config, gates, rngs=rngs or nnx.Rngs(0), params=params)
 
     # ------------------------------------------------------------------------------ the pytrees
     def params(self) -> Params:
@@ -157,15 +160,15 @@ class LlamaForCausalLM(nnx.Module):
                        if isinstance(v, nnx.LoRAParam)} for m in spec.targets}
         return LoraParams(weights=weights, spec=spec)
 
-    def gates(self) -> Gates | None:
-        """The raw gates of the functional core (None without gates)."""
+    def gates(self) -> GateValues | None:
+        """The gate multipliers the core applies (None without gates)."""
         layer_gate = vars(self.layers).get("lora_gate")
         targets = () if self.lora_config is None else self.lora_config.target_modules
         rank = {m: getattr(self.layers, m).lora_rank_gate[...] for m in targets
                 if "lora_rank_gate" in vars(getattr(self.layers, m))}
         if layer_gate is None and not rank:
             return None
-        return Gates(layer=None if layer_gate is None else layer_gate[...], rank=rank or None, power=self.gate_power)
+        return GateValues(layer=None if layer_gate is None else layer_gate[...], rank=rank or None)
 
     def set_lora(self, lora: LoraParams) -> None:
         """Put a functional ``LoraParams`` into the module (``nnx.LoRAParam`` variables, created if absent)."""
@@ -180,14 +183,81 @@ class LlamaForCausalLM(nnx.Module):
                 meta = {"out_sharding": specs[key]} if key in specs else {}
                 setattr(node, f"lora_{key}", nnx.LoRAParam(value, eager_sharding=False, **meta))
 
-    def set_gates(self, gates: Gates) -> None:
-        """Put functional raw ``Gates`` into the module (``Gate`` variables, roles ``*_logits``)."""
+    def set_gates(self, gates: Gates | GateValues) -> None:
+        """Put gates into the module as ``Gate`` variables holding multipliers (raw ``Gates`` are mapped by
+        :func:`flexora_jax.gates.multipliers`)."""
+        values = multipliers(gates, self.config.num_hidden_layers)
         layers = tuple(range(self.config.num_hidden_layers))
-        self.gate_power = gates.power
-        if gates.layer is not None:
-            self.layers.lora_gate = Gate(gates.layer, role="layer_logits", layers=layers)
-        for m, beta in (gates.rank or {}).items():
-            getattr(self.layers, m).lora_rank_gate = Gate(beta, role="rank_logits", layers=layers, site=m)
+        if values.layer is not None:
+            self.layers.lora_gate = Gate(values.layer, role="layer", layers=layers)
+        for m, rank in (values.rank or {}).items():
+            getattr(self.layers, m).lora_rank_gate = Gate(rank, role="rank", layers=layers, site=m)
+
+    def add_gates(self, kind: str) -> None:
+        """Neutral gates (multipliers 1) of ``kind`` ("layer", "rank", "both") on the LoRA of this model."""
+        if self.lora_config is None:
+            raise ConfigError("add_gates: the model has no LoRA (lora_config=None); gates scale LoRA only")
+        spec = make_spec(self.config, self.lora_config)
+        L = self.config.num_hidden_layers
+        self.set_gates(GateValues(layer=jnp.ones((L,)) if kind in ("layer", "both") else None,
+                                  rank={m: jnp.ones((L, r)) for m, r in spec.r_max} if kind in ("rank", "both")
+                                  else None))
+
+    def drop_gates(self) -> None:
+        for node in [self.layers, *(getattr(self.layers, m) for m in (self.lora_config or LoraConfig()).target_modules
+                                   if hasattr(self.layers, m))]:
+            for name in [n for n, v in vars(node).items() if isinstance(v, Gate)]:
+                delattr(node, name)
+
+    # ------------------------------------------------------------------------------ the engine
+    def lora_problem(self, loss_fn: ModelLoss | None = None, val_loss_fn: ModelLoss | None = None) -> Problem:
+        """This model as the engine's problem: the decoder's functional core (:func:`decoder_problem`, the
+        LoRA layout traced) with the default loss, or the model merged around ``loss_fn(model, batch)``;
+        selections follow the decoder's rule, results are written back into this module."""
+        lora = self.lora()
+        if lora is None:
+            raise ConfigError("LlamaForCausalLM has no LoRA to train; build it with a lora_config "
+                              "(LlamaForCausalLM(config, LoraConfig(...), gates=...))")
+        decoder = decoder_problem(self.config, self.params(), lora, gates=self.gates(), write=self._write)
+        if loss_fn is None and val_loss_fn is None:
+            return decoder
+        return split_problem(self, loss_fn or _own_loss, val_loss_fn, select=decoder.select,
+                             write=lambda lora, hyper: self._write(self.lora(), hyper, state=lora))
+
+    def _write(self, lora: LoraParams, hyper: Gates | None, state: Any = None) -> "LlamaForCausalLM":
+        if state is not None:
+            nnx.update(self, state)
+        elif self.lora_config is not None and lora.spec.config != self.lora_config:  # another layout (AdaLoRA's)
+            self._drop_lora()
+            self.set_lora(lora)
+        else:
+            self.set_lora(lora)
+        if hyper is not None:
+            self.set_gates(hyper)
+        return self
+
+    def _drop_lora(self) -> None:
+        """Remove LoRA and gates (the model computes the base again)."""
+        self.drop_gates()
+        for m in (self.lora_config or LoraConfig()).target_modules:
+            node = getattr(self.layers, m)
+            for name in [n for n, v in vars(node).items() if isinstance(v, nnx.LoRAParam)]:
+                delattr(node, name)
+        self.lora_config = None
+
+    def apply_selection(self, selection: Selection, *, gates: str | None = None,
+                        rngs: nnx.Rngs) -> "LlamaForCausalLM":
+        """A fresh LoRA on the selected layers and ranks (``selection.lora_config``, or the selection applied to
+        this model's LoRA config), in place; the searched LoRA and gates are dropped (``gates``: new neutral
+        gates of that kind)."""
+        if self.lora_config is None:
+            raise ConfigError("apply_selection: the model has no LoRA config to restrict")
+        cfg = selection.to_lora_config(self.lora_config)
+        self._drop_lora()
+        self.set_lora(init_lora(self.config, cfg, rngs.params(), self.params()))
+        if gates not in (None, "none"):
+            self.add_gates(gates)
+        return self
 
     def merge_lora(self) -> "LlamaForCausalLM":
         """Fold LoRA (times its gates) into the kernels in fp32, then drop LoRA and gates (in place)."""
@@ -195,13 +265,12 @@ class LlamaForCausalLM(nnx.Module):
         if lora is None:
             return self
         merged = merge(self.params(), lora, self.gates())
+        self.drop_gates()
         for m in lora.spec.targets:
             node = getattr(self.layers, m)
             node.kernel.set_value(merged["layers"][m]["kernel"])
-            for name in [n for n, v in vars(node).items() if isinstance(v, (nnx.LoRAParam, Gate))]:
+            for name in [n for n, v in vars(node).items() if isinstance(v, nnx.LoRAParam)]:
                 delattr(node, name)
-        if "lora_gate" in vars(self.layers):
-            del self.layers.lora_gate
         self.lora_config = None
         return self
 
@@ -214,3 +283,7 @@ class LlamaForCausalLM(nnx.Module):
     def lm_loss(self, batch: Mapping[str, jax.Array], dropout_key: jax.Array | None = None) -> jax.Array:
         """The functional core's answer-token loss of a batch (:func:`flexora_jax.models.lm_loss`, chunked)."""
         return lm_loss(self.config, self.params(), self.lora(), self.gates(), dict(batch), dropout_key)
+
+
+def _own_loss(model: LlamaForCausalLM, batch: Any) -> Any:
+    return model.lm_loss(batch)

@@ -5,10 +5,10 @@ The model is split once by variable type (:func:`split_for_search`): a graphdef,
 trains) and the gate state (:class:`~flexora_jax.nnx.Gate`). The search differentiates w.r.t. *raw*
 hyperparameters, a :class:`flexora_jax.gates.Gates` (Flexora's alpha over the adapted layers,
 AutoLoRA's beta per module path); inside the jitted loss they become the gate values
-(:func:`gate_state`: ``w = L softmax(alpha)``, ``softmax(beta)``), the model is rebuilt by
-``nnx.merge`` and the user's ``loss_fn(model, batch)`` is called. So the loss is a pure function
-``loss(lora, hyper, batch)`` and :func:`flexora_jax.bilevel.hypergradient` runs on it unchanged,
-every estimator included. Stacked layers need nothing special: a stacked gate takes its slice of ``w``.
+(:func:`gate_state`, through :func:`flexora_jax.gates.multipliers`: ``w = L softmax(alpha)``,
+``softmax(beta)``), the model is rebuilt by ``nnx.merge`` and the user's ``loss_fn(model, batch)`` is
+called. So the loss is a pure function ``loss(base, lora, hyper, batch, key)`` (:func:`make_loss`, a
+:class:`flexora_jax.problem.Problem`'s loss) and every hypergradient estimator runs on it unchanged. Stacked layers need nothing special: a stacked gate takes its slice of ``w``.
 
 A search step is one jitted function of ``(base, SearchState, train_batches[K], val_batch)``,
 compiled once per search (gate values never change shapes). After the search, :func:`select` reads
@@ -19,6 +19,7 @@ exactly those (a fresh LoRA, no gates unless asked).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Mapping
 
 import jax
@@ -27,13 +28,14 @@ import numpy as np
 import optax
 from flax import nnx
 
-from flexora_jax.bilevel import SearchState, init_search_state, search_step
-from flexora_jax.config import SearchConfig
+from flexora_jax.bilevel import ProblemLoss, SearchState, init_search_state, search_step
+from flexora_jax.config import SearchConfig, SelectionConfig
 from flexora_jax.errors import ConfigError
-from flexora_jax.gates import Gates, layer_gate_values
+from flexora_jax.gates import Gates, GateValues, multipliers
 from flexora_jax.nnx.surgery import LoraSite, adapted_modules, attach_lora, lora_sites, remove_lora
-from flexora_jax.nnx.variables import LOGIT_ROLES, Gate
-from flexora_jax.selection import select_layers, select_ranks
+from flexora_jax.nnx.variables import GATE_ROLES, Gate
+from flexora_jax.problem import HyperLayout
+from flexora_jax.selection import Selection, select_layers, select_ranks
 
 Batch = dict[str, jax.Array]
 ModelLoss = Callable[[nnx.Module, Batch], jax.Array]
@@ -55,9 +57,9 @@ class GateEntry:
     """One gate variable of the model: where it sits in the gate state and what it multiplies."""
 
     path: tuple  # its path in the gate state
-    role: str  # "layer", "rank", "layer_logits" or "rank_logits" (see flexora_jax.nnx.variables)
+    role: str  # "layer" or "rank" (see flexora_jax.nnx.variables)
     layers: tuple[int, ...]  # the layers it covers
-    site: str | None  # the module (path, or module name for LlamaForCausalLM) of a rank gate
+    site: str | None  # the module path of a rank gate
     shape: tuple[int, ...]
     dtype: Any
     metadata: tuple[tuple[str, Any], ...]  # the rest of its metadata (sharding), kept on rebuild
@@ -75,8 +77,9 @@ class GateLayout:
         for path, var in nnx.to_flat_state(gates):
             meta = dict(var.get_metadata())
             role, layers, site = meta.pop("role", None), tuple(meta.pop("layers", ())), meta.pop("site", None)
-            if role is None:
-                raise ConfigError(f"gate {'.'.join(map(str, path))!r} has no role metadata; create gates with add_lora")
+            if role not in GATE_ROLES:
+                raise ConfigError(f"gate {'.'.join(map(str, path))!r} has role {role!r}, expected one of {GATE_ROLES}; "
+                                  "create gates with fj.nnx.add_lora")
             value = var.get_value()
             entries.append(GateEntry(tuple(path), role, layers, site, tuple(value.shape), value.dtype,
                                      tuple(sorted(meta.items()))))
@@ -85,75 +88,80 @@ class GateLayout:
     @property
     def layers(self) -> tuple[int, ...]:
         """The adapted layers, sorted: the L of Flexora's ``w = L softmax(alpha)``."""
-        layered = [e for e in self.entries if e.role in ("layer", "layer_logits")] or self.entries
+        layered = [e for e in self.entries if e.role == "layer"] or self.entries
         return tuple(sorted({i for e in layered for i in e.layers}))
 
-    def sites(self, role: str) -> dict[str, tuple[int, ...]]:
-        """``{site: shape}`` of the rank gates (role "rank" or "rank_logits")."""
+    def sites(self, role: str = "rank") -> dict[str, tuple[int, ...]]:
+        """``{site: shape}`` of the gates of ``role`` that have a site (the rank gates)."""
         return {e.site: e.shape for e in self.entries if e.role == role}
+
+    def hyper_layout(self) -> HyperLayout:
+        """The raw hyperparameters these gates take: alpha over :attr:`layers` (if any layer gate), beta per site."""
+        has_layer = any(e.role == "layer" for e in self.entries)
+        dtype = jnp.result_type(*(e.dtype for e in self.entries)) if self.entries else jnp.float32
+        return HyperLayout(len(self.layers) if has_layer else None, tuple(sorted(self.sites("rank").items())),
+                           str(jnp.dtype(jnp.promote_types(dtype, jnp.float32))))
 
 
 def init_hyperparameters(layout: GateLayout | nnx.State, kind: str = "layer", power: int = 1) -> Gates:
     """Raw hyperparameters at their neutral point (alpha = 0, beta = 0) for a search of ``kind``."""
     layout = layout if isinstance(layout, GateLayout) else GateLayout.of(layout)
-    if kind not in ("layer", "rank", "both"):
-        raise ConfigError(f"search gates must be 'layer', 'rank' or 'both', got {kind!r}")
-    roles = {e.role for e in layout.entries}
-    dtype = jnp.result_type(*(e.dtype for e in layout.entries)) if layout.entries else jnp.float32
-    layer = rank = None
-    if kind in ("layer", "both"):
-        if not roles & {"layer", "layer_logits"}:
-            raise ConfigError(f"a {kind!r} search needs layer gates; the model has gate roles {sorted(roles)} "
-                              "(add_lora(..., gates='layer' or 'both'))")
-        layer = jnp.zeros((len(layout.layers),), dtype)
-    if kind in ("rank", "both"):
-        sites = {**layout.sites("rank"), **layout.sites("rank_logits")}
-        if not sites:
-            raise ConfigError(f"a {kind!r} search needs rank gates; the model has gate roles {sorted(roles)} "
-                              "(add_lora(..., gates='rank' or 'both'))")
-        rank = {site: jnp.zeros(shape, dtype) for site, shape in sites.items()}
-    return Gates(layer=layer, rank=rank, power=power)
+    return layout.hyper_layout().init(kind, power)
 
 
-def _entry_value(entry: GateEntry, hyper: Gates, w: jax.Array | None, position: Mapping[int, int]) -> jax.Array:
-    if entry.role in LOGIT_ROLES:
-        raw = hyper.layer if entry.role == "layer_logits" else (hyper.rank or {}).get(entry.site)
-        return jnp.zeros(entry.shape) if raw is None else raw
+def _entry_value(entry: GateEntry, values: GateValues, position: Mapping[int, int]) -> jax.Array:
     if entry.role == "layer":
-        if w is None:
+        if values.layer is None:
             return jnp.ones(entry.shape)
-        return w[np.asarray([position[i] for i in entry.layers])].reshape(entry.shape)
-    beta = (hyper.rank or {}).get(entry.site)
-    return jnp.ones(entry.shape) if beta is None else jax.nn.softmax(beta, axis=-1)
+        return values.layer[np.asarray([position[i] for i in entry.layers])].reshape(entry.shape)
+    rank = (values.rank or {}).get(entry.site)
+    return jnp.ones(entry.shape) if rank is None else rank
 
 
 def gate_state(layout: GateLayout, hyper: Gates) -> nnx.State:
-    """The gate state for raw hyperparameters: Flexora ``w = (L softmax(alpha))^p``, AutoLoRA ``softmax(beta)``."""
+    """The gate state (multipliers) of raw hyperparameters, through :func:`flexora_jax.gates.multipliers`:
+    Flexora ``w = (L softmax(alpha))^p`` over the adapted layers, AutoLoRA ``softmax(beta)`` per module."""
     layers = layout.layers
-    w = None if hyper.layer is None else layer_gate_values(hyper, len(layers))
+    values = multipliers(hyper, len(layers) if hyper.layer is not None else None)
     position = {layer: i for i, layer in enumerate(layers)}
     flat = []
     for e in layout.entries:
-        value = jnp.asarray(_entry_value(e, hyper, w, position), e.dtype)
+        value = jnp.asarray(_entry_value(e, values, position), e.dtype)
         meta = dict(e.metadata, role=e.role, layers=e.layers, **({} if e.site is None else {"site": e.site}))
         flat.append((e.path, Gate(value, **meta)))
     return nnx.from_flat_state(flat)
 
 
-def make_loss(graphdef: nnx.GraphDef, layout: GateLayout, loss_fn: ModelLoss,
-              base: nnx.State) -> Callable[[nnx.State, Gates, Batch], jax.Array]:
-    """``loss(lora, hyper, batch)``: merge the model inside the (jitted) loss and call ``loss_fn(model, batch)``."""
-    def loss(lora: nnx.State, hyper: Gates, batch: Batch) -> jax.Array:
+def make_loss(graphdef: nnx.GraphDef, layout: GateLayout, loss_fn: ModelLoss) -> ProblemLoss:
+    """The problem loss ``loss(base, lora, hyper, batch, key)`` of a split model: ``base`` is
+    ``{"model": <its base state>, "gates": <its gate state>}``; the model is merged inside the (jitted) loss,
+    with the gates of raw ``hyper`` (a search) or, with ``hyper`` None, its own frozen gates (a fine-tune),
+    and ``loss_fn(model, batch)`` is called. Cached on its arguments: every search or fine-tune of the same
+    model structure and loss reuses one function, hence its compiled step."""
+    try:
+        return _cached_loss(graphdef, layout, loss_fn)
+    except TypeError:  # an unhashable loss_fn or metadata: build it afresh
+        return _make_loss(graphdef, layout, loss_fn)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_loss(graphdef: nnx.GraphDef, layout: GateLayout, loss_fn: ModelLoss) -> ProblemLoss:
+    return _make_loss(graphdef, layout, loss_fn)
+
+
+def _make_loss(graphdef: nnx.GraphDef, layout: GateLayout, loss_fn: ModelLoss) -> ProblemLoss:
+    def loss(base: Any, lora: nnx.State, hyper: Gates | None, batch: Batch, key: Any = None) -> jax.Array:
+        gates = base["gates"] if hyper is None else gate_state(layout, hyper)
         # copy=True: fresh variables at the current trace level, which NNX transforms inside the model
         # (nnx.scan over stacked layers) require; base arrives from the outer jit.
-        return loss_fn(nnx.merge(graphdef, base, lora, gate_state(layout, hyper), copy=True), batch)
+        return loss_fn(nnx.merge(graphdef, base["model"], lora, gates, copy=True), batch)
     return loss
 
 
 def make_search_step(graphdef: nnx.GraphDef, gates: nnx.State | GateLayout, loss_fn: ModelLoss,
                      search: SearchConfig, optimizer: optax.GradientTransformation | None = None,
                      val_loss_fn: ModelLoss | None = None) -> Callable[..., tuple[SearchState, dict]]:
-    """One jitted search step ``(base, state, train_batches[K], val_batch) -> (state, metrics)``.
+    """One jitted search step ``(base, state, train_batches[K], val_batch) -> (state, metrics)``, by hand.
 
     Args:
       graphdef, gates: from :func:`split_for_search` (the gate state fixes the hyperparameter layout).
@@ -162,15 +170,18 @@ def make_search_step(graphdef: nnx.GraphDef, gates: nnx.State | GateLayout, loss
       optimizer: the inner optimizer (default :func:`flexora_jax.bilevel.inner_optimizer`).
       val_loss_fn: the outer objective if it differs from ``loss_fn``.
     The state is donated; the base is an argument (never differentiated), so one compiled program
-    serves the whole search. Start from :func:`init_search_state` ``(lora, hyper, search)``.
+    serves the whole search. Start from :func:`init_search_state` ``(lora, hyper, search)``. ``fj.search``
+    runs the same step through :func:`flexora_jax.nnx.problem`.
     """
     layout = gates if isinstance(gates, GateLayout) else GateLayout.of(gates)
+    gate_vars = gates if not isinstance(gates, GateLayout) else gate_state(layout, Gates())
+    val = None if val_loss_fn is None else make_loss(graphdef, layout, val_loss_fn)
+    step = search_step(make_loss(graphdef, layout, loss_fn), search, optimizer, val)
 
-    def losses(base: nnx.State) -> tuple[Callable, Callable]:
-        train_loss = make_loss(graphdef, layout, loss_fn, base)
-        return train_loss, train_loss if val_loss_fn is None else make_loss(graphdef, layout, val_loss_fn, base)
+    def on_base(base: nnx.State, state: SearchState, train_batches: Batch, val_batch: Batch):
+        return step({"model": base, "gates": gate_vars}, state, train_batches, val_batch)
 
-    return jax.jit(search_step(losses, search, optimizer), donate_argnums=1)
+    return jax.jit(on_base, donate_argnums=1)
 
 
 def update_model(model: nnx.Module, lora: nnx.State, hyper: Gates | None = None) -> nnx.Module:
@@ -182,52 +193,20 @@ def update_model(model: nnx.Module, lora: nnx.State, hyper: Gates | None = None)
 
 
 # ------------------------------------------------------------------------------------ selection
-@dataclasses.dataclass(frozen=True)
-class Selection:
-    """The search's discrete outcome in the model's own module paths."""
-
-    layers: tuple[int, ...]  # layers that keep LoRA
-    modules: Mapping[str, tuple[int, ...]]  # every searched module path -> its layers (stacked: all of them)
-    ranks: Mapping[str, tuple[int, ...]]  # module path -> rank per layer of ``modules[path]``, 0 where not selected
-    #                                       (rank search only; modules of unselected layers are absent)
-
-    def to_json(self, trainable_params: int | None = None) -> dict[str, Any]:
-        """``selection.json``: ``layers``, ``ranks`` (``path`` or ``path[layer]`` for stacked modules), ``modules``."""
-        ranks = {}
-        for path, per_layer in self.ranks.items():
-            layers = self.modules[path]
-            for layer, r in zip(layers, per_layer):
-                if r:
-                    ranks[path if len(layers) == 1 else f"{path}[{layer}]"] = int(r)
-        out: dict[str, Any] = {"layers": list(self.layers), "ranks": ranks,
-                               "modules": {p: list(v) for p, v in self.modules.items()}}
-        if trainable_params is not None:
-            out["trainable_params"] = int(trainable_params)
-        return out
-
-    @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "Selection":
-        modules = {p: tuple(v) for p, v in data["modules"].items()}
-        ranks: dict[str, list[int]] = {}
-        for key, r in data.get("ranks", {}).items():
-            path, _, layer = key.partition("[")
-            layers = modules[path]
-            per_layer = ranks.setdefault(path, [0] * len(layers))
-            per_layer[layers.index(int(layer[:-1])) if layer else 0] = int(r)
-        return cls(tuple(data["layers"]), modules, {p: tuple(v) for p, v in ranks.items()})
-
-
 def select(model: nnx.Module, hyper: Gates, rule: str = "positive", k: int = 0, threshold: float = 1.0) -> Selection:
-    """Layers (Flexora rule on alpha) and ranks (AutoLoRA rule on beta) of a model adapted by ``add_lora``.
-
-    ``LlamaForCausalLM`` selects like the functional core: ``flexora_jax.selection.select(hyper, lora_config, L)``.
-    """
+    """Layers (Flexora rule on alpha) and ranks (AutoLoRA rule on beta) of a model adapted by ``add_lora``,
+    in its own module paths (``fj.select(model, gates, selection)`` calls this, or the decoder's rule)."""
+    own = getattr(model, "lora_problem", None)
+    if callable(own):  # a model that states its own problem (fj.nnx.LlamaForCausalLM) selects through it
+        return own().select(hyper, SelectionConfig(rule, top_k=k, threshold=threshold))
     sites = lora_sites(model)
     if not sites:
-        raise ConfigError(f"select: {type(model).__name__} has no add_lora sites; for LlamaForCausalLM use "
-                          "flexora_jax.selection.select(hyper, model.lora_config, num_layers)")
+        raise ConfigError(f"select: {type(model).__name__} has no LoRA added by fj.nnx.add_lora")
     layout = GateLayout.of(nnx.state(model, Gate))
     if hyper.layer is not None:
+        if np.shape(hyper.layer) != (len(layout.layers),):
+            raise ConfigError(f"select: the layer gates have shape {np.shape(hyper.layer)}, the model adapts "
+                              f"{len(layout.layers)} layers {layout.layers} (gates from another model?)")
         chosen = select_layers(Gates(layer=np.asarray(hyper.layer), power=hyper.power), rule, k, threshold)
         layers = tuple(layout.layers[i] for i in chosen)
     else:
@@ -248,8 +227,12 @@ def apply_selection(model: nnx.Module, selection: Selection, *, gates: str | Non
     """Replace the searched LoRA of ``model`` by a fresh one on the selected layers and ranks only (in place).
 
     Ranks and scale follow PEFT (``alpha / r_i``); a stacked module keeps its layer axis and masks the
-    layers and rank components left out (through its gates, which then hold 0 / 1 masks).
+    layers and rank components left out (through its gates, which then hold 0 / 1 masks). A model with its
+    own ``apply_selection`` method (``fj.nnx.LlamaForCausalLM``) applies it itself.
     """
+    own = getattr(model, "apply_selection", None)
+    if callable(own):
+        return own(selection, gates=gates, rngs=rngs)
     sites: dict[str, LoraSite] = {s.path: s for s in lora_sites(model).values()}
     for path, layers in selection.modules.items():
         if path not in sites or sites[path].layers != tuple(layers):

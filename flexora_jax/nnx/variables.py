@@ -12,21 +12,21 @@ Every gate carries metadata saying what it multiplies (read it with ``gate.get_m
   layer (Flexora). Shape ``()`` for a module of one layer, ``[L]`` for modules stacked over layers.
 - ``role="rank"``: one multiplier per rank-1 component of one module (AutoLoRA). Shape ``[r]`` or
   ``[L, r]``.
-- ``role="layer_logits"`` / ``role="rank_logits"``: the raw Flexora alpha [L] / AutoLoRA beta
-  [L, r] of :class:`~flexora_jax.nnx.LlamaForCausalLM`, whose functional core applies the
-  parametrisation itself (see :mod:`flexora_jax.gates`).
 - ``layers``: the layer indices the gate covers (one, or the stacked layers in order);
   ``site``: the module path a rank gate belongs to.
+
+A gate holds the *multiplier* its LoRA branch applies, in every model (``fj.nnx.LlamaForCausalLM`` too):
+1.0 is plain LoRA, 0.0 removes the branch exactly. The raw hyperparameters the search differentiates
+(Flexora's alpha, AutoLoRA's beta) live in a :class:`flexora_jax.gates.Gates` pytree, and one function,
+:func:`flexora_jax.gates.multipliers`, maps them to these values.
 """
 
 from __future__ import annotations
 
 from flax import nnx
 
-#: Gate roles whose value multiplies the LoRA branch directly.
-MULTIPLIER_ROLES = ("layer", "rank")
-#: Gate roles holding raw hyperparameters that the model parametrises itself.
-LOGIT_ROLES = ("layer_logits", "rank_logits")
+#: What a gate multiplies: one layer's LoRA branches, or each rank-1 component of one module.
+GATE_ROLES = ("layer", "rank")
 
 
 class Gate(nnx.Variable):

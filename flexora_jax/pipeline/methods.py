@@ -5,7 +5,7 @@
 ``random_k`` / ``lora_drop`` take as many layers as the flexora selection (or ``baseline_k``), drawn
 with the run seed / the last ones; ``lora_lowrank`` / ``flexora_highrank`` are the equal-parameter baselines. Each method's files live in ``methods/<method>/`` and each
 search's in ``searches/<gates>/``; a ``selection.json`` holds the PEFT-visible selection plus what
-the run needs to rebuild it (``rank_lists``, ``lora_config``).
+the run needs to rebuild it (``modules``, ``lora_config``).
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from typing import Any
 
 import numpy as np
 
-from flexora_jax.config import LoraConfig
 from flexora_jax.errors import ConfigError
 from flexora_jax.lora import count_params, make_spec
 from flexora_jax.pipeline.config import DORA_METHODS, K_METHODS, METHOD_GATES, RunConfig
@@ -34,22 +33,11 @@ class SearchOutcome:
     selection: Selection
 
 
-def selection_from_json(obj: dict) -> Selection:
-    """The :class:`Selection` a ``selection.json`` holds (inverse of :func:`selection_json`)."""
-    lc = obj["lora_config"]
-    lora_config = LoraConfig(**{**lc, "target_modules": tuple(lc["target_modules"]),
-                                "layers_to_transform": (None if lc["layers_to_transform"] is None
-                                                        else tuple(lc["layers_to_transform"]))})
-    return Selection(layers=tuple(obj["layers"]), ranks=obj.get("rank_lists"), lora_config=lora_config)
-
-
 def selection_json(ws: Workspace, selection: Selection) -> dict[str, Any]:
-    """``selection.json`` of a search or a method: the PEFT-visible selection plus its ``lora_config``."""
+    """``selection.json`` of a search or a method: the PEFT-visible selection, its ``lora_config`` and the
+    trainable count (:meth:`Selection.to_json`; :meth:`Selection.from_json` reads it back)."""
     trainable = count_params(ws.model_config, make_spec(ws.model_config, selection.lora_config))["trainable"]
-    out = selection.to_json(trainable)
-    out["rank_lists"] = selection.ranks
-    out["lora_config"] = selection.lora_config.to_dict()
-    return out
+    return selection.to_json(trainable)
 
 
 
@@ -70,8 +58,8 @@ def method_selection(ws: Workspace, method: str, searches: dict[str, SearchOutco
         return dataclasses.replace(found, lora_config=dataclasses.replace(
             found.lora_config, use_dora=True)) if method in DORA_METHODS else found
     if method in ("lora", "dora", "adalora"):  # adalora: its own ranks, found while it trains
-        return Selection(layers=tuple(range(L)), ranks=None, lora_config=dataclasses.replace(
-            cfg.lora, layers_to_transform=None, use_dora=method == "dora"))
+        return Selection.of_lora_config(dataclasses.replace(cfg.lora, layers_to_transform=None,
+                                                            use_dora=method == "dora"), L)
     k = cfg.baseline_k or len(searches["layer"].selection.layers)
     if k > L:
         raise ConfigError(f"baseline_k {k} exceeds the model's {L} layers; expected 0..{L}")
@@ -85,13 +73,12 @@ def method_selection(ws: Workspace, method: str, searches: dict[str, SearchOutco
             r = round(cfg.lora.r * L / max(len(layers), 1))
         scaled = dataclasses.replace(cfg.lora, r=r, lora_alpha=cfg.lora.lora_alpha * r / cfg.lora.r,
                                      layers_to_transform=layers if len(layers) < L else None)
-        return Selection(layers=layers, ranks=None, lora_config=scaled)
+        return Selection.of_lora_config(scaled, L)
     if method == "random_k":
         layers = tuple(sorted(int(i) for i in np.random.default_rng([cfg.seed, 11]).choice(L, k, replace=False)))
     else:  # lora_drop: the last k layers
         layers = tuple(range(L - k, L))
-    return Selection(layers=layers, ranks=None, lora_config=dataclasses.replace(
-        cfg.lora, layers_to_transform=layers if k < L else None))
+    return Selection.of_lora_config(dataclasses.replace(cfg.lora, layers_to_transform=layers if k < L else None), L)
 
 
 def method_dirname(method: str) -> str:
@@ -107,4 +94,4 @@ def method_dir(ws: Workspace, method: str) -> Path:
 def load_search(run_dir: Path, kind: str) -> SearchOutcome:
     """A finished search read back from ``searches/<kind>/``."""
     d = run_dir / "searches" / kind
-    return SearchOutcome(kind, read_json(d / "gates.json"), selection_from_json(read_json(d / "selection.json")))
+    return SearchOutcome(kind, read_json(d / "gates.json"), Selection.from_json(read_json(d / "selection.json")))

@@ -5,11 +5,11 @@ what earlier stages wrote into the run directory, so a stage can be rerun, or a 
 alone (layout: ``docs/design.md``; ``searches/<gates>/`` holds each search's gates and selection,
 ``methods/<method>/`` each method's selection and adapter, ``compare.json`` every method's scores).
 
-The search and the fine-tune share one skeleton (:func:`_resumable`): restore the latest orbax
-checkpoint on ``--resume``, truncate the run log back to it, run the library loop with a per-step hook
-(log, progress, checkpoint every ``checkpoint.every`` steps and at the end, stop on a signal), record a
-non-finite step as an event and keep the last good checkpoint. A resumed run writes the same gates,
-selection and adapter as an uninterrupted one.
+The search and the fine-tune are the library's ``fj.search`` / ``fj.finetune`` on the decoder's problem
+(:func:`flexora_jax.problem.decoder_problem`) with the run's hooks (:func:`_stage_hooks`): orbax checkpoints
+every ``checkpoint.every`` steps, at the end and on a signal (restored on ``--resume``), the run log
+(truncated back to the checkpoint; a non-finite step recorded as an event), a progress bar. A resumed run
+writes the same gates, selection and adapter as an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -25,78 +25,49 @@ import jax
 import numpy as np
 
 from flexora_jax import sharding as sh
-from flexora_jax.adalora import AdaLoraConfig, export_adalora, finetune_adalora, to_lora
+from flexora_jax.adalora import AdaLoraConfig, export_adalora
 from flexora_jax.adapters import export_merged, export_peft, load_peft
-from flexora_jax.bilevel import init_search_state, search
-from flexora_jax.checkpoint import StageCheckpointer
-from flexora_jax.data import BatchSampler
+from flexora_jax.engine import finetune, finetune_adalora, search
 from flexora_jax.errors import ConfigError, DataError, NumericsError
 from flexora_jax.fileio import write_dir
-from flexora_jax.gates import gate_values, init_gates
+from flexora_jax.gates import gate_values
+from flexora_jax.hooks import Checkpoint, Progress
+from flexora_jax.loops import Hook
 from flexora_jax.lora import init_lora
 from flexora_jax.pipeline import report
 from flexora_jax.pipeline.config import METHOD_GATES, PLANTED_TASK, RunConfig
-from flexora_jax.pipeline.io import (STOP, Interrupted, deferred_signals, progress, progress_enabled, read_json,
-                                    stop_on_signals, write_json)
+from flexora_jax.pipeline.io import progress, progress_enabled, read_json, write_json
 from flexora_jax.pipeline.methods import (SearchOutcome, load_search, method_dir, method_selection, needed_searches,
                                      selection_json)
 from flexora_jax.pipeline.workspace import Workspace, prepare
 from flexora_jax.evaluation import evaluate
+from flexora_jax.problem import decoder_problem
 from flexora_jax.selection import Selection
-from flexora_jax.train import dataset_loss, finetune, init_train_state, make_optimizer, total_steps
+from flexora_jax.signals import stop_on_signals
+from flexora_jax.train import dataset_loss, total_steps
 
 log = logging.getLogger("flexora_jax")
 
 
 # ------------------------------------------------------------------------------- stage skeleton
-def _resumable(ws: Workspace, stage: str, total: int, template: Callable[[], Any], loss_key: str,
-               body: Callable[[Any, Any, Callable[[int, dict], None]], Any]) -> Any:
-    """Run ``body(state, sampler_state, callback)`` as a resumable, logged, checkpointed, interruptible stage.
-
-    ``template()`` builds a fresh state of the right shapes (the restore target); ``total`` is the
-    stage's last step; ``callback`` is the library loop's per-step hook.
-    """
+def _stage_hooks(ws: Workspace, stage: str) -> list[Hook]:
+    """The hooks every library stage of a run gets: checkpoints (resumed only with ``--resume``), the run log,
+    a progress bar."""
     cfg = ws.config
-    ckpt = StageCheckpointer(ws.run_dir / "checkpoints" / stage, cfg.checkpoint.every, cfg.checkpoint.keep,
-                             required_meta=("sampler",))
-    state = sampler = None
-    if ws.resume:
-        restored = ckpt.restore(template())
-        if restored is not None:
-            state, meta = restored
-            sampler = meta["sampler"]
-            log.info("%s: resuming from checkpoint step %d", stage, int(state.step))
-    start = 0 if state is None else int(state.step)
-    ws.log.truncate(stage, start)
-    bar = progress(total, start, stage)
-    t_last = [time.perf_counter()]
+    return [Checkpoint(ws.run_dir / "checkpoints" / stage, cfg.checkpoint.every, cfg.checkpoint.keep,
+                       restore=ws.resume),
+            ws.log.stage_hook(stage), Progress(desc=stage, enabled=progress_enabled())]
 
-    def callback(step: int, record: dict) -> None:
-        now = time.perf_counter()
-        metrics = {k: v for k, v in record.items() if k not in ("state", "sampler")}
-        ws.log.write(dict(stage=stage, **metrics, seconds=round(now - t_last[0], 4)))
-        t_last[0] = now
-        bar.update(1)
-        bar.set_postfix({loss_key: f"{record[loss_key]:.4f}"}, refresh=False)
-        if ckpt.due(step) or step == total or STOP.signum is not None:
-            ckpt.save(step, record["state"], {"sampler": record["sampler"]}, force=True)
-        if STOP.signum is not None:
-            raise Interrupted(f"interrupted by signal {STOP.signum} at {stage} step {step}/{total}; a checkpoint "
-                              f"was saved in {ckpt.directory}; continue with `flexora-jax run --resume "
-                              f"--output-dir {ws.run_dir}`", STOP.signum)
 
+def _timed(ws: Workspace, stage: str, body: Callable[[], Any]) -> Any:
+    """Run a stage's library call, recording its wall time; a non-finite stop is logged (the run log's hook
+    has written the event, the last good checkpoint is kept)."""
     t0 = time.perf_counter()
     try:
-        with deferred_signals():
-            result = body(state, sampler, callback)
+        result = body()
     except NumericsError as exc:
-        step = ws.log.last_step.get(stage, 0) + 1
-        ws.log.write({"stage": stage, "step": step, "event": "non_finite", "message": str(exc)})
-        log.error("%s stopped at step %d: %s (the last good checkpoint is kept)", stage, step, exc)
+        log.error("%s stopped: %s (the last good checkpoint is kept)", stage, exc)
         raise
-    finally:
-        bar.close()
-        ckpt.close()
     ws.record_time(stage, time.perf_counter() - t0)
     return result
 
@@ -110,15 +81,10 @@ def search_stage(ws: Workspace, kind: str = "layer") -> SearchOutcome:
     if ws.resume and (out_dir / "selection.json").exists():
         log.info("%s: done in a previous session, reusing %s", stage, out_dir)
         return load_search(ws.run_dir, kind)
-
-    def template() -> Any:
-        lora0 = init_lora(ws.model_config, cfg.lora, jax.random.key(cfg.seed))
-        return init_search_state(lora0, init_gates(kind, ws.num_layers, dict(lora0.spec.r_max), power=sc.gate_power),
-                                 sc)
-
-    result = _resumable(ws, stage, sc.steps, template, "val_loss", lambda state, sampler, callback: search(
-        ws.model_config, ws.params, cfg.lora, sc, ws.data.train, ws.data.val, gates=kind, selection=cfg.selection,
-        seed=cfg.seed, callback=callback, state=state, sampler_states=sampler, mesh=ws.mesh))
+    problem = decoder_problem(ws.model_config, ws.params, cfg.lora, seed=cfg.seed)
+    result = _timed(ws, stage, lambda: search(
+        problem, sc, ws.data.train, ws.data.val, gates=kind, selection=cfg.selection, seed=cfg.seed,
+        hooks=_stage_hooks(ws, stage), progress=False, mesh=ws.mesh))
     values = gate_values(result.gates, ws.num_layers)
     gates_json: dict[str, Any] = {}
     if "layer" in values:
@@ -145,27 +111,23 @@ def finetune_stage(ws: Workspace, method: str, selection: Selection) -> Any:
     if method == "adalora":
         return _finetune_adalora(ws, stage, out_dir)
     lora = init_lora(ws.model_config, selection.lora_config, jax.random.key(cfg.seed + 1), ws.params)  # DoRA: W0
-    steps = total_steps(ft, len(ws.data.finetune["input_ids"]))
-    trained, _ = _resumable(
-        ws, stage, steps * ft.grad_accum, lambda: init_train_state(lora, make_optimizer(ft, steps), cfg.seed), "loss",
-        lambda state, sampler, callback: finetune(
-            ws.model_config, ws.params, lora, ws.data.finetune, ft, val=ws.data.val, seed=cfg.seed,
-            callback=callback, state=state, sampler_state=sampler, mesh=ws.mesh))
-    host = sh.fetch(trained) if jax.process_count() > 1 else trained  # every process gathers; process 0 writes
+    problem = decoder_problem(ws.model_config, ws.params, lora)
+    trained, history = _timed(ws, stage, lambda: finetune(
+        problem, ws.data.finetune, ft, val=ws.data.val, seed=cfg.seed, hooks=_stage_hooks(ws, stage),
+        progress=False, mesh=ws.mesh))
     if sh.is_main_process():
-        write_dir(adapter, lambda tmp: export_peft(host, tmp, base_model_name_or_path=ws.model_source))
+        write_dir(adapter, lambda tmp: export_peft(trained, tmp, base_model_name_or_path=ws.model_source))
     write_json(out_dir / "selection.json", selection_json(ws, selection))
-    log.info("%s: %d steps in %.1f s on layers %s", stage, steps * ft.grad_accum, ws.timings[stage],
-             list(selection.layers))
+    log.info("%s: %d steps in %.1f s on layers %s", stage, len(history), ws.timings[stage], list(selection.layers))
     return trained
 
 
 def _finetune_adalora(ws: Workspace, stage: str, out_dir: Path) -> Any:
-    """AdaLoRA on every layer (PEFT's loop and allocator), exported rank-pruned as LoRA with ``rank_pattern``.
+    """AdaLoRA on every layer (PEFT's loop and allocator, ``fj.finetune_adalora``: the one driver, its
+    checkpoints and resume), exported rank-pruned as LoRA with ``rank_pattern`` and as a PEFT AdaLoRA adapter.
 
     The budget runs from ``init_r`` = 1.5 r to ``target_r`` = r (the run's ``lora.r``), warm-up and final
-    phases of 10% / 20% of the steps, a mask every 5%. Not checkpointed: an interrupted AdaLoRA fine-tune
-    restarts from its first step on ``--resume``.
+    phases of 10% / 20% of the steps, a mask every 5%.
     """
     cfg, ft = ws.config, ws.config.finetune
     steps = total_steps(ft, len(ws.data.finetune["input_ids"])) * ft.grad_accum
@@ -173,20 +135,19 @@ def _finetune_adalora(ws: Workspace, stage: str, out_dir: Path) -> Any:
     ada = AdaLoraConfig(target_r=r, init_r=max(r + 1, round(1.5 * r)), tinit=steps // 10, tfinal=steps // 5,
                         deltaT=max(1, steps // 20), total_step=steps, lora_alpha=cfg.lora.lora_alpha,
                         target_modules=cfg.lora.target_modules)
-    sampler, layers = BatchSampler(ws.data.finetune, ft.batch_size, seed=cfg.seed), tuple(range(ws.num_layers))
-    ws.log.truncate(stage, 0)
-    t0 = time.perf_counter()
-    weights, _, losses = finetune_adalora(ws.model_config, ws.params, ada, [sampler.next() for _ in range(steps)],
-                                          layers, lr=ft.lr, seed=cfg.seed + 1)
-    ws.record_time(stage, time.perf_counter() - t0)
-    for i, loss in enumerate(losses):
-        ws.log.write({"stage": stage, "step": i + 1, "loss": loss})
-    lora = to_lora(ws.model_config, ada, weights, layers)
+    problem = decoder_problem(ws.model_config, ws.params, cfg.lora, seed=cfg.seed)  # AdaLoRA reads its base only
+    found = _timed(ws, stage, lambda: finetune_adalora(
+        problem, ws.data.finetune, ada, lr=ft.lr, batch_size=ft.batch_size, seed=cfg.seed,
+        hooks=_stage_hooks(ws, stage), progress=False, mesh=ws.mesh))
+    lora, layers = found.lora, found.layers
     if sh.is_main_process():
         write_dir(out_dir / "adapter", lambda tmp: export_peft(lora, tmp, base_model_name_or_path=ws.model_source))
-        write_dir(out_dir / "adalora_adapter", lambda tmp: export_adalora(ada, weights, layers, ws.num_layers, tmp))
-    ranks = {m: list(lora.spec.rank_of(m)) for m in lora.spec.targets}
-    write_json(out_dir / "selection.json", selection_json(ws, Selection(layers, ranks, lora.spec.config)))
+        write_dir(out_dir / "adalora_adapter",
+                  lambda tmp: export_adalora(ada, found.weights, layers, ws.num_layers, tmp))
+    every = tuple(range(ws.num_layers))
+    selection = Selection(layers, {m: every for m in lora.spec.targets},
+                          {m: tuple(lora.spec.rank_of(m)) for m in lora.spec.targets}, lora.spec.config)
+    write_json(out_dir / "selection.json", selection_json(ws, selection))
     log.info("%s: %d steps in %.1f s; ranks %s", stage, steps, ws.timings[stage], dict(lora.spec.config.rank_pattern))
     return lora
 
@@ -342,9 +303,8 @@ def run(config: RunConfig | None = None, resume: bool = False) -> RunResult:
     """
     config = config or RunConfig()
     t0 = time.perf_counter()
-    with stop_on_signals():
+    with stop_on_signals(str(config.output_dir)):
         ws = prepare(config, resume=resume, stage="run")
-        STOP.where = str(ws.run_dir)
         try:
             searches = searches_stage(ws)
             selections, loras = finetune_all(ws, searches)
@@ -367,9 +327,8 @@ def run_stage(stage: str, config: RunConfig, merged: bool = False) -> Any:
     """
     if stage not in ("search", "finetune", "evaluate", "export"):
         raise ConfigError(f"unknown stage {stage!r}; expected one of search, finetune, evaluate, export")
-    with stop_on_signals():
+    with stop_on_signals(str(config.output_dir)):
         ws = prepare(config, resume=False, stage=stage)
-        STOP.where = str(ws.run_dir)
         try:
             if stage == "search":
                 return searches_stage(ws)
