@@ -20,6 +20,7 @@ from flexora_jax.tasks import generative
 from flexora_jax.tasks.formats import MCRecord
 from flexora_jax.tasks.generative import GenRecord
 from flexora_jax.tasks.local import ALIASES, HUB_FEATURES, load_local
+from flexora_jax.tasks.sft import datasets_quietly
 from flexora_jax.tasks.splits import (DEFAULT_SEED, REST, SplitInfo, SplitPlan, canonical_role,
                                       check_size_roles, resolve_sizes, resplit_indices)
 
@@ -161,8 +162,9 @@ def load_source(task: str | TaskSpec, source_split: str, source: Source = "local
                         f"expected the columns {list(spec.features)}")
     if len(ds) == 0:
         raise DataError(f"{spec.name}: hub dataset {path!r} split {source_split!r} is empty")
-    ds = ds.select_columns(list(spec.features))
-    return ds.cast(spec.features) if ds.features != spec.features else ds
+    with datasets_quietly():
+        ds = ds.select_columns(list(spec.features))
+        return ds.cast(spec.features) if ds.features != spec.features else ds
 
 
 @dataclasses.dataclass(frozen=True)
