@@ -14,8 +14,9 @@ import json
 import os
 import shutil
 import stat
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def _tmp_sibling(path: Path) -> Path:

@@ -26,8 +26,9 @@ import re
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import datasets
 from datasets import ClassLabel, Features, Sequence, Value

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
 
 import datasets
 
 from flexora_jax.errors import ConfigError, DataError, did_you_mean
-from flexora_jax.tasks import formats
-from flexora_jax.tasks import generative
+from flexora_jax.tasks import formats, generative
 from flexora_jax.tasks.formats import MCRecord
 from flexora_jax.tasks.generative import GenRecord
 from flexora_jax.tasks.local import ALIASES, HUB_FEATURES, load_local
