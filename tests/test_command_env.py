@@ -84,9 +84,19 @@ class _CharTokenizer:
         return ([1] if add_special_tokens else []) + [3 + (ord(c) % 50) for c in text]
 
 
-def test_datasets_progress_bars_stay_off_in_the_data_path(capfd):
-    if datasets.are_progress_bars_disabled():
-        pytest.skip("datasets' progress bars are disabled in this environment")
+@pytest.fixture()
+def datasets_bars():
+    """datasets' progress bars on for one test (a quiet command run earlier in this process turns them off)."""
+    if datasets.config.HF_DATASETS_DISABLE_PROGRESS_BARS is True:
+        pytest.skip("HF_DATASETS_DISABLE_PROGRESS_BARS=1 is set")
+    was_off = datasets.are_progress_bars_disabled()
+    datasets.enable_progress_bars()
+    yield
+    if was_off:
+        datasets.disable_progress_bars()
+
+
+def test_datasets_progress_bars_stay_off_in_the_data_path(capfd, datasets_bars):
     datasets.Dataset.from_dict({"x": [1, 2]}).map(lambda b: b, batched=True, desc="control bar")
     assert "control bar" in capfd.readouterr().err  # the bars show here unless we turn them off
     arrays, info = sft_arrays([("Question: 2 + 2 =", " 4"), ("Sky:", " blue")], _CharTokenizer(), 32)
