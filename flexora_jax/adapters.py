@@ -21,7 +21,10 @@ unchanged. Both directions compute the same function, not merely load without er
   DoRA adapters (``use_dora: true``) carry one ``lora_magnitude_vector`` [out] per adapted module (our
   ``magnitude`` row of that block). Settings that would change the function and that we do not implement (biases,
   ``fan_in_fan_out``, ``modules_to_save``, LoRA variants, ...) raise a :class:`ConfigError` naming the
-  field; PEFT's bookkeeping fields are ignored; a field PEFT does not know at all is an error.
+  field; PEFT's bookkeeping fields are ignored; a field PEFT does not know at all is an error (the policy is
+  :mod:`flexora_jax.peft_fields`, shared with ``LoraConfig.from_peft``).
+- AdaLoRA adapters (``peft_type: ADALORA``) load as their SVD-form weights (:func:`load_adalora`) or, through
+  :func:`load_peft`, rank-pruned as LoRA (:func:`flexora_jax.adalora.to_lora`): the same function either way.
 
 Gates are folded into the exported B (``B * layer_gate * rank_gate`` per component), so an adapter
 exported from a gated search computes the gated function under PEFT as well.
@@ -39,6 +42,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from flexora_jax.adalora import AdaLoraConfig, to_lora
 from flexora_jax.config import ALL_MODULES, LoraConfig, ModelConfig, module_path
 from flexora_jax.dora import MAGNITUDE
 from flexora_jax.errors import CheckpointError, ConfigError
@@ -46,38 +50,11 @@ from flexora_jax.fileio import write_bytes
 from flexora_jax.gates import Gates, layer_gate_values, rank_gate_values
 from flexora_jax.lora import LoraParams, LoraSpec, make_spec, merge
 from flexora_jax.models.hf import read_safetensors, save_model, write_safetensors
+from flexora_jax.peft_fields import ADALORA_FIELDS, ADAPTER_CONFIG, check_fields
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."  # PeftModel wraps the CausalLM: base_model (LoraModel) . model (LlamaForCausalLM)
 
-# PEFT 0.21 LoraConfig fields, by what reading them means for us.
-_USED_FIELDS = frozenset({
-    "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform",
-    "layers_pattern", "rank_pattern", "alpha_pattern", "use_rslora", "init_lora_weights", "use_dora"})
-_METADATA_FIELDS = frozenset({  # bookkeeping, or settings that only matter for other models/initialisers
-    "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
-    "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
-    "qalora_group_size", "runtime_config", "ensure_weight_tying"})
-_NEUTRAL_FIELDS: dict[str, str] = {  # change the function unless at their neutral value: field -> why
-    "fan_in_fan_out": "weights stored as (in, out)",
-    "bias": "trained bias terms",
-    "lora_bias": "a bias on lora_B",
-    "modules_to_save": "fully trained extra modules",
-    "layer_replication": "replicated decoder layers",
-    "target_parameters": "LoRA on raw parameters",
-    "trainable_token_indices": "trained embedding rows",
-    "use_qalora": "QALoRA",
-    "alora_invocation_tokens": "activated LoRA (aLoRA)",
-    "use_bdlora": "block-diagonal LoRA",
-    "arrow_config": "Arrow routing",
-    "kasa_config": "the KaSA variant",
-    "velora_config": "the VeLoRA variant",
-    "monteclora_config": "the MonteCLoRA variant",
-}
-_NEUTRAL_VALUES: dict[str, Any] = {"bias": "none"}
-_HARMLESS_INIT = (True, False, "gaussian", "orthogonal")  # initialisers that do not touch the base weights
-_TASK_TYPES = (None, "CAUSAL_LM")
 
 
 # ------------------------------------------------------------------------------------------ names
@@ -255,16 +232,11 @@ def load_peft(adapter_dir: str | os.PathLike, config: ModelConfig) -> LoraParams
     files, missing or unexpected tensors and shapes that do not match the base model.
     """
     directory = Path(adapter_dir)
-    cfg_file, weights_file = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
-    if not cfg_file.exists():
-        raise CheckpointError(f"{directory} is not a PEFT adapter directory: {ADAPTER_CONFIG} is missing")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{cfg_file} is not valid JSON: {exc}") from None
-    if not isinstance(raw, dict):
-        raise CheckpointError(f"{cfg_file} must hold a JSON object, got {type(raw).__name__}")
-    _check_fields(raw, cfg_file)
+    raw, cfg_file = _read_config(directory)
+    check_fields(raw, cfg_file)
+    if raw.get("peft_type") == "ADALORA":  # rank-pruned: the kept triplets, Lambda and the scale folded into B
+        return to_lora(config, *_adalora(directory, raw, cfg_file, config))
+    weights_file = directory / ADAPTER_WEIGHTS
     L = config.num_hidden_layers
     adapted = _resolve_targets(raw, cfg_file, L, peft_modules(config))
     r0, alpha0 = raw.get("r", 8), raw.get("lora_alpha", 8)
@@ -283,11 +255,7 @@ def load_peft(adapter_dir: str | os.PathLike, config: ModelConfig) -> LoraParams
         ranks[(m, i)] = rank
         alphas[(m, i)] = float(_pattern_value(alpha_pattern, path, alpha0, "alpha_pattern", cfg_file))
 
-    if not weights_file.exists():
-        hint = " (adapter_model.bin is pickle, which flexora_jax does not read; re-save it with PEFT's " \
-               "save_pretrained(safe_serialization=True))" if (directory / "adapter_model.bin").exists() else ""
-        raise CheckpointError(f"{directory}: {ADAPTER_WEIGHTS} is missing{hint}")
-    tensors = {k: v.astype(np.float32) for k, v in read_safetensors(weights_file).items()}  # bf16/fp16 too
+    tensors = _read_tensors(directory)
     use_dora = bool(raw.get("use_dora", False))
     expected = {_tensor_key(m, i, w): (m, i, w) for m, i in adapted for w in ("A", "B", "M")[:3 if use_dora else 2]}
     missing = [k for k in expected if k not in tensors]
@@ -336,6 +304,125 @@ def load_peft(adapter_dir: str | os.PathLike, config: ModelConfig) -> LoraParams
     return LoraParams(weights=weights, spec=spec)
 
 
+def _read_config(directory: Path) -> tuple[dict[str, Any], Path]:
+    """An adapter directory's ``adapter_config.json`` as a dict (and its path)."""
+    cfg_file = directory / ADAPTER_CONFIG
+    if not cfg_file.exists():
+        raise CheckpointError(f"{directory} is not a PEFT adapter directory: {ADAPTER_CONFIG} is missing")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{cfg_file} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_file} must hold a JSON object, got {type(raw).__name__}")
+    return raw, cfg_file
+
+
+def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
+    """The adapter's tensors as fp32 (bf16 / fp16 files too)."""
+    weights_file = directory / ADAPTER_WEIGHTS
+    if not weights_file.exists():
+        hint = " (adapter_model.bin is pickle, which flexora_jax does not read; re-save it with PEFT's " \
+               "save_pretrained(safe_serialization=True))" if (directory / "adapter_model.bin").exists() else ""
+        raise CheckpointError(f"{directory}: {ADAPTER_WEIGHTS} is missing{hint}")
+    return {k: v.astype(np.float32) for k, v in read_safetensors(weights_file).items()}
+
+
+# ---------------------------------------------------------------------------------------- AdaLoRA
+def load_adalora(adapter_dir: str | os.PathLike,
+                 config: ModelConfig) -> tuple[AdaLoraConfig, dict[str, dict[str, Any]], tuple[int, ...]]:
+    """Read a PEFT AdaLoRA adapter (``peft_type: ADALORA``, by PEFT or :func:`flexora_jax.adalora.export_adalora`).
+
+    Returns ``(ada_config, weights, layers)``: the allocator config, the SVD-form weights ``{module: {"a":
+    [L, d_in, init_r] (P), "e": [L, init_r] (Lambda), "b": [L, init_r, d_out] (Q)}}`` and the adapted blocks,
+    what :func:`~flexora_jax.adalora.as_lora`, :func:`~flexora_jax.adalora.to_lora` and
+    :func:`~flexora_jax.adalora.export_adalora` take. A PEFT-saved adapter whose allocator has run holds only
+    the kept triplets and ``rank_pattern`` (module -> kept mask over ``init_r``); they return to their slots and
+    the pruned ones have Lambda = 0. The scale is PEFT's ``lora_alpha / (init_r + 1e-5)`` either way.
+    """
+    directory = Path(adapter_dir)
+    raw, cfg_file = _read_config(directory)
+    if raw.get("peft_type") != "ADALORA":
+        raise ConfigError(f"{cfg_file}: peft_type {raw.get('peft_type')!r} is not an AdaLoRA adapter ('ADALORA'); "
+                          "load it with load_peft")
+    check_fields(raw, cfg_file)
+    return _adalora(directory, raw, cfg_file, config)
+
+
+def _adalora(directory: Path, raw: dict[str, Any], cfg_file: Path,
+             config: ModelConfig) -> tuple[AdaLoraConfig, dict[str, dict[str, Any]], tuple[int, ...]]:
+    if config.fused_modules:
+        raise ConfigError(f"{cfg_file}: AdaLoRA adapters of a model with fused projections ({config.model_type}: "
+                          f"{sorted(config.fused_modules)}) are not supported; only LoRA / DoRA adapters are")
+    L = config.num_hidden_layers
+    adapted = _resolve_targets(raw, cfg_file, L)
+    modules = tuple(m for m in ALL_MODULES if any(k[0] == m for k in adapted))
+    layers = tuple(sorted({i for _, i in adapted}))
+    if len(adapted) != len(modules) * len(layers):
+        raise ConfigError(f"{cfg_file}: the AdaLoRA adapts {len(adapted)} (module, block) pairs, not every one of "
+                          f"modules {list(modules)} x blocks {list(layers)}; flexora_jax's AdaLoRA needs that "
+                          "rectangle")
+    try:
+        ada = AdaLoraConfig(**{k: raw[k] for k in ADALORA_FIELDS if k in raw},
+                            lora_alpha=float(raw.get("lora_alpha", 8)), target_modules=modules)
+    except ConfigError as exc:
+        raise ConfigError(f"{cfg_file}: {exc}") from None
+    r = ada.init_r
+    kept = _adalora_kept(raw.get("rank_pattern"), cfg_file, adapted, r)
+    tensors = _read_tensors(directory)
+    names = {f"{_PREFIX}{module_path(m, i)}.lora_{w}": (m, i, w) for m, i in adapted for w in "AEB"}
+    missing = [k for k in names if k not in tensors]
+    extra = sorted(k for k in tensors if k not in names)
+    if missing or extra:
+        raise CheckpointError(f"{directory / ADAPTER_WEIGHTS}: {'missing ' + str(missing[:3]) if missing else ''}"
+                              f"{' ' if missing and extra else ''}{'unexpected ' + str(extra[:3]) if extra else ''} "
+                              f"tensor(s): {ADAPTER_CONFIG} adapts {list(modules)} in blocks {list(layers)} of this "
+                              f"{L}-layer {config.model_type}")
+    weights = {}
+    for m in modules:
+        d_in, d_out = config.module_shape(m)
+        a, e, b = np.zeros((L, d_in, r), np.float32), np.zeros((L, r), np.float32), np.zeros((L, r, d_out), np.float32)
+        for i in layers:
+            slots = kept[(m, i)]
+            k = len(slots)
+            for w, want in (("A", (k, d_in)), ("E", (k, 1)), ("B", (d_out, k))):
+                key = f"{_PREFIX}{module_path(m, i)}.lora_{w}"
+                if tensors[key].shape != want:
+                    raise CheckpointError(f"{directory / ADAPTER_WEIGHTS}: tensor {key} has shape "
+                                          f"{tuple(tensors[key].shape)}, expected {want} ({k} kept of init_r {r}; "
+                                          f"{m} is {d_in} -> {d_out} in this model)")
+            prefix = f"{_PREFIX}{module_path(m, i)}.lora_"
+            a[i][:, slots] = tensors[prefix + "A"].T
+            e[i][slots] = tensors[prefix + "E"][:, 0]
+            b[i][slots, :] = tensors[prefix + "B"].T
+        weights[m] = {"a": jnp.asarray(a), "e": jnp.asarray(e), "b": jnp.asarray(b)}
+    return ada, weights, layers
+
+
+def _adalora_kept(rank_pattern: Any, cfg_file: Path, adapted: list[tuple[str, int]],
+                  init_r: int) -> dict[tuple[str, int], np.ndarray]:
+    """The ``init_r`` slots each (module, block) holds: all of them, or ``rank_pattern``'s kept mask (PEFT
+    writes it once the allocator has masked, under keys like ``model.layers.0.self_attn.q_proj.lora_E``)."""
+    if rank_pattern is None:
+        return {k: np.arange(init_r) for k in adapted}
+    if not isinstance(rank_pattern, dict):
+        raise ConfigError(f"{cfg_file}: rank_pattern must be null or a mapping of module to kept mask, "
+                          f"got {rank_pattern!r}")
+    masks = {}
+    for key, mask in rank_pattern.items():
+        found = re.search(r"layers\.(\d+)\.(?:self_attn|mlp)\.(\w+?)(?:\.lora_E)?(?:\.\w+)?$", key)
+        if found is None or not isinstance(mask, list) or len(mask) != init_r or \
+                not all(isinstance(x, bool) for x in mask):
+            raise ConfigError(f"{cfg_file}: rank_pattern entry {key!r}: {mask!r} is not an AdaLoRA kept mask "
+                              f"(a module path -> {init_r} (init_r) true / false values)")
+        masks[(found.group(2), int(found.group(1)))] = np.flatnonzero(mask)
+    missing = [module_path(m, i) for m, i in adapted if (m, i) not in masks]
+    if missing:
+        raise ConfigError(f"{cfg_file}: rank_pattern has no kept mask for {missing[:3]} "
+                          f"({len(missing)} adapted module(s) in all)")
+    return masks
+
+
 def peft_modules(config: ModelConfig) -> tuple[str, ...]:
     """The module names PEFT sees in a block of this model (Phi-3: the fused ``qkv_proj`` / ``gate_up_proj``)."""
     fused = config.fused_modules
@@ -365,33 +452,6 @@ def _split_fused(config: ModelConfig, ranks: dict, alphas: dict, tensors: dict[s
             if mag is not None:
                 tensors[_tensor_key(m, i, "M")] = mag[row:row + rows]
             row += rows
-
-
-def _check_fields(raw: dict[str, Any], cfg_file: Path) -> None:
-    """Unknown fields and function-changing settings fail here, each naming the field."""
-    known = _USED_FIELDS | _METADATA_FIELDS | set(_NEUTRAL_FIELDS) | {"peft_type", "task_type"}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"{cfg_file}: unknown field(s) {unknown}; they are not PEFT LoraConfig fields "
-                          "(is this a LoRA adapter_config.json?)")
-    if raw.get("peft_type", "LORA") != "LORA":
-        raise ConfigError(f"{cfg_file}: peft_type {raw['peft_type']!r} is not supported; only 'LORA' is")
-    if raw.get("task_type") not in _TASK_TYPES:
-        raise ConfigError(f"{cfg_file}: task_type {raw['task_type']!r} is not supported; "
-                          f"supported: {list(_TASK_TYPES)} (a causal LM)")
-    for field, what in _NEUTRAL_FIELDS.items():
-        value = raw.get(field)
-        neutral = _NEUTRAL_VALUES.get(field)
-        if value is not None and value != neutral and value not in (False, [], {}):
-            raise ConfigError(f"{cfg_file}: {field}={value!r} ({what}) is not supported by flexora_jax; "
-                              f"only {neutral!r} is")
-    if not isinstance(raw.get("use_dora", False), bool):
-        raise ConfigError(f"{cfg_file}: use_dora must be true or false, got {raw['use_dora']!r}")
-    init = raw.get("init_lora_weights", True)
-    if init not in _HARMLESS_INIT:
-        raise ConfigError(f"{cfg_file}: init_lora_weights={init!r} is not supported: that initialisation "
-                          "modifies the base weights or selects a LoRA variant; convert the adapter to plain "
-                          "LoRA first (PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))")
 
 
 def _resolve_targets(raw: dict[str, Any], cfg_file: Path, num_layers: int,

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 
 import jax
 
+from flexora_jax import peft_fields
 from flexora_jax.errors import ConfigError
 
 #: Linear modules of a LLaMA block that LoRA can adapt, in block order.
@@ -261,6 +262,20 @@ class LoraConfig:
         # Freeze the mappings into sorted tuples so the config stays hashable (a static jit argument).
         object.__setattr__(self, "rank_pattern", FrozenDict(self.rank_pattern))
         object.__setattr__(self, "alpha_pattern", FrozenDict(self.alpha_pattern))
+
+    @classmethod
+    def from_peft(cls, source: Any) -> LoraConfig:
+        """The LoraConfig of a PEFT LoRA config: a ``peft.LoraConfig``, its ``to_dict()``, or the path of an
+        ``adapter_config.json`` (or its directory). Not ``LoraConfig(**peft_config.to_dict())``: this one reads
+        every PEFT field, keeps what computes the same here (module paths, ``layers_to_transform``,
+        ``exclude_modules``, PEFT's first-match patterns), and raises :class:`ConfigError` naming any field whose
+        value we do not implement (``bias="all"``, ``modules_to_save``, ...) or that PEFT does not know."""
+        raw, where = peft_fields.read_peft_config(source)
+        kwargs = peft_fields.lora_config_kwargs(raw, where, ALL_MODULES, module_path)
+        try:
+            return cls(**kwargs)
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
 
     def validate_for(self, config: ModelConfig) -> None:
         """Check layer indices against a model; raise naming the valid range."""

@@ -8,6 +8,8 @@ one-paragraph message instead of a traceback.
 
 from __future__ import annotations
 
+import difflib
+from collections.abc import Iterable
 from typing import Any
 
 import chex
@@ -31,6 +33,12 @@ class DataError(FlexoraError, ValueError):
 
 class NumericsError(FlexoraError, FloatingPointError):
     """A NaN or Inf in a loss, gradient or hypergradient."""
+
+
+def did_you_mean(word: str, choices: Iterable[str], prefix: str = "") -> str:
+    """`` (did you mean 'x'?)`` for the closest of ``choices`` to a mistyped ``word`` (``prefix`` + it), else ``""``."""
+    close = difflib.get_close_matches(str(word), list(choices), n=1)
+    return f" (did you mean {prefix + close[0]!r}?)" if close else ""
 
 
 def check_tree_shapes(tree: Any, template: Any, what: str) -> None:

@@ -3,6 +3,9 @@
 Every file the library or the command writes goes through here (adapters, merged checkpoints, run
 files, plots): the content lands in a temporary sibling first and is moved into place with
 ``os.replace``, which is atomic on POSIX filesystems. Errors are the caller's to turn into messages.
+
+A file ends with the permissions a plain ``open(path, "w")`` would give it (0644 under umask 022), whatever
+the writer did: safetensors creates its files 0600.
 """
 
 from __future__ import annotations
@@ -10,8 +13,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import stat
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 
 def _tmp_sibling(path: Path) -> Path:
@@ -44,7 +49,11 @@ def write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_sibling(path)
     try:
+        with open(tmp, "wb"):  # created as open() creates any file: 0o666 less the umask (and default ACLs)
+            pass
+        mode = stat.S_IMODE(os.stat(tmp).st_mode)
         writer(tmp)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     finally:
         if tmp.exists():

@@ -9,6 +9,8 @@ os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# cli.main (called in this process by many tests) would turn on its persistent compilation cache; not here.
+os.environ.setdefault("FLEXORA_JAX_COMPILATION_CACHE", "0")
 
 from pathlib import Path  # noqa: E402
 

@@ -15,9 +15,9 @@ transformers = pytest.importorskip("transformers")
 import flexora_jax as fj  # noqa: E402
 from flexora_jax.adalora import (AdaLoraConfig, as_lora, export_adalora, finetune_adalora,  # noqa: E402
                                  init_allocator, orth_regularizer, to_lora, update_and_allocate)
-from flexora_jax.adapters import export_peft  # noqa: E402
+from flexora_jax.adapters import export_peft, load_adalora, load_peft  # noqa: E402
 from flexora_jax.config import module_path  # noqa: E402
-from flexora_jax.errors import ConfigError  # noqa: E402
+from flexora_jax.errors import CheckpointError, ConfigError  # noqa: E402
 
 L, MODULES = 2, ("q_proj", "v_proj")
 SCHEDULE = dict(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=2, total_step=10, beta1=0.85, beta2=0.9,
@@ -150,3 +150,76 @@ def test_adalora_method_runs_end_to_end_from_the_command(tmp_path):
     assert json.loads((out / "methods" / "adalora" / "adalora_adapter" / "adapter_config.json").read_text())[
         "peft_type"] == "ADALORA"
     assert json.loads((out / "eval.json").read_text())["planted"]["test_loss"] > 0
+
+
+def _peft_logits(base_dir, adapter_dir, tokens) -> np.ndarray:
+    fresh = transformers.LlamaForCausalLM.from_pretrained(base_dir).eval()
+    with torch.no_grad():
+        return peft.PeftModel.from_pretrained(fresh, str(adapter_dir)).eval()(torch.tensor(tokens)).logits.numpy()
+
+
+@pytest.mark.parametrize("allocated", [False, True], ids=["lambdas_zeroed", "allocator_rank_pattern"])
+def test_peft_adalora_adapter_loads_as_adalora_and_as_pruned_lora(tmp_path, allocated):
+    """A peft-made AdaLoRA adapter: random non-zero P / Lambda / Q with some Lambda pruned, either by hand
+    (rank_pattern null, every init_r triplet saved) or by PEFT's allocator (its rank_pattern masks, only the
+    kept triplets saved). Ours as AdaLoRA weights, rank-pruned through load_peft, and re-exported: PEFT's logits."""
+    pm = _peft_model(tmp_path / "base")
+    named = {n: p for n, p in pm.named_parameters() if "lora_" in n}
+    rng = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in named.values():
+            p.copy_(0.3 * torch.randn(p.shape, generator=rng))
+        if not allocated:
+            named[_name("q_proj", 0, "E")][1] = 0.0
+            named[_name("v_proj", 1, "E")][[0, 3]] = 0.0
+    if allocated:
+        for step in range(SCHEDULE["total_step"] - SCHEDULE["tfinal"] + 1):
+            for p in named.values():
+                p.grad = torch.randn(p.shape, generator=rng)
+            pm.base_model.update_and_allocate(step)
+    pm.save_pretrained(tmp_path / "ada")
+    saved = json.loads((tmp_path / "ada" / "adapter_config.json").read_text())
+    assert saved["peft_type"] == "ADALORA" and (saved["rank_pattern"] is not None) == allocated
+    tokens = np.random.default_rng(3).integers(0, 32, (2, 6))
+    theirs = _peft_logits(tmp_path / "base", tmp_path / "ada", tokens)
+
+    model_config, params = fj.load_model(tmp_path / "base")
+    ada, weights, layers = load_adalora(tmp_path / "ada", model_config)
+    assert (ada.init_r, ada.target_r, ada.beta2, ada.total_step, layers) == (4, 2, 0.9, 10, (0, 1))
+    pruned = sum(int((np.asarray(weights[m]["e"]) == 0).sum()) for m in MODULES)
+    if allocated:  # the final mask keeps target_r x matrices (a kept triplet masked earlier may hold Lambda = 0)
+        assert sum(sum(mask) for mask in saved["rank_pattern"].values()) == 2 * len(MODULES) * L
+    assert pruned == 3 if not allocated else pruned >= (4 - 2) * len(MODULES) * L
+    base = np.asarray(fj.forward(model_config, params, tokens))
+    full = np.asarray(fj.forward(model_config, params, tokens, lora=as_lora(model_config, ada, weights, layers)))
+    assert np.abs(full - base).max() > 1e-2
+    np.testing.assert_allclose(full, theirs, atol=1e-4, rtol=0)
+    lora = load_peft(tmp_path / "ada", model_config)  # rank-pruned as LoRA
+    assert sum(sum(lora.spec.rank_of(m)) for m in lora.spec.targets) == 4 * len(MODULES) * L - pruned
+    np.testing.assert_allclose(np.asarray(fj.forward(model_config, params, tokens, lora=lora)), theirs, atol=1e-4,
+                               rtol=0)
+    export_adalora(ada, weights, layers, L, tmp_path / "again")
+    np.testing.assert_allclose(_peft_logits(tmp_path / "base", tmp_path / "again", tokens), theirs, atol=1e-4, rtol=0)
+
+
+def test_bad_adalora_adapters_are_named(tmp_path):
+    _peft_model(tmp_path / "base")
+    model_config, _ = fj.load_model(tmp_path / "base")
+    weights = {m: {"a": jnp.ones((L, 16, 4)), "e": jnp.ones((L, 4)),
+                   "b": jnp.ones((L, 4, 8 if m != "q_proj" else 16))} for m in MODULES}
+    config = AdaLoraConfig(**SCHEDULE, target_modules=MODULES)
+    out = export_adalora(config, weights, (0, 1), L, tmp_path / "ada")
+    path = out / "adapter_config.json"
+    good = json.loads(path.read_text())
+    for change, match in (({"beta1": 1.5}, "beta1"), ({"bias": "all"}, "bias"), ({"magic": 1}, "magic"),
+                          ({"rank_pattern": {"model.layers.0.self_attn.q_proj.lora_E": [True]}}, "kept mask"),
+                          ({"use_dora": True}, "DoRA")):
+        path.write_text(json.dumps({**good, **change}))
+        with pytest.raises(ConfigError, match=match):
+            load_peft(out, model_config)
+    path.write_text(json.dumps({**good, "init_r": 3}))
+    with pytest.raises(CheckpointError, match=r"lora_A has shape \(4, 16\), expected \(3, 16\)"):
+        load_adalora(out, model_config)
+    path.write_text(json.dumps({**good, "peft_type": "LORA"}))
+    with pytest.raises(ConfigError, match="not an AdaLoRA adapter"):
+        load_adalora(out, model_config)

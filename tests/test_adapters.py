@@ -28,7 +28,7 @@ TOKENS = np.random.default_rng(0).integers(0, 128, (2, 7))
 _forward = jax.jit(fj.forward, static_argnums=0)
 
 
-def _hf_config(**overrides) -> "transformers.LlamaConfig":
+def _hf_config(**overrides) -> transformers.LlamaConfig:
     kw = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
               num_key_value_heads=2, initializer_range=0.1, max_position_embeddings=64)
     kw.update(overrides)

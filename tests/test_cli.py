@@ -102,3 +102,26 @@ def test_each_command_has_its_own_help(command, capsys):
     assert cli.main([command, "--help"]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"usage: flexora-jax {command}") and cli.ABOUT[command].split()[0] in out
+
+
+def test_export_reads_no_task_data(tmp_path, data_dir, monkeypatch):
+    """`flexora-jax export` writes from the run's files: with the task data gone since the run it still
+    succeeds, ``--merged`` too (the model and its tokenizer are read, the task data is not)."""
+    monkeypatch.setenv("FLEXORA_PROGRESS", "0")
+    monkeypatch.chdir(REPO)  # the config's model paths are relative to the repository root
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "piqa").symlink_to(data_dir / "piqa")
+    out = tmp_path / "run"
+    tiny = ["--method=lora", "--compare=[]", "--task.n_train=16", "--task.n_val=8", "--task.n_test=4",
+            "--task.max_length=64", "--finetune.max_steps=1", "--finetune.batch_size=4", "--eval.base=false",
+            "--search.batch_size=4", "--search.val_batch_size=4", "--checkpoint.every=0", "--mesh.num_devices=1",
+            f"--model.llama2c={data_dir / 'tinystories260k' / 'checkpoint_legacy.bin'}",
+            f"--model.tokenizer_model={data_dir / 'tinystories260k' / 'tok512.model'}"]
+    assert cli.main(["run", "--quiet", "--config", "configs/tinystories260k_piqa.yaml", "--output-dir", str(out),
+                     f"--task.data_dir={data}", *tiny]) == 0
+    (data / "piqa").unlink()
+    (out / "report.md").unlink()
+    assert cli.main(["export", "--quiet", "--merged", "--output-dir", str(out)]) == 0
+    assert (out / "report.md").is_file() and (out / "merged" / "model.safetensors").is_file()
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()

@@ -27,8 +27,8 @@ SOURCE_COUNTS = [
     ("boolq", "validation", 3270),
     ("race_middle", "train", 25421), ("race_middle", "validation", 1436), ("race_middle", "test", 1436),
     ("race_high", "train", 62445), ("race_high", "validation", 3451), ("race_high", "test", 3498),
-    ("commonsenseqa", "train", 9741), ("commonsenseqa", "validation", 1221),
-    ("siqa", "train", 33410), ("siqa", "validation", 1954),
+    ("commonsense_qa", "train", 9741), ("commonsense_qa", "validation", 1221),
+    ("social_iqa", "train", 33410), ("social_iqa", "validation", 1954),
 ]
 
 
@@ -66,10 +66,49 @@ def test_race_last_question_only_is_one_per_passage():
 
 def test_registry_lists_all_tasks():
     assert set(tasks.list_tasks()) == {"hellaswag", "piqa", "winogrande", "race_middle", "race_high", "boolq",
-                                       "arc_easy", "arc_challenge", "openbookqa", "commonsenseqa",
-                                       "commonsenseqa_cloze", "siqa", "gsm8k", "aqua", "mmlu"}
+                                       "arc_easy", "arc_challenge", "openbookqa", "commonsense_qa",
+                                       "commonsense_qa_cloze", "social_iqa", "gsm8k", "aqua", "mmlu"}
     with pytest.raises(ConfigError, match="unknown task 'nope'"):
         tasks.get_task("nope")
+
+
+#: Registered tasks lm-eval 0.4.13 does not have under any name: RACE by level (lm-eval's ``race`` is RACE-high
+#: scored on each article's last question: our race_high with last_question_only), the cloze control of
+#: CommonsenseQA, and AQuA-RAT as generation (lm-eval's agieval_aqua_rat is multiple choice).
+NOT_IN_LM_EVAL = {"race_middle", "race_high", "commonsense_qa_cloze", "aqua"}
+
+
+def _lm_eval_task_names() -> set[str]:
+    import importlib.util
+    import re
+
+    spec = importlib.util.find_spec("lm_eval")
+    if spec is None:
+        pytest.skip("lm-eval is not installed")
+    names = set()
+    for path in Path(spec.origin).parent.joinpath("tasks").rglob("*.yaml"):
+        names |= set(re.findall(r"^(?:task|group):\s*['\"]?([\w.-]+)", path.read_text(errors="replace"), re.M))
+    return names
+
+
+def test_task_names_are_lm_evals_and_earlier_names_still_work():
+    lm_eval = _lm_eval_task_names()
+    assert {"commonsense_qa", "social_iqa", "arc_easy", "boolq", "hellaswag", "mmlu", "race"} <= lm_eval
+    assert set(tasks.list_tasks()) - lm_eval == NOT_IN_LM_EVAL
+    for old, new in (("commonsenseqa", "commonsense_qa"), ("siqa", "social_iqa"),
+                     ("commonsenseqa_cloze", "commonsense_qa_cloze")):
+        assert tasks.get_task(old) is tasks.get_task(new)
+    with pytest.raises(ConfigError, match=r"unknown task 'socail_iqa' \(did you mean 'social_iqa'\?\)"):
+        tasks.get_task("socail_iqa")
+    with pytest.raises(ConfigError, match=r"did you mean 'race_high'"):
+        tasks.get_task("race")
+
+
+@requires_data
+def test_an_earlier_task_name_reads_the_same_files_under_the_lm_eval_name():
+    old = tasks.load_records("siqa", "test", data_dir=DATA_DIR)
+    new = tasks.load_records("social_iqa", "test", data_dir=DATA_DIR)
+    assert old == new and {r.task for r in new} == {"social_iqa"}
 
 
 # ------------------------------------------------------------------------------------------- splits
@@ -185,8 +224,8 @@ def test_local_bad_files(tmp_path):
 
 
 @pytest.mark.parametrize("task, split, path, damage", [
-    ("siqa", "train", "siqa/socialiqa-train-dev.zip", "truncated"),
-    ("siqa", "train", "siqa/socialiqa-train-dev.zip", "garbage"),
+    ("social_iqa", "train", "siqa/socialiqa-train-dev.zip", "truncated"),
+    ("social_iqa", "train", "siqa/socialiqa-train-dev.zip", "garbage"),
     ("hellaswag", "validation", "hellaswag/hellaswag_val_full.txt.bz2", "truncated"),
     ("hellaswag", "validation", "hellaswag/hellaswag_val_full.txt.bz2", "garbage"),
     ("race_middle", "test", "race/RACE-dev-test.tar.gz", "truncated"),

@@ -33,7 +33,6 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-import transformers
 from huggingface_hub import snapshot_download
 from jax.sharding import Mesh, NamedSharding
 from safetensors import safe_open
@@ -44,6 +43,19 @@ from flexora_jax.errors import CheckpointError, ConfigError
 from flexora_jax.fileio import write_bytes, write_with
 from flexora_jax.models.llama import Params, param_shapes
 from flexora_jax.sharding import leaf_spec
+
+# transformers warns "PyTorch was not found" as it is imported without torch; flexora_jax uses only its configs
+# and tokenizers, so the import runs under transformers' own switch for advisory warnings, for the import alone
+# (the user's environment and logging settings are as they were afterwards).
+_ADVICE, _advice = "TRANSFORMERS_NO_ADVISORY_WARNINGS", os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS")
+os.environ[_ADVICE] = "1"
+try:
+    import transformers  # noqa: E402
+finally:
+    if _advice is None:
+        del os.environ[_ADVICE]
+    else:
+        os.environ[_ADVICE] = _advice
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"

@@ -9,7 +9,6 @@ written back fully resolved by :func:`save_config`.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import inspect
 import math
 import re
@@ -21,7 +20,7 @@ import yaml
 
 from flexora_jax.config import (ALL_MODULES, DTYPES, EvalConfig, FinetuneConfig, LoraConfig, MeshConfig, SearchConfig,
                                 SelectionConfig, FrozenDict, require)
-from flexora_jax.errors import ConfigError
+from flexora_jax.errors import ConfigError, did_you_mean
 from flexora_jax.fileio import write_bytes
 
 #: What ``method:`` / ``compare:`` may name. ``lora``: every layer (the baseline); ``flexora``: the
@@ -267,8 +266,7 @@ def _check_keys(cls: type, data: Any, where: str, origin: str) -> None:
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1)
-            hint = f" (did you mean {(where + '.' if where else '') + close[0]!r}?)" if close else ""
+            hint = did_you_mean(str(key), fields, where + "." if where else "")
             raise ConfigError(f"{origin}: unknown key {path!r}{hint}; allowed keys"
                               f"{' under ' + repr(where) if where else ''}: {sorted(fields)}")
         sub = _dataclass_type(cls, key)

@@ -328,7 +328,7 @@ def run_stage(stage: str, config: RunConfig, merged: bool = False) -> Any:
     if stage not in ("search", "finetune", "evaluate", "export"):
         raise ConfigError(f"unknown stage {stage!r}; expected one of search, finetune, evaluate, export")
     with stop_on_signals(str(config.output_dir)):
-        ws = prepare(config, resume=False, stage=stage)
+        ws = prepare(config, resume=False, stage=stage, merged=merged)
         try:
             if stage == "search":
                 return searches_stage(ws)

@@ -27,7 +27,7 @@ from flexora_jax.data import Dataset
 from flexora_jax.errors import CheckpointError, ConfigError, DataError
 from flexora_jax.fileio import write_dir
 from flexora_jax.memory import plan_memory
-from flexora_jax.models import convert_llama2c, load_tokenizer
+from flexora_jax.models import convert_llama2c, load_model_config, load_tokenizer
 from flexora_jax.nnx.llama import LlamaForCausalLM
 from flexora_jax.planted import PlantedConfig, make_planted_task
 from flexora_jax.pipeline.config import PLANTED_TASK, RunConfig, config_to_dict, load_config, save_config
@@ -63,8 +63,8 @@ class Workspace:
     config: RunConfig
     run_dir: Path
     model_config: ModelConfig
-    params: Any
-    data: TaskData
+    params: Any  # None in an export without --merged (it copies files only)
+    data: TaskData | None  # None in an export: it reads no task data
     log: RunLog
     resume: bool = False
     tokenizer: Any = None
@@ -217,14 +217,15 @@ def _check_tokenizer(tokenizer: Any, model_config: ModelConfig, source: str) -> 
                               "tokens (the tokenizer does not belong to this model)")
 
 
-def prepare(config: RunConfig, resume: bool = False, stage: str = "run") -> Workspace:
+def prepare(config: RunConfig, resume: bool = False, stage: str = "run", merged: bool = False) -> Workspace:
     """Validate, claim the run directory, build / load the model and the data, then write the run's config.
 
     Everything that can be checked is checked before the first file is written: the config against
     the model's depth and the data's sizes, the run directory (:class:`RunDir`), the config identity
     of an existing run. A fresh ``run`` refuses a directory that already holds a run (``resume=True``
     continues it) or holds other files; a resumed run or a stage must use the config the directory
-    was created with. A fresh run that fails before its config is written leaves no directory.
+    was created with. A fresh run that fails before its config is written leaves no directory. The
+    ``export`` stage prepares only what it writes from (:func:`_build_export`; ``merged``: the merged model).
     """
     if config.task.name == PLANTED_TASK:  # config errors first, before the run directory is looked at
         _validate_for_layers(config, config.task.planted.num_layers, "the planted model")
@@ -245,7 +246,8 @@ def prepare(config: RunConfig, resume: bool = False, stage: str = "run") -> Work
         rundir.check_fresh(CONFIG_FILE)
     rundir.claim()
     try:
-        ws = _build(config, rundir, mesh, resume, stage, fresh=not holds_run)
+        ws = (_build_export(config, rundir, mesh, merged) if stage == "export" else
+              _build(config, rundir, mesh, resume, stage, fresh=not holds_run))
     except BaseException:
         rundir.release() if holds_run else rundir.abandon()
         raise
@@ -290,6 +292,29 @@ def _build(config: RunConfig, rundir: RunDir, mesh: Any, resume: bool, stage: st
              len(data.test["input_ids"]), time.perf_counter() - t0)
     if mesh.size > 1:
         log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
+    return ws
+
+
+def _build_export(config: RunConfig, rundir: RunDir, mesh: Any, merged: bool) -> Workspace:
+    """The export's workspace: the files it copies need no task data (none is read or tokenised, so the data
+    may have moved since the run); the model's config always, its weights and tokenizer for a merged export."""
+    tokenizer = planted = source = params = None
+    if config.task.name == PLANTED_TASK:  # the embedded model is computed, not read: no files behind it
+        planted, _ = _prepare_planted(config)
+        model_config, params = planted.config, sh.shard(planted.params, mesh) if merged else None
+    else:
+        source = _resolve_model(config, rundir)
+        if merged:
+            model_config, params = _load_base(config, source, mesh)
+            tokenizer = load_tokenizer(source)
+            _check_tokenizer(tokenizer, model_config, source)
+        else:
+            model_config = load_model_config(source)
+    ws = Workspace(config=config, run_dir=rundir.path, model_config=model_config, params=params, data=None,
+                   log=RunLog(rundir.path), tokenizer=tokenizer, planted=planted, model_source=source, mesh=mesh,
+                   rundir=rundir)
+    if (rundir / "timings.json").exists():
+        ws.timings.update({k: v for k, v in read_json(rundir / "timings.json").items() if k != "total"})
     return ws
 
 

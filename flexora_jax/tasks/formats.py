@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from flexora_jax.errors import DataError
 
@@ -156,7 +157,7 @@ def openbookqa(doc: Mapping[str, Any], doc_id: int, task: str = "openbookqa") ->
 CSQA_LETTERS = ("A", "B", "C", "D", "E")
 
 
-def commonsenseqa(doc: Mapping[str, Any], doc_id: int, task: str = "commonsenseqa") -> MCRecord:
+def commonsenseqa(doc: Mapping[str, Any], doc_id: int, task: str = "commonsense_qa") -> MCRecord:
     """lm-eval's commonsense_qa: the options are listed in the prompt, the choices are letters."""
     texts, _ = _choices(doc, task, doc_id)
     if len(texts) != 5:
@@ -167,7 +168,7 @@ def commonsenseqa(doc: Mapping[str, Any], doc_id: int, task: str = "commonsenseq
     return MCRecord(task, doc_id, f"Question: {question}{lines}\nAnswer:", CSQA_LETTERS, gold)
 
 
-def commonsenseqa_cloze(doc: Mapping[str, Any], doc_id: int, task: str = "commonsenseqa_cloze") -> MCRecord:
+def commonsenseqa_cloze(doc: Mapping[str, Any], doc_id: int, task: str = "commonsense_qa_cloze") -> MCRecord:
     """CommonsenseQA as a cloze task: ``Question: ..\nAnswer:`` scored on the answer *text*.
 
     Not an lm-eval task (lm-eval lists the options and scores letters). The effectiveness study uses
@@ -202,7 +203,7 @@ def boolq(doc: Mapping[str, Any], doc_id: int, task: str = "boolq") -> MCRecord:
     return MCRecord(task, doc_id, context, ("no", "yes"), label)
 
 
-def siqa(doc: Mapping[str, Any], doc_id: int, task: str = "siqa") -> MCRecord:
+def siqa(doc: Mapping[str, Any], doc_id: int, task: str = "social_iqa") -> MCRecord:
     context = f"Q: {_field(doc, 'context', task, doc_id)} {_field(doc, 'question', task, doc_id)}\nA:"
     choices = tuple(_field(doc, k, task, doc_id) for k in ("answerA", "answerB", "answerC"))
     gold = _int_label(_field(doc, "label", task, doc_id), task, doc_id, "label", offset=1)

@@ -23,7 +23,8 @@ from __future__ import annotations
 import dataclasses
 import random
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from flexora_jax.errors import DataError
 

@@ -26,8 +26,9 @@ import re
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import datasets
 from datasets import ClassLabel, Features, Sequence, Value
@@ -386,7 +387,7 @@ def _commonsenseqa(data_dir: Path, split: str) -> list[dict]:
 def _siqa(data_dir: Path, split: str) -> list[dict]:
     names = {"train": "train", "validation": "dev"}
     if split not in names:
-        raise _no_split("siqa", split, tuple(names), "test labels are hidden upstream")
+        raise _no_split("social_iqa", split, tuple(names), "test labels are hidden upstream")
     path = _require(data_dir / "siqa" / "socialiqa-train-dev.zip", "the official Social IQa zip")
     stem = names[split]
     with zipfile.ZipFile(path) as zf:
@@ -476,12 +477,17 @@ LOADERS: dict[str, tuple[str, Callable[[Path, str], list[dict]]]] = {
     "boolq": ("boolq", _boolq),
     "race_middle": ("race", _race("middle")),
     "race_high": ("race", _race("high")),
-    "commonsenseqa": ("commonsenseqa", _commonsenseqa),
-    "siqa": ("siqa", _siqa),
+    "commonsense_qa": ("commonsenseqa", _commonsenseqa),
+    "social_iqa": ("siqa", _siqa),
     "gsm8k": ("gsm8k", _gsm8k),
     "aqua": ("aqua", _aqua),
     "mmlu": ("mmlu", _mmlu),
 }
+
+
+#: Earlier task names (before the registry took lm-evaluation-harness 0.4.13's), still accepted wherever a task is
+#: named; the data folders under ``data_dir`` keep their names (``commonsenseqa/``, ``siqa/``).
+ALIASES = {"commonsenseqa": "commonsense_qa", "commonsenseqa_cloze": "commonsense_qa_cloze", "siqa": "social_iqa"}
 
 
 def load_local(task: str, split: str, data_dir: str | os.PathLike | None = None) -> datasets.Dataset:
@@ -490,6 +496,7 @@ def load_local(task: str, split: str, data_dir: str | os.PathLike | None = None)
     ``split`` names the *source* split (``train`` / ``validation`` / ``test`` as on the hub), not the
     train / search-validation / test role; ``splits.py`` maps roles onto source splits.
     """
+    task = ALIASES.get(task, task)
     if task not in LOADERS:
         raise DataError(f"no local loader for task {task!r}; known: {sorted(LOADERS)}")
     root = Path(data_dir) if data_dir is not None else default_data_dir()

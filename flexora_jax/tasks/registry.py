@@ -10,16 +10,17 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any, Callable, Iterable, Literal, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, Literal
 
 import datasets
 
-from flexora_jax.errors import ConfigError, DataError
-from flexora_jax.tasks import formats
-from flexora_jax.tasks import generative
+from flexora_jax.errors import ConfigError, DataError, did_you_mean
+from flexora_jax.tasks import formats, generative
 from flexora_jax.tasks.formats import MCRecord
 from flexora_jax.tasks.generative import GenRecord
-from flexora_jax.tasks.local import HUB_FEATURES, load_local
+from flexora_jax.tasks.local import ALIASES, HUB_FEATURES, load_local
+from flexora_jax.tasks.sft import datasets_quietly
 from flexora_jax.tasks.splits import (DEFAULT_SEED, REST, SplitInfo, SplitPlan, canonical_role,
                                       check_size_roles, resolve_sizes, resplit_indices)
 
@@ -105,10 +106,10 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
     TaskSpec("arc_easy", "allenai/ai2_arc", "ARC-Easy", "arc", formats.arc, _OFFICIAL, _ACC_NORM),
     TaskSpec("arc_challenge", "allenai/ai2_arc", "ARC-Challenge", "arc", formats.arc, _OFFICIAL, _ACC_NORM),
     TaskSpec("openbookqa", "allenai/openbookqa", "main", "openbookqa", formats.openbookqa, _OFFICIAL, _ACC_NORM),
-    TaskSpec("commonsenseqa", "tau/commonsense_qa", None, "commonsenseqa", formats.commonsenseqa, _TRAIN_POOL, _ACC),
-    TaskSpec("commonsenseqa_cloze", "tau/commonsense_qa", None, "commonsenseqa", formats.commonsenseqa_cloze,
-             _TRAIN_POOL, _ACC, local_name="commonsenseqa"),
-    TaskSpec("siqa", "allenai/social_i_qa", None, "siqa", formats.siqa, _TRAIN_POOL, _ACC),
+    TaskSpec("commonsense_qa", "tau/commonsense_qa", None, "commonsenseqa", formats.commonsenseqa, _TRAIN_POOL, _ACC),
+    TaskSpec("commonsense_qa_cloze", "tau/commonsense_qa", None, "commonsenseqa", formats.commonsenseqa_cloze,
+             _TRAIN_POOL, _ACC, local_name="commonsense_qa"),
+    TaskSpec("social_iqa", "allenai/social_i_qa", None, "siqa", formats.siqa, _TRAIN_POOL, _ACC),
     TaskSpec("gsm8k", "openai/gsm8k", "main", "gsm8k", None, _GSM8K, ("exact_match",), kind="generate",
              fewshot_split="train", split_to_records=generative.gsm8k_records),
     TaskSpec("aqua", "deepmind/aqua_rat", "raw", "aqua", None, _AQUA, ("exact_match",), kind="generate",
@@ -119,16 +120,18 @@ TASKS: dict[str, TaskSpec] = {t.name: t for t in (
 
 
 def list_tasks() -> list[str]:
-    """Names of every registered task."""
+    """Names of every registered task (lm-evaluation-harness 0.4.13's names where it has the task)."""
     return list(TASKS)
 
 
 def get_task(name: str | TaskSpec) -> TaskSpec:
-    """The :class:`TaskSpec` of a task name (a spec passes through)."""
+    """The :class:`TaskSpec` of a task name or an earlier name of it (:data:`ALIASES`); a spec passes through."""
     if isinstance(name, TaskSpec):
         return name
+    name = ALIASES.get(name, name)
     if name not in TASKS:
-        raise ConfigError(f"unknown task {name!r}; known tasks: {list_tasks()}")
+        raise ConfigError(f"unknown task {name!r}{did_you_mean(name, [*TASKS, *ALIASES])}; known tasks: "
+                          f"{list_tasks()}")
     return TASKS[name]
 
 
@@ -159,8 +162,9 @@ def load_source(task: str | TaskSpec, source_split: str, source: Source = "local
                         f"expected the columns {list(spec.features)}")
     if len(ds) == 0:
         raise DataError(f"{spec.name}: hub dataset {path!r} split {source_split!r} is empty")
-    ds = ds.select_columns(list(spec.features))
-    return ds.cast(spec.features) if ds.features != spec.features else ds
+    with datasets_quietly():
+        ds = ds.select_columns(list(spec.features))
+        return ds.cast(spec.features) if ds.features != spec.features else ds
 
 
 @dataclasses.dataclass(frozen=True)

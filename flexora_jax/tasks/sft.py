@@ -19,9 +19,11 @@ Array layout (all ``[batch, seq]``, right padded):
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
-from typing import Any, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import datasets
 import numpy as np
@@ -29,6 +31,22 @@ import numpy as np
 from flexora_jax.errors import DataError
 
 log = logging.getLogger("flexora_jax")
+
+
+@contextlib.contextmanager
+def datasets_quietly() -> Iterator[None]:
+    """``datasets``' own progress bars (tokenizing, casting) off inside our data path, as they were afterwards.
+
+    Their bars would interleave with the run's; a user who set ``HF_DATASETS_DISABLE_PROGRESS_BARS=0`` keeps them.
+    """
+    if datasets.are_progress_bars_disabled() or datasets.config.HF_DATASETS_DISABLE_PROGRESS_BARS is False:
+        yield
+        return
+    datasets.disable_progress_bars()
+    try:
+        yield
+    finally:
+        datasets.enable_progress_bars()
 
 
 def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[int], list[int]]:
@@ -113,8 +131,9 @@ def sft_dataset(records: Sequence[Any], tokenizer: Any, max_length: int, add_eos
         cols = {k: [out[i][k] for i in keep] for k in ("input_ids", "loss_mask", "length", "truncated")}
         return cols | {k: [batch[k][i] for i in keep] for k in ("task", "doc_id")}
 
-    return raw.map(tokenize, batched=True, remove_columns=["prompt", "answer", "task", "doc_id"], num_proc=num_proc,
-                   desc="tokenizing SFT examples")
+    with datasets_quietly():
+        return raw.map(tokenize, batched=True, remove_columns=["prompt", "answer", "task", "doc_id"],
+                       num_proc=num_proc, desc="tokenizing SFT examples")
 
 
 def sft_arrays(records: Sequence[Any], tokenizer: Any, max_length: int, *, too_long: str = "drop",

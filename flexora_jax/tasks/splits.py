@@ -12,7 +12,8 @@ into :class:`SplitInfo`, which runs store in their config and report.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
