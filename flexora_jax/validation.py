@@ -108,7 +108,8 @@ def check_config_type(obj: Any, cls: type | tuple[type, ...], name: str, error: 
     if isinstance(obj, cls):
         return obj
     classes = cls if isinstance(cls, tuple) else (cls,)
-    wanted = " or ".join(c.__name__ for c in classes)
+    wanted = " or ".join(c.__name__ if c.__module__.startswith(("flexora_jax", "builtins")) else
+                         f"{c.__module__}.{c.__qualname__}" for c in classes)
     hint = ""
     if isinstance(obj, Mapping) and len(classes) == 1 and dataclasses.is_dataclass(classes[0]):
         hint = f"; build one from the dict: {classes[0].__name__}(**{repr(dict(obj))[:60]})"
