@@ -34,6 +34,7 @@ from flexora_jax.gates import Gates, layer_gate_values
 from flexora_jax.nnx.surgery import LoraSite, adapted_modules, attach_lora, lora_sites, remove_lora
 from flexora_jax.nnx.variables import LOGIT_ROLES, Gate
 from flexora_jax.selection import select_layers, select_ranks
+from flexora_jax.validation import check_mapping, check_number, check_type
 
 Batch = dict[str, jax.Array]
 ModelLoss = Callable[[nnx.Module, Batch], jax.Array]
@@ -206,14 +207,27 @@ class Selection:
         return out
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> "Selection":
+    def from_json(cls, data: Mapping[str, Any], name: str = "selection") -> "Selection":
+        """The selection :meth:`to_json` wrote; a malformed one (a key missing or unknown, a value of the wrong
+        type, a rank naming a module or layer the selection does not have) is a ConfigError naming ``name``."""
+        check_mapping(data, name, ("layers", "ranks", "modules", "trainable_params"), ("layers", "modules"))
+        check_type(data["layers"], tuple[int, ...], f"{name}['layers']")
+        check_type(data["modules"], Mapping[str, tuple[int, ...]], f"{name}['modules']")
+        check_type(data.get("ranks", {}), Mapping[str, int], f"{name}['ranks']")
         modules = {p: tuple(v) for p, v in data["modules"].items()}
         ranks: dict[str, list[int]] = {}
         for key, r in data.get("ranks", {}).items():
-            path, _, layer = key.partition("[")
-            layers = modules[path]
+            where = f"{name}['ranks'][{key!r}]"
+            path, bracket, layer = key.partition("[")
+            layers = modules.get(path)
+            index = layer[:-1] if bracket and layer.endswith("]") else None
+            if layers is None or bracket and (index is None or not index.isdigit() or int(index) not in layers):
+                raise ConfigError(f"{where}: expected '<module path>' or '<module path>[<layer>]' naming a module and "
+                                  f"layer of {name}['modules'] ({sorted(modules)[:8]})")
+            if not bracket and len(layers) != 1:
+                raise ConfigError(f"{where}: module {path!r} covers layers {layers}; name one as '{path}[<layer>]'")
             per_layer = ranks.setdefault(path, [0] * len(layers))
-            per_layer[layers.index(int(layer[:-1])) if layer else 0] = int(r)
+            per_layer[layers.index(int(index)) if bracket else 0] = check_number(r, where, lo=0, integer=True)
         return cls(tuple(data["layers"]), modules, {p: tuple(v) for p, v in ranks.items()})
 
 
