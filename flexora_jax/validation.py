@@ -293,13 +293,16 @@ def check_array(x: Any, name: str, dtype_kind: str | None = None, ndim: int | Se
 def check_finite_tree(tree: Any, what: str, error: Error = CheckpointError, limit: int = 5) -> None:
     """``error`` naming up to ``limit`` leaves of ``tree`` that hold NaN or Inf (floating leaves only).
 
-    One device-to-host transfer of one flag per leaf: meant for weights at load / export time.
+    Host arrays are checked on the host; device arrays in one reduction each and one transfer of their
+    flags: meant for weights at load / export time.
     """
     leaves = [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree)
               if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)]
     if not leaves:
         return
-    flags = np.asarray(jnp.stack([jnp.all(jnp.isfinite(x)) for _, x in leaves]))
+    device = [jnp.all(jnp.isfinite(x)) for _, x in leaves if not isinstance(x, np.ndarray)]
+    device = iter(np.asarray(jnp.stack(device)) if device else ())
+    flags = [bool(np.isfinite(x).all()) if isinstance(x, np.ndarray) else next(device) for _, x in leaves]
     bad = [name for (name, _), ok in zip(leaves, flags) if not ok]
     if bad:
         raise error(f"{what} holds NaN or Inf values in {', '.join(bad[:limit])}"
