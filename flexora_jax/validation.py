@@ -267,8 +267,9 @@ def check_array(x: Any, name: str, dtype_kind: str | None = None, ndim: int | Se
     dtype = np.dtype(dtype)
     kind = "f" if jnp.issubdtype(dtype, jnp.floating) else dtype.kind  # bfloat16 is kind 'V' to numpy
     if dtype_kind is not None and kind not in dtype_kind:
-        names = {"i": "signed integer", "u": "unsigned integer", "f": "floating point", "b": "bool"}
-        raise error(f"{name} must have a {' or '.join(names.get(k, k) for k in dtype_kind)} dtype, got {dtype}")
+        names = {"i": "an integer", "u": "an integer", "f": "a floating-point", "b": "a bool"}
+        wanted = " or ".join(dict.fromkeys(names.get(k, k) for k in dtype_kind))
+        raise error(f"{name} must have {wanted} dtype, got {dtype}")
     ndims = (ndim,) if isinstance(ndim, int) else tuple(ndim or ())
     if ndims and len(shape) not in ndims:
         raise error(f"{name} must have {' or '.join(map(str, ndims))} dimension(s), got shape {tuple(shape)}")
