@@ -84,10 +84,10 @@ class PlantedOptions:
     layer_kl: float = 0.4  # signal strength: each planted layer alone moves the output by this KL (nats)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "ranks", FrozenDict(self.ranks))
         if isinstance(self.modules, str):
             object.__setattr__(self, "modules", (self.modules,))
         check_fields(self, "task.planted")
+        object.__setattr__(self, "ranks", FrozenDict(self.ranks))
         modules = tuple(self.modules)
         object.__setattr__(self, "modules", modules)
         bad = [m for m in modules if m not in ALL_MODULES]
