@@ -30,8 +30,9 @@ import re
 import types
 import typing
 from collections import abc
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -236,7 +237,8 @@ def read_json(path: str | os.PathLike, what: str = "", error: Error = Checkpoint
     except OSError as exc:
         raise error(f"{path} cannot be read ({exc.strerror or exc}); expected a JSON file{about}") from None
     except UnicodeDecodeError as exc:
-        raise error(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); expected a JSON file{about}") from None
+        raise error(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); expected a JSON "
+                    f"file{about}") from None
     except ValueError as exc:
         raise error(f"{path} is not valid JSON ({exc}); expected a JSON file{about}") from None
 

@@ -143,7 +143,7 @@ def test_read_json_names_the_file(tmp_path):
     (tmp_path / "dir.json").mkdir()
     for name, words in [("bin.json", ["not UTF-8"]), ("bad.json", ["not valid JSON"]), ("dir.json", ["directory"]),
                         ("none.json", ["does not exist"])]:
-        _raises(CheckpointError, lambda: v.read_json(tmp_path / name, "x"), name, *words)
+        _raises(CheckpointError, lambda name=name: v.read_json(tmp_path / name, "x"), name, *words)
 
 
 # ------------------------------------------------------------------------------------- datasets
@@ -219,7 +219,7 @@ def test_every_config_field_refuses_the_wrong_kind_of_value(name, cls, field, ki
     """A bool where a number is meant, a string where a flag is meant, NaN / Inf where a float is meant."""
     bad = {int: [True, 2.5, "3"], float: [True, math.nan, math.inf, "0.1"], bool: ["false", 1, None]}[kind]
     for value in bad:
-        _raises(ConfigError, lambda: cls(**{field: value}), f"{name}.{field}")
+        _raises(ConfigError, lambda value=value: cls(**{field: value}), f"{name}.{field}")
 
 
 def test_config_cases_of_the_issue():
@@ -509,7 +509,8 @@ def _bool_rank(cfg):
 @pytest.mark.parametrize("case, words", [
     (lambda d: _edit_json(d / "adapter_config.json", lambda c: [c]), ["must be a mapping", "list"]),
     (lambda d: _edit_json(d / "adapter_config.json", lambda c: c | {"sites": "layers.0"}), ["sites", "mapping"]),
-    (lambda d: _edit_json(d / "adapter_config.json", _drop_site_key), ["sites['layers.0']", "missing key(s) ['alpha']"]),
+    (lambda d: _edit_json(d / "adapter_config.json", _drop_site_key),
+     ["sites['layers.0']", "missing key(s) ['alpha']"]),
     (lambda d: _edit_json(d / "adapter_config.json", lambda c: c | {"surprise": 1}), ["unknown key(s) ['surprise']"]),
     (lambda d: _edit_json(d / "adapter_config.json", _bool_rank), ["sites['layers.0'].rank", "True"]),
     (lambda d: (d / "adapter.safetensors").write_bytes((d / "adapter.safetensors").read_bytes()[:40]),

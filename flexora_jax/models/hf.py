@@ -482,7 +482,8 @@ def _refuse_unused(config: ModelConfig, tensors: TensorSource, names: Mapping[st
 
 
 def load_model(path_or_hub_id: str | os.PathLike, dtype: str = "float32", allow_pickle: bool = False,
-               mesh: Mesh | None = None, check_finite: bool = True, **config_overrides: Any) -> tuple[ModelConfig, Params]:
+               mesh: Mesh | None = None, check_finite: bool = True,
+               **config_overrides: Any) -> tuple[ModelConfig, Params]:
     """``(ModelConfig, params)`` from an HF model directory or hub id.
 
     Reads config.json through transformers' config classes and the weights from ``model.safetensors``

@@ -380,8 +380,8 @@ def _check_coverage(sites: list[LoraSite], layers: Sequence[int] | None, ranks: 
                           f"{[site.path for site in sites][:12]}")
     if not any(any(_resolve_ranks(site.path, len(site.layers), site.rank, ranks,
                                   [layers is None or i in layers for i in site.layers])) for site in sites):
-        raise ConfigError(f"add_lora: every matched module gets rank 0 (ranks={dict(ranks or {})!r}, layers={layers!r}); "
-                          "nothing would be adapted")
+        raise ConfigError(f"add_lora: every matched module gets rank 0 (ranks={dict(ranks or {})!r}, "
+                          f"layers={layers!r}); nothing would be adapted")
 
 
 def _site(module: nnx.Module, path: str, kernel_name: str, in_axes: tuple[int, ...], out_axes: tuple[int, ...],
