@@ -254,18 +254,20 @@ def _id_bounds(id_range: int | tuple[int, int]) -> tuple[int, int]:
 
 
 def check_array(x: Any, name: str, dtype_kind: str | None = None, ndim: int | Sequence[int] | None = None, *,
-                finite: bool = False, id_range: int | tuple[int, int] | None = None,
-                error: Error = DataError) -> Any:
+                shape: Sequence[int | None] | None = None, finite: bool = False,
+                id_range: int | tuple[int, int] | None = None, error: Error = DataError) -> Any:
     """``x`` (a numpy / jax array, unchanged) if it has a dtype of a kind in ``dtype_kind`` (numpy's kinds:
-    ``"iu"`` integers, ``"f"`` floats, ``"b"`` bools), rank ``ndim`` (or one of them), only finite values
-    (``finite``) and values in ``[0, id_range)`` / ``[lo, hi)`` (``id_range``: token ids against a vocabulary).
+    ``"iu"`` integers, ``"f"`` floats, ``"b"`` bools), rank ``ndim`` (or one of them), the ``shape`` given
+    (None: any size on that axis), only finite values (``finite``) and values in ``[0, id_range)`` /
+    ``[lo, hi)`` (``id_range``: token ids against a vocabulary).
 
     Shape and dtype are checked on tracers too; value checks are skipped for tracers. The id-range error
     names the row and the value.
     """
-    shape, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
-    if shape is None or dtype is None:
+    got, dtype = getattr(x, "shape", None), getattr(x, "dtype", None)
+    if got is None or dtype is None:
         raise error(f"{name} must be an array (numpy or jax), got {describe(x)}")
+    got = tuple(got)
     dtype = np.dtype(dtype)
     kind = "f" if jnp.issubdtype(dtype, jnp.floating) else dtype.kind  # bfloat16 is kind 'V' to numpy
     if dtype_kind is not None and kind not in dtype_kind:
@@ -273,21 +275,24 @@ def check_array(x: Any, name: str, dtype_kind: str | None = None, ndim: int | Se
         wanted = " or ".join(dict.fromkeys(names.get(k, k) for k in dtype_kind))
         raise error(f"{name} must have {wanted} dtype, got {dtype}")
     ndims = (ndim,) if isinstance(ndim, int) else tuple(ndim or ())
-    if ndims and len(shape) not in ndims:
-        raise error(f"{name} must have {' or '.join(map(str, ndims))} dimension(s), got shape {tuple(shape)}")
+    if ndims and len(got) not in ndims:
+        raise error(f"{name} must have {' or '.join(map(str, ndims))} dimension(s), got shape {got}")
+    if shape is not None and (len(got) != len(shape) or any(w is not None and w != g for w, g in zip(shape, got))):
+        wanted = "(" + ", ".join("*" if w is None else str(w) for w in shape) + ("," if len(shape) == 1 else "") + ")"
+        raise error(f"{name} must have shape {wanted}, got {got}")
     if not (finite or id_range is not None) or (host := _host(x)) is None:
         return x
     if finite and kind == "f" and not np.all(np.isfinite(host)):
         where = np.argwhere(~np.isfinite(host))[0]
         raise error(f"{name} holds NaN or Inf (first at index {tuple(int(i) for i in where)}: "
-                    f"{host[tuple(where)]!r}); expected finite values")
+                    f"{host[tuple(where)].item()!r}); expected finite values")
     if id_range is not None and host.size:
         lo, hi = _id_bounds(id_range)
         bad = np.argwhere((host < lo) | (host >= hi))
         if len(bad):
             at = tuple(int(i) for i in bad[0])
             row = f"row {at[0]}" + (f", position {at[1]}" if len(at) > 1 else "") if at else "it"
-            raise error(f"{name}: {row} holds id {host[at]!r}, outside [{lo}, {hi}) ({len(bad)} such value(s)); "
+            raise error(f"{name}: {row} holds id {host[at].item()!r}, outside [{lo}, {hi}) ({len(bad)} such value(s)); "
                         f"expected token ids of the model's vocabulary (negative ids would wrap, ids >= {hi} are "
                         "read past the embedding)")
     return x

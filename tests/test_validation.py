@@ -129,6 +129,18 @@ def test_check_scalar_loss_static_and_traced():
     assert jax.eval_shape(lambda x: v.check_scalar_loss(jnp.sum(x)), jnp.ones(4)).shape == ()
 
 
+def test_check_array_dtype_rank_shape_and_values():
+    x = np.zeros((2, 3), np.int32)
+    assert v.check_array(x, "x", "iu", 2, shape=(None, 3), id_range=5) is x
+    _raises(DataError, lambda: v.check_array(x, "gates.layer", "f"), "gates.layer", "floating-point", "int32")
+    _raises(ConfigError, lambda: v.check_array(np.ones(7), "gates.layer", shape=(3,), error=ConfigError),
+            "gates.layer must have shape (3,), got (7,)")
+    _raises(DataError, lambda: v.check_array([1, 2], "ids"), "ids must be an array", "list")
+    _raises(DataError, lambda: v.check_array(np.array([[0.0, np.inf]]), "w", finite=True), "w", "(0, 1)", "inf")
+    traced = jax.eval_shape(lambda a: v.check_array(a, "t", "f", 1, finite=True, id_range=1), jnp.ones(3) * 9)
+    assert traced.shape == (3,)  # a tracer's values are unknown: only its dtype and shape are checked
+
+
 def test_check_finite_tree_names_the_leaves():
     tree = {"a": np.ones(3), "b": {"c": jnp.array([1.0, jnp.nan])}, "ids": np.arange(3)}
     _raises(CheckpointError, lambda: v.check_finite_tree(tree, "model.safetensors"), "model.safetensors", "['b']['c']")
