@@ -45,12 +45,13 @@ import numpy as np
 from flexora_jax.adalora import AdaLoraConfig, to_lora
 from flexora_jax.config import ALL_MODULES, LoraConfig, ModelConfig, module_path
 from flexora_jax.dora import MAGNITUDE
-from flexora_jax.errors import CheckpointError, ConfigError
+from flexora_jax.errors import CheckpointError, ConfigError, NumericsError
 from flexora_jax.fileio import write_bytes
 from flexora_jax.gates import Gates, layer_gate_values, rank_gate_values
 from flexora_jax.lora import LoraParams, LoraSpec, make_spec, merge
 from flexora_jax.models.hf import read_safetensors, save_model, write_safetensors
 from flexora_jax.peft_fields import ADALORA_FIELDS, ADAPTER_CONFIG, check_fields
+from flexora_jax.validation import check_bool, check_finite_tree, check_mapping, check_number, check_regex, read_json
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 _PREFIX = "base_model.model."  # PeftModel wraps the CausalLM: base_model (LoraModel) . model (LlamaForCausalLM)
@@ -124,6 +125,7 @@ def export_peft(lora: LoraParams, out_dir: str | os.PathLike, *, gates: Gates | 
                 tensors[_tensor_key(m, layer, "M")] = np.asarray(lora.weights[m][MAGNITUDE][layer], np.float32)
     if not adapted:
         raise ConfigError("export_peft: the LoRA adapts no module (every rank or scale is 0); nothing to export")
+    check_finite_tree(tensors, "export_peft: the LoRA (gates folded in)", NumericsError)
     use_rslora, names = cfg.use_rslora, list(spec.targets)
     if spec.fused:  # Phi-3: PEFT sees qkv_proj / gate_up_proj, not their parts
         adapted, tensors = _fuse_adapter(spec, adapted, tensors)
@@ -234,16 +236,14 @@ def load_peft(adapter_dir: str | os.PathLike, config: ModelConfig) -> LoraParams
     directory = Path(adapter_dir)
     raw, cfg_file = _read_config(directory)
     check_fields(raw, cfg_file)
+    _check_values(raw, cfg_file)
     if raw.get("peft_type") == "ADALORA":  # rank-pruned: the kept triplets, Lambda and the scale folded into B
         return to_lora(config, *_adalora(directory, raw, cfg_file, config))
     weights_file = directory / ADAPTER_WEIGHTS
     L = config.num_hidden_layers
     adapted = _resolve_targets(raw, cfg_file, L, peft_modules(config))
-    r0, alpha0 = raw.get("r", 8), raw.get("lora_alpha", 8)
-    if not isinstance(r0, int) or isinstance(r0, bool) or r0 <= 0:
-        raise ConfigError(f"{cfg_file}: r must be a positive integer, got {r0!r}")
-    if not isinstance(alpha0, (int, float)) or isinstance(alpha0, bool) or alpha0 <= 0:
-        raise ConfigError(f"{cfg_file}: lora_alpha must be a positive number, got {alpha0!r}")
+    r0 = check_number(raw.get("r", 8), f"{cfg_file}: r", lo=1, integer=True)
+    alpha0 = check_number(raw.get("lora_alpha", 8), f"{cfg_file}: lora_alpha", lo=0, lo_open=True)
     rank_pattern, alpha_pattern = raw.get("rank_pattern") or {}, raw.get("alpha_pattern") or {}
     ranks: dict[tuple[str, int], int] = {}
     alphas: dict[tuple[str, int], float] = {}
@@ -309,10 +309,7 @@ def _read_config(directory: Path) -> tuple[dict[str, Any], Path]:
     cfg_file = directory / ADAPTER_CONFIG
     if not cfg_file.exists():
         raise CheckpointError(f"{directory} is not a PEFT adapter directory: {ADAPTER_CONFIG} is missing")
-    try:
-        raw = json.loads(cfg_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{cfg_file} is not valid JSON: {exc}") from None
+    raw = read_json(cfg_file, "a PEFT adapter config")
     if not isinstance(raw, dict):
         raise CheckpointError(f"{cfg_file} must hold a JSON object, got {type(raw).__name__}")
     return raw, cfg_file
@@ -325,7 +322,9 @@ def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
         hint = " (adapter_model.bin is pickle, which flexora_jax does not read; re-save it with PEFT's " \
                "save_pretrained(safe_serialization=True))" if (directory / "adapter_model.bin").exists() else ""
         raise CheckpointError(f"{directory}: {ADAPTER_WEIGHTS} is missing{hint}")
-    return {k: v.astype(np.float32) for k, v in read_safetensors(weights_file).items()}
+    tensors = {k: v.astype(np.float32) for k, v in read_safetensors(weights_file).items()}
+    check_finite_tree(tensors, str(weights_file))
+    return tensors
 
 
 # ---------------------------------------------------------------------------------------- AdaLoRA
@@ -454,6 +453,26 @@ def _split_fused(config: ModelConfig, ranks: dict, alphas: dict, tensors: dict[s
             row += rows
 
 
+def _check_values(raw: dict[str, Any], cfg_file: Path) -> None:
+    """The types of the fields read: numbers (no bools, finite), flags (``"false"`` is not false), regexes
+    compiled up front, each error naming the field."""
+    check_number(raw.get("lora_dropout") or 0.0, f"{cfg_file}: lora_dropout", lo=0, hi=1, hi_open=True)
+    if raw.get("use_rslora") is not None:
+        check_bool(raw["use_rslora"], f"{cfg_file}: use_rslora")
+    for field in ("rank_pattern", "alpha_pattern"):
+        for key, value in check_mapping(raw.get(field) or {}, f"{cfg_file}: {field}").items():
+            check_number(value, f"{cfg_file}: {field}[{key!r}]", lo=0, lo_open=True, integer=field == "rank_pattern")
+    for field in ("layers_pattern", "exclude_modules"):
+        value = raw.get(field)
+        if isinstance(value, str) and value:
+            check_regex(value, f"{cfg_file}: {field}")
+        elif value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise ConfigError(f"{cfg_file}: {field} must be a regex string or a list of names, got {value!r}")
+        elif field == "layers_pattern" and value:
+            for pattern in value:
+                check_regex(pattern, f"{cfg_file}: {field} entry")
+
+
 def _resolve_targets(raw: dict[str, Any], cfg_file: Path, num_layers: int,
                      modules: tuple[str, ...] = ALL_MODULES) -> list[tuple[str, int]]:
     """The (module, layer) pairs PEFT 0.21 would adapt on a LLaMA CausalLM, in block order (``modules``: the
@@ -508,7 +527,7 @@ def _filter_layers(hits: list[str], tm: list[str], raw: dict[str, Any], cfg_file
     """PEFT's ``layers_to_transform``: only a module named exactly in target_modules escapes the filter."""
     idx = raw["layers_to_transform"]
     indexes = [idx] if isinstance(idx, int) else list(idx)
-    if not all(isinstance(i, int) for i in indexes):
+    if not all(isinstance(i, int) and not isinstance(i, bool) for i in indexes):
         raise ConfigError(f"{cfg_file}: layers_to_transform must be an int or a list of ints, got {idx!r}")
     if isinstance(idx, list) and not indexes:
         return hits  # PEFT: an empty list means every layer

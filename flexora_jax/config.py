@@ -17,6 +17,7 @@ import jax
 
 from flexora_jax import peft_fields
 from flexora_jax.errors import ConfigError
+from flexora_jax.validation import check_fields
 
 #: Linear modules of a LLaMA block that LoRA can adapt, in block order.
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -64,6 +65,7 @@ class RopeScaling:
     rope_type: str = "llama3"  # one of ROPE_TYPES
 
     def __post_init__(self) -> None:
+        check_fields(self, "RopeScaling")
         require(self.rope_type in ROPE_TYPES, f"RopeScaling.rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
         require(self.factor >= 1.0 if self.rope_type == "dynamic" else self.factor > 0,
                 f"RopeScaling.factor must be > 0 (>= 1 for dynamic), got {self.factor}")
@@ -109,6 +111,12 @@ class ModelConfig:
     attention: str = "auto"  # attention backend, one of ATTENTION_BACKENDS (models.attention.select_attention)
 
     def __post_init__(self) -> None:
+        check_fields(self, "ModelConfig")  # types first: bools are not sizes, floats are finite
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "head_dim",
+                     "max_position_embeddings"):
+            value = getattr(self, name)
+            require(value is None or value > 0, f"ModelConfig.{name} must be a positive integer, got {value!r}")
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.head_dim is None:
@@ -118,12 +126,6 @@ class ModelConfig:
                 f"num_attention_heads {self.num_attention_heads}; set head_dim explicitly",
             )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim",
-                     "max_position_embeddings"):
-            value = getattr(self, name)
-            require(isinstance(value, int) and value > 0,
-                   f"ModelConfig.{name} must be a positive integer, got {value!r}")
         require(self.num_attention_heads % self.num_key_value_heads == 0,
                f"ModelConfig: num_attention_heads {self.num_attention_heads} must be a multiple of "
                f"num_key_value_heads {self.num_key_value_heads}")
@@ -223,7 +225,7 @@ class LoraConfig:
     lora_alpha: float = 16.0  # scale = lora_alpha / r (or / sqrt(r) with use_rslora)
     lora_dropout: float = 0.0  # dropout on the LoRA input, training only
     target_modules: tuple[str, ...] | str = ("q_proj", "v_proj")  # module names, or "all-linear"
-    layers_to_transform: tuple[int, ...] | None = None  # None = all blocks
+    layers_to_transform: tuple[int, ...] | int | None = None  # None = all blocks (an int: that one block)
     rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)  # module name / path -> rank
     alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)  # module name / path -> alpha
     use_rslora: bool = False  # scale = lora_alpha / sqrt(r)
@@ -231,6 +233,7 @@ class LoraConfig:
     use_dora: bool = False  # DoRA: a trained magnitude per output column (flexora_jax.dora)
 
     def __post_init__(self) -> None:
+        check_fields(self, "LoraConfig")  # types first: r=True, use_rslora="false", lora_alpha=inf are refused
         tm = self.target_modules
         if not isinstance(tm, str) and len(tm) > 1 and all(isinstance(m, str) and len(m) == 1 for m in tm):
             tm = "".join(tm)  # a command-line string the union decoder split into characters ("all-linear")
@@ -372,6 +375,7 @@ class SearchConfig:
     log_every: int = 1  # log every N search steps
 
     def __post_init__(self) -> None:
+        check_fields(self, "search")
         require(self.hypergradient in HYPERGRADIENTS,
                f"search.hypergradient must be one of {HYPERGRADIENTS}, got {self.hypergradient!r}")
         for name in ("inner_steps", "steps", "batch_size", "val_batch_size", "log_every"):
@@ -430,6 +434,7 @@ class SelectionConfig:
     threshold: float = 1.0  # gate value kept by "threshold" (w_l >= threshold)
 
     def __post_init__(self) -> None:
+        check_fields(self, "selection")
         require(self.rule in SELECTION_RULES, f"selection.rule must be one of {SELECTION_RULES}, got {self.rule!r}")
         require(isinstance(self.top_k, int) and self.top_k >= 0,
                 f"selection.top_k must be an integer >= 0, got {self.top_k!r}")
@@ -456,6 +461,7 @@ class FinetuneConfig:
     keep_best: bool = False  # return the LoRA with the best validation loss
 
     def __post_init__(self) -> None:
+        check_fields(self, "finetune")
         require(isinstance(self.epochs, (int, float)) and math.isfinite(self.epochs) and self.epochs > 0,
                 f"finetune.epochs must be a finite number > 0, got {self.epochs!r}")
         for name in ("batch_size", "grad_accum"):
@@ -489,6 +495,7 @@ class EvalConfig:
     question_control: bool = False  # also score every model with the question removed from the prompt
 
     def __post_init__(self) -> None:
+        check_fields(self, "eval")
         require(isinstance(self.batch_size, int) and self.batch_size >= 1,
                f"eval.batch_size must be an integer >= 1, got {self.batch_size!r}")
         require(isinstance(self.limit, int) and self.limit >= 0, f"eval.limit must be >= 0, got {self.limit!r}")
@@ -514,6 +521,7 @@ class MeshConfig:
     num_devices: int = 0  # use the first N devices; 0 = all of them (jax.device_count())
 
     def __post_init__(self) -> None:
+        check_fields(self, "mesh")
         sizes = self.sizes
         bad = [f"mesh.{a}={v!r}" for a, v in zip(MESH_AXES, sizes)
                if not isinstance(v, int) or isinstance(v, bool) or v == 0 or v < -1]

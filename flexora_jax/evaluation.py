@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 from flexora_jax import tasks
 from flexora_jax.config import ModelConfig
 from flexora_jax.data import bucket_of, length_buckets
-from flexora_jax.errors import ConfigError, DataError, check_positive
+from flexora_jax.errors import ConfigError, DataError, NumericsError, check_positive
 from flexora_jax.generation import generate
 from flexora_jax.models.llama import forward
 from flexora_jax.models.losses import token_logprobs
@@ -53,6 +53,7 @@ from flexora_jax.tasks import generative
 from flexora_jax.tasks.formats import MCRecord
 from flexora_jax.tasks.generative import MAX_NEW_TOKENS, GenRecord, score
 from flexora_jax.tasks.sft import encode_pair
+from flexora_jax.validation import check_config_type, check_tokenizer, describe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,15 +93,22 @@ def _slot_sums(token_lp: jax.Array, ok: jax.Array, slots: jax.Array) -> tuple[ja
     return total, greedy
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _score_module(graphdef: nnx.GraphDef, state: nnx.State, tokens: jax.Array, pred_pos: jax.Array,
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _score_module(graphdef: nnx.GraphDef, vocab: int, state: nnx.State, tokens: jax.Array, pred_pos: jax.Array,
                   targets: jax.Array, slots: jax.Array) -> tuple[jax.Array, jax.Array]:
     """:func:`_score_packed` for any NNX language model ``model(input_ids) -> logits``, on unpacked rows.
 
     One request per row (the context, then the continuation but its last token, right-padded): a causal
     model's logits at a position depend on earlier tokens only, so the padding changes nothing scored.
+    Logits that are not ``[b, t, >= vocab]`` (the tokenizer's vocabulary) are refused when traced: an id
+    past their width would be read clamped, scoring nonsense.
     """
     logits = nnx.merge(graphdef, state)(tokens)
+    shape = tuple(getattr(logits, "shape", ()))
+    if len(shape) != 3 or shape[:2] != tokens.shape or shape[-1] < vocab:
+        got = f"an output of shape {shape}" if hasattr(logits, "shape") else describe(logits, 60)
+        raise ConfigError(f"evaluate: the model maps input_ids of shape {tokens.shape} to {got}; expected logits "
+                          f"[batch, seq, vocab] with vocab >= the tokenizer's {vocab} tokens")
     rows = jax.nn.log_softmax(jnp.take_along_axis(logits, pred_pos[..., None], axis=1).astype(jnp.float32), -1)
     token_lp = jnp.take_along_axis(rows, targets[..., None], -1)[..., 0]  # [b, p]
     return _slot_sums(token_lp, jnp.argmax(rows, -1) == targets, slots)
@@ -227,16 +235,22 @@ def loglikelihoods(config: ModelConfig, params: Any, tokenizer: Any, requests: S
         return _score_packed(config, params, lora, gates, tokens, positions, segments, pred_pos, targets, slots)
 
     return _loglikelihoods(scorer, tokenizer, requests, batch_size, int(max_length or config.max_position_embeddings),
-                           progress, desc, pack)
+                           progress, desc, pack, config.vocab_size)
 
 
 def _loglikelihoods(scorer: Any, tokenizer: Any, requests: Sequence[tuple[str, str]], batch_size: int,
-                    max_length: int | None, progress: bool, desc: str, pack: bool) -> Loglikelihoods:
+                    max_length: int | None, progress: bool, desc: str, pack: bool,
+                    vocab: int | None = None) -> Loglikelihoods:
     """:func:`loglikelihoods` over any ``scorer(*pack_rows(...)) -> (total, greedy)``; ``max_length`` None:
-    no context limit (nothing truncated; the widths come from the longest request)."""
+    no context limit (nothing truncated; the widths come from the longest request). Token ids at or past
+    ``vocab`` (the model's) and NaN log-likelihoods are errors, not scores."""
     if not requests:
         raise DataError("loglikelihoods: no requests given")
     windows, truncated = request_windows(tokenizer, requests, max_length or 1 << 30)
+    top = max(max(prefix + cont) for prefix, cont in windows)
+    if vocab is not None and top >= vocab:
+        raise DataError(f"{desc}: the tokenizer produced token id {top}, past the model's vocabulary of {vocab}; "
+                        "expected the tokenizer that belongs to this model")
     longest = max(len(prefix) + len(cont) - 1 for prefix, cont in windows)
     max_length = max_length or longest
     packs = _packs(windows, max_length, pack)
@@ -251,6 +265,9 @@ def _loglikelihoods(scorer: Any, tokenizer: Any, requests: Sequence[tuple[str, s
         rows = pack_rows(chunk, batch_size, width, pad)
         total, all_greedy = scorer(*map(jnp.asarray, rows))
         total, all_greedy = np.asarray(total, np.float64), np.asarray(all_greedy)
+        if np.isnan(total[:len(chunk)]).any():
+            raise NumericsError(f"{desc}: the model's log-likelihoods are NaN (its logits hold NaN: NaN weights or "
+                                "an adapter that diverged); expected finite logits")
         for row, p in enumerate(chunk):
             for slot, i in enumerate(p.requests):
                 logprob[i], greedy[i] = total[row, slot], all_greedy[row, slot]
@@ -274,6 +291,9 @@ def _as_records(task_or_records: Any, limit: int | None) -> dict[str, list[MCRec
     """Normalise the ``evaluate`` input to task name -> records (test split for task names)."""
     if isinstance(task_or_records, (str, tasks.TaskSpec)):
         task_or_records = [task_or_records]
+    if not hasattr(task_or_records, "__iter__"):
+        raise DataError(f"evaluate: expected a task name, a list of task names or records, or a mapping task -> "
+                        f"records, got {describe(task_or_records)}")
     if isinstance(task_or_records, Mapping):
         grouped = {name: list(recs) for name, recs in task_or_records.items()}
     else:
@@ -324,6 +344,8 @@ def evaluate(config: ModelConfig, params: Any, tokenizer: Any, task_or_records: 
     (``fj.evaluate(model, tokenizer, tasks, ...)``).
     """
     check_positive(batch_size=batch_size, limit=limit, max_length=max_length)
+    check_config_type(config, ModelConfig, "evaluate: config (or an NNX model)")
+    check_tokenizer(tokenizer, "evaluate: tokenizer")
     grouped = _as_records(task_or_records, limit)
     results: dict[str, dict[str, Any]] = {}
     for name in [n for n, recs in grouped.items() if isinstance(recs[0], GenRecord)]:
@@ -354,6 +376,7 @@ def evaluate_nnx(model: nnx.Module, tokenizer: Any, task_or_records: Any, batch_
                         gates=model.gates(), batch_size=batch_size, max_length=max_length, limit=limit,
                         return_per_example=return_per_example, progress=progress)
     check_positive(batch_size=batch_size, limit=limit, max_length=max_length)
+    vocab = check_tokenizer(tokenizer, "evaluate: tokenizer") or 0
     grouped = _as_records(task_or_records, limit)
     generative_tasks = sorted(n for n, recs in grouped.items() if isinstance(recs[0], GenRecord))
     if generative_tasks:
@@ -362,7 +385,7 @@ def evaluate_nnx(model: nnx.Module, tokenizer: Any, task_or_records: Any, batch_
     graphdef, state = nnx.split(model)
 
     def scorer(tokens, positions, segments, pred_pos, targets, slots):
-        return _score_module(graphdef, state, tokens, pred_pos, targets, slots)
+        return _score_module(graphdef, vocab, state, tokens, pred_pos, targets, slots)
 
     return _evaluate_mc(lambda requests: _loglikelihoods(scorer, tokenizer, requests, batch_size, max_length,
                                                          progress, "evaluate", pack=False),
@@ -434,6 +457,7 @@ def evaluate_generative(config: ModelConfig, params: Any, tokenizer: Any, task: 
       ``exact_match`` is the task's primary filter (GSM8K: lm-eval's ``strict-match``; its
       ``flexible-extract`` is under ``filters``).
     """
+    check_tokenizer(tokenizer, "evaluate_generative: tokenizer")
     if isinstance(task, (str, tasks.TaskSpec)):
         records = tasks.load_records(task, "test")
     else:

@@ -16,6 +16,7 @@ import numpy as np
 from flexora_jax.config import SELECTION_RULES, LoraConfig, SelectionConfig, module_path
 from flexora_jax.errors import ConfigError, NumericsError
 from flexora_jax.gates import Gates
+from flexora_jax.validation import check_mapping, check_number, check_type
 
 
 def select_layers(gates: Gates, rule: str = "positive", k: int = 0, threshold: float = 1.0) -> tuple[int, ...]:
@@ -142,27 +143,35 @@ class Selection:
         return out
 
     @classmethod
-    def from_json(cls, data: Mapping[str, Any]) -> Selection:
-        """A selection written by :meth:`to_json`; a malformed one is a :class:`ConfigError` naming the field."""
-        if not isinstance(data, Mapping) or not isinstance(data.get("layers"), list) \
-                or not isinstance(data.get("modules"), Mapping):
-            raise ConfigError("Selection.from_json needs a mapping with 'layers' (a list) and 'modules' "
-                              f"({{path: [layers]}}), as Selection.to_json writes; got {data!r:.200}")
+    def from_json(cls, data: Mapping[str, Any], name: str = "selection") -> Selection:
+        """A selection :meth:`to_json` wrote; a malformed one (a key missing or unknown, a value of the wrong type,
+        a rank naming a module or layer it does not have) is a :class:`ConfigError` naming ``name`` and the key."""
+        check_mapping(data, name, ("layers", "ranks", "modules", "trainable_params", "lora_config"),
+                      ("layers", "modules"))
+        check_type(data["layers"], tuple[int, ...], f"{name}['layers']")
+        check_type(data["modules"], Mapping[str, tuple[int, ...]], f"{name}['modules']")
+        check_type(data.get("ranks") or {}, Mapping[str, int], f"{name}['ranks']")
         lora_config = None if data.get("lora_config") is None else _lora_config(data["lora_config"])
         modules = {p: tuple(v) for p, v in data["modules"].items()}
         ranks: dict[str, list[int]] = {}
         for key, r in (data.get("ranks") or {}).items():
+            where = f"{name}['ranks'][{key!r}]"
             peft, stacked = _PEFT_KEY.match(key), _STACKED_KEY.match(key)
-            if lora_config is not None and peft:
+            if lora_config is not None and peft and peft.group(2) in modules:
                 path, layer = peft.group(2), int(peft.group(1))
             elif stacked and stacked.group(1) in modules:
                 path, layer = stacked.group(1), int(stacked.group(2))
             elif key in modules and len(modules[key]) == 1:
                 path, layer = key, modules[key][0]
+            elif key in modules:
+                raise ConfigError(f"{where}: module {key!r} covers layers {modules[key]}; name one as '{key}[<layer>]'")
             else:
-                raise ConfigError(f"Selection.from_json: rank key {key!r} names no module of {sorted(modules)}")
+                raise ConfigError(f"{where}: expected '<module path>' or '<module path>[<layer>]' naming a module of "
+                                  f"{name}['modules'] ({sorted(modules)[:8]}), or a PEFT module path")
+            if layer not in modules[path]:
+                raise ConfigError(f"{where}: layer {layer} is not one of module {path!r}'s layers {modules[path]}")
             per_layer = ranks.setdefault(path, [0] * len(modules[path]))
-            per_layer[modules[path].index(layer)] = int(r)
+            per_layer[modules[path].index(layer)] = int(check_number(r, where, lo=0, integer=True))
         return cls(tuple(data["layers"]), modules, {p: tuple(v) for p, v in ranks.items()}, lora_config)
 
 

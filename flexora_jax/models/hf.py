@@ -43,6 +43,7 @@ from flexora_jax.errors import CheckpointError, ConfigError
 from flexora_jax.fileio import write_bytes, write_with
 from flexora_jax.models.llama import Params, param_shapes
 from flexora_jax.sharding import leaf_spec
+from flexora_jax.validation import check_bool, check_finite_tree, check_number
 
 # transformers warns "PyTorch was not found" as it is imported without torch; flexora_jax uses only its configs
 # and tokenizers, so the import runs under transformers' own switch for advisory warnings, for the import alone
@@ -61,6 +62,10 @@ SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_WEIGHTS = "pytorch_model.bin"
 _PICKLE_FILES = (PICKLE_WEIGHTS, "pytorch_model.bin.index.json")
+#: config.json fields checked before transformers reads them (it divides by the head count, bool("false") is True).
+_SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "head_dim", "max_position_embeddings")
+_FLAG_FIELDS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_bidirectional_attention")
 
 
 # ------------------------------------------------------------------------------------------- names
@@ -315,6 +320,10 @@ def load_model_config(path_or_hub_id: str | os.PathLike, **overrides: Any) -> Mo
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(f"{cfg_file}: model_type {model_type!r} is not supported; "
                               f"supported: {list(SUPPORTED_MODEL_TYPES)}")
+    for key in [k for k in _SIZE_FIELDS if raw.get(k) is not None]:
+        check_number(raw[key], f"{cfg_file}: {key}", lo=1, integer=True, error=CheckpointError)
+    for key in [k for k in _FLAG_FIELDS if raw.get(k) is not None]:
+        check_bool(raw[key], f"{cfg_file}: {key}", error=CheckpointError)
     try:
         return config_from_hf(transformers.AutoConfig.for_model(**raw), **overrides)
     except Exception as exc:
@@ -399,10 +408,17 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
     return write_with(path, lambda tmp: save_file(dict(tensors), str(tmp), metadata={"format": "pt"}))
 
 
+_QUANTIZED = ("integer (quantized) weights would be cast to float without their scales, so they are refused; "
+              "load a floating-point (float32 / bfloat16 / float16) checkpoint or dequantize it first")
+
+
 def _read_pickle(file: Path) -> dict[str, np.ndarray]:
     import torch  # heavy and optional: only for a trusted pickle checkpoint
 
     state = torch.load(str(file), map_location="cpu", weights_only=True)
+    quantized = sorted(k for k, v in state.items() if not v.is_floating_point())
+    if quantized:
+        raise CheckpointError(f"{file}: tensor(s) {quantized[:5]} are not floating point; {_QUANTIZED}")
     return {k: v.float().numpy() for k, v in state.items()}
 
 
@@ -432,6 +448,8 @@ def params_from_hf(config: ModelConfig, tensors: TensorSource, source: str, mesh
 
     def read(name: str, transpose: bool, index: tuple[slice, ...], offset: float) -> np.ndarray:
         arr = tensors.read(name, tuple(reversed(index)) if transpose else index)
+        if arr.dtype.kind in "iub":
+            raise CheckpointError(f"{tensors.files[name]}: tensor {name} is stored as {arr.dtype}; {_QUANTIZED}")
         arr = arr.T if transpose else arr
         return (arr.astype(np.float32) + offset if offset else arr).astype(target)
 
@@ -476,13 +494,15 @@ def _refuse_unused(config: ModelConfig, tensors: TensorSource, names: Mapping[st
 
 
 def load_model(path_or_hub_id: str | os.PathLike, dtype: str = "float32", allow_pickle: bool = False,
-               mesh: Mesh | None = None, **config_overrides: Any) -> tuple[ModelConfig, Params]:
+               mesh: Mesh | None = None, check_finite: bool = True,
+               **config_overrides: Any) -> tuple[ModelConfig, Params]:
     """``(ModelConfig, params)`` from an HF model directory or hub id.
 
     Reads config.json through transformers' config classes and the weights from ``model.safetensors``
     or a sharded ``model.safetensors.index.json``. With a ``mesh`` every param is built straight into
     its sharding (see the module docstring). Raises :class:`CheckpointError` naming the file and the
-    tensor or key on any problem; nothing partial is returned.
+    tensor or key on any problem (integer / quantized tensors, and with ``check_finite`` a NaN or Inf
+    weight: one reduction per param, skip it for a checkpoint you trust); nothing partial is returned.
     """
     directory = resolve_model_dir(path_or_hub_id)
     config = load_model_config(directory, dtype=dtype, **config_overrides)
@@ -496,7 +516,10 @@ def load_model(path_or_hub_id: str | os.PathLike, dtype: str = "float32", allow_
             if not allow_pickle or not pickle_file.exists():
                 raise
             tensors, source = in_memory(_read_pickle(pickle_file), pickle_file), str(pickle_file)
-        return config, params_from_hf(config, tensors, source, mesh)
+        params = params_from_hf(config, tensors, source, mesh)
+    if check_finite:
+        check_finite_tree(params, f"{source}: the checkpoint")
+    return config, params
 
 
 def load_tokenizer(path_or_hub_id: str | os.PathLike) -> Any:

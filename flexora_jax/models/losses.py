@@ -20,8 +20,10 @@ import jax.numpy as jnp
 import optax
 
 from flexora_jax.config import ModelConfig
+from flexora_jax.errors import DataError
 from flexora_jax.models.attention import accum_dtype
 from flexora_jax.models.llama import Params, forward, lm_head
+from flexora_jax.validation import check_array, check_mapping, check_number
 
 Batch = dict[str, jax.Array]
 
@@ -121,8 +123,13 @@ def lm_loss(config: ModelConfig, params: Params, lora: Any, gates: Any, batch: B
     ``batch`` holds ``input_ids``, ``loss_mask`` and optionally ``attention_mask``; ``target_probs``
     [b, t, v] or ``labels`` [b, t] are the targets of the token after position t (aligned with
     ``logits[b, t]``, planted / distillation data); otherwise the targets are the next input tokens.
-    ``chunk``: tokens per loss chunk; None = :func:`loss_chunk`'s rule, 0 = one chunk.
+    ``chunk``: tokens per loss chunk; None = :func:`loss_chunk`'s rule, 0 = one chunk. The batch's keys,
+    ``input_ids``' dtype and rank and ``chunk`` are checked when traced (a FlexoraError naming them).
     """
+    check_mapping(batch, "lm_loss: batch", required_keys=("input_ids", "loss_mask"), error=DataError)
+    check_array(batch["input_ids"], "lm_loss: batch['input_ids']", "iu", 2)
+    if chunk is not None:
+        check_number(chunk, "lm_loss: chunk", lo=0, integer=True)
     hidden = forward(config, params, batch["input_ids"], batch.get("attention_mask"), lora=lora, gates=gates,
                      dropout_key=dropout_key, return_hidden=True)
     b, t, _ = hidden.shape
@@ -143,6 +150,8 @@ def token_logprobs(config: ModelConfig, params: Params, hidden: jax.Array, posit
                    targets: jax.Array, chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Log-prob [b, p] of ``targets`` [b, p] at row ``positions`` [b, p] of ``hidden`` [b, t, d], and
     whether each is the argmax; the fp32 logits exist one chunk of positions at a time (scoring)."""
+    if chunk is not None:
+        check_number(chunk, "token_logprobs: chunk", lo=0, integer=True)
     h = jnp.take_along_axis(hidden, positions[..., None], axis=1)  # [b, p, d]
     b, p, d = h.shape
     chunk = loss_chunk(b, p, config.vocab_size) if chunk is None else max(1, min(chunk, p))

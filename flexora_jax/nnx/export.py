@@ -24,28 +24,32 @@ names (:func:`flexora_jax.adapters.export_peft`).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
+import typing
 from pathlib import Path
 from typing import Any, Callable
 
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors.numpy import load_file, save_file
+from safetensors.numpy import save_file
 
 from flexora_jax.adapters import export_peft
-from flexora_jax.errors import CheckpointError
+from flexora_jax.errors import CheckpointError, ConfigError, NumericsError
 from flexora_jax.fileio import write_json, write_with
+from flexora_jax.models.hf import read_safetensors
 from flexora_jax.nnx.llama import LlamaForCausalLM
-from flexora_jax.nnx.search import Selection
+from flexora_jax.selection import Selection
 from flexora_jax.nnx.surgery import (LoraSite, adapted_modules, attach_lora, count_lora_params, lora_scale,
                                      path_str)
 from flexora_jax.nnx.variables import Gate
+from flexora_jax.validation import check_finite_tree, check_mapping, check_type, read_json
 
 ADAPTER_FILE, CONFIG_FILE, SELECTION_FILE = "adapter.safetensors", "adapter_config.json", "selection.json"
 PeftName = Callable[[str, int], str]
+_CONFIG_KEYS = ("format", "model", "sites", "lora_config")
+_SITE_FLAGS = {"layer_gate": bool, "rank_gate": bool}
 
 
 def _flat(model: nnx.Module) -> dict[str, nnx.Variable]:
@@ -60,6 +64,7 @@ def save_adapter(model: nnx.Module, directory: str | os.PathLike, selection: Sel
     tensors = {key: np.asarray(v.get_value()) for key, v in _flat(model).items()}
     if not tensors:
         raise CheckpointError(f"save_adapter: {type(model).__name__} has no LoRA to save")
+    check_finite_tree(tensors, f"save_adapter: the LoRA of this {type(model).__name__}", NumericsError)
     sites = {}
     for path, module in adapted_modules(model).items():
         sites[path] = {**dataclasses.asdict(module.lora_site),
@@ -84,6 +89,7 @@ def _rebuild_sites(model: nnx.Module, sites: dict[str, dict[str, Any]], source: 
         if path not in modules:
             raise CheckpointError(f"load_adapter: {source} adapts module {path!r}, which this "
                                   f"{type(model).__name__} does not have (an adapter of another model?)")
+        raw = dict(raw)
         flags = raw.pop("layer_gate"), raw.pop("rank_gate")
         site = LoraSite(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
         gates = {(True, True): "both", (True, False): "layer", (False, True): "rank"}.get(flags)
@@ -98,11 +104,11 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike) -> nnx.Module:
     The selection, if saved, reads back with ``Selection.from_json(json.load(open(dir / "selection.json")))``.
     """
     source = Path(directory)
-    try:
-        config = json.loads((source / CONFIG_FILE).read_text())
-        tensors = load_file(str(source / ADAPTER_FILE))
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"load_adapter: cannot read the adapter in {source}: {exc}") from None
+    config = _read_config(source / CONFIG_FILE)
+    if not (source / ADAPTER_FILE).is_file():
+        raise CheckpointError(f"load_adapter: {source / ADAPTER_FILE} is missing; expected a save_adapter directory")
+    tensors = read_safetensors(source / ADAPTER_FILE)
+    check_finite_tree(tensors, f"load_adapter: {source / ADAPTER_FILE}")
     if not _flat(model) and config.get("sites"):
         _rebuild_sites(model, config["sites"], source)
     current = _flat(model)
@@ -117,6 +123,23 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike) -> nnx.Module:
                                   f"the model expects {var.get_value().shape}")
         var.set_value(jnp.asarray(value, var.get_value().dtype))
     return model
+
+
+def _read_config(file: Path) -> dict[str, Any]:
+    """``adapter_config.json`` of a save_adapter directory, every key and site field checked (CheckpointError)."""
+    config = check_mapping(read_json(file, "save_adapter's adapter config"), str(file), _CONFIG_KEYS, ("sites",),
+                           error=CheckpointError)
+    if config.get("format", "flexora_jax.nnx") != "flexora_jax.nnx":
+        raise CheckpointError(f"{file}: format {config['format']!r} is not 'flexora_jax.nnx' (a PEFT adapter? read it "
+                              "with fj.load_peft)")
+    check_mapping(config["sites"], f"{file}: sites", error=CheckpointError)
+    hints = typing.get_type_hints(LoraSite) | _SITE_FLAGS
+    for path, site in config["sites"].items():
+        where = f"{file}: sites[{path!r}]"
+        check_mapping(site, where, hints, hints, error=CheckpointError)
+        for key, hint in hints.items():
+            check_type(site[key], hint, f"{where}.{key}", error=CheckpointError)
+    return dict(config)
 
 
 PeftEntry = tuple[np.ndarray, np.ndarray, int, float]  # A [r, in], B [out, r] (gates folded), rank, alpha
@@ -142,6 +165,9 @@ def _peft_tensors(module: nnx.Module, name: PeftName | None) -> dict[tuple[str, 
         a2 = a[i].reshape(-1, site.rank)[:, :rank]
         b2 = b[i].reshape(site.rank, -1)[:rank] * (coeff[i, :rank] / peft_scale)[:, None]
         key = name(site.path, layer) if name else (site.path if not site.stacked else f"{site.path}.{layer}")
+        if not isinstance(key, str) or not key:
+            raise ConfigError(f"save_peft: peft_name({site.path!r}, {layer}) returned {key!r}; expected the PEFT "
+                              "module name (a non-empty string, e.g. 'model.layers.0.self_attn.q_proj')")
         out[(key, layer)] = (a2.T.astype(np.float32), b2.T.astype(np.float32), rank, site.alpha)
     return out
 
@@ -162,6 +188,7 @@ def save_peft(model: nnx.Module, directory: str | os.PathLike, peft_name: PeftNa
     for (key, _), (a, b, _, _) in entries.items():
         tensors[f"base_model.model.{key}.lora_A.weight"] = np.ascontiguousarray(a)
         tensors[f"base_model.model.{key}.lora_B.weight"] = np.ascontiguousarray(b)
+    check_finite_tree(tensors, f"save_peft: the LoRA of this {type(model).__name__}", NumericsError)
     r = max(rank for _, _, rank, _ in entries.values())
     alpha = max(al for _, _, _, al in entries.values())
     config = {

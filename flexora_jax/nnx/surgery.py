@@ -41,6 +41,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 from flexora_jax.errors import ConfigError
 from flexora_jax.nnx.intercept import ContractionError, call_intercepted, lora_contraction, split_dimensions
 from flexora_jax.nnx.variables import Gate
+from flexora_jax.validation import check_bool, check_config_type, check_number, check_regex, check_type, describe
 
 #: Default layer-index pattern: ``layers.<i>``, ``layers_<i>`` or ``layers/<i>`` in the dotted path.
 DEFAULT_LAYER_PATTERN = r"(?:^|\.)layers[._/](\d+)(?:\.|$)"
@@ -103,23 +104,33 @@ def _matcher(targets: Targets) -> Callable[[str, nnx.Module], bool]:
     """Names match the path's tail (``"q"`` matches ``"blocks.0.attn.q"``), a string is a full-match regex."""
     if callable(targets):
         return targets
-    if isinstance(targets, str):
-        pattern = re.compile(targets)
+    if isinstance(targets, (str, re.Pattern)):
+        pattern = check_regex(targets, "add_lora: targets")
         return lambda path, _: pattern.fullmatch(path) is not None
-    names = tuple(targets)
+    names = tuple(targets) if isinstance(targets, (list, tuple, set, frozenset)) else ()
     if not names or not all(isinstance(n, str) and n for n in names):
-        raise ConfigError(f"add_lora: targets must be module names, a regex or a predicate, got {targets!r}")
+        raise ConfigError(f"add_lora: targets must be module names (a non-empty list of strings), a regex string or "
+                          f"a predicate (path, module) -> bool, got {describe(targets)}")
     return lambda path, _: any(path == n or path.endswith("." + n) for n in names)
 
 
 def _layer_index(layer_index: LayerIndex) -> Callable[[str], int | None]:
+    """``path -> layer or None`` from a function or a regex whose first group is the layer (checked up front)."""
     if callable(layer_index):
-        return layer_index
-    pattern = re.compile(DEFAULT_LAYER_PATTERN if layer_index is None else layer_index)
+        find = layer_index
+    else:
+        pattern = check_regex(DEFAULT_LAYER_PATTERN if layer_index is None else layer_index, "add_lora: layer_index",
+                              groups=1)
+
+        def find(path: str) -> Any:
+            found = pattern.search(path)
+            return None if found is None else found.group(1)
 
     def index(path: str) -> int | None:
-        found = pattern.search(path)
-        return None if found is None else int(found.group(1))
+        found = find(path)
+        if isinstance(found, str):
+            found = int(found) if found.isdigit() else found
+        return None if found is None else check_number(found, f"add_lora: layer_index of {path!r}", lo=0, integer=True)
     return index
 
 
@@ -277,7 +288,8 @@ def _resolve_ranks(site_path: str, n_layers: int, rank: int, ranks: Mapping[str,
     """Per-layer true ranks of one module (``ranks[path]`` overrides ``rank``; inactive layers get 0)."""
     value = rank if ranks is None else ranks.get(site_path, rank)
     per_layer = tuple(value) if isinstance(value, (tuple, list)) else (value,) * n_layers
-    if len(per_layer) != n_layers or not all(isinstance(r, (int, np.integer)) and r >= 0 for r in per_layer):
+    if len(per_layer) != n_layers or not all(isinstance(r, (int, np.integer)) and not isinstance(r, (bool, np.bool_))
+                                             and r >= 0 for r in per_layer):
         raise ConfigError(f"add_lora: ranks[{site_path!r}] = {value!r}; expected a rank >= 0"
                           f"{'' if n_layers == 1 else f' or one per stacked layer ({n_layers})'}")
     return tuple(int(r) if on else 0 for r, on in zip(per_layer, active))
@@ -307,13 +319,24 @@ def add_lora(model: nnx.Module, targets: Targets, rank: int = 8, alpha: float = 
         shows how each such module contracts its kernel.
       rngs: the ``nnx.Rngs`` drawing A's initialisation (``rngs.params()``).
     Raises:
-      ConfigError (a FlexoraError) naming the path and what was expected when targets match nothing,
-      a module cannot take LoRA, a path has no layer index, or a module already has LoRA.
+      ConfigError (a FlexoraError) naming the argument, the path and what was expected when an argument has
+      the wrong type or range (a bool rank, an infinite alpha, a broken regex, a layer_index regex without a
+      group), targets match nothing, ``layers`` / ``ranks`` name layers / modules the targets do not cover,
+      nothing would be adapted, a module cannot take LoRA, a path has no layer index, or a module already has
+      LoRA. The model is left unchanged on every error.
     """
+    check_config_type(model, nnx.Module, "add_lora: model")
+    check_config_type(rngs, nnx.Rngs, "add_lora: rngs")
     if gates not in GATE_CHOICES:
         raise ConfigError(f"add_lora: gates must be one of {GATE_CHOICES}, got {gates!r}")
-    if not (isinstance(rank, int) and rank > 0) or not alpha > 0:
-        raise ConfigError(f"add_lora: rank must be an integer > 0 and alpha > 0, got rank={rank!r} alpha={alpha!r}")
+    rank = check_number(rank, "add_lora: rank", lo=1, integer=True)
+    alpha = check_number(alpha, "add_lora: alpha", lo=0, lo_open=True)
+    use_rslora = check_bool(use_rslora, "add_lora: use_rslora")
+    check_type(layers, tuple[int, ...] | None, "add_lora: layers")
+    check_type(ranks, Mapping[str, int | tuple[int, ...]] | None, "add_lora: ranks")
+    check_type(example_inputs, tuple[Any, ...] | None, "add_lora: example_inputs")
+    if layers is not None and not layers:
+        raise ConfigError("add_lora: layers is empty, so nothing would be adapted; pass None for every layer")
     matches, index_of = _matcher(targets), _layer_index(layer_index)
     modules = [(path_str(p), m) for p, m in nnx.iter_modules(model) if p]
     found = []
@@ -335,11 +358,30 @@ def add_lora(model: nnx.Module, targets: Targets, rank: int = 8, alpha: float = 
                 "pass example_inputs=(...) (the model's positional inputs) so one abstract call can show its layout")
         for path, (contracted, ndim) in _probe(model, unknown, tuple(example_inputs)).items():
             axes[path] = (contracted, tuple(i for i in range(ndim) if i not in contracted))
+    sites = [_site(module, path, kernel_name, *axes[path], index_of(path), rank, alpha, use_rslora)
+             for path, module, kernel_name in found]
+    _check_coverage(sites, layers, ranks)
     shared_gates: dict[Any, Gate] = {}
-    for path, module, kernel_name in found:
-        site = _site(module, path, kernel_name, *axes[path], index_of(path), rank, alpha, use_rslora)
+    for (_, module, _), site in zip(found, sites):
         attach_lora(module, site, gates=gates, layers=layers, ranks=ranks, shared_gates=shared_gates, rngs=rngs)
     return model
+
+
+def _check_coverage(sites: list[LoraSite], layers: Sequence[int] | None, ranks: Mapping[str, Any] | None) -> None:
+    """Before any module changes: ``layers`` and ``ranks`` name only matched layers / modules, and some
+    module keeps a rank > 0 (``layers=[99]``, ``ranks={"layers.9": 2}`` are errors, not silent no-ops)."""
+    known = sorted({i for site in sites for i in site.layers})
+    outside = sorted(set(layers or ()) - set(known))
+    if outside:
+        raise ConfigError(f"add_lora: layers {outside} are not layers of the matched modules (their layers: {known})")
+    unknown = sorted(set(ranks or ()) - {site.path for site in sites})
+    if unknown:
+        raise ConfigError(f"add_lora: ranks names module(s) {unknown} that targets do not match; matched modules: "
+                          f"{[site.path for site in sites][:12]}")
+    if not any(any(_resolve_ranks(site.path, len(site.layers), site.rank, ranks,
+                                  [layers is None or i in layers for i in site.layers])) for site in sites):
+        raise ConfigError(f"add_lora: every matched module gets rank 0 (ranks={dict(ranks or {})!r}, "
+                          f"layers={layers!r}); nothing would be adapted")
 
 
 def _site(module: nnx.Module, path: str, kernel_name: str, in_axes: tuple[int, ...], out_axes: tuple[int, ...],

@@ -22,6 +22,7 @@ from flexora_jax.config import (ALL_MODULES, DTYPES, EvalConfig, FinetuneConfig,
                                 SelectionConfig, FrozenDict, require)
 from flexora_jax.errors import ConfigError, did_you_mean
 from flexora_jax.fileio import write_bytes
+from flexora_jax.validation import check_fields, check_type
 
 #: What ``method:`` / ``compare:`` may name. ``lora``: every layer (the baseline); ``flexora``: the
 #: layers a layer-gate search selects; ``autolora``: every layer at the ranks a rank-gate search
@@ -55,6 +56,7 @@ class ModelSourceConfig:
     allow_pickle: bool = False  # read a pickle-only (pytorch_model.bin) checkpoint: only for files you trust
 
     def __post_init__(self) -> None:
+        check_fields(self, "model")
         require(self.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got {self.dtype!r}")
         require(isinstance(self.allow_pickle, bool), f"model.allow_pickle must be true or false, got {self.allow_pickle!r}")
         require(not (self.path and self.llama2c),
@@ -81,8 +83,11 @@ class PlantedOptions:
     layer_kl: float = 0.4  # signal strength: each planted layer alone moves the output by this KL (nats)
 
     def __post_init__(self) -> None:
+        if isinstance(self.modules, str):
+            object.__setattr__(self, "modules", (self.modules,))
+        check_fields(self, "task.planted")
         object.__setattr__(self, "ranks", FrozenDict(self.ranks))
-        modules = (self.modules,) if isinstance(self.modules, str) else tuple(self.modules)
+        modules = tuple(self.modules)
         object.__setattr__(self, "modules", modules)
         bad = [m for m in modules if m not in ALL_MODULES]
         require(modules and not bad, f"task.planted.modules must name modules of {list(ALL_MODULES)}, got {list(modules)!r}")
@@ -122,6 +127,7 @@ class TaskConfig:
     planted: PlantedOptions = dataclasses.field(default_factory=PlantedOptions)
 
     def __post_init__(self) -> None:
+        check_fields(self, "task")
         require(isinstance(self.name, str) and self.name != "", "task.name must be a non-empty string")
         require(self.source in ("local", "hub"), f"task.source must be 'local' or 'hub', got {self.source!r}")
         require(self.too_long in ("drop", "truncate"), f"task.too_long must be 'drop' or 'truncate', got {self.too_long!r}")
@@ -141,6 +147,7 @@ class CheckpointConfig:
     keep: int = 2  # checkpoints kept per stage
 
     def __post_init__(self) -> None:
+        check_fields(self, "checkpoint")
         require(isinstance(self.every, int) and self.every >= 0,
                f"checkpoint.every must be an integer >= 0, got {self.every!r}")
         require(isinstance(self.keep, int) and self.keep >= 1,
@@ -199,8 +206,11 @@ class RunConfig:
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # device mesh (see docs/scaling.md)
 
     def __post_init__(self) -> None:
+        if isinstance(self.compare, str):
+            object.__setattr__(self, "compare", (self.compare,))
+        check_fields(self, "")
         require(self.method in METHODS, f"method must be one of {list(METHODS)}, got {self.method!r}")
-        compare = (self.compare,) if isinstance(self.compare, str) else tuple(self.compare)
+        compare = tuple(self.compare)
         bad = [m for m in compare if m not in METHODS]
         require(not bad, f"compare: unknown method(s) {bad}; allowed: {list(METHODS)}")
         object.__setattr__(self, "compare", compare)
@@ -274,6 +284,18 @@ def _check_keys(cls: type, data: Any, where: str, origin: str) -> None:
             _check_keys(sub, value, path, origin)
 
 
+def _check_value(key: str, value: Any, origin: str) -> None:
+    """Refuse a decoded YAML value whose type cannot be meant for ``key`` (the parser would coerce it):
+    a bool where a number is meant (``--lora.r=true`` is not rank 1), anything but true / false where a
+    flag is meant (``use_rslora: "false"``), NaN / Inf where a float is meant; nested lists and mappings too."""
+    cls: Any = RunConfig
+    for part in key.split(".")[:-1]:
+        cls = _dataclass_type(cls, part) or cls
+    hint = typing.get_type_hints(cls).get(key.split(".")[-1])
+    if hint is not None and not dataclasses.is_dataclass(hint):
+        check_type(value, hint, f"{origin}: {key}", text=True)
+
+
 def _flatten(cls: type, data: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
     """Section dicts -> dotted ``(key, value)`` pairs down to the leaf fields."""
     out: list[tuple[str, Any]] = []
@@ -345,6 +367,8 @@ def _load(path: str | Any | None, overrides: tuple[str, ...] | list[str], base: 
             raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
         loaded = {} if loaded is None else loaded
         _check_keys(RunConfig, loaded, "", origin)
+        for key, value in _flatten(RunConfig, loaded):
+            _check_value(key, value, origin)
         data = loaded
     # Every leaf of the default RunConfig first: draccus fills a section's missing keys from the
     # section class's own defaults, and RunConfig's sections have run-specific defaults.
@@ -362,6 +386,11 @@ def _load(path: str | Any | None, overrides: tuple[str, ...] | list[str], base: 
             cur = cur.setdefault(p, {})
         cur[parts[-1]] = value
         _check_keys(RunConfig, nested, "", f"override {arg!r}")
+        try:
+            decoded = yaml.safe_load(value)
+        except yaml.YAMLError:
+            decoded = value  # the parser names the bad value
+        _check_value(key, decoded, f"override {arg!r}")
         args.append(arg)
     try:
         return draccus.parse(RunConfig, args=args, exit_on_error=False)

@@ -29,6 +29,7 @@ import datasets
 import numpy as np
 
 from flexora_jax.errors import DataError
+from flexora_jax.validation import check_number, check_tokenizer, describe
 
 log = logging.getLogger("flexora_jax")
 
@@ -113,8 +114,9 @@ def sft_dataset(records: Sequence[Any], tokenizer: Any, max_length: int, add_eos
     ``records`` are task records (``MCRecord`` / ``GenRecord``: their ``sft_pair()``) or ``(prompt, answer)``
     pairs; ``too_long`` as in :func:`tokenize_pair` (dropped examples are left out).
     """
-    if not records:
-        raise DataError("sft_dataset: no records given; expected a non-empty training split")
+    records = _records(records, "sft_dataset")
+    check_tokenizer(tokenizer, "sft_dataset: tokenizer")
+    max_length = check_number(max_length, "sft_dataset: max_length", lo=2, integer=True)
     if too_long not in TOO_LONG:
         raise DataError(f"sft_dataset: too_long must be one of {TOO_LONG}, got {too_long!r}")
     pairs = [r if isinstance(r, (tuple, list)) else r.sft_pair() for r in records]
@@ -136,6 +138,22 @@ def sft_dataset(records: Sequence[Any], tokenizer: Any, max_length: int, add_eos
                        num_proc=num_proc, desc="tokenizing SFT examples")
 
 
+def _records(records: Any, where: str) -> list[Any]:
+    """``records`` as a list (a generator is read once), each a task record or a (prompt, answer) pair of strings."""
+    if isinstance(records, (str, bytes, dict)) or not hasattr(records, "__iter__"):
+        raise DataError(f"{where}: records must be a list of task records or (prompt, answer) pairs, got "
+                        f"{describe(records)}")
+    records = list(records)
+    if not records:
+        raise DataError(f"{where}: no records given; expected a non-empty training split")
+    for i, r in enumerate(records):
+        pair = isinstance(r, (tuple, list)) and len(r) == 2 and all(isinstance(x, str) for x in r)
+        if not pair and not callable(getattr(r, "sft_pair", None)):
+            raise DataError(f"{where}: records[{i}] is {describe(r)}; expected a task record (MCRecord / GenRecord) "
+                            "or a (prompt, answer) pair of strings")
+    return records
+
+
 def sft_arrays(records: Sequence[Any], tokenizer: Any, max_length: int, *, too_long: str = "drop",
                add_eos: bool = False, name: str = "dataset",
                length_key: str = "max_length") -> tuple[dict[str, np.ndarray], dict[str, int]]:
@@ -147,6 +165,9 @@ def sft_arrays(records: Sequence[Any], tokenizer: Any, max_length: int, *, too_l
     same function, so the API and ``flexora-jax run`` treat over-long examples alike. ``name`` and
     ``length_key`` only word the error messages.
     """
+    records = _records(records, name)
+    check_tokenizer(tokenizer, f"{name}: tokenizer")
+    max_length = check_number(max_length, f"{name}: {length_key}", lo=2, integer=True)
     ds = sft_dataset(records, tokenizer, max_length, add_eos=add_eos, too_long=too_long)
     if len(ds) == 0:
         raise DataError(f"{name}: every example's answer is longer than {length_key} {max_length} tokens; "
