@@ -23,6 +23,7 @@ MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 ALL_MODULES = ATTENTION_MODULES + MLP_MODULES
 #: Each expert's projections in a mixture-of-experts MLP (Mixtral's names: w1 gate, w3 up, w2 down), block order.
 EXPERT_MODULES = ("w1", "w3", "w2")
+LORA_MODULES = ALL_MODULES + EXPERT_MODULES  # what LoraConfig.target_modules may name (the model decides which exist)
 #: Phi-3's fused projections -> the modules they hold, in row order (checkpoints and PEFT adapters use these).
 FUSED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
@@ -31,10 +32,11 @@ def module_path(module: str, layer: int) -> str:
     """The HF / PEFT path of ``module`` in block ``layer``, e.g. ``model.layers.3.self_attn.q_proj``.
 
     The one place that spells a module's path: checkpoint tensor names, PEFT adapter keys,
-    ``rank_pattern`` keys and ``selection.json`` all build on it.
+    ``rank_pattern`` keys and ``selection.json`` all build on it. An expert module means every expert's
+    (``model.layers.3.block_sparse_moe.experts.w1``; PEFT's key of expert 5 is ``...experts.5.w1``).
     """
     group = "self_attn" if module in ATTENTION_MODULES or module == "qkv_proj" else "mlp"
-    return f"model.layers.{layer}.{group}.{module}"
+    return f"model.layers.{layer}.{'block_sparse_moe.experts' if module in EXPERT_MODULES else group}.{module}"
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "mixtral")
 ROPE_TYPES = ("llama3", "linear", "dynamic", "yarn")  # scaled RoPE variants (RopeScaling.rope_type)
@@ -192,14 +194,9 @@ class ModelConfig:
                      or (self.attention_out_bias and m == "o_proj") or (self.mlp_bias and m in MLP_MODULES))
 
     @property
-    def sandwich_norms(self) -> bool:
-        """Gemma 2 / 3: a norm after attention and after the MLP (and a separate norm before the MLP)."""
-        return self.model_type in SANDWICH_TYPES
-
-    @property
     def layer_norms(self) -> tuple[str, ...]:
         """Names of the [l, d] norm weights of a block (Gemma 2 / 3 add norms after attention and MLP)."""
-        extra = ("pre_feedforward_norm", "post_feedforward_norm") if self.sandwich_norms else ()
+        extra = ("pre_feedforward_norm", "post_feedforward_norm") if self.model_type in SANDWICH_TYPES else ()
         return ("input_norm", "post_attention_norm") + extra
 
     @property
@@ -277,12 +274,12 @@ class LoraConfig:
         if isinstance(tm, str):
             tm = ALL_MODULES if tm == "all-linear" else (tm,)
         tm = tuple(tm)
-        bad = [m for m in tm if m not in ALL_MODULES]
+        bad = [m for m in tm if m not in LORA_MODULES]
         require(not bad, f"LoraConfig.target_modules: unknown module(s) {bad}; "
-                        f"valid choices: {list(ALL_MODULES)} or 'all-linear'")
+                        f"valid choices: {list(LORA_MODULES)} or 'all-linear' (= {list(ALL_MODULES)})")
         require(len(tm) > 0, "LoraConfig.target_modules is empty; name at least one module")
         # Canonical block order, no duplicates: the same config always means the same pytree.
-        object.__setattr__(self, "target_modules", tuple(m for m in ALL_MODULES if m in tm))
+        object.__setattr__(self, "target_modules", tuple(m for m in LORA_MODULES if m in tm))
         require(isinstance(self.r, int) and self.r > 0, f"LoraConfig.r must be a positive integer, got {self.r!r}")
         require(self.lora_alpha > 0, f"LoraConfig.lora_alpha must be > 0, got {self.lora_alpha!r}")
         require(0.0 <= self.lora_dropout < 1.0, f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")

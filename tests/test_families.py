@@ -47,9 +47,6 @@ FAMILIES = {
     # YaRN: the ramp spans dims 0..2 of 8 (beta_fast 4), attention factor 0.1 ln 4 + 1 on cos / sin
     "llama_yarn": (transformers.LlamaConfig, dict(head_dim=16, rope_parameters=dict(
         rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16, beta_fast=4.0))),
-    # Qwen2.5's long-context form: a legacy rope_scaling with "type"
-    "qwen2_yarn": (transformers.Qwen2Config, dict(rope_scaling=dict(type="yarn", factor=4.0,
-                                                                     original_max_position_embeddings=16))),
     # Gemma 3: [sliding, full] layers, local RoPE base 100 on the sliding one, linear scaling on the full one
     "gemma3": (transformers.Gemma3TextConfig, dict(
         head_dim=16, tie_word_embeddings=True, sliding_window=8, sliding_window_pattern=2, query_pre_attn_scalar=24,
@@ -303,7 +300,7 @@ def test_tied_head_copy_and_rope_buffers_are_accepted(tmp_path):
 
 
 TRAIT_OFF = {"llama_linear_rope": dict(rope_scaling=None), "llama_dynamic_rope": dict(rope_scaling=None),
-             "llama_yarn": dict(rope_scaling=None), "qwen2_yarn": dict(rope_scaling=None),
+             "llama_yarn": dict(rope_scaling=None),
              "gemma3": dict(rope_local_theta=None), "mixtral": dict(num_experts_per_tok=1),
              "mistral_window": dict(sliding_window=None), "qwen2_window": dict(sliding_window=None),
              "phi3_window": dict(sliding_window=None),

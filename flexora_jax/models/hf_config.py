@@ -200,7 +200,7 @@ def config_to_hf(config: ModelConfig) -> transformers.PretrainedConfig:
         rms_norm_eps=config.rms_norm_eps, tie_word_embeddings=config.tie_word_embeddings,
         bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
         rope_parameters=_rope_parameters(config))
-    kwargs["hidden_activation" if config.sandwich_norms else "hidden_act"] = config.hidden_act
+    kwargs["hidden_activation" if config.model_type in SANDWICH_TYPES else "hidden_act"] = config.hidden_act
     if config.model_type != "qwen2":
         kwargs["head_dim"] = config.head_dim
     if config.model_type not in ("qwen2", "mistral", "phi3", "mixtral"):
@@ -215,7 +215,7 @@ def config_to_hf(config: ModelConfig) -> transformers.PretrainedConfig:
     if config.model_type in ("qwen2", "qwen3"):
         kwargs.update(use_sliding_window=config.sliding_window is not None,
                       max_window_layers=next((i for i, w in enumerate(windows) if w), len(windows)))
-    if config.sandwich_norms:
+    if config.model_type in SANDWICH_TYPES:
         kwargs.update(query_pre_attn_scalar=config.query_pre_attn_scalar,
                       attn_logit_softcapping=config.attn_logit_softcapping,
                       final_logit_softcapping=config.final_logit_softcapping)

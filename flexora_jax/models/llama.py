@@ -51,7 +51,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexora_jax.config import ALL_MODULES, EXPERT_MODULES, GEMMA_TYPES, ModelConfig, RopeScaling
+from flexora_jax.config import ALL_MODULES, EXPERT_MODULES, GEMMA_TYPES, SANDWICH_TYPES, ModelConfig, RopeScaling
 from flexora_jax.dora import MAGNITUDE, dora_branch
 from flexora_jax.errors import ConfigError, DataError
 from flexora_jax.lora import per_layer_lora
@@ -282,7 +282,7 @@ def block(config: ModelConfig, layer: Params, h: jax.Array, cos: jax.Array, sin:
         cache, k, v = _write_cache(cache, k, v)
         attn = attention_hm(q, k, v, bias, cap)
     attn = lin(attn.reshape(b, t, nh * e), "o_proj")
-    sandwich = config.sandwich_norms
+    sandwich = config.model_type in SANDWICH_TYPES
     h = h + (rms_norm(attn, layer["post_attention_norm"], eps) if sandwich else attn)
 
     x = rms_norm(h, layer["pre_feedforward_norm" if sandwich else "post_attention_norm"], eps)
