@@ -47,7 +47,8 @@ from flexora_jax.fileio import write_bytes
 from flexora_jax.gates import Gates, layer_gate_values, rank_gate_values
 from flexora_jax.lora import LoraParams, LoraSpec, expert_axes, make_spec, merge
 from flexora_jax.models.hf import read_safetensors, save_model, write_safetensors
-from flexora_jax.moe_adapters import expert_paths, export_experts, group_experts, moe_other_paths, peft_path, tensor_key
+from flexora_jax.moe_adapters import expert_paths, export_experts, group_experts, moe_other_paths, peft_path
+from flexora_jax.moe_adapters import tensor_key as _tensor_key  # PEFT key of a lora_A / lora_B / magnitude tensor
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -134,11 +135,11 @@ def export_peft(lora: LoraParams, out_dir: str | os.PathLike, *, gates: Gates | 
                 continue
             alpha = scale * (math.sqrt(rank) if cfg.use_rslora else rank)
             adapted[(m, layer)] = (rank, float(f"{alpha:.10g}"))
-            tensors[tensor_key(m, layer, "A")] = np.ascontiguousarray(a[layer, :, :rank].T)  # (r, in)
+            tensors[_tensor_key(m, layer, "A")] = np.ascontiguousarray(a[layer, :, :rank].T)  # (r, in)
             b_folded = b[layer, :rank, :] * fold[layer, :rank, None]
-            tensors[tensor_key(m, layer, "B")] = np.ascontiguousarray(b_folded.T.astype(np.float32))  # (out, r)
+            tensors[_tensor_key(m, layer, "B")] = np.ascontiguousarray(b_folded.T.astype(np.float32))  # (out, r)
             if spec.use_dora:
-                tensors[tensor_key(m, layer, "M")] = np.asarray(lora.weights[m][MAGNITUDE][layer], np.float32)
+                tensors[_tensor_key(m, layer, "M")] = np.asarray(lora.weights[m][MAGNITUDE][layer], np.float32)
     experts = [m for m in spec.targets if m in EXPERT_MODULES and any(spec.rank_of(m)) and any(spec.scale_of(m))]
     if not adapted and not experts:
         raise ConfigError("export_peft: the LoRA adapts no module (every rank or scale is 0); nothing to export")
@@ -218,14 +219,14 @@ def _fuse_adapter(spec: LoraSpec, adapted: dict[tuple[str, int], tuple[int, floa
             for m, rows in parts:
                 if (m, i) in adapted:
                     r = adapted[(m, i)][0]
-                    a_parts.append(tensors.pop(tensor_key(m, i, "A")))
-                    b[row:row + rows, col:col + r] = tensors.pop(tensor_key(m, i, "B")) * np.float32(scale(m, i))
+                    a_parts.append(tensors.pop(_tensor_key(m, i, "A")))
+                    b[row:row + rows, col:col + r] = tensors.pop(_tensor_key(m, i, "B")) * np.float32(scale(m, i))
                     col += r
                 row += rows
-            tensors[tensor_key(fused, i, "A")] = np.ascontiguousarray(np.concatenate(a_parts))
-            tensors[tensor_key(fused, i, "B")] = b
+            tensors[_tensor_key(fused, i, "A")] = np.ascontiguousarray(np.concatenate(a_parts))
+            tensors[_tensor_key(fused, i, "B")] = b
             if spec.use_dora:
-                tensors[tensor_key(fused, i, "M")] = np.concatenate([tensors.pop(tensor_key(m, i, "M"))
+                tensors[_tensor_key(fused, i, "M")] = np.concatenate([tensors.pop(_tensor_key(m, i, "M"))
                                                                       for m, _ in parts])
             out[(fused, i)] = (rank, float(rank))
     return out, tensors
@@ -289,7 +290,7 @@ def load_peft(adapter_dir: str | os.PathLike, config: ModelConfig) -> LoraParams
         raise CheckpointError(f"{directory}: {ADAPTER_WEIGHTS} is missing{hint}")
     tensors = {k: v.astype(np.float32) for k, v in read_safetensors(weights_file).items()}  # bf16/fp16 too
     use_dora = bool(raw.get("use_dora", False))
-    expected = {tensor_key(k[0], k[1], w, *k[2:]): (k, w) for k in adapted
+    expected = {_tensor_key(k[0], k[1], w, *k[2:]): (k, w) for k in adapted
                 for w in ("A", "B", "M")[:3 if use_dora else 2]}
     missing = [k for k in expected if k not in tensors]
     if missing:
@@ -330,12 +331,12 @@ def load_peft(adapter_dir: str | os.PathLike, config: ModelConfig) -> LoraParams
         for i in [i for i in range(L) if (m, i) in ranks]:
             for e in (range(ex[0]) if ex else [None]):  # a mixture's experts: one LoRA each
                 r, at = ranks[(m, i)], (i,) if e is None else (i, e)
-                a[at][:, :r] = tensors[tensor_key(m, i, "A", e)].T
-                b[at][:r, :] = tensors[tensor_key(m, i, "B", e)].T
+                a[at][:, :r] = tensors[_tensor_key(m, i, "A", e)].T
+                b[at][:r, :] = tensors[_tensor_key(m, i, "B", e)].T
         weights[m] = {"a": jnp.asarray(a), "b": jnp.asarray(b)}
         if use_dora:
             weights[m][MAGNITUDE] = jnp.asarray(np.stack([
-                tensors[tensor_key(m, i, "M")] if (m, i) in ranks else np.zeros(d_out, np.float32) for i in range(L)]))
+                tensors[_tensor_key(m, i, "M")] if (m, i) in ranks else np.zeros(d_out, np.float32) for i in range(L)]))
     return LoraParams(weights=weights, spec=spec)
 
 
@@ -359,14 +360,14 @@ def _split_fused(config: ModelConfig, ranks: dict, alphas: dict, tensors: dict[s
     DoRA's magnitude, which PEFT applies row-wise) cut by rows: exactly the fused delta."""
     for (f, i) in [k for k in ranks if k[0] in config.fused_modules]:
         rank, alpha = ranks.pop((f, i)), alphas.pop((f, i))
-        a, b = tensors.pop(tensor_key(f, i, "A")), tensors.pop(tensor_key(f, i, "B"))
-        mag = tensors.pop(tensor_key(f, i, "M")) if use_dora else None
+        a, b = tensors.pop(_tensor_key(f, i, "A")), tensors.pop(_tensor_key(f, i, "B"))
+        mag = tensors.pop(_tensor_key(f, i, "M")) if use_dora else None
         row = 0
         for m, rows in config.fused_modules[f]:
             ranks[(m, i)], alphas[(m, i)] = rank, alpha
-            tensors[tensor_key(m, i, "A")], tensors[tensor_key(m, i, "B")] = a, b[row:row + rows]
+            tensors[_tensor_key(m, i, "A")], tensors[_tensor_key(m, i, "B")] = a, b[row:row + rows]
             if mag is not None:
-                tensors[tensor_key(m, i, "M")] = mag[row:row + rows]
+                tensors[_tensor_key(m, i, "M")] = mag[row:row + rows]
             row += rows
 
 
