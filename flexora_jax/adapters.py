@@ -27,7 +27,8 @@ unchanged. Both directions compute the same function, not merely load without er
   :func:`load_peft`, rank-pruned as LoRA (:func:`flexora_jax.adalora.to_lora`): the same function either way.
 
 Gates are folded into the exported B (``B * layer_gate * rank_gate`` per component), so an adapter
-exported from a gated search computes the gated function under PEFT as well.
+exported from a gated search computes the gated function under PEFT as well. LoRA on a mixture of
+experts (Mixtral's ``w1`` / ``w3`` / ``w2``) goes through :mod:`flexora_jax.moe_adapters`.
 """
 
 from __future__ import annotations
@@ -43,29 +44,24 @@ import jax.numpy as jnp
 import numpy as np
 
 from flexora_jax.adalora import AdaLoraConfig, to_lora
-from flexora_jax.config import ALL_MODULES, LoraConfig, ModelConfig, module_path
+from flexora_jax.config import ALL_MODULES, EXPERT_MODULES, LORA_MODULES, LoraConfig, ModelConfig, module_path
 from flexora_jax.dora import MAGNITUDE
 from flexora_jax.errors import CheckpointError, ConfigError, NumericsError
 from flexora_jax.fileio import write_bytes
 from flexora_jax.gates import Gates, layer_gate_values, rank_gate_values
-from flexora_jax.lora import LoraParams, LoraSpec, make_spec, merge
+from flexora_jax.lora import LoraParams, LoraSpec, expert_axes, make_spec, merge
 from flexora_jax.models.hf import read_safetensors, save_model, write_safetensors
+from flexora_jax.moe_adapters import PREFIX as _PREFIX
+from flexora_jax.moe_adapters import expert_paths, export_experts, group_experts, moe_other_paths, peft_path
+from flexora_jax.moe_adapters import tensor_key as _tensor_key  # PEFT key of a lora_A / lora_B / magnitude tensor
 from flexora_jax.peft_fields import ADALORA_FIELDS, ADAPTER_CONFIG, check_fields
 from flexora_jax.validation import check_bool, check_finite_tree, check_mapping, check_number, check_regex, read_json
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-_PREFIX = "base_model.model."  # PeftModel wraps the CausalLM: base_model (LoraModel) . model (LlamaForCausalLM)
 
 
 
 # ------------------------------------------------------------------------------------------ names
-def _tensor_key(module: str, layer: int, which: str) -> str:
-    """PEFT's key of ``lora_A`` / ``lora_B`` (``which`` "A" / "B") or DoRA's magnitude (``which`` "M")."""
-    if which == "M":
-        return f"{_PREFIX}{module_path(module, layer)}.lora_magnitude_vector"
-    return f"{_PREFIX}{module_path(module, layer)}.lora_{which}.weight"
-
-
 def _other_module_paths(num_layers: int) -> list[str]:
     """Non-adaptable module keys of a LLaMA CausalLM (a PEFT target matching one of them is an error)."""
     keys = ["model", "model.embed_tokens", "model.norm", "model.rotary_emb", "model.layers", "lm_head"]
@@ -110,7 +106,7 @@ def export_peft(lora: LoraParams, out_dir: str | os.PathLike, *, gates: Gates | 
     layer_w = np.asarray(layer_gate_values(gates, L), np.float64)  # [L]
     adapted: dict[tuple[str, int], tuple[int, float]] = {}  # (module, layer) -> (rank, alpha)
     tensors: dict[str, np.ndarray] = {}
-    for m in spec.targets:
+    for m in [m for m in spec.targets if m not in EXPERT_MODULES]:  # experts: moe_adapters.export_experts
         a, b = np.asarray(lora.weights[m]["a"], np.float32), np.asarray(lora.weights[m]["b"], np.float32)
         fold = layer_w[:, None] * np.asarray(rank_gate_values(gates, m, (L, spec.r_max_of(m))), np.float64)
         for layer, (rank, scale) in enumerate(zip(spec.rank_of(m), spec.scale_of(m))):
@@ -123,10 +119,16 @@ def export_peft(lora: LoraParams, out_dir: str | os.PathLike, *, gates: Gates | 
             tensors[_tensor_key(m, layer, "B")] = np.ascontiguousarray(b_folded.T.astype(np.float32))  # (out, r)
             if spec.use_dora:
                 tensors[_tensor_key(m, layer, "M")] = np.asarray(lora.weights[m][MAGNITUDE][layer], np.float32)
-    if not adapted:
+    experts = [m for m in spec.targets if m in EXPERT_MODULES and any(spec.rank_of(m)) and any(spec.scale_of(m))]
+    if not adapted and not experts:
         raise ConfigError("export_peft: the LoRA adapts no module (every rank or scale is 0); nothing to export")
     check_finite_tree(tensors, "export_peft: the LoRA (gates folded in)", NumericsError)
-    use_rslora, names = cfg.use_rslora, list(spec.targets)
+    use_rslora, names, r0, alpha0 = cfg.use_rslora, list(spec.targets), cfg.r, _plain_number(cfg.lora_alpha)
+    expert_targets: list[str] = []
+    if experts:  # one global rank and alpha for the experts, every block (see moe_adapters)
+        r0, expert_targets = export_experts(lora, gates, tensors)
+        alpha0, use_rslora, names = r0, False, [m for m in names if m not in EXPERT_MODULES]
+        adapted = {(m, i): (rank, float(f"{spec.scale_of(m)[i] * rank:.10g}")) for (m, i), (rank, _) in adapted.items()}
     if spec.fused:  # Phi-3: PEFT sees qkv_proj / gate_up_proj, not their parts
         adapted, tensors = _fuse_adapter(spec, adapted, tensors)
         use_rslora = False  # every scale is folded into B or restated as alpha / r
@@ -136,19 +138,19 @@ def export_peft(lora: LoraParams, out_dir: str | os.PathLike, *, gates: Gates | 
     layers = sorted({i for _, i in adapted})
     target_modules: list[str]
     layers_to_transform: list[int] | None
-    if len(adapted) == len(modules) * len(layers):  # a rectangle: names + layers_to_transform
-        target_modules = modules
-        layers_to_transform = None if layers == list(range(L)) else layers
+    if len(adapted) == len(modules) * len(layers) and (not experts or len(layers) in (0, L)):  # a rectangle:
+        target_modules = modules  # names + layers_to_transform (never with experts: it would filter them too)
+        layers_to_transform = None if layers in ([], list(range(L))) else layers
     else:  # mixed: PEFT matches a fully qualified path exactly
         target_modules = [module_path(m, i) for i in range(L) for m in names if (m, i) in adapted]
         layers_to_transform = None
-    alpha0 = _plain_number(cfg.lora_alpha)
-    rank_pattern = {module_path(m, i): r for (m, i), (r, _) in adapted.items() if r != cfg.r}
+    target_modules += expert_targets
+    rank_pattern = {module_path(m, i): r for (m, i), (r, _) in adapted.items() if r != r0}
     alpha_pattern = {module_path(m, i): _plain_number(a) for (m, i), (_, a) in adapted.items()
                      if not math.isclose(a, alpha0, rel_tol=1e-9)}
     config = {
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
-        "revision": None, "inference_mode": True, "r": cfg.r, "lora_alpha": alpha0,
+        "revision": None, "inference_mode": True, "r": r0, "lora_alpha": alpha0,
         "lora_dropout": cfg.lora_dropout, "target_modules": target_modules, "exclude_modules": None,
         "layers_to_transform": layers_to_transform, "layers_pattern": None, "rank_pattern": rank_pattern,
         "alpha_pattern": alpha_pattern, "use_rslora": use_rslora, "init_lora_weights": True,
@@ -241,23 +243,24 @@ def load_peft(adapter_dir: str | os.PathLike, config: ModelConfig) -> LoraParams
         return to_lora(config, *_adalora(directory, raw, cfg_file, config))
     weights_file = directory / ADAPTER_WEIGHTS
     L = config.num_hidden_layers
-    adapted = _resolve_targets(raw, cfg_file, L, peft_modules(config))
+    adapted = _resolve_targets(raw, cfg_file, config)  # (module, layer) or (module, layer, expert) keys
     r0 = check_number(raw.get("r", 8), f"{cfg_file}: r", lo=1, integer=True)
     alpha0 = check_number(raw.get("lora_alpha", 8), f"{cfg_file}: lora_alpha", lo=0, lo_open=True)
     rank_pattern, alpha_pattern = raw.get("rank_pattern") or {}, raw.get("alpha_pattern") or {}
-    ranks: dict[tuple[str, int], int] = {}
-    alphas: dict[tuple[str, int], float] = {}
-    for m, i in adapted:
-        path = module_path(m, i)
+    ranks: dict[tuple, int] = {}
+    alphas: dict[tuple, float] = {}
+    for key in adapted:
+        path = peft_path(*key)
         rank = _pattern_value(rank_pattern, path, r0, "rank_pattern", cfg_file)
         if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
             raise ConfigError(f"{cfg_file}: rank_pattern gives {path} rank {rank!r}; PEFT needs a positive integer")
-        ranks[(m, i)] = rank
-        alphas[(m, i)] = float(_pattern_value(alpha_pattern, path, alpha0, "alpha_pattern", cfg_file))
+        ranks[key] = rank
+        alphas[key] = float(_pattern_value(alpha_pattern, path, alpha0, "alpha_pattern", cfg_file))
 
     tensors = _read_tensors(directory)
     use_dora = bool(raw.get("use_dora", False))
-    expected = {_tensor_key(m, i, w): (m, i, w) for m, i in adapted for w in ("A", "B", "M")[:3 if use_dora else 2]}
+    expected = {_tensor_key(k[0], k[1], w, *k[2:]): (k, w) for k in adapted
+                for w in ("A", "B", "M")[:3 if use_dora else 2]}
     missing = [k for k in expected if k not in tensors]
     if missing:
         raise CheckpointError(f"{weights_file}: missing tensor(s) {missing[:4]}{' ...' if len(missing) > 4 else ''} "
@@ -267,36 +270,38 @@ def load_peft(adapter_dir: str | os.PathLike, config: ModelConfig) -> LoraParams
         raise CheckpointError(f"{weights_file}: unexpected tensor(s) {extra[:4]}{' ...' if len(extra) > 4 else ''} "
                               f"({len(extra)} in all): {ADAPTER_CONFIG} does not adapt these modules, or the adapter "
                               f"was made for a different model ({L}-layer {config.model_type} expected)")
-    for key, (m, i, w) in expected.items():
-        d_in, d_out = _peft_shape(config, m)
-        want = (ranks[(m, i)], d_in) if w == "A" else (d_out, ranks[(m, i)]) if w == "B" else (d_out,)
+    for key, (k, w) in expected.items():
+        d_in, d_out = _peft_shape(config, k[0])
+        want = (ranks[k], d_in) if w == "A" else (d_out, ranks[k]) if w == "B" else (d_out,)
         got = tuple(tensors[key].shape)
         if got != want:
             if w != "M" and len(got) == 2 and (got[1] if w == "A" else got[0]) == (d_in if w == "A" else d_out):
                 raise CheckpointError(
                     f"{weights_file}: tensor {key} has rank {got[0] if w == 'A' else got[1]} (shape {got}), but "
-                    f"{ADAPTER_CONFIG} gives {module_path(m, i)} rank {ranks[(m, i)]} (expected shape {want})")
+                    f"{ADAPTER_CONFIG} gives {peft_path(*k)} rank {ranks[k]} (expected shape {want})")
             raise CheckpointError(
                 f"{weights_file}: tensor {key} has shape {got}, expected {want}: the adapter was made for a base "
-                f"model of different shape ({m} of this model is {d_in} -> {d_out}: hidden_size "
+                f"model of different shape ({k[0]} of this model is {d_in} -> {d_out}: hidden_size "
                 f"{config.hidden_size}, intermediate_size {config.intermediate_size}, "
                 f"{config.num_attention_heads} heads / {config.num_key_value_heads} KV heads of {config.head_dim})")
 
     if config.fused_modules:
         _split_fused(config, ranks, alphas, tensors, use_dora)
+    if config.num_local_experts:
+        group_experts(config, ranks, alphas, tensors, bool(raw.get("use_rslora", False)))
     lora_config = _lora_config(raw, cfg_file, ranks, alphas, r0, float(alpha0), L)
     spec = make_spec(config, lora_config)
     weights = {}
     for m in spec.targets:
-        d_in, d_out = config.module_shape(m)
+        (d_in, d_out), ex = config.module_shape(m), expert_axes(config, m)
         r_max = spec.r_max_of(m)
-        a = np.zeros((L, d_in, r_max), np.float32)
-        b = np.zeros((L, r_max, d_out), np.float32)
-        for i in range(L):
-            if (m, i) in ranks:
-                r = ranks[(m, i)]
-                a[i, :, :r] = tensors[_tensor_key(m, i, "A")].T
-                b[i, :r, :] = tensors[_tensor_key(m, i, "B")].T
+        a = np.zeros((L, *ex, d_in, r_max), np.float32)
+        b = np.zeros((L, *ex, r_max, d_out), np.float32)
+        for i in [i for i in range(L) if (m, i) in ranks]:
+            for e in (range(ex[0]) if ex else [None]):  # a mixture's experts: one LoRA each
+                r, at = ranks[(m, i)], (i,) if e is None else (i, e)
+                a[at][:, :r] = tensors[_tensor_key(m, i, "A", e)].T
+                b[at][:r, :] = tensors[_tensor_key(m, i, "B", e)].T
         weights[m] = {"a": jnp.asarray(a), "b": jnp.asarray(b)}
         if use_dora:
             weights[m][MAGNITUDE] = jnp.asarray(np.stack([
@@ -354,7 +359,10 @@ def _adalora(directory: Path, raw: dict[str, Any], cfg_file: Path,
         raise ConfigError(f"{cfg_file}: AdaLoRA adapters of a model with fused projections ({config.model_type}: "
                           f"{sorted(config.fused_modules)}) are not supported; only LoRA / DoRA adapters are")
     L = config.num_hidden_layers
-    adapted = _resolve_targets(raw, cfg_file, L)
+    adapted = _resolve_targets(raw, cfg_file, config)
+    if any(len(k) != 2 for k in adapted):
+        raise ConfigError(f"{cfg_file}: AdaLoRA adapters on a mixture's experts are not supported; only LoRA / DoRA "
+                          "adapters are")
     modules = tuple(m for m in ALL_MODULES if any(k[0] == m for k in adapted))
     layers = tuple(sorted({i for _, i in adapted}))
     if len(adapted) != len(modules) * len(layers):
@@ -426,7 +434,7 @@ def peft_modules(config: ModelConfig) -> tuple[str, ...]:
     """The module names PEFT sees in a block of this model (Phi-3: the fused ``qkv_proj`` / ``gate_up_proj``)."""
     fused = config.fused_modules
     parts_of = {m: f for f, parts in fused.items() for m, _ in parts}
-    return tuple(dict.fromkeys(parts_of.get(m, m) for m in ALL_MODULES))
+    return tuple(dict.fromkeys(parts_of.get(m, m) for m in config.linear_modules))
 
 
 def _peft_shape(config: ModelConfig, module: str) -> tuple[int, int]:
@@ -473,18 +481,22 @@ def _check_values(raw: dict[str, Any], cfg_file: Path) -> None:
                 check_regex(pattern, f"{cfg_file}: {field} entry")
 
 
-def _resolve_targets(raw: dict[str, Any], cfg_file: Path, num_layers: int,
-                     modules: tuple[str, ...] = ALL_MODULES) -> list[tuple[str, int]]:
-    """The (module, layer) pairs PEFT 0.21 would adapt on a LLaMA CausalLM, in block order (``modules``: the
-    names PEFT sees, :func:`peft_modules`)."""
-    tm = raw.get("target_modules")
+def _resolve_targets(raw: dict[str, Any], cfg_file: Path, config: ModelConfig) -> list[tuple]:
+    """The (module, layer) pairs PEFT 0.21 would adapt on a LLaMA-family CausalLM, in block order; (module,
+    layer, expert) for a mixture's experts (one LoRA per expert, :mod:`flexora_jax.moe_adapters`)."""
+    tm, modules, num_layers = raw.get("target_modules"), peft_modules(config), config.num_hidden_layers
     if tm is None:
         raise ConfigError(f"{cfg_file}: target_modules is null; name the adapted modules")
     layers_to_transform = raw.get("layers_to_transform")
     if isinstance(tm, str) and tm.lower() == "all-linear":
+        if config.num_local_experts:
+            raise ConfigError(f"{cfg_file}: target_modules 'all-linear' adapts the router (block_sparse_moe.gate) of "
+                              f"a {config.model_type} model in PEFT, which flexora_jax never adapts; list the modules")
         tm = list(modules)  # PEFT: every nn.Linear except the output layer
-    candidates = {module_path(m, i): (m, i) for i in range(num_layers) for m in modules}
-    others = _other_module_paths(num_layers)
+    candidates: dict[str, tuple] = {module_path(m, i): (m, i) for i in range(num_layers) for m in modules
+                                    if m not in EXPERT_MODULES}
+    candidates.update(expert_paths(config))
+    others = _other_module_paths(num_layers) + moe_other_paths(config)
     if isinstance(tm, str):
         if layers_to_transform is not None:
             raise ConfigError(f"{cfg_file}: layers_to_transform cannot be used with a regex target_modules "
@@ -567,7 +579,7 @@ def _pattern_value(pattern: dict[str, Any], path: str, default: Any, field: str,
 def _lora_config(raw: dict[str, Any], cfg_file: Path, ranks: dict[tuple[str, int], int],
                  alphas: dict[tuple[str, int], float], r0: int, alpha0: float, num_layers: int) -> LoraConfig:
     """An unambiguous LoraConfig for the resolved adapter: fully qualified keys, rank 0 off the adapted set."""
-    modules = tuple(m for m in ALL_MODULES if any(k[0] == m for k in ranks))
+    modules = tuple(m for m in LORA_MODULES if any(k[0] == m for k in ranks))
     layers = tuple(sorted({i for _, i in ranks}))
     rank_pattern = {module_path(m, i): ranks.get((m, i), 0) for i in layers for m in modules
                     if ranks.get((m, i), 0) != r0}

@@ -23,6 +23,9 @@ from flexora_jax.validation import check_fields
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 ALL_MODULES = ATTENTION_MODULES + MLP_MODULES
+#: Each expert's projections in a mixture-of-experts MLP (Mixtral's names: w1 gate, w3 up, w2 down), block order.
+EXPERT_MODULES = ("w1", "w3", "w2")
+LORA_MODULES = ALL_MODULES + EXPERT_MODULES  # what LoraConfig.target_modules may name (the model decides which exist)
 #: Phi-3's fused projections -> the modules they hold, in row order (checkpoints and PEFT adapters use these).
 FUSED_MODULES = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
@@ -31,15 +34,17 @@ def module_path(module: str, layer: int) -> str:
     """The HF / PEFT path of ``module`` in block ``layer``, e.g. ``model.layers.3.self_attn.q_proj``.
 
     The one place that spells a module's path: checkpoint tensor names, PEFT adapter keys,
-    ``rank_pattern`` keys and ``selection.json`` all build on it.
+    ``rank_pattern`` keys and ``selection.json`` all build on it. An expert module means every expert's
+    (``model.layers.3.block_sparse_moe.experts.w1``; PEFT's key of expert 5 is ``...experts.5.w1``).
     """
     group = "self_attn" if module in ATTENTION_MODULES or module == "qkv_proj" else "mlp"
-    return f"model.layers.{layer}.{group}.{module}"
+    return f"model.layers.{layer}.{'block_sparse_moe.experts' if module in EXPERT_MODULES else group}.{module}"
 
-SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "phi3")
-ROPE_TYPES = ("llama3", "linear", "dynamic")  # scaled RoPE variants (RopeScaling.rope_type)
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "mixtral")
+ROPE_TYPES = ("llama3", "linear", "dynamic", "yarn")  # scaled RoPE variants (RopeScaling.rope_type)
 HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")  # SwiGLU / GeGLU (tanh-approximate GELU)
-GEMMA_TYPES = ("gemma", "gemma2")  # sqrt(d)-scaled embeddings, (1 + w) RMSNorm
+GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")  # sqrt(d)-scaled embeddings, (1 + w) RMSNorm
+SANDWICH_TYPES = ("gemma2", "gemma3_text")  # norms after attention and after the MLP too
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: finite-difference checks (x64 mode)
 ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "splash")  # models.attention.select_attention decides "auto"
 
@@ -52,10 +57,12 @@ def require(cond: bool, msg: str) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
-    """Scaled RoPE (``config.rope_parameters``): Llama-3 (default), ``linear`` or ``dynamic`` (NTK).
+    """Scaled RoPE (``config.rope_parameters``): Llama-3 (default), ``linear``, ``dynamic`` (NTK) or ``yarn``.
 
     ``linear`` divides every frequency by ``factor``; ``dynamic`` raises the base when a sequence is
-    longer than ``max_position_embeddings`` (as transformers does); both use ``factor`` only.
+    longer than ``max_position_embeddings`` (as transformers does); both use ``factor`` only. ``yarn``
+    blends interpolated and original frequencies over a ramp set by ``beta_fast`` / ``beta_slow`` and
+    scales cos / sin (``models.llama.yarn_attention_factor``; transformers' ``_compute_yarn_parameters``).
     """
 
     factor: float = 8.0  # how much the context was extended
@@ -63,20 +70,29 @@ class RopeScaling:
     high_freq_factor: float = 4.0  # llama3: wavelengths below original/high_freq_factor are kept
     original_max_position_embeddings: int = 8192  # llama3: context length before extension
     rope_type: str = "llama3"  # one of ROPE_TYPES
+    beta_fast: float = 32.0  # yarn: rotations below which a frequency is extrapolated (kept)
+    beta_slow: float = 1.0  # yarn: rotations above which a frequency is interpolated (divided by factor)
+    attention_factor: float | None = None  # yarn: cos / sin scale; None = from factor, mscale, mscale_all_dim
+    mscale: float | None = None  # yarn: attention_factor = mscale(factor, mscale) / mscale(factor, mscale_all_dim)
+    mscale_all_dim: float | None = None
+    truncate: bool = True  # yarn: round the ramp's ends to whole dimensions
 
     def __post_init__(self) -> None:
         check_fields(self, "RopeScaling")
         require(self.rope_type in ROPE_TYPES, f"RopeScaling.rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
         require(self.factor >= 1.0 if self.rope_type == "dynamic" else self.factor > 0,
                 f"RopeScaling.factor must be > 0 (>= 1 for dynamic), got {self.factor}")
+        require(self.attention_factor is None or self.attention_factor > 0,
+                f"RopeScaling.attention_factor must be > 0 or None, got {self.attention_factor!r}")
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shape and numerics of a LLaMA-style decoder (LLaMA 1-3, Mistral, Qwen2/3, Gemma 1/2, Phi-3 checkpoints).
+    """Shape and numerics of a LLaMA-style decoder (LLaMA 1-3, Mistral, Qwen2/3, Gemma 1-3, Phi-3, Mixtral).
 
     Family traits fixed by ``model_type``: Gemma scales embeddings by sqrt(d) and uses ``(1 + w)``
-    RMSNorm weights; Gemma 2 adds norms after attention and MLP (sandwich norms).
+    RMSNorm weights; Gemma 2 / 3 add norms after attention and MLP (sandwich norms). A mixture of
+    experts (Mixtral) replaces the MLP when ``num_local_experts`` is set (:mod:`flexora_jax.models.moe`).
     """
 
     vocab_size: int = 256  # tokens in the vocabulary
@@ -101,6 +117,9 @@ class ModelConfig:
     query_pre_attn_scalar: float | None = None  # scores scaled by this**-0.5, not head_dim**-0.5 (Gemma 2)
     attn_logit_softcapping: float | None = None  # scores -> cap * tanh(scores / cap) (Gemma 2)
     final_logit_softcapping: float | None = None  # logits -> cap * tanh(logits / cap) (Gemma 2)
+    rope_local_theta: float | None = None  # RoPE base (unscaled) of the sliding-window layers (Gemma 3)
+    num_local_experts: int | None = None  # MoE MLP with this many experts (Mixtral); None = dense MLP
+    num_experts_per_tok: int = 2  # MoE: experts each token is routed to (top-k of the router's softmax)
     model_type: str = "llama"  # HF model_type of the source checkpoint
     bos_token_id: int | None = 1
     eos_token_id: int | None = 2
@@ -154,6 +173,15 @@ class ModelConfig:
         for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
             value = getattr(self, name)
             require(value is None or value > 0, f"ModelConfig.{name} must be > 0 or None, got {value!r}")
+        require(self.rope_local_theta is None or self.rope_local_theta > 0,
+                f"ModelConfig.rope_local_theta must be > 0 or None, got {self.rope_local_theta!r}")
+        if self.sliding_window is None or (self.rope_local_theta == self.rope_theta and self.rope_scaling is None):
+            object.__setattr__(self, "rope_local_theta", None)  # canonical: no layer uses a different RoPE
+        if self.num_local_experts is not None:
+            e, k = self.num_local_experts, self.num_experts_per_tok
+            require(isinstance(e, int) and e > 0 and isinstance(k, int) and 0 < k <= e and not self.mlp_bias,
+                    f"ModelConfig: num_local_experts must be a positive integer (got {e!r}), num_experts_per_tok an "
+                    f"integer in [1, num_local_experts] (got {k!r}) and mlp_bias False (got {self.mlp_bias!r})")
 
     @property
     def layer_windows(self) -> tuple[int, ...]:
@@ -170,9 +198,14 @@ class ModelConfig:
 
     @property
     def layer_norms(self) -> tuple[str, ...]:
-        """Names of the [l, d] norm weights of a block (Gemma 2 adds norms after attention and MLP)."""
-        extra = ("pre_feedforward_norm", "post_feedforward_norm") if self.model_type == "gemma2" else ()
+        """Names of the [l, d] norm weights of a block (Gemma 2 / 3 add norms after attention and MLP)."""
+        extra = ("pre_feedforward_norm", "post_feedforward_norm") if self.model_type in SANDWICH_TYPES else ()
         return ("input_norm", "post_attention_norm") + extra
+
+    @property
+    def linear_modules(self) -> tuple[str, ...]:
+        """The linear modules of a block, block order: attention, then the MLP's (or each expert's) projections."""
+        return ATTENTION_MODULES + (MLP_MODULES if self.num_local_experts is None else EXPERT_MODULES)
 
     @property
     def q_dim(self) -> int:
@@ -190,19 +223,24 @@ class ModelConfig:
         return {f: tuple((m, self.module_shape(m)[1]) for m in parts) for f, parts in FUSED_MODULES.items()}
 
     def module_shape(self, module: str) -> tuple[int, int]:
-        """(d_in, d_out) of a linear module of one block."""
+        """(d_in, d_out) of a linear module of one block (of one expert, for ``EXPERT_MODULES``)."""
         d, f = self.hidden_size, self.intermediate_size
         shapes = {
             "q_proj": (d, self.q_dim), "k_proj": (d, self.kv_dim), "v_proj": (d, self.kv_dim),
             "o_proj": (self.q_dim, d), "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d),
+            "w1": (d, f), "w3": (d, f), "w2": (f, d),
         }
-        if module not in shapes:
-            raise ConfigError(f"unknown module {module!r}; valid modules: {ALL_MODULES}")
+        if module not in self.linear_modules:
+            raise ConfigError(f"module {module!r} is not in a {self.model_type} block; "
+                              f"valid modules: {self.linear_modules}")
         return shapes[module]
 
     def num_params(self) -> int:
         """Parameter count of the base model (embedding + blocks + final norm + head)."""
-        per_layer = len(self.layer_norms) * self.hidden_size + sum(a * b for a, b in map(self.module_shape, ALL_MODULES))
+        experts = self.num_local_experts or 1
+        per_layer = len(self.layer_norms) * self.hidden_size + sum(
+            math.prod(self.module_shape(m)) * (experts if m in EXPERT_MODULES else 1) for m in self.linear_modules)
+        per_layer += self.hidden_size * (self.num_local_experts or 0)  # the router
         per_layer += sum(self.module_shape(m)[1] for m in self.bias_modules) + 2 * self.head_dim * self.qk_norm
         head = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
         return self.vocab_size * self.hidden_size + self.num_hidden_layers * per_layer + self.hidden_size + head
@@ -240,12 +278,12 @@ class LoraConfig:
         if isinstance(tm, str):
             tm = ALL_MODULES if tm == "all-linear" else (tm,)
         tm = tuple(tm)
-        bad = [m for m in tm if m not in ALL_MODULES]
+        bad = [m for m in tm if m not in LORA_MODULES]
         require(not bad, f"LoraConfig.target_modules: unknown module(s) {bad}; "
-                        f"valid choices: {list(ALL_MODULES)} or 'all-linear'")
+                        f"valid choices: {list(LORA_MODULES)} or 'all-linear' (= {list(ALL_MODULES)})")
         require(len(tm) > 0, "LoraConfig.target_modules is empty; name at least one module")
         # Canonical block order, no duplicates: the same config always means the same pytree.
-        object.__setattr__(self, "target_modules", tuple(m for m in ALL_MODULES if m in tm))
+        object.__setattr__(self, "target_modules", tuple(m for m in LORA_MODULES if m in tm))
         require(isinstance(self.r, int) and self.r > 0, f"LoraConfig.r must be a positive integer, got {self.r!r}")
         require(self.lora_alpha > 0, f"LoraConfig.lora_alpha must be > 0, got {self.lora_alpha!r}")
         require(0.0 <= self.lora_dropout < 1.0, f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")

@@ -22,6 +22,9 @@ the frozen base cannot be trained by accident, and an optimizer state covers LoR
 Layout (fp32 whatever the base dtype): ``weights[module] = {"a": [L, d_in, r_max], "b": [L, r_max, d_out]}``
 (``a`` is PEFT's ``lora_A.weight`` transposed, ``b`` is ``lora_B.weight`` transposed), plus
 ``"magnitude": [L, d_out]`` (PEFT's ``lora_magnitude_vector``) with ``use_dora`` (see :mod:`flexora_jax.dora`).
+A mixture of experts' projections (``w1`` / ``w3`` / ``w2``, :mod:`flexora_jax.models.moe`) carry an expert
+axis: ``a`` [L, n, d_in, r_max], ``b`` [L, n, r_max, d_out], one LoRA per expert under the block's shared
+rank, scale and gates (the router is never adapted).
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from flexora_jax.config import LoraConfig, ModelConfig
+from flexora_jax.config import EXPERT_MODULES, LoraConfig, ModelConfig
 from flexora_jax.dora import EXACT_NORM, GATE, MAGNITUDE, column_norm, dora_merge, lora_update
 from flexora_jax.errors import ConfigError
 from flexora_jax.gates import Gates, layer_gate_values, rank_gate_values
@@ -99,6 +102,7 @@ class LoraSpec:
 def make_spec(model_config: ModelConfig, lora_config: LoraConfig) -> LoraSpec:
     """Resolve a LoraConfig against a model: adapted blocks, per-block ranks and scales."""
     lora_config.validate_for(model_config)
+    _check_targets(model_config, lora_config)
     L = model_config.num_hidden_layers
     layers = lora_config.layers(L)
     ranks, scales, r_max = [], [], []
@@ -111,6 +115,27 @@ def make_spec(model_config: ModelConfig, lora_config: LoraConfig) -> LoraSpec:
     return LoraSpec(config=lora_config, num_layers=L, targets=lora_config.target_modules, layers=layers,
                     r_max=tuple(r_max), ranks=tuple(ranks), scales=tuple(scales),
                     fused=tuple(model_config.fused_modules.items()))
+
+
+def _check_targets(model_config: ModelConfig, lora_config: LoraConfig) -> None:
+    """Every target is a module of the model's blocks; expert LoRA takes no dropout and no DoRA (nor does PEFT's)."""
+    missing = [m for m in lora_config.target_modules if m not in model_config.linear_modules]
+    if missing:
+        hint = (" (its MLP is a mixture of experts: 'w1' (gate), 'w3' (up) and 'w2' (down) adapt every expert's "
+                "projections; the router is never adapted)" if model_config.num_local_experts else
+                " (w1 / w3 / w2 are the experts' projections of a mixture-of-experts MLP)")
+        raise ConfigError(f"LoraConfig.target_modules {missing}: a {model_config.model_type} block has no such module"
+                          f"{hint}; its modules: {list(model_config.linear_modules)}")
+    experts = [m for m in lora_config.target_modules if m in EXPERT_MODULES]
+    if experts and (lora_config.lora_dropout or lora_config.use_dora):
+        raise ConfigError(f"LoraConfig: LoRA on the experts {experts} is plain LoRA without dropout (got lora_dropout="
+                          f"{lora_config.lora_dropout}, use_dora={lora_config.use_dora}), as PEFT's LoRA on expert "
+                          "weights; target only attention modules for those, or set them off")
+
+
+def expert_axes(model_config: ModelConfig, module: str) -> tuple[int, ...]:
+    """``(n,)`` for a mixture's expert module (its LoRA has an expert axis after the layer axis), else ``()``."""
+    return (model_config.num_local_experts,) if module in EXPERT_MODULES else ()
 
 
 @struct.dataclass
@@ -155,20 +180,20 @@ def init_lora(model_config: ModelConfig, lora_config: LoraConfig, key: jax.Array
     weights = {}
     for i, m in enumerate(spec.targets):
         d_in, d_out = model_config.module_shape(m)
-        r = spec.r_max_of(m)
+        r, ex = spec.r_max_of(m), expert_axes(model_config, m)
         ka, kb = jax.random.split(jax.random.fold_in(key, i))
         if init == "gaussian":
-            a = jax.random.normal(ka, (L, d_in, r), jnp.float32) / r
+            a = jax.random.normal(ka, (L, *ex, d_in, r), jnp.float32) / r
         else:
             bound = 1.0 / np.sqrt(d_in)
-            a = jax.random.uniform(ka, (L, d_in, r), jnp.float32, -bound, bound)
+            a = jax.random.uniform(ka, (L, *ex, d_in, r), jnp.float32, -bound, bound)
         if init is False:
             bound_b = 1.0 / np.sqrt(r)
-            b = jax.random.uniform(kb, (L, r, d_out), jnp.float32, -bound_b, bound_b)
+            b = jax.random.uniform(kb, (L, *ex, r, d_out), jnp.float32, -bound_b, bound_b)
         else:
-            b = jnp.zeros((L, r, d_out), jnp.float32)
-        present = jnp.asarray(spec.coefficients(m) != 0, jnp.float32)  # [L, r]
-        weights[m] = {"a": a * present[:, None, :], "b": b * present[:, :, None]}
+            b = jnp.zeros((L, *ex, r, d_out), jnp.float32)
+        present = jnp.asarray(spec.coefficients(m) != 0, jnp.float32).reshape(L, *(1,) * len(ex), 1, r)  # [L, .., 1, r]
+        weights[m] = {"a": a * present, "b": b * jnp.swapaxes(present, -1, -2)}
         if spec.use_dora:
             update = lora_update(weights[m]["a"], jnp.asarray(spec.coefficients(m)), weights[m]["b"])
             norms = column_norm(params["layers"][m]["kernel"], update)
@@ -205,11 +230,11 @@ def per_layer_lora(lora: LoraParams, gates: Gates | None, num_layers: int) -> di
 
 
 def delta_weights(lora: LoraParams, gates: Gates | None = None) -> dict[str, jax.Array]:
-    """The dense update of every adapted module, fp32 [L, d_in, d_out] (gates included)."""
+    """The dense update of every adapted module, fp32 [L, d_in, d_out] ([L, n, d_in, d_out] for experts; gates in)."""
     if lora.spec.use_dora:
         raise ConfigError("delta_weights: a DoRA update depends on the base weights; use merge(params, lora, gates)")
     stacked = per_layer_lora(lora, gates, lora.spec.num_layers)
-    return {m: jnp.einsum("ldr,lr,lrf->ldf", v["a"], v["c"], v["b"]) for m, v in stacked.items()}
+    return {m: jnp.einsum("l...dr,lr,l...rf->l...df", v["a"], v["c"], v["b"]) for m, v in stacked.items()}
 
 
 def merge(params: dict[str, Any], lora: LoraParams, gates: Gates | None = None,
@@ -254,7 +279,8 @@ def count_params(model_config: ModelConfig, lora: LoraParams | LoraSpec) -> dict
     trainable = 0
     for m in spec.targets:
         d_in, d_out = model_config.module_shape(m)
-        trainable += sum(r * (d_in + d_out) + (d_out if spec.use_dora and r else 0) for r in spec.rank_of(m))
+        trainable += sum(r * (d_in + d_out) + (d_out if spec.use_dora and r else 0) for r in spec.rank_of(m)) * int(
+            np.prod(expert_axes(model_config, m)))
     base = model_config.num_params()
     return {"trainable": int(trainable), "base": int(base), "total": int(base + trainable),
             "trainable_percent": 100.0 * trainable / (base + trainable)}

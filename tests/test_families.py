@@ -44,6 +44,14 @@ FAMILIES = {
                                                query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
                                                final_logit_softcapping=5.0)),
     "phi3_window": (transformers.Phi3Config, dict(sliding_window=8)),  # fused qkv_proj / gate_up_proj
+    # YaRN: the ramp spans dims 0..2 of 8 (beta_fast 4), attention factor 0.1 ln 4 + 1 on cos / sin
+    "llama_yarn": (transformers.LlamaConfig, dict(head_dim=16, rope_parameters=dict(
+        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16, beta_fast=4.0))),
+    # Gemma 3: [sliding, full] layers, local RoPE base 100 on the sliding one, linear scaling on the full one
+    "gemma3": (transformers.Gemma3TextConfig, dict(
+        head_dim=16, tie_word_embeddings=True, sliding_window=8, sliding_window_pattern=2, query_pre_attn_scalar=24,
+        final_logit_softcapping=5.0, rope_local_base_freq=100.0, rope_scaling=dict(rope_type="linear", factor=2.0))),
+    "mixtral": (transformers.MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=8)),
 }
 _forward = jax.jit(fj.forward, static_argnums=0)
 
@@ -243,8 +251,8 @@ def test_family_traits_read_from_hf_configs():
 
 # ------------------------------------------------------------------------------------------ refusals
 REFUSED = {
-    "rope_type 'yarn'": (transformers.LlamaConfig, dict(rope_parameters=dict(rope_type="yarn", rope_theta=1e4,
-                                                                             factor=2.0))),
+    "rope_type 'longrope'": (transformers.Phi3Config, dict(rope_parameters=dict(
+        rope_type="longrope", rope_theta=1e4, short_factor=[1.0] * 4, long_factor=[1.0] * 4))),
     "partial_rotary_factor": (transformers.LlamaConfig, dict(rope_parameters=dict(
         rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5))),
     "hidden_act 'relu'": (transformers.MistralConfig, dict(hidden_act="relu")),
@@ -292,6 +300,8 @@ def test_tied_head_copy_and_rope_buffers_are_accepted(tmp_path):
 
 
 TRAIT_OFF = {"llama_linear_rope": dict(rope_scaling=None), "llama_dynamic_rope": dict(rope_scaling=None),
+             "llama_yarn": dict(rope_scaling=None),
+             "gemma3": dict(rope_local_theta=None), "mixtral": dict(num_experts_per_tok=1),
              "mistral_window": dict(sliding_window=None), "qwen2_window": dict(sliding_window=None),
              "phi3_window": dict(sliding_window=None),
              "qwen3": dict(qk_norm=False), "gemma": dict(model_type="llama", hidden_act="silu"),

@@ -130,9 +130,9 @@ def test_config_from_hf_reads_first_eos_and_refuses_what_it_cannot_run():
     assert config_from_hf(transformers.LlamaConfig(eos_token_id=[7, 9], **base)).eos_token_id == 7
     with pytest.raises(ConfigError, match="hidden_act 'gelu'"):
         config_from_hf(transformers.LlamaConfig(hidden_act="gelu", **base))
-    with pytest.raises(ConfigError, match="rope_type 'yarn'"):
-        config_from_hf(transformers.LlamaConfig(rope_parameters=dict(rope_type="yarn", rope_theta=1e4, factor=2.0),
-                                                **base))
+    with pytest.raises(ConfigError, match="rope_type 'longrope'"):
+        config_from_hf(transformers.LlamaConfig(rope_parameters=dict(
+            rope_type="longrope", rope_theta=1e4, short_factor=[1.0] * 4, long_factor=[1.0] * 4), **base))
     with pytest.raises(ConfigError, match="model_type 'gpt2'"):
         config_from_hf(transformers.GPT2Config())
 

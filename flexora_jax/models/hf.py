@@ -11,9 +11,12 @@ With a device ``mesh``, :func:`load_model` builds each param straight into its s
 a slice, so no process ever holds a full copy of a sharded tensor, only the rows its devices need.
 
 Never silently wrong: a config field that changes the computation and is not implemented (see
-:func:`config_from_hf`) or a checkpoint tensor the model would not use is refused, naming it. Family
+:mod:`.hf_config`, whose ``config_from_hf`` / ``config_to_hf`` this module re-exports) or a checkpoint
+tensor the model would not use is refused, naming it. Family
 conversions: Phi-3's fused ``qkv_proj`` / ``gate_up_proj`` are split into q/k/v/gate/up on load and
-fused back on save; Gemma's ``(1 + w)`` norm weights are stored as ``1 + w``.
+fused back on save; Gemma's ``(1 + w)`` norm weights are stored as ``1 + w``; Mixtral's experts
+(``block_sparse_moe.experts.<j>.w1/w2/w3``, the names ``save_pretrained`` writes) are stacked to
+[l, n, d_in, d_out] kernels and its router (``block_sparse_moe.gate``) is ``router``.
 
 Every file is written atomically through :mod:`flexora_jax.fileio`.
 """
@@ -22,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import os
 import shutil
@@ -38,9 +40,10 @@ from jax.sharding import Mesh, NamedSharding
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from flexora_jax.config import ALL_MODULES, GEMMA_TYPES, SUPPORTED_MODEL_TYPES, ModelConfig, RopeScaling, module_path
-from flexora_jax.errors import CheckpointError, ConfigError
+from flexora_jax.config import EXPERT_MODULES, GEMMA_TYPES, SUPPORTED_MODEL_TYPES, ModelConfig, module_path
+from flexora_jax.errors import CheckpointError
 from flexora_jax.fileio import write_bytes, write_with
+from flexora_jax.models.hf_config import config_from_hf, config_to_hf, unsupported_model_type
 from flexora_jax.models.llama import Params, param_shapes
 from flexora_jax.sharding import leaf_spec
 from flexora_jax.validation import check_bool, check_finite_tree, check_number
@@ -75,9 +78,9 @@ _NORMS = {"input_norm": "input_layernorm", "post_attention_norm": "post_attentio
           "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
 
 
-def hf_tensor_names(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], int | None, bool]]:
-    """HF tensor name -> (param path, layer index or None, transpose?) for every base tensor."""
-    names: dict[str, tuple[tuple[str, ...], int | None, bool]] = {
+def hf_tensor_names(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], int | tuple[int, int] | None, bool]]:
+    """HF tensor name -> (param path, layer index (or (layer, expert)) or None, transpose?) for every base tensor."""
+    names: dict[str, tuple[tuple[str, ...], int | tuple[int, int] | None, bool]] = {
         "model.embed_tokens.weight": (("embed",), None, False),
         "model.norm.weight": (("final_norm",), None, False)}
     if not config.tie_word_embeddings:
@@ -86,10 +89,17 @@ def hf_tensor_names(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], int
     for i in range(config.num_hidden_layers):
         for norm in norms:
             names[f"model.layers.{i}.{_NORMS[norm]}.weight"] = (("layers", norm), i, False)
-        for m in ALL_MODULES:
+        for m in config.linear_modules:
+            if m in EXPERT_MODULES:
+                for e in range(config.num_local_experts or 0):
+                    names[f"model.layers.{i}.block_sparse_moe.experts.{e}.{m}.weight"] = (
+                        ("layers", m, "kernel"), (i, e), True)
+                continue
             names[f"{module_path(m, i)}.weight"] = (("layers", m, "kernel"), i, True)
             if m in config.bias_modules:
                 names[f"{module_path(m, i)}.bias"] = (("layers", m, "bias"), i, False)
+        if config.num_local_experts:
+            names[f"model.layers.{i}.block_sparse_moe.gate.weight"] = (("layers", "router", "kernel"), i, True)
     return names
 
 
@@ -136,139 +146,6 @@ def _get(tree: Any, path: tuple[str, ...]) -> Any:
     for p in path:
         tree = tree[p]
     return tree
-
-
-# ------------------------------------------------------------------------------------------ config
-_ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_pytorch_tanh", "gelu_new": "gelu_pytorch_tanh"}
-
-
-def _rope_scaling(hf_config: Any) -> tuple[float, RopeScaling | None]:
-    """``(rope_theta, RopeScaling or None)`` from ``rope_parameters`` (or a legacy ``rope_scaling``)."""
-    rope = dict(getattr(hf_config, "rope_parameters", None) or {})
-    legacy_scaling = getattr(hf_config, "rope_scaling", None)
-    if not rope and legacy_scaling:
-        rope = dict(legacy_scaling)
-    if any(isinstance(v, Mapping) for v in rope.values()):
-        raise ConfigError(f"per-layer-type rope_parameters {sorted(rope)} are not supported")
-    partial = float(rope.get("partial_rotary_factor", getattr(hf_config, "partial_rotary_factor", 1.0) or 1.0))
-    if partial != 1.0:
-        raise ConfigError(f"partial_rotary_factor {partial} is not supported; only 1.0 (RoPE on the whole head)")
-    theta = rope.get("rope_theta", getattr(hf_config, "rope_theta", 10000.0))
-    rope_type = rope.get("rope_type", rope.get("type", "default")) or "default"
-    if rope_type == "llama3":
-        return float(theta), RopeScaling(
-            factor=float(rope["factor"]), low_freq_factor=float(rope["low_freq_factor"]),
-            high_freq_factor=float(rope["high_freq_factor"]),
-            original_max_position_embeddings=int(rope["original_max_position_embeddings"]))
-    if rope_type in ("linear", "dynamic"):
-        return float(theta), RopeScaling(factor=float(rope["factor"]), rope_type=rope_type)
-    if rope_type != "default":
-        raise ConfigError(f"rope_type {rope_type!r} is not supported; supported: 'default', 'llama3', 'linear', 'dynamic'")
-    return float(theta), None
-
-
-def _family_fields(hf_config: Any, model_type: str) -> dict[str, Any]:
-    """The per-family ModelConfig fields, refusing every HF setting that changes the computation unimplemented."""
-    get = functools.partial(getattr, hf_config)
-    act_key = "hidden_activation" if model_type == "gemma2" else "hidden_act"
-    act = get(act_key, "silu")
-    if act not in _ACTS:
-        raise ConfigError(f"{act_key} {act!r} is not supported; supported: {sorted(_ACTS)}")
-    if get("quantization_config", None):
-        raise ConfigError("quantization_config: quantized checkpoints are not supported; load a full-precision one")
-    if get("use_bidirectional_attention", False):
-        raise ConfigError("use_bidirectional_attention=True is not supported (the decoder is causal)")
-    if get("mlp_bias", False) and model_type != "llama":
-        raise ConfigError(f"mlp_bias=True is not supported for model_type {model_type!r}")
-    bias = bool(get("attention_bias", False)) and model_type != "mistral"
-    fields: dict[str, Any] = dict(hidden_act=_ACTS[act], attention_bias=bias or model_type == "qwen2",
-                                  attention_out_bias=bias, mlp_bias=bool(get("mlp_bias", False)),
-                                  qk_norm=model_type == "qwen3")
-    window = get("sliding_window", None) if model_type != "llama" else None
-    if window:
-        layer_types = list(get("layer_types", None) or ["sliding_attention"] * hf_config.num_hidden_layers)
-        unknown = sorted(set(layer_types) - {"sliding_attention", "full_attention"})
-        if unknown:
-            raise ConfigError(f"layer_types {unknown} are not supported; only 'sliding_attention' and 'full_attention'")
-        if model_type in ("mistral", "phi3"):  # these ignore layer_types: every layer is windowed
-            layer_types = ["sliding_attention"] * hf_config.num_hidden_layers
-        fields.update(sliding_window=int(window),
-                      sliding_layers=tuple(i for i, kind in enumerate(layer_types) if kind == "sliding_attention"))
-    if model_type == "gemma2":
-        fields.update(query_pre_attn_scalar=get("query_pre_attn_scalar"),
-                      attn_logit_softcapping=get("attn_logit_softcapping", None),
-                      final_logit_softcapping=get("final_logit_softcapping", None))
-    return fields
-
-
-def config_from_hf(hf_config: Any, **overrides: Any) -> ModelConfig:
-    """A :class:`ModelConfig` from a ``transformers`` config (Llama, Mistral, Qwen2/3, Gemma 1/2, Phi-3).
-
-    Every setting that changes the computation is either implemented or refused with a
-    :class:`ConfigError` naming it (never silently ignored).
-    """
-    model_type = getattr(hf_config, "model_type", None)
-    if model_type not in SUPPORTED_MODEL_TYPES:
-        raise ConfigError(f"model_type {model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}")
-    theta, scaling = _rope_scaling(hf_config)
-    eos = getattr(hf_config, "eos_token_id", None)
-    kwargs = dict(
-        vocab_size=hf_config.vocab_size, hidden_size=hf_config.hidden_size,
-        intermediate_size=hf_config.intermediate_size, num_hidden_layers=hf_config.num_hidden_layers,
-        num_attention_heads=hf_config.num_attention_heads,
-        num_key_value_heads=getattr(hf_config, "num_key_value_heads", None) or hf_config.num_attention_heads,
-        head_dim=getattr(hf_config, "head_dim", None) or hf_config.hidden_size // hf_config.num_attention_heads,
-        max_position_embeddings=hf_config.max_position_embeddings, rms_norm_eps=float(hf_config.rms_norm_eps),
-        rope_theta=theta, rope_scaling=scaling,
-        tie_word_embeddings=bool(getattr(hf_config, "tie_word_embeddings", False)), model_type=model_type,
-        bos_token_id=getattr(hf_config, "bos_token_id", None),
-        eos_token_id=eos[0] if isinstance(eos, (list, tuple)) and eos else eos,  # the first of several
-        pad_token_id=getattr(hf_config, "pad_token_id", None),
-        **_family_fields(hf_config, model_type),
-    )
-    kwargs.update(overrides)
-    return ModelConfig(**kwargs)
-
-
-_HF_CONFIGS = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config",
-               "gemma": "GemmaConfig", "gemma2": "Gemma2Config", "phi3": "Phi3Config"}
-
-
-def config_to_hf(config: ModelConfig) -> transformers.PretrainedConfig:
-    """The matching ``transformers`` config (Llama, Mistral, Qwen2/3, Gemma/Gemma2, Phi3)."""
-    rope: dict[str, Any] = {"rope_theta": config.rope_theta, "rope_type": "default"}
-    s = config.rope_scaling
-    if s is not None and s.rope_type == "llama3":
-        rope.update(dataclasses.asdict(s))
-    elif s is not None:
-        rope.update(rope_type=s.rope_type, factor=s.factor)
-    kwargs: dict[str, Any] = dict(
-        vocab_size=config.vocab_size, hidden_size=config.hidden_size, intermediate_size=config.intermediate_size,
-        num_hidden_layers=config.num_hidden_layers, num_attention_heads=config.num_attention_heads,
-        num_key_value_heads=config.num_key_value_heads, max_position_embeddings=config.max_position_embeddings,
-        rms_norm_eps=config.rms_norm_eps, tie_word_embeddings=config.tie_word_embeddings,
-        bos_token_id=config.bos_token_id, eos_token_id=config.eos_token_id, pad_token_id=config.pad_token_id,
-        rope_parameters=rope)
-    kwargs["hidden_activation" if config.model_type == "gemma2" else "hidden_act"] = config.hidden_act
-    if config.model_type != "qwen2":
-        kwargs["head_dim"] = config.head_dim
-    if config.model_type not in ("qwen2", "mistral", "phi3"):
-        kwargs["attention_bias"] = config.attention_out_bias
-    if config.model_type == "llama":
-        kwargs["mlp_bias"] = config.mlp_bias
-    windows = config.layer_windows
-    if config.model_type != "llama":
-        kwargs["sliding_window"] = config.sliding_window
-    if config.model_type in ("qwen2", "qwen3", "gemma2"):
-        kwargs["layer_types"] = ["sliding_attention" if w else "full_attention" for w in windows]
-    if config.model_type in ("qwen2", "qwen3"):
-        kwargs.update(use_sliding_window=config.sliding_window is not None,
-                      max_window_layers=next((i for i, w in enumerate(windows) if w), len(windows)))
-    if config.model_type == "gemma2":
-        kwargs.update(query_pre_attn_scalar=config.query_pre_attn_scalar,
-                      attn_logit_softcapping=config.attn_logit_softcapping,
-                      final_logit_softcapping=config.final_logit_softcapping)
-    return getattr(transformers, _HF_CONFIGS[config.model_type])(**kwargs)
 
 
 # ---------------------------------------------------------------------------------- model directory
@@ -318,8 +195,7 @@ def load_model_config(path_or_hub_id: str | os.PathLike, **overrides: Any) -> Mo
         raise CheckpointError(f"{cfg_file} holds a JSON {type(raw).__name__}; expected an object of config fields")
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
-        raise CheckpointError(f"{cfg_file}: model_type {model_type!r} is not supported; "
-                              f"supported: {list(SUPPORTED_MODEL_TYPES)}")
+        raise CheckpointError(f"{cfg_file}: {unsupported_model_type(model_type)}")
     for key in [k for k in _SIZE_FIELDS if raw.get(k) is not None]:
         check_number(raw[key], f"{cfg_file}: {key}", lo=1, integer=True, error=CheckpointError)
     for key in [k for k in _FLAG_FIELDS if raw.get(k) is not None]:
@@ -436,14 +312,15 @@ def params_from_hf(config: ModelConfig, tensors: TensorSource, source: str, mesh
                               f"({len(missing)} in all) for a {config.num_hidden_layers}-layer {config.model_type} model")
     _refuse_unused(config, tensors, names, source)
     shapes = param_shapes(config)
-    by_path: dict[tuple[str, ...], dict[int | None, tuple[str, bool]]] = {}
+    by_path: dict[tuple[str, ...], dict[tuple[int, ...], tuple[str, bool]]] = {}
     for name, (path, layer, transpose) in names.items():
-        want = _get(shapes, path)[1:] if layer is not None else _get(shapes, path)
+        key = () if layer is None else (layer,) if isinstance(layer, int) else tuple(layer)  # stacked axes' indices
+        want = _get(shapes, path)[len(key):]
         want_hf = tuple(reversed(want)) if transpose else tuple(want)
         if tensors.shape(name) != want_hf:
             raise CheckpointError(f"{tensors.files[name]}: tensor {name} has shape {tensors.shape(name)}, "
                                   f"expected {want_hf} from config.json")
-        by_path.setdefault(path, {})[layer] = (name, transpose)
+        by_path.setdefault(path, {})[key] = (name, transpose)
     target = jnp.dtype(config.dtype)
 
     def read(name: str, transpose: bool, index: tuple[slice, ...], offset: float) -> np.ndarray:
@@ -456,11 +333,13 @@ def params_from_hf(config: ModelConfig, tensors: TensorSource, source: str, mesh
     def build(path: tuple[str, ...], shape: tuple[int, ...]) -> jax.Array:
         entries, offset = by_path[path], _norm_offset(config, path)
 
+        def gather(key: tuple[int, ...], index: tuple[slice, ...]) -> np.ndarray:  # stack the stored tensors
+            if key in entries:
+                return read(*entries[key], index, offset)
+            return np.stack([gather(key + (i,), index[1:]) for i in range(*index[0].indices(shape[len(key)]))])
+
         def block(index: tuple[slice, ...]) -> np.ndarray:
-            index = tuple(slice(*s.indices(n)) for s, n in zip(index, shape))
-            if None in entries:
-                return read(*entries[None], index, offset)
-            return np.stack([read(*entries[i], index[1:], offset) for i in range(*index[0].indices(shape[0]))])
+            return gather((), tuple(slice(*s.indices(n)) for s, n in zip(index, shape)))
 
         if mesh is None:
             return jnp.asarray(block(tuple(slice(None) for _ in shape)))

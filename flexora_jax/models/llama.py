@@ -1,4 +1,4 @@
-"""A LLaMA-style decoder (LLaMA, Mistral, Qwen2/3, Gemma 1/2) as a pure function of base params, LoRA, gates.
+"""A LLaMA-style decoder (LLaMA, Mistral, Qwen2/3, Gemma 1-3, Phi-3, Mixtral): a pure function of params, LoRA, gates.
 
 Design:
 - ``forward(config, params, tokens, attention_mask, lora, gates)`` is pure: ``jax.grad`` picks what is
@@ -15,8 +15,11 @@ Design:
 - Generation (:mod:`flexora_jax.generation`) runs the same :func:`block` with a :class:`KVCache` and
   the same :func:`embed` / :func:`lm_head`, so the cached decoder cannot drift from the trained one.
 - Family differences are static Python on the config (resolved at trace time, nothing on the LLaMA
-  path): biases, GeGLU, q/k norms, Gemma's sqrt(d) embedding scale and sandwich norms, soft-capping.
-  Per-layer sliding windows are a scanned [l] array (0 = full causal), so the layer scan stays one body.
+  path): biases, GeGLU, q/k norms, Gemma's sqrt(d) embedding scale and sandwich norms, soft-capping,
+  scaled RoPE (Llama-3, linear, dynamic, YaRN), Mixtral's mixture-of-experts MLP (:mod:`.moe`).
+  Per-layer sliding windows are a scanned [l] array (0 = full causal), so the layer scan stays one body;
+  Gemma 3's sliding layers use their own RoPE base: both tables are built once and each layer picks
+  its own by its window (:func:`layer_rope`), again without splitting the scan.
 - Gemma's ``(1 + w)`` RMSNorm weights are stored as the effective scale ``1 + w`` (converted on HF
   load / save), so every norm here is ``w * x``.
 
@@ -27,15 +30,20 @@ Param layout (HF ``(out, in)`` weights are stored transposed as ``(in, out)`` ke
 
     {"embed": [v, d], "final_norm": [d], "lm_head": [d, v] (absent when tied),
      "layers": {"input_norm": [l, d], "post_attention_norm": [l, d],
-                "pre_feedforward_norm": [l, d]?, "post_feedforward_norm": [l, d]? (Gemma 2),
-                "q_norm": [l, e]?, "k_norm": [l, e]? (Qwen3),
+                "pre_feedforward_norm": [l, d]?, "post_feedforward_norm": [l, d]? (Gemma 2 / 3),
+                "q_norm": [l, e]?, "k_norm": [l, e]? (Qwen3, Gemma 3),
                 "q_proj": {"kernel": [l, d, h*e], "bias": [l, h*e]?}, "k_proj": ..., "v_proj": ...,
                 "o_proj": {"kernel": [l, h*e, d], "bias": [l, d]?}, "gate_proj": {"kernel": [l, d, f]},
                 "up_proj": {"kernel": [l, d, f]}, "down_proj": {"kernel": [l, f, d]}}}
+
+    Mixtral (``num_local_experts`` = n) has no gate/up/down_proj but ``"router": {"kernel": [l, d, n]}``,
+    ``"w1"`` / ``"w3"``: ``{"kernel": [l, n, d, f]}`` and ``"w2"``: ``{"kernel": [l, n, f, d]}``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 from typing import Any, NamedTuple
 
@@ -43,11 +51,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from flexora_jax.config import ALL_MODULES, GEMMA_TYPES, ModelConfig
+from flexora_jax.config import ALL_MODULES, EXPERT_MODULES, GEMMA_TYPES, SANDWICH_TYPES, ModelConfig, RopeScaling
 from flexora_jax.dora import MAGNITUDE, dora_branch
 from flexora_jax.errors import ConfigError, DataError
 from flexora_jax.lora import per_layer_lora
 from flexora_jax.models.attention import NEG_INF, accum_dtype, attend, attention_hm, query_block
+from flexora_jax.models.moe import moe_mlp
 
 Params = dict[str, Any]
 
@@ -74,7 +83,7 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:
-    """Inverse frequencies [e/2], with Llama-3 or linear scaling when ``config.rope_scaling`` says so.
+    """Inverse frequencies [e/2], with Llama-3, linear or YaRN scaling when ``config.rope_scaling`` says so.
 
     Dynamic (NTK) scaling depends on the positions and is applied in :func:`rope_tables`.
     """
@@ -85,6 +94,8 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
         return inv_freq.astype(np.float32)
     if s.rope_type == "linear":
         return (inv_freq / s.factor).astype(np.float32)
+    if s.rope_type == "yarn":
+        return _yarn_inv_freq(s, inv_freq, e, config.rope_theta)
     low_wavelen = s.original_max_position_embeddings / s.low_freq_factor
     high_wavelen = s.original_max_position_embeddings / s.high_freq_factor
     wavelen = 2 * math.pi / inv_freq
@@ -96,8 +107,35 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
-def rope_tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """cos/sin tables [b, t, e] for integer positions [b, t] (HF 'rotate half' convention)."""
+def _yarn_inv_freq(s: RopeScaling, inv_freq: np.ndarray, e: int, theta: float) -> np.ndarray:
+    """YaRN: dimensions that turn fewer than ``beta_slow`` times over the original context are interpolated
+    (divided by ``factor``), more than ``beta_fast`` times kept, linearly blended between (transformers' ramp)."""
+    def correction_dim(rotations: float) -> float:  # the dimension that turns `rotations` times
+        return e * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(theta))
+
+    low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, e - 1)
+    high = high + 0.001 if low == high else high  # as transformers: no division by zero
+    ramp = np.clip((np.arange(e // 2, dtype=np.float64) - low) / (high - low), 0.0, 1.0)
+    return (inv_freq / s.factor * ramp + inv_freq * (1.0 - ramp)).astype(np.float32)
+
+
+def yarn_attention_factor(s: RopeScaling) -> float:
+    """YaRN's cos / sin scale: ``attention_factor``, else ``0.1 ln(factor) + 1`` (or the ratio of two such
+    terms with ``mscale`` / ``mscale_all_dim``), as transformers' ``_compute_yarn_parameters``."""
+    def get_mscale(m: float = 1.0) -> float:
+        return 1.0 if s.factor <= 1 else 0.1 * m * math.log(s.factor) + 1.0
+
+    if s.attention_factor is not None:
+        return float(s.attention_factor)
+    if s.mscale and s.mscale_all_dim:
+        return get_mscale(s.mscale) / get_mscale(s.mscale_all_dim)
+    return get_mscale()
+
+
+def _tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     inv_freq = jnp.asarray(rope_inv_freq(config))
     s = config.rope_scaling
     if s is not None and s.rope_type == "dynamic":  # NTK: a larger base past max_position_embeddings
@@ -107,7 +145,35 @@ def rope_tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, j
         inv_freq = 1.0 / base ** (jnp.arange(0, e, 2, dtype=jnp.float32) / e)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [b, t, e/2]
     angles = jnp.concatenate([angles, angles], axis=-1)
-    return jnp.cos(angles), jnp.sin(angles)
+    cos, sin = jnp.cos(angles), jnp.sin(angles)
+    if s is not None and s.rope_type == "yarn":
+        scale = yarn_attention_factor(s)
+        cos, sin = cos * scale, sin * scale
+    return cos, sin
+
+
+def rope_tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables [b, t, e] for integer positions [b, t] (HF 'rotate half' convention).
+
+    With ``config.rope_local_theta`` (Gemma 3) the tables are [2, b, t, e]: the full-attention layers'
+    (``rope_theta``, ``rope_scaling``), then the sliding layers' (``rope_local_theta``, unscaled);
+    each block takes its own with :func:`layer_rope`.
+    """
+    cos, sin = _tables(config, positions)
+    if config.rope_local_theta is None:
+        return cos, sin
+    local = dataclasses.replace(config, rope_theta=config.rope_local_theta, rope_scaling=None, rope_local_theta=None)
+    local_cos, local_sin = _tables(local, positions)
+    return jnp.stack([cos, local_cos]), jnp.stack([sin, local_sin])
+
+
+def layer_rope(config: ModelConfig, cos: jax.Array, sin: jax.Array,
+               window: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """The [b, t, e] tables of a layer: the sliding layers' (``window`` > 0) with ``config.rope_local_theta``."""
+    if config.rope_local_theta is None:
+        return cos, sin
+    local = window > 0
+    return jnp.where(local, cos[1], cos[0]), jnp.where(local, sin[1], sin[0])
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -197,13 +263,14 @@ def block(config: ModelConfig, layer: Params, h: jax.Array, cos: jax.Array, sin:
     v = lin(x, "v_proj").reshape(b, t, nk, e)
     if config.qk_norm:
         q, k = rms_norm(q, layer["q_norm"], eps), rms_norm(k, layer["k_norm"], eps)
+    if config.sliding_window and cache is not None:
+        window = jnp.asarray(config.layer_windows, jnp.int32)[cache.layer]
+    cos, sin = layer_rope(config, cos, sin, window)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
     if config.query_pre_attn_scalar is not None and config.query_pre_attn_scalar != e:
         q = q * jnp.asarray(math.sqrt(e / config.query_pre_attn_scalar), q.dtype)  # attention divides by sqrt(e)
     q = q.reshape(b, t, nk, nh // nk, e)  # query heads grouped by the KV head they share
     if config.sliding_window:
-        if cache is not None:
-            window = jnp.asarray(config.layer_windows, jnp.int32)[cache.layer]
         bias = window_bias(bias, window, 0 if cache is None else cache.column)
     cap = config.attn_logit_softcapping
     if cache is None:
@@ -215,13 +282,15 @@ def block(config: ModelConfig, layer: Params, h: jax.Array, cos: jax.Array, sin:
         cache, k, v = _write_cache(cache, k, v)
         attn = attention_hm(q, k, v, bias, cap)
     attn = lin(attn.reshape(b, t, nh * e), "o_proj")
-    sandwich = config.model_type == "gemma2"
+    sandwich = config.model_type in SANDWICH_TYPES
     h = h + (rms_norm(attn, layer["post_attention_norm"], eps) if sandwich else attn)
 
     x = rms_norm(h, layer["pre_feedforward_norm" if sandwich else "post_attention_norm"], eps)
-    gate = lin(x, "gate_proj")
-    gate = jax.nn.silu(gate) if config.hidden_act == "silu" else jax.nn.gelu(gate, approximate=True)
-    mlp = lin(gate * lin(x, "up_proj"), "down_proj")
+    act = jax.nn.silu if config.hidden_act == "silu" else functools.partial(jax.nn.gelu, approximate=True)
+    if config.num_local_experts is None:
+        mlp = lin(act(lin(x, "gate_proj")) * lin(x, "up_proj"), "down_proj")
+    else:
+        mlp = moe_mlp(config, layer, x, lora_layer, act)
     h = h + (rms_norm(mlp, layer["post_feedforward_norm"], eps) if sandwich else mlp)
     return h if cache is None else (h, cache)
 
@@ -335,11 +404,14 @@ def init_params(config: ModelConfig, key: jax.Array, init_std: float = 0.02,
     layers: Params = {name: jnp.ones((L, d), dtype) for name in config.layer_norms}
     if config.qk_norm:
         layers.update(q_norm=jnp.ones((L, config.head_dim), dtype), k_norm=jnp.ones((L, config.head_dim), dtype))
-    for name in ALL_MODULES:
+    experts = () if config.num_local_experts is None else (config.num_local_experts,)
+    for name in config.linear_modules:
         d_in, d_out = config.module_shape(name)
-        layers[name] = {"kernel": normal((L, d_in, d_out))}
+        layers[name] = {"kernel": normal((L, *(experts if name in EXPERT_MODULES else ()), d_in, d_out))}
         if name in config.bias_modules:
             layers[name]["bias"] = jnp.zeros((L, d_out), dtype)
+    if experts:
+        layers["router"] = {"kernel": normal((L, d, *experts))}
     params: Params = {"embed": normal((config.vocab_size, d), head_std if config.tie_word_embeddings and head_std else init_std),
                       "layers": layers, "final_norm": jnp.ones((d,), dtype)}
     if not config.tie_word_embeddings:
