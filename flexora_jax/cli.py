@@ -27,11 +27,12 @@ from pathlib import Path
 
 import jax
 
+from flexora_jax import signals
 from flexora_jax.errors import FlexoraError
+from flexora_jax.fileio import describe_os_error
 from flexora_jax.pipeline.config import help_text, load_config
-from flexora_jax.pipeline.io import Interrupted
-from flexora_jax.pipeline.rundir import describe_os_error
 from flexora_jax.pipeline.stages import run, run_stage
+from flexora_jax.signals import Interrupted, stop_on_signals
 
 COMMANDS = ("run", "search", "finetune", "evaluate", "export")
 EXIT_USER_ERROR = 2
@@ -135,21 +136,12 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging(args.quiet)
     setup_compilation_cache(args.compilation_cache)
     try:
-        config_file = args.config
-        if config_file is None and args.command != "run" or (args.resume and config_file is None):
-            if args.output_dir is None:
-                raise_user(f"`flexora-jax {args.command}{' --resume' if args.resume else ''}` continues a run: "
-                           "pass --output-dir DIR (the run directory)")
-            candidate = Path(args.output_dir) / "config.yaml"
-            config_file = str(candidate) if candidate.exists() else None
-        if args.output_dir is not None:
-            overrides = overrides + [f"--output_dir={args.output_dir}"]
-        config = load_config(config_file, overrides)
-        if args.command == "run":
-            print(run(config, resume=args.resume).summary())
-        else:
-            run_stage(args.command, config, merged=args.merged)
-            print(f"{args.command}: done; files in {Path(config.output_dir).absolute()}")
+        with stop_on_signals(args.output_dir or ""):  # from here on a signal is a flag, checked at safe points
+            _command(args, overrides)
+            signum = signals.STOP.signum
+            if signum is not None:  # it came after the last safe point: the work is complete, and says so
+                raise Interrupted(f"stopped by signal {signum} after `flexora-jax {args.command}` finished; its "
+                                  "files are complete", signum)
         return 0
     except _UserExit as exc:
         return _fail(str(exc))
@@ -168,6 +160,25 @@ def main(argv: list[str] | None = None) -> int:
             return _fail("out of memory: the model, batch or sequence does not fit this device; lower "
                          "search.batch_size / finetune.batch_size / task.max_length, or use more devices (mesh)")
         raise
+
+
+def _command(args: argparse.Namespace, overrides: list[str]) -> None:
+    """Load the config (the run directory's own for a stage command) and run the command."""
+    config_file = args.config
+    if config_file is None and args.command != "run" or (args.resume and config_file is None):
+        if args.output_dir is None:
+            raise_user(f"`flexora-jax {args.command}{' --resume' if args.resume else ''}` continues a run: "
+                       "pass --output-dir DIR (the run directory)")
+        candidate = Path(args.output_dir) / "config.yaml"
+        config_file = str(candidate) if candidate.exists() else None
+    if args.output_dir is not None:
+        overrides = overrides + [f"--output_dir={args.output_dir}"]
+    config = load_config(config_file, overrides)
+    if args.command == "run":
+        print(run(config, resume=args.resume).summary())
+    else:
+        run_stage(args.command, config, merged=args.merged)
+        print(f"{args.command}: done; files in {Path(config.output_dir).absolute()}")
 
 
 class _UserExit(Exception):

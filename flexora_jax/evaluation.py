@@ -41,7 +41,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from flexora_jax import tasks
+from flexora_jax import signals, tasks
 from flexora_jax.config import ModelConfig
 from flexora_jax.data import bucket_of, length_buckets
 from flexora_jax.errors import ConfigError, DataError, NumericsError, check_positive
@@ -260,7 +260,8 @@ def _loglikelihoods(scorer: Any, tokenizer: Any, requests: Sequence[tuple[str, s
     greedy = np.zeros(len(requests), bool)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     chunks = [packs[i:i + batch_size] for i in range(0, len(packs), batch_size)]
-    for chunk in _progress(chunks, progress, desc):
+    for k, chunk in enumerate(_progress(chunks, progress, desc)):
+        signals.check(f"while scoring ({desc}, batch {k + 1}/{len(chunks)})")  # a safe point between batches
         width = bucket_of(max(p.length for p in chunk), buckets)
         rows = pack_rows(chunk, batch_size, width, pad)
         total, all_greedy = scorer(*map(jnp.asarray, rows))
@@ -486,7 +487,8 @@ def evaluate_generative(config: ModelConfig, params: Any, tokenizer: Any, task: 
     order = sorted(range(len(records)), key=lambda i: len(encoded[i]), reverse=True)
     texts: list[str] = [""] * len(records)
     chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    for chunk in _progress(chunks, progress, f"generating {name}"):
+    for k, chunk in enumerate(_progress(chunks, progress, f"generating {name}")):
+        signals.check(f"while generating ({name}, batch {k + 1}/{len(chunks)})")  # a safe point between batches
         out = generate(config, params, [encoded[i] for i in chunk], lora=lora, gates=gates,
                        max_new_tokens=max_new_tokens, tokenizer=tokenizer, stop=records[0].until,
                        batch_size=batch_size, max_length=max_length)

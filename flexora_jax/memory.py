@@ -177,3 +177,13 @@ def memory_table(rows: list[dict[str, Any]] | Mapping[str, Any], hbm_gb: float |
                          f"| {_gb(p['lora'] + p['optimizer'])} | {_gb(p['carries'])} | {_gb(p['activations'])} "
                          f"| {_gb(p['total'])} | {hbm if hbm is not None else '-'} | {fits} |")
     return "\n".join(lines)
+
+
+def planted_data_bytes(n_sequences: int, seq_len: int, vocab_size: int) -> int:
+    """Host bytes the planted task takes while its data is built (:func:`flexora_jax.planted.make_planted_task`).
+
+    Per token: the teacher's distribution over the vocabulary in float32 three times (the device result, its
+    host copy, the split copies) plus the ids and masks (int32 / float32) twice; checked before anything is
+    allocated, so ``task.planted.n_train=10**10`` is refused instead of aborting inside XLA.
+    """
+    return int(n_sequences) * int(seq_len) * (3 * 4 * int(vocab_size) + 2 * 12)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import signal
 import threading
-from typing import Iterator
+from collections.abc import Iterator
 
 from flexora_jax.errors import FlexoraError
 
@@ -26,10 +26,12 @@ class Interrupted(FlexoraError):
 
 
 class StopFlag:
-    """The pending signal (None: none) and where the interrupted work lives (for the message)."""
+    """The pending signal (None: none), where the interrupted work lives (for the message) and how many
+    :func:`stop_on_signals` blocks are open (only the outermost installs and restores the handlers)."""
 
     signum: int | None = None
     where: str = ""
+    depth: int = 0
 
 
 STOP = StopFlag()
@@ -50,9 +52,24 @@ def check(what: str) -> None:
 
 @contextlib.contextmanager
 def stop_on_signals(where: str = "") -> Iterator[None]:
-    """While active, SIGTERM / SIGINT set :data:`STOP` (checked at safe points); outside the main thread a no-op."""
+    """While active, SIGTERM / SIGINT set :data:`STOP` (checked at safe points); outside the main thread a no-op.
+
+    Blocks nest: an inner block (a stage inside the command) keeps the outer one's handlers and any signal
+    already pending, and only names ``where`` the work lives while it runs; the outermost block installs the
+    handlers, clears the flag on entry and on exit, and restores the previous handlers.
+    """
     if threading.current_thread() is not threading.main_thread():
         yield
+        return
+    outer_where = STOP.where
+    if STOP.depth:
+        STOP.depth += 1
+        STOP.where = where or outer_where
+        try:
+            yield
+        finally:
+            STOP.depth -= 1
+            STOP.where = outer_where
         return
     STOP.signum, STOP.where = None, where
 
@@ -61,9 +78,11 @@ def stop_on_signals(where: str = "") -> Iterator[None]:
             STOP.signum = signum
 
     old = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+    STOP.depth = 1
     try:
         yield
     finally:
+        STOP.depth = 0
         for s, h in old.items():
             signal.signal(s, h)
         STOP.signum, STOP.where = None, ""

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from flexora_jax import signals
 from flexora_jax.bilevel import ProblemLoss
 from flexora_jax.config import FinetuneConfig, ModelConfig
 from flexora_jax.data import Dataset, batches_in_order
@@ -145,6 +146,7 @@ def dataset_loss(config: ModelConfig, params: Any, lora: LoraParams | None, data
     fn = make_eval_loss(config)
     total, count = 0.0, 0.0
     for batch in batches_in_order(data, batch_size):
+        signals.check("while computing a dataset loss")  # a safe point between batches
         s, n = fn(params, lora, gates, batch)
         total, count = total + float(s), count + float(n)
     return total / max(count, 1.0)

@@ -37,7 +37,7 @@ from safetensors.numpy import save_file
 
 from flexora_jax.adapters import export_peft
 from flexora_jax.errors import CheckpointError, ConfigError, NumericsError
-from flexora_jax.fileio import write_json, write_with
+from flexora_jax.fileio import describe_os_error, write_json, write_with
 from flexora_jax.models.hf import read_safetensors
 from flexora_jax.nnx.llama import LlamaForCausalLM
 from flexora_jax.selection import Selection
@@ -76,8 +76,8 @@ def save_adapter(model: nnx.Module, directory: str | os.PathLike, selection: Sel
         write_json(out / CONFIG_FILE, config)
         if selection is not None:
             write_json(out / SELECTION_FILE, selection.to_json(count_lora_params(model)))
-    except OSError as exc:
-        raise CheckpointError(f"save_adapter: could not write {out}: {exc.strerror or exc}") from None
+    except OSError as exc:  # fileio's WriteError: a full disk, a read-only place
+        raise CheckpointError(f"save_adapter: could not write {out}: {describe_os_error(exc)}") from None
     return out
 
 
@@ -179,9 +179,15 @@ def save_peft(model: nnx.Module, directory: str | os.PathLike, peft_name: PeftNa
         return export_peft(model.lora(), directory, gates=model.gates(),
                            base_model_name_or_path=base_model_name_or_path)
     modules = adapted_modules(model).values()
-    entries = {}
+    entries, owners = {}, {}
     for module in modules:
-        entries.update(_peft_tensors(module, peft_name))
+        for (key, layer), entry in _peft_tensors(module, peft_name).items():
+            here = f"module {module.lora_site.path!r} layer {layer}"
+            if key in owners:  # one PEFT name, two tensors: the second would overwrite the first
+                raise ConfigError(f"save_peft: peft_name gives {owners[key]} and {here} the same PEFT name {key!r}; "
+                                  "expected one name per adapted module and layer (nothing was written)")
+            owners[key] = here
+            entries[(key, layer)] = entry
     if not entries:
         raise CheckpointError(f"save_peft: {type(model).__name__} has no LoRA to export")
     tensors = {}
@@ -204,6 +210,6 @@ def save_peft(model: nnx.Module, directory: str | os.PathLike, peft_name: PeftNa
     try:
         write_with(out / "adapter_model.safetensors", lambda tmp: save_file(tensors, str(tmp)))
         write_json(out / "adapter_config.json", config)
-    except OSError as exc:
-        raise CheckpointError(f"save_peft: could not write {out}: {exc.strerror or exc}") from None
+    except OSError as exc:  # fileio's WriteError: a full disk, a read-only place
+        raise CheckpointError(f"save_peft: could not write {out}: {describe_os_error(exc)}") from None
     return out

@@ -136,6 +136,7 @@ class TaskConfig:
         for name in ("n_train", "n_val", "n_test", "n_finetune"):
             v = getattr(self, name)
             require(isinstance(v, int) and v >= 0, f"task.{name} must be an integer >= 0 (0 = all), got {v!r}")
+        require(self.split_seed >= 0, f"task.split_seed must be an integer >= 0 (a numpy seed), got {self.split_seed!r}")
 
 
 
@@ -239,11 +240,31 @@ class RunConfig:
             require(self.model.path is not None or self.model.llama2c is not None,
                    f"task.name {self.task.name!r} needs a base model: set model.path (HF directory or hub id) "
                    "or model.llama2c + model.tokenizer_model")
+        _refuse_ignored_settings(self)
 
     @property
     def methods(self) -> tuple[str, ...]:
         """``method`` then ``compare``, without repeats."""
         return tuple(dict.fromkeys((self.method,) + tuple(self.compare)))
+
+
+def _refuse_ignored_settings(config: RunConfig) -> None:
+    """Settings the run would silently not apply are refused: the planted teacher is built in float32 whatever
+    ``model.dtype`` says, and AdaLoRA allocates its own ranks on every layer (no ``layers_to_transform``,
+    ``rank_pattern``, ``alpha_pattern``, rsLoRA or dropout)."""
+    if config.task.name == PLANTED_TASK:
+        require(config.model.dtype == "float32",
+                f"model.dtype {config.model.dtype!r}: the planted task builds its teacher in float32 and ignores "
+                "model.dtype; leave it at float32, or name a real task (a model read in that dtype)")
+    if "adalora" in config.methods:
+        lc = config.lora
+        ignored = {"lora.layers_to_transform": lc.layers_to_transform is not None,
+                   "lora.rank_pattern": bool(dict(lc.rank_pattern)), "lora.alpha_pattern": bool(dict(lc.alpha_pattern)),
+                   "lora.use_rslora": lc.use_rslora, "lora.lora_dropout": lc.lora_dropout > 0}
+        named = [k for k, on in ignored.items() if on]
+        require(not named, f"method adalora ignores {', '.join(named)}: AdaLoRA adapts every layer and allocates its "
+                           "own ranks (from 1.5 x lora.r down to lora.r), without dropout or rsLoRA; unset them, or "
+                           "run adalora in a run of its own")
 
 
 def config_to_dict(config: Any) -> Any:

@@ -16,7 +16,6 @@ Contract (``docs/reliability.md``):
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import shutil
@@ -131,13 +130,3 @@ class RunDir:
         if self.created:
             shutil.rmtree(self.path, ignore_errors=True)
             self.created = False
-
-
-def describe_os_error(exc: OSError) -> str:
-    """An OSError as '<path>: <reason>' (full disk and read-only filesystems named as such)."""
-    reason = {errno.ENOSPC: "no space left on the device", errno.EROFS: "read-only filesystem",
-              errno.EACCES: "permission denied", errno.ENOTDIR: "a path component is a file, not a directory",
-              errno.EEXIST: "it already exists", errno.EISDIR: "it is a directory"}.get(exc.errno or -1,
-                                                                                   exc.strerror or str(exc))
-    where = exc.filename or "a file"
-    return f"{where}: {reason}"

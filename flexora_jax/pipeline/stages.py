@@ -25,6 +25,7 @@ import jax
 import numpy as np
 
 from flexora_jax import sharding as sh
+from flexora_jax import signals
 from flexora_jax.adalora import AdaLoraConfig, export_adalora
 from flexora_jax.adapters import export_merged, export_peft, load_peft
 from flexora_jax.engine import finetune, finetune_adalora, search
@@ -78,6 +79,7 @@ def search_stage(ws: Workspace, kind: str = "layer") -> SearchOutcome:
     cfg, sc = ws.config, ws.config.search
     out_dir = ws.run_dir / "searches" / kind
     stage = f"search_{kind}"
+    signals.check(f"before {stage}")
     if ws.resume and (out_dir / "selection.json").exists():
         log.info("%s: done in a previous session, reusing %s", stage, out_dir)
         return load_search(ws.run_dir, kind)
@@ -104,6 +106,7 @@ def finetune_stage(ws: Workspace, method: str, selection: Selection) -> Any:
     cfg, ft = ws.config, ws.config.finetune
     out_dir = method_dir(ws, method)
     stage = f"finetune_{method}"
+    signals.check(f"before {stage}")
     adapter = out_dir / "adapter"
     if ws.resume and (adapter / "adapter_model.safetensors").exists() and (out_dir / "selection.json").exists():
         log.info("%s: done in a previous session, reusing %s", stage, adapter)
@@ -167,6 +170,7 @@ def evaluate_stage(ws: Workspace, loras: dict[str, Any]) -> dict[str, dict[str, 
     results: dict[str, dict[str, Any]] = {}
     bar = progress(len(candidates), 0, "evaluate", unit="model") if ws.planted is not None else None
     for name, lora in candidates.items():
+        signals.check(f"in evaluate, before scoring {name!r}")
         if bar is not None:
             bar.set_postfix_str(name, refresh=False)
         if ws.planted is not None:
@@ -223,23 +227,29 @@ def export_stage(ws: Workspace, merged: bool = False) -> None:
 
     Copies the main method's ``selection.json`` and ``adapter/`` up, writes ``gates.json`` (of the
     main method's search, else of the layer search, else empty), and with ``merged`` also the base
-    model with the adapter merged in (an HF directory in ``merged/``).
+    model with the adapter merged in (an HF directory in ``merged/``). Each output is written whole and
+    atomically, and only the files the export writes are replaced: a file of yours inside ``adapter/`` stays.
+    A signal stops it between outputs.
     """
     cfg = ws.config
     src = method_dir(ws, cfg.method)
     if not (src / "adapter").exists():
         raise DataError(f"{src / 'adapter'} does not exist; run the fine-tune stage first")
+    signals.check("in export, before copying the adapter")
     if sh.is_main_process():
         write_dir(ws.run_dir / "adapter", lambda tmp: shutil.copytree(src / "adapter", tmp))
+    signals.check("in export, before writing selection.json and gates.json")
     write_json(ws.run_dir / "selection.json", {k: v for k, v in read_json(src / "selection.json").items()
                                                 if k in ("layers", "ranks", "trainable_params")})
     kind = METHOD_GATES.get(cfg.method) or ("layer" if (ws.run_dir / "searches" / "layer").exists() else None)
     write_json(ws.run_dir / "gates.json", read_json(ws.run_dir / "searches" / kind / "gates.json") if kind else {})
     if merged:
+        signals.check("in export, before writing the merged model")
         lora = load_peft(src / "adapter", ws.model_config)
         params = sh.fetch(ws.params) if jax.process_count() > 1 else ws.params  # collective: every process gathers
         if sh.is_main_process():
             export_merged(ws.model_config, params, lora, ws.run_dir / "merged", tokenizer=ws.tokenizer)
+    signals.check("in export, before writing report.md")
     report.write_report(ws.run_dir, ws.config, ws.timings)
 
 

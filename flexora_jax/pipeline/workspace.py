@@ -26,20 +26,24 @@ from flexora_jax.config import ModelConfig
 from flexora_jax.data import Dataset
 from flexora_jax.errors import CheckpointError, ConfigError, DataError
 from flexora_jax.fileio import write_dir
-from flexora_jax.memory import plan_memory
+from flexora_jax.memory import plan_memory, planted_data_bytes
 from flexora_jax.models import convert_llama2c, load_model_config, load_tokenizer
 from flexora_jax.nnx.llama import LlamaForCausalLM
 from flexora_jax.planted import PlantedConfig, make_planted_task
-from flexora_jax.pipeline.config import PLANTED_TASK, RunConfig, config_to_dict, load_config, save_config
+from flexora_jax.pipeline.config import (DORA_METHODS, PLANTED_TASK, RunConfig, config_to_dict, load_config,
+                                         save_config)
 from flexora_jax.pipeline.io import RunLog, progress_enabled, read_json, write_json
 from flexora_jax.pipeline.rundir import RunDir
 from flexora_jax.tasks.formats import question_removed
-from flexora_jax.tasks.sft import sft_arrays
+from flexora_jax.tasks.generative import MAX_NEW_TOKENS, GenRecord
+from flexora_jax.tasks.sft import encode_pair, sft_arrays
+from flexora_jax.train import total_steps
 
 log = logging.getLogger("flexora_jax")
 
 CONFIG_FILE = "config.yaml"
 MESH_FILE = "mesh.json"  # the mesh a run started on: a resume must use the same one
+MAX_STEPS = 2**31 - 1  # the step counter (int32) of every stage
 
 
 @dataclasses.dataclass
@@ -229,6 +233,7 @@ def prepare(config: RunConfig, resume: bool = False, stage: str = "run", merged:
     """
     if config.task.name == PLANTED_TASK:  # config errors first, before the run directory is looked at
         _validate_for_layers(config, config.task.planted.num_layers, "the planted model")
+        _validate_planted_size(config)
     mesh = run_mesh(config)
     rundir = RunDir(config.output_dir)
     rundir.check_usable()
@@ -271,6 +276,9 @@ def _build(config: RunConfig, rundir: RunDir, mesh: Any, resume: bool, stage: st
         model_config, params, tokenizer, source, data = _prepare_task(config, rundir, mesh)
     _validate_for_layers(config, model_config.num_hidden_layers, f"the model {source}")
     _validate_sizes(config, data)
+    _validate_methods(config, model_config, source)
+    if tokenizer is not None:
+        _validate_eval_requests(data.test_records, tokenizer, model_config, source)
     _validate_memory(config, model_config, data, mesh)
     # The config is written once the model and data are known good: a run that fails on bad input
     # leaves no config.yaml behind, so the corrected command is a fresh run again (not a --resume).
@@ -283,8 +291,8 @@ def _build(config: RunConfig, rundir: RunDir, mesh: Any, resume: bool, stage: st
     ws = Workspace(config=config, run_dir=run_dir, model_config=model_config, params=params, data=data,
                    log=RunLog(run_dir), resume=resume, tokenizer=tokenizer, planted=planted, model_source=source,
                    mesh=mesh, rundir=rundir)
-    if not fresh and (run_dir / "timings.json").exists():  # a stage or a resume adds to the earlier stages' times
-        ws.timings.update({k: v for k, v in read_json(run_dir / "timings.json").items() if k != "total"})
+    if not fresh:  # a stage or a resume adds to the earlier stages' times
+        ws.timings.update(_earlier_timings(run_dir))
     if stage == "run":
         ws.record_time("prepare", time.perf_counter() - t0)
     log.info("prepared %s: %d layers, %d / %d / %d train / val / test sequences (%.1f s)", config.task.name,
@@ -313,9 +321,19 @@ def _build_export(config: RunConfig, rundir: RunDir, mesh: Any, merged: bool) ->
     ws = Workspace(config=config, run_dir=rundir.path, model_config=model_config, params=params, data=None,
                    log=RunLog(rundir.path), tokenizer=tokenizer, planted=planted, model_source=source, mesh=mesh,
                    rundir=rundir)
-    if (rundir / "timings.json").exists():
-        ws.timings.update({k: v for k, v in read_json(rundir / "timings.json").items() if k != "total"})
+    ws.timings.update(_earlier_timings(rundir.path))
     return ws
+
+
+def _earlier_timings(run_dir: Path) -> dict[str, float]:
+    """The times already in ``timings.json`` (kept, ``total`` too: a stage command adds its own and drops none;
+    a resumed ``run`` writes its new ``total`` at the end). Entries that are not numbers are left out."""
+    path = run_dir / "timings.json"
+    saved = read_json(path) if path.exists() else {}
+    if not isinstance(saved, dict):
+        return {}
+    return {str(k): float(v) for k, v in saved.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _identity(config: RunConfig) -> dict[str, Any]:
@@ -390,7 +408,9 @@ def _validate_memory(config: RunConfig, model_config: ModelConfig, data: TaskDat
 
 
 def _validate_sizes(config: RunConfig, data: TaskData) -> None:
-    """Batch sizes against the data they are drawn from (checked before anything is written)."""
+    """Batch sizes against the data they are drawn from, and the fine-tune's length (checked before anything is
+    written): an optimizer step may not span more than the training set (``grad_accum``), and the step count
+    must fit the step counter (``epochs``)."""
     for key, batch, split, name in (("search.batch_size", config.search.batch_size, data.train, "search training"),
                                     ("search.val_batch_size", config.search.val_batch_size, data.val,
                                      "search validation"),
@@ -400,6 +420,69 @@ def _validate_sizes(config: RunConfig, data: TaskData) -> None:
         if batch > n:
             raise ConfigError(f"{key} {batch} is larger than the {n} {name} examples; expected at most {n} "
                               "(or more examples)")
+    ft = config.finetune
+    n = len(data.finetune["input_ids"])
+    per_epoch = max(1, n // ft.batch_size)
+    if ft.grad_accum > per_epoch:
+        raise ConfigError(f"finetune.grad_accum {ft.grad_accum} x finetune.batch_size {ft.batch_size} is "
+                          f"{ft.grad_accum * ft.batch_size} examples per optimizer step, more than the {n} fine-tune "
+                          f"training examples (an epoch is {per_epoch} batches); expected grad_accum <= {per_epoch}")
+    micro_steps = total_steps(ft, n) * ft.grad_accum
+    if micro_steps > MAX_STEPS:
+        raise ConfigError(f"finetune.epochs {ft.epochs:g} over {n} examples in batches of {ft.batch_size} is "
+                          f"{micro_steps:.3g} steps, more than the step counter holds ({MAX_STEPS}); lower "
+                          "finetune.epochs, or cap the steps with finetune.max_steps")
+
+
+def _validate_planted_size(config: RunConfig) -> None:
+    """The planted task's data (its teacher's distribution at every position) against the memory it is built
+    in, before the run directory is created: past it the build aborts inside XLA, leaving a bare directory."""
+    po, limit = config.task.planted, device_memory_bytes()
+    pc = PlantedConfig()
+    n = po.n_train + po.n_val + po.n_test
+    need = planted_data_bytes(n, pc.seq_len, pc.vocab_size)
+    if limit is not None and need > 1.25 * limit:
+        raise ConfigError(f"task.planted.n_train + n_val + n_test = {n} sequences of {pc.seq_len} tokens need about "
+                          f"{need / 2**30:.1f} GiB to build (the teacher's distribution over {pc.vocab_size} tokens "
+                          f"at every position), more than the {limit / 2**30:.1f} GiB this device has; lower "
+                          "task.planted.n_train / n_val / n_test")
+
+
+def _validate_methods(config: RunConfig, model_config: ModelConfig, source: str | None) -> None:
+    """What a method can export on this model, before it trains: DoRA on some parts of a fused projection
+    (Phi-3's qkv_proj / gate_up_proj) has no PEFT form (one magnitude vector spans the whole fusion)."""
+    dora = [m for m in config.methods if m in DORA_METHODS]
+    targets = set(config.lora.target_modules)
+    for fused, parts in model_config.fused_modules.items():
+        names = [m for m, _ in parts]
+        chosen = [m for m in names if m in targets]
+        if dora and chosen and len(chosen) < len(names):
+            raise ConfigError(f"method {dora[0]!r}: DoRA on {chosen} of the model {source or ''}'s fused {fused} "
+                              f"cannot be written as a PEFT adapter (one DoRA magnitude spans {names}); set "
+                              f"lora.target_modules to include all of {names}, or use a LoRA method")
+
+
+def _validate_eval_requests(records: list | None, tokenizer: Any, model_config: ModelConfig,
+                            source: str | None) -> None:
+    """Every test request must be scorable in the model's context before the search starts: a choice (lm-eval's
+    continuation) longer than the context cannot be scored (lm-eval cannot either), and a generative task needs
+    room for its prompt next to the tokens it generates. Longer contexts are cut from the left, as in lm-eval."""
+    context = model_config.max_position_embeddings
+    for rec in records or []:
+        if isinstance(rec, GenRecord):
+            room = context - MAX_NEW_TOKENS.get(rec.task, 0)
+            if room < 1:
+                raise DataError(f"task {rec.task}: generating {MAX_NEW_TOKENS[rec.task]} tokens leaves no room for a "
+                                f"prompt in the {context}-token context of the model {source}; use a model with a "
+                                "longer context")
+            continue
+        for k, (ctx, cont) in enumerate(rec.requests()):
+            n = len(encode_pair(tokenizer, ctx, cont)[1])
+            if n > context:
+                raise DataError(f"task {rec.task}: test example {rec.doc_id} (choice {k}) is {n} tokens, longer than "
+                                f"the {context}-token context of the model {source} (max_position_embeddings); it "
+                                "cannot be scored (nor by lm-eval): use a model with a longer context, or other test "
+                                "examples (task.n_test, task.split_seed)")
 
 
 def _validate_for_layers(config: RunConfig, num_layers: int, what: str) -> None:
