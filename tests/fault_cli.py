@@ -7,8 +7,10 @@ Faults, from the environment (test hooks live here, never in the package):
   data becomes NaN, so the next step meets a real NaN loss (the NaN path end to end, no divergent config);
 - ``FAULT_SAVE_DELAY=<seconds>``: every checkpoint save pauses after its files are written into orbax's
   temporary directory and before the rename, so a test can kill a run in the middle of a save;
-- ``FAULT_SLOW_STAGE=<stage>:<seconds>:<marker file>``: the ``evaluate`` or ``export`` stage first touches
-  the marker file, then works for that long (in short sleeps), so a test can signal a run inside it.
+- ``FAULT_SLOW_STAGE=<stage>:<seconds>:<marker file>``: the ``search``, ``finetune``, ``evaluate`` or ``export``
+  stage first touches the marker file, then blocks for that long as one long call that reaches no safe point
+  would (short sleeps, no signal check), then runs: a signal sent meanwhile must stop the stage at its first
+  safe point, with exit status 128 + signal.
 """
 
 from __future__ import annotations

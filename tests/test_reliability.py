@@ -151,6 +151,16 @@ CONFIG_CASES = [
       id="two-models"),
     E(["--task.planted.num_planted=9"], ConfigError, ["num_planted", "num_layers"], id="planted-range"),
     E(["--model.allow_pickle=maybe"], ConfigError, ["allow_pickle"], id="bool-type"),
+    # settings that would be silently ignored, or fail late (issue 30)
+    E(["--model.dtype=float16"], ConfigError, ["model.dtype 'float16'", "planted", "float32"], id="planted-dtype"),
+    E(["--method=adalora", "--lora.layers_to_transform=[0]"], ConfigError, ["adalora", "lora.layers_to_transform"],
+      id="adalora-layers"),
+    E(["--compare=[adalora]", "--lora.rank_pattern={q_proj: 2}"], ConfigError, ["adalora", "lora.rank_pattern"],
+      id="adalora-rank-pattern"),
+    E(["--task.name=piqa", "--model.path=/m", "--task.split_seed=-1"], ConfigError, ["task.split_seed", "-1"],
+      id="split-seed-negative"),
+    E(["--search.inner_eps_root=.inf"], ConfigError, ["search.inner_eps_root", "finite"], id="eps-root-inf"),
+    E(["--task.planted.layer_kl=.inf"], ConfigError, ["task.planted.layer_kl", "finite"], id="layer-kl-inf"),
 ]
 
 

@@ -275,10 +275,10 @@ def _build(config: RunConfig, rundir: RunDir, mesh: Any, resume: bool, stage: st
     else:
         model_config, params, tokenizer, source, data = _prepare_task(config, rundir, mesh)
     _validate_for_layers(config, model_config.num_hidden_layers, f"the model {source}")
-    _validate_sizes(config, data)
     _validate_methods(config, model_config, source)
     if tokenizer is not None:
         _validate_eval_requests(data.test_records, tokenizer, model_config, source)
+    _validate_sizes(config, data)
     _validate_memory(config, model_config, data, mesh)
     # The config is written once the model and data are known good: a run that fails on bad input
     # leaves no config.yaml behind, so the corrected command is a fresh run again (not a --resume).
