@@ -47,7 +47,7 @@ from flexora_jax.adalora import AdaLoraConfig, to_lora
 from flexora_jax.config import ALL_MODULES, EXPERT_MODULES, LORA_MODULES, LoraConfig, ModelConfig, module_path
 from flexora_jax.dora import MAGNITUDE
 from flexora_jax.errors import CheckpointError, ConfigError, NumericsError
-from flexora_jax.fileio import describe_os_error, write_bytes
+from flexora_jax.fileio import write_bytes
 from flexora_jax.gates import Gates, layer_gate_values, rank_gate_values
 from flexora_jax.lora import LoraParams, LoraSpec, expert_axes, make_spec, merge
 from flexora_jax.models.hf import read_safetensors, save_model, write_safetensors
@@ -163,7 +163,8 @@ def export_peft(lora: LoraParams, out_dir: str | os.PathLike, *, gates: Gates | 
         write_safetensors(out / ADAPTER_WEIGHTS, tensors)
         write_bytes(out / ADAPTER_CONFIG, json.dumps(config, indent=2, sort_keys=True) + "\n")
     except OSError as exc:  # fileio's WriteError (a full disk, a read-only place), or the folder itself
-        raise CheckpointError(f"export_peft: could not write the adapter to {out}: {describe_os_error(exc)}") from None
+        raise CheckpointError(f"export_peft: could not write the adapter to {out}: "
+                              f"{exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}") from None
     return out
 
 

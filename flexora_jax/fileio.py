@@ -39,12 +39,12 @@ _TMP = re.compile(r"\.\d+\.(tmp|old)\b")  # a temporary sibling's name (never sh
 
 
 class WriteError(FlexoraError, OSError):
-    """A file could not be written: ``filename`` is the file meant (not its temporary sibling), ``errno`` the
-    system's error number (ENOSPC for a full disk) when one is known."""
+    """A file could not be written, as an ``OSError`` reads: ``filename`` the file meant (not its temporary
+    sibling), ``strerror`` the reason, ``errno`` the system's error number (ENOSPC: a full disk) when known."""
 
     def __init__(self, path: str | os.PathLike, reason: str, errno: int | None = None) -> None:
         super().__init__(f"{path}: {reason}")
-        self.errno, self.filename = errno, str(path)
+        self.errno, self.strerror, self.filename = errno, reason, str(path)
 
     def __str__(self) -> str:
         return str(self.args[0])

@@ -37,7 +37,7 @@ from safetensors.numpy import save_file
 
 from flexora_jax.adapters import export_peft
 from flexora_jax.errors import CheckpointError, ConfigError, NumericsError
-from flexora_jax.fileio import describe_os_error, write_json, write_with
+from flexora_jax.fileio import write_json, write_with
 from flexora_jax.models.hf import read_safetensors
 from flexora_jax.nnx.llama import LlamaForCausalLM
 from flexora_jax.selection import Selection
@@ -77,7 +77,8 @@ def save_adapter(model: nnx.Module, directory: str | os.PathLike, selection: Sel
         if selection is not None:
             write_json(out / SELECTION_FILE, selection.to_json(count_lora_params(model)))
     except OSError as exc:  # fileio's WriteError: a full disk, a read-only place
-        raise CheckpointError(f"save_adapter: could not write {out}: {describe_os_error(exc)}") from None
+        raise CheckpointError(f"save_adapter: could not write {out}: {exc.strerror or exc}"
+                              f"{f' ({exc.filename})' if exc.filename else ''}") from None
     return out
 
 
@@ -211,5 +212,6 @@ def save_peft(model: nnx.Module, directory: str | os.PathLike, peft_name: PeftNa
         write_with(out / "adapter_model.safetensors", lambda tmp: save_file(tensors, str(tmp)))
         write_json(out / "adapter_config.json", config)
     except OSError as exc:  # fileio's WriteError: a full disk, a read-only place
-        raise CheckpointError(f"save_peft: could not write {out}: {describe_os_error(exc)}") from None
+        raise CheckpointError(f"save_peft: could not write {out}: {exc.strerror or exc}"
+                              f"{f' ({exc.filename})' if exc.filename else ''}") from None
     return out
