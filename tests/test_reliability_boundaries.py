@@ -409,3 +409,9 @@ def test_an_nnx_decoder_checkpoint_of_another_run_is_refused(tmp_path):
                          ({"inner_steps": 3}, "inner_steps=3")):
         with pytest.raises(CheckpointError, match=word):
             fj.search(make("nnx_decoder"), dataclasses.replace(SEARCH, **change), TRAIN, VAL, checkpoint_dir=ck)
+
+
+@pytest.mark.parametrize("seed", [-1, True, 2.5])
+def test_a_split_seed_numpy_refuses_is_a_config_error(seed):
+    with pytest.raises(ConfigError, match="seed must be an integer >= 0"):
+        fj.tasks.load_split("piqa", "train", seed=seed)

@@ -9,6 +9,7 @@ in the same roles (e.g. HellaSwag's three roles are always cut from its 10042 va
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, Literal
@@ -197,6 +198,8 @@ def load_split(task: str | TaskSpec, split: str, *, source: Source = "local",
     spec = get_task(task)
     role = canonical_role(split)
     plan = spec.plan
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:  # numpy's seeds: ints >= 0
+        raise ConfigError(f"load_split: seed must be an integer >= 0, got {seed!r}")
     if role in plan.unavailable:
         raise DataError(f"{spec.name}: no {role!r} split: {plan.unavailable[role]}")
     if role in plan.official:
