@@ -35,7 +35,6 @@ _REASONS = {errnos.ENOSPC: "no space left on the device", errnos.EROFS: "read-on
             errnos.EACCES: "permission denied", errnos.ENOTDIR: "a path component is a file, not a directory",
             errnos.EEXIST: "it already exists", errnos.EISDIR: "it is a directory",
             errnos.EDQUOT: "disk quota exceeded"}
-_TMP = re.compile(r"\.\d+\.(tmp|old)\b")  # a temporary sibling's name (never shown as the file meant)
 
 
 class WriteError(FlexoraError, OSError):
@@ -59,15 +58,19 @@ def describe_os_error(exc: OSError) -> str:
 
 
 @contextmanager
-def _write_errors(path: Path) -> Iterator[None]:
-    """Turn what a failed write raises into a :class:`WriteError` naming ``path``: an ``OSError`` (its reason),
-    or a writer library's error that reports one (safetensors: "... (os error 28)")."""
+def _write_errors(path: Path, tmp: Path) -> Iterator[None]:
+    """Turn what a failed write raises into a :class:`WriteError` naming the file meant (``tmp``, the temporary
+    sibling, is named as ``path``): an ``OSError`` (its reason), or a writer library's error that reports one
+    (safetensors: "... (os error 28)"). A ``FlexoraError`` of the writer's own keeps its type and message, the
+    temporary name in it replaced by ``path``."""
     try:
         yield
-    except FlexoraError:  # a WriteError from within (or the writer's own message) stays as it is
+    except FlexoraError as exc:
+        if exc.args and isinstance(exc.args[0], str) and str(tmp) in exc.args[0]:
+            exc.args = (exc.args[0].replace(str(tmp), str(path)), *exc.args[1:])
         raise
     except OSError as exc:
-        where = exc.filename if exc.filename and not _TMP.search(str(exc.filename)) else path
+        where = str(exc.filename).replace(str(tmp), str(path)) if exc.filename else path
         raise WriteError(where, _REASONS.get(exc.errno or -1, exc.strerror or str(exc)), exc.errno) from exc
     except SafetensorError as exc:  # safetensors reports a failed write as its own error, the OS reason inside
         found = re.search(r"os error (\d+)", str(exc))
@@ -84,7 +87,7 @@ def write_bytes(path: str | os.PathLike, data: bytes | str) -> Path:
     path = Path(path)
     tmp = _tmp_sibling(path)
     try:
-        with _write_errors(path):
+        with _write_errors(path, tmp):
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb") as f:
                 f.write(data.encode("utf-8") if isinstance(data, str) else data)
@@ -104,7 +107,7 @@ def write_with(path: str | os.PathLike, writer: Callable[[Path], None]) -> Path:
     path = Path(path)
     tmp = _tmp_sibling(path)
     try:
-        with _write_errors(path):
+        with _write_errors(path, tmp):
             path.parent.mkdir(parents=True, exist_ok=True)
             with open(tmp, "wb"):  # created as open() creates any file: 0o666 less the umask (and default ACLs)
                 pass
@@ -137,7 +140,7 @@ def write_dir(path: str | os.PathLike, writer: Callable[[Path], None]) -> Path:
     tmp = _tmp_sibling(path)
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        with _write_errors(path):
+        with _write_errors(path, tmp):
             path.parent.mkdir(parents=True, exist_ok=True)
             writer(tmp)
             if path.is_dir() and not path.is_symlink():

@@ -139,6 +139,13 @@ def test_write_dir_replaces_only_what_it_writes(tmp_path):
     assert (out / "w.bin").read_bytes() == b"new" and (out / "NOTES.md").read_text() == "mine\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
+    def fails(tmp: Path) -> None:  # a writer's own error names the folder meant, not the temporary one
+        raise CheckpointError(f"could not write the adapter to {tmp}: no space left on the device")
+
+    with pytest.raises(CheckpointError, match=f"to {out}: no space") as info:
+        fileio.write_dir(out, fails)
+    assert ".tmp" not in str(info.value) and (out / "w.bin").read_bytes() == b"new"
+
 
 @pytest.fixture
 def small_disk(tmp_path):

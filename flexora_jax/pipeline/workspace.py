@@ -233,8 +233,9 @@ def prepare(config: RunConfig, resume: bool = False, stage: str = "run", merged:
     """
     if config.task.name == PLANTED_TASK:  # config errors first, before the run directory is looked at
         _validate_for_layers(config, config.task.planted.num_layers, "the planted model")
-        _validate_planted_size(config)
     mesh = run_mesh(config)
+    if config.task.name == PLANTED_TASK:  # its data is built in memory: sized before the run directory is made
+        _validate_planted_size(config)
     rundir = RunDir(config.output_dir)
     rundir.check_usable()
     run_dir = rundir.path
@@ -452,11 +453,13 @@ def _validate_methods(config: RunConfig, model_config: ModelConfig, source: str 
     """What a method can export on this model, before it trains: DoRA on some parts of a fused projection
     (Phi-3's qkv_proj / gate_up_proj) has no PEFT form (one magnitude vector spans the whole fusion)."""
     dora = [m for m in config.methods if m in DORA_METHODS]
+    if not dora or isinstance(config.lora.target_modules, str):  # "all-linear" adapts every part
+        return
     targets = set(config.lora.target_modules)
     for fused, parts in model_config.fused_modules.items():
         names = [m for m, _ in parts]
         chosen = [m for m in names if m in targets]
-        if dora and chosen and len(chosen) < len(names):
+        if chosen and len(chosen) < len(names):
             raise ConfigError(f"method {dora[0]!r}: DoRA on {chosen} of the model {source or ''}'s fused {fused} "
                               f"cannot be written as a PEFT adapter (one DoRA magnitude spans {names}); set "
                               f"lora.target_modules to include all of {names}, or use a LoRA method")
