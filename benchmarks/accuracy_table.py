@@ -38,6 +38,7 @@ def run(smoke: bool = False, out_dir: str | None = None, command: str | None = N
         data_dir: str | None = None) -> dict[str, Any]:
     """Evaluate every task; writes ``accuracy.json`` (``accuracy_smoke.json`` in smoke mode)."""
     from flexora_jax import evaluation, tasks
+    from flexora_jax.nnx import LlamaForCausalLM
 
     if smoke:
         tasks_, limit, batch_size = tasks_ or SMOKE_TASKS, 8, 8
@@ -52,7 +53,8 @@ def run(smoke: bool = False, out_dir: str | None = None, command: str | None = N
         n_limit = limits.get(name, limit)
         scored = records if n_limit is None else records[:n_limit]
         t1 = time.perf_counter()
-        res = evaluation.evaluate(config, params, tokenizer, {name: scored}, batch_size=batch_size, progress=False)[name]
+        res = evaluation.evaluate(LlamaForCausalLM.from_params(config, params), tokenizer, {name: scored},
+                                  batch_size=batch_size, progress=False)[name]
         wall = time.perf_counter() - t1
         n_choices = sum(len(r.choices) for r in scored)
         chance = sum(1.0 / len(r.choices) for r in scored) / len(scored)

@@ -111,6 +111,7 @@ def test_tinystories260k_config_on_a_local_task_end_to_end(tmp_path, data_dir, t
     tuned = fj.nnx.LlamaForCausalLM.from_params(decoder.config, decoder.params(), lora)
     records = [MCRecord("toy", i, f"Question {i}: which word?", ("yes", "no", "maybe"), i % 3) for i in range(4)]
     got = fj.evaluate(tuned, tokenizer, records, batch_size=4, progress=False, return_per_example=True)
-    want = fj.evaluate(decoder.config, decoder.params(), tokenizer, records, lora=lora, batch_size=4, progress=False,
+    want = fj.evaluate(fj.nnx.LlamaForCausalLM.from_params(decoder.config, decoder.params(), lora), tokenizer, records,
+                       batch_size=4, progress=False,
                        return_per_example=True)
     assert got == want and got["toy"]["n"] == 4

@@ -209,6 +209,11 @@ class LlamaForCausalLM(nnx.Module):
             for name in [n for n, v in vars(node).items() if isinstance(v, Gate)]:
                 delattr(node, name)
 
+    def decoder_pytrees(self) -> tuple[ModelConfig, Params, LoraParams | None, GateValues | None]:
+        """``(config, params, lora, gates)``: this module as the functional core's pytrees (what the decoder's
+        scorers and generation take)."""
+        return self.config, self.params(), self.lora(), self.gates()
+
     # ------------------------------------------------------------------------------ the engine
     def lora_problem(self, loss_fn: ModelLoss | None = None, val_loss_fn: ModelLoss | None = None) -> Problem:
         """This model as the engine's problem: the decoder's functional core (:func:`decoder_problem`, the

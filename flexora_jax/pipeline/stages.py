@@ -34,6 +34,7 @@ from flexora_jax.gates import gate_values
 from flexora_jax.hooks import Checkpoint, Progress
 from flexora_jax.loops import Hook
 from flexora_jax.lora import init_lora
+from flexora_jax.nnx import LlamaForCausalLM
 from flexora_jax.pipeline import report
 from flexora_jax.pipeline.config import METHOD_GATES, PLANTED_TASK, RunConfig
 from flexora_jax.pipeline.io import progress, progress_enabled, read_json, write_json
@@ -177,8 +178,9 @@ def evaluate_stage(ws: Workspace, loras: dict[str, Any]) -> dict[str, dict[str, 
             results[name] = {PLANTED_TASK: {"test_loss": loss, "teacher_test_loss": ws.planted.teacher_test_loss,
                                             "n": n}}
         else:
-            res = evaluate(ws.model_config, ws.params, ws.tokenizer, {cfg.task.name: ws.data.test_records},
-                           lora=lora, batch_size=cfg.eval.batch_size, progress=progress_enabled())
+            res = evaluate(LlamaForCausalLM.from_params(ws.model_config, ws.params, lora), ws.tokenizer,
+                           {cfg.task.name: ws.data.test_records}, batch_size=cfg.eval.batch_size,
+                           progress=progress_enabled())
             test_loss = dataset_loss(ws.model_config, ws.params, lora, ws.data.test, batch_size=cfg.eval.batch_size)
             results[name] = {t: dict(v, test_loss=test_loss) for t, v in res.items()}
             if ws.data.test_noq is not None:
@@ -202,8 +204,9 @@ def _question_control(ws: Workspace, lora: Any, test_loss: float) -> dict[str, f
     """
     cfg = ws.config
     loss = dataset_loss(ws.model_config, ws.params, lora, ws.data.test_noq, batch_size=cfg.eval.batch_size)
-    res = evaluate(ws.model_config, ws.params, ws.tokenizer, {cfg.task.name: ws.data.test_records_noq},
-                   lora=lora, batch_size=cfg.eval.batch_size, progress=False)[cfg.task.name]
+    res = evaluate(LlamaForCausalLM.from_params(ws.model_config, ws.params, lora), ws.tokenizer,
+                   {cfg.task.name: ws.data.test_records_noq}, batch_size=cfg.eval.batch_size,
+                   progress=False)[cfg.task.name]
     out = {"test_loss_noq": loss, "question_gain": loss - test_loss}
     out.update({f"{k}_noq": res[k] for k in ("acc", "acc_norm") if k in res})
     return out
