@@ -36,6 +36,7 @@ from flexora_jax.nnx.surgery import LoraSite, adapted_modules, attach_lora, lora
 from flexora_jax.nnx.variables import GATE_ROLES, Gate
 from flexora_jax.problem import HyperLayout
 from flexora_jax.selection import Selection, select_layers, select_ranks
+from flexora_jax.validation import check_scalar_loss
 
 Batch = dict[str, jax.Array]
 ModelLoss = Callable[[nnx.Module, Batch], jax.Array]
@@ -154,7 +155,7 @@ def _make_loss(graphdef: nnx.GraphDef, layout: GateLayout, loss_fn: ModelLoss) -
         gates = base["gates"] if hyper is None else gate_state(layout, hyper)
         # copy=True: fresh variables at the current trace level, which NNX transforms inside the model
         # (nnx.scan over stacked layers) require; base arrives from the outer jit.
-        return loss_fn(nnx.merge(graphdef, base["model"], lora, gates, copy=True), batch)
+        return check_scalar_loss(loss_fn(nnx.merge(graphdef, base["model"], lora, gates, copy=True), batch))
     return loss
 
 
