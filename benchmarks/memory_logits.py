@@ -17,8 +17,8 @@ steps, so it is for small models.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -45,7 +45,8 @@ def _abstract(fn: Callable[[], Any]) -> Any:
 
 def finetune_args(config: ModelConfig, batch: int, seq: int) -> tuple[Callable, tuple]:
     cfg = FinetuneConfig(batch_size=batch)
-    state = _abstract(lambda: init_train_state(init_lora(config, common.LORA, jax.random.key(1)), make_optimizer(cfg, 100)))
+    lora = init_lora(config, common.LORA, jax.random.key(1))
+    state = _abstract(lambda: init_train_state(lora, make_optimizer(cfg, 100)))
     return make_train_step(config, cfg, 100), (state, _abstract(lambda: common.random_batch(config, batch, seq)))
 
 
@@ -120,22 +121,36 @@ def table(d: dict) -> str:
     return "\n".join(lines)
 
 
+def run(smoke: bool = False, out_dir: str | None = None, command: str | None = None, step_ratio_mode: bool = False,
+        vocab: int = 128256, seq: int = 2048) -> dict:
+    """The compiled-memory table (``memory_logits.json``) or, with ``step_ratio_mode``, the fine-tune step's
+    time with and without chunking (``loss_chunk_step.json``); ``smoke``: tiny sizes, ``_smoke`` names."""
+    begin = harness.start(smoke)
+    flag = " --step-ratio" if step_ratio_mode else ""
+    command = command or "python -m benchmarks.memory_logits" + flag + (" --smoke" if smoke else "")
+    if step_ratio_mode:
+        payload = {"command": command, **(step_ratio("tiny", 2, 16, 1) if smoke else step_ratio())}
+        name = "loss_chunk_step"
+    else:
+        payload = {"command": command, **(measure(1024, 64) if smoke else measure(vocab, seq))}
+        name = "memory_logits"
+    harness.write_result(name + ("_smoke" if smoke else ""), payload, out_dir, start=begin)
+    return payload
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--out-dir", default=None)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, seconds")
     p.add_argument("--step-ratio", action="store_true", help="time the CPU fine-tune step instead (chunking's cost)")
     a = p.parse_args(argv)
+    out = run(a.smoke, a.out_dir, harness.command_line("benchmarks.memory_logits", argv), a.step_ratio, a.vocab, a.seq)
     if a.step_ratio:
-        out = {"command": harness.command_line("benchmarks.memory_logits", argv), **step_ratio()}
-        path = harness.write_result("loss_chunk_step", out, a.out_dir)
-        print({n: round(r, 3) for n, r in out["ratio_to_unchunked"].items()}, f"wrote {path}")
-        return
-    payload = {"command": harness.command_line("benchmarks.memory_logits", argv), **measure(a.vocab, a.seq)}
-    path = harness.write_result("memory_logits", payload, a.out_dir)
-    print(table(payload))
-    print(f"wrote {path}")
+        print({n: round(r, 3) for n, r in out["ratio_to_unchunked"].items()})
+    else:
+        print(table(out))
 
 
 if __name__ == "__main__":
