@@ -160,16 +160,18 @@ def measure(case: str, model: str, batch_size: int, seq: int, repeats: int, mode
 
 
 def run(smoke: bool = False, configs: list[str] | None = None, out_dir: str | None = None,
-        command: str | None = None, gpu: bool = False, dora: bool = False, repeat_runs: int = 1) -> dict:
-    """Measure every case (``repeat_runs`` whole round-robin measurements each, in this process); writes
-    ``finetune.json`` (``finetune_smoke.json`` in smoke mode, ``finetune_gpu.json`` in GPU mode)."""
+        command: str | None = None, gpu: bool = False, dora: bool = False, repeat_runs: int = 1,
+        repeats: int | None = None) -> dict:
+    """Measure every case (``repeat_runs`` whole round-robin measurements each, in this process; ``repeats``
+    timed calls per run instead of the case's); writes ``finetune.json`` (``finetune_smoke.json`` in smoke
+    mode, ``finetune_gpu.json`` in GPU mode)."""
     if gpu:
         common.require_gpu("finetune", torch_too=True)
     begin = harness.start(smoke)
     harness.set_threads()
     table = GPU_CASES if gpu else CASES
     cases = SMOKE if smoke else {k: v for k, v in table.items() if configs is None or k in configs}
-    rows = [measure(name, *spec, gpu=gpu, dora=dora, runs=repeat_runs, peak=begin.peak)
+    rows = [measure(name, *spec[:3], repeats or spec[3], gpu=gpu, dora=dora, runs=repeat_runs, peak=begin.peak)
             for name, spec in cases.items()]
     flag = ((" --smoke" if smoke else " --gpu" if gpu else "") + (" --dora" if dora else "")
             + (f" --repeat-runs {repeat_runs}" if repeat_runs > 1 else ""))
@@ -186,13 +188,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gpu", action="store_true", help="1B LLaMA shape, bf16, sequence 2048, on the GPU; adds MFU")
     p.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (what the tests run)")
     p.add_argument("--dora", action="store_true", help="DoRA (use_dora) on both sides instead of LoRA")
+    p.add_argument("--repeats", type=int, default=None, help="timed calls per run (default: the case's)")
     p.add_argument("--repeat-runs", type=int, default=1, metavar="N",
                    help="repeat the whole round-robin measurement N times in this process; reports the speedup's "
                         "spread over runs")
     p.add_argument("--out-dir", default=None)
     a = p.parse_args(argv)
     out = run(a.smoke, a.configs, a.out_dir, harness.command_line("benchmarks.finetune", argv), gpu=a.gpu,
-              dora=a.dora, repeat_runs=a.repeat_runs)
+              dora=a.dora, repeat_runs=a.repeat_runs, repeats=a.repeats)
     for r in out["rows"]:
         j, spread = r["flexora_jax"], r["speedup_over_runs"]
         print(f"{r['case']}: flexora_jax {j['median_s'] * 1e3:.1f} ms ({j['flops_per_s'] / 1e9:.1f} GFLOP/s, "

@@ -58,7 +58,7 @@ def search_args(config: ModelConfig, batch: int, seq: int) -> tuple[Callable, tu
     return make_search_step(config, sc), (state, batches, _abstract(lambda: common.random_batch(config, batch, seq)))
 
 
-def measure(vocab: int, seq: int, batch: int = 1) -> dict:
+def measure(vocab: int, seq: int, batch: int = 1, steps: tuple[str, ...] = ("finetune", "search_unrolled_k1")) -> dict:
     config = model(vocab)
     params = _abstract(lambda: init_params(config, jax.random.key(0)))
     logits_bytes = 4 * batch * seq * vocab
@@ -68,6 +68,8 @@ def measure(vocab: int, seq: int, batch: int = 1) -> dict:
             losses.LOSS_CHUNK_BYTES = default_budget if chunked else 2 * logits_bytes
             chunk = losses.loss_chunk(batch, seq, vocab)
             for step_name, build in (("finetune", finetune_args), ("search_unrolled_k1", search_args)):
+                if step_name not in steps:
+                    continue
                 fn, args = build(config, batch, seq)
                 fresh = lambda *a, fn=fn: fn(*a)  # noqa: E731 - a new function: traced again under this budget
                 _, stats = harness.compile_stats(jax.jit(fresh, donate_argnums=1), params, *args)
@@ -132,7 +134,7 @@ def run(smoke: bool = False, out_dir: str | None = None, command: str | None = N
         payload = {"command": command, **(step_ratio("tiny", 2, 16, 1) if smoke else step_ratio())}
         name = "loss_chunk_step"
     else:
-        payload = {"command": command, **(measure(1024, 64) if smoke else measure(vocab, seq))}
+        payload = {"command": command, **(measure(1024, 64, steps=("finetune",)) if smoke else measure(vocab, seq))}
         name = "memory_logits"
     harness.write_result(name + ("_smoke" if smoke else ""), payload, out_dir, start=begin)
     return payload

@@ -158,7 +158,8 @@ def table_search(d: dict) -> str:
     lines = [head, "|" + "---|" * (2 + len(names))]
     for r in d["rows"]:
         v = r["variants"]
-        cells = [f"{v[n]['ratio_to_plain']:.2f}x ({_share(v[n])})" if n in v else "-" for n in names]
+        cells = [f"{v[n]['ratio_to_plain']:.2f}x" + (f" ({_share(v[n])})" if "share_of_peak" in v[n] else "")
+                 if n in v else "-" for n in names]
         lines.append(f"| {r['k']} | {_ms(r['plain_step_s'])} ({_rate(v['plain'])}) | " + " | ".join(cells) + " |")
     lines += ["", "Compiled memory of the `unrolled` search step (XLA memory analysis; footprint = arguments + "
               "non-aliased outputs + temp), MiB:", "",
@@ -235,8 +236,9 @@ def table_lora_layout(d: dict) -> str:
     m, (traced, static) = d["memory"], d["compile"]
     mib = 2**20
     lines = ["| figure | stacked on all blocks | selected blocks only |", "|---|---|---|",
-             f"| fine-tune state of a {m['selection']} selection, Llama-2-7B shape, r 8 on q, v (A, B fp32 + AdamW "
-             f"moments) | {m['stacked_state_bytes'] / mib:.1f} MiB | {m['selected_only_state_bytes'] / mib:.1f} MiB |",
+             f"| fine-tune state of a selection of {m['selection']}, Llama-2-7B shape, r 8 on q, v (A, B fp32 + "
+             f"AdamW moments) | {m['stacked_state_bytes'] / mib:.1f} MiB | "
+             f"{m['selected_only_state_bytes'] / mib:.1f} MiB |",
              f"| the same, as a share of the bf16 base ({m['base_bytes'] / 2**30:.2f} GiB) | "
              f"{100 * m['stacked_over_base']:.2f}% | {100 * m['selected_only_state_bytes'] / m['base_bytes']:.2f}% |",
              "", f"| fine-tune step over {traced['selections']} selections | programs | compile + first step, total |",

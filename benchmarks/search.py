@@ -204,21 +204,21 @@ def measure_parts(config, params, k: int, batch: int, seq: int, repeats: int, pe
     state = init_search_state(_fresh_lora(config), gates, search)
     inner_opt, outer_opt = inner_optimizer(search), outer_optimizer(search)
 
-    def loss(lora, g, b):
-        return lm_loss(staged, params, lora, g, b)
+    def losses(p):  # the frozen base is an argument, as in the search step (not a constant of the program)
+        return lambda lora, g, b: lm_loss(staged, p, lora, g, b)
 
-    def inner_sweep(inner, g, bs):  # (a): K inner steps, no outer gradient
-        return unroll(loss, inner_opt, g, inner, bs, search.remat, search.reset_inner_optimizer)
+    def inner_sweep(p, inner, g, bs):  # (a): K inner steps, no outer gradient
+        return unroll(losses(p), inner_opt, g, inner, bs, search.remat, search.reset_inner_optimizer)
 
-    def val_grad(lora, g, b):  # (c): the reverse sweep's seed and the gates' direct partial
-        return jax.value_and_grad(loss, argnums=(0, 1))(lora, g, b)
+    def val_grad(p, lora, g, b):  # (c): the reverse sweep's seed and the gates' direct partial
+        return jax.value_and_grad(losses(p), argnums=(0, 1))(lora, g, b)
 
     def outer_update(hg, opt_state, g):  # (d)
         updates, opt_state = outer_opt.update(hg, opt_state, g)
         return optax.apply_updates(g, updates), opt_state
 
-    jitted = {"inner_forward": (jax.jit(inner_sweep), (state.inner, state.gates, batches)),
-              "val_grad": (jax.jit(val_grad), (state.inner.lora, state.gates, val)),
+    jitted = {"inner_forward": (jax.jit(inner_sweep), (params, state.inner, state.gates, batches)),
+              "val_grad": (jax.jit(val_grad), (params, state.inner.lora, state.gates, val)),
               "outer_update": (jax.jit(outer_update), (state.gates, state.gate_opt_state, state.gates))}
     fns, info = {}, {}
     fns["plain"], info["plain"] = plain_steps(config, params, k, jax.tree.map(lambda x: x[0], batches))

@@ -19,7 +19,18 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("peft")
 
-from benchmarks import adalora, common, finetune, forward, harness, report, run_all, search  # noqa: E402
+from benchmarks import (  # noqa: E402
+    adalora,
+    common,
+    finetune,
+    forward,
+    harness,
+    memory_logits,
+    nnx_step,
+    report,
+    run_all,
+    search,
+)
 from flexora_jax.config import LoraConfig  # noqa: E402
 
 
@@ -89,6 +100,7 @@ def smoke_results(tmp_path_factory):
     finetune.run(smoke=True, out_dir=str(out), repeat_runs=2)
     search.run(smoke=True, out_dir=str(out))
     search.run_parts(smoke=True, out_dir=str(out))  # its K plain steps and search step are compiled above
+    nnx_step.run(smoke=True, out_dir=str(out))  # its functional search and fine-tune steps are the search's
     return out
 
 
@@ -182,9 +194,37 @@ def test_search_parts_smoke(smoke_results):
     assert row["attention"] == "xla"  # the unrolled estimator differentiates twice: the search step's attention
 
 
+def test_nnx_step_smoke(smoke_results):
+    data = _load(smoke_results / "nnx_step_smoke.json")
+    _recorded_start(data)
+    assert set(data["timings"]) == {"search_functional", "search_nnx", "finetune_functional", "finetune_nnx"}
+    assert data["ratio_search"] > 0 and data["ratio_finetune"] > 0
+    # the same program both ways: XLA's memory analysis of the two search steps agrees
+    assert data["memory"]["search_functional"]["temp_bytes"] == data["memory"]["search_nnx"]["temp_bytes"]
+    assert data["compiles_of_a_second_search"] == 1  # a search compiles its step once, never once per step
+    k, b, t = data["spec"]["k"], data["spec"]["batch"], data["spec"]["seq"]
+    step = common.lora_step_flops_per_token(common.MODELS["tiny"], t) * b * t
+    _rated(data["timings"]["search_nnx"], k * step)
+    _rated(data["timings"]["finetune_nnx"], step)
+
+
+def test_memory_logits_smoke(tmp_path):
+    """The compiled-memory table and the step-ratio mode at tiny sizes (the runner's two JSON files)."""
+    d = memory_logits.run(smoke=True, out_dir=str(tmp_path))
+    assert {(r["step"], r["chunked"]) for r in d["rows"]} == {("finetune", False), ("finetune", True)}
+    assert all(r["memory"]["temp_bytes"] > 0 for r in d["rows"])
+    _recorded_start(_load(tmp_path / "memory_logits_smoke.json"))
+    render = report.TABLES["memory_logits"][1]
+    assert "| finetune | chunked |" in render(_load(tmp_path / "memory_logits_smoke.json"))
+    r = memory_logits.run(smoke=True, out_dir=str(tmp_path), step_ratio_mode=True)
+    assert set(r["ratio_to_unchunked"]) == {"unchunked", "default", "chunk64"}
+    assert r["ratio_to_unchunked"]["unchunked"] == 1
+    assert "**1.00x**" in report.table_loss_chunk_step(_load(tmp_path / "loss_chunk_step_smoke.json"))
+
+
 def test_every_table_renders_from_a_smoke_run(smoke_results, tmp_path):
     renamed = {"forward": "forward_smoke", "finetune": "finetune_smoke", "search": "search_smoke",
-               "search_parts": "search_parts_smoke"}
+               "search_parts": "search_parts_smoke", "nnx_step": "nnx_step_smoke"}
     for name, smoke in renamed.items():
         shutil.copy(smoke_results / f"{smoke}.json", tmp_path / report.TABLES[name][0])
     md = tmp_path / "RESULTS.md"
