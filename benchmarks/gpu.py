@@ -145,9 +145,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out-dir", default=None)
     a = p.parse_args(argv)
     out = run(a.smoke, a.out_dir, harness.command_line("benchmarks.gpu", argv))
-    print(f"peak: {out['peak']['reference']}, {out['peak']['reference_flops'] / 1e12:.1f} TFLOP/s")
+    print(f"peak: {out['peak']['reference']}, {out['peak']['reference_flops'] / 1e9:.1f} GFLOP/s")
     for name, t in out["finetune"]["variants"].items():
-        print(f"finetune {name}: {t['tokens_per_s']:.0f} tokens/s, {t['flops_per_s'] / 1e12:.2f} TFLOP/s, "
+        print(f"finetune {name}: {t['tokens_per_s']:.0f} tokens/s, {t['flops_per_s'] / 1e9:.1f} GFLOP/s, "
               f"{100 * t['share_of_peak']:.1f}% of peak")
     for r in out["search"]:
         parts = ", ".join(f"{n} {v['over_k_plain']}" for n, v in r["variants"].items() if "over_k_plain" in v)

@@ -144,15 +144,15 @@ def matmul_peak(n: int, dtype: str = "float32", repeats: int = 5) -> dict[str, A
         times.append(time.perf_counter() - t0)
     best = min(times)
     return {"n": n, "dtype": dtype, "repeats": repeats, "best_s": best, "flops_per_s": 2.0 * n**3 / best,
-            "times_s": times, "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None}
+            "times_s": times, "load_avg_1m": (load_avg() or [None])[0]}
 
 
 def machine_peak(smoke: bool = False) -> dict[str, Any]:
     """The limit each step is compared with: the measured fp32 matmul peak (CPU), or the chip's bf16 peak.
 
-    On a CPU the reference is :func:`matmul_peak` at 2048^3 fp32; on an accelerator it is the datasheet
-    dense bf16 peak of the device kind (``common.peak_flops``), i.e. the share is MFU, with the measured
-    fp32 and bf16 matmuls (8192^3) recorded beside it. ``smoke`` measures a 256^3 matmul (seconds matter).
+    On a CPU the reference is :func:`matmul_peak` at 2048^3 fp32 (best of 10 calls); on an accelerator it is
+    the datasheet dense bf16 peak of the device kind (``common.peak_flops``), i.e. the share is MFU, with the
+    measured fp32 and bf16 matmuls (8192^3) recorded beside it. ``smoke``: a 256^3 matmul, best of 5.
     """
     import jax
 
@@ -160,9 +160,11 @@ def machine_peak(smoke: bool = False) -> dict[str, Any]:
 
     backend, kind = jax.default_backend(), jax.devices()[0].device_kind
     n = 256 if smoke else 2048 if backend == "cpu" else 8192
-    out: dict[str, Any] = {"backend": backend, "device_kind": kind, "matmul_fp32": matmul_peak(n, "float32")}
+    repeats = 5 if smoke else 10  # the best of several calls: a busy machine slows some of them
+    out: dict[str, Any] = {"backend": backend, "device_kind": kind,
+                           "matmul_fp32": matmul_peak(n, "float32", repeats)}
     if backend != "cpu":
-        out["matmul_bf16"] = matmul_peak(n, "bfloat16")
+        out["matmul_bf16"] = matmul_peak(n, "bfloat16", repeats)
     datasheet = peak_flops(kind)
     out["datasheet_bf16_flops"] = datasheet
     if datasheet and backend != "cpu":
@@ -190,9 +192,9 @@ def start(smoke: bool = False) -> Start:
 
 def load_text(d: dict[str, Any]) -> str:
     """"load a -> b" (1-minute averages at a result's runner start and end), or the one at its end."""
-    start, end = (d.get("load") or {}).get("start"), (d.get("load") or {}).get("end")
-    if start and end:
-        return f"load {start[0]:.1f} -> {end[0]:.1f}"
+    begin, end = (d.get("load") or {}).get("start"), (d.get("load") or {}).get("end")
+    if begin and end:
+        return f"load {begin[0]:.1f} -> {end[0]:.1f}"
     load = d["machine"].get("load_avg_1m")
     return "load -" if load is None else f"load {load:.1f}"
 
