@@ -7,13 +7,14 @@ fp32), sequence 2048, LoRA r = 8 on q, v.
 
 - Fine-tune: ``make_train_step`` with the fused attention ``auto`` picks (cuDNN flash on NVIDIA in
   bf16) and with XLA attention, and transformers + peft (bf16, its default SDPA attention, flash on
-  the GPU) on the same device, timed round-robin. MFU = FLOPs/token x tokens/s / peak bf16 FLOP/s with
-  FLOPs/token = 4 N + 12 L t d (:func:`common.lora_step_flops_per_token`: the frozen base does the forward
-  2 N and the input-gradient half of the backward 2 N, no weight-gradient matmul; attention's
-  ``q k^T`` and ``p v`` 4 L t d forward and 8 L t d backward; LoRA's rank-r matmuls left out).
-- Search: one jitted search step (``unrolled`` and ``first_order``) against K plain steps at
-  K = 1, 4, 8, the plain steps with the fused attention and with XLA attention (the search resolves its
-  own: XLA where it differentiates twice).
+  the GPU) on the same device, timed round-robin. MFU = FLOPs/token x tokens/s / the device's datasheet
+  bf16 peak (``harness.machine_peak``, which also records measured fp32 and bf16 matmul peaks) with
+  FLOPs/token from :func:`common.lora_step_flops_per_token` (the frozen base 4 N: forward 2 N and the
+  input-gradient half of the backward 2 N, no weight-gradient matmul; causal attention 3 x its forward;
+  LoRA's matmuls 6 r (d_in + d_out) per adapted module).
+- Search: one jitted search step (``unrolled`` and ``first_order``, credited with K plain steps' FLOPs)
+  against K plain steps at K = 1, 4, 8, the plain steps with the fused attention and with XLA attention
+  (the search resolves its own: XLA where it differentiates twice).
 - Memory: ``flexora_jax.memory.plan_memory`` against XLA's compiled memory (footprint = arguments +
   non-aliased outputs + temp) of each compiled step.
 
@@ -32,7 +33,7 @@ import jax
 
 from benchmarks import common, harness
 from benchmarks.finetune import STEPS, jax_step_fn, torch_step_fn
-from benchmarks.search import plain_steps, search_variant
+from benchmarks.search import plain_step_flops, plain_steps, search_variant
 from flexora_jax.config import FinetuneConfig, ModelConfig, SearchConfig
 from flexora_jax.memory import plan_memory
 from flexora_jax.models.attention import differentiates_twice, select_attention
@@ -57,7 +58,7 @@ def _backend(config: ModelConfig, estimator: str | None = None) -> str:
     return select_attention(config.attention, config.dtype, second_order=differentiates_twice(estimator))
 
 
-def finetune_rows(config: ModelConfig, batch_size: int, seq: int, repeats: int, smoke: bool) -> dict:
+def finetune_rows(config: ModelConfig, batch_size: int, seq: int, repeats: int, smoke: bool, peak: dict) -> dict:
     """Tokens/s and MFU of the fine-tune step: fused attention, XLA attention, torch + peft."""
     params = init_params(config, jax.random.key(0))
     cfg = FinetuneConfig(batch_size=batch_size)
@@ -73,19 +74,21 @@ def finetune_rows(config: ModelConfig, batch_size: int, seq: int, repeats: int, 
         fns["torch_peft"] = torch_step_fn(config, params, cfg, batch, os.cpu_count() or 1, device=device)
     first_loss = {name: fn() for name, fn in fns.items()}
     timings = harness.interleaved(fns, repeats, warmup=1)
-    flops, peak = common.lora_step_flops_per_token(config, seq), common.peak_flops(jax.devices()[0].device_kind)
+    flops = common.lora_step_flops_per_token(config, seq)
     plan = plan_memory(config, common.LORA, {}, 1, batch_size, seq)["finetune"]["total"]
     for name, t in timings.items():
         t["tokens_per_s"] = batch_size * seq / t["median_s"]
-        t["mfu"] = flops * t["tokens_per_s"] / peak if peak else None
+        t.update(harness.throughput(flops * batch_size * seq, t, peak))
         if name in compiled:
             t.update(compiled[name], planned_bytes=plan,
                      plan_over_xla=plan / compiled[name]["memory"]["footprint_bytes"])
-    return {"batch": batch_size, "seq": seq, "flops_per_token": flops, "peak_flops": peak, "first_loss": first_loss,
+    return {"batch": batch_size, "seq": seq, "flops_per_token": flops, "peak_flops": peak["reference_flops"],
+            "first_loss": first_loss,
             "torch_device": device, "variants": timings}
 
 
-def search_rows(config: ModelConfig, batch_size: int, seq: int, ks: tuple[int, ...], repeats: int) -> list[dict]:
+def search_rows(config: ModelConfig, batch_size: int, seq: int, ks: tuple[int, ...], repeats: int,
+                peak: dict) -> list[dict]:
     """Per K: the search step of each estimator over K plain steps (fused and XLA attention)."""
     params = init_params(config, jax.random.key(0))
     rows = []
@@ -107,8 +110,9 @@ def search_rows(config: ModelConfig, batch_size: int, seq: int, ks: tuple[int, .
             info[name].update(planned_bytes=plan, plan_over_xla=plan / info[name]["memory"]["footprint_bytes"])
         timings = harness.interleaved(fns, repeats, warmup=1)
         plains = {n: t["median_s"] for n, t in timings.items() if n.startswith("plain")}
+        flops = k * plain_step_flops(config, batch_size, seq)
         for name, t in timings.items():
-            t.update(info[name])
+            t.update(info[name], **harness.throughput(flops, t, peak))
             if not name.startswith("plain"):
                 t["over_k_plain"] = {p: t["median_s"] / s for p, s in plains.items()}
         rows.append({"k": k, "variants": timings})
@@ -121,16 +125,17 @@ def run(smoke: bool = False, out_dir: str | None = None, command: str | None = N
         raise SystemExit(f"benchmarks.gpu needs a CUDA GPU visible to jax and torch (+ peft); jax's backend is "
                          f"{jax.default_backend()!r}, torch's device {_torch_device(False)!r}. "
                          "`python -m benchmarks.gpu --smoke` checks the script on this device.")
+    begin = harness.start(smoke)
     spec = SMOKE if smoke else GPU
     config = common.MODELS[spec["model"]]
     payload: dict[str, Any] = {
         "command": command or "python -m benchmarks.gpu" + (" --smoke" if smoke else ""),
         "device": jax.devices()[0].device_kind, "model": common.describe(config), "lora": common.LORA.to_dict(),
-        "schedule_steps": STEPS,
-        "finetune": finetune_rows(config, spec["batch"], spec["seq"], spec["repeats"], smoke),
-        "search": search_rows(config, spec["search_batch"], spec["seq"], spec["ks"], spec["repeats"]),
+        "schedule_steps": STEPS, "peak": begin.peak,
+        "finetune": finetune_rows(config, spec["batch"], spec["seq"], spec["repeats"], smoke, begin.peak),
+        "search": search_rows(config, spec["search_batch"], spec["seq"], spec["ks"], spec["repeats"], begin.peak),
     }
-    harness.write_result("gpu_smoke" if smoke else "gpu", payload, out_dir)
+    harness.write_result("gpu_smoke" if smoke else "gpu", payload, out_dir, start=begin)
     return payload
 
 
@@ -140,9 +145,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out-dir", default=None)
     a = p.parse_args(argv)
     out = run(a.smoke, a.out_dir, harness.command_line("benchmarks.gpu", argv))
+    print(f"peak: {out['peak']['reference']}, {out['peak']['reference_flops'] / 1e9:.1f} GFLOP/s")
     for name, t in out["finetune"]["variants"].items():
-        mfu = "n/a" if t.get("mfu") is None else f"{100 * t['mfu']:.1f}%"
-        print(f"finetune {name}: {t['tokens_per_s']:.0f} tokens/s, MFU {mfu}")
+        print(f"finetune {name}: {t['tokens_per_s']:.0f} tokens/s, {t['flops_per_s'] / 1e9:.1f} GFLOP/s, "
+              f"{100 * t['share_of_peak']:.1f}% of peak")
     for r in out["search"]:
         parts = ", ".join(f"{n} {v['over_k_plain']}" for n, v in r["variants"].items() if "over_k_plain" in v)
         print(f"K={r['k']}: {parts}")
