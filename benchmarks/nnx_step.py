@@ -23,6 +23,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+import flexora_jax as fj
 from benchmarks import common, harness
 from flexora_jax import nnx as fnnx
 from flexora_jax.bilevel import init_search_state, make_search_step
@@ -59,7 +60,7 @@ def _compiles_of_a_search(model, search, data) -> int:
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
-        fnnx.search_nnx(model, search, data, data, loss_fn=lambda m, b: m.lm_loss(b))
+        fj.search(model, search, data, data, loss_fn=lambda m, b: m.lm_loss(b), progress=False)
     finally:
         jax.monitoring.unregister_event_duration_listener(listener)
     return count[0]
