@@ -162,23 +162,27 @@ def table_search(d: dict) -> str:
                  if n in v else "-" for n in names]
         lines.append(f"| {r['k']} | {_ms(r['plain_step_s'])} ({_rate(v['plain'])}) | " + " | ".join(cells) + " |")
     lines += ["", "Compiled memory of the `unrolled` search step (XLA memory analysis; footprint = arguments + "
-              "non-aliased outputs + temp), MiB:", "",
-              "| K | remat: temp | remat: footprint | no remat: temp | no remat: footprint |", "|---|---|---|---|---|"]
+              "non-aliased outputs + temp), MiB: mixed mode (the default), reverse mode with and without remat:", "",
+              "| K | mixed: temp | mixed: footprint | reverse remat: temp | reverse remat: footprint | "
+              "reverse no remat: temp | reverse no remat: footprint |", "|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
-        on = r["variants"].get("unrolled", {}).get("memory", {})
-        off = r["variants"].get("unrolled_noremat", {}).get("memory", {})
-        lines.append(f"| {r['k']} | {_mb(on.get('temp_bytes'))} | {_mb(on.get('footprint_bytes'))} | "
-                     f"{_mb(off.get('temp_bytes'))} | {_mb(off.get('footprint_bytes'))} |")
+        cells = []
+        for name in ("unrolled", "unrolled_reverse", "unrolled_noremat"):
+            mem = r["variants"].get(name, {}).get("memory", {})
+            cells += [_mb(mem.get("temp_bytes")), _mb(mem.get("footprint_bytes"))]
+        lines.append(f"| {r['k']} | " + " | ".join(cells) + " |")
     mr, t = d["memory_ratio_kmax_over_kmin"], d["targets"]
     worst = max((r["variants"]["unrolled"]["ratio_to_plain"] for r in d["rows"] if "unrolled" in r["variants"]),
                 default=float("nan"))
     fmt = lambda x: "-" if x is None else f"{x:.2f}x"  # noqa: E731
     dc, m = d["deep_compile"], d["model"]
-    mem_ok = mr["remat"] is not None and mr["remat"] <= t["memory_ratio"]
-    lines += ["", f"- `unrolled` (remat) worst ratio over K: **{worst:.2f}x** (target <= {t['time_ratio']}x: "
+    flat = mr.get("mixed", mr.get("remat"))
+    mem_ok = flat is not None and flat <= t["memory_ratio"]
+    lines += ["", f"- `unrolled` (mixed mode) worst ratio over K: **{worst:.2f}x** (target <= {t['time_ratio']}x: "
               f"{_verdict(worst <= t['time_ratio'])}).",
-              f"- Memory footprint K={mr['k_max']} / K={mr['k_min']}: remat **{fmt(mr['remat'])}** (target <= "
-              f"{t['memory_ratio']}x: {_verdict(mem_ok)}), no remat {fmt(mr['no_remat'])}.",
+              f"- Memory footprint K={mr['k_max']} / K={mr['k_min']}: mixed **{fmt(flat)}** (target <= "
+              f"{t['memory_ratio']}x: {_verdict(mem_ok)}), reverse with remat {fmt(mr.get('remat'))}, without "
+              f"{fmt(mr.get('no_remat'))}.",
               f"- First compile of the `unrolled` search step, {dc['model']['num_hidden_layers']} layers, hidden "
               f"{dc['model']['hidden_size']}, K = {dc['k']}: **{dc['first_compile_s']:.1f} s** (lower "
               f"{dc['lower_s']:.1f} s + compile {dc['compile_s']:.1f} s; target < {dc['target_s']:.0f} s: "

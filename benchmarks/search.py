@@ -106,10 +106,13 @@ def measure_k(config, params, k: int, estimators, batch: int, seq: int, repeats:
     for est in estimators:
         if est == "darts" and k != 1:
             continue
-        for remat in ((True, False) if est == "unrolled" and noremat else (True,)):
-            name = f"{est}{'' if remat else '_noremat'}"
+        modes = [("", "mixed", True)]  # unrolled: mixed mode (the default), and reverse mode with / without remat
+        if est == "unrolled":
+            modes += [("_reverse", "reverse", True)] + ([("_noremat", "reverse", False)] if noremat else [])
+        for suffix, mode, remat in modes:
+            name = f"{est}{suffix}"
             search = SearchConfig(hypergradient=est, inner_steps=k, batch_size=batch, val_batch_size=batch,
-                                  remat=remat)
+                                  remat=remat, unrolled_mode=mode)
             fns[name], compile_info[name] = search_variant(config, params, search, batches, val)
     timings = harness.interleaved(fns, repeats, warmup=1)
     plain = timings["plain"]["median_s"]
@@ -163,7 +166,7 @@ def run(smoke: bool = False, out_dir: str | None = None, command: str | None = N
                       spec["repeats"], begin.peak, noremat=i == 0 or spec.get("later_noremat", True))
             for i, k in enumerate(spec["ks"])]
     mem = {name: {r["k"]: r["variants"][name]["memory"] for r in rows if name in r["variants"]}
-           for name in ("unrolled", "unrolled_noremat")}
+           for name in ("unrolled", "unrolled_reverse", "unrolled_noremat")}
     k_lo, k_hi = min(spec["ks"]), max(spec["ks"])
 
     def mem_ratio(name):
@@ -176,7 +179,8 @@ def run(smoke: bool = False, out_dir: str | None = None, command: str | None = N
                "device": jax.devices()[0].device_kind,
                "model": common.describe(config), "batch": spec["batch"], "seq": spec["seq"],
                "lora": common.LORA.to_dict(),
-               "rows": rows, "memory_ratio_kmax_over_kmin": {"remat": mem_ratio("unrolled"),
+               "rows": rows, "memory_ratio_kmax_over_kmin": {"mixed": mem_ratio("unrolled"),
+                                                             "remat": mem_ratio("unrolled_reverse"),
                                                              "no_remat": mem_ratio("unrolled_noremat"),
                                                              "k_min": k_lo, "k_max": k_hi},
                "deep_compile": deep, "targets": {"time_ratio": TARGET_TIME_RATIO, "memory_ratio": TARGET_MEMORY_RATIO}}
