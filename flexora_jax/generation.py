@@ -55,26 +55,67 @@ class GenerateOutput:
 
 
 # ---------------------------------------------------------------------------------------- in-graph
-def _layers(config: ModelConfig, params: Params, lora_layers: Any, h: jax.Array, positions: jax.Array,
-            cache: tuple[jax.Array, jax.Array], column: jax.Array, allowed: jax.Array
-            ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """All blocks over ``h`` [b, t, d] (scanned over the stacked layer params) and the final norm.
+Cache = list[tuple[jax.Array, jax.Array]]  # per layer: keys, values [b, k, s, e]
 
-    The ``t`` new tokens' keys/values go to cache columns ``column .. column + t - 1`` of every layer;
-    ``allowed`` [b, t, s] says which cache columns each query may attend to (causal and not padding).
+
+def _bias(allowed: jax.Array) -> jax.Array:
+    """Additive attention bias [b, 1, t, c] of a boolean ``allowed`` [b, t, c]."""
+    return jnp.where(allowed[:, None], 0.0, NEG_INF)
+
+
+def _split_layers(config: ModelConfig, params: Params, lora_layers: Any) -> list[tuple[Params, Any]]:
+    """Each block's params and LoRA, sliced once before the decode loop (not at every step)."""
+    return [jax.tree.map(lambda x, i=i: x[i], (params["layers"], lora_layers)) for i in range(config.num_hidden_layers)]
+
+
+def _prefill(config: ModelConfig, params: Params, lora_layers: Any, tokens: jax.Array, mask: jax.Array,
+             max_new_tokens: int) -> tuple[jax.Array, Cache]:
+    """The left-padded prompts ``tokens``/``mask`` [b, p] in one batched pass (blocks under ``lax.scan``).
+
+    Returns the last column's normed hidden state [b, d] and the cache: per layer, keys/values
+    [b, k, p + max_new_tokens, e] with the prompt in columns ``0 .. p - 1``.
     """
+    b, p = tokens.shape
+    nk, e = config.num_key_value_heads, config.head_dim
+    dtype = jnp.dtype(config.dtype)
+    positions = jnp.where(mask > 0, jnp.cumsum(mask, axis=-1) - 1, 1)
     cos, sin = rope_tables(config, positions)
-    bias = jnp.where(allowed[:, None], 0.0, NEG_INF)  # [b, 1, t, s]
+    bias = _bias(jnp.tril(jnp.ones((p, p), bool))[None] & (mask > 0)[:, None, :])
 
-    def step(carry, xs):
-        h, ck, cv = carry
+    def step(h, xs):
         layer, lora_layer, index = xs
-        h, kv = block(config, layer, h, cos, sin, bias, lora_layer, None, 0.0, cache=KVCache(ck, cv, index, column))
-        return (h, kv.k, kv.v), None
+        empty = jnp.zeros((b, nk, p, e), dtype)  # the prompt's columns only: attention scores stay [p, p]
+        h, cache = block(config, layer, h, cos, sin, bias, lora_layer, None, 0.0,
+                         cache=KVCache(empty, empty, index, jnp.int32(0)))
+        return h, (cache.k, cache.v)
 
     indices = jnp.arange(config.num_hidden_layers, dtype=jnp.int32)
-    (h, ck, cv), _ = jax.lax.scan(step, (h, *cache), (params["layers"], lora_layers, indices))
-    return rms_norm(h, params["final_norm"], config.rms_norm_eps), (ck, cv)
+    h, (k, v) = jax.lax.scan(step, embed(config, params, tokens), (params["layers"], lora_layers, indices))
+    room = jnp.zeros((b, nk, max_new_tokens, e), dtype)
+    cache = [(jnp.concatenate([k[i], room], axis=2), jnp.concatenate([v[i], room], axis=2)) for i in range(len(k))]
+    return rms_norm(h[:, -1], params["final_norm"], config.rms_norm_eps), cache
+
+
+def _step(config: ModelConfig, params: Params, layers: list[tuple[Params, Any]], cache: Cache, token: jax.Array,
+          column: jax.Array, position: jax.Array, valid: jax.Array) -> tuple[jax.Array, Cache]:
+    """One decode step of ``token`` [b] at cache ``column`` and RoPE ``position`` [b].
+
+    The token attends to itself and to the cached columns before ``column`` that are ``valid`` [b, s]
+    (not padding). The blocks are unrolled over ``layers`` (:func:`_split_layers`) and each layer's
+    cache is its own buffer, so a step slices and copies nothing: each block writes its keys/values
+    into column ``column`` in place and attends to its cache where it lies. Returns the normed hidden
+    state [b, d] and the updated cache.
+    """
+    s = cache[0][0].shape[2]
+    bias = _bias((valid & (jnp.arange(s) <= column))[:, None])
+    cos, sin = rope_tables(config, position[:, None])
+    h = embed(config, params, token[:, None])
+    out = []
+    for index, ((layer, lora_layer), (ck, cv)) in enumerate(zip(layers, cache)):
+        h, kv = block(config, layer, h, cos, sin, bias, lora_layer, None, 0.0,
+                      cache=KVCache(ck, cv, jnp.int32(index), column))
+        out.append((kv.k, kv.v))
+    return rms_norm(h[:, 0], params["final_norm"], config.rms_norm_eps), out
 
 
 def _choose(logits: jax.Array, key: jax.Array, do_sample: bool, top_k: int, temperature: jax.Array,
@@ -107,22 +148,12 @@ def _decode(config: ModelConfig, params: Params, lora: Any, gates: Any, tokens: 
     tokens each row generated (EOS included) [b].
     """
     b, p = tokens.shape
-    s = p + max_new_tokens
-    L, nk, e = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
-    dtype = jnp.dtype(config.dtype)
-    lora_layers = None if lora is None else per_layer_lora(lora, gates, L)
-    cache = (jnp.zeros((L, b, s, nk, e), dtype), jnp.zeros((L, b, s, nk, e), dtype))
-
-    # Prefill: the whole prompt at columns 0..p-1.
+    lora_layers = None if lora is None else per_layer_lora(lora, gates, config.num_hidden_layers)
     mask = mask.astype(jnp.int32)
     n_prompt = jnp.sum(mask, axis=-1)  # [b]
-    positions = jnp.where(mask > 0, jnp.cumsum(mask, axis=-1) - 1, 1)
     valid = jnp.concatenate([mask > 0, jnp.ones((b, max_new_tokens), bool)], axis=-1)  # [b, s] key columns
-    cols = jnp.arange(s)
-    causal = cols[None, :] <= jnp.arange(p)[:, None]  # [p, s]
-    h = embed(config, params, tokens)
-    h, cache = _layers(config, params, lora_layers, h, positions, cache, jnp.int32(0),
-                       causal[None] & valid[:, None, :])
+    h_last, cache = _prefill(config, params, lora_layers, tokens, mask, max_new_tokens)
+    layers = _split_layers(config, params, lora_layers)
 
     def pick(h_last, step):
         logits = lm_head(config, params, h_last)
@@ -130,7 +161,7 @@ def _decode(config: ModelConfig, params: Params, lora: Any, gates: Any, tokens: 
         logp = jax.nn.log_softmax(logits, axis=-1)
         return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
-    first, first_lp = pick(h[:, -1], 0)
+    first, first_lp = pick(h_last, 0)
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     out_lp = jnp.zeros((b, max_new_tokens), jnp.float32).at[:, 0].set(first_lp)
     done = jnp.isin(first, eos_ids)
@@ -143,11 +174,8 @@ def _decode(config: ModelConfig, params: Params, lora: Any, gates: Any, tokens: 
     def body(state):
         step, out, out_lp, cache, done, length, last = state
         column = p + step - 1  # where the previous token goes
-        h = embed(config, params, last[:, None])  # [b, 1, d]
-        pos = (n_prompt + step - 1)[:, None]
-        allowed = (valid & (cols[None, :] <= column))[:, None, :]
-        h, cache = _layers(config, params, lora_layers, h, pos, cache, column, allowed)
-        token, lp = pick(h[:, 0], step)
+        h, cache = _step(config, params, layers, cache, last, column, n_prompt + step - 1, valid)
+        token, lp = pick(h, step)
         token = jnp.where(done, pad_id, token)
         out = jax.lax.dynamic_update_slice(out, token[:, None], (0, step))
         out_lp = jax.lax.dynamic_update_slice(out_lp, jnp.where(done, 0.0, lp)[:, None], (0, step))
