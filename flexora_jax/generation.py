@@ -55,7 +55,12 @@ class GenerateOutput:
 
 
 # ---------------------------------------------------------------------------------------- in-graph
-Cache = list[tuple[jax.Array, jax.Array]]  # per layer: keys, values [b, k, s, e]
+#: Decode steps unroll the blocks of models with at most this many layers (see :func:`_step`); deeper
+#: models scan them, so compile time and memory do not grow with depth.
+UNROLL_LAYERS = 8
+
+KV = tuple[jax.Array, jax.Array]  # keys, values
+Cache = KV | list[KV]  # stacked [l, b, k, s, e], or one [b, k, s, e] pair per layer (unrolled decode)
 
 
 def _bias(allowed: jax.Array) -> jax.Array:
@@ -63,20 +68,15 @@ def _bias(allowed: jax.Array) -> jax.Array:
     return jnp.where(allowed[:, None], 0.0, NEG_INF)
 
 
-def _split_layers(config: ModelConfig, params: Params, lora_layers: Any) -> list[tuple[Params, Any]]:
-    """Each block's params and LoRA, sliced once before the decode loop (not at every step)."""
-    return [jax.tree.map(lambda x, i=i: x[i], (params["layers"], lora_layers)) for i in range(config.num_hidden_layers)]
-
-
 def _prefill(config: ModelConfig, params: Params, lora_layers: Any, tokens: jax.Array, mask: jax.Array,
-             max_new_tokens: int) -> tuple[jax.Array, Cache]:
+             max_new_tokens: int) -> tuple[jax.Array, KV]:
     """The left-padded prompts ``tokens``/``mask`` [b, p] in one batched pass (blocks under ``lax.scan``).
 
-    Returns the last column's normed hidden state [b, d] and the cache: per layer, keys/values
-    [b, k, p + max_new_tokens, e] with the prompt in columns ``0 .. p - 1``.
+    Returns the last column's normed hidden state [b, d] and the cache [l, b, k, p + max_new_tokens, e]
+    (keys, values) with the prompt in columns ``0 .. p - 1``.
     """
     b, p = tokens.shape
-    nk, e = config.num_key_value_heads, config.head_dim
+    L, nk, e = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
     dtype = jnp.dtype(config.dtype)
     positions = jnp.where(mask > 0, jnp.cumsum(mask, axis=-1) - 1, 1)
     cos, sin = rope_tables(config, positions)
@@ -89,33 +89,56 @@ def _prefill(config: ModelConfig, params: Params, lora_layers: Any, tokens: jax.
                          cache=KVCache(empty, empty, index, jnp.int32(0)))
         return h, (cache.k, cache.v)
 
-    indices = jnp.arange(config.num_hidden_layers, dtype=jnp.int32)
-    h, (k, v) = jax.lax.scan(step, embed(config, params, tokens), (params["layers"], lora_layers, indices))
-    room = jnp.zeros((b, nk, max_new_tokens, e), dtype)
-    cache = [(jnp.concatenate([k[i], room], axis=2), jnp.concatenate([v[i], room], axis=2)) for i in range(len(k))]
+    h, kv = jax.lax.scan(step, embed(config, params, tokens),
+                         (params["layers"], lora_layers, jnp.arange(L, dtype=jnp.int32)))
+    room = jnp.zeros((L, b, nk, max_new_tokens, e), dtype)
+    cache = tuple(jnp.concatenate([x, room], axis=3) for x in kv)
     return rms_norm(h[:, -1], params["final_norm"], config.rms_norm_eps), cache
 
 
-def _step(config: ModelConfig, params: Params, layers: list[tuple[Params, Any]], cache: Cache, token: jax.Array,
-          column: jax.Array, position: jax.Array, valid: jax.Array) -> tuple[jax.Array, Cache]:
+def _decode_inputs(config: ModelConfig, params: Params, lora_layers: Any, cache: KV, unroll: bool
+                   ) -> tuple[Any, Cache]:
+    """The blocks and cache as the decode loop holds them: stacked (scanned steps), or sliced per layer
+    once, before the loop (unrolled steps)."""
+    layers = (params["layers"], lora_layers)
+    if not unroll:
+        return layers, cache
+    per_layer = [jax.tree.map(lambda x, i=i: x[i], (layers, cache)) for i in range(config.num_hidden_layers)]
+    return [p for p, _ in per_layer], [c for _, c in per_layer]
+
+
+def _step(config: ModelConfig, params: Params, layers: Any, cache: Cache, token: jax.Array, column: jax.Array,
+          position: jax.Array, valid: jax.Array) -> tuple[jax.Array, Cache]:
     """One decode step of ``token`` [b] at cache ``column`` and RoPE ``position`` [b].
 
     The token attends to itself and to the cached columns before ``column`` that are ``valid`` [b, s]
-    (not padding). The blocks are unrolled over ``layers`` (:func:`_split_layers`) and each layer's
-    cache is its own buffer, so a step slices and copies nothing: each block writes its keys/values
-    into column ``column`` in place and attends to its cache where it lies. Returns the normed hidden
-    state [b, d] and the updated cache.
+    (not padding); each block writes its keys/values into column ``column``. ``layers``/``cache`` come
+    from :func:`_decode_inputs`. Unrolled (a list per layer), a step slices and copies nothing: each
+    layer's weights and cache are their own buffers, written in place and read where they lie (XLA
+    CPU copies a dynamically sliced operand of a matmul, which a scan over stacked layers does for
+    every layer's weights and cache at every step). Returns the normed hidden state [b, d] and the
+    updated cache.
     """
-    s = cache[0][0].shape[2]
+    s = valid.shape[1]
     bias = _bias((valid & (jnp.arange(s) <= column))[:, None])
     cos, sin = rope_tables(config, position[:, None])
     h = embed(config, params, token[:, None])
-    out = []
-    for index, ((layer, lora_layer), (ck, cv)) in enumerate(zip(layers, cache)):
-        h, kv = block(config, layer, h, cos, sin, bias, lora_layer, None, 0.0,
-                      cache=KVCache(ck, cv, jnp.int32(index), column))
-        out.append((kv.k, kv.v))
-    return rms_norm(h[:, 0], params["final_norm"], config.rms_norm_eps), out
+    if isinstance(cache, list):
+        out = []
+        for index, ((layer, lora_layer), (ck, cv)) in enumerate(zip(layers, cache)):
+            h, kv = block(config, layer, h, cos, sin, bias, lora_layer, None, 0.0,
+                          cache=KVCache(ck, cv, jnp.int32(index), column))
+            out.append((kv.k, kv.v))
+        return rms_norm(h[:, 0], params["final_norm"], config.rms_norm_eps), out
+
+    def scanned(carry, xs):
+        h, ck, cv = carry
+        layer, lora_layer, index = xs
+        h, kv = block(config, layer, h, cos, sin, bias, lora_layer, None, 0.0, cache=KVCache(ck, cv, index, column))
+        return (h, kv.k, kv.v), None
+
+    (h, *cache), _ = jax.lax.scan(scanned, (h, *cache), (*layers, jnp.arange(config.num_hidden_layers)))
+    return rms_norm(h[:, 0], params["final_norm"], config.rms_norm_eps), tuple(cache)
 
 
 def _choose(logits: jax.Array, key: jax.Array, do_sample: bool, top_k: int, temperature: jax.Array,
@@ -138,11 +161,12 @@ def _choose(logits: jax.Array, key: jax.Array, do_sample: bool, top_k: int, temp
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "do_sample", "top_k"))
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "do_sample", "top_k", "unroll"))
 def _decode(config: ModelConfig, params: Params, lora: Any, gates: Any, tokens: jax.Array, mask: jax.Array,
             eos_ids: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, pad_id: jax.Array,
-            *, max_new_tokens: int, do_sample: bool, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Prefill + decode loop for left-padded ``tokens``/``mask`` [b, p].
+            *, max_new_tokens: int, do_sample: bool, top_k: int, unroll: bool
+            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Prefill + decode loop for left-padded ``tokens``/``mask`` [b, p] (``unroll``: see :func:`_step`).
 
     Returns new tokens [b, n] (``pad_id`` after a row's EOS), their log-probs [b, n] and the number of
     tokens each row generated (EOS included) [b].
@@ -153,7 +177,7 @@ def _decode(config: ModelConfig, params: Params, lora: Any, gates: Any, tokens: 
     n_prompt = jnp.sum(mask, axis=-1)  # [b]
     valid = jnp.concatenate([mask > 0, jnp.ones((b, max_new_tokens), bool)], axis=-1)  # [b, s] key columns
     h_last, cache = _prefill(config, params, lora_layers, tokens, mask, max_new_tokens)
-    layers = _split_layers(config, params, lora_layers)
+    layers, cache = _decode_inputs(config, params, lora_layers, cache, unroll)
 
     def pick(h_last, step):
         logits = lm_head(config, params, h_last)
@@ -292,7 +316,8 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[str] | Sequence
         out, lps, lengths = _decode(config, params, lora, gates, tokens, mask, jnp.asarray(eos, jnp.int32),
                                     jax.random.fold_in(key, start), jnp.float32(max(temperature, 1e-6)),
                                     jnp.float32(top_p), jnp.int32(pad), max_new_tokens=int(max_new_tokens),
-                                    do_sample=do_sample, top_k=int(top_k))
+                                    do_sample=do_sample, top_k=int(top_k),
+                                    unroll=config.num_hidden_layers <= UNROLL_LAYERS)
         out, lps, lengths = np.asarray(out), np.asarray(lps), np.asarray(lengths)
         for row, i in enumerate(chunk):
             n = int(lengths[row])

@@ -53,10 +53,11 @@ Params = dict[str, Any]
 
 
 class KVCache(NamedTuple):
-    """One block's generation cache, heads-major: keys/values [b, k, s, e] of that layer.
+    """The generation cache as a block sees it, heads-major: keys/values [b, k, s, e] of this layer, or
+    [l, b, k, s, e] of every layer (a layer scan's carry), of which the block uses layer ``layer``.
 
     :func:`block` writes the ``t`` new tokens' keys/values at columns ``column .. column + t - 1``
-    (in place under jit) and attends to every column; ``layer`` picks the layer's sliding window.
+    (in place under jit) and attends to every column; ``layer`` also picks the sliding window.
     """
 
     k: jax.Array
@@ -212,8 +213,8 @@ def block(config: ModelConfig, layer: Params, h: jax.Array, cos: jax.Array, sin:
         blk = query_block(t) if attention_block is None else attention_block
         attn = attend(config, q, k, v, bias, blk, cap)  # config.attention's backend (attention.py)
     else:
-        cache = _write_cache(cache, k, v)
-        attn = cached_attention_hm(q, cache.k, cache.v, bias, cap)
+        cache, k, v = _write_cache(cache, k, v)
+        attn = cached_attention_hm(q, k, v, bias, cap)
     attn = lin(attn.reshape(b, t, nh * e), "o_proj")
     sandwich = config.model_type == "gemma2"
     h = h + (rms_norm(attn, layer["post_attention_norm"], eps) if sandwich else attn)
@@ -226,15 +227,22 @@ def block(config: ModelConfig, layer: Params, h: jax.Array, cos: jax.Array, sin:
     return h if cache is None else (h, cache)
 
 
-def _write_cache(cache: KVCache, k: jax.Array, v: jax.Array) -> KVCache:
-    """The cache with new keys/values [b, t, k, e] written heads-major at its column (in place under jit)."""
+def _write_cache(cache: KVCache, k: jax.Array, v: jax.Array) -> tuple[KVCache, jax.Array, jax.Array]:
+    """Write new keys/values [b, t, k, e] heads-major at the cache's column (and layer, when stacked);
+    returns the cache and this layer's keys/values [b, k, s, e]."""
     zero = jnp.zeros((), jnp.int32)
-    at = (zero, zero, jnp.asarray(cache.column, jnp.int32), zero)
+    stacked = cache.k.ndim == 5
+    at = (cache.layer,) * stacked + (zero, zero, jnp.asarray(cache.column, jnp.int32), zero)
 
     def write(buffer: jax.Array, x: jax.Array) -> jax.Array:
-        return jax.lax.dynamic_update_slice(buffer, jnp.transpose(x, (0, 2, 1, 3)).astype(buffer.dtype), at)
+        x = jnp.transpose(x, (0, 2, 1, 3)).astype(buffer.dtype)
+        return jax.lax.dynamic_update_slice(buffer, x[None] if stacked else x, at)
 
-    return cache._replace(k=write(cache.k, k), v=write(cache.v, v))
+    cache = cache._replace(k=write(cache.k, k), v=write(cache.v, v))
+    if not stacked:
+        return cache, cache.k, cache.v
+    keys, values = (jax.lax.dynamic_index_in_dim(x, cache.layer, keepdims=False) for x in (cache.k, cache.v))
+    return cache, keys, values
 
 
 def embed(config: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
