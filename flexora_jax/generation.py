@@ -6,10 +6,18 @@ Design:
   (config, batch bucket, prompt bucket, ``max_new_tokens``, sampling mode). Buckets are powers of two,
   so a long evaluation compiles a handful of programs.
 - :func:`_decode` runs the decoder's own ``llama.block`` (given a ``KVCache``) and ``llama.lm_head``,
-  the gated LoRA branch included, so generation cannot drift from the trained model: a prefill pass
-  over the prompt fills the cache, then a ``lax.while_loop`` feeds one token per step until every row
-  has emitted EOS or ``max_new_tokens`` tokens. Layers run under ``lax.scan``; the cache ``[l, b, s, k, e]`` is carried whole and written
-  in place (``dynamic_update_slice`` at the layer index and the step's column).
+  the gated LoRA branch included, so generation cannot drift from the trained model: a batched prefill
+  pass over the prompts (blocks under ``lax.scan``) fills the cache, then a ``lax.while_loop`` feeds one
+  token per step until every row has emitted EOS or ``max_new_tokens`` tokens.
+- The cache is heads-major, ``[b, k, s, e]`` per layer, so a decode step's attention is a batched
+  matmul over the cache as it lies (no transpose), and each block writes only its new column, in place
+  (``dynamic_update_slice`` on the loop carry; the compiled HLO shows no copy of the cache in the loop).
+  Models of up to :data:`UNROLL_LAYERS` layers unroll the blocks in the decode step over per-layer
+  weights and cache buffers sliced once before the loop: XLA CPU copies a dynamically sliced matmul
+  operand, so a layer scan copies every layer's weights and cache at every step (about 4x slower per
+  step at batch 32 on the benchmark model, ``benchmarks/proposals/generation_notes.md``). Deeper
+  models scan the blocks over the stacked ``[l, b, k, s, e]`` cache, so compile time and weight memory
+  stay flat in depth.
 - Left padding as in transformers' ``generate``: RoPE positions are ``cumsum(mask) - 1`` (padding
   gets position 1, never read), the cache columns of padding are masked out as keys, and generated
   token ``j`` of a row with ``n`` prompt tokens has position ``n + j``.
@@ -30,7 +38,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -68,43 +77,42 @@ def _bias(allowed: jax.Array) -> jax.Array:
     return jnp.where(allowed[:, None], 0.0, NEG_INF)
 
 
-def _prefill(config: ModelConfig, params: Params, lora_layers: Any, tokens: jax.Array, mask: jax.Array,
-             max_new_tokens: int) -> tuple[jax.Array, KV]:
+def _prefill(config: ModelConfig, params: Params, lora_layers: Any, tokens: jax.Array, mask: jax.Array
+             ) -> tuple[jax.Array, KV]:
     """The left-padded prompts ``tokens``/``mask`` [b, p] in one batched pass (blocks under ``lax.scan``).
 
-    Returns the last column's normed hidden state [b, d] and the cache [l, b, k, p + max_new_tokens, e]
-    (keys, values) with the prompt in columns ``0 .. p - 1``.
+    Returns the last column's normed hidden state [b, d] and the prompt's keys/values [l, b, k, p, e].
     """
     b, p = tokens.shape
-    L, nk, e = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
-    dtype = jnp.dtype(config.dtype)
+    nk, e = config.num_key_value_heads, config.head_dim
     positions = jnp.where(mask > 0, jnp.cumsum(mask, axis=-1) - 1, 1)
     cos, sin = rope_tables(config, positions)
     bias = _bias(jnp.tril(jnp.ones((p, p), bool))[None] & (mask > 0)[:, None, :])
 
     def step(h, xs):
         layer, lora_layer, index = xs
-        empty = jnp.zeros((b, nk, p, e), dtype)  # the prompt's columns only: attention scores stay [p, p]
+        empty = jnp.zeros((b, nk, p, e), jnp.dtype(config.dtype))  # the prompt's columns only: scores [p, p]
         h, cache = block(config, layer, h, cos, sin, bias, lora_layer, None, 0.0,
                          cache=KVCache(empty, empty, index, jnp.int32(0)))
         return h, (cache.k, cache.v)
 
     h, kv = jax.lax.scan(step, embed(config, params, tokens),
-                         (params["layers"], lora_layers, jnp.arange(L, dtype=jnp.int32)))
-    room = jnp.zeros((L, b, nk, max_new_tokens, e), dtype)
-    cache = tuple(jnp.concatenate([x, room], axis=3) for x in kv)
-    return rms_norm(h[:, -1], params["final_norm"], config.rms_norm_eps), cache
+                         (params["layers"], lora_layers, jnp.arange(config.num_hidden_layers, dtype=jnp.int32)))
+    return rms_norm(h[:, -1], params["final_norm"], config.rms_norm_eps), kv
 
 
-def _decode_inputs(config: ModelConfig, params: Params, lora_layers: Any, cache: KV, unroll: bool
-                   ) -> tuple[Any, Cache]:
-    """The blocks and cache as the decode loop holds them: stacked (scanned steps), or sliced per layer
-    once, before the loop (unrolled steps)."""
-    layers = (params["layers"], lora_layers)
+def _decode_inputs(config: ModelConfig, params: Params, lora_layers: Any, prompt_kv: KV, max_new_tokens: int,
+                   unroll: bool) -> tuple[Any, Cache]:
+    """The blocks and the cache (the prompt's keys/values and room for ``max_new_tokens`` columns) as the
+    decode loop holds them: stacked (scanned steps), or sliced per layer once, before the loop (unrolled)."""
+    room = [(0, 0)] * 3 + [(0, max_new_tokens), (0, 0)]
     if not unroll:
-        return layers, cache
-    per_layer = [jax.tree.map(lambda x, i=i: x[i], (layers, cache)) for i in range(config.num_hidden_layers)]
-    return [p for p, _ in per_layer], [c for _, c in per_layer]
+        return (params["layers"], lora_layers), tuple(jnp.pad(x, room) for x in prompt_kv)
+    layers, cache = [], []
+    for i in range(config.num_hidden_layers):
+        layers.append(jax.tree.map(lambda x, i=i: x[i], (params["layers"], lora_layers)))
+        cache.append(tuple(jnp.pad(x[i], room[1:]) for x in prompt_kv))
+    return layers, cache
 
 
 def _step(config: ModelConfig, params: Params, layers: Any, cache: Cache, token: jax.Array, column: jax.Array,
@@ -176,8 +184,8 @@ def _decode(config: ModelConfig, params: Params, lora: Any, gates: Any, tokens: 
     mask = mask.astype(jnp.int32)
     n_prompt = jnp.sum(mask, axis=-1)  # [b]
     valid = jnp.concatenate([mask > 0, jnp.ones((b, max_new_tokens), bool)], axis=-1)  # [b, s] key columns
-    h_last, cache = _prefill(config, params, lora_layers, tokens, mask, max_new_tokens)
-    layers, cache = _decode_inputs(config, params, lora_layers, cache, unroll)
+    h_last, prompt_kv = _prefill(config, params, lora_layers, tokens, mask)
+    layers, cache = _decode_inputs(config, params, lora_layers, prompt_kv, max_new_tokens, unroll)
 
     def pick(h_last, step):
         logits = lm_head(config, params, h_last)
