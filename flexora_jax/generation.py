@@ -14,8 +14,8 @@ Design:
   (``dynamic_update_slice`` on the loop carry; the compiled HLO shows no copy of the cache in the loop).
   Models of up to :data:`UNROLL_LAYERS` layers unroll the blocks in the decode step over per-layer
   weights and cache buffers sliced once before the loop: XLA CPU copies a dynamically sliced matmul
-  operand, so a layer scan copies every layer's weights and cache at every step (about 4x slower per
-  step at batch 32 on the benchmark model, ``benchmarks/proposals/generation_notes.md``). Deeper
+  operand, so a layer scan copies every layer's weights and cache at every step (about 2x slower per
+  step on the benchmark model at batch 1 and 32, ``benchmarks/proposals/generation_notes.md``). Deeper
   models scan the blocks over the stacked ``[l, b, k, s, e]`` cache, so compile time and weight memory
   stay flat in depth.
 - Left padding as in transformers' ``generate``: RoPE positions are ``cumsum(mask) - 1`` (padding

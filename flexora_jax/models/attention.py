@@ -252,7 +252,6 @@ def attend(config: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, bias: 
     return recompute_blocked_attention_hm(q, k, v, bias, block, softcap)
 
 
-
 def cached_attention_hm(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
                         softcap: float | None = None) -> jax.Array:
     """:func:`attention_hm` with keys/values already heads-major, [b, k, s, e]: a KV cache, read where it lies.
