@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import tempfile
 
 import jax
@@ -166,6 +167,25 @@ def test_scanned_and_unrolled_decode_generate_the_same(model, greedy, monkeypatc
     out = gen.generate(CONFIG, params, PROMPTS, lora=lora, max_new_tokens=NEW)
     assert out.tokens == greedy["lora"].tokens
     np.testing.assert_allclose(np.concatenate(out.logprobs), np.concatenate(greedy["lora"].logprobs), atol=1e-5)
+
+
+@pytest.mark.parametrize("unroll", [True, False], ids=["unrolled", "scanned"])
+def test_decode_program_never_copies_the_cache(model, unroll):
+    """In the compiled program no op copies or transposes a layer's cache [b, k, s, e]: each step writes its
+    column in place (dynamic-update-slice; XLA would copy the buffer first if it could not). Unrolled, nothing
+    slices it either: the attention reads each layer's buffer where it lies."""
+    params, _, _ = model
+    b, p = 4, 16
+    tokens = np.ones((b, p), np.int32)
+    hlo = gen._decode.lower(CONFIG, params, None, None, tokens, np.ones_like(tokens), jnp.asarray([5], jnp.int32),
+                            jax.random.key(0), jnp.float32(1.0), jnp.float32(1.0), jnp.int32(0), max_new_tokens=NEW,
+                            do_sample=False, top_k=0, unroll=unroll).compile().as_text()
+    layer = f"{b},{CONFIG.num_key_value_heads},{p + NEW},{CONFIG.head_dim}]"
+    ops = re.findall(r"= f32\[(?:\d+,)?" + re.escape(layer) + r"\{[^}]*\} ([a-z-]+)\(", hlo)
+    assert ops.count("dynamic-update-slice") == 2 * (CONFIG.num_hidden_layers if unroll else 1), ops  # k, v
+    allowed = {"dynamic-update-slice", "fusion", "pad", "bitcast", "get-tuple-element", "parameter"}
+    allowed |= set() if unroll else {"dynamic-slice"}  # scanned: XLA CPU copies the layer's slice for the matmul
+    assert set(ops) <= allowed, ops
 
 
 def test_no_compilation_for_new_prompt_lengths_within_a_bucket(model, greedy):
