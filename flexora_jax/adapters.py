@@ -467,9 +467,15 @@ def _check_values(raw: dict[str, Any], cfg_file: Path) -> None:
     check_number(raw.get("lora_dropout") or 0.0, f"{cfg_file}: lora_dropout", lo=0, hi=1, hi_open=True)
     if raw.get("use_rslora") is not None:
         check_bool(raw["use_rslora"], f"{cfg_file}: use_rslora")
-    for field in ("rank_pattern", "alpha_pattern"):
+    adalora = raw.get("peft_type") == "ADALORA"  # its rank_pattern holds kept-triplet masks (lists of bools)
+    for field in ("alpha_pattern",) if adalora else ("rank_pattern", "alpha_pattern"):
         for key, value in check_mapping(raw.get(field) or {}, f"{cfg_file}: {field}").items():
             check_number(value, f"{cfg_file}: {field}[{key!r}]", lo=0, lo_open=True, integer=field == "rank_pattern")
+    if adalora:
+        for key, value in check_mapping(raw.get("rank_pattern") or {}, f"{cfg_file}: rank_pattern").items():
+            if not (isinstance(value, list) and all(isinstance(v, bool) for v in value)):
+                raise ConfigError(f"{cfg_file}: rank_pattern[{key!r}] of an AdaLoRA adapter must be a list of "
+                                  f"true / false (the kept triplets), got {value!r:.80}")
     for field in ("layers_pattern", "exclude_modules"):
         value = raw.get(field)
         if isinstance(value, str) and value:
