@@ -15,11 +15,11 @@ from typing import Any
 
 import jax
 
+from flexora_jax.errors import ConfigError
 from flexora_jax.model_config import (ALL_MODULES, ATTENTION_BACKENDS, ATTENTION_MODULES, DTYPES, EXPERT_MODULES,
                                       FUSED_MODULES, GEMMA_TYPES, HIDDEN_ACTS, LORA_MODULES, MLP_MODULES, ROPE_TYPES,
                                       SANDWICH_TYPES, SUPPORTED_MODEL_TYPES, FrozenDict, LoraConfig, ModelConfig,
                                       RopeScaling, module_path, require)
-from flexora_jax.errors import ConfigError
 from flexora_jax.validation import check_fields
 
 __all__ = ["ALL_MODULES", "ATTENTION_BACKENDS", "ATTENTION_MODULES", "DTYPES", "EXPERT_MODULES", "FUSED_MODULES",
@@ -159,7 +159,8 @@ class FinetuneConfig:
         require(0 <= self.warmup_ratio < 1, f"finetune.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         require(self.optimizer in OPTIMIZERS, f"finetune.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         require(self.grad_clip >= 0, f"finetune.grad_clip must be >= 0, got {self.grad_clip!r}")
-        require(isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+        require(isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay)
+                and self.weight_decay >= 0,
                 f"finetune.weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
 
 
@@ -238,7 +239,8 @@ class MeshConfig:
             sizes[sizes.index(-1)] = n_devices // known
         if math.prod(sizes) != n_devices:
             raise ConfigError(f"mesh: sizes {self._sizes_text()} multiply to {math.prod(sizes)}: the mesh "
-                              f"needs {math.prod(sizes)} devices, but {n_devices} are available ({where}); set mesh.data / mesh.fsdp / mesh.model "
+                              f"needs {math.prod(sizes)} devices, but {n_devices} are available ({where}); set "
+                              "mesh.data / mesh.fsdp / mesh.model "
                               "so they multiply to the device count (use -1 for one axis to take the rest)")
         return tuple(sizes)  # type: ignore[return-value]
 

@@ -44,7 +44,8 @@ class ModelSourceConfig:
     def __post_init__(self) -> None:
         check_fields(self, "model")
         require(self.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got {self.dtype!r}")
-        require(isinstance(self.allow_pickle, bool), f"model.allow_pickle must be true or false, got {self.allow_pickle!r}")
+        require(isinstance(self.allow_pickle, bool),
+                f"model.allow_pickle must be true or false, got {self.allow_pickle!r}")
         require(not (self.path and self.llama2c),
                f"model.path ({self.path!r}) and model.llama2c ({self.llama2c!r}) are exclusive; set one")
         require(self.llama2c is None or self.tokenizer_model is not None,
@@ -76,7 +77,8 @@ class PlantedOptions:
         modules = tuple(self.modules)
         object.__setattr__(self, "modules", modules)
         bad = [m for m in modules if m not in ALL_MODULES]
-        require(modules and not bad, f"task.planted.modules must name modules of {list(ALL_MODULES)}, got {list(modules)!r}")
+        require(modules and not bad,
+                f"task.planted.modules must name modules of {list(ALL_MODULES)}, got {list(modules)!r}")
         require(len(set(modules)) == len(modules), f"task.planted.modules has duplicates: {list(modules)!r}")
         require(isinstance(self.layer_kl, (int, float)) and self.layer_kl > 0,
                f"task.planted.layer_kl must be a KL > 0 (nats), got {self.layer_kl!r}")
@@ -116,7 +118,8 @@ class TaskConfig:
         check_fields(self, "task")
         require(isinstance(self.name, str) and self.name != "", "task.name must be a non-empty string")
         require(self.source in ("local", "hub"), f"task.source must be 'local' or 'hub', got {self.source!r}")
-        require(self.too_long in ("drop", "truncate"), f"task.too_long must be 'drop' or 'truncate', got {self.too_long!r}")
+        require(self.too_long in ("drop", "truncate"),
+                f"task.too_long must be 'drop' or 'truncate', got {self.too_long!r}")
         require(isinstance(self.max_length, int) and self.max_length >= 8,
                f"task.max_length must be an integer >= 8, got {self.max_length!r}")
         for name in ("n_train", "n_val", "n_test", "n_finetune"):
