@@ -13,10 +13,10 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
+from flexora_jax.errors import ConfigError
 from flexora_jax.pipeline import methods
 from flexora_jax.pipeline.config import RunConfig
 from flexora_jax.pipeline.workspace import prepare
-from flexora_jax.errors import ConfigError
 from flexora_jax.selection import Selection
 
 REPO = Path(__file__).resolve().parents[1]
