@@ -107,35 +107,31 @@ def first_layer(run, searches):
 def test_a_method_added_through_the_registry_runs_the_planted_pipeline(tmp_path, monkeypatch, capsys):
     """Adding a method is one record and one register call: config validation, --help-config, the searches it
     needs, its fine-tune and its files all follow."""
-    from flexora_jax import cli
-    from flexora_jax.pipeline import registry
-    from flexora_jax.pipeline.config import load_config
+    from flexora_jax import cli, pipeline
 
     monkeypatch.setenv("FLEXORA_PROGRESS", "0")
     with pytest.raises(ConfigError, match="method must be one of"):
         RunConfig(method="first_layer")
-    registry.register(registry.Method("first_layer", "LoRA on the first layer alone (a toy).", first_layer))
+    pipeline.register(pipeline.Method("first_layer", "LoRA on the first layer alone (a toy).", first_layer))
     try:
         assert cli.main(["--help-config"]) == 0
         assert "  first_layer: LoRA on the first layer alone (a toy)." in capsys.readouterr().out
         out = tmp_path / "run"
-        config = load_config(None, [
+        config = pipeline.load_config(None, [
             "--method=first_layer", "--compare=[]", f"--output_dir={out}", "--task.planted.num_layers=2",
             "--task.planted.num_planted=1", "--task.planted.n_train=16", "--task.planted.n_val=8",
             "--task.planted.n_test=8", "--task.planted.finetune_examples=8", "--finetune.max_steps=2",
             "--finetune.batch_size=4", "--search.batch_size=4", "--search.val_batch_size=4", "--eval.base=false",
             "--checkpoint.every=0", "--mesh.num_devices=1"])
         assert methods.needed_searches(config) == []  # no search of its own, no k
-        from flexora_jax.pipeline import run
-
-        result = run(config)
+        result = pipeline.run(config)
         assert set(result.scores) == {"first_layer"} and not (out / "searches").exists()
         assert json.loads((out / "methods" / "first_layer" / "selection.json").read_text())["layers"] == [0]
         assert json.loads((out / "selection.json").read_text())["layers"] == [0]
         assert (out / "adapter" / "adapter_model.safetensors").is_file() and (out / "report.md").is_file()
         assert np.isfinite(result.scores["first_layer"]["planted"]["test_loss"])
     finally:
-        registry.unregister("first_layer")
+        pipeline.unregister("first_layer")
     with pytest.raises(ConfigError, match="method must be one of"):
         RunConfig(method="first_layer")
 
