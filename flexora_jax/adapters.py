@@ -54,7 +54,7 @@ from flexora_jax.models.hf import read_safetensors, save_model, write_safetensor
 from flexora_jax.moe_adapters import PREFIX as _PREFIX
 from flexora_jax.moe_adapters import expert_paths, export_experts, group_experts, moe_other_paths, peft_path
 from flexora_jax.moe_adapters import tensor_key as _tensor_key  # PEFT key of a lora_A / lora_B / magnitude tensor
-from flexora_jax.peft_fields import ADALORA_FIELDS, ADAPTER_CONFIG, check_fields
+from flexora_jax.peft_fields import ADALORA_FIELDS, ADAPTER_CONFIG, check_peft_fields
 from flexora_jax.validation import check_bool, check_finite_tree, check_mapping, check_number, check_regex, read_json
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -237,7 +237,7 @@ def load_peft(adapter_dir: str | os.PathLike, config: ModelConfig) -> LoraParams
     """
     directory = Path(adapter_dir)
     raw, cfg_file = _read_config(directory)
-    check_fields(raw, cfg_file)
+    check_peft_fields(raw, cfg_file)
     _check_values(raw, cfg_file)
     if raw.get("peft_type") == "ADALORA":  # rank-pruned: the kept triplets, Lambda and the scale folded into B
         return to_lora(config, *_adalora(directory, raw, cfg_file, config))
@@ -349,7 +349,7 @@ def load_adalora(adapter_dir: str | os.PathLike,
     if raw.get("peft_type") != "ADALORA":
         raise ConfigError(f"{cfg_file}: peft_type {raw.get('peft_type')!r} is not an AdaLoRA adapter ('ADALORA'); "
                           "load it with load_peft")
-    check_fields(raw, cfg_file)
+    check_peft_fields(raw, cfg_file)
     return _adalora(directory, raw, cfg_file, config)
 
 

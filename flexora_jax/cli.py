@@ -30,6 +30,7 @@ import jax
 from flexora_jax.errors import FlexoraError
 from flexora_jax.pipeline.config import help_text, load_config
 from flexora_jax.pipeline.io import Interrupted
+from flexora_jax.pipeline.registry import method_names
 from flexora_jax.pipeline.rundir import describe_os_error
 from flexora_jax.pipeline.stages import run, run_stage
 
@@ -56,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
         description="Find which layers (Flexora) and ranks (AutoLoRA) to fine-tune with LoRA, then fine-tune there.",
         epilog="Any config key can be overridden as --section.key=value (YAML values), e.g. --seed=3 "
                "--lora.r=8 --search.hypergradient=first_order --compare=[lora,random_k]. "
-               "`flexora-jax --help-config` lists every key with its type, default and meaning.")
+               f"Methods (--method, --compare): {', '.join(method_names())}. "
+               "`flexora-jax --help-config` lists every key with its type, default and meaning, and what each "
+               "method does.")
     p.add_argument("command", nargs="?", default="run", choices=COMMANDS, help="what to run (default: run)")
     p.add_argument("--config", help="YAML config file (default: the embedded planted demo, or DIR/config.yaml)")
     p.add_argument("--output-dir", "--output_dir", dest="output_dir", help="the run directory")

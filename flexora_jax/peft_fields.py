@@ -62,7 +62,7 @@ ADALORA_FIELDS = ("target_r", "init_r", "tinit", "tfinal", "deltaT", "beta1", "b
                   "total_step")
 
 
-def check_fields(raw: Mapping[str, Any], where: str | os.PathLike) -> None:
+def check_peft_fields(raw: Mapping[str, Any], where: str | os.PathLike) -> None:
     """Unknown fields and function-changing settings fail here, each naming the field (``where``: the file)."""
     peft_type = raw.get("peft_type", "LORA")
     adalora = peft_type == "ADALORA"
@@ -205,7 +205,7 @@ def lora_config_kwargs(raw: Mapping[str, Any], where: str, modules: Sequence[str
     module names, ``layers_to_transform`` and our suffix keys; a block a module does not adapt gets rank 0.
     A regex ``target_modules`` or pattern key needs the model's module paths: :func:`load_peft` reads those.
     """
-    check_fields(raw, where)
+    check_peft_fields(raw, where)
     if raw.get("peft_type", "LORA") != "LORA":
         raise ConfigError(f"{where}: peft_type {raw['peft_type']!r} is not a LoRA config; an AdaLoRA adapter "
                           "loads with flexora_jax.adapters.load_adalora (or load_peft, rank-pruned as LoRA)")

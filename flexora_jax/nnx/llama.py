@@ -21,12 +21,14 @@ results are written back here. The projections are containers, not callable modu
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flexora_jax.adapters import export_peft
 from flexora_jax.config import LoraConfig, ModelConfig
 from flexora_jax.errors import ConfigError
 from flexora_jax.gates import Gates, GateValues, multipliers
@@ -278,6 +280,11 @@ class LlamaForCausalLM(nnx.Module):
                 delattr(node, name)
         self.lora_config = None
         return self
+
+    def save_peft(self, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+        """This decoder's LoRA as a PEFT adapter (``fj.export_peft``, gates folded into B); what
+        :func:`flexora_jax.nnx.save_peft` calls for it."""
+        return export_peft(self.lora(), directory, gates=self.gates(), base_model_name_or_path=base_model_name_or_path)
 
     # ------------------------------------------------------------------------------ forward
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, **kwargs: Any) -> jax.Array:

@@ -36,10 +36,11 @@ from flexora_jax.loops import Hook
 from flexora_jax.lora import init_lora
 from flexora_jax.nnx import LlamaForCausalLM
 from flexora_jax.pipeline import report
-from flexora_jax.pipeline.config import METHOD_GATES, PLANTED_TASK, RunConfig
+from flexora_jax.pipeline.config import PLANTED_TASK, RunConfig
 from flexora_jax.pipeline.io import progress, progress_enabled, read_json, write_json
 from flexora_jax.pipeline.methods import (SearchOutcome, load_search, method_dir, method_selection, needed_searches,
                                      selection_json)
+from flexora_jax.pipeline.registry import get_method
 from flexora_jax.pipeline.workspace import Workspace, prepare
 from flexora_jax.evaluation import evaluate
 from flexora_jax.problem import decoder_problem
@@ -101,7 +102,8 @@ def search_stage(ws: Workspace, kind: str = "layer") -> SearchOutcome:
 
 
 def finetune_stage(ws: Workspace, method: str, selection: Selection) -> Any:
-    """Fine-tune a fresh LoRA on ``selection`` (or resume / reuse it); export it in PEFT format."""
+    """Fine-tune ``method`` on ``selection`` as its registry record says (a fresh LoRA or DoRA; AdaLoRA: its own
+    stage), or resume / reuse it; export it in PEFT format."""
     cfg, ft = ws.config, ws.config.finetune
     out_dir = method_dir(ws, method)
     stage = f"finetune_{method}"
@@ -109,7 +111,7 @@ def finetune_stage(ws: Workspace, method: str, selection: Selection) -> Any:
     if ws.resume and (adapter / "adapter_model.safetensors").exists() and (out_dir / "selection.json").exists():
         log.info("%s: done in a previous session, reusing %s", stage, adapter)
         return load_peft(adapter, ws.model_config)
-    if method == "adalora":
+    if get_method(method).finetune == "adalora":
         return _finetune_adalora(ws, stage, out_dir)
     lora = init_lora(ws.model_config, selection.lora_config, jax.random.key(cfg.seed + 1), ws.params)  # DoRA: W0
     problem = decoder_problem(ws.model_config, ws.params, lora)
@@ -236,7 +238,7 @@ def export_stage(ws: Workspace, merged: bool = False) -> None:
         write_dir(ws.run_dir / "adapter", lambda tmp: shutil.copytree(src / "adapter", tmp))
     write_json(ws.run_dir / "selection.json", {k: v for k, v in read_json(src / "selection.json").items()
                                                 if k in ("layers", "ranks", "trainable_params")})
-    kind = METHOD_GATES.get(cfg.method) or ("layer" if (ws.run_dir / "searches" / "layer").exists() else None)
+    kind = get_method(cfg.method).search or ("layer" if (ws.run_dir / "searches" / "layer").exists() else None)
     write_json(ws.run_dir / "gates.json", read_json(ws.run_dir / "searches" / kind / "gates.json") if kind else {})
     if merged:
         lora = load_peft(src / "adapter", ws.model_config)
