@@ -28,8 +28,9 @@ import copy
 import numbers
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from flexora_jax.errors import ConfigError
 from flexora_jax.loops import Hook, RunContext

@@ -5,6 +5,7 @@ fj.finetune; progress bars from the API."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import types
 from types import SimpleNamespace
@@ -17,13 +18,13 @@ import flexora_jax as fj
 from flexora_jax.loops import RunContext
 from flexora_jax.writers import TensorBoardWriter, WandbWriter, scalars
 
-pytest.importorskip("tensorboard")
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+QUICK = dataclasses.replace(SEARCH, hypergradient="first_order", inner_steps=1)  # one cheap compile
 
 
 def read_scalars(directory) -> dict[str, list[tuple[int, float]]]:
     """Every scalar series of one TensorBoard run directory, as TensorBoard loads it."""
-    acc = EventAccumulator(str(directory))
+    reader = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    acc = reader.EventAccumulator(str(directory))
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
 
@@ -70,7 +71,7 @@ def test_writers_on_search_and_finetune(kind, tmp_path, fake_wandb):
     """The same hooks serve the search and the fine-tune of the decoder and of a foreign NNX model: TensorBoard
     reads back every logged value at its step, W&B gets one finished run per stage with the same values."""
     tb, wb = TensorBoardWriter(tmp_path / "tb"), WandbWriter(project="p", group="g", mode="offline")
-    found = fj.search(make(kind), SEARCH, TRAIN, VAL, hooks=[tb, wb], progress=False)
+    found = fj.search(make(kind), QUICK, TRAIN, VAL, hooks=[tb, wb], progress=False)
     _, history = fj.finetune(make(kind), TRAIN, FINETUNE, hooks=[tb.stage_hook("finetune_lora"), wb], progress=False)
     search = read_scalars(tmp_path / "tb" / "search")
     assert [s for s, _ in search["train_loss"]] == [1, 2, 3, 4]
