@@ -25,6 +25,7 @@ Example::
 from __future__ import annotations
 
 import copy
+import importlib.util
 import numbers
 import os
 import time
@@ -82,6 +83,13 @@ class MetricWriter(Hook):
         """Write one step's scalars (subclasses)."""
 
 
+def _require(package: str, writer: str) -> None:
+    """Refuse a writer whose optional package is missing when it is made, not steps later when it starts."""
+    if importlib.util.find_spec(package) is None:
+        raise ConfigError(f"{writer} needs the {package} package, which is not installed: pip install "
+                          f"'flexora_jax[{package}]' (or pip install {package})")
+
+
 # ----------------------------------------------------------------------------------------- TensorBoard
 class TensorBoardWriter(MetricWriter):
     """TensorBoard event files: ``<logdir>/<stage>/`` per stage, one scalar per record key and step.
@@ -94,6 +102,7 @@ class TensorBoardWriter(MetricWriter):
 
     def __init__(self, logdir: str | os.PathLike, stage: str | None = None, flush_secs: float = 10.0) -> None:
         super().__init__(stage)
+        _require("tensorboard", "TensorBoardWriter")
         self.logdir, self.flush_secs = Path(logdir), flush_secs
         self._writer: Any = None
         self._proto: Any = None
@@ -101,12 +110,9 @@ class TensorBoardWriter(MetricWriter):
     def start(self, run: RunContext) -> None:
         if not is_main_process():
             return
-        try:
-            from tensorboard.compat.proto import event_pb2, summary_pb2
-            from tensorboard.summary.writer.event_file_writer import EventFileWriter
-        except ImportError:
-            raise ConfigError("TensorBoardWriter needs the tensorboard package: pip install "
-                              "'flexora_jax[tensorboard]' (or pip install tensorboard)") from None
+        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+
         self._proto = (event_pb2, summary_pb2)
         self._writer = EventFileWriter(str(self.logdir / self.name(run)), flush_secs=self.flush_secs)
         # steps after run.start were logged by an interrupted run and come again: TensorBoard drops them
@@ -144,6 +150,7 @@ class WandbWriter(MetricWriter):
                  dir: str | os.PathLike | None = None, run: Any = None, stage: str | None = None,
                  **init_kwargs: Any) -> None:
         super().__init__(stage)
+        _require("wandb", "WandbWriter")
         self.project, self.group, self.config, self.dir = project, group, config, dir
         self.run, self.init_kwargs = run, init_kwargs
         self._target: Any = None
@@ -153,11 +160,8 @@ class WandbWriter(MetricWriter):
     def start(self, run: RunContext) -> None:
         if not is_main_process():
             return
-        try:
-            import wandb
-        except ImportError:
-            raise ConfigError("WandbWriter needs the wandb package: pip install 'flexora_jax[wandb]' "
-                              "(or pip install wandb)") from None
+        import wandb
+
         name = self.name(run)
         given = self.run if self.run is not None else wandb.run
         if given is not None:

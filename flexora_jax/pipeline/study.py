@@ -34,10 +34,11 @@ from scipy.stats import spearmanr
 from flexora_jax import fileio
 from flexora_jax.errors import ConfigError, FlexoraError
 from flexora_jax.pipeline import report
-from flexora_jax.pipeline.config import RunConfig, load_config
+from flexora_jax.pipeline.config import RunConfig, load_config, save_config
 from flexora_jax.pipeline.methods import method_dirname
 from flexora_jax.pipeline.rundir import RunDir
 from flexora_jax.pipeline.stages import run
+from flexora_jax.sharding import is_main_process
 
 SMOKE_OVERRIDES = ["--search.steps=3", "--finetune.max_steps=5", "--task.planted.n_train=64",
                    "--task.planted.n_val=32", "--task.planted.n_test=32", "--task.planted.finetune_examples=32",
@@ -204,18 +205,23 @@ def run_seeds(config: RunConfig, seeds: Sequence[int], resume: bool = False) -> 
     standard deviation over the seeds per method in ``<output_dir>/compare.json`` (``{method: {task: {metric:
     {mean, std, n}}}}``), ``report.md`` and ``compare.png``. Returns that aggregate.
 
-    A fresh multi-seed run takes a new or empty directory (``seeds.json`` marks it as one); ``resume``
-    skips the seeds that finished and resumes the one that was interrupted.
+    A fresh multi-seed run takes a new or empty directory (``seeds.json`` and ``config.yaml`` mark it as one);
+    ``resume`` skips the seeds that finished and resumes the one that was interrupted.
     """
     if (not isinstance(seeds, (list, tuple)) or not seeds or len(set(seeds)) != len(seeds)
             or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
         raise ConfigError(f"--seeds must be a list of distinct integers >= 0, e.g. --seeds=[0,1,2], got {seeds!r}")
     top = RunDir(config.output_dir)
     top.check_usable()
+    if not resume and (top / SEEDS_FILE).exists():
+        raise ConfigError(f"output_dir {top.path} holds a multi-seed run already; continue it with --resume, or choose "
+                          "another --output-dir")
     if not resume:
         top.check_fresh(SEEDS_FILE)
-    top.path.mkdir(parents=True, exist_ok=True)
-    fileio.write_json(top / SEEDS_FILE, {"seeds": list(seeds)})
+    if is_main_process() and not (top / SEEDS_FILE).exists():
+        save_config(config, top / "config.yaml")  # what --resume reads back
+    if is_main_process():
+        fileio.write_json(top / SEEDS_FILE, {"seeds": list(seeds)})
     for seed in seeds:
         run_dir = top / f"seed{seed}"
         if resume and (run_dir / "report.md").exists():
@@ -272,7 +278,10 @@ def main(argv: list[str] | None = None, prog: str = "python -m flexora_jax.pipel
     parser.add_argument("--out", required=True, help="results directory (one run directory per run)")
     parser.add_argument("--smoke", action="store_true", help="one seed, tiny sizes: checks the plan runs")
     parser.add_argument("--only", default=None, help="run only this experiment")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed
+        return int(exc.code or 0)
     try:
         result = run_plan(args.plan, args.out, smoke=args.smoke, only=args.only)
     except FlexoraError as exc:
