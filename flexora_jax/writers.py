@@ -105,25 +105,25 @@ class TensorBoardWriter(MetricWriter):
         _require("tensorboard", "TensorBoardWriter")
         self.logdir, self.flush_secs = Path(logdir), flush_secs
         self._writer: Any = None
-        self._proto: Any = None
+        self._event: Any = None  # tensorboard's event_pb2 (imported when a stage starts)
 
     def start(self, run: RunContext) -> None:
         if not is_main_process():
             return
-        from tensorboard.compat.proto import event_pb2, summary_pb2
+        from tensorboard.compat.proto import event_pb2
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
 
-        self._proto = (event_pb2, summary_pb2)
+        self._event = event_pb2
         self._writer = EventFileWriter(str(self.logdir / self.name(run)), flush_secs=self.flush_secs)
         # steps after run.start were logged by an interrupted run and come again: TensorBoard drops them
         restart = event_pb2.SessionLog(status=event_pb2.SessionLog.START)
         self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=run.start + 1, session_log=restart))
 
     def write(self, run: RunContext, step: int, values: dict[str, float]) -> None:
-        event_pb2, summary_pb2 = self._proto
-        summary = summary_pb2.Summary(value=[summary_pb2.Summary.Value(tag=k, simple_value=v)
-                                             for k, v in values.items()])
-        self._writer.add_event(event_pb2.Event(wall_time=time.time(), step=step, summary=summary))
+        event = self._event.Event(wall_time=time.time(), step=step)
+        for tag, value in values.items():
+            event.summary.value.add(tag=tag, simple_value=value)
+        self._writer.add_event(event)
 
     def close(self, run: RunContext, error: BaseException | None) -> None:
         if self._writer is not None:

@@ -146,13 +146,12 @@ def test_tensorboard_flag_and_one_progress_bar(tmp_path, monkeypatch):
     monkeypatch.setattr(hooks, "tqdm", Bar)
     monkeypatch.setattr(io, "tqdm", Bar)
     out = tmp_path / "run"
-    assert cli.main(["run", "--output-dir", str(out), "--log.tensorboard=true", "--compare=[lora]",
+    assert cli.main(["run", "--output-dir", str(out), "--log.tensorboard=true", "--compare=[]",
                      "--eval.base=false", "--mesh.num_devices=1", *SMOKE_OVERRIDES]) == 0
     assert peak[0] == 1 and not live
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert sorted(p.name for p in (out / "tensorboard").iterdir()) == ["finetune_flexora", "finetune_lora",
-                                                                        "search_layer"]
-    for stage, key in (("search_layer", "val_loss"), ("search_layer", "gates/1"), ("finetune_lora", "loss")):
+    assert sorted(p.name for p in (out / "tensorboard").iterdir()) == ["finetune_flexora", "search_layer"]
+    for stage, key in (("search_layer", "val_loss"), ("search_layer", "gates/1"), ("finetune_flexora", "loss")):
         acc = reader.EventAccumulator(str(out / "tensorboard" / stage))
         acc.Reload()
         want = [(r["step"], r[key.split("/")[0]]) for r in logged if r["stage"] == stage]

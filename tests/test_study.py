@@ -102,7 +102,7 @@ def test_aggregate_reads_the_selection_of_a_combined_method(tmp_path):
     assert abs(rec["rank_corr"]["mean"] - 1.0) < 1e-9 and rec["rank_at_planted_4"]["mean"] == 3.0
 
 
-SEEDS_RUN = ["--compare=[lora]", "--eval.base=false", "--mesh.num_devices=1"]
+SEEDS_RUN = ["--compare=[]", "--mesh.num_devices=1"]
 
 
 def test_run_seeds_from_the_command_line(tmp_path, monkeypatch):
@@ -123,7 +123,7 @@ def test_run_seeds_from_the_command_line(tmp_path, monkeypatch):
                 for s in (0, 1)]
     agg = json.loads((out / "compare.json").read_text())
     loss = agg["flexora"]["planted"]["test_loss"]
-    assert loss["n"] == 2 and set(agg) == {"flexora", "lora"}
+    assert loss["n"] == 2 and set(agg) == {"flexora", "base"}
     assert loss["mean"] == pytest.approx(np.mean(per_seed)) and loss["std"] == pytest.approx(np.std(per_seed, ddof=1))
     text = (out / "report.md").read_text()
     assert "2 seeds" in text and f"| flexora | {loss['mean']:.4f} ± {loss['std']:.4f} |" in text
