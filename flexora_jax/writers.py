@@ -28,6 +28,7 @@ import copy
 import importlib.util
 import numbers
 import os
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -85,7 +86,7 @@ class MetricWriter(Hook):
 
 def _require(package: str, writer: str) -> None:
     """Refuse a writer whose optional package is missing when it is made, not steps later when it starts."""
-    if importlib.util.find_spec(package) is None:
+    if sys.modules.get(package) is None and importlib.util.find_spec(package) is None:
         raise ConfigError(f"{writer} needs the {package} package, which is not installed: pip install "
                           f"'flexora_jax[{package}]' (or pip install {package})")
 
