@@ -139,7 +139,8 @@ class WandbWriter(MetricWriter):
 
     Args:
       project, group, config, dir: passed to ``wandb.init`` (``group`` ties a search and its fine-tunes
-        together; ``config``: what you want recorded, e.g. ``dataclasses.asdict(search_config)``).
+        together; the run's config is the stage's identity: its settings, seed and data fingerprints, updated
+        with ``config``).
       run: log into this run (not finished here) instead; an active ``wandb.run`` is used the same way.
         Its keys are ``<stage>/<metric>`` against ``<stage>/step`` (``define_metric``), so stages of
         different lengths share one run.
@@ -172,10 +173,10 @@ class WandbWriter(MetricWriter):
             return
         if self.dir is not None:
             Path(self.dir).mkdir(parents=True, exist_ok=True)
+        config = {**dict(getattr(run.stage, "identity", None) or {}), **dict(self.config or {})}
         self._target = wandb.init(project=self.project, group=self.group, job_type=name,
-                                  name=f"{self.group}/{name}" if self.group else name,
-                                  config=dict(self.config or {}), dir=None if self.dir is None else str(self.dir),
-                                  **self.init_kwargs)
+                                  name=f"{self.group}/{name}" if self.group else name, config=config,
+                                  dir=None if self.dir is None else str(self.dir), **self.init_kwargs)
         self._owned, self._prefix = True, ""
 
     def write(self, run: RunContext, step: int, values: dict[str, float]) -> None:

@@ -11,7 +11,7 @@ import pytest
 
 from flexora_jax.pipeline import report
 from flexora_jax.pipeline.config import ModelSourceConfig, RunConfig, TaskConfig, config_to_dict
-from flexora_jax.pipeline.report import gate_checks, marginal_gates, moving_gates, rank_checks
+from flexora_jax.pipeline.report import Check, boundary, gate_checks, marginal_gates, moving_gates, rank_checks
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
@@ -48,18 +48,32 @@ def test_marginal_selections_per_rule():
 
 
 def test_gate_checks_say_what_to_do():
-    traj = np.stack([1.0 + 0.01 * np.arange(1, 41), converging(40, 1.007), converging(40, 0.5)], axis=1)
+    t = np.arange(40)
+    traj = np.stack([0.6 + 0.01 * t,  # rising toward the threshold 1: may cross with more steps
+                     converging(40, 1.007),  # settled just above it: marginal
+                     converging(40, 0.5),  # settled well below: fine
+                     1.0 + 0.01 * t], axis=1)  # rising, but away from the threshold
     w = traj[-1].tolist()
-    lines = gate_checks(traj, w, selected=[0, 1], selection={"rule": "positive", "top_k": 0, "threshold": 1.0},
-                        steps=40)
-    assert len(lines) == 2
-    assert lines[0].startswith("layer 0: the gate is still rising") and "raise `search.steps` (now 40)" in lines[0]
-    assert lines[1].startswith("layer 1: w = 1.00") and "(selected)" in lines[1]
-    assert "`positive` rule's threshold 1" in lines[1] and "`selection.rule=top_k` with `selection.top_k=2`" in lines[1]
-    assert gate_checks(traj[:, 2:], w[2:], [], {"rule": "positive"}, 40) == []
+    checks = gate_checks(traj, w, selected=[1, 3], selection={"rule": "positive", "top_k": 0, "threshold": 1.0},
+                         steps=40)
+    assert [c.warning for c in checks] == [True, False, True]
+    toward, away, marginal = (c.text for c in checks)
+    assert toward.startswith("layer 0: the gate is still rising toward the `positive` rule's threshold 1 (w = 0.990")
+    assert "crosses in about 1 steps" in toward and "raise `search.steps` (now 40)" in toward
+    assert away.startswith("layers [3]: still moving at the end of the search, away from") and "not change" in away
+    assert marginal.startswith("layer 1: w = 1.00") and "(selected)" in marginal
+    assert "`selection.rule=top_k` with `selection.top_k=2`" in marginal
+    assert gate_checks(traj[:, 2:3], w[2:3], [], {"rule": "positive"}, 40) == []
+    # top_k: the boundary is between places k and k + 1; a kept gate falling toward it is flagged
+    falling = np.stack([1.6 - 0.01 * t, converging(40, 1.0), converging(40, 0.5)], axis=1)
+    (check,) = gate_checks(falling, falling[-1].tolist(), [0], {"rule": "top_k", "top_k": 1}, 40)
+    assert check.warning and check.text.startswith("layer 0: the gate is still falling toward the boundary between "
+                                                   "places 1 and 2 of `top_k`")
+    assert boundary([1.21, 1.0, 0.5], "top_k", 1) == pytest.approx(1.105) and boundary([1.0], "top_k", 1) is None
     uniform = {"q_proj": np.full((3, 4), 0.25), "v_proj": [[0.7, 0.1, 0.1, 0.1]] * 3}
-    assert rank_checks(uniform) == ["q_proj: 12 of 12 rank components within 1% of the threshold 1/r = 0.25; their "
-                                    "ranks are not settled: more `search.steps` or a larger `search.outer_lr`"]
+    assert rank_checks(uniform) == [Check("q_proj: 12 of 12 rank components within 1% of the threshold 1/r = 0.25; "
+                                          "their ranks are not settled: more `search.steps` or a larger "
+                                          "`search.outer_lr`", True)]
 
 
 def _write(path, obj) -> None:
@@ -72,7 +86,7 @@ def real_task_run(run_dir, searches=("layer", "rank")) -> RunConfig:
     config = RunConfig(method="flexora", compare=("lora", "autolora"), task=TaskConfig(name="piqa"),
                        model=ModelSourceConfig(path="some/model"))
     steps = 30
-    traj = np.stack([1.0 + 0.02 * np.arange(steps), converging(steps, 1.004), converging(steps, 0.4)], axis=1)
+    traj = np.stack([0.5 + 0.016 * np.arange(steps), converging(steps, 1.004), converging(steps, 0.4)], axis=1)
     records = [{"stage": "search_layer", "step": i + 1, "train_loss": 2.0 - 0.01 * i, "val_loss": 2.1 - 0.01 * i,
                 "hypergrad_norm": 0.1, "gates": traj[i].tolist()} for i in range(steps)]
     records += [{"stage": f"finetune_{m}", "step": i + 1, "loss": 2.0 / (i + 1), "grad_norm": 1.0}
@@ -81,12 +95,12 @@ def real_task_run(run_dir, searches=("layer", "rank")) -> RunConfig:
     _write(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records) + '{"cut li')
     if "layer" in searches:
         _write(run_dir / "searches" / "layer" / "gates.json", {"layer": traj[-1].tolist()})
-        _write(run_dir / "searches" / "layer" / "selection.json", {"layers": [0, 1]})
+        _write(run_dir / "searches" / "layer" / "selection.json", {"layers": [1]})
         _write(run_dir / "gates.json", {"layer": traj[-1].tolist()})
     if "rank" in searches:
         ranks = {"q_proj": [[0.4, 0.3, 0.2, 0.1]] * 3, "v_proj": [[0.25, 0.25, 0.25, 0.25]] * 3}
         _write(run_dir / "searches" / "rank" / "gates.json", {"rank": ranks})
-    for m, layers in (("flexora", [0, 1]), ("lora", [0, 1, 2]), ("autolora", [0, 1, 2])):
+    for m, layers in (("flexora", [1]), ("lora", [0, 1, 2]), ("autolora", [0, 1, 2])):
         _write(run_dir / "methods" / m / "selection.json", {"layers": layers, "trainable_params": 100 * len(layers)})
     scores = {m: {"piqa": {"acc": acc, "acc_norm": acc, "acc_stderr": 0.0884, "acc_norm_stderr": 0.0884, "n": 32,
                            "test_loss": loss}}
@@ -95,14 +109,15 @@ def real_task_run(run_dir, searches=("layer", "rank")) -> RunConfig:
     return config
 
 
-def test_report_shows_stderr_checks_and_links_every_picture(tmp_path):
+def test_report_shows_stderr_checks_and_links_every_picture(tmp_path, caplog):
     config = real_task_run(tmp_path)
     report.write_report(tmp_path, config, {"search_layer": 1.0})
+    assert len([r for r in caplog.records if "gate check" in r.getMessage()]) == 3  # also on the terminal
     text = (tmp_path / "report.md").read_text()
     assert "| flexora | 0.5312 ± 0.0884 | 0.5312 ± 0.0884 | 1.5000 | 32 |" in text
     assert "standard error of the mean over the test examples" in text
     checks = text.split("## Gate checks")[1]
-    assert "- `layer` search, layer 0: the gate is still rising" in checks
+    assert "- `layer` search, layer 0: the gate is still rising toward the `positive` rule's threshold 1" in checks
     assert "- `layer` search, layer 1: w = 1.00" in checks and "a near tie" in checks
     assert "- `rank` search, v_proj: 12 of 12 rank components" in checks and "q_proj" not in checks
     for name in ("gates.png", "rank_gates.png", "losses.png", "compare.png"):

@@ -84,6 +84,7 @@ def test_writers_on_search_and_finetune(kind, tmp_path, fake_wandb):
 
     assert [r.init["job_type"] for r in fake_wandb.runs] == ["search", "finetune"]
     assert fake_wandb.runs[0].init["name"] == "g/search" and fake_wandb.runs[0].init["mode"] == "offline"
+    assert fake_wandb.runs[0].init["config"]["config"]["steps"] == QUICK.steps  # the stage's settings recorded
     assert all(r.finished == 0 for r in fake_wandb.runs)
     logged = fake_wandb.runs[1].logged
     assert [step for _, step in logged] == [h["step"] for h in history]

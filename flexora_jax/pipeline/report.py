@@ -20,7 +20,7 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -56,6 +56,12 @@ def gate_trajectories(run_dir: Path, kind: str) -> list[list[float]]:
 
 
 # --------------------------------------------------------------------------------------- gate checks
+def _tail_slope(traj: np.ndarray, tail: float) -> tuple[np.ndarray, int]:
+    """Each gate's least-squares trend per step over the last ``tail`` of the steps (at least 3), and their number."""
+    n = max(3, math.ceil(tail * len(traj)))
+    return np.polyfit(np.arange(n, dtype=np.float64), traj[-n:], 1)[0], n
+
+
 def moving_gates(trajectory: Sequence[Sequence[float]], tail: float = TAIL,
                  tolerance: float = MOVING) -> dict[int, float]:
     """Layers whose gate is still moving when the search ends: ``{layer: change}``.
@@ -68,11 +74,19 @@ def moving_gates(trajectory: Sequence[Sequence[float]], tail: float = TAIL,
     traj = np.asarray(trajectory, np.float64)
     if traj.ndim != 2 or len(traj) < 5:
         return {}
-    n = max(3, math.ceil(tail * len(traj)))
-    slope = np.polyfit(np.arange(n, dtype=np.float64), traj[-n:], 1)[0]  # [L]
+    slope, n = _tail_slope(traj, tail)
     span = traj.max(0) - traj.min(0)
     change = slope * (n - 1) / np.maximum(span, max(0.1 * span.max(), 1e-9))
     return {int(i): float(change[i]) for i in np.flatnonzero(np.abs(change) > tolerance)}
+
+
+def boundary(w: Sequence[float], rule: str, top_k: int = 0, threshold: float = 1.0) -> float | None:
+    """The gate value the rule's decision turns on: 1 (``positive``), ``threshold``, or for ``top_k`` the midpoint
+    of the k-th and (k+1)-th largest gates; None when nothing is decided (``top_k`` keeping every layer)."""
+    if rule in ("positive", "threshold"):
+        return 1.0 if rule == "positive" else float(threshold)
+    ranked = np.sort(np.asarray(w, np.float64))[::-1]
+    return float(ranked[top_k - 1] + ranked[top_k]) / 2 if rule == "top_k" and 1 <= top_k < len(ranked) else None
 
 
 def marginal_gates(w: Sequence[float], rule: str, top_k: int = 0, threshold: float = 1.0,
@@ -85,9 +99,9 @@ def marginal_gates(w: Sequence[float], rule: str, top_k: int = 0, threshold: flo
     """
     w = np.asarray(w, np.float64)
     if rule in ("positive", "threshold"):
-        boundary = 1.0 if rule == "positive" else float(threshold)
-        near = np.abs(w - boundary) <= margin * max(abs(boundary), 1e-12)
-        return {int(i): boundary for i in np.flatnonzero(near)}
+        edge = boundary(w, rule, top_k, threshold)
+        near = np.abs(w - edge) <= margin * max(abs(edge), 1e-12)
+        return {int(i): edge for i in np.flatnonzero(near)}
     if rule == "top_k" and 1 <= top_k < len(w):
         order = np.argsort(-w, kind="stable")
         kept, dropped = int(order[top_k - 1]), int(order[top_k])
@@ -96,32 +110,54 @@ def marginal_gates(w: Sequence[float], rule: str, top_k: int = 0, threshold: flo
     return {}
 
 
+class Check(NamedTuple):
+    """One finding of the gate checks: its text, and whether it may change the selection (then it is logged)."""
+
+    text: str
+    warning: bool
+
+
 def gate_checks(trajectory: Sequence[Sequence[float]], w: Sequence[float], selected: Sequence[int],
-                selection: Mapping[str, Any], steps: int) -> list[str]:
-    """What the report says about one layer search: one line per moving or marginal gate, with what to do."""
-    lines = []
-    for layer, change in moving_gates(trajectory).items():
-        lines.append(f"layer {layer}: the gate is still {'rising' if change > 0 else 'falling'} at the end of the "
-                     f"search ({change:+.0%} of its range over the last {TAIL:.0%} of the steps, now w = "
-                     f"{w[layer]:.3f}); the selection may change with a longer search: raise `search.steps` "
-                     f"(now {steps})")
-    rule = selection.get("rule", "positive")
-    for layer, boundary in marginal_gates(w, rule, selection.get("top_k", 0), selection.get("threshold", 1.0)).items():
+                selection: Mapping[str, Any], steps: int) -> list[Check]:
+    """What the report says about one layer search, with what to do: a gate still moving toward the rule's
+    boundary (the selection may change with more steps), gates still moving away from it (they would only
+    sharpen), a selection within :data:`MARGIN` of the boundary."""
+    rule, k = selection.get("rule", "positive"), selection.get("top_k", 0)
+    edge = boundary(w, rule, k, selection.get("threshold", 1.0))
+    where = (f"the boundary between places {k} and {k + 1} of `top_k`" if rule == "top_k"
+             else f"the `{rule}` rule's threshold {edge:g}" if edge is not None else "")
+    moving = moving_gates(trajectory)
+    slope = _tail_slope(np.asarray(trajectory, np.float64), TAIL)[0] if moving else None
+    checks, away = [], []
+    for layer, change in moving.items():
+        if edge is None or (edge - w[layer]) * change <= 0:
+            away.append(layer)
+            continue
+        checks.append(Check(
+            f"layer {layer}: the gate is still {'rising' if change > 0 else 'falling'} toward {where} (w = "
+            f"{w[layer]:.3f}, {change:+.0%} of its range over the last {TAIL:.0%} of the steps; at that rate it "
+            f"crosses in about {(edge - w[layer]) / slope[layer]:.0f} steps): the selection may change with a longer "
+            f"search: raise `search.steps` (now {steps})", True))
+    if away:
+        checks.append(Check(f"layers {sorted(away)}: still moving at the end of the search, away from "
+                            f"{where or 'the selection boundary'}: more steps would sharpen these gates, not "
+                            "change the selection", False))
+    for layer, value in marginal_gates(w, rule, k, selection.get("threshold", 1.0)).items():
         what = "selected" if layer in selected else "not selected"
         if rule == "top_k":
-            why = (f"within {MARGIN:.0%} of the gate it competes with for place {selection.get('top_k')} "
-                   f"({boundary:.3f})")
+            why = f"within {MARGIN:.0%} of the gate it competes with for place {k} ({value:.3f})"
             fix = "more `search.steps`, or another `selection.top_k`"
         else:
-            why = f"within {MARGIN:.0%} of the `{rule}` rule's threshold {boundary:g}"
+            why = f"within {MARGIN:.0%} of {where}"
             fix = ("more `search.steps`, or a rule that does not hang on it: `selection.rule=top_k` with "
                    f"`selection.top_k={max(1, len(selected))}`" + (", or `selection.rule=threshold`"
                                                                     if rule == "positive" else ""))
-        lines.append(f"layer {layer}: w = {w[layer]:.4f} ({what}) is {why}; a near tie that noise can decide: {fix}")
-    return lines
+        checks.append(Check(f"layer {layer}: w = {w[layer]:.4f} ({what}) is {why}; a near tie that noise can "
+                            f"decide: {fix}", True))
+    return checks
 
 
-def rank_checks(values: Mapping[str, Sequence[Sequence[float]]], margin: float = MARGIN) -> list[str]:
+def rank_checks(values: Mapping[str, Sequence[Sequence[float]]], margin: float = MARGIN) -> list[Check]:
     """Rank gates (``{module: [L][r] softmax values}``) within ``margin`` of AutoLoRA's ``1 / r`` threshold."""
     lines = []
     for module, v in sorted(values.items()):
@@ -129,26 +165,27 @@ def rank_checks(values: Mapping[str, Sequence[Sequence[float]]], margin: float =
         r = v.shape[-1]
         near = int((np.abs(v - 1.0 / r) <= margin / r).sum())
         if near:
-            lines.append(f"{module}: {near} of {v.size} rank components within {margin:.0%} of the threshold "
-                         f"1/r = {1.0 / r:.3g}; their ranks are not settled: more `search.steps` or a larger "
-                         "`search.outer_lr`")
+            lines.append(Check(f"{module}: {near} of {v.size} rank components within {margin:.0%} of the threshold "
+                               f"1/r = {1.0 / r:.3g}; their ranks are not settled: more `search.steps` or a larger "
+                               "`search.outer_lr`", True))
     return lines
 
 
-def _checks(run_dir: Path, config: Mapping[str, Any]) -> list[str]:
-    lines = []
+def _checks(run_dir: Path, config: Mapping[str, Any]) -> list[Check]:
+    """The gate checks of every search in the run directory, each prefixed with its search."""
+    found: list[Check] = []
     for kind in ("layer", "rank", "both"):
         gates = _read(run_dir / "searches" / kind / "gates.json")
         if gates is None:
             continue
-        found = [f"`{kind}` search, {c}" for c in rank_checks(gates.get("rank") or {})]
+        checks = []
         if gates.get("layer"):
             sel = _read(run_dir / "searches" / kind / "selection.json") or {}
-            found = [f"`{kind}` search, {c}" for c in gate_checks(
-                gate_trajectories(run_dir, kind), gates["layer"], sel.get("layers", []), config["selection"],
-                config["search"]["steps"])] + found
-        lines += found
-    return lines
+            checks += gate_checks(gate_trajectories(run_dir, kind), gates["layer"], sel.get("layers", []),
+                                  config["selection"], config["search"]["steps"])
+        checks += rank_checks(gates.get("rank") or {})
+        found += [c._replace(text=f"`{kind}` search, {c.text}") for c in checks]
+    return found
 
 
 # ------------------------------------------------------------------------------------------- scores
@@ -256,7 +293,7 @@ def render(run_dir: Path, config: dict[str, Any], timings: dict[str, float] | No
     if any((run_dir / "searches" / k).exists() for k in ("layer", "rank", "both")):
         found = _checks(run_dir, config)
         lines += ["", "## Gate checks", ""]
-        lines += [f"- {c}" for c in found] or [
+        lines += [f"- {c.text}" for c in found] or [
             f"No gate is still moving over the last {TAIL:.0%} of the search, and none is within {MARGIN:.0%} of "
             "its rule's threshold."]
     if (run_dir / "losses.png").exists():
@@ -295,7 +332,8 @@ def write_report(run_dir: Path, config: RunConfig, timings: dict[str, float] | N
     data = config_to_dict(config)
     write_plots(run_dir, data)
     for check in _checks(run_dir, data):
-        log.warning("gate check: %s", check)
+        if check.warning:
+            log.warning("gate check: %s (report.md)", check.text)
     fileio.write_bytes(run_dir / "report.md", render(run_dir, data, timings))
 
 
