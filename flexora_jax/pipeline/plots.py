@@ -124,10 +124,18 @@ def losses(records: Sequence[Mapping[str, Any]], out: str | os.PathLike) -> Path
             colour = f"C{i}"
             for key, style in zip(LOSS_KEYS, ("-", "-", "--")):
                 points = [(s, series[stage][s][key]) for s in steps if _finite(series[stage][s].get(key))]
-                if points:
-                    xs, ys = zip(*points)
-                    ax.plot(xs, ys, style, color=colour, marker="o" if len(points) < len(steps) / 2 else None,
-                            markersize=3, linewidth=1.3, label=f"{stage} {key}")
+                if not points:
+                    continue
+                xs, ys = (np.asarray(v, np.float64) for v in zip(*points))
+                sparse = len(points) < len(steps) / 2  # validation every N steps: markers
+                window = len(ys) // 25
+                if window > 1:  # noisy per-batch losses: the raw curve faint, a running mean over it
+                    ax.plot(xs, ys, style, color=colour, linewidth=0.6, alpha=0.3)
+                    ys = np.convolve(ys, np.ones(window) / window, mode="same")
+                    edge = window // 2
+                    xs, ys = xs[edge:len(xs) - edge], ys[edge:len(ys) - edge]
+                ax.plot(xs, ys, style, color=colour, marker="o" if sparse else None, markersize=3, linewidth=1.3,
+                        label=f"{stage} {key}" + (f" (mean of {window})" if window > 1 else ""))
         ax.set(xlabel="step", ylabel="loss (nats / token)", title=title)
         ax.legend(fontsize=7)
     return _save(fig, out)
@@ -145,7 +153,9 @@ def comparison(scores: Mapping[str, Mapping[str, Score]], out: str | os.PathLike
     scores = {k: v for k, v in scores.items() if v}
     if not scores:
         return None
-    fig = _figure(max(4.0, 0.9 * max(len(v) for v in scores.values()) + 1.5) * len(scores), 3.8)
+    if not any(_finite(e) for by_method in scores.values() for _, e in by_method.values()):
+        error = "none recorded for these scores"
+    fig = _figure(max(5.5, 0.9 * max(len(v) for v in scores.values()) + 1.5) * len(scores), 3.8)
     for ax, (metric, by_method) in zip(fig.subplots(1, len(scores), squeeze=False)[0], scores.items()):
         methods = list(by_method)
         for i, m in enumerate(methods):  # points, not bars: a bar's length from an axis cut at 0.4 misleads
