@@ -57,7 +57,7 @@ ABOUT = {
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="flexora-jax", add_help=False,
+        prog="flexora-jax", add_help=False, allow_abbrev=False,  # --seed=3 is a config key, not --seeds
         description="Find which layers (Flexora) and ranks (AutoLoRA) to fine-tune with LoRA, then fine-tune there.",
         epilog="Any config key can be overridden as --section.key=value (YAML values), e.g. --seed=3 "
                "--lora.r=8 --search.hypergradient=first_order --compare=[lora,random_k]. "
