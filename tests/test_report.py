@@ -156,3 +156,16 @@ def test_seed_report_shows_mean_and_sd(tmp_path):
     assert "[seed 2](seed2/report.md)" in text and "](compare.png)" in text
     assert json.loads((tmp_path / "compare.json").read_text()) == result
     assert config_to_dict(config)["seed"] == 0  # the config is not changed by rendering it
+
+
+def test_log_section_of_the_run_config():
+    from flexora_jax.errors import ConfigError
+    from flexora_jax.pipeline.config import load_config
+
+    assert load_config(None, ["--log.tensorboard=true"]).log.tensorboard is True
+    assert load_config(None, []).log.wandb_project is None  # both off by default
+    for bad, needle in ((["--log.tensorboard=3"], "log.tensorboard must be true or false"),
+                        (['--log.wandb_project=""'], "log.wandb_project must be a W&B project name"),
+                        (["--log.tensorbord=true"], "did you mean 'log.tensorboard'")):
+        with pytest.raises(ConfigError, match=needle):
+            load_config(None, bad)
