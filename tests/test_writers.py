@@ -168,3 +168,29 @@ def test_api_progress_bar_and_its_switch(progress, env, bars, monkeypatch):
         monkeypatch.setenv("FLEXORA_PROGRESS", env)
     fj.finetune(make("decoder"), TRAIN, FINETUNE, progress=progress)
     assert sum(opened) == bars
+
+
+def test_the_run_config_turns_the_writers_on(tmp_path, fake_wandb):
+    """`log.tensorboard` / `log.wandb_project` add the writers to every stage of a run, named for the stage."""
+    pytest.importorskip("tensorboard")
+    from flexora_jax.hooks import Checkpoint, Progress
+    from flexora_jax.pipeline.config import LogConfig, RunConfig
+    from flexora_jax.pipeline.io import RunLog
+    from flexora_jax.pipeline.stages import _stage_hooks
+
+    def hooks(log: LogConfig) -> list:
+        ws = SimpleNamespace(config=RunConfig(log=log), run_dir=tmp_path, resume=False, log=RunLog(tmp_path))
+        return _stage_hooks(ws, "finetune_lora")
+
+    assert [type(h) for h in hooks(LogConfig())][2:] == [Progress]  # off by default
+    checkpoint, _, tb, wb, _ = hooks(LogConfig(tensorboard=True, wandb_project="proj"))
+    assert isinstance(checkpoint, Checkpoint) and isinstance(tb, TensorBoardWriter) and isinstance(wb, WandbWriter)
+    run = _run("finetune", 0)
+    for writer in (tb, wb):
+        writer.start(run)
+        writer.step(run, 1, None, {"step": 1, "loss": 2.0})
+        writer.close(run, None)
+    assert read_scalars(tmp_path / "tensorboard" / "finetune_lora")["loss"] == [(1, 2.0)]
+    (wandb_run,) = fake_wandb.runs
+    assert wandb_run.init["project"] == "proj" and wandb_run.init["job_type"] == "finetune_lora"
+    assert wandb_run.init["group"] == tmp_path.name and wandb_run.init["config"]["log"]["wandb_project"] == "proj"
