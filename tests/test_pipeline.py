@@ -184,3 +184,48 @@ def test_tinystories260k_config_on_a_local_task_end_to_end(tmp_path, data_dir, t
                        batch_size=4, progress=False,
                        return_per_example=True)
     assert got == want and got["toy"]["n"] == 4
+
+
+def test_tensorboard_flag_and_one_progress_bar(tmp_path, monkeypatch):
+    """`--log.tensorboard=true` writes every stage's metrics as TensorBoard events in <run>/tensorboard/<stage>
+    (read back with TensorBoard's reader: the values of metrics.jsonl); and a CLI run shows one progress bar at a
+    time, even where the library would add its own (an interactive terminal)."""
+    reader = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    from tqdm.auto import tqdm
+
+    from flexora_jax import cli, engine, hooks
+    from flexora_jax.pipeline import io
+    from flexora_jax.pipeline.study import SMOKE_OVERRIDES
+
+    live, peak = [], [0]
+
+    class Bar(tqdm):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            if not self.disable:
+                live.append(self)
+                peak[0] = max(peak[0], len(live))
+
+        def close(self):
+            if self in live:
+                live.remove(self)
+            super().close()
+
+    monkeypatch.setenv("FLEXORA_PROGRESS", "1")
+    monkeypatch.setattr(engine, "_interactive", lambda: True)
+    monkeypatch.setattr(hooks, "tqdm", Bar)
+    monkeypatch.setattr(io, "tqdm", Bar)
+    out = tmp_path / "run"
+    assert cli.main(["run", "--output-dir", str(out), "--log.tensorboard=true", "--compare=[]",
+                     "--eval.base=false", "--mesh.num_devices=1", *SMOKE_OVERRIDES]) == 0
+    assert peak[0] == 1 and not live
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(p.name for p in (out / "tensorboard").iterdir()) == ["finetune_flexora", "search_layer"]
+    for stage, key in (("search_layer", "val_loss"), ("search_layer", "gates/1"), ("finetune_flexora", "loss")):
+        acc = reader.EventAccumulator(str(out / "tensorboard" / stage))
+        acc.Reload()
+        want = [(r["step"], r[key.split("/")[0]]) for r in logged if r["stage"] == stage]
+        want = [(s, v[int(key.split("/")[1])] if "/" in key else v) for s, v in want]
+        got = [(e.step, e.value) for e in acc.Scalars(key)]
+        assert [s for s, _ in got] == [s for s, _ in want]
+        np.testing.assert_allclose([v for _, v in got], [v for _, v in want], rtol=1e-6)

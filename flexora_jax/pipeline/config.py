@@ -150,6 +150,21 @@ PAPER_PRESET = "flexora_paper"
 DEMO_PRESET = "planted_demo"
 
 
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    """Metric writers beside ``metrics.jsonl`` (which is always written): flexora_jax.writers hooks."""
+
+    tensorboard: bool = False  # TensorBoard event files in <output_dir>/tensorboard (pip install tensorboard)
+    wandb_project: str | None = None  # W&B project: each stage a run, grouped by the run directory (pip install wandb)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "log")
+        require(isinstance(self.tensorboard, bool), f"log.tensorboard must be true or false, got {self.tensorboard!r}")
+        require(self.wandb_project is None or (isinstance(self.wandb_project, str) and self.wandb_project != ""),
+                f"log.wandb_project must be a W&B project name or null, got {self.wandb_project!r}")
+
+
+
 def _demo(section: str) -> functools.partial:
     return functools.partial(preset, DEMO_PRESET, section)
 
@@ -177,6 +192,7 @@ class RunConfig:
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # device mesh (see docs/scaling.md)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)  # TensorBoard / W&B beside metrics.jsonl
 
     def __post_init__(self) -> None:
         if isinstance(self.compare, str):

@@ -36,7 +36,7 @@ from flexora_jax.loops import Hook
 from flexora_jax.lora import init_lora
 from flexora_jax.nnx import LlamaForCausalLM
 from flexora_jax.pipeline import report
-from flexora_jax.pipeline.config import PLANTED_TASK, RunConfig
+from flexora_jax.pipeline.config import PLANTED_TASK, RunConfig, config_to_dict
 from flexora_jax.pipeline.io import progress, progress_enabled, read_json, write_json
 from flexora_jax.pipeline.methods import (SearchOutcome, load_search, method_dir, method_selection, needed_searches,
                                      selection_json)
@@ -47,6 +47,7 @@ from flexora_jax.problem import decoder_problem
 from flexora_jax.selection import Selection
 from flexora_jax.signals import stop_on_signals
 from flexora_jax.train import dataset_loss, total_steps
+from flexora_jax.writers import TensorBoardWriter, WandbWriter
 
 log = logging.getLogger("flexora_jax")
 
@@ -54,11 +55,18 @@ log = logging.getLogger("flexora_jax")
 # ------------------------------------------------------------------------------- stage skeleton
 def _stage_hooks(ws: Workspace, stage: str) -> list[Hook]:
     """The hooks every library stage of a run gets: checkpoints (resumed only with ``--resume``), the run log,
-    a progress bar."""
+    the metric writers ``log:`` asks for (TensorBoard in ``tensorboard/<stage>``, W&B), the one progress bar
+    (the library's own is off: ``progress=False``)."""
     cfg = ws.config
+    writers: list[Hook] = []
+    if cfg.log.tensorboard:
+        writers.append(TensorBoardWriter(ws.run_dir / "tensorboard", stage=stage))
+    if cfg.log.wandb_project:
+        writers.append(WandbWriter(cfg.log.wandb_project, group=ws.run_dir.name, stage=stage,
+                                   config=config_to_dict(cfg), dir=ws.run_dir))
     return [Checkpoint(ws.run_dir / "checkpoints" / stage, cfg.checkpoint.every, cfg.checkpoint.keep,
                        restore=ws.resume),
-            ws.log.stage_hook(stage), Progress(desc=stage, enabled=progress_enabled())]
+            ws.log.stage_hook(stage), *writers, Progress(desc=stage, enabled=progress_enabled())]
 
 
 def _timed(ws: Workspace, stage: str, body: Callable[[], Any]) -> Any:
