@@ -86,7 +86,7 @@ def run(smoke: bool = False, out_dir: str | None = None, command: str | None = N
     f_search = jax.jit(make_search_step(config, search), donate_argnums=1)
     model = fnnx.LlamaForCausalLM.from_params(config, params, lora, gates)
     graphdef, base, lora_s, gates_s = fnnx.split_for_search(model)
-    n_search = fnnx.make_search_step(graphdef, gates_s, lambda m, b: m.lm_loss(b), search)
+    n_search = fnnx.make_split_search_step(graphdef, gates_s, lambda m, b: m.lm_loss(b), search)
     hyper = fnnx.init_hyperparameters(gates_s, "layer")
     cells = {"f": init_search_state(lora, gates, search), "n": init_search_state(lora_s, hyper, search)}
     sizes = {"search_functional": _hlo_size(f_search, params, cells["f"], batches, val),

@@ -210,10 +210,7 @@ def _model_classes() -> dict[str, str]:
 
 
 #: isinstance checks on a concrete model class outside its own module that are being removed (each says why).
-ISINSTANCE_ALLOWED = {
-    # fj.evaluate is being changed to one signature by the engine work; its LlamaForCausalLM branch goes with it.
-    ("flexora_jax.evaluation", "LlamaForCausalLM"),
-}
+ISINSTANCE_ALLOWED: set = set()
 
 
 def test_no_isinstance_on_concrete_model_classes_outside_their_module():
@@ -260,11 +257,6 @@ def _definitions() -> dict[str, set[str]]:
 
 #: Public names defined twice that are being merged or renamed (each says why); the test fails once one is fixed.
 DUPLICATES_ALLOWED = {
-    # the engine work: one fj.select and one make_search_step (nnx.search's take other arguments), and the
-    # adalora.py loop that fj.finetune_adalora (engine.py) replaces
-    "select": {"flexora_jax.engine", "flexora_jax.nnx.search"},
-    "make_search_step": {"flexora_jax.bilevel", "flexora_jax.nnx.search"},
-    "finetune_adalora": {"flexora_jax.adalora", "flexora_jax.engine"},
     # the run directory's JSON files (written by process 0, DataError naming the stage to rerun): their callers
     # in pipeline/stages.py are being edited for export; renamed with them
     "read_json": {"flexora_jax.pipeline.io", "flexora_jax.validation"},
@@ -291,10 +283,7 @@ def test_one_definition_per_public_name():
 
 
 #: Modules of the command layer or evaluation that reach into the NNX face's private modules (each says why).
-NNX_PRIVATE_ALLOWED = {
-    # fj.evaluate is being changed to one signature by the engine work (it imports nnx.llama for its dispatch).
-    "flexora_jax.evaluation",
-}
+NNX_PRIVATE_ALLOWED: set = set()
 
 
 def test_the_command_layer_and_evaluation_use_the_nnx_face_through_its_public_api():
@@ -309,10 +298,7 @@ def test_the_command_layer_and_evaluation_use_the_nnx_face_through_its_public_ap
 
 
 #: Public entry points that still dispatch on their first argument's type (each says why).
-SINGLEDISPATCH_ALLOWED = {
-    # being replaced by one signature by the engine work
-    ("flexora_jax.evaluation", "evaluate"),
-}
+SINGLEDISPATCH_ALLOWED: set = set()
 
 
 def test_no_singledispatch_on_public_entry_points():
