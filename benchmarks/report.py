@@ -274,6 +274,8 @@ def table_gpu(d: dict) -> str:
     f = d["finetune"]
     lines = ["| fine-tune variant | tokens/s | FLOP/s (MFU) | compile s | plan_memory / XLA footprint |",
              "|---|---|---|---|---|"]
+    if "error" in f:
+        lines.append(f"| failed: {f['error'][:200]} | - | - | - | - |")
     for name, t in f["variants"].items():
         plan = "-" if t.get("plan_over_xla") is None else f"{t['plan_over_xla']:.2f}"
         compile_s = "-" if t.get("compile_s") is None else f"{t['compile_s']:.1f}"
@@ -281,13 +283,16 @@ def table_gpu(d: dict) -> str:
     lines += ["", "| K | step | ms | / K plain (per plain variant) | FLOP/s (MFU) | plan_memory / XLA footprint |",
               "|---|---|---|---|---|---|"]
     for r in d["search"]:
+        if "error" in r:
+            lines.append(f"| {r['k']} | failed: {r['error'][:200]} | - | - | - | - |")
+            continue
         for name, t in r["variants"].items():
             over = ", ".join(f"{p}: {x:.2f}x" for p, x in t.get("over_k_plain", {}).items()) or "-"
             plan = "-" if t.get("plan_over_xla") is None else f"{t['plan_over_xla']:.2f}"
             lines.append(f"| {r['k']} | {name} | {_ms(t['median_s'])} | {over} | {_rate(t)} | {plan} |")
     m = d["model"]
     lines += ["", f"{d['device']}; model hidden {m['hidden_size']} / {m['num_hidden_layers']} layers, {m['dtype']}, "
-              f"fine-tune batch {f['batch']} x {f['seq']}. {_footer(d)}"]
+              f"fine-tune batch {f.get('batch', '-')} x {f.get('seq', '-')}. {_footer(d)}"]
     return "\n".join(lines)
 
 
