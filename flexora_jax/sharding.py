@@ -53,14 +53,17 @@ import contextvars
 import math
 import os
 import warnings
+from collections.abc import Iterator, Mapping, Sequence
 from types import MappingProxyType
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import jax
 import numpy as np
 from flax import nnx
+from flax.core import spmd as flax_spmd
 from jax.experimental import multihost_utils
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from flexora_jax.config import MeshConfig  # MeshConfig lives in config (the run's mesh: section)
 from flexora_jax.errors import ConfigError
@@ -109,7 +112,7 @@ class Axes(tuple):
     ``Axes("layers", "embed", "heads")`` for a q_proj kernel [l, d, h*e].
     """
 
-    def __new__(cls, *names: str | None) -> "Axes":
+    def __new__(cls, *names: str | None) -> Axes:
         return super().__new__(cls, names)
 
     def __getnewargs__(self) -> tuple:
@@ -277,15 +280,16 @@ def sharding_metadata(axes: Sequence[str | None], rules: Mapping[str, Any] | Non
 # ----------------------------------------------------------------------------------- partition specs
 def _fit(spec: Sequence[Any], shape: tuple[int, ...], sizes: Mapping[str, int], where: str) -> P:
     """``spec`` with every axis that does not divide its dimension dropped (replicated), with a warning; a mesh
-    axis that an earlier dimension already uses is dropped too (two logical axes ruled onto one mesh axis)."""
+    axis that an earlier dimension already uses is dropped from the later one (two logical axes ruled onto one
+    mesh axis), with a warning too."""
     out, used = [], set()
     for dim, axes in enumerate(tuple(spec) + (None,) * (len(shape) - len(spec))):
         group = (axes,) if isinstance(axes, str) else tuple(axes or ())
         group = tuple(a for a in group if sizes.get(a, 1) > 1)
         if used & set(group):
-            warnings.warn(f"sharding: {where} dim {dim} maps to mesh axes {group}, which an earlier dimension "
-                          "uses; that dimension is replicated", stacklevel=3)
-            group = ()
+            warnings.warn(f"sharding: {where} dim {dim} maps to mesh axes {group}, of which an earlier dimension "
+                          f"uses {sorted(used & set(group))}; that dimension is not sharded over those", stacklevel=3)
+            group = tuple(a for a in group if a not in used)
         n = math.prod(sizes[a] for a in group) if group else 1
         if group and shape[dim] % n:
             warnings.warn(f"sharding: {where} dim {dim} has size {shape[dim]}, not divisible by mesh axes "
@@ -306,14 +310,15 @@ def _spec(axes: Axes | str, shape: tuple[int, ...], sizes: Mapping[str, int], ru
 
 
 def _variable_spec(var: nnx.Variable, where: str, sizes: Mapping[str, int], rules: Mapping[str, Any]) -> P:
-    """An NNX variable's spec from its ``out_sharding`` metadata (logical names resolved by its own
-    ``sharding_rules``, then ``rules``); unannotated variables are replicated, as NNX places them."""
+    """An NNX variable's spec from its ``out_sharding`` metadata: logical names resolved by its own
+    ``sharding_rules``, then flax's ``logical_axis_rules`` in force, then ``rules`` (as ``nnx.get_partition_spec``
+    resolves them); unannotated variables are replicated, as NNX places them."""
     meta = var.get_metadata()
     names = meta.get("out_sharding")
     if not names:
         return P()
-    shape = tuple(np.shape(var.get_value()))
-    return _fit(mesh_axes(names, {**rules, **dict(meta.get("sharding_rules") or ())}, where), shape, sizes, where)
+    table = {**rules, **dict(flax_spmd.get_logical_axis_rules() or ()), **dict(meta.get("sharding_rules") or ())}
+    return _fit(mesh_axes(names, table, where), tuple(np.shape(var.get_value())), sizes, where)
 
 
 def leaf_spec(names: Sequence[str], shape: tuple[int, ...], mesh: Mesh | Mapping[str, int],
