@@ -18,6 +18,7 @@ from flexora_jax.config import ConfigError, LoraConfig, ModelConfig
 from flexora_jax.gates import Gates
 from flexora_jax.lora import init_lora, lora_axes
 from flexora_jax.models.llama import init_params, param_axes
+from flexora_jax.models.losses import lm_loss
 from flexora_jax.nnx import LlamaForCausalLM
 
 CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -202,3 +203,28 @@ def test_nnx_decoder_variables_carry_the_same_names():
             for key, spec in functional.items():
                 where = key.split("/", 1)[1] if key.startswith("params/") else "layers/" + key.split("/", 1)[1]
                 assert got[where] == spec, (rules, key)
+
+
+@pytest.mark.parametrize("rules", [{}, {"expert": "model", "mlp": None}], ids=["default", "expert_parallel"])
+def test_sharded_mixtral_experts_and_their_lora_equal_one_device(rules):
+    """Mixtral's expert kernels and expert LoRA, now sharded (d over fsdp and f over model, or whole experts over
+    model), give the one-device loss and LoRA gradient on a (2, 2, 2) mesh."""
+    config = dataclasses.replace(CONFIG, **FAMILIES["mixtral"][0])
+    params = init_params(config, jax.random.key(0))
+    lora = init_lora(config, LoraConfig(r=2, target_modules=("q_proj", "w1", "w2"), init_lora_weights=False),
+                     jax.random.key(1))
+    tokens = jax.random.randint(jax.random.key(2), (4, 8), 0, config.vocab_size)
+    batch = {"input_ids": tokens, "attention_mask": np.ones((4, 8), np.int32), "loss_mask": np.ones((4, 8), np.float32)}
+
+    def loss(p, w, b):
+        return lm_loss(config, p, dataclasses.replace(lora, weights=w), None, b)
+
+    fn = jax.value_and_grad(loss, argnums=1)
+    expected = jax.jit(fn)(params, lora.weights, batch)
+    mesh = sh.make_mesh((2, 2, 2))
+    p_s, w_s = (sh.shardings(t, mesh, rules=rules) for t in (params, lora.weights))
+    assert p_s["layers"]["w1"]["kernel"].spec == (P(None, None, "fsdp", "model") if not rules else
+                                                  P(None, "model", "fsdp"))
+    got = jax.jit(fn, in_shardings=(p_s, w_s, sh.named(sh.batch_specs(batch, mesh), mesh)))(
+        sh.put(params, p_s), sh.put(lora.weights, w_s), sh.global_batch(batch, mesh))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), got, expected)
