@@ -205,10 +205,9 @@ def test_nnx_decoder_variables_carry_the_same_names():
                 assert got[where] == spec, (rules, key)
 
 
-@pytest.mark.parametrize("rules", [{}, {"expert": "model", "mlp": None}], ids=["default", "expert_parallel"])
-def test_sharded_mixtral_experts_and_their_lora_equal_one_device(rules):
-    """Mixtral's expert kernels and expert LoRA, now sharded (d over fsdp and f over model, or whole experts over
-    model), give the one-device loss and LoRA gradient on a (2, 2, 2) mesh."""
+@pytest.fixture(scope="module")
+def mixtral():
+    """Mixtral's loss and expert-LoRA gradient, its inputs and the one-device result (one compile for both tests)."""
     config = dataclasses.replace(CONFIG, **FAMILIES["mixtral"][0])
     params = init_params(config, jax.random.key(0))
     lora = init_lora(config, LoraConfig(r=2, target_modules=("q_proj", "w1", "w2"), init_lora_weights=False),
@@ -220,11 +219,18 @@ def test_sharded_mixtral_experts_and_their_lora_equal_one_device(rules):
         return lm_loss(config, p, dataclasses.replace(lora, weights=w), None, b)
 
     fn = jax.value_and_grad(loss, argnums=1)
-    expected = jax.jit(fn)(params, lora.weights, batch)
+    return fn, (params, lora.weights, batch), jax.jit(fn)(params, lora.weights, batch)
+
+
+@pytest.mark.parametrize("rules", [{}, {"expert": "model", "mlp": None}], ids=["default", "expert_parallel"])
+def test_sharded_mixtral_experts_and_their_lora_equal_one_device(mixtral, rules):
+    """Mixtral's expert kernels and expert LoRA, now sharded (d over fsdp and f over model, or whole experts over
+    model), give the one-device loss and LoRA gradient on a (2, 2, 2) mesh."""
+    fn, (params, weights, batch), expected = mixtral
     mesh = sh.make_mesh((2, 2, 2))
-    p_s, w_s = (sh.shardings(t, mesh, rules=rules) for t in (params, lora.weights))
+    p_s, w_s = (sh.shardings(t, mesh, rules=rules) for t in (params, weights))
     assert p_s["layers"]["w1"]["kernel"].spec == (P(None, None, "fsdp", "model") if not rules else
                                                   P(None, "model", "fsdp"))
     got = jax.jit(fn, in_shardings=(p_s, w_s, sh.named(sh.batch_specs(batch, mesh), mesh)))(
-        sh.put(params, p_s), sh.put(lora.weights, w_s), sh.global_batch(batch, mesh))
+        sh.put(params, p_s), sh.put(weights, w_s), sh.global_batch(batch, mesh))
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=1e-6), got, expected)
