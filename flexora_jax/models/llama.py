@@ -57,6 +57,7 @@ from flexora_jax.errors import ConfigError, DataError
 from flexora_jax.lora import per_layer_lora
 from flexora_jax.models.attention import NEG_INF, accum_dtype, attend, cached_attention_hm, query_block
 from flexora_jax.models.moe import moe_mlp
+from flexora_jax.sharding import logical_axes
 
 Params = dict[str, Any]
 
@@ -425,6 +426,14 @@ def init_params(config: ModelConfig, key: jax.Array, init_std: float = 0.02,
     if not config.tie_word_embeddings:
         params["lm_head"] = normal((d, config.vocab_size), head_std or init_std)
     return params
+
+
+def param_axes(config: ModelConfig) -> Params:
+    """The logical axis names of every base param: a tree of :class:`~flexora_jax.sharding.Axes` beside
+    :func:`init_params`'s (e.g. ``layers.q_proj.kernel``: ``Axes("layers", "embed", "heads")``, Mixtral's
+    ``w1``: ``Axes("layers", "expert", "embed", "mlp")``), what :func:`flexora_jax.sharding.partition_specs`
+    maps to mesh axes through its rules table. A param without declared axes raises, naming it."""
+    return logical_axes(jax.eval_shape(lambda: init_params(config, jax.random.key(0))))
 
 
 def param_shapes(config: ModelConfig) -> Params:
