@@ -10,7 +10,7 @@ Each task is scored with the library's ``flexora_jax.evaluation.evaluate`` on it
 ``--limits task=n`` score only the first n test examples of a task (``evaluate``'s ``limit``); the
 JSON records n and the full split size, so a partial row says so.
 
-    python -m benchmarks.accuracy_table                         # full test splits (long: RACE and BoolQ fill 512 tokens)
+    python -m benchmarks.accuracy_table                         # full test splits (long: RACE, BoolQ fill 512 tokens)
     python -m benchmarks.accuracy_table --limit 500 --limits race_middle=200 race_high=200
     python -m benchmarks.accuracy_table --smoke                 # 8 examples of 3 tasks, seconds
 """
@@ -33,12 +33,15 @@ TASKS = ("hellaswag", "piqa", "winogrande", "race_middle", "race_high", "boolq",
 SMOKE_TASKS = ("piqa", "arc_easy", "boolq")
 
 
-def run(smoke: bool = False, out_dir: str | None = None, command: str | None = None, tasks_: tuple[str, ...] | None = None,
+def run(smoke: bool = False, out_dir: str | None = None, command: str | None = None,
+        tasks_: tuple[str, ...] | None = None,
         limit: int | None = None, limits: dict[str, int] | None = None, batch_size: int = 32,
         data_dir: str | None = None) -> dict[str, Any]:
     """Evaluate every task; writes ``accuracy.json`` (``accuracy_smoke.json`` in smoke mode)."""
     from flexora_jax import evaluation, tasks
+    from flexora_jax.nnx import LlamaForCausalLM
 
+    begin = harness.start(smoke)
     if smoke:
         tasks_, limit, batch_size = tasks_ or SMOKE_TASKS, 8, 8
     tasks_ = tuple(tasks_ or TASKS)
@@ -52,7 +55,8 @@ def run(smoke: bool = False, out_dir: str | None = None, command: str | None = N
         n_limit = limits.get(name, limit)
         scored = records if n_limit is None else records[:n_limit]
         t1 = time.perf_counter()
-        res = evaluation.evaluate(config, params, tokenizer, {name: scored}, batch_size=batch_size, progress=False)[name]
+        res = evaluation.evaluate(LlamaForCausalLM.from_params(config, params), tokenizer, {name: scored},
+                                  batch_size=batch_size, progress=False)[name]
         wall = time.perf_counter() - t1
         n_choices = sum(len(r.choices) for r in scored)
         chance = sum(1.0 / len(r.choices) for r in scored) / len(scored)
@@ -69,7 +73,7 @@ def run(smoke: bool = False, out_dir: str | None = None, command: str | None = N
                "model": "tinystories260k (llama2.c stories260K, converted by flexora_jax.convert_llama2c)",
                "split": "test", "batch_size": batch_size, "max_length": config.max_position_embeddings,
                "limit": limit, "limits": limits, "rows": rows}
-    harness.write_result("accuracy_smoke" if smoke else "accuracy", payload, out_dir)
+    harness.write_result("accuracy_smoke" if smoke else "accuracy", payload, out_dir, start=begin)
     return payload
 
 
@@ -83,8 +87,9 @@ def table(d: dict[str, Any]) -> str:
                      f"{r['acc_norm_stderr']:.4f} | {r['chance']:.4f} | {n} | {r['truncated']} | {r['wall_s']:.0f} | "
                      f"{r['choices_per_s']:.1f} |")
     m = d["machine"]
-    lines += ["", f"tinystories260k, batch {d['batch_size']}, context {d['max_length']}; `{d['command']}`, {m['date']}, "
-              f"{m['cpu']}, {m['cpu_count']} cores, load {m['load_avg_1m']:.1f}."]
+    lines += ["", f"tinystories260k, batch {d['batch_size']}, context {d['max_length']}; `{d['command']}`, "
+              f"{m['date']}, "
+              f"{m['cpu']}, {m['cpu_count']} cores, {harness.load_text(d)}."]
     return "\n".join(lines)
 
 

@@ -9,6 +9,10 @@ jitted program) then :func:`flexora_jax.adalora.allocate` on the host; theirs: `
 with ``update_and_allocate(global_step)`` after ``optimizer.step()``. Both advance the same step counter,
 so each timed call does the same allocator work on both sides.
 
+Achieved FLOP/s: :func:`common.lora_step_flops_per_token` with rank ``init_r`` on the AdaLoRA modules (the
+P diag(E) Q matmuls cost what a rank-``init_r`` LoRA does; the regulariser's Gram matrices are not counted),
+and its share of the machine's peak measured in the same run.
+
     python -m benchmarks.adalora [--configs h256_l4] [--smoke]
 """
 
@@ -24,7 +28,7 @@ import optax
 
 from benchmarks import common, harness
 from flexora_jax.adalora import AdaLoraConfig, allocate, init_adalora, init_allocator, make_adalora_step
-from flexora_jax.config import ModelConfig
+from flexora_jax.config import LoraConfig, ModelConfig
 from flexora_jax.models.llama import init_params
 
 #: name -> (model, batch, seq, timed repeats)
@@ -87,7 +91,7 @@ def jax_step_fn(config: ModelConfig, params: Any, batch: dict) -> tuple[Any, dic
     return step, stats
 
 
-def measure(case: str, model: str, batch_size: int, seq: int, repeats: int) -> dict:
+def measure(case: str, model: str, batch_size: int, seq: int, repeats: int, peak: dict | None = None) -> dict:
     config = common.MODELS[model]
     params = init_params(config, jax.random.key(0))
     batch = common.random_batch(config, batch_size, seq)
@@ -98,6 +102,10 @@ def measure(case: str, model: str, batch_size: int, seq: int, repeats: int) -> d
         fns[f"torch_peft_{threads}t"] = torch_step_fn(config, params, batch, threads)
     first_loss = {name: fn() for name, fn in fns.items()}  # the same: task loss + 0.5 x the regulariser
     timings = harness.interleaved(fns, repeats, warmup=1)
+    lora = LoraConfig(r=ADALORA.init_r, target_modules=ADALORA.target_modules)
+    flops = common.lora_step_flops_per_token(config, seq, lora) * batch_size * seq
+    for t in timings.values():
+        t.update(harness.throughput(flops, t, peak or harness.machine_peak()))
     best = min((n for n in timings if n.startswith("torch")), key=lambda n: timings[n]["median_s"])
     jt, tt = timings["flexora_jax"]["median_s"], timings[best]["median_s"]
     return {"case": case, "model": common.describe(config), "batch": batch_size, "seq": seq,
@@ -109,11 +117,12 @@ def measure(case: str, model: str, batch_size: int, seq: int, repeats: int) -> d
 def run(smoke: bool = False, configs: list[str] | None = None, out_dir: str | None = None,
         command: str | None = None) -> dict:
     """Measure every case; writes ``adalora.json`` (``adalora_smoke.json`` in smoke mode)."""
+    begin = harness.start(smoke)
     harness.set_threads()
     cases = SMOKE if smoke else {k: v for k, v in CASES.items() if configs is None or k in configs}
-    rows = [measure(name, *spec) for name, spec in cases.items()]
+    rows = [measure(name, *spec, peak=begin.peak) for name, spec in cases.items()]
     payload = {"command": command or "python -m benchmarks.adalora" + (" --smoke" if smoke else ""), "rows": rows}
-    harness.write_result("adalora_smoke" if smoke else "adalora", payload, out_dir)
+    harness.write_result("adalora_smoke" if smoke else "adalora", payload, out_dir, start=begin)
     return payload
 
 
@@ -125,8 +134,9 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     out = run(a.smoke, a.configs, a.out_dir, harness.command_line("benchmarks.adalora", argv))
     for r in out["rows"]:
-        print(f"{r['case']}: flexora_jax {r['flexora_jax']['median_s'] * 1e3:.1f} ms, torch+peft "
-              f"{r['torch_peft']['median_s'] * 1e3:.1f} ms ({r['torch_peft']['variant']}), speedup {r['speedup']:.2f}x; "
+        j, t = r["flexora_jax"], r["torch_peft"]
+        print(f"{r['case']}: flexora_jax {j['median_s'] * 1e3:.1f} ms ({100 * j['share_of_peak']:.0f}% of peak), "
+              f"torch+peft {t['median_s'] * 1e3:.1f} ms ({t['variant']}), speedup {r['speedup']:.2f}x; "
               f"first losses {r['first_loss']}")
 
 

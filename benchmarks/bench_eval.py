@@ -49,7 +49,8 @@ def tinystories(data_dir: str | os.PathLike | None = None) -> tuple[Any, Any, An
     key = str(src)
     if key not in _MODEL_CACHE:
         out = Path(tempfile.mkdtemp(prefix="tinystories260k_"))
-        flexora_jax.convert_llama2c(src / TINYSTORIES / "checkpoint_legacy.bin", src / TINYSTORIES / "tok512.model", out)
+        model_dir = src / TINYSTORIES
+        flexora_jax.convert_llama2c(model_dir / "checkpoint_legacy.bin", model_dir / "tok512.model", out)
         config, params = flexora_jax.load_model(out)
         _MODEL_CACHE[key] = (config, params, flexora_jax.load_tokenizer(out), out)
     return _MODEL_CACHE[key]
@@ -160,13 +161,14 @@ def run(smoke: bool = False, out_dir: str | None = None, command: str | None = N
         batch_size: int = 32, repeats: int = 2, tasks_: tuple[str, ...] | None = None,
         threads: list[int] | None = None, data_dir: str | None = None) -> dict[str, Any]:
     """Measure; writes ``eval.json`` (``eval_smoke.json`` in smoke mode) and returns the payload."""
+    begin = harness.start(smoke)
     if smoke:
         tasks_, n, batch_size, repeats, threads = tasks_ or SMOKE_TASKS, 4, 8, 1, threads or [1]
     row = measure(tuple(tasks_ or TASKS), n, batch_size, repeats, threads, data_dir)
     payload = {"command": command or "python -m benchmarks.bench_eval" + (" --smoke" if smoke else ""),
                "model": "tinystories260k (hidden 64, 5 layers, 8 heads / 4 KV heads, head_dim 8, vocab 512, "
                         "context 512)", "rows": [row]}
-    harness.write_result("eval_smoke" if smoke else "eval", payload, out_dir)
+    harness.write_result("eval_smoke" if smoke else "eval", payload, out_dir, start=begin)
     return payload
 
 
@@ -183,7 +185,7 @@ def table(d: dict[str, Any]) -> str:
                      f"[{t['variant']}] | **{r['speedup']:.2f}x** ({r['speedup_with_compile']:.2f}x) | "
                      f"{j['compile_s_estimate']:.1f} | {tok['ours_padded_tokens']} / {tok['lm_eval_padded_tokens']} | "
                      f"{r['max_abs_loglikelihood_diff']:.1e} | `{d['command']}` | {m['date']} | "
-                     f"{m['cpu']}, {m['cpu_count']} cores, load {m['load_avg_1m']:.1f} |")
+                     f"{m['cpu']}, {m['cpu_count']} cores, {harness.load_text(d)} |")
     return "\n".join(lines)
 
 

@@ -86,6 +86,7 @@ def run(smoke: bool = False, out_dir: str | None = None, command: str | None = N
     """Run one worker per device count; writes ``scaling.json`` (``scaling_smoke.json`` in smoke mode)."""
     from benchmarks import common, harness
 
+    begin = harness.start(smoke)
     spec = dict(SMOKE if smoke else FULL)
     spec["devices"] = tuple(devices or spec["devices"])
     repo = Path(__file__).resolve().parents[1]
@@ -109,7 +110,7 @@ def run(smoke: bool = False, out_dir: str | None = None, command: str | None = N
                "model": common.describe(common.MODELS[spec["model"]]), "lora": common.LORA.to_dict(),
                "batch": spec["batch"], "seq": spec["seq"], "k": spec["k"], "rows": rows,
                "note": "virtual CPU devices share the same cores; mesh (1, N, 1)"}
-    harness.write_result("scaling_smoke" if smoke else "scaling", payload, out_dir)
+    harness.write_result("scaling_smoke" if smoke else "scaling", payload, out_dir, start=begin)
     return payload
 
 
@@ -118,7 +119,9 @@ def _ms(t: dict) -> str:
 
 
 def table(d: dict) -> str:
-    """Markdown for ``benchmarks/RESULTS.md`` (register as ``"scaling": ("scaling.json", table)`` in report.py)."""
+    """Markdown for ``benchmarks/RESULTS.md`` (``report.TABLES["scaling"]``)."""
+    from benchmarks import harness
+
     lines = ["| devices | mesh (data, fsdp, model) | search ms (min-max) | search tok/s | search vs 1 "
              "| fine-tune ms (min-max) | fine-tune tok/s | fine-tune vs 1 |", "|---|---|---|---|---|---|---|---|"]
     for r in d["rows"]:
@@ -132,7 +135,7 @@ def table(d: dict) -> str:
     lines.append(f"Model hidden {m['hidden_size']} / {m['num_hidden_layers']} layers / vocab {m['vocab_size']}, "
                  f"batch {d['batch']} x {d['seq']}, K = {d['k']}, LoRA r=8 on q,v; {d['note']}. Command "
                  f"`{d['command']}`, {machine['date']}, {machine['cpu']}, {machine['cpu_count']} cores, "
-                 f"load {machine['load_avg_1m']:.1f}.")
+                 f"{harness.load_text(d)}.")
     return "\n".join(lines)
 
 

@@ -31,9 +31,13 @@ MODELS: dict[str, ModelConfig] = {
                         num_attention_heads=4),
 }
 
-#: Dense bf16 peak TFLOP/s (datasheets, no sparsity) by device-kind substring: the MFU denominator.
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "L4": 121.0, "A10": 125.0,
-                    "TPU v4": 275.0, "TPU v5e": 197.0, "TPU v5p": 459.0}
+#: Dense bf16 peak TFLOP/s per JAX device (datasheets, no sparsity) by ``device_kind`` substring: the MFU
+#: denominator. The first match wins, so a longer name comes before its prefix ("H100 PCIe" before "H100",
+#: "L40S" before "L40" before "L4", "A100" before "A10", "TPU v5 lite" = v5e before "TPU v5" = v5p).
+PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "A100": 312.0,
+                    "L40S": 362.0, "L40": 181.0, "L4": 121.0, "A10": 125.0,
+                    "TPU v6 lite": 918.0, "TPU v6e": 918.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0,
+                    "TPU v5p": 459.0, "TPU v5": 459.0, "TPU v4": 275.0}
 
 
 def peak_flops(device_kind: str) -> float | None:
@@ -58,17 +62,58 @@ def require_gpu(runner: str, torch_too: bool = False) -> None:
                          f"{' and torch' if torch_too else ''}; {seen}")
 
 
-def lora_step_flops_per_token(config: ModelConfig, seq: int) -> float:
-    """Model FLOPs of one LoRA fine-tune step per token (the MFU numerator's convention).
-
-    The frozen base needs no weight gradients, so its matmuls cost the forward (2 N) plus the
-    input-gradient half of the backward (2 N): 4 N, N = the block and LM-head weights. Attention's
-    ``q k^T`` and ``p v`` cost 4 L t d forward and twice that backward (all of q, k, v need gradients):
-    12 L t d, counted over the full length as PaLM's MFU does. LoRA's rank-r matmuls are left out.
-    """
+def base_matmul_params(config: ModelConfig) -> int:
+    """N: the weights of the base model's matmuls (every block's seven linear modules and the LM head)."""
     n = config.num_hidden_layers * sum(a * b for a, b in map(config.module_shape, ALL_MODULES))
-    n += config.hidden_size * config.vocab_size
-    return 4.0 * n + 12.0 * config.num_hidden_layers * seq * config.hidden_size
+    return n + config.hidden_size * config.vocab_size
+
+
+def attention_flops_per_token(config: ModelConfig, seq: int) -> float:
+    """Forward FLOPs of ``q k^T`` and ``p v`` per token, summed over layers, under the causal mask.
+
+    A query at position i sees ``i + 1`` keys (at most ``sliding_window`` on the windowed layers), so each
+    layer does ``2 x 2 x keys x q_dim`` FLOPs per query with ``keys`` the mean over positions: ``(t + 1) / 2``
+    without a window. This counts the work a causal kernel cannot skip, not the masked half a dense
+    implementation also computes (PaLM's ``12 L t d`` counts all ``t x t`` scores: up to ~2x higher).
+    """
+    pos = np.arange(1, seq + 1, dtype=np.float64)
+    full = float(pos.mean())
+    windowed = float(np.minimum(pos, config.sliding_window).mean()) if config.sliding_window else full
+    n_windowed = 0
+    if config.sliding_window:
+        n_windowed = len(config.sliding_layers) if config.sliding_layers is not None else config.num_hidden_layers
+    keys = (config.num_hidden_layers - n_windowed) * full + n_windowed * windowed
+    return 4.0 * keys * config.num_attention_heads * config.head_dim
+
+
+def lora_flops_per_token(config: ModelConfig, lora: LoraConfig, backward: bool = True) -> float:
+    """LoRA's rank-r matmuls per token: ``x A`` and ``(x A) B``, 2 r (d_in + d_out) forward per adapted module;
+    the backward doubles that twice over (input gradient and A / B's weight gradients): 6 r (d_in + d_out)."""
+    layers = config.num_hidden_layers if lora.layers_to_transform is None else len(lora.layers_to_transform)
+    per_layer = sum(2.0 * lora.r * sum(config.module_shape(m)) for m in lora.target_modules)
+    return (3.0 if backward else 1.0) * layers * per_layer
+
+
+def forward_flops_per_token(config: ModelConfig, seq: int, lora: LoraConfig | None = None) -> float:
+    """Model FLOPs of a forward pass per token: 2 N + causal attention (+ LoRA's forward with ``lora``)."""
+    extra = 0.0 if lora is None else lora_flops_per_token(config, lora, backward=False)
+    return 2.0 * base_matmul_params(config) + attention_flops_per_token(config, seq) + extra
+
+
+def lora_step_flops_per_token(config: ModelConfig, seq: int, lora: LoraConfig | None = None) -> float:
+    """Model FLOPs of one LoRA fine-tune step per token (the numerator of every "share of peak" and MFU).
+
+    The convention, written once: the frozen base needs no weight gradients, so its matmuls cost the
+    forward 2 N plus the input-gradient half of the backward 2 N: **4 N** (N = :func:`base_matmul_params`).
+    Attention's ``q k^T`` and ``p v`` cost A forward (:func:`attention_flops_per_token`, causal: the
+    mean query sees (t + 1) / 2 keys) and 2 A backward (gradients of q, k and v): **3 A**. LoRA's matmuls
+    (``lora``, default :data:`LORA`) add **6 r (d_in + d_out)** per adapted module (forward, input gradient,
+    A / B gradients). Not counted: norms, RoPE, softmax, the loss, the optimizer (elementwise); the
+    embedding lookup (a gather); and the input gradient the lowest layer does not need.
+    """
+    lora = LORA if lora is None else lora
+    return (4.0 * base_matmul_params(config) + 3.0 * attention_flops_per_token(config, seq)
+            + lora_flops_per_token(config, lora))
 
 
 #: LoRA r = 8 on q, v (PEFT's defaults for LLaMA; the pitfalls.md reference).

@@ -22,7 +22,7 @@ from typing import Any
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("MPLBACKEND", "Agg")
 
-from benchmarks.harness import command_line, machine_info, write_result  # noqa: E402
+from benchmarks.harness import command_line, load_text, machine_info, start, write_result  # noqa: E402
 
 TARGET = 1.3  # Flexora end to end at most 1.3x LoRA-all
 
@@ -32,6 +32,7 @@ def run(smoke: bool = False, out_dir: str | None = None, command: str | None = N
     from flexora_jax.pipeline import load_config
     from flexora_jax.pipeline import run as run_pipeline
 
+    begin = start(smoke)
     steps = search_steps or (3 if smoke else 600)
     finetune_steps = int(round(12.5 * steps))
     overrides = [f"--search.steps={steps}", "--search.hypergradient=first_order", "--search.inner_steps=1",
@@ -59,7 +60,7 @@ def run(smoke: bool = False, out_dir: str | None = None, command: str | None = N
         "finetune_flexora_s": timings["finetune_flexora"], "flexora_total_s": flexora_s,
         "lora_all_s": lora_s, "ratio": flexora_s / lora_s, "target": TARGET,
     }
-    write_result("end_to_end_smoke" if smoke else "end_to_end", payload, out_dir)
+    write_result("end_to_end_smoke" if smoke else "end_to_end", payload, out_dir, start=begin)
     return payload
 
 
@@ -74,7 +75,7 @@ def table(d: dict[str, Any]) -> str:
         f"| {c['search_steps']} first-order / {c['finetune_steps']}, batch {c['batch']} | {d['selected_layers']} "
         f"| {d['search_s']:.1f} | {d['finetune_flexora_s']:.1f} | {d['flexora_total_s']:.1f} | {d['lora_all_s']:.1f} "
         f"| **{d['ratio']:.2f}x** ({verdict}) | `{d['command']}` | {m['date']} | {m.get('cpu', '')}, "
-        f"{m.get('cpu_count', '')} cores, load {m.get('load_avg_1m', 0):.1f} |"])
+        f"{m.get('cpu_count', '')} cores, {load_text(d)} |"])
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,6 +6,9 @@ flexora_jax's jitted ``forward`` with the library defaults), timed round-robin i
 runs with as many threads as cores and with 1 thread (the reference is its faster setting: on a shared
 machine OpenMP's spinning barriers can make the all-core setting much slower).
 
+Achieved FLOP/s: :func:`common.forward_flops_per_token` (2 N + causal attention) x tokens over the median
+time, and its share of the machine's peak measured in the same run (``harness.machine_peak``).
+
     python -m benchmarks.forward [--smoke]
 """
 
@@ -24,7 +27,7 @@ CASES = {"h256_l4": ("h256_l4", 8, 128, 15)}
 SMOKE = {"tiny": ("tiny", 2, 16, 2)}
 
 
-def measure(case: str, model: str, batch_size: int, seq: int, repeats: int) -> dict:
+def measure(case: str, model: str, batch_size: int, seq: int, repeats: int, peak: dict | None = None) -> dict:
     import torch
 
     config = common.MODELS[model]
@@ -52,9 +55,12 @@ def measure(case: str, model: str, batch_size: int, seq: int, repeats: int) -> d
         fns[f"torch_{threads}t"] = torch_fn(threads)
     max_diff = float(np.max(np.abs(np.asarray(jax_fn()) - fns[f"torch_{cores}t"]().numpy())))
     timings = harness.interleaved(fns, repeats, warmup=1)
+    tokens = batch_size * seq
+    flops = common.forward_flops_per_token(config, seq) * tokens
+    for t in timings.values():
+        t.update(harness.throughput(flops, t, peak or harness.machine_peak()))
     jax_t = timings.pop("flexora_jax")
     best = min(timings, key=lambda n: timings[n]["median_s"])
-    tokens = batch_size * seq
     return {"case": case, "model": common.describe(config), "batch": batch_size, "seq": seq,
             "max_abs_logit_diff": max_diff,
             "flexora_jax": {**jax_t, "tokens_per_s": tokens / jax_t["median_s"], **stats},
@@ -64,10 +70,11 @@ def measure(case: str, model: str, batch_size: int, seq: int, repeats: int) -> d
 
 def run(smoke: bool = False, out_dir: str | None = None, command: str | None = None) -> dict:
     """Measure every case; writes ``forward.json`` (``forward_smoke.json`` in smoke mode)."""
+    begin = harness.start(smoke)
     harness.set_threads()
-    rows = [measure(name, *spec) for name, spec in (SMOKE if smoke else CASES).items()]
+    rows = [measure(name, *spec, peak=begin.peak) for name, spec in (SMOKE if smoke else CASES).items()]
     payload = {"command": command or "python -m benchmarks.forward" + (" --smoke" if smoke else ""), "rows": rows}
-    harness.write_result("forward_smoke" if smoke else "forward", payload, out_dir)
+    harness.write_result("forward_smoke" if smoke else "forward", payload, out_dir, start=begin)
     return payload
 
 

@@ -9,19 +9,26 @@
   compile.
 - ``machine_info()`` / ``write_result(...)``: every JSON in ``benchmarks/results/`` records the machine,
   the library versions, the command and the config next to the figures.
+- ``start(smoke)`` at the top of a runner: the load average then, and this machine's matmul peak
+  (``machine_peak``: a large ``jnp.dot``, best of several, measured once per process); ``write_result(...,
+  start=...)`` records both beside the load at the end and the runner's wall time.
+- ``throughput(flops, timing, peak)``: achieved FLOP/s of a timed step and its share of that peak.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import functools
 import json
 import os
 import platform
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -111,12 +118,108 @@ def command_line(module: str, argv: list[str] | None = None) -> str:
     return " ".join(["python -m", module, *args])
 
 
-def write_result(name: str, payload: dict[str, Any], out_dir: str | os.PathLike | None = None) -> Path:
-    """Write ``payload`` (plus machine info) as ``<out_dir>/<name>.json``; returns the path."""
+def load_avg() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the OS has none)."""
+    return list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+
+
+@functools.cache
+def matmul_peak(n: int, dtype: str = "float32", repeats: int = 5) -> dict[str, Any]:
+    """FLOP/s of the best of ``repeats`` jitted ``jnp.dot`` of two ``n x n`` matrices on the default device.
+
+    The denominator of every "share of peak" on a CPU: what XLA's own matmul reaches on this machine now
+    (2 n^3 FLOPs per call, the fastest call; cached per process, so a run measures it once).
+    """
+    import jax
+    import jax.numpy as jnp
+
+    ka, kb = jax.random.split(jax.random.key(0))
+    a, b = jax.random.normal(ka, (n, n), dtype), jax.random.normal(kb, (n, n), dtype)
+    dot = jax.jit(jnp.dot)
+    jax.block_until_ready(dot(a, b))  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(dot(a, b))
+        times.append(time.perf_counter() - t0)
+    best = min(times)
+    return {"n": n, "dtype": dtype, "repeats": repeats, "best_s": best, "flops_per_s": 2.0 * n**3 / best,
+            "times_s": times, "load_avg_1m": (load_avg() or [None])[0]}
+
+
+def machine_peak(smoke: bool = False) -> dict[str, Any]:
+    """The limit each step is compared with: the measured fp32 matmul peak (CPU), or the chip's bf16 peak.
+
+    On a CPU the reference is :func:`matmul_peak` at 2048^3 fp32 (best of 10 calls); on an accelerator it is
+    the datasheet dense bf16 peak of the device kind (``common.peak_flops``), i.e. the share is MFU, with the
+    measured fp32 and bf16 matmuls (8192^3) recorded beside it. ``smoke``: a 256^3 matmul, best of 5.
+    """
+    import jax
+
+    from benchmarks.common import peak_flops
+
+    backend, kind = jax.default_backend(), jax.devices()[0].device_kind
+    n = 256 if smoke else 2048 if backend == "cpu" else 8192
+    repeats = 5 if smoke else 10  # the best of several calls: a busy machine slows some of them
+    out: dict[str, Any] = {"backend": backend, "device_kind": kind,
+                           "matmul_fp32": matmul_peak(n, "float32", repeats)}
+    if backend != "cpu":
+        out["matmul_bf16"] = matmul_peak(n, "bfloat16", repeats)
+    datasheet = peak_flops(kind)
+    out["datasheet_bf16_flops"] = datasheet
+    if datasheet and backend != "cpu":
+        out.update(reference="datasheet bf16 peak (MFU)", reference_flops=datasheet)
+    else:
+        out.update(reference=f"measured fp32 matmul peak ({n}^3 jnp.dot, best of {out['matmul_fp32']['repeats']})",
+                   reference_flops=out["matmul_fp32"]["flops_per_s"])
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """What a runner records when it starts: wall clock, load average, the machine's peak."""
+
+    time: float
+    load: list[float] | None
+    peak: dict[str, Any]
+
+
+def start(smoke: bool = False) -> Start:
+    """Call first thing in a runner; pass the result to :func:`write_result` (and its peak to ``throughput``)."""
+    load = load_avg()
+    return Start(time.perf_counter(), load, machine_peak(smoke))
+
+
+def load_text(d: dict[str, Any]) -> str:
+    """"load a -> b" (1-minute averages at a result's runner start and end), or the one at its end."""
+    begin, end = (d.get("load") or {}).get("start"), (d.get("load") or {}).get("end")
+    if begin and end:
+        return f"load {begin[0]:.1f} -> {end[0]:.1f}"
+    load = d["machine"].get("load_avg_1m")
+    return "load -" if load is None else f"load {load:.1f}"
+
+
+def throughput(flops: float, timing: dict[str, float], peak: dict[str, Any]) -> dict[str, Any]:
+    """Achieved FLOP/s of a timed call doing ``flops`` model FLOPs, at the median and the fastest call, and
+    their shares of ``peak["reference_flops"]``; ``mfu`` is the median share where the reference is a chip's
+    datasheet peak (accelerators), else None."""
+    ref = peak["reference_flops"]
+    med, best = flops / timing["median_s"], flops / timing["min_s"]
+    return {"flops": flops, "flops_per_s": med, "flops_per_s_best": best, "share_of_peak": med / ref,
+            "share_of_peak_best": best / ref, "mfu": med / ref if peak["reference"].startswith("datasheet") else None}
+
+
+def write_result(name: str, payload: dict[str, Any], out_dir: str | os.PathLike | None = None,
+                 start: Start | None = None) -> Path:
+    """Write ``payload`` (plus machine info; with ``start``, the load at start and end, the wall time and the
+    peak) as ``<out_dir>/<name>.json``; returns the path."""
     out = Path(out_dir) if out_dir is not None else RESULTS_DIR
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
     data = {"benchmark": name, "machine": machine_info(), **payload}
+    if start is not None:
+        data.update(load={"start": start.load, "end": load_avg()}, wall_s=time.perf_counter() - start.time,
+                    peak=start.peak)
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     os.replace(tmp, path)

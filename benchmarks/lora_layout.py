@@ -78,12 +78,13 @@ def compile_times(config: ModelConfig, traced: bool, selections: tuple = SELECTI
 
 
 def run(smoke: bool = False, out_dir: str | None = None, command: str | None = None) -> dict:
+    begin = harness.start(smoke)
     small = dataclasses.replace(SMALL_32, num_hidden_layers=4) if smoke else SMALL_32
-    selections = ((1,), (0, 3), None) if smoke else SELECTIONS
+    selections = ((1,), None) if smoke else SELECTIONS  # smoke: two selections, 1 program traced vs 2 static
     rows = {"memory": memory(LLAMA2_7B),
             "compile": [compile_times(small, True, selections), compile_times(small, False, selections)]}
     payload = {"command": command or "python -m benchmarks.lora_layout" + (" --smoke" if smoke else ""), **rows}
-    harness.write_result("lora_layout_smoke" if smoke else "lora_layout", payload, out_dir)
+    harness.write_result("lora_layout_smoke" if smoke else "lora_layout", payload, out_dir, start=begin)
     return payload
 
 

@@ -17,8 +17,8 @@ steps, so it is for small models.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 
@@ -45,7 +45,8 @@ def _abstract(fn: Callable[[], Any]) -> Any:
 
 def finetune_args(config: ModelConfig, batch: int, seq: int) -> tuple[Callable, tuple]:
     cfg = FinetuneConfig(batch_size=batch)
-    state = _abstract(lambda: init_train_state(init_lora(config, common.LORA, jax.random.key(1)), make_optimizer(cfg, 100)))
+    lora = init_lora(config, common.LORA, jax.random.key(1))
+    state = _abstract(lambda: init_train_state(lora, make_optimizer(cfg, 100)))
     return make_train_step(config, cfg, 100), (state, _abstract(lambda: common.random_batch(config, batch, seq)))
 
 
@@ -57,7 +58,7 @@ def search_args(config: ModelConfig, batch: int, seq: int) -> tuple[Callable, tu
     return make_search_step(config, sc), (state, batches, _abstract(lambda: common.random_batch(config, batch, seq)))
 
 
-def measure(vocab: int, seq: int, batch: int = 1) -> dict:
+def measure(vocab: int, seq: int, batch: int = 1, steps: tuple[str, ...] = ("finetune", "search_unrolled_k1")) -> dict:
     config = model(vocab)
     params = _abstract(lambda: init_params(config, jax.random.key(0)))
     logits_bytes = 4 * batch * seq * vocab
@@ -67,6 +68,8 @@ def measure(vocab: int, seq: int, batch: int = 1) -> dict:
             losses.LOSS_CHUNK_BYTES = default_budget if chunked else 2 * logits_bytes
             chunk = losses.loss_chunk(batch, seq, vocab)
             for step_name, build in (("finetune", finetune_args), ("search_unrolled_k1", search_args)):
+                if step_name not in steps:
+                    continue
                 fn, args = build(config, batch, seq)
                 fresh = lambda *a, fn=fn: fn(*a)  # noqa: E731 - a new function: traced again under this budget
                 _, stats = harness.compile_stats(jax.jit(fresh, donate_argnums=1), params, *args)
@@ -120,22 +123,36 @@ def table(d: dict) -> str:
     return "\n".join(lines)
 
 
+def run(smoke: bool = False, out_dir: str | None = None, command: str | None = None, step_ratio_mode: bool = False,
+        vocab: int = 128256, seq: int = 2048) -> dict:
+    """The compiled-memory table (``memory_logits.json``) or, with ``step_ratio_mode``, the fine-tune step's
+    time with and without chunking (``loss_chunk_step.json``); ``smoke``: tiny sizes, ``_smoke`` names."""
+    begin = harness.start(smoke)
+    flag = " --step-ratio" if step_ratio_mode else ""
+    command = command or "python -m benchmarks.memory_logits" + flag + (" --smoke" if smoke else "")
+    if step_ratio_mode:
+        payload = {"command": command, **(step_ratio("tiny", 2, 16, 1) if smoke else step_ratio())}
+        name = "loss_chunk_step"
+    else:
+        payload = {"command": command, **(measure(1024, 64, steps=("finetune",)) if smoke else measure(vocab, seq))}
+        name = "memory_logits"
+    harness.write_result(name + ("_smoke" if smoke else ""), payload, out_dir, start=begin)
+    return payload
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--vocab", type=int, default=128256)
     p.add_argument("--seq", type=int, default=2048)
     p.add_argument("--out-dir", default=None)
+    p.add_argument("--smoke", action="store_true", help="tiny sizes, seconds")
     p.add_argument("--step-ratio", action="store_true", help="time the CPU fine-tune step instead (chunking's cost)")
     a = p.parse_args(argv)
+    out = run(a.smoke, a.out_dir, harness.command_line("benchmarks.memory_logits", argv), a.step_ratio, a.vocab, a.seq)
     if a.step_ratio:
-        out = {"command": harness.command_line("benchmarks.memory_logits", argv), **step_ratio()}
-        path = harness.write_result("loss_chunk_step", out, a.out_dir)
-        print({n: round(r, 3) for n, r in out["ratio_to_unchunked"].items()}, f"wrote {path}")
-        return
-    payload = {"command": harness.command_line("benchmarks.memory_logits", argv), **measure(a.vocab, a.seq)}
-    path = harness.write_result("memory_logits", payload, a.out_dir)
-    print(table(payload))
-    print(f"wrote {path}")
+        print({n: round(r, 3) for n, r in out["ratio_to_unchunked"].items()})
+    else:
+        print(table(out))
 
 
 if __name__ == "__main__":

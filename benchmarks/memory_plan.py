@@ -1,6 +1,7 @@
 """The memory planner's table: Llama-3-8B / 70B on TPU v5p slices and 8x H100 (no device needed).
 
-    python -m benchmarks.memory_plan
+    python -m benchmarks.memory_plan             # prints the table
+    python -m benchmarks.run_all --only memory_plan   # writes memory_plan.json and the RESULTS.md table
 
 Setup: bf16 base, fp32 LoRA r = 16 on all seven linear modules, AdamW, K = 4 unrolled inner steps
 with remat of the inner scan, ``remat_layers=True``, sequence 2048 (see docs/scaling.md).
@@ -8,7 +9,8 @@ with remat of the inner scan, ``remat_layers=True``, sequence 2048 (see docs/sca
 
 from __future__ import annotations
 
-from flexora_jax.config import LoraConfig, ModelConfig, RopeScaling
+from benchmarks import harness
+from flexora_jax.config import LoraConfig, ModelConfig
 from flexora_jax.memory import memory_table, plan_memory
 
 LLAMA3 = dict(vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192, remat_layers=True,
@@ -39,6 +41,13 @@ def table(k: int = 4, seq: int = 2048) -> str:
              "plan": plan_memory(MODELS[m], lora, mesh, k, b, seq, remat=True, dtype="bfloat16")}
             for m, hw, mesh, hbm, b in ROWS]
     return memory_table(rows)
+
+
+def run(smoke: bool = False, out_dir: str | None = None, command: str | None = None) -> dict:
+    """Writes ``memory_plan.json`` (the table as Markdown; ``_smoke`` in smoke mode: the same table)."""
+    payload = {"command": command or "python -m benchmarks.memory_plan", "k": 4, "seq": 2048, "table": table()}
+    harness.write_result("memory_plan_smoke" if smoke else "memory_plan", payload, out_dir)
+    return payload
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ pruned ones with Lambda = 0, ``rank_pattern`` null: PEFT's own layout before it 
 
 Training: :func:`make_adalora_step` is one jitted step (loss with the regulariser, gradient, AdamW, the EMA
 of the allocator); the budget and the mask are host logic (:func:`allocate`), as in PEFT, and
-:func:`finetune_adalora` is the loop the pipeline's ``adalora`` method runs.
+:func:`flexora_jax.engine.finetune_adalora` runs the loop through the one driver (hooks, checkpoints, mesh).
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ import optax
 from flax import struct
 
 from flexora_jax.config import LoraConfig, ModelConfig, module_path, require
-from flexora_jax.errors import DataError
 from flexora_jax.fileio import write_bytes
 from flexora_jax.lora import LoraParams, make_spec
 from flexora_jax.models.hf import write_safetensors
@@ -252,24 +251,6 @@ def as_lora(model_config: ModelConfig, config: AdaLoraConfig, weights: Weights, 
                                               layers_to_transform=tuple(layers), init_lora_weights=False))
     return LoraParams(weights={m: {"a": w["a"], "b": w["e"][..., None] * w["b"]} for m, w in weights.items()},
                       spec=spec)
-
-
-def finetune_adalora(model_config: ModelConfig, params: Any, config: AdaLoraConfig, batches: list[dict],
-                     layers: tuple[int, ...], lr: float = 1e-3, seed: int = 0) -> tuple[Weights, AllocatorState, list]:
-    """``total_step`` AdamW steps on ``batches`` (one per step) with PEFT's loop: loss + orthogonality term,
-    optimizer step, then ``update_and_allocate`` on the new weights and this step's gradient."""
-    if len(batches) < config.total_step:
-        raise DataError(f"finetune_adalora needs total_step={config.total_step} batches, got {len(batches)}")
-    weights = init_adalora(model_config, config, jax.random.key(seed))
-    opt = optax.adamw(lr, weight_decay=0.0)
-    opt_state, state = opt.init(weights), init_allocator(weights)
-    step_fn = make_adalora_step(model_config, config, layers, opt)
-    losses = []
-    for step in range(config.total_step):
-        loss, weights, opt_state, tracked = step_fn(params, weights, opt_state, state, batches[step])
-        state, weights = allocate(config, state, tracked, weights, step, layers)
-        losses.append(float(loss))
-    return weights, state, losses
 
 
 def make_adalora_step(model_config: ModelConfig, config: AdaLoraConfig, layers: tuple[int, ...],

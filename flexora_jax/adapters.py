@@ -54,8 +54,8 @@ from flexora_jax.models.hf import read_safetensors, save_model, write_safetensor
 from flexora_jax.moe_adapters import PREFIX as _PREFIX
 from flexora_jax.moe_adapters import expert_paths, export_experts, group_experts, moe_other_paths, peft_path
 from flexora_jax.moe_adapters import tensor_key as _tensor_key  # PEFT key of a lora_A / lora_B / magnitude tensor
-from flexora_jax.peft_fields import ADALORA_FIELDS, ADAPTER_CONFIG, check_fields
-from flexora_jax.validation import check_bool, check_finite_tree, check_mapping, check_number, check_regex, read_json
+from flexora_jax.peft_fields import ADALORA_FIELDS, ADAPTER_CONFIG, check_peft_fields, check_peft_values
+from flexora_jax.validation import check_finite_tree, check_number, read_json
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -237,8 +237,8 @@ def load_peft(adapter_dir: str | os.PathLike, config: ModelConfig) -> LoraParams
     """
     directory = Path(adapter_dir)
     raw, cfg_file = _read_config(directory)
-    check_fields(raw, cfg_file)
-    _check_values(raw, cfg_file)
+    check_peft_fields(raw, cfg_file)
+    check_peft_values(raw, cfg_file)
     if raw.get("peft_type") == "ADALORA":  # rank-pruned: the kept triplets, Lambda and the scale folded into B
         return to_lora(config, *_adalora(directory, raw, cfg_file, config))
     weights_file = directory / ADAPTER_WEIGHTS
@@ -349,7 +349,7 @@ def load_adalora(adapter_dir: str | os.PathLike,
     if raw.get("peft_type") != "ADALORA":
         raise ConfigError(f"{cfg_file}: peft_type {raw.get('peft_type')!r} is not an AdaLoRA adapter ('ADALORA'); "
                           "load it with load_peft")
-    check_fields(raw, cfg_file)
+    check_peft_fields(raw, cfg_file)
     return _adalora(directory, raw, cfg_file, config)
 
 
@@ -459,26 +459,6 @@ def _split_fused(config: ModelConfig, ranks: dict, alphas: dict, tensors: dict[s
             if mag is not None:
                 tensors[_tensor_key(m, i, "M")] = mag[row:row + rows]
             row += rows
-
-
-def _check_values(raw: dict[str, Any], cfg_file: Path) -> None:
-    """The types of the fields read: numbers (no bools, finite), flags (``"false"`` is not false), regexes
-    compiled up front, each error naming the field."""
-    check_number(raw.get("lora_dropout") or 0.0, f"{cfg_file}: lora_dropout", lo=0, hi=1, hi_open=True)
-    if raw.get("use_rslora") is not None:
-        check_bool(raw["use_rslora"], f"{cfg_file}: use_rslora")
-    for field in ("rank_pattern", "alpha_pattern"):
-        for key, value in check_mapping(raw.get(field) or {}, f"{cfg_file}: {field}").items():
-            check_number(value, f"{cfg_file}: {field}[{key!r}]", lo=0, lo_open=True, integer=field == "rank_pattern")
-    for field in ("layers_pattern", "exclude_modules"):
-        value = raw.get(field)
-        if isinstance(value, str) and value:
-            check_regex(value, f"{cfg_file}: {field}")
-        elif value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
-            raise ConfigError(f"{cfg_file}: {field} must be a regex string or a list of names, got {value!r}")
-        elif field == "layers_pattern" and value:
-            for pattern in value:
-                check_regex(pattern, f"{cfg_file}: {field} entry")
 
 
 def _resolve_targets(raw: dict[str, Any], cfg_file: Path, config: ModelConfig) -> list[tuple]:

@@ -1,7 +1,9 @@
 """``flexora-jax``: the command line over :mod:`flexora_jax.pipeline`.
 
     flexora-jax [run] [--config FILE] [--output-dir DIR] [--resume] [--section.key=value ...]
+    flexora-jax run --seeds=[0,1,2] --output-dir DIR [...]     # once per seed, mean +- sd over the seeds
     flexora-jax search|finetune|evaluate|export --output-dir DIR [--merged] [--section.key=value ...]
+    flexora-jax study PLAN --out DIR [--smoke] [--only EXPERIMENT]   # many runs: flexora_jax.pipeline.study
 
 ``run`` with no arguments runs the embedded default (a planted task). The stage commands continue a
 run directory: its ``config.yaml`` is the config unless ``--config`` names another. A user error
@@ -26,11 +28,15 @@ from collections.abc import Mapping
 from pathlib import Path
 
 import jax
+import yaml
 
 from flexora_jax import signals
 from flexora_jax.errors import FlexoraError
 from flexora_jax.fileio import describe_os_error
+from flexora_jax.pipeline import study
 from flexora_jax.pipeline.config import help_text, load_config
+from flexora_jax.pipeline.registry import method_names
+from flexora_jax.pipeline.report import seeds_table
 from flexora_jax.pipeline.stages import run, run_stage
 from flexora_jax.signals import Interrupted, stop_on_signals
 
@@ -53,16 +59,21 @@ ABOUT = {
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="flexora-jax", add_help=False,
+        prog="flexora-jax", add_help=False, allow_abbrev=False,  # --seed=3 is a config key, not --seeds
         description="Find which layers (Flexora) and ranks (AutoLoRA) to fine-tune with LoRA, then fine-tune there.",
         epilog="Any config key can be overridden as --section.key=value (YAML values), e.g. --seed=3 "
                "--lora.r=8 --search.hypergradient=first_order --compare=[lora,random_k]. "
-               "`flexora-jax --help-config` lists every key with its type, default and meaning.")
+               f"Methods (--method, --compare): {', '.join(method_names())}. "
+               "`flexora-jax --help-config` lists every key with its type, default and meaning, and what each "
+               "method does. `flexora-jax study PLAN --out DIR` runs a study plan (configs/study/*.yaml; see its "
+               "--help).")
     p.add_argument("command", nargs="?", default="run", choices=COMMANDS, help="what to run (default: run)")
     p.add_argument("--config", help="YAML config file (default: the embedded planted demo, or DIR/config.yaml)")
     p.add_argument("--output-dir", "--output_dir", dest="output_dir", help="the run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoints")
     p.add_argument("--merged", action="store_true", help="export: also write the merged model (merged/)")
+    p.add_argument("--seeds", help="run: once per seed into DIR/seed<s>, then DIR/report.md and compare.json with "
+                                   "mean +- sd over the seeds, e.g. --seeds=[0,1,2]")
     p.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
     p.add_argument("--no-compilation-cache", dest="compilation_cache", action="store_false",
                    help=f"do not keep compiled programs between runs (also: {CACHE_ENV}=0); default: "
@@ -117,6 +128,13 @@ def setup_compilation_cache(enabled: bool = True) -> str | None:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``flexora-jax`` console script; returns the exit status."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["study"]:
+        _setup_logging(quiet=False)
+        setup_compilation_cache()
+        with stop_on_signals():  # a signal stops the study's current run at a safe point (its message printed)
+            status = study.main(argv[1:], prog="flexora-jax study")
+            signum = signals.STOP.signum
+        return status if signum is None else 128 + signum
     parser = _parser()
     try:
         args, overrides = parser.parse_known_args(argv)
@@ -174,7 +192,16 @@ def _command(args: argparse.Namespace, overrides: list[str]) -> None:
     if args.output_dir is not None:
         overrides = overrides + [f"--output_dir={args.output_dir}"]
     config = load_config(config_file, overrides)
-    if args.command == "run":
+    if args.seeds is not None and args.command != "run":
+        raise_user("--seeds runs the whole job once per seed: use it with `flexora-jax run`")
+    if args.command == "run" and args.seeds is not None:
+        try:
+            seeds = yaml.safe_load(args.seeds)
+        except yaml.YAMLError:
+            seeds = args.seeds  # run_seeds names it and shows the expected form
+        result = study.run_seeds(config, [seeds] if isinstance(seeds, int) else seeds, resume=args.resume)
+        print("\n".join(seeds_table(result) + [f"run directory: {Path(config.output_dir).absolute()}"]))
+    elif args.command == "run":
         print(run(config, resume=args.resume).summary())
     else:
         run_stage(args.command, config, merged=args.merged)

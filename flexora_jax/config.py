@@ -15,18 +15,18 @@ from typing import Any
 
 import jax
 
+from flexora_jax.errors import ConfigError
 from flexora_jax.model_config import (ALL_MODULES, ATTENTION_BACKENDS, ATTENTION_MODULES, DTYPES, EXPERT_MODULES,
                                       FUSED_MODULES, GEMMA_TYPES, HIDDEN_ACTS, LORA_MODULES, MLP_MODULES, ROPE_TYPES,
                                       SANDWICH_TYPES, SUPPORTED_MODEL_TYPES, FrozenDict, LoraConfig, ModelConfig,
                                       RopeScaling, module_path, require)
-from flexora_jax.errors import ConfigError
 from flexora_jax.validation import check_fields
 
 __all__ = ["ALL_MODULES", "ATTENTION_BACKENDS", "ATTENTION_MODULES", "DTYPES", "EXPERT_MODULES", "FUSED_MODULES",
            "GEMMA_TYPES", "HIDDEN_ACTS", "LORA_MODULES", "MLP_MODULES", "ROPE_TYPES", "SANDWICH_TYPES",
            "SUPPORTED_MODEL_TYPES", "FrozenDict", "LoraConfig", "ModelConfig", "RopeScaling", "module_path", "require",
            "HYPERGRADIENTS", "OPTIMIZERS", "SCHEDULES", "SELECTION_RULES", "MESH_AXES", "SearchConfig",
-           "SelectionConfig", "FinetuneConfig", "EvalConfig", "MeshConfig"]
+           "SelectionConfig", "FinetuneConfig", "EvalConfig", "MeshConfig", "PRESETS", "PRESET_SECTIONS", "preset"]
 
 
 HYPERGRADIENTS = ("unrolled", "first_order", "darts", "forward")
@@ -39,8 +39,8 @@ SELECTION_RULES = ("positive", "top_k", "threshold")
 class SearchConfig:
     """The bilevel search: K inner LoRA steps on train data, one gate step on validation data.
 
-    Defaults follow the planted-task regime that recovers planted layers on CPU; the paper's reference
-    settings are :meth:`flexora_reference` and :meth:`autolora_reference`.
+    Defaults follow the planted-task regime that recovers planted layers on CPU; the papers' settings are
+    the presets (:data:`PRESETS`): :meth:`flexora_reference` and :meth:`autolora_reference`.
     """
 
     hypergradient: str = "unrolled"  # unrolled | first_order | darts | forward (jvp, few gates)
@@ -94,21 +94,16 @@ class SearchConfig:
                f"search.darts_mode must be 'exact' or 'finite_difference', got {self.darts_mode!r}")
 
     @classmethod
-    def flexora_reference(cls, **overrides: Any) -> "SearchConfig":
-        """The Flexora reference code's settings (first-order, AdamW 1e-4 cosine, batch 8, 600 steps)."""
-        base = dict(hypergradient="first_order", inner_steps=1, steps=600, batch_size=8,
-                    val_batch_size=8, inner_optimizer="adamw", inner_lr=1e-4, inner_schedule="cosine",
-                    inner_grad_clip=1.0, outer_lr=0.01, gate_power=3)
-        base.update(overrides)
-        return cls(**base)
+    def flexora_reference(cls, **overrides: Any) -> SearchConfig:
+        """The Flexora reference code's settings (first-order, AdamW 1e-4 cosine, batch 8, 600 steps, gate
+        power 3): ``preset("flexora_paper", "search", **overrides)``."""
+        return preset("flexora_paper", "search", **overrides)
 
     @classmethod
-    def autolora_reference(cls, **overrides: Any) -> "SearchConfig":
-        """AutoLoRA's settings (DARTS one-step hypergradient, Adam 3e-4 both levels, outer betas 0.5/0.999)."""
-        base = dict(hypergradient="darts", inner_steps=1, batch_size=32, val_batch_size=32,
-                    inner_optimizer="adam", inner_lr=3e-4, outer_lr=3e-4, outer_b1=0.5, outer_b2=0.999)
-        base.update(overrides)
-        return cls(**base)
+    def autolora_reference(cls, **overrides: Any) -> SearchConfig:
+        """AutoLoRA's settings (DARTS one-step hypergradient, Adam 3e-4 both levels, outer betas 0.5 / 0.999,
+        batch 32): ``preset("autolora_paper", "search", **overrides)``."""
+        return preset("autolora_paper", "search", **overrides)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,17 +159,10 @@ class FinetuneConfig:
         require(0 <= self.warmup_ratio < 1, f"finetune.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         require(self.optimizer in OPTIMIZERS, f"finetune.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         require(self.grad_clip >= 0, f"finetune.grad_clip must be >= 0, got {self.grad_clip!r}")
-        require(isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+        require(isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay)
+                and self.weight_decay >= 0,
                 f"finetune.weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
 
-
-# ============================================================================ the run (pipeline) config
-#: What ``method:`` / ``compare:`` may name. ``lora``: every layer (the baseline); ``flexora``: the
-#: layers a layer-gate search selects; ``autolora``: every layer at the ranks a rank-gate search
-#: selects; ``flexora+autolora``: both from one combined search; ``random_k``: as many layers as the
-#: flexora selection, drawn with the run seed; ``lora_drop``: the last k layers. Equal-parameter
-#: baselines: ``lora_lowrank``: every layer at rank ``max(1, round(r * k / L))`` (about flexora's
-#: parameter count spread over all layers); ``flexora_highrank``: flexora's layers at rank
 
 @dataclasses.dataclass(frozen=True)
 class EvalConfig:
@@ -251,7 +239,8 @@ class MeshConfig:
             sizes[sizes.index(-1)] = n_devices // known
         if math.prod(sizes) != n_devices:
             raise ConfigError(f"mesh: sizes {self._sizes_text()} multiply to {math.prod(sizes)}: the mesh "
-                              f"needs {math.prod(sizes)} devices, but {n_devices} are available ({where}); set mesh.data / mesh.fsdp / mesh.model "
+                              f"needs {math.prod(sizes)} devices, but {n_devices} are available ({where}); set "
+                              "mesh.data / mesh.fsdp / mesh.model "
                               "so they multiply to the device count (use -1 for one axis to take the rest)")
         return tuple(sizes)  # type: ignore[return-value]
 
@@ -267,6 +256,55 @@ class MeshConfig:
             raise ConfigError(f"mesh.num_devices={self.num_devices}: a subset of the {available} devices "
                               f"cannot be used across {jax.process_count()} processes; set it to 0 (all)")
         return self.num_devices
+
+
+def _frozen(tree: dict[str, Any]) -> FrozenDict:
+    return FrozenDict({k: _frozen(v) if isinstance(v, dict) else v for k, v in tree.items()})
+
+
+#: Named settings, each stated once: ``{preset: {section: {field: value}}}`` over the section classes'
+#: defaults (sections ``lora``, ``search``, ``finetune``). :func:`preset` builds one section; the command's
+#: run config starts from ``planted_demo`` and, for a real task, from ``flexora_paper``.
+#:
+#: - ``flexora_paper``: the Flexora paper's / reference code's settings: LoRA r 8 / alpha 16 on q, v; the
+#:   first-order search, AdamW 1e-4 cosine, batch 8, 600 gate steps, gate power 3; fine-tune 3 epochs,
+#:   lr 1e-4 cosine with 10% warm-up, batch 8, clip 1.0.
+#: - ``autolora_paper``: AutoLoRA's search: DARTS one-step hypergradient, Adam 3e-4 at both levels, outer betas
+#:   0.5 / 0.999, batch 32.
+#: - ``planted_demo``: the embedded planted demo (a 6-layer student, scarce fine-tune data): LoRA r 4 / alpha 4
+#:   on q, v; the search at the SearchConfig defaults (unrolled K = 4, 40 steps); a long cosine fine-tune at
+#:   3e-3 without warm-up or clipping.
+PRESETS: FrozenDict = _frozen({
+    "flexora_paper": {
+        "lora": {"r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0, "target_modules": ("q_proj", "v_proj")},
+        "search": {"hypergradient": "first_order", "inner_steps": 1, "steps": 600, "batch_size": 8,
+                   "val_batch_size": 8, "inner_optimizer": "adamw", "inner_lr": 1e-4, "inner_schedule": "cosine",
+                   "inner_grad_clip": 1.0, "outer_lr": 0.01, "gate_power": 3},
+        "finetune": {"epochs": 3.0, "max_steps": 0, "batch_size": 8, "lr": 1e-4, "schedule": "cosine",
+                     "warmup_ratio": 0.1, "grad_clip": 1.0, "optimizer": "adamw"},
+    },
+    "autolora_paper": {
+        "search": {"hypergradient": "darts", "inner_steps": 1, "batch_size": 32, "val_batch_size": 32,
+                   "inner_optimizer": "adam", "inner_lr": 3e-4, "outer_lr": 3e-4, "outer_b1": 0.5, "outer_b2": 0.999},
+    },
+    "planted_demo": {
+        "lora": {"r": 4, "lora_alpha": 4.0, "target_modules": ("q_proj", "v_proj")},
+        "search": {},
+        "finetune": {"epochs": 32.0, "max_steps": 400, "batch_size": 16, "lr": 3e-3, "schedule": "cosine",
+                     "warmup_ratio": 0.0, "grad_clip": 0.0},
+    },
+})
+PRESET_SECTIONS: dict[str, type] = {"lora": LoraConfig, "search": SearchConfig, "finetune": FinetuneConfig}
+
+
+def preset(name: str, section: str, **overrides: Any) -> Any:
+    """The ``section`` config ("lora", "search", "finetune") of preset ``name`` (:data:`PRESETS`): the section
+    class's defaults, the preset's values, then ``overrides``; e.g. ``preset("flexora_paper", "search")``."""
+    if name not in PRESETS:
+        raise ConfigError(f"unknown preset {name!r}; expected one of {sorted(PRESETS)}")
+    if section not in PRESET_SECTIONS:
+        raise ConfigError(f"unknown preset section {section!r}; expected one of {sorted(PRESET_SECTIONS)}")
+    return PRESET_SECTIONS[section](**{**PRESETS[name].get(section, {}), **overrides})
 
 
 # Configs are hashable static pytrees (no leaves): a user may pass one through jax.jit as an ordinary

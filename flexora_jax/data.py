@@ -20,7 +20,7 @@ from flexora_jax.errors import DataError
 Dataset = dict[str, np.ndarray]
 
 
-def check_dataset(data: Dataset, name: str = "dataset", required: tuple[str, ...] = ("input_ids", "loss_mask")) -> int:
+def dataset_rows(data: Dataset, name: str = "dataset", required: tuple[str, ...] = ("input_ids", "loss_mask")) -> int:
     """Validate a dataset dict; return its size. Empty or ragged data is an error naming the field."""
     if not isinstance(data, Mapping):
         raise DataError(f"{name} must be a dict of arrays, got {type(data).__name__}")
@@ -51,7 +51,7 @@ class BatchSampler:
     required: tuple[str, ...] = ("input_ids", "loss_mask")  # fields the loss reads (checked once here)
 
     def __post_init__(self) -> None:
-        self.size = check_dataset(self.data, required=self.required)
+        self.size = dataset_rows(self.data, required=self.required)
         if self.batch_size > self.size:
             raise DataError(f"batch size {self.batch_size} is larger than the dataset ({self.size} examples)")
 
@@ -101,7 +101,7 @@ def fingerprint(data: Dataset) -> str:
 def batches_in_order(data: Dataset, batch_size: int,
                      required: tuple[str, ...] = ("input_ids", "loss_mask")) -> list[Dataset]:
     """Every example once, in order, padded to full batches with zero-weight rows (for evaluation)."""
-    n = check_dataset(data, required=required)
+    n = dataset_rows(data, required=required)
     out = []
     for start in range(0, n, batch_size):
         chunk = {k: v[start:start + batch_size] for k, v in data.items()}

@@ -37,6 +37,7 @@ from flexora_jax.problem import Problem
 from flexora_jax.selection import Selection
 from flexora_jax.sharding import fetch
 from flexora_jax.train import TrainState, check_finite, make_optimizer, total_steps, train_step
+from flexora_jax.validation import check_config_type, check_dataset
 
 #: An optax transformation, or a factory ``f(total_steps) -> transformation`` (for schedules).
 Optimizer = optax.GradientTransformation | Callable[[int], optax.GradientTransformation]
@@ -72,9 +73,13 @@ def _optimizer(optimizer: Optimizer | None, steps: int, what: str) -> optax.Grad
 
 
 def _check_config(value: Any, cls: type, what: str) -> None:
-    if not isinstance(value, cls):
-        raise ConfigError(f"{what}: expected a fj.{cls.__name__}, got {type(value).__name__} {value!r:.120}; build "
-                          f"one with fj.{cls.__name__}(...) (a dict is not read as a config)")
+    check_config_type(value, cls, what)
+
+
+def _check_data(problem: Problem, data: Any, what: str) -> int:
+    """The data a stage draws from: the fields its loss reads, ids inside the model's vocabulary, finite values."""
+    return check_dataset(data, what, vocab_size=problem.vocab_size, require=problem.requires,
+                         loss_mask_required="loss_mask" in problem.requires)
 
 
 def _hooks(given: Sequence[Hook], checkpoint_dir: str | os.PathLike | None, checkpoint_every: int,
@@ -149,6 +154,8 @@ def search(model: Any, search_config: SearchConfig, train: Dataset, val: Dataset
     _check_config(search_config, SearchConfig, "fj.search: search_config")
     _check_config(selection, SelectionConfig, "fj.search: selection")
     sc = search_config
+    _check_data(problem, train, "fj.search: train")
+    _check_data(problem, val, "fj.search: val")
     twice = problem.for_stage(sc.hypergradient, sc.darts_mode)  # where the loss is differentiated twice
     # mixed-mode unrolled, first_order and darts differentiate the training loss twice only in Hessian-vector
     # products: every other pass may use the first-order (fused-attention) loss
@@ -206,7 +213,9 @@ def finetune(model: Any, train: Dataset, config: FinetuneConfig = FinetuneConfig
     problem = as_problem(model, loss_fn, None, "fj.finetune")
     _check_config(config, FinetuneConfig, "fj.finetune: config")
     cfg = config
-    n = len(np.asarray(train["input_ids"])) if isinstance(train, dict) and "input_ids" in train else 0
+    n = _check_data(problem, train, "fj.finetune: train")
+    if val is not None:
+        _check_data(problem, val, "fj.finetune: val")
     steps = total_steps(cfg, n)
     opt = _optimizer(optimizer, steps, "fj.finetune")
     if opt is None:
@@ -285,6 +294,7 @@ def finetune_adalora(model: Any, train: Dataset, config: AdaLoraConfig, *, lr: f
     if cfg is None:
         raise ConfigError("fj.finetune_adalora: AdaLoRA is built for the decoder's stacked projections "
                           "(fj.nnx.LlamaForCausalLM or fj.decoder_problem); this model has no AdaLoRA adapter")
+    _check_data(problem, train, "fj.finetune_adalora: train")
     layers = tuple(range(cfg.num_hidden_layers) if layers is None else sorted(int(i) for i in layers))
     opt = _optimizer(optimizer, config.total_step, "fj.finetune_adalora") or optax.adamw(lr, weight_decay=0.0)
     sampler = BatchSampler(train, batch_size, seed=seed, required=problem.requires)

@@ -48,12 +48,11 @@ from flexora_jax.errors import ConfigError, DataError, NumericsError, check_posi
 from flexora_jax.generation import generate
 from flexora_jax.models.llama import forward
 from flexora_jax.models.losses import token_logprobs
-from flexora_jax.nnx.llama import LlamaForCausalLM
 from flexora_jax.tasks import generative
 from flexora_jax.tasks.formats import MCRecord
 from flexora_jax.tasks.generative import MAX_NEW_TOKENS, GenRecord, score
 from flexora_jax.tasks.sft import encode_pair
-from flexora_jax.validation import check_config_type, check_tokenizer, describe
+from flexora_jax.validation import check_tokenizer, describe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -316,69 +315,58 @@ def _as_records(task_or_records: Any, limit: int | None) -> dict[str, list[MCRec
     return grouped
 
 
-@functools.singledispatch
-def evaluate(config: ModelConfig, params: Any, tokenizer: Any, task_or_records: Any, lora: Any = None,
-             gates: Any = None, batch_size: int = 32, max_length: int | None = None, limit: int | None = None,
-             return_per_example: bool = False, progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Score tasks; returns ``{task: {acc, acc_norm, n, acc_stderr, acc_norm_stderr, truncated}}``.
+def evaluate(model: nnx.Module, tokenizer: Any, task_or_records: Any, *, batch_size: int = 32,
+             max_length: int | None = None, limit: int | None = None, return_per_example: bool = False,
+             progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Score tasks with lm-eval's rules; returns ``{task: {acc, acc_norm, n, acc_stderr, acc_norm_stderr,
+    truncated}}``.
 
     Multiple-choice tasks are scored by log-likelihood; tasks with groups (MMLU) add ``acc_macro``,
     ``acc_micro`` and ``groups``; generative tasks (GSM8K, AQuA) get :func:`evaluate_generative`'s
     ``{exact_match, stderr, n, ...}`` instead.
 
     Args:
-      config, params: the model (``flexora_jax.load_model``).
-      tokenizer: its tokenizer (``load_tokenizer``).
+      model: a Flax NNX language model, its LoRA and gates included. The built-in
+        ``fj.nnx.LlamaForCausalLM`` (``.from_params(config, params, lora)`` wraps the functional core's pytrees)
+        is scored by the decoder's packed scorer (an example's choices in one row, chunked logits) and
+        generates for generative tasks; any other model is called as ``model(input_ids) -> logits [b, t, vocab]``
+        on right-padded rows, one request per row, and must be causal (multiple-choice tasks only).
+      tokenizer: its tokenizer (``fj.load_tokenizer``).
       task_or_records: a task name, a list of names (each scored on its ``test`` split), a list of
         records (:class:`MCRecord` / ``GenRecord``, grouped by ``record.task``) or a mapping task -> records.
-      lora, gates: adapter pytrees passed to ``forward`` (None: the base model).
       batch_size: requests per jitted call (fixed: the last batch is padded).
-      max_length: model context for truncation; default ``config.max_position_embeddings``.
+      max_length: model context for truncation; default the decoder's ``max_position_embeddings`` (other
+        models: no truncation).
       limit: score only the first ``limit`` examples of each task.
       return_per_example: add ``"examples"``: per example ``doc_id, gold, loglikelihoods, is_greedy``
         (per choice), ``pred, pred_norm, truncated``.
       progress: show a progress bar.
 
     ``truncated`` counts examples with at least one request cut from the left.
-
-    A Flax NNX model as the first argument dispatches to :func:`evaluate_nnx`
-    (``fj.evaluate(model, tokenizer, tasks, ...)``).
     """
-    check_positive(batch_size=batch_size, limit=limit, max_length=max_length)
-    check_config_type(config, ModelConfig, "evaluate: config (or an NNX model)")
-    check_tokenizer(tokenizer, "evaluate: tokenizer")
-    grouped = _as_records(task_or_records, limit)
-    results: dict[str, dict[str, Any]] = {}
-    for name in [n for n, recs in grouped.items() if isinstance(recs[0], GenRecord)]:
-        results[name] = evaluate_generative(config, params, tokenizer, grouped.pop(name), lora=lora, gates=gates,
-                                            batch_size=batch_size, max_length=max_length,
-                                            return_per_example=return_per_example, progress=progress)
-    if grouped:
-        results.update(_evaluate_mc(lambda requests: loglikelihoods(
-            config, params, tokenizer, requests, lora=lora, gates=gates, batch_size=batch_size, max_length=max_length,
-            progress=progress, desc="evaluate"), grouped, return_per_example))
-    return results
-
-
-@evaluate.register(nnx.Module)
-def evaluate_nnx(model: nnx.Module, tokenizer: Any, task_or_records: Any, batch_size: int = 32,
-                 max_length: int | None = None, limit: int | None = None, return_per_example: bool = False,
-                 progress: bool = True) -> dict[str, dict[str, Any]]:
-    """:func:`evaluate` on a Flax NNX language model (its LoRA and gates included), lm-eval's rules.
-
-    The built-in :class:`~flexora_jax.nnx.LlamaForCausalLM` goes through the functional scorer (packed rows,
-    chunked logits, generative tasks; identical numbers). Any other model is called as
-    ``model(input_ids) -> logits [b, t, vocab]`` on right-padded rows, one request per row, and must be
-    causal; ``max_length`` is its context (None: no truncation). Generative tasks need the built-in
-    decoder's KV-cache generation and are refused for other models.
-    """
-    if isinstance(model, LlamaForCausalLM):
-        return evaluate(model.config, model.params(), tokenizer, task_or_records, lora=model.lora(),
-                        gates=model.gates(), batch_size=batch_size, max_length=max_length, limit=limit,
-                        return_per_example=return_per_example, progress=progress)
+    if type(model).__name__ == "ModelConfig":
+        raise ConfigError("fj.evaluate takes the model first: fj.evaluate(model, tokenizer, tasks); the functional "
+                          "form fj.evaluate(config, params, tokenizer, tasks, lora=...) is now "
+                          "fj.evaluate(fj.nnx.LlamaForCausalLM.from_params(config, params, lora), tokenizer, tasks)")
     check_positive(batch_size=batch_size, limit=limit, max_length=max_length)
     vocab = check_tokenizer(tokenizer, "evaluate: tokenizer") or 0
     grouped = _as_records(task_or_records, limit)
+    decoder = getattr(model, "decoder_pytrees", None)
+    if callable(decoder):  # the built-in decoder: its functional core's packed scorer and generation
+        config, params, lora, gates = decoder()
+        results: dict[str, dict[str, Any]] = {}
+        for name in [n for n, recs in grouped.items() if isinstance(recs[0], GenRecord)]:
+            results[name] = evaluate_generative(model, tokenizer, grouped.pop(name), batch_size=batch_size,
+                                                max_length=max_length, return_per_example=return_per_example,
+                                                progress=progress)
+        if grouped:
+            results.update(_evaluate_mc(lambda requests: loglikelihoods(
+                config, params, tokenizer, requests, lora=lora, gates=gates, batch_size=batch_size,
+                max_length=max_length, progress=progress, desc="evaluate"), grouped, return_per_example))
+        return results
+    if not isinstance(model, nnx.Module):
+        raise ConfigError(f"evaluate: model must be a Flax NNX language model (fj.nnx.LlamaForCausalLM or your own "
+                          f"nnx.Module returning logits), got {type(model).__name__}")
     generative_tasks = sorted(n for n, recs in grouped.items() if isinstance(recs[0], GenRecord))
     if generative_tasks:
         raise ConfigError(f"evaluate: generative tasks {generative_tasks} need fj.nnx.LlamaForCausalLM (KV-cache "
@@ -435,16 +423,15 @@ def _group_accuracy(recs: Sequence[MCRecord], acc: np.ndarray) -> dict[str, Any]
             "groups": per_group}
 
 
-def evaluate_generative(config: ModelConfig, params: Any, tokenizer: Any, task: Any, lora: Any = None,
-                        gates: Any = None, limit: int | None = None, batch_size: int = 32,
-                        max_new_tokens: int | None = None, max_length: int | None = None,
+def evaluate_generative(model: nnx.Module, tokenizer: Any, task: Any, *, limit: int | None = None,
+                        batch_size: int = 32, max_new_tokens: int | None = None, max_length: int | None = None,
                         return_per_example: bool = False, progress: bool = True) -> dict[str, Any]:
     """Exact match of greedily generated answers on a generative task (GSM8K, AQuA).
 
     Args:
-      config, params, tokenizer: the model and its tokenizer.
+      model, tokenizer: ``fj.nnx.LlamaForCausalLM`` (its LoRA and gates included; KV-cache generation) and its
+        tokenizer.
       task: a task name / ``TaskSpec`` (its ``test`` split) or a list of ``GenRecord`` of one task.
-      lora, gates: adapter pytrees (None: the base or merged weights).
       limit: score only the first ``limit`` examples.
       batch_size: prompts per jitted generation call.
       max_new_tokens: tokens generated per prompt; default per task (GSM8K 256 as lm-eval, AQuA 128).
@@ -458,6 +445,11 @@ def evaluate_generative(config: ModelConfig, params: Any, tokenizer: Any, task: 
       ``exact_match`` is the task's primary filter (GSM8K: lm-eval's ``strict-match``; its
       ``flexible-extract`` is under ``filters``).
     """
+    decoder = getattr(model, "decoder_pytrees", None)
+    if not callable(decoder):
+        raise ConfigError(f"evaluate_generative needs fj.nnx.LlamaForCausalLM (KV-cache generation), got "
+                          f"{type(model).__name__}")
+    config, params, lora, gates = decoder()
     check_tokenizer(tokenizer, "evaluate_generative: tokenizer")
     if isinstance(task, (str, tasks.TaskSpec)):
         records = tasks.load_records(task, "test")

@@ -6,10 +6,18 @@ Design:
   (config, batch bucket, prompt bucket, ``max_new_tokens``, sampling mode). Buckets are powers of two,
   so a long evaluation compiles a handful of programs.
 - :func:`_decode` runs the decoder's own ``llama.block`` (given a ``KVCache``) and ``llama.lm_head``,
-  the gated LoRA branch included, so generation cannot drift from the trained model: a prefill pass
-  over the prompt fills the cache, then a ``lax.while_loop`` feeds one token per step until every row
-  has emitted EOS or ``max_new_tokens`` tokens. Layers run under ``lax.scan``; the cache ``[l, b, s, k, e]`` is carried whole and written
-  in place (``dynamic_update_slice`` at the layer index and the step's column).
+  the gated LoRA branch included, so generation cannot drift from the trained model: a batched prefill
+  pass over the prompts (blocks under ``lax.scan``) fills the cache, then a ``lax.while_loop`` feeds one
+  token per step until every row has emitted EOS or ``max_new_tokens`` tokens.
+- The cache is heads-major, ``[b, k, s, e]`` per layer, so a decode step's attention is a batched
+  matmul over the cache as it lies (no transpose), and each block writes only its new column, in place
+  (``dynamic_update_slice`` on the loop carry; the compiled HLO shows no copy of the cache in the loop).
+  Models of up to :data:`UNROLL_LAYERS` layers unroll the blocks in the decode step over per-layer
+  weights and cache buffers sliced once before the loop: XLA CPU copies a dynamically sliced matmul
+  operand, so a layer scan copies every layer's weights and cache at every step (about 2x slower per
+  step on the benchmark model at batch 1 and 32, ``benchmarks/proposals/generation_notes.md``). Deeper
+  models scan the blocks over the stacked ``[l, b, k, s, e]`` cache, so compile time and weight memory
+  stay flat in depth.
 - Left padding as in transformers' ``generate``: RoPE positions are ``cumsum(mask) - 1`` (padding
   gets position 1, never read), the cache columns of padding are masked out as keys, and generated
   token ``j`` of a row with ``n`` prompt tokens has position ``n + j``.
@@ -30,7 +38,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -55,26 +64,89 @@ class GenerateOutput:
 
 
 # ---------------------------------------------------------------------------------------- in-graph
-def _layers(config: ModelConfig, params: Params, lora_layers: Any, h: jax.Array, positions: jax.Array,
-            cache: tuple[jax.Array, jax.Array], column: jax.Array, allowed: jax.Array
-            ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-    """All blocks over ``h`` [b, t, d] (scanned over the stacked layer params) and the final norm.
+#: Decode steps unroll the blocks of models with at most this many layers (see :func:`_step`); deeper
+#: models scan them, so compile time and memory do not grow with depth.
+UNROLL_LAYERS = 8
 
-    The ``t`` new tokens' keys/values go to cache columns ``column .. column + t - 1`` of every layer;
-    ``allowed`` [b, t, s] says which cache columns each query may attend to (causal and not padding).
+KV = tuple[jax.Array, jax.Array]  # keys, values
+Cache = KV | list[KV]  # stacked [l, b, k, s, e], or one [b, k, s, e] pair per layer (unrolled decode)
+
+
+def _bias(allowed: jax.Array) -> jax.Array:
+    """Additive attention bias [b, 1, t, c] of a boolean ``allowed`` [b, t, c]."""
+    return jnp.where(allowed[:, None], 0.0, NEG_INF)
+
+
+def _prefill(config: ModelConfig, params: Params, lora_layers: Any, tokens: jax.Array, mask: jax.Array
+             ) -> tuple[jax.Array, KV]:
+    """The left-padded prompts ``tokens``/``mask`` [b, p] in one batched pass (blocks under ``lax.scan``).
+
+    Returns the last column's normed hidden state [b, d] and the prompt's keys/values [l, b, k, p, e].
     """
+    b, p = tokens.shape
+    nk, e = config.num_key_value_heads, config.head_dim
+    positions = jnp.where(mask > 0, jnp.cumsum(mask, axis=-1) - 1, 1)
     cos, sin = rope_tables(config, positions)
-    bias = jnp.where(allowed[:, None], 0.0, NEG_INF)  # [b, 1, t, s]
+    bias = _bias(jnp.tril(jnp.ones((p, p), bool))[None] & (mask > 0)[:, None, :])
 
-    def step(carry, xs):
+    def step(h, xs):
+        layer, lora_layer, index = xs
+        empty = jnp.zeros((b, nk, p, e), jnp.dtype(config.dtype))  # the prompt's columns only: scores [p, p]
+        h, cache = block(config, layer, h, cos, sin, bias, lora_layer, None, 0.0,
+                         cache=KVCache(empty, empty, index, jnp.int32(0)))
+        return h, (cache.k, cache.v)
+
+    h, kv = jax.lax.scan(step, embed(config, params, tokens),
+                         (params["layers"], lora_layers, jnp.arange(config.num_hidden_layers, dtype=jnp.int32)))
+    return rms_norm(h[:, -1], params["final_norm"], config.rms_norm_eps), kv
+
+
+def _decode_inputs(config: ModelConfig, params: Params, lora_layers: Any, prompt_kv: KV, max_new_tokens: int,
+                   unroll: bool) -> tuple[Any, Cache]:
+    """The blocks and the cache (the prompt's keys/values and room for ``max_new_tokens`` columns) as the
+    decode loop holds them: stacked (scanned steps), or sliced per layer once, before the loop (unrolled)."""
+    room = [(0, 0)] * 3 + [(0, max_new_tokens), (0, 0)]
+    if not unroll:
+        return (params["layers"], lora_layers), tuple(jnp.pad(x, room) for x in prompt_kv)
+    layers, cache = [], []
+    for i in range(config.num_hidden_layers):
+        layers.append(jax.tree.map(lambda x, i=i: x[i], (params["layers"], lora_layers)))
+        cache.append(tuple(jnp.pad(x[i], room[1:]) for x in prompt_kv))
+    return layers, cache
+
+
+def _step(config: ModelConfig, params: Params, layers: Any, cache: Cache, token: jax.Array, column: jax.Array,
+          position: jax.Array, valid: jax.Array) -> tuple[jax.Array, Cache]:
+    """One decode step of ``token`` [b] at cache ``column`` and RoPE ``position`` [b].
+
+    The token attends to itself and to the cached columns before ``column`` that are ``valid`` [b, s]
+    (not padding); each block writes its keys/values into column ``column``. ``layers``/``cache`` come
+    from :func:`_decode_inputs`. Unrolled (a list per layer), a step slices and copies nothing: each
+    layer's weights and cache are their own buffers, written in place and read where they lie (XLA
+    CPU copies a dynamically sliced operand of a matmul, which a scan over stacked layers does for
+    every layer's weights and cache at every step). Returns the normed hidden state [b, d] and the
+    updated cache.
+    """
+    s = valid.shape[1]
+    bias = _bias((valid & (jnp.arange(s) <= column))[:, None])
+    cos, sin = rope_tables(config, position[:, None])
+    h = embed(config, params, token[:, None])
+    if isinstance(cache, list):
+        out = []
+        for index, ((layer, lora_layer), (ck, cv)) in enumerate(zip(layers, cache)):
+            h, kv = block(config, layer, h, cos, sin, bias, lora_layer, None, 0.0,
+                          cache=KVCache(ck, cv, jnp.int32(index), column))
+            out.append((kv.k, kv.v))
+        return rms_norm(h[:, 0], params["final_norm"], config.rms_norm_eps), out
+
+    def scanned(carry, xs):
         h, ck, cv = carry
         layer, lora_layer, index = xs
         h, kv = block(config, layer, h, cos, sin, bias, lora_layer, None, 0.0, cache=KVCache(ck, cv, index, column))
         return (h, kv.k, kv.v), None
 
-    indices = jnp.arange(config.num_hidden_layers, dtype=jnp.int32)
-    (h, ck, cv), _ = jax.lax.scan(step, (h, *cache), (params["layers"], lora_layers, indices))
-    return rms_norm(h, params["final_norm"], config.rms_norm_eps), (ck, cv)
+    (h, *cache), _ = jax.lax.scan(scanned, (h, *cache), (*layers, jnp.arange(config.num_hidden_layers)))
+    return rms_norm(h[:, 0], params["final_norm"], config.rms_norm_eps), tuple(cache)
 
 
 def _choose(logits: jax.Array, key: jax.Array, do_sample: bool, top_k: int, temperature: jax.Array,
@@ -97,32 +169,23 @@ def _choose(logits: jax.Array, key: jax.Array, do_sample: bool, top_k: int, temp
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "do_sample", "top_k"))
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "do_sample", "top_k", "unroll"))
 def _decode(config: ModelConfig, params: Params, lora: Any, gates: Any, tokens: jax.Array, mask: jax.Array,
             eos_ids: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, pad_id: jax.Array,
-            *, max_new_tokens: int, do_sample: bool, top_k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """Prefill + decode loop for left-padded ``tokens``/``mask`` [b, p].
+            *, max_new_tokens: int, do_sample: bool, top_k: int, unroll: bool
+            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Prefill + decode loop for left-padded ``tokens``/``mask`` [b, p] (``unroll``: see :func:`_step`).
 
     Returns new tokens [b, n] (``pad_id`` after a row's EOS), their log-probs [b, n] and the number of
     tokens each row generated (EOS included) [b].
     """
     b, p = tokens.shape
-    s = p + max_new_tokens
-    L, nk, e = config.num_hidden_layers, config.num_key_value_heads, config.head_dim
-    dtype = jnp.dtype(config.dtype)
-    lora_layers = None if lora is None else per_layer_lora(lora, gates, L)
-    cache = (jnp.zeros((L, b, s, nk, e), dtype), jnp.zeros((L, b, s, nk, e), dtype))
-
-    # Prefill: the whole prompt at columns 0..p-1.
+    lora_layers = None if lora is None else per_layer_lora(lora, gates, config.num_hidden_layers)
     mask = mask.astype(jnp.int32)
     n_prompt = jnp.sum(mask, axis=-1)  # [b]
-    positions = jnp.where(mask > 0, jnp.cumsum(mask, axis=-1) - 1, 1)
     valid = jnp.concatenate([mask > 0, jnp.ones((b, max_new_tokens), bool)], axis=-1)  # [b, s] key columns
-    cols = jnp.arange(s)
-    causal = cols[None, :] <= jnp.arange(p)[:, None]  # [p, s]
-    h = embed(config, params, tokens)
-    h, cache = _layers(config, params, lora_layers, h, positions, cache, jnp.int32(0),
-                       causal[None] & valid[:, None, :])
+    h_last, prompt_kv = _prefill(config, params, lora_layers, tokens, mask)
+    layers, cache = _decode_inputs(config, params, lora_layers, prompt_kv, max_new_tokens, unroll)
 
     def pick(h_last, step):
         logits = lm_head(config, params, h_last)
@@ -130,7 +193,7 @@ def _decode(config: ModelConfig, params: Params, lora: Any, gates: Any, tokens: 
         logp = jax.nn.log_softmax(logits, axis=-1)
         return token, jnp.take_along_axis(logp, token[:, None], axis=-1)[:, 0]
 
-    first, first_lp = pick(h[:, -1], 0)
+    first, first_lp = pick(h_last, 0)
     out = jnp.full((b, max_new_tokens), pad_id, jnp.int32).at[:, 0].set(first)
     out_lp = jnp.zeros((b, max_new_tokens), jnp.float32).at[:, 0].set(first_lp)
     done = jnp.isin(first, eos_ids)
@@ -143,11 +206,8 @@ def _decode(config: ModelConfig, params: Params, lora: Any, gates: Any, tokens: 
     def body(state):
         step, out, out_lp, cache, done, length, last = state
         column = p + step - 1  # where the previous token goes
-        h = embed(config, params, last[:, None])  # [b, 1, d]
-        pos = (n_prompt + step - 1)[:, None]
-        allowed = (valid & (cols[None, :] <= column))[:, None, :]
-        h, cache = _layers(config, params, lora_layers, h, pos, cache, column, allowed)
-        token, lp = pick(h[:, 0], step)
+        h, cache = _step(config, params, layers, cache, last, column, n_prompt + step - 1, valid)
+        token, lp = pick(h, step)
         token = jnp.where(done, pad_id, token)
         out = jax.lax.dynamic_update_slice(out, token[:, None], (0, step))
         out_lp = jax.lax.dynamic_update_slice(out_lp, jnp.where(done, 0.0, lp)[:, None], (0, step))
@@ -264,7 +324,8 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[str] | Sequence
         out, lps, lengths = _decode(config, params, lora, gates, tokens, mask, jnp.asarray(eos, jnp.int32),
                                     jax.random.fold_in(key, start), jnp.float32(max(temperature, 1e-6)),
                                     jnp.float32(top_p), jnp.int32(pad), max_new_tokens=int(max_new_tokens),
-                                    do_sample=do_sample, top_k=int(top_k))
+                                    do_sample=do_sample, top_k=int(top_k),
+                                    unroll=config.num_hidden_layers <= UNROLL_LAYERS)
         out, lps, lengths = np.asarray(out), np.asarray(lps), np.asarray(lengths)
         for row, i in enumerate(chunk):
             n = int(lengths[row])

@@ -41,6 +41,7 @@ from flexora_jax.config import EXPERT_MODULES, LoraConfig, ModelConfig
 from flexora_jax.dora import EXACT_NORM, GATE, MAGNITUDE, column_norm, dora_merge, lora_update
 from flexora_jax.errors import ConfigError
 from flexora_jax.gates import Gates, layer_gate_values, rank_gate_values
+from flexora_jax.sharding import Axes, declared_axes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,6 +137,14 @@ def _check_targets(model_config: ModelConfig, lora_config: LoraConfig) -> None:
 def expert_axes(model_config: ModelConfig, module: str) -> tuple[int, ...]:
     """``(n,)`` for a mixture's expert module (its LoRA has an expert axis after the layer axis), else ``()``."""
     return (model_config.num_local_experts,) if module in EXPERT_MODULES else ()
+
+
+def lora_axes(spec: LoraSpec) -> dict[str, dict[str, Axes]]:
+    """The logical axis names of a LoRA's weights (the tree of :attr:`LoraParams.weights`, hence of its optimizer
+    moments): A ``[layers, (expert,) <kernel's in axis>, rank]``, B ``[layers, (expert,) rank, <kernel's out
+    axis>]``, DoRA's magnitude ``[layers, <out axis>]``, so A / B shard as their kernel does, the rank replicated."""
+    keys = ("a", "b", MAGNITUDE) if spec.use_dora else ("a", "b")
+    return {m: {k: declared_axes((m, k)) for k in keys} for m in spec.targets}
 
 
 @struct.dataclass

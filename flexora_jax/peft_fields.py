@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from flexora_jax.errors import ConfigError
+from flexora_jax.validation import check_bool, check_mapping, check_number, check_regex
 
 ADAPTER_CONFIG = "adapter_config.json"
 
@@ -62,7 +63,7 @@ ADALORA_FIELDS = ("target_r", "init_r", "tinit", "tfinal", "deltaT", "beta1", "b
                   "total_step")
 
 
-def check_fields(raw: Mapping[str, Any], where: str | os.PathLike) -> None:
+def check_peft_fields(raw: Mapping[str, Any], where: str | os.PathLike) -> None:
     """Unknown fields and function-changing settings fail here, each naming the field (``where``: the file)."""
     peft_type = raw.get("peft_type", "LORA")
     adalora = peft_type == "ADALORA"
@@ -205,7 +206,7 @@ def lora_config_kwargs(raw: Mapping[str, Any], where: str, modules: Sequence[str
     module names, ``layers_to_transform`` and our suffix keys; a block a module does not adapt gets rank 0.
     A regex ``target_modules`` or pattern key needs the model's module paths: :func:`load_peft` reads those.
     """
-    check_fields(raw, where)
+    check_peft_fields(raw, where)
     if raw.get("peft_type", "LORA") != "LORA":
         raise ConfigError(f"{where}: peft_type {raw['peft_type']!r} is not a LoRA config; an AdaLoRA adapter "
                           "loads with flexora_jax.adapters.load_adalora (or load_peft, rank-pruned as LoRA)")
@@ -282,3 +283,29 @@ def lora_config_kwargs(raw: Mapping[str, Any], where: str, modules: Sequence[str
                                                           for (m, i), v in alphas.items()},
                 use_rslora=bool(raw.get("use_rslora", False)), init_lora_weights=init,
                 use_dora=bool(raw.get("use_dora", False)))
+
+
+def check_peft_values(raw: dict[str, Any], cfg_file: Path) -> None:
+    """The types of the fields read: numbers (no bools, finite), flags (``"false"`` is not false), regexes
+    compiled up front, each error naming the field."""
+    check_number(raw.get("lora_dropout") or 0.0, f"{cfg_file}: lora_dropout", lo=0, hi=1, hi_open=True)
+    if raw.get("use_rslora") is not None:
+        check_bool(raw["use_rslora"], f"{cfg_file}: use_rslora")
+    adalora = raw.get("peft_type") == "ADALORA"  # its rank_pattern holds kept-triplet masks (lists of bools)
+    for field in ("alpha_pattern",) if adalora else ("rank_pattern", "alpha_pattern"):
+        for key, value in check_mapping(raw.get(field) or {}, f"{cfg_file}: {field}").items():
+            check_number(value, f"{cfg_file}: {field}[{key!r}]", lo=0, lo_open=True, integer=field == "rank_pattern")
+    if adalora:
+        for key, value in check_mapping(raw.get("rank_pattern") or {}, f"{cfg_file}: rank_pattern").items():
+            if not (isinstance(value, list) and all(isinstance(v, bool) for v in value)):
+                raise ConfigError(f"{cfg_file}: rank_pattern[{key!r}] of an AdaLoRA adapter must be a list of "
+                                  f"true / false (the kept triplets), got {value!r:.80}")
+    for field in ("layers_pattern", "exclude_modules"):
+        value = raw.get(field)
+        if isinstance(value, str) and value:
+            check_regex(value, f"{cfg_file}: {field}")
+        elif value is not None and not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise ConfigError(f"{cfg_file}: {field} must be a regex string or a list of names, got {value!r}")
+        elif field == "layers_pattern" and value:
+            for pattern in value:
+                check_regex(pattern, f"{cfg_file}: {field} entry")

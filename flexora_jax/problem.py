@@ -95,6 +95,7 @@ class Problem:
       dropout: whether ``loss`` uses its ``key`` (fine-tune with dropout).
       identity: JSON-able description (model, LoRA layout): checkpoints refuse another problem's state.
       requires: the data fields ``loss`` reads (checked before the first step).
+      vocab_size: the model's vocabulary (token ids are checked against it); None: unknown.
       model_config: the built-in decoder's config when the problem is the decoder's (``base["params"]`` its
         params): what stages built for the decoder alone (AdaLoRA) need; None for other models.
       staged: ``staged(estimator, darts_mode) -> Problem``: this problem for a stage that differentiates
@@ -112,6 +113,7 @@ class Problem:
     dropout: bool = False
     identity: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     requires: tuple[str, ...] = ("input_ids",)
+    vocab_size: int | None = None
     model_config: ModelConfig | None = None
     staged: Callable[[str | None, str], Problem] | None = None
 
@@ -179,6 +181,6 @@ def decoder_problem(config: ModelConfig, params: Any, lora: LoraParams | LoraCon
         base={"params": params, "lora_coef": traced.coef, "gates": gates},
         lora=traced.weights, layout=layout, select=select, write=write_back, dropout=spec.dropout > 0,
         identity={"model": "decoder", "config": dataclasses.asdict(config), "lora": spec.config.to_dict()},
-        requires=("input_ids", "loss_mask"), model_config=config, staged=staged)
+        requires=("input_ids", "loss_mask"), vocab_size=config.vocab_size, model_config=config, staged=staged)
     return problem
 

@@ -13,7 +13,8 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 import flexora_jax as fj  # noqa: E402
-from flexora_jax.adalora import (AdaLoraConfig, as_lora, export_adalora, finetune_adalora,  # noqa: E402
+from flexora_jax.engine import finetune_adalora  # noqa: E402
+from flexora_jax.adalora import (AdaLoraConfig, as_lora, export_adalora,  # noqa: E402
                                  init_allocator, orth_regularizer, to_lora, update_and_allocate)
 from flexora_jax.adapters import export_peft, load_adalora, load_peft  # noqa: E402
 from flexora_jax.config import module_path  # noqa: E402
@@ -120,16 +121,17 @@ def test_finetune_allocates_the_target_budget_and_prunes_to_an_equal_lora(tmp_pa
     model_config, params = fj.load_model(tmp_path / "base")
     config = AdaLoraConfig(**SCHEDULE, target_modules=MODULES)
     rng = np.random.default_rng(0)
-    tokens = rng.integers(0, 32, (config.total_step, 4, 8)).astype(np.int32)
-    batches = [{"input_ids": t, "attention_mask": np.ones_like(t), "loss_mask": np.ones(t.shape, np.float32)}
-               for t in tokens]
-    weights, state, losses = finetune_adalora(model_config, params, config, batches, tuple(range(L)), lr=1e-2)
-    assert np.isfinite(losses).all()
+    tokens = rng.integers(0, 32, (config.total_step * 4, 8)).astype(np.int32)
+    data = {"input_ids": tokens, "attention_mask": np.ones_like(tokens), "loss_mask": np.ones(tokens.shape, np.float32)}
+    problem = fj.decoder_problem(model_config, params, fj.LoraConfig(r=2, target_modules=MODULES))
+    found = finetune_adalora(problem, data, config, lr=1e-2, batch_size=4, progress=False)  # the one driver
+    weights, losses = found.weights, [r["loss"] for r in found.history]
+    assert np.isfinite(losses).all() and len(losses) == config.total_step
     assert sum(int((np.asarray(weights[m]["e"]) != 0).sum()) for m in MODULES) == config.target_r * len(MODULES) * L
     lora = to_lora(model_config, config, weights, tuple(range(L)))
     full = as_lora(model_config, config, weights, tuple(range(L)))
-    np.testing.assert_allclose(np.asarray(fj.forward(model_config, params, tokens[0], lora=lora)),
-                               np.asarray(fj.forward(model_config, params, tokens[0], lora=full)), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(fj.forward(model_config, params, tokens[:4], lora=lora)),
+                               np.asarray(fj.forward(model_config, params, tokens[:4], lora=full)), atol=1e-5)
 
 
 def test_adalora_method_runs_end_to_end_from_the_command(tmp_path):

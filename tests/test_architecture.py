@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ast
 import importlib
+import inspect
 from collections import defaultdict
 from pathlib import Path
 
@@ -14,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "flexora_jax"
 MAX_LINES = 600
 #: The only third-party modules a function may import locally: heavy and optional at run time.
-LOCAL_IMPORT_ALLOWED = ("torch", "matplotlib", "lm_eval")
+LOCAL_IMPORT_ALLOWED = ("torch", "matplotlib", "lm_eval", "tensorboard", "wandb")
 MAX_LOCAL_IMPORTS = 6
 REPEAT_LINES = 6
 
@@ -169,3 +170,146 @@ def test_the_core_and_the_gpu_benchmark_import_without_datasets_or_draccus():
     proc = subprocess.run([sys.executable, "-c", code], cwd=PACKAGE.parent, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+# ------------------------------------------------------------------------ one engine, one chassis (issue 28)
+def _trees() -> dict[str, ast.Module]:
+    return {name: ast.parse(path.read_text()) for name, path in MODULES.items()}
+
+
+def _top_level(tree: ast.Module) -> list[ast.stmt]:
+    """A module's top-level statements, those under a top-level ``if`` / ``try`` included."""
+    out, todo = [], list(tree.body)
+    while todo:
+        node = todo.pop(0)
+        if isinstance(node, (ast.If, ast.Try)):
+            todo += node.body + node.orelse + getattr(node, "finalbody", []) + [
+                s for h in getattr(node, "handlers", []) for s in h.body]
+        else:
+            out.append(node)
+    return out
+
+
+def _model_classes() -> dict[str, str]:
+    """Concrete model classes (``nnx.Module`` subclasses, transitively) -> their module: the package's and the
+    test models (``ForeignLM``, ...), which the package must not know either."""
+    found: dict[str, str] = {}
+    sources = dict(_trees()) | {f"tests.{p.stem}": ast.parse(p.read_text()) for p in Path(__file__).parent.glob("*.py")}
+    changed = True
+    while changed:
+        changed = False
+        for name, tree in sources.items():
+            for node in ast.walk(tree):
+                if not isinstance(node, ast.ClassDef) or node.name in found:
+                    continue
+                bases = {ast.unparse(b) for b in node.bases}
+                if bases & {"nnx.Module", "flax.nnx.Module"} or bases & set(found):
+                    found[node.name] = name
+                    changed = True
+    return found
+
+
+#: isinstance checks on a concrete model class outside its own module that are being removed (each says why).
+ISINSTANCE_ALLOWED: set = set()
+
+
+def test_no_isinstance_on_concrete_model_classes_outside_their_module():
+    """A feature asks a model for what it needs (a method such as ``lora_problem``), never which class it is."""
+    models = _model_classes()
+    assert "LlamaForCausalLM" in models and "ForeignLM" in models
+    found = set()
+    for name, tree in _trees().items():
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and ast.unparse(node.func) == "isinstance" and len(node.args) == 2:
+                classes = node.args[1].elts if isinstance(node.args[1], ast.Tuple) else [node.args[1]]
+                for c in classes:
+                    cls = ast.unparse(c).split(".")[-1]
+                    if cls in models and models[cls] != name:
+                        found.add((name, cls))
+    assert found - ISINSTANCE_ALLOWED == set()
+    assert ISINSTANCE_ALLOWED <= found, "an allowed isinstance is gone: drop it from ISINSTANCE_ALLOWED"
+
+
+def _public_names() -> dict[str, list[str]]:
+    """``{module: its __all__}`` for every module that declares one (a literal list)."""
+    out = {}
+    for name, tree in _trees().items():
+        for node in _top_level(tree):
+            if isinstance(node, ast.Assign) and any(ast.unparse(t) == "__all__" for t in node.targets):
+                out[name] = list(ast.literal_eval(node.value))
+    return out
+
+
+def _definitions() -> dict[str, set[str]]:
+    """Top-level name -> the modules that define it (``def``, ``class``, assignment; imports re-export)."""
+    defs: dict[str, set[str]] = defaultdict(set)
+    for name, tree in _trees().items():
+        for node in _top_level(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                defs[node.name].add(name)
+            elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+                for target in node.targets if isinstance(node, ast.Assign) else [node.target]:
+                    for n in ast.walk(target):
+                        if isinstance(n, ast.Name) and n.id != "__all__":
+                            defs[n.id].add(name)
+    return defs
+
+
+#: Public names defined twice that are being merged or renamed (each says why); the test fails once one is fixed.
+DUPLICATES_ALLOWED = {
+    # the run directory's JSON files (written by process 0, DataError naming the stage to rerun): their callers
+    # in pipeline/stages.py are being edited for export; renamed with them
+    "read_json": {"flexora_jax.pipeline.io", "flexora_jax.validation"},
+    "write_json": {"flexora_jax.fileio", "flexora_jax.pipeline.io"},
+}
+
+
+def test_one_definition_per_public_name():
+    """A name in ``flexora_jax.__all__`` or a submodule's ``__all__`` is defined in exactly one module (the
+    others import it), so ``grep "def name"`` finds the one thing the name means."""
+    defs = _definitions()
+    found = {}
+    for module, names in _public_names().items():
+        mod = importlib.import_module(module)
+        for name in names:
+            obj = getattr(mod, name)
+            if inspect.ismodule(obj):
+                continue
+            key = name if name in defs else getattr(obj, "__name__", name)  # a lazy alias: its target
+            if len(defs[key]) != 1:
+                found[key] = defs[key]
+    assert {k: v for k, v in found.items() if DUPLICATES_ALLOWED.get(k) != v} == {}
+    assert set(DUPLICATES_ALLOWED) <= set(found), "an allowed duplicate is gone: drop it from DUPLICATES_ALLOWED"
+
+
+#: Modules of the command layer or evaluation that reach into the NNX face's private modules (each says why).
+NNX_PRIVATE_ALLOWED: set = set()
+
+
+def test_the_command_layer_and_evaluation_use_the_nnx_face_through_its_public_api():
+    """``flexora_jax.nnx`` (its ``__init__``) is the NNX face's API; its modules are its own business."""
+    users = [n for n in MODULES if n.startswith("flexora_jax.pipeline") or n in ("flexora_jax.cli",
+                                                                                 "flexora_jax.evaluation")]
+    found = {name: sorted({t for t, _ in _imports(MODULES[name]) if t.startswith("flexora_jax.nnx.")})
+             for name in users}
+    found = {k: v for k, v in found.items() if v}
+    assert set(found) - NNX_PRIVATE_ALLOWED == set(), found
+    assert NNX_PRIVATE_ALLOWED <= set(found), "an allowed import is gone: drop it from NNX_PRIVATE_ALLOWED"
+
+
+#: Public entry points that still dispatch on their first argument's type (each says why).
+SINGLEDISPATCH_ALLOWED: set = set()
+
+
+def test_no_singledispatch_on_public_entry_points():
+    """A public function has one signature that ``help()`` shows; no overloads registered by importing a module."""
+    public = {n for names in _public_names().values() for n in names}
+    found = set()
+    for name, tree in _trees().items():
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                if any("singledispatch" in ast.unparse(d) for d in node.decorator_list):
+                    found.add((name, node.name))
+    public_found = {(module, name) for module, name in found if name in public}
+    assert public_found - SINGLEDISPATCH_ALLOWED == set(), public_found
+    assert SINGLEDISPATCH_ALLOWED <= public_found, "an allowed dispatch is gone: drop it from SINGLEDISPATCH_ALLOWED"

@@ -1,15 +1,25 @@
-"""RunConfig: YAML + dotted overrides through draccus, key / type / range errors, every file in configs/."""
+"""RunConfig: YAML + dotted overrides through draccus, key / type / range errors, base-file chains, presets,
+every file in configs/ (resolved exactly as before they became base files plus overlays)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 
 import pytest
 
-from flexora_jax.pipeline.config import METHODS, RunConfig, config_to_dict, load_config, save_config
+from flexora_jax.config import PRESETS, FinetuneConfig, LoraConfig, SearchConfig, preset
 from flexora_jax.errors import ConfigError
+from flexora_jax.pipeline.config import RunConfig, config_to_dict, load_config, save_config
+from flexora_jax.pipeline.registry import METHODS
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+#: Every shipped config (and study-plan variant) resolved by the code before configs/ became base files plus
+#: overlays (study variants as a hash of their resolved dict). A deliberate change of a default or a shipped
+#: value regenerates it: ``cd tests && python -c "import test_config; test_config.write_resolved()"``.
+RESOLVED = REPO / "tests" / "data" / "configs_resolved.json"
 
 
 def test_required_keys_exist_under_their_names():
@@ -78,6 +88,7 @@ def test_file_errors_name_the_file(tmp_path):
 def test_every_config_file_parses_and_validates(path):
     c = load_config(path)
     assert c.method in METHODS and all(m in METHODS for m in c.compare)
+    assert "base" not in config_to_dict(c)  # the chain is resolved away
     if c.task.name != "planted":
         from flexora_jax.tasks import get_task
 
@@ -116,14 +127,125 @@ def test_configs_are_static_jit_arguments():
 
 
 def test_a_real_task_starts_from_the_papers_settings_the_demo_from_its_own():
-    from flexora_jax.pipeline.config import PAPER_DEFAULTS
-
     real = load_config(None, ["--task.name=piqa", "--model.path=/models/x", "--search.steps=7"])
     assert (real.lora.r, real.lora.lora_alpha, real.lora.target_modules) == (8, 16.0, ("q_proj", "v_proj"))
     assert real.search.hypergradient == "first_order" and real.search.gate_power == 3 and real.search.steps == 7
     assert (real.finetune.epochs, real.finetune.max_steps, real.finetune.lr) == (3.0, 0, 1e-4)
-    for section, values in PAPER_DEFAULTS.items():
+    for section, values in PRESETS["flexora_paper"].items():
         got = config_to_dict(real)[section]
-        assert all(got[k] == v for k, v in values.items() if not (section == "search" and k == "steps")), section
+        want = config_to_dict(dict(values))
+        assert all(got[k] == v for k, v in want.items() if not (section == "search" and k == "steps")), section
     demo = load_config(None, [])
     assert (demo.lora.r, demo.search.hypergradient, demo.finetune.max_steps) == (4, "unrolled", 400)
+
+
+def _resolved() -> dict:
+    """Every shipped config resolved: ``{"configs": {file: dict}, "study": {plan:experiment:variant: hash}}``."""
+    from flexora_jax.pipeline.study import load_plan
+
+    out: dict = {"configs": {p.name: config_to_dict(load_config(p)) for p in CONFIGS}, "study": {}}
+    for path in sorted((REPO / "configs" / "study").glob("*.yaml")):
+        for e in load_plan(path)["experiments"]:
+            for variant, overrides in e["variants"].items():
+                c = config_to_dict(load_config(e.get("config"), list(e["overrides"]) + list(overrides or [])))
+                digest = hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()[:16]
+                out["study"][f"{path.name}:{e['name']}:{variant}"] = digest
+    return out
+
+
+def write_resolved(path: Path = RESOLVED) -> None:
+    """:data:`RESOLVED` from the current code: one line per config."""
+    data = _resolved()
+    def line(key: str, value: object) -> str:
+        return f"  {json.dumps(key)}: {json.dumps(value, sort_keys=True, separators=(',', ':'))}"
+
+    sections = [f' "{section}": {{\n' + ",\n".join(line(k, v) for k, v in sorted(data[section].items())) + "\n }"
+                for section in ("configs", "study")]
+    path.write_text("{\n" + ",\n".join(sections) + "\n}\n")
+
+
+def test_every_shipped_config_resolves_as_before_the_overlays():
+    want, got = json.loads(RESOLVED.read_text()), _resolved()
+    assert sorted(got["configs"]) == sorted(want["configs"])  # every file still ships under its name
+    for name, values in want["configs"].items():
+        diff = {k: (got["configs"][name][k], v) for k, v in values.items() if got["configs"][name][k] != v}
+        assert not diff, f"{name}: (now, before) {diff}"
+    assert got["study"] == want["study"]
+
+
+def test_the_default_file_is_the_embedded_default():
+    assert load_config(REPO / "configs" / "default.yaml") == RunConfig()
+
+
+def test_base_chain_order_relative_paths_and_overrides(tmp_path):
+    (tmp_path / "base").mkdir()
+    (tmp_path / "base" / "a.yaml").write_text("seed: 1\nlora: {r: 2, lora_alpha: 2.0}\ncompare: [lora]\n")
+    (tmp_path / "base" / "b.yaml").write_text("base: a.yaml\nseed: 2\nlora: {r: 3}\n")  # relative to base/
+    (tmp_path / "c.yaml").write_text("seed: 5\n")
+    top = tmp_path / "top.yaml"
+    top.write_text("base: [base/b.yaml, c.yaml]\nlora: {lora_alpha: 6.0}\n")
+    c = load_config(top)
+    # a.yaml, then b.yaml, then c.yaml, then the file's own keys: key by key, the last one wins
+    assert (c.seed, c.lora.r, c.lora.lora_alpha, c.compare) == (5, 3, 6.0, ("lora",))
+    assert load_config(top, ["--seed=9"]).seed == 9  # the command line over the whole chain
+    assert load_config(tmp_path / "base" / "b.yaml").seed == 2
+
+
+def test_a_base_file_that_names_a_real_task_picks_the_paper_defaults(tmp_path):
+    (tmp_path / "task.yaml").write_text("task: {name: piqa}\nmodel: {path: /models/x}\n")
+    (tmp_path / "top.yaml").write_text("base: task.yaml\nsearch: {steps: 7}\n")
+    c = load_config(tmp_path / "top.yaml")
+    assert (c.lora.r, c.search.hypergradient, c.search.steps, c.finetune.epochs) == (8, "first_order", 7, 3.0)
+    back = load_config(tmp_path / "top.yaml", ["--task.name=planted", "--model.path=null"])
+    assert (back.lora.r, back.search.hypergradient) == (4, "unrolled")  # the demo's, decided by the override
+
+
+def test_base_chain_errors_name_the_file(tmp_path):
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("base: b.yaml\n")
+    b.write_text("base: [a.yaml]\n")
+    with pytest.raises(ConfigError, match=r"a.yaml: its base chain is a cycle \(.*a.yaml -> .*b.yaml -> .*a.yaml\)"):
+        load_config(a)
+    a.write_text("base: a.yaml\n")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(a)
+    a.write_text("base: [missing.yaml]\n")
+    with pytest.raises(ConfigError, match=r"a.yaml: base file 'missing.yaml' .* does not exist"):
+        load_config(a)
+    a.write_text("base: {x: 1}\n")
+    with pytest.raises(ConfigError, match=r"a.yaml: base must be a path or a list of paths"):
+        load_config(a)
+    b.write_text("lora: {rank: 3}\n")
+    a.write_text("base: b.yaml\n")
+    with pytest.raises(ConfigError, match=r"b.yaml: unknown key 'lora.rank'"):  # the base file, not a.yaml
+        load_config(a)
+    b.write_text("seed: true\n")
+    with pytest.raises(ConfigError, match=r"b.yaml: seed"):
+        load_config(a)
+    with pytest.raises(ConfigError, match="unknown key 'base'"):  # only files have a base
+        load_config(None, ["--base=a.yaml"])
+
+
+def test_load_config_parses_once(monkeypatch):
+    import draccus
+
+    calls = []
+    real = draccus.parse
+    monkeypatch.setattr(draccus, "parse", lambda *a, **k: calls.append(1) or real(*a, **k))
+    c = load_config(None, ["--task.name=piqa", "--model.path=/m"])
+    assert c.search.gate_power == 3 and len(calls) == 1  # the paper defaults chosen before the one parse
+
+
+def test_defaults_are_stated_once_in_the_presets():
+    assert SearchConfig.flexora_reference() == preset("flexora_paper", "search")
+    assert SearchConfig.flexora_reference(steps=5).steps == 5
+    assert SearchConfig.autolora_reference() == preset("autolora_paper", "search")
+    assert SearchConfig.autolora_reference().outer_b1 == 0.5
+    demo = RunConfig()
+    assert demo.lora == preset("planted_demo", "lora") == LoraConfig(r=4, lora_alpha=4.0)
+    assert demo.search == preset("planted_demo", "search") == SearchConfig()  # the planted regime: the defaults
+    assert demo.finetune == preset("planted_demo", "finetune") and demo.finetune != FinetuneConfig()
+    with pytest.raises(ConfigError, match="unknown preset 'paper'"):
+        preset("paper", "search")
+    with pytest.raises(TypeError):
+        PRESETS["flexora_paper"]["search"]["steps"] = 1  # frozen

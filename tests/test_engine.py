@@ -163,6 +163,30 @@ def test_one_signature_per_entry_point_and_clear_errors_for_the_old_forms():
         fj.search(make("decoder"), SEARCH, TRAIN, VAL, loss_fn=lambda m, b: 0.0)
 
 
+@pytest.mark.parametrize("bad, words", [
+    ({**TRAIN, "input_ids": TRAIN["input_ids"].astype(np.float32)}, ["input_ids", "integer"]),
+    ({**TRAIN, "input_ids": TRAIN["input_ids"][0]}, ["input_ids"]),
+    ({**TRAIN, "input_ids": np.where(TRAIN["input_ids"] == 3, 64, TRAIN["input_ids"])}, ["input_ids", "64"]),
+    ({**TRAIN, "input_ids": np.where(TRAIN["input_ids"] == 3, -1, TRAIN["input_ids"])}, ["input_ids", "-1"]),
+    ({"input_ids": TRAIN["input_ids"]}, ["loss_mask"]),
+])
+def test_bad_data_is_refused_before_the_first_step(bad, words):
+    """Wrong dtype / rank, token ids outside the decoder's vocabulary (not blamed on the learning rate later),
+    a missing loss_mask for the default loss: a DataError naming the field, before anything compiles."""
+    with pytest.raises(fj.DataError) as info:
+        fj.search(make("decoder"), SEARCH, bad, VAL)
+    assert all(w in str(info.value) for w in words), str(info.value)
+
+
+def test_a_loss_fn_must_return_a_scalar_and_a_model_must_have_lora():
+    with pytest.raises(fj.ConfigError, match="scalar"):
+        fj.finetune(make("foreign"), TRAIN, FINETUNE, loss_fn=lambda model, batch: model(batch["input_ids"]).mean(-1))
+    with pytest.raises(fj.ConfigError, match="LoRA"):
+        fj.finetune(ForeignLM(3, rngs=nnx.Rngs(0)), TRAIN, FINETUNE)
+    with pytest.raises(fj.ConfigError, match="LoRA"):
+        fj.finetune(fj.nnx.LlamaForCausalLM(CONFIG, rngs=nnx.Rngs(0)), TRAIN, FINETUNE)
+
+
 def test_any_optax_transformation_and_a_custom_loss_without_loss_mask():
     """An optax transformation (or a factory of one) as the inner and fine-tune optimizer; a custom loss reads
     only what it needs (no ``loss_mask`` in the data)."""

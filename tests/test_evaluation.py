@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from flexora_jax import evaluation, tasks
+from flexora_jax.nnx import LlamaForCausalLM
 from flexora_jax.errors import DataError
 from flexora_jax.tasks.formats import MCRecord
 
@@ -56,7 +57,7 @@ COMPILED = {}
 def ours(model, records):
     config, params, tokenizer = model
     before = evaluation._score_packed._cache_size()
-    out = evaluation.evaluate(config, params, tokenizer, records, batch_size=BATCH, max_length=MAX_LENGTH,
+    out = evaluation.evaluate(LlamaForCausalLM.from_params(config, params), tokenizer, records, batch_size=BATCH, max_length=MAX_LENGTH,
                               return_per_example=True, progress=False)
     COMPILED["programs"] = evaluation._score_packed._cache_size() - before
     return out
@@ -105,10 +106,11 @@ def test_few_compiled_programs(ours):
 def test_bad_inputs_raise_clear_errors(model):
     config, params, tokenizer = model
     with pytest.raises(DataError, match="no examples"):
-        evaluation.evaluate(config, params, tokenizer, {"piqa": []}, progress=False)
+        evaluation.evaluate(LlamaForCausalLM.from_params(config, params), tokenizer, {"piqa": []}, progress=False)
     long_choice = MCRecord("toy", 0, "Q:", ("word " * 200, "b"), 0)
     with pytest.raises(DataError, match="longer than the model's context 64"):
-        evaluation.evaluate(config, params, tokenizer, [long_choice], max_length=64, progress=False)
+        evaluation.evaluate(LlamaForCausalLM.from_params(config, params), tokenizer, [long_choice], max_length=64,
+                            progress=False)
     with pytest.raises(DataError, match="out of range"):
         MCRecord("toy", 0, "Q:", ("a", "b"), 2)
 
@@ -147,7 +149,7 @@ def test_evaluate_takes_an_nnx_model(model, records):
     gates = fj.init_gates("layer", config.num_hidden_layers)
     gates = gates.replace(layer=gates.layer.at[0].set(-1.0))
     kw = dict(batch_size=BATCH, max_length=MAX_LENGTH, return_per_example=True, progress=False)
-    want = evaluation.evaluate(config, params, tokenizer, subset, lora=lora, gates=gates, **kw)
+    want = evaluation.evaluate(LlamaForCausalLM.from_params(config, params, lora, gates), tokenizer, subset, **kw)
     decoder = LlamaForCausalLM.from_params(config, params, lora, gates)
     assert fj.evaluate(decoder, tokenizer, subset, **kw) == want
 

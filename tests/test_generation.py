@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import re
 import tempfile
 
 import jax
@@ -12,8 +15,9 @@ import pytest
 from flexora_jax import generation as gen
 from flexora_jax.config import LoraConfig, ModelConfig
 from flexora_jax.errors import ConfigError, DataError
-from flexora_jax.lora import init_lora, merge
-from flexora_jax.models.llama import forward, init_params
+from flexora_jax.gates import Gates
+from flexora_jax.lora import init_lora, merge, per_layer_lora
+from flexora_jax.models.llama import forward, init_params, lm_head
 
 CONFIG = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, max_position_embeddings=64, eos_token_id=5, pad_token_id=0)
@@ -99,6 +103,113 @@ def test_kv_cache_equals_recomputing_the_full_forward(model, greedy):
             np.testing.assert_allclose(out.logprobs[i], logps[i][:n], atol=1e-4)
 
 
+#: The cache paths' families: GQA with LoRA and gates; a windowed and a full layer (Mistral / Qwen2);
+#: Gemma 2 (windows, attention and final logit soft-capping, query_pre_attn_scalar, sandwich norms, GeGLU).
+CACHE_FAMILIES = {
+    "llama_gqa": CONFIG,
+    "window": dataclasses.replace(CONFIG, sliding_window=4, sliding_layers=(1,)),
+    "gemma2": dataclasses.replace(CONFIG, head_dim=16, model_type="gemma2", hidden_act="gelu_pytorch_tanh",
+                                  tie_word_embeddings=True, sliding_window=4, sliding_layers=(0,),
+                                  query_pre_attn_scalar=24.0, attn_logit_softcapping=2.0, final_logit_softcapping=5.0),
+}
+
+
+_forward = jax.jit(forward, static_argnums=0)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "unroll"))
+def _cached_logits(config, params, lora, gates, tokens, mask, forced, *, max_new_tokens, unroll):
+    """Logits [b, m + 1, v] of the prefill and of decode steps fed ``forced`` [b, m], as ``_decode`` runs them."""
+    b, p = tokens.shape
+    lora_layers = per_layer_lora(lora, gates, config.num_hidden_layers)
+    h, prompt_kv = gen._prefill(config, params, lora_layers, tokens, mask)
+    layers, cache = gen._decode_inputs(config, params, lora_layers, prompt_kv, max_new_tokens, unroll)
+    valid = jnp.concatenate([mask > 0, jnp.ones((b, max_new_tokens), bool)], axis=-1)
+
+    def step(cache, xs):
+        token, j = xs
+        h, cache = gen._step(config, params, layers, cache, token, p + j, mask.sum(-1) + j, valid)
+        return cache, lm_head(config, params, h)
+
+    _, logits = jax.lax.scan(step, cache, (forced.T, jnp.arange(forced.shape[1])))
+    return jnp.concatenate([lm_head(config, params, h)[:, None], jnp.swapaxes(logits, 0, 1)], axis=1)
+
+
+@pytest.mark.parametrize("family,unroll", [("llama_gqa", True), ("window", True), ("gemma2", True),
+                                           ("gemma2", False)])  # scanned: decode of models deeper than UNROLL_LAYERS
+def test_cached_logits_equal_the_uncached_forward(family, unroll):
+    """Prefill + teacher-forced decode steps on a left-padded batch give the full forward's logits (1e-5), with
+    LoRA on every module and layer + rank gates; windows of 4 slide over prompt and generated columns."""
+    config = CACHE_FAMILIES[family]
+    params = init_params(config, jax.random.key(0), init_std=0.2, head_std=0.5)
+    lora = init_lora(config, LoraConfig(r=4, lora_alpha=8.0, target_modules="all-linear", init_lora_weights=False),
+                     jax.random.key(1))
+    rng = np.random.default_rng(0)
+    L = config.num_hidden_layers
+    gates = Gates(layer=jnp.asarray(rng.normal(size=L), jnp.float32),
+                  rank={m: jnp.asarray(rng.normal(size=(L, 4)), jnp.float32) for m in lora.spec.targets})
+    p, m = 8, 6
+    tokens = rng.integers(3, config.vocab_size, (3, p + m)).astype(np.int32)
+    mask = np.ones_like(tokens)
+    mask[1, :5], mask[2, :3] = 0, 0  # prompts of 8, 3 and 5 tokens, left-padded
+    positions = np.where(mask > 0, np.cumsum(mask, -1) - 1, 1)
+    ref = np.asarray(_forward(config, params, tokens, mask, lora, gates, positions))[:, p - 1:]
+    ours = np.asarray(_cached_logits(config, params, lora, gates, tokens[:, :p], mask[:, :p], tokens[:, p:],
+                                     max_new_tokens=m + 2, unroll=unroll))
+    assert np.abs(ref).max() > 1.0  # logits big enough for 1e-5 to mean something
+    np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=1e-5)
+
+
+def test_scanned_and_unrolled_decode_generate_the_same(model, greedy, monkeypatch):
+    """Models deeper than UNROLL_LAYERS scan their blocks in the decode loop: same tokens and log-probs."""
+    params, lora, _ = model
+    monkeypatch.setattr(gen, "UNROLL_LAYERS", 0)
+    out = gen.generate(CONFIG, params, PROMPTS, lora=lora, max_new_tokens=NEW)
+    assert out.tokens == greedy["lora"].tokens
+    np.testing.assert_allclose(np.concatenate(out.logprobs), np.concatenate(greedy["lora"].logprobs), atol=1e-5)
+
+
+@pytest.mark.parametrize("unroll", [True, False], ids=["unrolled", "scanned"])
+def test_decode_program_never_copies_the_cache(model, unroll):
+    """In the compiled program no op copies or transposes a layer's cache [b, k, s, e]: each step writes its
+    column in place (dynamic-update-slice; XLA would copy the buffer first if it could not). Unrolled, nothing
+    slices it either: the attention reads each layer's buffer where it lies."""
+    params, _, _ = model
+    b, p = 4, 16
+    tokens = np.ones((b, p), np.int32)
+    hlo = gen._decode.lower(CONFIG, params, None, None, tokens, np.ones_like(tokens), jnp.asarray([5], jnp.int32),
+                            jax.random.key(0), jnp.float32(1.0), jnp.float32(1.0), jnp.int32(0), max_new_tokens=NEW,
+                            do_sample=False, top_k=0, unroll=unroll).compile().as_text()
+    layer = f"{b},{CONFIG.num_key_value_heads},{p + NEW},{CONFIG.head_dim}]"
+    ops = re.findall(r"= f32\[(?:\d+,)?" + re.escape(layer) + r"\{[^}]*\} ([a-z-]+)\(", hlo)
+    assert ops.count("dynamic-update-slice") == 2 * (CONFIG.num_hidden_layers if unroll else 1), ops  # k, v
+    allowed = {"dynamic-update-slice", "fusion", "pad", "bitcast", "get-tuple-element", "parameter"}
+    allowed |= set() if unroll else {"dynamic-slice"}  # scanned: XLA CPU copies the layer's slice for the matmul
+    assert set(ops) <= allowed, ops
+
+
+def test_no_compilation_for_new_prompt_lengths_within_a_bucket(model, greedy):
+    """Prompts of other lengths in the same (batch, prompt) bucket reuse the program: XLA compiles nothing."""
+    from jax._src.dispatch import BACKEND_COMPILE_EVENT
+
+    params, _, _ = model
+    compiled = []
+
+    def listen(event, duration, **kwargs):
+        if event == BACKEND_COMPILE_EVENT:
+            compiled.append(duration)
+
+    prompts = [[1, 9, 4, 77, 3, 2, 60, 61, 62, 63, 64], [1, 5], [1, 44, 45, 46]]  # 11, 2, 4 tokens: bucket 16
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        out = gen.generate(CONFIG, params, prompts, max_new_tokens=NEW)
+        assert compiled == [] and len(out.tokens) == 3
+        jax.jit(lambda x: x * 3)(1.0)  # the listener does see a compilation
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+    assert len(compiled) == 1
+
+
 def test_tinystories_greedy_from_bos_matches_golden_ids(tinystories_dir):
     from flexora_jax.models.hf import load_model, load_tokenizer
 
@@ -133,7 +244,8 @@ def test_sampling_is_seeded_and_warpers_reduce_to_greedy(model, greedy):
 
 
 def test_sharded_params_give_the_same_tokens(model, greedy):
-    from jax.sharding import NamedSharding, PartitionSpec as P
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     params, _, _ = model
     mesh = jax.make_mesh((2,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from flexora_jax import evaluation, tasks
+from flexora_jax.nnx import LlamaForCausalLM
 from flexora_jax.errors import DataError
 from flexora_jax.tasks import generative
 from flexora_jax.tasks.generative import GenRecord
@@ -121,7 +122,7 @@ def test_mmlu_loglikelihoods_match_lm_eval_and_macro_average(data_dir, model, ti
     config, params, tokenizer = model
     records = tasks.load_records("mmlu", "test", data_dir=data_dir)
     picked = records[::len(records) // MMLU_N][:MMLU_N]
-    ours = evaluation.evaluate(config, params, tokenizer, {"mmlu": picked}, batch_size=32, max_length=256,
+    ours = evaluation.evaluate(LlamaForCausalLM.from_params(config, params), tokenizer, {"mmlu": picked}, batch_size=32, max_length=256,
                                return_per_example=True, progress=False)["mmlu"]
     lm = HFLM(pretrained=str(tinystories_dir), device="cpu", batch_size=32, max_length=256)
     requests = [req for r in picked for req in r.requests()]
@@ -150,7 +151,7 @@ def test_generation_matches_lm_eval_generate_until(data_dir, model, tinystories_
             "aqua": tasks.load_records("aqua", "test", data_dir=data_dir)[:3]}
     for name in recs:
         monkeypatch.setitem(generative.MAX_NEW_TOKENS, name, GEN_TOKENS)
-    ours = evaluation.evaluate(config, params, tokenizer, recs, batch_size=4, return_per_example=True,
+    ours = evaluation.evaluate(LlamaForCausalLM.from_params(config, params), tokenizer, recs, batch_size=4, return_per_example=True,
                                progress=False)
     assert ours["gsm8k"]["truncated"] == 3 and ours["aqua"]["truncated"] == 0  # 5-shot prompts exceed 512 tokens
     lm = HFLM(pretrained=str(tinystories_dir), device="cpu", batch_size=4, max_length=config.max_position_embeddings)

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from flexora_jax.bilevel import make_loss_fn
 from flexora_jax.config import LoraConfig, ModelConfig
@@ -54,7 +55,8 @@ def test_module_equals_functional_forward():
     graphdef, base, lora_state, gate_state = split_for_search(model)
     assert model.layers.q_proj.lora_a.shape == (2, 32, 2) and model.layers.lora_gate.shape == (2,)
     assert len(jax.tree.leaves(lora_state)) == 14 and len(jax.tree.leaves(gate_state)) == 8
-    assert model.layers.q_proj.kernel.get_metadata()["out_sharding"] == (None, "fsdp", "model")
+    assert model.layers.q_proj.kernel.get_metadata()["out_sharding"] == ("layers", "embed", "heads")  # logical
+    assert nnx.get_partition_spec(nnx.state(model)).layers.q_proj.kernel.get_value() == P(None, "fsdp", "model")
     np.testing.assert_array_equal(apply(nnx.merge(graphdef, base, lora_state, gate_state), tokens, mask), expected)
 
     merged = merge_lora(model)

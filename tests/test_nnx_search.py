@@ -21,7 +21,7 @@ from flexora_jax.errors import ConfigError
 from flexora_jax.gates import Gates
 from flexora_jax.selection import Selection
 from flexora_jax.nnx import (Gate, GateLayout, add_lora, apply_selection, gate_state, init_hyperparameters,
-                             make_loss, make_search_step, merge_lora, select, split_for_search, update_model)
+                             make_loss, make_split_search_step, merge_lora, select_paths, split_for_search, update_model)
 from flexora_jax.nnx.surgery import count_lora_params, delta_kernel, lora_sites
 
 
@@ -77,7 +77,7 @@ def test_every_estimator_runs_compiled_once(estimator):
     train, val = soft_batches(4, 0, lead=(2,)), soft_batches(4, 1)
     graphdef, base, lora, gates = split_for_search(model)
     search = SearchConfig(hypergradient=estimator, inner_steps=2)
-    step = make_search_step(graphdef, gates, soft_loss, search)
+    step = make_split_search_step(graphdef, gates, soft_loss, search)
     state = init_search_state(lora, init_hyperparameters(gates, "layer"), search)
     for _ in range(2):
         state, metrics = step(base, state, train, val)
@@ -95,7 +95,7 @@ def test_stacked_model_hypergradient():
     layout = GateLayout.of(gates)
     assert layout.layers == (0, 1, 2) and set(layout.sites("rank")) == {"layers.attn.q", "layers.mlp.gate"}
     search = SearchConfig(hypergradient="unrolled", inner_steps=2)
-    step = make_search_step(graphdef, gates, soft_loss, search)
+    step = make_split_search_step(graphdef, gates, soft_loss, search)
     hyper = init_hyperparameters(layout, "both")
     assert hyper.rank["layers.attn.q"].shape == (3, 2)
     state, metrics = step(base, init_search_state(lora, hyper, search), train, val)
@@ -139,13 +139,13 @@ def test_planted_layers_recovered_on_five_seeds():
     for seed in range(5):
         student, train, val = planted_task(seed)
         graphdef, base, lora, gates = split_for_search(student)
-        step = step or make_search_step(graphdef, gates, soft_loss, search)  # one compile for all seeds
+        step = step or make_split_search_step(graphdef, gates, soft_loss, search)  # one compile for all seeds
         state = init_search_state(lora, init_hyperparameters(gates, "layer"), search)
         rng = np.random.default_rng(seed)
         for _ in range(STEPS):
             t, v = rng.integers(0, 500, (1, BATCH)), rng.integers(0, 200, BATCH)
             state, _ = step(base, state, jax.tree.map(lambda x: x[t], train), jax.tree.map(lambda x: x[v], val))
-        selection = select(student, state.gates)
+        selection = select_paths(student, state.gates)
         assert selection.layers == PLANTED, (seed, np.asarray(state.gates.layer))
     assert step._cache_size() == 1
 
@@ -168,7 +168,7 @@ def test_selection_layers_and_ranks_in_model_paths():
     hyper = init_hyperparameters(layout, "both")
     beta = hyper.rank["blocks.2.mlp.up"].at[0].set(3.0)  # one dominant component: rank 1
     hyper = Gates(layer=jnp.asarray([0.5, -0.5, 0.2]), rank={**hyper.rank, "blocks.2.mlp.up": beta})
-    selection = select(model, hyper)
+    selection = select_paths(model, hyper)
     assert selection.layers == (0, 2)
     assert selection.ranks["blocks.2.mlp.up"] == (1,) and selection.ranks["blocks.0.attn.q"] == (2,)
     info = selection.to_json()
@@ -192,7 +192,7 @@ def test_stacked_selection_masks_layers_and_ranks():
     tokens, mask = tokens_and_mask()
     add_lora(model, ("q",), rank=2, gates="both", rngs=nnx.Rngs(1))
     hyper = Gates(layer=jnp.asarray([1.0, -1.0, 1.0]), rank={"layers.attn.q": jnp.asarray([[3.0, 0.0]] * 3)})
-    selection = select(model, hyper)
+    selection = select_paths(model, hyper)
     assert selection.layers == (0, 2) and selection.ranks == {"layers.attn.q": (1, 0, 1)}
     assert selection.to_json()["ranks"] == {"layers.attn.q[0]": 1, "layers.attn.q[2]": 1}
     apply_selection(model, selection, rngs=nnx.Rngs(2))

@@ -122,7 +122,7 @@ def test_two_runs_at_once_one_is_refused(tmp_path):
 def test_identity_ignores_how_the_path_is_spelled_and_where_it_lives(finished_run, tmp_path, monkeypatch):
     mesh = sh.make_mesh(MeshConfig(num_devices=1))
     monkeypatch.chdir(finished_run.parent)
-    for spelling in (f"{finished_run}/", "run", f"./run//"):
+    for spelling in (f"{finished_run}/", "run", "./run//"):
         config = load_config(None, [f"--output_dir={spelling}", *TINY])
         _check_same_run(config, RunDir(spelling), resume=True, stage="run", mesh=mesh)
     moved = tmp_path / "moved"

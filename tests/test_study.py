@@ -100,3 +100,47 @@ def test_aggregate_reads_the_selection_of_a_combined_method(tmp_path):
     rec = aggregate(tmp_path)["exp"]["var"]["flexora+autolora"]
     assert rec["precision"]["mean"] == 1.0 and rec["trainable_params"]["mean"] == 100
     assert abs(rec["rank_corr"]["mean"] - 1.0) < 1e-9 and rec["rank_at_planted_4"]["mean"] == 3.0
+
+
+SEEDS_RUN = ["--compare=[]", "--mesh.num_devices=1"]
+
+
+def test_run_seeds_from_the_command_line(tmp_path, monkeypatch):
+    """`flexora-jax run --seeds=[0,1]`: one run per seed in seed<s>/, and at the top compare.json / report.md with
+    the mean and sample standard deviation over the seeds per method; --resume reruns nothing; a second fresh
+    multi-seed run into the same directory is refused."""
+    import numpy as np
+    import pytest
+
+    from flexora_jax import cli
+    from flexora_jax.pipeline.study import SMOKE_OVERRIDES
+
+    monkeypatch.setenv("FLEXORA_PROGRESS", "0")
+    out = tmp_path / "seeds"
+    argv = ["run", "--quiet", "--seeds=[0,1]", "--output-dir", str(out), *SEEDS_RUN, *SMOKE_OVERRIDES]
+    assert cli.main(argv) == 0
+    per_seed = [json.loads((out / f"seed{s}" / "compare.json").read_text())["flexora"]["planted"]["test_loss"]
+                for s in (0, 1)]
+    agg = json.loads((out / "compare.json").read_text())
+    loss = agg["flexora"]["planted"]["test_loss"]
+    assert loss["n"] == 2 and set(agg) == {"flexora", "base"}
+    assert loss["mean"] == pytest.approx(np.mean(per_seed)) and loss["std"] == pytest.approx(np.std(per_seed, ddof=1))
+    text = (out / "report.md").read_text()
+    assert "2 seeds" in text and f"| flexora | {loss['mean']:.4f} ± {loss['std']:.4f} |" in text
+    assert "[seed 1](seed1/report.md)" in text and (out / "compare.png").is_file()
+    assert (out / "seed1" / "report.md").is_file() and (out / "seed0" / "gates.png").is_file()
+    before = (out / "seed0" / "metrics.jsonl").read_text()
+    assert cli.main(["run", "--quiet", "--resume", "--seeds=[0,1]", "--output-dir", str(out)]) == 0
+    assert (out / "seed0" / "metrics.jsonl").read_text() == before
+    assert json.loads((out / "compare.json").read_text()) == agg
+    assert cli.main(argv) == 2  # a fresh multi-seed run does not write over this one
+    assert cli.main(["run", "--seeds=[0,0]", "--output-dir", str(tmp_path / "x")]) == 2
+
+
+def test_study_is_a_command(tmp_path, capsys):
+    from flexora_jax import cli
+
+    assert cli.main(["study", str(tmp_path / "no_plan.yaml"), "--out", str(tmp_path / "out")]) == 2
+    assert "flexora-jax study: error: study plan" in capsys.readouterr().err
+    assert cli.main(["study", "--help"]) == 0
+    assert "--smoke" in capsys.readouterr().out

@@ -492,7 +492,7 @@ def test_a_nan_adapter_is_neither_exported_nor_loaded_nor_scored(peft_dir, tiny,
     assert not (tmp_path / "nan" / ADAPTER_WEIGHTS).exists()
     params, _ = tiny
     records = [MCRecord("t", i, "Pick one:", ("alpha", "beta"), 0) for i in range(2)]
-    _raises(NumericsError, lambda: fj.evaluate(TINY, params, CharTokenizer(32), records, lora=nan_lora,
+    _raises(NumericsError, lambda: fj.evaluate(fj.nnx.LlamaForCausalLM.from_params(TINY, params, nan_lora), CharTokenizer(32), records,
                                                progress=False), "NaN")
 
 
@@ -585,7 +585,7 @@ def test_evaluate_checks_its_inputs(tiny):
     params, _ = tiny
     result = fj.evaluate(TinyLM(), CharTokenizer(), RECORDS, progress=False)
     assert result["t"]["n"] == 3
-    _raises(DataError, lambda: fj.evaluate(TINY, params, CharTokenizer(64), RECORDS, progress=False),
+    _raises(DataError, lambda: fj.evaluate(fj.nnx.LlamaForCausalLM.from_params(TINY, params), CharTokenizer(64), RECORDS, progress=False),
             "token id", "vocabulary of 32")
-    _raises(ConfigError, lambda: fj.evaluate({"vocab_size": 32}, params, CharTokenizer(32), RECORDS), "ModelConfig")
+    _raises(ConfigError, lambda: fj.evaluate({"vocab_size": 32}, CharTokenizer(32), RECORDS), "NNX language model")
     _raises(DataError, lambda: fj.evaluate(TinyLM(), CharTokenizer(), None), "evaluate", "None")

@@ -250,3 +250,19 @@ def attend(config: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, bias: 
     if backend == "splash":
         return splash_attention(q, k, v, bias, softcap)
     return recompute_blocked_attention_hm(q, k, v, bias, block, softcap)
+
+
+def cached_attention_hm(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
+                        softcap: float | None = None) -> jax.Array:
+    """:func:`attention_hm` with keys/values already heads-major, [b, k, s, e]: a KV cache, read where it lies.
+
+    Generation's decode steps attend to the whole cache every step; keeping it heads-major means no
+    per-step transpose (copy) of it. q [b, t, k, g, e], ``bias`` [b, 1, t, s]; output [b, t, k, g, e].
+    """
+    b, t, nk, g, e = q.shape
+    qh = jnp.transpose(q, (0, 2, 3, 1, 4)).reshape(b, nk, g * t, e)
+    scores = jnp.einsum("bkre,bkse->bkrs", qh, k, preferred_element_type=accum_dtype(q.dtype)) / math.sqrt(e)
+    scores = softcap_scores(scores, softcap).reshape(b, nk, g, t, -1) + bias[:, :, None]
+    probs = jax.nn.softmax(scores, axis=-1).astype(q.dtype).reshape(b, nk, g * t, -1)
+    out = jnp.einsum("bkrs,bkse->bkre", probs, v).reshape(b, nk, g, t, e)
+    return jnp.transpose(out, (0, 3, 1, 2, 4))

@@ -55,17 +55,19 @@ from flexora_jax.config import ALL_MODULES, EXPERT_MODULES, GEMMA_TYPES, SANDWIC
 from flexora_jax.dora import MAGNITUDE, dora_branch
 from flexora_jax.errors import ConfigError, DataError
 from flexora_jax.lora import per_layer_lora
-from flexora_jax.models.attention import NEG_INF, accum_dtype, attend, attention_hm, query_block
+from flexora_jax.models.attention import NEG_INF, accum_dtype, attend, cached_attention_hm, query_block
 from flexora_jax.models.moe import moe_mlp
+from flexora_jax.sharding import logical_axes
 
 Params = dict[str, Any]
 
 
 class KVCache(NamedTuple):
-    """Keys and values of every block, written in place by :func:`block` during generation.
+    """The generation cache as a block sees it, heads-major: keys/values [b, k, s, e] of this layer, or
+    [l, b, k, s, e] of every layer (a layer scan's carry), of which the block uses layer ``layer``.
 
-    ``k``/``v`` [l, b, s, k, e] hold all layers (one buffer carried through the layer scan); the block
-    at index ``layer`` writes its ``t`` new keys/values to columns ``column .. column + t - 1``.
+    :func:`block` writes the ``t`` new tokens' keys/values at columns ``column .. column + t - 1``
+    (in place under jit) and attends to every column; ``layer`` also picks the sliding window.
     """
 
     k: jax.Array
@@ -280,7 +282,7 @@ def block(config: ModelConfig, layer: Params, h: jax.Array, cos: jax.Array, sin:
         attn = attend(config, q, k, v, bias, blk, cap)  # config.attention's backend (attention.py)
     else:
         cache, k, v = _write_cache(cache, k, v)
-        attn = attention_hm(q, k, v, bias, cap)
+        attn = cached_attention_hm(q, k, v, bias, cap)
     attn = lin(attn.reshape(b, t, nh * e), "o_proj")
     sandwich = config.model_type in SANDWICH_TYPES
     h = h + (rms_norm(attn, layer["post_attention_norm"], eps) if sandwich else attn)
@@ -296,14 +298,21 @@ def block(config: ModelConfig, layer: Params, h: jax.Array, cos: jax.Array, sin:
 
 
 def _write_cache(cache: KVCache, k: jax.Array, v: jax.Array) -> tuple[KVCache, jax.Array, jax.Array]:
-    """Write new keys/values [b, t, k, e] at the cache's layer and column; this layer's whole cache [b, s, k, e]."""
+    """Write new keys/values [b, t, k, e] heads-major at the cache's column (and layer, when stacked);
+    returns the cache and this layer's keys/values [b, k, s, e]."""
     zero = jnp.zeros((), jnp.int32)
-    at = (cache.layer, zero, cache.column, zero, zero)
-    ck = jax.lax.dynamic_update_slice(cache.k, k[None].astype(cache.k.dtype), at)
-    cv = jax.lax.dynamic_update_slice(cache.v, v[None].astype(cache.v.dtype), at)
-    keys = jax.lax.dynamic_index_in_dim(ck, cache.layer, keepdims=False)
-    values = jax.lax.dynamic_index_in_dim(cv, cache.layer, keepdims=False)
-    return cache._replace(k=ck, v=cv), keys, values
+    stacked = cache.k.ndim == 5
+    at = (cache.layer,) * stacked + (zero, zero, jnp.asarray(cache.column, jnp.int32), zero)
+
+    def write(buffer: jax.Array, x: jax.Array) -> jax.Array:
+        x = jnp.transpose(x, (0, 2, 1, 3)).astype(buffer.dtype)
+        return jax.lax.dynamic_update_slice(buffer, x[None] if stacked else x, at)
+
+    cache = cache._replace(k=write(cache.k, k), v=write(cache.v, v))
+    if not stacked:
+        return cache, cache.k, cache.v
+    keys, values = (jax.lax.dynamic_index_in_dim(x, cache.layer, keepdims=False) for x in (cache.k, cache.v))
+    return cache, keys, values
 
 
 def embed(config: ModelConfig, params: Params, tokens: jax.Array) -> jax.Array:
@@ -417,6 +426,14 @@ def init_params(config: ModelConfig, key: jax.Array, init_std: float = 0.02,
     if not config.tie_word_embeddings:
         params["lm_head"] = normal((d, config.vocab_size), head_std or init_std)
     return params
+
+
+def param_axes(config: ModelConfig) -> Params:
+    """The logical axis names of every base param: a tree of :class:`~flexora_jax.sharding.Axes` beside
+    :func:`init_params`'s (e.g. ``layers.q_proj.kernel``: ``Axes("layers", "embed", "heads")``, Mixtral's
+    ``w1``: ``Axes("layers", "expert", "embed", "mlp")``), what :func:`flexora_jax.sharding.partition_specs`
+    maps to mesh axes through its rules table. A param without declared axes raises, naming it."""
+    return logical_axes(jax.eval_shape(lambda: init_params(config, jax.random.key(0))))
 
 
 def param_shapes(config: ModelConfig) -> Params:

@@ -21,6 +21,12 @@ gradient flows through the kept probabilities as in transformers.
 LoRA on the experts (targets ``w1`` / ``w3`` / ``w2``): each expert has its own A [n, d_in, r] and
 B [n, r, d_out] under one per-layer coefficient vector ``c`` [r] (scale, rank mask, gates), as PEFT's
 per-expert LoRA. The router is never adapted.
+
+Sharding (:mod:`flexora_jax.sharding`): the expert kernels' logical axes are ``[layers, expert, embed, mlp]`` (w1 /
+w3) and ``[layers, expert, mlp, embed]`` (w2), the router's ``[layers, embed, expert]``, each expert LoRA's A / B
+its kernel's with ``rank`` in place of the contracted / free axis. The default rules shard d and f as the dense
+MLP's and keep every expert on every device (``expert -> None``); ``rules={"expert": "model", "mlp": None}`` puts
+whole experts on the ``model`` axis instead (expert parallelism: the partitioner sums the experts' outputs).
 """
 
 from __future__ import annotations

@@ -9,10 +9,10 @@ Names read next to ``flax.nnx``::
     fnnx.add_lora(model, ("q", "v"), rank=8, gates="layer", rngs=nnx.Rngs(1))
     graphdef, base, lora, gates = fnnx.split_for_search(model)  # nnx.Param / nnx.LoRAParam / fnnx.Gate
     result = fj.search(model, search_config, train, val, loss_fn=loss_fn)  # the one engine; or by hand:
-    step = fnnx.make_search_step(graphdef, gates, loss_fn, search_config)   # loss_fn(model, batch)
+    step = fnnx.make_split_search_step(graphdef, gates, loss_fn, search_config)   # loss_fn(model, batch)
     state = fnnx.init_search_state(lora, fnnx.init_hyperparameters(gates, "layer"), search_config)
     state, metrics = step(base, state, train_batches, val_batch)            # jitted, compiled once
-    selection = fnnx.select(model, state.gates)                # layers / ranks in the model's own paths
+    selection = fj.select(model, state.gates)                  # layers / ranks in the model's own paths
     fnnx.apply_selection(model, selection, rngs=nnx.Rngs(2))   # fresh LoRA on those only
     nnx.Optimizer(model, optax.adamw(1e-4), wrt=nnx.LoRAParam) # fine-tune with any NNX trainer
     fnnx.save_adapter(model, "out/adapter", selection)         # safetensors by NNX path + selection.json
@@ -53,7 +53,7 @@ from flexora_jax.nnx.export import load_adapter, save_adapter, save_peft
 from flexora_jax.nnx.llama import LlamaForCausalLM
 from flexora_jax.nnx.problem import as_problem, causal_lm, problem
 from flexora_jax.nnx.search import (GateLayout, apply_selection, gate_state, init_hyperparameters, init_search_state,
-                                    make_loss, make_search_step, select, split_for_search, update_model)
+                                    make_loss, make_split_search_step, select_paths, split_for_search, update_model)
 from flexora_jax.nnx.surgery import LoraSite, add_lora, count_lora_params, lora_sites, merge_lora, remove_lora
 from flexora_jax.nnx.variables import Gate
 
@@ -65,8 +65,8 @@ __all__ = [
     # surgery
     "LoraSite", "add_lora", "merge_lora", "remove_lora", "lora_sites", "count_lora_params",
     # search over NNX states
-    "split_for_search", "GateLayout", "init_hyperparameters", "gate_state", "make_loss", "make_search_step",
-    "init_search_state", "update_model", "select", "apply_selection",
+    "split_for_search", "GateLayout", "init_hyperparameters", "gate_state", "make_loss", "make_split_search_step",
+    "init_search_state", "update_model", "select_paths", "apply_selection",
     # export
     "save_adapter", "load_adapter", "save_peft",
 ]

@@ -35,11 +35,10 @@ import numpy as np
 from flax import nnx
 from safetensors.numpy import save_file
 
-from flexora_jax.adapters import export_peft
+from flexora_jax.config import LoraConfig
 from flexora_jax.errors import CheckpointError, ConfigError, NumericsError
 from flexora_jax.fileio import write_json, write_with
 from flexora_jax.models.hf import read_safetensors
-from flexora_jax.nnx.llama import LlamaForCausalLM
 from flexora_jax.selection import Selection
 from flexora_jax.nnx.surgery import (LoraSite, adapted_modules, attach_lora, count_lora_params, lora_scale,
                                      path_str)
@@ -69,8 +68,9 @@ def save_adapter(model: nnx.Module, directory: str | os.PathLike, selection: Sel
     for path, module in adapted_modules(model).items():
         sites[path] = {**dataclasses.asdict(module.lora_site),
                        "layer_gate": "lora_gate" in vars(module), "rank_gate": "lora_rank_gate" in vars(module)}
+    lora_config = getattr(model, "lora_config", None)  # a model over the decoder's core: its PEFT-field LoRA
     config = {"format": "flexora_jax.nnx", "model": type(model).__name__, "sites": sites,
-              "lora_config": model.lora_config.to_dict() if isinstance(model, LlamaForCausalLM) else None}
+              "lora_config": lora_config.to_dict() if isinstance(lora_config, LoraConfig) else None}
     try:
         write_with(out / ADAPTER_FILE, lambda tmp: save_file(tensors, str(tmp)))
         write_json(out / CONFIG_FILE, config)
@@ -175,10 +175,13 @@ def _peft_tensors(module: nnx.Module, name: PeftName | None) -> dict[tuple[str, 
 
 def save_peft(model: nnx.Module, directory: str | os.PathLike, peft_name: PeftName | None = None,
               base_model_name_or_path: str | None = None) -> Path:
-    """Write the model's LoRA as a PEFT adapter (gates folded into B), module names from ``peft_name``."""
-    if isinstance(model, LlamaForCausalLM):
-        return export_peft(model.lora(), directory, gates=model.gates(),
-                           base_model_name_or_path=base_model_name_or_path)
+    """Write the model's LoRA as a PEFT adapter (gates folded into B), module names from ``peft_name``.
+
+    A model that computes through its own core and defines ``save_peft(directory, base_model_name_or_path)``
+    (``LlamaForCausalLM``: HF's names already) writes its adapter itself."""
+    own = getattr(model, "save_peft", None)
+    if callable(own):
+        return own(directory, base_model_name_or_path=base_model_name_or_path)
     modules = adapted_modules(model).values()
     entries, owners = {}, {}
     for module in modules:

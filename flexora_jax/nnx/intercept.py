@@ -54,7 +54,7 @@ def call_intercepted(module: nnx.Module, call: Callable[..., Any], kernel: str, 
     """``call(module, *args, **kwargs)`` with ``hook`` applied at every contraction of ``module.<kernel>``.
 
     The module is split, traced with the kernel as the jaxpr's first input (a copy is merged inside the
-    trace, so the module itself is never mutated) and the jaxpr is re-evaluated by :func:`evaluate`.
+    trace, so the module itself is never mutated) and the jaxpr is re-evaluated by :func:`eval_jaxpr`.
     """
     graphdef, kernel_state, rest = nnx.split(module, lambda p, _: p == (kernel,), ...)
     leaves, treedef = jax.tree.flatten((args, kwargs))
@@ -70,13 +70,13 @@ def call_intercepted(module: nnx.Module, call: Callable[..., Any], kernel: str, 
     inputs = (kernel_state, rest, [leaves[i] for i in dynamic])
     closed, out_shape = jax.make_jaxpr(pure, return_shape=True)(*inputs)
     kernel_var = closed.jaxpr.invars[0]
-    outs = evaluate(closed.jaxpr, closed.consts, jax.tree.leaves(inputs),
-                    {kernel_var: tuple(range(kernel_var.aval.ndim))}, hook, path)
+    outs = eval_jaxpr(closed.jaxpr, closed.consts, jax.tree.leaves(inputs),
+                      {kernel_var: tuple(range(kernel_var.aval.ndim))}, hook, path)
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
 
-def evaluate(jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any], kernel_axes: dict[Any, tuple[int, ...]],
-             hook: ContractionHook, path: str) -> list[Any]:
+def eval_jaxpr(jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any],
+               kernel_axes: dict[Any, tuple[int, ...]], hook: ContractionHook, path: str) -> list[Any]:
     """Evaluate ``jaxpr`` like ``jax.core.eval_jaxpr``, calling ``hook`` where a kernel value is contracted.
 
     ``kernel_axes`` maps each jaxpr variable that holds the kernel (possibly cast or transposed) to the
@@ -98,7 +98,7 @@ def evaluate(jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any], ker
             inner = eqn.params.get("jaxpr", eqn.params.get("call_jaxpr"))
             inner_jaxpr, inner_consts = (inner.jaxpr, inner.consts) if hasattr(inner, "consts") else (inner, ())
             inner_axes = {inner_jaxpr.invars[i]: axes[eqn.invars[i]] for i in hits}
-            env.update(zip(eqn.outvars, evaluate(inner_jaxpr, inner_consts, invals, inner_axes, hook, path)))
+            env.update(zip(eqn.outvars, eval_jaxpr(inner_jaxpr, inner_consts, invals, inner_axes, hook, path)))
             continue
         if hits and name not in LAYOUT_PRIMITIVES | {"transpose", "dot_general"}:
             raise ContractionError(

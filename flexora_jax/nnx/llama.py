@@ -21,12 +21,14 @@ results are written back here. The projections are containers, not callable modu
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from flexora_jax.adapters import export_peft
 from flexora_jax.config import LoraConfig, ModelConfig
 from flexora_jax.errors import ConfigError
 from flexora_jax.gates import Gates, GateValues, multipliers
@@ -36,29 +38,20 @@ from flexora_jax.nnx.problem import ModelLoss, split_problem
 from flexora_jax.nnx.variables import Gate
 from flexora_jax.problem import Problem, decoder_problem
 from flexora_jax.selection import Selection
-from flexora_jax.sharding import KERNEL_SPECS
+from flexora_jax.sharding import REPLICATED, leaf_axes, sharding_metadata
 
 Params = dict[str, Any]
 
-#: ``out_sharding`` metadata (the functional core's partition rules, see flexora_jax.sharding).
-_TOP_SPECS = {"embed": ("model", "fsdp"), "lm_head": ("fsdp", "model")}
 
-
-def _spec(path: tuple[str, ...], ndim: int) -> dict[str, Any]:
-    """Sharding metadata of a base param at ``path`` (projection kernels and biases, embeddings).
+def _spec(path: tuple[str, ...], value: Any) -> dict[str, Any]:
+    """Sharding metadata of a base param or LoRA leaf at ``path``: its logical axes (the functional core's, from
+    :data:`flexora_jax.sharding.DECODER_AXES`) and the rules that map them (:func:`sharding_metadata`).
 
     An annotation only (``eager_sharding=False``): placement is the loader's (``load_model(mesh=...)``)
-    or the caller's, through ``nnx.get_partition_spec``.
+    or the caller's, through ``nnx.get_partition_spec`` (or :func:`flexora_jax.sharding.partition_specs`).
     """
-    name, parent = path[-1], path[-2] if len(path) > 1 else ""
-    spec = None
-    if name == "kernel" and parent in KERNEL_SPECS and ndim == 3:
-        spec = KERNEL_SPECS[parent]
-    elif name == "bias" and parent in KERNEL_SPECS and ndim == 2:
-        spec = (None, KERNEL_SPECS[parent][2])
-    elif name in _TOP_SPECS and len(path) == 1 and ndim == 2:
-        spec = _TOP_SPECS[name]
-    return {"eager_sharding": False} if spec is None else {"out_sharding": spec, "eager_sharding": False}
+    axes = leaf_axes(path, jnp.shape(value))
+    return {**({} if axes == REPLICATED else sharding_metadata(axes)), "eager_sharding": False}
 
 
 class ParamNode(nnx.Module):
@@ -70,7 +63,7 @@ class ParamNode(nnx.Module):
             if isinstance(value, Mapping):
                 setattr(self, key, ParamNode(value, where))
             else:
-                setattr(self, key, nnx.Param(value, **_spec(where, jax.numpy.ndim(value))))
+                setattr(self, key, nnx.Param(value, **_spec(where, value)))
 
 
 def _to_params(node: nnx.Module) -> Params:
@@ -108,7 +101,7 @@ class LlamaForCausalLM(nnx.Module):
         self.config = config
         for key, value in params.items():
             setattr(self, key, ParamNode(value, (key,)) if isinstance(value, Mapping) else
-                    nnx.Param(value, **_spec((key,), jax.numpy.ndim(value))))
+                    nnx.Param(value, **_spec((key,), value)))
         self.lora_config = lora_config
         if lora_config is not None:
             self.set_lora(init_lora(config, lora_config, rngs.params(), params))
@@ -176,12 +169,9 @@ class LlamaForCausalLM(nnx.Module):
             raise ConfigError("set_lora: the LoRA was built for another LoraConfig than this model's")
         self.lora_config = lora.spec.config
         for m, w in lora.weights.items():  # a [L, d_in, r], b [L, r, d_out], DoRA's magnitude [L, d_out]
-            node, kernel_spec = getattr(self.layers, m), KERNEL_SPECS.get(m, (None,) * 3)
-            specs = {"a": (None, kernel_spec[1], None), "b": (None, None, kernel_spec[2]),
-                     "magnitude": (None, kernel_spec[2])}
-            for key, value in w.items():
-                meta = {"out_sharding": specs[key]} if key in specs else {}
-                setattr(node, f"lora_{key}", nnx.LoRAParam(value, eager_sharding=False, **meta))
+            node = getattr(self.layers, m)
+            for key, value in w.items():  # the LoRA's logical axes: A the kernel's in axis, B its out axis
+                setattr(node, f"lora_{key}", nnx.LoRAParam(value, **_spec((m, key), value)))
 
     def set_gates(self, gates: Gates | GateValues) -> None:
         """Put gates into the module as ``Gate`` variables holding multipliers (raw ``Gates`` are mapped by
@@ -208,6 +198,11 @@ class LlamaForCausalLM(nnx.Module):
                                    if hasattr(self.layers, m))]:
             for name in [n for n, v in vars(node).items() if isinstance(v, Gate)]:
                 delattr(node, name)
+
+    def decoder_pytrees(self) -> tuple[ModelConfig, Params, LoraParams | None, GateValues | None]:
+        """``(config, params, lora, gates)``: this module as the functional core's pytrees (what the decoder's
+        scorers and generation take)."""
+        return self.config, self.params(), self.lora(), self.gates()
 
     # ------------------------------------------------------------------------------ the engine
     def lora_problem(self, loss_fn: ModelLoss | None = None, val_loss_fn: ModelLoss | None = None) -> Problem:
@@ -273,6 +268,11 @@ class LlamaForCausalLM(nnx.Module):
                 delattr(node, name)
         self.lora_config = None
         return self
+
+    def save_peft(self, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+        """This decoder's LoRA as a PEFT adapter (``fj.export_peft``, gates folded into B); what
+        :func:`flexora_jax.nnx.save_peft` calls for it."""
+        return export_peft(self.lora(), directory, gates=self.gates(), base_model_name_or_path=base_model_name_or_path)
 
     # ------------------------------------------------------------------------------ forward
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, **kwargs: Any) -> jax.Array:

@@ -20,7 +20,7 @@ from flexora_jax.config import SelectionConfig
 from flexora_jax.errors import ConfigError
 from flexora_jax.gates import Gates
 from flexora_jax.models.losses import causal_lm_loss
-from flexora_jax.nnx.search import GateLayout, make_loss, select, split_for_search, update_model
+from flexora_jax.nnx.search import GateLayout, make_loss, select_paths, split_for_search, update_model
 from flexora_jax.problem import Problem
 from flexora_jax.selection import Selection
 
@@ -46,7 +46,7 @@ def problem(model: nnx.Module, loss_fn: ModelLoss | None = None, val_loss_fn: Mo
         raise ConfigError(f"expected a Flax NNX model (nnx.Module) or a fj.Problem, got {type(model).__name__}")
 
     def select_with(hyper: Gates, selection: SelectionConfig) -> Selection:
-        return select(model, hyper, selection.rule, selection.top_k, selection.threshold)
+        return select_paths(model, hyper, selection.rule, selection.top_k, selection.threshold)
 
     def write(new_lora: Any, hyper: Gates | None) -> nnx.Module:
         return update_model(model, jax.tree.map(jax.numpy.asarray, new_lora), hyper)

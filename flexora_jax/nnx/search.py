@@ -11,7 +11,7 @@ called. So the loss is a pure function ``loss(base, lora, hyper, batch, key)`` (
 :class:`flexora_jax.problem.Problem`'s loss) and every hypergradient estimator runs on it unchanged. Stacked layers need nothing special: a stacked gate takes its slice of ``w``.
 
 A search step is one jitted function of ``(base, SearchState, train_batches[K], val_batch)``,
-compiled once per search (gate values never change shapes). After the search, :func:`select` reads
+compiled once per search (gate values never change shapes). After the search, :func:`select_paths` reads
 layers / ranks in terms of the model's module paths and :func:`apply_selection` rebuilds LoRA on
 exactly those (a fresh LoRA, no gates unless asked).
 """
@@ -36,12 +36,13 @@ from flexora_jax.nnx.surgery import LoraSite, adapted_modules, attach_lora, lora
 from flexora_jax.nnx.variables import GATE_ROLES, Gate
 from flexora_jax.problem import HyperLayout
 from flexora_jax.selection import Selection, select_layers, select_ranks
+from flexora_jax.validation import check_scalar_loss
 
 Batch = dict[str, jax.Array]
 ModelLoss = Callable[[nnx.Module, Batch], jax.Array]
 
 __all__ = ["GateEntry", "GateLayout", "Selection", "apply_selection", "gate_state", "init_hyperparameters",
-           "init_search_state", "make_loss", "make_search_step", "select", "split_for_search", "update_model"]
+           "init_search_state", "make_loss", "make_split_search_step", "select_paths", "split_for_search", "update_model"]
 
 
 def split_for_search(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State, nnx.State]:
@@ -154,11 +155,11 @@ def _make_loss(graphdef: nnx.GraphDef, layout: GateLayout, loss_fn: ModelLoss) -
         gates = base["gates"] if hyper is None else gate_state(layout, hyper)
         # copy=True: fresh variables at the current trace level, which NNX transforms inside the model
         # (nnx.scan over stacked layers) require; base arrives from the outer jit.
-        return loss_fn(nnx.merge(graphdef, base["model"], lora, gates, copy=True), batch)
+        return check_scalar_loss(loss_fn(nnx.merge(graphdef, base["model"], lora, gates, copy=True), batch))
     return loss
 
 
-def make_search_step(graphdef: nnx.GraphDef, gates: nnx.State | GateLayout, loss_fn: ModelLoss,
+def make_split_search_step(graphdef: nnx.GraphDef, gates: nnx.State | GateLayout, loss_fn: ModelLoss,
                      search: SearchConfig, optimizer: optax.GradientTransformation | None = None,
                      val_loss_fn: ModelLoss | None = None) -> Callable[..., tuple[SearchState, dict]]:
     """One jitted search step ``(base, state, train_batches[K], val_batch) -> (state, metrics)``, by hand.
@@ -193,7 +194,7 @@ def update_model(model: nnx.Module, lora: nnx.State, hyper: Gates | None = None)
 
 
 # ------------------------------------------------------------------------------------ selection
-def select(model: nnx.Module, hyper: Gates, rule: str = "positive", k: int = 0, threshold: float = 1.0) -> Selection:
+def select_paths(model: nnx.Module, hyper: Gates, rule: str = "positive", k: int = 0, threshold: float = 1.0) -> Selection:
     """Layers (Flexora rule on alpha) and ranks (AutoLoRA rule on beta) of a model adapted by ``add_lora``,
     in its own module paths (``fj.select(model, gates, selection)`` calls this, or the decoder's rule)."""
     own = getattr(model, "lora_problem", None)
@@ -201,11 +202,11 @@ def select(model: nnx.Module, hyper: Gates, rule: str = "positive", k: int = 0, 
         return own().select(hyper, SelectionConfig(rule, top_k=k, threshold=threshold))
     sites = lora_sites(model)
     if not sites:
-        raise ConfigError(f"select: {type(model).__name__} has no LoRA added by fj.nnx.add_lora")
+        raise ConfigError(f"select_paths: {type(model).__name__} has no LoRA added by fj.nnx.add_lora")
     layout = GateLayout.of(nnx.state(model, Gate))
     if hyper.layer is not None:
         if np.shape(hyper.layer) != (len(layout.layers),):
-            raise ConfigError(f"select: the layer gates have shape {np.shape(hyper.layer)}, the model adapts "
+            raise ConfigError(f"select_paths: the layer gates have shape {np.shape(hyper.layer)}, the model adapts "
                               f"{len(layout.layers)} layers {layout.layers} (gates from another model?)")
         chosen = select_layers(Gates(layer=np.asarray(hyper.layer), power=hyper.power), rule, k, threshold)
         layers = tuple(layout.layers[i] for i in chosen)

@@ -18,8 +18,10 @@ Layout of one adapted module whose kernel has contracted axes ``in`` and free ax
 ``*stack`` is empty for a module that belongs to one layer (its index read from its path,
 ``layers.<i>`` by default) and ``[L]`` for a module whose layers are stacked on the kernel's leading
 axis (``nnx.scan`` / ``nnx.vmap`` models); under ``nnx.scan`` each step sees one layer's slice.
-LoRA variables carry their kernel's sharding (``out_sharding`` metadata and, for placed arrays, the
-``NamedSharding``), the rank dimension replicated; gates are replicated.
+LoRA variables carry their kernel's sharding (its ``out_sharding`` metadata at the kernel's input / output axes,
+mesh or logical axis names, with the kernel's ``sharding_rules``; for placed arrays the ``NamedSharding`` too),
+the rank dimension replicated; gates are replicated. :func:`flexora_jax.sharding.partition_specs` reads the
+same metadata when a step is compiled over a mesh.
 """
 
 from __future__ import annotations

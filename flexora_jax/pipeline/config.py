@@ -9,39 +9,25 @@ written back fully resolved by :func:`save_config`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import math
 import re
 import typing
-from typing import Any, Mapping
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
 
 import draccus
 import yaml
 
-from flexora_jax.config import (ALL_MODULES, DTYPES, EvalConfig, FinetuneConfig, LoraConfig, MeshConfig, SearchConfig,
-                                SelectionConfig, FrozenDict, require)
+from flexora_jax.config import (ALL_MODULES, DTYPES, PRESETS, EvalConfig, FinetuneConfig, FrozenDict, LoraConfig,
+                                MeshConfig, SearchConfig, SelectionConfig, preset, require)
 from flexora_jax.errors import ConfigError, did_you_mean
 from flexora_jax.fileio import write_bytes
+from flexora_jax.pipeline.registry import METHODS, get_method
 from flexora_jax.validation import check_fields, check_type
 
-#: What ``method:`` / ``compare:`` may name. ``lora``: every layer (the baseline); ``flexora``: the
-#: layers a layer-gate search selects; ``autolora``: every layer at the ranks a rank-gate search
-#: selects; ``flexora+autolora``: both from one combined search; ``random_k``: as many layers as the
-#: flexora selection, drawn with the run seed; ``lora_drop``: the last k layers. Equal-parameter
-#: baselines: ``lora_lowrank``: every layer at rank ``max(1, round(r * k / L))`` (about flexora's
-#: parameter count spread over all layers); ``flexora_highrank``: flexora's layers at rank
-#: ``round(r * L / k)`` (LoRA-all's parameter count on fewer layers). Both keep ``lora_alpha / r``.
-#: ``dora`` / ``flexora+dora``: DoRA (flexora_jax.dora) on every layer / on flexora's layers.
-#: ``adalora``: PEFT's AdaLoRA (flexora_jax.adalora) on every layer, its budget from ``init_r`` = 1.5 r down
-#: to ``target_r`` = r, exported rank-pruned as LoRA with ``rank_pattern`` (and as a PEFT AdaLoRA adapter).
-METHODS = ("lora", "flexora", "autolora", "flexora+autolora", "random_k", "lora_drop", "lora_lowrank",
-           "flexora_highrank", "dora", "flexora+dora", "adalora")
-#: Methods that fine-tune DoRA instead of LoRA (their searches, if any, use plain LoRA).
-DORA_METHODS = ("dora", "flexora+dora")
-#: Methods whose layers or rank follow the size of the flexora selection (k): they need a layer search.
-K_METHODS = ("random_k", "lora_drop", "lora_lowrank", "flexora_highrank")
-#: The gate kind a method's search uses (methods without a search are absent).
-METHOD_GATES = {"flexora": "layer", "autolora": "rank", "flexora+autolora": "both", "flexora+dora": "layer"}
 PLANTED_TASK = "planted"
 
 
@@ -58,7 +44,8 @@ class ModelSourceConfig:
     def __post_init__(self) -> None:
         check_fields(self, "model")
         require(self.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got {self.dtype!r}")
-        require(isinstance(self.allow_pickle, bool), f"model.allow_pickle must be true or false, got {self.allow_pickle!r}")
+        require(isinstance(self.allow_pickle, bool),
+                f"model.allow_pickle must be true or false, got {self.allow_pickle!r}")
         require(not (self.path and self.llama2c),
                f"model.path ({self.path!r}) and model.llama2c ({self.llama2c!r}) are exclusive; set one")
         require(self.llama2c is None or self.tokenizer_model is not None,
@@ -90,7 +77,8 @@ class PlantedOptions:
         modules = tuple(self.modules)
         object.__setattr__(self, "modules", modules)
         bad = [m for m in modules if m not in ALL_MODULES]
-        require(modules and not bad, f"task.planted.modules must name modules of {list(ALL_MODULES)}, got {list(modules)!r}")
+        require(modules and not bad,
+                f"task.planted.modules must name modules of {list(ALL_MODULES)}, got {list(modules)!r}")
         require(len(set(modules)) == len(modules), f"task.planted.modules has duplicates: {list(modules)!r}")
         require(isinstance(self.layer_kl, (int, float)) and self.layer_kl > 0,
                f"task.planted.layer_kl must be a KL > 0 (nats), got {self.layer_kl!r}")
@@ -130,7 +118,8 @@ class TaskConfig:
         check_fields(self, "task")
         require(isinstance(self.name, str) and self.name != "", "task.name must be a non-empty string")
         require(self.source in ("local", "hub"), f"task.source must be 'local' or 'hub', got {self.source!r}")
-        require(self.too_long in ("drop", "truncate"), f"task.too_long must be 'drop' or 'truncate', got {self.too_long!r}")
+        require(self.too_long in ("drop", "truncate"),
+                f"task.too_long must be 'drop' or 'truncate', got {self.too_long!r}")
         require(isinstance(self.max_length, int) and self.max_length >= 8,
                f"task.max_length must be an integer >= 8, got {self.max_length!r}")
         for name in ("n_train", "n_val", "n_test", "n_finetune"):
@@ -155,32 +144,30 @@ class CheckpointConfig:
                f"checkpoint.keep must be an integer >= 1, got {self.keep!r}")
 
 
-def _default_run_lora() -> LoraConfig:
-    return LoraConfig(r=4, lora_alpha=4.0, target_modules=("q_proj", "v_proj"))
+#: The defaults a real task (any ``task.name`` but ``planted``) starts from: the Flexora paper's settings,
+#: the ``flexora_paper`` preset (:data:`flexora_jax.config.PRESETS`). The embedded planted demo keeps the
+#: RunConfig defaults (the ``planted_demo`` preset), which are sized for its small teacher.
+PAPER_PRESET = "flexora_paper"
+DEMO_PRESET = "planted_demo"
 
 
-def _default_run_search() -> SearchConfig:
-    return SearchConfig(hypergradient="unrolled", inner_steps=4, steps=40, inner_lr=3e-3, outer_lr=0.01,
-                        batch_size=16, val_batch_size=16)
+@dataclasses.dataclass(frozen=True)
+class LogConfig:
+    """Metric writers beside ``metrics.jsonl`` (which is always written): flexora_jax.writers hooks."""
+
+    tensorboard: bool = False  # TensorBoard event files in <output_dir>/tensorboard (pip install tensorboard)
+    wandb_project: str | None = None  # W&B project: each stage a run, grouped by the run directory (pip install wandb)
+
+    def __post_init__(self) -> None:
+        check_fields(self, "log")
+        require(isinstance(self.tensorboard, bool), f"log.tensorboard must be true or false, got {self.tensorboard!r}")
+        require(self.wandb_project is None or (isinstance(self.wandb_project, str) and self.wandb_project != ""),
+                f"log.wandb_project must be a W&B project name or null, got {self.wandb_project!r}")
 
 
-def _default_run_finetune() -> FinetuneConfig:
-    return FinetuneConfig(epochs=32.0, max_steps=400, batch_size=16, lr=3e-3, schedule="cosine",
-                          warmup_ratio=0.0, grad_clip=0.0)
 
-
-#: What a real task (any ``task.name`` but ``planted``) starts from: the Flexora paper's settings
-#: (LoRA r 8 / alpha 16 on q, v; the reference code's first-order search, AdamW 1e-4 cosine, batch 8,
-#: 600 gate steps, gate power 3; fine-tune 3 epochs, lr 1e-4 cosine with 10% warm-up, batch 8, clip 1.0).
-#: The embedded planted demo keeps the RunConfig defaults, which are sized for its small teacher.
-PAPER_DEFAULTS: dict[str, Any] = {
-    "lora": {"r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0, "target_modules": ["q_proj", "v_proj"]},
-    "search": {"hypergradient": "first_order", "inner_steps": 1, "steps": 600, "batch_size": 8, "val_batch_size": 8,
-               "inner_optimizer": "adamw", "inner_lr": 1e-4, "inner_schedule": "cosine", "inner_grad_clip": 1.0,
-               "outer_lr": 0.01, "gate_power": 3},
-    "finetune": {"epochs": 3.0, "max_steps": 0, "batch_size": 8, "lr": 1e-4, "schedule": "cosine",
-                 "warmup_ratio": 0.1, "grad_clip": 1.0, "optimizer": "adamw"},
-}
+def _demo(section: str) -> functools.partial:
+    return functools.partial(preset, DEMO_PRESET, section)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,23 +175,25 @@ class RunConfig:
     """One ``flexora-jax run``: search -> select -> fine-tune -> evaluate -> export.
 
     The defaults are the embedded demo: a planted task on a small LLaMA, searched with unrolled
-    hypergradients and fine-tuned on scarce data next to the all-layer LoRA baseline.
+    hypergradients and fine-tuned on scarce data next to the all-layer LoRA baseline (the ``planted_demo``
+    preset of :data:`flexora_jax.config.PRESETS`).
     """
 
-    method: str = "flexora"  # one of METHODS: the run's main result (adapter/, selection.json, eval.json)
-    compare: tuple[str, ...] = ("lora",)  # more METHODS run on the same data and seeds, reported side by side
+    method: str = "flexora"  # a registered method (--help-config lists them): the run's main result
+    compare: tuple[str, ...] = ("lora",)  # more methods run on the same data and seeds, reported side by side
     seed: int = 0  # seeds the planted layers, LoRA init, batch order and random_k
     output_dir: str = "runs/flexora"  # the run directory (see docs/design.md)
     baseline_k: int = 0  # layers of random_k / lora_drop; 0 = as many as the flexora selection
     model: ModelSourceConfig = dataclasses.field(default_factory=ModelSourceConfig)
     task: TaskConfig = dataclasses.field(default_factory=TaskConfig)
-    lora: LoraConfig = dataclasses.field(default_factory=_default_run_lora)
-    search: SearchConfig = dataclasses.field(default_factory=_default_run_search)
+    lora: LoraConfig = dataclasses.field(default_factory=_demo("lora"))
+    search: SearchConfig = dataclasses.field(default_factory=_demo("search"))
     selection: SelectionConfig = dataclasses.field(default_factory=SelectionConfig)  # gates -> layers
-    finetune: FinetuneConfig = dataclasses.field(default_factory=_default_run_finetune)
+    finetune: FinetuneConfig = dataclasses.field(default_factory=_demo("finetune"))
     eval: EvalConfig = dataclasses.field(default_factory=EvalConfig)
     checkpoint: CheckpointConfig = dataclasses.field(default_factory=CheckpointConfig)
     mesh: MeshConfig = dataclasses.field(default_factory=MeshConfig)  # device mesh (see docs/scaling.md)
+    log: LogConfig = dataclasses.field(default_factory=LogConfig)  # TensorBoard / W&B beside metrics.jsonl
 
     def __post_init__(self) -> None:
         if isinstance(self.compare, str):
@@ -351,67 +340,40 @@ def load_config(path: str | Any | None = None, overrides: tuple[str, ...] | list
                 base: Mapping[str, Any] | None = None) -> RunConfig:
     """A validated :class:`RunConfig` from a YAML file plus ``--section.key=value`` overrides.
 
-    The YAML is read with ``yaml.safe_load``; keys are checked against the dataclass tree (an unknown
-    key names the allowed ones); values are decoded to the field types by draccus, which also parses
-    the overrides (each value is YAML: ``--compare=[lora,flexora]``, ``--lora.rank_pattern={q_proj: 2}``).
-    ``base`` is a dict applied before the file (used for defaults of a sub-command). A real task (any
-    ``task.name`` but ``planted``) starts from :data:`PAPER_DEFAULTS` unless ``base`` is given: what the
-    file and the overrides leave unset takes the paper's value, not the planted demo's.
+    The YAML is read with ``yaml.safe_load``. A file may build on others: a top-level ``base:`` (a path or
+    a list of paths, relative to the file) names files applied first, in order, each with its own chain;
+    then the file's own keys, then the overrides, each replacing what came before key by key. A missing
+    base file or a cycle is a :class:`ConfigError` naming the file. Keys are checked against the dataclass
+    tree (an unknown key names the allowed ones); values are decoded to the field types by draccus, which
+    also parses the overrides (each value is YAML: ``--compare=[lora,flexora]``,
+    ``--lora.rank_pattern={q_proj: 2}``).
+
+    Under all of that lie the defaults: the RunConfig's (the planted demo) and, for a real task (any
+    ``task.name`` but ``planted``, wherever it is set), the ``flexora_paper`` preset of
+    :data:`flexora_jax.config.PRESETS`: what the files and the overrides leave unset takes the paper's
+    value, not the planted demo's. ``base`` (a mapping of sections) replaces that preset when given.
 
     Raises:
       ConfigError: naming the file / key / value and what was expected.
     """
-    config = _load(path, overrides, base)
-    if base is None and config.task.name != PLANTED_TASK:
-        config = _load(path, overrides, PAPER_DEFAULTS)
-    return config
-
-
-def _load(path: str | Any | None, overrides: tuple[str, ...] | list[str], base: Mapping[str, Any] | None) -> RunConfig:
-    data: dict[str, Any] = {}
-    origin = "command line"
-    if base:
+    layers = _chain(Path(path), ()) if path is not None else []
+    parsed = [_parse_override(arg) for arg in overrides]
+    if base is None:
+        base = _preset_sections(PAPER_PRESET) if _task_name(layers, parsed) != PLANTED_TASK else {}
+    else:
         _check_keys(RunConfig, base, "", "defaults")
-    if path is not None:
-        origin = str(path)
-        try:
-            with open(path, encoding="utf-8") as f:
-                loaded = yaml.safe_load(f)
-        except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config") from None
-        except IsADirectoryError:
-            raise ConfigError(f"config file {path} is a directory; pass a YAML file to --config") from None
-        except UnicodeDecodeError as exc:
-            raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); expected "
-                              "a YAML file") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
-        loaded = {} if loaded is None else loaded
-        _check_keys(RunConfig, loaded, "", origin)
-        for key, value in _flatten(RunConfig, loaded):
-            _check_value(key, value, origin)
-        data = loaded
-    # Every leaf of the default RunConfig first: draccus fills a section's missing keys from the
-    # section class's own defaults, and RunConfig's sections have run-specific defaults.
+    origin = "command line" if path is None else str(path)
+    if len(layers) > 1:
+        origin += f" (with its base files {', '.join(o for o, _ in layers[:-1])})"
+    # Every leaf of the default RunConfig first: draccus fills a section's missing keys from the section
+    # class's own defaults, and RunConfig's sections have run-specific defaults.
     args: list[str] = []
-    for source, mapping in (("defaults", config_to_dict(RunConfig())), ("defaults", base or {}), (origin, data)):
+    for mapping in (config_to_dict(RunConfig()), base, *(data for _, data in layers)):
         for key, value in _flatten(RunConfig, mapping):
             args.append(f"--{key}={yaml.safe_dump(value, default_flow_style=True, width=10**9).strip()}"
                         .removesuffix("\n..."))
-    for arg in overrides:
-        key, value = _parse_override(arg)
-        nested: dict[str, Any] = {}
-        cur = nested
-        parts = key.split(".")
-        for p in parts[:-1]:
-            cur = cur.setdefault(p, {})
-        cur[parts[-1]] = value
-        _check_keys(RunConfig, nested, "", f"override {arg!r}")
-        try:
-            decoded = yaml.safe_load(value)
-        except yaml.YAMLError:
-            decoded = value  # the parser names the bad value
-        _check_value(key, decoded, f"override {arg!r}")
+    for arg, (key, value) in zip(overrides, parsed):
+        _check_override(arg, key, value)
         args.append(arg)
     try:
         return draccus.parse(RunConfig, args=args, exit_on_error=False)
@@ -426,6 +388,90 @@ def _load(path: str | Any | None, overrides: tuple[str, ...] | list[str], base: 
         detail = exc.args[-1] if exc.args else str(exc)
         raise ConfigError(f"{origin}: bad value for {key or 'the config'}: {detail}"
                           f"{_expected(key)}") from None
+
+
+def _preset_sections(name: str) -> dict[str, Any]:
+    """A preset as whole run sections (each section's class defaults, then the preset's values)."""
+    return {section: config_to_dict(preset(name, section)) for section in PRESETS[name]}
+
+
+def _task_name(layers: list[tuple[str, dict[str, Any]]], overrides: list[tuple[str, str]]) -> Any:
+    """The ``task.name`` the files and overrides end with (read before parsing: it picks the defaults)."""
+    name: Any = PLANTED_TASK
+    for _, data in layers:
+        task = data.get("task")
+        if isinstance(task, Mapping) and "name" in task:
+            name = task["name"]
+    for key, value in overrides:
+        if key in ("task", "task.name"):
+            try:
+                decoded = yaml.safe_load(value)
+            except yaml.YAMLError:
+                continue  # the parser names the bad value
+            if key == "task.name":
+                name = decoded
+            elif isinstance(decoded, Mapping) and "name" in decoded:
+                name = decoded["name"]
+    return name
+
+
+def _check_override(arg: str, key: str, value: str) -> None:
+    nested: dict[str, Any] = {}
+    cur = nested
+    parts = key.split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    _check_keys(RunConfig, nested, "", f"override {arg!r}")
+    try:
+        decoded = yaml.safe_load(value)
+    except yaml.YAMLError:
+        decoded = value  # the parser names the bad value
+    _check_value(key, decoded, f"override {arg!r}")
+
+
+def _read_yaml(path: Path) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return yaml.safe_load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} does not exist; pass an existing YAML file to --config") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a directory; pass a YAML file to --config") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); expected "
+                          "a YAML file") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
+
+
+def _chain(path: Path, seen: tuple[Path, ...]) -> list[tuple[str, dict[str, Any]]]:
+    """``(file, its keys)`` of ``path``'s base files (depth first, in order), then of ``path`` itself."""
+    real = path.resolve()
+    if real in seen:
+        cycle = " -> ".join(str(p) for p in (*seen[seen.index(real):], real))
+        raise ConfigError(f"config file {path}: its base chain is a cycle ({cycle}); remove one of the base: entries")
+    loaded = _read_yaml(path)
+    data = {} if loaded is None else loaded
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"{path}: the config must be a mapping of keys to values, got {type(data).__name__} "
+                          f"{data!r}")
+    data = dict(data)
+    bases = data.pop("base", [])
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"{path}: base must be a path or a list of paths (relative to the file), got {bases!r}")
+    out: list[tuple[str, dict[str, Any]]] = []
+    for b in bases:
+        file = Path(b) if Path(b).is_absolute() else path.parent / b
+        if not file.is_file():
+            raise ConfigError(f"{path}: base file {b!r} ({file}) does not exist; expected a YAML file relative to "
+                              f"{path.parent}")
+        out += _chain(file, (*seen, real))
+    _check_keys(RunConfig, data, "", str(path))
+    for key, value in _flatten(RunConfig, data):
+        _check_value(key, value, str(path))
+    return out + [(str(path), data)]
 
 
 def _expected(key: str | None) -> str:
@@ -481,6 +527,9 @@ def help_text() -> str:
     for key, kind, default, meaning in describe_keys():
         shown = yaml.safe_dump(default, default_flow_style=True).strip().removesuffix("\n...")
         lines.append(f"  {key} ({kind}, default {shown})" + (f": {meaning}" if meaning else ""))
-    lines += ["", "A real task (task.name other than 'planted') takes these defaults instead where they differ:"]
-    lines += [f"  {section}.{k}: {v}" for section, values in PAPER_DEFAULTS.items() for k, v in values.items()]
+    lines += ["", f"A real task (task.name other than 'planted') starts from the {PAPER_PRESET!r} preset instead:"]
+    lines += [f"  {section}.{k}: {v}" for section, values in PRESETS[PAPER_PRESET].items() for k, v in values.items()]
+    lines += ["", "Methods (method / compare):"]
+    lines += [f"  {name}: {get_method(name).description}" for name in METHODS]
+    lines += ["", "A YAML file may build on others: base: [paths relative to it], applied first, in order."]
     return "\n".join(lines)

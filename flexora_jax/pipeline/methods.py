@@ -1,11 +1,9 @@
-"""The methods a run compares, and the selection each one fine-tunes.
+"""The searches a run's methods need, and the selection each method fine-tunes.
 
-``flexora`` / ``autolora`` / ``flexora+autolora`` take their layers and ranks from a gate search;
-``lora`` adapts every layer (``dora`` too, with DoRA; ``flexora+dora``: DoRA on flexora's layers);
-``random_k`` / ``lora_drop`` take as many layers as the flexora selection (or ``baseline_k``), drawn
-with the run seed / the last ones; ``lora_lowrank`` / ``flexora_highrank`` are the equal-parameter baselines. Each method's files live in ``methods/<method>/`` and each
-search's in ``searches/<gates>/``; a ``selection.json`` holds the PEFT-visible selection plus what
-the run needs to rebuild it (``modules``, ``lora_config``).
+The methods themselves are records of :mod:`flexora_jax.pipeline.registry` (what each searches, how it
+selects, how it fine-tunes). Each method's files live in ``methods/<method>/`` and each search's in
+``searches/<gates>/``; a ``selection.json`` holds the PEFT-visible selection plus what the run needs to
+rebuild it (``modules``, ``lora_config``).
 """
 
 from __future__ import annotations
@@ -14,12 +12,10 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from flexora_jax.errors import ConfigError
 from flexora_jax.lora import count_params, make_spec
-from flexora_jax.pipeline.config import DORA_METHODS, K_METHODS, METHOD_GATES, RunConfig
+from flexora_jax.pipeline.config import RunConfig
 from flexora_jax.pipeline.io import read_json
+from flexora_jax.pipeline.registry import get_method, method_dirname
 from flexora_jax.pipeline.workspace import Workspace
 from flexora_jax.selection import Selection
 
@@ -40,58 +36,26 @@ def selection_json(ws: Workspace, selection: Selection) -> dict[str, Any]:
     return selection.to_json(trainable)
 
 
-
 def needed_searches(config: RunConfig) -> list[str]:
-    """Gate kinds to search for the run's methods (the K_METHODS baselines need k from a layer search)."""
-    kinds = [METHOD_GATES[m] for m in config.methods if m in METHOD_GATES]
-    if ("flexora_highrank" in config.methods
-            or (config.baseline_k == 0 and any(m in K_METHODS for m in config.methods))):
-        kinds.append("layer")
-    return list(dict.fromkeys(kinds))
+    """Gate kinds to search for the run's methods, in the order the methods name them
+    (:meth:`Method.searches <flexora_jax.pipeline.registry.Method.searches>`)."""
+    return list(dict.fromkeys(k for m in config.methods for k in get_method(m).searches(config.baseline_k)))
 
 
-def method_selection(ws: Workspace, method: str, searches: dict[str, SearchOutcome]) -> Selection:
-    """The layers (and ranks) ``method`` fine-tunes."""
-    cfg, L = ws.config, ws.num_layers
-    if method in METHOD_GATES:
-        found = searches[METHOD_GATES[method]].selection
-        return dataclasses.replace(found, lora_config=dataclasses.replace(
-            found.lora_config, use_dora=True)) if method in DORA_METHODS else found
-    if method in ("lora", "dora", "adalora"):  # adalora: its own ranks, found while it trains
-        return Selection.of_lora_config(dataclasses.replace(cfg.lora, layers_to_transform=None,
-                                                            use_dora=method == "dora"), L)
-    k = cfg.baseline_k or len(searches["layer"].selection.layers)
-    if k > L:
-        raise ConfigError(f"baseline_k {k} exceeds the model's {L} layers; expected 0..{L}")
-    if method in ("lora_lowrank", "flexora_highrank"):
-        if cfg.lora.rank_pattern:
-            raise ConfigError(f"{method} rescales lora.r; it cannot be combined with lora.rank_pattern")
-        if method == "lora_lowrank":
-            layers, r = tuple(range(L)), max(1, round(cfg.lora.r * k / L))
-        else:
-            layers = tuple(searches["layer"].selection.layers)
-            r = round(cfg.lora.r * L / max(len(layers), 1))
-        scaled = dataclasses.replace(cfg.lora, r=r, lora_alpha=cfg.lora.lora_alpha * r / cfg.lora.r,
-                                     layers_to_transform=layers if len(layers) < L else None)
-        return Selection.of_lora_config(scaled, L)
-    if method == "random_k":
-        layers = tuple(sorted(int(i) for i in np.random.default_rng([cfg.seed, 11]).choice(L, k, replace=False)))
-    else:  # lora_drop: the last k layers
-        layers = tuple(range(L - k, L))
-    return Selection.of_lora_config(dataclasses.replace(cfg.lora, layers_to_transform=layers if k < L else None), L)
-
-
-def method_dirname(method: str) -> str:
-    """The folder under ``methods/`` of a method (``flexora+autolora`` -> ``flexora_autolora``)."""
-    return method.replace("+", "_")
+def method_selection(ws: Any, method: str, searches: dict[str, SearchOutcome]) -> Selection:
+    """The layers (and ranks) ``method`` fine-tunes; ``ws`` is the run (its ``config`` and ``num_layers``)."""
+    return get_method(method).selection(ws, {kind: found.selection for kind, found in searches.items()})
 
 
 def method_dir(ws: Workspace, method: str) -> Path:
     return ws.run_dir / "methods" / method_dirname(method)
 
 
-
 def load_search(run_dir: Path, kind: str) -> SearchOutcome:
     """A finished search read back from ``searches/<kind>/``."""
     d = run_dir / "searches" / kind
     return SearchOutcome(kind, read_json(d / "gates.json"), Selection.from_json(read_json(d / "selection.json")))
+
+
+__all__ = ["SearchOutcome", "load_search", "method_dir", "method_dirname", "method_selection", "needed_searches",
+           "selection_json"]

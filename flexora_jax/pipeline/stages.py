@@ -35,17 +35,20 @@ from flexora_jax.gates import gate_values
 from flexora_jax.hooks import Checkpoint, Progress
 from flexora_jax.loops import Hook
 from flexora_jax.lora import init_lora
+from flexora_jax.nnx import LlamaForCausalLM
 from flexora_jax.pipeline import report
-from flexora_jax.pipeline.config import METHOD_GATES, PLANTED_TASK, RunConfig
+from flexora_jax.pipeline.config import PLANTED_TASK, RunConfig, config_to_dict
 from flexora_jax.pipeline.io import progress, progress_enabled, read_json, write_json
 from flexora_jax.pipeline.methods import (SearchOutcome, load_search, method_dir, method_selection, needed_searches,
                                      selection_json)
+from flexora_jax.pipeline.registry import get_method
 from flexora_jax.pipeline.workspace import Workspace, prepare
 from flexora_jax.evaluation import evaluate
 from flexora_jax.problem import decoder_problem
 from flexora_jax.selection import Selection
 from flexora_jax.signals import stop_on_signals
 from flexora_jax.train import dataset_loss, total_steps
+from flexora_jax.writers import TensorBoardWriter, WandbWriter
 
 log = logging.getLogger("flexora_jax")
 
@@ -53,11 +56,18 @@ log = logging.getLogger("flexora_jax")
 # ------------------------------------------------------------------------------- stage skeleton
 def _stage_hooks(ws: Workspace, stage: str) -> list[Hook]:
     """The hooks every library stage of a run gets: checkpoints (resumed only with ``--resume``), the run log,
-    a progress bar."""
+    the metric writers ``log:`` asks for (TensorBoard in ``tensorboard/<stage>``, W&B), the one progress bar
+    (the library's own is off: ``progress=False``)."""
     cfg = ws.config
+    writers: list[Hook] = []
+    if cfg.log.tensorboard:
+        writers.append(TensorBoardWriter(ws.run_dir / "tensorboard", stage=stage))
+    if cfg.log.wandb_project:
+        writers.append(WandbWriter(cfg.log.wandb_project, group=ws.run_dir.name, stage=stage,
+                                   config=config_to_dict(cfg), dir=ws.run_dir))
     return [Checkpoint(ws.run_dir / "checkpoints" / stage, cfg.checkpoint.every, cfg.checkpoint.keep,
                        restore=ws.resume),
-            ws.log.stage_hook(stage), Progress(desc=stage, enabled=progress_enabled())]
+            ws.log.stage_hook(stage), *writers, Progress(desc=stage, enabled=progress_enabled())]
 
 
 def _timed(ws: Workspace, stage: str, body: Callable[[], Any]) -> Any:
@@ -102,7 +112,8 @@ def search_stage(ws: Workspace, kind: str = "layer") -> SearchOutcome:
 
 
 def finetune_stage(ws: Workspace, method: str, selection: Selection) -> Any:
-    """Fine-tune a fresh LoRA on ``selection`` (or resume / reuse it); export it in PEFT format."""
+    """Fine-tune ``method`` on ``selection`` as its registry record says (a fresh LoRA or DoRA; AdaLoRA: its own
+    stage), or resume / reuse it; export it in PEFT format."""
     cfg, ft = ws.config, ws.config.finetune
     out_dir = method_dir(ws, method)
     stage = f"finetune_{method}"
@@ -111,7 +122,7 @@ def finetune_stage(ws: Workspace, method: str, selection: Selection) -> Any:
     if ws.resume and (adapter / "adapter_model.safetensors").exists() and (out_dir / "selection.json").exists():
         log.info("%s: done in a previous session, reusing %s", stage, adapter)
         return load_peft(adapter, ws.model_config)
-    if method == "adalora":
+    if get_method(method).finetune == "adalora":
         return _finetune_adalora(ws, stage, out_dir)
     lora = init_lora(ws.model_config, selection.lora_config, jax.random.key(cfg.seed + 1), ws.params)  # DoRA: W0
     problem = decoder_problem(ws.model_config, ws.params, lora)
@@ -181,8 +192,9 @@ def evaluate_stage(ws: Workspace, loras: dict[str, Any]) -> dict[str, dict[str, 
             results[name] = {PLANTED_TASK: {"test_loss": loss, "teacher_test_loss": ws.planted.teacher_test_loss,
                                             "n": n}}
         else:
-            res = evaluate(ws.model_config, ws.params, ws.tokenizer, {cfg.task.name: ws.data.test_records},
-                           lora=lora, batch_size=cfg.eval.batch_size, progress=progress_enabled())
+            res = evaluate(LlamaForCausalLM.from_params(ws.model_config, ws.params, lora), ws.tokenizer,
+                           {cfg.task.name: ws.data.test_records}, batch_size=cfg.eval.batch_size,
+                           progress=progress_enabled())
             test_loss = dataset_loss(ws.model_config, ws.params, lora, ws.data.test, batch_size=cfg.eval.batch_size)
             results[name] = {t: dict(v, test_loss=test_loss) for t, v in res.items()}
             if ws.data.test_noq is not None:
@@ -206,8 +218,9 @@ def _question_control(ws: Workspace, lora: Any, test_loss: float) -> dict[str, f
     """
     cfg = ws.config
     loss = dataset_loss(ws.model_config, ws.params, lora, ws.data.test_noq, batch_size=cfg.eval.batch_size)
-    res = evaluate(ws.model_config, ws.params, ws.tokenizer, {cfg.task.name: ws.data.test_records_noq},
-                   lora=lora, batch_size=cfg.eval.batch_size, progress=False)[cfg.task.name]
+    res = evaluate(LlamaForCausalLM.from_params(ws.model_config, ws.params, lora), ws.tokenizer,
+                   {cfg.task.name: ws.data.test_records_noq}, batch_size=cfg.eval.batch_size,
+                   progress=False)[cfg.task.name]
     out = {"test_loss_noq": loss, "question_gain": loss - test_loss}
     out.update({f"{k}_noq": res[k] for k in ("acc", "acc_norm") if k in res})
     return out
@@ -241,7 +254,7 @@ def export_stage(ws: Workspace, merged: bool = False) -> None:
     signals.check("in export, before writing selection.json and gates.json")
     write_json(ws.run_dir / "selection.json", {k: v for k, v in read_json(src / "selection.json").items()
                                                 if k in ("layers", "ranks", "trainable_params")})
-    kind = METHOD_GATES.get(cfg.method) or ("layer" if (ws.run_dir / "searches" / "layer").exists() else None)
+    kind = get_method(cfg.method).search or ("layer" if (ws.run_dir / "searches" / "layer").exists() else None)
     write_json(ws.run_dir / "gates.json", read_json(ws.run_dir / "searches" / kind / "gates.json") if kind else {})
     if merged:
         signals.check("in export, before writing the merged model")

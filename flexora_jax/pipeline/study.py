@@ -9,16 +9,21 @@ held-out loss, accuracy, trainable parameters, wall time, precision / recall of 
 layers against the planted ones and, for rank-selecting methods, the rank correlation of the selected
 ranks with the planted ones) and a markdown table per experiment.
 
-    python -m flexora_jax.pipeline.study configs/study/planted.yaml --out study/planted [--smoke]
+    flexora-jax study configs/study/planted.yaml --out study/planted [--smoke] [--only EXPERIMENT]
+
+(``python -m flexora_jax.pipeline.study`` is the same command). One config over several seeds, without a
+plan, is ``flexora-jax run --seeds=[0,1,2]`` (:func:`run_seeds`).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,9 +33,12 @@ from scipy.stats import spearmanr
 
 from flexora_jax import fileio
 from flexora_jax.errors import ConfigError, FlexoraError
-from flexora_jax.pipeline.config import load_config
+from flexora_jax.pipeline import report
+from flexora_jax.pipeline.config import RunConfig, load_config, save_config
 from flexora_jax.pipeline.methods import method_dirname
+from flexora_jax.pipeline.rundir import RunDir
 from flexora_jax.pipeline.stages import run
+from flexora_jax.sharding import is_main_process
 
 SMOKE_OVERRIDES = ["--search.steps=3", "--finetune.max_steps=5", "--task.planted.n_train=64",
                    "--task.planted.n_val=32", "--task.planted.n_test=32", "--task.planted.finetune_examples=32",
@@ -139,51 +147,99 @@ def _read(path: Path) -> Any:
     return json.loads(path.read_text()) if path.exists() else None
 
 
+def collect(run_dir: Path, slot: dict[str, Any]) -> None:
+    """Append one finished run's values to ``slot`` (``{method: {metric: [values]}}``, search times under
+    ``_search_<kind>``): held-out scores, selection sizes, planted precision / recall / rank agreement, times."""
+    scores = _read(run_dir / "compare.json")
+    planted = _read(run_dir / "planted.json")
+    timings = _read(run_dir / "timings.json") or {}
+    for method, tasks in scores.items():
+        task_scores = next(iter(tasks.values()))
+        rec = slot.setdefault(method, {})
+        for key in ("test_loss", "acc", "acc_norm", "exact_match", *CONTROL_KEYS):
+            if key in task_scores:
+                rec.setdefault(key, []).append(task_scores[key])
+        if "teacher_test_loss" in task_scores:
+            rec.setdefault("floor", []).append(task_scores["teacher_test_loss"])
+        sel = _read(run_dir / "methods" / method_dirname(method) / "selection.json")
+        if sel is not None:
+            rec.setdefault("trainable_params", []).append(sel.get("trainable_params"))
+            rec.setdefault("num_layers", []).append(len(sel.get("layers", [])))
+            if planted is not None:
+                chosen, truth = set(sel["layers"]), set(planted["layers"])
+                rec.setdefault("precision", []).append(len(chosen & truth) / max(len(chosen), 1))
+                rec.setdefault("recall", []).append(len(chosen & truth) / max(len(truth), 1))
+                if sel.get("ranks") and "num_layers" in planted:
+                    rec.setdefault("rank_corr", []).append(
+                        rank_correlation(sel["ranks"], planted, planted["num_layers"]))
+                    for key, value in rank_by_planted(sel["ranks"], planted, planted["num_layers"]).items():
+                        rec.setdefault(key, []).append(value)
+        wall = timings.get(f"finetune_{method}")
+        if wall is not None:
+            rec.setdefault("finetune_s", []).append(wall)
+    for key, value in timings.items():
+        if key.startswith("search_"):
+            slot.setdefault("_" + key, {}).setdefault("search_s", []).append(value)
+
+
+def _stats(slot: dict[str, Any]) -> dict[str, Any]:
+    return {m: {k: _mean_std(v) for k, v in rec.items()} for m, rec in slot.items()}
+
+
 def aggregate(out: str | Path) -> dict[str, Any]:
     """``{experiment: {variant: {method: {metric: {mean, std, n}}}}}`` from finished run directories."""
     out = Path(out)
     result: dict[str, Any] = {}
     for compare in sorted(out.glob("*/*/seed*/compare.json")):
         run_dir = compare.parent
-        exp, variant = run_dir.parent.parent.name, run_dir.parent.name
-        scores = _read(compare)
-        planted = _read(run_dir / "planted.json")
-        timings = _read(run_dir / "timings.json") or {}
-        slot = result.setdefault(exp, {}).setdefault(variant, {})
-        for method, tasks in scores.items():
-            task_scores = next(iter(tasks.values()))
-            rec = slot.setdefault(method, {})
-            for key in ("test_loss", "acc", "acc_norm", *CONTROL_KEYS):
-                if key in task_scores:
-                    rec.setdefault(key, []).append(task_scores[key])
-            if "teacher_test_loss" in task_scores:
-                rec.setdefault("floor", []).append(task_scores["teacher_test_loss"])
-            sel = _read(run_dir / "methods" / method_dirname(method) / "selection.json")
-            if sel is not None:
-                rec.setdefault("trainable_params", []).append(sel.get("trainable_params"))
-                rec.setdefault("num_layers", []).append(len(sel.get("layers", [])))
-                if planted is not None:
-                    chosen, truth = set(sel["layers"]), set(planted["layers"])
-                    rec.setdefault("precision", []).append(len(chosen & truth) / max(len(chosen), 1))
-                    rec.setdefault("recall", []).append(len(chosen & truth) / max(len(truth), 1))
-                    if sel.get("ranks") and "num_layers" in planted:
-                        rec.setdefault("rank_corr", []).append(
-                            rank_correlation(sel["ranks"], planted, planted["num_layers"]))
-                        for key, value in rank_by_planted(sel["ranks"], planted, planted["num_layers"]).items():
-                            rec.setdefault(key, []).append(value)
-            wall = timings.get(f"finetune_{method}")
-            if wall is not None:
-                rec.setdefault("finetune_s", []).append(wall)
-        for key, value in timings.items():
-            if key.startswith("search_"):
-                slot.setdefault("_" + key, {}).setdefault("search_s", []).append(value)
-    return {exp: {var: {m: {k: _mean_std(v) for k, v in rec.items()} for m, rec in methods.items()}
-                  for var, methods in variants.items()} for exp, variants in result.items()}
+        collect(run_dir, result.setdefault(run_dir.parent.parent.name, {}).setdefault(run_dir.parent.name, {}))
+    return {exp: {var: _stats(methods) for var, methods in variants.items()} for exp, variants in result.items()}
+
+
+# ------------------------------------------------------------------------------ one run, several seeds
+SEEDS_FILE = "seeds.json"
+
+
+def run_seeds(config: RunConfig, seeds: Sequence[int], resume: bool = False) -> dict[str, Any]:
+    """``flexora-jax run --seeds=[0,1,2]``: the run once per seed, into ``<output_dir>/seed<s>``, then the mean and
+    standard deviation over the seeds per method in ``<output_dir>/compare.json`` (``{method: {task: {metric:
+    {mean, std, n}}}}``), ``report.md`` and ``compare.png``. Returns that aggregate.
+
+    A fresh multi-seed run takes a new or empty directory (``seeds.json`` and ``config.yaml`` mark it as one);
+    ``resume`` skips the seeds that finished and resumes the one that was interrupted.
+    """
+    if (not isinstance(seeds, (list, tuple)) or not seeds or len(set(seeds)) != len(seeds)
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+        raise ConfigError(f"--seeds must be a list of distinct integers >= 0, e.g. --seeds=[0,1,2], got {seeds!r}")
+    top = RunDir(config.output_dir)
+    top.check_usable()
+    if not resume and (top / SEEDS_FILE).exists():
+        raise ConfigError(f"output_dir {top.path} holds a multi-seed run already; continue it with --resume, or choose "
+                          "another --output-dir")
+    if not resume:
+        top.check_fresh(SEEDS_FILE)
+    if is_main_process() and not (top / SEEDS_FILE).exists():
+        save_config(config, top / "config.yaml")  # what --resume reads back
+    if is_main_process():
+        fileio.write_json(top / SEEDS_FILE, {"seeds": list(seeds)})
+    for seed in seeds:
+        run_dir = top / f"seed{seed}"
+        if resume and (run_dir / "report.md").exists():
+            continue
+        run(dataclasses.replace(config, seed=seed, output_dir=str(run_dir)), resume=resume and run_dir.exists())
+    slot: dict[str, Any] = {}
+    for seed in seeds:
+        collect(top / f"seed{seed}", slot)
+    task = config.task.name
+    result = {m: {task: rec} for m, rec in _stats(slot).items() if not m.startswith("_")}
+    report.write_seeds_report(top.path, config, seeds, result)
+    return result
 
 
 def render_markdown(result: dict[str, Any]) -> str:
     """One table per experiment: rows (variant, method), mean +- std over seeds."""
-    base_cols = ["test_loss", "floor", "acc", "precision", "recall", "rank_corr", "num_layers", "trainable_params", "finetune_s"]
+    base_cols = ["test_loss", "floor", "acc", "precision", "recall", "rank_corr", "num_layers", "trainable_params",
+                 "finetune_s"]
     lines = []
     for exp, variants in result.items():
         present = {k for methods in variants.values() for rec in methods.values() for k in rec}
@@ -215,17 +271,21 @@ def render_markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m flexora_jax.pipeline.study", description=__doc__.split("\n\n")[0])
+def main(argv: list[str] | None = None, prog: str = "python -m flexora_jax.pipeline.study") -> int:
+    """The study command (``flexora-jax study PLAN --out DIR``); returns the exit status."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("plan", help="study plan YAML (configs/study/*.yaml)")
     parser.add_argument("--out", required=True, help="results directory (one run directory per run)")
     parser.add_argument("--smoke", action="store_true", help="one seed, tiny sizes: checks the plan runs")
     parser.add_argument("--only", default=None, help="run only this experiment")
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) or a usage error (2), already printed
+        return int(exc.code or 0)
     try:
         result = run_plan(args.plan, args.out, smoke=args.smoke, only=args.only)
     except FlexoraError as exc:
-        print(f"flexora_jax.pipeline.study: {exc}", file=sys.stderr)
+        print(f"{prog}: error: {exc}", file=sys.stderr)
         return 2
     print(render_markdown(result))
     return 0

@@ -28,7 +28,7 @@ from flexora_jax.errors import CheckpointError, ConfigError, DataError
 from flexora_jax.fileio import write_dir
 from flexora_jax.memory import plan_memory, planted_data_bytes
 from flexora_jax.models import convert_llama2c, load_model_config, load_tokenizer
-from flexora_jax.nnx.llama import LlamaForCausalLM
+from flexora_jax.nnx import LlamaForCausalLM
 from flexora_jax.planted import PlantedConfig, make_planted_task
 from flexora_jax.pipeline.config import (DORA_METHODS, PLANTED_TASK, RunConfig, config_to_dict, load_config,
                                          save_config)
