@@ -213,7 +213,7 @@ def test_evaluation_and_the_dataset_loss_stop_between_batches(tinystories_dir, m
     records = [MCRecord("piqa", i, f"Q{i}: a cat", (" sat.", " ran away."), i % 2) for i in range(6)]
     _signal_on_call(evaluation, "_score_packed", monkeypatch)
     with signals.stop_on_signals(), pytest.raises(signals.Interrupted, match=r"scoring \(evaluate, batch 2/3\)"):
-        fj.evaluate(config, params, tok, records, batch_size=2, progress=False)
+        fj.evaluate(fj.nnx.LlamaForCausalLM.from_params(config, params), tok, records, batch_size=2, progress=False)
     data = {"input_ids": np.ones((6, 8), np.int32), "loss_mask": np.ones((6, 8), np.float32)}
     with signals.stop_on_signals():
         os.kill(os.getpid(), signal.SIGTERM)
@@ -240,7 +240,8 @@ def test_generation_stops_between_batches(monkeypatch):
 
     records = [GenRecord("gsm8k", i, "Q: 1?\nA:", "1", ("\n\n",), "Q", " 1") for i in range(3)]
     with signals.stop_on_signals(), pytest.raises(signals.Interrupted, match=r"generating \(gsm8k, batch 2/3\)"):
-        fj.evaluate_generative(CONFIG, None, Tok(), records, batch_size=1, progress=False, max_length=512)
+        fj.evaluate_generative(fj.nnx.LlamaForCausalLM.from_params(CONFIG, fj.init_params(CONFIG, jax.random.key(0))),
+                               Tok(), records, batch_size=1, progress=False, max_length=512)
 
 
 def test_a_signal_after_the_last_safe_point_still_exits_128_plus_signal(monkeypatch, capsys):

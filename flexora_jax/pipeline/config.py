@@ -125,7 +125,8 @@ class TaskConfig:
         for name in ("n_train", "n_val", "n_test", "n_finetune"):
             v = getattr(self, name)
             require(isinstance(v, int) and v >= 0, f"task.{name} must be an integer >= 0 (0 = all), got {v!r}")
-        require(self.split_seed >= 0, f"task.split_seed must be an integer >= 0 (a numpy seed), got {self.split_seed!r}")
+        require(self.split_seed >= 0, f"task.split_seed must be an integer >= 0 (a numpy seed), got "
+                                      f"{self.split_seed!r}")
 
 
 
@@ -245,15 +246,16 @@ def _refuse_ignored_settings(config: RunConfig) -> None:
         require(config.model.dtype == "float32",
                 f"model.dtype {config.model.dtype!r}: the planted task builds its teacher in float32 and ignores "
                 "model.dtype; leave it at float32, or name a real task (a model read in that dtype)")
-    if "adalora" in config.methods:
+    adalora = [m for m in config.methods if m in METHODS and get_method(m).finetune == "adalora"]
+    if adalora:
         lc = config.lora
         ignored = {"lora.layers_to_transform": lc.layers_to_transform is not None,
                    "lora.rank_pattern": bool(dict(lc.rank_pattern)), "lora.alpha_pattern": bool(dict(lc.alpha_pattern)),
                    "lora.use_rslora": lc.use_rslora, "lora.lora_dropout": lc.lora_dropout > 0}
         named = [k for k, on in ignored.items() if on]
-        require(not named, f"method adalora ignores {', '.join(named)}: AdaLoRA adapts every layer and allocates its "
-                           "own ranks (from 1.5 x lora.r down to lora.r), without dropout or rsLoRA; unset them, or "
-                           "run adalora in a run of its own")
+        require(not named, f"method {adalora[0]} ignores {', '.join(named)}: AdaLoRA adapts every layer and allocates "
+                           "its own ranks (from 1.5 x lora.r down to lora.r), without dropout or rsLoRA; unset them, "
+                           "or run it in a run of its own")
 
 
 def config_to_dict(config: Any) -> Any:

@@ -30,9 +30,9 @@ from flexora_jax.memory import plan_memory, planted_data_bytes
 from flexora_jax.models import convert_llama2c, load_model_config, load_tokenizer
 from flexora_jax.nnx import LlamaForCausalLM
 from flexora_jax.planted import PlantedConfig, make_planted_task
-from flexora_jax.pipeline.config import (DORA_METHODS, PLANTED_TASK, RunConfig, config_to_dict, load_config,
-                                         save_config)
+from flexora_jax.pipeline.config import PLANTED_TASK, RunConfig, config_to_dict, load_config, save_config
 from flexora_jax.pipeline.io import RunLog, progress_enabled, read_json, write_json
+from flexora_jax.pipeline.registry import get_method
 from flexora_jax.pipeline.rundir import RunDir
 from flexora_jax.tasks.formats import question_removed
 from flexora_jax.tasks.generative import MAX_NEW_TOKENS, GenRecord
@@ -452,7 +452,7 @@ def _validate_planted_size(config: RunConfig) -> None:
 def _validate_methods(config: RunConfig, model_config: ModelConfig, source: str | None) -> None:
     """What a method can export on this model, before it trains: DoRA on some parts of a fused projection
     (Phi-3's qkv_proj / gate_up_proj) has no PEFT form (one magnitude vector spans the whole fusion)."""
-    dora = [m for m in config.methods if m in DORA_METHODS]
+    dora = [m for m in config.methods if get_method(m).finetune == "dora"]
     if not dora or isinstance(config.lora.target_modules, str):  # "all-linear" adapts every part
         return
     targets = set(config.lora.target_modules)
