@@ -39,7 +39,7 @@ ROPE_TYPES = ("llama3", "linear", "dynamic")  # scaled RoPE variants (RopeScalin
 HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")  # SwiGLU / GeGLU (tanh-approximate GELU)
 GEMMA_TYPES = ("gemma", "gemma2")  # sqrt(d)-scaled embeddings, (1 + w) RMSNorm
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: finite-difference checks (x64 mode)
-ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "splash")  # models.attention.select_attention decides "auto"
+ATTENTION_BACKENDS = ("auto", "xla", "flash", "cudnn", "splash")  # models.attention.select_attention decides "auto"
 
 
 def require(cond: bool, msg: str) -> None:
