@@ -195,7 +195,8 @@ def select_attention(requested: str, dtype: str, *, second_order: bool = False, 
     if requested in FUSED_ATTENTION and second_order:
         raise ConfigError(f"ModelConfig.attention={requested!r} is a fused kernel without second-order or forward-mode "
                           "derivatives, and this stage differentiates the loss twice (search.hypergradient unrolled, "
-                          "forward or darts exact): use attention 'auto' (XLA there, the fused kernel elsewhere) or 'xla'")
+                          "forward or darts exact): use attention 'auto' (XLA or flash there, the fused kernel "
+                          "elsewhere) or 'xla'")
     if requested == "cudnn" and not (platform == "cuda" and half):
         raise ConfigError(f"ModelConfig.attention='cudnn' needs an NVIDIA GPU and dtype bfloat16/float16; "
                           f"this is {platform!r} with {dtype!r}: use 'auto' or 'xla'")

@@ -31,17 +31,19 @@ import math
 import jax
 import jax.numpy as jnp
 
-#: Default tiles (measured on CPU, ``benchmarks/proposals/attention_notes.md``): query blocks of
-#: ``FLASH_QUERY_BLOCK`` tokens (at most ``MAX_QUERY_BLOCKS`` per sequence, which bounds the unrolled
-#: program), each against one key tile covering its whole causal prefix up to ``FLASH_KEY_BLOCK`` keys.
-FLASH_QUERY_BLOCK = 32
-FLASH_KEY_BLOCK = 1024
+#: Default tiles (measured on CPU, ``benchmarks/proposals/attention_notes.md``): query blocks of at least
+#: ``FLASH_QUERY_BLOCK`` tokens and key tiles of at least ``FLASH_KEY_BLOCK``, both growing with ``t`` so
+#: that a sequence has at most ``MAX_QUERY_BLOCKS`` query blocks of at most ``MAX_KEY_TILES`` key tiles
+#: (at most 72 tiles in all: the unrolled program, and its compile time, stay bounded at long contexts).
+FLASH_QUERY_BLOCK = 64
+FLASH_KEY_BLOCK = 128
 MAX_QUERY_BLOCKS = 16
+MAX_KEY_TILES = 8
 
 
 def flash_blocks(t: int) -> tuple[int, int]:
-    """The default (query block, key block) for ``t`` tokens."""
-    return max(FLASH_QUERY_BLOCK, -(-t // MAX_QUERY_BLOCKS)), FLASH_KEY_BLOCK
+    """The default (query block, key tile) for ``t`` tokens: (64, 128) up to 1024 tokens."""
+    return max(FLASH_QUERY_BLOCK, -(-t // MAX_QUERY_BLOCKS)), max(FLASH_KEY_BLOCK, -(-t // MAX_KEY_TILES))
 
 
 def _tiles(t: int, block_q: int, block_k: int) -> list[tuple[int, int, list[tuple[int, int]]]]:
@@ -98,7 +100,7 @@ def _forward(q, k, v, bias, block_q, block_k, softcap):
     acc = _acc(q.dtype)
     outs, ms, logls = [], [], []
     for qs, qe, key_tiles in _tiles(t, block_q, block_k):
-        m = l = o = None
+        m = rowsum = o = None
         for span in key_tiles:
             s, _ = _tile_scores(qr, kh, bias, g, (qs, qe), span, softcap)
             tile_max = jnp.max(s, axis=-1, keepdims=True)
@@ -107,14 +109,14 @@ def _forward(q, k, v, bias, block_q, block_k, softcap):
             pv = jnp.einsum("bkrs,bkse->bkre", p.astype(q.dtype), vh[:, :, span[0]:span[1]],
                             preferred_element_type=acc)
             if m is None:
-                l, o = jnp.sum(p, axis=-1, keepdims=True), pv
+                rowsum, o = jnp.sum(p, axis=-1, keepdims=True), pv
             else:
                 scale = jnp.exp(m - m_new)
-                l, o = l * scale + jnp.sum(p, axis=-1, keepdims=True), o * scale + pv
+                rowsum, o = rowsum * scale + jnp.sum(p, axis=-1, keepdims=True), o * scale + pv
             m = m_new
-        outs.append((o / l).astype(q.dtype))
+        outs.append((o / rowsum).astype(q.dtype))
         ms.append(m[..., 0])
-        logls.append(jnp.log(l[..., 0]))
+        logls.append(jnp.log(rowsum[..., 0]))
     out = _from_rows(jnp.concatenate(outs, axis=2), q.shape)
     stats = (jnp.concatenate(ms, axis=2), jnp.concatenate(logls, axis=2))
     return out, (q, k, v, out, stats)
@@ -163,8 +165,8 @@ def _sum_tiles(parts: dict[tuple[int, int], list[jax.Array]], t: int, dtype: jnp
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, block_q: int = FLASH_QUERY_BLOCK,
-                    block_k: int = FLASH_KEY_BLOCK, softcap: float | None = None) -> jax.Array:
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, block_q: int, block_k: int,
+                    softcap: float | None = None) -> jax.Array:
     """Causal blockwise attention (module docstring); ``block_q``/``block_k`` <= 0 mean the whole sequence.
 
     Equals the softmax attention up to float summation order on every query row that sees a key; a
