@@ -107,6 +107,8 @@ def measure_cores(case: str, b: int, t: int, h: int, nk: int, e: int, repeats: i
                             "max_abs_diff": _max_diff(results[name], ref),
                             "speedup_vs_xla": timings["xla"]["median_s"] / timings[name]["median_s"]}
                      for name in fns}
+        print(f"{case} {dtype} {kind}: " + ", ".join(f"{n} {r['median_s'] * 1e3:.1f} ms ({r['speedup_vs_xla']:.2f}x)"
+                                                       for n, r in row[kind].items()), flush=True)
     return row
 
 
@@ -165,11 +167,6 @@ def main(argv: list[str] | None = None) -> None:
     blocks = [tuple(int(x) for x in s.lower().split("x")) for s in a.blocks]
     out = run(a.smoke, a.cases, blocks, a.step, a.out_dir, harness.command_line("benchmarks.attention", argv), a.gpu,
               tuple(a.dtypes))
-    for row in out["rows"]:
-        for kind in ("forward", "forward_backward", "second_order"):
-            if kind in row:
-                print(f"{row['case']} {row['dtype']} {kind}: " + ", ".join(
-                    f"{n} {r['median_s'] * 1e3:.1f} ms ({r['speedup_vs_xla']:.2f}x)" for n, r in row[kind].items()))
     for row in out["steps"]:
         print(f"step {row['case']}: " + ", ".join(f"{n} {r['median_s'] * 1e3:.1f} ms ({r['speedup_vs_xla']:.2f}x)"
                                                   for n, r in row["steps"].items()))

@@ -13,11 +13,16 @@ Shapes: ``q`` [b, t, k, g, e] (query heads grouped by the KV head they share), `
   ``benchmarks/RESULTS.md``).
 - :func:`recompute_blocked_attention_hm` is it under ``jax.checkpoint``: the layer scan keeps q, k, v
   instead of the probabilities, which the backward pass recomputes. Plain ``jnp`` with static slices,
-  so every AD mode works (reverse-over-reverse, forward-over-reverse, ``jacfwd``): the hypergradient
-  estimators need that, and fused kernels lack second-order AD.
+  so every AD mode works (reverse-over-reverse, forward-over-reverse, ``jacfwd``). This is backend
+  "xla": the one that stages with forward-mode AD (``forward``, ``darts`` exact) run.
+- Backend "flash" (:mod:`flexora_jax.models.flash`): blockwise attention with an online softmax and its
+  own backward (``custom_vjp``: probabilities recomputed per tile from the saved log-sum-exp, no softmax
+  reduction over keys). Twice differentiable in reverse mode, not in forward mode. ``auto`` picks it on
+  CPU for every stage without forward mode (1.5-2.4x faster than "xla" alone, fine-tune step 1.07-1.55x).
+- Backends "cudnn" / "splash": vendor fused kernels for first-order stages on NVIDIA GPU / TPU.
 
-The variants this replaced (5-D einsum reference, flash-style custom VJPs) live in the tests as
-oracles (``tests/attention_variants.py``).
+The variants these replaced (5-D einsum reference, unblocked flash-style custom VJPs) live in the tests
+as oracles (``tests/attention_variants.py``).
 """
 
 from __future__ import annotations
