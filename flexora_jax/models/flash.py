@@ -94,7 +94,8 @@ def _tile_scores(qr: jax.Array, kh: jax.Array, bias: jax.Array, g: int, q_span: 
 
 
 def _forward(q, k, v, bias, block_q, block_k, softcap):
-    """Output [b, t, k, g, e] and the residuals (rows-layout q, k, v, output; row max and log row sum)."""
+    """Output [b, t, k, g, e] and the residuals: q, k, v and the output as given / returned (the backward
+    transposes them again rather than keep second copies), row max and log row sum [b, k, t*g]."""
     b, t, nk, g, e = q.shape
     qr, kh, vh = _to_rows(q), _kv(k), _kv(v)
     acc = _acc(q.dtype)
@@ -171,6 +172,7 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, b
 
     Equals the softmax attention up to float summation order on every query row that sees a key; a
     fully masked row attends uniformly to the keys of its block's causal prefix (padding; never read).
+    ``bias`` is a mask: its cotangent is zero.
     """
     return _forward(q, k, v, bias, block_q, block_k, softcap)[0]
 
