@@ -18,6 +18,7 @@ import numpy as np
 import optax
 
 from flexora_jax import loops
+from flexora_jax.models.attention import stage_config
 from flexora_jax.models.losses import lm_loss
 from flexora_jax.config import FinetuneConfig, ModelConfig
 from flexora_jax.data import BatchSampler, Dataset, batches_in_order
@@ -80,6 +81,7 @@ def make_train_step(config: ModelConfig, cfg: FinetuneConfig, steps: int) -> Cal
     methods of a comparison) gets the same function, hence the same compiled program.
     """
     optimizer = make_optimizer(cfg, steps)
+    config = stage_config(config)  # a first-order stage: attention "auto" resolved (flash on CPU)
 
     def step(params: Any, state: TrainState, batch: Dataset, gates: Gates | None = None) -> tuple[TrainState, dict]:
         rng, drop = jax.random.split(state.rng)

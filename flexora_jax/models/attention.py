@@ -17,8 +17,9 @@ Shapes: ``q`` [b, t, k, g, e] (query heads grouped by the KV head they share), `
   "xla": the one that stages with forward-mode AD (``forward``, ``darts`` exact) run.
 - Backend "flash" (:mod:`flexora_jax.models.flash`): blockwise attention with an online softmax and its
   own backward (``custom_vjp``: probabilities recomputed per tile from the saved log-sum-exp, no softmax
-  reduction over keys). Twice differentiable in reverse mode, not in forward mode. ``auto`` picks it on
-  CPU for every stage without forward mode (1.5-2.4x faster than "xla" alone, fine-tune step 1.07-1.55x).
+  reduction over keys). Twice differentiable in reverse mode, not in forward mode. :func:`stage_config`'s
+  ``auto`` picks it on CPU for every stage without forward mode (the core 1.1-3.4x faster than "xla", the
+  fine-tune step 1.07-1.7x); an ``auto`` nobody resolved (a bare ``llama.forward``) stays "xla".
 - Backends "cudnn" / "splash": vendor fused kernels for first-order stages on NVIDIA GPU / TPU.
 
 The variants these replaced (5-D einsum reference, unblocked flash-style custom VJPs) live in the tests
@@ -275,9 +276,13 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, 
 
 def attend(config: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, block: int | None = None,
            softcap: float | None = None) -> jax.Array:
-    """The decoder's attention by ``config.attention`` (:func:`select_attention`, first order; stages that
-    differentiate twice pass a :func:`stage_config`). ``block``: the query block (None: each core's default)."""
+    """The decoder's attention by ``config.attention``: a stage's :func:`stage_config` has resolved it (the
+    fine-tune and search steps do); an unresolved ``auto`` takes :func:`select_attention`'s first-order
+    choice, except that flash becomes XLA there (the caller's AD mode is unknown, and ``jax.jvp`` /
+    ``jax.jacfwd`` through a ``custom_vjp`` fail). ``block``: the query block (None: each core's default)."""
     backend = select_attention(config.attention, config.dtype)
+    if config.attention == "auto" and backend == "flash":
+        backend = "xla"
     if backend == "cudnn" and softcap is not None:
         backend = _fall_back("cuDNN attention has no logit soft-capping (Gemma 2)")
     if backend == "cudnn":

@@ -183,3 +183,4 @@ def _flash_fwd(q, k, v, bias, block_q, block_k, softcap):
 
 
 flash_attention.defvjp(_flash_fwd, _backward)
+
