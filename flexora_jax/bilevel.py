@@ -384,7 +384,11 @@ def make_search_step(config: ModelConfig, search: SearchConfig) -> Callable[...,
     The functional convenience over :func:`search_step`; jit it yourself (``jax.jit(step, donate_argnums=1)``).
     ``fj.search`` runs the same step through :func:`flexora_jax.problem.decoder_problem`.
     """
-    return search_step(_plain_decoder_loss(stage_config(config, search.hypergradient, search.darts_mode)), search)
+    twice = _plain_decoder_loss(stage_config(config, search.hypergradient, search.darts_mode))
+    # as fj.search: passes that differentiate once may take the first-order stage's (fused) attention
+    reverse = search.hypergradient == "forward" or search.unrolled_mode == "reverse"
+    first = twice if reverse else _plain_decoder_loss(stage_config(config))
+    return search_step(first, search, second_order_loss=None if first is twice else twice)
 
 
 @functools.lru_cache(maxsize=32)

@@ -43,7 +43,7 @@ HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")  # SwiGLU / GeGLU (tanh-approximate 
 GEMMA_TYPES = ("gemma", "gemma2", "gemma3_text")  # sqrt(d)-scaled embeddings, (1 + w) RMSNorm
 SANDWICH_TYPES = ("gemma2", "gemma3_text")  # norms after attention and after the MLP too
 DTYPES = ("float32", "bfloat16", "float16", "float64")  # float64: finite-difference checks (x64 mode)
-ATTENTION_BACKENDS = ("auto", "xla", "cudnn", "splash")  # models.attention.select_attention decides "auto"
+ATTENTION_BACKENDS = ("auto", "xla", "flash", "cudnn", "splash")  # models.attention.select_attention decides "auto"
 
 
 def require(cond: bool, msg: str) -> None:

@@ -25,6 +25,7 @@ from flexora_jax.data import Dataset, batches_in_order
 from flexora_jax.errors import NumericsError
 from flexora_jax.gates import Gates
 from flexora_jax.lora import LoraParams
+from flexora_jax.models.attention import stage_config
 from flexora_jax.models.losses import lm_loss
 
 
@@ -115,6 +116,7 @@ def make_train_step(config: ModelConfig, cfg: FinetuneConfig, steps: int) -> Cal
     Jit it yourself (``jax.jit(step, donate_argnums=1)``). Cached on (model config, fine-tune config, steps).
     """
     optimizer = make_optimizer(cfg, steps)
+    config = stage_config(config)  # a first-order stage: attention "auto" resolved (flash on CPU)
 
     def step(params: Any, state: TrainState, batch: Dataset, gates: Gates | None = None) -> tuple[TrainState, dict]:
         rng, drop = jax.random.split(state.rng)

@@ -18,6 +18,7 @@ from flexora_jax.config import SearchConfig
 from flexora_jax.errors import ConfigError, FlexoraError
 from flexora_jax.models import attention as attn
 from flexora_jax.models.llama import attention_bias
+from flexora_jax.train import make_optimizer
 
 CUDA, TPU, CPU = "cuda", "tpu", "cpu"
 
@@ -31,8 +32,11 @@ CUDA, TPU, CPU = "cuda", "tpu", "cpu"
     ("auto", "bfloat16", False, TPU, "splash"),
     ("auto", "float32", False, TPU, "splash"),
     ("auto", "bfloat16", True, TPU, "xla"),
-    ("auto", "bfloat16", False, CPU, "xla"),
+    ("auto", "bfloat16", False, CPU, "flash"),  # CPU: our blockwise flash attention, first order
+    ("auto", "float32", True, CPU, "flash"),  # ... and reverse-over-reverse (the unrolled hypergradient)
     ("xla", "bfloat16", True, CUDA, "xla"),
+    ("flash", "bfloat16", False, CUDA, "flash"),  # plain JAX: runs anywhere when forced
+    ("flash", "float32", True, TPU, "flash"),
     ("cudnn", "bfloat16", False, CUDA, "cudnn"),
     ("splash", "bfloat16", False, TPU, "splash"),
     ("cudnn", "bfloat16", True, CUDA, ConfigError),  # forced fused kernel + second order
@@ -40,7 +44,7 @@ CUDA, TPU, CPU = "cuda", "tpu", "cpu"
     ("cudnn", "float32", False, CUDA, ConfigError),
     ("cudnn", "bfloat16", False, CPU, ConfigError),
     ("splash", "bfloat16", False, CUDA, ConfigError),
-    ("flash", "bfloat16", False, CUDA, ConfigError),
+    ("pallas", "bfloat16", False, CUDA, ConfigError),
 ])
 def test_decision_table(requested, dtype, second_order, platform, want):
     if isinstance(want, str):
@@ -50,17 +54,32 @@ def test_decision_table(requested, dtype, second_order, platform, want):
             attn.select_attention(requested, dtype, second_order=second_order, platform=platform)
 
 
-@pytest.mark.parametrize("estimator,darts_mode,second", [("unrolled", "exact", True), ("forward", "exact", True),
-                                                         ("darts", "exact", True), ("darts", "finite_difference", False),
-                                                         ("first_order", "exact", False), (None, "exact", False)])
-def test_which_stages_differentiate_twice(estimator, darts_mode, second):
+@pytest.mark.parametrize("requested,platform,dtype,want", [
+    ("auto", CPU, "float32", "xla"), ("auto", CUDA, "bfloat16", "xla"), ("auto", TPU, "bfloat16", "xla"),
+    ("xla", CPU, "float32", "xla"), ("flash", CPU, "float32", ConfigError), ("cudnn", CUDA, "bfloat16", ConfigError),
+])
+def test_forward_mode_stages_get_the_xla_attention(requested, platform, dtype, want):
+    """jvp / jacfwd cannot go through a custom_vjp: forward mode always runs the checkpointed XLA attention."""
+    if isinstance(want, str):
+        assert attn.select_attention(requested, dtype, second_order=True, forward_mode=True, platform=platform) == want
+    else:
+        with pytest.raises(want, match="forward"):
+            attn.select_attention(requested, dtype, second_order=True, forward_mode=True, platform=platform)
+
+
+@pytest.mark.parametrize("estimator,darts_mode,second,forward", [
+    ("unrolled", "exact", True, False), ("forward", "exact", True, True), ("darts", "exact", True, True),
+    ("darts", "finite_difference", False, False), ("first_order", "exact", False, False),
+    (None, "exact", False, False)])
+def test_which_stages_differentiate_twice(estimator, darts_mode, second, forward):
     assert attn.differentiates_twice(estimator, darts_mode) is second
+    assert attn.needs_forward_mode(estimator, darts_mode) is forward
 
 
 def test_config_field_is_validated():
     with pytest.raises(FlexoraError, match="attention"):
-        fj.ModelConfig(attention="flash")
-    assert fj.ModelConfig().attention == "auto"
+        fj.ModelConfig(attention="pallas")
+    assert fj.ModelConfig().attention == "auto" and fj.ModelConfig(attention="flash").attention == "flash"
 
 
 # ----------------------------------------------------------------------- search steps on a pretend GPU
@@ -124,6 +143,50 @@ def test_first_order_search_steps_use_cudnn_on_a_gpu(pretend_gpu, estimator, dar
     """The control: the same pretend GPU routes a first-order step to cuDNN (one call per traced block)."""
     _search_jaxpr(estimator, darts_mode)
     assert pretend_gpu
+
+
+@pytest.mark.parametrize("estimator,darts_mode,uses_flash", [
+    ("unrolled", "exact", True), ("first_order", "exact", True),
+    ("forward", "exact", False), ("darts", "exact", False)])
+def test_cpu_search_steps_use_flash_except_under_forward_mode(monkeypatch, estimator, darts_mode, uses_flash):
+    """On CPU ``auto`` runs flash in reverse-mode stages; ``forward`` (jacfwd) and ``darts`` exact (jvp) trace
+    the XLA attention, which has a forward-mode rule (tracing them through flash would raise)."""
+    calls: list = []
+    real = attn.flash_attention
+
+    def recorded(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(attn, "device_platform", lambda: CPU)
+    monkeypatch.setattr(attn, "flash_attention", recorded)
+    _search_jaxpr(estimator, darts_mode, config=dataclasses.replace(TINY, dtype="float32"))  # not TINY: cached steps
+    assert bool(calls) is uses_flash
+
+
+def test_finetune_step_takes_flash_and_a_bare_forward_stays_jvp_able_on_cpu(monkeypatch):
+    """``make_train_step`` resolves ``auto`` for its (first-order) stage: flash on CPU. A bare ``forward``
+    with an unresolved ``auto`` cannot know its caller's AD mode, so it runs XLA, which ``jax.jvp`` can
+    differentiate (``hypergradient("forward", ...)`` on a hand-made loss relies on it)."""
+    calls: list = []
+    real = attn.flash_attention
+
+    def recorded(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(attn, "device_platform", lambda: CPU)
+    monkeypatch.setattr(attn, "flash_attention", recorded)
+    config = dataclasses.replace(TINY, dtype="float32", num_hidden_layers=1)  # not TINY: cached steps
+    params = fj.init_params(config, jax.random.key(0))
+    ids = jnp.zeros((2, 8), jnp.int32)
+    jax.jvp(lambda p: fj.forward(config, p, ids), (params,), (params,))
+    assert not calls
+    lora = fj.init_lora(config, fj.LoraConfig(r=2, target_modules=("q_proj", "v_proj")), jax.random.key(1))
+    state = fj.init_train_state(lora, make_optimizer(fj.FinetuneConfig(), 10))
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "loss_mask": jnp.ones(ids.shape, jnp.float32)}
+    jax.make_jaxpr(fj.make_train_step(config, fj.FinetuneConfig(), 10))(params, state, batch)
+    assert calls
 
 
 # ------------------------------------------------------------------------------------------ numerics

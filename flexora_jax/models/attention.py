@@ -13,11 +13,17 @@ Shapes: ``q`` [b, t, k, g, e] (query heads grouped by the KV head they share), `
   ``benchmarks/RESULTS.md``).
 - :func:`recompute_blocked_attention_hm` is it under ``jax.checkpoint``: the layer scan keeps q, k, v
   instead of the probabilities, which the backward pass recomputes. Plain ``jnp`` with static slices,
-  so every AD mode works (reverse-over-reverse, forward-over-reverse, ``jacfwd``): the hypergradient
-  estimators need that, and fused kernels lack second-order AD.
+  so every AD mode works (reverse-over-reverse, forward-over-reverse, ``jacfwd``). This is backend
+  "xla": the one that stages with forward-mode AD (``forward``, ``darts`` exact) run.
+- Backend "flash" (:mod:`flexora_jax.models.flash`): blockwise attention with an online softmax and its
+  own backward (``custom_vjp``: probabilities recomputed per tile from the saved log-sum-exp, no softmax
+  reduction over keys). Twice differentiable in reverse mode, not in forward mode. :func:`stage_config`'s
+  ``auto`` picks it on CPU for every stage without forward mode (the core 1.1-3.4x faster than "xla", the
+  fine-tune step 1.07-1.7x); an ``auto`` nobody resolved (a bare ``llama.forward``) stays "xla".
+- Backends "cudnn" / "splash": vendor fused kernels for first-order stages on NVIDIA GPU / TPU.
 
-The variants this replaced (5-D einsum reference, flash-style custom VJPs) live in the tests as
-oracles (``tests/attention_variants.py``).
+The variants these replaced (5-D einsum reference, unblocked flash-style custom VJPs) live in the tests
+as oracles (``tests/attention_variants.py``).
 """
 
 from __future__ import annotations
@@ -32,6 +38,7 @@ from jax.experimental.pallas.ops.tpu import splash_attention as splash
 
 from flexora_jax.config import ATTENTION_BACKENDS, ModelConfig
 from flexora_jax.errors import ConfigError
+from flexora_jax.models.flash import flash_attention, flash_blocks
 
 #: Finite "minus infinity" for masks: a fully masked row gives a uniform softmax, not NaN.
 NEG_INF = -1e30
@@ -149,25 +156,53 @@ def differentiates_twice(estimator: str | None, darts_mode: str = "exact") -> bo
     return estimator in ("unrolled", "forward") or (estimator == "darts" and darts_mode == "exact")
 
 
-def select_attention(requested: str, dtype: str, *, second_order: bool = False, platform: str | None = None) -> str:
-    """The attention a computation runs: "xla", "cudnn" or "splash" (the table in docs/scaling.md).
+def needs_forward_mode(estimator: str | None, darts_mode: str = "exact") -> bool:
+    """Whether a search estimator runs forward-mode AD through the loss (``jax.jacfwd`` for ``forward``,
+    ``jax.jvp`` of the gate gradient for ``darts`` exact), which no ``custom_vjp`` attention supports.
+    A new estimator that does forward-over-reverse must be listed here."""
+    return estimator == "forward" or (estimator == "darts" and darts_mode == "exact")
 
-    ``auto``: XLA whenever the computation is differentiated twice; else cuDNN flash on NVIDIA GPUs in
-    bf16/fp16, splash on TPU, XLA otherwise. A forced fused kernel where it cannot run (second order,
-    wrong platform or dtype) is a :class:`ConfigError`.
+
+#: ``auto`` where no fused vendor kernel applies, per platform and kind of stage: "flash" (our blockwise
+#: custom-VJP attention, :mod:`flexora_jax.models.flash`) or "xla" (checkpointed query blocks). Measured
+#: (``benchmarks/proposals/attention_notes.md``, ``python -m benchmarks.attention``): on CPU flash wins
+#: first and second order; elsewhere the measured winner per row.
+AUTO_FALLBACK = {("cpu", False): "flash", ("cpu", True): "flash"}
+
+
+def select_attention(requested: str, dtype: str, *, second_order: bool = False, forward_mode: bool = False,
+                     platform: str | None = None) -> str:
+    """The attention a computation runs: "xla", "flash", "cudnn" or "splash" (the table in docs/scaling.md).
+
+    ``second_order``: the loss is differentiated twice; ``forward_mode``: some of that is forward mode
+    (``jvp``/``jacfwd``). ``auto``: XLA under forward mode (the only core with a forward-mode rule); else
+    cuDNN flash on NVIDIA GPUs in bf16/fp16 and splash on TPU for first-order stages; else
+    :data:`AUTO_FALLBACK`'s measured choice (XLA where not measured). A forced kernel where it cannot run
+    (a fused kernel or flash under forward mode, a fused kernel under second order, wrong platform or
+    dtype) is a :class:`ConfigError`.
     """
     if requested not in ATTENTION_BACKENDS:
         raise ConfigError(f"ModelConfig.attention must be one of {ATTENTION_BACKENDS}, got {requested!r}")
     platform = device_platform() if platform is None else platform
     half = dtype in ("bfloat16", "float16")
+    second_order = second_order or forward_mode
     if requested == "auto":
-        if second_order:
+        if forward_mode:
             return "xla"
-        return "cudnn" if platform == "cuda" and half else "splash" if platform == "tpu" else "xla"
+        if not second_order and platform == "cuda" and half:
+            return "cudnn"
+        if not second_order and platform == "tpu":
+            return "splash"
+        return AUTO_FALLBACK.get((platform, second_order), "xla")
+    if requested == "flash" and forward_mode:
+        raise ConfigError("ModelConfig.attention='flash' is a custom-VJP attention without forward-mode derivatives, "
+                          "and this stage runs forward-mode AD (search.hypergradient forward or darts exact): "
+                          "use attention 'auto' (XLA there) or 'xla'")
     if requested in FUSED_ATTENTION and second_order:
         raise ConfigError(f"ModelConfig.attention={requested!r} is a fused kernel without second-order or forward-mode "
                           "derivatives, and this stage differentiates the loss twice (search.hypergradient unrolled, "
-                          "forward or darts exact): use attention 'auto' (XLA there, the fused kernel elsewhere) or 'xla'")
+                          "forward or darts exact): use attention 'auto' (XLA or flash there, the fused kernel "
+                          "elsewhere) or 'xla'")
     if requested == "cudnn" and not (platform == "cuda" and half):
         raise ConfigError(f"ModelConfig.attention='cudnn' needs an NVIDIA GPU and dtype bfloat16/float16; "
                           f"this is {platform!r} with {dtype!r}: use 'auto' or 'xla'")
@@ -178,7 +213,8 @@ def select_attention(requested: str, dtype: str, *, second_order: bool = False, 
 
 def stage_config(config: ModelConfig, estimator: str | None = None, darts_mode: str = "exact") -> ModelConfig:
     """``config`` with its attention resolved for a stage (``estimator`` None: a first-order stage)."""
-    backend = select_attention(config.attention, config.dtype, second_order=differentiates_twice(estimator, darts_mode))
+    backend = select_attention(config.attention, config.dtype, second_order=differentiates_twice(estimator, darts_mode),
+                               forward_mode=needs_forward_mode(estimator, darts_mode))
     return dataclasses.replace(config, attention=backend)
 
 
@@ -238,18 +274,26 @@ def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, 
                         lambda: recompute_blocked_attention_hm(q, k, v, bias, 0, softcap))
 
 
-def attend(config: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, block: int,
+def attend(config: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, block: int | None = None,
            softcap: float | None = None) -> jax.Array:
-    """The decoder's attention by ``config.attention`` (:func:`select_attention`, first order; stages that
-    differentiate twice pass a :func:`stage_config` whose attention is "xla")."""
+    """The decoder's attention by ``config.attention``: a stage's :func:`stage_config` has resolved it (the
+    fine-tune and search steps do); an unresolved ``auto`` takes :func:`select_attention`'s first-order
+    choice, except that flash becomes XLA there (the caller's AD mode is unknown, and ``jax.jvp`` /
+    ``jax.jacfwd`` through a ``custom_vjp`` fail). ``block``: the query block (None: each core's default)."""
     backend = select_attention(config.attention, config.dtype)
+    if config.attention == "auto" and backend == "flash":
+        backend = "xla"
     if backend == "cudnn" and softcap is not None:
         backend = _fall_back("cuDNN attention has no logit soft-capping (Gemma 2)")
     if backend == "cudnn":
         return cudnn_attention(q, k, v, bias)
     if backend == "splash":
         return splash_attention(q, k, v, bias, softcap)
-    return recompute_blocked_attention_hm(q, k, v, bias, block, softcap)
+    t = q.shape[1]
+    if backend == "flash":
+        block_q, block_k = flash_blocks(t)
+        return flash_attention(q, k, v, bias, block_q if block is None else block, block_k, softcap)
+    return recompute_blocked_attention_hm(q, k, v, bias, query_block(t) if block is None else block, softcap)
 
 
 def cached_attention_hm(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,

@@ -55,7 +55,7 @@ from flexora_jax.config import ALL_MODULES, EXPERT_MODULES, GEMMA_TYPES, SANDWIC
 from flexora_jax.dora import MAGNITUDE, dora_branch
 from flexora_jax.errors import ConfigError, DataError
 from flexora_jax.lora import per_layer_lora
-from flexora_jax.models.attention import NEG_INF, accum_dtype, attend, cached_attention_hm, query_block
+from flexora_jax.models.attention import NEG_INF, accum_dtype, attend, cached_attention_hm
 from flexora_jax.models.moe import moe_mlp
 from flexora_jax.sharding import logical_axes
 
@@ -276,10 +276,8 @@ def block(config: ModelConfig, layer: Params, h: jax.Array, cos: jax.Array, sin:
         bias = window_bias(bias, window, 0 if cache is None else cache.column)
     cap = config.attn_logit_softcapping
     if cache is None:
-        # Causal query blocks, heads-major, under jax.checkpoint: the layer scan keeps q, k, v per layer
-        # instead of the [b, k, g, t, s] probabilities, which the backward pass recomputes (attention.py).
-        blk = query_block(t) if attention_block is None else attention_block
-        attn = attend(config, q, k, v, bias, blk, cap)  # config.attention's backend (attention.py)
+        # Blockwise, heads-major; no [b, k, g, t, s] probabilities kept for the backward pass (attention.py).
+        attn = attend(config, q, k, v, bias, attention_block, cap)  # config.attention's backend
     else:
         cache, k, v = _write_cache(cache, k, v)
         attn = cached_attention_hm(q, k, v, bias, cap)
@@ -351,8 +349,8 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array, attention_ma
       positions: RoPE positions [b, t]; default ``arange(t)`` (use ``cumsum(mask) - 1`` for left padding).
       dropout_key: PRNG key enabling LoRA dropout (training); None disables it.
       return_hidden: return the final normed hidden states [b, t, d] instead of logits.
-      attention_block: attend by causal query blocks of this many tokens; None = ``query_block(t)``
-        (32 up to 512 tokens), 0 = one unblocked block. Same function either way (see attention.py).
+      attention_block: attend by causal query blocks of this many tokens; None = the attention's default
+        (``attention.attend``), 0 = one unblocked block. Same function either way (see attention.py).
       segment_ids: [b, t] packed rows: 0 = shared prefix, s > 0 = segment s (sees the prefix and
         itself), -1 = padding (see :func:`attention_bias`); give matching ``positions``. Sliding windows
         count columns of the row (as transformers does), not positions within a segment.
