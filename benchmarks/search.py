@@ -197,11 +197,12 @@ def measure_parts(config, params, k: int, batch: int, seq: int, repeats: int, pe
     """Median time of each part of one ``estimator`` search step and of K plain steps, interleaved.
 
     Public functions only (``unroll``, the losses, the inner / outer optimizers, ``make_search_step``), so it
-    measures whatever the library's search step does today; each part runs the search step's attention
-    (``stage_config``: XLA where the estimator differentiates twice).
+    measures whatever the library's search step does today; the first-order parts run the attention of a
+    first-order stage and the step its own (``stage_config``, as ``make_search_step`` chooses them).
     """
     search = SearchConfig(hypergradient=estimator, inner_steps=k, batch_size=batch, val_batch_size=batch)
     staged = stage_config(config, estimator, search.darts_mode)
+    first = stage_config(config)
     batches = common.random_batch(config, batch, seq, seed=1, k=k)
     val = common.random_batch(config, batch, seq, seed=2)
     gates = init_gates("layer", config.num_hidden_layers)
@@ -209,7 +210,7 @@ def measure_parts(config, params, k: int, batch: int, seq: int, repeats: int, pe
     inner_opt, outer_opt = inner_optimizer(search), outer_optimizer(search)
 
     def losses(p):  # the frozen base is an argument, as in the search step (not a constant of the program)
-        return lambda lora, g, b: lm_loss(staged, p, lora, g, b)
+        return lambda lora, g, b: lm_loss(first, p, lora, g, b)
 
     def inner_sweep(p, inner, g, bs):  # (a): K inner steps, no outer gradient
         return unroll(losses(p), inner_opt, g, inner, bs, search.remat, search.reset_inner_optimizer)
@@ -238,7 +239,8 @@ def measure_parts(config, params, k: int, batch: int, seq: int, repeats: int, pe
     parts = {name: {**t, **info[name], "over_k_plain": t["median_s"] / plain} for name, t in timings.items()}
     parts["search_step"].update(harness.throughput(flops, timings["search_step"], peak))
     parts["plain"].update(harness.throughput(flops, timings["plain"], peak))
-    return {"k": k, "estimator": estimator, "remat": search.remat, "attention": staged.attention, "parts": parts,
+    return {"k": k, "estimator": estimator, "remat": search.remat, "attention": {"first_order": first.attention, "second_order": staged.attention},
+            "parts": parts,
             "reverse_sweep_s": reverse, "reverse_sweep_over_k_plain": reverse / plain,
             "search_over_k_plain": med["search_step"] / plain}
 

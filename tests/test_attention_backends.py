@@ -88,8 +88,9 @@ TINY = fj.ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_h
 
 
 def _search_jaxpr(estimator: str, darts_mode: str = "exact", config: fj.ModelConfig = TINY,
-                  grad_of_hypergradient: bool = False) -> str:
-    sc = SearchConfig(hypergradient=estimator, inner_steps=1, batch_size=2, val_batch_size=2, darts_mode=darts_mode)
+                  grad_of_hypergradient: bool = False, unrolled_mode: str = "mixed") -> str:
+    sc = SearchConfig(hypergradient=estimator, inner_steps=1, batch_size=2, val_batch_size=2, darts_mode=darts_mode,
+                      unrolled_mode=unrolled_mode)
     params = fj.init_params(config, jax.random.key(0))
     lora = fj.init_lora(config, fj.LoraConfig(r=2, target_modules=("q_proj", "v_proj")), jax.random.key(1))
     state = init_search_state(lora, fj.init_gates("layer", config.num_hidden_layers), sc)
@@ -123,12 +124,20 @@ def pretend_gpu(monkeypatch) -> list:
 
 @pytest.mark.parametrize("estimator,darts_mode", [("unrolled", "exact"), ("forward", "exact"), ("darts", "exact")])
 def test_second_order_search_steps_hold_no_fused_kernel(pretend_gpu, estimator, darts_mode):
-    text = _search_jaxpr(estimator, darts_mode)
+    text = _search_jaxpr(estimator, darts_mode, unrolled_mode="reverse")
     assert not [m for m in FUSED_MARKERS if m in text] and not pretend_gpu
 
 
+def test_mixed_mode_unrolled_takes_the_fused_kernel_in_its_first_order_passes_only(pretend_gpu):
+    """Mixed mode differentiates the training loss twice only in its Hessian-vector products (XLA attention
+    there); the inner steps' gradients and the validation gradient are first order (cuDNN on a GPU)."""
+    _search_jaxpr("unrolled")
+    assert pretend_gpu
+
+
 def test_grad_of_the_hypergradient_traces_on_a_pretend_gpu(pretend_gpu):
-    text = _search_jaxpr("unrolled", grad_of_hypergradient=True)
+    """Differentiating the hypergradient itself is one order more for every pass: reverse mode, XLA attention."""
+    text = _search_jaxpr("unrolled", grad_of_hypergradient=True, unrolled_mode="reverse")
     assert not [m for m in FUSED_MARKERS if m in text] and not pretend_gpu
 
 
@@ -147,10 +156,11 @@ def test_first_order_search_steps_use_cudnn_on_a_gpu(pretend_gpu, estimator, dar
 
 @pytest.mark.parametrize("estimator,darts_mode,uses_flash", [
     ("unrolled", "exact", True), ("first_order", "exact", True),
-    ("forward", "exact", False), ("darts", "exact", False)])
+    ("forward", "exact", False), ("darts", "exact", True)])
 def test_cpu_search_steps_use_flash_except_under_forward_mode(monkeypatch, estimator, darts_mode, uses_flash):
-    """On CPU ``auto`` runs flash in reverse-mode stages; ``forward`` (jacfwd) and ``darts`` exact (jvp) trace
-    the XLA attention, which has a forward-mode rule (tracing them through flash would raise)."""
+    """On CPU ``auto`` runs flash in reverse-mode stages; ``forward`` (jacfwd) traces the XLA attention, which
+    has a forward-mode rule (tracing it through flash would raise). ``darts`` exact takes flash in its first-order
+    passes and XLA in its ``jvp`` of the gate gradient."""
     calls: list = []
     real = attn.flash_attention
 

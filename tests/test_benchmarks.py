@@ -32,6 +32,7 @@ from benchmarks import (  # noqa: E402
     search,
 )
 from flexora_jax.config import LoraConfig  # noqa: E402
+from flexora_jax.models.attention import stage_config  # noqa: E402
 
 
 def _load(path):
@@ -168,7 +169,7 @@ def test_search_smoke(smoke_results):
     _recorded_start(data)
     assert [r["k"] for r in data["rows"]] == list(search.SMOKE["ks"])
     k1, k2 = data["rows"]
-    assert {"plain", "unrolled", "unrolled_noremat", "darts"} == set(k1["variants"])
+    assert {"plain", "unrolled", "unrolled_reverse", "unrolled_noremat", "darts"} == set(k1["variants"])
     assert {"plain", "unrolled"} == set(k2["variants"])
     for r in data["rows"]:
         for v in r["variants"].values():
@@ -191,7 +192,9 @@ def test_search_parts_smoke(smoke_results):
         med["search_step"] - med["inner_forward"] - med["val_grad"] - med["outer_update"])
     assert row["search_over_k_plain"] == pytest.approx(med["search_step"] / med["plain"])
     assert all(p["over_k_plain"] > 0 for p in parts.values()) and parts["search_step"]["share_of_peak"] > 0
-    assert row["attention"] == "xla"  # the unrolled estimator differentiates twice: the search step's attention
+    # the attention of the first-order passes and of the Hessian-vector products, as the search step picks them
+    assert row["attention"] == {"first_order": stage_config(common.MODELS["tiny"]).attention,
+                                "second_order": stage_config(common.MODELS["tiny"], "unrolled").attention}
 
 
 def test_nnx_step_smoke(smoke_results):
@@ -200,7 +203,9 @@ def test_nnx_step_smoke(smoke_results):
     assert set(data["timings"]) == {"search_functional", "search_nnx", "finetune_functional", "finetune_nnx"}
     assert data["ratio_search"] > 0 and data["ratio_finetune"] > 0
     # the same program both ways: XLA's memory analysis of the two search steps agrees
-    assert data["memory"]["search_functional"]["temp_bytes"] == data["memory"]["search_nnx"]["temp_bytes"]
+    # (not byte-equal: the NNX gate layout's hyperparameter pytree differs by a few hundred bytes of buffers)
+    f_temp, n_temp = data["memory"]["search_functional"]["temp_bytes"], data["memory"]["search_nnx"]["temp_bytes"]
+    assert n_temp == pytest.approx(f_temp, rel=0.01)
     assert data["compiles_of_a_second_search"] == 1  # a search compiles its step once, never once per step
     k, b, t = data["spec"]["k"], data["spec"]["batch"], data["spec"]["seq"]
     step = common.lora_step_flops_per_token(common.MODELS["tiny"], t) * b * t

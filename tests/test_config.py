@@ -139,16 +139,24 @@ def test_a_real_task_starts_from_the_papers_settings_the_demo_from_its_own():
     assert (demo.lora.r, demo.search.hypergradient, demo.finetune.max_steps) == (4, "unrolled", 400)
 
 
+def _changed(config: dict, defaults: dict) -> dict:
+    """The fields of a resolved config that differ from the defaults (a field added later at its default, such as
+    a new logging switch, leaves a study variant's digest as it was)."""
+    return {k: (_changed(v, defaults[k]) if isinstance(v, dict) and isinstance(defaults.get(k), dict) else v)
+            for k, v in config.items() if k not in defaults or v != defaults[k]}
+
+
 def _resolved() -> dict:
     """Every shipped config resolved: ``{"configs": {file: dict}, "study": {plan:experiment:variant: hash}}``."""
     from flexora_jax.pipeline.study import load_plan
 
     out: dict = {"configs": {p.name: config_to_dict(load_config(p)) for p in CONFIGS}, "study": {}}
+    defaults = config_to_dict(RunConfig())
     for path in sorted((REPO / "configs" / "study").glob("*.yaml")):
         for e in load_plan(path)["experiments"]:
             for variant, overrides in e["variants"].items():
                 c = config_to_dict(load_config(e.get("config"), list(e["overrides"]) + list(overrides or [])))
-                digest = hashlib.sha256(json.dumps(c, sort_keys=True).encode()).hexdigest()[:16]
+                digest = hashlib.sha256(json.dumps(_changed(c, defaults), sort_keys=True).encode()).hexdigest()[:16]
                 out["study"][f"{path.name}:{e['name']}:{variant}"] = digest
     return out
 

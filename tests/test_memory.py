@@ -32,8 +32,9 @@ def _abstract_batch(shape):
             "loss_mask": jax.ShapeDtypeStruct(shape, np.float32)}
 
 
-def test_plan_matches_xla_memory_analysis():
-    search = SearchConfig(inner_steps=K, batch_size=BATCH, val_batch_size=BATCH, remat=True)
+@pytest.mark.parametrize("unrolled_mode", ["mixed", "reverse"])
+def test_plan_matches_xla_memory_analysis(unrolled_mode):
+    search = SearchConfig(inner_steps=K, batch_size=BATCH, val_batch_size=BATCH, remat=True, unrolled_mode=unrolled_mode)
     finetune = FinetuneConfig(batch_size=BATCH, schedule="constant")
     params = jax.eval_shape(lambda: init_params(CONFIG, jax.random.key(0)))
     lora = lambda: init_lora(CONFIG, LORA, jax.random.key(1))  # noqa: E731
@@ -43,7 +44,7 @@ def test_plan_matches_xla_memory_analysis():
         params, sstate, _abstract_batch((K, BATCH, SEQ)), _abstract_batch((BATCH, SEQ))).compile())
     xla_train = _footprint(jax.jit(make_train_step(CONFIG, finetune, 10), donate_argnums=1).lower(
         params, tstate, _abstract_batch((BATCH, SEQ))).compile())
-    plan = plan_memory(CONFIG, LORA, {}, K, BATCH, SEQ, remat=True)
+    plan = plan_memory(CONFIG, LORA, {}, K, BATCH, SEQ, remat=True, unrolled_mode=unrolled_mode)
     assert plan["search"]["total"] == pytest.approx(xla_search, rel=0.25)
     assert plan["finetune"]["total"] == pytest.approx(xla_train, rel=0.25)
 
@@ -55,10 +56,14 @@ def test_plan_shards_and_scales():
     assert fsdp["search"]["params"] < one["search"]["params"] / 7  # norms stay replicated
     assert fsdp["search"]["activations"] == pytest.approx(one["search"]["activations"] / 8, rel=1e-3)
     assert tp["finetune"]["activations"] < one["finetune"]["activations"] / 2  # hidden-sized residuals stay whole
-    no_remat = plan_memory(CONFIG, LORA, {}, 4, BATCH, SEQ, remat=False)
-    remat = plan_memory(CONFIG, LORA, {}, 4, BATCH, SEQ, remat=True)
+    no_remat = plan_memory(CONFIG, LORA, {}, 4, BATCH, SEQ, remat=False, unrolled_mode="reverse")
+    remat = plan_memory(CONFIG, LORA, {}, 4, BATCH, SEQ, remat=True, unrolled_mode="reverse")
     assert no_remat["search"]["activations"] == 4 * remat["search"]["activations"]
-    assert remat["search"]["carries"] == 2 * one["search"]["carries"]  # K = 4 vs 2
+    assert remat["search"]["carries"] == 2 * plan_memory(CONFIG, LORA, {}, K, BATCH, SEQ, unrolled_mode="reverse")[
+        "search"]["carries"]  # K = 4 vs 2
+    mixed = plan_memory(CONFIG, LORA, {}, 4, BATCH, SEQ)
+    assert mixed["search"]["activations"] == one["search"]["activations"]  # flat in K: no residuals kept per step
+    assert mixed["search"]["total"] < remat["search"]["total"]
     bf16 = plan_memory(CONFIG, LORA, {}, K, BATCH, SEQ, dtype="bfloat16")
     assert bf16["finetune"]["params"] == pytest.approx(one["finetune"]["params"] / 2, rel=1e-6)
     assert bf16["finetune"]["lora"] == one["finetune"]["lora"]  # LoRA stays fp32

@@ -44,22 +44,10 @@ from flexora_jax.config import EXPERT_MODULES, GEMMA_TYPES, SUPPORTED_MODEL_TYPE
 from flexora_jax.errors import CheckpointError
 from flexora_jax.fileio import write_bytes, write_with
 from flexora_jax.models.hf_config import config_from_hf, config_to_hf, unsupported_model_type
+from flexora_jax.models.hf_import import transformers
 from flexora_jax.models.llama import Params, param_shapes
 from flexora_jax.sharding import leaf_spec
 from flexora_jax.validation import check_bool, check_finite_tree, check_number
-
-# transformers warns "PyTorch was not found" as it is imported without torch; flexora_jax uses only its configs
-# and tokenizers, so the import runs under transformers' own switch for advisory warnings, for the import alone
-# (the user's environment and logging settings are as they were afterwards).
-_ADVICE, _advice = "TRANSFORMERS_NO_ADVISORY_WARNINGS", os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS")
-os.environ[_ADVICE] = "1"
-try:
-    import transformers  # noqa: E402
-finally:
-    if _advice is None:
-        del os.environ[_ADVICE]
-    else:
-        os.environ[_ADVICE] = _advice
 
 SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"

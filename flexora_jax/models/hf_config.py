@@ -15,10 +15,9 @@ import functools
 from collections.abc import Mapping
 from typing import Any
 
-import transformers
-
 from flexora_jax.config import SANDWICH_TYPES, SUPPORTED_MODEL_TYPES, ModelConfig, RopeScaling
 from flexora_jax.errors import ConfigError
+from flexora_jax.models.hf_import import transformers
 
 _ACTS = {"silu": "silu", "swish": "silu", "gelu_pytorch_tanh": "gelu_pytorch_tanh", "gelu_new": "gelu_pytorch_tanh"}
 

@@ -16,12 +16,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import transformers
 
 from flexora_jax.config import ModelConfig, module_path
 from flexora_jax.errors import CheckpointError
 from flexora_jax.fileio import write_with
 from flexora_jax.models.hf import in_memory, params_from_hf, save_model
+from flexora_jax.models.hf_import import transformers
 
 
 def _permute_rope_rows(w: np.ndarray, n_heads: int) -> np.ndarray:

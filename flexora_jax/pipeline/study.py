@@ -29,7 +29,6 @@ from typing import Any
 
 import numpy as np
 import yaml
-from scipy.stats import spearmanr
 
 from flexora_jax import fileio
 from flexora_jax.errors import ConfigError, FlexoraError
@@ -140,6 +139,8 @@ def rank_correlation(selected: dict[str, int], planted: dict[str, Any], num_laye
     truth, chosen = _rank_slots(selected, planted, num_layers)
     if len(set(truth)) < 2 or len(set(chosen)) < 2:
         return float("nan")
+    from scipy.stats import spearmanr  # scipy.stats is slow to import: only the study's summary needs it
+
     return float(spearmanr(truth, chosen).statistic)
 
 

@@ -395,7 +395,8 @@ def _validate_memory(config: RunConfig, model_config: ModelConfig, data: TaskDat
     sc, ft = config.search, config.finetune
     seq = int(data.train["input_ids"].shape[1])
     plans = {"search": plan_memory(model_config, config.lora, dict(mesh.shape), sc.inner_steps, sc.batch_size, seq,
-                                   remat=sc.remat, inner_optimizer=sc.inner_optimizer)["search"],
+                                   remat=sc.remat, inner_optimizer=sc.inner_optimizer,
+                                   unrolled_mode=sc.unrolled_mode)["search"],
              "finetune": plan_memory(model_config, config.lora, dict(mesh.shape), 1, ft.batch_size, seq,
                                      finetune_optimizer=ft.optimizer)["finetune"]}
     for step, plan in plans.items():
