@@ -15,17 +15,44 @@ from typing import Any
 from flexora_jax import hooks, loops, memory, nnx, sharding, signals
 from flexora_jax.adapters import export_merged, export_peft, load_peft
 from flexora_jax.bilevel import SearchState, hypergradient, init_search_state, make_search_step, search_step, unroll
+from flexora_jax.config import (
+    EvalConfig,
+    FinetuneConfig,
+    LoraConfig,
+    MeshConfig,
+    ModelConfig,
+    RopeScaling,
+    SearchConfig,
+    SelectionConfig,
+)
 from flexora_jax.engine import Optimizer, SearchResult, finetune, search, select
-from flexora_jax.config import (EvalConfig, FinetuneConfig, LoraConfig, MeshConfig, ModelConfig, RopeScaling,
-                                SearchConfig, SelectionConfig)
 from flexora_jax.errors import CheckpointError, ConfigError, DataError, FlexoraError, NumericsError
-from flexora_jax.gates import (Gates, GateValues, gate_values, init_gates, layer_gate_values, multipliers,
-                               rank_gate_values)
+from flexora_jax.gates import (
+    Gates,
+    GateValues,
+    gate_values,
+    init_gates,
+    layer_gate_values,
+    multipliers,
+    rank_gate_values,
+)
 from flexora_jax.generation import GenerateOutput, generate
 from flexora_jax.lora import LoraParams, LoraSpec, count_params, delta_weights, init_lora, make_spec, merge, unmerge
-from flexora_jax.models import (causal_lm_loss, config_from_hf, config_to_hf, convert_llama2c, forward, init_params,
-                                labels_lm_loss, lm_loss, load_model, load_model_config, load_tokenizer, save_model,
-                                soft_lm_loss)
+from flexora_jax.models import (
+    causal_lm_loss,
+    config_from_hf,
+    config_to_hf,
+    convert_llama2c,
+    forward,
+    init_params,
+    labels_lm_loss,
+    lm_loss,
+    load_model,
+    load_model_config,
+    load_tokenizer,
+    save_model,
+    soft_lm_loss,
+)
 from flexora_jax.problem import HyperLayout, Problem, decoder_problem
 from flexora_jax.selection import Selection, select_layers, select_lora, select_ranks
 from flexora_jax.train import TrainState, dataset_loss, init_train_state, make_train_step, train_step

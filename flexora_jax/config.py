@@ -16,10 +16,27 @@ from typing import Any
 import jax
 
 from flexora_jax.errors import ConfigError
-from flexora_jax.model_config import (ALL_MODULES, ATTENTION_BACKENDS, ATTENTION_MODULES, DTYPES, EXPERT_MODULES,
-                                      FUSED_MODULES, GEMMA_TYPES, HIDDEN_ACTS, LORA_MODULES, MLP_MODULES, ROPE_TYPES,
-                                      SANDWICH_TYPES, SUPPORTED_MODEL_TYPES, FrozenDict, LoraConfig, ModelConfig,
-                                      RopeScaling, module_path, require)
+from flexora_jax.model_config import (
+    ALL_MODULES,
+    ATTENTION_BACKENDS,
+    ATTENTION_MODULES,
+    DTYPES,
+    EXPERT_MODULES,
+    FUSED_MODULES,
+    GEMMA_TYPES,
+    HIDDEN_ACTS,
+    LORA_MODULES,
+    MLP_MODULES,
+    ROPE_TYPES,
+    SANDWICH_TYPES,
+    SUPPORTED_MODEL_TYPES,
+    FrozenDict,
+    LoraConfig,
+    ModelConfig,
+    RopeScaling,
+    module_path,
+    require,
+)
 from flexora_jax.validation import check_fields
 
 __all__ = ["ALL_MODULES", "ATTENTION_BACKENDS", "ATTENTION_MODULES", "DTYPES", "EXPERT_MODULES", "FUSED_MODULES",

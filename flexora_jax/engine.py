@@ -15,15 +15,25 @@ import dataclasses
 import functools
 import os
 import sys
-from typing import Any, Callable, NamedTuple, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
-from flexora_jax.adalora import (AdaLoraConfig, AllocatorState, allocate, as_lora, init_adalora, init_allocator,
-                                 orth_regularizer, to_lora, update_ipt)
+from flexora_jax.adalora import (
+    AdaLoraConfig,
+    AllocatorState,
+    allocate,
+    as_lora,
+    init_adalora,
+    init_allocator,
+    orth_regularizer,
+    to_lora,
+    update_ipt,
+)
 from flexora_jax.bilevel import SearchState, init_search_state, nonfinite_message, search_step
 from flexora_jax.config import FinetuneConfig, SearchConfig, SelectionConfig
 from flexora_jax.data import BatchSampler, Dataset, fingerprint
@@ -31,8 +41,8 @@ from flexora_jax.errors import ConfigError, NumericsError
 from flexora_jax.gates import Gates
 from flexora_jax.hooks import Callback, Checkpoint, Progress, Validation, dataset_mean, host_tree
 from flexora_jax.loops import Hook, Stage, drive
-from flexora_jax.nnx.problem import ModelLoss, as_problem
 from flexora_jax.models.losses import lm_loss
+from flexora_jax.nnx.problem import ModelLoss, as_problem
 from flexora_jax.problem import Problem
 from flexora_jax.selection import Selection
 from flexora_jax.sharding import fetch

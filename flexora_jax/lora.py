@@ -79,7 +79,7 @@ class LoraSpec:
     def r_max_of(self, module: str) -> int:
         return dict(self.r_max)[module]
 
-    def layout_free(self) -> "LoraSpec":
+    def layout_free(self) -> LoraSpec:
         """This spec with every block adapted at ``r_max`` and scale 1: what a traced layout compiles against.
 
         Specs that differ only in blocks, ranks and scales (``layers_to_transform``, ``rank_pattern``,
@@ -157,7 +157,7 @@ class LoraParams:
     #: None: the layout is the static spec's. See :meth:`traced_layout`.
     coef: dict[str, jax.Array] | None = None
 
-    def traced_layout(self) -> "LoraParams":
+    def traced_layout(self) -> LoraParams:
         """The same LoRA (the same function) with its layout traced: one compiled program for every selection
         with the same targets and ``r_max``. :meth:`with_spec` turns it back for export and counting."""
         if self.coef is not None:
@@ -165,7 +165,7 @@ class LoraParams:
         return LoraParams(self.weights, self.spec.layout_free(),
                           {m: jnp.asarray(self.spec.coefficients(m)) for m in self.spec.targets})
 
-    def with_spec(self, spec: LoraSpec) -> "LoraParams":
+    def with_spec(self, spec: LoraSpec) -> LoraParams:
         """These weights under a static ``spec`` (the one :meth:`traced_layout` started from)."""
         return LoraParams(self.weights, spec)
 

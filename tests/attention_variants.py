@@ -16,8 +16,16 @@ import math
 import jax
 import jax.numpy as jnp
 
-from flexora_jax.models.attention import (_from_hm_q, _hm_scores, _to_hm, accum_dtype, attention_hm,
-                                          blocked_attention_hm, query_block, recompute_blocked_attention_hm)
+from flexora_jax.models.attention import (
+    _from_hm_q,
+    _hm_scores,
+    _to_hm,
+    accum_dtype,
+    attention_hm,
+    blocked_attention_hm,
+    query_block,
+    recompute_blocked_attention_hm,
+)
 
 
 def _scores(q, k, bias):

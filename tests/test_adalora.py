@@ -13,11 +13,18 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 import flexora_jax as fj  # noqa: E402
-from flexora_jax.engine import finetune_adalora  # noqa: E402
-from flexora_jax.adalora import (AdaLoraConfig, as_lora, export_adalora,  # noqa: E402
-                                 init_allocator, orth_regularizer, to_lora, update_and_allocate)
+from flexora_jax.adalora import (  # noqa: E402
+    AdaLoraConfig,
+    as_lora,
+    export_adalora,
+    init_allocator,
+    orth_regularizer,
+    to_lora,
+    update_and_allocate,
+)
 from flexora_jax.adapters import export_peft, load_adalora, load_peft  # noqa: E402
 from flexora_jax.config import module_path  # noqa: E402
+from flexora_jax.engine import finetune_adalora  # noqa: E402
 from flexora_jax.errors import CheckpointError, ConfigError  # noqa: E402
 
 L, MODULES = 2, ("q_proj", "v_proj")

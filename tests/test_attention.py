@@ -4,8 +4,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from attention_variants import (ATTENTION, flash_attention, flash_attention_hm, recompute_attention_hm,
-                                reference_attention)
+from attention_variants import (
+    ATTENTION,
+    flash_attention,
+    flash_attention_hm,
+    recompute_attention_hm,
+    reference_attention,
+)
 
 from flexora_jax.models.attention import blocked_attention_hm, query_block, recompute_blocked_attention_hm
 from flexora_jax.models.llama import attention_bias

@@ -170,7 +170,7 @@ def test_search_smoke(smoke_results):
     assert [r["k"] for r in data["rows"]] == list(search.SMOKE["ks"])
     k1, k2 = data["rows"]
     assert {"plain", "unrolled", "unrolled_reverse", "unrolled_noremat", "darts"} == set(k1["variants"])
-    assert {"plain", "unrolled"} == set(k2["variants"])
+    assert {"plain", "unrolled", "unrolled_reverse"} == set(k2["variants"])
     for r in data["rows"]:
         for v in r["variants"].values():
             assert v["ratio_to_plain"] > 0 and v["memory"]["footprint_bytes"] > 0
@@ -203,9 +203,9 @@ def test_nnx_step_smoke(smoke_results):
     assert set(data["timings"]) == {"search_functional", "search_nnx", "finetune_functional", "finetune_nnx"}
     assert data["ratio_search"] > 0 and data["ratio_finetune"] > 0
     # the same program both ways: XLA's memory analysis of the two search steps agrees
-    # (not byte-equal: the NNX gate layout's hyperparameter pytree differs by a few hundred bytes of buffers)
+    # (not byte-equal: the NNX problem's hyperparameter pytree and the loss closures' layouts differ; within 5%)
     f_temp, n_temp = data["memory"]["search_functional"]["temp_bytes"], data["memory"]["search_nnx"]["temp_bytes"]
-    assert n_temp == pytest.approx(f_temp, rel=0.01)
+    assert n_temp == pytest.approx(f_temp, rel=0.05)
     assert data["compiles_of_a_second_search"] == 1  # a search compiles its step once, never once per step
     k, b, t = data["spec"]["k"], data["spec"]["batch"], data["spec"]["seq"]
     step = common.lora_step_flops_per_token(common.MODELS["tiny"], t) * b * t

@@ -11,8 +11,15 @@ import optax
 import pytest
 
 import flexora_jax as fj
-from flexora_jax.bilevel import (InnerState, darts_implicit, hypergradient, inner_step, make_loss_fn,
-                                 _search_step, unroll)
+from flexora_jax.bilevel import (
+    InnerState,
+    _search_step,
+    darts_implicit,
+    hypergradient,
+    inner_step,
+    make_loss_fn,
+    unroll,
+)
 from flexora_jax.config import SearchConfig
 from flexora_jax.data import BatchSampler
 

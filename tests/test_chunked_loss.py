@@ -15,12 +15,12 @@ from jax.flatten_util import ravel_pytree
 
 import flexora_jax as fj
 from flexora_jax.bilevel import InnerState, make_loss_fn, unroll
-from flexora_jax.engine import search
-from flexora_jax.problem import decoder_problem
 from flexora_jax.config import SearchConfig
+from flexora_jax.engine import search
 from flexora_jax.models.llama import forward
 from flexora_jax.models.losses import LOSS_CHUNK_BYTES, MIN_LOSS_CHUNK, lm_loss, loss_chunk, token_logprobs
 from flexora_jax.planted import PlantedConfig, make_planted_task
+from flexora_jax.problem import decoder_problem
 
 CONFIG = fj.ModelConfig(vocab_size=37, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
                         num_attention_heads=2, num_key_value_heads=1)
@@ -43,7 +43,7 @@ def _batch(kind: str, padded: bool, dtype=np.float32, seed: int = 0) -> dict:
     return jax.tree.map(jnp.asarray, batch)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _model(dtype: str = "float32"):
     cfg = dataclasses.replace(CONFIG, dtype=dtype)
     params = fj.init_params(cfg, jax.random.key(0), init_std=0.3, head_std=0.5)
@@ -54,7 +54,7 @@ def _model(dtype: str = "float32"):
     return cfg, params, lora, gates
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _value_and_grads(chunk: int):
     cfg, params, _, _ = _model()
     return jax.jit(jax.value_and_grad(lambda lo, g, b: lm_loss(cfg, params, lo, g, b, chunk=chunk), argnums=(0, 1)))

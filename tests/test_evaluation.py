@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from flexora_jax import evaluation, tasks
-from flexora_jax.nnx import LlamaForCausalLM
 from flexora_jax.errors import DataError
+from flexora_jax.nnx import LlamaForCausalLM
 from flexora_jax.tasks.formats import MCRecord
 
 DATA_DIR = Path(os.environ.get("FLEXORA_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))

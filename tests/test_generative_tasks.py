@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from flexora_jax import evaluation, tasks
-from flexora_jax.nnx import LlamaForCausalLM
 from flexora_jax.errors import DataError
+from flexora_jax.nnx import LlamaForCausalLM
 from flexora_jax.tasks import generative
 from flexora_jax.tasks.generative import GenRecord
 

@@ -19,8 +19,15 @@ import flexora_jax as fj
 from flexora_jax import sharding as sh
 from flexora_jax.config import ModelConfig, RopeScaling
 from flexora_jax.errors import CheckpointError, ConfigError
-from flexora_jax.models.hf import (config_from_hf, config_to_hf, hf_tensor_names, load_model, load_model_config,
-                                   save_model, weight_files)
+from flexora_jax.models.hf import (
+    config_from_hf,
+    config_to_hf,
+    hf_tensor_names,
+    load_model,
+    load_model_config,
+    save_model,
+    weight_files,
+)
 from flexora_jax.models.llama import init_params
 
 

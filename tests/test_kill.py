@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["--compare=[]", "--task.planted.num_layers=4", "--task.planted.num_planted=1", "--task.planted.n_train=64",
         "--task.planted.n_val=32", "--task.planted.n_test=64", "--task.planted.finetune_examples=32",

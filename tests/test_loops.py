@@ -9,7 +9,6 @@ it agrees to ~1e-6.
 
 from __future__ import annotations
 
-
 import jax
 import numpy as np
 import pytest
@@ -17,8 +16,8 @@ from jax.sharding import PartitionSpec as P
 
 from flexora_jax import loops
 from flexora_jax import sharding as sh
-from flexora_jax.checkpoint import restore_sharded, save_sharded
 from flexora_jax.bilevel import init_search_state, make_search_step
+from flexora_jax.checkpoint import restore_sharded, save_sharded
 from flexora_jax.config import FinetuneConfig, LoraConfig, ModelConfig, SearchConfig
 from flexora_jax.evaluation import _Pack, _score_packed, pack_rows
 from flexora_jax.gates import init_gates

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import jax
-import pytest
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
+from test_nnx_search import PLANTED, planted_task
 
 import flexora_jax as fj
 from flexora_jax.nnx import Gate, apply_selection, lora_sites
-from test_nnx_search import PLANTED, planted_task
 
 
 def _dataset(d: dict) -> dict:

@@ -17,8 +17,16 @@ from flexora_jax.errors import ConfigError
 from flexora_jax.gates import Gates
 from flexora_jax.lora import init_lora, merge
 from flexora_jax.models import forward, init_params, save_model
-from flexora_jax.nnx import (Gate, GateLayout, LlamaForCausalLM, add_lora, init_hyperparameters, make_loss,
-                             merge_lora, split_for_search)
+from flexora_jax.nnx import (
+    Gate,
+    GateLayout,
+    LlamaForCausalLM,
+    add_lora,
+    init_hyperparameters,
+    make_loss,
+    merge_lora,
+    split_for_search,
+)
 
 CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2)

@@ -11,18 +11,41 @@ import numpy as np
 import optax
 import pytest
 from flax import nnx
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
-from test_nnx_foreign import (BLOCK_INDEX, SEQ, VOCAB, ForeignLM, StackedLM, apply, foreign_with_lora, randomize_lora,
-                              soft_loss, tokens_and_mask)
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+from test_nnx_foreign import (
+    BLOCK_INDEX,
+    SEQ,
+    VOCAB,
+    ForeignLM,
+    StackedLM,
+    apply,
+    foreign_with_lora,
+    randomize_lora,
+    soft_loss,
+    tokens_and_mask,
+)
 
 from flexora_jax.bilevel import InnerState, hypergradient, init_search_state
 from flexora_jax.config import SearchConfig
 from flexora_jax.errors import ConfigError
 from flexora_jax.gates import Gates
-from flexora_jax.selection import Selection
-from flexora_jax.nnx import (Gate, GateLayout, add_lora, apply_selection, gate_state, init_hyperparameters,
-                             make_loss, make_split_search_step, merge_lora, select_paths, split_for_search, update_model)
+from flexora_jax.nnx import (
+    Gate,
+    GateLayout,
+    add_lora,
+    apply_selection,
+    gate_state,
+    init_hyperparameters,
+    make_loss,
+    make_split_search_step,
+    merge_lora,
+    select_paths,
+    split_for_search,
+    update_model,
+)
 from flexora_jax.nnx.surgery import count_lora_params, delta_kernel, lora_sites
+from flexora_jax.selection import Selection
 
 
 def soft_batches(n: int, seed: int, lead: tuple[int, ...] = (), dtype=np.float32) -> dict:

@@ -21,12 +21,12 @@ import numpy as np
 import pytest
 
 from flexora_jax import pipeline
-from flexora_jax.pipeline.io import RunLog
-from flexora_jax.pipeline.workspace import prepare, run_mesh
 from flexora_jax import sharding as sh
 from flexora_jax.config import MeshConfig
-from flexora_jax.pipeline.config import RunConfig, load_config
 from flexora_jax.errors import ConfigError
+from flexora_jax.pipeline.config import RunConfig, load_config
+from flexora_jax.pipeline.io import RunLog
+from flexora_jax.pipeline.workspace import prepare, run_mesh
 
 # Tiny and compile-light (cold compile dominates: 4 layers, K=2, no compared method): ~25 s warm, ~105 s
 # with an empty compile cache on a loaded 2-core machine.

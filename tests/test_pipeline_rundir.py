@@ -16,7 +16,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flexora_jax import cli, sharding as sh
+from flexora_jax import cli
+from flexora_jax import sharding as sh
 from flexora_jax.config import MeshConfig
 from flexora_jax.errors import ConfigError, FlexoraError
 from flexora_jax.pipeline.config import RunConfig, load_config, save_config

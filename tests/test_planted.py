@@ -7,8 +7,8 @@ import pytest
 
 import flexora_jax as fj
 from flexora_jax.config import SearchConfig
-from flexora_jax.planted import PlantedConfig, make_planted_task
 from flexora_jax.engine import search
+from flexora_jax.planted import PlantedConfig, make_planted_task
 from flexora_jax.problem import decoder_problem
 
 SEEDS = range(5)

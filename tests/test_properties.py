@@ -10,8 +10,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from flexora_jax.pipeline.config import METHODS, RunConfig, config_to_dict, load_config
 from flexora_jax.errors import ConfigError, DataError
+from flexora_jax.pipeline.config import METHODS, RunConfig, config_to_dict, load_config
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

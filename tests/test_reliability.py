@@ -18,9 +18,9 @@ import numpy as np
 import pytest
 
 from flexora_jax import cli, pipeline
+from flexora_jax.errors import CheckpointError, ConfigError, DataError, FlexoraError
 from flexora_jax.pipeline.config import RunConfig, load_config, save_config
 from flexora_jax.pipeline.workspace import prepare
-from flexora_jax.errors import CheckpointError, ConfigError, DataError, FlexoraError
 
 PIQA_POOL = 900  # piqa is re-split from one labelled file: 338 validation + 500 test + the rest for training
 

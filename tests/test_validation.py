@@ -31,8 +31,8 @@ from flexora_jax import validation as v
 from flexora_jax.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from flexora_jax.errors import CheckpointError, ConfigError, DataError, FlexoraError, NumericsError
 from flexora_jax.nnx import add_lora, load_adapter, lora_sites, save_adapter, save_peft
-from flexora_jax.selection import Selection
 from flexora_jax.pipeline import config as run_config
+from flexora_jax.selection import Selection
 from flexora_jax.tasks.formats import MCRecord
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

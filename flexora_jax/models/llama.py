@@ -386,7 +386,7 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array, attention_ma
         h, _ = jax.lax.scan(step, h, (params["layers"], lora_layers, keys, windows))
     else:
         for i in range(config.num_hidden_layers):
-            xs = jax.tree.map(lambda x: x[i], (params["layers"], lora_layers, keys, windows))
+            xs = jax.tree.map(lambda x: x[i], (params["layers"], lora_layers, keys, windows))  # noqa: B023 (called in this iteration)
             h, _ = step(h, xs)
 
     h = rms_norm(h, params["final_norm"], config.rms_norm_eps)

@@ -52,8 +52,18 @@ its kernel is contracted (:mod:`flexora_jax.nnx.intercept`), so ``nnx.Linear``, 
 from flexora_jax.nnx.export import load_adapter, save_adapter, save_peft
 from flexora_jax.nnx.llama import LlamaForCausalLM
 from flexora_jax.nnx.problem import as_problem, causal_lm, problem
-from flexora_jax.nnx.search import (GateLayout, apply_selection, gate_state, init_hyperparameters, init_search_state,
-                                    make_loss, make_split_search_step, select_paths, split_for_search, update_model)
+from flexora_jax.nnx.search import (
+                                    GateLayout,
+                                    apply_selection,
+                                    gate_state,
+                                    init_hyperparameters,
+                                    init_search_state,
+                                    make_loss,
+                                    make_split_search_step,
+                                    select_paths,
+                                    split_for_search,
+                                    update_model,
+)
 from flexora_jax.nnx.surgery import LoraSite, add_lora, count_lora_params, lora_sites, merge_lora, remove_lora
 from flexora_jax.nnx.variables import Gate
 

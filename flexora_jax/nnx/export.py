@@ -27,8 +27,9 @@ import dataclasses
 import math
 import os
 import typing
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -39,10 +40,9 @@ from flexora_jax.config import LoraConfig
 from flexora_jax.errors import CheckpointError, ConfigError, NumericsError
 from flexora_jax.fileio import write_json, write_with
 from flexora_jax.models.hf import read_safetensors
-from flexora_jax.selection import Selection
-from flexora_jax.nnx.surgery import (LoraSite, adapted_modules, attach_lora, count_lora_params, lora_scale,
-                                     path_str)
+from flexora_jax.nnx.surgery import LoraSite, adapted_modules, attach_lora, count_lora_params, lora_scale, path_str
 from flexora_jax.nnx.variables import Gate
+from flexora_jax.selection import Selection
 from flexora_jax.validation import check_finite_tree, check_mapping, check_type, read_json
 
 ADAPTER_FILE, CONFIG_FILE, SELECTION_FILE = "adapter.safetensors", "adapter_config.json", "selection.json"

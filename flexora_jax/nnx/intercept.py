@@ -21,7 +21,8 @@ so it costs compile time only; the compiled program is the module's plus two thi
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp

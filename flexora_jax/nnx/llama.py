@@ -21,8 +21,9 @@ results are written back here. The projections are containers, not callable modu
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -114,7 +115,7 @@ class LlamaForCausalLM(nnx.Module):
     @classmethod
     def from_params(cls, config: ModelConfig, params: Params, lora: LoraParams | LoraConfig | None = None,
                     gates: Gates | GateValues | str | None = None, *,
-                    rngs: nnx.Rngs | None = None) -> "LlamaForCausalLM":
+                    rngs: nnx.Rngs | None = None) -> LlamaForCausalLM:
         """The module over given functional pytrees (``lora`` / ``gates`` as objects, or as config / kind;
         raw ``Gates`` are stored as their multipliers)."""
         lora_config = lora.spec.config if isinstance(lora, LoraParams) else lora
@@ -129,7 +130,7 @@ class LlamaForCausalLM(nnx.Module):
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: str = "float32", lora_config: LoraConfig | None = None,
                         gates: str | None = None, *, rngs: nnx.Rngs | None = None,
-                        **load_kwargs: Any) -> "LlamaForCausalLM":
+                        **load_kwargs: Any) -> LlamaForCausalLM:
         """Load an HF checkpoint (safetensors, sharded index) via :func:`flexora_jax.models.load_model`.
 
         llama.c checkpoints go through :func:`flexora_jax.models.convert_llama2c` first. ``load_kwargs``
@@ -219,7 +220,7 @@ class LlamaForCausalLM(nnx.Module):
         return split_problem(self, loss_fn or _own_loss, val_loss_fn, select=decoder.select,
                              write=lambda lora, hyper: self._write(self.lora(), hyper, state=lora))
 
-    def _write(self, lora: LoraParams, hyper: Gates | None, state: Any = None) -> "LlamaForCausalLM":
+    def _write(self, lora: LoraParams, hyper: Gates | None, state: Any = None) -> LlamaForCausalLM:
         if state is not None:
             nnx.update(self, state)
         elif self.lora_config is not None and lora.spec.config != self.lora_config:  # another layout (AdaLoRA's)
@@ -241,7 +242,7 @@ class LlamaForCausalLM(nnx.Module):
         self.lora_config = None
 
     def apply_selection(self, selection: Selection, *, gates: str | None = None,
-                        rngs: nnx.Rngs) -> "LlamaForCausalLM":
+                        rngs: nnx.Rngs) -> LlamaForCausalLM:
         """A fresh LoRA on the selected layers and ranks (``selection.lora_config``, or the selection applied to
         this model's LoRA config), in place; the searched LoRA and gates are dropped (``gates``: new neutral
         gates of that kind)."""
@@ -254,7 +255,7 @@ class LlamaForCausalLM(nnx.Module):
             self.add_gates(gates)
         return self
 
-    def merge_lora(self) -> "LlamaForCausalLM":
+    def merge_lora(self) -> LlamaForCausalLM:
         """Fold LoRA (times its gates) into the kernels in fp32, then drop LoRA and gates (in place)."""
         lora = self.lora()
         if lora is None:

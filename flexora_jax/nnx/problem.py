@@ -11,7 +11,8 @@ its own module paths. A model that states its own problem (a ``lora_problem`` me
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import jax
 from flax import nnx

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -73,7 +74,7 @@ class GateLayout:
     entries: tuple[GateEntry, ...]
 
     @classmethod
-    def of(cls, gates: nnx.State) -> "GateLayout":
+    def of(cls, gates: nnx.State) -> GateLayout:
         entries = []
         for path, var in nnx.to_flat_state(gates):
             meta = dict(var.get_metadata())

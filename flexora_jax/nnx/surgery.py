@@ -32,7 +32,8 @@ import math
 import re
 import threading
 import types
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -210,7 +211,7 @@ def _lora_call(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
     return call_intercepted(self, call, site.kernel, args, kwargs, hook, site.path)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def lora_class(cls: type) -> type:
     """The LoRA subclass of a module class (``nnx.Linear`` -> ``LoraLinear``); one per class."""
     def body(ns: dict) -> None:

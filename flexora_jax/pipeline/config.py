@@ -21,8 +21,20 @@ from typing import Any
 import draccus
 import yaml
 
-from flexora_jax.config import (ALL_MODULES, DTYPES, PRESETS, EvalConfig, FinetuneConfig, FrozenDict, LoraConfig,
-                                MeshConfig, SearchConfig, SelectionConfig, preset, require)
+from flexora_jax.config import (
+    ALL_MODULES,
+    DTYPES,
+    PRESETS,
+    EvalConfig,
+    FinetuneConfig,
+    FrozenDict,
+    LoraConfig,
+    MeshConfig,
+    SearchConfig,
+    SelectionConfig,
+    preset,
+    require,
+)
 from flexora_jax.errors import ConfigError, did_you_mean
 from flexora_jax.fileio import write_bytes
 from flexora_jax.pipeline.registry import METHODS, get_method

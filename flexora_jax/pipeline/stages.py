@@ -18,8 +18,9 @@ import dataclasses
 import logging
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import numpy as np
@@ -30,6 +31,7 @@ from flexora_jax.adalora import AdaLoraConfig, export_adalora
 from flexora_jax.adapters import export_merged, export_peft, load_peft
 from flexora_jax.engine import finetune, finetune_adalora, search
 from flexora_jax.errors import ConfigError, DataError, NumericsError
+from flexora_jax.evaluation import evaluate
 from flexora_jax.fileio import write_dir
 from flexora_jax.gates import gate_values
 from flexora_jax.hooks import Checkpoint, Progress
@@ -39,11 +41,16 @@ from flexora_jax.nnx import LlamaForCausalLM
 from flexora_jax.pipeline import report
 from flexora_jax.pipeline.config import PLANTED_TASK, RunConfig, config_to_dict
 from flexora_jax.pipeline.io import progress, progress_enabled, read_json, write_json
-from flexora_jax.pipeline.methods import (SearchOutcome, load_search, method_dir, method_selection, needed_searches,
-                                     selection_json)
+from flexora_jax.pipeline.methods import (
+    SearchOutcome,
+    load_search,
+    method_dir,
+    method_selection,
+    needed_searches,
+    selection_json,
+)
 from flexora_jax.pipeline.registry import get_method
 from flexora_jax.pipeline.workspace import Workspace, prepare
-from flexora_jax.evaluation import evaluate
 from flexora_jax.problem import decoder_problem
 from flexora_jax.selection import Selection
 from flexora_jax.signals import stop_on_signals

@@ -29,11 +29,11 @@ from flexora_jax.fileio import write_dir
 from flexora_jax.memory import plan_memory, planted_data_bytes
 from flexora_jax.models import convert_llama2c, load_model_config, load_tokenizer
 from flexora_jax.nnx import LlamaForCausalLM
-from flexora_jax.planted import PlantedConfig, make_planted_task
 from flexora_jax.pipeline.config import PLANTED_TASK, RunConfig, config_to_dict, load_config, save_config
 from flexora_jax.pipeline.io import RunLog, progress_enabled, read_json, write_json
 from flexora_jax.pipeline.registry import get_method
 from flexora_jax.pipeline.rundir import RunDir
+from flexora_jax.planted import PlantedConfig, make_planted_task
 from flexora_jax.tasks.formats import question_removed
 from flexora_jax.tasks.generative import MAX_NEW_TOKENS, GenRecord
 from flexora_jax.tasks.sft import encode_pair, sft_arrays

@@ -14,8 +14,17 @@ schema from the hub (``source="hub"``) or from the original release files (``sou
 from flexora_jax.tasks.formats import MCRecord
 from flexora_jax.tasks.generative import GenRecord
 from flexora_jax.tasks.local import HUB_FEATURES, default_data_dir, load_local
-from flexora_jax.tasks.registry import (TASKS, Split, TaskSpec, get_task, list_tasks, load_records, load_source,
-                                        load_split, split_report)
+from flexora_jax.tasks.registry import (
+                                        TASKS,
+                                        Split,
+                                        TaskSpec,
+                                        get_task,
+                                        list_tasks,
+                                        load_records,
+                                        load_source,
+                                        load_split,
+                                        split_report,
+)
 from flexora_jax.tasks.splits import DEFAULT_SEED, REST, ROLES, SplitInfo, SplitPlan
 
 __all__ = [

@@ -22,8 +22,16 @@ from flexora_jax.tasks.formats import MCRecord
 from flexora_jax.tasks.generative import GenRecord
 from flexora_jax.tasks.local import ALIASES, HUB_FEATURES, load_local
 from flexora_jax.tasks.sft import datasets_quietly
-from flexora_jax.tasks.splits import (DEFAULT_SEED, REST, SplitInfo, SplitPlan, canonical_role,
-                                      check_size_roles, resolve_sizes, resplit_indices)
+from flexora_jax.tasks.splits import (
+    DEFAULT_SEED,
+    REST,
+    SplitInfo,
+    SplitPlan,
+    canonical_role,
+    check_size_roles,
+    resolve_sizes,
+    resplit_indices,
+)
 
 Source = Literal["local", "hub"]
 Record = MCRecord | GenRecord
