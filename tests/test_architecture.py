@@ -15,7 +15,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parents[1] / "flexora_jax"
 MAX_LINES = 600
 #: The only third-party modules a function may import locally: heavy and optional at run time.
-LOCAL_IMPORT_ALLOWED = ("torch", "matplotlib", "lm_eval", "tensorboard", "wandb")
+LOCAL_IMPORT_ALLOWED = ("torch", "matplotlib", "lm_eval", "tensorboard", "wandb", "scipy")  # scipy.stats: slow import
 MAX_LOCAL_IMPORTS = 6
 REPEAT_LINES = 6
 
