@@ -154,49 +154,46 @@ def test_first_order_search_steps_use_cudnn_on_a_gpu(pretend_gpu, estimator, dar
     assert pretend_gpu
 
 
+@pytest.fixture
+def cpu_flash_calls(monkeypatch) -> list:
+    """A CPU platform for the decision, and flash attention calls recorded (then run)."""
+    calls: list = []
+    real = attn.flash_attention
+
+    def recorded(*args):
+        calls.append(args[0].shape)
+        return real(*args)
+
+    monkeypatch.setattr(attn, "device_platform", lambda: CPU)
+    monkeypatch.setattr(attn, "flash_attention", recorded)
+    return calls
+
+
 @pytest.mark.parametrize("estimator,darts_mode,uses_flash", [
     ("unrolled", "exact", True), ("first_order", "exact", True),
     ("forward", "exact", False), ("darts", "exact", True)])
-def test_cpu_search_steps_use_flash_except_under_forward_mode(monkeypatch, estimator, darts_mode, uses_flash):
+def test_cpu_search_steps_use_flash_except_under_forward_mode(cpu_flash_calls, estimator, darts_mode, uses_flash):
     """On CPU ``auto`` runs flash in reverse-mode stages; ``forward`` (jacfwd) traces the XLA attention, which
     has a forward-mode rule (tracing it through flash would raise). ``darts`` exact takes flash in its first-order
     passes and XLA in its ``jvp`` of the gate gradient."""
-    calls: list = []
-    real = attn.flash_attention
-
-    def recorded(*args):
-        calls.append(args[0].shape)
-        return real(*args)
-
-    monkeypatch.setattr(attn, "device_platform", lambda: CPU)
-    monkeypatch.setattr(attn, "flash_attention", recorded)
     _search_jaxpr(estimator, darts_mode, config=dataclasses.replace(TINY, dtype="float32"))  # not TINY: cached steps
-    assert bool(calls) is uses_flash
+    assert bool(cpu_flash_calls) is uses_flash
 
 
-def test_finetune_step_takes_flash_and_a_bare_forward_stays_jvp_able_on_cpu(monkeypatch):
+def test_finetune_step_takes_flash_and_a_bare_forward_stays_jvp_able_on_cpu(cpu_flash_calls):
     """``make_train_step`` resolves ``auto`` for its (first-order) stage: flash on CPU. A bare ``forward``
     with an unresolved ``auto`` cannot know its caller's AD mode, so it runs XLA, which ``jax.jvp`` can
     differentiate (``hypergradient("forward", ...)`` on a hand-made loss relies on it)."""
-    calls: list = []
-    real = attn.flash_attention
-
-    def recorded(*args):
-        calls.append(args[0].shape)
-        return real(*args)
-
-    monkeypatch.setattr(attn, "device_platform", lambda: CPU)
-    monkeypatch.setattr(attn, "flash_attention", recorded)
     config = dataclasses.replace(TINY, dtype="float32", num_hidden_layers=1)  # not TINY: cached steps
     params = fj.init_params(config, jax.random.key(0))
     ids = jnp.zeros((2, 8), jnp.int32)
     jax.jvp(lambda p: fj.forward(config, p, ids), (params,), (params,))
-    assert not calls
+    assert not cpu_flash_calls
     lora = fj.init_lora(config, fj.LoraConfig(r=2, target_modules=("q_proj", "v_proj")), jax.random.key(1))
     state = fj.init_train_state(lora, make_optimizer(fj.FinetuneConfig(), 10))
     batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "loss_mask": jnp.ones(ids.shape, jnp.float32)}
     jax.make_jaxpr(fj.make_train_step(config, fj.FinetuneConfig(), 10))(params, state, batch)
-    assert calls
+    assert cpu_flash_calls
 
 
 # ------------------------------------------------------------------------------------------ numerics
