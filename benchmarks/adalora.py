@@ -35,8 +35,16 @@ from flexora_jax.models.llama import init_params
 CASES = {"h256_l4": ("h256_l4", 8, 128, 15)}
 SMOKE = {"tiny": ("tiny", 2, 16, 2)}
 LR = 1e-3
-ADALORA = AdaLoraConfig(target_r=8, init_r=12, tinit=0, tfinal=0, deltaT=10, total_step=1000, lora_alpha=16.0,
-                        target_modules=("q_proj", "v_proj"))
+ADALORA = AdaLoraConfig(
+    target_r=8,
+    init_r=12,
+    tinit=0,
+    tfinal=0,
+    deltaT=10,
+    total_step=1000,
+    lora_alpha=16.0,
+    target_modules=("q_proj", "v_proj"),
+)
 
 
 def torch_step_fn(config: ModelConfig, params: Any, batch: dict, threads: int):
@@ -46,10 +54,23 @@ def torch_step_fn(config: ModelConfig, params: Any, batch: dict, threads: int):
 
     model = common.torch_model(config, params)
     a = ADALORA
-    model = peft.get_peft_model(model, peft.AdaLoraConfig(
-        target_r=a.target_r, init_r=a.init_r, tinit=a.tinit, tfinal=a.tfinal, deltaT=a.deltaT, beta1=a.beta1,
-        beta2=a.beta2, orth_reg_weight=a.orth_reg_weight, total_step=a.total_step, lora_alpha=a.lora_alpha,
-        target_modules=list(a.target_modules), task_type="CAUSAL_LM"))  # a bare PeftModel skips the regulariser
+    model = peft.get_peft_model(
+        model,
+        peft.AdaLoraConfig(
+            target_r=a.target_r,
+            init_r=a.init_r,
+            tinit=a.tinit,
+            tfinal=a.tfinal,
+            deltaT=a.deltaT,
+            beta1=a.beta1,
+            beta2=a.beta2,
+            orth_reg_weight=a.orth_reg_weight,
+            total_step=a.total_step,
+            lora_alpha=a.lora_alpha,
+            target_modules=list(a.target_modules),
+            task_type="CAUSAL_LM",
+        ),
+    )  # a bare PeftModel skips the regulariser
     model.train()
     trainable = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(trainable, lr=LR, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0)
@@ -83,8 +104,7 @@ def jax_step_fn(config: ModelConfig, params: Any, batch: dict) -> tuple[Any, dic
     def step() -> float:  # what step_fn does, with the AOT-compiled program
         alloc = cell["alloc"]
         loss, w, cell["opt"], tracked = compiled(params, cell["w"], cell["opt"], alloc.replace(mask=None), batch)
-        cell["alloc"], cell["w"] = allocate(ADALORA, alloc, tracked.replace(mask=alloc.mask), w, cell["step"],
-                                            layers)
+        cell["alloc"], cell["w"] = allocate(ADALORA, alloc, tracked.replace(mask=alloc.mask), w, cell["step"], layers)
         cell["step"] += 1
         return float(common.block(loss))
 
@@ -108,14 +128,24 @@ def measure(case: str, model: str, batch_size: int, seq: int, repeats: int, peak
         t.update(harness.throughput(flops, t, peak or harness.machine_peak()))
     best = min((n for n in timings if n.startswith("torch")), key=lambda n: timings[n]["median_s"])
     jt, tt = timings["flexora_jax"]["median_s"], timings[best]["median_s"]
-    return {"case": case, "model": common.describe(config), "batch": batch_size, "seq": seq,
-            "adalora": dataclasses.asdict(ADALORA), "lr": LR, "first_loss": first_loss,
-            "flexora_jax": {**timings.pop("flexora_jax"), **stats}, "torch_variants": timings,
-            "torch_peft": dict(timings[best], variant=best), "speedup": tt / jt}
+    return {
+        "case": case,
+        "model": common.describe(config),
+        "batch": batch_size,
+        "seq": seq,
+        "adalora": dataclasses.asdict(ADALORA),
+        "lr": LR,
+        "first_loss": first_loss,
+        "flexora_jax": {**timings.pop("flexora_jax"), **stats},
+        "torch_variants": timings,
+        "torch_peft": dict(timings[best], variant=best),
+        "speedup": tt / jt,
+    }
 
 
-def run(smoke: bool = False, configs: list[str] | None = None, out_dir: str | None = None,
-        command: str | None = None) -> dict:
+def run(
+    smoke: bool = False, configs: list[str] | None = None, out_dir: str | None = None, command: str | None = None
+) -> dict:
     """Measure every case; writes ``adalora.json`` (``adalora_smoke.json`` in smoke mode)."""
     begin = harness.start(smoke)
     harness.set_threads()
@@ -135,9 +165,11 @@ def main(argv: list[str] | None = None) -> None:
     out = run(a.smoke, a.configs, a.out_dir, harness.command_line("benchmarks.adalora", argv))
     for r in out["rows"]:
         j, t = r["flexora_jax"], r["torch_peft"]
-        print(f"{r['case']}: flexora_jax {j['median_s'] * 1e3:.1f} ms ({100 * j['share_of_peak']:.0f}% of peak), "
-              f"torch+peft {t['median_s'] * 1e3:.1f} ms ({t['variant']}), speedup {r['speedup']:.2f}x; "
-              f"first losses {r['first_loss']}")
+        print(
+            f"{r['case']}: flexora_jax {j['median_s'] * 1e3:.1f} ms ({100 * j['share_of_peak']:.0f}% of peak), "
+            f"torch+peft {t['median_s'] * 1e3:.1f} ms ({t['variant']}), speedup {r['speedup']:.2f}x; "
+            f"first losses {r['first_loss']}"
+        )
 
 
 if __name__ == "__main__":

@@ -34,9 +34,14 @@ from flexora_jax.models.llama import attention_bias, init_params
 from flexora_jax.train import init_train_state, make_optimizer, make_train_step
 
 #: name -> (batch, tokens, query heads, KV heads, head dim, timed repeats, time the second order)
-CASES = {"h256_t128": (8, 128, 8, 8, 32, 15, True), "h768_t128": (4, 128, 12, 12, 64, 15, True),
-         "h256_t512": (2, 512, 8, 8, 32, 7, False), "h768_t512": (1, 512, 12, 12, 64, 7, False),
-         "h256_t1024": (1, 1024, 8, 8, 32, 5, False), "h768_t1024": (1, 1024, 12, 12, 64, 5, False)}
+CASES = {
+    "h256_t128": (8, 128, 8, 8, 32, 15, True),
+    "h768_t128": (4, 128, 12, 12, 64, 15, True),
+    "h256_t512": (2, 512, 8, 8, 32, 7, False),
+    "h768_t512": (1, 512, 12, 12, 64, 7, False),
+    "h256_t1024": (1, 1024, 8, 8, 32, 5, False),
+    "h768_t1024": (1, 1024, 12, 12, 64, 5, False),
+}
 SMOKE = {"tiny_gqa": (2, 40, 4, 2, 8, 1, True)}
 #: ``--gpu``: the 1B LLaMA shape of ``benchmarks.gpu`` (GQA 32 / 4 heads, head dim 64) at 2048 tokens
 GPU_CASES = {"llama1b_t2048": (2, 2048, 32, 4, 64, 10, True)}
@@ -49,8 +54,10 @@ Core = Callable[[jax.Array, jax.Array, jax.Array, jax.Array], jax.Array]
 def cores(t: int, blocks: list[tuple[int, int]], dtype: str = "float32") -> dict[str, Core]:
     """The cores compared at ``t`` tokens: the XLA default, flash's default, flash at each ``blocks`` size,
     and cuDNN's fused attention on an NVIDIA GPU in bf16 / fp16."""
-    out: dict[str, Core] = {"xla": lambda q, k, v, bias: recompute_blocked_attention_hm(q, k, v, bias, query_block(t)),
-                            "flash": lambda q, k, v, bias: flash_attention(q, k, v, bias, *flash_blocks(t))}
+    out: dict[str, Core] = {
+        "xla": lambda q, k, v, bias: recompute_blocked_attention_hm(q, k, v, bias, query_block(t)),
+        "flash": lambda q, k, v, bias: flash_attention(q, k, v, bias, *flash_blocks(t)),
+    }
     for bq, bk in blocks:
         out[f"flash_{bq}x{bk}"] = lambda q, k, v, bias, bq=bq, bk=bk: flash_attention(q, k, v, bias, bq, bk)
     if dtype in ("bfloat16", "float16") and device_platform() == "cuda":
@@ -74,23 +81,44 @@ def _programs(core: Core, w: jax.Array, bias: jax.Array) -> dict[str, Callable]:
     def grad_norm(q, k, v):
         return sum(jnp.sum(g * g) for g in jax.grad(loss, (0, 1, 2))(q, k, v))
 
-    return {"forward": jax.jit(lambda q, k, v: core(q, k, v, bias)),
-            "forward_backward": jax.jit(jax.value_and_grad(loss, (0, 1, 2))),
-            "second_order": jax.jit(jax.grad(grad_norm, (0, 1, 2)))}
+    return {
+        "forward": jax.jit(lambda q, k, v: core(q, k, v, bias)),
+        "forward_backward": jax.jit(jax.value_and_grad(loss, (0, 1, 2))),
+        "second_order": jax.jit(jax.grad(grad_norm, (0, 1, 2))),
+    }
 
 
 def _max_diff(a: Any, b: Any) -> float:
     return max(float(jnp.max(jnp.abs(x - y))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
 
 
-def measure_cores(case: str, b: int, t: int, h: int, nk: int, e: int, repeats: int, second: bool,
-                  blocks: list[tuple[int, int]], dtype: str = "float32") -> dict:
+def measure_cores(
+    case: str,
+    b: int,
+    t: int,
+    h: int,
+    nk: int,
+    e: int,
+    repeats: int,
+    second: bool,
+    blocks: list[tuple[int, int]],
+    dtype: str = "float32",
+) -> dict:
     """Compile and time every core's programs; the max abs difference of each to the first core's result."""
     q, k, v, w, bias = _inputs(b, t, h, nk, e, dtype)
     live = (jnp.max(bias[:, 0], axis=-1) > -1.0)[:, :, None, None, None]  # rows that see a key
     kinds = ("forward", "forward_backward") + (("second_order",) if second else ())
-    row: dict[str, Any] = {"case": case, "dtype": dtype, "batch": b, "tokens": t, "heads": h, "kv_heads": nk,
-                           "head_dim": e, "flash_blocks": flash_blocks(t), "xla_query_block": query_block(t)}
+    row: dict[str, Any] = {
+        "case": case,
+        "dtype": dtype,
+        "batch": b,
+        "tokens": t,
+        "heads": h,
+        "kv_heads": nk,
+        "head_dim": e,
+        "flash_blocks": flash_blocks(t),
+        "xla_query_block": query_block(t),
+    }
     for kind in kinds:
         fns, compile_s, results = {}, {}, {}
         for name, core in cores(t, blocks, dtype).items():
@@ -103,12 +131,20 @@ def measure_cores(case: str, b: int, t: int, h: int, nk: int, e: int, repeats: i
             fns[name] = lambda compiled=compiled: jax.block_until_ready(compiled(q, k, v))
         timings = harness.interleaved(fns, repeats, warmup=1)
         ref = next(iter(results.values()))
-        row[kind] = {name: {**timings[name], "compile_s": compile_s[name],
-                            "max_abs_diff": _max_diff(results[name], ref),
-                            "speedup_vs_xla": timings["xla"]["median_s"] / timings[name]["median_s"]}
-                     for name in fns}
-        print(f"{case} {dtype} {kind}: " + ", ".join(f"{n} {r['median_s'] * 1e3:.1f} ms ({r['speedup_vs_xla']:.2f}x)"
-                                                       for n, r in row[kind].items()), flush=True)
+        row[kind] = {
+            name: {
+                **timings[name],
+                "compile_s": compile_s[name],
+                "max_abs_diff": _max_diff(results[name], ref),
+                "speedup_vs_xla": timings["xla"]["median_s"] / timings[name]["median_s"],
+            }
+            for name in fns
+        }
+        print(
+            f"{case} {dtype} {kind}: "
+            + ", ".join(f"{n} {r['median_s'] * 1e3:.1f} ms ({r['speedup_vs_xla']:.2f}x)" for n, r in row[kind].items()),
+            flush=True,
+        )
     return row
 
 
@@ -131,25 +167,46 @@ def measure_step(case: str, model: str, batch_size: int, seq: int, repeats: int,
 
         first[backend], fns[backend] = run(), run
     timings = harness.interleaved(fns, repeats, warmup=1)
-    return {"case": case, "model": common.describe(common.MODELS[model]), "batch": batch_size, "seq": seq,
-            "first_loss": first, "steps": {n: {**timings[n], **stats[n], "speedup_vs_xla": timings["xla"]["median_s"] /
-                                               timings[n]["median_s"]} for n in backends}}
+    return {
+        "case": case,
+        "model": common.describe(common.MODELS[model]),
+        "batch": batch_size,
+        "seq": seq,
+        "first_loss": first,
+        "steps": {
+            n: {**timings[n], **stats[n], "speedup_vs_xla": timings["xla"]["median_s"] / timings[n]["median_s"]}
+            for n in backends
+        },
+    }
 
 
-def run(smoke: bool = False, cases: list[str] | None = None, blocks: list[tuple[int, int]] | None = None,
-        step: bool = False, out_dir: str | None = None, command: str | None = None, gpu: bool = False,
-        dtypes: tuple[str, ...] = ("float32",)) -> dict:
+def run(
+    smoke: bool = False,
+    cases: list[str] | None = None,
+    blocks: list[tuple[int, int]] | None = None,
+    step: bool = False,
+    out_dir: str | None = None,
+    command: str | None = None,
+    gpu: bool = False,
+    dtypes: tuple[str, ...] = ("float32",),
+) -> dict:
     """Measure; writes ``attention.json`` (``attention_smoke.json``, ``attention_gpu.json``); returns the payload."""
     table = SMOKE if smoke else GPU_CASES if gpu else CASES
     table = {k: v for k, v in table.items() if smoke or cases is None or k in cases}
-    rows = [measure_cores(name, *spec, blocks=blocks or [], dtype=dtype) for name, spec in table.items()
-            for dtype in dtypes]
+    rows = [
+        measure_cores(name, *spec, blocks=blocks or [], dtype=dtype) for name, spec in table.items() for dtype in dtypes
+    ]
     steps = []
     if step or smoke:
-        steps = [measure_step(name, *spec, backends=["xla", "flash"])
-                 for name, spec in (SMOKE_STEP if smoke else STEP_CASES).items()]
-    payload = {"command": command or "python -m benchmarks.attention" + (" --smoke" if smoke else ""),
-               "rows": rows, "steps": steps}
+        steps = [
+            measure_step(name, *spec, backends=["xla", "flash"])
+            for name, spec in (SMOKE_STEP if smoke else STEP_CASES).items()
+        ]
+    payload = {
+        "command": command or "python -m benchmarks.attention" + (" --smoke" if smoke else ""),
+        "rows": rows,
+        "steps": steps,
+    }
     harness.write_result("attention_smoke" if smoke else "attention_gpu" if gpu else "attention", payload, out_dir)
     return payload
 
@@ -165,11 +222,23 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--out-dir", default=None)
     a = p.parse_args(argv)
     blocks = [tuple(int(x) for x in s.lower().split("x")) for s in a.blocks]
-    out = run(a.smoke, a.cases, blocks, a.step, a.out_dir, harness.command_line("benchmarks.attention", argv), a.gpu,
-              tuple(a.dtypes))
+    out = run(
+        a.smoke,
+        a.cases,
+        blocks,
+        a.step,
+        a.out_dir,
+        harness.command_line("benchmarks.attention", argv),
+        a.gpu,
+        tuple(a.dtypes),
+    )
     for row in out["steps"]:
-        print(f"step {row['case']}: " + ", ".join(f"{n} {r['median_s'] * 1e3:.1f} ms ({r['speedup_vs_xla']:.2f}x)"
-                                                  for n, r in row["steps"].items()))
+        print(
+            f"step {row['case']}: "
+            + ", ".join(
+                f"{n} {r['median_s'] * 1e3:.1f} ms ({r['speedup_vs_xla']:.2f}x)" for n, r in row["steps"].items()
+            )
+        )
 
 
 if __name__ == "__main__":

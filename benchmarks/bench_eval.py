@@ -89,17 +89,32 @@ def token_stats(tokenizer: Any, requests: list[tuple[str, str]], max_length: int
         bucket_use[width] = bucket_use.get(width, 0) + 1
         ours += batch_size * width  # fixed batch: the last one is padded with empty rows
     order = np.sort(lengths)[::-1]
-    lm = sum(len(order[i:i + batch_size]) * int(order[i]) for i in range(0, len(order), batch_size))
+    lm = sum(len(order[i : i + batch_size]) * int(order[i]) for i in range(0, len(order), batch_size))
     real = int(lengths.sum())
-    return {"requests": len(requests), "rows_packed": len(packs), "real_tokens": real,
-            "mean_len": float(lengths.mean()), "p50_len": float(np.median(lengths)), "max_len": int(lengths.max()),
-            "truncated": int(np.sum(lengths >= max_length)), "ours_padded_tokens": int(ours),
-            "lm_eval_padded_tokens": int(lm), "ours_padding_ratio": ours / real, "lm_eval_padding_ratio": lm / real,
-            "batches_per_bucket": {str(k): v for k, v in sorted(bucket_use.items())}}
+    return {
+        "requests": len(requests),
+        "rows_packed": len(packs),
+        "real_tokens": real,
+        "mean_len": float(lengths.mean()),
+        "p50_len": float(np.median(lengths)),
+        "max_len": int(lengths.max()),
+        "truncated": int(np.sum(lengths >= max_length)),
+        "ours_padded_tokens": int(ours),
+        "lm_eval_padded_tokens": int(lm),
+        "ours_padding_ratio": ours / real,
+        "lm_eval_padding_ratio": lm / real,
+        "batches_per_bucket": {str(k): v for k, v in sorted(bucket_use.items())},
+    }
 
 
-def measure(tasks_: tuple[str, ...], n: int, batch_size: int, repeats: int, threads: list[int] | None = None,
-            data_dir: str | None = None) -> dict[str, Any]:
+def measure(
+    tasks_: tuple[str, ...],
+    n: int,
+    batch_size: int,
+    repeats: int,
+    threads: list[int] | None = None,
+    data_dir: str | None = None,
+) -> dict[str, Any]:
     import torch
     from lm_eval.api.instance import Instance
     from lm_eval.models.huggingface import HFLM
@@ -115,8 +130,9 @@ def measure(tasks_: tuple[str, ...], n: int, batch_size: int, repeats: int, thre
     instances = [Instance(request_type="loglikelihood", doc={}, arguments=r, idx=i) for i, r in enumerate(requests)]
 
     def ours():
-        return evaluation.loglikelihoods(config, params, tokenizer, requests, batch_size=batch_size,
-                                         max_length=max_length, progress=False)
+        return evaluation.loglikelihoods(
+            config, params, tokenizer, requests, batch_size=batch_size, max_length=max_length, progress=False
+        )
 
     # Cold: tracing + compiling every bucket's program + one pass (the persistent cache is not used here).
     evaluation._score_packed.clear_cache()
@@ -129,6 +145,7 @@ def measure(tasks_: tuple[str, ...], n: int, batch_size: int, repeats: int, thre
         def fn():
             torch.set_num_threads(n_threads)
             return lm.loglikelihood(instances, disable_tqdm=True)
+
         return fn
 
     cores = os.cpu_count() or 1
@@ -147,45 +164,74 @@ def measure(tasks_: tuple[str, ...], n: int, batch_size: int, repeats: int, thre
     warm_cps = n_req / jax_t["median_s"]
     cold_cps = n_req / cold_s
     ref_cps = n_req / timings[best]["median_s"]
-    return {"tasks": per_task, "n_per_task": n, "batch_size": batch_size, "max_length": max_length,
-            "requests": n_req, "tokens": token_stats(tokenizer, requests, max_length, batch_size),
-            "max_abs_loglikelihood_diff": max_diff, "is_greedy_agreement": greedy_agree,
-            "flexora_jax": {**jax_t, "choices_per_s": warm_cps, "cold_s": cold_s, "cold_choices_per_s": cold_cps,
-                            "compile_s_estimate": cold_s - jax_t["median_s"], "compiled_programs": programs},
-            "lm_eval_variants": {k: {**v, "choices_per_s": n_req / v["median_s"]} for k, v in timings.items()},
-            "lm_eval": {**timings[best], "variant": best, "choices_per_s": ref_cps},
-            "speedup": warm_cps / ref_cps, "speedup_with_compile": cold_cps / ref_cps}
+    return {
+        "tasks": per_task,
+        "n_per_task": n,
+        "batch_size": batch_size,
+        "max_length": max_length,
+        "requests": n_req,
+        "tokens": token_stats(tokenizer, requests, max_length, batch_size),
+        "max_abs_loglikelihood_diff": max_diff,
+        "is_greedy_agreement": greedy_agree,
+        "flexora_jax": {
+            **jax_t,
+            "choices_per_s": warm_cps,
+            "cold_s": cold_s,
+            "cold_choices_per_s": cold_cps,
+            "compile_s_estimate": cold_s - jax_t["median_s"],
+            "compiled_programs": programs,
+        },
+        "lm_eval_variants": {k: {**v, "choices_per_s": n_req / v["median_s"]} for k, v in timings.items()},
+        "lm_eval": {**timings[best], "variant": best, "choices_per_s": ref_cps},
+        "speedup": warm_cps / ref_cps,
+        "speedup_with_compile": cold_cps / ref_cps,
+    }
 
 
-def run(smoke: bool = False, out_dir: str | None = None, command: str | None = None, n: int = 200,
-        batch_size: int = 32, repeats: int = 2, tasks_: tuple[str, ...] | None = None,
-        threads: list[int] | None = None, data_dir: str | None = None) -> dict[str, Any]:
+def run(
+    smoke: bool = False,
+    out_dir: str | None = None,
+    command: str | None = None,
+    n: int = 200,
+    batch_size: int = 32,
+    repeats: int = 2,
+    tasks_: tuple[str, ...] | None = None,
+    threads: list[int] | None = None,
+    data_dir: str | None = None,
+) -> dict[str, Any]:
     """Measure; writes ``eval.json`` (``eval_smoke.json`` in smoke mode) and returns the payload."""
     begin = harness.start(smoke)
     if smoke:
         tasks_, n, batch_size, repeats, threads = tasks_ or SMOKE_TASKS, 4, 8, 1, threads or [1]
     row = measure(tuple(tasks_ or TASKS), n, batch_size, repeats, threads, data_dir)
-    payload = {"command": command or "python -m benchmarks.bench_eval" + (" --smoke" if smoke else ""),
-               "model": "tinystories260k (hidden 64, 5 layers, 8 heads / 4 KV heads, head_dim 8, vocab 512, "
-                        "context 512)", "rows": [row]}
+    payload = {
+        "command": command or "python -m benchmarks.bench_eval" + (" --smoke" if smoke else ""),
+        "model": "tinystories260k (hidden 64, 5 layers, 8 heads / 4 KV heads, head_dim 8, vocab 512, context 512)",
+        "rows": [row],
+    }
     harness.write_result("eval_smoke" if smoke else "eval", payload, out_dir, start=begin)
     return payload
 
 
 def table(d: dict[str, Any]) -> str:
     """The Markdown table of an ``eval.json`` payload (for RESULTS.md)."""
-    lines = ["| requests (n/task x tasks) | batch | flexora_jax choices/s warm (cold, incl. compile) | "
-             "lm-eval HFLM choices/s | speedup warm (incl. compile) | compile s | padded tokens ours / lm-eval "
-             "| max abs ll diff | command | date | machine |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| requests (n/task x tasks) | batch | flexora_jax choices/s warm (cold, incl. compile) | "
+        "lm-eval HFLM choices/s | speedup warm (incl. compile) | compile s | padded tokens ours / lm-eval "
+        "| max abs ll diff | command | date | machine |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     m = d["machine"]
     for r in d["rows"]:
         j, t, tok = r["flexora_jax"], r["lm_eval"], r["tokens"]
-        lines.append(f"| {r['requests']} ({r['n_per_task']} x {', '.join(r['tasks'])}) | {r['batch_size']} | "
-                     f"{j['choices_per_s']:.1f} ({j['cold_choices_per_s']:.1f}) | {t['choices_per_s']:.1f} "
-                     f"[{t['variant']}] | **{r['speedup']:.2f}x** ({r['speedup_with_compile']:.2f}x) | "
-                     f"{j['compile_s_estimate']:.1f} | {tok['ours_padded_tokens']} / {tok['lm_eval_padded_tokens']} | "
-                     f"{r['max_abs_loglikelihood_diff']:.1e} | `{d['command']}` | {m['date']} | "
-                     f"{m['cpu']}, {m['cpu_count']} cores, {harness.load_text(d)} |")
+        lines.append(
+            f"| {r['requests']} ({r['n_per_task']} x {', '.join(r['tasks'])}) | {r['batch_size']} | "
+            f"{j['choices_per_s']:.1f} ({j['cold_choices_per_s']:.1f}) | {t['choices_per_s']:.1f} "
+            f"[{t['variant']}] | **{r['speedup']:.2f}x** ({r['speedup_with_compile']:.2f}x) | "
+            f"{j['compile_s_estimate']:.1f} | {tok['ours_padded_tokens']} / {tok['lm_eval_padded_tokens']} | "
+            f"{r['max_abs_loglikelihood_diff']:.1e} | `{d['command']}` | {m['date']} | "
+            f"{m['cpu']}, {m['cpu_count']} cores, {harness.load_text(d)} |"
+        )
     return "\n".join(lines)
 
 
@@ -199,8 +245,16 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, nargs="*", default=None, help="torch thread counts (default: cores and 1)")
     p.add_argument("--out-dir", default=None)
     a = p.parse_args(argv)
-    out = run(a.smoke, a.out_dir, harness.command_line("benchmarks.bench_eval", argv), a.n, a.batch_size, a.repeats,
-              tuple(a.tasks) if a.tasks else None, a.threads)
+    out = run(
+        a.smoke,
+        a.out_dir,
+        harness.command_line("benchmarks.bench_eval", argv),
+        a.n,
+        a.batch_size,
+        a.repeats,
+        tuple(a.tasks) if a.tasks else None,
+        a.threads,
+    )
     print(table({"machine": harness.machine_info(), **out}))
 
 

@@ -30,8 +30,9 @@ CASES = {"h256_l4_b1": ("h256_l4", 1, 32, 128, 5), "h256_l4_b32": ("h256_l4", 32
 SMOKE = {"tiny_b1": ("tiny", 1, 8, 8, 2), "tiny_b4": ("tiny", 4, 8, 8, 2)}
 
 
-def measure(case: str, model: str, batch: int, prompt_len: int, new: int, repeats: int,
-            torch_all_cores: bool = False) -> dict:
+def measure(
+    case: str, model: str, batch: int, prompt_len: int, new: int, repeats: int, torch_all_cores: bool = False
+) -> dict:
     import torch
 
     config = common.MODELS[model]
@@ -49,8 +50,15 @@ def measure(case: str, model: str, batch: int, prompt_len: int, new: int, repeat
         def fn():
             torch.set_num_threads(threads)
             with torch.inference_mode():
-                return model_t.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new,
-                                        do_sample=False, pad_token_id=0)
+                return model_t.generate(
+                    input_ids=ids,
+                    attention_mask=mask,
+                    max_new_tokens=new,
+                    min_new_tokens=new,
+                    do_sample=False,
+                    pad_token_id=0,
+                )
+
         return fn
 
     before = _decode._cache_size()
@@ -68,21 +76,35 @@ def measure(case: str, model: str, batch: int, prompt_len: int, new: int, repeat
     tokens = batch * new
     for t in timings.values():
         t["tokens_per_s"] = tokens / t["median_s"]
-    return {"case": case, "model": common.describe(config), "batch": batch, "prompt_tokens": prompt_len,
-            "new_tokens": new, "same_tokens_row0": first.tokens[0] == ref,
-            "flexora_jax": {**jax_t, "tokens_per_s": tokens / jax_t["median_s"], "first_call_s": compile_s,
-                            "programs_compiled": _decode._cache_size() - before},
-            "torch_variants": timings, "torch": dict(timings[best], variant=best),
-            "speedup": timings[best]["median_s"] / jax_t["median_s"]}
+    return {
+        "case": case,
+        "model": common.describe(config),
+        "batch": batch,
+        "prompt_tokens": prompt_len,
+        "new_tokens": new,
+        "same_tokens_row0": first.tokens[0] == ref,
+        "flexora_jax": {
+            **jax_t,
+            "tokens_per_s": tokens / jax_t["median_s"],
+            "first_call_s": compile_s,
+            "programs_compiled": _decode._cache_size() - before,
+        },
+        "torch_variants": timings,
+        "torch": dict(timings[best], variant=best),
+        "speedup": timings[best]["median_s"] / jax_t["median_s"],
+    }
 
 
-def run(smoke: bool = False, out_dir: str | None = None, command: str | None = None,
-        torch_all_cores: bool = False) -> dict:
+def run(
+    smoke: bool = False, out_dir: str | None = None, command: str | None = None, torch_all_cores: bool = False
+) -> dict:
     """Measure every case; writes ``generate.json`` (``generate_smoke.json`` in smoke mode)."""
     harness.set_threads()
     rows = [measure(name, *spec, torch_all_cores=torch_all_cores) for name, spec in (SMOKE if smoke else CASES).items()]
-    payload = {"command": command or "python -m benchmarks.bench_generate" + (" --smoke" if smoke else ""),
-               "rows": rows}
+    payload = {
+        "command": command or "python -m benchmarks.bench_generate" + (" --smoke" if smoke else ""),
+        "rows": rows,
+    }
     harness.write_result("generate_smoke" if smoke else "generate", payload, out_dir)
     return payload
 
@@ -95,9 +117,11 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     out = run(a.smoke, a.out_dir, harness.command_line("benchmarks.bench_generate", argv), a.torch_all_cores)
     for r in out["rows"]:
-        print(f"{r['case']}: flexora_jax {r['flexora_jax']['tokens_per_s']:.0f} tok/s, torch "
-              f"{r['torch']['tokens_per_s']:.0f} tok/s ({r['torch']['variant']}), speedup {r['speedup']:.2f}x, "
-              f"same tokens {r['same_tokens_row0']}, first call {r['flexora_jax']['first_call_s']:.1f} s")
+        print(
+            f"{r['case']}: flexora_jax {r['flexora_jax']['tokens_per_s']:.0f} tok/s, torch "
+            f"{r['torch']['tokens_per_s']:.0f} tok/s ({r['torch']['variant']}), speedup {r['speedup']:.2f}x, "
+            f"same tokens {r['same_tokens_row0']}, first call {r['flexora_jax']['first_call_s']:.1f} s"
+        )
 
 
 if __name__ == "__main__":

@@ -54,8 +54,9 @@ def worker(spec: dict) -> dict:
     val = common.random_batch(config, b, t, seed=2)
     one = common.random_batch(config, b, t, seed=3)
 
-    sstep = loops.compile_step(make_search_step(config, search), mesh, (params, sstate, train_batches, val),
-                               {2: 1, 3: 0})
+    sstep = loops.compile_step(
+        make_search_step(config, search), mesh, (params, sstate, train_batches, val), {2: 1, 3: 0}
+    )
     tstep = loops.compile_step(make_train_step(config, finetune, 100), mesh, (params, tstate, one), {2: 0})
     sp, sstate = sstep.place(params, sstate)
     tp, tstate = tstep.place(params, tstate)
@@ -74,15 +75,24 @@ def worker(spec: dict) -> dict:
 
     timings = harness.interleaved({"search": run_search, "finetune": run_train}, spec["repeats"], warmup=1)
     tokens = {"search": (k + 1) * b * t, "finetune": b * t}  # K inner batches + the validation batch
-    return {"devices": n, "mesh": dict(mesh.shape),
-            "steps": {name: dict(timings[name], tokens_per_step=tokens[name],
-                                 tokens_per_s=tokens[name] / timings[name]["median_s"],
-                                 memory=(search_compile if name == "search" else train_compile)["memory"])
-                      for name in timings}}
+    return {
+        "devices": n,
+        "mesh": dict(mesh.shape),
+        "steps": {
+            name: dict(
+                timings[name],
+                tokens_per_step=tokens[name],
+                tokens_per_s=tokens[name] / timings[name]["median_s"],
+                memory=(search_compile if name == "search" else train_compile)["memory"],
+            )
+            for name in timings
+        },
+    }
 
 
-def run(smoke: bool = False, out_dir: str | None = None, command: str | None = None,
-        devices: tuple[int, ...] | None = None) -> dict:
+def run(
+    smoke: bool = False, out_dir: str | None = None, command: str | None = None, devices: tuple[int, ...] | None = None
+) -> dict:
     """Run one worker per device count; writes ``scaling.json`` (``scaling_smoke.json`` in smoke mode)."""
     from benchmarks import common, harness
 
@@ -92,24 +102,43 @@ def run(smoke: bool = False, out_dir: str | None = None, command: str | None = N
     repo = Path(__file__).resolve().parents[1]
     rows = []
     for n in spec["devices"]:
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}", JAX_PLATFORMS="cpu",
-                   PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        proc = subprocess.run([sys.executable, "-m", "benchmarks.bench_scaling", "--worker", json.dumps(spec)],
-                              env=env, cwd=repo, capture_output=True, text=True, timeout=1800)
+        env = dict(
+            os.environ,
+            XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
+            JAX_PLATFORMS="cpu",
+            PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        )
+        proc = subprocess.run(
+            [sys.executable, "-m", "benchmarks.bench_scaling", "--worker", json.dumps(spec)],
+            env=env,
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=1800,
+        )
         lines = [ln for ln in proc.stdout.splitlines() if ln.startswith(_MARK)]
         if proc.returncode != 0 or not lines:
             raise RuntimeError(f"scaling worker with {n} devices failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-        rows.append(json.loads(lines[-1][len(_MARK):]))
-        print(f"[scaling] {n} device(s): " + ", ".join(
-            f"{k} {v['tokens_per_s']:.0f} tok/s" for k, v in rows[-1]["steps"].items()), flush=True)
+        rows.append(json.loads(lines[-1][len(_MARK) :]))
+        print(
+            f"[scaling] {n} device(s): "
+            + ", ".join(f"{k} {v['tokens_per_s']:.0f} tok/s" for k, v in rows[-1]["steps"].items()),
+            flush=True,
+        )
     base = rows[0]["steps"]
     for r in rows:
         for name, v in r["steps"].items():
             v["ratio_to_1"] = v["tokens_per_s"] / base[name]["tokens_per_s"]
-    payload = {"command": command or "python -m benchmarks.bench_scaling" + (" --smoke" if smoke else ""),
-               "model": common.describe(common.MODELS[spec["model"]]), "lora": common.LORA.to_dict(),
-               "batch": spec["batch"], "seq": spec["seq"], "k": spec["k"], "rows": rows,
-               "note": "virtual CPU devices share the same cores; mesh (1, N, 1)"}
+    payload = {
+        "command": command or "python -m benchmarks.bench_scaling" + (" --smoke" if smoke else ""),
+        "model": common.describe(common.MODELS[spec["model"]]),
+        "lora": common.LORA.to_dict(),
+        "batch": spec["batch"],
+        "seq": spec["seq"],
+        "k": spec["k"],
+        "rows": rows,
+        "note": "virtual CPU devices share the same cores; mesh (1, N, 1)",
+    }
     harness.write_result("scaling_smoke" if smoke else "scaling", payload, out_dir, start=begin)
     return payload
 
@@ -122,20 +151,27 @@ def table(d: dict) -> str:
     """Markdown for ``benchmarks/RESULTS.md`` (``report.TABLES["scaling"]``)."""
     from benchmarks import harness
 
-    lines = ["| devices | mesh (data, fsdp, model) | search ms (min-max) | search tok/s | search vs 1 "
-             "| fine-tune ms (min-max) | fine-tune tok/s | fine-tune vs 1 |", "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| devices | mesh (data, fsdp, model) | search ms (min-max) | search tok/s | search vs 1 "
+        "| fine-tune ms (min-max) | fine-tune tok/s | fine-tune vs 1 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in d["rows"]:
         s, f = r["steps"]["search"], r["steps"]["finetune"]
         mesh = r["mesh"]
-        lines.append(f"| {r['devices']} | ({mesh['data']}, {mesh['fsdp']}, {mesh['model']}) "
-                     f"| {_ms(s)} | {s['tokens_per_s']:.0f} | {s['ratio_to_1']:.2f}x "
-                     f"| {_ms(f)} | {f['tokens_per_s']:.0f} | {f['ratio_to_1']:.2f}x |")
+        lines.append(
+            f"| {r['devices']} | ({mesh['data']}, {mesh['fsdp']}, {mesh['model']}) "
+            f"| {_ms(s)} | {s['tokens_per_s']:.0f} | {s['ratio_to_1']:.2f}x "
+            f"| {_ms(f)} | {f['tokens_per_s']:.0f} | {f['ratio_to_1']:.2f}x |"
+        )
     m, machine = d["model"], d["machine"]
     lines.append("")
-    lines.append(f"Model hidden {m['hidden_size']} / {m['num_hidden_layers']} layers / vocab {m['vocab_size']}, "
-                 f"batch {d['batch']} x {d['seq']}, K = {d['k']}, LoRA r=8 on q,v; {d['note']}. Command "
-                 f"`{d['command']}`, {machine['date']}, {machine['cpu']}, {machine['cpu_count']} cores, "
-                 f"{harness.load_text(d)}.")
+    lines.append(
+        f"Model hidden {m['hidden_size']} / {m['num_hidden_layers']} layers / vocab {m['vocab_size']}, "
+        f"batch {d['batch']} x {d['seq']}, K = {d['k']}, LoRA r=8 on q,v; {d['note']}. Command "
+        f"`{d['command']}`, {machine['date']}, {machine['cpu']}, {machine['cpu_count']} cores, "
+        f"{harness.load_text(d)}."
+    )
     return "\n".join(lines)
 
 
@@ -153,8 +189,10 @@ def main(argv: list[str] | None = None) -> None:
 
     out = run(a.smoke, a.out_dir, harness.command_line("benchmarks.bench_scaling", argv), a.devices)
     for r in out["rows"]:
-        print(f"{r['devices']} device(s): " + ", ".join(
-            f"{k} {v['tokens_per_s']:.0f} tok/s ({v['ratio_to_1']:.2f}x)" for k, v in r["steps"].items()))
+        print(
+            f"{r['devices']} device(s): "
+            + ", ".join(f"{k} {v['tokens_per_s']:.0f} tok/s ({v['ratio_to_1']:.2f}x)" for k, v in r["steps"].items())
+        )
 
 
 if __name__ == "__main__":

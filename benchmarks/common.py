@@ -17,27 +17,52 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 #: The benchmark models. vocab 512 is the llama2.c TinyStories tokenizer (the pitfalls.md reference
 #: 177 ms/step uses a small vocab); the 768/12 config is GPT-2-small sized with a LLaMA-sized vocab.
 MODELS: dict[str, ModelConfig] = {
-    "h256_l4": ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4,
-                           num_attention_heads=8),
-    "h768_l12": ModelConfig(vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12,
-                            num_attention_heads=12),
-    "h256_l32": ModelConfig(vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=32,
-                            num_attention_heads=8),
+    "h256_l4": ModelConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8
+    ),
+    "h768_l12": ModelConfig(
+        vocab_size=32000, hidden_size=768, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=12
+    ),
+    "h256_l32": ModelConfig(
+        vocab_size=512, hidden_size=256, intermediate_size=688, num_hidden_layers=32, num_attention_heads=8
+    ),
     # GPU mode: a 1B-parameter LLaMA shape (TinyLlama-1.1B's), random init, bf16
-    "llama_1b": ModelConfig(vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
-                            num_attention_heads=32, num_key_value_heads=4, dtype="bfloat16"),
+    "llama_1b": ModelConfig(
+        vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        dtype="bfloat16",
+    ),
     # seconds-long smoke mode (tests)
-    "tiny": ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                        num_attention_heads=4),
+    "tiny": ModelConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4
+    ),
 }
 
 #: Dense bf16 peak TFLOP/s per JAX device (datasheets, no sparsity) by ``device_kind`` substring: the MFU
 #: denominator. The first match wins, so a longer name comes before its prefix ("H100 PCIe" before "H100",
 #: "L40S" before "L40" before "L4", "A100" before "A10", "TPU v5 lite" = v5e before "TPU v5" = v5p).
-PEAK_BF16_TFLOPS = {"H200": 989.0, "H100 PCIe": 756.0, "H100 NVL": 835.0, "H100": 989.0, "A100": 312.0,
-                    "L40S": 362.0, "L40": 181.0, "L4": 121.0, "A10": 125.0,
-                    "TPU v6 lite": 918.0, "TPU v6e": 918.0, "TPU v5 lite": 197.0, "TPU v5e": 197.0,
-                    "TPU v5p": 459.0, "TPU v5": 459.0, "TPU v4": 275.0}
+PEAK_BF16_TFLOPS = {
+    "H200": 989.0,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H100": 989.0,
+    "A100": 312.0,
+    "L40S": 362.0,
+    "L40": 181.0,
+    "L4": 121.0,
+    "A10": 125.0,
+    "TPU v6 lite": 918.0,
+    "TPU v6e": 918.0,
+    "TPU v5 lite": 197.0,
+    "TPU v5e": 197.0,
+    "TPU v5p": 459.0,
+    "TPU v5": 459.0,
+    "TPU v4": 275.0,
+}
 
 
 def peak_flops(device_kind: str) -> float | None:
@@ -58,8 +83,9 @@ def require_gpu(runner: str, torch_too: bool = False) -> None:
         torch_ok = torch.cuda.is_available()
     if backend != "gpu" or not torch_ok:
         seen = f"jax's backend is {backend!r}" + (f", torch.cuda.is_available() is {torch_ok}" if torch_too else "")
-        raise SystemExit(f"benchmarks.{runner} --gpu needs a CUDA GPU visible to jax"
-                         f"{' and torch' if torch_too else ''}; {seen}")
+        raise SystemExit(
+            f"benchmarks.{runner} --gpu needs a CUDA GPU visible to jax{' and torch' if torch_too else ''}; {seen}"
+        )
 
 
 def base_matmul_params(config: ModelConfig) -> int:
@@ -112,8 +138,11 @@ def lora_step_flops_per_token(config: ModelConfig, seq: int, lora: LoraConfig | 
     embedding lookup (a gather); and the input gradient the lowest layer does not need.
     """
     lora = LORA if lora is None else lora
-    return (4.0 * base_matmul_params(config) + 3.0 * attention_flops_per_token(config, seq)
-            + lora_flops_per_token(config, lora))
+    return (
+        4.0 * base_matmul_params(config)
+        + 3.0 * attention_flops_per_token(config, seq)
+        + lora_flops_per_token(config, lora)
+    )
 
 
 #: LoRA r = 8 on q, v (PEFT's defaults for LLaMA; the pitfalls.md reference).
@@ -121,8 +150,17 @@ LORA = LoraConfig(r=8, lora_alpha=16.0, target_modules=("q_proj", "v_proj"))
 
 
 def describe(config: ModelConfig) -> dict[str, Any]:
-    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "dtype", "scan_layers", "remat_layers")
+    keys = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "dtype",
+        "scan_layers",
+        "remat_layers",
+    )
     return {k: getattr(config, k) for k in keys}
 
 
@@ -131,8 +169,11 @@ def random_batch(config: ModelConfig, batch: int, seq: int, seed: int = 0, k: in
     rng = np.random.default_rng(seed)
     shape = (batch, seq) if k is None else (k, batch, seq)
     ids = rng.integers(0, config.vocab_size, shape, dtype=np.int32)
-    return {"input_ids": jnp.asarray(ids), "attention_mask": jnp.ones(shape, jnp.int32),
-            "loss_mask": jnp.ones(shape, jnp.float32)}
+    return {
+        "input_ids": jnp.asarray(ids),
+        "attention_mask": jnp.ones(shape, jnp.int32),
+        "loss_mask": jnp.ones(shape, jnp.float32),
+    }
 
 
 def torch_model(config: ModelConfig, params: Any, lora: LoraConfig | None = None):
@@ -148,9 +189,16 @@ def torch_model(config: ModelConfig, params: Any, lora: LoraConfig | None = None
     if lora is not None:
         import peft
 
-        model = peft.get_peft_model(model, peft.LoraConfig(
-            r=lora.r, lora_alpha=lora.lora_alpha, lora_dropout=lora.lora_dropout,
-            target_modules=list(lora.target_modules), use_dora=lora.use_dora))
+        model = peft.get_peft_model(
+            model,
+            peft.LoraConfig(
+                r=lora.r,
+                lora_alpha=lora.lora_alpha,
+                lora_dropout=lora.lora_dropout,
+                target_modules=list(lora.target_modules),
+                use_dora=lora.use_dora,
+            ),
+        )
     return model
 
 

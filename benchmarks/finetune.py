@@ -49,8 +49,15 @@ GPU_CASES = {"llama_1b_bf16": ("llama_1b", 4, 2048, 10)}
 STEPS = 1000  # schedule length (only the schedule's shape depends on it)
 
 
-def torch_step_fn(config: ModelConfig, params: Any, cfg: FinetuneConfig, batch: dict, threads: int,
-                  device: str = "cpu", lora: LoraConfig = common.LORA):
+def torch_step_fn(
+    config: ModelConfig,
+    params: Any,
+    cfg: FinetuneConfig,
+    batch: dict,
+    threads: int,
+    device: str = "cpu",
+    lora: LoraConfig = common.LORA,
+):
     """A closure running one torch + peft training step (same optimizer as ``make_optimizer``) on ``threads``
     (CPU) or on ``device``; base and LoRA weights in ``config.dtype``."""
     import torch
@@ -87,8 +94,9 @@ def torch_step_fn(config: ModelConfig, params: Any, cfg: FinetuneConfig, batch: 
     return step
 
 
-def jax_step_fn(config: ModelConfig, params: Any, cfg: FinetuneConfig, batch: dict,
-                lora_config: LoraConfig = common.LORA) -> tuple[Any, dict]:
+def jax_step_fn(
+    config: ModelConfig, params: Any, cfg: FinetuneConfig, batch: dict, lora_config: LoraConfig = common.LORA
+) -> tuple[Any, dict]:
     """(closure running one flexora_jax step, compile stats)."""
     lora = init_lora(config, lora_config, jax.random.key(1), params)
     state = init_train_state(lora, make_optimizer(cfg, STEPS))
@@ -119,13 +127,29 @@ def timed_runs(fns: dict, repeats: int, runs: int) -> tuple[dict, list[dict]]:
             pooled[name] += t["times_s"]
         medians = {name: t["median_s"] for name, t in timings.items()}
         best = min((n for n in medians if n.startswith("torch")), key=medians.get)
-        per_run.append({"load_start": load, "medians_s": medians, "torch_best": best,
-                        "speedup": medians[best] / medians["flexora_jax"]})
+        per_run.append(
+            {
+                "load_start": load,
+                "medians_s": medians,
+                "torch_best": best,
+                "speedup": medians[best] / medians["flexora_jax"],
+            }
+        )
     return {name: dict(harness.summary(ts), times_s=ts) for name, ts in pooled.items()}, per_run
 
 
-def measure(case: str, model: str, batch_size: int, seq: int, repeats: int, model_overrides: dict | None = None,
-            gpu: bool = False, dora: bool = False, runs: int = 1, peak: dict | None = None) -> dict:
+def measure(
+    case: str,
+    model: str,
+    batch_size: int,
+    seq: int,
+    repeats: int,
+    model_overrides: dict | None = None,
+    gpu: bool = False,
+    dora: bool = False,
+    runs: int = 1,
+    peak: dict | None = None,
+) -> dict:
     config = dataclasses.replace(common.MODELS[model], **(model_overrides or {}))
     lora = dataclasses.replace(common.LORA, use_dora=dora)
     cfg = FinetuneConfig(batch_size=batch_size)
@@ -150,18 +174,37 @@ def measure(case: str, model: str, batch_size: int, seq: int, repeats: int, mode
         t.update(harness.throughput(flops * tokens, t, peak))
     best = min((n for n in timings if n.startswith("torch")), key=lambda n: timings[n]["median_s"])
     jt, tt = timings["flexora_jax"]["median_s"], timings[best]["median_s"]
-    return {"case": case, "model": common.describe(config), "batch": batch_size, "seq": seq,
-            "lora": lora.to_dict(), "finetune": dataclasses.asdict(cfg), "first_loss": first_loss,
-            "flexora_jax": {**timings.pop("flexora_jax"), **stats}, "torch_variants": timings,
-            "torch_peft": dict(timings[best], variant=best), "speedup": tt / jt,
-            "runs": per_run, "speedup_over_runs": _over_runs([r["speedup"] for r in per_run]),
-            "target_speedup": 1.3 if gpu else 1.25, "flops_per_token": flops,
-            "device": jax.devices()[0].device_kind, "peak_flops": peak["reference_flops"]}
+    return {
+        "case": case,
+        "model": common.describe(config),
+        "batch": batch_size,
+        "seq": seq,
+        "lora": lora.to_dict(),
+        "finetune": dataclasses.asdict(cfg),
+        "first_loss": first_loss,
+        "flexora_jax": {**timings.pop("flexora_jax"), **stats},
+        "torch_variants": timings,
+        "torch_peft": dict(timings[best], variant=best),
+        "speedup": tt / jt,
+        "runs": per_run,
+        "speedup_over_runs": _over_runs([r["speedup"] for r in per_run]),
+        "target_speedup": 1.3 if gpu else 1.25,
+        "flops_per_token": flops,
+        "device": jax.devices()[0].device_kind,
+        "peak_flops": peak["reference_flops"],
+    }
 
 
-def run(smoke: bool = False, configs: list[str] | None = None, out_dir: str | None = None,
-        command: str | None = None, gpu: bool = False, dora: bool = False, repeat_runs: int = 1,
-        repeats: int | None = None) -> dict:
+def run(
+    smoke: bool = False,
+    configs: list[str] | None = None,
+    out_dir: str | None = None,
+    command: str | None = None,
+    gpu: bool = False,
+    dora: bool = False,
+    repeat_runs: int = 1,
+    repeats: int | None = None,
+) -> dict:
     """Measure every case (``repeat_runs`` whole round-robin measurements each, in this process; ``repeats``
     timed calls per run instead of the case's); writes ``finetune.json`` (``finetune_smoke.json`` in smoke
     mode, ``finetune_gpu.json`` in GPU mode)."""
@@ -171,12 +214,16 @@ def run(smoke: bool = False, configs: list[str] | None = None, out_dir: str | No
     harness.set_threads()
     table = GPU_CASES if gpu else CASES
     cases = SMOKE if smoke else {k: v for k, v in table.items() if configs is None or k in configs}
-    rows = [measure(name, *spec[:3], repeats or spec[3], gpu=gpu, dora=dora, runs=repeat_runs, peak=begin.peak)
-            for name, spec in cases.items()]
-    flag = ((" --smoke" if smoke else " --gpu" if gpu else "") + (" --dora" if dora else "")
-            + (f" --repeat-runs {repeat_runs}" if repeat_runs > 1 else ""))
-    payload = {"command": command or "python -m benchmarks.finetune" + flag, "repeat_runs": repeat_runs,
-               "rows": rows}
+    rows = [
+        measure(name, *spec[:3], repeats or spec[3], gpu=gpu, dora=dora, runs=repeat_runs, peak=begin.peak)
+        for name, spec in cases.items()
+    ]
+    flag = (
+        (" --smoke" if smoke else " --gpu" if gpu else "")
+        + (" --dora" if dora else "")
+        + (f" --repeat-runs {repeat_runs}" if repeat_runs > 1 else "")
+    )
+    payload = {"command": command or "python -m benchmarks.finetune" + flag, "repeat_runs": repeat_runs, "rows": rows}
     name = "finetune_smoke" if smoke else "finetune_gpu" if gpu else "finetune"
     harness.write_result(name + ("_dora" if dora else ""), payload, out_dir, start=begin)
     return payload
@@ -189,20 +236,34 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--smoke", action="store_true", help="tiny sizes, seconds (what the tests run)")
     p.add_argument("--dora", action="store_true", help="DoRA (use_dora) on both sides instead of LoRA")
     p.add_argument("--repeats", type=int, default=None, help="timed calls per run (default: the case's)")
-    p.add_argument("--repeat-runs", type=int, default=1, metavar="N",
-                   help="repeat the whole round-robin measurement N times in this process; reports the speedup's "
-                        "spread over runs")
+    p.add_argument(
+        "--repeat-runs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="repeat the whole round-robin measurement N times in this process; reports the speedup's spread over runs",
+    )
     p.add_argument("--out-dir", default=None)
     a = p.parse_args(argv)
-    out = run(a.smoke, a.configs, a.out_dir, harness.command_line("benchmarks.finetune", argv), gpu=a.gpu,
-              dora=a.dora, repeat_runs=a.repeat_runs, repeats=a.repeats)
+    out = run(
+        a.smoke,
+        a.configs,
+        a.out_dir,
+        harness.command_line("benchmarks.finetune", argv),
+        gpu=a.gpu,
+        dora=a.dora,
+        repeat_runs=a.repeat_runs,
+        repeats=a.repeats,
+    )
     for r in out["rows"]:
         j, spread = r["flexora_jax"], r["speedup_over_runs"]
-        print(f"{r['case']}: flexora_jax {j['median_s'] * 1e3:.1f} ms ({j['flops_per_s'] / 1e9:.1f} GFLOP/s, "
-              f"{100 * j['share_of_peak']:.0f}% of peak), torch+peft {r['torch_peft']['median_s'] * 1e3:.1f} ms "
-              f"({r['torch_peft']['variant']}), speedup {r['speedup']:.2f}x (over {spread['n']} runs "
-              f"{spread['min']:.2f}-{spread['median']:.2f}-{spread['max']:.2f}; per run "
-              f"{[(round(x['speedup'], 2), x['torch_best']) for x in r['runs']]}) (compile {j['compile_s']:.1f} s)")
+        print(
+            f"{r['case']}: flexora_jax {j['median_s'] * 1e3:.1f} ms ({j['flops_per_s'] / 1e9:.1f} GFLOP/s, "
+            f"{100 * j['share_of_peak']:.0f}% of peak), torch+peft {r['torch_peft']['median_s'] * 1e3:.1f} ms "
+            f"({r['torch_peft']['variant']}), speedup {r['speedup']:.2f}x (over {spread['n']} runs "
+            f"{spread['min']:.2f}-{spread['median']:.2f}-{spread['max']:.2f}; per run "
+            f"{[(round(x['speedup'], 2), x['torch_best']) for x in r['runs']]}) (compile {j['compile_s']:.1f} s)"
+        )
 
 
 if __name__ == "__main__":

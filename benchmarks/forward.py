@@ -47,6 +47,7 @@ def measure(case: str, model: str, batch_size: int, seq: int, repeats: int, peak
             torch.set_num_threads(threads)
             with torch.inference_mode():
                 return model_t(input_ids=ids, attention_mask=mask).logits
+
         return fn
 
     cores = os.cpu_count() or 1
@@ -61,11 +62,17 @@ def measure(case: str, model: str, batch_size: int, seq: int, repeats: int, peak
         t.update(harness.throughput(flops, t, peak or harness.machine_peak()))
     jax_t = timings.pop("flexora_jax")
     best = min(timings, key=lambda n: timings[n]["median_s"])
-    return {"case": case, "model": common.describe(config), "batch": batch_size, "seq": seq,
-            "max_abs_logit_diff": max_diff,
-            "flexora_jax": {**jax_t, "tokens_per_s": tokens / jax_t["median_s"], **stats},
-            "torch_variants": timings, "torch": dict(timings[best], variant=best),
-            "speedup": timings[best]["median_s"] / jax_t["median_s"]}
+    return {
+        "case": case,
+        "model": common.describe(config),
+        "batch": batch_size,
+        "seq": seq,
+        "max_abs_logit_diff": max_diff,
+        "flexora_jax": {**jax_t, "tokens_per_s": tokens / jax_t["median_s"], **stats},
+        "torch_variants": timings,
+        "torch": dict(timings[best], variant=best),
+        "speedup": timings[best]["median_s"] / jax_t["median_s"],
+    }
 
 
 def run(smoke: bool = False, out_dir: str | None = None, command: str | None = None) -> dict:
@@ -85,9 +92,11 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     out = run(a.smoke, a.out_dir, harness.command_line("benchmarks.forward", argv))
     for r in out["rows"]:
-        print(f"{r['case']}: flexora_jax {r['flexora_jax']['median_s'] * 1e3:.1f} ms, torch "
-              f"{r['torch']['median_s'] * 1e3:.1f} ms ({r['torch']['variant']}), speedup {r['speedup']:.2f}x, "
-              f"max |logit diff| {r['max_abs_logit_diff']:.1e}")
+        print(
+            f"{r['case']}: flexora_jax {r['flexora_jax']['median_s'] * 1e3:.1f} ms, torch "
+            f"{r['torch']['median_s'] * 1e3:.1f} ms ({r['torch']['variant']}), speedup {r['speedup']:.2f}x, "
+            f"max |logit diff| {r['max_abs_logit_diff']:.1e}"
+        )
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ ESTIMATORS = ("unrolled", "unrolled_reverse", "first_order")
 
 
 def _torch_device(smoke: bool) -> str | None:
-    """"cuda" on a GPU run; in smoke mode "cuda" or "cpu", or None when torch / peft are missing."""
+    """ "cuda" on a GPU run; in smoke mode "cuda" or "cpu", or None when torch / peft are missing."""
     try:
         import peft  # noqa: F401
         import torch
@@ -80,22 +80,42 @@ def finetune_rows(config: ModelConfig, batch_size: int, seq: int, repeats: int, 
         t["tokens_per_s"] = batch_size * seq / t["median_s"]
         t.update(harness.throughput(flops * batch_size * seq, t, peak))
         if name in compiled:
-            t.update(compiled[name], planned_bytes=plan,
-                     plan_over_xla=plan / compiled[name]["memory"]["footprint_bytes"])
-    return {"batch": batch_size, "seq": seq, "flops_per_token": flops, "peak_flops": peak["reference_flops"],
-            "first_loss": first_loss,
-            "torch_device": device, "variants": timings}
+            t.update(
+                compiled[name], planned_bytes=plan, plan_over_xla=plan / compiled[name]["memory"]["footprint_bytes"]
+            )
+    return {
+        "batch": batch_size,
+        "seq": seq,
+        "flops_per_token": flops,
+        "peak_flops": peak["reference_flops"],
+        "first_loss": first_loss,
+        "torch_device": device,
+        "variants": timings,
+    }
 
 
 def _search_config(est: str, k: int, batch_size: int) -> SearchConfig:
     """``unrolled`` (mixed mode, the default), ``unrolled_reverse`` (reverse mode, remat) or another estimator."""
     mode = "reverse" if est == "unrolled_reverse" else "mixed"
-    return SearchConfig(hypergradient=est.removesuffix("_reverse"), inner_steps=k, batch_size=batch_size,
-                        val_batch_size=batch_size, unrolled_mode=mode)
+    return SearchConfig(
+        hypergradient=est.removesuffix("_reverse"),
+        inner_steps=k,
+        batch_size=batch_size,
+        val_batch_size=batch_size,
+        unrolled_mode=mode,
+    )
 
 
-def search_rows(config: ModelConfig, batch_size: int, seq: int, ks: tuple[int, ...], repeats: int,
-                peak: dict, estimators: tuple[str, ...] = ESTIMATORS, on_row: Any = None) -> list[dict]:
+def search_rows(
+    config: ModelConfig,
+    batch_size: int,
+    seq: int,
+    ks: tuple[int, ...],
+    repeats: int,
+    peak: dict,
+    estimators: tuple[str, ...] = ESTIMATORS,
+    on_row: Any = None,
+) -> list[dict]:
     """Per K: the search step of each estimator over K plain steps (fused and XLA attention); ``on_row(rows)``
     after each K (incremental results: a long run that is cut short keeps what it measured)."""
     params = init_params(config, jax.random.key(0))
@@ -135,13 +155,21 @@ def search_rows(config: ModelConfig, batch_size: int, seq: int, ks: tuple[int, .
     return rows
 
 
-def run(smoke: bool = False, out_dir: str | None = None, command: str | None = None, ks: tuple[int, ...] | None = None,
-        estimators: tuple[str, ...] | None = None, repeats: int | None = None) -> dict:
+def run(
+    smoke: bool = False,
+    out_dir: str | None = None,
+    command: str | None = None,
+    ks: tuple[int, ...] | None = None,
+    estimators: tuple[str, ...] | None = None,
+    repeats: int | None = None,
+) -> dict:
     """Everything on the first device; writes ``gpu.json`` (``gpu_smoke.json`` with ``smoke``) after each part."""
     if not smoke and (jax.default_backend() != "gpu" or _torch_device(False) != "cuda"):
-        raise SystemExit(f"benchmarks.gpu needs a CUDA GPU visible to jax and torch (+ peft); jax's backend is "
-                         f"{jax.default_backend()!r}, torch's device {_torch_device(False)!r}. "
-                         "`python -m benchmarks.gpu --smoke` checks the script on this device.")
+        raise SystemExit(
+            f"benchmarks.gpu needs a CUDA GPU visible to jax and torch (+ peft); jax's backend is "
+            f"{jax.default_backend()!r}, torch's device {_torch_device(False)!r}. "
+            "`python -m benchmarks.gpu --smoke` checks the script on this device."
+        )
     begin = harness.start(smoke)
     spec = dict(SMOKE if smoke else GPU)
     spec["ks"] = tuple(ks or spec["ks"])
@@ -150,8 +178,12 @@ def run(smoke: bool = False, out_dir: str | None = None, command: str | None = N
     name = "gpu_smoke" if smoke else "gpu"
     payload: dict[str, Any] = {
         "command": command or "python -m benchmarks.gpu" + (" --smoke" if smoke else ""),
-        "device": jax.devices()[0].device_kind, "model": common.describe(config), "lora": common.LORA.to_dict(),
-        "schedule_steps": STEPS, "peak": begin.peak}
+        "device": jax.devices()[0].device_kind,
+        "model": common.describe(config),
+        "lora": common.LORA.to_dict(),
+        "schedule_steps": STEPS,
+        "peak": begin.peak,
+    }
     try:
         payload["finetune"] = finetune_rows(config, spec["batch"], spec["seq"], spec["repeats"], smoke, begin.peak)
     except Exception as exc:  # noqa: BLE001 (keep going: the search rows are measured on their own)
@@ -161,8 +193,16 @@ def run(smoke: bool = False, out_dir: str | None = None, command: str | None = N
     def save(rows: list[dict]) -> None:
         harness.write_result(name, dict(payload, search=rows), out_dir, start=begin)
 
-    payload["search"] = search_rows(config, spec["search_batch"], spec["seq"], spec["ks"], spec["repeats"],
-                                    begin.peak, tuple(estimators or ESTIMATORS), on_row=save)
+    payload["search"] = search_rows(
+        config,
+        spec["search_batch"],
+        spec["seq"],
+        spec["ks"],
+        spec["repeats"],
+        begin.peak,
+        tuple(estimators or ESTIMATORS),
+        on_row=save,
+    )
     harness.write_result(name, payload, out_dir, start=begin)
     return payload
 
@@ -172,18 +212,30 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--smoke", action="store_true", help="tiny shape on any device (checks that the script runs)")
     p.add_argument("--out-dir", default=None)
     p.add_argument("--ks", type=int, nargs="+", default=None, help="inner steps K of the search rows (default 1 4 8)")
-    p.add_argument("--estimators", nargs="+", default=None,
-                   help=f"search estimators (default {' '.join(ESTIMATORS)}; unrolled_reverse: reverse mode)")
+    p.add_argument(
+        "--estimators",
+        nargs="+",
+        default=None,
+        help=f"search estimators (default {' '.join(ESTIMATORS)}; unrolled_reverse: reverse mode)",
+    )
     p.add_argument("--repeats", type=int, default=None)
     a = p.parse_args(argv)
-    out = run(a.smoke, a.out_dir, harness.command_line("benchmarks.gpu", argv), tuple(a.ks or ()) or None,
-              tuple(a.estimators or ()) or None, a.repeats)
+    out = run(
+        a.smoke,
+        a.out_dir,
+        harness.command_line("benchmarks.gpu", argv),
+        tuple(a.ks or ()) or None,
+        tuple(a.estimators or ()) or None,
+        a.repeats,
+    )
     print(f"peak: {out['peak']['reference']}, {out['peak']['reference_flops'] / 1e9:.1f} GFLOP/s")
     if "error" in out["finetune"]:
         print(f"finetune failed: {out['finetune']['error']}")
     for name, t in out["finetune"]["variants"].items():
-        print(f"finetune {name}: {t['tokens_per_s']:.0f} tokens/s, {t['flops_per_s'] / 1e9:.1f} GFLOP/s, "
-              f"{100 * t['share_of_peak']:.1f}% of peak")
+        print(
+            f"finetune {name}: {t['tokens_per_s']:.0f} tokens/s, {t['flops_per_s'] / 1e9:.1f} GFLOP/s, "
+            f"{100 * t['share_of_peak']:.1f}% of peak"
+        )
     for r in out["search"]:
         if "error" in r:
             print(f"K={r['k']}: failed: {r['error']}")

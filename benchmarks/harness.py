@@ -38,8 +38,7 @@ def summary(times: list[float]) -> dict[str, float]:
     ordered = sorted(times)
     n = len(ordered)
     q1, q3 = ordered[n // 4], ordered[(3 * n) // 4 if n > 1 else 0]
-    return {"median_s": statistics.median(ordered), "min_s": ordered[0], "max_s": ordered[-1],
-            "iqr_s": q3 - q1, "n": n}
+    return {"median_s": statistics.median(ordered), "min_s": ordered[0], "max_s": ordered[-1], "iqr_s": q3 - q1, "n": n}
 
 
 def interleaved(fns: dict[str, Callable[[], Any]], repeats: int, warmup: int = 1) -> dict[str, dict]:
@@ -61,8 +60,13 @@ def memory_stats(compiled: Any) -> dict[str, int | None]:
     m = compiled.memory_analysis()
     if m is None:
         return {}
-    fields = ("temp_size_in_bytes", "argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-              "generated_code_size_in_bytes")
+    fields = (
+        "temp_size_in_bytes",
+        "argument_size_in_bytes",
+        "output_size_in_bytes",
+        "alias_size_in_bytes",
+        "generated_code_size_in_bytes",
+    )
     out = {f.replace("_size_in_bytes", "_bytes"): int(getattr(m, f)) for f in fields}
     peak = getattr(m, "peak_memory_in_bytes", 0)
     out["peak_bytes"] = int(peak) if peak else None
@@ -94,6 +98,7 @@ def _cpu_model() -> str:
 def _version(module: str) -> str | None:
     try:
         from importlib.metadata import version
+
         return version(module)
     except Exception:  # noqa: BLE001 - a missing optional package is reported as None
         return None
@@ -105,10 +110,15 @@ def machine_info() -> dict[str, Any]:
 
     return {
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "host": platform.node(), "platform": platform.platform(), "cpu": _cpu_model(),
-        "cpu_count": os.cpu_count(), "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
-        "jax_backend": jax.default_backend(), "jax_devices": len(jax.devices()),
-        "xla_flags": os.environ.get("XLA_FLAGS", ""), "python": platform.python_version(),
+        "host": platform.node(),
+        "platform": platform.platform(),
+        "cpu": _cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "load_avg_1m": os.getloadavg()[0] if hasattr(os, "getloadavg") else None,
+        "jax_backend": jax.default_backend(),
+        "jax_devices": len(jax.devices()),
+        "xla_flags": os.environ.get("XLA_FLAGS", ""),
+        "python": platform.python_version(),
         "versions": {m: _version(m) for m in ("jax", "jaxlib", "flax", "optax", "torch", "transformers", "peft")},
     }
 
@@ -143,8 +153,15 @@ def matmul_peak(n: int, dtype: str = "float32", repeats: int = 5) -> dict[str, A
         jax.block_until_ready(dot(a, b))
         times.append(time.perf_counter() - t0)
     best = min(times)
-    return {"n": n, "dtype": dtype, "repeats": repeats, "best_s": best, "flops_per_s": 2.0 * n**3 / best,
-            "times_s": times, "load_avg_1m": (load_avg() or [None])[0]}
+    return {
+        "n": n,
+        "dtype": dtype,
+        "repeats": repeats,
+        "best_s": best,
+        "flops_per_s": 2.0 * n**3 / best,
+        "times_s": times,
+        "load_avg_1m": (load_avg() or [None])[0],
+    }
 
 
 def machine_peak(smoke: bool = False) -> dict[str, Any]:
@@ -161,8 +178,7 @@ def machine_peak(smoke: bool = False) -> dict[str, Any]:
     backend, kind = jax.default_backend(), jax.devices()[0].device_kind
     n = 256 if smoke else 2048 if backend == "cpu" else 8192
     repeats = 5 if smoke else 10  # the best of several calls: a busy machine slows some of them
-    out: dict[str, Any] = {"backend": backend, "device_kind": kind,
-                           "matmul_fp32": matmul_peak(n, "float32", repeats)}
+    out: dict[str, Any] = {"backend": backend, "device_kind": kind, "matmul_fp32": matmul_peak(n, "float32", repeats)}
     if backend != "cpu":
         out["matmul_bf16"] = matmul_peak(n, "bfloat16", repeats)
     datasheet = peak_flops(kind)
@@ -170,8 +186,10 @@ def machine_peak(smoke: bool = False) -> dict[str, Any]:
     if datasheet and backend != "cpu":
         out.update(reference="datasheet bf16 peak (MFU)", reference_flops=datasheet)
     else:
-        out.update(reference=f"measured fp32 matmul peak ({n}^3 jnp.dot, best of {out['matmul_fp32']['repeats']})",
-                   reference_flops=out["matmul_fp32"]["flops_per_s"])
+        out.update(
+            reference=f"measured fp32 matmul peak ({n}^3 jnp.dot, best of {out['matmul_fp32']['repeats']})",
+            reference_flops=out["matmul_fp32"]["flops_per_s"],
+        )
     return out
 
 
@@ -191,7 +209,7 @@ def start(smoke: bool = False) -> Start:
 
 
 def load_text(d: dict[str, Any]) -> str:
-    """"load a -> b" (1-minute averages at a result's runner start and end), or the one at its end."""
+    """ "load a -> b" (1-minute averages at a result's runner start and end), or the one at its end."""
     begin, end = (d.get("load") or {}).get("start"), (d.get("load") or {}).get("end")
     if begin and end:
         return f"load {begin[0]:.1f} -> {end[0]:.1f}"
@@ -205,12 +223,19 @@ def throughput(flops: float, timing: dict[str, float], peak: dict[str, Any]) -> 
     datasheet peak (accelerators), else None."""
     ref = peak["reference_flops"]
     med, best = flops / timing["median_s"], flops / timing["min_s"]
-    return {"flops": flops, "flops_per_s": med, "flops_per_s_best": best, "share_of_peak": med / ref,
-            "share_of_peak_best": best / ref, "mfu": med / ref if peak["reference"].startswith("datasheet") else None}
+    return {
+        "flops": flops,
+        "flops_per_s": med,
+        "flops_per_s_best": best,
+        "share_of_peak": med / ref,
+        "share_of_peak_best": best / ref,
+        "mfu": med / ref if peak["reference"].startswith("datasheet") else None,
+    }
 
 
-def write_result(name: str, payload: dict[str, Any], out_dir: str | os.PathLike | None = None,
-                 start: Start | None = None) -> Path:
+def write_result(
+    name: str, payload: dict[str, Any], out_dir: str | os.PathLike | None = None, start: Start | None = None
+) -> Path:
     """Write ``payload`` (plus machine info; with ``start``, the load at start and end, the wall time and the
     peak) as ``<out_dir>/<name>.json``; returns the path."""
     out = Path(out_dir) if out_dir is not None else RESULTS_DIR
@@ -218,8 +243,9 @@ def write_result(name: str, payload: dict[str, Any], out_dir: str | os.PathLike 
     path = out / f"{name}.json"
     data = {"benchmark": name, "machine": machine_info(), **payload}
     if start is not None:
-        data.update(load={"start": start.load, "end": load_avg()}, wall_s=time.perf_counter() - start.time,
-                    peak=start.peak)
+        data.update(
+            load={"start": start.load, "end": load_avg()}, wall_s=time.perf_counter() - start.time, peak=start.peak
+        )
     tmp = path.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
     os.replace(tmp, path)

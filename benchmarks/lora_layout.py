@@ -30,10 +30,23 @@ from flexora_jax.lora import init_lora
 from flexora_jax.models.llama import init_params
 from flexora_jax.train import TrainState, init_train_state, make_optimizer, make_train_step
 
-LLAMA2_7B = ModelConfig(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                        num_attention_heads=32, num_key_value_heads=32, dtype="bfloat16")
-SMALL_32 = ModelConfig(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=32,
-                       num_attention_heads=4, num_key_value_heads=4)
+LLAMA2_7B = ModelConfig(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    dtype="bfloat16",
+)
+SMALL_32 = ModelConfig(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=32,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+)
 LORA = LoraConfig(r=8, lora_alpha=16.0, target_modules=("q_proj", "v_proj"))
 SELECTIONS = ((7,), (0, 31), (3, 9, 27), tuple(range(0, 32, 4)), None)  # None: every layer
 
@@ -50,9 +63,15 @@ def memory(config: ModelConfig) -> dict:
     stacked = _bytes((state.lora.weights, state.opt_state))
     per_block = stacked / config.num_hidden_layers  # every leaf is [L, ...] (plus two scalar counters)
     base = config.num_params() * jnp.dtype(config.dtype).itemsize
-    return {"model": "llama2_7b", "selection": "1 of 32 layers", "base_bytes": int(base),
-            "stacked_state_bytes": stacked, "selected_only_state_bytes": int(per_block),
-            "stacked_over_base": stacked / base, "saved_by_selected_only_bytes": int(stacked - per_block)}
+    return {
+        "model": "llama2_7b",
+        "selection": "1 of 32 layers",
+        "base_bytes": int(base),
+        "stacked_state_bytes": stacked,
+        "selected_only_state_bytes": int(per_block),
+        "stacked_over_base": stacked / base,
+        "saved_by_selected_only_bytes": int(stacked - per_block),
+    }
 
 
 def compile_times(config: ModelConfig, traced: bool, selections: tuple = SELECTIONS) -> dict:
@@ -73,16 +92,23 @@ def compile_times(config: ModelConfig, traced: bool, selections: tuple = SELECTI
         before = step._cache_size()
         jax.block_until_ready(step(params, state, batch))
         seconds.append(time.perf_counter() - t0 if step._cache_size() > before else 0.0)
-    return {"layout": "traced" if traced else "static", "selections": len(selections),
-            "programs": step._cache_size() - start, "compile_and_first_step_s": seconds, "total_s": sum(seconds)}
+    return {
+        "layout": "traced" if traced else "static",
+        "selections": len(selections),
+        "programs": step._cache_size() - start,
+        "compile_and_first_step_s": seconds,
+        "total_s": sum(seconds),
+    }
 
 
 def run(smoke: bool = False, out_dir: str | None = None, command: str | None = None) -> dict:
     begin = harness.start(smoke)
     small = dataclasses.replace(SMALL_32, num_hidden_layers=4) if smoke else SMALL_32
     selections = ((1,), None) if smoke else SELECTIONS  # smoke: two selections, 1 program traced vs 2 static
-    rows = {"memory": memory(LLAMA2_7B),
-            "compile": [compile_times(small, True, selections), compile_times(small, False, selections)]}
+    rows = {
+        "memory": memory(LLAMA2_7B),
+        "compile": [compile_times(small, True, selections), compile_times(small, False, selections)],
+    }
     payload = {"command": command or "python -m benchmarks.lora_layout" + (" --smoke" if smoke else ""), **rows}
     harness.write_result("lora_layout_smoke" if smoke else "lora_layout", payload, out_dir, start=begin)
     return payload
@@ -95,9 +121,11 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     out = run(a.smoke, a.out_dir, harness.command_line("benchmarks.lora_layout", argv))
     m = out["memory"]
-    print(f"memory: base {m['base_bytes'] / 2**30:.2f} GiB; 1-of-32 LoRA state stacked "
-          f"{m['stacked_state_bytes'] / 2**20:.1f} MiB ({100 * m['stacked_over_base']:.2f}% of the base), "
-          f"selected-only {m['selected_only_state_bytes'] / 2**20:.2f} MiB")
+    print(
+        f"memory: base {m['base_bytes'] / 2**30:.2f} GiB; 1-of-32 LoRA state stacked "
+        f"{m['stacked_state_bytes'] / 2**20:.1f} MiB ({100 * m['stacked_over_base']:.2f}% of the base), "
+        f"selected-only {m['selected_only_state_bytes'] / 2**20:.2f} MiB"
+    )
     for c in out["compile"]:
         print(f"{c['layout']}: {c['programs']} program(s) for {c['selections']} selections, {c['total_s']:.1f} s")
 

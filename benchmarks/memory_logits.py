@@ -35,8 +35,15 @@ from flexora_jax.train import init_train_state, make_optimizer, make_train_step
 
 
 def model(vocab: int) -> ModelConfig:
-    return ModelConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096)
+    return ModelConfig(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+    )
 
 
 def _abstract(fn: Callable[[], Any]) -> Any:
@@ -82,9 +89,15 @@ def measure(vocab: int, seq: int, batch: int = 1, steps: tuple[str, ...] = ("fin
             base = next(x for x in rows if x["step"] == r["step"] and not x["chunked"])
             r["temp_saved_bytes"] = base["memory"]["temp_bytes"] - r["memory"]["temp_bytes"]
             r["saved_over_logits"] = r["temp_saved_bytes"] / logits_bytes
-    return {"model": common.describe(config), "batch": batch, "seq": seq, "logits_bytes": logits_bytes,
-            "loss_chunk_bytes": default_budget, "rows": rows,
-            "planner": {k: v["total"] for k, v in plan.items()}}
+    return {
+        "model": common.describe(config),
+        "batch": batch,
+        "seq": seq,
+        "logits_bytes": logits_bytes,
+        "loss_chunk_bytes": default_budget,
+        "rows": rows,
+        "planner": {k: v["total"] for k, v in plan.items()},
+    }
 
 
 def step_ratio(model_name: str = "h256_l4", batch: int = 8, seq: int = 128, repeats: int = 15) -> dict:
@@ -102,29 +115,45 @@ def step_ratio(model_name: str = "h256_l4", batch: int = 8, seq: int = 128, repe
         losses.LOSS_CHUNK_BYTES = default_budget
     timings = harness.interleaved(fns, repeats, warmup=1)
     base = timings["unchunked"]["median_s"]
-    return {"model": common.describe(config), "batch": batch, "seq": seq,
-            "default_chunk": losses.loss_chunk(batch, seq, config.vocab_size),
-            "timings": timings, "ratio_to_unchunked": {n: t["median_s"] / base for n, t in timings.items()}}
+    return {
+        "model": common.describe(config),
+        "batch": batch,
+        "seq": seq,
+        "default_chunk": losses.loss_chunk(batch, seq, config.vocab_size),
+        "timings": timings,
+        "ratio_to_unchunked": {n: t["median_s"] / base for n, t in timings.items()},
+    }
 
 
 def table(d: dict) -> str:
     """Markdown table of a ``memory_logits`` result."""
     mib = 2**20
-    lines = [f"fp32 logits [b, t, v] = {d['batch']} x {d['seq']} x {d['model']['vocab_size']}: "
-             f"{d['logits_bytes'] / mib:.0f} MiB", "",
-             "| step | loss | chunk (tokens) | XLA temp MiB | footprint MiB | temp saved MiB | saved / logits |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"fp32 logits [b, t, v] = {d['batch']} x {d['seq']} x {d['model']['vocab_size']}: "
+        f"{d['logits_bytes'] / mib:.0f} MiB",
+        "",
+        "| step | loss | chunk (tokens) | XLA temp MiB | footprint MiB | temp saved MiB | saved / logits |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in d["rows"]:
         m = r["memory"]
         saved = f"{r['temp_saved_bytes'] / mib:.0f}" if "temp_saved_bytes" in r else "-"
         ratio = f"{r['saved_over_logits']:.2f}x" if "saved_over_logits" in r else "-"
-        lines.append(f"| {r['step']} | {'chunked' if r['chunked'] else 'unchunked'} | {r['chunk_tokens']} | "
-                     f"{m['temp_bytes'] / mib:.0f} | {m['footprint_bytes'] / mib:.0f} | {saved} | {ratio} |")
+        lines.append(
+            f"| {r['step']} | {'chunked' if r['chunked'] else 'unchunked'} | {r['chunk_tokens']} | "
+            f"{m['temp_bytes'] / mib:.0f} | {m['footprint_bytes'] / mib:.0f} | {saved} | {ratio} |"
+        )
     return "\n".join(lines)
 
 
-def run(smoke: bool = False, out_dir: str | None = None, command: str | None = None, step_ratio_mode: bool = False,
-        vocab: int = 128256, seq: int = 2048) -> dict:
+def run(
+    smoke: bool = False,
+    out_dir: str | None = None,
+    command: str | None = None,
+    step_ratio_mode: bool = False,
+    vocab: int = 128256,
+    seq: int = 2048,
+) -> dict:
     """The compiled-memory table (``memory_logits.json``) or, with ``step_ratio_mode``, the fine-tune step's
     time with and without chunking (``loss_chunk_step.json``); ``smoke``: tiny sizes, ``_smoke`` names."""
     begin = harness.start(smoke)

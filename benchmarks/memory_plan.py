@@ -13,13 +13,26 @@ from benchmarks import harness
 from flexora_jax.config import LoraConfig, ModelConfig
 from flexora_jax.memory import memory_table, plan_memory
 
-LLAMA3 = dict(vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192, remat_layers=True,
-              rope_scaling=None)
+LLAMA3 = dict(
+    vocab_size=128256, rope_theta=500000.0, max_position_embeddings=8192, remat_layers=True, rope_scaling=None
+)
 MODELS = {
-    "Llama-3-8B": ModelConfig(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                              num_attention_heads=32, num_key_value_heads=8, **LLAMA3),
-    "Llama-3-70B": ModelConfig(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80,
-                               num_attention_heads=64, num_key_value_heads=8, **LLAMA3),
+    "Llama-3-8B": ModelConfig(
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        **LLAMA3,
+    ),
+    "Llama-3-70B": ModelConfig(
+        hidden_size=8192,
+        intermediate_size=28672,
+        num_hidden_layers=80,
+        num_attention_heads=64,
+        num_key_value_heads=8,
+        **LLAMA3,
+    ),
 }
 V5P, H100 = 95, 80
 ROWS = [  # model, hardware, mesh, HBM GB, batch
@@ -37,9 +50,19 @@ ROWS = [  # model, hardware, mesh, HBM GB, batch
 
 def table(k: int = 4, seq: int = 2048) -> str:
     lora = LoraConfig(r=16, lora_alpha=32.0, target_modules="all-linear")
-    rows = [{"model": m, "slice": hw, "mesh": mesh, "hbm_gb": hbm, "batch": b, "seq": seq, "k": k,
-             "plan": plan_memory(MODELS[m], lora, mesh, k, b, seq, remat=True, dtype="bfloat16")}
-            for m, hw, mesh, hbm, b in ROWS]
+    rows = [
+        {
+            "model": m,
+            "slice": hw,
+            "mesh": mesh,
+            "hbm_gb": hbm,
+            "batch": b,
+            "seq": seq,
+            "k": k,
+            "plan": plan_memory(MODELS[m], lora, mesh, k, b, seq, remat=True, dtype="bfloat16"),
+        }
+        for m, hw, mesh, hbm, b in ROWS
+    ]
     return memory_table(rows)
 
 

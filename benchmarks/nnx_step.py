@@ -43,6 +43,7 @@ def _nnx_train_step(graphdef, optimizer):
         loss, grads = jax.value_and_grad(lambda lo: nnx.merge(graphdef, base, lo, copy=True).lm_loss(batch))(lora)
         updates, opt_state = optimizer.update(grads, opt_state, lora)
         return (optax.apply_updates(lora, updates), opt_state), {"loss": loss}
+
     return jax.jit(step, donate_argnums=1)
 
 
@@ -71,11 +72,13 @@ def run(smoke: bool = False, out_dir: str | None = None, command: str | None = N
     begin = harness.start(smoke)
     spec = SMOKE if smoke else FULL
     config = common.MODELS[spec["model"]]
-    search = SearchConfig(hypergradient="unrolled", inner_steps=spec["k"], steps=4, batch_size=spec["batch"],
-                          val_batch_size=spec["batch"])
+    search = SearchConfig(
+        hypergradient="unrolled", inner_steps=spec["k"], steps=4, batch_size=spec["batch"], val_batch_size=spec["batch"]
+    )
     # the inner optimizer's settings (what benchmarks.search's plain steps run: one compiled step for both)
-    ft = FinetuneConfig(batch_size=spec["batch"], lr=search.inner_lr, schedule="constant", grad_clip=0.0,
-                        optimizer="adamw")
+    ft = FinetuneConfig(
+        batch_size=spec["batch"], lr=search.inner_lr, schedule="constant", grad_clip=0.0, optimizer="adamw"
+    )
     params = init_params(config, jax.random.key(0))
     lora = init_lora(config, common.LORA, jax.random.key(1))
     gates = init_gates("layer", config.num_hidden_layers)
@@ -89,10 +92,14 @@ def run(smoke: bool = False, out_dir: str | None = None, command: str | None = N
     n_search = fnnx.make_split_search_step(graphdef, gates_s, lambda m, b: m.lm_loss(b), search)
     hyper = fnnx.init_hyperparameters(gates_s, "layer")
     cells = {"f": init_search_state(lora, gates, search), "n": init_search_state(lora_s, hyper, search)}
-    sizes = {"search_functional": _hlo_size(f_search, params, cells["f"], batches, val),
-             "search_nnx": _hlo_size(n_search, base, cells["n"], batches, val)}
-    memory = {"search_functional": harness.memory_stats(f_search.lower(params, cells["f"], batches, val).compile()),
-              "search_nnx": harness.memory_stats(n_search.lower(base, cells["n"], batches, val).compile())}
+    sizes = {
+        "search_functional": _hlo_size(f_search, params, cells["f"], batches, val),
+        "search_nnx": _hlo_size(n_search, base, cells["n"], batches, val),
+    }
+    memory = {
+        "search_functional": harness.memory_stats(f_search.lower(params, cells["f"], batches, val).compile()),
+        "search_nnx": harness.memory_stats(n_search.lower(base, cells["n"], batches, val).compile()),
+    }
 
     def run_f():
         cells["f"], m = f_search(params, cells["f"], batches, val)
@@ -110,8 +117,10 @@ def run(smoke: bool = False, out_dir: str | None = None, command: str | None = N
     tgraph, tlora, tbase = nnx.split(tmodel, nnx.LoRAParam, ...)
     n_train = _nnx_train_step(tgraph, optimizer)
     tcells = {"f": init_train_state(lora, optimizer), "n": (jax.tree.map(jnp.copy, tlora), optimizer.init(tlora))}
-    sizes.update(finetune_functional=_hlo_size(f_train, params, tcells["f"], one),
-                 finetune_nnx=_hlo_size(n_train, tbase, tcells["n"], one))
+    sizes.update(
+        finetune_functional=_hlo_size(f_train, params, tcells["f"], one),
+        finetune_nnx=_hlo_size(n_train, tbase, tcells["n"], one),
+    )
 
     def train_f():
         tcells["f"], m = f_train(params, tcells["f"], one)
@@ -121,8 +130,11 @@ def run(smoke: bool = False, out_dir: str | None = None, command: str | None = N
         tcells["n"], m = n_train(tbase, tcells["n"], one)
         return common.block(m["loss"])
 
-    timings = harness.interleaved({"search_functional": run_f, "search_nnx": run_n,
-                                   "finetune_functional": train_f, "finetune_nnx": train_n}, spec["repeats"], warmup=1)
+    timings = harness.interleaved(
+        {"search_functional": run_f, "search_nnx": run_n, "finetune_functional": train_f, "finetune_nnx": train_n},
+        spec["repeats"],
+        warmup=1,
+    )
     step_flops = common.lora_step_flops_per_token(config, spec["seq"]) * spec["batch"] * spec["seq"]
     for name, t in timings.items():  # a search step is credited with K plain steps' worth
         t.update(harness.throughput(step_flops * (spec["k"] if name.startswith("search") else 1), t, begin.peak))
@@ -131,14 +143,25 @@ def run(smoke: bool = False, out_dir: str | None = None, command: str | None = N
     # compiles only its step, once (smoke: first-order searches, a cheaper compile that counts the same)
     steps = (1, 3) if smoke else (4, 12)
     counted = dataclasses.replace(search, hypergradient="first_order") if smoke else search
-    compiles = {n: _compiles_of_a_search(fnnx.LlamaForCausalLM.from_params(config, params, lora, gates),
-                                         dataclasses.replace(counted, steps=n), ids) for n in steps}
+    compiles = {
+        n: _compiles_of_a_search(
+            fnnx.LlamaForCausalLM.from_params(config, params, lora, gates), dataclasses.replace(counted, steps=n), ids
+        )
+        for n in steps
+    }
     med = {k: v["median_s"] for k, v in timings.items()}
-    result = {"command": command or "python -m benchmarks.nnx_step" + (" --smoke" if smoke else ""),
-              "spec": spec, "model": common.describe(config), "timings": timings, "hlo_chars": sizes,
-              "memory": memory, "compiles_per_search": compiles, "compiles_of_a_second_search": compiles[steps[1]],
-              "ratio_search": med["search_nnx"] / med["search_functional"],
-              "ratio_finetune": med["finetune_nnx"] / med["finetune_functional"]}
+    result = {
+        "command": command or "python -m benchmarks.nnx_step" + (" --smoke" if smoke else ""),
+        "spec": spec,
+        "model": common.describe(config),
+        "timings": timings,
+        "hlo_chars": sizes,
+        "memory": memory,
+        "compiles_per_search": compiles,
+        "compiles_of_a_second_search": compiles[steps[1]],
+        "ratio_search": med["search_nnx"] / med["search_functional"],
+        "ratio_finetune": med["finetune_nnx"] / med["finetune_functional"],
+    }
     harness.write_result("nnx_step_smoke" if smoke else "nnx_step", result, out_dir, start=begin)
     return result
 

@@ -65,14 +65,19 @@ def _footer(d: dict) -> str:
 
 
 def table_forward(d: dict) -> str:
-    lines = ["| config | batch x seq | flexora_jax ms (min-max) | torch ms (min-max) | torch/flexora_jax "
-             "| flexora_jax FLOP/s (share of peak) | torch FLOP/s (share) | max abs logit diff | command | date "
-             "| machine | peak |", "|---" * 12 + "|"]
+    lines = [
+        "| config | batch x seq | flexora_jax ms (min-max) | torch ms (min-max) | torch/flexora_jax "
+        "| flexora_jax FLOP/s (share of peak) | torch FLOP/s (share) | max abs logit diff | command | date "
+        "| machine | peak |",
+        "|---" * 12 + "|",
+    ]
     for r in d["rows"]:
-        lines.append(f"| {r['case']} | {r['batch']} x {r['seq']} | {_spread(r['flexora_jax'])} | "
-                     f"{_spread(r['torch'])} [{r['torch']['variant']}] | **{r['speedup']:.2f}x** | "
-                     f"{_rate(r['flexora_jax'])} | {_rate(r['torch'])} | {r['max_abs_logit_diff']:.1e} | "
-                     f"`{d['command']}` | {d['machine']['date']} | {_machine(d)} | {_peak(d)} |")
+        lines.append(
+            f"| {r['case']} | {r['batch']} x {r['seq']} | {_spread(r['flexora_jax'])} | "
+            f"{_spread(r['torch'])} [{r['torch']['variant']}] | **{r['speedup']:.2f}x** | "
+            f"{_rate(r['flexora_jax'])} | {_rate(r['torch'])} | {r['max_abs_logit_diff']:.1e} | "
+            f"`{d['command']}` | {d['machine']['date']} | {_machine(d)} | {_peak(d)} |"
+        )
     return "\n".join(lines)
 
 
@@ -89,35 +94,49 @@ def _over_runs(r: dict) -> str:
 
 def table_finetune(d: dict) -> str:
     """Section 1 (and 1b, DoRA): tokens/s, speedup, FLOP/s of both stacks; each run's speedup when repeated."""
-    lines = ["| config | batch x seq | flexora_jax tokens/s (ms/step) | torch+peft tokens/s (ms/step) | "
-             "speedup (target 1.25x) | speedup min / median / max over runs | flexora_jax FLOP/s (share of peak) "
-             "| torch FLOP/s (share) | torch ms by threads | compile s | command | date | machine | peak |",
-             "|---" * 14 + "|"]
+    lines = [
+        "| config | batch x seq | flexora_jax tokens/s (ms/step) | torch+peft tokens/s (ms/step) | "
+        "speedup (target 1.25x) | speedup min / median / max over runs | flexora_jax FLOP/s (share of peak) "
+        "| torch FLOP/s (share) | torch ms by threads | compile s | command | date | machine | peak |",
+        "|---" * 14 + "|",
+    ]
     for r in d["rows"]:
         j, t = r["flexora_jax"], r["torch_peft"]
         met = "met" if r["speedup"] >= r["target_speedup"] else "**missed**"
-        lines.append(f"| {r['case']} | {r['batch']} x {r['seq']} | {j['tokens_per_s']:.0f} ({_spread(j)}) | "
-                     f"{t['tokens_per_s']:.0f} ({_spread(t)}) [{t['variant']}] | **{r['speedup']:.2f}x** ({met}) | "
-                     f"{_over_runs(r)} | {_rate(j)} | {_rate(t)} | {_threads(r)} | {j['compile_s']:.1f} | "
-                     f"`{d['command']}` | {d['machine']['date']} | {_machine(d)} | {_peak(d)} |")
+        lines.append(
+            f"| {r['case']} | {r['batch']} x {r['seq']} | {j['tokens_per_s']:.0f} ({_spread(j)}) | "
+            f"{t['tokens_per_s']:.0f} ({_spread(t)}) [{t['variant']}] | **{r['speedup']:.2f}x** ({met}) | "
+            f"{_over_runs(r)} | {_rate(j)} | {_rate(t)} | {_threads(r)} | {j['compile_s']:.1f} | "
+            f"`{d['command']}` | {d['machine']['date']} | {_machine(d)} | {_peak(d)} |"
+        )
     runs = [(r["case"], i, x) for r in d["rows"] for i, x in enumerate(r.get("runs", [])) if len(r["runs"]) > 1]
     if runs:
-        lines += ["", "Each run of the repeated measurement (one process, compiled once; load = 1-minute average at "
-                  "the run's start):", "", "| config | run | load | flexora_jax ms | torch ms by threads | "
-                  "torch's faster setting | speedup |", "|---|---|---|---|---|---|---|"]
+        lines += [
+            "",
+            "Each run of the repeated measurement (one process, compiled once; load = 1-minute average at "
+            "the run's start):",
+            "",
+            "| config | run | load | flexora_jax ms | torch ms by threads | torch's faster setting | speedup |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for case, i, x in runs:
             med = x["medians_s"]
             torch_ms = ", ".join(f"{n.rsplit('_', 1)[1]} {_ms(s)}" for n, s in med.items() if n.startswith("torch"))
             load = "-" if not x.get("load_start") else f"{x['load_start'][0]:.1f}"
-            lines.append(f"| {case} | {i + 1} | {load} | {_ms(med['flexora_jax'])} | {torch_ms} | "
-                         f"{x['torch_best'].rsplit('_', 1)[1]} | {x['speedup']:.2f}x |")
+            lines.append(
+                f"| {case} | {i + 1} | {load} | {_ms(med['flexora_jax'])} | {torch_ms} | "
+                f"{x['torch_best'].rsplit('_', 1)[1]} | {x['speedup']:.2f}x |"
+            )
     return "\n".join(lines)
 
 
 def table_finetune_gpu(d: dict) -> str:
     """GPU mode of the fine-tune runner: tokens/s and MFU of both stacks on one GPU."""
-    lines = ["| config | batch x seq | GPU | flexora_jax tokens/s (MFU) | torch+peft tokens/s (MFU) | "
-             "speedup (target 1.3x) | MFU target 40% | command | date |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| config | batch x seq | GPU | flexora_jax tokens/s (MFU) | torch+peft tokens/s (MFU) | "
+        "speedup (target 1.3x) | MFU target 40% | command | date |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in d["rows"]:
         j, t = r["flexora_jax"], r["torch_peft"]
 
@@ -126,23 +145,30 @@ def table_finetune_gpu(d: dict) -> str:
 
         met = "met" if r["speedup"] >= r["target_speedup"] else "**missed**"
         mfu_met = "n/a" if j.get("mfu") is None else ("met" if j["mfu"] >= 0.4 else "**missed**")
-        lines.append(f"| {r['case']} (random init) | {r['batch']} x {r['seq']} | {r['device']} | "
-                     f"{j['tokens_per_s']:.0f} ({mfu(j)}) | {t['tokens_per_s']:.0f} ({mfu(t)}) | "
-                     f"**{r['speedup']:.2f}x** ({met}) | {mfu_met} | `{d['command']}` | {d['machine']['date']} |")
+        lines.append(
+            f"| {r['case']} (random init) | {r['batch']} x {r['seq']} | {r['device']} | "
+            f"{j['tokens_per_s']:.0f} ({mfu(j)}) | {t['tokens_per_s']:.0f} ({mfu(t)}) | "
+            f"**{r['speedup']:.2f}x** ({met}) | {mfu_met} | `{d['command']}` | {d['machine']['date']} |"
+        )
     return "\n".join(lines)
 
 
 def table_adalora(d: dict) -> str:
-    lines = ["| config | batch x seq | adapter | flexora_jax ms/step (min) | torch+peft ms/step (min) [best variant] "
-             "| ratio (torch / ours) | flexora_jax FLOP/s (share of peak) | torch FLOP/s (share) | compile s | command "
-             "| date | machine | peak |", "|---" * 13 + "|"]
+    lines = [
+        "| config | batch x seq | adapter | flexora_jax ms/step (min) | torch+peft ms/step (min) [best variant] "
+        "| ratio (torch / ours) | flexora_jax FLOP/s (share of peak) | torch FLOP/s (share) | compile s | command "
+        "| date | machine | peak |",
+        "|---" * 13 + "|",
+    ]
     for r in d["rows"]:
         j, t, a = r["flexora_jax"], r["torch_peft"], r["adalora"]
         modules = ", ".join(m.split("_")[0] for m in a["target_modules"])
-        lines.append(f"| {r['case']} | {r['batch']} x {r['seq']} | AdaLoRA {a['init_r']} -> {a['target_r']}, "
-                     f"{modules} | {_ms(j['median_s'])} ({_ms(j['min_s'])}) | {_ms(t['median_s'])} "
-                     f"({_ms(t['min_s'])}) [{t['variant']}] | **{r['speedup']:.2f}x** | {_rate(j)} | {_rate(t)} | "
-                     f"{j['compile_s']:.1f} | `{d['command']}` | {d['machine']['date']} | {_machine(d)} | {_peak(d)} |")
+        lines.append(
+            f"| {r['case']} | {r['batch']} x {r['seq']} | AdaLoRA {a['init_r']} -> {a['target_r']}, "
+            f"{modules} | {_ms(j['median_s'])} ({_ms(j['min_s'])}) | {_ms(t['median_s'])} "
+            f"({_ms(t['min_s'])}) [{t['variant']}] | **{r['speedup']:.2f}x** | {_rate(j)} | {_rate(t)} | "
+            f"{j['compile_s']:.1f} | `{d['command']}` | {d['machine']['date']} | {_machine(d)} | {_peak(d)} |"
+        )
     return "\n".join(lines)
 
 
@@ -158,13 +184,22 @@ def table_search(d: dict) -> str:
     lines = [head, "|" + "---|" * (2 + len(names))]
     for r in d["rows"]:
         v = r["variants"]
-        cells = [f"{v[n]['ratio_to_plain']:.2f}x" + (f" ({_share(v[n])})" if "share_of_peak" in v[n] else "")
-                 if n in v else "-" for n in names]
+        cells = [
+            f"{v[n]['ratio_to_plain']:.2f}x" + (f" ({_share(v[n])})" if "share_of_peak" in v[n] else "")
+            if n in v
+            else "-"
+            for n in names
+        ]
         lines.append(f"| {r['k']} | {_ms(r['plain_step_s'])} ({_rate(v['plain'])}) | " + " | ".join(cells) + " |")
-    lines += ["", "Compiled memory of the `unrolled` search step (XLA memory analysis; footprint = arguments + "
-              "non-aliased outputs + temp), MiB: mixed mode (the default), reverse mode with and without remat:", "",
-              "| K | mixed: temp | mixed: footprint | reverse remat: temp | reverse remat: footprint | "
-              "reverse no remat: temp | reverse no remat: footprint |", "|---|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "Compiled memory of the `unrolled` search step (XLA memory analysis; footprint = arguments + "
+        "non-aliased outputs + temp), MiB: mixed mode (the default), reverse mode with and without remat:",
+        "",
+        "| K | mixed: temp | mixed: footprint | reverse remat: temp | reverse remat: footprint | "
+        "reverse no remat: temp | reverse no remat: footprint |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in d["rows"]:
         cells = []
         for name in ("unrolled", "unrolled_reverse", "unrolled_noremat"):
@@ -172,84 +207,115 @@ def table_search(d: dict) -> str:
             cells += [_mb(mem.get("temp_bytes")), _mb(mem.get("footprint_bytes"))]
         lines.append(f"| {r['k']} | " + " | ".join(cells) + " |")
     mr, t = d["memory_ratio_kmax_over_kmin"], d["targets"]
-    worst = max((r["variants"]["unrolled"]["ratio_to_plain"] for r in d["rows"] if "unrolled" in r["variants"]),
-                default=float("nan"))
+    worst = max(
+        (r["variants"]["unrolled"]["ratio_to_plain"] for r in d["rows"] if "unrolled" in r["variants"]),
+        default=float("nan"),
+    )
     fmt = lambda x: "-" if x is None else f"{x:.2f}x"  # noqa: E731
     dc, m = d["deep_compile"], d["model"]
     flat = mr.get("mixed", mr.get("remat"))
     mem_ok = flat is not None and flat <= t["memory_ratio"]
-    lines += ["", f"- `unrolled` (mixed mode) worst ratio over K: **{worst:.2f}x** (target <= {t['time_ratio']}x: "
-              f"{_verdict(worst <= t['time_ratio'])}).",
-              f"- Memory footprint K={mr['k_max']} / K={mr['k_min']}: mixed **{fmt(flat)}** (target <= "
-              f"{t['memory_ratio']}x: {_verdict(mem_ok)}), reverse with remat {fmt(mr.get('remat'))}, without "
-              f"{fmt(mr.get('no_remat'))}.",
-              f"- First compile of the `unrolled` search step, {dc['model']['num_hidden_layers']} layers, hidden "
-              f"{dc['model']['hidden_size']}, K = {dc['k']}: **{dc['first_compile_s']:.1f} s** (lower "
-              f"{dc['lower_s']:.1f} s + compile {dc['compile_s']:.1f} s; target < {dc['target_s']:.0f} s: "
-              f"{_verdict(dc['first_compile_s'] < dc['target_s'])}).",
-              "- Share of peak: a search step is credited with K plain steps' FLOPs, so its share is the plain "
-              "step's divided by the ratio.",
-              f"- Model hidden {m['hidden_size']} / {m['num_hidden_layers']} layers / vocab {m['vocab_size']}, batch "
-              f"{d['batch']} x {d['seq']}, LoRA r=8 on q,v. {_footer(d)}"]
+    lines += [
+        "",
+        f"- `unrolled` (mixed mode) worst ratio over K: **{worst:.2f}x** (target <= {t['time_ratio']}x: "
+        f"{_verdict(worst <= t['time_ratio'])}).",
+        f"- Memory footprint K={mr['k_max']} / K={mr['k_min']}: mixed **{fmt(flat)}** (target <= "
+        f"{t['memory_ratio']}x: {_verdict(mem_ok)}), reverse with remat {fmt(mr.get('remat'))}, without "
+        f"{fmt(mr.get('no_remat'))}.",
+        f"- First compile of the `unrolled` search step, {dc['model']['num_hidden_layers']} layers, hidden "
+        f"{dc['model']['hidden_size']}, K = {dc['k']}: **{dc['first_compile_s']:.1f} s** (lower "
+        f"{dc['lower_s']:.1f} s + compile {dc['compile_s']:.1f} s; target < {dc['target_s']:.0f} s: "
+        f"{_verdict(dc['first_compile_s'] < dc['target_s'])}).",
+        "- Share of peak: a search step is credited with K plain steps' FLOPs, so its share is the plain "
+        "step's divided by the ratio.",
+        f"- Model hidden {m['hidden_size']} / {m['num_hidden_layers']} layers / vocab {m['vocab_size']}, batch "
+        f"{d['batch']} x {d['seq']}, LoRA r=8 on q,v. {_footer(d)}",
+    ]
     return "\n".join(lines)
 
 
 def table_search_parts(d: dict) -> str:
     """Section 2: the time of each part of one unrolled search step, against K plain steps."""
-    cols = (("plain", "K plain steps"), ("search_step", "search step"), ("inner_forward", "(a) inner forward sweep"),
-            ("val_grad", "(c) val loss + grad"), ("outer_update", "(d) outer update"))
-    lines = ["| K | " + " | ".join(f"{title} ms (/ K plain)" for _, title in cols)
-             + " | reverse sweep = step - a - c - d, ms (/ K plain) | search step FLOP/s (share of peak) | attention |",
-             "|---" * (len(cols) + 4) + "|"]
+    cols = (
+        ("plain", "K plain steps"),
+        ("search_step", "search step"),
+        ("inner_forward", "(a) inner forward sweep"),
+        ("val_grad", "(c) val loss + grad"),
+        ("outer_update", "(d) outer update"),
+    )
+    lines = [
+        "| K | "
+        + " | ".join(f"{title} ms (/ K plain)" for _, title in cols)
+        + " | reverse sweep = step - a - c - d, ms (/ K plain) | search step FLOP/s (share of peak) | attention |",
+        "|---" * (len(cols) + 4) + "|",
+    ]
     for r in d["rows"]:
         p = r["parts"]
         cells = [f"{_ms(p[n]['median_s'])} ({p[n]['over_k_plain']:.2f}x)" for n, _ in cols]
-        lines.append(f"| {r['k']} | " + " | ".join(cells) + f" | **{_ms(r['reverse_sweep_s'])} "
-                     f"({r['reverse_sweep_over_k_plain']:.2f}x)** | {_rate(p['search_step'])} | {r['attention']} |")
+        lines.append(
+            f"| {r['k']} | " + " | ".join(cells) + f" | **{_ms(r['reverse_sweep_s'])} "
+            f"({r['reverse_sweep_over_k_plain']:.2f}x)** | {_rate(p['search_step'])} | {r['attention']} |"
+        )
     m = d["model"]
-    lines += ["", f"Estimator `unrolled` (remat {d['rows'][0]['remat'] if d['rows'] else '-'}); medians of interleaved "
-              f"calls. Model hidden {m['hidden_size']} / {m['num_hidden_layers']} layers / vocab {m['vocab_size']}, "
-              f"batch {d['batch']} x {d['seq']}, LoRA r=8 on q,v. {_footer(d)}"]
+    lines += [
+        "",
+        f"Estimator `unrolled` (remat {d['rows'][0]['remat'] if d['rows'] else '-'}); medians of interleaved "
+        f"calls. Model hidden {m['hidden_size']} / {m['num_hidden_layers']} layers / vocab {m['vocab_size']}, "
+        f"batch {d['batch']} x {d['seq']}, LoRA r=8 on q,v. {_footer(d)}",
+    ]
     return "\n".join(lines)
 
 
 def table_nnx_step(d: dict) -> str:
     t, mem, hlo = d["timings"], d["memory"], d["hlo_chars"]
     spec = d["spec"]
-    lines = ["| step | functional median (min) ms | NNX median (min) ms | NNX / functional (median, min) "
-             "| compiled temp bytes (functional, NNX) | HLO chars (functional, NNX) "
-             "| share of peak (functional, NNX) |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        "| step | functional median (min) ms | NNX median (min) ms | NNX / functional (median, min) "
+        "| compiled temp bytes (functional, NNX) | HLO chars (functional, NNX) "
+        "| share of peak (functional, NNX) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for step, title in (("search", f"search, unrolled K = {spec['k']}"), ("finetune", "fine-tune")):
         f, n = t[f"{step}_functional"], t[f"{step}_nnx"]
         temp = "-"
         if f"{step}_functional" in mem:
             temp = f"{mem[step + '_functional']['temp_bytes']:,} / {mem[step + '_nnx']['temp_bytes']:,}"
-        lines.append(f"| {title} | {_ms(f['median_s'])} ({_ms(f['min_s'])}) | {_ms(n['median_s'])} "
-                     f"({_ms(n['min_s'])}) | {n['median_s'] / f['median_s']:.2f}x, {n['min_s'] / f['min_s']:.2f}x | "
-                     f"{temp} | {hlo[step + '_functional']:,} / {hlo[step + '_nnx']:,} | {_share(f)}, {_share(n)} |")
+        lines.append(
+            f"| {title} | {_ms(f['median_s'])} ({_ms(f['min_s'])}) | {_ms(n['median_s'])} "
+            f"({_ms(n['min_s'])}) | {n['median_s'] / f['median_s']:.2f}x, {n['min_s'] / f['min_s']:.2f}x | "
+            f"{temp} | {hlo[step + '_functional']:,} / {hlo[step + '_nnx']:,} | {_share(f)}, {_share(n)} |"
+        )
     compiles = ", ".join(f"{n} for a search of {k} steps" for k, n in d["compiles_per_search"].items())
     m = d["model"]
-    lines += ["", f"XLA compilations of `fj.search` on an NNX model: {compiles} (the first search also compiles its "
-              f"setup programs). Model hidden {m['hidden_size']} / {m['num_hidden_layers']} layers, batch "
-              f"{spec['batch']} x {spec['seq']}, LoRA r 8 on q, v. {_footer(d)}"]
+    lines += [
+        "",
+        f"XLA compilations of `fj.search` on an NNX model: {compiles} (the first search also compiles its "
+        f"setup programs). Model hidden {m['hidden_size']} / {m['num_hidden_layers']} layers, batch "
+        f"{spec['batch']} x {spec['seq']}, LoRA r 8 on q, v. {_footer(d)}",
+    ]
     return "\n".join(lines)
 
 
 def table_lora_layout(d: dict) -> str:
     m, (traced, static) = d["memory"], d["compile"]
     mib = 2**20
-    lines = ["| figure | stacked on all blocks | selected blocks only |", "|---|---|---|",
-             f"| fine-tune state of a selection of {m['selection']}, Llama-2-7B shape, r 8 on q, v (A, B fp32 + "
-             f"AdamW moments) | {m['stacked_state_bytes'] / mib:.1f} MiB | "
-             f"{m['selected_only_state_bytes'] / mib:.1f} MiB |",
-             f"| the same, as a share of the bf16 base ({m['base_bytes'] / 2**30:.2f} GiB) | "
-             f"{100 * m['stacked_over_base']:.2f}% | {100 * m['selected_only_state_bytes'] / m['base_bytes']:.2f}% |",
-             "", f"| fine-tune step over {traced['selections']} selections | programs | compile + first step, total |",
-             "|---|---|---|",
-             f"| layout traced (`LoraParams.traced_layout`) | **{traced['programs']}** | {traced['total_s']:.1f} s |",
-             f"| layout static (in the pytree structure) | {static['programs']} | {static['total_s']:.1f} s "
-             f"({static['total_s'] / max(static['programs'], 1):.1f} s each) |", "", _footer(d)]
+    lines = [
+        "| figure | stacked on all blocks | selected blocks only |",
+        "|---|---|---|",
+        f"| fine-tune state of a selection of {m['selection']}, Llama-2-7B shape, r 8 on q, v (A, B fp32 + "
+        f"AdamW moments) | {m['stacked_state_bytes'] / mib:.1f} MiB | "
+        f"{m['selected_only_state_bytes'] / mib:.1f} MiB |",
+        f"| the same, as a share of the bf16 base ({m['base_bytes'] / 2**30:.2f} GiB) | "
+        f"{100 * m['stacked_over_base']:.2f}% | {100 * m['selected_only_state_bytes'] / m['base_bytes']:.2f}% |",
+        "",
+        f"| fine-tune step over {traced['selections']} selections | programs | compile + first step, total |",
+        "|---|---|---|",
+        f"| layout traced (`LoraParams.traced_layout`) | **{traced['programs']}** | {traced['total_s']:.1f} s |",
+        f"| layout static (in the pytree structure) | {static['programs']} | {static['total_s']:.1f} s "
+        f"({static['total_s'] / max(static['programs'], 1):.1f} s each) |",
+        "",
+        _footer(d),
+    ]
     return "\n".join(lines)
 
 
@@ -264,24 +330,32 @@ def table_loss_chunk_step(d: dict) -> str:
     for name, t in d["timings"].items():
         lines.append(f"| {name} | {_spread(t)} | **{d['ratio_to_unchunked'][name]:.2f}x** |")
     m = d["model"]
-    lines += ["", f"Model hidden {m['hidden_size']} / {m['num_hidden_layers']} layers / vocab {m['vocab_size']}, batch "
-              f"{d['batch']} x {d['seq']}; default rule: {d['default_chunk']} tokens per chunk. {_footer(d)}"]
+    lines += [
+        "",
+        f"Model hidden {m['hidden_size']} / {m['num_hidden_layers']} layers / vocab {m['vocab_size']}, batch "
+        f"{d['batch']} x {d['seq']}; default rule: {d['default_chunk']} tokens per chunk. {_footer(d)}",
+    ]
     return "\n".join(lines)
 
 
 def table_gpu(d: dict) -> str:
     """``benchmarks.gpu``: fine-tune tokens/s and MFU per attention, the search over K plain steps, the planner."""
     f = d["finetune"]
-    lines = ["| fine-tune variant | tokens/s | FLOP/s (MFU) | compile s | plan_memory / XLA footprint |",
-             "|---|---|---|---|---|"]
+    lines = [
+        "| fine-tune variant | tokens/s | FLOP/s (MFU) | compile s | plan_memory / XLA footprint |",
+        "|---|---|---|---|---|",
+    ]
     if "error" in f:
         lines.append(f"| failed: {f['error'][:200]} | - | - | - | - |")
     for name, t in f["variants"].items():
         plan = "-" if t.get("plan_over_xla") is None else f"{t['plan_over_xla']:.2f}"
         compile_s = "-" if t.get("compile_s") is None else f"{t['compile_s']:.1f}"
         lines.append(f"| {name} | {t['tokens_per_s']:.0f} | {_rate(t)} | {compile_s} | {plan} |")
-    lines += ["", "| K | step | ms | / K plain (per plain variant) | FLOP/s (MFU) | plan_memory / XLA footprint |",
-              "|---|---|---|---|---|---|"]
+    lines += [
+        "",
+        "| K | step | ms | / K plain (per plain variant) | FLOP/s (MFU) | plan_memory / XLA footprint |",
+        "|---|---|---|---|---|---|",
+    ]
     for r in d["search"]:
         if "error" in r:
             lines.append(f"| {r['k']} | failed: {r['error'][:200]} | - | - | - | - |")
@@ -291,8 +365,11 @@ def table_gpu(d: dict) -> str:
             plan = "-" if t.get("plan_over_xla") is None else f"{t['plan_over_xla']:.2f}"
             lines.append(f"| {r['k']} | {name} | {_ms(t['median_s'])} | {over} | {_rate(t)} | {plan} |")
     m = d["model"]
-    lines += ["", f"{d['device']}; model hidden {m['hidden_size']} / {m['num_hidden_layers']} layers, {m['dtype']}, "
-              f"fine-tune batch {f.get('batch', '-')} x {f.get('seq', '-')}. {_footer(d)}"]
+    lines += [
+        "",
+        f"{d['device']}; model hidden {m['hidden_size']} / {m['num_hidden_layers']} layers, {m['dtype']}, "
+        f"fine-tune batch {f.get('batch', '-')} x {f.get('seq', '-')}. {_footer(d)}",
+    ]
     return "\n".join(lines)
 
 
@@ -335,14 +412,19 @@ def _end_to_end_table(d: dict) -> str:
 
 
 def table_generate(d: dict) -> str:
-    lines = ["| case | batch | prompt + new tokens | flexora_jax tokens/s | transformers tokens/s "
-             "| speedup (target > 1x) | same tokens | first call s | command | date | machine |", "|---" * 11 + "|"]
+    lines = [
+        "| case | batch | prompt + new tokens | flexora_jax tokens/s | transformers tokens/s "
+        "| speedup (target > 1x) | same tokens | first call s | command | date | machine |",
+        "|---" * 11 + "|",
+    ]
     for r in d["rows"]:
         ours, ref = r["flexora_jax"], r["torch"]
-        lines.append(f"| {r['case']} | {r['batch']} | {r['prompt_tokens']} + {r['new_tokens']} | "
-                     f"{ours['tokens_per_s']:.0f} | {ref['tokens_per_s']:.0f} [{ref.get('variant', '')}] | "
-                     f"**{r['speedup']:.2f}x** ({_verdict(r['speedup'] > 1)}) | {r['same_tokens_row0']} | "
-                     f"{ours['first_call_s']:.1f} | `{d['command']}` | {d['machine']['date']} | {_machine(d)} |")
+        lines.append(
+            f"| {r['case']} | {r['batch']} | {r['prompt_tokens']} + {r['new_tokens']} | "
+            f"{ours['tokens_per_s']:.0f} | {ref['tokens_per_s']:.0f} [{ref.get('variant', '')}] | "
+            f"**{r['speedup']:.2f}x** ({_verdict(r['speedup'] > 1)}) | {r['same_tokens_row0']} | "
+            f"{ours['first_call_s']:.1f} | `{d['command']}` | {d['machine']['date']} | {_machine(d)} |"
+        )
     return "\n".join(lines)
 
 

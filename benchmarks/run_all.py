@@ -58,8 +58,9 @@ RUNNERS: dict[str, Callable[..., dict]] = {
     "generate": bench_generate.run,
     "scaling": bench_scaling.run,
     "eval": bench_eval.run,
-    "accuracy": functools.partial(accuracy_table.run, limit=500,
-                                  limits={"race_middle": 150, "race_high": 150, "boolq": 250}),
+    "accuracy": functools.partial(
+        accuracy_table.run, limit=500, limits={"race_middle": 150, "race_high": 150, "boolq": 250}
+    ),
     "finetune_gpu": functools.partial(finetune.run, gpu=True),
     "search_gpu": functools.partial(search.run, gpu=True),
     "gpu": gpu.run,
@@ -67,8 +68,9 @@ RUNNERS: dict[str, Callable[..., dict]] = {
 GPU_ONLY = ("finetune_gpu", "search_gpu", "gpu")
 
 
-def run_all(smoke: bool = False, only: list[str] | None = None, out_dir: str | None = None,
-            update_md: bool = True) -> dict:
+def run_all(
+    smoke: bool = False, only: list[str] | None = None, out_dir: str | None = None, update_md: bool = True
+) -> dict:
     """Run the runners (``only`` some); returns {name: payload}. A full run writes ``run_all.json``."""
     begin = harness.start(smoke)
     results, runners = {}, {}

@@ -70,14 +70,21 @@ class AdaLoraConfig:
         for name in ("target_r", "init_r", "deltaT"):
             v = getattr(self, name)
             require(isinstance(v, int) and v >= 1, f"AdaLoraConfig.{name} must be an integer >= 1, got {v!r}")
-        require(self.target_r <= self.init_r, f"AdaLoraConfig.target_r ({self.target_r}) must not exceed init_r "
-                                              f"({self.init_r}): the allocator only removes rank")
-        require(isinstance(self.total_step, int) and self.total_step > 0,
-                f"AdaLoraConfig.total_step must be a positive integer (the training length), got {self.total_step!r}")
+        require(
+            self.target_r <= self.init_r,
+            f"AdaLoraConfig.target_r ({self.target_r}) must not exceed init_r "
+            f"({self.init_r}): the allocator only removes rank",
+        )
+        require(
+            isinstance(self.total_step, int) and self.total_step > 0,
+            f"AdaLoraConfig.total_step must be a positive integer (the training length), got {self.total_step!r}",
+        )
         require(self.tinit >= 0 and self.tfinal >= 0, "AdaLoraConfig.tinit / tfinal must be >= 0")
-        require(self.tinit < self.total_step - self.tfinal,
-                f"AdaLoraConfig: tinit ({self.tinit}) must be < total_step - tfinal ({self.total_step - self.tfinal}): "
-                "no budget phase is left")
+        require(
+            self.tinit < self.total_step - self.tfinal,
+            f"AdaLoraConfig: tinit ({self.tinit}) must be < total_step - tfinal ({self.total_step - self.tfinal}): "
+            "no budget phase is left",
+        )
         for name in ("beta1", "beta2"):
             v = getattr(self, name)
             require(0.0 < v < 1.0, f"AdaLoraConfig.{name} must be in (0, 1), got {v!r}")
@@ -95,8 +102,9 @@ class AllocatorState:
 
 def init_allocator(weights: Weights) -> AllocatorState:
     """Zero EMAs (two separate buffers: a jitted step may donate both)."""
-    return AllocatorState(exp_avg_ipt=jax.tree.map(jnp.zeros_like, weights),
-                          exp_avg_unc=jax.tree.map(jnp.zeros_like, weights))
+    return AllocatorState(
+        exp_avg_ipt=jax.tree.map(jnp.zeros_like, weights), exp_avg_unc=jax.tree.map(jnp.zeros_like, weights)
+    )
 
 
 def budgets(config: AdaLoraConfig, num_matrices: int) -> tuple[int, int]:
@@ -111,15 +119,16 @@ def budget_schedule(config: AdaLoraConfig, step: int, init_bgt: int, target_bgt:
     if step > config.total_step - config.tfinal:
         return target_bgt, True
     mul = 1 - (step - config.tinit) / (config.total_step - config.tfinal - config.tinit)
-    return int((init_bgt - target_bgt) * (mul ** 3) + target_bgt), step % config.deltaT == 0
+    return int((init_bgt - target_bgt) * (mul**3) + target_bgt), step % config.deltaT == 0
 
 
 def update_ipt(config: AdaLoraConfig, state: AllocatorState, weights: Weights, grads: Weights) -> AllocatorState:
     """One EMA step of the sensitivity ``|p * g|`` and its uncertainty."""
     ipt = jax.tree.map(lambda p, g: jnp.abs(p * g), weights, grads)
     avg = jax.tree.map(lambda s, i: config.beta1 * s + (1 - config.beta1) * i, state.exp_avg_ipt, ipt)
-    unc = jax.tree.map(lambda u, i, s: config.beta2 * u + (1 - config.beta2) * jnp.abs(i - s),
-                       state.exp_avg_unc, ipt, avg)
+    unc = jax.tree.map(
+        lambda u, i, s: config.beta2 * u + (1 - config.beta2) * jnp.abs(i - s), state.exp_avg_unc, ipt, avg
+    )
     return state.replace(exp_avg_ipt=avg, exp_avg_unc=unc)
 
 
@@ -141,15 +150,22 @@ def mask_to_budget(state: AllocatorState, budget: int, init_bgt: int, layers: tu
     return {m: s > threshold for m, s in scores.items()}
 
 
-def update_and_allocate(config: AdaLoraConfig, state: AllocatorState, weights: Weights, grads: Weights, step: int,
-                        layers: tuple[int, ...]) -> tuple[AllocatorState, Weights]:
+def update_and_allocate(
+    config: AdaLoraConfig, state: AllocatorState, weights: Weights, grads: Weights, step: int, layers: tuple[int, ...]
+) -> tuple[AllocatorState, Weights]:
     """PEFT's ``AdaLoraModel.update_and_allocate`` at ``step``: the new state and the (masked) weights."""
     tracked = update_ipt(config, state, weights, grads) if step < config.total_step - config.tfinal else state
     return allocate(config, state, tracked, weights, step, layers)
 
 
-def allocate(config: AdaLoraConfig, state: AllocatorState, tracked: AllocatorState, weights: Weights, step: int,
-             layers: tuple[int, ...]) -> tuple[AllocatorState, Weights]:
+def allocate(
+    config: AdaLoraConfig,
+    state: AllocatorState,
+    tracked: AllocatorState,
+    weights: Weights,
+    step: int,
+    layers: tuple[int, ...],
+) -> tuple[AllocatorState, Weights]:
     """The host half of :func:`update_and_allocate`, given ``tracked`` = ``update_ipt`` of ``state`` at this step
     (computed inside the jitted step; used only before the final phase, as PEFT does)."""
     init_bgt, target_bgt = budgets(config, len(weights) * len(layers))
@@ -189,10 +205,14 @@ def to_lora(model_config: ModelConfig, config: AdaLoraConfig, weights: Weights, 
     kept = {(m, i): np.flatnonzero(e[m][i]) for m in weights for i in layers}
     r0 = config.init_r
     lora_config = LoraConfig(
-        r=r0, lora_alpha=float(r0), target_modules=tuple(weights), layers_to_transform=tuple(layers),
+        r=r0,
+        lora_alpha=float(r0),
+        target_modules=tuple(weights),
+        layers_to_transform=tuple(layers),
         rank_pattern={module_path(m, i): len(k) for (m, i), k in kept.items() if len(k) != r0},
         alpha_pattern={module_path(m, i): float(len(k)) for (m, i), k in kept.items() if 0 < len(k) != r0},
-        init_lora_weights=False)
+        init_lora_weights=False,
+    )
     spec = make_spec(model_config, lora_config)
     out = {}
     for m, w in weights.items():
@@ -202,14 +222,15 @@ def to_lora(model_config: ModelConfig, config: AdaLoraConfig, weights: Weights, 
         b = np.zeros((a_in.shape[0], r_max, b_in.shape[2]), np.float32)
         for i in layers:
             k = kept[(m, i)]
-            a[i, :, :len(k)] = a_in[i][:, k]
-            b[i, :len(k), :] = b_in[i][k, :] * (e[m][i][k] * scale)[:, None]
+            a[i, :, : len(k)] = a_in[i][:, k]
+            b[i, : len(k), :] = b_in[i][k, :] * (e[m][i][k] * scale)[:, None]
         out[m] = {"a": jnp.asarray(a), "b": jnp.asarray(b)}
     return LoraParams(weights=out, spec=spec)
 
 
-def export_adalora(config: AdaLoraConfig, weights: Weights, layers: tuple[int, ...], num_layers: int,
-                   out_dir: str | os.PathLike) -> Path:
+def export_adalora(
+    config: AdaLoraConfig, weights: Weights, layers: tuple[int, ...], num_layers: int, out_dir: str | os.PathLike
+) -> Path:
     """Write ``weights`` as a PEFT AdaLoRA adapter directory (``peft.PeftModel.from_pretrained`` loads it)."""
     tensors = {}
     for m, w in weights.items():
@@ -219,11 +240,33 @@ def export_adalora(config: AdaLoraConfig, weights: Weights, layers: tuple[int, .
             tensors[key + "A"] = np.ascontiguousarray(a[i].T)  # (r, in)
             tensors[key + "E"] = np.ascontiguousarray(e[i][:, None])  # (r, 1)
             tensors[key + "B"] = np.ascontiguousarray(b[i].T)  # (out, r)
-    fields = {k: getattr(config, k) for k in ("target_r", "init_r", "tinit", "tfinal", "deltaT", "beta1", "beta2",
-                                              "orth_reg_weight", "total_step", "lora_alpha")}
-    meta = {"peft_type": "ADALORA", "task_type": "CAUSAL_LM", "r": 8, "lora_dropout": 0.0, "bias": "none",
-            "target_modules": list(weights), "rank_pattern": None, "inference_mode": True,
-            "layers_to_transform": None if tuple(layers) == tuple(range(num_layers)) else list(layers), **fields}
+    fields = {
+        k: getattr(config, k)
+        for k in (
+            "target_r",
+            "init_r",
+            "tinit",
+            "tfinal",
+            "deltaT",
+            "beta1",
+            "beta2",
+            "orth_reg_weight",
+            "total_step",
+            "lora_alpha",
+        )
+    }
+    meta = {
+        "peft_type": "ADALORA",
+        "task_type": "CAUSAL_LM",
+        "r": 8,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": list(weights),
+        "rank_pattern": None,
+        "inference_mode": True,
+        "layers_to_transform": None if tuple(layers) == tuple(range(num_layers)) else list(layers),
+        **fields,
+    }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_safetensors(out / "adapter_model.safetensors", tensors)
@@ -238,8 +281,11 @@ def init_adalora(model_config: ModelConfig, config: AdaLoraConfig, key: jax.Arra
         d_in, d_out = model_config.module_shape(m)
         L, r = model_config.num_hidden_layers, config.init_r
         ka, kb = jax.random.split(jax.random.fold_in(key, n))
-        out[m] = {"a": 0.02 * jax.random.normal(ka, (L, d_in, r), jnp.float32), "e": jnp.zeros((L, r), jnp.float32),
-                  "b": 0.02 * jax.random.normal(kb, (L, r, d_out), jnp.float32)}
+        out[m] = {
+            "a": 0.02 * jax.random.normal(ka, (L, d_in, r), jnp.float32),
+            "e": jnp.zeros((L, r), jnp.float32),
+            "b": 0.02 * jax.random.normal(kb, (L, r, d_out), jnp.float32),
+        }
     return out
 
 
@@ -247,14 +293,24 @@ def as_lora(model_config: ModelConfig, config: AdaLoraConfig, weights: Weights, 
     """The AdaLoRA as LoRA params (differentiable): a = P, b = Lambda * Q, scale lora_alpha / (init_r + 1e-5)."""
     r = config.init_r
     scale = (config.lora_alpha if config.lora_alpha > 0 else r) / (r + 1e-5)
-    spec = make_spec(model_config, LoraConfig(r=r, lora_alpha=scale * r, target_modules=tuple(weights),
-                                              layers_to_transform=tuple(layers), init_lora_weights=False))
-    return LoraParams(weights={m: {"a": w["a"], "b": w["e"][..., None] * w["b"]} for m, w in weights.items()},
-                      spec=spec)
+    spec = make_spec(
+        model_config,
+        LoraConfig(
+            r=r,
+            lora_alpha=scale * r,
+            target_modules=tuple(weights),
+            layers_to_transform=tuple(layers),
+            init_lora_weights=False,
+        ),
+    )
+    return LoraParams(
+        weights={m: {"a": w["a"], "b": w["e"][..., None] * w["b"]} for m, w in weights.items()}, spec=spec
+    )
 
 
-def make_adalora_step(model_config: ModelConfig, config: AdaLoraConfig, layers: tuple[int, ...],
-                      optimizer: optax.GradientTransformation) -> Any:
+def make_adalora_step(
+    model_config: ModelConfig, config: AdaLoraConfig, layers: tuple[int, ...], optimizer: optax.GradientTransformation
+) -> Any:
     """``(params, weights, opt_state, allocator, batch) -> (loss, weights, opt_state, tracked)``, one program.
 
     The task loss plus ``orth_reg_weight`` x the regulariser, its gradient, the optimizer step, and
@@ -262,11 +318,13 @@ def make_adalora_step(model_config: ModelConfig, config: AdaLoraConfig, layers: 
     The allocator's mask (None until the first allocation) stays on the host side, so the jitted part
     (``step.jitted``, over a mask-free allocator state) compiles once.
     """
+
     @jax.jit
     def jitted(params: Any, w: Weights, opt_state: Any, alloc: AllocatorState, batch: dict):
         def loss(w):
             task = lm_loss(model_config, params, as_lora(model_config, config, w, layers), None, batch)
             return task + config.orth_reg_weight * orth_regularizer(w, layers)
+
         value, grads = jax.value_and_grad(loss)(w)
         updates, opt_state = optimizer.update(grads, opt_state, w)
         w = optax.apply_updates(w, updates)

@@ -70,8 +70,10 @@ class SearchState(NamedTuple):
 
 def make_loss_fn(config: ModelConfig, params: Any) -> LossFn:
     """The decoder's ``loss(lora, gates, batch)`` with the frozen base closed over (never differentiated)."""
+
     def loss(lora, gates, batch):
         return lm_loss(config, params, lora, gates, batch)
+
     return loss
 
 
@@ -100,8 +102,14 @@ def outer_optimizer(search: SearchConfig) -> optax.GradientTransformation:
 
 
 # -------------------------------------------------------------------------------------- inner loop
-def inner_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, gates: Gates | None,
-               state: InnerState, batch: Batch, reset_optimizer: bool = False) -> tuple[InnerState, jax.Array]:
+def inner_step(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    gates: Gates | None,
+    state: InnerState,
+    batch: Batch,
+    reset_optimizer: bool = False,
+) -> tuple[InnerState, jax.Array]:
     """One optimizer step of the LoRA params on a training batch, gates held fixed (but traced)."""
     loss, grads = jax.value_and_grad(loss_fn)(state.lora, gates, batch)
     opt_state = optimizer.init(state.lora) if reset_optimizer else state.opt_state
@@ -109,13 +117,21 @@ def inner_step(loss_fn: LossFn, optimizer: optax.GradientTransformation, gates: 
     return InnerState(optax.apply_updates(state.lora, updates), opt_state), loss
 
 
-def unroll(loss_fn: LossFn, optimizer: optax.GradientTransformation, gates: Gates | None, state: InnerState,
-           batches: Batch, remat: bool = True, reset_optimizer: bool = False) -> tuple[InnerState, jax.Array]:
+def unroll(
+    loss_fn: LossFn,
+    optimizer: optax.GradientTransformation,
+    gates: Gates | None,
+    state: InnerState,
+    batches: Batch,
+    remat: bool = True,
+    reset_optimizer: bool = False,
+) -> tuple[InnerState, jax.Array]:
     """K inner steps as one ``lax.scan`` over ``batches`` (leading axis K); returns state and K losses.
 
     With ``remat`` the body is ``jax.checkpoint``-ed: reverse mode through the scan keeps only the
     carries and recomputes each step's forward pass, so memory does not grow with activations x K.
     """
+
     def body(carry, batch):
         return inner_step(loss_fn, optimizer, gates, carry, batch, reset_optimizer)
 
@@ -133,10 +149,21 @@ def _tree_norm(a: Any) -> jax.Array:
     return jnp.sqrt(_tree_dot(a, a))
 
 
-def hypergradient(estimator: str, train_loss: LossFn, val_loss: LossFn, optimizer: optax.GradientTransformation,
-                  gates: Gates, state: InnerState, train_batches: Batch, val_batch: Batch, remat: bool = True,
-                  reset_optimizer: bool = False, darts_mode: str = "exact", unrolled_mode: str = "mixed",
-                  second_order_loss: LossFn | None = None) -> tuple[Gates, InnerState, dict]:
+def hypergradient(
+    estimator: str,
+    train_loss: LossFn,
+    val_loss: LossFn,
+    optimizer: optax.GradientTransformation,
+    gates: Gates,
+    state: InnerState,
+    train_batches: Batch,
+    val_batch: Batch,
+    remat: bool = True,
+    reset_optimizer: bool = False,
+    darts_mode: str = "exact",
+    unrolled_mode: str = "mixed",
+    second_order_loss: LossFn | None = None,
+) -> tuple[Gates, InnerState, dict]:
     """The hypergradient w.r.t. the raw ``gates``, the advanced inner state, and metrics.
 
     Args:
@@ -158,12 +185,14 @@ def hypergradient(estimator: str, train_loss: LossFn, val_loss: LossFn, optimize
     if estimator in ("unrolled", "forward") or (estimator == "darts" and darts_mode == "exact"):
         check_differentiable(optimizer)
     if estimator == "unrolled" and unrolled_mode == "mixed":
-        return unrolled_mixed(train_loss, val_loss, optimizer, gates, state, train_batches, val_batch,
-                              reset_optimizer, twice)
+        return unrolled_mixed(
+            train_loss, val_loss, optimizer, gates, state, train_batches, val_batch, reset_optimizer, twice
+        )
     if estimator == "unrolled" and unrolled_mode != "reverse":
         raise ConfigError(f"unknown unrolled_mode {unrolled_mode!r}; valid: 'mixed', 'reverse'")
     if estimator in ("unrolled", "forward"):
         train_loss = twice
+
         def objective(g):
             new_state, losses = unroll(train_loss, optimizer, g, state, train_batches, remat, reset_optimizer)
             return val_loss(new_state.lora, g, val_batch), (new_state, losses)
@@ -190,13 +219,22 @@ def hypergradient(estimator: str, train_loss: LossFn, val_loss: LossFn, optimize
         hg = jax.tree.map(lambda d, i: d - i, direct, implicit)
         return hg, stepped, {"val_loss": vloss, "train_loss": tloss}
 
-    raise ConfigError(f"unknown hypergradient estimator {estimator!r}; "
-                      "valid: 'unrolled', 'forward', 'first_order', 'darts'")
+    raise ConfigError(
+        f"unknown hypergradient estimator {estimator!r}; valid: 'unrolled', 'forward', 'first_order', 'darts'"
+    )
 
 
-def unrolled_mixed(train_loss: LossFn, val_loss: LossFn, optimizer: optax.GradientTransformation, gates: Gates,
-                   state: InnerState, train_batches: Batch, val_batch: Batch, reset_optimizer: bool = False,
-                   second_order_loss: LossFn | None = None) -> tuple[Gates, InnerState, dict]:
+def unrolled_mixed(
+    train_loss: LossFn,
+    val_loss: LossFn,
+    optimizer: optax.GradientTransformation,
+    gates: Gates,
+    state: InnerState,
+    train_batches: Batch,
+    val_batch: Batch,
+    reset_optimizer: bool = False,
+    second_order_loss: LossFn | None = None,
+) -> tuple[Gates, InnerState, dict]:
     """The ``unrolled`` hypergradient in mixed mode: the same derivative as reverse mode through the K steps,
     at about three plain steps per inner step instead of about five, memory flat in K.
 
@@ -274,13 +312,16 @@ def check_differentiable(optimizer: optax.GradientTransformation) -> None:
         tangent = jax.jvp(lambda g: optimizer.update(g, state, zero)[0], (zero,), (one,))[1]
         finite = bool(jnp.isfinite(tangent["x"]))
     if not finite:
-        raise ConfigError("the inner optimizer's update has no derivative at a zero gradient (Adam / AdamW with "
-                          "eps_root=0: the hypergradient is NaN while LoRA's B is 0); use eps_root > 0, e.g. "
-                          "optax.adamw(lr, eps_root=1e-16), or the first_order estimator")
+        raise ConfigError(
+            "the inner optimizer's update has no derivative at a zero gradient (Adam / AdamW with "
+            "eps_root=0: the hypergradient is NaN while LoRA's B is 0); use eps_root > 0, e.g. "
+            "optax.adamw(lr, eps_root=1e-16), or the first_order estimator"
+        )
 
 
-def darts_implicit(train_loss: LossFn, theta: LoraParams, gates: Gates, batch: Batch, v: LoraParams,
-                   mode: str = "exact") -> Gates:
+def darts_implicit(
+    train_loss: LossFn, theta: LoraParams, gates: Gates, batch: Batch, v: LoraParams, mode: str = "exact"
+) -> Gates:
     """``d/dgates <grad_theta L_train(theta, gates), v>``: AutoLoRA's implicit (second-order) term.
 
     ``exact`` is the mixed Hessian-vector product by forward-over-reverse (``jax.jvp`` of the gate
@@ -301,13 +342,18 @@ def darts_implicit(train_loss: LossFn, theta: LoraParams, gates: Gates, batch: B
 
 
 # ------------------------------------------------------------------------------------- search step
-def init_search_state(lora: Any, gates: Gates, search: SearchConfig,
-                      optimizer: optax.GradientTransformation | None = None) -> SearchState:
+def init_search_state(
+    lora: Any, gates: Gates, search: SearchConfig, optimizer: optax.GradientTransformation | None = None
+) -> SearchState:
     """A fresh search state (copies of ``lora`` and ``gates``: the jitted step donates its state)."""
     lora, gates = jax.tree.map(jnp.copy, (lora, gates))
     inner = optimizer or inner_optimizer(search)
-    return SearchState(inner=InnerState(lora, inner.init(lora)), gates=gates,
-                       gate_opt_state=outer_optimizer(search).init(gates), step=jnp.zeros((), jnp.int32))
+    return SearchState(
+        inner=InnerState(lora, inner.init(lora)),
+        gates=gates,
+        gate_opt_state=outer_optimizer(search).init(gates),
+        step=jnp.zeros((), jnp.int32),
+    )
 
 
 def program_key(search: SearchConfig) -> SearchConfig:
@@ -323,9 +369,13 @@ def program_key(search: SearchConfig) -> SearchConfig:
     return dataclasses.replace(search, **fixed)
 
 
-def search_step(loss: ProblemLoss, search: SearchConfig, optimizer: optax.GradientTransformation | None = None,
-                val_loss: ProblemLoss | None = None,
-                second_order_loss: ProblemLoss | None = None) -> Callable[..., tuple[SearchState, dict]]:
+def search_step(
+    loss: ProblemLoss,
+    search: SearchConfig,
+    optimizer: optax.GradientTransformation | None = None,
+    val_loss: ProblemLoss | None = None,
+    second_order_loss: ProblemLoss | None = None,
+) -> Callable[..., tuple[SearchState, dict]]:
     """The pure search step ``(base, state, train_batches[K], val_batch) -> (state, metrics)`` of any problem.
 
     ``loss(base, lora, hyper, batch, key)`` is the problem's loss (:class:`flexora_jax.problem.Problem`), the
@@ -341,9 +391,13 @@ def search_step(loss: ProblemLoss, search: SearchConfig, optimizer: optax.Gradie
 
 
 @functools.lru_cache(maxsize=64)
-def _search_step(loss: ProblemLoss, search: SearchConfig, optimizer: optax.GradientTransformation | None,
-                 val_loss: ProblemLoss | None,
-                 second_order_loss: ProblemLoss | None) -> Callable[..., tuple[SearchState, dict]]:
+def _search_step(
+    loss: ProblemLoss,
+    search: SearchConfig,
+    optimizer: optax.GradientTransformation | None,
+    val_loss: ProblemLoss | None,
+    second_order_loss: ProblemLoss | None,
+) -> Callable[..., tuple[SearchState, dict]]:
     inner_opt, outer_opt = optimizer or inner_optimizer(search), outer_optimizer(search)
     outer = val_loss or loss
     twice = second_order_loss or loss
@@ -359,18 +413,31 @@ def _search_step(loss: ProblemLoss, search: SearchConfig, optimizer: optax.Gradi
             return twice(base, lora, gates, batch, None)
 
         hg, new_inner, metrics = hypergradient(
-            search.hypergradient, train_loss, valid_loss, inner_opt, state.gates, state.inner, train_batches,
-            val_batch, remat=search.remat, reset_optimizer=search.reset_inner_optimizer, darts_mode=search.darts_mode,
-            unrolled_mode=search.unrolled_mode, second_order_loss=second_order)
+            search.hypergradient,
+            train_loss,
+            valid_loss,
+            inner_opt,
+            state.gates,
+            state.inner,
+            train_batches,
+            val_batch,
+            remat=search.remat,
+            reset_optimizer=search.reset_inner_optimizer,
+            darts_mode=search.darts_mode,
+            unrolled_mode=search.unrolled_mode,
+            second_order_loss=second_order,
+        )
         updates, gate_opt_state = outer_opt.update(hg, state.gate_opt_state, state.gates)
         gates = optax.apply_updates(state.gates, updates)
         if search.hypergradient == "darts" and search.darts_redo_inner:
             batch = jax.tree.map(lambda x: x[0], train_batches)
-            new_inner, _ = inner_step(train_loss, inner_opt, jax.lax.stop_gradient(gates), state.inner, batch,
-                                      search.reset_inner_optimizer)
+            new_inner, _ = inner_step(
+                train_loss, inner_opt, jax.lax.stop_gradient(gates), state.inner, batch, search.reset_inner_optimizer
+            )
         hg_norm = optax.tree.norm(hg)
-        metrics = dict(metrics, hypergrad_norm=hg_norm,
-                       finite=jnp.isfinite(hg_norm) & jnp.isfinite(metrics["val_loss"]))
+        metrics = dict(
+            metrics, hypergrad_norm=hg_norm, finite=jnp.isfinite(hg_norm) & jnp.isfinite(metrics["val_loss"])
+        )
         if gates.layer is not None:
             metrics["layer_gates"] = layer_gate_values(gates)
         return SearchState(new_inner, gates, gate_opt_state, state.step + 1), metrics
@@ -396,6 +463,7 @@ def make_search_step(config: ModelConfig, search: SearchConfig) -> Callable[...,
 def _plain_decoder_loss(config: ModelConfig) -> ProblemLoss:
     def loss(params: Any, lora: LoraParams, gates: Gates | None, batch: Batch, key: Any = None) -> jax.Array:
         return lm_loss(config, params, lora, gates, batch, key)
+
     return loss
 
 
@@ -404,13 +472,17 @@ def nonfinite_message(step: int, metrics: dict, sc: SearchConfig) -> str:
     values = {k: float(metrics[k]) for k in ("train_loss", "val_loss", "hypergrad_norm")}
     bad = ", ".join(f"{k}={v}" for k, v in values.items() if not np.isfinite(v))
     if not np.isfinite(values["train_loss"]):
-        hint = ("the training loss itself is non-finite: check the base model's weights and the data, and lower "
-                "search.inner_lr")
+        hint = (
+            "the training loss itself is non-finite: check the base model's weights and the data, and lower "
+            "search.inner_lr"
+        )
     elif not np.isfinite(values["val_loss"]):
         hint = "the LoRA diverged in the inner steps: lower search.inner_lr or set search.inner_grad_clip"
     elif sc.hypergradient in ("unrolled", "forward", "darts"):
-        hint = ("only the hypergradient is non-finite: keep search.inner_eps_root > 0 (Adam differentiated through), "
-                "lower search.inner_lr, or use search.hypergradient=first_order")
+        hint = (
+            "only the hypergradient is non-finite: keep search.inner_eps_root > 0 (Adam differentiated through), "
+            "lower search.inner_lr, or use search.hypergradient=first_order"
+        )
     else:
         hint = "the gate gradient is non-finite: lower search.outer_lr"
     return f"non-finite search step {step} ({bad}; search.hypergradient={sc.hypergradient}): {hint}"

@@ -33,6 +33,7 @@ from flexora_jax.sharding import partition_specs
 
 log = logging.getLogger("flexora_jax")
 
+
 class CheckpointWarning(UserWarning):
     """A checkpoint was unusable and an earlier one was used instead."""
 
@@ -63,8 +64,9 @@ def to_savable(tree: Any) -> Any:
 
 def from_savable(tree: Any, template: Any) -> Any:
     """Undo :func:`to_savable` where the template holds a typed key."""
-    return jax.tree.map(lambda x, t: jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if _is_key(t) else x,
-                        tree, template)
+    return jax.tree.map(
+        lambda x, t: jax.random.wrap_key_data(x, impl=jax.random.key_impl(t)) if _is_key(t) else x, tree, template
+    )
 
 
 class StageCheckpointer:
@@ -76,8 +78,9 @@ class StageCheckpointer:
       keep: how many checkpoints to keep.
     """
 
-    def __init__(self, directory: str | os.PathLike, every: int = 10, keep: int = 2,
-                 required_meta: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self, directory: str | os.PathLike, every: int = 10, keep: int = 2, required_meta: tuple[str, ...] = ()
+    ) -> None:
         self.required_meta = required_meta  # keys a usable checkpoint's metadata must hold
         self.directory = Path(directory).absolute()
         self.every = every
@@ -93,15 +96,18 @@ class StageCheckpointer:
             return False
         if self._manager.latest_step() == step:
             return False
-        args = ocp.args.Composite(state=ocp.args.StandardSave(to_savable(state)),
-                                  meta=ocp.args.JsonSave(dict(meta, step=int(step))))
+        args = ocp.args.Composite(
+            state=ocp.args.StandardSave(to_savable(state)), meta=ocp.args.JsonSave(dict(meta, step=int(step)))
+        )
         try:
             with _quiet_orbax():
                 self._manager.save(step, args=args, force=True)
                 self._manager.wait_until_finished()
         except Exception as exc:  # a full disk or a read-only place reaches us through orbax and tensorstore
-            raise CheckpointError(f"could not save checkpoint step {step} in {self.directory} "
-                                  f"({type(exc).__name__}: {exc}); the earlier checkpoints are kept") from None
+            raise CheckpointError(
+                f"could not save checkpoint step {step} in {self.directory} "
+                f"({type(exc).__name__}: {exc}); the earlier checkpoints are kept"
+            ) from None
         return True
 
     def latest_step(self) -> int | None:
@@ -128,16 +134,27 @@ class StageCheckpointer:
                 restored = self._restore_step(template, candidate)
             except CheckpointError as exc:
                 failures.append(str(exc))
-                log.warning("checkpoint step %d in %s is unusable, falling back to the previous one: %s",
-                            candidate, self.directory, exc)
-                warnings.warn(f"checkpoint step {candidate} in {self.directory} is corrupt or unreadable; "
-                              "falling back to the previous checkpoint", CheckpointWarning, stacklevel=2)
+                log.warning(
+                    "checkpoint step %d in %s is unusable, falling back to the previous one: %s",
+                    candidate,
+                    self.directory,
+                    exc,
+                )
+                warnings.warn(
+                    f"checkpoint step {candidate} in {self.directory} is corrupt or unreadable; "
+                    "falling back to the previous checkpoint",
+                    CheckpointWarning,
+                    stacklevel=2,
+                )
                 continue
             if failures:
                 self._discard_after(candidate)
             return restored
-        raise CheckpointError(f"no usable checkpoint in {self.directory}: " + " | ".join(failures)
-                              + "; delete that directory to restart this stage from its beginning")
+        raise CheckpointError(
+            f"no usable checkpoint in {self.directory}: "
+            + " | ".join(failures)
+            + "; delete that directory to restart this stage from its beginning"
+        )
 
     def _discard_after(self, step: int) -> None:
         """Remove the unusable checkpoints after ``step`` so the resumed stage can save those steps again."""
@@ -148,24 +165,29 @@ class StageCheckpointer:
 
     def _restore_step(self, template: Any, step: int) -> tuple[Any, dict[str, Any]]:
         savable = to_savable(template)
-        abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype) if hasattr(x, "dtype") else x,
-                                savable)
-        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                        meta=ocp.args.JsonRestore())
+        abstract = jax.tree.map(
+            lambda x: jax.ShapeDtypeStruct(np.shape(x), x.dtype) if hasattr(x, "dtype") else x, savable
+        )
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore())
         try:
             restored = self._manager.restore(step, args=args)
         except Exception as exc:  # orbax raises ValueError / FileNotFoundError / tensorstore errors
-            raise CheckpointError(f"could not restore checkpoint step {step} from {self.directory} "
-                                  f"({type(exc).__name__}: {exc}); delete that step directory to fall back to "
-                                  "an earlier one, or start the run afresh without --resume") from None
+            raise CheckpointError(
+                f"could not restore checkpoint step {step} from {self.directory} "
+                f"({type(exc).__name__}: {exc}); delete that step directory to fall back to "
+                "an earlier one, or start the run afresh without --resume"
+            ) from None
         state = from_savable(restored["state"], template)
-        check_tree_shapes(state, template, f"checkpoint step {step} in {self.directory} (expected the shapes of "
-                                           "this run's config)")
+        check_tree_shapes(
+            state, template, f"checkpoint step {step} in {self.directory} (expected the shapes of this run's config)"
+        )
         meta = restored["meta"]
         missing = [k for k in self.required_meta if not isinstance(meta, dict) or k not in meta]
         if missing:
-            raise CheckpointError(f"checkpoint step {step} in {self.directory} has damaged metadata (missing "
-                                  f"{missing}); expected a JSON object with {list(self.required_meta)}")
+            raise CheckpointError(
+                f"checkpoint step {step} in {self.directory} has damaged metadata (missing "
+                f"{missing}); expected a JSON object with {list(self.required_meta)}"
+            )
         return state, dict(meta)
 
     def close(self) -> None:
@@ -190,14 +212,19 @@ def restore_sharded(directory: str | os.PathLike, template: Any, mesh: Mesh, spe
     """
     specs = partition_specs(template, mesh) if specs is None else specs
     savable = jax.eval_shape(to_savable, template)  # typed PRNG keys -> their uint32 key data
-    abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s)),
-                            savable, specs, is_leaf=lambda x: isinstance(x, P))
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=NamedSharding(mesh, s)),
+        savable,
+        specs,
+        is_leaf=lambda x: isinstance(x, P),
+    )
     try:
         with ocp.StandardCheckpointer() as ckpt:
             restored = ckpt.restore(Path(directory).absolute(), abstract)
     except Exception as exc:  # orbax raises ValueError / FileNotFoundError / tensorstore errors
-        raise CheckpointError(f"could not restore {directory} onto mesh {dict(mesh.shape)} "
-                              f"({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(
+            f"could not restore {directory} onto mesh {dict(mesh.shape)} ({type(exc).__name__}: {exc})"
+        ) from None
 
     def unwrap(x, t):
         if not jax.dtypes.issubdtype(t.dtype, jax.dtypes.prng_key):

@@ -47,37 +47,47 @@ _OFF = ("0", "false", "off", "no")
 #: What each command does (its --help).
 ABOUT = {
     "run": "Run the whole job into --output-dir: search, select, fine-tune every method, evaluate, export. "
-           "Without --config it runs the embedded planted demo; --resume continues an interrupted run.",
+    "Without --config it runs the embedded planted demo; --resume continues an interrupted run.",
     "search": "Run the gate searches the run's methods need; writes searches/<gates>/ (a fresh run directory, "
-              "or one that holds the run's config).",
+    "or one that holds the run's config).",
     "finetune": "Fine-tune every method on its selection; reads searches/, writes methods/<method>/adapter.",
     "evaluate": "Score the base model and every method's adapter; writes eval.json and compare.json.",
     "export": "Copy the main method's adapter and selection to the top of the run directory, write gates.json, "
-              "report.md and gates.png (--merged: also the merged model in merged/).",
+    "report.md and gates.png (--merged: also the merged model in merged/).",
 }
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="flexora-jax", add_help=False, allow_abbrev=False,  # --seed=3 is a config key, not --seeds
+        prog="flexora-jax",
+        add_help=False,
+        allow_abbrev=False,  # --seed=3 is a config key, not --seeds
         description="Find which layers (Flexora) and ranks (AutoLoRA) to fine-tune with LoRA, then fine-tune there.",
         epilog="Any config key can be overridden as --section.key=value (YAML values), e.g. --seed=3 "
-               "--lora.r=8 --search.hypergradient=first_order --compare=[lora,random_k]. "
-               f"Methods (--method, --compare): {', '.join(method_names())}. "
-               "`flexora-jax --help-config` lists every key with its type, default and meaning, and what each "
-               "method does. `flexora-jax study PLAN --out DIR` runs a study plan (configs/study/*.yaml; see its "
-               "--help).")
+        "--lora.r=8 --search.hypergradient=first_order --compare=[lora,random_k]. "
+        f"Methods (--method, --compare): {', '.join(method_names())}. "
+        "`flexora-jax --help-config` lists every key with its type, default and meaning, and what each "
+        "method does. `flexora-jax study PLAN --out DIR` runs a study plan (configs/study/*.yaml; see its "
+        "--help).",
+    )
     p.add_argument("command", nargs="?", default="run", choices=COMMANDS, help="what to run (default: run)")
     p.add_argument("--config", help="YAML config file (default: the embedded planted demo, or DIR/config.yaml)")
     p.add_argument("--output-dir", "--output_dir", dest="output_dir", help="the run directory")
     p.add_argument("--resume", action="store_true", help="continue the run in --output-dir from its checkpoints")
     p.add_argument("--merged", action="store_true", help="export: also write the merged model (merged/)")
-    p.add_argument("--seeds", help="run: once per seed into DIR/seed<s>, then DIR/report.md and compare.json with "
-                                   "mean +- sd over the seeds, e.g. --seeds=[0,1,2]")
+    p.add_argument(
+        "--seeds",
+        help="run: once per seed into DIR/seed<s>, then DIR/report.md and compare.json with "
+        "mean +- sd over the seeds, e.g. --seeds=[0,1,2]",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bars, warnings only")
-    p.add_argument("--no-compilation-cache", dest="compilation_cache", action="store_false",
-                   help=f"do not keep compiled programs between runs (also: {CACHE_ENV}=0); default: "
-                        "$XDG_CACHE_HOME/flexora_jax/jax")
+    p.add_argument(
+        "--no-compilation-cache",
+        dest="compilation_cache",
+        action="store_false",
+        help=f"do not keep compiled programs between runs (also: {CACHE_ENV}=0); default: "
+        "$XDG_CACHE_HOME/flexora_jax/jax",
+    )
     p.add_argument("-h", "--help", action="store_true", help="show this help")
     p.add_argument("--help-config", action="store_true", help="show every config key: type, default, meaning")
     return p
@@ -87,14 +97,23 @@ def _fail(message: str, status: int = EXIT_USER_ERROR) -> int:
     # a value may hold characters the terminal cannot encode (lone surrogates): show them escaped
     message = message.encode("utf-8", "backslashreplace").decode("utf-8")
     # Paths and keys stay whole (no breaks at hyphens or inside long words): they are copied from here.
-    print("\n".join(textwrap.wrap(f"flexora-jax: error: {message}", width=100, break_on_hyphens=False,
-                                   break_long_words=False)), file=sys.stderr)
+    print(
+        "\n".join(
+            textwrap.wrap(f"flexora-jax: error: {message}", width=100, break_on_hyphens=False, break_long_words=False)
+        ),
+        file=sys.stderr,
+    )
     return status
 
 
 def _setup_logging(quiet: bool) -> None:
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(asctime)s %(message)s",
-                        datefmt="%H:%M:%S", stream=sys.stderr, force=True)
+    logging.basicConfig(
+        level=logging.WARNING if quiet else logging.INFO,
+        format="%(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+        stream=sys.stderr,
+        force=True,
+    )
     for noisy in ("absl", "orbax", "jax", "datasets", "transformers"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     logging.getLogger("asyncio").setLevel(logging.CRITICAL)  # orbax's orphaned write tasks after a failed save
@@ -158,8 +177,10 @@ def main(argv: list[str] | None = None) -> int:
             _command(args, overrides)
             signum = signals.STOP.signum
             if signum is not None:  # it came after the last safe point: the work is complete, and says so
-                raise Interrupted(f"stopped by signal {signum} after `flexora-jax {args.command}` finished; its "
-                                  "files are complete", signum)
+                raise Interrupted(
+                    f"stopped by signal {signum} after `flexora-jax {args.command}` finished; its files are complete",
+                    signum,
+                )
         return 0
     except _UserExit as exc:
         return _fail(str(exc))
@@ -175,8 +196,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"a file or argument is not valid text ({exc}); expected UTF-8")
     except (MemoryError, jax.errors.JaxRuntimeError) as exc:
         if isinstance(exc, MemoryError) or "RESOURCE_EXHAUSTED" in str(exc):
-            return _fail("out of memory: the model, batch or sequence does not fit this device; lower "
-                         "search.batch_size / finetune.batch_size / task.max_length, or use more devices (mesh)")
+            return _fail(
+                "out of memory: the model, batch or sequence does not fit this device; lower "
+                "search.batch_size / finetune.batch_size / task.max_length, or use more devices (mesh)"
+            )
         raise
 
 
@@ -185,8 +208,10 @@ def _command(args: argparse.Namespace, overrides: list[str]) -> None:
     config_file = args.config
     if config_file is None and args.command != "run" or (args.resume and config_file is None):
         if args.output_dir is None:
-            raise_user(f"`flexora-jax {args.command}{' --resume' if args.resume else ''}` continues a run: "
-                       "pass --output-dir DIR (the run directory)")
+            raise_user(
+                f"`flexora-jax {args.command}{' --resume' if args.resume else ''}` continues a run: "
+                "pass --output-dir DIR (the run directory)"
+            )
         candidate = Path(args.output_dir) / "config.yaml"
         config_file = str(candidate) if candidate.exists() else None
     if args.output_dir is not None:

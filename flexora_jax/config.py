@@ -39,11 +39,40 @@ from flexora_jax.model_config import (
 )
 from flexora_jax.validation import check_fields
 
-__all__ = ["ALL_MODULES", "ATTENTION_BACKENDS", "ATTENTION_MODULES", "DTYPES", "EXPERT_MODULES", "FUSED_MODULES",
-           "GEMMA_TYPES", "HIDDEN_ACTS", "LORA_MODULES", "MLP_MODULES", "ROPE_TYPES", "SANDWICH_TYPES",
-           "SUPPORTED_MODEL_TYPES", "FrozenDict", "LoraConfig", "ModelConfig", "RopeScaling", "module_path", "require",
-           "HYPERGRADIENTS", "OPTIMIZERS", "SCHEDULES", "SELECTION_RULES", "MESH_AXES", "SearchConfig",
-           "SelectionConfig", "FinetuneConfig", "EvalConfig", "MeshConfig", "PRESETS", "PRESET_SECTIONS", "preset"]
+__all__ = [
+    "ALL_MODULES",
+    "ATTENTION_BACKENDS",
+    "ATTENTION_MODULES",
+    "DTYPES",
+    "EXPERT_MODULES",
+    "FUSED_MODULES",
+    "GEMMA_TYPES",
+    "HIDDEN_ACTS",
+    "LORA_MODULES",
+    "MLP_MODULES",
+    "ROPE_TYPES",
+    "SANDWICH_TYPES",
+    "SUPPORTED_MODEL_TYPES",
+    "FrozenDict",
+    "LoraConfig",
+    "ModelConfig",
+    "RopeScaling",
+    "module_path",
+    "require",
+    "HYPERGRADIENTS",
+    "OPTIMIZERS",
+    "SCHEDULES",
+    "SELECTION_RULES",
+    "MESH_AXES",
+    "SearchConfig",
+    "SelectionConfig",
+    "FinetuneConfig",
+    "EvalConfig",
+    "MeshConfig",
+    "PRESETS",
+    "PRESET_SECTIONS",
+    "preset",
+]
 
 
 HYPERGRADIENTS = ("unrolled", "first_order", "darts", "forward")
@@ -77,22 +106,30 @@ class SearchConfig:
     outer_b2: float = 0.999  # Adam beta2 of the gate optimizer, in [0, 1)
     gate_power: int = 1  # layer gate exponent: 1, or 3 as in the reference code
     remat: bool = True  # jax.checkpoint the inner scan body (memory flat in K; unrolled_mode "reverse" only)
-    unrolled_mode: str = "mixed"  # unrolled: mixed (forward-over-reverse HVPs) | reverse (to differentiate the hypergradient)
+    unrolled_mode: str = (
+        "mixed"  # unrolled: mixed (forward-over-reverse HVPs) | reverse (to differentiate the hypergradient)
+    )
     darts_mode: str = "exact"  # exact (jvp mixed Hessian-vector product) | finite_difference
     darts_redo_inner: bool = True  # AutoLoRA: redo the inner step with the updated gates
     log_every: int = 1  # log every N search steps
 
     def __post_init__(self) -> None:
         check_fields(self, "search")
-        require(self.hypergradient in HYPERGRADIENTS,
-               f"search.hypergradient must be one of {HYPERGRADIENTS}, got {self.hypergradient!r}")
+        require(
+            self.hypergradient in HYPERGRADIENTS,
+            f"search.hypergradient must be one of {HYPERGRADIENTS}, got {self.hypergradient!r}",
+        )
         for name in ("inner_steps", "steps", "batch_size", "val_batch_size", "log_every"):
             v = getattr(self, name)
             require(isinstance(v, int) and v >= 1, f"search.{name} must be an integer >= 1, got {v!r}")
-        require(self.inner_optimizer in OPTIMIZERS,
-               f"search.inner_optimizer must be one of {OPTIMIZERS}, got {self.inner_optimizer!r}")
-        require(self.inner_schedule in SCHEDULES,
-               f"search.inner_schedule must be one of {SCHEDULES}, got {self.inner_schedule!r}")
+        require(
+            self.inner_optimizer in OPTIMIZERS,
+            f"search.inner_optimizer must be one of {OPTIMIZERS}, got {self.inner_optimizer!r}",
+        )
+        require(
+            self.inner_schedule in SCHEDULES,
+            f"search.inner_schedule must be one of {SCHEDULES}, got {self.inner_schedule!r}",
+        )
         for name in ("inner_lr", "outer_lr"):
             v = getattr(self, name)
             require(isinstance(v, (int, float)) and 0 < v < 10, f"search.{name} must be in (0, 10), got {v!r}")
@@ -102,13 +139,19 @@ class SearchConfig:
             require(isinstance(v, (int, float)) and 0 <= v < 1, f"search.{name} must be in [0, 1), got {v!r}")
         for name in ("inner_weight_decay", "inner_grad_clip"):
             v = getattr(self, name)
-            require(isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
-                    f"search.{name} must be a finite number >= 0, got {v!r}")
+            require(
+                isinstance(v, (int, float)) and math.isfinite(v) and v >= 0,
+                f"search.{name} must be a finite number >= 0, got {v!r}",
+            )
         require(self.gate_power in (1, 3), f"search.gate_power must be 1 or 3, got {self.gate_power!r}")
-        require(self.unrolled_mode in ("mixed", "reverse"),
-                f"search.unrolled_mode must be 'mixed' or 'reverse', got {self.unrolled_mode!r}")
-        require(self.darts_mode in ("exact", "finite_difference"),
-               f"search.darts_mode must be 'exact' or 'finite_difference', got {self.darts_mode!r}")
+        require(
+            self.unrolled_mode in ("mixed", "reverse"),
+            f"search.unrolled_mode must be 'mixed' or 'reverse', got {self.unrolled_mode!r}",
+        )
+        require(
+            self.darts_mode in ("exact", "finite_difference"),
+            f"search.darts_mode must be 'exact' or 'finite_difference', got {self.darts_mode!r}",
+        )
 
     @classmethod
     def flexora_reference(cls, **overrides: Any) -> SearchConfig:
@@ -139,11 +182,15 @@ class SelectionConfig:
     def __post_init__(self) -> None:
         check_fields(self, "selection")
         require(self.rule in SELECTION_RULES, f"selection.rule must be one of {SELECTION_RULES}, got {self.rule!r}")
-        require(isinstance(self.top_k, int) and self.top_k >= 0,
-                f"selection.top_k must be an integer >= 0, got {self.top_k!r}")
+        require(
+            isinstance(self.top_k, int) and self.top_k >= 0,
+            f"selection.top_k must be an integer >= 0, got {self.top_k!r}",
+        )
         require(self.rule != "top_k" or self.top_k >= 1, "selection.rule 'top_k' needs selection.top_k >= 1")
-        require(isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold >= 0,
-               f"selection.threshold must be a finite gate value >= 0, got {self.threshold!r}")
+        require(
+            isinstance(self.threshold, (int, float)) and math.isfinite(self.threshold) and self.threshold >= 0,
+            f"selection.threshold must be a finite gate value >= 0, got {self.threshold!r}",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,8 +212,10 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "finetune")
-        require(isinstance(self.epochs, (int, float)) and math.isfinite(self.epochs) and self.epochs > 0,
-                f"finetune.epochs must be a finite number > 0, got {self.epochs!r}")
+        require(
+            isinstance(self.epochs, (int, float)) and math.isfinite(self.epochs) and self.epochs > 0,
+            f"finetune.epochs must be a finite number > 0, got {self.epochs!r}",
+        )
         for name in ("batch_size", "grad_accum"):
             v = getattr(self, name)
             require(isinstance(v, int) and v >= 1, f"finetune.{name} must be an integer >= 1, got {v!r}")
@@ -176,9 +225,10 @@ class FinetuneConfig:
         require(0 <= self.warmup_ratio < 1, f"finetune.warmup_ratio must be in [0, 1), got {self.warmup_ratio!r}")
         require(self.optimizer in OPTIMIZERS, f"finetune.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         require(self.grad_clip >= 0, f"finetune.grad_clip must be >= 0, got {self.grad_clip!r}")
-        require(isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay)
-                and self.weight_decay >= 0,
-                f"finetune.weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        require(
+            isinstance(self.weight_decay, (int, float)) and math.isfinite(self.weight_decay) and self.weight_decay >= 0,
+            f"finetune.weight_decay must be a finite number >= 0, got {self.weight_decay!r}",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,8 +242,10 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "eval")
-        require(isinstance(self.batch_size, int) and self.batch_size >= 1,
-               f"eval.batch_size must be an integer >= 1, got {self.batch_size!r}")
+        require(
+            isinstance(self.batch_size, int) and self.batch_size >= 1,
+            f"eval.batch_size must be an integer >= 1, got {self.batch_size!r}",
+        )
         require(isinstance(self.limit, int) and self.limit >= 0, f"eval.limit must be >= 0, got {self.limit!r}")
 
 
@@ -219,15 +271,23 @@ class MeshConfig:
     def __post_init__(self) -> None:
         check_fields(self, "mesh")
         sizes = self.sizes
-        bad = [f"mesh.{a}={v!r}" for a, v in zip(MESH_AXES, sizes)
-               if not isinstance(v, int) or isinstance(v, bool) or v == 0 or v < -1]
-        require(not bad, f"mesh: axis sizes must be positive integers or -1, got {', '.join(bad)} "
-                        f"(sizes {self._sizes_text()})")
-        require(sizes.count(-1) <= 1, f"mesh: at most one axis may be -1, got {self._sizes_text()}; "
-                                     "give the others explicit sizes")
-        require(isinstance(self.num_devices, int) and not isinstance(self.num_devices, bool)
-               and self.num_devices >= 0,
-               f"mesh.num_devices must be an integer >= 0 (0 = all devices), got {self.num_devices!r}")
+        bad = [
+            f"mesh.{a}={v!r}"
+            for a, v in zip(MESH_AXES, sizes)
+            if not isinstance(v, int) or isinstance(v, bool) or v == 0 or v < -1
+        ]
+        require(
+            not bad,
+            f"mesh: axis sizes must be positive integers or -1, got {', '.join(bad)} (sizes {self._sizes_text()})",
+        )
+        require(
+            sizes.count(-1) <= 1,
+            f"mesh: at most one axis may be -1, got {self._sizes_text()}; give the others explicit sizes",
+        )
+        require(
+            isinstance(self.num_devices, int) and not isinstance(self.num_devices, bool) and self.num_devices >= 0,
+            f"mesh.num_devices must be an integer >= 0 (0 = all devices), got {self.num_devices!r}",
+        )
 
     @property
     def sizes(self) -> list[int]:
@@ -246,19 +306,22 @@ class MeshConfig:
             n_devices = self.devices_to_use()
         sizes = self.sizes
         known = math.prod(s for s in sizes if s != -1)
-        where = (f"mesh.num_devices={self.num_devices}" if self.num_devices
-                 else "jax.device_count()")
+        where = f"mesh.num_devices={self.num_devices}" if self.num_devices else "jax.device_count()"
         if -1 in sizes:
             if n_devices % known:
-                raise ConfigError(f"mesh: sizes {self._sizes_text()} do not fit {n_devices} devices "
-                                  f"({where}): {n_devices} is not a multiple of {known}; set "
-                                  "mesh.data / mesh.fsdp / mesh.model so they multiply to the device count")
+                raise ConfigError(
+                    f"mesh: sizes {self._sizes_text()} do not fit {n_devices} devices "
+                    f"({where}): {n_devices} is not a multiple of {known}; set "
+                    "mesh.data / mesh.fsdp / mesh.model so they multiply to the device count"
+                )
             sizes[sizes.index(-1)] = n_devices // known
         if math.prod(sizes) != n_devices:
-            raise ConfigError(f"mesh: sizes {self._sizes_text()} multiply to {math.prod(sizes)}: the mesh "
-                              f"needs {math.prod(sizes)} devices, but {n_devices} are available ({where}); set "
-                              "mesh.data / mesh.fsdp / mesh.model "
-                              "so they multiply to the device count (use -1 for one axis to take the rest)")
+            raise ConfigError(
+                f"mesh: sizes {self._sizes_text()} multiply to {math.prod(sizes)}: the mesh "
+                f"needs {math.prod(sizes)} devices, but {n_devices} are available ({where}); set "
+                "mesh.data / mesh.fsdp / mesh.model "
+                "so they multiply to the device count (use -1 for one axis to take the rest)"
+            )
         return tuple(sizes)  # type: ignore[return-value]
 
     def devices_to_use(self) -> int:
@@ -267,11 +330,15 @@ class MeshConfig:
         if not self.num_devices:
             return available
         if self.num_devices > available:
-            raise ConfigError(f"mesh.num_devices={self.num_devices} exceeds the {available} available devices "
-                              "(jax.device_count()); expected 0 (all) or at most that many")
+            raise ConfigError(
+                f"mesh.num_devices={self.num_devices} exceeds the {available} available devices "
+                "(jax.device_count()); expected 0 (all) or at most that many"
+            )
         if self.num_devices != available and jax.process_count() > 1:
-            raise ConfigError(f"mesh.num_devices={self.num_devices}: a subset of the {available} devices "
-                              f"cannot be used across {jax.process_count()} processes; set it to 0 (all)")
+            raise ConfigError(
+                f"mesh.num_devices={self.num_devices}: a subset of the {available} devices "
+                f"cannot be used across {jax.process_count()} processes; set it to 0 (all)"
+            )
         return self.num_devices
 
 
@@ -291,26 +358,62 @@ def _frozen(tree: dict[str, Any]) -> FrozenDict:
 #: - ``planted_demo``: the embedded planted demo (a 6-layer student, scarce fine-tune data): LoRA r 4 / alpha 4
 #:   on q, v; the search at the SearchConfig defaults (unrolled K = 4, 40 steps); a long cosine fine-tune at
 #:   3e-3 without warm-up or clipping.
-PRESETS: FrozenDict = _frozen({
-    "flexora_paper": {
-        "lora": {"r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0, "target_modules": ("q_proj", "v_proj")},
-        "search": {"hypergradient": "first_order", "inner_steps": 1, "steps": 600, "batch_size": 8,
-                   "val_batch_size": 8, "inner_optimizer": "adamw", "inner_lr": 1e-4, "inner_schedule": "cosine",
-                   "inner_grad_clip": 1.0, "outer_lr": 0.01, "gate_power": 3},
-        "finetune": {"epochs": 3.0, "max_steps": 0, "batch_size": 8, "lr": 1e-4, "schedule": "cosine",
-                     "warmup_ratio": 0.1, "grad_clip": 1.0, "optimizer": "adamw"},
-    },
-    "autolora_paper": {
-        "search": {"hypergradient": "darts", "inner_steps": 1, "batch_size": 32, "val_batch_size": 32,
-                   "inner_optimizer": "adam", "inner_lr": 3e-4, "outer_lr": 3e-4, "outer_b1": 0.5, "outer_b2": 0.999},
-    },
-    "planted_demo": {
-        "lora": {"r": 4, "lora_alpha": 4.0, "target_modules": ("q_proj", "v_proj")},
-        "search": {},
-        "finetune": {"epochs": 32.0, "max_steps": 400, "batch_size": 16, "lr": 3e-3, "schedule": "cosine",
-                     "warmup_ratio": 0.0, "grad_clip": 0.0},
-    },
-})
+PRESETS: FrozenDict = _frozen(
+    {
+        "flexora_paper": {
+            "lora": {"r": 8, "lora_alpha": 16.0, "lora_dropout": 0.0, "target_modules": ("q_proj", "v_proj")},
+            "search": {
+                "hypergradient": "first_order",
+                "inner_steps": 1,
+                "steps": 600,
+                "batch_size": 8,
+                "val_batch_size": 8,
+                "inner_optimizer": "adamw",
+                "inner_lr": 1e-4,
+                "inner_schedule": "cosine",
+                "inner_grad_clip": 1.0,
+                "outer_lr": 0.01,
+                "gate_power": 3,
+            },
+            "finetune": {
+                "epochs": 3.0,
+                "max_steps": 0,
+                "batch_size": 8,
+                "lr": 1e-4,
+                "schedule": "cosine",
+                "warmup_ratio": 0.1,
+                "grad_clip": 1.0,
+                "optimizer": "adamw",
+            },
+        },
+        "autolora_paper": {
+            "search": {
+                "hypergradient": "darts",
+                "inner_steps": 1,
+                "batch_size": 32,
+                "val_batch_size": 32,
+                "inner_optimizer": "adam",
+                "inner_lr": 3e-4,
+                "outer_lr": 3e-4,
+                "outer_b1": 0.5,
+                "outer_b2": 0.999,
+            },
+        },
+        "planted_demo": {
+            "lora": {"r": 4, "lora_alpha": 4.0, "target_modules": ("q_proj", "v_proj")},
+            "search": {},
+            "finetune": {
+                "epochs": 32.0,
+                "max_steps": 400,
+                "batch_size": 16,
+                "lr": 3e-3,
+                "schedule": "cosine",
+                "warmup_ratio": 0.0,
+                "grad_clip": 0.0,
+            },
+        },
+    }
+)
 PRESET_SECTIONS: dict[str, type] = {"lora": LoraConfig, "search": SearchConfig, "finetune": FinetuneConfig}
 
 

@@ -64,7 +64,7 @@ class BatchSampler:
         if self.position + self.batch_size > self.size:
             self.epoch += 1
             self.position = 0
-        idx = self._perm(self.epoch)[self.position:self.position + self.batch_size]
+        idx = self._perm(self.epoch)[self.position : self.position + self.batch_size]
         self.position += self.batch_size
         return {k: v[idx] for k, v in self.data.items()}
 
@@ -99,13 +99,14 @@ def fingerprint(data: Dataset) -> str:
     return digest.hexdigest()[:16]
 
 
-def batches_in_order(data: Dataset, batch_size: int,
-                     required: tuple[str, ...] = ("input_ids", "loss_mask")) -> list[Dataset]:
+def batches_in_order(
+    data: Dataset, batch_size: int, required: tuple[str, ...] = ("input_ids", "loss_mask")
+) -> list[Dataset]:
     """Every example once, in order, padded to full batches with zero-weight rows (for evaluation)."""
     n = dataset_rows(data, required=required)
     out = []
     for start in range(0, n, batch_size):
-        chunk = {k: v[start:start + batch_size] for k, v in data.items()}
+        chunk = {k: v[start : start + batch_size] for k, v in data.items()}
         short = batch_size - len(chunk["input_ids"])
         if short:
             chunk = {k: np.concatenate([v, np.zeros((short,) + v.shape[1:], v.dtype)]) for k, v in chunk.items()}

@@ -75,11 +75,14 @@ def _optimizer(optimizer: Optimizer | None, steps: int, what: str) -> optax.Grad
         built = optimizer(steps)
         if isinstance(built, optax.GradientTransformation):
             return built
-        raise ConfigError(f"{what}: the optimizer factory returned {type(built).__name__}, expected an "
-                          "optax.GradientTransformation")
-    raise ConfigError(f"{what}: optimizer must be an optax.GradientTransformation (e.g. optax.lion(1e-4)) or a "
-                      f"factory steps -> transformation, got {type(optimizer).__name__}; the config's optimizer "
-                      "names (adamw, adam, sgd) are used when optimizer is None")
+        raise ConfigError(
+            f"{what}: the optimizer factory returned {type(built).__name__}, expected an optax.GradientTransformation"
+        )
+    raise ConfigError(
+        f"{what}: optimizer must be an optax.GradientTransformation (e.g. optax.lion(1e-4)) or a "
+        f"factory steps -> transformation, got {type(optimizer).__name__}; the config's optimizer "
+        "names (adamw, adam, sgd) are used when optimizer is None"
+    )
 
 
 def _check_config(value: Any, cls: type, what: str) -> None:
@@ -88,12 +91,23 @@ def _check_config(value: Any, cls: type, what: str) -> None:
 
 def _check_data(problem: Problem, data: Any, what: str) -> int:
     """The data a stage draws from: the fields its loss reads, ids inside the model's vocabulary, finite values."""
-    return check_dataset(data, what, vocab_size=problem.vocab_size, require=problem.requires,
-                         loss_mask_required="loss_mask" in problem.requires)
+    return check_dataset(
+        data,
+        what,
+        vocab_size=problem.vocab_size,
+        require=problem.requires,
+        loss_mask_required="loss_mask" in problem.requires,
+    )
 
 
-def _hooks(given: Sequence[Hook], checkpoint_dir: str | os.PathLike | None, checkpoint_every: int,
-           progress: bool | None, callback: Callable[[int, dict], None] | None, front: Sequence[Hook] = ()) -> list:
+def _hooks(
+    given: Sequence[Hook],
+    checkpoint_dir: str | os.PathLike | None,
+    checkpoint_every: int,
+    progress: bool | None,
+    callback: Callable[[int, dict], None] | None,
+    front: Sequence[Hook] = (),
+) -> list:
     """The stage's hooks in order: the engine's own (validation), the checkpoint, the caller's, progress, callback."""
     for h in given:
         if not isinstance(h, Hook):
@@ -119,21 +133,38 @@ def _refuse_functional_form(fn: Callable) -> Callable:
     """The earlier functional form ``fj.search(config, params, lora_config, ...)`` / ``fj.finetune(config, params,
     lora, ...)`` fails with the call that replaces it, not with Python's arity error (``inspect.signature`` and
     ``help()`` still show the one signature)."""
+
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         if args and type(args[0]).__name__ == "ModelConfig":
             as_problem(args[0], what=f"fj.{fn.__name__}")
         return fn(*args, **kwargs)
+
     return wrapper
 
 
 @_refuse_functional_form
-def search(model: Any, search_config: SearchConfig, train: Dataset, val: Dataset, *, gates: str = "layer",
-           selection: SelectionConfig = SelectionConfig(), loss_fn: ModelLoss | None = None,
-           val_loss_fn: ModelLoss | None = None, optimizer: Optimizer | None = None, seed: int = 0,
-           hooks: Sequence[Hook] = (), callback: Callable[[int, dict], None] | None = None,
-           progress: bool | None = None, checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 10,
-           state: SearchState | None = None, sampler_states: dict | None = None, mesh: Any = None) -> SearchResult:
+def search(
+    model: Any,
+    search_config: SearchConfig,
+    train: Dataset,
+    val: Dataset,
+    *,
+    gates: str = "layer",
+    selection: SelectionConfig = SelectionConfig(),
+    loss_fn: ModelLoss | None = None,
+    val_loss_fn: ModelLoss | None = None,
+    optimizer: Optimizer | None = None,
+    seed: int = 0,
+    hooks: Sequence[Hook] = (),
+    callback: Callable[[int, dict], None] | None = None,
+    progress: bool | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
+    state: SearchState | None = None,
+    sampler_states: dict | None = None,
+    mesh: Any = None,
+) -> SearchResult:
     """Run the bilevel search on ``model`` and select layers / ranks.
 
     Args:
@@ -186,31 +217,65 @@ def search(model: Any, search_config: SearchConfig, train: Dataset, val: Dataset
         return rec
 
     stage = Stage(
-        name="search", step=search_step(first.loss, sc, inner, first.val_loss, twice.loss),
+        name="search",
+        step=search_step(first.loss, sc, inner, first.val_loss, twice.loss),
         fresh=lambda: init_search_state(problem.lora, hyper, sc, inner),
         samplers={"train": train_s, "val": val_s},
         draw=lambda: (train_s.next_stacked(sc.inner_steps), val_s.next()),
-        abstract=lambda: (train_s.abstract(sc.inner_steps), val_s.abstract()), batch_dims={2: 1, 3: 0},
-        total=sc.steps, record=record,
-        identity={"stage": "search", "problem": problem.fingerprint(), "gates": gates, "seed": seed,
-                  "config": dataclasses.asdict(sc), "optimizer": _opt_name(optimizer),
-                  "train": fingerprint(train), "val": fingerprint(val)})
-    state, history = drive(stage, problem.base, hooks=_hooks(hooks, checkpoint_dir, checkpoint_every, progress,
-                                                             callback), mesh=mesh, state=state,
-                           sampler_states=sampler_states)
+        abstract=lambda: (train_s.abstract(sc.inner_steps), val_s.abstract()),
+        batch_dims={2: 1, 3: 0},
+        total=sc.steps,
+        record=record,
+        identity={
+            "stage": "search",
+            "problem": problem.fingerprint(),
+            "gates": gates,
+            "seed": seed,
+            "config": dataclasses.asdict(sc),
+            "optimizer": _opt_name(optimizer),
+            "train": fingerprint(train),
+            "val": fingerprint(val),
+        },
+    )
+    state, history = drive(
+        stage,
+        problem.base,
+        hooks=_hooks(hooks, checkpoint_dir, checkpoint_every, progress, callback),
+        mesh=mesh,
+        state=state,
+        sampler_states=sampler_states,
+    )
     final = jax.tree.map(jnp.asarray, fetch(state.gates))
     result = problem.write(jax.tree.map(jnp.asarray, fetch(state.inner.lora)), final)
-    return SearchResult(gates=final, selection=problem.select(final, selection), history=history,
-                        trajectory=trajectory, state=state, result=result)
+    return SearchResult(
+        gates=final,
+        selection=problem.select(final, selection),
+        history=history,
+        trajectory=trajectory,
+        state=state,
+        result=result,
+    )
 
 
 @_refuse_functional_form
-def finetune(model: Any, train: Dataset, config: FinetuneConfig = FinetuneConfig(), *, val: Dataset | None = None,
-             loss_fn: ModelLoss | None = None, optimizer: Optimizer | None = None, seed: int = 0,
-             hooks: Sequence[Hook] = (), callback: Callable[[int, dict], None] | None = None,
-             progress: bool | None = None, checkpoint_dir: str | os.PathLike | None = None, checkpoint_every: int = 10,
-             state: TrainState | None = None, sampler_state: dict | None = None,
-             mesh: Any = None) -> tuple[Any, list[dict]]:
+def finetune(
+    model: Any,
+    train: Dataset,
+    config: FinetuneConfig = FinetuneConfig(),
+    *,
+    val: Dataset | None = None,
+    loss_fn: ModelLoss | None = None,
+    optimizer: Optimizer | None = None,
+    seed: int = 0,
+    hooks: Sequence[Hook] = (),
+    callback: Callable[[int, dict], None] | None = None,
+    progress: bool | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
+    state: TrainState | None = None,
+    sampler_state: dict | None = None,
+    mesh: Any = None,
+) -> tuple[Any, list[dict]]:
     """Train the LoRA of ``model`` on ``train`` (base and gates frozen); returns ``(result, history)``.
 
     ``model`` and the keyword arguments are :func:`search`'s (``optimizer``: any optax transformation or a
@@ -242,19 +307,43 @@ def finetune(model: Any, train: Dataset, config: FinetuneConfig = FinetuneConfig
 
     front = []
     if val is not None and cfg.eval_every > 0:
-        front.append(Validation(lambda base, st: dataset_mean(staged.loss, staged.count, base, st.lora, None, val),
-                                cfg.eval_every, cfg.keep_best))
+        front.append(
+            Validation(
+                lambda base, st: dataset_mean(staged.loss, staged.count, base, st.lora, None, val),
+                cfg.eval_every,
+                cfg.keep_best,
+            )
+        )
     stage = Stage(
-        name="finetune", step=train_step(staged.loss, opt, problem.dropout),
-        fresh=lambda: TrainState(jax.tree.map(jnp.copy, problem.lora), opt.init(problem.lora),
-                                 jnp.zeros((), jnp.int32), jax.random.key(seed)),
-        samplers={"train": sampler}, draw=lambda: (sampler.next(),), abstract=lambda: (sampler.abstract(),),
-        batch_dims={2: 0}, total=steps * cfg.grad_accum, record=record,
-        identity={"stage": "finetune", "problem": problem.fingerprint(), "seed": seed,
-                  "config": dataclasses.asdict(cfg), "optimizer": _opt_name(optimizer), "train": fingerprint(train)})
+        name="finetune",
+        step=train_step(staged.loss, opt, problem.dropout),
+        fresh=lambda: TrainState(
+            jax.tree.map(jnp.copy, problem.lora), opt.init(problem.lora), jnp.zeros((), jnp.int32), jax.random.key(seed)
+        ),
+        samplers={"train": sampler},
+        draw=lambda: (sampler.next(),),
+        abstract=lambda: (sampler.abstract(),),
+        batch_dims={2: 0},
+        total=steps * cfg.grad_accum,
+        record=record,
+        identity={
+            "stage": "finetune",
+            "problem": problem.fingerprint(),
+            "seed": seed,
+            "config": dataclasses.asdict(cfg),
+            "optimizer": _opt_name(optimizer),
+            "train": fingerprint(train),
+        },
+    )
     hooks_list = _hooks(hooks, checkpoint_dir, checkpoint_every, progress, callback, front)
-    state, history = drive(stage, problem.base, hooks=hooks_list, mesh=mesh, state=state,
-                           sampler_states=None if sampler_state is None else {"train": sampler_state})
+    state, history = drive(
+        stage,
+        problem.base,
+        hooks=hooks_list,
+        mesh=mesh,
+        state=state,
+        sampler_states=None if sampler_state is None else {"train": sampler_state},
+    )
     best = front[0].best if front and cfg.keep_best else None
     final = best if best is not None else jax.tree.map(jnp.asarray, fetch(state.lora))
     return problem.write(final, None), history
@@ -284,11 +373,23 @@ class AdaLoraResult:
     history: list[dict]
 
 
-def finetune_adalora(model: Any, train: Dataset, config: AdaLoraConfig, *, lr: float = 1e-3, batch_size: int = 8,
-                     layers: Sequence[int] | None = None, optimizer: Optimizer | None = None, seed: int = 0,
-                     hooks: Sequence[Hook] = (), callback: Callable[[int, dict], None] | None = None,
-                     progress: bool | None = None, checkpoint_dir: str | os.PathLike | None = None,
-                     checkpoint_every: int = 10, mesh: Any = None) -> AdaLoraResult:
+def finetune_adalora(
+    model: Any,
+    train: Dataset,
+    config: AdaLoraConfig,
+    *,
+    lr: float = 1e-3,
+    batch_size: int = 8,
+    layers: Sequence[int] | None = None,
+    optimizer: Optimizer | None = None,
+    seed: int = 0,
+    hooks: Sequence[Hook] = (),
+    callback: Callable[[int, dict], None] | None = None,
+    progress: bool | None = None,
+    checkpoint_dir: str | os.PathLike | None = None,
+    checkpoint_every: int = 10,
+    mesh: Any = None,
+) -> AdaLoraResult:
     """AdaLoRA (PEFT's loop and ``RankAllocator``) on the built-in decoder through the one driver.
 
     ``model``: ``fj.nnx.LlamaForCausalLM`` or a decoder problem (``fj.decoder_problem``): AdaLoRA's SVD-form
@@ -302,8 +403,10 @@ def finetune_adalora(model: Any, train: Dataset, config: AdaLoraConfig, *, lr: f
     _check_config(config, AdaLoraConfig, "fj.finetune_adalora: config")
     cfg = problem.model_config
     if cfg is None:
-        raise ConfigError("fj.finetune_adalora: AdaLoRA is built for the decoder's stacked projections "
-                          "(fj.nnx.LlamaForCausalLM or fj.decoder_problem); this model has no AdaLoRA adapter")
+        raise ConfigError(
+            "fj.finetune_adalora: AdaLoRA is built for the decoder's stacked projections "
+            "(fj.nnx.LlamaForCausalLM or fj.decoder_problem); this model has no AdaLoRA adapter"
+        )
     _check_data(problem, train, "fj.finetune_adalora: train")
     layers = tuple(range(cfg.num_hidden_layers) if layers is None else sorted(int(i) for i in layers))
     opt = _optimizer(optimizer, config.total_step, "fj.finetune_adalora") or optax.adamw(lr, weight_decay=0.0)
@@ -314,6 +417,7 @@ def finetune_adalora(model: Any, train: Dataset, config: AdaLoraConfig, *, lr: f
         def loss(w):
             task = lm_loss(cfg, base[params_key], as_lora(cfg, config, w, layers), None, batch)
             return task + config.orth_reg_weight * orth_regularizer(w, layers)
+
         value, grads = jax.value_and_grad(loss)(state.weights)
         updates, opt_state = opt.update(grads, state.opt_state, state.weights)
         weights = optax.apply_updates(state.weights, updates)
@@ -327,8 +431,9 @@ def finetune_adalora(model: Any, train: Dataset, config: AdaLoraConfig, *, lr: f
 
     def allocate_on_host(i: int, state: AdaState, metrics: Any) -> AdaState:
         before = host_tree(state.alloc)
-        alloc, weights = allocate(config, before, host_tree(state.tracked).replace(mask=before.mask),
-                                  host_tree(state.weights), i - 1, layers)
+        alloc, weights = allocate(
+            config, before, host_tree(state.tracked).replace(mask=before.mask), host_tree(state.weights), i - 1, layers
+        )
         return state._replace(weights=host_tree(weights), alloc=host_tree(alloc))
 
     def record(i: int, metrics: dict) -> dict:
@@ -337,15 +442,31 @@ def finetune_adalora(model: Any, train: Dataset, config: AdaLoraConfig, *, lr: f
         return rec
 
     stage = Stage(
-        name="adalora", step=step, fresh=fresh, samplers={"train": sampler},
-        draw=lambda: (sampler.next(),), abstract=lambda: (sampler.abstract(),), batch_dims={2: 0},
-        total=config.total_step, record=record, host_update=allocate_on_host,
-        identity={"stage": "adalora", "problem": problem.fingerprint(), "seed": seed, "lr": lr, "layers": layers,
-                  "batch_size": batch_size,
-                  "config": dataclasses.asdict(config), "optimizer": _opt_name(optimizer),
-                  "train": fingerprint(train)})
-    state, history = drive(stage, problem.base, hooks=_hooks(hooks, checkpoint_dir, checkpoint_every, progress,
-                                                             callback), mesh=mesh)
+        name="adalora",
+        step=step,
+        fresh=fresh,
+        samplers={"train": sampler},
+        draw=lambda: (sampler.next(),),
+        abstract=lambda: (sampler.abstract(),),
+        batch_dims={2: 0},
+        total=config.total_step,
+        record=record,
+        host_update=allocate_on_host,
+        identity={
+            "stage": "adalora",
+            "problem": problem.fingerprint(),
+            "seed": seed,
+            "lr": lr,
+            "layers": layers,
+            "batch_size": batch_size,
+            "config": dataclasses.asdict(config),
+            "optimizer": _opt_name(optimizer),
+            "train": fingerprint(train),
+        },
+    )
+    state, history = drive(
+        stage, problem.base, hooks=_hooks(hooks, checkpoint_dir, checkpoint_every, progress, callback), mesh=mesh
+    )
     weights = jax.tree.map(jnp.asarray, host_tree(state.weights))
     lora = to_lora(cfg, config, weights, layers)
     return AdaLoraResult(weights, lora, problem.write(lora, None), layers, history)
@@ -356,8 +477,10 @@ def select(model: Any, gates: Gates, selection: SelectionConfig = SelectionConfi
     the decoder's layers and ranks (with its fine-tune ``lora_config``), or an NNX model's own module paths
     (which :func:`flexora_jax.nnx.apply_selection` applies)."""
     if isinstance(model, Gates):
-        raise ConfigError("fj.select takes the model first: fj.select(model, gates, selection); the decoder's "
-                          "functional rule is fj.select_lora(gates, lora_config, num_layers, selection)")
+        raise ConfigError(
+            "fj.select takes the model first: fj.select(model, gates, selection); the decoder's "
+            "functional rule is fj.select_lora(gates, lora_config, num_layers, selection)"
+        )
     _check_config(selection, SelectionConfig, "fj.select: selection")
     return as_problem(model, what="fj.select").select(gates, selection)
 
@@ -368,5 +491,14 @@ def _opt_name(optimizer: Any) -> str | None:
     return getattr(optimizer, "__qualname__", None) or type(optimizer).__name__
 
 
-__all__ = ["AdaLoraResult", "AdaState", "Optimizer", "Problem", "SearchResult", "finetune", "finetune_adalora",
-           "search", "select"]
+__all__ = [
+    "AdaLoraResult",
+    "AdaState",
+    "Optimizer",
+    "Problem",
+    "SearchResult",
+    "finetune",
+    "finetune_adalora",
+    "search",
+    "select",
+]

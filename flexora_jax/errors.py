@@ -57,7 +57,8 @@ def check_tree_shapes(tree: Any, template: Any, what: str) -> None:
 
 def check_positive(**values: Any) -> None:
     """Raise :class:`ConfigError` naming every argument that is not a positive integer (None means unset)."""
-    bad = {k: v for k, v in values.items()
-           if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1)}
+    bad = {
+        k: v for k, v in values.items() if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 1)
+    }
     if bad:
         raise ConfigError(", ".join(f"{k}={v!r}" for k, v in bad.items()) + ": expected positive integers")

@@ -70,17 +70,27 @@ PACK_REQUESTS = 8
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _score_packed(config: ModelConfig, params: Any, lora: Any, gates: Any, tokens: jax.Array, positions: jax.Array,
-                  segments: jax.Array, pred_pos: jax.Array, targets: jax.Array,
-                  slots: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _score_packed(
+    config: ModelConfig,
+    params: Any,
+    lora: Any,
+    gates: Any,
+    tokens: jax.Array,
+    positions: jax.Array,
+    segments: jax.Array,
+    pred_pos: jax.Array,
+    targets: jax.Array,
+    slots: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
     """Per request slot of packed rows: summed target log-probs and all-greedy flags, [b, PACK_REQUESTS] each.
 
     ``tokens``/``positions``/``segments`` [b, w] are packed rows (``forward``'s ``segment_ids``);
     ``pred_pos``/``targets``/``slots`` [b, p] list every scored token: the row position whose logits
     predict it, its id, and the request slot it belongs to (``-1``: padding).
     """
-    hidden = forward(config, params, tokens, lora=lora, gates=gates, positions=positions, segment_ids=segments,
-                     return_hidden=True)  # [b, w, d]: the fp32 logits exist one chunk at a time
+    hidden = forward(
+        config, params, tokens, lora=lora, gates=gates, positions=positions, segment_ids=segments, return_hidden=True
+    )  # [b, w, d]: the fp32 logits exist one chunk at a time
     token_lp, ok = token_logprobs(config, params, hidden, pred_pos, targets)  # [b, p] each
     return _slot_sums(token_lp, ok, slots)
 
@@ -94,8 +104,15 @@ def _slot_sums(token_lp: jax.Array, ok: jax.Array, slots: jax.Array) -> tuple[ja
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _score_module(graphdef: nnx.GraphDef, vocab: int, state: nnx.State, tokens: jax.Array, pred_pos: jax.Array,
-                  targets: jax.Array, slots: jax.Array) -> tuple[jax.Array, jax.Array]:
+def _score_module(
+    graphdef: nnx.GraphDef,
+    vocab: int,
+    state: nnx.State,
+    tokens: jax.Array,
+    pred_pos: jax.Array,
+    targets: jax.Array,
+    slots: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
     """:func:`_score_packed` for any NNX language model ``model(input_ids) -> logits``, on unpacked rows.
 
     One request per row (the context, then the continuation but its last token, right-padded): a causal
@@ -107,8 +124,10 @@ def _score_module(graphdef: nnx.GraphDef, vocab: int, state: nnx.State, tokens: 
     shape = tuple(getattr(logits, "shape", ()))
     if len(shape) != 3 or shape[:2] != tokens.shape or shape[-1] < vocab:
         got = f"an output of shape {shape}" if hasattr(logits, "shape") else describe(logits, 60)
-        raise ConfigError(f"evaluate: the model maps input_ids of shape {tokens.shape} to {got}; expected logits "
-                          f"[batch, seq, vocab] with vocab >= the tokenizer's {vocab} tokens")
+        raise ConfigError(
+            f"evaluate: the model maps input_ids of shape {tokens.shape} to {got}; expected logits "
+            f"[batch, seq, vocab] with vocab >= the tokenizer's {vocab} tokens"
+        )
     rows = jax.nn.log_softmax(jnp.take_along_axis(logits, pred_pos[..., None], axis=1).astype(jnp.float32), -1)
     token_lp = jnp.take_along_axis(rows, targets[..., None], -1)[..., 0]  # [b, p]
     return _slot_sums(token_lp, jnp.argmax(rows, -1) == targets, slots)
@@ -163,8 +182,9 @@ def score_buckets(max_length: int, step: int = 64) -> tuple[int, ...]:
     return tuple(out) + (max_length,)
 
 
-def request_windows(tokenizer: Any, requests: Sequence[tuple[str, str]],
-                    max_length: int) -> tuple[list[tuple[list[int], list[int]]], list[bool]]:
+def request_windows(
+    tokenizer: Any, requests: Sequence[tuple[str, str]], max_length: int
+) -> tuple[list[tuple[list[int], list[int]]], list[bool]]:
     """``(prefix, continuation)`` token ids of each request as lm-eval scores it, and whether it was cut.
 
     lm-eval keeps the last ``max_length + 1`` tokens of context + continuation; ``prefix`` is what is
@@ -176,11 +196,13 @@ def request_windows(tokenizer: Any, requests: Sequence[tuple[str, str]],
         if not cont:
             raise DataError(f"request {i}: continuation {continuation!r} encodes to no tokens; nothing to score")
         if len(cont) > max_length:
-            raise DataError(f"request {i}: continuation is {len(cont)} tokens, longer than the model's context "
-                            f"{max_length}; it cannot be scored (shorten the choice or raise max_length)")
-        whole = (ctx + cont)[-(max_length + 1):]
+            raise DataError(
+                f"request {i}: continuation is {len(cont)} tokens, longer than the model's context "
+                f"{max_length}; it cannot be scored (shorten the choice or raise max_length)"
+            )
+        whole = (ctx + cont)[-(max_length + 1) :]
         truncated.append(len(ctx) + len(cont) > max_length + 1)
-        windows.append((whole[:len(whole) - len(cont)], cont))
+        windows.append((whole[: len(whole) - len(cont)], cont))
     return windows, truncated
 
 
@@ -208,20 +230,30 @@ def pack_rows(packs: Sequence[_Pack], batch_size: int, width: int, pad: int) -> 
         at, k = c, 0
         for slot, cont in enumerate(p.conts):
             n = len(cont) - 1
-            tokens[row, at:at + n] = cont[:-1]
-            positions[row, at:at + n] = np.arange(c, c + n)
-            segments[row, at:at + n] = slot + 1
+            tokens[row, at : at + n] = cont[:-1]
+            positions[row, at : at + n] = np.arange(c, c + n)
+            segments[row, at : at + n] = slot + 1
             # cont[0] is predicted by the prefix's last token, cont[j] by cont[j - 1] at at + j - 1
-            pred_pos[row, k:k + n + 1] = [c - 1] + list(range(at, at + n))
-            targets[row, k:k + n + 1] = cont
-            slots[row, k:k + n + 1] = slot
+            pred_pos[row, k : k + n + 1] = [c - 1] + list(range(at, at + n))
+            targets[row, k : k + n + 1] = cont
+            slots[row, k : k + n + 1] = slot
             at, k = at + n, k + n + 1
     return tokens, positions, segments, pred_pos, targets, slots
 
 
-def loglikelihoods(config: ModelConfig, params: Any, tokenizer: Any, requests: Sequence[tuple[str, str]],
-                   lora: Any = None, gates: Any = None, batch_size: int = 32, max_length: int | None = None,
-                   progress: bool = True, desc: str = "scoring", pack: bool = True) -> Loglikelihoods:
+def loglikelihoods(
+    config: ModelConfig,
+    params: Any,
+    tokenizer: Any,
+    requests: Sequence[tuple[str, str]],
+    lora: Any = None,
+    gates: Any = None,
+    batch_size: int = 32,
+    max_length: int | None = None,
+    progress: bool = True,
+    desc: str = "scoring",
+    pack: bool = True,
+) -> Loglikelihoods:
     """lm-eval's ``loglikelihood`` for ``(context, continuation)`` pairs with our JAX model.
 
     ``max_length`` defaults to ``config.max_position_embeddings`` (what lm-eval reads from the HF
@@ -231,16 +263,34 @@ def loglikelihoods(config: ModelConfig, params: Any, tokenizer: Any, requests: S
     example with n choices costs about one context instead of n. ``batch_size`` rows go into each
     jitted call. Returns float64 sums so callers can compare against lm-eval to 1e-3 and better.
     """
+
     def scorer(tokens, positions, segments, pred_pos, targets, slots):
         return _score_packed(config, params, lora, gates, tokens, positions, segments, pred_pos, targets, slots)
 
-    return _loglikelihoods(scorer, tokenizer, requests, batch_size, int(max_length or config.max_position_embeddings),
-                           progress, desc, pack, config.vocab_size)
+    return _loglikelihoods(
+        scorer,
+        tokenizer,
+        requests,
+        batch_size,
+        int(max_length or config.max_position_embeddings),
+        progress,
+        desc,
+        pack,
+        config.vocab_size,
+    )
 
 
-def _loglikelihoods(scorer: Any, tokenizer: Any, requests: Sequence[tuple[str, str]], batch_size: int,
-                    max_length: int | None, progress: bool, desc: str, pack: bool,
-                    vocab: int | None = None) -> Loglikelihoods:
+def _loglikelihoods(
+    scorer: Any,
+    tokenizer: Any,
+    requests: Sequence[tuple[str, str]],
+    batch_size: int,
+    max_length: int | None,
+    progress: bool,
+    desc: str,
+    pack: bool,
+    vocab: int | None = None,
+) -> Loglikelihoods:
     """:func:`loglikelihoods` over any ``scorer(*pack_rows(...)) -> (total, greedy)``; ``max_length`` None:
     no context limit (nothing truncated; the widths come from the longest request). Token ids at or past
     ``vocab`` (the model's) and NaN log-likelihoods are errors, not scores."""
@@ -249,8 +299,10 @@ def _loglikelihoods(scorer: Any, tokenizer: Any, requests: Sequence[tuple[str, s
     windows, truncated = request_windows(tokenizer, requests, max_length or 1 << 30)
     top = max(max(prefix + cont) for prefix, cont in windows)
     if vocab is not None and top >= vocab:
-        raise DataError(f"{desc}: the tokenizer produced token id {top}, past the model's vocabulary of {vocab}; "
-                        "expected the tokenizer that belongs to this model")
+        raise DataError(
+            f"{desc}: the tokenizer produced token id {top}, past the model's vocabulary of {vocab}; "
+            "expected the tokenizer that belongs to this model"
+        )
     longest = max(len(prefix) + len(cont) - 1 for prefix, cont in windows)
     max_length = max_length or longest
     packs = _packs(windows, max_length, pack)
@@ -259,16 +311,18 @@ def _loglikelihoods(scorer: Any, tokenizer: Any, requests: Sequence[tuple[str, s
     logprob = np.zeros(len(requests), np.float64)
     greedy = np.zeros(len(requests), bool)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    chunks = [packs[i:i + batch_size] for i in range(0, len(packs), batch_size)]
+    chunks = [packs[i : i + batch_size] for i in range(0, len(packs), batch_size)]
     for k, chunk in enumerate(_progress(chunks, progress, desc)):
         signals.check(f"while scoring ({desc}, batch {k + 1}/{len(chunks)})")  # a safe point between batches
         width = bucket_of(max(p.length for p in chunk), buckets)
         rows = pack_rows(chunk, batch_size, width, pad)
         total, all_greedy = scorer(*map(jnp.asarray, rows))
         total, all_greedy = np.asarray(total, np.float64), np.asarray(all_greedy)
-        if np.isnan(total[:len(chunk)]).any():
-            raise NumericsError(f"{desc}: the model's log-likelihoods are NaN (its logits hold NaN: NaN weights or "
-                                "an adapter that diverged); expected finite logits")
+        if np.isnan(total[: len(chunk)]).any():
+            raise NumericsError(
+                f"{desc}: the model's log-likelihoods are NaN (its logits hold NaN: NaN weights or "
+                "an adapter that diverged); expected finite logits"
+            )
         for row, p in enumerate(chunk):
             for slot, i in enumerate(p.requests):
                 logprob[i], greedy[i] = total[row, slot], all_greedy[row, slot]
@@ -293,8 +347,10 @@ def _as_records(task_or_records: Any, limit: int | None) -> dict[str, list[MCRec
     if isinstance(task_or_records, (str, tasks.TaskSpec)):
         task_or_records = [task_or_records]
     if not hasattr(task_or_records, "__iter__"):
-        raise DataError(f"evaluate: expected a task name, a list of task names or records, or a mapping task -> "
-                        f"records, got {describe(task_or_records)}")
+        raise DataError(
+            f"evaluate: expected a task name, a list of task names or records, or a mapping task -> "
+            f"records, got {describe(task_or_records)}"
+        )
     if isinstance(task_or_records, Mapping):
         grouped = {name: list(recs) for name, recs in task_or_records.items()}
     else:
@@ -316,9 +372,17 @@ def _as_records(task_or_records: Any, limit: int | None) -> dict[str, list[MCRec
     return grouped
 
 
-def evaluate(model: nnx.Module, tokenizer: Any, task_or_records: Any, *, batch_size: int = 32,
-             max_length: int | None = None, limit: int | None = None, return_per_example: bool = False,
-             progress: bool = True) -> dict[str, dict[str, Any]]:
+def evaluate(
+    model: nnx.Module,
+    tokenizer: Any,
+    task_or_records: Any,
+    *,
+    batch_size: int = 32,
+    max_length: int | None = None,
+    limit: int | None = None,
+    return_per_example: bool = False,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
     """Score tasks with lm-eval's rules; returns ``{task: {acc, acc_norm, n, acc_stderr, acc_norm_stderr,
     truncated}}``.
 
@@ -346,9 +410,11 @@ def evaluate(model: nnx.Module, tokenizer: Any, task_or_records: Any, *, batch_s
     ``truncated`` counts examples with at least one request cut from the left.
     """
     if type(model).__name__ == "ModelConfig":
-        raise ConfigError("fj.evaluate takes the model first: fj.evaluate(model, tokenizer, tasks); the functional "
-                          "form fj.evaluate(config, params, tokenizer, tasks, lora=...) is now "
-                          "fj.evaluate(fj.nnx.LlamaForCausalLM.from_params(config, params, lora), tokenizer, tasks)")
+        raise ConfigError(
+            "fj.evaluate takes the model first: fj.evaluate(model, tokenizer, tasks); the functional "
+            "form fj.evaluate(config, params, tokenizer, tasks, lora=...) is now "
+            "fj.evaluate(fj.nnx.LlamaForCausalLM.from_params(config, params, lora), tokenizer, tasks)"
+        )
     check_positive(batch_size=batch_size, limit=limit, max_length=max_length)
     vocab = check_tokenizer(tokenizer, "evaluate: tokenizer") or 0
     grouped = _as_records(task_or_records, limit)
@@ -357,29 +423,58 @@ def evaluate(model: nnx.Module, tokenizer: Any, task_or_records: Any, *, batch_s
         config, params, lora, gates = decoder()
         results: dict[str, dict[str, Any]] = {}
         for name in [n for n, recs in grouped.items() if isinstance(recs[0], GenRecord)]:
-            results[name] = evaluate_generative(model, tokenizer, grouped.pop(name), batch_size=batch_size,
-                                                max_length=max_length, return_per_example=return_per_example,
-                                                progress=progress)
+            results[name] = evaluate_generative(
+                model,
+                tokenizer,
+                grouped.pop(name),
+                batch_size=batch_size,
+                max_length=max_length,
+                return_per_example=return_per_example,
+                progress=progress,
+            )
         if grouped:
-            results.update(_evaluate_mc(lambda requests: loglikelihoods(
-                config, params, tokenizer, requests, lora=lora, gates=gates, batch_size=batch_size,
-                max_length=max_length, progress=progress, desc="evaluate"), grouped, return_per_example))
+            results.update(
+                _evaluate_mc(
+                    lambda requests: loglikelihoods(
+                        config,
+                        params,
+                        tokenizer,
+                        requests,
+                        lora=lora,
+                        gates=gates,
+                        batch_size=batch_size,
+                        max_length=max_length,
+                        progress=progress,
+                        desc="evaluate",
+                    ),
+                    grouped,
+                    return_per_example,
+                )
+            )
         return results
     if not isinstance(model, nnx.Module):
-        raise ConfigError(f"evaluate: model must be a Flax NNX language model (fj.nnx.LlamaForCausalLM or your own "
-                          f"nnx.Module returning logits), got {type(model).__name__}")
+        raise ConfigError(
+            f"evaluate: model must be a Flax NNX language model (fj.nnx.LlamaForCausalLM or your own "
+            f"nnx.Module returning logits), got {type(model).__name__}"
+        )
     generative_tasks = sorted(n for n, recs in grouped.items() if isinstance(recs[0], GenRecord))
     if generative_tasks:
-        raise ConfigError(f"evaluate: generative tasks {generative_tasks} need fj.nnx.LlamaForCausalLM (KV-cache "
-                          f"generation); a {type(model).__name__} scores multiple-choice tasks only")
+        raise ConfigError(
+            f"evaluate: generative tasks {generative_tasks} need fj.nnx.LlamaForCausalLM (KV-cache "
+            f"generation); a {type(model).__name__} scores multiple-choice tasks only"
+        )
     graphdef, state = nnx.split(model)
 
     def scorer(tokens, positions, segments, pred_pos, targets, slots):
         return _score_module(graphdef, vocab, state, tokens, pred_pos, targets, slots)
 
-    return _evaluate_mc(lambda requests: _loglikelihoods(scorer, tokenizer, requests, batch_size, max_length,
-                                                         progress, "evaluate", pack=False),
-                        grouped, return_per_example)
+    return _evaluate_mc(
+        lambda requests: _loglikelihoods(
+            scorer, tokenizer, requests, batch_size, max_length, progress, "evaluate", pack=False
+        ),
+        grouped,
+        return_per_example,
+    )
 
 
 def _evaluate_mc(score: Any, grouped: dict[str, list[MCRecord]], return_per_example: bool) -> dict[str, dict[str, Any]]:
@@ -392,7 +487,7 @@ def _evaluate_mc(score: Any, grouped: dict[str, list[MCRecord]], return_per_exam
         acc, acc_norm, n_trunc, examples = [], [], 0, []
         for rec in recs:
             n = len(rec.choices)
-            lls, trunc = ll.logprob[pos:pos + n], bool(ll.truncated[pos:pos + n].any())
+            lls, trunc = ll.logprob[pos : pos + n], bool(ll.truncated[pos : pos + n].any())
             pos += n
             pred = int(np.argmax(lls))
             pred_norm = int(np.argmax(lls / np.asarray(rec.norm_lengths())))
@@ -400,13 +495,26 @@ def _evaluate_mc(score: Any, grouped: dict[str, list[MCRecord]], return_per_exam
             acc_norm.append(float(pred_norm == rec.gold))
             n_trunc += trunc
             if return_per_example:
-                examples.append({"doc_id": rec.doc_id, "gold": rec.gold, "loglikelihoods": lls.tolist(),
-                                 "is_greedy": ll.is_greedy[pos - n:pos].tolist(), "pred": pred,
-                                 "pred_norm": pred_norm, "truncated": trunc})
+                examples.append(
+                    {
+                        "doc_id": rec.doc_id,
+                        "gold": rec.gold,
+                        "loglikelihoods": lls.tolist(),
+                        "is_greedy": ll.is_greedy[pos - n : pos].tolist(),
+                        "pred": pred,
+                        "pred_norm": pred_norm,
+                        "truncated": trunc,
+                    }
+                )
         acc_a, acc_norm_a = np.asarray(acc), np.asarray(acc_norm)
-        results[name] = {"acc": float(acc_a.mean()), "acc_norm": float(acc_norm_a.mean()), "n": len(recs),
-                         "acc_stderr": _stderr(acc_a), "acc_norm_stderr": _stderr(acc_norm_a),
-                         "truncated": int(n_trunc)}
+        results[name] = {
+            "acc": float(acc_a.mean()),
+            "acc_norm": float(acc_norm_a.mean()),
+            "n": len(recs),
+            "acc_stderr": _stderr(acc_a),
+            "acc_norm_stderr": _stderr(acc_norm_a),
+            "truncated": int(n_trunc),
+        }
         if any(rec.group is not None for rec in recs):
             results[name].update(_group_accuracy(recs, acc_a))
         if return_per_example:
@@ -420,13 +528,25 @@ def _group_accuracy(recs: Sequence[MCRecord], acc: np.ndarray) -> dict[str, Any]
     for rec, a in zip(recs, acc):
         groups.setdefault(str(rec.group), []).append(float(a))
     per_group = {g: {"acc": float(np.mean(v)), "n": len(v)} for g, v in sorted(groups.items())}
-    return {"acc_macro": float(np.mean([g["acc"] for g in per_group.values()])), "acc_micro": float(acc.mean()),
-            "groups": per_group}
+    return {
+        "acc_macro": float(np.mean([g["acc"] for g in per_group.values()])),
+        "acc_micro": float(acc.mean()),
+        "groups": per_group,
+    }
 
 
-def evaluate_generative(model: nnx.Module, tokenizer: Any, task: Any, *, limit: int | None = None,
-                        batch_size: int = 32, max_new_tokens: int | None = None, max_length: int | None = None,
-                        return_per_example: bool = False, progress: bool = True) -> dict[str, Any]:
+def evaluate_generative(
+    model: nnx.Module,
+    tokenizer: Any,
+    task: Any,
+    *,
+    limit: int | None = None,
+    batch_size: int = 32,
+    max_new_tokens: int | None = None,
+    max_length: int | None = None,
+    return_per_example: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
     """Exact match of greedily generated answers on a generative task (GSM8K, AQuA).
 
     Args:
@@ -448,8 +568,9 @@ def evaluate_generative(model: nnx.Module, tokenizer: Any, task: Any, *, limit: 
     """
     decoder = getattr(model, "decoder_pytrees", None)
     if not callable(decoder):
-        raise ConfigError(f"evaluate_generative needs fj.nnx.LlamaForCausalLM (KV-cache generation), got "
-                          f"{type(model).__name__}")
+        raise ConfigError(
+            f"evaluate_generative needs fj.nnx.LlamaForCausalLM (KV-cache generation), got {type(model).__name__}"
+        )
     config, params, lora, gates = decoder()
     check_tokenizer(tokenizer, "evaluate_generative: tokenizer")
     if isinstance(task, (str, tasks.TaskSpec)):
@@ -462,29 +583,43 @@ def evaluate_generative(model: nnx.Module, tokenizer: Any, task: Any, *, limit: 
         raise DataError("evaluate_generative: expected a non-empty list of GenRecord (or a generative task name)")
     names = {r.task for r in records}
     if len(names) != 1 or len({r.until for r in records}) != 1:
-        raise DataError(f"evaluate_generative: records must come from one task with one set of stop strings, "
-                        f"got tasks {sorted(names)}")
+        raise DataError(
+            f"evaluate_generative: records must come from one task with one set of stop strings, "
+            f"got tasks {sorted(names)}"
+        )
     name = records[0].task
     if name not in generative.EXTRACTORS:
-        raise DataError(f"evaluate_generative: no answer extraction for task {name!r}; "
-                        f"known: {sorted(generative.EXTRACTORS)}")
+        raise DataError(
+            f"evaluate_generative: no answer extraction for task {name!r}; known: {sorted(generative.EXTRACTORS)}"
+        )
     max_new_tokens = int(max_new_tokens or MAX_NEW_TOKENS[name])
     max_length = int(max_length or config.max_position_embeddings)
     keep = max_length - max_new_tokens
     if keep < 1:
-        raise DataError(f"evaluate_generative: max_new_tokens={max_new_tokens} leaves no room for a prompt in "
-                        f"the model's context {max_length}")
+        raise DataError(
+            f"evaluate_generative: max_new_tokens={max_new_tokens} leaves no room for a prompt in "
+            f"the model's context {max_length}"
+        )
     encoded = [tokenizer.encode(r.prompt) for r in records]
     truncated = [len(ids) > keep for ids in encoded]
     encoded = [ids[-keep:] for ids in encoded]
     order = sorted(range(len(records)), key=lambda i: len(encoded[i]), reverse=True)
     texts: list[str] = [""] * len(records)
-    chunks = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for k, chunk in enumerate(_progress(chunks, progress, f"generating {name}")):
         signals.check(f"while generating ({name}, batch {k + 1}/{len(chunks)})")  # a safe point between batches
-        out = generate(config, params, [encoded[i] for i in chunk], lora=lora, gates=gates,
-                       max_new_tokens=max_new_tokens, tokenizer=tokenizer, stop=records[0].until,
-                       batch_size=batch_size, max_length=max_length)
+        out = generate(
+            config,
+            params,
+            [encoded[i] for i in chunk],
+            lora=lora,
+            gates=gates,
+            max_new_tokens=max_new_tokens,
+            tokenizer=tokenizer,
+            stop=records[0].until,
+            batch_size=batch_size,
+            max_length=max_length,
+        )
         for i, text in zip(chunk, out.texts):
             texts[i] = text
     scored = [score(r, t) for r, t in zip(records, texts)]
@@ -493,10 +628,18 @@ def evaluate_generative(model: nnx.Module, tokenizer: Any, task: Any, *, limit: 
     for key in [k for k in scored[0] if k.startswith("exact_match,")]:
         values = np.asarray([s[key] for s in scored])
         filters[key.split(",", 1)[1]] = {"exact_match": float(values.mean()), "stderr": _stderr(values)}
-    result: dict[str, Any] = {"exact_match": filters[primary]["exact_match"], "stderr": filters[primary]["stderr"],
-                              "n": len(records), "truncated": int(sum(truncated)), "filter": primary,
-                              "max_new_tokens": max_new_tokens, "filters": filters}
+    result: dict[str, Any] = {
+        "exact_match": filters[primary]["exact_match"],
+        "stderr": filters[primary]["stderr"],
+        "n": len(records),
+        "truncated": int(sum(truncated)),
+        "filter": primary,
+        "max_new_tokens": max_new_tokens,
+        "filters": filters,
+    }
     if return_per_example:
-        result["examples"] = [{"doc_id": r.doc_id, "generation": t, "target": r.target, **s, "truncated": tr}
-                              for r, t, s, tr in zip(records, texts, scored, truncated)]
+        result["examples"] = [
+            {"doc_id": r.doc_id, "generation": t, "target": r.target, **s, "truncated": tr}
+            for r, t, s, tr in zip(records, texts, scored, truncated)
+        ]
     return result

@@ -31,10 +31,15 @@ from safetensors import SafetensorError
 
 from flexora_jax.errors import FlexoraError
 
-_REASONS = {errnos.ENOSPC: "no space left on the device", errnos.EROFS: "read-only filesystem",
-            errnos.EACCES: "permission denied", errnos.ENOTDIR: "a path component is a file, not a directory",
-            errnos.EEXIST: "it already exists", errnos.EISDIR: "it is a directory",
-            errnos.EDQUOT: "disk quota exceeded"}
+_REASONS = {
+    errnos.ENOSPC: "no space left on the device",
+    errnos.EROFS: "read-only filesystem",
+    errnos.EACCES: "permission denied",
+    errnos.ENOTDIR: "a path component is a file, not a directory",
+    errnos.EEXIST: "it already exists",
+    errnos.EISDIR: "it is a directory",
+    errnos.EDQUOT: "disk quota exceeded",
+}
 
 
 class WriteError(FlexoraError, OSError):

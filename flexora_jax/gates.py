@@ -58,8 +58,7 @@ class Gates:
         return "layer" if self.layer is not None else "rank" if self.rank is not None else "none"
 
 
-def init_gates(kind: GateKind, num_layers: int, ranks: dict[str, int] | None = None,
-               power: int = 1) -> Gates | None:
+def init_gates(kind: GateKind, num_layers: int, ranks: dict[str, int] | None = None, power: int = 1) -> Gates | None:
     """Gates at their neutral point (alpha = 0, beta = 0); None for ``kind="none"``.
 
     Args:
@@ -118,7 +117,7 @@ def layer_gate_values(gates: Gates | GateValues | None, num_layers: int | None =
     if alpha.shape != (num_layers,):
         raise ConfigError(f"layer gate has shape {alpha.shape}, expected ({num_layers},)")
     w = num_layers * jax.nn.softmax(alpha)
-    return w ** gates.power
+    return w**gates.power
 
 
 def rank_gate_values(gates: Gates | GateValues | None, module: str, shape: tuple[int, int]) -> jax.Array:

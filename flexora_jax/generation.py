@@ -77,8 +77,9 @@ def _bias(allowed: jax.Array) -> jax.Array:
     return jnp.where(allowed[:, None], 0.0, NEG_INF)
 
 
-def _prefill(config: ModelConfig, params: Params, lora_layers: Any, tokens: jax.Array, mask: jax.Array
-             ) -> tuple[jax.Array, KV]:
+def _prefill(
+    config: ModelConfig, params: Params, lora_layers: Any, tokens: jax.Array, mask: jax.Array
+) -> tuple[jax.Array, KV]:
     """The left-padded prompts ``tokens``/``mask`` [b, p] in one batched pass (blocks under ``lax.scan``).
 
     Returns the last column's normed hidden state [b, d] and the prompt's keys/values [l, b, k, p, e].
@@ -92,17 +93,22 @@ def _prefill(config: ModelConfig, params: Params, lora_layers: Any, tokens: jax.
     def step(h, xs):
         layer, lora_layer, index = xs
         empty = jnp.zeros((b, nk, p, e), jnp.dtype(config.dtype))  # the prompt's columns only: scores [p, p]
-        h, cache = block(config, layer, h, cos, sin, bias, lora_layer, None, 0.0,
-                         cache=KVCache(empty, empty, index, jnp.int32(0)))
+        h, cache = block(
+            config, layer, h, cos, sin, bias, lora_layer, None, 0.0, cache=KVCache(empty, empty, index, jnp.int32(0))
+        )
         return h, (cache.k, cache.v)
 
-    h, kv = jax.lax.scan(step, embed(config, params, tokens),
-                         (params["layers"], lora_layers, jnp.arange(config.num_hidden_layers, dtype=jnp.int32)))
+    h, kv = jax.lax.scan(
+        step,
+        embed(config, params, tokens),
+        (params["layers"], lora_layers, jnp.arange(config.num_hidden_layers, dtype=jnp.int32)),
+    )
     return rms_norm(h[:, -1], params["final_norm"], config.rms_norm_eps), kv
 
 
-def _decode_inputs(config: ModelConfig, params: Params, lora_layers: Any, prompt_kv: KV, max_new_tokens: int,
-                   unroll: bool) -> tuple[Any, Cache]:
+def _decode_inputs(
+    config: ModelConfig, params: Params, lora_layers: Any, prompt_kv: KV, max_new_tokens: int, unroll: bool
+) -> tuple[Any, Cache]:
     """The blocks and the cache (the prompt's keys/values and room for ``max_new_tokens`` columns) as the
     decode loop holds them: stacked (scanned steps), or sliced per layer once, before the loop (unrolled)."""
     room = [(0, 0)] * 3 + [(0, max_new_tokens), (0, 0)]
@@ -115,8 +121,16 @@ def _decode_inputs(config: ModelConfig, params: Params, lora_layers: Any, prompt
     return layers, cache
 
 
-def _step(config: ModelConfig, params: Params, layers: Any, cache: Cache, token: jax.Array, column: jax.Array,
-          position: jax.Array, valid: jax.Array) -> tuple[jax.Array, Cache]:
+def _step(
+    config: ModelConfig,
+    params: Params,
+    layers: Any,
+    cache: Cache,
+    token: jax.Array,
+    column: jax.Array,
+    position: jax.Array,
+    valid: jax.Array,
+) -> tuple[jax.Array, Cache]:
     """One decode step of ``token`` [b] at cache ``column`` and RoPE ``position`` [b].
 
     The token attends to itself and to the cached columns before ``column`` that are ``valid`` [b, s]
@@ -134,8 +148,9 @@ def _step(config: ModelConfig, params: Params, layers: Any, cache: Cache, token:
     if isinstance(cache, list):
         out = []
         for index, ((layer, lora_layer), (ck, cv)) in enumerate(zip(layers, cache)):
-            h, kv = block(config, layer, h, cos, sin, bias, lora_layer, None, 0.0,
-                          cache=KVCache(ck, cv, jnp.int32(index), column))
+            h, kv = block(
+                config, layer, h, cos, sin, bias, lora_layer, None, 0.0, cache=KVCache(ck, cv, jnp.int32(index), column)
+            )
             out.append((kv.k, kv.v))
         return rms_norm(h[:, 0], params["final_norm"], config.rms_norm_eps), out
 
@@ -149,8 +164,9 @@ def _step(config: ModelConfig, params: Params, layers: Any, cache: Cache, token:
     return rms_norm(h[:, 0], params["final_norm"], config.rms_norm_eps), tuple(cache)
 
 
-def _choose(logits: jax.Array, key: jax.Array, do_sample: bool, top_k: int, temperature: jax.Array,
-            top_p: jax.Array) -> jax.Array:
+def _choose(
+    logits: jax.Array, key: jax.Array, do_sample: bool, top_k: int, temperature: jax.Array, top_p: jax.Array
+) -> jax.Array:
     """Next token [b] from logits [b, v]: argmax, or a sample after temperature / top-k / top-p."""
     if not do_sample:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -170,10 +186,24 @@ def _choose(logits: jax.Array, key: jax.Array, do_sample: bool, top_k: int, temp
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "do_sample", "top_k", "unroll"))
-def _decode(config: ModelConfig, params: Params, lora: Any, gates: Any, tokens: jax.Array, mask: jax.Array,
-            eos_ids: jax.Array, key: jax.Array, temperature: jax.Array, top_p: jax.Array, pad_id: jax.Array,
-            *, max_new_tokens: int, do_sample: bool, top_k: int, unroll: bool
-            ) -> tuple[jax.Array, jax.Array, jax.Array]:
+def _decode(
+    config: ModelConfig,
+    params: Params,
+    lora: Any,
+    gates: Any,
+    tokens: jax.Array,
+    mask: jax.Array,
+    eos_ids: jax.Array,
+    key: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    pad_id: jax.Array,
+    *,
+    max_new_tokens: int,
+    do_sample: bool,
+    top_k: int,
+    unroll: bool,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
     """Prefill + decode loop for left-padded ``tokens``/``mask`` [b, p] (``unroll``: see :func:`_step`).
 
     Returns new tokens [b, n] (``pad_id`` after a row's EOS), their log-probs [b, n] and the number of
@@ -237,11 +267,24 @@ def _cut_at_stop(text: str, stop: Sequence[str]) -> tuple[str, bool]:
     return (text, False) if cut < 0 else (text[:cut], True)
 
 
-def generate(config: ModelConfig, params: Any, prompts: Sequence[str] | Sequence[Sequence[int]], lora: Any = None,
-             gates: Any = None, *, max_new_tokens: int = 256, tokenizer: Any = None, temperature: float = 0.0,
-             top_k: int = 0, top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
-             eos_token_id: int | Sequence[int] | None = None, batch_size: int = 32,
-             max_length: int | None = None) -> GenerateOutput:
+def generate(
+    config: ModelConfig,
+    params: Any,
+    prompts: Sequence[str] | Sequence[Sequence[int]],
+    lora: Any = None,
+    gates: Any = None,
+    *,
+    max_new_tokens: int = 256,
+    tokenizer: Any = None,
+    temperature: float = 0.0,
+    top_k: int = 0,
+    top_p: float = 1.0,
+    seed: int = 0,
+    stop: Sequence[str] = (),
+    eos_token_id: int | Sequence[int] | None = None,
+    batch_size: int = 32,
+    max_length: int | None = None,
+) -> GenerateOutput:
     """Continue each prompt by up to ``max_new_tokens`` tokens (greedy unless ``temperature > 0``).
 
     Args:
@@ -275,8 +318,10 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[str] | Sequence
     if stop and tokenizer is None:
         raise ConfigError("generate: stop strings need a tokenizer to decode the generated tokens")
     if not (math.isfinite(temperature) and temperature >= 0 and 0 < top_p <= 1 and top_k >= 0):
-        raise ConfigError(f"generate: need temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got "
-                          f"temperature={temperature}, top_p={top_p}, top_k={top_k}")
+        raise ConfigError(
+            f"generate: need temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got "
+            f"temperature={temperature}, top_p={top_p}, top_k={top_k}"
+        )
     if batch_size < 1:
         raise ConfigError(f"generate: batch_size must be >= 1, got {batch_size}")
     max_length = int(max_length or config.max_position_embeddings)
@@ -292,12 +337,15 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[str] | Sequence
             raise DataError(f"generate: prompt {i} has no tokens; start it with at least the BOS token")
         outside = [t for t in ids if not 0 <= t < config.vocab_size]
         if outside:
-            raise DataError(f"generate: prompt {i} holds token ids {outside[:5]} outside the vocabulary "
-                            f"0..{config.vocab_size - 1}")
+            raise DataError(
+                f"generate: prompt {i} holds token ids {outside[:5]} outside the vocabulary 0..{config.vocab_size - 1}"
+            )
         if len(ids) + max_new_tokens > max_length:
-            raise DataError(f"generate: prompt {i} is {len(ids)} tokens; with max_new_tokens={max_new_tokens} "
-                            f"it needs {len(ids) + max_new_tokens} positions, more than the model's context "
-                            f"{max_length} (shorten or left-truncate the prompt, or lower max_new_tokens)")
+            raise DataError(
+                f"generate: prompt {i} is {len(ids)} tokens; with max_new_tokens={max_new_tokens} "
+                f"it needs {len(ids) + max_new_tokens} positions, more than the model's context "
+                f"{max_length} (shorten or left-truncate the prompt, or lower max_new_tokens)"
+            )
         encoded.append(ids)
 
     eos = _eos_ids(config, tokenizer, eos_token_id)
@@ -311,7 +359,7 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[str] | Sequence
     reasons = ["length"] * len(encoded)
     order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]), reverse=True)  # similar lengths batch together
     for start in range(0, len(order), batch_size):
-        chunk = order[start:start + batch_size]
+        chunk = order[start : start + batch_size]
         b = bucket_of(len(chunk), batch_buckets)
         p = bucket_of(max(len(encoded[i]) for i in chunk), prompt_buckets)
         tokens = np.full((b, p), pad, np.int32)
@@ -319,13 +367,25 @@ def generate(config: ModelConfig, params: Any, prompts: Sequence[str] | Sequence
         mask[:, -1] = 1  # filler rows attend to one token
         for row, i in enumerate(chunk):
             ids = encoded[i]
-            tokens[row, p - len(ids):] = ids
-            mask[row, p - len(ids):] = 1
-        out, lps, lengths = _decode(config, params, lora, gates, tokens, mask, jnp.asarray(eos, jnp.int32),
-                                    jax.random.fold_in(key, start), jnp.float32(max(temperature, 1e-6)),
-                                    jnp.float32(top_p), jnp.int32(pad), max_new_tokens=int(max_new_tokens),
-                                    do_sample=do_sample, top_k=int(top_k),
-                                    unroll=config.num_hidden_layers <= UNROLL_LAYERS)
+            tokens[row, p - len(ids) :] = ids
+            mask[row, p - len(ids) :] = 1
+        out, lps, lengths = _decode(
+            config,
+            params,
+            lora,
+            gates,
+            tokens,
+            mask,
+            jnp.asarray(eos, jnp.int32),
+            jax.random.fold_in(key, start),
+            jnp.float32(max(temperature, 1e-6)),
+            jnp.float32(top_p),
+            jnp.int32(pad),
+            max_new_tokens=int(max_new_tokens),
+            do_sample=do_sample,
+            top_k=int(top_k),
+            unroll=config.num_hidden_layers <= UNROLL_LAYERS,
+        )
         out, lps, lengths = np.asarray(out), np.asarray(lps), np.asarray(lengths)
         for row, i in enumerate(chunk):
             n = int(lengths[row])

@@ -77,8 +77,7 @@ class Checkpoint(Hook):
     def step(self, run: RunContext, step: int, state: Any, record: dict) -> None:
         ckpt = self._manager()
         if ckpt.due(step) or step == run.stage.total or signals.requested():
-            ckpt.save(step, state, {"sampler": run.stage.positions(), "identity": dict(run.stage.identity)},
-                      force=True)
+            ckpt.save(step, state, {"sampler": run.stage.positions(), "identity": dict(run.stage.identity)}, force=True)
 
     def close(self, run: RunContext, error: BaseException | None) -> None:
         if self._ckpt is not None:
@@ -94,10 +93,15 @@ def _check_identity(saved: Any, current: Mapping[str, Any], directory: Path) -> 
     if saved == current:
         return
     keys = sorted(set(saved) | set(current))
-    diff = [f"{k}: checkpoint {_short(saved.get(k))} vs now {_short(current.get(k))}" for k in keys
-            if saved.get(k) != current.get(k)]
-    raise CheckpointError(f"the checkpoint in {directory} belongs to another run ({'; '.join(diff)}); resume with "
-                          "the settings and data it was written with, or use another checkpoint directory")
+    diff = [
+        f"{k}: checkpoint {_short(saved.get(k))} vs now {_short(current.get(k))}"
+        for k in keys
+        if saved.get(k) != current.get(k)
+    ]
+    raise CheckpointError(
+        f"the checkpoint in {directory} belongs to another run ({'; '.join(diff)}); resume with "
+        "the settings and data it was written with, or use another checkpoint directory"
+    )
 
 
 def _short(value: Any) -> str:
@@ -114,8 +118,13 @@ class Validation(Hook):
     ``pick(state)`` (the LoRA) at the best validation loss in :attr:`best`.
     """
 
-    def __init__(self, evaluate: Callable[[Any, Any], float], every: int, keep_best: bool = False,
-                 pick: Callable[[Any], Any] = lambda state: state.lora) -> None:
+    def __init__(
+        self,
+        evaluate: Callable[[Any, Any], float],
+        every: int,
+        keep_best: bool = False,
+        pick: Callable[[Any], Any] = lambda state: state.lora,
+    ) -> None:
         self.evaluate, self.every, self.keep_best, self.pick = evaluate, every, keep_best, pick
         self.best_loss, self.best = math.inf, None
 
@@ -127,8 +136,15 @@ class Validation(Hook):
             self.best_loss, self.best = loss, jax.tree.map(jnp.asarray, fetch(self.pick(state)))
 
 
-def dataset_mean(loss: Callable[..., jax.Array], count: Callable[[Any], jax.Array], base: Any, lora: Any,
-                 hyper: Any, data: Dataset, batch_size: int = 64) -> float:
+def dataset_mean(
+    loss: Callable[..., jax.Array],
+    count: Callable[[Any], jax.Array],
+    base: Any,
+    lora: Any,
+    hyper: Any,
+    data: Dataset,
+    batch_size: int = 64,
+) -> float:
     """Mean per-token loss over a whole dataset: each batch's mean weighted by its target-token count."""
     total, tokens = 0.0, 0.0
     for batch in batches_in_order(data, batch_size):
@@ -138,8 +154,9 @@ def dataset_mean(loss: Callable[..., jax.Array], count: Callable[[Any], jax.Arra
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _weighted(loss: Callable[..., jax.Array], count: Callable[[Any], jax.Array], base: Any, lora: Any, hyper: Any,
-              batch: Any) -> tuple[jax.Array, jax.Array]:
+def _weighted(
+    loss: Callable[..., jax.Array], count: Callable[[Any], jax.Array], base: Any, lora: Any, hyper: Any, batch: Any
+) -> tuple[jax.Array, jax.Array]:
     n = count(batch)
     return loss(base, lora, hyper, batch, None) * n, n
 
@@ -208,8 +225,14 @@ class JsonlLogger(Hook):
     def close(self, run: RunContext, error: BaseException | None) -> None:
         if isinstance(error, NumericsError):
             name = self._name(run)
-            self.write({"stage": name, "step": self.last_step.get(name, run.start) + 1, "event": "non_finite",
-                        "message": str(error)})
+            self.write(
+                {
+                    "stage": name,
+                    "step": self.last_step.get(name, run.start) + 1,
+                    "event": "non_finite",
+                    "message": str(error),
+                }
+            )
 
 
 def _step_of(record: Mapping[str, Any]) -> int:
@@ -225,8 +248,16 @@ class Progress(Hook):
         self._bar: Any = None
 
     def start(self, run: RunContext) -> None:
-        self._bar = tqdm(total=run.stage.total, initial=run.start, desc=self.desc or run.stage.name, unit="step",
-                         file=sys.stderr, dynamic_ncols=True, leave=False, disable=not self.enabled)
+        self._bar = tqdm(
+            total=run.stage.total,
+            initial=run.start,
+            desc=self.desc or run.stage.name,
+            unit="step",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            leave=False,
+            disable=not self.enabled,
+        )
 
     def step(self, run: RunContext, step: int, state: Any, record: dict) -> None:
         self._bar.update(1)

@@ -87,8 +87,10 @@ def compile_step(step: Step, mesh: Mesh, args: Sequence[Any], batch_dims: Mappin
     ``("data", "fsdp")`` along ``batch_dims[arg]``, the metrics replicated; the state (argument 1) is
     donated. One program per (step, mesh, shapes): a second stage with the same settings reuses it.
     """
-    in_s = tuple(sh.named(sh.batch_specs(a, mesh, batch_dims[i]), mesh) if i in batch_dims else sh.shardings(a, mesh)
-                 for i, a in enumerate(args))
+    in_s = tuple(
+        sh.named(sh.batch_specs(a, mesh, batch_dims[i]), mesh) if i in batch_dims else sh.shardings(a, mesh)
+        for i, a in enumerate(args)
+    )
     out_s = (in_s[1], sh.replicated(mesh))
     fn = _jit(step, tuple(_freeze(s) for s in in_s), _freeze(out_s))
     return Program(fn, mesh, in_s, dict(batch_dims))
@@ -168,8 +170,15 @@ class Hook:
         pass
 
 
-def drive(stage: Stage, base: Any, *, hooks: Sequence[Hook] = (), mesh: Mesh | None = None, state: Any = None,
-          sampler_states: Mapping[str, Any] | None = None) -> tuple[Any, list[dict]]:
+def drive(
+    stage: Stage,
+    base: Any,
+    *,
+    hooks: Sequence[Hook] = (),
+    mesh: Mesh | None = None,
+    state: Any = None,
+    sampler_states: Mapping[str, Any] | None = None,
+) -> tuple[Any, list[dict]]:
     """Run ``stage`` from its start to ``stage.total``: the one loop of every search and fine-tune.
 
     The start state is ``state`` (checked against a fresh one) or, failing that, the first hook's

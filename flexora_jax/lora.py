@@ -86,11 +86,20 @@ class LoraSpec:
         ``alpha_pattern``, ``r``, ``lora_alpha``, rsLoRA) map to one layout-free spec.
         """
         L = self.num_layers
-        config = LoraConfig(r=1, lora_alpha=1.0, target_modules=self.targets, lora_dropout=self.config.lora_dropout,
-                            use_dora=self.config.use_dora)
-        return dataclasses.replace(self, config=config, layers=tuple(range(L)),
-                                   ranks=tuple((m, (r,) * L) for m, r in self.r_max),
-                                   scales=tuple((m, (1.0,) * L) for m, _ in self.r_max))
+        config = LoraConfig(
+            r=1,
+            lora_alpha=1.0,
+            target_modules=self.targets,
+            lora_dropout=self.config.lora_dropout,
+            use_dora=self.config.use_dora,
+        )
+        return dataclasses.replace(
+            self,
+            config=config,
+            layers=tuple(range(L)),
+            ranks=tuple((m, (r,) * L) for m, r in self.r_max),
+            scales=tuple((m, (1.0,) * L) for m, _ in self.r_max),
+        )
 
     def coefficients(self, module: str) -> np.ndarray:
         """Static per-component multiplier [L, r_max]: scale where a component exists, else 0."""
@@ -113,25 +122,39 @@ def make_spec(model_config: ModelConfig, lora_config: LoraConfig) -> LoraSpec:
         ranks.append((m, rk))
         scales.append((m, sc))
         r_max.append((m, max(max(rk), 1)))
-    return LoraSpec(config=lora_config, num_layers=L, targets=lora_config.target_modules, layers=layers,
-                    r_max=tuple(r_max), ranks=tuple(ranks), scales=tuple(scales),
-                    fused=tuple(model_config.fused_modules.items()))
+    return LoraSpec(
+        config=lora_config,
+        num_layers=L,
+        targets=lora_config.target_modules,
+        layers=layers,
+        r_max=tuple(r_max),
+        ranks=tuple(ranks),
+        scales=tuple(scales),
+        fused=tuple(model_config.fused_modules.items()),
+    )
 
 
 def _check_targets(model_config: ModelConfig, lora_config: LoraConfig) -> None:
     """Every target is a module of the model's blocks; expert LoRA takes no dropout and no DoRA (nor does PEFT's)."""
     missing = [m for m in lora_config.target_modules if m not in model_config.linear_modules]
     if missing:
-        hint = (" (its MLP is a mixture of experts: 'w1' (gate), 'w3' (up) and 'w2' (down) adapt every expert's "
-                "projections; the router is never adapted)" if model_config.num_local_experts else
-                " (w1 / w3 / w2 are the experts' projections of a mixture-of-experts MLP)")
-        raise ConfigError(f"LoraConfig.target_modules {missing}: a {model_config.model_type} block has no such module"
-                          f"{hint}; its modules: {list(model_config.linear_modules)}")
+        hint = (
+            " (its MLP is a mixture of experts: 'w1' (gate), 'w3' (up) and 'w2' (down) adapt every expert's "
+            "projections; the router is never adapted)"
+            if model_config.num_local_experts
+            else " (w1 / w3 / w2 are the experts' projections of a mixture-of-experts MLP)"
+        )
+        raise ConfigError(
+            f"LoraConfig.target_modules {missing}: a {model_config.model_type} block has no such module"
+            f"{hint}; its modules: {list(model_config.linear_modules)}"
+        )
     experts = [m for m in lora_config.target_modules if m in EXPERT_MODULES]
     if experts and (lora_config.lora_dropout or lora_config.use_dora):
-        raise ConfigError(f"LoraConfig: LoRA on the experts {experts} is plain LoRA without dropout (got lora_dropout="
-                          f"{lora_config.lora_dropout}, use_dora={lora_config.use_dora}), as PEFT's LoRA on expert "
-                          "weights; target only attention modules for those, or set them off")
+        raise ConfigError(
+            f"LoraConfig: LoRA on the experts {experts} is plain LoRA without dropout (got lora_dropout="
+            f"{lora_config.lora_dropout}, use_dora={lora_config.use_dora}), as PEFT's LoRA on expert "
+            "weights; target only attention modules for those, or set them off"
+        )
 
 
 def expert_axes(model_config: ModelConfig, module: str) -> tuple[int, ...]:
@@ -162,16 +185,20 @@ class LoraParams:
         with the same targets and ``r_max``. :meth:`with_spec` turns it back for export and counting."""
         if self.coef is not None:
             return self
-        return LoraParams(self.weights, self.spec.layout_free(),
-                          {m: jnp.asarray(self.spec.coefficients(m)) for m in self.spec.targets})
+        return LoraParams(
+            self.weights,
+            self.spec.layout_free(),
+            {m: jnp.asarray(self.spec.coefficients(m)) for m in self.spec.targets},
+        )
 
     def with_spec(self, spec: LoraSpec) -> LoraParams:
         """These weights under a static ``spec`` (the one :meth:`traced_layout` started from)."""
         return LoraParams(self.weights, spec)
 
 
-def init_lora(model_config: ModelConfig, lora_config: LoraConfig, key: jax.Array,
-              params: dict[str, Any] | None = None) -> LoraParams:
+def init_lora(
+    model_config: ModelConfig, lora_config: LoraConfig, key: jax.Array, params: dict[str, Any] | None = None
+) -> LoraParams:
     """Fresh LoRA params with PEFT's initialisation (``params``: the base, needed by DoRA only).
 
     ``init_lora_weights=True``: A ~ U(-1/sqrt(d_in), 1/sqrt(d_in)) (kaiming-uniform, a = sqrt(5)),
@@ -182,8 +209,10 @@ def init_lora(model_config: ModelConfig, lora_config: LoraConfig, key: jax.Array
     """
     spec = make_spec(model_config, lora_config)
     if spec.use_dora and params is None:
-        raise ConfigError("init_lora: DoRA (use_dora=True) starts its magnitude at the base weights' column norms; "
-                          "pass the base params (init_lora(config, lora_config, key, params))")
+        raise ConfigError(
+            "init_lora: DoRA (use_dora=True) starts its magnitude at the base weights' column norms; "
+            "pass the base params (init_lora(config, lora_config, key, params))"
+        )
     L = model_config.num_hidden_layers
     init = lora_config.init_lora_weights
     weights = {}
@@ -221,8 +250,10 @@ def per_layer_lora(lora: LoraParams, gates: Gates | None, num_layers: int) -> di
         raise ConfigError(f"LoRA was built for {lora.spec.num_layers} layers, the model has {num_layers}")
     layer_w = layer_gate_values(gates, num_layers)  # [L]
     if lora.spec.use_dora and gates is not None and gates.rank is not None:
-        raise ConfigError("DoRA (use_dora=True) cannot take rank gates (AutoLoRA): they would rescale components "
-                          "inside DoRA's weight norm; search ranks with plain LoRA, or use layer gates only")
+        raise ConfigError(
+            "DoRA (use_dora=True) cannot take rank gates (AutoLoRA): they would rescale components "
+            "inside DoRA's weight norm; search ranks with plain LoRA, or use layer gates only"
+        )
     out = {}
     for m in lora.spec.targets:
         coeff = jnp.asarray(lora.spec.coefficients(m) if lora.coef is None else lora.coef[m])  # [L, r]
@@ -246,17 +277,18 @@ def delta_weights(lora: LoraParams, gates: Gates | None = None) -> dict[str, jax
     return {m: jnp.einsum("l...dr,lr,l...rf->l...df", v["a"], v["c"], v["b"]) for m, v in stacked.items()}
 
 
-def merge(params: dict[str, Any], lora: LoraParams, gates: Gates | None = None,
-          sign: float = 1.0) -> dict[str, Any]:
+def merge(params: dict[str, Any], lora: LoraParams, gates: Gates | None = None, sign: float = 1.0) -> dict[str, Any]:
     """Base params with the LoRA update added (``sign=-1`` removes it), in fp32 then cast back.
 
     DoRA: each kernel becomes ``W + g * (m * (W + dW) / ||W + dW|| - W)`` (PEFT's merge at ``g = 1``).
     """
     dora = lora.spec.use_dora
     if dora and sign != 1.0:
-        raise ConfigError("unmerge: a DoRA merge rescales the base weights by norms it does not keep; "
-                          "keep the unmerged base params instead")
-    deltas = (per_layer_lora(lora, gates, lora.spec.num_layers) if dora else delta_weights(lora, gates))
+        raise ConfigError(
+            "unmerge: a DoRA merge rescales the base weights by norms it does not keep; "
+            "keep the unmerged base params instead"
+        )
+    deltas = per_layer_lora(lora, gates, lora.spec.num_layers) if dora else delta_weights(lora, gates)
     layers = dict(params["layers"])
     for m, delta in deltas.items():
         kernel = layers[m]["kernel"]
@@ -264,8 +296,10 @@ def merge(params: dict[str, Any], lora: LoraParams, gates: Gates | None = None,
             update = lora_update(delta["a"], delta["c"], delta["b"])
             if kernel.shape != update.shape:
                 raise ConfigError(f"LoRA for {m} has shape {update.shape}, base kernel {kernel.shape}")
-            layers[m] = {**layers[m], "kernel": dora_merge(kernel, update, delta[MAGNITUDE], delta[GATE])
-                         .astype(kernel.dtype)}
+            layers[m] = {
+                **layers[m],
+                "kernel": dora_merge(kernel, update, delta[MAGNITUDE], delta[GATE]).astype(kernel.dtype),
+            }
             continue
         if kernel.shape != delta.shape:
             raise ConfigError(f"LoRA for {m} has shape {delta.shape}, base kernel {kernel.shape}")
@@ -282,14 +316,21 @@ def unmerge(params: dict[str, Any], lora: LoraParams, gates: Gates | None = None
 def count_params(model_config: ModelConfig, lora: LoraParams | LoraSpec) -> dict[str, int | float]:
     """Trainable LoRA parameters (true ranks, adapted blocks only) vs the base model's total."""
     if isinstance(lora, LoraParams) and lora.coef is not None:
-        raise ConfigError("count_params: this LoRA carries a traced layout (LoraParams.traced_layout); count "
-                          "lora.with_spec(<its static LoraSpec>) or the spec itself")
+        raise ConfigError(
+            "count_params: this LoRA carries a traced layout (LoraParams.traced_layout); count "
+            "lora.with_spec(<its static LoraSpec>) or the spec itself"
+        )
     spec = lora.spec if isinstance(lora, LoraParams) else lora
     trainable = 0
     for m in spec.targets:
         d_in, d_out = model_config.module_shape(m)
         trainable += sum(r * (d_in + d_out) + (d_out if spec.use_dora and r else 0) for r in spec.rank_of(m)) * int(
-            np.prod(expert_axes(model_config, m)))
+            np.prod(expert_axes(model_config, m))
+        )
     base = model_config.num_params()
-    return {"trainable": int(trainable), "base": int(base), "total": int(base + trainable),
-            "trainable_percent": 100.0 * trainable / (base + trainable)}
+    return {
+        "trainable": int(trainable),
+        "base": int(base),
+        "total": int(base + trainable),
+        "trainable_percent": 100.0 * trainable / (base + trainable),
+    }

@@ -80,8 +80,9 @@ def _split(n: int, k: int) -> int:
     return n // k if n % k == 0 else n
 
 
-def activation_bytes(model_config: ModelConfig, lora_config: LoraConfig, sizes: Mapping[str, int], batch: int,
-                     seq: int) -> dict[str, int]:
+def activation_bytes(
+    model_config: ModelConfig, lora_config: LoraConfig, sizes: Mapping[str, int], batch: int, seq: int
+) -> dict[str, int]:
     """Per-device residuals of one forward pass kept for its backward: ``{"layers", "logits"}`` in bytes."""
     c = model_config
     model = sizes["model"]
@@ -104,10 +105,19 @@ def activation_bytes(model_config: ModelConfig, lora_config: LoraConfig, sizes: 
     return {"layers": int(layers), "logits": int(logits)}
 
 
-def plan_memory(model_config: ModelConfig, lora_config: LoraConfig, mesh_shape: Mapping[str, int],
-                inner_steps: int, batch: int, seq: int, remat: bool = True, dtype: str | None = None,
-                inner_optimizer: str = "adamw", finetune_optimizer: str = "adamw",
-                unrolled_mode: str = "mixed") -> dict[str, dict[str, int]]:
+def plan_memory(
+    model_config: ModelConfig,
+    lora_config: LoraConfig,
+    mesh_shape: Mapping[str, int],
+    inner_steps: int,
+    batch: int,
+    seq: int,
+    remat: bool = True,
+    dtype: str | None = None,
+    inner_optimizer: str = "adamw",
+    finetune_optimizer: str = "adamw",
+    unrolled_mode: str = "mixed",
+) -> dict[str, dict[str, int]]:
     """Per-device bytes of one search step and one fine-tune step.
 
     Args:
@@ -147,13 +157,23 @@ def plan_memory(model_config: ModelConfig, lora_config: LoraConfig, mesh_shape: 
         search_act, carry = MIXED_SEARCH_ACTIVATION_FACTOR * act_fwd, carry + lora_b
     else:
         search_act = SEARCH_ACTIVATION_FACTOR * act_fwd * (1 if remat else inner_steps)
-    search = {"params": params_b, "lora": lora_b + gates, "optimizer": inner_opt,
-              "carries": inner_steps * carry, "activations": int(search_act),
-              "batch": (inner_steps + 1) * tokens_b}
+    search = {
+        "params": params_b,
+        "lora": lora_b + gates,
+        "optimizer": inner_opt,
+        "carries": inner_steps * carry,
+        "activations": int(search_act),
+        "batch": (inner_steps + 1) * tokens_b,
+    }
     ft_opt = 2 * lora_b if finetune_optimizer in _ADAM else 0
-    finetune = {"params": params_b, "lora": lora_b, "optimizer": ft_opt, "carries": 0,
-                "activations": int(TRAIN_ACTIVATION_FACTOR * act_fwd) + 2 * lora_b,  # + gradients, updates
-                "batch": tokens_b}
+    finetune = {
+        "params": params_b,
+        "lora": lora_b,
+        "optimizer": ft_opt,
+        "carries": 0,
+        "activations": int(TRAIN_ACTIVATION_FACTOR * act_fwd) + 2 * lora_b,  # + gradients, updates
+        "batch": tokens_b,
+    }
     for plan in (search, finetune):
         plan["total"] = sum(plan.values())
     return {"search": search, "finetune": finetune}
@@ -172,22 +192,28 @@ def memory_table(rows: list[dict[str, Any]] | Mapping[str, Any], hbm_gb: float |
     """
     if isinstance(rows, Mapping):
         if not {"search", "finetune"} <= set(rows):
-            raise ConfigError("memory_table takes plan_memory's result ({'search': ..., 'finetune': ...}) or a list "
-                              f"of rows with a 'plan' key; got a mapping with keys {sorted(rows)}")
+            raise ConfigError(
+                "memory_table takes plan_memory's result ({'search': ..., 'finetune': ...}) or a list "
+                f"of rows with a 'plan' key; got a mapping with keys {sorted(rows)}"
+            )
         rows = [{"plan": rows, "hbm_gb": hbm_gb}]
-    lines = ["| model | hardware | mesh (data, fsdp, model) | batch x seq, K | step | params | LoRA + opt "
-             "| K carries | activations | total GB / device | HBM GB | fits |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | hardware | mesh (data, fsdp, model) | batch x seq, K | step | params | LoRA + opt "
+        "| K carries | activations | total GB / device | HBM GB | fits |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         mesh, hbm = r.get("mesh", {}), r.get("hbm_gb", hbm_gb)
         shape = f"({mesh.get('data', 1)}, {mesh.get('fsdp', 1)}, {mesh.get('model', 1)})"
         for step in ("search", "finetune"):
             p = r["plan"][step]
             fits = "-" if hbm is None else "yes" if p["total"] <= 0.9 * hbm * 1e9 else "no"
-            lines.append(f"| {r.get('model', '-')} | {r.get('slice', '-')} | {shape} | {r.get('batch', '-')} x "
-                         f"{r.get('seq', '-')}, K={r.get('k', '-')} | {step} | {_gb(p['params'])} "
-                         f"| {_gb(p['lora'] + p['optimizer'])} | {_gb(p['carries'])} | {_gb(p['activations'])} "
-                         f"| {_gb(p['total'])} | {hbm if hbm is not None else '-'} | {fits} |")
+            lines.append(
+                f"| {r.get('model', '-')} | {r.get('slice', '-')} | {shape} | {r.get('batch', '-')} x "
+                f"{r.get('seq', '-')}, K={r.get('k', '-')} | {step} | {_gb(p['params'])} "
+                f"| {_gb(p['lora'] + p['optimizer'])} | {_gb(p['carries'])} | {_gb(p['activations'])} "
+                f"| {_gb(p['total'])} | {hbm if hbm is not None else '-'} | {fits} |"
+            )
     return "\n".join(lines)
 
 

@@ -38,6 +38,7 @@ def module_path(module: str, layer: int) -> str:
     group = "self_attn" if module in ATTENTION_MODULES or module == "qkv_proj" else "mlp"
     return f"model.layers.{layer}.{'block_sparse_moe.experts' if module in EXPERT_MODULES else group}.{module}"
 
+
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "mixtral")
 ROPE_TYPES = ("llama3", "linear", "dynamic", "yarn")  # scaled RoPE variants (RopeScaling.rope_type)
 HIDDEN_ACTS = ("silu", "gelu_pytorch_tanh")  # SwiGLU / GeGLU (tanh-approximate GELU)
@@ -77,11 +78,17 @@ class RopeScaling:
 
     def __post_init__(self) -> None:
         check_fields(self, "RopeScaling")
-        require(self.rope_type in ROPE_TYPES, f"RopeScaling.rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}")
-        require(self.factor >= 1.0 if self.rope_type == "dynamic" else self.factor > 0,
-                f"RopeScaling.factor must be > 0 (>= 1 for dynamic), got {self.factor}")
-        require(self.attention_factor is None or self.attention_factor > 0,
-                f"RopeScaling.attention_factor must be > 0 or None, got {self.attention_factor!r}")
+        require(
+            self.rope_type in ROPE_TYPES, f"RopeScaling.rope_type must be one of {ROPE_TYPES}, got {self.rope_type!r}"
+        )
+        require(
+            self.factor >= 1.0 if self.rope_type == "dynamic" else self.factor > 0,
+            f"RopeScaling.factor must be > 0 (>= 1 for dynamic), got {self.factor}",
+        )
+        require(
+            self.attention_factor is None or self.attention_factor > 0,
+            f"RopeScaling.attention_factor must be > 0 or None, got {self.attention_factor!r}",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,9 +136,16 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "ModelConfig")  # types first: bools are not sizes, floats are finite
-        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                     "num_attention_heads", "num_key_value_heads", "head_dim",
-                     "max_position_embeddings"):
+        for name in (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+            "max_position_embeddings",
+        ):
             value = getattr(self, name)
             require(value is None or value > 0, f"ModelConfig.{name} must be a positive integer, got {value!r}")
         if self.num_key_value_heads is None:
@@ -143,24 +157,36 @@ class ModelConfig:
                 f"num_attention_heads {self.num_attention_heads}; set head_dim explicitly",
             )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        require(self.num_attention_heads % self.num_key_value_heads == 0,
-               f"ModelConfig: num_attention_heads {self.num_attention_heads} must be a multiple of "
-               f"num_key_value_heads {self.num_key_value_heads}")
+        require(
+            self.num_attention_heads % self.num_key_value_heads == 0,
+            f"ModelConfig: num_attention_heads {self.num_attention_heads} must be a multiple of "
+            f"num_key_value_heads {self.num_key_value_heads}",
+        )
         require(self.head_dim % 2 == 0, f"ModelConfig.head_dim must be even for RoPE, got {self.head_dim}")
         require(self.dtype in DTYPES, f"ModelConfig.dtype must be one of {DTYPES}, got {self.dtype!r}")
-        require(self.attention in ATTENTION_BACKENDS,
-                f"ModelConfig.attention must be one of {ATTENTION_BACKENDS}, got {self.attention!r}")
-        require(self.model_type in SUPPORTED_MODEL_TYPES,
-               f"ModelConfig.model_type {self.model_type!r} is not supported; "
-               f"supported: {SUPPORTED_MODEL_TYPES}")
+        require(
+            self.attention in ATTENTION_BACKENDS,
+            f"ModelConfig.attention must be one of {ATTENTION_BACKENDS}, got {self.attention!r}",
+        )
+        require(
+            self.model_type in SUPPORTED_MODEL_TYPES,
+            f"ModelConfig.model_type {self.model_type!r} is not supported; supported: {SUPPORTED_MODEL_TYPES}",
+        )
         require(self.rms_norm_eps > 0, f"ModelConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps}")
-        require(self.hidden_act in HIDDEN_ACTS, f"ModelConfig.hidden_act must be one of {HIDDEN_ACTS}, got {self.hidden_act!r}")
-        require(self.sliding_window is None or (isinstance(self.sliding_window, int) and self.sliding_window > 0),
-                f"ModelConfig.sliding_window must be a positive integer or None, got {self.sliding_window!r}")
+        require(
+            self.hidden_act in HIDDEN_ACTS,
+            f"ModelConfig.hidden_act must be one of {HIDDEN_ACTS}, got {self.hidden_act!r}",
+        )
+        require(
+            self.sliding_window is None or (isinstance(self.sliding_window, int) and self.sliding_window > 0),
+            f"ModelConfig.sliding_window must be a positive integer or None, got {self.sliding_window!r}",
+        )
         if self.sliding_layers is not None:
             layers = tuple(sorted(set(int(i) for i in self.sliding_layers)))
-            require(all(0 <= i < self.num_hidden_layers for i in layers),
-                    f"ModelConfig.sliding_layers must be layer indices in [0, {self.num_hidden_layers}), got {layers}")
+            require(
+                all(0 <= i < self.num_hidden_layers for i in layers),
+                f"ModelConfig.sliding_layers must be layer indices in [0, {self.num_hidden_layers}), got {layers}",
+            )
             object.__setattr__(self, "sliding_layers", layers)
         # Canonical form: None = every layer windowed; no windowed layer = no window.
         if self.sliding_window is None or self.sliding_layers == tuple(range(self.num_hidden_layers)):
@@ -171,28 +197,38 @@ class ModelConfig:
         for name in ("query_pre_attn_scalar", "attn_logit_softcapping", "final_logit_softcapping"):
             value = getattr(self, name)
             require(value is None or value > 0, f"ModelConfig.{name} must be > 0 or None, got {value!r}")
-        require(self.rope_local_theta is None or self.rope_local_theta > 0,
-                f"ModelConfig.rope_local_theta must be > 0 or None, got {self.rope_local_theta!r}")
+        require(
+            self.rope_local_theta is None or self.rope_local_theta > 0,
+            f"ModelConfig.rope_local_theta must be > 0 or None, got {self.rope_local_theta!r}",
+        )
         if self.sliding_window is None or (self.rope_local_theta == self.rope_theta and self.rope_scaling is None):
             object.__setattr__(self, "rope_local_theta", None)  # canonical: no layer uses a different RoPE
         if self.num_local_experts is not None:
             e, k = self.num_local_experts, self.num_experts_per_tok
-            require(isinstance(e, int) and e > 0 and isinstance(k, int) and 0 < k <= e and not self.mlp_bias,
-                    f"ModelConfig: num_local_experts must be a positive integer (got {e!r}), num_experts_per_tok an "
-                    f"integer in [1, num_local_experts] (got {k!r}) and mlp_bias False (got {self.mlp_bias!r})")
+            require(
+                isinstance(e, int) and e > 0 and isinstance(k, int) and 0 < k <= e and not self.mlp_bias,
+                f"ModelConfig: num_local_experts must be a positive integer (got {e!r}), num_experts_per_tok an "
+                f"integer in [1, num_local_experts] (got {k!r}) and mlp_bias False (got {self.mlp_bias!r})",
+            )
 
     @property
     def layer_windows(self) -> tuple[int, ...]:
         """Per layer: the sliding window in keys, 0 for full causal attention."""
         layers = range(self.num_hidden_layers) if self.sliding_layers is None else self.sliding_layers
-        return tuple(self.sliding_window if self.sliding_window and i in layers else 0
-                     for i in range(self.num_hidden_layers))
+        return tuple(
+            self.sliding_window if self.sliding_window and i in layers else 0 for i in range(self.num_hidden_layers)
+        )
 
     @property
     def bias_modules(self) -> tuple[str, ...]:
         """The linear modules that carry a bias."""
-        return tuple(m for m in ALL_MODULES if (self.attention_bias and m in ("q_proj", "k_proj", "v_proj"))
-                     or (self.attention_out_bias and m == "o_proj") or (self.mlp_bias and m in MLP_MODULES))
+        return tuple(
+            m
+            for m in ALL_MODULES
+            if (self.attention_bias and m in ("q_proj", "k_proj", "v_proj"))
+            or (self.attention_out_bias and m == "o_proj")
+            or (self.mlp_bias and m in MLP_MODULES)
+        )
 
     @property
     def layer_norms(self) -> tuple[str, ...]:
@@ -224,20 +260,29 @@ class ModelConfig:
         """(d_in, d_out) of a linear module of one block (of one expert, for ``EXPERT_MODULES``)."""
         d, f = self.hidden_size, self.intermediate_size
         shapes = {
-            "q_proj": (d, self.q_dim), "k_proj": (d, self.kv_dim), "v_proj": (d, self.kv_dim),
-            "o_proj": (self.q_dim, d), "gate_proj": (d, f), "up_proj": (d, f), "down_proj": (f, d),
-            "w1": (d, f), "w3": (d, f), "w2": (f, d),
+            "q_proj": (d, self.q_dim),
+            "k_proj": (d, self.kv_dim),
+            "v_proj": (d, self.kv_dim),
+            "o_proj": (self.q_dim, d),
+            "gate_proj": (d, f),
+            "up_proj": (d, f),
+            "down_proj": (f, d),
+            "w1": (d, f),
+            "w3": (d, f),
+            "w2": (f, d),
         }
         if module not in self.linear_modules:
-            raise ConfigError(f"module {module!r} is not in a {self.model_type} block; "
-                              f"valid modules: {self.linear_modules}")
+            raise ConfigError(
+                f"module {module!r} is not in a {self.model_type} block; valid modules: {self.linear_modules}"
+            )
         return shapes[module]
 
     def num_params(self) -> int:
         """Parameter count of the base model (embedding + blocks + final norm + head)."""
         experts = self.num_local_experts or 1
         per_layer = len(self.layer_norms) * self.hidden_size + sum(
-            math.prod(self.module_shape(m)) * (experts if m in EXPERT_MODULES else 1) for m in self.linear_modules)
+            math.prod(self.module_shape(m)) * (experts if m in EXPERT_MODULES else 1) for m in self.linear_modules
+        )
         per_layer += self.hidden_size * (self.num_local_experts or 0)  # the router
         per_layer += sum(self.module_shape(m)[1] for m in self.bias_modules) + 2 * self.head_dim * self.qk_norm
         head = 0 if self.tie_word_embeddings else self.vocab_size * self.hidden_size
@@ -277,8 +322,11 @@ class LoraConfig:
             tm = ALL_MODULES if tm == "all-linear" else (tm,)
         tm = tuple(tm)
         bad = [m for m in tm if m not in LORA_MODULES]
-        require(not bad, f"LoraConfig.target_modules: unknown module(s) {bad}; "
-                        f"valid choices: {list(LORA_MODULES)} or 'all-linear' (= {list(ALL_MODULES)})")
+        require(
+            not bad,
+            f"LoraConfig.target_modules: unknown module(s) {bad}; "
+            f"valid choices: {list(LORA_MODULES)} or 'all-linear' (= {list(ALL_MODULES)})",
+        )
         require(len(tm) > 0, "LoraConfig.target_modules is empty; name at least one module")
         # Canonical block order, no duplicates: the same config always means the same pytree.
         object.__setattr__(self, "target_modules", tuple(m for m in LORA_MODULES if m in tm))
@@ -286,17 +334,23 @@ class LoraConfig:
         require(self.lora_alpha > 0, f"LoraConfig.lora_alpha must be > 0, got {self.lora_alpha!r}")
         require(0.0 <= self.lora_dropout < 1.0, f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout!r}")
         if self.layers_to_transform is not None:
-            layers = (self.layers_to_transform,) if isinstance(self.layers_to_transform, int) else self.layers_to_transform
+            layers = (
+                (self.layers_to_transform,) if isinstance(self.layers_to_transform, int) else self.layers_to_transform
+            )
             layers = tuple(sorted(set(int(i) for i in layers)))
             require(all(i >= 0 for i in layers), f"LoraConfig.layers_to_transform has negative indices: {layers}")
             object.__setattr__(self, "layers_to_transform", layers)
         for key, rank in dict(self.rank_pattern).items():
-            require(isinstance(rank, int) and rank >= 0,
-                   f"LoraConfig.rank_pattern[{key!r}] must be a non-negative integer, got {rank!r}")
+            require(
+                isinstance(rank, int) and rank >= 0,
+                f"LoraConfig.rank_pattern[{key!r}] must be a non-negative integer, got {rank!r}",
+            )
         for key, alpha in dict(self.alpha_pattern).items():
             require(alpha > 0, f"LoraConfig.alpha_pattern[{key!r}] must be > 0, got {alpha!r}")
-        require(self.init_lora_weights in (True, False, "gaussian"),
-               f"LoraConfig.init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}")
+        require(
+            self.init_lora_weights in (True, False, "gaussian"),
+            f"LoraConfig.init_lora_weights must be True, False or 'gaussian', got {self.init_lora_weights!r}",
+        )
         require(isinstance(self.use_dora, bool), f"LoraConfig.use_dora must be true or false, got {self.use_dora!r}")
         # Freeze the mappings into sorted tuples so the config stays hashable (a static jit argument).
         object.__setattr__(self, "rank_pattern", FrozenDict(self.rank_pattern))
@@ -321,8 +375,11 @@ class LoraConfig:
         n = config.num_hidden_layers
         if self.layers_to_transform is not None:
             bad = [i for i in self.layers_to_transform if i >= n]
-            require(not bad, f"LoraConfig.layers_to_transform: layer index(es) {bad} out of range; "
-                            f"the model has {n} layers (valid: 0..{n - 1})")
+            require(
+                not bad,
+                f"LoraConfig.layers_to_transform: layer index(es) {bad} out of range; "
+                f"the model has {n} layers (valid: 0..{n - 1})",
+            )
             require(len(self.layers_to_transform) > 0, "LoraConfig.layers_to_transform is empty")
 
     def layers(self, num_layers: int) -> tuple[int, ...]:

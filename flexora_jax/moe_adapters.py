@@ -52,8 +52,12 @@ def tensor_key(module: str, layer: int, which: str, expert: int | None = None) -
 
 def expert_paths(config: ModelConfig) -> dict[str, tuple[str, int, int]]:
     """Every expert projection's PEFT path -> (module, layer, expert); empty for a dense model."""
-    return {peft_path(m, i, e): (m, i, e) for i in range(config.num_hidden_layers) for m in EXPERT_MODULES
-            for e in range(config.num_local_experts or 0)}
+    return {
+        peft_path(m, i, e): (m, i, e)
+        for i in range(config.num_hidden_layers)
+        for m in EXPERT_MODULES
+        for e in range(config.num_local_experts or 0)
+    }
 
 
 def moe_other_paths(config: ModelConfig) -> list[str]:
@@ -80,8 +84,15 @@ def export_experts(lora: LoraParams, gates: Gates | None, tensors: dict[str, np.
         source = m if m in targeted else next(p for p in _FUSED_PAIR if p != m)  # w1 and w3 have one shape
         a, b = np.asarray(lora.weights[source]["a"], np.float32), np.asarray(lora.weights[source]["b"], np.float32)
         experts, d_in, d_out = a.shape[1], a.shape[2], b.shape[3]
-        fold = (layer_w[:, None] * np.asarray(rank_gate_values(gates, m, (L, spec.r_max_of(m))), np.float64)
-                * np.asarray(spec.scale_of(m))[:, None]) if m in targeted else np.zeros((L, 1))
+        fold = (
+            (
+                layer_w[:, None]
+                * np.asarray(rank_gate_values(gates, m, (L, spec.r_max_of(m))), np.float64)
+                * np.asarray(spec.scale_of(m))[:, None]
+            )
+            if m in targeted
+            else np.zeros((L, 1))
+        )
         for i in range(L):
             rank = spec.rank_of(m)[i] if m in targeted else 0
             for e in range(experts):
@@ -92,12 +103,14 @@ def export_experts(lora: LoraParams, gates: Gates | None, tensors: dict[str, np.
     return rank_max, [m for m in ("w1", "w2", "w3") if m in written]
 
 
-def group_experts(config: ModelConfig, ranks: dict, alphas: dict, tensors: dict[str, np.ndarray],
-                  use_rslora: bool) -> None:
+def group_experts(
+    config: ModelConfig, ranks: dict, alphas: dict, tensors: dict[str, np.ndarray], use_rslora: bool
+) -> None:
     """In place: per-expert entries ``(module, layer, expert)`` of an imported adapter become one entry
     ``(module, layer)`` per block, at the largest rank, with the first adapted expert's alpha and the other
     experts' scale ratios folded into their B (zeros for experts the adapter leaves out); the function is unchanged.
     """
+
     def scale(rank: int, alpha: float) -> float:
         return alpha / (math.sqrt(rank) if use_rslora else rank)
 

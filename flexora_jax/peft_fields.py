@@ -31,13 +31,40 @@ from flexora_jax.validation import check_bool, check_mapping, check_number, chec
 ADAPTER_CONFIG = "adapter_config.json"
 
 # PEFT 0.21 LoraConfig fields, by what reading them means for us.
-USED_FIELDS = frozenset({
-    "r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "layers_to_transform",
-    "layers_pattern", "rank_pattern", "alpha_pattern", "use_rslora", "init_lora_weights", "use_dora"})
-METADATA_FIELDS = frozenset({  # bookkeeping, or settings that only matter for other models/initialisers
-    "auto_mapping", "peft_version", "base_model_name_or_path", "revision", "inference_mode",
-    "megatron_config", "megatron_core", "loftq_config", "eva_config", "corda_config", "lora_ga_config",
-    "qalora_group_size", "runtime_config", "ensure_weight_tying"})
+USED_FIELDS = frozenset(
+    {
+        "r",
+        "lora_alpha",
+        "lora_dropout",
+        "target_modules",
+        "exclude_modules",
+        "layers_to_transform",
+        "layers_pattern",
+        "rank_pattern",
+        "alpha_pattern",
+        "use_rslora",
+        "init_lora_weights",
+        "use_dora",
+    }
+)
+METADATA_FIELDS = frozenset(
+    {  # bookkeeping, or settings that only matter for other models/initialisers
+        "auto_mapping",
+        "peft_version",
+        "base_model_name_or_path",
+        "revision",
+        "inference_mode",
+        "megatron_config",
+        "megatron_core",
+        "loftq_config",
+        "eva_config",
+        "corda_config",
+        "lora_ga_config",
+        "qalora_group_size",
+        "runtime_config",
+        "ensure_weight_tying",
+    }
+)
 NEUTRAL_FIELDS: dict[str, str] = {  # change the function unless at their neutral value: field -> why
     "fan_in_fan_out": "weights stored as (in, out)",
     "bias": "trained bias terms",
@@ -59,8 +86,7 @@ HARMLESS_INIT = (True, False, "gaussian", "orthogonal")  # initialisers that do 
 TASK_TYPES = (None, "CAUSAL_LM")
 PEFT_TYPES = ("LORA", "ADALORA")
 #: PEFT 0.21 AdaLoraConfig's own fields (its ``rank_pattern`` is a {module: kept-triplet mask}, not LoRA's).
-ADALORA_FIELDS = ("target_r", "init_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight",
-                  "total_step")
+ADALORA_FIELDS = ("target_r", "init_r", "tinit", "tfinal", "deltaT", "beta1", "beta2", "orth_reg_weight", "total_step")
 
 
 def check_peft_fields(raw: Mapping[str, Any], where: str | os.PathLike) -> None:
@@ -71,28 +97,34 @@ def check_peft_fields(raw: Mapping[str, Any], where: str | os.PathLike) -> None:
     unknown = sorted(set(raw) - known - (set(ADALORA_FIELDS) if adalora else set()))
     if unknown:
         kind = "AdaLoraConfig" if adalora else "LoraConfig"
-        raise ConfigError(f"{where}: unknown field(s) {unknown}; they are not PEFT {kind} fields "
-                          "(is this a LoRA adapter_config.json?)")
+        raise ConfigError(
+            f"{where}: unknown field(s) {unknown}; they are not PEFT {kind} fields "
+            "(is this a LoRA adapter_config.json?)"
+        )
     if peft_type not in PEFT_TYPES:
         raise ConfigError(f"{where}: peft_type {peft_type!r} is not supported; only {list(PEFT_TYPES)} are")
     if raw.get("task_type") not in TASK_TYPES:
-        raise ConfigError(f"{where}: task_type {raw['task_type']!r} is not supported; "
-                          f"supported: {list(TASK_TYPES)} (a causal LM)")
+        raise ConfigError(
+            f"{where}: task_type {raw['task_type']!r} is not supported; supported: {list(TASK_TYPES)} (a causal LM)"
+        )
     for field, what in NEUTRAL_FIELDS.items():
         value = raw.get(field)
         neutral = NEUTRAL_VALUES.get(field)
         if value is not None and value != neutral and value not in (False, [], {}):
-            raise ConfigError(f"{where}: {field}={value!r} ({what}) is not supported by flexora_jax; "
-                              f"only {neutral!r} is")
+            raise ConfigError(
+                f"{where}: {field}={value!r} ({what}) is not supported by flexora_jax; only {neutral!r} is"
+            )
     if not isinstance(raw.get("use_dora", False), bool):
         raise ConfigError(f"{where}: use_dora must be true or false, got {raw['use_dora']!r}")
     if adalora and raw.get("use_dora"):
         raise ConfigError(f"{where}: use_dora=True with peft_type 'ADALORA': PEFT's AdaLoRA has no DoRA")
     init = raw.get("init_lora_weights", True)
     if init not in HARMLESS_INIT:
-        raise ConfigError(f"{where}: init_lora_weights={init!r} is not supported: that initialisation "
-                          "modifies the base weights or selects a LoRA variant; convert the adapter to plain "
-                          "LoRA first (PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))")
+        raise ConfigError(
+            f"{where}: init_lora_weights={init!r} is not supported: that initialisation "
+            "modifies the base weights or selects a LoRA variant; convert the adapter to plain "
+            "LoRA first (PEFT: save_pretrained(..., path_initial_model_for_weight_conversion=...))"
+        )
 
 
 # ------------------------------------------------------------------------------------ reading a config
@@ -125,8 +157,10 @@ def read_peft_config(source: Any, what: str = "LoraConfig.from_peft") -> tuple[d
     elif isinstance(source, Mapping):
         raw, where = dict(source), f"{what}(dict)"
     else:
-        raise ConfigError(f"{what}: expected a peft.LoraConfig, its to_dict(), or the path of an {ADAPTER_CONFIG}; "
-                          f"got {type(source).__name__}")
+        raise ConfigError(
+            f"{what}: expected a peft.LoraConfig, its to_dict(), or the path of an {ADAPTER_CONFIG}; "
+            f"got {type(source).__name__}"
+        )
     if not isinstance(raw, dict):
         raise ConfigError(f"{where} must hold a JSON object, got {type(raw).__name__}")
     return {k: _plain(v) for k, v in raw.items()}, where
@@ -148,7 +182,7 @@ def _parse_key(key: str, modules: Sequence[str], path_of: Callable[[str, int], s
     if len(parts) > len(template):
         return None
     block = None
-    for got, want in zip(parts, template[-len(parts):]):
+    for got, want in zip(parts, template[-len(parts) :]):
         if want == str(_BLOCK) and got.isdigit():
             block = int(got)
         elif got != want:
@@ -163,15 +197,18 @@ def _keys(entries: Any, field: str, where: str, modules: Sequence[str], path_of:
     for t in entries:
         parsed = _parse_key(t, modules, path_of)
         if parsed is None:
-            raise ConfigError(f"{where}: {field} entry {t!r} names no module flexora_jax adapts (valid: "
-                              f"{list(modules)} or a path such as {path_of(modules[0], 0)!r}; a Phi-3 adapter "
-                              "under qkv_proj / gate_up_proj loads with load_peft)")
+            raise ConfigError(
+                f"{where}: {field} entry {t!r} names no module flexora_jax adapts (valid: "
+                f"{list(modules)} or a path such as {path_of(modules[0], 0)!r}; a Phi-3 adapter "
+                "under qkv_proj / gate_up_proj loads with load_peft)"
+            )
         out.append(parsed)
     return out
 
 
-def _pattern(raw: Mapping[str, Any], field: str, where: str, modules: Sequence[str], path_of: Callable,
-             positive_int: bool) -> dict[Key, Any]:
+def _pattern(
+    raw: Mapping[str, Any], field: str, where: str, modules: Sequence[str], path_of: Callable, positive_int: bool
+) -> dict[Key, Any]:
     """PEFT's first-matching key of ``rank_pattern`` / ``alpha_pattern`` restated for our longest-match rule.
 
     A key that an earlier key already covers (``q_proj`` before ``model.layers.2.self_attn.q_proj``) never
@@ -185,20 +222,24 @@ def _pattern(raw: Mapping[str, Any], field: str, where: str, modules: Sequence[s
     for key, value in pattern.items():
         parsed = _parse_key(str(key), modules, path_of)
         if parsed is None:
-            raise ConfigError(f"{where}: {field} key {key!r} is not a module name or path of "
-                              f"{list(modules)}; a regex key needs the model: load an adapter with load_peft")
+            raise ConfigError(
+                f"{where}: {field} key {key!r} is not a module name or path of "
+                f"{list(modules)}; a regex key needs the model: load an adapter with load_peft"
+            )
         ok = (isinstance(value, int) and value > 0) if positive_int else (isinstance(value, (int, float)) and value > 0)
         if isinstance(value, bool) or not ok:
-            raise ConfigError(f"{where}: {field}[{key!r}] must be a positive "
-                              f"{'integer' if positive_int else 'number'}, got {value!r}")
+            raise ConfigError(
+                f"{where}: {field}[{key!r}] must be a positive {'integer' if positive_int else 'number'}, got {value!r}"
+            )
         if not any(m == parsed[0] and i in (None, parsed[1]) for m, i in seen):
             out[parsed] = value
         seen.append(parsed)
     return out
 
 
-def lora_config_kwargs(raw: Mapping[str, Any], where: str, modules: Sequence[str],
-                       path_of: Callable[[str, int], str]) -> dict[str, Any]:
+def lora_config_kwargs(
+    raw: Mapping[str, Any], where: str, modules: Sequence[str], path_of: Callable[[str, int], str]
+) -> dict[str, Any]:
     """The ``LoraConfig`` keyword arguments of a PEFT LoRA config, computing what PEFT computes on any depth.
 
     ``target_modules`` (names, module paths or ``"all-linear"``), ``layers_to_transform`` (with PEFT's rule
@@ -208,8 +249,10 @@ def lora_config_kwargs(raw: Mapping[str, Any], where: str, modules: Sequence[str
     """
     check_peft_fields(raw, where)
     if raw.get("peft_type", "LORA") != "LORA":
-        raise ConfigError(f"{where}: peft_type {raw['peft_type']!r} is not a LoRA config; an AdaLoRA adapter "
-                          "loads with flexora_jax.adapters.load_adalora (or load_peft, rank-pruned as LoRA)")
+        raise ConfigError(
+            f"{where}: peft_type {raw['peft_type']!r} is not a LoRA config; an AdaLoRA adapter "
+            "loads with flexora_jax.adapters.load_adalora (or load_peft, rank-pruned as LoRA)"
+        )
     r, alpha = raw.get("r", 8), raw.get("lora_alpha", 8)
     if not isinstance(r, int) or isinstance(r, bool) or r <= 0:
         raise ConfigError(f"{where}: r must be a positive integer, got {r!r}")
@@ -218,22 +261,28 @@ def lora_config_kwargs(raw: Mapping[str, Any], where: str, modules: Sequence[str
         raise ConfigError(f"{where}: target_modules is null; name the adapted modules")
     if isinstance(tm, str):
         if tm.lower() != "all-linear":
-            raise ConfigError(f"{where}: target_modules {tm!r} is a regex; it needs the model's module paths "
-                              "(load an adapter with load_peft), or list the module names")
+            raise ConfigError(
+                f"{where}: target_modules {tm!r} is a regex; it needs the model's module paths "
+                "(load an adapter with load_peft), or list the module names"
+            )
         entries = [(m, None) for m in modules]
     else:
         entries = _keys(tm, "target_modules", where, modules, path_of)
     chosen = raw.get("layers_to_transform")
     chosen = [chosen] if isinstance(chosen, int) and not isinstance(chosen, bool) else chosen
-    if chosen is not None and (not isinstance(chosen, list) or not all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in chosen)):
+    if chosen is not None and (
+        not isinstance(chosen, list)
+        or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in chosen)
+    ):
         raise ConfigError(f"{where}: layers_to_transform must be a block index or a list of them, got {chosen!r}")
     chosen = set(chosen) if chosen else None  # PEFT: an empty list means every block
     lp = raw.get("layers_pattern")
     lp = [lp] if isinstance(lp, str) else list(lp or [])
     if any(p not in ("layers", "model.layers") for p in lp):
-        raise ConfigError(f"{where}: layers_pattern {raw['layers_pattern']!r} matches no block list of a LLaMA "
-                          "model (its blocks are model.layers); expected null or 'layers'")
+        raise ConfigError(
+            f"{where}: layers_pattern {raw['layers_pattern']!r} matches no block list of a LLaMA "
+            "model (its blocks are model.layers); expected null or 'layers'"
+        )
     blocks: dict[str, set[int] | None] = {}  # module -> the blocks it adapts (None: every block)
     for m, i in entries:
         exact = i is not None and isinstance(tm, list) and path_of(m, i) in tm  # escapes layers_to_transform
@@ -248,8 +297,10 @@ def lora_config_kwargs(raw: Mapping[str, Any], where: str, modules: Sequence[str
     excluded: dict[str, set[int]] = {}
     excl = raw.get("exclude_modules")
     if isinstance(excl, str):
-        raise ConfigError(f"{where}: exclude_modules {excl!r} is a regex; it needs the model's module paths "
-                          "(load an adapter with load_peft), or list module names / paths")
+        raise ConfigError(
+            f"{where}: exclude_modules {excl!r} is a regex; it needs the model's module paths "
+            "(load an adapter with load_peft), or list module names / paths"
+        )
     for m, i in _keys(list(excl or []), "exclude_modules", where, modules, path_of):
         if i is None:
             blocks.pop(m, None)
@@ -257,8 +308,10 @@ def lora_config_kwargs(raw: Mapping[str, Any], where: str, modules: Sequence[str
             excluded.setdefault(m, set()).add(i)
     blocks = {m: s for m, s in blocks.items() if s is None or s - excluded.get(m, set())}
     if not blocks:
-        raise ConfigError(f"{where}: target_modules {tm!r} (with layers_to_transform {raw.get('layers_to_transform')!r}"
-                          f", exclude_modules {excl!r}) adapts no module")
+        raise ConfigError(
+            f"{where}: target_modules {tm!r} (with layers_to_transform {raw.get('layers_to_transform')!r}"
+            f", exclude_modules {excl!r}) adapts no module"
+        )
     ranks = _pattern(raw, "rank_pattern", where, modules, path_of, positive_int=True)
     alphas = _pattern(raw, "alpha_pattern", where, modules, path_of, positive_int=False)
     every = None if any(s is None for s in blocks.values()) else set().union(*blocks.values())
@@ -275,14 +328,22 @@ def lora_config_kwargs(raw: Mapping[str, Any], where: str, modules: Sequence[str
             rank_pattern[path_of(m, i)] = 0
     init = raw.get("init_lora_weights", True)
     if init == "orthogonal":
-        raise ConfigError(f"{where}: init_lora_weights='orthogonal' is not implemented for training here; "
-                          "use true, false or 'gaussian'")
-    return dict(r=r, lora_alpha=alpha, lora_dropout=float(raw.get("lora_dropout") or 0.0),
-                target_modules=tuple(blocks), layers_to_transform=None if every is None else tuple(sorted(every)),
-                rank_pattern=rank_pattern, alpha_pattern={m if i is None else path_of(m, i): float(v)
-                                                          for (m, i), v in alphas.items()},
-                use_rslora=bool(raw.get("use_rslora", False)), init_lora_weights=init,
-                use_dora=bool(raw.get("use_dora", False)))
+        raise ConfigError(
+            f"{where}: init_lora_weights='orthogonal' is not implemented for training here; "
+            "use true, false or 'gaussian'"
+        )
+    return dict(
+        r=r,
+        lora_alpha=alpha,
+        lora_dropout=float(raw.get("lora_dropout") or 0.0),
+        target_modules=tuple(blocks),
+        layers_to_transform=None if every is None else tuple(sorted(every)),
+        rank_pattern=rank_pattern,
+        alpha_pattern={m if i is None else path_of(m, i): float(v) for (m, i), v in alphas.items()},
+        use_rslora=bool(raw.get("use_rslora", False)),
+        init_lora_weights=init,
+        use_dora=bool(raw.get("use_dora", False)),
+    )
 
 
 def check_peft_values(raw: dict[str, Any], cfg_file: Path) -> None:
@@ -298,8 +359,10 @@ def check_peft_values(raw: dict[str, Any], cfg_file: Path) -> None:
     if adalora:
         for key, value in check_mapping(raw.get("rank_pattern") or {}, f"{cfg_file}: rank_pattern").items():
             if not (isinstance(value, list) and all(isinstance(v, bool) for v in value)):
-                raise ConfigError(f"{cfg_file}: rank_pattern[{key!r}] of an AdaLoRA adapter must be a list of "
-                                  f"true / false (the kept triplets), got {value!r:.80}")
+                raise ConfigError(
+                    f"{cfg_file}: rank_pattern[{key!r}] of an AdaLoRA adapter must be a list of "
+                    f"true / false (the kept triplets), got {value!r:.80}"
+                )
     for field in ("layers_pattern", "exclude_modules"):
         value = raw.get(field)
         if isinstance(value, str) and value:

@@ -62,20 +62,28 @@ class PlantedTask:
     teacher_test_loss: float  # the floor: cross-entropy of the teacher on its own test data
 
     def planted_json(self) -> dict[str, Any]:
-        return {"layers": list(self.planted_layers), "ranks": dict(self.planted_ranks),
-                "num_layers": self.config.num_hidden_layers}
+        return {
+            "layers": list(self.planted_layers),
+            "ranks": dict(self.planted_ranks),
+            "num_layers": self.config.num_hidden_layers,
+        }
 
 
-def _teacher_lora(config: ModelConfig, pc: PlantedConfig, layers: tuple[int, ...], ranks: dict[str, int],
-                  key: jax.Array) -> LoraParams:
+def _teacher_lora(
+    config: ModelConfig, pc: PlantedConfig, layers: tuple[int, ...], ranks: dict[str, int], key: jax.Array
+) -> LoraParams:
     """Teacher deltas: A ~ N(0, 1/d_in), B ~ N(0, m^2/r) in the planted layers, exactly zero elsewhere.
 
     The spec covers every layer (zeros outside the planted ones), so teachers of different seeds share
     one compiled program.
     """
     r_max = max(ranks.values())
-    lcfg = LoraConfig(r=r_max, lora_alpha=float(r_max), target_modules=pc.targets,
-                      rank_pattern={m: r for m, r in ranks.items() if r != r_max})
+    lcfg = LoraConfig(
+        r=r_max,
+        lora_alpha=float(r_max),
+        target_modules=pc.targets,
+        rank_pattern={m: r for m, r in ranks.items() if r != r_max},
+    )
     spec = make_spec(config, lcfg)
     planted = np.zeros((config.num_hidden_layers, 1, 1), np.float32)
     planted[list(layers)] = 1.0
@@ -110,8 +118,15 @@ def layer_only(teacher: LoraParams, layer: int, factor: float = 1.0) -> LoraPara
     return teacher.replace(weights={m: {"a": w["a"], "b": w["b"] * only} for m, w in teacher.weights.items()})
 
 
-def _calibrate(config: ModelConfig, params: Any, teacher: LoraParams, layers: tuple[int, ...],
-               tokens: np.ndarray, target: float, iterations: int = 3) -> LoraParams:
+def _calibrate(
+    config: ModelConfig,
+    params: Any,
+    teacher: LoraParams,
+    layers: tuple[int, ...],
+    tokens: np.ndarray,
+    target: float,
+    iterations: int = 3,
+) -> LoraParams:
     """Scale each planted layer's B so that layer alone gives KL(teacher_l || base) ~= target.
 
     Without this, a random base lets some layers' deltas move the output 30x more than others', and
@@ -128,18 +143,26 @@ def _calibrate(config: ModelConfig, params: Any, teacher: LoraParams, layers: tu
 def make_planted_task(pc: PlantedConfig = PlantedConfig()) -> PlantedTask:
     """Build the base, the teacher and its train / validation / test data (deterministic in the seed)."""
     rng = np.random.default_rng(pc.seed)
-    layers = (tuple(sorted(pc.planted_layers)) if pc.planted_layers is not None
-              else tuple(sorted(int(i) for i in rng.choice(pc.num_layers, pc.num_planted, replace=False))))
+    layers = (
+        tuple(sorted(pc.planted_layers))
+        if pc.planted_layers is not None
+        else tuple(sorted(int(i) for i in rng.choice(pc.num_layers, pc.num_planted, replace=False)))
+    )
     ranks = {m: (pc.planted_ranks or {}).get(m, pc.planted_rank) for m in pc.targets}
-    config = ModelConfig(vocab_size=pc.vocab_size, hidden_size=pc.hidden_size,
-                         intermediate_size=pc.intermediate_size, num_hidden_layers=pc.num_layers,
-                         num_attention_heads=pc.num_heads, max_position_embeddings=max(pc.seq_len, 64),
-                         bos_token_id=None, eos_token_id=None)
+    config = ModelConfig(
+        vocab_size=pc.vocab_size,
+        hidden_size=pc.hidden_size,
+        intermediate_size=pc.intermediate_size,
+        num_hidden_layers=pc.num_layers,
+        num_attention_heads=pc.num_heads,
+        max_position_embeddings=max(pc.seq_len, 64),
+        bos_token_id=None,
+        eos_token_id=None,
+    )
     key = jax.random.key(pc.seed)
     k_base, k_teacher, k_data, k_sample = jax.random.split(key, 4)
     # Base weights use a fixed key: the seed changes which layers are planted, not the base.
-    params = init_params(config, jax.random.key(1234), init_std=1.0 / np.sqrt(pc.hidden_size),
-                         head_std=pc.head_std)
+    params = init_params(config, jax.random.key(1234), init_std=1.0 / np.sqrt(pc.hidden_size), head_std=pc.head_std)
     teacher = _teacher_lora(config, pc, layers, ranks, k_teacher)
     n = pc.n_train + pc.n_val + pc.n_test
     tokens = np.asarray(jax.random.randint(k_data, (n, pc.seq_len), 0, pc.vocab_size), np.int32)
@@ -147,8 +170,11 @@ def make_planted_task(pc: PlantedConfig = PlantedConfig()) -> PlantedTask:
     if pc.layer_kl is not None:
         teacher = _calibrate(config, params, teacher, layers, tokens[:200], pc.layer_kl)
     probs = np.asarray(_teacher_probs(config, params, teacher, tokens))
-    data: Dataset = {"input_ids": tokens, "attention_mask": np.ones_like(tokens),
-                     "loss_mask": np.ones_like(tokens, dtype=np.float32)}
+    data: Dataset = {
+        "input_ids": tokens,
+        "attention_mask": np.ones_like(tokens),
+        "loss_mask": np.ones_like(tokens, dtype=np.float32),
+    }
     if pc.soft_targets:
         # target_probs[t] is the teacher's distribution over token t + 1, used against logits[t];
         # loss_mask marks every position as a target position.
@@ -156,8 +182,17 @@ def make_planted_task(pc: PlantedConfig = PlantedConfig()) -> PlantedTask:
     else:
         # hard targets: labels[t] ~ p_teacher(. | input_ids[: t + 1]), scored against logits[t].
         data["labels"] = np.asarray(jax.random.categorical(k_sample, jnp.log(jnp.asarray(probs) + 1e-30)), np.int32)
-    ent = -np.sum(probs * np.log(probs + 1e-30), -1)[pc.n_train + pc.n_val:]
+    ent = -np.sum(probs * np.log(probs + 1e-30), -1)[pc.n_train + pc.n_val :]
     splits = np.split(np.arange(n), [pc.n_train, pc.n_train + pc.n_val])
     train, val, test = ({k: v[s] for k, v in data.items()} for s in splits)
-    return PlantedTask(config=config, params=params, teacher=teacher, planted_layers=layers, planted_ranks=ranks,
-                       train=train, val=val, test=test, teacher_test_loss=float(ent.mean()))
+    return PlantedTask(
+        config=config,
+        params=params,
+        teacher=teacher,
+        planted_layers=layers,
+        planted_ranks=ranks,
+        train=train,
+        val=val,
+        test=test,
+        teacher_test_loss=float(ent.mean()),
+    )

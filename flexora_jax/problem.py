@@ -60,13 +60,17 @@ class HyperLayout:
         layer = rank = None
         if kind in ("layer", "both"):
             if self.num_layers is None:
-                raise ConfigError(f"a {kind!r} search needs layer gates, and this model has none "
-                                  "(fj.nnx.add_lora(..., gates='layer' or 'both'))")
+                raise ConfigError(
+                    f"a {kind!r} search needs layer gates, and this model has none "
+                    "(fj.nnx.add_lora(..., gates='layer' or 'both'))"
+                )
             layer = jnp.zeros((self.num_layers,), self.dtype)
         if kind in ("rank", "both"):
             if not self.rank_sites:
-                raise ConfigError(f"a {kind!r} search needs rank gates, and this model has none "
-                                  "(fj.nnx.add_lora(..., gates='rank' or 'both'))")
+                raise ConfigError(
+                    f"a {kind!r} search needs rank gates, and this model has none "
+                    "(fj.nnx.add_lora(..., gates='rank' or 'both'))"
+                )
             rank = {site: jnp.zeros(shape, self.dtype) for site, shape in self.rank_sites}
         return Gates(layer=layer, rank=rank, power=power)
 
@@ -124,8 +128,14 @@ class Problem:
 
     def fingerprint(self) -> str:
         """A short hash of :attr:`identity` and the trained pytree's structure and shapes."""
-        shapes = [(jax.tree_util.keystr(p), tuple(np.shape(x)), str(np.asarray(x).dtype) if not hasattr(x, "dtype")
-                   else str(x.dtype)) for p, x in jax.tree_util.tree_leaves_with_path(self.lora)]
+        shapes = [
+            (
+                jax.tree_util.keystr(p),
+                tuple(np.shape(x)),
+                str(np.asarray(x).dtype) if not hasattr(x, "dtype") else str(x.dtype),
+            )
+            for p, x in jax.tree_util.tree_leaves_with_path(self.lora)
+        ]
         text = json.dumps({"identity": self.identity, "lora": shapes}, sort_keys=True, default=str)
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -135,15 +145,23 @@ class Problem:
 def decoder_loss(config: ModelConfig, spec: LoraSpec) -> ProblemLoss:
     """The decoder's problem loss for a (layout-free) LoRA ``spec``: cached, so every problem with the same
     model and LoRA targets shares one function, hence one compiled step (:func:`flexora_jax.loops.compile_step`)."""
+
     def loss(base: Any, weights: Any, hyper: Gates | None, batch: Batch, key: jax.Array | None = None) -> jax.Array:
         lora = LoraParams(weights, spec, base["lora_coef"])
         return lm_loss(config, base["params"], lora, base["gates"] if hyper is None else hyper, dict(batch), key)
+
     return loss
 
 
-def decoder_problem(config: ModelConfig, params: Any, lora: LoraParams | LoraConfig, *, seed: int = 0,
-                    gates: GateValues | None = None,
-                    write: Callable[[LoraParams, Gates | None], Any] | None = None) -> Problem:
+def decoder_problem(
+    config: ModelConfig,
+    params: Any,
+    lora: LoraParams | LoraConfig,
+    *,
+    seed: int = 0,
+    gates: GateValues | None = None,
+    write: Callable[[LoraParams, Gates | None], Any] | None = None,
+) -> Problem:
     """The built-in decoder as a :class:`Problem`: frozen ``params``, the LoRA to train (a ``LoraParams``, or a
     ``LoraConfig`` initialised with ``seed``), raw gates over its L layers and its modules' ranks.
 
@@ -163,8 +181,9 @@ def decoder_problem(config: ModelConfig, params: Any, lora: LoraParams | LoraCon
         raise ConfigError("decoder_problem: pass the LoRA under its static spec (not LoraParams.traced_layout())")
     spec, traced = lora.spec, lora.traced_layout()
     L = config.num_hidden_layers
-    layout = HyperLayout(L, tuple((m, (L, r)) for m, r in spec.r_max),
-                         str(jnp.dtype(jnp.promote_types(config.dtype, jnp.float32))))
+    layout = HyperLayout(
+        L, tuple((m, (L, r)) for m, r in spec.r_max), str(jnp.dtype(jnp.promote_types(config.dtype, jnp.float32)))
+    )
 
     def write_back(weights: Any, hyper: Gates | None) -> Any:
         result = weights if isinstance(weights, LoraParams) else LoraParams(weights, spec)  # (AdaLoRA: pruned)
@@ -180,8 +199,15 @@ def decoder_problem(config: ModelConfig, params: Any, lora: LoraParams | LoraCon
     problem = Problem(
         loss=decoder_loss(stage_config(config), traced.spec),
         base={"params": params, "lora_coef": traced.coef, "gates": gates},
-        lora=traced.weights, layout=layout, select=select, write=write_back, dropout=spec.dropout > 0,
+        lora=traced.weights,
+        layout=layout,
+        select=select,
+        write=write_back,
+        dropout=spec.dropout > 0,
         identity={"model": "decoder", "config": dataclasses.asdict(config), "lora": spec.config.to_dict()},
-        requires=("input_ids", "loss_mask"), vocab_size=config.vocab_size, model_config=config, staged=staged)
+        requires=("input_ids", "loss_mask"),
+        vocab_size=config.vocab_size,
+        model_config=config,
+        staged=staged,
+    )
     return problem
-

@@ -98,15 +98,19 @@ class Selection:
         object.__setattr__(self, "ranks", {str(p): tuple(int(r) for r in v) for p, v in (self.ranks or {}).items()})
         for path, per_layer in self.ranks.items():
             if path not in self.modules or len(per_layer) != len(self.modules[path]):
-                raise ConfigError(f"Selection: ranks of {path!r} ({per_layer}) do not match its layers "
-                                  f"{self.modules.get(path)}")
+                raise ConfigError(
+                    f"Selection: ranks of {path!r} ({per_layer}) do not match its layers {self.modules.get(path)}"
+                )
 
     @classmethod
     def of_lora_config(cls, lora_config: LoraConfig, num_layers: int) -> Selection:
         """The decoder's selection that ``lora_config`` describes (its ``layers_to_transform``)."""
         every = tuple(range(num_layers))
-        return cls(tuple(lora_config.layers(num_layers)), {m: every for m in lora_config.target_modules},
-                   lora_config=lora_config)
+        return cls(
+            tuple(lora_config.layers(num_layers)),
+            {m: every for m in lora_config.target_modules},
+            lora_config=lora_config,
+        )
 
     def rank_of(self, path: str, layer: int) -> int | None:
         """The searched rank of ``path`` in ``layer`` (None without a rank search for it)."""
@@ -133,10 +137,17 @@ class Selection:
     def to_json(self, trainable_params: int | None = None) -> dict[str, Any]:
         """``selection.json``: ``layers``, ``ranks`` ({PEFT path or ``path[layer]``: r}, selected layers only),
         ``modules``, and the decoder's ``lora_config``; :meth:`from_json` reads it back."""
-        ranks = {self._rank_key(p, layer): r for p, per_layer in self.ranks.items()
-                 for layer, r in zip(self.modules[p], per_layer) if r}
-        out: dict[str, Any] = {"layers": list(self.layers), "ranks": ranks,
-                               "modules": {p: list(v) for p, v in self.modules.items()}}
+        ranks = {
+            self._rank_key(p, layer): r
+            for p, per_layer in self.ranks.items()
+            for layer, r in zip(self.modules[p], per_layer)
+            if r
+        }
+        out: dict[str, Any] = {
+            "layers": list(self.layers),
+            "ranks": ranks,
+            "modules": {p: list(v) for p, v in self.modules.items()},
+        }
         if self.lora_config is not None:
             out["lora_config"] = self.lora_config.to_dict()
         if trainable_params is not None:
@@ -147,8 +158,9 @@ class Selection:
     def from_json(cls, data: Mapping[str, Any], name: str = "selection") -> Selection:
         """A selection :meth:`to_json` wrote; a malformed one (a key missing or unknown, a value of the wrong type,
         a rank naming a module or layer it does not have) is a :class:`ConfigError` naming ``name`` and the key."""
-        check_mapping(data, name, ("layers", "ranks", "modules", "trainable_params", "lora_config"),
-                      ("layers", "modules"))
+        check_mapping(
+            data, name, ("layers", "ranks", "modules", "trainable_params", "lora_config"), ("layers", "modules")
+        )
         check_type(data["layers"], tuple[int, ...], f"{name}['layers']")
         check_type(data["modules"], Mapping[str, tuple[int, ...]], f"{name}['modules']")
         check_type(data.get("ranks") or {}, Mapping[str, int], f"{name}['ranks']")
@@ -167,8 +179,10 @@ class Selection:
             elif key in modules:
                 raise ConfigError(f"{where}: module {key!r} covers layers {modules[key]}; name one as '{key}[<layer>]'")
             else:
-                raise ConfigError(f"{where}: expected '<module path>' or '<module path>[<layer>]' naming a module of "
-                                  f"{name}['modules'] ({sorted(modules)[:8]}), or a PEFT module path")
+                raise ConfigError(
+                    f"{where}: expected '<module path>' or '<module path>[<layer>]' naming a module of "
+                    f"{name}['modules'] ({sorted(modules)[:8]}), or a PEFT module path"
+                )
             if layer not in modules[path]:
                 raise ConfigError(f"{where}: layer {layer} is not one of module {path!r}'s layers {modules[path]}")
             per_layer = ranks.setdefault(path, [0] * len(modules[path]))
@@ -178,7 +192,9 @@ class Selection:
 
 def _lora_config(obj: Any) -> LoraConfig:
     if not isinstance(obj, Mapping):
-        raise ConfigError(f"Selection.from_json: 'lora_config' must be a mapping of LoraConfig fields, got {obj!r:.200}")
+        raise ConfigError(
+            f"Selection.from_json: 'lora_config' must be a mapping of LoraConfig fields, got {obj!r:.200}"
+        )
     known = {f.name for f in dataclasses.fields(LoraConfig)}
     unknown = sorted(set(obj) - known)
     if unknown:
@@ -186,8 +202,9 @@ def _lora_config(obj: Any) -> LoraConfig:
     return LoraConfig(**obj)
 
 
-def select_lora(gates: Gates, base: LoraConfig, num_layers: int,
-                selection: SelectionConfig = SelectionConfig()) -> Selection:
+def select_lora(
+    gates: Gates, base: LoraConfig, num_layers: int, selection: SelectionConfig = SelectionConfig()
+) -> Selection:
     """The decoder's selection from its gates: layers (if layer gates) and ranks (if rank gates).
 
     The result's ``lora_config`` is ``base`` restricted to it (:meth:`Selection.to_lora_config`), what the
@@ -196,10 +213,15 @@ def select_lora(gates: Gates, base: LoraConfig, num_layers: int,
     if gates is None:
         raise ConfigError("select needs gates from a search (layer, rank or both), got None")
     if gates.layer is not None and np.shape(gates.layer) != (num_layers,):
-        raise ConfigError(f"select: the layer gates have shape {np.shape(gates.layer)}, the model has {num_layers} "
-                          "layers (gates from another model?)")
-    layers = (select_layers(gates, selection.rule, selection.top_k, selection.threshold) if gates.layer is not None
-              else tuple(base.layers(num_layers)))
+        raise ConfigError(
+            f"select: the layer gates have shape {np.shape(gates.layer)}, the model has {num_layers} "
+            "layers (gates from another model?)"
+        )
+    layers = (
+        select_layers(gates, selection.rule, selection.top_k, selection.threshold)
+        if gates.layer is not None
+        else tuple(base.layers(num_layers))
+    )
     every = tuple(range(num_layers))
     ranks = {}
     if gates.rank is not None:

@@ -71,9 +71,11 @@ from flexora_jax.errors import ConfigError
 AXES = ("data", "fsdp", "model")
 BATCH_AXES = ("data", "fsdp")
 
+
 # ------------------------------------------------------------------------------------------- mesh
-def make_mesh(mesh_config: MeshConfig | Mapping[str, int] | Sequence[int] | None = None,
-              devices: Sequence[Any] | None = None) -> Mesh:
+def make_mesh(
+    mesh_config: MeshConfig | Mapping[str, int] | Sequence[int] | None = None, devices: Sequence[Any] | None = None
+) -> Mesh:
     """A ``(data, fsdp, model)`` mesh with Auto axis types over ``devices`` (default: all, global).
 
     Args:
@@ -91,7 +93,7 @@ def make_mesh(mesh_config: MeshConfig | Mapping[str, int] | Sequence[int] | None
     elif not isinstance(mesh_config, MeshConfig):
         mesh_config = MeshConfig(*mesh_config)
     if devices is None:
-        devices = jax.devices()[:mesh_config.devices_to_use()]
+        devices = jax.devices()[: mesh_config.devices_to_use()]
     devices = list(devices)
     shape = mesh_config.resolve(len(devices))
     return jax.make_mesh(shape, AXES, axis_types=(jax.sharding.AxisType.Auto,) * 3, devices=devices)
@@ -124,20 +126,38 @@ class Axes(tuple):
 
 #: Logical axis -> mesh axis (a name of :data:`AXES`, a tuple of them, or None: replicated). Override per call
 #: (``rules=``) or for a block of code (:func:`axis_rules`); an override replaces the entries it names.
-DEFAULT_RULES: Mapping[str, str | tuple[str, ...] | None] = MappingProxyType({
-    "vocab": "model", "embed": "fsdp", "heads": "model", "kv_heads": "model", "mlp": "model",
-    "expert": None, "layers": None, "rank": None, "norm": None, "head_dim": None,
-})
+DEFAULT_RULES: Mapping[str, str | tuple[str, ...] | None] = MappingProxyType(
+    {
+        "vocab": "model",
+        "embed": "fsdp",
+        "heads": "model",
+        "kv_heads": "model",
+        "mlp": "model",
+        "expert": None,
+        "layers": None,
+        "rank": None,
+        "norm": None,
+        "head_dim": None,
+    }
+)
 
 #: Logical axes of each projection kernel of a block after its layer axis: ``(d_in, d_out)`` (column / row
 #: parallel pairs: input projections shard d over ``embed`` and their outputs over heads / mlp, output
 #: projections the reverse), a mixture's experts with their expert axis first.
-KERNEL_AXES: Mapping[str, tuple[str, ...]] = MappingProxyType({
-    "q_proj": ("embed", "heads"), "k_proj": ("embed", "kv_heads"), "v_proj": ("embed", "kv_heads"),
-    "o_proj": ("heads", "embed"), "gate_proj": ("embed", "mlp"), "up_proj": ("embed", "mlp"),
-    "down_proj": ("mlp", "embed"),
-    "w1": ("expert", "embed", "mlp"), "w3": ("expert", "embed", "mlp"), "w2": ("expert", "mlp", "embed"),
-})
+KERNEL_AXES: Mapping[str, tuple[str, ...]] = MappingProxyType(
+    {
+        "q_proj": ("embed", "heads"),
+        "k_proj": ("embed", "kv_heads"),
+        "v_proj": ("embed", "kv_heads"),
+        "o_proj": ("heads", "embed"),
+        "gate_proj": ("embed", "mlp"),
+        "up_proj": ("embed", "mlp"),
+        "down_proj": ("mlp", "embed"),
+        "w1": ("expert", "embed", "mlp"),
+        "w3": ("expert", "embed", "mlp"),
+        "w2": ("expert", "mlp", "embed"),
+    }
+)
 LAYER_NORMS = ("input_norm", "post_attention_norm", "pre_feedforward_norm", "post_feedforward_norm")
 #: Replicated whatever its shape: gate values (raw or multipliers), raw PRNG keys.
 REPLICATED = "replicated"
@@ -147,10 +167,15 @@ def _decoder_table() -> dict[tuple[str, ...], Axes | str]:
     """Path suffix -> logical axes of every leaf the built-in decoder's pytrees hold: params, LoRA (its
     optimizer moments and AdaLoRA's factors at the same relative paths), layouts, gates."""
     table: dict[tuple[str, ...], Axes | str] = {
-        ("embed",): Axes("vocab", "embed"), ("lm_head",): Axes("embed", "vocab"), ("final_norm",): Axes("norm"),
-        ("layers", "q_norm"): Axes("layers", "head_dim"), ("layers", "k_norm"): Axes("layers", "head_dim"),
+        ("embed",): Axes("vocab", "embed"),
+        ("lm_head",): Axes("embed", "vocab"),
+        ("final_norm",): Axes("norm"),
+        ("layers", "q_norm"): Axes("layers", "head_dim"),
+        ("layers", "k_norm"): Axes("layers", "head_dim"),
         ("layers", "router", "kernel"): Axes("layers", "embed", "expert"),
-        ("layer",): REPLICATED, ("rank", "*"): REPLICATED, ("rng",): REPLICATED,
+        ("layer",): REPLICATED,
+        ("rank", "*"): REPLICATED,
+        ("rng",): REPLICATED,
     }
     table.update({("layers", n): Axes("layers", "norm") for n in LAYER_NORMS})
     for m, (*lead, d_in, d_out) in KERNEL_AXES.items():
@@ -177,11 +202,13 @@ def rules_table(rules: Mapping[str, Any] | Sequence[tuple[str, Any]] | None = No
     table = dict(_RULES.get() or DEFAULT_RULES)
     if rules is None:
         return table
-    for name, target in (rules.items() if isinstance(rules, Mapping) else rules):
+    for name, target in rules.items() if isinstance(rules, Mapping) else rules:
         group = (target,) if isinstance(target, str) else tuple(target or ())
         if not isinstance(name, str) or name in AXES or not all(isinstance(a, str) and a in AXES for a in group):
-            raise ConfigError(f"sharding rules: {name!r} -> {target!r}; a rule maps a logical axis name (not a mesh "
-                              f"axis) to a mesh axis of {AXES}, a tuple of them, or None (replicated)")
+            raise ConfigError(
+                f"sharding rules: {name!r} -> {target!r}; a rule maps a logical axis name (not a mesh "
+                f"axis) to a mesh axis of {AXES}, a tuple of them, or None (replicated)"
+            )
         table[name] = target if target is None or isinstance(target, str) else tuple(target)
     return table
 
@@ -208,8 +235,10 @@ def mesh_axes(axes: Sequence[Any], rules: Mapping[str, Any] | None = None, where
             group = [one(part) for part in name]
             return tuple(a for g in group for a in ((g,) if isinstance(g, str) else g or ())) or None
         if name not in table:
-            raise ConfigError(f"sharding: {where} has the logical axis {name!r}, which no rule maps to the mesh "
-                              f"(rules for {sorted(table)}); add one: rules={{{name!r}: 'model'}} (or None)")
+            raise ConfigError(
+                f"sharding: {where} has the logical axis {name!r}, which no rule maps to the mesh "
+                f"(rules for {sorted(table)}); add one: rules={{{name!r}: 'model'}} (or None)"
+            )
         return table[name]
 
     return tuple(one(n) for n in axes)
@@ -245,22 +274,26 @@ def leaf_axes(names: Sequence[str], shape: Sequence[int], dtype: Any = None) -> 
         return REPLICATED
     axes = declared_axes(names)
     if axes is None:
-        raise ConfigError(f"sharding: no logical axes for the leaf {where!r} (shape {tuple(shape)}); a renamed or "
-                          "new param must be declared: pass its axes (partition_specs(tree, mesh, axes=...), a tree "
-                          "of sharding.Axes beside the params) or add it to sharding.DECODER_AXES")
+        raise ConfigError(
+            f"sharding: no logical axes for the leaf {where!r} (shape {tuple(shape)}); a renamed or "
+            "new param must be declared: pass its axes (partition_specs(tree, mesh, axes=...), a tree "
+            "of sharding.Axes beside the params) or add it to sharding.DECODER_AXES"
+        )
     return _check_rank(axes, tuple(shape), where)
 
 
 def _check_rank(axes: Axes | str, shape: tuple[int, ...], where: str) -> Axes | str:
     if axes != REPLICATED and len(axes) != len(shape):
-        raise ConfigError(f"sharding: the leaf {where!r} has shape {shape}, but its logical axes {axes} name "
-                          f"{len(axes)} dimensions")
+        raise ConfigError(
+            f"sharding: the leaf {where!r} has shape {shape}, but its logical axes {axes} name {len(axes)} dimensions"
+        )
     return axes
 
 
 def logical_axes(tree: Any) -> Any:
     """The tree of :class:`Axes` beside ``tree`` (arrays or ``jax.eval_shape`` structs), from :data:`DECODER_AXES`;
     an undeclared leaf raises :class:`ConfigError` naming it (:data:`REPLICATED` leaves become all-None axes)."""
+
     def one(path, leaf):
         axes = leaf_axes(_names(path), np.shape(leaf), getattr(leaf, "dtype", None))
         return Axes(*(None,) * len(np.shape(leaf))) if axes == REPLICATED else axes
@@ -273,8 +306,10 @@ def sharding_metadata(axes: Sequence[str | None], rules: Mapping[str, Any] | Non
     them, so ``nnx.get_partition_spec`` and :func:`partition_specs` resolve them alike."""
     table = rules_table(rules)
     names = tuple(axes)
-    return {"out_sharding": names, "sharding_rules": tuple((a, table[a]) for a in dict.fromkeys(names)
-                                                              if a is not None and a in table)}
+    return {
+        "out_sharding": names,
+        "sharding_rules": tuple((a, table[a]) for a in dict.fromkeys(names) if a is not None and a in table),
+    }
 
 
 # ----------------------------------------------------------------------------------- partition specs
@@ -287,13 +322,19 @@ def _fit(spec: Sequence[Any], shape: tuple[int, ...], sizes: Mapping[str, int], 
         group = (axes,) if isinstance(axes, str) else tuple(axes or ())
         group = tuple(a for a in group if sizes.get(a, 1) > 1)
         if used & set(group):
-            warnings.warn(f"sharding: {where} dim {dim} maps to mesh axes {group}, of which an earlier dimension "
-                          f"uses {sorted(used & set(group))}; that dimension is not sharded over those", stacklevel=3)
+            warnings.warn(
+                f"sharding: {where} dim {dim} maps to mesh axes {group}, of which an earlier dimension "
+                f"uses {sorted(used & set(group))}; that dimension is not sharded over those",
+                stacklevel=3,
+            )
             group = tuple(a for a in group if a not in used)
         n = math.prod(sizes[a] for a in group) if group else 1
         if group and shape[dim] % n:
-            warnings.warn(f"sharding: {where} dim {dim} has size {shape[dim]}, not divisible by mesh axes "
-                          f"{group} ({n} devices); that dimension is replicated", stacklevel=3)
+            warnings.warn(
+                f"sharding: {where} dim {dim} has size {shape[dim]}, not divisible by mesh axes "
+                f"{group} ({n} devices); that dimension is replicated",
+                stacklevel=3,
+            )
             group = ()
         used |= set(group)
         out.append(None if not group else group[0] if len(group) == 1 else group)
@@ -302,8 +343,9 @@ def _fit(spec: Sequence[Any], shape: tuple[int, ...], sizes: Mapping[str, int], 
     return P(*out)
 
 
-def _spec(axes: Axes | str, shape: tuple[int, ...], sizes: Mapping[str, int], rules: Mapping[str, Any],
-          where: str) -> P:
+def _spec(
+    axes: Axes | str, shape: tuple[int, ...], sizes: Mapping[str, int], rules: Mapping[str, Any], where: str
+) -> P:
     if _check_rank(axes, shape, where) == REPLICATED:
         return P()
     return _fit(mesh_axes(axes, rules, where), shape, sizes, where)
@@ -321,15 +363,21 @@ def _variable_spec(var: nnx.Variable, where: str, sizes: Mapping[str, int], rule
     return _fit(mesh_axes(names, table, where), tuple(np.shape(var.get_value())), sizes, where)
 
 
-def leaf_spec(names: Sequence[str], shape: tuple[int, ...], mesh: Mesh | Mapping[str, int],
-              rules: Mapping[str, Any] | None = None) -> P:
+def leaf_spec(
+    names: Sequence[str], shape: tuple[int, ...], mesh: Mesh | Mapping[str, int], rules: Mapping[str, Any] | None = None
+) -> P:
     """The ``PartitionSpec`` of one leaf from its path names and shape (a loader building params shard by shard)."""
     names, shape = [str(n) for n in names], tuple(shape)
     return _spec(leaf_axes(names, shape), shape, axis_sizes(mesh), rules_table(rules), "/".join(names) or "leaf")
 
 
-def partition_specs(tree: Any, mesh: Mesh | Mapping[str, int], axes: Any = None, *,
-                    rules: Mapping[str, Any] | Sequence[tuple[str, Any]] | None = None) -> Any:
+def partition_specs(
+    tree: Any,
+    mesh: Mesh | Mapping[str, int],
+    axes: Any = None,
+    *,
+    rules: Mapping[str, Any] | Sequence[tuple[str, Any]] | None = None,
+) -> Any:
     """A ``PartitionSpec`` for every leaf of ``tree``: its logical axes mapped to mesh axes by the rules table.
 
     Where a leaf's logical axes come from, first match first:
@@ -361,8 +409,9 @@ def partition_specs(tree: Any, mesh: Mesh | Mapping[str, int], axes: Any = None,
         if isinstance(x, nnx.Variable):
             return x.replace(_variable_spec(x, where, sizes, table))
         shape = tuple(np.shape(x))
-        return _spec(leaf_axes(names, shape, getattr(x, "dtype", None)) if ax is None else ax, shape, sizes, table,
-                     where)
+        return _spec(
+            leaf_axes(names, shape, getattr(x, "dtype", None)) if ax is None else ax, shape, sizes, table, where
+        )
 
     def node(path: tuple, x: Any) -> Any:
         hit = match(x)
@@ -370,8 +419,9 @@ def partition_specs(tree: Any, mesh: Mesh | Mapping[str, int], axes: Any = None,
             return leaf(path, x)
         return jax.tree_util.tree_map_with_path(lambda p, ax, y: leaf(path + p, y, ax), hit, x)
 
-    return jax.tree_util.tree_map_with_path(node, tree, is_leaf=lambda x: isinstance(x, nnx.Variable)
-                                            or match(x) is not None)
+    return jax.tree_util.tree_map_with_path(
+        node, tree, is_leaf=lambda x: isinstance(x, nnx.Variable) or match(x) is not None
+    )
 
 
 def batch_specs(tree: Any, mesh: Mesh | Mapping[str, int], batch_dim: int = 0) -> Any:
@@ -404,6 +454,7 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def put(tree: Any, shardings_tree: Any) -> Any:
     """``jax.device_put`` that also places typed PRNG keys on shardings spanning several processes."""
+
     def one(x, s):
         if isinstance(x, jax.Array) and jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
             return jax.random.wrap_key_data(jax.device_put(jax.random.key_data(x), s), impl=jax.random.key_impl(x))
@@ -412,8 +463,7 @@ def put(tree: Any, shardings_tree: Any) -> Any:
     return jax.tree.map(one, tree, shardings_tree)
 
 
-def shard(tree: Any, mesh: Mesh, specs: Any = None, axes: Any = None, *,
-          rules: Mapping[str, Any] | None = None) -> Any:
+def shard(tree: Any, mesh: Mesh, specs: Any = None, axes: Any = None, *, rules: Mapping[str, Any] | None = None) -> Any:
     """Place ``tree`` on ``mesh`` (specs from :func:`partition_specs` with ``axes`` / ``rules`` unless given).
 
     Host values must be equal on every process (jax checks it across hosts).
@@ -435,8 +485,9 @@ def global_batch(local: Any, mesh: Mesh, batch_dim: int = 0) -> Any:
         shape = tuple(np.shape(x))
         return tuple(d * n if i == batch_dim else d for i, d in enumerate(shape))
 
-    specs = batch_specs(jax.tree.map(lambda x: jax.ShapeDtypeStruct(scaled(x), np.asarray(x).dtype), local),
-                        mesh, batch_dim)
+    specs = batch_specs(
+        jax.tree.map(lambda x: jax.ShapeDtypeStruct(scaled(x), np.asarray(x).dtype), local), mesh, batch_dim
+    )
 
     def one(spec, x):
         x = np.asarray(x)
@@ -491,6 +542,7 @@ def is_main_process() -> bool:
 
 def fetch(tree: Any) -> Any:
     """Global arrays -> numpy on every process (gathers shards that live on other hosts)."""
+
     def one(x):
         if not isinstance(x, jax.Array) or x.is_fully_addressable:
             return np.asarray(x)

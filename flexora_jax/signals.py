@@ -46,8 +46,11 @@ def check(what: str) -> None:
     """A safe point: raise :class:`Interrupted` naming ``what`` was reached if a stop was requested."""
     if STOP.signum is not None:
         hint = f" --output-dir {STOP.where}" if STOP.where else ""
-        raise Interrupted(f"interrupted by signal {STOP.signum} {what}; what was finished is kept; continue with "
-                          f"`flexora-jax run --resume{hint}`", STOP.signum)
+        raise Interrupted(
+            f"interrupted by signal {STOP.signum} {what}; what was finished is kept; continue with "
+            f"`flexora-jax run --resume{hint}`",
+            STOP.signum,
+        )
 
 
 @contextlib.contextmanager

@@ -79,14 +79,16 @@ def init_train_state(lora: Any, optimizer: optax.GradientTransformation, seed: i
     """
     if isinstance(lora, LoraParams):
         lora = lora.traced_layout()
-        return TrainState(jax.tree.map(jnp.copy, lora), optimizer.init(lora.weights), jnp.zeros((), jnp.int32),
-                          jax.random.key(seed))
+        return TrainState(
+            jax.tree.map(jnp.copy, lora), optimizer.init(lora.weights), jnp.zeros((), jnp.int32), jax.random.key(seed)
+        )
     lora = jax.tree.map(jnp.copy, lora)
     return TrainState(lora, optimizer.init(lora), jnp.zeros((), jnp.int32), jax.random.key(seed))
 
 
-def train_step(loss: ProblemLoss, optimizer: optax.GradientTransformation,
-               dropout: bool = False) -> Callable[..., tuple[TrainState, dict]]:
+def train_step(
+    loss: ProblemLoss, optimizer: optax.GradientTransformation, dropout: bool = False
+) -> Callable[..., tuple[TrainState, dict]]:
     """The pure fine-tune step ``(base, state, batch) -> (state, {"loss", "grad_norm"})`` of any problem.
 
     ``loss(base, lora, hyper, batch, key)`` is the problem's (hyper None: the model's own frozen gates),
@@ -97,14 +99,16 @@ def train_step(loss: ProblemLoss, optimizer: optax.GradientTransformation,
 
 
 @functools.lru_cache(maxsize=64)
-def _train_step(loss: ProblemLoss, optimizer: optax.GradientTransformation,
-                dropout: bool) -> Callable[..., tuple[TrainState, dict]]:
+def _train_step(
+    loss: ProblemLoss, optimizer: optax.GradientTransformation, dropout: bool
+) -> Callable[..., tuple[TrainState, dict]]:
     def step(base: Any, state: TrainState, batch: Dataset) -> tuple[TrainState, dict]:
         rng, key = jax.random.split(state.rng)
         value, grads = jax.value_and_grad(lambda w: loss(base, w, None, batch, key if dropout else None))(state.lora)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.lora)
         lora = optax.apply_updates(state.lora, updates)
         return TrainState(lora, opt_state, state.step + 1, rng), {"loss": value, "grad_norm": optax.tree.norm(grads)}
+
     return step
 
 
@@ -122,8 +126,11 @@ def make_train_step(config: ModelConfig, cfg: FinetuneConfig, steps: int) -> Cal
     def step(params: Any, state: TrainState, batch: Dataset, gates: Gates | None = None) -> tuple[TrainState, dict]:
         rng, drop = jax.random.split(state.rng)
         use_dropout = state.lora.spec.dropout > 0
-        loss, grads = jax.value_and_grad(lambda w: lm_loss(config, params, state.lora.replace(weights=w), gates, batch,
-                                                           drop if use_dropout else None))(state.lora.weights)
+        loss, grads = jax.value_and_grad(
+            lambda w: lm_loss(
+                config, params, state.lora.replace(weights=w), gates, batch, drop if use_dropout else None
+            )
+        )(state.lora.weights)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.lora.weights)
         lora = state.lora.replace(weights=optax.apply_updates(state.lora.weights, updates))
         return TrainState(lora, opt_state, state.step + 1, rng), {"loss": loss, "grad_norm": optax.tree.norm(grads)}
@@ -134,17 +141,25 @@ def make_train_step(config: ModelConfig, cfg: FinetuneConfig, steps: int) -> Cal
 @functools.lru_cache(maxsize=32)
 def make_eval_loss(config: ModelConfig) -> Callable[..., jax.Array]:
     """Jitted ``(params, lora, gates, batch) -> (sum of token losses, token count)`` for exact means."""
+
     @jax.jit
     def eval_sums(params, lora, gates, batch):
         mask = batch["loss_mask"]
         loss = lm_loss(config, params, lora, gates, batch)
         n = jnp.sum(mask[:, 1:] if ("target_probs" not in batch and "labels" not in batch) else mask)
         return loss * n, n
+
     return eval_sums
 
 
-def dataset_loss(config: ModelConfig, params: Any, lora: LoraParams | None, data: Dataset, batch_size: int = 64,
-                 gates: Gates | None = None) -> float:
+def dataset_loss(
+    config: ModelConfig,
+    params: Any,
+    lora: LoraParams | None,
+    data: Dataset,
+    batch_size: int = 64,
+    gates: Gates | None = None,
+) -> float:
     """Mean per-token loss of ``lora`` (or the base, ``lora=None``) over a whole dataset."""
     fn = make_eval_loss(config)
     total, count = 0.0, 0.0
@@ -157,5 +172,7 @@ def dataset_loss(config: ModelConfig, params: Any, lora: LoraParams | None, data
 
 def check_finite(value: float, what: str, step: int) -> None:
     if not np.isfinite(value):
-        raise NumericsError(f"{what} is {value} at step {step}: stopping (lower the learning rate, enable "
-                            "gradient clipping, or check the data for empty targets)")
+        raise NumericsError(
+            f"{what} is {value} at step {step}: stopping (lower the learning rate, enable "
+            "gradient clipping, or check the data for empty targets)"
+        )

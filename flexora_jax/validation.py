@@ -42,15 +42,28 @@ from flexora_jax.errors import CheckpointError, ConfigError, DataError, FlexoraE
 
 Error = type[FlexoraError]
 
-__all__ = ["check_array", "check_bool", "check_config_type", "check_dataset", "check_fields", "check_finite_tree",
-           "check_mapping", "check_number", "check_regex", "check_scalar_loss", "check_tokenizer", "check_type",
-           "describe", "read_json"]
+__all__ = [
+    "check_array",
+    "check_bool",
+    "check_config_type",
+    "check_dataset",
+    "check_fields",
+    "check_finite_tree",
+    "check_mapping",
+    "check_number",
+    "check_regex",
+    "check_scalar_loss",
+    "check_tokenizer",
+    "check_type",
+    "describe",
+    "read_json",
+]
 
 
 def describe(value: Any, limit: int = 80) -> str:
     """``repr(value)`` cut to ``limit`` characters, with its type: ``'16' (str)``, ``True (bool)``."""
     text = repr(value)
-    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    text = text if len(text) <= limit else text[: limit - 3] + "..."
     return f"{text} ({type(value).__name__})"
 
 
@@ -63,22 +76,34 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
 
 
-def check_number(value: Any, name: str, lo: float | None = None, hi: float | None = None, *, integer: bool = False,
-                 lo_open: bool = False, hi_open: bool = False, error: Error = ConfigError) -> Any:
+def check_number(
+    value: Any,
+    name: str,
+    lo: float | None = None,
+    hi: float | None = None,
+    *,
+    integer: bool = False,
+    lo_open: bool = False,
+    hi_open: bool = False,
+    error: Error = ConfigError,
+) -> Any:
     """``value`` as a plain ``int`` (``integer``) or ``float``, else ``error`` naming ``name``.
 
     Refuses bools (``True`` is not 1 here), strings, None, NaN / Inf and values outside ``[lo, hi]``
     (``lo_open`` / ``hi_open`` exclude the ends). An integral float is not an integer (``8.0`` for a rank).
     """
     kind = "an integer" if integer else "a finite number"
-    bounds = (f"{'>' if lo_open else '>='} {lo}" if lo is not None else "",
-              f"{'<' if hi_open else '<='} {hi}" if hi is not None else "")
+    bounds = (
+        f"{'>' if lo_open else '>='} {lo}" if lo is not None else "",
+        f"{'<' if hi_open else '<='} {hi}" if hi is not None else "",
+    )
     expected = kind + (" " + " and ".join(b for b in bounds if b) if any(bounds) else "")
     if not (_is_int(value) if integer else _is_real(value)) or not math.isfinite(value):
         raise error(f"{name} must be {expected}, got {describe(value)}")
     value = int(value) if integer else float(value)
     if (lo is not None and (value <= lo if lo_open else value < lo)) or (
-            hi is not None and (value >= hi if hi_open else value > hi)):
+        hi is not None and (value >= hi if hi_open else value > hi)
+    ):
         raise error(f"{name} must be {expected}, got {value!r}")
     return value
 
@@ -99,8 +124,10 @@ def check_regex(pattern: Any, name: str, groups: int = 0, error: Error = ConfigE
     except re.error as exc:
         raise error(f"{name} {pattern!r} is not a valid regular expression ({exc})") from None
     if compiled.groups < groups:
-        raise error(f"{name} {compiled.pattern!r} has {compiled.groups} capture group(s); expected {groups} "
-                    f"(e.g. r'layers\\.(\\d+)' captures the layer index)")
+        raise error(
+            f"{name} {compiled.pattern!r} has {compiled.groups} capture group(s); expected {groups} "
+            f"(e.g. r'layers\\.(\\d+)' captures the layer index)"
+        )
     return compiled
 
 
@@ -109,8 +136,10 @@ def check_config_type(obj: Any, cls: type | tuple[type, ...], name: str, error: 
     if isinstance(obj, cls):
         return obj
     classes = cls if isinstance(cls, tuple) else (cls,)
-    wanted = " or ".join(c.__name__ if c.__module__.startswith(("flexora_jax", "builtins")) else
-                         f"{c.__module__}.{c.__qualname__}" for c in classes)
+    wanted = " or ".join(
+        c.__name__ if c.__module__.startswith(("flexora_jax", "builtins")) else f"{c.__module__}.{c.__qualname__}"
+        for c in classes
+    )
     hint = ""
     if isinstance(obj, Mapping) and len(classes) == 1 and dataclasses.is_dataclass(classes[0]):
         hint = f"; build one from the dict: {classes[0].__name__}(**{repr(dict(obj))[:60]})"
@@ -131,8 +160,14 @@ def _hint_text(hint: Any) -> str:
     union = _union_args(hint)
     if union is not None:
         return " or ".join(dict.fromkeys(_hint_text(h) for h in union))
-    simple = {bool: "true or false", int: "an integer", float: "a finite number", str: "a string",
-              type(None): "null", Any: "any value"}
+    simple = {
+        bool: "true or false",
+        int: "an integer",
+        float: "a finite number",
+        str: "a string",
+        type(None): "null",
+        Any: "any value",
+    }
     if hint in simple:
         return simple[hint]
     origin, args = typing.get_origin(hint), typing.get_args(hint)
@@ -171,8 +206,9 @@ def _accepts(value: Any, hint: Any, text: bool) -> bool:
             return len(args) == len(value) and all(_accepts(v, h, text) for v, h in zip(value, args))
         return not args or all(_accepts(v, args[0], text) for v in value)
     if origin in (dict, abc.Mapping):
-        return isinstance(value, Mapping) and (len(args) != 2 or all(
-            _accepts(k, args[0], text) and _accepts(v, args[1], text) for k, v in value.items()))
+        return isinstance(value, Mapping) and (
+            len(args) != 2 or all(_accepts(k, args[0], text) and _accepts(v, args[1], text) for k, v in value.items())
+        )
     return not isinstance(origin, type) or isinstance(value, origin)
 
 
@@ -185,8 +221,10 @@ def check_type(value: Any, hint: Any, name: str, *, text: bool = False, error: E
     """
     if not _accepts(value, hint, text):
         float_like = _is_real(value) and not math.isfinite(value)
-        raise error(f"{name} must be {_hint_text(hint)}, got {describe(value)}"
-                    f"{' (NaN and Inf are refused)' if float_like else ''}")
+        raise error(
+            f"{name} must be {_hint_text(hint)}, got {describe(value)}"
+            f"{' (NaN and Inf are refused)' if float_like else ''}"
+        )
     return value
 
 
@@ -203,8 +241,13 @@ def check_fields(obj: Any, prefix: str, error: Error = ConfigError) -> None:
         check_type(getattr(obj, name), hint, f"{prefix}.{name}" if prefix else name, error=error)
 
 
-def check_mapping(obj: Any, name: str, known_keys: Iterable[str] | None = None, required_keys: Iterable[str] = (),
-                  error: Error = ConfigError) -> Mapping[str, Any]:
+def check_mapping(
+    obj: Any,
+    name: str,
+    known_keys: Iterable[str] | None = None,
+    required_keys: Iterable[str] = (),
+    error: Error = ConfigError,
+) -> Mapping[str, Any]:
     """``obj`` if it is a mapping with string keys, no key outside ``known_keys`` (None: any) and every
     key of ``required_keys``; the error names the unknown / missing keys and the allowed ones."""
     if not isinstance(obj, Mapping):
@@ -237,8 +280,9 @@ def read_json(path: str | os.PathLike, what: str = "", error: Error = Checkpoint
     except OSError as exc:
         raise error(f"{path} cannot be read ({exc.strerror or exc}); expected a JSON file{about}") from None
     except UnicodeDecodeError as exc:
-        raise error(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); expected a JSON "
-                    f"file{about}") from None
+        raise error(
+            f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); expected a JSON file{about}"
+        ) from None
     except ValueError as exc:
         raise error(f"{path} is not valid JSON ({exc}); expected a JSON file{about}") from None
 
@@ -253,9 +297,17 @@ def _id_bounds(id_range: int | tuple[int, int]) -> tuple[int, int]:
     return (0, int(id_range)) if _is_int(id_range) else (int(id_range[0]), int(id_range[1]))
 
 
-def check_array(x: Any, name: str, dtype_kind: str | None = None, ndim: int | Sequence[int] | None = None, *,
-                shape: Sequence[int | None] | None = None, finite: bool = False,
-                id_range: int | tuple[int, int] | None = None, error: Error = DataError) -> Any:
+def check_array(
+    x: Any,
+    name: str,
+    dtype_kind: str | None = None,
+    ndim: int | Sequence[int] | None = None,
+    *,
+    shape: Sequence[int | None] | None = None,
+    finite: bool = False,
+    id_range: int | tuple[int, int] | None = None,
+    error: Error = DataError,
+) -> Any:
     """``x`` (a numpy / jax array, unchanged) if it has a dtype of a kind in ``dtype_kind`` (numpy's kinds:
     ``"iu"`` integers, ``"f"`` floats, ``"b"`` bools), rank ``ndim`` (or one of them), the ``shape`` given
     (None: any size on that axis), only finite values (``finite``) and values in ``[0, id_range)`` /
@@ -284,17 +336,21 @@ def check_array(x: Any, name: str, dtype_kind: str | None = None, ndim: int | Se
         return x
     if finite and kind == "f" and not np.all(np.isfinite(host)):
         where = np.argwhere(~np.isfinite(host))[0]
-        raise error(f"{name} holds NaN or Inf (first at index {tuple(int(i) for i in where)}: "
-                    f"{host[tuple(where)].item()!r}); expected finite values")
+        raise error(
+            f"{name} holds NaN or Inf (first at index {tuple(int(i) for i in where)}: "
+            f"{host[tuple(where)].item()!r}); expected finite values"
+        )
     if id_range is not None and host.size:
         lo, hi = _id_bounds(id_range)
         bad = np.argwhere((host < lo) | (host >= hi))
         if len(bad):
             at = tuple(int(i) for i in bad[0])
             row = f"row {at[0]}" + (f", position {at[1]}" if len(at) > 1 else "") if at else "it"
-            raise error(f"{name}: {row} holds id {host[at].item()!r}, outside [{lo}, {hi}) ({len(bad)} such value(s)); "
-                        f"expected token ids of the model's vocabulary (negative ids would wrap, ids >= {hi} are "
-                        "read past the embedding)")
+            raise error(
+                f"{name}: {row} holds id {host[at].item()!r}, outside [{lo}, {hi}) ({len(bad)} such value(s)); "
+                f"expected token ids of the model's vocabulary (negative ids would wrap, ids >= {hi} are "
+                "read past the embedding)"
+            )
     return x
 
 
@@ -304,8 +360,11 @@ def check_finite_tree(tree: Any, what: str, error: Error = CheckpointError, limi
     Host arrays are checked on the host; device arrays in one reduction each and one transfer of their
     flags: meant for weights at load / export time.
     """
-    leaves = [(jax.tree_util.keystr(p), x) for p, x in jax.tree_util.tree_leaves_with_path(tree)
-              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)]
+    leaves = [
+        (jax.tree_util.keystr(p), x)
+        for p, x in jax.tree_util.tree_leaves_with_path(tree)
+        if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
+    ]
     if not leaves:
         return
     device = [jnp.all(jnp.isfinite(x)) for _, x in leaves if not isinstance(x, np.ndarray)]
@@ -313,21 +372,30 @@ def check_finite_tree(tree: Any, what: str, error: Error = CheckpointError, limi
     flags = [bool(np.isfinite(x).all()) if isinstance(x, np.ndarray) else next(device) for _, x in leaves]
     bad = [name for (name, _), ok in zip(leaves, flags) if not ok]
     if bad:
-        raise error(f"{what} holds NaN or Inf values in {', '.join(bad[:limit])}"
-                    f"{f' (and {len(bad) - limit} more)' if len(bad) > limit else ''}; expected finite weights "
-                    "(a damaged file, or saved from a diverged model)")
+        raise error(
+            f"{what} holds NaN or Inf values in {', '.join(bad[:limit])}"
+            f"{f' (and {len(bad) - limit} more)' if len(bad) > limit else ''}; expected finite weights "
+            "(a damaged file, or saved from a diverged model)"
+        )
 
 
 #: What check_dataset knows about the fields of a training / evaluation dataset (data.py's layout).
 _FIELDS = {  # field -> (dtype kinds, ndim, finite, token ids)
-    "input_ids": ("iu", 2, False, True), "labels": ("iu", 2, False, True),
-    "attention_mask": ("biuf", 2, False, False), "loss_mask": ("biuf", 2, True, False),
+    "input_ids": ("iu", 2, False, True),
+    "labels": ("iu", 2, False, True),
+    "attention_mask": ("biuf", 2, False, False),
+    "loss_mask": ("biuf", 2, True, False),
     "target_probs": ("f", 3, True, False),
 }
 
 
-def check_dataset(data: Any, what: str, vocab_size: int | None = None, require: Sequence[str] = ("input_ids",),
-                  loss_mask_required: bool = True) -> int:
+def check_dataset(
+    data: Any,
+    what: str,
+    vocab_size: int | None = None,
+    require: Sequence[str] = ("input_ids",),
+    loss_mask_required: bool = True,
+) -> int:
     """Validate a dataset dict ``{field: array [n, ...]}`` (what ``fj.search`` / ``fj.finetune`` draw batches
     from); return ``n``. Raises :class:`DataError` naming ``what``, the field and, for values, the row.
 
@@ -337,8 +405,9 @@ def check_dataset(data: Any, what: str, vocab_size: int | None = None, require: 
     ``target_probs`` floating ``[n, t, vocab]``, finite. Other fields (a custom ``loss_fn``'s) are checked
     for rows only.
     """
-    check_mapping(data, what, required_keys=tuple(require) + (("loss_mask",) if loss_mask_required else ()),
-                  error=DataError)
+    check_mapping(
+        data, what, required_keys=tuple(require) + (("loss_mask",) if loss_mask_required else ()), error=DataError
+    )
     n = None
     for field, value in data.items():
         name = f"{what}[{field!r}]"
@@ -356,11 +425,14 @@ def check_dataset(data: Any, what: str, vocab_size: int | None = None, require: 
     width = data["input_ids"].shape if "input_ids" in data else None
     for field in ("attention_mask", "loss_mask", "labels"):
         if field in data and width is not None and tuple(data[field].shape) != tuple(width):
-            raise DataError(f"{what}[{field!r}] has shape {tuple(data[field].shape)}, expected {tuple(width)} "
-                            "like input_ids")
+            raise DataError(
+                f"{what}[{field!r}] has shape {tuple(data[field].shape)}, expected {tuple(width)} like input_ids"
+            )
     if "target_probs" in data and vocab_size is not None and data["target_probs"].shape[-1] != vocab_size:
-        raise DataError(f"{what}['target_probs'] has {data['target_probs'].shape[-1]} classes, expected the "
-                        f"model's vocab_size {vocab_size}")
+        raise DataError(
+            f"{what}['target_probs'] has {data['target_probs'].shape[-1]} classes, expected the "
+            f"model's vocab_size {vocab_size}"
+        )
     if "loss_mask" in data and (mask := _host(data["loss_mask"])) is not None:
         if np.any(mask < 0):
             raise DataError(f"{what}['loss_mask']: row {int(np.argwhere(mask < 0)[0][0])} has a negative weight")
@@ -378,8 +450,10 @@ def check_scalar_loss(value: Any, name: str = "loss_fn") -> Any:
     if shape is None or dtype is None:
         raise ConfigError(f"{name} must return a scalar loss (a 0-d float array), got {describe(value)}")
     if tuple(shape) != () or not jnp.issubdtype(dtype, jnp.floating):
-        raise ConfigError(f"{name} must return a scalar float loss, got an array of shape {tuple(shape)} and dtype "
-                          f"{np.dtype(dtype)}; reduce it (e.g. the mean over target tokens) and keep it floating")
+        raise ConfigError(
+            f"{name} must return a scalar float loss, got an array of shape {tuple(shape)} and dtype "
+            f"{np.dtype(dtype)}; reduce it (e.g. the mean over target tokens) and keep it floating"
+        )
     return value
 
 
@@ -387,8 +461,10 @@ def check_tokenizer(tokenizer: Any, name: str = "tokenizer") -> int | None:
     """Refuse what is not a tokenizer (``encode`` callable); return its vocabulary size (``len``, else
     ``vocab_size``; None when it tells neither)."""
     if not callable(getattr(tokenizer, "encode", None)):
-        raise ConfigError(f"{name} must be a tokenizer with an encode(text) method (fj.load_tokenizer(path) or "
-                          f"transformers.AutoTokenizer), got {describe(tokenizer)}")
+        raise ConfigError(
+            f"{name} must be a tokenizer with an encode(text) method (fj.load_tokenizer(path) or "
+            f"transformers.AutoTokenizer), got {describe(tokenizer)}"
+        )
     try:
         size = len(tokenizer)
     except TypeError:

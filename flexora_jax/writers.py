@@ -87,8 +87,10 @@ class MetricWriter(Hook):
 def _require(package: str, writer: str) -> None:
     """Refuse a writer whose optional package is missing when it is made, not steps later when it starts."""
     if sys.modules.get(package) is None and importlib.util.find_spec(package) is None:
-        raise ConfigError(f"{writer} needs the {package} package, which is not installed: pip install "
-                          f"'flexora_jax[{package}]' (or pip install {package})")
+        raise ConfigError(
+            f"{writer} needs the {package} package, which is not installed: pip install "
+            f"'flexora_jax[{package}]' (or pip install {package})"
+        )
 
 
 # ----------------------------------------------------------------------------------------- TensorBoard
@@ -148,9 +150,17 @@ class WandbWriter(MetricWriter):
       init_kwargs: more ``wandb.init`` arguments (``mode="offline"``, ``tags``, ``entity``, ...).
     """
 
-    def __init__(self, project: str | None = None, *, group: str | None = None, config: Mapping[str, Any] | None = None,
-                 dir: str | os.PathLike | None = None, run: Any = None, stage: str | None = None,
-                 **init_kwargs: Any) -> None:
+    def __init__(
+        self,
+        project: str | None = None,
+        *,
+        group: str | None = None,
+        config: Mapping[str, Any] | None = None,
+        dir: str | os.PathLike | None = None,
+        run: Any = None,
+        stage: str | None = None,
+        **init_kwargs: Any,
+    ) -> None:
         super().__init__(stage)
         _require("wandb", "WandbWriter")
         self.project, self.group, self.config, self.dir = project, group, config, dir
@@ -174,9 +184,15 @@ class WandbWriter(MetricWriter):
         if self.dir is not None:
             Path(self.dir).mkdir(parents=True, exist_ok=True)
         config = {**dict(getattr(run.stage, "identity", None) or {}), **dict(self.config or {})}
-        self._target = wandb.init(project=self.project, group=self.group, job_type=name,
-                                  name=f"{self.group}/{name}" if self.group else name, config=config,
-                                  dir=None if self.dir is None else str(self.dir), **self.init_kwargs)
+        self._target = wandb.init(
+            project=self.project,
+            group=self.group,
+            job_type=name,
+            name=f"{self.group}/{name}" if self.group else name,
+            config=config,
+            dir=None if self.dir is None else str(self.dir),
+            **self.init_kwargs,
+        )
         self._owned, self._prefix = True, ""
 
     def write(self, run: RunContext, step: int, values: dict[str, float]) -> None:

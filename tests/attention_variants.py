@@ -122,16 +122,25 @@ def _flash_hm_bwd(res, do):
     ds = (p * (dp - delta) * (1.0 / math.sqrt(e))).astype(q.dtype)
     dqh = jnp.einsum("bkrs,bkse->bkre", ds, kh)
     dkh = jnp.einsum("bkrs,bkre->bkse", ds, qh)
-    return (_from_hm_q(dqh, q.shape), jnp.transpose(dkh, (0, 2, 1, 3)), jnp.transpose(dvh, (0, 2, 1, 3)),
-            jnp.zeros_like(bias))
+    return (
+        _from_hm_q(dqh, q.shape),
+        jnp.transpose(dkh, (0, 2, 1, 3)),
+        jnp.transpose(dvh, (0, 2, 1, 3)),
+        jnp.zeros_like(bias),
+    )
 
 
 flash_attention_hm.defvjp(_flash_hm_fwd, _flash_hm_bwd)
 
 ATTENTION = {
-    "xla": reference_attention, "recompute": recompute_attention, "flash": flash_attention,
-    "flash_hm": flash_attention_hm, "xla_hm": attention_hm, "recompute_hm": recompute_attention_hm,
+    "xla": reference_attention,
+    "recompute": recompute_attention,
+    "flash": flash_attention,
+    "flash_hm": flash_attention_hm,
+    "xla_hm": attention_hm,
+    "recompute_hm": recompute_attention_hm,
     "blocked_hm": lambda q, k, v, bias: blocked_attention_hm(q, k, v, bias, query_block(q.shape[1])),
     "recompute_blocked_hm": lambda q, k, v, bias: recompute_blocked_attention_hm(
-        q, k, v, bias, query_block(q.shape[1])),
+        q, k, v, bias, query_block(q.shape[1])
+    ),
 }

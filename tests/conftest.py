@@ -27,7 +27,8 @@ DATA_DIR = Path(os.environ.get("FLEXORA_DATA_DIR", REPO.parent / "shared" / "dat
 TINYSTORIES = DATA_DIR / "tinystories260k"
 
 requires_data = pytest.mark.skipif(
-    not DATA_DIR.exists(), reason=f"reference data folder {DATA_DIR} is absent (set FLEXORA_DATA_DIR)")
+    not DATA_DIR.exists(), reason=f"reference data folder {DATA_DIR} is absent (set FLEXORA_DATA_DIR)"
+)
 
 
 @pytest.fixture(scope="session")

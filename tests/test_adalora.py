@@ -28,14 +28,31 @@ from flexora_jax.engine import finetune_adalora  # noqa: E402
 from flexora_jax.errors import CheckpointError, ConfigError  # noqa: E402
 
 L, MODULES = 2, ("q_proj", "v_proj")
-SCHEDULE = dict(init_r=4, target_r=2, tinit=1, tfinal=2, deltaT=2, total_step=10, beta1=0.85, beta2=0.9,
-                orth_reg_weight=0.3, lora_alpha=8)
+SCHEDULE = dict(
+    init_r=4,
+    target_r=2,
+    tinit=1,
+    tfinal=2,
+    deltaT=2,
+    total_step=10,
+    beta1=0.85,
+    beta2=0.9,
+    orth_reg_weight=0.3,
+    lora_alpha=8,
+)
 
 
 def _peft_model(save_to=None):
     torch.manual_seed(0)
-    hf = transformers.LlamaConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=L,
-                                  num_attention_heads=2, num_key_value_heads=1, initializer_range=0.2)
+    hf = transformers.LlamaConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=L,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        initializer_range=0.2,
+    )
     model = transformers.LlamaForCausalLM(hf)
     if save_to is not None:
         model.save_pretrained(save_to)
@@ -49,11 +66,18 @@ def _name(m: str, i: int, which: str) -> str:
 
 def _ours(named: dict, attr: str) -> dict:
     """Our stacked layout of PEFT's lora_A / lora_E / lora_B values (or grads)."""
+
     def get(m, i, w):
         return getattr(named[_name(m, i, w)], attr).detach().numpy()
-    return {m: {"a": jnp.asarray(np.stack([get(m, i, "A").T for i in range(L)])),
-                "e": jnp.asarray(np.stack([get(m, i, "E")[:, 0] for i in range(L)])),
-                "b": jnp.asarray(np.stack([get(m, i, "B").T for i in range(L)]))} for m in MODULES}
+
+    return {
+        m: {
+            "a": jnp.asarray(np.stack([get(m, i, "A").T for i in range(L)])),
+            "e": jnp.asarray(np.stack([get(m, i, "E")[:, 0] for i in range(L)])),
+            "b": jnp.asarray(np.stack([get(m, i, "B").T for i in range(L)])),
+        }
+        for m in MODULES
+    }
 
 
 def test_allocator_masks_equal_peft_step_by_step(tmp_path):
@@ -116,8 +140,15 @@ def test_orth_regularizer_equals_peft():
     assert abs((total - plain) - SCHEDULE["orth_reg_weight"] * ours) < 1e-5
 
 
-@pytest.mark.parametrize("change,match", [({"target_r": 5}, "target_r"), ({"total_step": None}, "total_step"),
-                                          ({"tinit": 8}, "tinit"), ({"beta1": 1.0}, "beta1")])
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        ({"target_r": 5}, "target_r"),
+        ({"total_step": None}, "total_step"),
+        ({"tinit": 8}, "tinit"),
+        ({"beta1": 1.0}, "beta1"),
+    ],
+)
 def test_bad_config_is_named(change, match):
     with pytest.raises(ConfigError, match=match):
         AdaLoraConfig(**{**SCHEDULE, **change})
@@ -137,8 +168,11 @@ def test_finetune_allocates_the_target_budget_and_prunes_to_an_equal_lora(tmp_pa
     assert sum(int((np.asarray(weights[m]["e"]) != 0).sum()) for m in MODULES) == config.target_r * len(MODULES) * L
     lora = to_lora(model_config, config, weights, tuple(range(L)))
     full = as_lora(model_config, config, weights, tuple(range(L)))
-    np.testing.assert_allclose(np.asarray(fj.forward(model_config, params, tokens[:4], lora=lora)),
-                               np.asarray(fj.forward(model_config, params, tokens[:4], lora=full)), atol=1e-5)
+    np.testing.assert_allclose(
+        np.asarray(fj.forward(model_config, params, tokens[:4], lora=lora)),
+        np.asarray(fj.forward(model_config, params, tokens[:4], lora=full)),
+        atol=1e-5,
+    )
 
 
 def test_adalora_method_runs_end_to_end_from_the_command(tmp_path):
@@ -149,15 +183,25 @@ def test_adalora_method_runs_end_to_end_from_the_command(tmp_path):
     from flexora_jax import cli
 
     out = tmp_path / "run"
-    tiny = ["--finetune.max_steps=12", "--task.planted.num_layers=3", "--task.planted.n_train=64",
-            "--task.planted.n_val=32", "--task.planted.n_test=32", "--task.planted.finetune_examples=32",
-            "--checkpoint.every=0", "--eval.base=false", "--lora.r=4"]
+    tiny = [
+        "--finetune.max_steps=12",
+        "--task.planted.num_layers=3",
+        "--task.planted.n_train=64",
+        "--task.planted.n_val=32",
+        "--task.planted.n_test=32",
+        "--task.planted.finetune_examples=32",
+        "--checkpoint.every=0",
+        "--eval.base=false",
+        "--lora.r=4",
+    ]
     assert cli.main(["run", "--quiet", "--output-dir", str(out), "--method=adalora", "--compare=[]", *tiny]) == 0
     selection = json.loads((out / "selection.json").read_text())
     ranks = selection["ranks"]
     assert len(ranks) == 2 * 3 and sum(ranks.values()) == 4 * 2 * 3  # target_r x matrices, as PEFT's budget
-    assert json.loads((out / "methods" / "adalora" / "adalora_adapter" / "adapter_config.json").read_text())[
-        "peft_type"] == "ADALORA"
+    assert (
+        json.loads((out / "methods" / "adalora" / "adalora_adapter" / "adapter_config.json").read_text())["peft_type"]
+        == "ADALORA"
+    )
     assert json.loads((out / "eval.json").read_text())["planted"]["test_loss"] > 0
 
 
@@ -205,8 +249,9 @@ def test_peft_adalora_adapter_loads_as_adalora_and_as_pruned_lora(tmp_path, allo
     np.testing.assert_allclose(full, theirs, atol=1e-4, rtol=0)
     lora = load_peft(tmp_path / "ada", model_config)  # rank-pruned as LoRA
     assert sum(sum(lora.spec.rank_of(m)) for m in lora.spec.targets) == 4 * len(MODULES) * L - pruned
-    np.testing.assert_allclose(np.asarray(fj.forward(model_config, params, tokens, lora=lora)), theirs, atol=1e-4,
-                               rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(fj.forward(model_config, params, tokens, lora=lora)), theirs, atol=1e-4, rtol=0
+    )
     export_adalora(ada, weights, layers, L, tmp_path / "again")
     np.testing.assert_allclose(_peft_logits(tmp_path / "base", tmp_path / "again", tokens), theirs, atol=1e-4, rtol=0)
 
@@ -214,15 +259,21 @@ def test_peft_adalora_adapter_loads_as_adalora_and_as_pruned_lora(tmp_path, allo
 def test_bad_adalora_adapters_are_named(tmp_path):
     _peft_model(tmp_path / "base")
     model_config, _ = fj.load_model(tmp_path / "base")
-    weights = {m: {"a": jnp.ones((L, 16, 4)), "e": jnp.ones((L, 4)),
-                   "b": jnp.ones((L, 4, 8 if m != "q_proj" else 16))} for m in MODULES}
+    weights = {
+        m: {"a": jnp.ones((L, 16, 4)), "e": jnp.ones((L, 4)), "b": jnp.ones((L, 4, 8 if m != "q_proj" else 16))}
+        for m in MODULES
+    }
     config = AdaLoraConfig(**SCHEDULE, target_modules=MODULES)
     out = export_adalora(config, weights, (0, 1), L, tmp_path / "ada")
     path = out / "adapter_config.json"
     good = json.loads(path.read_text())
-    for change, match in (({"beta1": 1.5}, "beta1"), ({"bias": "all"}, "bias"), ({"magic": 1}, "magic"),
-                          ({"rank_pattern": {"model.layers.0.self_attn.q_proj.lora_E": [True]}}, "kept mask"),
-                          ({"use_dora": True}, "DoRA")):
+    for change, match in (
+        ({"beta1": 1.5}, "beta1"),
+        ({"bias": "all"}, "bias"),
+        ({"magic": 1}, "magic"),
+        ({"rank_pattern": {"model.layers.0.self_attn.q_proj.lora_E": [True]}}, "kept mask"),
+        ({"use_dora": True}, "DoRA"),
+    ):
         path.write_text(json.dumps({**good, **change}))
         with pytest.raises(ConfigError, match=match):
             load_peft(out, model_config)

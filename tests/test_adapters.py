@@ -29,8 +29,16 @@ _forward = jax.jit(fj.forward, static_argnums=0)
 
 
 def _hf_config(**overrides) -> transformers.LlamaConfig:
-    kw = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
-              num_key_value_heads=2, initializer_range=0.1, max_position_embeddings=64)
+    kw = dict(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.1,
+        max_position_embeddings=64,
+    )
     kw.update(overrides)
     return transformers.LlamaConfig(**kw)
 
@@ -64,16 +72,28 @@ def _assert_changes_base(config, params, lora_logits) -> None:
 
 EXPORT_CASES = {
     "rank_and_alpha_pattern": fj.LoraConfig(
-        r=4, lora_alpha=8, target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"),
-        rank_pattern={"model.layers.1.self_attn.q_proj": 2, "k_proj": 3}, alpha_pattern={"down_proj": 5.0},
-        init_lora_weights=False),
+        r=4,
+        lora_alpha=8,
+        target_modules=("q_proj", "k_proj", "v_proj", "o_proj", "down_proj"),
+        rank_pattern={"model.layers.1.self_attn.q_proj": 2, "k_proj": 3},
+        alpha_pattern={"down_proj": 5.0},
+        init_lora_weights=False,
+    ),
     "layers_to_transform": fj.LoraConfig(
-        r=3, lora_alpha=6, target_modules=("q_proj", "gate_proj", "up_proj"), layers_to_transform=(0, 2),
-        init_lora_weights=False),
+        r=3,
+        lora_alpha=6,
+        target_modules=("q_proj", "gate_proj", "up_proj"),
+        layers_to_transform=(0, 2),
+        init_lora_weights=False,
+    ),
     "mixed_rank_zero_rslora": fj.LoraConfig(
-        r=4, lora_alpha=8, target_modules=("v_proj", "down_proj"), use_rslora=True,
+        r=4,
+        lora_alpha=8,
+        target_modules=("v_proj", "down_proj"),
+        use_rslora=True,
         rank_pattern={"model.layers.0.self_attn.v_proj": 0, "model.layers.2.mlp.down_proj": 2},
-        init_lora_weights=False),
+        init_lora_weights=False,
+    ),
 }
 
 
@@ -131,9 +151,14 @@ def test_gated_export_folds_gates(base, tmp_path):
     lora = fj.init_lora(config, EXPORT_CASES["rank_and_alpha_pattern"], jax.random.key(3))
     L = config.num_hidden_layers
     rng = np.random.default_rng(3)
-    gates = Gates(layer=jax.numpy.asarray(rng.normal(size=L), jax.numpy.float32),
-                  rank={m: jax.numpy.asarray(rng.normal(size=(L, lora.spec.r_max_of(m))), jax.numpy.float32)
-                        for m in lora.spec.targets}, power=3)
+    gates = Gates(
+        layer=jax.numpy.asarray(rng.normal(size=L), jax.numpy.float32),
+        rank={
+            m: jax.numpy.asarray(rng.normal(size=(L, lora.spec.r_max_of(m))), jax.numpy.float32)
+            for m in lora.spec.targets
+        },
+        power=3,
+    )
     ours = _logits(config, params, lora, gates)
     assert np.abs(ours - _logits(config, params, lora)).max() > 100 * TOL
     export_peft(lora, tmp_path, gates=gates)
@@ -141,13 +166,23 @@ def test_gated_export_folds_gates(base, tmp_path):
 
 
 PEFT_CASES = {
-    "rank_alpha_layers": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
-                              layers_to_transform=[0, 2], alpha_pattern={"v_proj": 3},
-                              # PEFT: the first matching key wins, not the longest (up_proj: 3 in layer 2 too).
-                              # save_pretrained sorts the keys, so only a sorted overlap survives a reload.
-                              rank_pattern={"mlp.up_proj": 3, "model.layers.2.mlp.up_proj": 6, "q_proj": 2}),
-    "regex_rslora": dict(r=5, lora_alpha=7, target_modules=r".*\.(k_proj|gate_proj)", use_rslora=True,
-                         exclude_modules=["model.layers.1.mlp.gate_proj"]),
+    "rank_alpha_layers": dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "up_proj", "down_proj"],
+        layers_to_transform=[0, 2],
+        alpha_pattern={"v_proj": 3},
+        # PEFT: the first matching key wins, not the longest (up_proj: 3 in layer 2 too).
+        # save_pretrained sorts the keys, so only a sorted overlap survives a reload.
+        rank_pattern={"mlp.up_proj": 3, "model.layers.2.mlp.up_proj": 6, "q_proj": 2},
+    ),
+    "regex_rslora": dict(
+        r=5,
+        lora_alpha=7,
+        target_modules=r".*\.(k_proj|gate_proj)",
+        use_rslora=True,
+        exclude_modules=["model.layers.1.mlp.gate_proj"],
+    ),
     "all_linear": dict(r=2, lora_alpha=4, target_modules="all-linear", rank_pattern={"^model.layers.1.*": 3}),
 }
 
@@ -157,8 +192,9 @@ def test_peft_adapter_loads_here_with_same_logits(base, tmp_path, case):
     model, model_dir, config, params = base
     torch.manual_seed(1)
     hf = transformers.LlamaForCausalLM.from_pretrained(model_dir).eval()
-    peft_model = peft.get_peft_model(hf, peft.LoraConfig(init_lora_weights=False, task_type="CAUSAL_LM",
-                                                         **PEFT_CASES[case])).eval()
+    peft_model = peft.get_peft_model(
+        hf, peft.LoraConfig(init_lora_weights=False, task_type="CAUSAL_LM", **PEFT_CASES[case])
+    ).eval()
     with torch.no_grad():
         theirs = peft_model(torch.tensor(TOKENS)).logits.numpy()
     peft_model.save_pretrained(tmp_path)
@@ -232,10 +268,20 @@ def test_unknown_field_is_named(base, exported):
         load_peft(exported, base[2])
 
 
-@pytest.mark.parametrize("field,value", [("use_dora", "yes"), ("bias", "all"), ("fan_in_fan_out", True),
-                                         ("modules_to_save", ["lm_head"]), ("lora_bias", True),
-                                         ("init_lora_weights", "pissa"), ("peft_type", "IA3"),
-                                         ("target_modules", ["q_proj", "c_attn"]), ("target_modules", ["lm_head"])])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("use_dora", "yes"),
+        ("bias", "all"),
+        ("fan_in_fan_out", True),
+        ("modules_to_save", ["lm_head"]),
+        ("lora_bias", True),
+        ("init_lora_weights", "pissa"),
+        ("peft_type", "IA3"),
+        ("target_modules", ["q_proj", "c_attn"]),
+        ("target_modules", ["lm_head"]),
+    ],
+)
 def test_function_changing_settings_are_refused(base, exported, field, value):
     _edit_config(exported, **{field: value})
     with pytest.raises(ConfigError, match=field if field != "target_modules" else value[-1]):
@@ -249,9 +295,18 @@ def test_dora_flag_without_magnitudes_names_the_tensor(base, exported):
 
 
 def test_harmless_peft_metadata_is_accepted(base, exported):
-    _edit_config(exported, base_model_name_or_path="meta-llama/x", peft_version="0.21.2", inference_mode=False,
-                 megatron_core="megatron.core", loftq_config={}, auto_mapping=None, use_dora=False,
-                 modules_to_save=[], init_lora_weights="gaussian")
+    _edit_config(
+        exported,
+        base_model_name_or_path="meta-llama/x",
+        peft_version="0.21.2",
+        inference_mode=False,
+        megatron_core="megatron.core",
+        loftq_config={},
+        auto_mapping=None,
+        use_dora=False,
+        modules_to_save=[],
+        init_lora_weights="gaussian",
+    )
     load_peft(exported, base[2])
 
 

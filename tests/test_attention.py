@@ -52,8 +52,9 @@ def _loss(core, bias, w):
 
 
 def _max_diff(a, b):
-    return max(float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in
-               zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+    return max(
+        float(np.max(np.abs(np.asarray(x) - np.asarray(y)))) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b))
+    )
 
 
 @pytest.mark.parametrize("name", sorted(CORES))
@@ -77,7 +78,8 @@ def test_second_derivative_reverse_over_reverse(name, mask):
     def outer(core):
         def f(q, k, v):
             dq, dk, dv = jax.grad(_loss(core, bias, w), (0, 1, 2))(q, k, v)
-            return jnp.sum(dq ** 2) + jnp.sum(jnp.cos(dk)) + jnp.sum(dv * v)
+            return jnp.sum(dq**2) + jnp.sum(jnp.cos(dk)) + jnp.sum(dv * v)
+
         return jax.grad(f, (0, 1, 2))(q, k, v)
 
     assert _max_diff(outer(CORES[name]), outer(reference_attention)) < 1e-4
@@ -114,8 +116,9 @@ def test_blocked_values_gradients_and_second_derivative(nk, g, mask):
     assert _max_diff(grad(core), grad(reference_attention)) < 1e-5
 
     def outer(c):
-        return jax.grad(lambda q, k, v: sum(jnp.sum(x ** 2) for x in jax.grad(_loss(c, bias, w), (0, 1, 2))(q, k, v)),
-                        (0, 1, 2))(q, k, v)
+        return jax.grad(
+            lambda q, k, v: sum(jnp.sum(x**2) for x in jax.grad(_loss(c, bias, w), (0, 1, 2))(q, k, v)), (0, 1, 2)
+        )(q, k, v)
 
     assert _max_diff(outer(core), outer(reference_attention)) < 1e-4
 

@@ -23,29 +23,32 @@ from flexora_jax.train import make_optimizer
 CUDA, TPU, CPU = "cuda", "tpu", "cpu"
 
 
-@pytest.mark.parametrize("requested,dtype,second_order,platform,want", [
-    ("auto", "bfloat16", False, CUDA, "cudnn"),
-    ("auto", "float16", False, CUDA, "cudnn"),
-    ("auto", "float32", False, CUDA, "xla"),  # cuDNN flash needs half precision
-    ("auto", "bfloat16", True, CUDA, "xla"),  # differentiated twice: never a fused kernel
-    ("auto", "bfloat16", False, "rocm", "xla"),
-    ("auto", "bfloat16", False, TPU, "splash"),
-    ("auto", "float32", False, TPU, "splash"),
-    ("auto", "bfloat16", True, TPU, "xla"),
-    ("auto", "bfloat16", False, CPU, "flash"),  # CPU: our blockwise flash attention, first order
-    ("auto", "float32", True, CPU, "flash"),  # ... and reverse-over-reverse (the unrolled hypergradient)
-    ("xla", "bfloat16", True, CUDA, "xla"),
-    ("flash", "bfloat16", False, CUDA, "flash"),  # plain JAX: runs anywhere when forced
-    ("flash", "float32", True, TPU, "flash"),
-    ("cudnn", "bfloat16", False, CUDA, "cudnn"),
-    ("splash", "bfloat16", False, TPU, "splash"),
-    ("cudnn", "bfloat16", True, CUDA, ConfigError),  # forced fused kernel + second order
-    ("splash", "float32", True, TPU, ConfigError),
-    ("cudnn", "float32", False, CUDA, ConfigError),
-    ("cudnn", "bfloat16", False, CPU, ConfigError),
-    ("splash", "bfloat16", False, CUDA, ConfigError),
-    ("pallas", "bfloat16", False, CUDA, ConfigError),
-])
+@pytest.mark.parametrize(
+    "requested,dtype,second_order,platform,want",
+    [
+        ("auto", "bfloat16", False, CUDA, "cudnn"),
+        ("auto", "float16", False, CUDA, "cudnn"),
+        ("auto", "float32", False, CUDA, "xla"),  # cuDNN flash needs half precision
+        ("auto", "bfloat16", True, CUDA, "xla"),  # differentiated twice: never a fused kernel
+        ("auto", "bfloat16", False, "rocm", "xla"),
+        ("auto", "bfloat16", False, TPU, "splash"),
+        ("auto", "float32", False, TPU, "splash"),
+        ("auto", "bfloat16", True, TPU, "xla"),
+        ("auto", "bfloat16", False, CPU, "flash"),  # CPU: our blockwise flash attention, first order
+        ("auto", "float32", True, CPU, "flash"),  # ... and reverse-over-reverse (the unrolled hypergradient)
+        ("xla", "bfloat16", True, CUDA, "xla"),
+        ("flash", "bfloat16", False, CUDA, "flash"),  # plain JAX: runs anywhere when forced
+        ("flash", "float32", True, TPU, "flash"),
+        ("cudnn", "bfloat16", False, CUDA, "cudnn"),
+        ("splash", "bfloat16", False, TPU, "splash"),
+        ("cudnn", "bfloat16", True, CUDA, ConfigError),  # forced fused kernel + second order
+        ("splash", "float32", True, TPU, ConfigError),
+        ("cudnn", "float32", False, CUDA, ConfigError),
+        ("cudnn", "bfloat16", False, CPU, ConfigError),
+        ("splash", "bfloat16", False, CUDA, ConfigError),
+        ("pallas", "bfloat16", False, CUDA, ConfigError),
+    ],
+)
 def test_decision_table(requested, dtype, second_order, platform, want):
     if isinstance(want, str):
         assert attn.select_attention(requested, dtype, second_order=second_order, platform=platform) == want
@@ -54,10 +57,17 @@ def test_decision_table(requested, dtype, second_order, platform, want):
             attn.select_attention(requested, dtype, second_order=second_order, platform=platform)
 
 
-@pytest.mark.parametrize("requested,platform,dtype,want", [
-    ("auto", CPU, "float32", "xla"), ("auto", CUDA, "bfloat16", "xla"), ("auto", TPU, "bfloat16", "xla"),
-    ("xla", CPU, "float32", "xla"), ("flash", CPU, "float32", ConfigError), ("cudnn", CUDA, "bfloat16", ConfigError),
-])
+@pytest.mark.parametrize(
+    "requested,platform,dtype,want",
+    [
+        ("auto", CPU, "float32", "xla"),
+        ("auto", CUDA, "bfloat16", "xla"),
+        ("auto", TPU, "bfloat16", "xla"),
+        ("xla", CPU, "float32", "xla"),
+        ("flash", CPU, "float32", ConfigError),
+        ("cudnn", CUDA, "bfloat16", ConfigError),
+    ],
+)
 def test_forward_mode_stages_get_the_xla_attention(requested, platform, dtype, want):
     """jvp / jacfwd cannot go through a custom_vjp: forward mode always runs the checkpointed XLA attention."""
     if isinstance(want, str):
@@ -67,10 +77,17 @@ def test_forward_mode_stages_get_the_xla_attention(requested, platform, dtype, w
             attn.select_attention(requested, dtype, second_order=True, forward_mode=True, platform=platform)
 
 
-@pytest.mark.parametrize("estimator,darts_mode,second,forward", [
-    ("unrolled", "exact", True, False), ("forward", "exact", True, True), ("darts", "exact", True, True),
-    ("darts", "finite_difference", False, False), ("first_order", "exact", False, False),
-    (None, "exact", False, False)])
+@pytest.mark.parametrize(
+    "estimator,darts_mode,second,forward",
+    [
+        ("unrolled", "exact", True, False),
+        ("forward", "exact", True, True),
+        ("darts", "exact", True, True),
+        ("darts", "finite_difference", False, False),
+        ("first_order", "exact", False, False),
+        (None, "exact", False, False),
+    ],
+)
 def test_which_stages_differentiate_twice(estimator, darts_mode, second, forward):
     assert attn.differentiates_twice(estimator, darts_mode) is second
     assert attn.needs_forward_mode(estimator, darts_mode) is forward
@@ -83,14 +100,32 @@ def test_config_field_is_validated():
 
 
 # ----------------------------------------------------------------------- search steps on a pretend GPU
-TINY = fj.ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, dtype="bfloat16")
+TINY = fj.ModelConfig(
+    vocab_size=32,
+    hidden_size=16,
+    intermediate_size=24,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    dtype="bfloat16",
+)
 
 
-def _search_jaxpr(estimator: str, darts_mode: str = "exact", config: fj.ModelConfig = TINY,
-                  grad_of_hypergradient: bool = False, unrolled_mode: str = "mixed") -> str:
-    sc = SearchConfig(hypergradient=estimator, inner_steps=1, batch_size=2, val_batch_size=2, darts_mode=darts_mode,
-                      unrolled_mode=unrolled_mode)
+def _search_jaxpr(
+    estimator: str,
+    darts_mode: str = "exact",
+    config: fj.ModelConfig = TINY,
+    grad_of_hypergradient: bool = False,
+    unrolled_mode: str = "mixed",
+) -> str:
+    sc = SearchConfig(
+        hypergradient=estimator,
+        inner_steps=1,
+        batch_size=2,
+        val_batch_size=2,
+        darts_mode=darts_mode,
+        unrolled_mode=unrolled_mode,
+    )
     params = fj.init_params(config, jax.random.key(0))
     lora = fj.init_lora(config, fj.LoraConfig(r=2, target_modules=("q_proj", "v_proj")), jax.random.key(1))
     state = init_search_state(lora, fj.init_gates("layer", config.num_hidden_layers), sc)
@@ -99,8 +134,10 @@ def _search_jaxpr(estimator: str, darts_mode: str = "exact", config: fj.ModelCon
     val = jax.tree.map(lambda x: x[0], batches)
     step = make_search_step(config, sc)
     if grad_of_hypergradient:  # d/d(gates) of the norm of the hypergradient: one order more
+
         def f(gates):
             return step(params, state._replace(gates=gates), batches, val)[1]["hypergrad_norm"]
+
         return str(jax.make_jaxpr(jax.grad(f))(state.gates))
     return str(jax.make_jaxpr(step)(params, state, batches, val))
 
@@ -169,9 +206,15 @@ def cpu_flash_calls(monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize("estimator,darts_mode,uses_flash", [
-    ("unrolled", "exact", True), ("first_order", "exact", True),
-    ("forward", "exact", False), ("darts", "exact", True)])
+@pytest.mark.parametrize(
+    "estimator,darts_mode,uses_flash",
+    [
+        ("unrolled", "exact", True),
+        ("first_order", "exact", True),
+        ("forward", "exact", False),
+        ("darts", "exact", True),
+    ],
+)
 def test_cpu_search_steps_use_flash_except_under_forward_mode(cpu_flash_calls, estimator, darts_mode, uses_flash):
     """On CPU ``auto`` runs flash in reverse-mode stages; ``forward`` (jacfwd) traces the XLA attention, which
     has a forward-mode rule (tracing it through flash would raise). ``darts`` exact takes flash in its first-order

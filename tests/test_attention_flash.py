@@ -41,7 +41,7 @@ def _inputs(case: str, dtype=jnp.float32, seed: int = 0):
     w = jax.random.normal(ks[3], q.shape, dtype)
     mask = np.ones((B, T), np.int32)
     if padding:
-        mask[0, T - 2:] = 0  # right padding
+        mask[0, T - 2 :] = 0  # right padding
         mask[1, :3] = 0  # left padding: fully masked query rows
     seg = jnp.asarray([[0] * 3 + [1] * 2 + [2] * 3 + [-1], [0] * 5 + [1] * 4], jnp.int32) if segments else None
     bias = attention_bias(jnp.asarray(mask), B, T, seg).astype(dtype)
@@ -65,9 +65,11 @@ def _loss(core, w):
 
 def _grad_norm(core, w):
     """A second-order quantity: a function of the gradient (what the unrolled hypergradient differentiates)."""
+
     def f(q, k, v):
         dq, dk, dv = jax.grad(_loss(core, w), (0, 1, 2))(q, k, v)
-        return jnp.sum(dq ** 2) + jnp.sum(jnp.cos(dk)) + jnp.sum(dv * v)
+        return jnp.sum(dq**2) + jnp.sum(jnp.cos(dk)) + jnp.sum(dv * v)
+
     return f
 
 
@@ -117,8 +119,9 @@ def test_fully_masked_rows_are_finite_in_every_order():
     out, grad, second = _orders(*args, bias, w, TILING, softcap)
     assert all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves((out, grad, second)))
     # a dead row attends uniformly to the keys of its block's causal prefix (its block is tokens 0-3)
-    np.testing.assert_allclose(out[1, 0], jnp.broadcast_to(jnp.mean(args[2][1, :4], axis=0)[:, None], (NK, G, E)),
-                               atol=1e-6)
+    np.testing.assert_allclose(
+        out[1, 0], jnp.broadcast_to(jnp.mean(args[2][1, :4], axis=0)[:, None], (NK, G, E)), atol=1e-6
+    )
 
 
 def test_float64_finite_differences_of_the_backward_and_of_a_second_order_quantity():
@@ -134,8 +137,10 @@ def test_float64_finite_differences_of_the_backward_and_of_a_second_order_quanti
         def check(f):
             """|central difference - exact| / max(1, |exact|) of f's derivative along ``dirs``."""
             value_and_grad = jax.jit(jax.value_and_grad(f, (0, 1, 2)))
-            fd = (value_and_grad(*(x + eps * d for x, d in zip(args, dirs)))[0]
-                  - value_and_grad(*(x - eps * d for x, d in zip(args, dirs)))[0]) / (2 * eps)
+            fd = (
+                value_and_grad(*(x + eps * d for x, d in zip(args, dirs)))[0]
+                - value_and_grad(*(x - eps * d for x, d in zip(args, dirs)))[0]
+            ) / (2 * eps)
             exact = sum(float(jnp.vdot(g, d)) for g, d in zip(value_and_grad(*args)[1], dirs))
             return abs(float(fd) - exact) / max(1.0, abs(exact))
 
@@ -163,10 +168,22 @@ def test_tiles_are_causal_and_cover_every_visible_key():
 
 
 # ---------------------------------------------------------------------------------------- the decoder
-GEMMA2 = fj.ModelConfig(vocab_size=48, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, head_dim=8, model_type="gemma2",
-                        hidden_act="gelu_pytorch_tanh", sliding_window=5, sliding_layers=(0,),
-                        query_pre_attn_scalar=16.0, attn_logit_softcapping=4.0, final_logit_softcapping=10.0)
+GEMMA2 = fj.ModelConfig(
+    vocab_size=48,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    model_type="gemma2",
+    hidden_act="gelu_pytorch_tanh",
+    sliding_window=5,
+    sliding_layers=(0,),
+    query_pre_attn_scalar=16.0,
+    attn_logit_softcapping=4.0,
+    final_logit_softcapping=10.0,
+)
 
 
 def test_decoder_with_flash_equals_the_xla_attention():
@@ -178,13 +195,17 @@ def test_decoder_with_flash_equals_the_xla_attention():
     mask[0, :3], mask[1, 9:] = 0, 0
     batch = {"input_ids": ids, "attention_mask": jnp.asarray(mask), "loss_mask": jnp.asarray(mask, jnp.float32)}
     params = fj.init_params(GEMMA2, jax.random.key(0), init_std=0.3)
-    lora = fj.init_lora(GEMMA2, fj.LoraConfig(r=2, target_modules=("q_proj", "k_proj", "v_proj"),
-                                             init_lora_weights=False), jax.random.key(1))
+    lora = fj.init_lora(
+        GEMMA2,
+        fj.LoraConfig(r=2, target_modules=("q_proj", "k_proj", "v_proj"), init_lora_weights=False),
+        jax.random.key(1),
+    )
 
     def loss_and_grad(attention):
         config = dataclasses.replace(GEMMA2, attention=attention)
-        return jax.jit(jax.value_and_grad(lambda wts: lm_loss(config, params, lora.replace(weights=wts), None,
-                                                              batch)))(lora.weights)
+        return jax.jit(jax.value_and_grad(lambda wts: lm_loss(config, params, lora.replace(weights=wts), None, batch)))(
+            lora.weights
+        )
 
     (l0, g0), (l1, g1) = loss_and_grad("xla"), loss_and_grad("flash")
     assert abs(float(l0) - float(l1)) < 1e-5

@@ -71,8 +71,12 @@ def test_peak_is_measured_once_per_process_and_shares_are_taken_against_it():
         assert peak["reference_flops"] == peak["matmul_fp32"]["flops_per_s"]
     t = harness.throughput(1e9, {"median_s": 0.5, "min_s": 0.25}, {"reference": "datasheet", "reference_flops": 4e9})
     assert t["flops_per_s"] == 2e9 and t["share_of_peak"] == 0.5 and t["share_of_peak_best"] == 1.0 and t["mfu"] == 0.5
-    assert harness.throughput(1.0, {"median_s": 1.0, "min_s": 1.0}, {"reference": "measured", "reference_flops": 2.0})[
-        "mfu"] is None
+    assert (
+        harness.throughput(1.0, {"median_s": 1.0, "min_s": 1.0}, {"reference": "measured", "reference_flops": 2.0})[
+            "mfu"
+        ]
+        is None
+    )
 
 
 def test_flop_convention_and_datasheet_peaks():
@@ -156,11 +160,24 @@ def test_finetune_gpu_mode_needs_a_gpu():
             finetune.run(gpu=True)
         with pytest.raises(SystemExit, match="search --gpu needs a CUDA GPU visible to jax;"):
             search.run(gpu=True)
-    rows = report.table_finetune_gpu({"command": "python -m benchmarks.finetune --gpu", "machine": {"date": "d"},
-                                      "rows": [{"case": "c", "batch": 4, "seq": 2048, "device": "H100",
-                                                "flexora_jax": {"tokens_per_s": 10.0, "mfu": 0.45},
-                                                "torch_peft": {"tokens_per_s": 5.0, "mfu": 0.2},
-                                                "speedup": 2.0, "target_speedup": 1.3}]})
+    rows = report.table_finetune_gpu(
+        {
+            "command": "python -m benchmarks.finetune --gpu",
+            "machine": {"date": "d"},
+            "rows": [
+                {
+                    "case": "c",
+                    "batch": 4,
+                    "seq": 2048,
+                    "device": "H100",
+                    "flexora_jax": {"tokens_per_s": 10.0, "mfu": 0.45},
+                    "torch_peft": {"tokens_per_s": 5.0, "mfu": 0.2},
+                    "speedup": 2.0,
+                    "target_speedup": 1.3,
+                }
+            ],
+        }
+    )
     assert "45.0%" in rows and "**2.00x** (met)" in rows
 
 
@@ -189,12 +206,15 @@ def test_search_parts_smoke(smoke_results):
     assert set(parts) == {"plain", "search_step", "inner_forward", "val_grad", "outer_update"}
     med = {n: p["median_s"] for n, p in parts.items()}
     assert row["reverse_sweep_s"] == pytest.approx(
-        med["search_step"] - med["inner_forward"] - med["val_grad"] - med["outer_update"])
+        med["search_step"] - med["inner_forward"] - med["val_grad"] - med["outer_update"]
+    )
     assert row["search_over_k_plain"] == pytest.approx(med["search_step"] / med["plain"])
     assert all(p["over_k_plain"] > 0 for p in parts.values()) and parts["search_step"]["share_of_peak"] > 0
     # the attention of the first-order passes and of the Hessian-vector products, as the search step picks them
-    assert row["attention"] == {"first_order": stage_config(common.MODELS["tiny"]).attention,
-                                "second_order": stage_config(common.MODELS["tiny"], "unrolled").attention}
+    assert row["attention"] == {
+        "first_order": stage_config(common.MODELS["tiny"]).attention,
+        "second_order": stage_config(common.MODELS["tiny"], "unrolled").attention,
+    }
 
 
 def test_nnx_step_smoke(smoke_results):
@@ -224,8 +244,13 @@ def test_memory_logits_smoke(tmp_path):
 
 
 def test_every_table_renders_from_a_smoke_run(smoke_results, tmp_path):
-    renamed = {"forward": "forward_smoke", "finetune": "finetune_smoke", "search": "search_smoke",
-               "search_parts": "search_parts_smoke", "nnx_step": "nnx_step_smoke"}
+    renamed = {
+        "forward": "forward_smoke",
+        "finetune": "finetune_smoke",
+        "search": "search_smoke",
+        "search_parts": "search_parts_smoke",
+        "nnx_step": "nnx_step_smoke",
+    }
     for name, smoke in renamed.items():
         shutil.copy(smoke_results / f"{smoke}.json", tmp_path / report.TABLES[name][0])
     md = tmp_path / "RESULTS.md"
@@ -275,12 +300,18 @@ def test_run_all_records_each_runner_and_skips_gpu_runners_without_a_gpu(tmp_pat
 
 def test_gpu_table_renders():
     t = {"median_s": 0.5, "min_s": 0.4, "tokens_per_s": 100.0, "flops_per_s": 3e14, "share_of_peak": 0.3}
-    d = {"command": "python -m benchmarks.gpu", "machine": {"date": "d", "cpu": "c", "cpu_count": 16,
-                                                          "load_avg_1m": 1.0},
-         "device": "NVIDIA H200", "model": {"hidden_size": 2048, "num_hidden_layers": 22, "dtype": "bfloat16"},
-         "finetune": {"batch": 4, "seq": 2048, "variants": {"flexora_jax[cudnn]": {**t, "compile_s": 9.0,
-                                                                                      "plan_over_xla": 1.1}}},
-         "search": [{"k": 4, "variants": {"plain[cudnn]": t, "unrolled[xla]": {**t, "over_k_plain": {"plain": 2.5}}}}]}
+    d = {
+        "command": "python -m benchmarks.gpu",
+        "machine": {"date": "d", "cpu": "c", "cpu_count": 16, "load_avg_1m": 1.0},
+        "device": "NVIDIA H200",
+        "model": {"hidden_size": 2048, "num_hidden_layers": 22, "dtype": "bfloat16"},
+        "finetune": {
+            "batch": 4,
+            "seq": 2048,
+            "variants": {"flexora_jax[cudnn]": {**t, "compile_s": 9.0, "plan_over_xla": 1.1}},
+        },
+        "search": [{"k": 4, "variants": {"plain[cudnn]": t, "unrolled[xla]": {**t, "over_k_plain": {"plain": 2.5}}}}],
+    }
     text = report.table_gpu(d)
     assert "300.0 TFLOP/s (30%)" in text and "plain: 2.50x" in text and "NVIDIA H200" in text
 

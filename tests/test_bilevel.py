@@ -28,11 +28,19 @@ L = 3
 
 def _setup(rank_gates: bool = False, nonzero_b: bool = False):
     """A tiny float64 model, LoRA on q/v, gates, K=5 train batches and a validation batch."""
-    cfg = fj.ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=L,
-                         num_attention_heads=2, num_key_value_heads=1, dtype="float64")
+    cfg = fj.ModelConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=L,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        dtype="float64",
+    )
     params = fj.init_params(cfg, jax.random.key(0), init_std=0.3, head_std=0.5)
-    lcfg = fj.LoraConfig(r=2, lora_alpha=4.0, target_modules=("q_proj", "v_proj"),
-                         init_lora_weights=False if nonzero_b else True)
+    lcfg = fj.LoraConfig(
+        r=2, lora_alpha=4.0, target_modules=("q_proj", "v_proj"), init_lora_weights=False if nonzero_b else True
+    )
     lora = fj.init_lora(cfg, lcfg, jax.random.key(1))
     lora = jax.tree.map(lambda x: x.astype(jnp.float64), lora)
     kind = "both" if rank_gates else "layer"
@@ -40,10 +48,16 @@ def _setup(rank_gates: bool = False, nonzero_b: bool = False):
     rng = np.random.default_rng(0)
     gates = jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.3, x.shape), jnp.float64), gates)
     tokens = rng.integers(0, 32, size=(6, 4, 8)).astype(np.int32)
-    batches = {"input_ids": tokens[:5], "attention_mask": np.ones_like(tokens[:5]),
-               "loss_mask": np.ones(tokens[:5].shape, np.float64)}
-    val = {"input_ids": tokens[5], "attention_mask": np.ones_like(tokens[5]),
-           "loss_mask": np.ones(tokens[5].shape, np.float64)}
+    batches = {
+        "input_ids": tokens[:5],
+        "attention_mask": np.ones_like(tokens[:5]),
+        "loss_mask": np.ones(tokens[:5].shape, np.float64),
+    }
+    val = {
+        "input_ids": tokens[5],
+        "attention_mask": np.ones_like(tokens[5]),
+        "loss_mask": np.ones(tokens[5].shape, np.float64),
+    }
     return cfg, params, lora, gates, batches, val
 
 
@@ -55,12 +69,14 @@ def _fd_grad(f, gates, eps=1e-5):
         flat = np.asarray(leaf).ravel()
         g = np.zeros_like(flat)
         for j in range(flat.size):
+
             def shifted(delta):
                 new = flat.copy()
                 new[j] += delta
                 ls = list(leaves)
                 ls[i] = jnp.asarray(new.reshape(leaf.shape))
                 return float(f(jax.tree.unflatten(treedef, ls)))
+
             g[j] = (shifted(eps) - shifted(-eps)) / (2 * eps)
         grads.append(g.reshape(leaf.shape))
     return jax.tree.unflatten(treedef, grads)
@@ -117,9 +133,11 @@ def test_forward_mode_equals_reverse_mode_and_remat_and_python_loop():
         opt = optax.adamw(1e-2, eps_root=1e-16)
         loss = make_loss_fn(cfg, params)
         state = InnerState(lora, opt.init(lora))
+
         def hg(estimator, **kw):  # jitted: op-by-op dispatch of the unrolled scan is slow
             return jax.jit(lambda g, s: hypergradient(estimator, loss, loss, opt, g, s, batches, val, **kw))(
-                gates, state)
+                gates, state
+            )
 
         rev, s_rev, _ = hg("unrolled", unrolled_mode="reverse", remat=True)
         norem, _, _ = hg("unrolled", unrolled_mode="reverse", remat=False)
@@ -149,7 +167,8 @@ def test_mixed_mode_equals_reverse_mode_in_float32(reset):
     cfg = dataclasses.replace(cfg, dtype="float32")
     params, lora, gates, batches, val = jax.tree.map(
         lambda x: x.astype(np.float32) if np.issubdtype(np.asarray(x).dtype, np.floating) else x,
-        (params, lora, gates, batches, val))
+        (params, lora, gates, batches, val),
+    )
     loss = make_loss_fn(cfg, params)
     opt = optax.chain(optax.clip_by_global_norm(10.0), optax.adamw(1e-2, eps_root=1e-16))
     state = InnerState(lora, opt.init(lora))
@@ -157,8 +176,10 @@ def test_mixed_mode_equals_reverse_mode_in_float32(reset):
 
     @jax.jit
     def both(g, s):
-        return [hypergradient("unrolled", loss, loss, opt, g, s, kb, val, reset_optimizer=reset,
-                              unrolled_mode=mode)[0] for mode in ("mixed", "reverse")]
+        return [
+            hypergradient("unrolled", loss, loss, opt, g, s, kb, val, reset_optimizer=reset, unrolled_mode=mode)[0]
+            for mode in ("mixed", "reverse")
+        ]
 
     mixed, reverse = both(gates, state)
     assert _rel_err(mixed, reverse) < 1e-5
@@ -186,8 +207,12 @@ def test_darts_exact_matches_finite_differences_of_its_definition():
         v = jax.grad(loss)(lora, gates, val)
         exact = darts_implicit(loss, lora, gates, batch, v, "exact")
         # definition: d/dgates <grad_theta L_train(theta, gates), v>
-        definition = _fd_grad(lambda g: sum(jnp.vdot(a, b) for a, b in zip(
-            jax.tree.leaves(jax.grad(loss)(lora, g, batch)), jax.tree.leaves(v))), gates)
+        definition = _fd_grad(
+            lambda g: sum(
+                jnp.vdot(a, b) for a, b in zip(jax.tree.leaves(jax.grad(loss)(lora, g, batch)), jax.tree.leaves(v))
+            ),
+            gates,
+        )
         assert _rel_err(exact, definition) <= 1e-4
         fd = darts_implicit(loss, lora, gates, batch, v, "finite_difference")  # AutoLoRA's eps = 0.01/||v||
         assert _rel_err(fd, exact) <= 1e-3
@@ -212,13 +237,15 @@ def test_adamw_without_eps_root_is_refused_and_with_it_finite():
 
     def run(opt):
         return jax.jit(lambda g, s: hypergradient("unrolled", loss, loss, opt, g, s, two, val))(  # noqa: B023
-            gates32, InnerState(lora32, opt.init(lora32)))[0]
+            gates32, InnerState(lora32, opt.init(lora32))
+        )[0]
 
     with pytest.raises(fj.ConfigError, match="eps_root"):
         run(optax.adamw(1e-2, eps_root=0.0))
     with pytest.raises(fj.ConfigError, match="eps_root"):
-        hypergradient("darts", loss, loss, optax.adam(1e-2), gates32, InnerState(lora32, optax.adam(1e-2).init(lora32)),
-                      two, val)
+        hypergradient(
+            "darts", loss, loss, optax.adam(1e-2), gates32, InnerState(lora32, optax.adam(1e-2).init(lora32)), two, val
+        )
     hg = run(optax.adamw(1e-2, eps_root=1e-16))
     assert bool(np.all(np.isfinite(hg.layer)))
     skipped = optax.adamw(1e-2, eps_root=0.0)  # what the probe prevents: NaN, through unroll directly
@@ -228,20 +255,28 @@ def test_adamw_without_eps_root_is_refused_and_with_it_finite():
 
 
 def test_search_step_compiles_once_and_state_carries_on():
-    cfg = fj.ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=L,
-                         num_attention_heads=2)
+    cfg = fj.ModelConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=L, num_attention_heads=2
+    )
     params = fj.init_params(cfg, jax.random.key(0), init_std=0.3, head_std=0.5)
     rng = np.random.default_rng(0)
-    data = {"input_ids": rng.integers(0, 32, (40, 8)).astype(np.int32), "attention_mask": np.ones((40, 8), np.int32),
-            "loss_mask": np.ones((40, 8), np.float32)}
+    data = {
+        "input_ids": rng.integers(0, 32, (40, 8)).astype(np.int32),
+        "attention_mask": np.ones((40, 8), np.int32),
+        "loss_mask": np.ones((40, 8), np.float32),
+    }
     sc = SearchConfig(inner_steps=2, steps=6, batch_size=4, val_batch_size=4)
     _search_step.cache_clear()
     problem = fj.decoder_problem(cfg, params, fj.LoraConfig(r=2))
     res = fj.search(problem, sc, data, data, seed=0)
     sampler = BatchSampler(data, 4)
     first, twice = problem.for_stage(None), problem.for_stage(sc.hypergradient)  # what fj.search builds
-    program = fj.loops.compile_step(fj.search_step(first.loss, sc, None, None, twice.loss), fj.loops.default_mesh(),
-                                    (problem.base, res.state, sampler.abstract(2), sampler.abstract()), {2: 1, 3: 0})
+    program = fj.loops.compile_step(
+        fj.search_step(first.loss, sc, None, None, twice.loss),
+        fj.loops.default_mesh(),
+        (problem.base, res.state, sampler.abstract(2), sampler.abstract()),
+        {2: 1, 3: 0},
+    )
     assert program.fn._cache_size() == 1  # six steps, one compiled program (the loop's, found again)
     assert int(res.state.step) == 6 and len(res.trajectory) == 6
     assert not np.allclose(res.trajectory[0], res.trajectory[-1])

@@ -22,8 +22,14 @@ from flexora_jax.models.losses import LOSS_CHUNK_BYTES, MIN_LOSS_CHUNK, lm_loss,
 from flexora_jax.planted import PlantedConfig, make_planted_task
 from flexora_jax.problem import decoder_problem
 
-CONFIG = fj.ModelConfig(vocab_size=37, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                        num_attention_heads=2, num_key_value_heads=1)
+CONFIG = fj.ModelConfig(
+    vocab_size=37,
+    hidden_size=16,
+    intermediate_size=24,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+)
 B, T = 3, 10  # T is not a multiple of the chunks tested (3, 4)
 
 
@@ -101,13 +107,22 @@ def test_chunked_unrolled_hypergradient_matches_float64_finite_differences():
         hg = jax.grad(objective)(gates)
         flat, unravel = ravel_pytree(gates)
         eps = 1e-5
-        fd = np.array([(objective(unravel(flat.at[i].add(eps))) - objective(unravel(flat.at[i].add(-eps)))) / (2 * eps)
-                       for i in range(flat.size)])
+        fd = np.array(
+            [
+                (objective(unravel(flat.at[i].add(eps))) - objective(unravel(flat.at[i].add(-eps)))) / (2 * eps)
+                for i in range(flat.size)
+            ]
+        )
         got = np.asarray(ravel_pytree(hg)[0])
         assert np.linalg.norm(got - fd) / np.linalg.norm(fd) < 1e-6, (got, fd)
         # and the same hypergradient as the unchunked loss
-        ref = jax.jit(jax.grad(lambda g: make_loss_fn(cfg, params)(unroll(make_loss_fn(cfg, params), opt, g, state, train)[0].lora,
-                                                           g, val)))(gates)
+        ref = jax.jit(
+            jax.grad(
+                lambda g: make_loss_fn(cfg, params)(
+                    unroll(make_loss_fn(cfg, params), opt, g, state, train)[0].lora, g, val
+                )
+            )
+        )(gates)
         np.testing.assert_allclose(got, ravel_pytree(ref)[0], rtol=1e-9, atol=1e-12)
 
 
@@ -142,11 +157,13 @@ def test_bf16_search_selects_what_the_fp32_search_selects():
     res32 = search(decoder_problem(task.config, task.params, lcfg), sc, task.train, task.val, seed=0)
     assert res16.selection.layers == res32.selection.layers
     assert set(res32.selection.layers) == set(task.planted_layers)
-    floats = [x for x in jax.tree.leaves((res16.state.inner, res16.state.gates, res16.state.gate_opt_state))
-              if jnp.issubdtype(x.dtype, jnp.floating)]
+    floats = [
+        x
+        for x in jax.tree.leaves((res16.state.inner, res16.state.gates, res16.state.gate_opt_state))
+        if jnp.issubdtype(x.dtype, jnp.floating)
+    ]
     assert floats and all(x.dtype == jnp.float32 for x in floats)
     batch = jax.tree.map(lambda x: jnp.asarray(x[:2]), task.val)
-    hidden = forward(cfg16, params16, batch["input_ids"], lora=res16.result, gates=res16.gates,
-                     return_hidden=True)
+    hidden = forward(cfg16, params16, batch["input_ids"], lora=res16.result, gates=res16.gates, return_hidden=True)
     assert hidden.dtype == jnp.bfloat16
     assert lm_loss(cfg16, params16, res16.result, res16.gates, batch).dtype == jnp.float32

@@ -13,9 +13,19 @@ import pytest
 from flexora_jax import cli
 
 REPO = Path(__file__).resolve().parents[1]
-RUN_FILES = ("config.yaml", "gates.json", "selection.json", "adapter/adapter_config.json",
-             "adapter/adapter_model.safetensors", "eval.json", "metrics.jsonl", "gates.png", "report.md",
-             "planted.json", "compare.json")
+RUN_FILES = (
+    "config.yaml",
+    "gates.json",
+    "selection.json",
+    "adapter/adapter_config.json",
+    "adapter/adapter_model.safetensors",
+    "eval.json",
+    "metrics.jsonl",
+    "gates.png",
+    "report.md",
+    "planted.json",
+    "compare.json",
+)
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +38,14 @@ def default_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("default") / "run"
     env = dict(os.environ, FLEXORA_PROGRESS="0", PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
     env.pop("XLA_FLAGS", None)
-    proc = subprocess.run([sys.executable, "-m", "flexora_jax.cli", "run", "--output-dir", str(out)],
-                          capture_output=True, text=True, env=env, cwd=REPO, timeout=900)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flexora_jax.cli", "run", "--output-dir", str(out)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=REPO,
+        timeout=900,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out
 
@@ -61,13 +77,16 @@ def test_export_stage_reruns_from_files(default_run):
     assert (default_run / "report.md").is_file()
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["run", "--lora.rr=3"], "unknown key 'lora.rr'"),
-    (["run", "--search.hypergradient=nope"], "search.hypergradient must be one of"),
-    (["run", "--config", "/no/such.yaml"], "/no/such.yaml does not exist"),
-    (["finetune"], "pass --output-dir"),
-    (["evaluate", "--output-dir", "/tmp/flexora-no-such-run"], "has no config.yaml"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["run", "--lora.rr=3"], "unknown key 'lora.rr'"),
+        (["run", "--search.hypergradient=nope"], "search.hypergradient must be one of"),
+        (["run", "--config", "/no/such.yaml"], "/no/such.yaml does not exist"),
+        (["finetune"], "pass --output-dir"),
+        (["evaluate", "--output-dir", "/tmp/flexora-no-such-run"], "has no config.yaml"),
+    ],
+)
 def test_user_errors_exit_2_with_one_paragraph(argv, needle, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
@@ -76,8 +95,13 @@ def test_user_errors_exit_2_with_one_paragraph(argv, needle, capsys):
 
 def test_console_entry_point_has_no_traceback(tmp_path):
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.run([sys.executable, "-m", "flexora_jax.cli", "--seed=abc", "--output-dir", str(tmp_path)],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "flexora_jax.cli", "--seed=abc", "--output-dir", str(tmp_path)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert "bad value for seed" in proc.stderr and "Traceback" not in proc.stderr
 
@@ -85,11 +109,13 @@ def test_console_entry_point_has_no_traceback(tmp_path):
 def test_help_lists_config_keys_with_type_default_and_meaning(capsys):
     assert cli.main(["--help-config"]) == 0
     out = capsys.readouterr().out
-    for line in ("  seed (int, default 0): seeds the planted layers",
-                 "  search.inner_steps (int, default 4): K, inner optimizer steps per search step",
-                 "  lora.target_modules (tuple[str, ...] | str, default [q_proj, v_proj]): module names",
-                 "  finetune.epochs (float, default 32.0): passes over the training set",
-                 "  selection.rule (str, default positive): positive | top_k | threshold"):
+    for line in (
+        "  seed (int, default 0): seeds the planted layers",
+        "  search.inner_steps (int, default 4): K, inner optimizer steps per search step",
+        "  lora.target_modules (tuple[str, ...] | str, default [q_proj, v_proj]): module names",
+        "  finetune.epochs (float, default 32.0): passes over the training set",
+        "  selection.rule (str, default positive): positive | top_k | threshold",
+    ):
         assert line in out, line
     assert "A real task" in out and "search.gate_power: 3" in out  # the paper defaults a real task takes
     keys = [ln.split(" (")[0].strip() for ln in out.splitlines() if ln.startswith("  ") and " (" in ln]
@@ -113,13 +139,38 @@ def test_export_reads_no_task_data(tmp_path, data_dir, monkeypatch):
     data.mkdir()
     (data / "piqa").symlink_to(data_dir / "piqa")
     out = tmp_path / "run"
-    tiny = ["--method=lora", "--compare=[]", "--task.n_train=16", "--task.n_val=8", "--task.n_test=4",
-            "--task.max_length=64", "--finetune.max_steps=1", "--finetune.batch_size=4", "--eval.base=false",
-            "--search.batch_size=4", "--search.val_batch_size=4", "--checkpoint.every=0", "--mesh.num_devices=1",
-            f"--model.llama2c={data_dir / 'tinystories260k' / 'checkpoint_legacy.bin'}",
-            f"--model.tokenizer_model={data_dir / 'tinystories260k' / 'tok512.model'}"]
-    assert cli.main(["run", "--quiet", "--config", "configs/tinystories260k_piqa.yaml", "--output-dir", str(out),
-                     f"--task.data_dir={data}", *tiny]) == 0
+    tiny = [
+        "--method=lora",
+        "--compare=[]",
+        "--task.n_train=16",
+        "--task.n_val=8",
+        "--task.n_test=4",
+        "--task.max_length=64",
+        "--finetune.max_steps=1",
+        "--finetune.batch_size=4",
+        "--eval.base=false",
+        "--search.batch_size=4",
+        "--search.val_batch_size=4",
+        "--checkpoint.every=0",
+        "--mesh.num_devices=1",
+        f"--model.llama2c={data_dir / 'tinystories260k' / 'checkpoint_legacy.bin'}",
+        f"--model.tokenizer_model={data_dir / 'tinystories260k' / 'tok512.model'}",
+    ]
+    assert (
+        cli.main(
+            [
+                "run",
+                "--quiet",
+                "--config",
+                "configs/tinystories260k_piqa.yaml",
+                "--output-dir",
+                str(out),
+                f"--task.data_dir={data}",
+                *tiny,
+            ]
+        )
+        == 0
+    )
     (data / "piqa").unlink()
     (out / "report.md").unlink()
     assert cli.main(["export", "--quiet", "--merged", "--output-dir", str(out)]) == 0

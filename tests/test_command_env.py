@@ -24,11 +24,20 @@ NO_TORCH = "PyTorch was not found"
 
 
 def _python(code: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in (cli.CACHE_ENV, "JAX_COMPILATION_CACHE_DIR",
-                                                            "TRANSFORMERS_NO_ADVISORY_WARNINGS", "XLA_FLAGS")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in (cli.CACHE_ENV, "JAX_COMPILATION_CACHE_DIR", "TRANSFORMERS_NO_ADVISORY_WARNINGS", "XLA_FLAGS")
+    }
     env.update(PYTHONPATH=str(REPO), XDG_CACHE_HOME=str(tmp_path / "xdg"))
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True, env=env,
-                          cwd=tmp_path, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
+    )
 
 
 def test_without_torch_the_command_is_quiet_and_only_it_sets_the_compilation_cache(tmp_path):
@@ -37,13 +46,14 @@ def test_without_torch_the_command_is_quiet_and_only_it_sets_the_compilation_cac
     the switch or the flag, then the documented directory."""
     control = _python("import sys; sys.modules['torch'] = None; import transformers", tmp_path)
     assert NO_TORCH in control.stderr
-    proc = _python(f"""
+    proc = _python(
+        f"""
         import os, sys
         sys.modules["torch"] = None
         import jax, flexora_jax
         from flexora_jax import cli
         seen = [jax.config.jax_compilation_cache_dir]
-        missing = ["export", "--output-dir", "{tmp_path / 'no-run'}"]
+        missing = ["export", "--output-dir", "{tmp_path / "no-run"}"]
         os.environ["{cli.CACHE_ENV}"] = "0"
         assert cli.main(missing) == 2
         seen.append(jax.config.jax_compilation_cache_dir)
@@ -53,7 +63,9 @@ def test_without_torch_the_command_is_quiet_and_only_it_sets_the_compilation_cac
         assert cli.main(missing) == 2 and cli.main(["--help"]) == 0
         seen.append(jax.config.jax_compilation_cache_dir)
         print(seen, os.environ.get("TRANSFORMERS_NO_ADVISORY_WARNINGS"))
-        """, tmp_path)
+        """,
+        tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert NO_TORCH not in proc.stderr
     assert "has no config.yaml" in " ".join(proc.stderr.split())  # the command ran (and failed as a user error)
@@ -61,15 +73,18 @@ def test_without_torch_the_command_is_quiet_and_only_it_sets_the_compilation_cac
     assert proc.stdout.strip().splitlines()[-1] == f"{expected} None"
 
 
-@pytest.mark.parametrize("env,flag,expected", [
-    ({"XDG_CACHE_HOME": "/x"}, True, "/x/flexora_jax/jax"),
-    ({"HOME": "/h"}, True, "/h/.cache/flexora_jax/jax"),
-    ({"HOME": "/h", cli.CACHE_ENV: "1"}, True, "/h/.cache/flexora_jax/jax"),
-    ({cli.CACHE_ENV: "/elsewhere/jax"}, True, "/elsewhere/jax"),
-    ({"XDG_CACHE_HOME": "/x", cli.CACHE_ENV: "0"}, True, None),
-    ({"XDG_CACHE_HOME": "/x", cli.CACHE_ENV: "off"}, True, None),
-    ({"XDG_CACHE_HOME": "/x"}, False, None),
-])
+@pytest.mark.parametrize(
+    "env,flag,expected",
+    [
+        ({"XDG_CACHE_HOME": "/x"}, True, "/x/flexora_jax/jax"),
+        ({"HOME": "/h"}, True, "/h/.cache/flexora_jax/jax"),
+        ({"HOME": "/h", cli.CACHE_ENV: "1"}, True, "/h/.cache/flexora_jax/jax"),
+        ({cli.CACHE_ENV: "/elsewhere/jax"}, True, "/elsewhere/jax"),
+        ({"XDG_CACHE_HOME": "/x", cli.CACHE_ENV: "0"}, True, None),
+        ({"XDG_CACHE_HOME": "/x", cli.CACHE_ENV: "off"}, True, None),
+        ({"XDG_CACHE_HOME": "/x"}, False, None),
+    ],
+)
 def test_compilation_cache_directory_and_switch(env, flag, expected):
     got = cli.compilation_cache_dir(flag, env)
     assert (None if got is None else str(got)) == expected
@@ -120,22 +135,35 @@ def _mode(path: Path) -> int:
 @pytest.mark.parametrize("mask", [0o022, 0o077, 0o002])
 def test_written_model_files_honour_the_umask(tmp_path, umask, mask):
     umask(mask)
-    config = fj.ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                            num_attention_heads=2, max_position_embeddings=16)
+    config = fj.ModelConfig(
+        vocab_size=32,
+        hidden_size=16,
+        intermediate_size=24,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+    )
     params = fj.init_params(config, jax.random.key(0))
     lora = fj.init_lora(config, fj.LoraConfig(r=2, init_lora_weights=False), jax.random.key(1))
     fj.save_model(config, params, tmp_path / "saved")
     fj.export_merged(config, params, lora, tmp_path / "merged")
     fj.export_peft(lora, tmp_path / "adapter")
-    files = [tmp_path / "saved" / "model.safetensors", tmp_path / "saved" / "config.json",
-             tmp_path / "merged" / "model.safetensors", tmp_path / "adapter" / "adapter_model.safetensors",
-             tmp_path / "adapter" / "adapter_config.json"]
+    files = [
+        tmp_path / "saved" / "model.safetensors",
+        tmp_path / "saved" / "config.json",
+        tmp_path / "merged" / "model.safetensors",
+        tmp_path / "adapter" / "adapter_model.safetensors",
+        tmp_path / "adapter" / "adapter_config.json",
+    ]
     assert {f.name: oct(_mode(f)) for f in files} == {f.name: oct(0o666 & ~mask) for f in files}
     np.testing.assert_array_equal(fj.load_model(tmp_path / "merged")[1]["embed"], params["embed"])
 
 
 def test_converted_llama2c_files_honour_the_umask(tmp_path, umask, data_dir):
     umask(0o022)
-    out = fj.convert_llama2c(data_dir / "tinystories260k" / "checkpoint_legacy.bin",
-                             data_dir / "tinystories260k" / "tok512.model", tmp_path / "model")
+    out = fj.convert_llama2c(
+        data_dir / "tinystories260k" / "checkpoint_legacy.bin",
+        data_dir / "tinystories260k" / "tok512.model",
+        tmp_path / "model",
+    )
     assert {f.name: oct(_mode(f)) for f in out.iterdir()} == {f.name: "0o644" for f in out.iterdir()}

@@ -23,12 +23,26 @@ RESOLVED = REPO / "tests" / "data" / "configs_resolved.json"
 
 
 def test_required_keys_exist_under_their_names():
-    c = load_config(overrides=["--model.path=/m", "--task.name=piqa", "--method=lora", "--seed=3", "--lora.r=8",
-                               "--search.inner_steps=2", "--search.hypergradient=first_order",
-                               "--finetune.epochs=2", "--output_dir=/tmp/x"])
+    c = load_config(
+        overrides=[
+            "--model.path=/m",
+            "--task.name=piqa",
+            "--method=lora",
+            "--seed=3",
+            "--lora.r=8",
+            "--search.inner_steps=2",
+            "--search.hypergradient=first_order",
+            "--finetune.epochs=2",
+            "--output_dir=/tmp/x",
+        ]
+    )
     assert (c.model.path, c.task.name, c.method, c.seed, c.lora.r) == ("/m", "piqa", "lora", 3, 8)
     assert (c.search.inner_steps, c.search.hypergradient, c.finetune.epochs, c.output_dir) == (
-        2, "first_order", 2.0, "/tmp/x")
+        2,
+        "first_order",
+        2.0,
+        "/tmp/x",
+    )
 
 
 def test_defaults_are_the_embedded_planted_demo():
@@ -48,21 +62,24 @@ def test_yaml_then_overrides_and_round_trip(tmp_path):
     assert load_config(tmp_path / "saved.yaml") == c
 
 
-@pytest.mark.parametrize("override, needle", [
-    (["--lora.rr=3"], "'lora.rr' (did you mean 'lora.r'?)"),
-    (["--nope=1"], "allowed keys: ['baseline_k'"),
-    (["--seed=abc"], "seed"),
-    (["--search.steps=1.5"], "search.steps"),
-    (["--search.hypergradient=foo"], "'unrolled', 'first_order'"),
-    (["--method=bogus"], "method must be one of"),
-    (["--compare=[lora,xyz]"], "unknown method(s) ['xyz']"),
-    (["--task.planted.n_trian=3"], "task.planted.n_train"),
-    (["--task.planted.modules=[q_proj,mlp]"], "task.planted.modules must name modules"),
-    (["--task.planted.layer_kl=0"], "task.planted.layer_kl must be a KL > 0"),
-    (["--task.planted.ranks={k_proj: 2}"], "task.planted.ranks maps planted modules (['q_proj', 'v_proj'])"),
-    (["--task.name=piqa"], "model.path"),
-    (["seed=3"], "--section.key=value"),
-])
+@pytest.mark.parametrize(
+    "override, needle",
+    [
+        (["--lora.rr=3"], "'lora.rr' (did you mean 'lora.r'?)"),
+        (["--nope=1"], "allowed keys: ['baseline_k'"),
+        (["--seed=abc"], "seed"),
+        (["--search.steps=1.5"], "search.steps"),
+        (["--search.hypergradient=foo"], "'unrolled', 'first_order'"),
+        (["--method=bogus"], "method must be one of"),
+        (["--compare=[lora,xyz]"], "unknown method(s) ['xyz']"),
+        (["--task.planted.n_trian=3"], "task.planted.n_train"),
+        (["--task.planted.modules=[q_proj,mlp]"], "task.planted.modules must name modules"),
+        (["--task.planted.layer_kl=0"], "task.planted.layer_kl must be a KL > 0"),
+        (["--task.planted.ranks={k_proj: 2}"], "task.planted.ranks maps planted modules (['q_proj', 'v_proj'])"),
+        (["--task.name=piqa"], "model.path"),
+        (["seed=3"], "--section.key=value"),
+    ],
+)
 def test_errors_name_the_key_and_what_is_allowed(override, needle):
     with pytest.raises(ConfigError) as info:
         load_config(overrides=override)
@@ -118,8 +135,9 @@ def test_configs_are_static_jit_arguments():
 
     import flexora_jax as fj
 
-    config = fj.ModelConfig(num_hidden_layers=1, vocab_size=32, hidden_size=16, intermediate_size=32,
-                            num_attention_heads=2)
+    config = fj.ModelConfig(
+        num_hidden_layers=1, vocab_size=32, hidden_size=16, intermediate_size=32, num_attention_heads=2
+    )
     params = fj.init_params(config, jax.random.key(0))
     logits = jax.jit(lambda c, p, t: fj.forward(c, p, t))(config, params, jnp.ones((1, 3), jnp.int32))
     assert logits.shape == (1, 3, 32)
@@ -142,8 +160,11 @@ def test_a_real_task_starts_from_the_papers_settings_the_demo_from_its_own():
 def _changed(config: dict, defaults: dict) -> dict:
     """The fields of a resolved config that differ from the defaults (a field added later at its default, such as
     a new logging switch, leaves a study variant's digest as it was)."""
-    return {k: (_changed(v, defaults[k]) if isinstance(v, dict) and isinstance(defaults.get(k), dict) else v)
-            for k, v in config.items() if k not in defaults or v != defaults[k]}
+    return {
+        k: (_changed(v, defaults[k]) if isinstance(v, dict) and isinstance(defaults.get(k), dict) else v)
+        for k, v in config.items()
+        if k not in defaults or v != defaults[k]
+    }
 
 
 def _resolved() -> dict:
@@ -164,11 +185,14 @@ def _resolved() -> dict:
 def write_resolved(path: Path = RESOLVED) -> None:
     """:data:`RESOLVED` from the current code: one line per config."""
     data = _resolved()
+
     def line(key: str, value: object) -> str:
         return f"  {json.dumps(key)}: {json.dumps(value, sort_keys=True, separators=(',', ':'))}"
 
-    sections = [f' "{section}": {{\n' + ",\n".join(line(k, v) for k, v in sorted(data[section].items())) + "\n }"
-                for section in ("configs", "study")]
+    sections = [
+        f' "{section}": {{\n' + ",\n".join(line(k, v) for k, v in sorted(data[section].items())) + "\n }"
+        for section in ("configs", "study")
+    ]
     path.write_text("{\n" + ",\n".join(sections) + "\n}\n")
 
 

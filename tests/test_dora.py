@@ -33,17 +33,30 @@ from flexora_jax.models.llama import linear  # noqa: E402
 TOL = 1e-4
 TOKENS = np.random.default_rng(0).integers(0, 128, (2, 7))
 _forward = jax.jit(fj.forward, static_argnums=0)
-DORA = fj.LoraConfig(r=3, lora_alpha=6, target_modules=("q_proj", "v_proj", "down_proj"), layers_to_transform=(0, 2),
-                     init_lora_weights=False, use_dora=True)
+DORA = fj.LoraConfig(
+    r=3,
+    lora_alpha=6,
+    target_modules=("q_proj", "v_proj", "down_proj"),
+    layers_to_transform=(0, 2),
+    init_lora_weights=False,
+    use_dora=True,
+)
 
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
     """(model_dir, config, params) of a tiny random GQA LLaMA saved and loaded back."""
     torch.manual_seed(0)
-    hf = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                                  num_attention_heads=4, num_key_value_heads=2, initializer_range=0.1,
-                                  max_position_embeddings=64)
+    hf = transformers.LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.1,
+        max_position_embeddings=64,
+    )
     directory = tmp_path_factory.mktemp("base")
     transformers.LlamaForCausalLM(hf).save_pretrained(directory)
     config, params = fj.load_model(directory)
@@ -54,8 +67,9 @@ def _dora(config, params, lora_config=DORA, seed=1):
     """A DoRA with random B and a magnitude 0.5..1.5 x its initial norms (adapted blocks only)."""
     lora = fj.init_lora(config, lora_config, jax.random.key(seed), params)
     rng = np.random.default_rng(seed)
-    weights = {m: {**w, MAGNITUDE: w[MAGNITUDE] * rng.uniform(0.5, 1.5, w[MAGNITUDE].shape)}
-               for m, w in lora.weights.items()}
+    weights = {
+        m: {**w, MAGNITUDE: w[MAGNITUDE] * rng.uniform(0.5, 1.5, w[MAGNITUDE].shape)} for m, w in lora.weights.items()
+    }
     return lora.replace(weights=jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), weights))
 
 
@@ -96,8 +110,14 @@ def test_peft_dora_adapter_loads_here(base, tmp_path):
     model_dir, config, params = base
     torch.manual_seed(1)
     model = transformers.LlamaForCausalLM.from_pretrained(model_dir).eval()
-    peft_config = peft.LoraConfig(r=2, lora_alpha=5, target_modules=["q_proj", "v_proj", "down_proj"],
-                                  layers_to_transform=[1, 2], init_lora_weights=False, use_dora=True)
+    peft_config = peft.LoraConfig(
+        r=2,
+        lora_alpha=5,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        layers_to_transform=[1, 2],
+        init_lora_weights=False,
+        use_dora=True,
+    )
     pm = peft.get_peft_model(model, peft_config).eval()
     with torch.no_grad():
         for name, p in pm.named_parameters():
@@ -125,9 +145,11 @@ def test_training_gradient_equals_peft(base, tmp_path):
     named = dict(pm.named_parameters())
     for m, i in [("q_proj", 0), ("down_proj", 2)]:
         path = f"base_model.model.{fj.config.module_path(m, i)}"
-        want = {"a": named[f"{path}.lora_A.default.weight"].grad.numpy().T,
-                "b": named[f"{path}.lora_B.default.weight"].grad.numpy().T,
-                MAGNITUDE: named[f"{path}.lora_magnitude_vector.default.weight"].grad.numpy()}
+        want = {
+            "a": named[f"{path}.lora_A.default.weight"].grad.numpy().T,
+            "b": named[f"{path}.lora_B.default.weight"].grad.numpy().T,
+            MAGNITUDE: named[f"{path}.lora_magnitude_vector.default.weight"].grad.numpy(),
+        }
         for k, w in want.items():
             got = np.asarray(grads.weights[m][k][i])
             assert np.abs(got - w).max() <= 1e-3 * np.abs(w).max(), (m, i, k)
@@ -140,25 +162,36 @@ def test_gates_all_ones_is_dora_and_zero_is_base(base):
     np.testing.assert_allclose(_logits(config, params, lora, ones), _logits(config, params, lora), atol=1e-5)
     off = Gates(layer=jnp.asarray([0.0, 0.0, -jnp.inf]))  # w = (1.5, 1.5, 0): block 2 is the base exactly
     merged = fj.merge(params, lora, off)
-    np.testing.assert_array_equal(np.asarray(merged["layers"]["q_proj"]["kernel"][2]),
-                                  np.asarray(params["layers"]["q_proj"]["kernel"][2]))
+    np.testing.assert_array_equal(
+        np.asarray(merged["layers"]["q_proj"]["kernel"][2]), np.asarray(params["layers"]["q_proj"]["kernel"][2])
+    )
     np.testing.assert_allclose(_logits(config, merged), _logits(config, params, lora, off), atol=1e-4)
     layer = jax.tree.map(lambda x: x[0], params["layers"])
     stacked = per_layer_lora(lora, Gates(layer=jnp.zeros(3)), 3)
     lora_layer = jax.tree.map(lambda x: x[0], stacked)
     lora_layer["q_proj"]["g"] = jnp.zeros(())
     x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 5, 64)), jnp.float32)
-    np.testing.assert_array_equal(np.asarray(linear(x, layer, "q_proj", lora_layer, None, 0.0)),
-                                  np.asarray(linear(x, layer, "q_proj", None, None, 0.0)))
+    np.testing.assert_array_equal(
+        np.asarray(linear(x, layer, "q_proj", lora_layer, None, 0.0)),
+        np.asarray(linear(x, layer, "q_proj", None, None, 0.0)),
+    )
 
 
 def test_unrolled_hypergradient_through_dora_matches_finite_differences():
     with jax.enable_x64(True):
-        cfg = fj.ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=3,
-                             num_attention_heads=2, num_key_value_heads=1, dtype="float64")
+        cfg = fj.ModelConfig(
+            vocab_size=32,
+            hidden_size=16,
+            intermediate_size=24,
+            num_hidden_layers=3,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            dtype="float64",
+        )
         params = fj.init_params(cfg, jax.random.key(0), init_std=0.3, head_std=0.5)
-        lcfg = fj.LoraConfig(r=2, lora_alpha=4.0, target_modules=("q_proj", "v_proj"), init_lora_weights=False,
-                             use_dora=True)
+        lcfg = fj.LoraConfig(
+            r=2, lora_alpha=4.0, target_modules=("q_proj", "v_proj"), init_lora_weights=False, use_dora=True
+        )
         lora = jax.tree.map(lambda x: x.astype(jnp.float64), _dora(cfg, params, lcfg))
         rng = np.random.default_rng(0)
         gates = Gates(layer=jnp.asarray(rng.normal(0, 0.3, 3)))
@@ -175,7 +208,9 @@ def test_unrolled_hypergradient_through_dora_matches_finite_differences():
         for j in range(3):
             step = np.zeros(3)
             step[j] = eps
-            fd[j] = (objective(Gates(layer=gates.layer + step)) - objective(Gates(layer=gates.layer - step))) / (2 * eps)
+            fd[j] = (objective(Gates(layer=gates.layer + step)) - objective(Gates(layer=gates.layer - step))) / (
+                2 * eps
+            )
         assert np.linalg.norm(np.asarray(hg.layer) - fd) <= 1e-4 * np.linalg.norm(fd)
         assert np.abs(fd).max() > 1e-4
 
@@ -206,11 +241,20 @@ def test_count_includes_magnitude(base):
 def test_dora_methods_run_end_to_end_from_the_command(tmp_path):
     """``flexora-jax run --method=flexora+dora --compare=[dora]`` on the embedded planted task, tiny."""
     out = tmp_path / "run"
-    tiny = ["--search.steps=4", "--search.inner_steps=2", "--finetune.max_steps=6", "--task.planted.num_layers=4",
-            "--task.planted.n_train=64", "--task.planted.n_val=32", "--task.planted.n_test=32",
-            "--task.planted.finetune_examples=32", "--checkpoint.every=0"]
-    assert cli.main(["run", "--quiet", "--output-dir", str(out), "--method=flexora+dora", "--compare=[dora]",
-                     *tiny]) == 0
+    tiny = [
+        "--search.steps=4",
+        "--search.inner_steps=2",
+        "--finetune.max_steps=6",
+        "--task.planted.num_layers=4",
+        "--task.planted.n_train=64",
+        "--task.planted.n_val=32",
+        "--task.planted.n_test=32",
+        "--task.planted.finetune_examples=32",
+        "--checkpoint.every=0",
+    ]
+    assert (
+        cli.main(["run", "--quiet", "--output-dir", str(out), "--method=flexora+dora", "--compare=[dora]", *tiny]) == 0
+    )
     chosen = json.loads((out / "selection.json").read_text())
     for method, layers in (("flexora_dora", chosen["layers"]), ("dora", [0, 1, 2, 3])):
         adapter = out / "methods" / method / "adapter"

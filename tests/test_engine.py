@@ -20,12 +20,19 @@ from flexora_jax.adalora import AdaLoraConfig
 from flexora_jax.engine import finetune_adalora
 from flexora_jax.hooks import JsonlLogger
 
-CONFIG = fj.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                        num_attention_heads=4, num_key_value_heads=2)
+CONFIG = fj.ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 LORA = fj.LoraConfig(r=2, lora_alpha=4.0)
 KINDS = ("decoder", "nnx_decoder", "foreign")
-SEARCH = fj.SearchConfig(hypergradient="unrolled", inner_steps=2, steps=4, batch_size=4, val_batch_size=4,
-                         outer_lr=0.05)
+SEARCH = fj.SearchConfig(
+    hypergradient="unrolled", inner_steps=2, steps=4, batch_size=4, val_batch_size=4, outer_lr=0.05
+)
 FINETUNE = fj.FinetuneConfig(max_steps=4, batch_size=4, lr=1e-2, warmup_ratio=0.0)
 
 
@@ -37,8 +44,9 @@ def make(kind: str):
     if kind == "nnx_decoder":
         return fj.nnx.LlamaForCausalLM(CONFIG, LORA, gates="layer", rngs=nnx.Rngs(1), params=params)
     model = ForeignLM(3, rngs=nnx.Rngs(0), head_std=0.5)
-    return fj.nnx.add_lora(model, ("q", "v"), rank=2, alpha=4.0, gates="layer", layer_index=BLOCK_INDEX,
-                           rngs=nnx.Rngs(1))
+    return fj.nnx.add_lora(
+        model, ("q", "v"), rank=2, alpha=4.0, gates="layer", layer_index=BLOCK_INDEX, rngs=nnx.Rngs(1)
+    )
 
 
 def data(seed: int, n: int = 24) -> dict:
@@ -64,6 +72,7 @@ def _stop_at(step: int):
     def callback(i: int, record: dict) -> None:
         if i == step:
             raise _Stop
+
     return callback
 
 
@@ -71,6 +80,7 @@ def _stop_at(step: int):
 def test_search_and_finetune_resume_bit_identically_on_every_face(kind, tmp_path):
     """Every face: an interrupted search and fine-tune resume from their checkpoints (a fresh model, as in a
     new process) and end bitwise where uninterrupted ones end; the run log hook writes every step once."""
+
     def run(ckpt, interrupt: bool):
         model = make(kind)
         kw = dict(checkpoint_dir=ckpt and ckpt / "search", checkpoint_every=2)
@@ -120,9 +130,15 @@ def test_validation_and_keep_best_on_every_face(kind):
     result, history = fj.finetune(make(kind), TRAIN, cfg, val=VAL)
     logged = [r["val_loss"] for r in history if "val_loss" in r]
     assert [r["step"] for r in history if "val_loss" in r] == [2, 4] and len(logged) == 2
-    problem = result.lora_problem() if isinstance(result, fj.nnx.LlamaForCausalLM) else (
-        fj.nnx.problem(result) if isinstance(result, nnx.Module) else fj.decoder_problem(
-            CONFIG, fj.init_params(CONFIG, jax.random.key(0), head_std=0.5), result))
+    problem = (
+        result.lora_problem()
+        if isinstance(result, fj.nnx.LlamaForCausalLM)
+        else (
+            fj.nnx.problem(result)
+            if isinstance(result, nnx.Module)
+            else fj.decoder_problem(CONFIG, fj.init_params(CONFIG, jax.random.key(0), head_std=0.5), result)
+        )
+    )
     got = fj.hooks.dataset_mean(problem.loss, problem.count, problem.base, problem.lora, None, VAL)
     np.testing.assert_allclose(got, min(logged), rtol=1e-5)  # the returned LoRA is the best one
 
@@ -134,8 +150,9 @@ def test_adalora_runs_through_the_driver_and_resumes(kind, tmp_path):
     def run(ckpt, interrupt):
         if interrupt:
             with pytest.raises(_Stop):
-                finetune_adalora(make(kind), TRAIN, ada, batch_size=4, checkpoint_dir=ckpt, checkpoint_every=2,
-                                 callback=_stop_at(3))
+                finetune_adalora(
+                    make(kind), TRAIN, ada, batch_size=4, checkpoint_dir=ckpt, checkpoint_every=2, callback=_stop_at(3)
+                )
         return finetune_adalora(make(kind), TRAIN, ada, batch_size=4, checkpoint_dir=ckpt, checkpoint_every=2)
 
     want, got = run(None, False), run(tmp_path, True)
@@ -163,13 +180,16 @@ def test_one_signature_per_entry_point_and_clear_errors_for_the_old_forms():
         fj.search(make("decoder"), SEARCH, TRAIN, VAL, loss_fn=lambda m, b: 0.0)
 
 
-@pytest.mark.parametrize("bad, words", [
-    ({**TRAIN, "input_ids": TRAIN["input_ids"].astype(np.float32)}, ["input_ids", "integer"]),
-    ({**TRAIN, "input_ids": TRAIN["input_ids"][0]}, ["input_ids"]),
-    ({**TRAIN, "input_ids": np.where(TRAIN["input_ids"] == 3, 64, TRAIN["input_ids"])}, ["input_ids", "64"]),
-    ({**TRAIN, "input_ids": np.where(TRAIN["input_ids"] == 3, -1, TRAIN["input_ids"])}, ["input_ids", "-1"]),
-    ({"input_ids": TRAIN["input_ids"]}, ["loss_mask"]),
-])
+@pytest.mark.parametrize(
+    "bad, words",
+    [
+        ({**TRAIN, "input_ids": TRAIN["input_ids"].astype(np.float32)}, ["input_ids", "integer"]),
+        ({**TRAIN, "input_ids": TRAIN["input_ids"][0]}, ["input_ids"]),
+        ({**TRAIN, "input_ids": np.where(TRAIN["input_ids"] == 3, 64, TRAIN["input_ids"])}, ["input_ids", "64"]),
+        ({**TRAIN, "input_ids": np.where(TRAIN["input_ids"] == 3, -1, TRAIN["input_ids"])}, ["input_ids", "-1"]),
+        ({"input_ids": TRAIN["input_ids"]}, ["loss_mask"]),
+    ],
+)
 def test_bad_data_is_refused_before_the_first_step(bad, words):
     """Wrong dtype / rank, token ids outside the decoder's vocabulary (not blamed on the learning rate later),
     a missing loss_mask for the default loss: a DataError naming the field, before anything compiles."""
@@ -190,13 +210,20 @@ def test_a_loss_fn_must_return_a_scalar_and_a_model_must_have_lora():
 def test_any_optax_transformation_and_a_custom_loss_without_loss_mask():
     """An optax transformation (or a factory of one) as the inner and fine-tune optimizer; a custom loss reads
     only what it needs (no ``loss_mask`` in the data)."""
+
     def loss(model, batch):
         return jnp.mean(jax.nn.logsumexp(model(batch["input_ids"]), -1))
 
     ids = {"input_ids": TRAIN["input_ids"]}
     model = make("foreign")
-    found = fj.search(model, SEARCH, ids, ids, loss_fn=loss,
-                      optimizer=lambda steps: optax.adamw(optax.cosine_decay_schedule(3e-3, steps), eps_root=1e-16))
+    found = fj.search(
+        model,
+        SEARCH,
+        ids,
+        ids,
+        loss_fn=loss,
+        optimizer=lambda steps: optax.adamw(optax.cosine_decay_schedule(3e-3, steps), eps_root=1e-16),
+    )
     assert len(found.history) == 4 and all(np.isfinite(r["val_loss"]) for r in found.history)
     before = lora_of(model)
     _, history = fj.finetune(model, ids, FINETUNE, loss_fn=loss, optimizer=optax.lion(1e-3))

@@ -15,8 +15,9 @@ from flexora_jax.nnx import LlamaForCausalLM
 from flexora_jax.tasks.formats import MCRecord
 
 DATA_DIR = Path(os.environ.get("FLEXORA_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
-pytestmark = pytest.mark.skipif(not DATA_DIR.exists(),
-                                reason=f"reference data folder {DATA_DIR} is absent (set FLEXORA_DATA_DIR)")
+pytestmark = pytest.mark.skipif(
+    not DATA_DIR.exists(), reason=f"reference data folder {DATA_DIR} is absent (set FLEXORA_DATA_DIR)"
+)
 
 PARITY_TASKS = ("hellaswag", "piqa", "winogrande", "arc_easy", "boolq")
 N_PER_TASK = 20
@@ -45,8 +46,10 @@ def lm_eval_lls(tinystories_dir, records):
 
     lm = HFLM(pretrained=str(tinystories_dir), device="cpu", batch_size=BATCH, max_length=MAX_LENGTH)
     requests = [req for t in PARITY_TASKS for r in records[t] for req in r.requests()]
-    out = lm.loglikelihood([Instance(request_type="loglikelihood", doc={}, arguments=req, idx=i)
-                            for i, req in enumerate(requests)], disable_tqdm=True)
+    out = lm.loglikelihood(
+        [Instance(request_type="loglikelihood", doc={}, arguments=req, idx=i) for i, req in enumerate(requests)],
+        disable_tqdm=True,
+    )
     return lm.max_length, np.array([o[0] for o in out]), np.array([o[1] for o in out])
 
 
@@ -57,8 +60,15 @@ COMPILED = {}
 def ours(model, records):
     config, params, tokenizer = model
     before = evaluation._score_packed._cache_size()
-    out = evaluation.evaluate(LlamaForCausalLM.from_params(config, params), tokenizer, records, batch_size=BATCH, max_length=MAX_LENGTH,
-                              return_per_example=True, progress=False)
+    out = evaluation.evaluate(
+        LlamaForCausalLM.from_params(config, params),
+        tokenizer,
+        records,
+        batch_size=BATCH,
+        max_length=MAX_LENGTH,
+        return_per_example=True,
+        progress=False,
+    )
     COMPILED["programs"] = evaluation._score_packed._cache_size() - before
     return out
 
@@ -77,7 +87,7 @@ def test_acc_and_acc_norm_match_lm_eval(ours, records, lm_eval_lls):
     for t in PARITY_TASKS:
         acc, acc_norm = [], []
         for rec in records[t]:  # lm-eval's process_results: argmax(lls), argmax(lls / len(choice))
-            lls = ref_ll[pos:pos + len(rec.choices)]
+            lls = ref_ll[pos : pos + len(rec.choices)]
             pos += len(rec.choices)
             acc.append(float(np.argmax(lls) == rec.gold))
             acc_norm.append(float(np.argmax(lls / np.array([float(len(c)) for c in rec.choices])) == rec.gold))
@@ -109,8 +119,9 @@ def test_bad_inputs_raise_clear_errors(model):
         evaluation.evaluate(LlamaForCausalLM.from_params(config, params), tokenizer, {"piqa": []}, progress=False)
     long_choice = MCRecord("toy", 0, "Q:", ("word " * 200, "b"), 0)
     with pytest.raises(DataError, match="longer than the model's context 64"):
-        evaluation.evaluate(LlamaForCausalLM.from_params(config, params), tokenizer, [long_choice], max_length=64,
-                            progress=False)
+        evaluation.evaluate(
+            LlamaForCausalLM.from_params(config, params), tokenizer, [long_choice], max_length=64, progress=False
+        )
     with pytest.raises(DataError, match="out of range"):
         MCRecord("toy", 0, "Q:", ("a", "b"), 2)
 
@@ -119,10 +130,12 @@ def test_packed_choices_equal_one_request_per_row(model, records):
     """Packing an example's choices into one row (shared context, segment masks) changes no score."""
     config, params, tokenizer = model
     reqs = [req for t in PARITY_TASKS for r in records[t][:6] for req in r.requests()]
-    packed = evaluation.loglikelihoods(config, params, tokenizer, reqs, batch_size=BATCH, max_length=MAX_LENGTH,
-                                       progress=False)
-    single = evaluation.loglikelihoods(config, params, tokenizer, reqs, batch_size=BATCH, max_length=MAX_LENGTH,
-                                       progress=False, pack=False)
+    packed = evaluation.loglikelihoods(
+        config, params, tokenizer, reqs, batch_size=BATCH, max_length=MAX_LENGTH, progress=False
+    )
+    single = evaluation.loglikelihoods(
+        config, params, tokenizer, reqs, batch_size=BATCH, max_length=MAX_LENGTH, progress=False, pack=False
+    )
     np.testing.assert_allclose(packed.logprob, single.logprob, atol=2e-4, rtol=0)
     assert (packed.is_greedy == single.is_greedy).all() and (packed.truncated == single.truncated).all()
     packs = evaluation._packs([([1, 5], [6, 7])] * 10 + [([2], [6])], 64, True)  # at most PACK_REQUESTS a row
@@ -143,8 +156,9 @@ def test_evaluate_takes_an_nnx_model(model, records):
 
     config, params, tokenizer = model
     subset = {t: records[t][:4] for t in ("hellaswag", "boolq", "winogrande")}
-    lora = fj.init_lora(config, fj.LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj")),
-                        jax.random.key(0))
+    lora = fj.init_lora(
+        config, fj.LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj")), jax.random.key(0)
+    )
     lora = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(1), x.shape, x.dtype), lora)
     gates = fj.init_gates("layer", config.num_hidden_layers)
     gates = gates.replace(layer=gates.layer.at[0].set(-1.0))
@@ -163,9 +177,17 @@ def test_evaluate_takes_an_nnx_model(model, records):
     got = fj.evaluate(Wrapped(decoder), tokenizer, subset, **kw)
     for t in subset:
         assert got[t]["truncated"] == want[t]["truncated"] and got[t]["n"] == want[t]["n"]
-        np.testing.assert_allclose([e["loglikelihoods"] for e in got[t]["examples"]],
-                                   [e["loglikelihoods"] for e in want[t]["examples"]], atol=2e-4, rtol=0)
+        np.testing.assert_allclose(
+            [e["loglikelihoods"] for e in got[t]["examples"]],
+            [e["loglikelihoods"] for e in want[t]["examples"]],
+            atol=2e-4,
+            rtol=0,
+        )
         assert [e["pred"] for e in got[t]["examples"]] == [e["pred"] for e in want[t]["examples"]]
     with pytest.raises(ConfigError, match="generative tasks"):
-        fj.evaluate(Wrapped(decoder), tokenizer, [GenRecord("gsm8k", 0, "1 + 1 =", "2", ("\n",), "1 + 1 =", " 2")],
-                    progress=False)
+        fj.evaluate(
+            Wrapped(decoder),
+            tokenizer,
+            [GenRecord("gsm8k", 0, "1 + 1 =", "2", ("\n",), "1 + 1 =", " 2")],
+            progress=False,
+        )

@@ -27,30 +27,71 @@ peft = pytest.importorskip("peft")
 
 TOL = 1e-4
 VOCAB = 128
-BASE = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=64, initializer_range=0.2, rms_norm_eps=1e-5,
-            tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+BASE = dict(
+    vocab_size=VOCAB,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    initializer_range=0.2,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 FAMILIES = {
     "llama_bias": (transformers.LlamaConfig, dict(attention_bias=True, mlp_bias=True)),
-    "llama_linear_rope": (transformers.LlamaConfig, dict(rope_parameters=dict(
-        rope_type="linear", rope_theta=10000.0, factor=4.0))),
-    "llama_dynamic_rope": (transformers.LlamaConfig, dict(max_position_embeddings=16, rope_parameters=dict(
-        rope_type="dynamic", rope_theta=10000.0, factor=2.0))),
+    "llama_linear_rope": (
+        transformers.LlamaConfig,
+        dict(rope_parameters=dict(rope_type="linear", rope_theta=10000.0, factor=4.0)),
+    ),
+    "llama_dynamic_rope": (
+        transformers.LlamaConfig,
+        dict(max_position_embeddings=16, rope_parameters=dict(rope_type="dynamic", rope_theta=10000.0, factor=2.0)),
+    ),
     "mistral_window": (transformers.MistralConfig, dict(sliding_window=8)),
     "qwen2_window": (transformers.Qwen2Config, dict(use_sliding_window=True, sliding_window=8, max_window_layers=1)),
     "qwen3": (transformers.Qwen3Config, dict(head_dim=16, tie_word_embeddings=True)),
     "gemma": (transformers.GemmaConfig, dict(head_dim=16, tie_word_embeddings=True)),
-    "gemma2": (transformers.Gemma2Config, dict(head_dim=16, tie_word_embeddings=True, sliding_window=8,
-                                               query_pre_attn_scalar=24, attn_logit_softcapping=2.0,
-                                               final_logit_softcapping=5.0)),
+    "gemma2": (
+        transformers.Gemma2Config,
+        dict(
+            head_dim=16,
+            tie_word_embeddings=True,
+            sliding_window=8,
+            query_pre_attn_scalar=24,
+            attn_logit_softcapping=2.0,
+            final_logit_softcapping=5.0,
+        ),
+    ),
     "phi3_window": (transformers.Phi3Config, dict(sliding_window=8)),  # fused qkv_proj / gate_up_proj
     # YaRN: the ramp spans dims 0..2 of 8 (beta_fast 4), attention factor 0.1 ln 4 + 1 on cos / sin
-    "llama_yarn": (transformers.LlamaConfig, dict(head_dim=16, rope_parameters=dict(
-        rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16, beta_fast=4.0))),
+    "llama_yarn": (
+        transformers.LlamaConfig,
+        dict(
+            head_dim=16,
+            rope_parameters=dict(
+                rope_type="yarn", rope_theta=10000.0, factor=4.0, original_max_position_embeddings=16, beta_fast=4.0
+            ),
+        ),
+    ),
     # Gemma 3: [sliding, full] layers, local RoPE base 100 on the sliding one, linear scaling on the full one
-    "gemma3": (transformers.Gemma3TextConfig, dict(
-        head_dim=16, tie_word_embeddings=True, sliding_window=8, sliding_window_pattern=2, query_pre_attn_scalar=24,
-        final_logit_softcapping=5.0, rope_local_base_freq=100.0, rope_scaling=dict(rope_type="linear", factor=2.0))),
+    "gemma3": (
+        transformers.Gemma3TextConfig,
+        dict(
+            head_dim=16,
+            tie_word_embeddings=True,
+            sliding_window=8,
+            sliding_window_pattern=2,
+            query_pre_attn_scalar=24,
+            final_logit_softcapping=5.0,
+            rope_local_base_freq=100.0,
+            rope_scaling=dict(rope_type="linear", factor=2.0),
+        ),
+    ),
     "mixtral": (transformers.MixtralConfig, dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=8)),
 }
 _forward = jax.jit(fj.forward, static_argnums=0)
@@ -131,10 +172,17 @@ def test_greedy_generation_parity(family):
     ids = np.zeros((2, width), np.int64)
     att = np.zeros((2, width), np.int64)
     for i, p in enumerate(prompts):
-        ids[i, width - len(p):], att[i, width - len(p):] = p, 1
+        ids[i, width - len(p) :], att[i, width - len(p) :] = p, 1
     with torch.no_grad():
-        ref = model.generate(torch.tensor(ids), attention_mask=torch.tensor(att), do_sample=False,
-                             max_new_tokens=new, min_new_tokens=new, pad_token_id=0, eos_token_id=None)
+        ref = model.generate(
+            torch.tensor(ids),
+            attention_mask=torch.tensor(att),
+            do_sample=False,
+            max_new_tokens=new,
+            min_new_tokens=new,
+            pad_token_id=0,
+            eos_token_id=None,
+        )
     assert ours == ref[:, width:].tolist(), name
 
 
@@ -156,8 +204,11 @@ def test_lora_export_loads_in_peft(name, tmp_path):
     model = _hf_model(name)
     model.save_pretrained(tmp_path / "base")
     config, params = fj.load_model(tmp_path / "base")
-    lora = fj.init_lora(config, fj.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear",
-                                              init_lora_weights=False), jax.random.key(1))
+    lora = fj.init_lora(
+        config,
+        fj.LoraConfig(r=4, lora_alpha=8, target_modules="all-linear", init_lora_weights=False),
+        jax.random.key(1),
+    )
     tokens = np.random.default_rng(1).integers(3, VOCAB, size=(2, 9))
     ours = np.asarray(_forward(config, params, tokens, lora=lora))
     assert np.abs(ours - np.asarray(_forward(config, params, tokens))).max() > 100 * TOL
@@ -185,13 +236,19 @@ def test_phi3_lora_exports_under_fused_names(case, phi3, tmp_path):
     """LoRA on q / v (or gate / up) of Phi-3 is PEFT's LoRA on the fused qkv_proj (gate_up_proj): A stacked over
     rank, B block-diagonal with each part's scale folded in; peft computes the same logits and we read it back."""
     model, directory, config, params = phi3
-    kw = {"q_v_subset_gated": dict(target_modules=("q_proj", "v_proj", "o_proj"), layers_to_transform=(1,)),
-          "rslora_rank_pattern": dict(target_modules=("q_proj", "up_proj", "down_proj"), use_rslora=True,
-                                      rank_pattern={"up_proj": 2}, alpha_pattern={"model.layers.0.self_attn.q_proj": 3}),
-          "dora_all_parts": dict(target_modules=("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"),
-                                 use_dora=True)}[case]
-    lora = fj.init_lora(config, fj.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **kw), jax.random.key(3),
-                        params)
+    kw = {
+        "q_v_subset_gated": dict(target_modules=("q_proj", "v_proj", "o_proj"), layers_to_transform=(1,)),
+        "rslora_rank_pattern": dict(
+            target_modules=("q_proj", "up_proj", "down_proj"),
+            use_rslora=True,
+            rank_pattern={"up_proj": 2},
+            alpha_pattern={"model.layers.0.self_attn.q_proj": 3},
+        ),
+        "dora_all_parts": dict(target_modules=("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj"), use_dora=True),
+    }[case]
+    lora = fj.init_lora(
+        config, fj.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **kw), jax.random.key(3), params
+    )
     lora = jax.tree.map(lambda x: x + 0.1 * jax.random.normal(jax.random.key(4), x.shape), lora)  # DoRA's m too
     gates = None
     if case == "q_v_subset_gated":
@@ -216,15 +273,25 @@ def test_phi3_peft_native_adapters_load(phi3, tmp_path):
     tokens = np.random.default_rng(5).integers(3, VOCAB, size=(2, 20))
     for use_dora in (False, True):
         torch.manual_seed(1)
-        pm = peft.get_peft_model(_hf_model("phi3_window"), peft.LoraConfig(
-            r=4, lora_alpha=6, target_modules=["qkv_proj", "gate_up_proj", "down_proj"], init_lora_weights=False,
-            use_dora=use_dora, layers_to_transform=[0] if use_dora else None)).eval()
+        pm = peft.get_peft_model(
+            _hf_model("phi3_window"),
+            peft.LoraConfig(
+                r=4,
+                lora_alpha=6,
+                target_modules=["qkv_proj", "gate_up_proj", "down_proj"],
+                init_lora_weights=False,
+                use_dora=use_dora,
+                layers_to_transform=[0] if use_dora else None,
+            ),
+        ).eval()
         pm.save_pretrained(tmp_path / f"native{use_dora}")
         lora = fj.load_peft(tmp_path / f"native{use_dora}", config)
-        np.testing.assert_allclose(np.asarray(_forward(config, params, tokens, lora=lora)), _hf_logits(pm, tokens),
-                                   atol=TOL, rtol=0)
-    partial = fj.init_lora(config, fj.LoraConfig(r=2, target_modules=("q_proj",), use_dora=True), jax.random.key(0),
-                           params)
+        np.testing.assert_allclose(
+            np.asarray(_forward(config, params, tokens, lora=lora)), _hf_logits(pm, tokens), atol=TOL, rtol=0
+        )
+    partial = fj.init_lora(
+        config, fj.LoraConfig(r=2, target_modules=("q_proj",), use_dora=True), jax.random.key(0), params
+    )
     with pytest.raises(ConfigError, match=r"fused qkv_proj"):
         export_peft(partial, tmp_path / "partial")
 
@@ -238,8 +305,9 @@ def test_config_roundtrips_through_transformers(name):
 
 
 def test_family_traits_read_from_hf_configs():
-    qwen2 = config_from_hf(transformers.Qwen2Config(**BASE, use_sliding_window=True, sliding_window=8,
-                                                    max_window_layers=1))
+    qwen2 = config_from_hf(
+        transformers.Qwen2Config(**BASE, use_sliding_window=True, sliding_window=8, max_window_layers=1)
+    )
     assert qwen2.layer_windows == (0, 8) and qwen2.attention_bias and not qwen2.attention_out_bias
     assert config_from_hf(transformers.Qwen2Config(**BASE, sliding_window=8)).sliding_window is None
     assert config_from_hf(transformers.MistralConfig(**BASE, sliding_window=8)).layer_windows == (8, 8)
@@ -251,14 +319,20 @@ def test_family_traits_read_from_hf_configs():
 
 # ------------------------------------------------------------------------------------------ refusals
 REFUSED = {
-    "rope_type 'longrope'": (transformers.Phi3Config, dict(rope_parameters=dict(
-        rope_type="longrope", rope_theta=1e4, short_factor=[1.0] * 4, long_factor=[1.0] * 4))),
-    "partial_rotary_factor": (transformers.LlamaConfig, dict(rope_parameters=dict(
-        rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5))),
+    "rope_type 'longrope'": (
+        transformers.Phi3Config,
+        dict(rope_parameters=dict(rope_type="longrope", rope_theta=1e4, short_factor=[1.0] * 4, long_factor=[1.0] * 4)),
+    ),
+    "partial_rotary_factor": (
+        transformers.LlamaConfig,
+        dict(rope_parameters=dict(rope_type="default", rope_theta=1e4, partial_rotary_factor=0.5)),
+    ),
     "hidden_act 'relu'": (transformers.MistralConfig, dict(hidden_act="relu")),
     "use_bidirectional_attention": (transformers.GemmaConfig, dict(use_bidirectional_attention=True)),
-    "layer_types .*chunked_attention": (transformers.Qwen3Config, dict(
-        use_sliding_window=True, sliding_window=8, layer_types=["chunked_attention", "full_attention"])),
+    "layer_types .*chunked_attention": (
+        transformers.Qwen3Config,
+        dict(use_sliding_window=True, sliding_window=8, layer_types=["chunked_attention", "full_attention"]),
+    ),
 }
 
 
@@ -299,14 +373,21 @@ def test_tied_head_copy_and_rope_buffers_are_accepted(tmp_path):
         fj.load_model(tmp_path)
 
 
-TRAIT_OFF = {"llama_linear_rope": dict(rope_scaling=None), "llama_dynamic_rope": dict(rope_scaling=None),
-             "llama_yarn": dict(rope_scaling=None),
-             "gemma3": dict(rope_local_theta=None), "mixtral": dict(num_experts_per_tok=1),
-             "mistral_window": dict(sliding_window=None), "qwen2_window": dict(sliding_window=None),
-             "phi3_window": dict(sliding_window=None),
-             "qwen3": dict(qk_norm=False), "gemma": dict(model_type="llama", hidden_act="silu"),
-             "gemma2": dict(sliding_window=None, attn_logit_softcapping=None, final_logit_softcapping=None,
-                            query_pre_attn_scalar=None)}
+TRAIT_OFF = {
+    "llama_linear_rope": dict(rope_scaling=None),
+    "llama_dynamic_rope": dict(rope_scaling=None),
+    "llama_yarn": dict(rope_scaling=None),
+    "gemma3": dict(rope_local_theta=None),
+    "mixtral": dict(num_experts_per_tok=1),
+    "mistral_window": dict(sliding_window=None),
+    "qwen2_window": dict(sliding_window=None),
+    "phi3_window": dict(sliding_window=None),
+    "qwen3": dict(qk_norm=False),
+    "gemma": dict(model_type="llama", hidden_act="silu"),
+    "gemma2": dict(
+        sliding_window=None, attn_logit_softcapping=None, final_logit_softcapping=None, query_pre_attn_scalar=None
+    ),
+}
 
 
 def test_each_family_trait_changes_the_logits(family):
@@ -315,8 +396,10 @@ def test_each_family_trait_changes_the_logits(family):
     tokens, mask, positions = _batch()
     off_config, off_params = dataclasses.replace(config, **TRAIT_OFF.get(name, {})), params
     if name == "llama_bias":
-        off_params = {**params, "layers": {k: ({"kernel": v["kernel"]} if isinstance(v, dict) else v)
-                                           for k, v in params["layers"].items()}}
+        off_params = {
+            **params,
+            "layers": {k: ({"kernel": v["kernel"]} if isinstance(v, dict) else v) for k, v in params["layers"].items()},
+        }
     on = np.asarray(_forward(config, params, tokens, mask, positions=positions))
     off = np.asarray(_forward(off_config, off_params, tokens, mask, positions=positions))
     assert np.abs(on - off)[mask.astype(bool)].max() > 100 * TOL

@@ -35,8 +35,9 @@ _forward = jax.jit(fj.forward, static_argnums=0)
 # ---------------------------------------------------------------------------------------------- YaRN
 YARN = {
     "defaults": dict(factor=4.0, original_max_position_embeddings=32),
-    "betas_no_truncate": dict(factor=8.0, original_max_position_embeddings=64, beta_fast=8, beta_slow=2,
-                              truncate=False),
+    "betas_no_truncate": dict(
+        factor=8.0, original_max_position_embeddings=64, beta_fast=8, beta_slow=2, truncate=False
+    ),
     "attention_factor": dict(factor=4.0, original_max_position_embeddings=32, attention_factor=0.7),
     "mscale_ratio": dict(factor=16.0, original_max_position_embeddings=32, mscale=1.0, mscale_all_dim=0.5),
     "factor_from_lengths": dict(factor=None, original_max_position_embeddings=64),  # 256 / 64
@@ -48,8 +49,10 @@ def test_yarn_matches_transformers_compute_yarn_parameters(case):
     """Inverse frequencies and the cos / sin scale equal transformers' _compute_yarn_parameters on head_dim 64."""
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
-    hf = transformers.LlamaConfig(**{**BASE, "hidden_size": 256, "max_position_embeddings": 256},
-                                  rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, **YARN[case]))
+    hf = transformers.LlamaConfig(
+        **{**BASE, "hidden_size": 256, "max_position_embeddings": 256},
+        rope_parameters=dict(rope_type="yarn", rope_theta=10000.0, **YARN[case]),
+    )
     inv_freq, scale = ROPE_INIT_FUNCTIONS["yarn"](hf)
     config = config_from_hf(hf)
     np.testing.assert_allclose(rope_inv_freq(config), inv_freq.numpy(), rtol=1e-6)
@@ -59,16 +62,23 @@ def test_yarn_matches_transformers_compute_yarn_parameters(case):
 def test_qwen2_yarn_config_json_parity_padded_batch(tmp_path):
     """Qwen2.5's long-context config.json form (a legacy ``rope_scaling`` with ``type: yarn``): transformers'
     logits on a padded batch (full, right- and left-padded rows), positions past the original context."""
-    config_hf = transformers.Qwen2Config(**BASE, rope_scaling=dict(type="yarn", factor=4.0,
-                                                                   original_max_position_embeddings=16))
+    config_hf = transformers.Qwen2Config(
+        **BASE, rope_scaling=dict(type="yarn", factor=4.0, original_max_position_embeddings=16)
+    )
     torch.manual_seed(0)
     model = transformers.AutoModelForCausalLM.from_config(config_hf).eval()
     model.save_pretrained(tmp_path)
     raw = json.loads((tmp_path / "config.json").read_text())
     raw.pop("rope_parameters")
-    (tmp_path / "config.json").write_text(json.dumps(
-        {**raw, "rope_theta": 10000.0, "rope_scaling": {"type": "yarn", "factor": 4.0,
-                                                        "original_max_position_embeddings": 16}}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                **raw,
+                "rope_theta": 10000.0,
+                "rope_scaling": {"type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16},
+            }
+        )
+    )
     config, params = fj.load_model(tmp_path)
     assert config.rope_scaling.rope_type == "yarn" and config.rope_scaling.factor == 4.0
     tokens, mask, positions = _batch()
@@ -78,8 +88,15 @@ def test_qwen2_yarn_config_json_parity_padded_batch(tmp_path):
     diff = np.abs(out[keep] - ref[keep]).max()
     print(f"qwen2_yarn: max |logit diff| = {diff:.2e}")
     assert diff <= 1e-4
-    assert np.abs(out - np.asarray(_forward(dataclasses.replace(config, rope_scaling=None), params, tokens, mask,
-                                            positions=positions)))[keep].max() > 1e-2
+    assert (
+        np.abs(
+            out
+            - np.asarray(
+                _forward(dataclasses.replace(config, rope_scaling=None), params, tokens, mask, positions=positions)
+            )
+        )[keep].max()
+        > 1e-2
+    )
 
 
 # ------------------------------------------------------------------------------------------- refusals
@@ -95,11 +112,19 @@ def test_near_miss_families_are_refused_naming_the_model_type(tmp_path):
 REFUSED = {
     "router_jitter_noise": (transformers.MixtralConfig, dict(router_jitter_noise=0.1)),
     "output_router_logits": (transformers.MixtralConfig, dict(output_router_logits=True)),
-    "sliding_window None with 'sliding_attention'": (transformers.Gemma3TextConfig, dict(
-        sliding_window=None, layer_types=["sliding_attention", "full_attention"])),
-    r"rope_parameters\['sliding_attention'\]": (transformers.Gemma3TextConfig, dict(rope_parameters={
-        "full_attention": dict(rope_type="default", rope_theta=1e6),
-        "sliding_attention": dict(rope_type="linear", factor=2.0, rope_theta=1e4)})),
+    "sliding_window None with 'sliding_attention'": (
+        transformers.Gemma3TextConfig,
+        dict(sliding_window=None, layer_types=["sliding_attention", "full_attention"]),
+    ),
+    r"rope_parameters\['sliding_attention'\]": (
+        transformers.Gemma3TextConfig,
+        dict(
+            rope_parameters={
+                "full_attention": dict(rope_type="default", rope_theta=1e6),
+                "sliding_attention": dict(rope_type="linear", factor=2.0, rope_theta=1e4),
+            }
+        ),
+    ),
 }
 
 
@@ -112,8 +137,11 @@ def test_unbuilt_settings_of_the_new_families_are_refused(what):
 
 def test_gemma3_default_layer_pattern_and_rope_bases():
     """Gemma 3's config: every 6th layer global (sliding_window_pattern), local base 10k, global 1M scaled."""
-    config = config_from_hf(transformers.Gemma3TextConfig(**{**BASE, "num_hidden_layers": 7, "head_dim": 16},
-                                                          rope_scaling=dict(rope_type="linear", factor=8.0)))
+    config = config_from_hf(
+        transformers.Gemma3TextConfig(
+            **{**BASE, "num_hidden_layers": 7, "head_dim": 16}, rope_scaling=dict(rope_type="linear", factor=8.0)
+        )
+    )
     assert config.layer_windows == (4096,) * 5 + (0, 4096)
     assert (config.rope_theta, config.rope_local_theta, config.rope_scaling.factor) == (1e6, 1e4, 8.0)
     assert config.qk_norm and config.model_type == "gemma3_text"
@@ -133,8 +161,12 @@ TOKENS = np.random.default_rng(3).integers(3, VOCAB, size=(2, 12))
 EXPERT_LORA = {
     "attention_and_experts": dict(target_modules=("q_proj", "v_proj", "w1", "w3", "w2")),
     # w1 alone (w3 exported as zeros: PEFT fuses them), ranks differ, one layer of q, rsLoRA, both gates
-    "mixed_gated": dict(target_modules=("q_proj", "w1", "w2"), layers_to_transform=(1,), use_rslora=True,
-                        rank_pattern={"w2": 3, "model.layers.1.self_attn.q_proj": 1}),
+    "mixed_gated": dict(
+        target_modules=("q_proj", "w1", "w2"),
+        layers_to_transform=(1,),
+        use_rslora=True,
+        rank_pattern={"w2": 3, "model.layers.1.self_attn.q_proj": 1},
+    ),
 }
 
 
@@ -142,8 +174,9 @@ def _peft_model(directory, adapter):
     """peft's model of ``adapter`` on transformers' Mixtral (peft converts per-expert adapters to its fused experts)."""
     with warnings.catch_warnings():  # peft notes that its fused-expert rank_pattern keys match no *module*
         warnings.filterwarnings("ignore", message=".*gate_up_proj")
-        return peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(directory),
-                                              str(adapter)).eval()
+        return peft.PeftModel.from_pretrained(
+            transformers.AutoModelForCausalLM.from_pretrained(directory), str(adapter)
+        ).eval()
 
 
 @pytest.mark.parametrize("case", sorted(EXPERT_LORA))
@@ -152,8 +185,9 @@ def test_expert_lora_exports_to_peft_and_back(case, mixtral, tmp_path):
     computes our logits to 1e-5 and load_peft reads back the same update; the merged export (expert kernels with
     their LoRA folded in) computes them in transformers."""
     model, directory, config, params = mixtral
-    lora = fj.init_lora(config, fj.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, **EXPERT_LORA[case]),
-                        jax.random.key(1))
+    lora = fj.init_lora(
+        config, fj.LoraConfig(r=2, lora_alpha=4, init_lora_weights=False, **EXPERT_LORA[case]), jax.random.key(1)
+    )
     gates = None
     if case == "mixed_gated":
         gates = fj.init_gates("both", config.num_hidden_layers, dict(lora.spec.r_max))
@@ -191,9 +225,19 @@ def _legacy_adapter(directory, config, ranks, alphas, r=2, alpha=4, target_modul
     save_file(tensors, directory / "adapter_model.safetensors", metadata={"format": "pt"})
     pattern = {f"model.layers.{i}.block_sparse_moe.experts.{e}.{m}": v for (m, i, e), v in ranks.items()}
     alpha_pattern = {f"model.layers.{i}.block_sparse_moe.experts.{e}.{m}": v for (m, i, e), v in alphas.items()}
-    (directory / "adapter_config.json").write_text(json.dumps(dict(
-        peft_type="LORA", task_type="CAUSAL_LM", r=r, lora_alpha=alpha, target_modules=list(target_modules),
-        rank_pattern=pattern, alpha_pattern=alpha_pattern)))
+    (directory / "adapter_config.json").write_text(
+        json.dumps(
+            dict(
+                peft_type="LORA",
+                task_type="CAUSAL_LM",
+                r=r,
+                lora_alpha=alpha,
+                target_modules=list(target_modules),
+                rank_pattern=pattern,
+                alpha_pattern=alpha_pattern,
+            )
+        )
+    )
     return tensors
 
 
@@ -205,8 +249,9 @@ def test_peft_written_expert_adapters_load(mixtral, tmp_path):
     _legacy_adapter(tmp_path / "uniform", config, {}, {})
     peft_model = _peft_model(directory, tmp_path / "uniform")
     lora = fj.load_peft(tmp_path / "uniform", config)
-    np.testing.assert_allclose(np.asarray(_forward(config, params, TOKENS, lora=lora)), _hf_logits(peft_model, TOKENS),
-                               atol=TOL, rtol=0)
+    np.testing.assert_allclose(
+        np.asarray(_forward(config, params, TOKENS, lora=lora)), _hf_logits(peft_model, TOKENS), atol=TOL, rtol=0
+    )
 
     ranks, alphas = {("w1", 0, 1): 3, ("w2", 1, 2): 1}, {("w1", 0, 1): 9.0, ("w3", 1, 0): 1.0}
     tensors = _legacy_adapter(tmp_path / "per_expert", config, ranks, alphas, target_modules=("w1", "w2", "w3"))
@@ -224,8 +269,9 @@ def test_peft_written_expert_adapters_load(mixtral, tmp_path):
                     else:
                         layer.mlp.experts.gate_up_proj[e, rows] += delta
     lora = fj.load_peft(tmp_path / "per_expert", config)
-    np.testing.assert_allclose(np.asarray(_forward(config, params, TOKENS, lora=lora)), _hf_logits(reference, TOKENS),
-                               atol=5e-5, rtol=0)  # merged weights vs the LoRA branch: fp32 rounding of a big update
+    np.testing.assert_allclose(
+        np.asarray(_forward(config, params, TOKENS, lora=lora)), _hf_logits(reference, TOKENS), atol=5e-5, rtol=0
+    )  # merged weights vs the LoRA branch: fp32 rounding of a big update
 
 
 def test_expert_lora_refusals(mixtral, tmp_path):
@@ -246,8 +292,9 @@ def test_expert_lora_refusals(mixtral, tmp_path):
     (tmp_path / "all_linear" / "adapter_config.json").write_text(json.dumps({**raw, "target_modules": "all-linear"}))
     with pytest.raises(ConfigError, match=r"all-linear.*router \(block_sparse_moe.gate\)"):
         fj.load_peft(tmp_path / "all_linear", config)
-    (tmp_path / "all_linear" / "adapter_config.json").write_text(json.dumps(
-        {**raw, "target_modules": ["q_proj"], "target_parameters": ["experts.gate_up_proj"]}))
+    (tmp_path / "all_linear" / "adapter_config.json").write_text(
+        json.dumps({**raw, "target_modules": ["q_proj"], "target_parameters": ["experts.gate_up_proj"]})
+    )
     with pytest.raises(ConfigError, match="target_parameters"):
         fj.load_peft(tmp_path / "all_linear", config)
 
@@ -256,8 +303,9 @@ def test_expert_lora_trains_and_counts(mixtral):
     """Expert LoRA gets a gradient through the routed experts (the MoE MLP of a block); its trainable count is
     per expert."""
     _, _, config, params = mixtral
-    lora = fj.init_lora(config, fj.LoraConfig(r=2, target_modules=("w1", "w2"), init_lora_weights=False),
-                        jax.random.key(5))
+    lora = fj.init_lora(
+        config, fj.LoraConfig(r=2, target_modules=("w1", "w2"), init_lora_weights=False), jax.random.key(5)
+    )
     layer = jax.tree.map(lambda x: x[0], params["layers"])
     x = jax.random.normal(jax.random.key(6), (2, 5, config.hidden_size))
 

@@ -12,10 +12,22 @@ import pytest
 import flexora_jax as fj
 from flexora_jax.gates import Gates
 
-CONFIG = fj.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-LORA = fj.LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj", "up_proj"),
-                     rank_pattern={"model.layers.2.self_attn.v_proj": 2}, init_lora_weights=False)
+CONFIG = fj.ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=3,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+)
+LORA = fj.LoraConfig(
+    r=4,
+    lora_alpha=8,
+    target_modules=("q_proj", "v_proj", "up_proj"),
+    rank_pattern={"model.layers.2.self_attn.v_proj": 2},
+    init_lora_weights=False,
+)
 L = CONFIG.num_hidden_layers
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 6)))
 _forward = jax.jit(fj.forward, static_argnums=0)
@@ -80,7 +92,8 @@ def test_passes_through_jit_grad_scan_vmap_and_sharding(lora):
     assert isinstance(out, Gates) and out.power == 3 and jnp.all(out.layer == 1)
 
     grads = jax.grad(lambda g: jnp.sum(fj.layer_gate_values(g, L) * jnp.arange(L)))(
-        Gates(layer=jnp.asarray([0.3, -0.2, 0.1]), power=3))
+        Gates(layer=jnp.asarray([0.3, -0.2, 0.1]), power=3)
+    )
     assert isinstance(grads, Gates) and grads.power == 3 and grads.rank is None and grads.layer.shape == (L,)
 
     stacked = jax.tree.map(lambda x: jnp.stack([x, x + 1.0]), g)  # two search steps' gates
@@ -100,25 +113,30 @@ def test_passes_through_jit_grad_scan_vmap_and_sharding(lora):
 def test_neutral_layer_gate_is_plain_lora(params, lora, power):
     gates = fj.init_gates("layer", L, power=power)
     np.testing.assert_allclose(fj.layer_gate_values(gates, L), np.ones(L), atol=1e-6)
-    np.testing.assert_allclose(_forward(CONFIG, params, TOKENS, lora=lora, gates=gates),
-                               _forward(CONFIG, params, TOKENS, lora=lora), atol=1e-5)
+    np.testing.assert_allclose(
+        _forward(CONFIG, params, TOKENS, lora=lora, gates=gates), _forward(CONFIG, params, TOKENS, lora=lora), atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("power", [1, 3])
 def test_zero_layer_gate_removes_exactly_that_layer(params, lora, power):
     gates = Gates(layer=jnp.asarray([0.0, -jnp.inf, 0.0]), power=power)
     w = fj.layer_gate_values(gates, L)
-    np.testing.assert_allclose(w, [1.5 ** power, 0.0, 1.5 ** power], rtol=1e-6)
+    np.testing.assert_allclose(w, [1.5**power, 0.0, 1.5**power], rtol=1e-6)
     deltas = fj.delta_weights(lora, gates)
     plain = fj.delta_weights(lora)
     for m in lora.spec.targets:
         assert jnp.all(deltas[m][1] == 0)
-        np.testing.assert_allclose(deltas[m][0], 1.5 ** power * plain[m][0], rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(deltas[m][0], 1.5**power * plain[m][0], rtol=1e-5, atol=1e-7)
     # Same logits as a LoRA that never adapted layer 1, with the surviving layers scaled by w.
-    without = fj.LoraParams(_scale_b(lora, 1.5 ** power).weights,
-                            fj.make_spec(CONFIG, dataclasses.replace(LORA, layers_to_transform=(0, 2))))
-    np.testing.assert_allclose(_forward(CONFIG, params, TOKENS, lora=lora, gates=gates),
-                               _forward(CONFIG, params, TOKENS, lora=without), atol=1e-5)
+    without = fj.LoraParams(
+        _scale_b(lora, 1.5**power).weights, fj.make_spec(CONFIG, dataclasses.replace(LORA, layers_to_transform=(0, 2)))
+    )
+    np.testing.assert_allclose(
+        _forward(CONFIG, params, TOKENS, lora=lora, gates=gates),
+        _forward(CONFIG, params, TOKENS, lora=without),
+        atol=1e-5,
+    )
 
 
 def test_power_three(lora):
@@ -127,7 +145,7 @@ def test_power_three(lora):
     w3 = fj.layer_gate_values(Gates(layer=alpha, power=3), L)
     want = L * np.exp(alpha) / np.exp(alpha).sum()
     np.testing.assert_allclose(w1, want, rtol=1e-6)
-    np.testing.assert_allclose(w3, want ** 3, rtol=1e-6)
+    np.testing.assert_allclose(w3, want**3, rtol=1e-6)
     np.testing.assert_allclose(np.mean(w1), 1.0, rtol=1e-6)  # the mean gate stays 1 for power 1
 
 
@@ -135,17 +153,24 @@ def test_rank_gates_at_init_scale_each_component_by_one_over_r_max(params, lora)
     gates = fj.init_gates("rank", L, _ranks(lora))
     for m in lora.spec.targets:  # v_proj has true rank 2 in layer 2, but softmax runs over r_max = 4
         np.testing.assert_allclose(fj.rank_gate_values(gates, m, (L, 4)), np.full((L, 4), 0.25), rtol=1e-6)
-    np.testing.assert_allclose(_forward(CONFIG, params, TOKENS, lora=lora, gates=gates),
-                               _forward(CONFIG, params, TOKENS, lora=_scale_b(lora, 0.25)), atol=1e-5)
+    np.testing.assert_allclose(
+        _forward(CONFIG, params, TOKENS, lora=lora, gates=gates),
+        _forward(CONFIG, params, TOKENS, lora=_scale_b(lora, 0.25)),
+        atol=1e-5,
+    )
 
 
 def test_one_hot_rank_gate_keeps_one_component(params, lora):
     beta = jnp.asarray([[0.0, -jnp.inf, -jnp.inf, -jnp.inf]] * L)
     gates = Gates(rank={m: beta for m in lora.spec.targets})
-    first_only = fj.LoraParams({m: {"a": w["a"].at[:, :, 1:].set(0), "b": w["b"]}
-                                for m, w in lora.weights.items()}, lora.spec)
-    np.testing.assert_allclose(_forward(CONFIG, params, TOKENS, lora=lora, gates=gates),
-                               _forward(CONFIG, params, TOKENS, lora=first_only), atol=1e-5)
+    first_only = fj.LoraParams(
+        {m: {"a": w["a"].at[:, :, 1:].set(0), "b": w["b"]} for m, w in lora.weights.items()}, lora.spec
+    )
+    np.testing.assert_allclose(
+        _forward(CONFIG, params, TOKENS, lora=lora, gates=gates),
+        _forward(CONFIG, params, TOKENS, lora=first_only),
+        atol=1e-5,
+    )
 
 
 def test_both_gates_multiply(lora):

@@ -19,8 +19,17 @@ from flexora_jax.gates import Gates
 from flexora_jax.lora import init_lora, merge, per_layer_lora
 from flexora_jax.models.llama import forward, init_params, lm_head
 
-CONFIG = ModelConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, max_position_embeddings=64, eos_token_id=5, pad_token_id=0)
+CONFIG = ModelConfig(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    eos_token_id=5,
+    pad_token_id=0,
+)
 NEW = 12
 PROMPTS = [[1, 17, 40, 8, 66, 23, 9], [1, 50], [1, 33, 71, 12, 90]]  # different lengths: left padding
 
@@ -28,8 +37,11 @@ PROMPTS = [[1, 17, 40, 8, 66, 23, 9], [1, 50], [1, 33, 71, 12, 90]]  # different
 @pytest.fixture(scope="module")
 def model():
     params = init_params(CONFIG, jax.random.key(0), init_std=0.2, head_std=0.5)
-    lora = init_lora(CONFIG, LoraConfig(r=4, lora_alpha=8.0, target_modules=("q_proj", "v_proj", "down_proj"),
-                                        init_lora_weights=False), jax.random.key(1))
+    lora = init_lora(
+        CONFIG,
+        LoraConfig(r=4, lora_alpha=8.0, target_modules=("q_proj", "v_proj", "down_proj"), init_lora_weights=False),
+        jax.random.key(1),
+    )
     return params, lora, merge(params, lora)
 
 
@@ -46,23 +58,31 @@ def _hf_greedy(params, prompts):
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     with torch.inference_mode():
-        out = hf.generate(input_ids=ids, attention_mask=mask, max_new_tokens=NEW, do_sample=False,
-                          eos_token_id=CONFIG.eos_token_id, pad_token_id=0)
+        out = hf.generate(
+            input_ids=ids,
+            attention_mask=mask,
+            max_new_tokens=NEW,
+            do_sample=False,
+            eos_token_id=CONFIG.eos_token_id,
+            pad_token_id=0,
+        )
     return [row[width:].tolist() for row in out]
 
 
 def _assert_same_as_reference(ours: list[list[int]], ref: list[list[int]]) -> None:
     for o, r in zip(ours, ref):
-        assert o == r[:len(o)]  # transformers pads after EOS; ours stops there
+        assert o == r[: len(o)]  # transformers pads after EOS; ours stops there
         assert len(o) == NEW or o[-1] == CONFIG.eos_token_id
 
 
 @pytest.fixture(scope="module")
 def greedy(model):
     params, lora, merged = model
-    return {"base": gen.generate(CONFIG, params, PROMPTS, max_new_tokens=NEW),
-            "lora": gen.generate(CONFIG, params, PROMPTS, lora=lora, max_new_tokens=NEW),
-            "merged": gen.generate(CONFIG, merged, PROMPTS, max_new_tokens=NEW)}
+    return {
+        "base": gen.generate(CONFIG, params, PROMPTS, max_new_tokens=NEW),
+        "lora": gen.generate(CONFIG, params, PROMPTS, lora=lora, max_new_tokens=NEW),
+        "merged": gen.generate(CONFIG, merged, PROMPTS, max_new_tokens=NEW),
+    }
 
 
 def test_greedy_matches_transformers_with_left_padding(model, greedy):
@@ -75,8 +95,9 @@ def test_greedy_matches_transformers_with_left_padding(model, greedy):
 def test_unmerged_adapter_equals_merged_weights(greedy):
     assert greedy["lora"].tokens == greedy["merged"].tokens
     assert greedy["lora"].tokens != greedy["base"].tokens  # the adapter changes the output
-    np.testing.assert_allclose(np.concatenate(greedy["lora"].logprobs), np.concatenate(greedy["merged"].logprobs),
-                               atol=1e-4)
+    np.testing.assert_allclose(
+        np.concatenate(greedy["lora"].logprobs), np.concatenate(greedy["merged"].logprobs), atol=1e-4
+    )
 
 
 def test_kv_cache_equals_recomputing_the_full_forward(model, greedy):
@@ -99,7 +120,7 @@ def test_kv_cache_equals_recomputing_the_full_forward(model, greedy):
         out = greedy[name]
         for i, p in enumerate(PROMPTS):
             n = len(out.tokens[i])
-            assert out.tokens[i] == seqs[i][len(p):len(p) + n], name
+            assert out.tokens[i] == seqs[i][len(p) : len(p) + n], name
             np.testing.assert_allclose(out.logprobs[i], logps[i][:n], atol=1e-4)
 
 
@@ -108,9 +129,18 @@ def test_kv_cache_equals_recomputing_the_full_forward(model, greedy):
 CACHE_FAMILIES = {
     "llama_gqa": CONFIG,
     "window": dataclasses.replace(CONFIG, sliding_window=4, sliding_layers=(1,)),
-    "gemma2": dataclasses.replace(CONFIG, head_dim=16, model_type="gemma2", hidden_act="gelu_pytorch_tanh",
-                                  tie_word_embeddings=True, sliding_window=4, sliding_layers=(0,),
-                                  query_pre_attn_scalar=24.0, attn_logit_softcapping=2.0, final_logit_softcapping=5.0),
+    "gemma2": dataclasses.replace(
+        CONFIG,
+        head_dim=16,
+        model_type="gemma2",
+        hidden_act="gelu_pytorch_tanh",
+        tie_word_embeddings=True,
+        sliding_window=4,
+        sliding_layers=(0,),
+        query_pre_attn_scalar=24.0,
+        attn_logit_softcapping=2.0,
+        final_logit_softcapping=5.0,
+    ),
 }
 
 
@@ -135,27 +165,34 @@ def _cached_logits(config, params, lora, gates, tokens, mask, forced, *, max_new
     return jnp.concatenate([lm_head(config, params, h)[:, None], jnp.swapaxes(logits, 0, 1)], axis=1)
 
 
-@pytest.mark.parametrize("family,unroll", [("llama_gqa", True), ("window", True), ("gemma2", True),
-                                           ("gemma2", False)])  # scanned: decode of models deeper than UNROLL_LAYERS
+@pytest.mark.parametrize(
+    "family,unroll", [("llama_gqa", True), ("window", True), ("gemma2", True), ("gemma2", False)]
+)  # scanned: decode of models deeper than UNROLL_LAYERS
 def test_cached_logits_equal_the_uncached_forward(family, unroll):
     """Prefill + teacher-forced decode steps on a left-padded batch give the full forward's logits (1e-5), with
     LoRA on every module and layer + rank gates; windows of 4 slide over prompt and generated columns."""
     config = CACHE_FAMILIES[family]
     params = init_params(config, jax.random.key(0), init_std=0.2, head_std=0.5)
-    lora = init_lora(config, LoraConfig(r=4, lora_alpha=8.0, target_modules="all-linear", init_lora_weights=False),
-                     jax.random.key(1))
+    lora = init_lora(
+        config, LoraConfig(r=4, lora_alpha=8.0, target_modules="all-linear", init_lora_weights=False), jax.random.key(1)
+    )
     rng = np.random.default_rng(0)
     L = config.num_hidden_layers
-    gates = Gates(layer=jnp.asarray(rng.normal(size=L), jnp.float32),
-                  rank={m: jnp.asarray(rng.normal(size=(L, 4)), jnp.float32) for m in lora.spec.targets})
+    gates = Gates(
+        layer=jnp.asarray(rng.normal(size=L), jnp.float32),
+        rank={m: jnp.asarray(rng.normal(size=(L, 4)), jnp.float32) for m in lora.spec.targets},
+    )
     p, m = 8, 6
     tokens = rng.integers(3, config.vocab_size, (3, p + m)).astype(np.int32)
     mask = np.ones_like(tokens)
     mask[1, :5], mask[2, :3] = 0, 0  # prompts of 8, 3 and 5 tokens, left-padded
     positions = np.where(mask > 0, np.cumsum(mask, -1) - 1, 1)
-    ref = np.asarray(_forward(config, params, tokens, mask, lora, gates, positions))[:, p - 1:]
-    ours = np.asarray(_cached_logits(config, params, lora, gates, tokens[:, :p], mask[:, :p], tokens[:, p:],
-                                     max_new_tokens=m + 2, unroll=unroll))
+    ref = np.asarray(_forward(config, params, tokens, mask, lora, gates, positions))[:, p - 1 :]
+    ours = np.asarray(
+        _cached_logits(
+            config, params, lora, gates, tokens[:, :p], mask[:, :p], tokens[:, p:], max_new_tokens=m + 2, unroll=unroll
+        )
+    )
     assert np.abs(ref).max() > 1.0  # logits big enough for 1e-5 to mean something
     np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=1e-5)
 
@@ -177,9 +214,27 @@ def test_decode_program_never_copies_the_cache(model, unroll):
     params, _, _ = model
     b, p = 4, 16
     tokens = np.ones((b, p), np.int32)
-    hlo = gen._decode.lower(CONFIG, params, None, None, tokens, np.ones_like(tokens), jnp.asarray([5], jnp.int32),
-                            jax.random.key(0), jnp.float32(1.0), jnp.float32(1.0), jnp.int32(0), max_new_tokens=NEW,
-                            do_sample=False, top_k=0, unroll=unroll).compile().as_text()
+    hlo = (
+        gen._decode.lower(
+            CONFIG,
+            params,
+            None,
+            None,
+            tokens,
+            np.ones_like(tokens),
+            jnp.asarray([5], jnp.int32),
+            jax.random.key(0),
+            jnp.float32(1.0),
+            jnp.float32(1.0),
+            jnp.int32(0),
+            max_new_tokens=NEW,
+            do_sample=False,
+            top_k=0,
+            unroll=unroll,
+        )
+        .compile()
+        .as_text()
+    )
     layer = f"{b},{CONFIG.num_key_value_heads},{p + NEW},{CONFIG.head_dim}]"
     ops = re.findall(r"= f32\[(?:\d+,)?" + re.escape(layer) + r"\{[^}]*\} ([a-z-]+)\(", hlo)
     assert ops.count("dynamic-update-slice") == 2 * (CONFIG.num_hidden_layers if unroll else 1), ops  # k, v
@@ -213,14 +268,47 @@ def test_no_compilation_for_new_prompt_lengths_within_a_bucket(model, greedy):
 def test_tinystories_greedy_from_bos_matches_golden_ids(tinystories_dir):
     from flexora_jax.models.hf import load_model, load_tokenizer
 
-    golden = [1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396, 267, 337,
-              410, 408, 419, 292, 411, 322, 265, 282, 295, 433, 426, 385]  # data/tinystories260k/SOURCE.md
+    golden = [
+        1,
+        403,
+        407,
+        261,
+        378,
+        432,
+        383,
+        286,
+        261,
+        376,
+        298,
+        315,
+        421,
+        395,
+        317,
+        426,
+        338,
+        401,
+        396,
+        267,
+        337,
+        410,
+        408,
+        419,
+        292,
+        411,
+        322,
+        265,
+        282,
+        295,
+        433,
+        426,
+        385,
+    ]  # data/tinystories260k/SOURCE.md
     config, params = load_model(tinystories_dir)
     tokenizer = load_tokenizer(tinystories_dir)
     out = gen.generate(config, params, [[1]], max_new_tokens=32, tokenizer=tokenizer, stop=["Lily"])
     assert out.finish_reasons == ["stop"]
     assert out.texts[0] == "Once upon a time, there was a little girl named "
-    assert out.tokens[0] == golden[1:len(out.tokens[0]) + 1]
+    assert out.tokens[0] == golden[1 : len(out.tokens[0]) + 1]
     full = gen.generate(config, params, [[1]], max_new_tokens=32)
     assert full.tokens[0] == golden[1:] and full.finish_reasons == ["length"]
     assert np.exp(full.logprobs[0][0]) == pytest.approx(0.784, abs=1e-3)

@@ -33,8 +33,14 @@ def test_gsm8k_gold_answers_all_parse_to_the_stated_number(data_dir):
     for rec, doc in zip(records, raw):
         stated = doc["answer"].split("####")[-1].strip().replace(",", "")
         assert rec.target == stated and int(rec.target) == int(stated)
-        assert generative.score(rec, f"So the total is {doc['answer'].split('####')[-1].strip()}.\n#### "
-                                     f"{doc['answer'].split('####')[-1].strip()}")["exact_match,strict-match"] == 1.0
+        assert (
+            generative.score(
+                rec,
+                f"So the total is {doc['answer'].split('####')[-1].strip()}.\n#### "
+                f"{doc['answer'].split('####')[-1].strip()}",
+            )["exact_match,strict-match"]
+            == 1.0
+        )
     assert sum("," in d["answer"].split("####")[-1] for d in raw) == 14  # SOURCE.md: commas removed
 
 
@@ -69,8 +75,14 @@ def test_gsm8k_filters_and_exact_match_match_lm_eval():
     from lm_eval.api.metrics import exact_match_hf_evaluate
     from lm_eval.filters.extraction import RegexFilter
 
-    outputs = ["Natalia sold 48/2 = 24 clips.\n#### 72", "The answer is $1,234.50.", "#### -3\n#### 4",
-               "no number here", "It costs 5 dollars, then 7.", "2,125 apples. #### 2,125."]
+    outputs = [
+        "Natalia sold 48/2 = 24 clips.\n#### 72",
+        "The answer is $1,234.50.",
+        "#### -3\n#### 4",
+        "no number here",
+        "It costs 5 dollars, then 7.",
+        "2,125 apples. #### 2,125.",
+    ]
     gold = ["72", "1234.50", "-3", "5", "7", "2125"]
     strict = RegexFilter(r"#### (\-?[0-9\.\,]+)", 0)
     flexible = RegexFilter(r"(-?[$0-9.,]{2,})|(-?[0-9]+)", -1)
@@ -80,10 +92,13 @@ def test_gsm8k_filters_and_exact_match_match_lm_eval():
         assert ours == ref_preds, name
         for pred, g in zip(ours, gold):
             rec = GenRecord("gsm8k", 0, "", generative.gsm8k_normalize("...\n#### " + g), (), "", "")
-            ref = exact_match_hf_evaluate([pred], ["...\n#### " + g], regexes_to_ignore=list(generative.GSM8K_IGNORE),
-                                          ignore_case=True)["exact_match"]
-            assert generative.score(rec, "#### " + pred if name == "strict-match" else pred)[
-                f"exact_match,{name}"] == ref or pred == generative.INVALID
+            ref = exact_match_hf_evaluate(
+                [pred], ["...\n#### " + g], regexes_to_ignore=list(generative.GSM8K_IGNORE), ignore_case=True
+            )["exact_match"]
+            assert (
+                generative.score(rec, "#### " + pred if name == "strict-match" else pred)[f"exact_match,{name}"] == ref
+                or pred == generative.INVALID
+            )
 
 
 def test_aqua_records_and_letter_extraction(data_dir):
@@ -94,8 +109,14 @@ def test_aqua_records_and_letter_extraction(data_dir):
     assert {r.target for r in test} <= set("ABCDE")
     with pytest.raises(DataError, match="no 'train' split.*evaluation only"):
         tasks.load_split("aqua", "train", data_dir=data_dir)
-    cases = {"The answer is (C).": "C", "answer is: D": "D", "so we pick (B) here": "B", " E) 12": "E",
-             "A train goes": "A", "nothing": generative.INVALID}
+    cases = {
+        "The answer is (C).": "C",
+        "answer is: D": "D",
+        "so we pick (B) here": "B",
+        " E) 12": "E",
+        "A train goes": "A",
+        "nothing": generative.INVALID,
+    }
     assert {t: generative.aqua_extract(t)["letter"] for t in cases} == cases
 
 
@@ -106,10 +127,12 @@ def test_mmlu_splits_and_prompt(data_dir):
     records = test.records()
     assert len({r.group for r in records}) == 57
     rec = next(r for r in records if r.group == "high_school_biology")
-    assert rec.context.startswith("The following are multiple choice questions (with answers) about high school "
-                                  "biology.\n\n")
-    assert rec.context.count("\nAnswer:") == 6 and rec.context.endswith("\nD. " + test.docs[rec.doc_id]["choices"][3]
-                                                                         + "\nAnswer:")
+    assert rec.context.startswith(
+        "The following are multiple choice questions (with answers) about high school biology.\n\n"
+    )
+    assert rec.context.count("\nAnswer:") == 6 and rec.context.endswith(
+        "\nD. " + test.docs[rec.doc_id]["choices"][3] + "\nAnswer:"
+    )
     assert rec.requests()[0] == (rec.context, " A")
     with pytest.raises(DataError, match="no 'train' split"):
         tasks.load_split("mmlu", "train", data_dir=data_dir)
@@ -121,14 +144,30 @@ def test_mmlu_loglikelihoods_match_lm_eval_and_macro_average(data_dir, model, ti
 
     config, params, tokenizer = model
     records = tasks.load_records("mmlu", "test", data_dir=data_dir)
-    picked = records[::len(records) // MMLU_N][:MMLU_N]
-    ours = evaluation.evaluate(LlamaForCausalLM.from_params(config, params), tokenizer, {"mmlu": picked}, batch_size=32, max_length=256,
-                               return_per_example=True, progress=False)["mmlu"]
+    picked = records[:: len(records) // MMLU_N][:MMLU_N]
+    ours = evaluation.evaluate(
+        LlamaForCausalLM.from_params(config, params),
+        tokenizer,
+        {"mmlu": picked},
+        batch_size=32,
+        max_length=256,
+        return_per_example=True,
+        progress=False,
+    )["mmlu"]
     lm = HFLM(pretrained=str(tinystories_dir), device="cpu", batch_size=32, max_length=256)
     requests = [req for r in picked for req in r.requests()]
-    ref = np.array([o[0] for o in lm.loglikelihood([Instance(request_type="loglikelihood", doc={}, arguments=req,
-                                                                 idx=i) for i, req in enumerate(requests)],
-                                                   disable_tqdm=True)])
+    ref = np.array(
+        [
+            o[0]
+            for o in lm.loglikelihood(
+                [
+                    Instance(request_type="loglikelihood", doc={}, arguments=req, idx=i)
+                    for i, req in enumerate(requests)
+                ],
+                disable_tqdm=True,
+            )
+        ]
+    )
     got = np.array([ll for ex in ours["examples"] for ll in ex["loglikelihoods"]])
     assert len(got) == 4 * MMLU_N
     np.testing.assert_allclose(got, ref, atol=1e-3, rtol=0)
@@ -147,18 +186,31 @@ def test_generation_matches_lm_eval_generate_until(data_dir, model, tinystories_
     from lm_eval.models.huggingface import HFLM
 
     config, params, tokenizer = model
-    recs = {"gsm8k": tasks.load_records("gsm8k", "test", data_dir=data_dir)[:3],
-            "aqua": tasks.load_records("aqua", "test", data_dir=data_dir)[:3]}
+    recs = {
+        "gsm8k": tasks.load_records("gsm8k", "test", data_dir=data_dir)[:3],
+        "aqua": tasks.load_records("aqua", "test", data_dir=data_dir)[:3],
+    }
     for name in recs:
         monkeypatch.setitem(generative.MAX_NEW_TOKENS, name, GEN_TOKENS)
-    ours = evaluation.evaluate(LlamaForCausalLM.from_params(config, params), tokenizer, recs, batch_size=4, return_per_example=True,
-                               progress=False)
+    ours = evaluation.evaluate(
+        LlamaForCausalLM.from_params(config, params),
+        tokenizer,
+        recs,
+        batch_size=4,
+        return_per_example=True,
+        progress=False,
+    )
     assert ours["gsm8k"]["truncated"] == 3 and ours["aqua"]["truncated"] == 0  # 5-shot prompts exceed 512 tokens
     lm = HFLM(pretrained=str(tinystories_dir), device="cpu", batch_size=4, max_length=config.max_position_embeddings)
     for name, rs in recs.items():
         kwargs = {"until": list(rs[0].until), "max_gen_toks": GEN_TOKENS, "do_sample": False}
-        ref = lm.generate_until([Instance(request_type="generate_until", doc={}, arguments=(r.prompt, kwargs), idx=i)
-                                 for i, r in enumerate(rs)], disable_tqdm=True)
+        ref = lm.generate_until(
+            [
+                Instance(request_type="generate_until", doc={}, arguments=(r.prompt, kwargs), idx=i)
+                for i, r in enumerate(rs)
+            ],
+            disable_tqdm=True,
+        )
         assert [ex["generation"] for ex in ours[name]["examples"]] == ref, name
         assert ours[name]["n"] == 3 and 0.0 <= ours[name]["exact_match"] <= 1.0
     assert set(ours["gsm8k"]["filters"]) == {"strict-match", "flexible-extract"}

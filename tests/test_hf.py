@@ -34,8 +34,15 @@ from flexora_jax.models.llama import init_params
 # ------------------------------------------------------------------------------------- bad input
 @pytest.fixture(scope="module")
 def hf_dir(tmp_path_factory):
-    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    cfg = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+    )
     d = tmp_path_factory.mktemp("tiny_llama")
     transformers.LlamaForCausalLM(cfg).save_pretrained(d)
     return d
@@ -108,18 +115,40 @@ def test_hub_id_offline_says_how_to_use_local_files(monkeypatch):
         fj.load_model("meta-llama/Llama-3.2-1B")
 
 
-
-
 # ----------------------------------------------------------------------------------- config <-> HF
 CONFIGS = {
-    "llama3_rope": ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                               num_attention_heads=4, num_key_value_heads=2, rope_theta=500000.0,
-                               rope_scaling=RopeScaling(original_max_position_embeddings=16), eos_token_id=3),
-    "qwen2_tied": ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=1, model_type="qwen2",
-                              attention_bias=True, tie_word_embeddings=True),
-    "mistral_head_dim": ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                    num_attention_heads=4, num_key_value_heads=2, head_dim=16, model_type="mistral"),
+    "llama3_rope": ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        rope_theta=500000.0,
+        rope_scaling=RopeScaling(original_max_position_embeddings=16),
+        eos_token_id=3,
+    ),
+    "qwen2_tied": ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        model_type="qwen2",
+        attention_bias=True,
+        tie_word_embeddings=True,
+    ),
+    "mistral_head_dim": ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        model_type="mistral",
+    ),
 }
 
 
@@ -138,8 +167,14 @@ def test_config_from_hf_reads_first_eos_and_refuses_what_it_cannot_run():
     with pytest.raises(ConfigError, match="hidden_act 'gelu'"):
         config_from_hf(transformers.LlamaConfig(hidden_act="gelu", **base))
     with pytest.raises(ConfigError, match="rope_type 'longrope'"):
-        config_from_hf(transformers.LlamaConfig(rope_parameters=dict(
-            rope_type="longrope", rope_theta=1e4, short_factor=[1.0] * 4, long_factor=[1.0] * 4), **base))
+        config_from_hf(
+            transformers.LlamaConfig(
+                rope_parameters=dict(
+                    rope_type="longrope", rope_theta=1e4, short_factor=[1.0] * 4, long_factor=[1.0] * 4
+                ),
+                **base,
+            )
+        )
     with pytest.raises(ConfigError, match="model_type 'gpt2'"):
         config_from_hf(transformers.GPT2Config())
 
@@ -174,8 +209,14 @@ def test_save_into_a_file_names_the_path(tmp_path):
 
 
 def test_load_model_on_a_mesh_builds_each_param_in_its_sharding(tmp_path):
-    config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     save_model(config, init_params(config, jax.random.key(5)), tmp_path)
     _, want = load_model(tmp_path)
     mesh = sh.make_mesh((2, 2, 2))
@@ -198,8 +239,9 @@ def test_mesh_loading_of_sharded_index_and_pickle_checkpoints(hf_dir, tmp_path):
     p = tmp_path / "pickle"
     p.mkdir()
     shutil.copy(hf_dir / "config.json", p / "config.json")
-    torch.save({k: torch.from_numpy(v) for k, v in load_file(hf_dir / "model.safetensors").items()},
-               p / "pytorch_model.bin")
+    torch.save(
+        {k: torch.from_numpy(v) for k, v in load_file(hf_dir / "model.safetensors").items()}, p / "pytorch_model.bin"
+    )
     with pytest.raises(CheckpointError, match="pickle"):
         load_model(p, mesh=mesh)
     _, got = load_model(p, allow_pickle=True, mesh=mesh)
@@ -207,19 +249,31 @@ def test_mesh_loading_of_sharded_index_and_pickle_checkpoints(hf_dir, tmp_path):
     chex.assert_trees_all_equal(jax.tree.map(np.asarray, got), want)
 
 
-_CFG = {"model_type": "llama", "vocab_size": 64, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
-        "num_attention_heads": 4, "rms_norm_eps": 1e-6, "max_position_embeddings": 128}
+_CFG = {
+    "model_type": "llama",
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "rms_norm_eps": 1e-6,
+    "max_position_embeddings": 128,
+}
 
 
-@pytest.mark.parametrize("content, words", [
-    ([1, 2], ["holds a JSON list", "object"]),
-    (None, ["holds a JSON NoneType"]),
-    (b"\xff\xfe{", ["not valid JSON"]),
-    ("DIR", ["cannot be read"]),
-    (dict(_CFG, hidden_size="64"), ["hidden_size"]),
-    (dict(_CFG, num_attention_heads=0), ["config.json"]),
-    (dict(_CFG, rope_scaling={"rope_type": "llama3"}), ["rope"]),
-], ids=["list", "null", "not-utf8", "directory", "string-size", "zero-heads", "llama3-no-factors"])
+@pytest.mark.parametrize(
+    "content, words",
+    [
+        ([1, 2], ["holds a JSON list", "object"]),
+        (None, ["holds a JSON NoneType"]),
+        (b"\xff\xfe{", ["not valid JSON"]),
+        ("DIR", ["cannot be read"]),
+        (dict(_CFG, hidden_size="64"), ["hidden_size"]),
+        (dict(_CFG, num_attention_heads=0), ["config.json"]),
+        (dict(_CFG, rope_scaling={"rope_type": "llama3"}), ["rope"]),
+    ],
+    ids=["list", "null", "not-utf8", "directory", "string-size", "zero-heads", "llama3-no-factors"],
+)
 def test_malformed_config_json_is_a_checkpoint_error(tmp_path, content, words):
     cfg = tmp_path / "config.json"
     if content == "DIR":

@@ -18,15 +18,30 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--compare=[]", "--task.planted.num_layers=4", "--task.planted.num_planted=1", "--task.planted.n_train=64",
-        "--task.planted.n_val=32", "--task.planted.n_test=64", "--task.planted.finetune_examples=32",
-        "--search.steps=6", "--finetune.max_steps=12", "--checkpoint.every=2", "--eval.base=false"]
+TINY = [
+    "--compare=[]",
+    "--task.planted.num_layers=4",
+    "--task.planted.num_planted=1",
+    "--task.planted.n_train=64",
+    "--task.planted.n_val=32",
+    "--task.planted.n_test=64",
+    "--task.planted.finetune_examples=32",
+    "--search.steps=6",
+    "--finetune.max_steps=12",
+    "--checkpoint.every=2",
+    "--eval.base=false",
+]
 COMPARED = ("gates.json", "selection.json", "eval.json")
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ, FLEXORA_PROGRESS="0", HF_HUB_OFFLINE="1",
-               JAX_COMPILATION_CACHE_DIR=str(REPO / ".jax_cache"), JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1")
+    env = dict(
+        os.environ,
+        FLEXORA_PROGRESS="0",
+        HF_HUB_OFFLINE="1",
+        JAX_COMPILATION_CACHE_DIR=str(REPO / ".jax_cache"),
+        JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="1",
+    )
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it
     env.update(extra)
@@ -35,9 +50,22 @@ def _env(**extra: str) -> dict[str, str]:
 
 def _launch(out: Path, **env: str) -> subprocess.Popen:
     resume = ["--resume"] if (out / "config.yaml").exists() else []
-    return subprocess.Popen([sys.executable, str(REPO / "tests" / "fault_cli.py"), "run", "--quiet",
-                             "--output-dir", str(out), *TINY, *resume], env=_env(**env), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(REPO / "tests" / "fault_cli.py"),
+            "run",
+            "--quiet",
+            "--output-dir",
+            str(out),
+            *TINY,
+            *resume,
+        ],
+        env=_env(**env),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def _reached(metrics: Path, stage: str, step: int) -> bool:
@@ -95,10 +123,13 @@ def reference(tmp_path_factory) -> Path:
     return out
 
 
-@pytest.mark.parametrize("stage, step, output", [("search_layer", 3, "searches/layer/gates.json"),
-                                                 ("finetune_flexora", 5, "methods/flexora/adapter")])
-def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes_identically(reference, tmp_path, stage, step,
-                                                                               output):
+@pytest.mark.parametrize(
+    "stage, step, output",
+    [("search_layer", 3, "searches/layer/gates.json"), ("finetune_flexora", 5, "methods/flexora/adapter")],
+)
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly_then_resumes_identically(
+    reference, tmp_path, stage, step, output
+):
     run = tmp_path / "run"
     proc = _launch(run)
     _signal_when(proc, lambda: _reached(run / "metrics.jsonl", stage, step), signal.SIGTERM, f"{stage} step {step}")
@@ -130,9 +161,13 @@ def test_sigterm_stops_evaluate_and_export_within_seconds_then_resumes_identical
 
 
 def _stage_command(command: str, out: Path, **env: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, str(REPO / "tests" / "fault_cli.py"), command, "--quiet",
-                             "--output-dir", str(out)], env=_env(**env), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "fault_cli.py"), command, "--quiet", "--output-dir", str(out)],
+        env=_env(**env),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
 
 
 def _assert_clean_stop(proc: subprocess.Popen, sig: int) -> None:
@@ -154,8 +189,12 @@ def test_repeated_signals_during_evaluate_and_finetune_always_stop_cleanly(refer
         shutil.copytree(reference, run)
         proc = _stage_command("evaluate", run, FAULT_SLOW_STAGE=f"evaluate:2:{marker}")
         delay = rng.uniform(0.0, 1.0)  # anywhere in the 2 s call that reaches no safe point
-        _signal_when(proc, lambda m=marker, d=delay: m.exists() and time.time() - m.stat().st_mtime > d, sig,
-                     "the evaluate stage")
+        _signal_when(
+            proc,
+            lambda m=marker, d=delay: m.exists() and time.time() - m.stat().st_mtime > d,
+            sig,
+            "the evaluate stage",
+        )
         proc.send_signal(sig)  # a second signal changes nothing
         _assert_clean_stop(proc, sig)
         assert (run / "eval.json").read_bytes() == before
@@ -166,8 +205,12 @@ def test_repeated_signals_during_evaluate_and_finetune_always_stop_cleanly(refer
         log.write_text("".join(line + "\n" for line in log.read_text().splitlines() if "finetune" not in line))
         proc = _launch(run)  # --resume: the search is reused, the fine-tune runs
         step = rng.randint(1, 11)
-        _signal_when(proc, lambda log=log, step=step: _reached(log, "finetune_flexora", step), signal.SIGTERM,
-                     f"fine-tune step {step}")
+        _signal_when(
+            proc,
+            lambda log=log, step=step: _reached(log, "finetune_flexora", step),
+            signal.SIGTERM,
+            f"fine-tune step {step}",
+        )
         _assert_clean_stop(proc, signal.SIGTERM)
         assert not (run / "methods" / "flexora" / "adapter").exists()
 
@@ -190,7 +233,9 @@ def test_nan_stops_at_its_step_keeps_the_last_good_checkpoint(reference, tmp_pat
     _assert_same_as(run, reference)
     timings = json.loads((run / "timings.json").read_text())  # the search ran in the first call only: kept
     assert {"search_layer", "finetune_flexora", "evaluate", "total"} <= set(timings)
-    assert any(r.get("event") == "non_finite" for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()))
+    assert any(
+        r.get("event") == "non_finite" for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+    )
 
 
 def test_sigkill_at_random_points_and_mid_save_then_resume_is_identical(reference, tmp_path):

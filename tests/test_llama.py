@@ -13,9 +13,17 @@ torch.manual_seed(0)
 
 
 def _hf_model(kind: str, **kw):
-    base = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=256,
-                rms_norm_eps=1e-5, tie_word_embeddings=False)
+    base = dict(
+        vocab_size=97,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=256,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    )
     base.update(kw)
     cfg = (transformers.Qwen2Config if kind == "qwen2" else transformers.LlamaConfig)(**base)
     model = (transformers.Qwen2ForCausalLM if kind == "qwen2" else transformers.LlamaForCausalLM)(cfg)
@@ -29,9 +37,20 @@ def _hf_model(kind: str, **kw):
 CASES = {
     "mha_untied": ("llama", {}),
     "gqa_tied": ("llama", dict(num_key_value_heads=2, tie_word_embeddings=True)),
-    "gqa_llama3_rope": ("llama", dict(num_key_value_heads=1, rope_parameters=dict(
-        rope_type="llama3", rope_theta=500000.0, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0,
-        original_max_position_embeddings=16))),
+    "gqa_llama3_rope": (
+        "llama",
+        dict(
+            num_key_value_heads=1,
+            rope_parameters=dict(
+                rope_type="llama3",
+                rope_theta=500000.0,
+                factor=8.0,
+                low_freq_factor=1.0,
+                high_freq_factor=4.0,
+                original_max_position_embeddings=16,
+            ),
+        ),
+    ),
     "qwen2_bias": ("qwen2", dict(num_key_value_heads=2)),
 }
 
@@ -63,7 +82,10 @@ def test_bf16_compute_close_to_fp32_and_logits_fp32(tmp_path):
     model.save_pretrained(tmp_path)
     cfg32, p32 = fj.load_model(tmp_path)
     cfg16, p16 = fj.load_model(tmp_path, dtype="bfloat16")
-    assert p16["layers"]["q_proj"]["kernel"].dtype == np.dtype("bfloat16") or str(p16["layers"]["q_proj"]["kernel"].dtype) == "bfloat16"
+    assert (
+        p16["layers"]["q_proj"]["kernel"].dtype == np.dtype("bfloat16")
+        or str(p16["layers"]["q_proj"]["kernel"].dtype) == "bfloat16"
+    )
     tokens = np.arange(32)[None] % 97
     a = np.asarray(fj.forward(cfg32, p32, tokens))
     b = fj.forward(cfg16, p16, tokens)
@@ -72,8 +94,14 @@ def test_bf16_compute_close_to_fp32_and_logits_fp32(tmp_path):
 
 
 def test_padding_mask_isolates_padded_keys():
-    cfg = fj.ModelConfig(vocab_size=50, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    cfg = fj.ModelConfig(
+        vocab_size=50,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     import jax
 
     params = fj.init_params(cfg, jax.random.key(0))

@@ -16,10 +16,45 @@ import flexora_jax as fj
 from flexora_jax.errors import CheckpointError
 from flexora_jax.models.llama2c import _permute_rope_rows, read_llama2c
 
-GOLDEN_IDS = [1, 403, 407, 261, 378, 432, 383, 286, 261, 376, 298, 315, 421, 395, 317, 426, 338, 401, 396,
-              267, 337, 410, 408, 419, 292, 411, 322, 265, 282, 295, 433, 426, 385]
-GOLDEN_TEXT = ("Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
-               "One day, she saw a big, red ball. She wanted to play with it, but it was too high.")
+GOLDEN_IDS = [
+    1,
+    403,
+    407,
+    261,
+    378,
+    432,
+    383,
+    286,
+    261,
+    376,
+    298,
+    315,
+    421,
+    395,
+    317,
+    426,
+    338,
+    401,
+    396,
+    267,
+    337,
+    410,
+    408,
+    419,
+    292,
+    411,
+    322,
+    265,
+    282,
+    295,
+    433,
+    426,
+    385,
+]
+GOLDEN_TEXT = (
+    "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
+    "One day, she saw a big, red ball. She wanted to play with it, but it was too high."
+)
 
 
 def test_tinystories_greedy_and_nll_golden(tinystories_dir):
@@ -74,6 +109,7 @@ def _llama2c_bytes(w: dict, version: int, shared: bool) -> bytes:
 
     def floats(*names):
         return b"".join(np.asarray(w[n], "<f4").tobytes() for n in names)
+
     if version == 0:
         vocab = dims[5] if shared else -dims[5]
         head = struct.pack("<7i", *dims[:5], vocab, dims[6])
@@ -88,9 +124,21 @@ def _llama2c_bytes(w: dict, version: int, shared: bool) -> bytes:
 def test_legacy_and_version1_exports_read_the_same(tmp_path, shared):
     rng = np.random.default_rng(0)
     L, dim, hidden, kv, vocab = 2, 8, 12, 4, 10
-    shapes = dict(emb=(vocab, dim), att_norm=(L, dim), ffn_norm=(L, dim), norm=(dim,), wq=(L, dim, dim),
-                  wk=(L, kv, dim), wv=(L, kv, dim), wo=(L, dim, dim), w1=(L, hidden, dim), w2=(L, dim, hidden),
-                  w3=(L, hidden, dim), freqs=(6, 2), wcls=(vocab, dim))
+    shapes = dict(
+        emb=(vocab, dim),
+        att_norm=(L, dim),
+        ffn_norm=(L, dim),
+        norm=(dim,),
+        wq=(L, dim, dim),
+        wk=(L, kv, dim),
+        wv=(L, kv, dim),
+        wo=(L, dim, dim),
+        w1=(L, hidden, dim),
+        w2=(L, dim, hidden),
+        w3=(L, hidden, dim),
+        freqs=(6, 2),
+        wcls=(vocab, dim),
+    )
     w = {k: rng.normal(size=s).astype(np.float32) for k, s in shapes.items()}
     (tmp_path / "v0.bin").write_bytes(_llama2c_bytes(w, 0, shared))
     (tmp_path / "v1.bin").write_bytes(_llama2c_bytes(w, 1, shared))

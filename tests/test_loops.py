@@ -25,11 +25,16 @@ from flexora_jax.lora import init_lora
 from flexora_jax.models.llama import init_params
 from flexora_jax.train import init_train_state, make_optimizer, make_train_step
 
-CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                     num_attention_heads=4, num_key_value_heads=2)
+CONFIG = ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 LORA = LoraConfig(r=4, target_modules=("q_proj", "v_proj", "down_proj"), init_lora_weights=False)
-SEARCH = SearchConfig(inner_steps=2, batch_size=8, val_batch_size=8, inner_optimizer="sgd", inner_lr=0.1,
-                      remat=False)
+SEARCH = SearchConfig(inner_steps=2, batch_size=8, val_batch_size=8, inner_optimizer="sgd", inner_lr=0.1, remat=False)
 FINETUNE = FinetuneConfig(batch_size=8, lr=1e-2, schedule="constant", grad_clip=1.0)
 TRAIN_STEPS = 3
 MESHES = [(8, 1, 1), (1, 8, 1), (2, 2, 2), (1, 1, 8)]
@@ -37,8 +42,11 @@ RTOL = 1e-5
 
 
 def _batch(rng, shape):
-    return {"input_ids": rng.integers(0, CONFIG.vocab_size, shape).astype(np.int32),
-            "attention_mask": np.ones(shape, np.int32), "loss_mask": np.ones(shape, np.float32)}
+    return {
+        "input_ids": rng.integers(0, CONFIG.vocab_size, shape).astype(np.int32),
+        "attention_mask": np.ones(shape, np.int32),
+        "loss_mask": np.ones(shape, np.float32),
+    }
 
 
 def _search_state():
@@ -64,8 +72,12 @@ def _score_inputs(rng):
 def setup():
     rng = np.random.default_rng(0)
     params = init_params(CONFIG, jax.random.key(0))
-    data = {"train": _batch(rng, (SEARCH.inner_steps, 8, 16)), "val": _batch(rng, (8, 16)),
-            "ft": [_batch(rng, (8, 16)) for _ in range(TRAIN_STEPS)], "score": _score_inputs(rng)}
+    data = {
+        "train": _batch(rng, (SEARCH.inner_steps, 8, 16)),
+        "val": _batch(rng, (8, 16)),
+        "ft": [_batch(rng, (8, 16)) for _ in range(TRAIN_STEPS)],
+        "score": _score_inputs(rng),
+    }
     # the reference: the pure steps under a plain jax.jit on the default device
     state, metrics = jax.jit(make_search_step(CONFIG, SEARCH))(params, _search_state(), data["train"], data["val"])
     train_fn, tstate, losses = jax.jit(make_train_step(CONFIG, FINETUNE, 10)), _train_state(), []
@@ -74,8 +86,7 @@ def setup():
         losses.append(float(m["loss"]))
     lora = init_lora(CONFIG, LORA, jax.random.key(4))
     scores = _score_packed(CONFIG, params, lora, None, *map(jax.numpy.asarray, data["score"]))
-    ref = {"search_state": state, "search": metrics, "losses": np.asarray(losses), "scores": scores,
-           "lora": lora}
+    ref = {"search_state": state, "search": metrics, "losses": np.asarray(losses), "scores": scores, "lora": lora}
     return params, data, ref
 
 
@@ -97,8 +108,9 @@ def test_mesh_matches_single_device(setup, shape):
 
     # search step: hypergradient, losses, new gates and LoRA
     state = _search_state()
-    step = loops.compile_step(make_search_step(CONFIG, SEARCH), mesh, (params, state, data["train"], data["val"]),
-                              {2: 1, 3: 0})
+    step = loops.compile_step(
+        make_search_step(CONFIG, SEARCH), mesh, (params, state, data["train"], data["val"]), {2: 1, 3: 0}
+    )
     sp, state = step.place(params, state)
     new_state, metrics = step(sp, state, step.batch(data["train"], 2), step.batch(data["val"], 3))
     for key in ("val_loss", "train_loss", "hypergrad_norm"):
@@ -175,5 +187,3 @@ def test_checkpoint_restores_onto_another_mesh(setup, tmp_path):
     _close(mb["loss"], ma["loss"])
     _close(cont_b.lora.weights["v_proj"]["b"], cont_a.lora.weights["v_proj"]["b"])
     assert int(cont_b.step) == int(cont_a.step) == 2
-
-

@@ -14,11 +14,23 @@ import flexora_jax as fj
 from flexora_jax.lora import per_layer_lora
 from flexora_jax.models.llama import linear
 
-CONFIG = fj.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
-LORA = fj.LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj", "k_proj", "down_proj"),
-                     rank_pattern={"model.layers.1.self_attn.q_proj": 2, "k_proj": 3},
-                     alpha_pattern={"down_proj": 2.0}, init_lora_weights=False)
+CONFIG = fj.ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=32,
+)
+LORA = fj.LoraConfig(
+    r=4,
+    lora_alpha=8,
+    target_modules=("q_proj", "k_proj", "down_proj"),
+    rank_pattern={"model.layers.1.self_attn.q_proj": 2, "k_proj": 3},
+    alpha_pattern={"down_proj": 2.0},
+    init_lora_weights=False,
+)
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 6)))
 _forward = jax.jit(fj.forward, static_argnums=0)
 
@@ -80,8 +92,9 @@ def test_linear_adds_scale_times_bax(params, lora):
     a, b = np.asarray(lora.weights["q_proj"]["a"][1, :, :2]), np.asarray(lora.weights["q_proj"]["b"][1, :2])
     want = np.asarray(x) @ np.asarray(layer1["q_proj"]["kernel"]) + 4.0 * (np.asarray(x) @ a) @ b
     np.testing.assert_allclose(got, want, atol=1e-5)
-    np.testing.assert_array_equal(linear(x, layer1, "v_proj", lora1, None, 0.0),
-                                  linear(x, layer1, "v_proj", None, None, 0.0))
+    np.testing.assert_array_equal(
+        linear(x, layer1, "v_proj", lora1, None, 0.0), linear(x, layer1, "v_proj", None, None, 0.0)
+    )
 
 
 def test_delta_weights_match_numpy(lora):
@@ -93,15 +106,26 @@ def test_delta_weights_match_numpy(lora):
 
 
 def test_count_params_llama3_8b_shape():
-    llama3 = fj.ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                            num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192)
+    llama3 = fj.ModelConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        max_position_embeddings=8192,
+    )
     counts = fj.count_params(llama3, fj.make_spec(llama3, fj.LoraConfig(r=8, target_modules=("q_proj", "v_proj"))))
     assert counts["trainable"] == 3_407_872 == 32 * 106_496
     assert counts["base"] == 8_030_261_248  # the published Llama-3-8B parameter count
     assert counts["total"] == counts["base"] + counts["trainable"]
     assert counts["trainable_percent"] == pytest.approx(100 * 3_407_872 / (8_030_261_248 + 3_407_872))
-    half = fj.LoraConfig(r=8, target_modules=("q_proj", "v_proj"), layers_to_transform=tuple(range(16)),
-                         rank_pattern={"model.layers.0.self_attn.q_proj": 2})
+    half = fj.LoraConfig(
+        r=8,
+        target_modules=("q_proj", "v_proj"),
+        layers_to_transform=tuple(range(16)),
+        rank_pattern={"model.layers.0.self_attn.q_proj": 2},
+    )
     assert fj.count_params(llama3, fj.make_spec(llama3, half))["trainable"] == 16 * 106_496 - 6 * (4096 + 4096)
 
 
@@ -113,8 +137,7 @@ def test_count_params_uses_true_ranks(lora):
 
 def test_merge_gives_the_adapter_logits(params, lora):
     merged = fj.merge(params, lora)
-    np.testing.assert_allclose(_forward(CONFIG, merged, TOKENS), _forward(CONFIG, params, TOKENS, lora=lora),
-                               atol=1e-5)
+    np.testing.assert_allclose(_forward(CONFIG, merged, TOKENS), _forward(CONFIG, params, TOKENS, lora=lora), atol=1e-5)
     assert merged["layers"]["v_proj"]["kernel"] is params["layers"]["v_proj"]["kernel"]
 
 
@@ -130,11 +153,12 @@ def test_merge_bf16_is_computed_in_fp32_and_cast(params, lora):
     merged = fj.merge(bf16, lora)
     kernel = merged["layers"]["q_proj"]["kernel"]
     assert kernel.dtype == jnp.bfloat16
-    want = (bf16["layers"]["q_proj"]["kernel"].astype(jnp.float32) + fj.delta_weights(lora)["q_proj"])
+    want = bf16["layers"]["q_proj"]["kernel"].astype(jnp.float32) + fj.delta_weights(lora)["q_proj"]
     np.testing.assert_array_equal(kernel, want.astype(jnp.bfloat16))  # one rounding, from fp32
     back = fj.unmerge(merged, lora)["layers"]["q_proj"]["kernel"]
-    np.testing.assert_allclose(np.asarray(back, np.float32), np.asarray(bf16["layers"]["q_proj"]["kernel"], np.float32),
-                               atol=2e-2)
+    np.testing.assert_allclose(
+        np.asarray(back, np.float32), np.asarray(bf16["layers"]["q_proj"]["kernel"], np.float32), atol=2e-2
+    )
 
 
 def test_adamw_step_touches_lora_leaves_only(params, lora):
@@ -188,10 +212,11 @@ def test_one_fine_tune_program_serves_every_selection(params):
     config = dataclasses.replace(CONFIG, num_hidden_layers=4)
     p4 = fj.init_params(config, jax.random.key(0))
     base = fj.LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj"))
-    layouts = [dataclasses.replace(base, layers_to_transform=(1,)),
-               dataclasses.replace(base, layers_to_transform=(0, 3), rank_pattern={"model.layers.0.self_attn.v_proj": 2}),
-               dataclasses.replace(base, lora_alpha=3, use_rslora=True,
-                                   alpha_pattern={"model.layers.2.self_attn.q_proj": 5})]
+    layouts = [
+        dataclasses.replace(base, layers_to_transform=(1,)),
+        dataclasses.replace(base, layers_to_transform=(0, 3), rank_pattern={"model.layers.0.self_attn.v_proj": 2}),
+        dataclasses.replace(base, lora_alpha=3, use_rslora=True, alpha_pattern={"model.layers.2.self_attn.q_proj": 5}),
+    ]
     rng = np.random.default_rng(0)
     data = {"input_ids": rng.integers(0, 64, (16, 8)).astype(np.int32), "loss_mask": np.ones((16, 8), np.float32)}
     ft = fj.FinetuneConfig(max_steps=2, batch_size=4, lr=1e-2, warmup_ratio=0.0)
@@ -199,8 +224,11 @@ def test_one_fine_tune_program_serves_every_selection(params):
     states = []
     for i, lc in enumerate(layouts):
         lora = fj.init_lora(config, dataclasses.replace(lc, init_lora_weights=False), jax.random.key(i))
-        np.testing.assert_allclose(fj.lm_loss(config, p4, lora.traced_layout(), None, data),
-                                   fj.lm_loss(config, p4, lora, None, data), rtol=1e-6)
+        np.testing.assert_allclose(
+            fj.lm_loss(config, p4, lora.traced_layout(), None, data),
+            fj.lm_loss(config, p4, lora, None, data),
+            rtol=1e-6,
+        )
         trained, _ = fj.finetune(fj.decoder_problem(config, p4, lora), data, ft)
         assert trained.spec == lora.spec and trained.coef is None  # back to the static layout
         for m in base.target_modules:

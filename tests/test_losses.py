@@ -11,8 +11,14 @@ from flexora_jax.config import ModelConfig
 from flexora_jax.models.llama import forward, init_params
 from flexora_jax.models.losses import causal_lm_loss, labels_lm_loss, lm_loss, soft_lm_loss
 
-CONFIG = ModelConfig(vocab_size=23, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                     num_attention_heads=2, num_key_value_heads=1)
+CONFIG = ModelConfig(
+    vocab_size=23,
+    hidden_size=16,
+    intermediate_size=24,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+)
 RNG = np.random.default_rng(0)
 LOGITS = jnp.asarray(RNG.normal(size=(2, 6, 23)), jnp.float32)
 TOKENS = jnp.asarray(RNG.integers(0, 23, (2, 6)), jnp.int32)
@@ -45,7 +51,10 @@ def test_lm_loss_picks_targets_from_the_batch_keys():
     labels = jnp.roll(TOKENS, 1, axis=1)
     probs = jax.nn.softmax(LOGITS, -1)
     chex.assert_trees_all_close(lm_loss(CONFIG, params, None, None, batch), causal_lm_loss(logits, TOKENS, MASK))
-    chex.assert_trees_all_close(lm_loss(CONFIG, params, None, None, {**batch, "labels": labels}),
-                                labels_lm_loss(logits, labels, MASK))
-    chex.assert_trees_all_close(lm_loss(CONFIG, params, None, None, {**batch, "labels": labels, "target_probs": probs}),
-                                soft_lm_loss(logits, probs, MASK))
+    chex.assert_trees_all_close(
+        lm_loss(CONFIG, params, None, None, {**batch, "labels": labels}), labels_lm_loss(logits, labels, MASK)
+    )
+    chex.assert_trees_all_close(
+        lm_loss(CONFIG, params, None, None, {**batch, "labels": labels, "target_probs": probs}),
+        soft_lm_loss(logits, probs, MASK),
+    )

@@ -29,20 +29,33 @@ def _setup():
     from flexora_jax.config import FinetuneConfig, LoraConfig, ModelConfig, SearchConfig
     from flexora_jax.models.llama import init_params
 
-    config = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2)
+    config = ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     lora = LoraConfig(r=4, target_modules=("q_proj", "v_proj", "down_proj"), init_lora_weights=False)
-    search = SearchConfig(inner_steps=2, batch_size=8, val_batch_size=8, inner_optimizer="sgd", inner_lr=0.1,
-                          remat=False)
+    search = SearchConfig(
+        inner_steps=2, batch_size=8, val_batch_size=8, inner_optimizer="sgd", inner_lr=0.1, remat=False
+    )
     finetune = FinetuneConfig(batch_size=8, lr=1e-2, schedule="constant", grad_clip=1.0)
     rng = np.random.default_rng(0)
 
     def batch(shape):
-        return {"input_ids": rng.integers(0, config.vocab_size, shape).astype(np.int32),
-                "attention_mask": np.ones(shape, np.int32), "loss_mask": np.ones(shape, np.float32)}
+        return {
+            "input_ids": rng.integers(0, config.vocab_size, shape).astype(np.int32),
+            "attention_mask": np.ones(shape, np.int32),
+            "loss_mask": np.ones(shape, np.float32),
+        }
 
-    data = {"train": batch((search.inner_steps, 8, 16)), "val": batch((8, 16)),
-            "ft": [batch((8, 16)) for _ in range(TRAIN_STEPS)]}
+    data = {
+        "train": batch((search.inner_steps, 8, 16)),
+        "val": batch((8, 16)),
+        "ft": [batch((8, 16)) for _ in range(TRAIN_STEPS)],
+    }
     return config, lora, search, finetune, init_params(config, jax.random.key(0)), data
 
 
@@ -60,11 +73,14 @@ def _states(config, lora_cfg, search, finetune):
 
 
 def _summary(smetrics, sstate, losses, tstate, fetch):
-    return {"val_loss": float(fetch(smetrics["val_loss"])), "hypergrad_norm": float(fetch(smetrics["hypergrad_norm"])),
-            "gates": np.asarray(fetch(sstate.gates.layer)).tolist(),
-            "search_lora_a": np.asarray(fetch(sstate.inner.lora.weights["q_proj"]["a"])).ravel().tolist(),
-            "losses": losses,
-            "train_lora_b": np.asarray(fetch(tstate.lora.weights["down_proj"]["b"])).ravel().tolist()}
+    return {
+        "val_loss": float(fetch(smetrics["val_loss"])),
+        "hypergrad_norm": float(fetch(smetrics["hypergrad_norm"])),
+        "gates": np.asarray(fetch(sstate.gates.layer)).tolist(),
+        "search_lora_a": np.asarray(fetch(sstate.inner.lora.weights["q_proj"]["a"])).ravel().tolist(),
+        "losses": losses,
+        "train_lora_b": np.asarray(fetch(tstate.lora.weights["down_proj"]["b"])).ravel().tolist(),
+    }
 
 
 def worker(out_dir: Path) -> None:
@@ -86,8 +102,9 @@ def worker(out_dir: Path) -> None:
     assert rows.stop - rows.start == 4, rows  # each process loads only its half of the global batch
 
     # the host loop's programs: every process holds the same global batch and feeds only its rows
-    step = loops.compile_step(make_search_step(config, search), mesh, (params, sstate, data["train"], data["val"]),
-                              {2: 1, 3: 0})
+    step = loops.compile_step(
+        make_search_step(config, search), mesh, (params, sstate, data["train"], data["val"]), {2: 1, 3: 0}
+    )
     p, s = step.place(params, sstate)
     tb, vb = step.batch(data["train"], 2), step.batch(data["val"], 3)
     assert tb["input_ids"].addressable_shards[0].data.shape[1] <= rows.stop - rows.start
@@ -128,12 +145,26 @@ def test_two_processes_match_single_process(tmp_path):
     repo = Path(__file__).resolve().parents[1]
     procs = []
     for i in range(2):
-        env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu",
-                   JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
-                   JAX_COMPILATION_CACHE_DIR=str(repo / ".jax_cache"),
-                   PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-        procs.append(subprocess.Popen([sys.executable, __file__, str(tmp_path)], env=env, cwd=repo,
-                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        env = dict(
+            os.environ,
+            XLA_FLAGS="--xla_force_host_platform_device_count=4",
+            JAX_PLATFORMS="cpu",
+            JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+            JAX_NUM_PROCESSES="2",
+            JAX_PROCESS_ID=str(i),
+            JAX_COMPILATION_CACHE_DIR=str(repo / ".jax_cache"),
+            PYTHONPATH=str(repo) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        )
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, __file__, str(tmp_path)],
+                env=env,
+                cwd=repo,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+            )
+        )
     outputs = []
     try:
         for proc in procs:

@@ -25,8 +25,15 @@ def _soft(model: nnx.Module, batch: dict) -> jax.Array:
 def test_fj_search_then_fj_finetune_on_a_foreign_nnx_model():
     student, train, val = planted_task(0)
     train, val = _dataset(train), _dataset(val)
-    sc = fj.SearchConfig(hypergradient="first_order", inner_steps=1, steps=150, inner_lr=3e-3, outer_lr=0.01,
-                         batch_size=16, val_batch_size=16)
+    sc = fj.SearchConfig(
+        hypergradient="first_order",
+        inner_steps=1,
+        steps=150,
+        inner_lr=3e-3,
+        outer_lr=0.01,
+        batch_size=16,
+        val_batch_size=16,
+    )
     result = fj.search(student, sc, train, val, loss_fn=_soft)
     assert isinstance(result, fj.SearchResult) and len(result.history) == 150
     assert result.selection.layers == PLANTED  # the planted layers, in the model's own numbering
@@ -42,8 +49,9 @@ def test_fj_search_then_fj_finetune_on_a_foreign_nnx_model():
     assert not jax.tree.leaves(nnx.state(student, Gate))
     frozen = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))  # LoRAParam subclasses Param
     base = jax.tree.map(np.asarray, nnx.state(student, frozen))
-    model, history = fj.finetune(student, train, fj.FinetuneConfig(max_steps=30, batch_size=16, lr=3e-3,
-                                                                    warmup_ratio=0.0), loss_fn=_soft)
+    model, history = fj.finetune(
+        student, train, fj.FinetuneConfig(max_steps=30, batch_size=16, lr=3e-3, warmup_ratio=0.0), loss_fn=_soft
+    )
     assert model is student and len(history) == 30 and history[-1]["loss"] < history[0]["loss"]
     jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.state(student, frozen)), base)
 
@@ -67,14 +75,16 @@ def _stop_at(step: int):
     def callback(i: int, record: dict) -> None:
         if i == step:
             raise _Stop
+
     return callback
 
 
 def test_interrupted_search_and_finetune_resume_bit_identically(tmp_path):
     """Adapter-only orbax checkpoints (LoRA, gates, optimizer states, step, batch positions): an interrupted
     search and fine-tune continue from their checkpoint and end bitwise where an uninterrupted run ends."""
-    sc = fj.SearchConfig(hypergradient="unrolled", inner_steps=2, steps=6, inner_lr=3e-3, outer_lr=0.05,
-                         batch_size=8, val_batch_size=8)
+    sc = fj.SearchConfig(
+        hypergradient="unrolled", inner_steps=2, steps=6, inner_lr=3e-3, outer_lr=0.05, batch_size=8, val_batch_size=8
+    )
     ft = fj.FinetuneConfig(max_steps=6, batch_size=8, lr=3e-3, warmup_ratio=0.0)
 
     def run(ckpt: str | None, interrupt: bool):
@@ -97,15 +107,22 @@ def test_interrupted_search_and_finetune_resume_bit_identically(tmp_path):
     got, got_lora = run(str(tmp_path), True)
     assert [r["step"] for r in got.history] == [4, 5, 6]  # the resumed steps
     assert [r["val_loss"] for r in got.history] == [r["val_loss"] for r in want.history[3:]]
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, got.gates), jax.tree.map(np.asarray,
-                                                                                                    want.gates))
+    jax.tree.map(
+        np.testing.assert_array_equal, jax.tree.map(np.asarray, got.gates), jax.tree.map(np.asarray, want.gates)
+    )
     jax.tree.map(np.testing.assert_array_equal, got_lora, want_lora)
     assert sorted(p.name for p in (tmp_path / "finetune").iterdir()) == ["3", "6"]
 
 
 def test_fj_select_on_the_nnx_decoder_is_the_functional_selection():
-    config = fj.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-                            num_attention_heads=4, num_key_value_heads=2)
+    config = fj.ModelConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     lora_config = fj.LoraConfig(r=4, lora_alpha=8, target_modules=("q_proj", "v_proj"))
     model = fj.nnx.LlamaForCausalLM(config, lora_config, gates="layer", rngs=nnx.Rngs(0))
     gates = fj.init_gates("layer", 4)

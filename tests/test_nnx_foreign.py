@@ -38,7 +38,7 @@ class Projection(nnx.Module):
     """A model's own projection: an ``nnx.Param`` named ``w`` contracted by ``jnp.einsum`` in ``__call__``."""
 
     def __init__(self, d_in: int, d_out: int, *, rngs: nnx.Rngs, dtype=jnp.float32, spec: tuple | None = None):
-        self.w = nnx.Param(kernel_init(d_in ** -0.5, spec)(rngs.params(), (d_in, d_out), dtype))
+        self.w = nnx.Param(kernel_init(d_in**-0.5, spec)(rngs.params(), (d_in, d_out), dtype))
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return jnp.einsum("btd,df->btf", x, self.w[...])
@@ -47,8 +47,14 @@ class Projection(nnx.Module):
 class Attention(nnx.Module):
     def __init__(self, *, rngs: nnx.Rngs, dtype=jnp.float32, partitioned: bool = False):
         def einsum(equation, shape, spec):
-            return nnx.Einsum(equation, shape, rngs=rngs, param_dtype=dtype,
-                              kernel_init=kernel_init(D ** -0.5, spec if partitioned else None))
+            return nnx.Einsum(
+                equation,
+                shape,
+                rngs=rngs,
+                param_dtype=dtype,
+                kernel_init=kernel_init(D**-0.5, spec if partitioned else None),
+            )
+
         self.q = einsum("BTD,NDH->BTNH", (HEADS, D, HEAD_DIM), ("model", "fsdp", None))
         self.k = einsum("BTD,NDH->BTNH", (HEADS, D, HEAD_DIM), ("model", "fsdp", None))
         self.v = einsum("BTD,NDH->BTNH", (HEADS, D, HEAD_DIM), ("model", "fsdp", None))
@@ -67,11 +73,14 @@ class Mlp(nnx.Module):
     def __init__(self, *, rngs: nnx.Rngs, dtype=jnp.float32, partitioned: bool = False):
         def spec(s):
             return s if partitioned else None
-        self.up = nnx.Linear(D, FFN, rngs=rngs, param_dtype=dtype,
-                             kernel_init=kernel_init(None, spec(("fsdp", "model"))))
+
+        self.up = nnx.Linear(
+            D, FFN, rngs=rngs, param_dtype=dtype, kernel_init=kernel_init(None, spec(("fsdp", "model")))
+        )
         self.gate = Projection(D, FFN, rngs=rngs, dtype=dtype, spec=spec(("fsdp", "model")))
-        self.down = nnx.Linear(FFN, D, rngs=rngs, param_dtype=dtype,
-                               kernel_init=kernel_init(None, spec(("model", "fsdp"))))
+        self.down = nnx.Linear(
+            FFN, D, rngs=rngs, param_dtype=dtype, kernel_init=kernel_init(None, spec(("model", "fsdp")))
+        )
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.down(jax.nn.silu(self.gate(x)) * self.up(x))
@@ -92,13 +101,21 @@ class Block(nnx.Module):
 class ForeignLM(nnx.Module):
     """A list of blocks; a peaked output head (``head_std``) so a planted change is visible in the output."""
 
-    def __init__(self, num_layers: int = 3, *, rngs: nnx.Rngs, head_std: float = 0.5, dtype=jnp.float32,
-                 partitioned: bool = False):
+    def __init__(
+        self,
+        num_layers: int = 3,
+        *,
+        rngs: nnx.Rngs,
+        head_std: float = 0.5,
+        dtype=jnp.float32,
+        partitioned: bool = False,
+    ):
         self.embed = nnx.Embed(VOCAB, D, rngs=rngs, param_dtype=dtype)
         self.blocks = nnx.List([Block(rngs=rngs, dtype=dtype, partitioned=partitioned) for _ in range(num_layers)])
         self.final_norm = nnx.RMSNorm(D, rngs=rngs, param_dtype=dtype)
-        self.head = nnx.Linear(D, VOCAB, use_bias=False, rngs=rngs, param_dtype=dtype,
-                               kernel_init=nnx.initializers.normal(head_std))
+        self.head = nnx.Linear(
+            D, VOCAB, use_bias=False, rngs=rngs, param_dtype=dtype, kernel_init=nnx.initializers.normal(head_std)
+        )
 
     def __call__(self, tokens: jax.Array, mask: jax.Array | None = None) -> jax.Array:
         mask = jnp.ones(tokens.shape, jnp.int32) if mask is None else mask
@@ -158,8 +175,16 @@ def soft_loss(model: nnx.Module, batch: dict) -> jax.Array:
 def foreign_with_lora(seed: int = 0, gates: str | None = "both", targets=ALL_TARGETS, **kw) -> nnx.Module:
     model = ForeignLM(rngs=nnx.Rngs(seed), **kw)
     tokens, _ = tokens_and_mask()
-    return add_lora(model, targets, rank=2, alpha=4.0, gates=gates, layer_index=BLOCK_INDEX,
-                    example_inputs=(tokens,), rngs=nnx.Rngs(seed + 100))
+    return add_lora(
+        model,
+        targets,
+        rank=2,
+        alpha=4.0,
+        gates=gates,
+        layer_index=BLOCK_INDEX,
+        example_inputs=(tokens,),
+        rngs=nnx.Rngs(seed + 100),
+    )
 
 
 # ----------------------------------------------------------------------------------------- tests
@@ -167,11 +192,23 @@ def test_foreign_model_unchanged_at_init_and_zero_gate_is_base():
     model = ForeignLM(rngs=nnx.Rngs(0))
     tokens, mask = tokens_and_mask()
     base = apply(model, tokens, mask)
-    add_lora(model, ALL_TARGETS, rank=2, alpha=4.0, gates="both", layer_index=BLOCK_INDEX,
-             example_inputs=(tokens,), rngs=nnx.Rngs(1))
+    add_lora(
+        model,
+        ALL_TARGETS,
+        rank=2,
+        alpha=4.0,
+        gates="both",
+        layer_index=BLOCK_INDEX,
+        example_inputs=(tokens,),
+        rngs=nnx.Rngs(1),
+    )
     sites = lora_sites(model)
-    assert set(sites) == {f"blocks.{i}.{g}.{m}" for i in range(3) for g, ms in
-                          (("attn", "qkvo"), ("mlp", ("up", "gate", "down"))) for m in ms}
+    assert set(sites) == {
+        f"blocks.{i}.{g}.{m}"
+        for i in range(3)
+        for g, ms in (("attn", "qkvo"), ("mlp", ("up", "gate", "down")))
+        for m in ms
+    }
     assert type(model.blocks[0].attn.q).__name__ == "LoraEinsum"
     assert type(model.blocks[0].mlp.gate).__name__ == "LoraProjection"
     assert model.blocks[1].attn.q.lora_gate is model.blocks[1].mlp.down.lora_gate  # one gate per layer
@@ -224,6 +261,7 @@ def test_nnx_optimizer_trains_lora_and_leaves_base_bitwise():
         def loss(m):
             logits = m(tokens, mask)
             return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], tokens[:, 1:]).mean()
+
         value, grads = nnx.value_and_grad(loss, argnums=nnx.DiffState(0, nnx.LoRAParam))(model)
         optimizer.update(model, grads)
         return value
@@ -297,5 +335,6 @@ def test_adapter_round_trip_and_peft_export(tmp_path):
     b = tensors["base_model.model.model.layers.2.mlp.up.lora_B.weight"]  # [out, r]
     assert a.shape == (2, D) and b.shape == (FFN, 2)
     # PEFT's delta (alpha / r) B A equals the gated delta the model computes
-    np.testing.assert_allclose((b @ a).T * config["lora_alpha"] / 2, delta_kernel(model.blocks[2].mlp.up),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(
+        (b @ a).T * config["lora_alpha"] / 2, delta_kernel(model.blocks[2].mlp.up), rtol=1e-5, atol=1e-6
+    )

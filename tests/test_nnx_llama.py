@@ -28,8 +28,14 @@ from flexora_jax.nnx import (
     split_for_search,
 )
 
-CONFIG = ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2)
+CONFIG = ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 LORA = LoraConfig(r=2, lora_alpha=4.0, target_modules="all-linear", init_lora_weights=False)
 
 
@@ -42,8 +48,10 @@ def functional_pytrees(seed: int = 0, lora_config: LoraConfig = LORA) -> tuple[d
     params = init_params(CONFIG, jax.random.key(seed), head_std=0.5)
     lora = init_lora(CONFIG, lora_config, jax.random.key(seed + 1))  # random B: the LoRA branch is live
     rng = np.random.default_rng(seed)
-    gates = Gates(layer=jnp.asarray(rng.standard_normal(2), jnp.float32),
-                  rank={m: jnp.asarray(rng.standard_normal((2, 2)), jnp.float32) for m in lora_config.target_modules})
+    gates = Gates(
+        layer=jnp.asarray(rng.standard_normal(2), jnp.float32),
+        rank={m: jnp.asarray(rng.standard_normal((2, 2)), jnp.float32) for m in lora_config.target_modules},
+    )
     return params, lora, gates
 
 
@@ -84,8 +92,9 @@ def test_nnx_loss_on_the_decoder_equals_the_functional_loss_and_gradients():
     assert neutral.layer.shape == (2,) and neutral.rank["q_proj"].shape == (2, 2)
     # the raw gates are this model's hyperparameters (its gate variables hold their multipliers): the NNX
     # loss and the functional loss are one function
-    nnx_loss = functools.partial(make_loss(graphdef, layout, lambda m, b: m.lm_loss(b)),
-                                 {"model": base, "gates": gate_state})
+    nnx_loss = functools.partial(
+        make_loss(graphdef, layout, lambda m, b: m.lm_loss(b)), {"model": base, "gates": gate_state}
+    )
     grad = jax.jit(jax.value_and_grad(lambda loss, *a: loss(*a), argnums=(1, 2)), static_argnums=0)
     value_nnx, (dlora_nnx, dgates_nnx) = grad(nnx_loss, lora_state, gates, batch)
     value, (dlora, dgates) = grad(make_loss_fn(CONFIG, params), lora, gates, batch)
@@ -93,8 +102,9 @@ def test_nnx_loss_on_the_decoder_equals_the_functional_loss_and_gradients():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-8), dgates_nnx, dgates)
     for m in ("q_proj", "v_proj"):
         for which in ("a", "b"):
-            np.testing.assert_allclose(dlora_nnx["layers"][m][f"lora_{which}"].get_value(), dlora.weights[m][which],
-                                       rtol=1e-5, atol=1e-8)
+            np.testing.assert_allclose(
+                dlora_nnx["layers"][m][f"lora_{which}"].get_value(), dlora.weights[m][which], rtol=1e-5, atol=1e-8
+            )
 
 
 def test_from_pretrained_and_bad_input(tmp_path):

@@ -53,8 +53,10 @@ def soft_batches(n: int, seed: int, lead: tuple[int, ...] = (), dtype=np.float32
     rng = np.random.default_rng(seed)
     logits = 2.0 * rng.standard_normal((*lead, n, SEQ, VOCAB))
     probs = np.exp(logits - logits.max(-1, keepdims=True))
-    return {"tokens": jnp.asarray(rng.integers(0, VOCAB, (*lead, n, SEQ))),
-            "targets": jnp.asarray(probs / probs.sum(-1, keepdims=True), dtype)}
+    return {
+        "tokens": jnp.asarray(rng.integers(0, VOCAB, (*lead, n, SEQ))),
+        "targets": jnp.asarray(probs / probs.sum(-1, keepdims=True), dtype),
+    }
 
 
 def perturbed(hyper: Gates, seed: int, scale: float = 0.3) -> Gates:
@@ -67,8 +69,15 @@ def test_unrolled_hypergradient_matches_float64_finite_differences():
         model = ForeignLM(2, rngs=nnx.Rngs(0))  # built in fp32 (ops already compiled), then widened: no fp64 init
         nnx.update(model, jax.tree.map(lambda x: jnp.asarray(np.asarray(x, np.float64)), nnx.state(model, nnx.Param)))
         tokens, _ = tokens_and_mask()
-        add_lora(model, ("q", "o", "gate"), rank=2, gates="both", layer_index=BLOCK_INDEX,
-                 example_inputs=(tokens,), rngs=nnx.Rngs(1))
+        add_lora(
+            model,
+            ("q", "o", "gate"),
+            rank=2,
+            gates="both",
+            layer_index=BLOCK_INDEX,
+            example_inputs=(tokens,),
+            rngs=nnx.Rngs(1),
+        )
         randomize_lora(model, scale=0.1)
         train, val = soft_batches(4, 0, lead=(2,), dtype=np.float64), soft_batches(4, 5, dtype=np.float64)
         graphdef, base, lora, gates = split_for_search(model)
@@ -84,8 +93,10 @@ def test_unrolled_hypergradient_matches_float64_finite_differences():
         # far below any usable finite-difference step.
         _, state, _ = run(hyper, InnerState(lora, opt.init(lora)))
         hg, _, _ = run(hyper, state)
-        directions = [Gates(layer=jnp.asarray([1.0, 0.0]), rank=jax.tree.map(jnp.zeros_like, hyper.rank)),
-                      perturbed(jax.tree.map(jnp.zeros_like, hyper), 7, scale=1.0)]
+        directions = [
+            Gates(layer=jnp.asarray([1.0, 0.0]), rank=jax.tree.map(jnp.zeros_like, hyper.rank)),
+            perturbed(jax.tree.map(jnp.zeros_like, hyper), 7, scale=1.0),
+        ]
         eps = 1e-5
         for d in directions:
             plus, minus = (jax.tree.map(lambda h, v: h + s * eps * v, hyper, d) for s in (1, -1))
@@ -151,8 +162,9 @@ def planted_task(seed: int) -> tuple[nnx.Module, dict, dict]:
     merge_lora(teacher)
     tokens = jax.random.randint(jax.random.key(seed + 3), (700, SEQ), 0, VOCAB)
     probs = jax.nn.softmax(jax.jit(lambda m, t: m(t))(teacher, tokens), -1)
-    student = add_lora(base, ("q", "v"), rank=4, alpha=4.0, gates="layer", layer_index=BLOCK_INDEX,
-                       rngs=nnx.Rngs(seed + 4))
+    student = add_lora(
+        base, ("q", "v"), rank=4, alpha=4.0, gates="layer", layer_index=BLOCK_INDEX, rngs=nnx.Rngs(seed + 4)
+    )
     return student, {"tokens": tokens[:500], "targets": probs[:500]}, {"tokens": tokens[500:], "targets": probs[500:]}
 
 
@@ -231,8 +243,9 @@ def test_stacked_selection_masks_layers_and_ranks():
 # ------------------------------------------------------------------------------------ mesh
 def test_mesh_hypergradient_matches_one_device():
     """Kernels partitioned through NNX metadata on a (2, 2, 2) mesh; LoRA follows; the same hypergradient."""
-    mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "model"),
-                axis_types=(AxisType.Auto,) * 3)
+    mesh = Mesh(
+        np.asarray(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "model"), axis_types=(AxisType.Auto,) * 3
+    )
     tokens, _ = tokens_and_mask()
     train, val = soft_batches(4, 0, lead=(1,)), soft_batches(4, 1)
 
@@ -256,8 +269,12 @@ def test_mesh_hypergradient_matches_one_device():
     expected = hypergradient_of(add_lora(nnx.clone(base), ("q", "o", "up", "gate"), rngs=nnx.Rngs(1), **lora_kw))
     with jax.set_mesh(mesh):
         state = nnx.state(base)  # place every variable by its NNX metadata (what nnx.get_partition_spec reads)
-        nnx.update(base, jax.tree.map(lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec)), state,
-                                      nnx.get_partition_spec(state)))
+        nnx.update(
+            base,
+            jax.tree.map(
+                lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec)), state, nnx.get_partition_spec(state)
+            ),
+        )
         model = add_lora(base, ("q", "o", "up", "gate"), rngs=nnx.Rngs(1), **lora_kw)
         q, gate = model.blocks[0].attn.q, model.blocks[0].mlp.gate
         assert q.kernel.get_value().sharding.spec == P("model", "fsdp", None)
@@ -278,17 +295,23 @@ def test_mesh_search_and_finetune_match_one_device():
     normalises the near-zero gradient entries, so relative agreement there is float noise)."""
     import flexora_jax as fj
 
-    mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "model"),
-                axis_types=(AxisType.Auto,) * 3)
+    mesh = Mesh(
+        np.asarray(jax.devices()[:8]).reshape(2, 2, 2), ("data", "fsdp", "model"), axis_types=(AxisType.Auto,) * 3
+    )
     rng = np.random.default_rng(0)
     tokens = rng.integers(0, VOCAB, (48, SEQ))
     logits = 2.0 * rng.standard_normal((48, SEQ, VOCAB))
     probs = np.exp(logits - logits.max(-1, keepdims=True))
-    data = {"input_ids": tokens, "tokens": tokens, "loss_mask": np.ones((48, SEQ), np.float32),
-            "targets": (probs / probs.sum(-1, keepdims=True)).astype(np.float32)}
+    data = {
+        "input_ids": tokens,
+        "tokens": tokens,
+        "loss_mask": np.ones((48, SEQ), np.float32),
+        "targets": (probs / probs.sum(-1, keepdims=True)).astype(np.float32),
+    }
     train, val = {k: v[:32] for k, v in data.items()}, {k: v[32:] for k, v in data.items()}
-    sc = SearchConfig(hypergradient="unrolled", inner_steps=2, steps=3, inner_lr=1e-2, outer_lr=0.1, batch_size=8,
-                      val_batch_size=8)
+    sc = SearchConfig(
+        hypergradient="unrolled", inner_steps=2, steps=3, inner_lr=1e-2, outer_lr=0.1, batch_size=8, val_batch_size=8
+    )
     ft = fj.FinetuneConfig(max_steps=3, batch_size=8, lr=1e-2, warmup_ratio=0.0)
     lora_kw = dict(rank=2, gates="both", layer_index=BLOCK_INDEX, example_inputs=(jnp.asarray(tokens[:2]),))
 
@@ -296,15 +319,23 @@ def test_mesh_search_and_finetune_match_one_device():
         found = fj.search(model, sc, train, val, loss_fn=soft_loss, gates="both", mesh=mesh_or_none)
         searched = jax.tree.map(np.asarray, nnx.state(model, nnx.LoRAParam))
         fj.finetune(model, train, ft, loss_fn=soft_loss, mesh=mesh_or_none)
-        return jax.tree.map(np.asarray, found.gates), searched, jax.tree.map(np.asarray, nnx.state(model, nnx.LoRAParam))
+        return (
+            jax.tree.map(np.asarray, found.gates),
+            searched,
+            jax.tree.map(np.asarray, nnx.state(model, nnx.LoRAParam)),
+        )
 
     with nnx.use_eager_sharding(False):
         base = ForeignLM(2, rngs=nnx.Rngs(0), partitioned=True)
     expected = run(add_lora(nnx.clone(base), ("q", "o", "up"), rngs=nnx.Rngs(1), **lora_kw), None)
     with jax.set_mesh(mesh):
         state = nnx.state(base)
-        nnx.update(base, jax.tree.map(lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec)), state,
-                                      nnx.get_partition_spec(state)))
+        nnx.update(
+            base,
+            jax.tree.map(
+                lambda x, spec: jax.device_put(x, NamedSharding(mesh, spec)), state, nnx.get_partition_spec(state)
+            ),
+        )
         model = add_lora(base, ("q", "o", "up"), rngs=nnx.Rngs(1), **lora_kw)
         assert model.blocks[0].attn.q.kernel.get_value().sharding.spec == P("model", "fsdp", None)
         sharded = run(model, mesh)

@@ -26,8 +26,15 @@ L = 3
 def base(tmp_path_factory):
     """(hf model directory, our ModelConfig) of a tiny random LLaMA with a non-square MLP."""
     torch.manual_seed(0)
-    hf = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=L,
-                                  num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    hf = transformers.LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=L,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     directory = tmp_path_factory.mktemp("base")
     transformers.LlamaForCausalLM(hf).save_pretrained(directory)
     return directory, fj.load_model_config(directory)
@@ -44,18 +51,32 @@ def _layout(cfg: fj.LoraConfig) -> dict[tuple[str, int], tuple[int, float]]:
 
 
 CASES = {
-    "names_layers_patterns": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                                  layers_to_transform=[0, 2], rank_pattern={"v_proj": 2},
-                                  alpha_pattern={"down_proj": 5}, use_dora=True),
-    "paths_escape_layers": dict(r=3, lora_alpha=6, layers_to_transform=[1],
-                                target_modules=["model.layers.0.self_attn.q_proj", "layers.2.mlp.up_proj",
-                                                "self_attn.k_proj", "mlp.gate_proj"],
-                                rank_pattern={"model.layers.1.mlp.gate_proj": 5}),
-    "all_linear_exclude_overlap": dict(r=2, lora_alpha=4, target_modules="all-linear", use_rslora=True,
-                                       exclude_modules=["o_proj", "model.layers.1.mlp.gate_proj"],
-                                       # PEFT: the first matching key wins; the path key never does
-                                       rank_pattern={"mlp.up_proj": 3, "model.layers.2.mlp.up_proj": 6, "q_proj": 5},
-                                       alpha_pattern={"layers.0.self_attn.q_proj": 7}),
+    "names_layers_patterns": dict(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        layers_to_transform=[0, 2],
+        rank_pattern={"v_proj": 2},
+        alpha_pattern={"down_proj": 5},
+        use_dora=True,
+    ),
+    "paths_escape_layers": dict(
+        r=3,
+        lora_alpha=6,
+        layers_to_transform=[1],
+        target_modules=["model.layers.0.self_attn.q_proj", "layers.2.mlp.up_proj", "self_attn.k_proj", "mlp.gate_proj"],
+        rank_pattern={"model.layers.1.mlp.gate_proj": 5},
+    ),
+    "all_linear_exclude_overlap": dict(
+        r=2,
+        lora_alpha=4,
+        target_modules="all-linear",
+        use_rslora=True,
+        exclude_modules=["o_proj", "model.layers.1.mlp.gate_proj"],
+        # PEFT: the first matching key wins; the path key never does
+        rank_pattern={"mlp.up_proj": 3, "model.layers.2.mlp.up_proj": 6, "q_proj": 5},
+        alpha_pattern={"layers.0.self_attn.q_proj": 7},
+    ),
 }
 
 
@@ -89,15 +110,24 @@ def test_defaults_of_peft_are_ours():
     assert fj.LoraConfig.from_peft(_dict(target_modules="all-linear")).target_modules == ALL_MODULES
 
 
-@pytest.mark.parametrize("changes,match", [
-    ({"bias": "all"}, "bias='all'"), ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
-    ({"lora_magic": 1}, "lora_magic"), ({"fan_in_fan_out": True}, "fan_in_fan_out"),
-    ({"init_lora_weights": "pissa"}, "init_lora_weights"), ({"task_type": "SEQ_CLS"}, "task_type"),
-    ({"peft_type": "ADALORA"}, "not a LoRA config"), ({"target_modules": r".*\.q_proj"}, "regex"),
-    ({"target_modules": ["q_proj", "c_attn"]}, "c_attn"), ({"rank_pattern": {"^model.*": 2}}, "rank_pattern"),
-    ({"layers_pattern": "h", "layers_to_transform": [0]}, "layers_pattern"), ({"r": 0}, "r must"),
-    ({"exclude_modules": ["q_proj", "v_proj"]}, "adapts no module"),
-])
+@pytest.mark.parametrize(
+    "changes,match",
+    [
+        ({"bias": "all"}, "bias='all'"),
+        ({"modules_to_save": ["lm_head"]}, "modules_to_save"),
+        ({"lora_magic": 1}, "lora_magic"),
+        ({"fan_in_fan_out": True}, "fan_in_fan_out"),
+        ({"init_lora_weights": "pissa"}, "init_lora_weights"),
+        ({"task_type": "SEQ_CLS"}, "task_type"),
+        ({"peft_type": "ADALORA"}, "not a LoRA config"),
+        ({"target_modules": r".*\.q_proj"}, "regex"),
+        ({"target_modules": ["q_proj", "c_attn"]}, "c_attn"),
+        ({"rank_pattern": {"^model.*": 2}}, "rank_pattern"),
+        ({"layers_pattern": "h", "layers_to_transform": [0]}, "layers_pattern"),
+        ({"r": 0}, "r must"),
+        ({"exclude_modules": ["q_proj", "v_proj"]}, "adapts no module"),
+    ],
+)
 def test_values_we_do_not_compute_are_refused_by_name(changes, match):
     with pytest.raises(ConfigError, match=match):
         fj.LoraConfig.from_peft(_dict(**changes))

@@ -49,8 +49,9 @@ def test_baseline_selections():
     assert methods.method_selection(ws, "dora", searches).lora_config.use_dora
     assert methods.method_selection(ws, "adalora", searches).layers == tuple(range(6))  # its ranks: while it trains
     with pytest.raises(ConfigError, match="baseline_k 7 exceeds the model's 6 layers"):
-        methods.method_selection(SimpleNamespace(config=dataclasses.replace(cfg, baseline_k=7), num_layers=6),
-                                 "lora_drop", searches)
+        methods.method_selection(
+            SimpleNamespace(config=dataclasses.replace(cfg, baseline_k=7), num_layers=6), "lora_drop", searches
+        )
 
 
 def test_equal_parameter_baselines_match_the_parameter_counts():
@@ -71,8 +72,13 @@ def test_equal_parameter_baselines_match_the_parameter_counts():
     assert high.lora_config.r == 24 and high.lora_config.lora_alpha == 48.0  # round(8 * 6 / 2)
     assert 2 * high.lora_config.r == 6 * lc.r  # same parameter count as every layer at r
     with pytest.raises(ConfigError, match="rank_pattern"):
-        methods.method_selection(SimpleNamespace(config=dataclasses.replace(
-            cfg, lora=dataclasses.replace(lc, rank_pattern={"q_proj": 2})), num_layers=6), "lora_lowrank", searches)
+        methods.method_selection(
+            SimpleNamespace(
+                config=dataclasses.replace(cfg, lora=dataclasses.replace(lc, rank_pattern={"q_proj": 2})), num_layers=6
+            ),
+            "lora_lowrank",
+            searches,
+        )
 
 
 def test_every_registered_method_says_what_it_does():
@@ -91,8 +97,9 @@ def test_every_registered_method_says_what_it_does():
     with pytest.raises(ConfigError, match="already registered"):
         registry.register(registry.get_method("lora"))
     with pytest.raises(ConfigError, match="share methods/flexora_autolora/"):
-        registry.register(registry.Method("flexora_autolora", "clashes with flexora+autolora's folder",
-                                          registry.every_layer))
+        registry.register(
+            registry.Method("flexora_autolora", "clashes with flexora+autolora's folder", registry.every_layer)
+        )
     with pytest.raises(ConfigError, match="reserved"):
         registry.Method("base", "compare.json's base model", registry.every_layer)
     with pytest.raises(ConfigError, match="finetune must be one of"):
@@ -117,12 +124,27 @@ def test_a_method_added_through_the_registry_runs_the_planted_pipeline(tmp_path,
         assert cli.main(["--help-config"]) == 0
         assert "  first_layer: LoRA on the first layer alone (a toy)." in capsys.readouterr().out
         out = tmp_path / "run"
-        config = pipeline.load_config(None, [
-            "--method=first_layer", "--compare=[]", f"--output_dir={out}", "--task.planted.num_layers=2",
-            "--task.planted.num_planted=1", "--task.planted.n_train=16", "--task.planted.n_val=8",
-            "--task.planted.n_test=8", "--task.planted.finetune_examples=8", "--finetune.max_steps=2",
-            "--finetune.batch_size=4", "--search.batch_size=4", "--search.val_batch_size=4", "--eval.base=false",
-            "--checkpoint.every=0", "--mesh.num_devices=1"])
+        config = pipeline.load_config(
+            None,
+            [
+                "--method=first_layer",
+                "--compare=[]",
+                f"--output_dir={out}",
+                "--task.planted.num_layers=2",
+                "--task.planted.num_planted=1",
+                "--task.planted.n_train=16",
+                "--task.planted.n_val=8",
+                "--task.planted.n_test=8",
+                "--task.planted.finetune_examples=8",
+                "--finetune.max_steps=2",
+                "--finetune.batch_size=4",
+                "--search.batch_size=4",
+                "--search.val_batch_size=4",
+                "--eval.base=false",
+                "--checkpoint.every=0",
+                "--mesh.num_devices=1",
+            ],
+        )
         assert methods.needed_searches(config) == []  # no search of its own, no k
         result = pipeline.run(config)
         assert set(result.scores) == {"first_layer"} and not (out / "searches").exists()
@@ -136,9 +158,19 @@ def test_a_method_added_through_the_registry_runs_the_planted_pipeline(tmp_path,
         RunConfig(method="first_layer")
 
 
-TINY_TASK = ["--task.n_train=16", "--task.n_finetune=24", "--task.n_val=8", "--task.n_test=8", "--task.max_length=64",
-             "--search.steps=2", "--finetune.max_steps=2", "--compare=[lora]", "--eval.base=false",
-             "--checkpoint.every=0", "--mesh.num_devices=1"]
+TINY_TASK = [
+    "--task.n_train=16",
+    "--task.n_finetune=24",
+    "--task.n_val=8",
+    "--task.n_test=8",
+    "--task.max_length=64",
+    "--search.steps=2",
+    "--finetune.max_steps=2",
+    "--compare=[lora]",
+    "--eval.base=false",
+    "--checkpoint.every=0",
+    "--mesh.num_devices=1",
+]
 
 
 @pytest.mark.parametrize("task", ["arc_easy"])
@@ -149,11 +181,36 @@ def test_tinystories260k_config_on_a_local_task_end_to_end(tmp_path, data_dir, t
     monkeypatch.setenv("FLEXORA_PROGRESS", "0")
     monkeypatch.chdir(REPO)  # the config's model paths are relative to the repository root
     out = tmp_path / "run"
-    assert cli.main(["run", "--quiet", "--config", f"configs/tinystories260k_{task}.yaml", "--output-dir", str(out),
-                     f"--task.data_dir={data_dir}", *TINY_TASK, "--eval.question_control=true"]) == 0
-    for name in ("config.yaml", "data.json", "gates.json", "selection.json", "adapter/adapter_model.safetensors",
-                 "adapter/adapter_config.json", "eval.json", "compare.json", "metrics.jsonl", "gates.png",
-                 "report.md", "model/config.json"):
+    assert (
+        cli.main(
+            [
+                "run",
+                "--quiet",
+                "--config",
+                f"configs/tinystories260k_{task}.yaml",
+                "--output-dir",
+                str(out),
+                f"--task.data_dir={data_dir}",
+                *TINY_TASK,
+                "--eval.question_control=true",
+            ]
+        )
+        == 0
+    )
+    for name in (
+        "config.yaml",
+        "data.json",
+        "gates.json",
+        "selection.json",
+        "adapter/adapter_model.safetensors",
+        "adapter/adapter_config.json",
+        "eval.json",
+        "compare.json",
+        "metrics.jsonl",
+        "gates.png",
+        "report.md",
+        "model/config.json",
+    ):
         assert (out / name).is_file(), name
     sizes = json.loads((out / "data.json").read_text())["sizes"]
     assert sizes == {"search_train": 16, "search_validation": 8, "finetune_train": 24, "test": 8}
@@ -180,9 +237,14 @@ def test_tinystories260k_config_on_a_local_task_end_to_end(tmp_path, data_dir, t
     tuned = fj.nnx.LlamaForCausalLM.from_params(decoder.config, decoder.params(), lora)
     records = [MCRecord("toy", i, f"Question {i}: which word?", ("yes", "no", "maybe"), i % 3) for i in range(4)]
     got = fj.evaluate(tuned, tokenizer, records, batch_size=4, progress=False, return_per_example=True)
-    want = fj.evaluate(fj.nnx.LlamaForCausalLM.from_params(decoder.config, decoder.params(), lora), tokenizer, records,
-                       batch_size=4, progress=False,
-                       return_per_example=True)
+    want = fj.evaluate(
+        fj.nnx.LlamaForCausalLM.from_params(decoder.config, decoder.params(), lora),
+        tokenizer,
+        records,
+        batch_size=4,
+        progress=False,
+        return_per_example=True,
+    )
     assert got == want and got["toy"]["n"] == 4
 
 
@@ -216,8 +278,21 @@ def test_tensorboard_flag_and_one_progress_bar(tmp_path, monkeypatch):
     monkeypatch.setattr(hooks, "tqdm", Bar)
     monkeypatch.setattr(io, "tqdm", Bar)
     out = tmp_path / "run"
-    assert cli.main(["run", "--output-dir", str(out), "--log.tensorboard=true", "--compare=[]",
-                     "--eval.base=false", "--mesh.num_devices=1", *SMOKE_OVERRIDES]) == 0
+    assert (
+        cli.main(
+            [
+                "run",
+                "--output-dir",
+                str(out),
+                "--log.tensorboard=true",
+                "--compare=[]",
+                "--eval.base=false",
+                "--mesh.num_devices=1",
+                *SMOKE_OVERRIDES,
+            ]
+        )
+        == 0
+    )
     assert peak[0] == 1 and not live
     logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert sorted(p.name for p in (out / "tensorboard").iterdir()) == ["finetune_flexora", "search_layer"]

@@ -30,9 +30,18 @@ from flexora_jax.pipeline.workspace import prepare, run_mesh
 
 # Tiny and compile-light (cold compile dominates: 4 layers, K=2, no compared method): ~25 s warm, ~105 s
 # with an empty compile cache on a loaded 2-core machine.
-TINY = ["--search.steps=6", "--search.inner_steps=2", "--finetune.max_steps=10", "--task.planted.num_layers=4",
-        "--task.planted.n_train=64", "--task.planted.n_val=32", "--task.planted.n_test=32",
-        "--task.planted.finetune_examples=32", "--compare=[]", "--checkpoint.every=0"]
+TINY = [
+    "--search.steps=6",
+    "--search.inner_steps=2",
+    "--finetune.max_steps=10",
+    "--task.planted.num_layers=4",
+    "--task.planted.n_train=64",
+    "--task.planted.n_val=32",
+    "--task.planted.n_test=32",
+    "--task.planted.finetune_examples=32",
+    "--compare=[]",
+    "--checkpoint.every=0",
+]
 RTOL = 1e-4
 
 
@@ -74,8 +83,7 @@ def test_run_on_mesh_equals_single_device(tmp_path, monkeypatch):
 
 def test_run_mesh_placement(tmp_path):
     """prepare() puts the base params on the run's mesh (one device: a one-device mesh, the same loop)."""
-    ws = prepare(load_config(None, [*TINY, f"--output_dir={tmp_path / 'a'}", "--mesh.fsdp=4",
-                                             "--mesh.data=2"]))
+    ws = prepare(load_config(None, [*TINY, f"--output_dir={tmp_path / 'a'}", "--mesh.fsdp=4", "--mesh.data=2"]))
     assert dict(ws.mesh.shape) == {"data": 2, "fsdp": 4, "model": 1}
     kernel = ws.params["layers"]["q_proj"]["kernel"]
     assert kernel.sharding.mesh.shape == ws.mesh.shape and not kernel.sharding.is_fully_replicated
@@ -83,14 +91,20 @@ def test_run_mesh_placement(tmp_path):
     assert sh.make_mesh(MeshConfig(model=2, num_devices=2)).devices.size == 2
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (["--mesh.data=3"], r"mesh: sizes data=3, fsdp=-1, model=1 do not fit 8 devices \(jax.device_count\(\)\)"),
-    (["--mesh.data=2", "--mesh.fsdp=2", "--mesh.model=1"],
-     r"mesh: sizes data=2, fsdp=2, model=1 .*needs 4 devices, but 8 are available"),
-    (["--mesh.data=4", "--mesh.fsdp=4"], r"needs 16 devices, but 8 are available"),
-    (["--mesh.num_devices=16"], r"mesh.num_devices=16 exceeds the 8 available devices"),
-    (["--mesh.fsdp=2", "--mesh.num_devices=4"], r"needs 2 devices, but 4 are available \(mesh.num_devices=4\)"),
-], ids=["not-a-divisor", "too-few", "too-many", "num-devices", "num-devices-mismatch"])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["--mesh.data=3"], r"mesh: sizes data=3, fsdp=-1, model=1 do not fit 8 devices \(jax.device_count\(\)\)"),
+        (
+            ["--mesh.data=2", "--mesh.fsdp=2", "--mesh.model=1"],
+            r"mesh: sizes data=2, fsdp=2, model=1 .*needs 4 devices, but 8 are available",
+        ),
+        (["--mesh.data=4", "--mesh.fsdp=4"], r"needs 16 devices, but 8 are available"),
+        (["--mesh.num_devices=16"], r"mesh.num_devices=16 exceeds the 8 available devices"),
+        (["--mesh.fsdp=2", "--mesh.num_devices=4"], r"needs 2 devices, but 4 are available \(mesh.num_devices=4\)"),
+    ],
+    ids=["not-a-divisor", "too-few", "too-many", "num-devices", "num-devices-mismatch"],
+)
 def test_mesh_vs_device_count(tmp_path, overrides, match):
     out = tmp_path / "run"
     config = load_config(None, [*TINY, f"--output_dir={out}", *overrides])
@@ -99,13 +113,16 @@ def test_mesh_vs_device_count(tmp_path, overrides, match):
     assert not out.exists()  # refused before the run directory is made
 
 
-@pytest.mark.parametrize("overrides, match", [
-    (["--mesh.data=-1"], r"mesh: at most one axis may be -1, got data=-1, fsdp=-1, model=1"),
-    (["--mesh.model=0"], r"mesh: axis sizes must be positive integers or -1, got mesh.model=0"),
-    (["--mesh.fsdp=-4"], r"mesh.fsdp=-4"),
-    (["--mesh.num_devices=-1"], r"mesh.num_devices must be an integer >= 0"),
-    (["--mesh.tensor=2"], r"unknown key 'mesh.tensor'"),
-])
+@pytest.mark.parametrize(
+    "overrides, match",
+    [
+        (["--mesh.data=-1"], r"mesh: at most one axis may be -1, got data=-1, fsdp=-1, model=1"),
+        (["--mesh.model=0"], r"mesh: axis sizes must be positive integers or -1, got mesh.model=0"),
+        (["--mesh.fsdp=-4"], r"mesh.fsdp=-4"),
+        (["--mesh.num_devices=-1"], r"mesh.num_devices must be an integer >= 0"),
+        (["--mesh.tensor=2"], r"unknown key 'mesh.tensor'"),
+    ],
+)
 def test_bad_mesh_sizes(overrides, match):
     with pytest.raises(ConfigError, match=match):
         load_config(None, overrides)

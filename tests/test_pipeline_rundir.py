@@ -26,15 +26,28 @@ from flexora_jax.pipeline.rundir import LOCK_FILE, RunDir
 from flexora_jax.pipeline.workspace import MESH_FILE, _check_same_run
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["--compare=[]", "--task.planted.num_layers=2", "--task.planted.num_planted=1", "--task.planted.n_train=32",
-        "--task.planted.n_val=16", "--task.planted.n_test=16", "--task.planted.finetune_examples=16",
-        "--search.steps=2", "--finetune.max_steps=2", "--checkpoint.every=1", "--eval.base=false",
-        "--mesh.num_devices=1"]
+TINY = [
+    "--compare=[]",
+    "--task.planted.num_layers=2",
+    "--task.planted.num_planted=1",
+    "--task.planted.n_train=32",
+    "--task.planted.n_val=16",
+    "--task.planted.n_test=16",
+    "--task.planted.finetune_examples=16",
+    "--search.steps=2",
+    "--finetune.max_steps=2",
+    "--checkpoint.every=1",
+    "--eval.base=false",
+    "--mesh.num_devices=1",
+]
 
 
 def _snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _fails(argv: list[str], capsys, *keywords: str) -> str:
@@ -76,8 +89,12 @@ def test_a_fresh_run_never_writes_into_a_foreign_non_empty_directory(tmp_path, c
 
 def test_a_failed_fresh_run_leaves_no_directory(tmp_path, capsys):
     out = tmp_path / "new" / "run"
-    _fails(["run", "--output-dir", str(out), *TINY, "--search.batch_size=999"], capsys, "search.batch_size 999",
-           "32 search training examples")
+    _fails(
+        ["run", "--output-dir", str(out), *TINY, "--search.batch_size=999"],
+        capsys,
+        "search.batch_size 999",
+        "32 search training examples",
+    )
     assert not out.exists()
 
 
@@ -104,8 +121,17 @@ def test_two_runs_at_once_one_is_refused(tmp_path):
     run = tmp_path / "run"
     env = dict(os.environ, FLEXORA_PROGRESS="0", PYTHONPATH=str(REPO))
     env.pop("XLA_FLAGS", None)
-    argv = [sys.executable, "-m", "flexora_jax.cli", "run", "--quiet", "--output-dir", str(run), *TINY,
-            "--search.steps=30"]
+    argv = [
+        sys.executable,
+        "-m",
+        "flexora_jax.cli",
+        "run",
+        "--quiet",
+        "--output-dir",
+        str(run),
+        *TINY,
+        "--search.steps=30",
+    ]
     first = subprocess.Popen(argv, env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.time() + 120
     while not (run / LOCK_FILE).exists() and first.poll() is None and time.time() < deadline:
@@ -143,8 +169,9 @@ def test_a_resume_on_another_mesh_is_refused_with_the_reason(finished_run):
 @pytest.mark.parametrize("damage", ["random_bytes", "empty", "not_a_mapping"])
 def test_a_damaged_run_config_is_named(finished_run, damage, capsys):
     cfg = finished_run / "config.yaml"
-    cfg.write_bytes({"random_bytes": os.urandom(256) + b"\xff\xfe", "empty": b"",
-                     "not_a_mapping": b"- 1\n- 2\n"}[damage])
+    cfg.write_bytes(
+        {"random_bytes": os.urandom(256) + b"\xff\xfe", "empty": b"", "not_a_mapping": b"- 1\n- 2\n"}[damage]
+    )
     before = _snapshot(finished_run)
     _fails(["run", "--resume", "--output-dir", str(finished_run), *TINY], capsys, "config.yaml")
     assert _snapshot(finished_run) == before
@@ -152,8 +179,10 @@ def test_a_damaged_run_config_is_named(finished_run, damage, capsys):
 
 def test_the_run_log_survives_damaged_lines(tmp_path):
     log = RunLog(tmp_path)
-    log.path.write_bytes(b'{"stage": "s", "step": 1}\n[1, 2]\n"text"\n{"stage": "s", "step": "x"}\n\xff\xfe{bad\n'
-                         b'{"stage": "s", "step": 2}\n{"stage": "s", "step": 3}\n')
+    log.path.write_bytes(
+        b'{"stage": "s", "step": 1}\n[1, 2]\n"text"\n{"stage": "s", "step": "x"}\n\xff\xfe{bad\n'
+        b'{"stage": "s", "step": 2}\n{"stage": "s", "step": 3}\n'
+    )
     assert [r.get("step") for r in log.records("s")] == [1, "x", 2, 3]
     log.truncate("s", 2)
     assert [r.get("step") for r in log.records("s")] == [1, "x", 2]
@@ -196,11 +225,33 @@ def test_a_full_disk_is_a_clear_error_and_keeps_what_was_written(small_disk, cap
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(key=st.sampled_from(["seed", "lora.r", "lora.target_modules", "lora.layers_to_transform", "lora.rank_pattern",
-                            "search.steps", "search.outer_b1", "finetune.epochs", "selection.rule",
-                            "selection.top_k", "mesh.fsdp", "task.name", "eval.limit", "output_dir", "bogus.key"]),
-       value=st.one_of(st.integers(-10**12, 10**12), st.floats(allow_nan=True, allow_infinity=True),
-                       st.text(max_size=12), st.lists(st.integers(-3, 40), max_size=4)))
+@given(
+    key=st.sampled_from(
+        [
+            "seed",
+            "lora.r",
+            "lora.target_modules",
+            "lora.layers_to_transform",
+            "lora.rank_pattern",
+            "search.steps",
+            "search.outer_b1",
+            "finetune.epochs",
+            "selection.rule",
+            "selection.top_k",
+            "mesh.fsdp",
+            "task.name",
+            "eval.limit",
+            "output_dir",
+            "bogus.key",
+        ]
+    ),
+    value=st.one_of(
+        st.integers(-(10**12), 10**12),
+        st.floats(allow_nan=True, allow_infinity=True),
+        st.text(max_size=12),
+        st.lists(st.integers(-3, 40), max_size=4),
+    ),
+)
 def test_fuzzed_command_lines_end_in_status_2_and_create_nothing(key, value, tmp_path_factory, capsys):
     """A stage command on a directory without a run, with any override: status 2, one paragraph, nothing made."""
     root = tmp_path_factory.mktemp("fuzz")
@@ -227,8 +278,16 @@ def test_a_step_far_beyond_the_device_memory_is_refused_before_it_runs(monkeypat
     from flexora_jax.config import ModelConfig
     from flexora_jax.pipeline import workspace
 
-    big = ModelConfig(vocab_size=128256, hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=8, dtype="bfloat16", remat_layers=True)
+    big = ModelConfig(
+        vocab_size=128256,
+        hidden_size=4096,
+        intermediate_size=14336,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        dtype="bfloat16",
+        remat_layers=True,
+    )
     config = load_config(None, ["--task.name=piqa", "--model.path=/m", "--search.batch_size=16"])
     data = workspace.TaskData(train={"input_ids": np.zeros((32, 2048), np.int32)}, val={}, finetune={}, test={})
     mesh = sh.make_mesh(MeshConfig(num_devices=1))

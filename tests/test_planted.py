@@ -49,7 +49,13 @@ def test_flexora_unrolled_search_recovers_planted_layers(tasks):
     sc = SearchConfig(hypergradient="unrolled", inner_steps=4, steps=20)
     precision, recall = [], []
     for seed, t in tasks.items():
-        res = search(decoder_problem(t.config, t.params, fj.LoraConfig(r=4, lora_alpha=4.0), seed=seed), sc, t.train, t.val, seed=seed)
+        res = search(
+            decoder_problem(t.config, t.params, fj.LoraConfig(r=4, lora_alpha=4.0), seed=seed),
+            sc,
+            t.train,
+            t.val,
+            seed=seed,
+        )
         chosen, planted = set(res.selection.layers), set(t.planted_layers)
         precision.append(len(chosen & planted) / len(chosen))
         recall.append(len(chosen & planted) / len(planted))
@@ -65,7 +71,13 @@ def test_first_order_search_recovers_planted_layers(tasks):
     hits = 0
     for seed in (0, 3):
         t = tasks[seed]
-        res = search(decoder_problem(t.config, t.params, fj.LoraConfig(r=4, lora_alpha=4.0), seed=seed), sc, t.train, t.val, seed=seed)
+        res = search(
+            decoder_problem(t.config, t.params, fj.LoraConfig(r=4, lora_alpha=4.0), seed=seed),
+            sc,
+            t.train,
+            t.val,
+            seed=seed,
+        )
         hits += set(res.selection.layers) == set(t.planted_layers)
     assert hits == 2
 
@@ -81,8 +93,14 @@ def test_autolora_darts_search_gives_high_rank_modules_higher_ranks():
     high, low = [], []
     for seed in range(4):
         t = make_planted_task(PlantedConfig(seed=seed, planted_rank=8, planted_ranks={"q_proj": 8, "v_proj": 1}))
-        res = search(decoder_problem(t.config, t.params, fj.LoraConfig(r=8, lora_alpha=8.0), seed=seed), sc, t.train, t.val, gates="rank",
-                     seed=seed)
+        res = search(
+            decoder_problem(t.config, t.params, fj.LoraConfig(r=8, lora_alpha=8.0), seed=seed),
+            sc,
+            t.train,
+            t.val,
+            gates="rank",
+            seed=seed,
+        )
         ranks = res.selection.ranks
         assert all(1 <= r <= 8 for rs in ranks.values() for r in rs)
         high += [ranks["q_proj"][i] for i in t.planted_layers]

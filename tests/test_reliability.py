@@ -27,8 +27,11 @@ PIQA_POOL = 900  # piqa is re-split from one labelled file: 338 validation + 500
 
 # ------------------------------------------------------------------------------------------- fixtures
 def _snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +47,10 @@ def existing_run(tmp_path_factory) -> Path:
 
 
 def _piqa_rows(n: int = PIQA_POOL) -> tuple[list[str], list[str]]:
-    rows = [json.dumps({"goal": f"How do I open jar {i}?", "sol1": "Turn the lid.", "sol2": "Eat the lid."})
-            for i in range(n)]
+    rows = [
+        json.dumps({"goal": f"How do I open jar {i}?", "sol1": "Turn the lid.", "sol2": "Eat the lid."})
+        for i in range(n)
+    ]
     return rows, [str(i % 2) for i in range(n)]
 
 
@@ -138,8 +143,12 @@ CONFIG_CASES = [
     E(["--selection.rule=top_k"], ConfigError, ["selection.rule", "top_k >= 1"], id="top-k-without-k"),
     E(["--selection.rule=topk"], ConfigError, ["selection.rule", "topk", "top_k"], id="one-spelling"),
     E(["--lora.layers_to_transform=[-1]"], ConfigError, ["layers_to_transform", "negative"], id="layer-negative"),
-    E(["--lora.layers_to_transform=[9]"], ConfigError, ["layers_to_transform", "[9]", "6 layers", "0..5"],
-      id="layer-out-of-range"),
+    E(
+        ["--lora.layers_to_transform=[9]"],
+        ConfigError,
+        ["layers_to_transform", "[9]", "6 layers", "0..5"],
+        id="layer-out-of-range",
+    ),
     E(["--baseline_k=7", "--compare=[random_k]"], ConfigError, ["baseline_k", "7", "6 layers"], id="k-too-big"),
     E(["--method=nope"], ConfigError, ["method must be one of", "nope"], id="method"),
     E(["--compare=[lora,bogus]"], ConfigError, ["compare", "bogus", "allowed"], id="compare"),
@@ -147,18 +156,34 @@ CONFIG_CASES = [
     E(["--checkpoint.keep=0"], ConfigError, ["checkpoint.keep", ">= 1"], id="keep-zero"),
     E(["--search.gates=rank"], ConfigError, ["unknown key", "search.gates"], id="gates-per-method"),
     E(["--task.name=piqa"], ConfigError, ["needs a base model", "model.path"], id="task-without-model"),
-    E(["--model.path=/m", "--model.llama2c=/c", "--model.tokenizer_model=/t"], ConfigError, ["exclusive"],
-      id="two-models"),
+    E(
+        ["--model.path=/m", "--model.llama2c=/c", "--model.tokenizer_model=/t"],
+        ConfigError,
+        ["exclusive"],
+        id="two-models",
+    ),
     E(["--task.planted.num_planted=9"], ConfigError, ["num_planted", "num_layers"], id="planted-range"),
     E(["--model.allow_pickle=maybe"], ConfigError, ["allow_pickle"], id="bool-type"),
     # settings that would be silently ignored, or fail late (issue 30)
     E(["--model.dtype=float16"], ConfigError, ["model.dtype 'float16'", "planted", "float32"], id="planted-dtype"),
-    E(["--method=adalora", "--lora.layers_to_transform=[0]"], ConfigError, ["adalora", "lora.layers_to_transform"],
-      id="adalora-layers"),
-    E(["--compare=[adalora]", "--lora.rank_pattern={q_proj: 2}"], ConfigError, ["adalora", "lora.rank_pattern"],
-      id="adalora-rank-pattern"),
-    E(["--task.name=piqa", "--model.path=/m", "--task.split_seed=-1"], ConfigError, ["task.split_seed", "-1"],
-      id="split-seed-negative"),
+    E(
+        ["--method=adalora", "--lora.layers_to_transform=[0]"],
+        ConfigError,
+        ["adalora", "lora.layers_to_transform"],
+        id="adalora-layers",
+    ),
+    E(
+        ["--compare=[adalora]", "--lora.rank_pattern={q_proj: 2}"],
+        ConfigError,
+        ["adalora", "lora.rank_pattern"],
+        id="adalora-rank-pattern",
+    ),
+    E(
+        ["--task.name=piqa", "--model.path=/m", "--task.split_seed=-1"],
+        ConfigError,
+        ["task.split_seed", "-1"],
+        id="split-seed-negative",
+    ),
     E(["--search.inner_eps_root=.inf"], ConfigError, ["search.inner_eps_root", "finite"], id="eps-root-inf"),
     E(["--task.planted.layer_kl=.inf"], ConfigError, ["task.planted.layer_kl", "finite"], id="layer-kl-inf"),
 ]
@@ -188,26 +213,35 @@ def test_bad_config_values(args, exc_type, keywords, existing_run, capsys, monke
     monkeypatch.setenv("FLEXORA_PROGRESS", "0")
     before = _snapshot(existing_run)
     _assert_cli_fails(["run", "--quiet", "--output-dir", str(existing_run), *args], keywords, capsys)
-    _assert_api_fails(lambda: pipeline.run(load_config(overrides=[f"--output_dir={existing_run}", *args]),
-                                           resume=True), exc_type, keywords)
+    _assert_api_fails(
+        lambda: pipeline.run(load_config(overrides=[f"--output_dir={existing_run}", *args]), resume=True),
+        exc_type,
+        keywords,
+    )
     assert _snapshot(existing_run) == before
 
 
-@pytest.mark.parametrize("text, keywords", [
-    E("lora: {r: 4\n", ["not valid YAML"], id="yaml-syntax"),
-    E("- a\n- b\n", ["must be a mapping"], id="yaml-list"),
-    E("!!python/object/apply:os.system ['echo pwned']\n", ["not valid YAML", "python/object"], id="yaml-unsafe-tag"),
-    E("lora:\n  r: 4\n  alpha: 3\n", ["unknown key 'lora.alpha'", "lora_alpha"], id="yaml-unknown-nested"),
-    E("search: 5\n", ["search", "must be a mapping"], id="yaml-section-scalar"),
-    E(None, ["does not exist"], id="config-missing"),
-])
+@pytest.mark.parametrize(
+    "text, keywords",
+    [
+        E("lora: {r: 4\n", ["not valid YAML"], id="yaml-syntax"),
+        E("- a\n- b\n", ["must be a mapping"], id="yaml-list"),
+        E(
+            "!!python/object/apply:os.system ['echo pwned']\n",
+            ["not valid YAML", "python/object"],
+            id="yaml-unsafe-tag",
+        ),
+        E("lora:\n  r: 4\n  alpha: 3\n", ["unknown key 'lora.alpha'", "lora_alpha"], id="yaml-unknown-nested"),
+        E("search: 5\n", ["search", "must be a mapping"], id="yaml-section-scalar"),
+        E(None, ["does not exist"], id="config-missing"),
+    ],
+)
 def test_bad_config_files(text, keywords, tmp_path, existing_run, capsys):
     before = _snapshot(existing_run)
     path = tmp_path / "bad.yaml"
     if text is not None:
         path.write_text(text)
-    _assert_cli_fails(["run", "--config", str(path), "--output-dir", str(existing_run)], [str(path), *keywords],
-                      capsys)
+    _assert_cli_fails(["run", "--config", str(path), "--output-dir", str(existing_run)], [str(path), *keywords], capsys)
     _assert_api_fails(lambda: load_config(path), ConfigError, keywords)
     assert _snapshot(existing_run) == before
 
@@ -217,14 +251,17 @@ def test_run_dir_misuse(existing_run, tmp_path, capsys):
     # a fresh run into a directory that holds one
     _assert_cli_fails(["run", "--output-dir", str(existing_run)], ["already holds a run", "--resume"], capsys)
     # --resume with a config that differs from the directory's
-    _assert_cli_fails(["run", "--resume", "--output-dir", str(existing_run), "--seed=5"],
-                      ["differs", "seed: 0 -> 5"], capsys)
+    _assert_cli_fails(
+        ["run", "--resume", "--output-dir", str(existing_run), "--seed=5"], ["differs", "seed: 0 -> 5"], capsys
+    )
     # --resume of a directory that holds no run
-    _assert_cli_fails(["run", "--resume", "--output-dir", str(tmp_path / "fresh")], ["--resume", "holds no run"],
-                      capsys)
+    _assert_cli_fails(
+        ["run", "--resume", "--output-dir", str(tmp_path / "fresh")], ["--resume", "holds no run"], capsys
+    )
     assert not (tmp_path / "fresh" / "config.yaml").exists()
-    _assert_api_fails(lambda: prepare(RunConfig(output_dir=str(tmp_path / "fresh2")), resume=True),
-                      ConfigError, ["holds no run"])
+    _assert_api_fails(
+        lambda: prepare(RunConfig(output_dir=str(tmp_path / "fresh2")), resume=True), ConfigError, ["holds no run"]
+    )
     # an override that is not --key=value
     _assert_cli_fails(["run", "--output-dir", str(existing_run), "--lora.r"], ["--section.key=value"], capsys)
     assert _snapshot(existing_run) == before
@@ -245,8 +282,18 @@ DATA_CASES = [
 
 
 def _task_args(model: Path, data: Path, out: Path, *extra: str) -> list[str]:
-    return ["--output-dir", str(out), "--task.name=piqa", f"--model.path={model}", f"--task.data_dir={data}",
-            "--task.n_train=8", "--task.n_val=4", "--task.n_test=4", "--compare=[]", *extra]
+    return [
+        "--output-dir",
+        str(out),
+        "--task.name=piqa",
+        f"--model.path={model}",
+        f"--task.data_dir={data}",
+        "--task.n_train=8",
+        "--task.n_val=4",
+        "--task.n_test=4",
+        "--compare=[]",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("kind, keywords", DATA_CASES)
@@ -271,15 +318,20 @@ MODEL_CASES = [
     E("truncated", CheckpointError, ["model.safetensors", "not a readable safetensors"], id="model-truncated"),
     E("misshaped", CheckpointError, ["has shape", "expected", "config.json"], id="model-misshaped"),
     E("pickle_only", CheckpointError, ["pickle", "safetensors only", "allow_pickle"], id="model-pickle-refused"),
-    E("tokenizer_mismatch", CheckpointError, ["tokenizer has 532 tokens", "vocab_size is 512"],
-      id="model-tokenizer-mismatch"),
+    E(
+        "tokenizer_mismatch",
+        CheckpointError,
+        ["tokenizer has 532 tokens", "vocab_size is 512"],
+        id="model-tokenizer-mismatch",
+    ),
     E("is_file", CheckpointError, ["is a file", "directory"], id="model-is-file"),
 ]
 
 
 @pytest.mark.parametrize("kind, exc_type, keywords", MODEL_CASES)
-def test_bad_model_checkpoints(kind, exc_type, keywords, tinystories_dir, data_dir, tmp_path, existing_run, capsys,
-                               monkeypatch):
+def test_bad_model_checkpoints(
+    kind, exc_type, keywords, tinystories_dir, data_dir, tmp_path, existing_run, capsys, monkeypatch
+):
     monkeypatch.setenv("FLEXORA_PROGRESS", "0")
     before = _snapshot(existing_run)
     model = _model_case(tinystories_dir, tmp_path, kind)
@@ -357,7 +409,7 @@ def test_adapters_that_do_not_fit(kind, exc_type, keywords, adapter_dir, tmp_pat
 
 
 def test_at_least_thirty_cases():
-    n = (len(CONFIG_CASES) + 6 + 5 + len(DATA_CASES) + len(MODEL_CASES) + len(ADAPTER_CASES))
+    n = len(CONFIG_CASES) + 6 + 5 + len(DATA_CASES) + len(MODEL_CASES) + len(ADAPTER_CASES)
     assert n >= 30
 
 
@@ -388,8 +440,11 @@ def test_corrupt_latest_checkpoint_falls_back_to_previous(tmp_path, damage):
         state = state._replace(step=state.step + step, lora=jax.tree.map(lambda x: x + step, state.lora))
         assert ck.save(step, state, {"sampler": {"position": step}})
     ck.close()
-    files = [p for p in (tmp_path / "ck" / "3").rglob("*") if p.is_file() and p.stat().st_size > 0
-             and "meta" not in p.parts and "_CHECKPOINT_METADATA" not in p.name]
+    files = [
+        p
+        for p in (tmp_path / "ck" / "3").rglob("*")
+        if p.is_file() and p.stat().st_size > 0 and "meta" not in p.parts and "_CHECKPOINT_METADATA" not in p.name
+    ]
     metas = [p for p in (tmp_path / "ck" / "3" / "meta").rglob("*") if p.is_file()]
     assert files and metas
     if damage.startswith("meta"):

@@ -38,17 +38,36 @@ from flexora_jax.pipeline.config import load_config
 from flexora_jax.pipeline.workspace import prepare
 from flexora_jax.tasks.formats import MCRecord
 
-CONFIG = fj.ModelConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2)
+CONFIG = fj.ModelConfig(
+    vocab_size=64,
+    hidden_size=32,
+    intermediate_size=48,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+)
 LORA = fj.LoraConfig(r=2, lora_alpha=4.0)
-TINY = ["--compare=[]", "--task.planted.num_layers=2", "--task.planted.num_planted=1", "--task.planted.n_train=16",
-        "--task.planted.n_val=8", "--task.planted.n_test=8", "--task.planted.finetune_examples=8",
-        "--search.batch_size=4", "--search.val_batch_size=4", "--finetune.batch_size=4", "--eval.base=false"]
+TINY = [
+    "--compare=[]",
+    "--task.planted.num_layers=2",
+    "--task.planted.num_planted=1",
+    "--task.planted.n_train=16",
+    "--task.planted.n_val=8",
+    "--task.planted.n_test=8",
+    "--task.planted.finetune_examples=8",
+    "--search.batch_size=4",
+    "--search.val_batch_size=4",
+    "--finetune.batch_size=4",
+    "--eval.base=false",
+]
 
 
 def _snapshot(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def _cli(argv: list[str], capsys) -> tuple[int, str]:
@@ -81,22 +100,25 @@ def decoder():
 def _foreign_lm():
     from test_nnx_foreign import BLOCK_INDEX, ForeignLM
 
-    return fj.nnx.add_lora(ForeignLM(rngs=nnx.Rngs(0)), ("q", "v"), rank=2, alpha=4.0, layer_index=BLOCK_INDEX,
-                           rngs=nnx.Rngs(1))
+    return fj.nnx.add_lora(
+        ForeignLM(rngs=nnx.Rngs(0)), ("q", "v"), rank=2, alpha=4.0, layer_index=BLOCK_INDEX, rngs=nnx.Rngs(1)
+    )
 
 
 WRITERS = {
     "export_peft": lambda d, out: fj.export_peft(d[1], out),
     "export_merged": lambda d, out: fj.export_merged(CONFIG, d[0], d[1], out),
     "nnx.save_adapter": lambda d, out: fj.nnx.save_adapter(
-        fj.nnx.LlamaForCausalLM(CONFIG, LORA, rngs=nnx.Rngs(1), params=d[0]), out),
+        fj.nnx.LlamaForCausalLM(CONFIG, LORA, rngs=nnx.Rngs(1), params=d[0]), out
+    ),
     "nnx.save_peft": lambda d, out: fj.nnx.save_peft(_foreign_lm(), out),
 }
 
 
 @pytest.mark.parametrize("writer", sorted(WRITERS))
-def test_a_full_disk_is_a_flexora_error_naming_the_file_and_keeps_what_was_there(writer, decoder, tmp_path,
-                                                                                   monkeypatch):
+def test_a_full_disk_is_a_flexora_error_naming_the_file_and_keeps_what_was_there(
+    writer, decoder, tmp_path, monkeypatch
+):
     """safetensors reports a full disk as its own SafetensorError: every writer turns it into a FlexoraError
     naming the file, leaves no temporary file, and the files already there (a previous save, a user's note)
     are unchanged."""
@@ -240,8 +262,14 @@ def test_generation_stops_between_batches(monkeypatch):
 
     records = [GenRecord("gsm8k", i, "Q: 1?\nA:", "1", ("\n\n",), "Q", " 1") for i in range(3)]
     with signals.stop_on_signals(), pytest.raises(signals.Interrupted, match=r"generating \(gsm8k, batch 2/3\)"):
-        fj.evaluate_generative(fj.nnx.LlamaForCausalLM.from_params(CONFIG, fj.init_params(CONFIG, jax.random.key(0))),
-                               Tok(), records, batch_size=1, progress=False, max_length=512)
+        fj.evaluate_generative(
+            fj.nnx.LlamaForCausalLM.from_params(CONFIG, fj.init_params(CONFIG, jax.random.key(0))),
+            Tok(),
+            records,
+            batch_size=1,
+            progress=False,
+            max_length=512,
+        )
 
 
 def test_a_signal_after_the_last_safe_point_still_exits_128_plus_signal(monkeypatch, capsys):
@@ -293,8 +321,11 @@ def test_export_merged_on_a_full_disk_is_status_2_and_changes_nothing(run_copy, 
     assert _cli(["export", "--quiet", "--output-dir", str(run_copy)], capsys)[0] == 0
     before = _snapshot(run_copy)
     monkeypatch.setattr("flexora_jax.models.hf.save_file", _disk_full)
-    _assert_refused(["export", "--quiet", "--merged", "--output-dir", str(run_copy)],
-                    [str(run_copy / "merged"), "no space left on the device"], capsys)
+    _assert_refused(
+        ["export", "--quiet", "--merged", "--output-dir", str(run_copy)],
+        [str(run_copy / "merged"), "no space left on the device"],
+        capsys,
+    )
     assert _snapshot(run_copy) == before
 
 
@@ -315,13 +346,21 @@ def test_signals_stop_the_export_between_its_outputs(run_copy):
 
 
 # --------------------------------------------------------------------------- planned before the first write
-@pytest.mark.parametrize("args, keywords", [
-    (["--finetune.grad_accum=100000"], ["finetune.grad_accum 100000", "8 fine-tune training examples",
-                                        "grad_accum <= 2"]),
-    (["--finetune.epochs=1e300", "--finetune.max_steps=0"], ["finetune.epochs 1e+300", "step counter",
-                                                             "finetune.max_steps"]),
-    (["--task.planted.n_train=10000000000"], ["task.planted.n_train", "GiB", "lower"]),
-], ids=["grad-accum", "epochs", "planted-size"])
+@pytest.mark.parametrize(
+    "args, keywords",
+    [
+        (
+            ["--finetune.grad_accum=100000"],
+            ["finetune.grad_accum 100000", "8 fine-tune training examples", "grad_accum <= 2"],
+        ),
+        (
+            ["--finetune.epochs=1e300", "--finetune.max_steps=0"],
+            ["finetune.epochs 1e+300", "step counter", "finetune.max_steps"],
+        ),
+        (["--task.planted.n_train=10000000000"], ["task.planted.n_train", "GiB", "lower"]),
+    ],
+    ids=["grad-accum", "epochs", "planted-size"],
+)
 def test_sizes_are_planned_before_anything_is_written(args, keywords, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("FLEXORA_PROGRESS", "0")
     out = tmp_path / "run"
@@ -352,37 +391,71 @@ def tiny_context_models(tmp_path_factory, tinystories_dir):
     (llama / "config.json").write_text(json.dumps({**cfg, "max_position_embeddings": 24}))
     torch.manual_seed(0)
     phi3 = tmp_path_factory.mktemp("phi3_24")
-    transformers.AutoModelForCausalLM.from_config(transformers.Phi3Config(
-        vocab_size=512, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=24, bos_token_id=1, eos_token_id=2, pad_token_id=0,
-        tie_word_embeddings=False)).save_pretrained(phi3)
+    transformers.AutoModelForCausalLM.from_config(
+        transformers.Phi3Config(
+            vocab_size=512,
+            hidden_size=32,
+            intermediate_size=48,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=24,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+            tie_word_embeddings=False,
+        )
+    ).save_pretrained(phi3)
     return {"llama": llama, "phi3": _with_tokenizer(phi3, tinystories_dir)}
 
 
 def _piqa_args(model: Path, data_dir: Path, out: Path, *extra: str) -> list[str]:
-    return ["run", "--quiet", "--output-dir", str(out), "--task.name=piqa", f"--model.path={model}",
-            f"--task.data_dir={data_dir}", "--task.n_train=64", "--task.n_val=8", "--task.n_test=8", "--compare=[]",
-            "--search.batch_size=2", "--search.val_batch_size=2", "--finetune.batch_size=2", *extra]
+    return [
+        "run",
+        "--quiet",
+        "--output-dir",
+        str(out),
+        "--task.name=piqa",
+        f"--model.path={model}",
+        f"--task.data_dir={data_dir}",
+        "--task.n_train=64",
+        "--task.n_val=8",
+        "--task.n_test=8",
+        "--compare=[]",
+        "--search.batch_size=2",
+        "--search.val_batch_size=2",
+        "--finetune.batch_size=2",
+        *extra,
+    ]
 
 
 @pytest.mark.parametrize("family", ["llama", "phi3"])
-def test_test_requests_longer_than_the_context_are_refused_before_the_search(family, tiny_context_models, data_dir,
-                                                                             tmp_path, capsys, monkeypatch):
+def test_test_requests_longer_than_the_context_are_refused_before_the_search(
+    family, tiny_context_models, data_dir, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setenv("FLEXORA_PROGRESS", "0")
     out = tmp_path / "run"
-    _assert_refused(_piqa_args(tiny_context_models[family], data_dir, out, "--method=lora"),
-                    ["task piqa: test example", "24-token context", "cannot be scored"], capsys)
+    _assert_refused(
+        _piqa_args(tiny_context_models[family], data_dir, out, "--method=lora"),
+        ["task piqa: test example", "24-token context", "cannot be scored"],
+        capsys,
+    )
     assert not out.exists()  # refused before the search: no half-made run, the corrected command runs fresh
 
 
 @pytest.mark.parametrize("method", ["dora", "flexora+dora"])
-def test_dora_on_part_of_a_fused_projection_is_refused_before_training(method, tiny_context_models, data_dir,
-                                                                       tmp_path, capsys, monkeypatch):
+def test_dora_on_part_of_a_fused_projection_is_refused_before_training(
+    method, tiny_context_models, data_dir, tmp_path, capsys, monkeypatch
+):
     monkeypatch.setenv("FLEXORA_PROGRESS", "0")
     out = tmp_path / "run"
-    _assert_refused(_piqa_args(tiny_context_models["phi3"], data_dir, out, f"--method={method}",
-                               "--lora.target_modules=[q_proj,v_proj]"),
-                    [f"method '{method}'", "qkv_proj", "'k_proj'", "lora.target_modules"], capsys)
+    _assert_refused(
+        _piqa_args(
+            tiny_context_models["phi3"], data_dir, out, f"--method={method}", "--lora.target_modules=[q_proj,v_proj]"
+        ),
+        [f"method '{method}'", "qkv_proj", "'k_proj'", "lora.target_modules"],
+        capsys,
+    )
     assert not out.exists()
 
 
@@ -413,8 +486,10 @@ def test_an_nnx_decoder_checkpoint_of_another_run_is_refused(tmp_path):
     ck = tmp_path / "search"
     with pytest.raises(_Stop):
         fj.search(make("nnx_decoder"), SEARCH, TRAIN, VAL, checkpoint_dir=ck, checkpoint_every=2, callback=_stop_at(3))
-    for change, word in (({"hypergradient": "first_order", "inner_steps": 1}, "hypergradient='first_order'"),
-                         ({"inner_steps": 3}, "inner_steps=3")):
+    for change, word in (
+        ({"hypergradient": "first_order", "inner_steps": 1}, "hypergradient='first_order'"),
+        ({"inner_steps": 3}, "inner_steps=3"),
+    ):
         with pytest.raises(CheckpointError, match=word):
             fj.search(make("nnx_decoder"), dataclasses.replace(SEARCH, **change), TRAIN, VAL, checkpoint_dir=ck)
 

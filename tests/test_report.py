@@ -23,11 +23,16 @@ def converging(steps: int = 50, final: float = 1.4, tau: float = 6.0) -> np.ndar
 def test_a_gate_still_climbing_is_moving_a_converged_one_is_not():
     rng = np.random.default_rng(0)
     steps = np.arange(1, 51)
-    traj = np.stack([converging(),  # settled long before the end
-                     1.0 + 0.01 * steps,  # climbing at a constant rate to the last step
-                     1.5 - 0.01 * steps,  # falling likewise
-                     1.0 + 1e-4 * rng.standard_normal(50),  # never moved: noise only
-                     converging(final=0.6)], axis=1)
+    traj = np.stack(
+        [
+            converging(),  # settled long before the end
+            1.0 + 0.01 * steps,  # climbing at a constant rate to the last step
+            1.5 - 0.01 * steps,  # falling likewise
+            1.0 + 1e-4 * rng.standard_normal(50),  # never moved: noise only
+            converging(final=0.6),
+        ],
+        axis=1,
+    )
     moving = moving_gates(traj)
     assert set(moving) == {1, 2}
     assert moving[1] == pytest.approx(9 / 49) and moving[2] == pytest.approx(-9 / 49)  # 9 of 49 steps' rise
@@ -49,13 +54,19 @@ def test_marginal_selections_per_rule():
 
 def test_gate_checks_say_what_to_do():
     t = np.arange(40)
-    traj = np.stack([0.6 + 0.01 * t,  # rising toward the threshold 1: may cross with more steps
-                     converging(40, 1.007),  # settled just above it: marginal
-                     converging(40, 0.5),  # settled well below: fine
-                     1.0 + 0.01 * t], axis=1)  # rising, but away from the threshold
+    traj = np.stack(
+        [
+            0.6 + 0.01 * t,  # rising toward the threshold 1: may cross with more steps
+            converging(40, 1.007),  # settled just above it: marginal
+            converging(40, 0.5),  # settled well below: fine
+            1.0 + 0.01 * t,
+        ],
+        axis=1,
+    )  # rising, but away from the threshold
     w = traj[-1].tolist()
-    checks = gate_checks(traj, w, selected=[1, 3], selection={"rule": "positive", "top_k": 0, "threshold": 1.0},
-                         steps=40)
+    checks = gate_checks(
+        traj, w, selected=[1, 3], selection={"rule": "positive", "top_k": 0, "threshold": 1.0}, steps=40
+    )
     assert [c.warning for c in checks] == [True, False, True]
     toward, away, marginal = (c.text for c in checks)
     assert toward.startswith("layer 0: the gate is still rising toward the `positive` rule's threshold 1 (w = 0.990")
@@ -67,13 +78,19 @@ def test_gate_checks_say_what_to_do():
     # top_k: the boundary is between places k and k + 1; a kept gate falling toward it is flagged
     falling = np.stack([1.6 - 0.01 * t, converging(40, 1.0), converging(40, 0.5)], axis=1)
     (check,) = gate_checks(falling, falling[-1].tolist(), [0], {"rule": "top_k", "top_k": 1}, 40)
-    assert check.warning and check.text.startswith("layer 0: the gate is still falling toward the boundary between "
-                                                   "places 1 and 2 of `top_k`")
+    assert check.warning and check.text.startswith(
+        "layer 0: the gate is still falling toward the boundary between places 1 and 2 of `top_k`"
+    )
     assert boundary([1.21, 1.0, 0.5], "top_k", 1) == pytest.approx(1.105) and boundary([1.0], "top_k", 1) is None
     uniform = {"q_proj": np.full((3, 4), 0.25), "v_proj": [[0.7, 0.1, 0.1, 0.1]] * 3}
-    assert rank_checks(uniform) == [Check("q_proj: 12 of 12 rank components within 1% of the threshold 1/r = 0.25; "
-                                          "their ranks are not settled: more `search.steps` or a larger "
-                                          "`search.outer_lr`", True)]
+    assert rank_checks(uniform) == [
+        Check(
+            "q_proj: 12 of 12 rank components within 1% of the threshold 1/r = 0.25; "
+            "their ranks are not settled: more `search.steps` or a larger "
+            "`search.outer_lr`",
+            True,
+        )
+    ]
 
 
 def _write(path, obj) -> None:
@@ -83,14 +100,30 @@ def _write(path, obj) -> None:
 
 def real_task_run(run_dir, searches=("layer", "rank")) -> RunConfig:
     """A finished flexora run on a real task (compare: lora, autolora), written by hand."""
-    config = RunConfig(method="flexora", compare=("lora", "autolora"), task=TaskConfig(name="piqa"),
-                       model=ModelSourceConfig(path="some/model"))
+    config = RunConfig(
+        method="flexora",
+        compare=("lora", "autolora"),
+        task=TaskConfig(name="piqa"),
+        model=ModelSourceConfig(path="some/model"),
+    )
     steps = 30
     traj = np.stack([0.5 + 0.016 * np.arange(steps), converging(steps, 1.004), converging(steps, 0.4)], axis=1)
-    records = [{"stage": "search_layer", "step": i + 1, "train_loss": 2.0 - 0.01 * i, "val_loss": 2.1 - 0.01 * i,
-                "hypergrad_norm": 0.1, "gates": traj[i].tolist()} for i in range(steps)]
-    records += [{"stage": f"finetune_{m}", "step": i + 1, "loss": 2.0 / (i + 1), "grad_norm": 1.0}
-                for m in ("flexora", "lora") for i in range(10)]
+    records = [
+        {
+            "stage": "search_layer",
+            "step": i + 1,
+            "train_loss": 2.0 - 0.01 * i,
+            "val_loss": 2.1 - 0.01 * i,
+            "hypergrad_norm": 0.1,
+            "gates": traj[i].tolist(),
+        }
+        for i in range(steps)
+    ]
+    records += [
+        {"stage": f"finetune_{m}", "step": i + 1, "loss": 2.0 / (i + 1), "grad_norm": 1.0}
+        for m in ("flexora", "lora")
+        for i in range(10)
+    ]
     records.append({"stage": "finetune_lora", "step": 10, "val_loss": 1.1, "loss": 0.2, "grad_norm": 1.0})
     _write(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records) + '{"cut li')
     if "layer" in searches:
@@ -102,9 +135,19 @@ def real_task_run(run_dir, searches=("layer", "rank")) -> RunConfig:
         _write(run_dir / "searches" / "rank" / "gates.json", {"rank": ranks})
     for m, layers in (("flexora", [1]), ("lora", [0, 1, 2]), ("autolora", [0, 1, 2])):
         _write(run_dir / "methods" / m / "selection.json", {"layers": layers, "trainable_params": 100 * len(layers)})
-    scores = {m: {"piqa": {"acc": acc, "acc_norm": acc, "acc_stderr": 0.0884, "acc_norm_stderr": 0.0884, "n": 32,
-                           "test_loss": loss}}
-              for m, acc, loss in (("base", 0.5, 2.0), ("flexora", 0.53125, 1.5), ("lora", 0.5625, 1.4))}
+    scores = {
+        m: {
+            "piqa": {
+                "acc": acc,
+                "acc_norm": acc,
+                "acc_stderr": 0.0884,
+                "acc_norm_stderr": 0.0884,
+                "n": 32,
+                "test_loss": loss,
+            }
+        }
+        for m, acc, loss in (("base", 0.5, 2.0), ("flexora", 0.53125, 1.5), ("lora", 0.5625, 1.4))
+    }
     _write(run_dir / "compare.json", scores)
     return config
 
@@ -138,8 +181,13 @@ def test_a_run_without_searches_gets_no_gate_pictures_or_checks(tmp_path):
 def test_a_settled_search_reports_no_warning(tmp_path):
     config = real_task_run(tmp_path, searches=("layer",))
     traj = np.stack([converging(30, 1.5), converging(30, 0.5)], axis=1)
-    _write(tmp_path / "metrics.jsonl", "".join(json.dumps({"stage": "search_layer", "step": i + 1, "gates": row})
-                                               + "\n" for i, row in enumerate(traj.tolist())))
+    _write(
+        tmp_path / "metrics.jsonl",
+        "".join(
+            json.dumps({"stage": "search_layer", "step": i + 1, "gates": row}) + "\n"
+            for i, row in enumerate(traj.tolist())
+        ),
+    )
     _write(tmp_path / "searches" / "layer" / "gates.json", {"layer": traj[-1].tolist()})
     report.write_report(tmp_path, config)
     assert "No gate is still moving over the last 20% of the search" in (tmp_path / "report.md").read_text()
@@ -147,9 +195,15 @@ def test_a_settled_search_reports_no_warning(tmp_path):
 
 def test_seed_report_shows_mean_and_sd(tmp_path):
     config = RunConfig(compare=("lora",))
-    result = {"flexora": {"planted": {"test_loss": {"mean": 1.25, "std": 0.05, "n": 3},
-                                      "num_layers": {"mean": 2.0, "std": 0.0, "n": 3}}},
-              "lora": {"planted": {"test_loss": {"mean": 1.5, "std": 0.1, "n": 3}}}}
+    result = {
+        "flexora": {
+            "planted": {
+                "test_loss": {"mean": 1.25, "std": 0.05, "n": 3},
+                "num_layers": {"mean": 2.0, "std": 0.0, "n": 3},
+            }
+        },
+        "lora": {"planted": {"test_loss": {"mean": 1.5, "std": 0.1, "n": 3}}},
+    }
     report.write_seeds_report(tmp_path, config, [0, 1, 2], result)
     text = (tmp_path / "report.md").read_text()
     assert "| flexora | 1.2500 ± 0.0500 | 2 | 3 |" in text and "| lora | 1.5000 ± 0.1000 |  | 3 |" in text
@@ -164,8 +218,10 @@ def test_log_section_of_the_run_config():
 
     assert load_config(None, ["--log.tensorboard=true"]).log.tensorboard is True
     assert load_config(None, []).log.wandb_project is None  # both off by default
-    for bad, needle in ((["--log.tensorboard=3"], "log.tensorboard must be true or false"),
-                        (['--log.wandb_project=""'], "log.wandb_project must be a W&B project name"),
-                        (["--log.tensorbord=true"], "did you mean 'log.tensorboard'")):
+    for bad, needle in (
+        (["--log.tensorboard=3"], "log.tensorboard must be true or false"),
+        (['--log.wandb_project=""'], "log.wandb_project must be a W&B project name"),
+        (["--log.tensorbord=true"], "did you mean 'log.tensorboard'"),
+    ):
         with pytest.raises(ConfigError, match=needle):
             load_config(None, bad)

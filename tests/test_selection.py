@@ -29,7 +29,7 @@ def test_threshold_judges_the_gate_the_model_applies_at_power_3():
     g = fj.Gates(layer=alpha, power=3)
     applied = np.asarray(fj.layer_gate_values(g, 6))
     base = 6 * np.exp(alpha) / np.exp(alpha).sum()
-    np.testing.assert_allclose(applied, base ** 3, rtol=1e-5)
+    np.testing.assert_allclose(applied, base**3, rtol=1e-5)
     # 1.4 lies between base and base ** 3 for layers 0 and 3: only the applied value keeps them
     assert select_layers(g, "threshold", threshold=1.4) == tuple(int(i) for i in np.flatnonzero(applied >= 1.4))
     assert select_layers(g, "threshold", threshold=1.4) == (0, 3)
@@ -51,9 +51,10 @@ def test_rank_rule_counts_components_above_uniform():
 
 def test_select_builds_a_peft_style_lora_config():
     L = 4
-    gates = fj.Gates(layer=jnp.array([1.0, -1.0, 0.5, -0.5]),
-                     rank={"q_proj": jnp.log(jnp.array([[0.7, 0.1, 0.1, 0.1]] * L)),
-                           "v_proj": jnp.zeros((L, 4))})
+    gates = fj.Gates(
+        layer=jnp.array([1.0, -1.0, 0.5, -0.5]),
+        rank={"q_proj": jnp.log(jnp.array([[0.7, 0.1, 0.1, 0.1]] * L)), "v_proj": jnp.zeros((L, 4))},
+    )
     base = fj.LoraConfig(r=4, lora_alpha=8.0)
     sel = select_lora(gates, base, L)
     assert sel.layers == (0, 2)
@@ -65,9 +66,16 @@ def test_select_builds_a_peft_style_lora_config():
     lora = fj.init_lora(model, cfg, __import__("jax").random.key(0))
     n = fj.count_params(model, lora)["trainable"]
     info = sel.to_json(n)
-    assert {k: info[k] for k in ("layers", "ranks", "trainable_params")} == {"layers": [0, 2], "ranks": {
-        "model.layers.0.self_attn.q_proj": 1, "model.layers.2.self_attn.q_proj": 1,
-        "model.layers.0.self_attn.v_proj": 4, "model.layers.2.self_attn.v_proj": 4}, "trainable_params": n}
+    assert {k: info[k] for k in ("layers", "ranks", "trainable_params")} == {
+        "layers": [0, 2],
+        "ranks": {
+            "model.layers.0.self_attn.q_proj": 1,
+            "model.layers.2.self_attn.q_proj": 1,
+            "model.layers.0.self_attn.v_proj": 4,
+            "model.layers.2.self_attn.v_proj": 4,
+        },
+        "trainable_params": n,
+    }
     assert info["modules"] == {"q_proj": [0, 1, 2, 3], "v_proj": [0, 1, 2, 3]}
     assert Selection.from_json(info) == sel  # selection.json reads back whole (decoder kind: PEFT paths)
     assert n == 2 * (1 * (64 + 64) + 4 * (64 + 64))

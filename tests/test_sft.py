@@ -14,8 +14,9 @@ from flexora_jax.tasks import sft
 from flexora_jax.tasks.formats import MCRecord
 
 DATA_DIR = Path(os.environ.get("FLEXORA_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
-requires_data = pytest.mark.skipif(not DATA_DIR.exists(),
-                                   reason=f"reference data folder {DATA_DIR} is absent (set FLEXORA_DATA_DIR)")
+requires_data = pytest.mark.skipif(
+    not DATA_DIR.exists(), reason=f"reference data folder {DATA_DIR} is absent (set FLEXORA_DATA_DIR)"
+)
 
 
 @pytest.fixture(scope="module")
@@ -53,8 +54,9 @@ def test_left_truncation_is_counted_and_keeps_the_answer(tokenizer):
 
 
 def _records(n: int) -> list[MCRecord]:
-    return [MCRecord("toy", i, "Question: " + "word " * (i % 13) + "?\nAnswer:", ("yes", "no"), i % 2)
-            for i in range(n)]
+    return [
+        MCRecord("toy", i, "Question: " + "word " * (i % 13) + "?\nAnswer:", ("yes", "no"), i % 2) for i in range(n)
+    ]
 
 
 def test_pad_dataset_gives_fixed_shape_arrays(tokenizer):

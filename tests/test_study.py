@@ -11,9 +11,20 @@ from flexora_jax.pipeline.study import aggregate, load_plan, main
 
 def test_study_smoke(tmp_path):
     plan = tmp_path / "plan.yaml"
-    plan.write_text(yaml.safe_dump({"experiments": [{
-        "name": "tiny", "seeds": [0, 1], "overrides": ["--compare=[lora,random_k]", "--mesh.num_devices=1"],
-        "variants": {"top1": ["--selection.rule=top_k", "--selection.top_k=1"]}}]}))
+    plan.write_text(
+        yaml.safe_dump(
+            {
+                "experiments": [
+                    {
+                        "name": "tiny",
+                        "seeds": [0, 1],
+                        "overrides": ["--compare=[lora,random_k]", "--mesh.num_devices=1"],
+                        "variants": {"top1": ["--selection.rule=top_k", "--selection.top_k=1"]},
+                    }
+                ]
+            }
+        )
+    )
     out = tmp_path / "out"
     assert main([str(plan), "--out", str(out), "--smoke"]) == 0
     result = json.loads((out / "results.json").read_text())
@@ -50,8 +61,14 @@ def test_rank_correlation_against_planted_ranks():
     exact = {path(1, "q_proj"): 6, path(2, "q_proj"): 6, path(1, "v_proj"): 2, path(2, "v_proj"): 2}
     assert math.isclose(rank_correlation(exact, planted, 3), 1.0)
     # the reverse order inside the planted layers and ranks outside them: negative
-    wrong = {path(0, "q_proj"): 8, path(0, "v_proj"): 8, path(1, "v_proj"): 4, path(2, "v_proj"): 4,
-             path(1, "q_proj"): 1, path(2, "q_proj"): 1}
+    wrong = {
+        path(0, "q_proj"): 8,
+        path(0, "v_proj"): 8,
+        path(1, "v_proj"): 4,
+        path(2, "v_proj"): 4,
+        path(1, "q_proj"): 1,
+        path(2, "q_proj"): 1,
+    }
     assert rank_correlation(wrong, planted, 3) < 0
     # a uniform selection carries no ranking
     uniform = {path(i, m): 4 for i in range(3) for m in ("q_proj", "v_proj")}
@@ -64,8 +81,11 @@ def test_rank_by_planted_means_per_planted_rank():
     planted = {"layers": [1], "ranks": {"q_proj": 8, "v_proj": 1}, "num_layers": 2}
     path = "model.layers.{}.self_attn.{}".format
     selected = {path(0, "q_proj"): 2, path(0, "v_proj"): 4, path(1, "q_proj"): 6, path(1, "v_proj"): 1}
-    assert rank_by_planted(selected, planted, 2) == {"rank_at_planted_0": 3.0, "rank_at_planted_1": 1.0,
-                                                     "rank_at_planted_8": 6.0}
+    assert rank_by_planted(selected, planted, 2) == {
+        "rank_at_planted_0": 3.0,
+        "rank_at_planted_1": 1.0,
+        "rank_at_planted_8": 6.0,
+    }
 
 
 def test_effectiveness_doc_is_rendered_from_its_json():
@@ -94,9 +114,9 @@ def test_aggregate_reads_the_selection_of_a_combined_method(tmp_path):
     (run / "methods" / "flexora_autolora").mkdir(parents=True)
     (run / "compare.json").write_text(json.dumps({"flexora+autolora": {"planted": {"test_loss": 2.5}}}))
     (run / "planted.json").write_text(json.dumps({"layers": [1], "ranks": {"q_proj": 4}, "num_layers": 2}))
-    (run / "methods" / "flexora_autolora" / "selection.json").write_text(json.dumps({
-        "layers": [1], "trainable_params": 100,
-        "ranks": {"model.layers.1.self_attn.q_proj": 3}}))
+    (run / "methods" / "flexora_autolora" / "selection.json").write_text(
+        json.dumps({"layers": [1], "trainable_params": 100, "ranks": {"model.layers.1.self_attn.q_proj": 3}})
+    )
     rec = aggregate(tmp_path)["exp"]["var"]["flexora+autolora"]
     assert rec["precision"]["mean"] == 1.0 and rec["trainable_params"]["mean"] == 100
     assert abs(rec["rank_corr"]["mean"] - 1.0) < 1e-9 and rec["rank_at_planted_4"]["mean"] == 3.0
@@ -119,8 +139,9 @@ def test_run_seeds_from_the_command_line(tmp_path, monkeypatch):
     out = tmp_path / "seeds"
     argv = ["run", "--quiet", "--seeds=[0,1]", "--output-dir", str(out), *SEEDS_RUN, *SMOKE_OVERRIDES]
     assert cli.main(argv) == 0
-    per_seed = [json.loads((out / f"seed{s}" / "compare.json").read_text())["flexora"]["planted"]["test_loss"]
-                for s in (0, 1)]
+    per_seed = [
+        json.loads((out / f"seed{s}" / "compare.json").read_text())["flexora"]["planted"]["test_loss"] for s in (0, 1)
+    ]
     agg = json.loads((out / "compare.json").read_text())
     loss = agg["flexora"]["planted"]["test_loss"]
     assert loss["n"] == 2 and set(agg) == {"flexora", "base"}

@@ -15,20 +15,35 @@ from flexora_jax.errors import ConfigError, DataError
 from flexora_jax.tasks import formats
 
 DATA_DIR = Path(os.environ.get("FLEXORA_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
-requires_data = pytest.mark.skipif(not DATA_DIR.exists(),
-                                   reason=f"reference data folder {DATA_DIR} is absent (set FLEXORA_DATA_DIR)")
+requires_data = pytest.mark.skipif(
+    not DATA_DIR.exists(), reason=f"reference data folder {DATA_DIR} is absent (set FLEXORA_DATA_DIR)"
+)
 
 # (task, source split, examples) from each folder's SOURCE.md.
 SOURCE_COUNTS = [
-    ("hellaswag", "validation", 10042), ("piqa", "validation", 1838), ("winogrande", "validation", 1267),
-    ("arc_easy", "train", 2251), ("arc_easy", "validation", 570), ("arc_easy", "test", 2376),
-    ("arc_challenge", "train", 1119), ("arc_challenge", "validation", 299), ("arc_challenge", "test", 1172),
-    ("openbookqa", "train", 4957), ("openbookqa", "validation", 500), ("openbookqa", "test", 500),
+    ("hellaswag", "validation", 10042),
+    ("piqa", "validation", 1838),
+    ("winogrande", "validation", 1267),
+    ("arc_easy", "train", 2251),
+    ("arc_easy", "validation", 570),
+    ("arc_easy", "test", 2376),
+    ("arc_challenge", "train", 1119),
+    ("arc_challenge", "validation", 299),
+    ("arc_challenge", "test", 1172),
+    ("openbookqa", "train", 4957),
+    ("openbookqa", "validation", 500),
+    ("openbookqa", "test", 500),
     ("boolq", "validation", 3270),
-    ("race_middle", "train", 25421), ("race_middle", "validation", 1436), ("race_middle", "test", 1436),
-    ("race_high", "train", 62445), ("race_high", "validation", 3451), ("race_high", "test", 3498),
-    ("commonsense_qa", "train", 9741), ("commonsense_qa", "validation", 1221),
-    ("social_iqa", "train", 33410), ("social_iqa", "validation", 1954),
+    ("race_middle", "train", 25421),
+    ("race_middle", "validation", 1436),
+    ("race_middle", "test", 1436),
+    ("race_high", "train", 62445),
+    ("race_high", "validation", 3451),
+    ("race_high", "test", 3498),
+    ("commonsense_qa", "train", 9741),
+    ("commonsense_qa", "validation", 1221),
+    ("social_iqa", "train", 33410),
+    ("social_iqa", "validation", 1954),
 ]
 
 
@@ -49,7 +64,8 @@ def test_local_loader_counts_and_records(task, split, count):
 @requires_data
 def test_local_label_distributions_match_source_md():
     gold = lambda task, split: collections.Counter(  # noqa: E731
-        r.gold for r in tasks.get_task(task).to_records(tasks.load_local(task, split, DATA_DIR)))
+        r.gold for r in tasks.get_task(task).to_records(tasks.load_local(task, split, DATA_DIR))
+    )
     assert gold("hellaswag", "validation") == {0: 2515, 1: 2485, 2: 2584, 3: 2458}
     assert gold("piqa", "validation") == {0: 910, 1: 928}
     assert gold("boolq", "validation") == {1: 2033, 0: 1237}
@@ -65,9 +81,23 @@ def test_race_last_question_only_is_one_per_passage():
 
 
 def test_registry_lists_all_tasks():
-    assert set(tasks.list_tasks()) == {"hellaswag", "piqa", "winogrande", "race_middle", "race_high", "boolq",
-                                       "arc_easy", "arc_challenge", "openbookqa", "commonsense_qa",
-                                       "commonsense_qa_cloze", "social_iqa", "gsm8k", "aqua", "mmlu"}
+    assert set(tasks.list_tasks()) == {
+        "hellaswag",
+        "piqa",
+        "winogrande",
+        "race_middle",
+        "race_high",
+        "boolq",
+        "arc_easy",
+        "arc_challenge",
+        "openbookqa",
+        "commonsense_qa",
+        "commonsense_qa_cloze",
+        "social_iqa",
+        "gsm8k",
+        "aqua",
+        "mmlu",
+    }
     with pytest.raises(ConfigError, match="unknown task 'nope'"):
         tasks.get_task("nope")
 
@@ -95,8 +125,11 @@ def test_task_names_are_lm_evals_and_earlier_names_still_work():
     lm_eval = _lm_eval_task_names()
     assert {"commonsense_qa", "social_iqa", "arc_easy", "boolq", "hellaswag", "mmlu", "race"} <= lm_eval
     assert set(tasks.list_tasks()) - lm_eval == NOT_IN_LM_EVAL
-    for old, new in (("commonsenseqa", "commonsense_qa"), ("siqa", "social_iqa"),
-                     ("commonsenseqa_cloze", "commonsense_qa_cloze")):
+    for old, new in (
+        ("commonsenseqa", "commonsense_qa"),
+        ("siqa", "social_iqa"),
+        ("commonsenseqa_cloze", "commonsense_qa_cloze"),
+    ):
         assert tasks.get_task(old) is tasks.get_task(new)
     with pytest.raises(ConfigError, match=r"unknown task 'socail_iqa' \(did you mean 'social_iqa'\?\)"):
         tasks.get_task("socail_iqa")
@@ -119,9 +152,17 @@ def test_resplit_is_seeded_disjoint_and_recorded():
     sentences = {r: set(roles[r].docs["sentence"]) for r in tasks.ROLES}
     assert not (sentences["train"] & sentences["test"]) and not (sentences["validation"] & sentences["test"])
     info = roles["test"].info.to_dict()
-    assert info == {"task": "winogrande", "role": "test", "source": "local", "source_split": "validation",
-                    "n": 250, "resplit": True, "seed": 3, "sizes": {"train": 767, "validation": 250, "test": 250},
-                    "pool_size": 1267}
+    assert info == {
+        "task": "winogrande",
+        "role": "test",
+        "source": "local",
+        "source_split": "validation",
+        "n": 250,
+        "resplit": True,
+        "seed": 3,
+        "sizes": {"train": 767, "validation": 250, "test": 250},
+        "pool_size": 1267,
+    }
     again = tasks.load_split("winogrande", "search-validation", data_dir=DATA_DIR, seed=3)
     assert again.docs["sentence"] == roles["validation"].docs["sentence"]
     other = tasks.load_split("winogrande", "validation", data_dir=DATA_DIR, seed=4)
@@ -161,31 +202,61 @@ def _write_jsonl(path: Path, rows: list[dict]) -> None:
 
 
 HELLASWAG_HUB = [
-    {"ind": 24, "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.", "ctx_b": "he",
-     "ctx": "A man is sitting on a roof. he", "endings": ["is using wrap.", "is ripping level tiles off.",
-                                                         "is holding a cube.", "starts pulling up roofing."],
-     "source_id": "activitynet~v_-JhWjGDPHMY", "split": "val", "split_type": "indomain", "label": "3"},
-    {"ind": 92, "activity_label": "Baking cookies", "ctx_a": "[header] How to bake. [title] Mix the dough.",
-     "ctx_b": "", "ctx": "[header] How to bake. [title] Mix the dough.",
-     "endings": ["[step] Stir it.", "Bake [substeps] it.", "Eat it.", "Sell it."], "source_id": "wikihow~1",
-     "split": "val", "split_type": "zeroshot", "label": "0"},
+    {
+        "ind": 24,
+        "activity_label": "Roof shingle removal",
+        "ctx_a": "A man is sitting on a roof.",
+        "ctx_b": "he",
+        "ctx": "A man is sitting on a roof. he",
+        "endings": [
+            "is using wrap.",
+            "is ripping level tiles off.",
+            "is holding a cube.",
+            "starts pulling up roofing.",
+        ],
+        "source_id": "activitynet~v_-JhWjGDPHMY",
+        "split": "val",
+        "split_type": "indomain",
+        "label": "3",
+    },
+    {
+        "ind": 92,
+        "activity_label": "Baking cookies",
+        "ctx_a": "[header] How to bake. [title] Mix the dough.",
+        "ctx_b": "",
+        "ctx": "[header] How to bake. [title] Mix the dough.",
+        "endings": ["[step] Stir it.", "Bake [substeps] it.", "Eat it.", "Sell it."],
+        "source_id": "wikihow~1",
+        "split": "val",
+        "split_type": "zeroshot",
+        "label": "0",
+    },
 ]
 
 
 def test_hub_path_with_a_local_dataset_in_hub_schema(tmp_path):
     _write_jsonl(tmp_path / "hs" / "validation.jsonl", HELLASWAG_HUB * 5)
-    split = tasks.load_split("hellaswag", "test", source="hub", hub_path=tmp_path / "hs",
-                             sizes={"train": 6, "validation": 2, "test": 2})
+    split = tasks.load_split(
+        "hellaswag", "test", source="hub", hub_path=tmp_path / "hs", sizes={"train": 6, "validation": 2, "test": 2}
+    )
     assert split.info.source == "hub" and len(split) == 2
     assert split.docs.features == tasks.get_task("hellaswag").features
-    recs = tasks.load_split("hellaswag", "train", source="hub", hub_path=tmp_path / "hs",
-                            sizes={"train": 10, "validation": 0, "test": 0}).records()
+    recs = tasks.load_split(
+        "hellaswag", "train", source="hub", hub_path=tmp_path / "hs", sizes={"train": 10, "validation": 0, "test": 0}
+    ).records()
     assert recs[0].context == "Roof shingle removal: A man is sitting on a roof. He"
     assert recs[1].context == "Baking cookies: How to bake.. Mix the dough."
     assert recs[1].choices == (" Stir it.", "Bake it.", "Eat it.", "Sell it.")  # lm-eval keeps the space
 
-    arc = [{"id": f"q{i}", "question": f"Q{i}?", "choices": {"text": ["a", "b", "c"], "label": ["1", "2", "3"]},
-            "answerKey": "2"} for i in range(3)]
+    arc = [
+        {
+            "id": f"q{i}",
+            "question": f"Q{i}?",
+            "choices": {"text": ["a", "b", "c"], "label": ["1", "2", "3"]},
+            "answerKey": "2",
+        }
+        for i in range(3)
+    ]
     _write_jsonl(tmp_path / "arc" / "test.jsonl", arc)
     recs = tasks.load_split("arc_easy", "test", source="hub", hub_path=tmp_path / "arc").records()
     assert [r.gold for r in recs] == [1, 1, 1] and recs[0].context == "Question: Q0?\nAnswer:"
@@ -223,16 +294,20 @@ def test_local_bad_files(tmp_path):
         tasks.load_local("hellaswag", "train", tmp_path)
 
 
-@pytest.mark.parametrize("task, split, path, damage", [
-    ("social_iqa", "train", "siqa/socialiqa-train-dev.zip", "truncated"),
-    ("social_iqa", "train", "siqa/socialiqa-train-dev.zip", "garbage"),
-    ("hellaswag", "validation", "hellaswag/hellaswag_val_full.txt.bz2", "truncated"),
-    ("hellaswag", "validation", "hellaswag/hellaswag_val_full.txt.bz2", "garbage"),
-    ("race_middle", "test", "race/RACE-dev-test.tar.gz", "truncated"),
-    ("race_middle", "test", "race/RACE-dev-test.tar.gz", "garbage"),
-    ("piqa", "validation", "piqa/valid.jsonl", "directory"),
-    ("piqa", "validation", "piqa/valid.jsonl", "surrogates"),
-], ids=lambda v: str(v).split("/")[-1])
+@pytest.mark.parametrize(
+    "task, split, path, damage",
+    [
+        ("social_iqa", "train", "siqa/socialiqa-train-dev.zip", "truncated"),
+        ("social_iqa", "train", "siqa/socialiqa-train-dev.zip", "garbage"),
+        ("hellaswag", "validation", "hellaswag/hellaswag_val_full.txt.bz2", "truncated"),
+        ("hellaswag", "validation", "hellaswag/hellaswag_val_full.txt.bz2", "garbage"),
+        ("race_middle", "test", "race/RACE-dev-test.tar.gz", "truncated"),
+        ("race_middle", "test", "race/RACE-dev-test.tar.gz", "garbage"),
+        ("piqa", "validation", "piqa/valid.jsonl", "directory"),
+        ("piqa", "validation", "piqa/valid.jsonl", "surrogates"),
+    ],
+    ids=lambda v: str(v).split("/")[-1],
+)
 def test_damaged_release_files_are_data_errors(tmp_path, data_dir, task, split, path, damage):
     """Archives cut short or overwritten, a directory where a file belongs, unpaired surrogates: a DataError
     naming the task and the reason, never BadZipFile / EOFError / UnicodeEncodeError."""
@@ -283,17 +358,31 @@ def test_formats_match_lm_eval_task_code():
         rec = formats.hellaswag(doc, i)
         assert (rec.context, list(rec.choices), rec.gold) == (ref["query"], ref["choices"], ref["gold"])
 
-    doc = {"sentence": "Sarah was a better surgeon than Maria so _ got the easier cases.", "option1": "Sarah",
-           "option2": "Maria", "answer": "2"}
+    doc = {
+        "sentence": "Sarah was a better surgeon than Maria so _ got the easier cases.",
+        "option1": "Sarah",
+        "option2": "Maria",
+        "answer": "2",
+    }
     rec = formats.winogrande(doc, 0)
     assert list(rec.choices) == wg.doc_to_choice(doc) and rec.gold == wg.doc_to_text(doc)
     assert rec.requests()[0] == (wg.doc_to_choice(doc)[0], " " + wg.doc_to_target(doc))
 
-    problems = [{"question": "The writer  _  .", "options": ["w", "x", "y", "z"], "answer": "B"},
-                {"question": "Why?", "options": ["p", "q", "r", "s"], "answer": "D"},
-                {"question": "What next?", "options": ["e", "f", "g", "h"], "answer": "A"}]
-    rows = [{"example_id": "m1.txt", "article": "Text.", "question": p["question"], "options": p["options"],
-             "answer": p["answer"]} for p in problems]
+    problems = [
+        {"question": "The writer  _  .", "options": ["w", "x", "y", "z"], "answer": "B"},
+        {"question": "Why?", "options": ["p", "q", "r", "s"], "answer": "D"},
+        {"question": "What next?", "options": ["e", "f", "g", "h"], "answer": "A"},
+    ]
+    rows = [
+        {
+            "example_id": "m1.txt",
+            "article": "Text.",
+            "question": p["question"],
+            "options": p["options"],
+            "answer": p["answer"],
+        }
+        for p in problems
+    ]
     ref_doc = {"article": "Text.", "problems": repr(problems)}
     recs = formats.race_records(rows, last_question_only=True)
     assert len(recs) == 1
@@ -301,11 +390,13 @@ def test_formats_match_lm_eval_task_code():
     assert recs[0].gold == race.doc_to_target(ref_doc)
     assert len(formats.race_records(rows)) == 3
 
-    csqa = formats.commonsenseqa({"question": " Where? ", "choices": {"label": list("ABCDE"), "text": list("vwxyz")},
-                                  "answerKey": "C"}, 0)
+    csqa = formats.commonsenseqa(
+        {"question": " Where? ", "choices": {"label": list("ABCDE"), "text": list("vwxyz")}, "answerKey": "C"}, 0
+    )
     assert csqa.context == "Question: Where?\nA. v\nB. w\nC. x\nD. y\nE. z\nAnswer:" and csqa.gold == 2
-    siqa = formats.siqa({"context": "C.", "question": "Q?", "answerA": "a", "answerB": "b", "answerC": "c",
-                         "label": "3"}, 0)
+    siqa = formats.siqa(
+        {"context": "C.", "question": "Q?", "answerA": "a", "answerB": "b", "answerC": "c", "label": "3"}, 0
+    )
     assert (siqa.context, siqa.gold) == ("Q: C. Q?\nA:", 2)
     boolq = formats.boolq({"passage": "P.", "question": "is it", "label": 1}, 0)
     assert boolq.requests() == [("P.\nQuestion: is it?\nAnswer:", " no"), ("P.\nQuestion: is it?\nAnswer:", " yes")]
@@ -316,10 +407,14 @@ def test_cloze_commonsenseqa_and_the_question_removed_control():
     cloze = formats.commonsenseqa_cloze(doc, 0)
     assert (cloze.context, cloze.choices, cloze.gold) == ("Question: Where?\nAnswer:", tuple("vwxyz"), 2)
     noq = formats.question_removed(cloze)
-    assert noq.requests() == [("Answer:", " v"), ("Answer:", " w"), ("Answer:", " x"), ("Answer:", " y"),
-                              ("Answer:", " z")] and noq.gold == 2
-    siqa = formats.siqa({"context": "C.", "question": "Q?", "answerA": "a", "answerB": "b", "answerC": "c",
-                         "label": "1"}, 0)
+    assert (
+        noq.requests()
+        == [("Answer:", " v"), ("Answer:", " w"), ("Answer:", " x"), ("Answer:", " y"), ("Answer:", " z")]
+        and noq.gold == 2
+    )
+    siqa = formats.siqa(
+        {"context": "C.", "question": "Q?", "answerA": "a", "answerB": "b", "answerC": "c", "label": "1"}, 0
+    )
     assert formats.question_removed(siqa).context == "A:"
     hs = formats.question_removed(formats.hellaswag(HELLASWAG_HUB[0], 0))
     assert hs.context == "" and hs.choices == formats.hellaswag(HELLASWAG_HUB[0], 0).choices

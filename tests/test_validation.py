@@ -36,10 +36,18 @@ from flexora_jax.selection import Selection
 from flexora_jax.tasks.formats import MCRecord
 
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-NOT_NUMBERS = st.one_of(st.booleans(), st.text(max_size=5), st.none(), st.just(math.nan), st.just(math.inf),
-                        st.just(-math.inf), st.lists(st.integers(), max_size=2))
-NOT_FLAGS = st.one_of(st.sampled_from(["false", "true", "no", "0", ""]), st.integers(), st.floats(allow_nan=True),
-                      st.none())
+NOT_NUMBERS = st.one_of(
+    st.booleans(),
+    st.text(max_size=5),
+    st.none(),
+    st.just(math.nan),
+    st.just(math.inf),
+    st.just(-math.inf),
+    st.lists(st.integers(), max_size=2),
+)
+NOT_FLAGS = st.one_of(
+    st.sampled_from(["false", "true", "no", "0", ""]), st.integers(), st.floats(allow_nan=True), st.none()
+)
 
 
 def _raises(exc_type, call, *words):
@@ -89,17 +97,36 @@ def test_check_mapping_names_unknown_and_missing_keys():
     assert v.check_mapping({"a": 1}, "cfg", {"a", "b"}, ("a",)) == {"a": 1}
     _raises(ConfigError, lambda: v.check_mapping([1], "cfg"), "cfg", "mapping")
     _raises(ConfigError, lambda: v.check_mapping({"c": 1}, "cfg", {"a"}), "unknown key(s) ['c']", "allowed: ['a']")
-    _raises(CheckpointError, lambda: v.check_mapping({}, "f.json", required_keys=("a",), error=CheckpointError),
-            "f.json", "missing key(s) ['a']")
+    _raises(
+        CheckpointError,
+        lambda: v.check_mapping({}, "f.json", required_keys=("a",), error=CheckpointError),
+        "f.json",
+        "missing key(s) ['a']",
+    )
 
 
-@pytest.mark.parametrize("value, hint, ok", [
-    (3, int, True), (True, int, False), (np.int32(3), int, True), (2.5, int, False), (2, float, True),
-    (math.inf, float, False), (True, float, False), ("x", bool, False), (False, bool, True),
-    (None, int | None, True), ([1, 2], tuple[int, ...], True), ([1, True], tuple[int, ...], False),
-    ({"q": 2}, typing.Mapping[str, int], True), ({"q": True}, typing.Mapping[str, int], False),
-    ("gaussian", bool | str, True), ((1, "a"), tuple[int, str], True), ((1,), tuple[int, str], False),
-])
+@pytest.mark.parametrize(
+    "value, hint, ok",
+    [
+        (3, int, True),
+        (True, int, False),
+        (np.int32(3), int, True),
+        (2.5, int, False),
+        (2, float, True),
+        (math.inf, float, False),
+        (True, float, False),
+        ("x", bool, False),
+        (False, bool, True),
+        (None, int | None, True),
+        ([1, 2], tuple[int, ...], True),
+        ([1, True], tuple[int, ...], False),
+        ({"q": 2}, typing.Mapping[str, int], True),
+        ({"q": True}, typing.Mapping[str, int], False),
+        ("gaussian", bool | str, True),
+        ((1, "a"), tuple[int, str], True),
+        ((1,), tuple[int, str], False),
+    ],
+)
 def test_check_type(value, hint, ok):
     if ok:
         assert v.check_type(value, hint, "field") is value
@@ -116,8 +143,12 @@ def test_check_type_text_mode_leaves_strings_to_the_parser_but_not_for_flags():
 
 def test_check_config_type_hints_how_to_build_the_config():
     assert v.check_config_type(fj.FinetuneConfig(), fj.FinetuneConfig, "cfg") is not None
-    _raises(ConfigError, lambda: v.check_config_type({"max_steps": 2}, fj.FinetuneConfig, "finetune: cfg"),
-            "finetune: cfg must be a FinetuneConfig", "FinetuneConfig(**{'max_steps': 2})")
+    _raises(
+        ConfigError,
+        lambda: v.check_config_type({"max_steps": 2}, fj.FinetuneConfig, "finetune: cfg"),
+        "finetune: cfg must be a FinetuneConfig",
+        "FinetuneConfig(**{'max_steps': 2})",
+    )
 
 
 def test_check_scalar_loss_static_and_traced():
@@ -134,8 +165,11 @@ def test_check_array_dtype_rank_shape_and_values():
     x = np.zeros((2, 3), np.int32)
     assert v.check_array(x, "x", "iu", 2, shape=(None, 3), id_range=5) is x
     _raises(DataError, lambda: v.check_array(x, "gates.layer", "f"), "gates.layer", "floating-point", "int32")
-    _raises(ConfigError, lambda: v.check_array(np.ones(7), "gates.layer", shape=(3,), error=ConfigError),
-            "gates.layer must have shape (3,), got (7,)")
+    _raises(
+        ConfigError,
+        lambda: v.check_array(np.ones(7), "gates.layer", shape=(3,), error=ConfigError),
+        "gates.layer must have shape (3,), got (7,)",
+    )
     _raises(DataError, lambda: v.check_array([1, 2], "ids"), "ids must be an array", "list")
     _raises(DataError, lambda: v.check_array(np.array([[0.0, np.inf]]), "w", finite=True), "w", "(0, 1)", "inf")
     traced = jax.eval_shape(lambda a: v.check_array(a, "t", "f", 1, finite=True, id_range=1), jnp.ones(3) * 9)
@@ -154,29 +188,39 @@ def test_read_json_names_the_file(tmp_path):
     (tmp_path / "bin.json").write_bytes(b"\xff\xfe{")
     (tmp_path / "bad.json").write_text("{not json")
     (tmp_path / "dir.json").mkdir()
-    for name, words in [("bin.json", ["not UTF-8"]), ("bad.json", ["not valid JSON"]), ("dir.json", ["directory"]),
-                        ("none.json", ["does not exist"])]:
+    for name, words in [
+        ("bin.json", ["not UTF-8"]),
+        ("bad.json", ["not valid JSON"]),
+        ("dir.json", ["directory"]),
+        ("none.json", ["does not exist"]),
+    ]:
         _raises(CheckpointError, lambda name=name: v.read_json(tmp_path / name, "x"), name, *words)
 
 
 # ------------------------------------------------------------------------------------- datasets
 def _data(n=4, t=8, vocab=32):
     rng = np.random.default_rng(0)
-    return {"input_ids": rng.integers(0, vocab, (n, t)).astype(np.int32),
-            "attention_mask": np.ones((n, t), np.int32), "loss_mask": np.ones((n, t), np.float32)}
+    return {
+        "input_ids": rng.integers(0, vocab, (n, t)).astype(np.int32),
+        "attention_mask": np.ones((n, t), np.int32),
+        "loss_mask": np.ones((n, t), np.float32),
+    }
 
 
-@pytest.mark.parametrize("change, words", [
-    (lambda d: d.update(input_ids=d["input_ids"].astype(np.float32)), ["input_ids", "integer dtype", "float32"]),
-    (lambda d: d.update(input_ids=d["input_ids"][0]), ["input_ids", "2 dimension", "(8,)"]),
-    (lambda d: d.pop("loss_mask"), ["missing key(s) ['loss_mask']"]),
-    (lambda d: d.update(loss_mask=np.ones((3, 8), np.float32)), ["different numbers of rows"]),
-    (lambda d: d.update(loss_mask=np.zeros((4, 8), np.float32)), ["loss_mask is all zero"]),
-    (lambda d: d.update(loss_mask=np.full((4, 8), np.nan, np.float32)), ["loss_mask", "NaN"]),
-    (lambda d: d.update(attention_mask=np.ones((4, 9), np.int32)), ["attention_mask", "(4, 9)", "like input_ids"]),
-    (lambda d: d.update(target_probs=np.ones((4, 8, 31), np.float32)), ["target_probs", "31 classes"]),
-    (lambda d: [d.pop(k) for k in list(d)], ["missing key(s)"]),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (lambda d: d.update(input_ids=d["input_ids"].astype(np.float32)), ["input_ids", "integer dtype", "float32"]),
+        (lambda d: d.update(input_ids=d["input_ids"][0]), ["input_ids", "2 dimension", "(8,)"]),
+        (lambda d: d.pop("loss_mask"), ["missing key(s) ['loss_mask']"]),
+        (lambda d: d.update(loss_mask=np.ones((3, 8), np.float32)), ["different numbers of rows"]),
+        (lambda d: d.update(loss_mask=np.zeros((4, 8), np.float32)), ["loss_mask is all zero"]),
+        (lambda d: d.update(loss_mask=np.full((4, 8), np.nan, np.float32)), ["loss_mask", "NaN"]),
+        (lambda d: d.update(attention_mask=np.ones((4, 9), np.int32)), ["attention_mask", "(4, 9)", "like input_ids"]),
+        (lambda d: d.update(target_probs=np.ones((4, 8, 31), np.float32)), ["target_probs", "31 classes"]),
+        (lambda d: [d.pop(k) for k in list(d)], ["missing key(s)"]),
+    ],
+)
 def test_check_dataset_refusals(change, words):
     data = _data()
     change(data)
@@ -191,26 +235,44 @@ def test_check_dataset_accepts_what_sft_arrays_and_custom_loss_fns_use():
 
 
 @SETTINGS
-@given(st.integers(0, 3), st.integers(0, 7), st.sampled_from([-1, -7, 32, 33, 10**6]), st.sampled_from(
-    ["input_ids", "labels"]))
+@given(
+    st.integers(0, 3),
+    st.integers(0, 7),
+    st.sampled_from([-1, -7, 32, 33, 10**6]),
+    st.sampled_from(["input_ids", "labels"]),
+)
 def test_a_token_id_outside_the_vocabulary_is_named_by_field_row_and_value(row, col, bad, field):
     data = _data()
     data["labels"] = data["input_ids"].copy()
     data[field][row, col] = bad
-    err = _raises(DataError, lambda: v.check_dataset(data, "train_data", vocab_size=32),
-                  f"train_data['{field}']", f"row {row}", str(bad), "[0, 32)")
+    err = _raises(
+        DataError,
+        lambda: v.check_dataset(data, "train_data", vocab_size=32),
+        f"train_data['{field}']",
+        f"row {row}",
+        str(bad),
+        "[0, 32)",
+    )
     assert "learning rate" not in str(err)
     if bad < 0:  # negative ids are refused even without a vocabulary (they would wrap around)
         _raises(DataError, lambda: v.check_dataset(data, "train_data"), f"row {row}")
 
 
 # ------------------------------------------------------------------------------------ the configs
-CONFIGS = {"ModelConfig": lib_config.ModelConfig, "LoraConfig": lib_config.LoraConfig,
-           "search": lib_config.SearchConfig, "selection": lib_config.SelectionConfig,
-           "finetune": lib_config.FinetuneConfig, "eval": lib_config.EvalConfig, "mesh": lib_config.MeshConfig,
-           "RopeScaling": lib_config.RopeScaling, "model": run_config.ModelSourceConfig,
-           "task.planted": run_config.PlantedOptions, "task": run_config.TaskConfig,
-           "checkpoint": run_config.CheckpointConfig}
+CONFIGS = {
+    "ModelConfig": lib_config.ModelConfig,
+    "LoraConfig": lib_config.LoraConfig,
+    "search": lib_config.SearchConfig,
+    "selection": lib_config.SelectionConfig,
+    "finetune": lib_config.FinetuneConfig,
+    "eval": lib_config.EvalConfig,
+    "mesh": lib_config.MeshConfig,
+    "RopeScaling": lib_config.RopeScaling,
+    "model": run_config.ModelSourceConfig,
+    "task.planted": run_config.PlantedOptions,
+    "task": run_config.TaskConfig,
+    "checkpoint": run_config.CheckpointConfig,
+}
 
 
 def _scalar_fields():
@@ -245,13 +307,20 @@ def test_config_cases_of_the_issue():
     assert fj.LoraConfig(layers_to_transform=1).layers_to_transform == (1,)  # PEFT's int form still reads
 
 
-@pytest.mark.parametrize("override, key", [
-    ("--lora.r=true", "lora.r"), ("--seed=true", "seed"), ("--lora.use_rslora='false'", "lora.use_rslora"),
-    ("--lora.lora_alpha=.inf", "lora.lora_alpha"), ("--finetune.lr=true", "finetune.lr"),
-    ("--search.remat=1", "search.remat"), ("--lora.rank_pattern={q_proj: true}", "lora.rank_pattern"),
-    ("--search.inner_eps_root=.nan", "search.inner_eps_root"), ("--task.planted.ranks={q_proj: false}",
-                                                                 "task.planted.ranks"),
-])
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("--lora.r=true", "lora.r"),
+        ("--seed=true", "seed"),
+        ("--lora.use_rslora='false'", "lora.use_rslora"),
+        ("--lora.lora_alpha=.inf", "lora.lora_alpha"),
+        ("--finetune.lr=true", "finetune.lr"),
+        ("--search.remat=1", "search.remat"),
+        ("--lora.rank_pattern={q_proj: true}", "lora.rank_pattern"),
+        ("--search.inner_eps_root=.nan", "search.inner_eps_root"),
+        ("--task.planted.ranks={q_proj: false}", "task.planted.ranks"),
+    ],
+)
 def test_run_config_overrides_refuse_the_wrong_kind_of_value(override, key):
     _raises(ConfigError, lambda: run_config.load_config(None, [override]), key)
 
@@ -279,28 +348,31 @@ class Stack(nnx.Module):
 TARGETS = r"layers\.\d"
 
 
-@pytest.mark.parametrize("kwargs, words", [
-    (dict(targets=None), ["targets", "None (NoneType)"]),
-    (dict(targets=123), ["targets", "123 (int)"]),
-    (dict(alpha="16"), ["alpha", "'16' (str)"]),
-    (dict(alpha=math.inf), ["alpha", "inf"]),
-    (dict(alpha=0.0), ["alpha", "> 0"]),
-    (dict(rank=True), ["rank", "True (bool)"]),
-    (dict(rank=2.0), ["rank", "integer"]),
-    (dict(targets="layers.(["), ["targets", "not a valid regular expression"]),
-    (dict(layer_index="(["), ["layer_index", "not a valid regular expression"]),
-    (dict(layer_index=r"layers\.\d"), ["layer_index", "capture group"]),
-    (dict(layer_index=lambda path: "one"), ["layer_index", "'one'"]),
-    (dict(rngs=None), ["rngs", "Rngs", "None"]),
-    (dict(layers=[99]), ["layers [99]", "[0, 1, 2]"]),
-    (dict(layers=[]), ["layers is empty"]),
-    (dict(layers=[True]), ["layers", "True"]),
-    (dict(ranks={"layers.9": 2}), ["ranks", "layers.9", "layers.0"]),
-    (dict(ranks={"layers.0": True}), ["ranks"]),
-    (dict(ranks={f"layers.{i}": 0 for i in range(3)}), ["rank 0", "nothing would be adapted"]),
-    (dict(use_rslora="false"), ["use_rslora", "true or false"]),
-    (dict(example_inputs=5), ["example_inputs"]),
-])
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(targets=None), ["targets", "None (NoneType)"]),
+        (dict(targets=123), ["targets", "123 (int)"]),
+        (dict(alpha="16"), ["alpha", "'16' (str)"]),
+        (dict(alpha=math.inf), ["alpha", "inf"]),
+        (dict(alpha=0.0), ["alpha", "> 0"]),
+        (dict(rank=True), ["rank", "True (bool)"]),
+        (dict(rank=2.0), ["rank", "integer"]),
+        (dict(targets="layers.(["), ["targets", "not a valid regular expression"]),
+        (dict(layer_index="(["), ["layer_index", "not a valid regular expression"]),
+        (dict(layer_index=r"layers\.\d"), ["layer_index", "capture group"]),
+        (dict(layer_index=lambda path: "one"), ["layer_index", "'one'"]),
+        (dict(rngs=None), ["rngs", "Rngs", "None"]),
+        (dict(layers=[99]), ["layers [99]", "[0, 1, 2]"]),
+        (dict(layers=[]), ["layers is empty"]),
+        (dict(layers=[True]), ["layers", "True"]),
+        (dict(ranks={"layers.9": 2}), ["ranks", "layers.9", "layers.0"]),
+        (dict(ranks={"layers.0": True}), ["ranks"]),
+        (dict(ranks={f"layers.{i}": 0 for i in range(3)}), ["rank 0", "nothing would be adapted"]),
+        (dict(use_rslora="false"), ["use_rslora", "true or false"]),
+        (dict(example_inputs=5), ["example_inputs"]),
+    ],
+)
 def test_add_lora_refuses_bad_arguments_and_leaves_the_model_unchanged(kwargs, words):
     model = Stack(nnx.Rngs(0))
     before = jax.tree.map(np.asarray, nnx.state(model))
@@ -318,17 +390,20 @@ def test_add_lora_layers_and_ranks_that_fit_still_work():
 
 
 # ------------------------------------------------------------------------------ Selection.from_json
-@pytest.mark.parametrize("data, words", [
-    ({"layers": [0]}, ["missing key(s) ['modules']"]),
-    ([0], ["mapping"]),
-    ({"layers": [0], "modules": {"a": [0]}, "extra": 1}, ["unknown key(s) ['extra']"]),
-    ({"layers": [True], "modules": {}}, ["selection['layers']"]),
-    ({"layers": [0], "modules": {"a": "0"}}, ["selection['modules']"]),
-    ({"layers": [0], "modules": {"a": [0]}, "ranks": {"b": 2}}, ["'b'", "module"]),
-    ({"layers": [0], "modules": {"a": [0, 1]}, "ranks": {"a[5]": 2}}, ["'a[5]'"]),
-    ({"layers": [0], "modules": {"a": [0, 1]}, "ranks": {"a": 2}}, ["'a'", "covers layers"]),
-    ({"layers": [0], "modules": {"a": [0]}, "ranks": {"a": -1}}, ["ranks", ">= 0"]),
-])
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        ({"layers": [0]}, ["missing key(s) ['modules']"]),
+        ([0], ["mapping"]),
+        ({"layers": [0], "modules": {"a": [0]}, "extra": 1}, ["unknown key(s) ['extra']"]),
+        ({"layers": [True], "modules": {}}, ["selection['layers']"]),
+        ({"layers": [0], "modules": {"a": "0"}}, ["selection['modules']"]),
+        ({"layers": [0], "modules": {"a": [0]}, "ranks": {"b": 2}}, ["'b'", "module"]),
+        ({"layers": [0], "modules": {"a": [0, 1]}, "ranks": {"a[5]": 2}}, ["'a[5]'"]),
+        ({"layers": [0], "modules": {"a": [0, 1]}, "ranks": {"a": 2}}, ["'a'", "covers layers"]),
+        ({"layers": [0], "modules": {"a": [0]}, "ranks": {"a": -1}}, ["ranks", ">= 0"]),
+    ],
+)
 def test_selection_from_json_refuses_malformed_selections(data, words):
     _raises(ConfigError, lambda: Selection.from_json(data), *words)
 
@@ -357,15 +432,18 @@ class CharTokenizer:
 PAIRS = [("What is one plus one?", " two"), ("Name a colour.", " red")]
 
 
-@pytest.mark.parametrize("records, tokenizer, max_length, words", [
-    (PAIRS, None, 64, ["tokenizer", "None"]),
-    ([1, 2], CharTokenizer(), 64, ["records[0]", "1 (int)"]),
-    (None, CharTokenizer(), 64, ["records", "None"]),
-    ("text", CharTokenizer(), 64, ["records"]),
-    (PAIRS, CharTokenizer(), 8.5, ["max_length", "8.5"]),
-    (PAIRS, CharTokenizer(), "64", ["max_length", "'64'"]),
-    (PAIRS, CharTokenizer(), True, ["max_length", "True"]),
-])
+@pytest.mark.parametrize(
+    "records, tokenizer, max_length, words",
+    [
+        (PAIRS, None, 64, ["tokenizer", "None"]),
+        ([1, 2], CharTokenizer(), 64, ["records[0]", "1 (int)"]),
+        (None, CharTokenizer(), 64, ["records", "None"]),
+        ("text", CharTokenizer(), 64, ["records"]),
+        (PAIRS, CharTokenizer(), 8.5, ["max_length", "8.5"]),
+        (PAIRS, CharTokenizer(), "64", ["max_length", "'64'"]),
+        (PAIRS, CharTokenizer(), True, ["max_length", "True"]),
+    ],
+)
 def test_sft_arrays_refuses_bad_arguments(records, tokenizer, max_length, words):
     _raises(FlexoraError, lambda: fj.sft_arrays(records, tokenizer, max_length), *words)
 
@@ -379,8 +457,14 @@ def test_sft_arrays_reads_a_generator_like_a_list():
 
 
 # ---------------------------------------------------------------------------- the model and losses
-TINY = fj.ModelConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
-                      max_position_embeddings=64)
+TINY = fj.ModelConfig(
+    vocab_size=32,
+    hidden_size=16,
+    intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    max_position_embeddings=64,
+)
 
 
 @pytest.fixture(scope="module")
@@ -397,8 +481,12 @@ def test_lm_loss_checks_chunk_and_batch(tiny):
     batch = {"input_ids": jnp.ones((2, 8), jnp.int32), "loss_mask": jnp.ones((2, 8))}
     _raises(ConfigError, lambda: fj.lm_loss(TINY, params, None, None, batch, chunk=2.5), "lm_loss: chunk", "2.5")
     _raises(ConfigError, lambda: fj.lm_loss(TINY, params, None, None, batch, chunk=-1), "chunk")
-    _raises(DataError, lambda: fj.lm_loss(TINY, params, None, None, {**batch, "input_ids": jnp.ones((2, 8))}),
-            "input_ids", "integer")
+    _raises(
+        DataError,
+        lambda: fj.lm_loss(TINY, params, None, None, {**batch, "input_ids": jnp.ones((2, 8))}),
+        "input_ids",
+        "integer",
+    )
     _raises(DataError, lambda: fj.lm_loss(TINY, params, None, None, {"input_ids": batch["input_ids"]}), "loss_mask")
 
 
@@ -421,12 +509,19 @@ def test_load_model_refuses_nan_and_integer_weights(tiny, tmp_path):
     nan = _broken_model(tmp_path, directory, "nan")
     _raises(CheckpointError, lambda: fj.load_model(nan), "NaN or Inf", "['layers']['q_proj']['kernel']")
     assert fj.load_model(nan, check_finite=False)[0] == TINY  # the opt-out for a checkpoint you trust
-    _raises(CheckpointError, lambda: fj.load_model(_broken_model(tmp_path, directory, "int8")),
-            "q_proj.weight", "int8", "dequantize")
+    _raises(
+        CheckpointError,
+        lambda: fj.load_model(_broken_model(tmp_path, directory, "int8")),
+        "q_proj.weight",
+        "int8",
+        "dequantize",
+    )
 
 
-@pytest.mark.parametrize("field, value", [("num_attention_heads", 0), ("hidden_size", True),
-                                          ("tie_word_embeddings", "false"), ("vocab_size", 32.5)])
+@pytest.mark.parametrize(
+    "field, value",
+    [("num_attention_heads", 0), ("hidden_size", True), ("tie_word_embeddings", "false"), ("vocab_size", 32.5)],
+)
 def test_config_json_values_are_checked_before_transformers_reads_them(tiny, tmp_path, field, value):
     _, directory = tiny
     shutil.copytree(directory, tmp_path / "m")
@@ -464,20 +559,25 @@ def _edited_adapter(src, tmp_path, config_change=None, raw=None, weights=None):
     return out
 
 
-@pytest.mark.parametrize("change, words", [
-    (dict(config_change=lambda c: c.update(lora_dropout="abc")), ["lora_dropout", "'abc'"]),
-    (dict(config_change=lambda c: c.update(alpha_pattern={"q_proj": "big"})), ["alpha_pattern['q_proj']", "'big'"]),
-    (dict(config_change=lambda c: c.update(rank_pattern={"q_proj": True})), ["rank_pattern['q_proj']"]),
-    (dict(config_change=lambda c: c.update(layers_to_transform=[0], layers_pattern="layers.([")),
-     ["layers_pattern", "not a valid regular expression"]),
-    (dict(config_change=lambda c: c.update(exclude_modules="([")), ["exclude_modules", "regular expression"]),
-    (dict(config_change=lambda c: c.update(use_rslora="false")), ["use_rslora", "true or false"]),
-    (dict(config_change=lambda c: c.update(lora_alpha=float("inf"))), ["lora_alpha"]),
-    (dict(config_change=lambda c: c.update(layers_to_transform=[True])), ["layers_to_transform"]),
-    (dict(raw=b"\xff\xfe{"), ["not UTF-8"]),
-    (dict(raw="dir"), ["is a directory"]),
-    (dict(weights=lambda t: next(iter(t.values())).__setitem__((0, 0), np.nan)), ["NaN or Inf"]),
-])
+@pytest.mark.parametrize(
+    "change, words",
+    [
+        (dict(config_change=lambda c: c.update(lora_dropout="abc")), ["lora_dropout", "'abc'"]),
+        (dict(config_change=lambda c: c.update(alpha_pattern={"q_proj": "big"})), ["alpha_pattern['q_proj']", "'big'"]),
+        (dict(config_change=lambda c: c.update(rank_pattern={"q_proj": True})), ["rank_pattern['q_proj']"]),
+        (
+            dict(config_change=lambda c: c.update(layers_to_transform=[0], layers_pattern="layers.([")),
+            ["layers_pattern", "not a valid regular expression"],
+        ),
+        (dict(config_change=lambda c: c.update(exclude_modules="([")), ["exclude_modules", "regular expression"]),
+        (dict(config_change=lambda c: c.update(use_rslora="false")), ["use_rslora", "true or false"]),
+        (dict(config_change=lambda c: c.update(lora_alpha=float("inf"))), ["lora_alpha"]),
+        (dict(config_change=lambda c: c.update(layers_to_transform=[True])), ["layers_to_transform"]),
+        (dict(raw=b"\xff\xfe{"), ["not UTF-8"]),
+        (dict(raw="dir"), ["is a directory"]),
+        (dict(weights=lambda t: next(iter(t.values())).__setitem__((0, 0), np.nan)), ["NaN or Inf"]),
+    ],
+)
 def test_load_peft_refuses_malformed_adapters(peft_dir, tmp_path, change, words):
     _, src = peft_dir
     _raises(FlexoraError, lambda: fj.load_peft(_edited_adapter(src, tmp_path, **change), TINY), *words)
@@ -492,8 +592,13 @@ def test_a_nan_adapter_is_neither_exported_nor_loaded_nor_scored(peft_dir, tiny,
     assert not (tmp_path / "nan" / ADAPTER_WEIGHTS).exists()
     params, _ = tiny
     records = [MCRecord("t", i, "Pick one:", ("alpha", "beta"), 0) for i in range(2)]
-    _raises(NumericsError, lambda: fj.evaluate(fj.nnx.LlamaForCausalLM.from_params(TINY, params, nan_lora), CharTokenizer(32), records,
-                                               progress=False), "NaN")
+    _raises(
+        NumericsError,
+        lambda: fj.evaluate(
+            fj.nnx.LlamaForCausalLM.from_params(TINY, params, nan_lora), CharTokenizer(32), records, progress=False
+        ),
+        "NaN",
+    )
 
 
 # ------------------------------------------------------------------------------ NNX adapters on disk
@@ -519,19 +624,29 @@ def _bool_rank(cfg):
     return cfg
 
 
-@pytest.mark.parametrize("case, words", [
-    (lambda d: _edit_json(d / "adapter_config.json", lambda c: [c]), ["must be a mapping", "list"]),
-    (lambda d: _edit_json(d / "adapter_config.json", lambda c: c | {"sites": "layers.0"}), ["sites", "mapping"]),
-    (lambda d: _edit_json(d / "adapter_config.json", _drop_site_key),
-     ["sites['layers.0']", "missing key(s) ['alpha']"]),
-    (lambda d: _edit_json(d / "adapter_config.json", lambda c: c | {"surprise": 1}), ["unknown key(s) ['surprise']"]),
-    (lambda d: _edit_json(d / "adapter_config.json", _bool_rank), ["sites['layers.0'].rank", "True"]),
-    (lambda d: (d / "adapter.safetensors").write_bytes((d / "adapter.safetensors").read_bytes()[:40]),
-     ["adapter.safetensors", "not a readable safetensors file"]),
-    (lambda d: (d / "adapter.safetensors").write_bytes(b"garbage" * 9), ["not a readable safetensors file"]),
-    (lambda d: (d / "adapter.safetensors").unlink(), ["adapter.safetensors is missing"]),
-    (lambda d: (d / "adapter_config.json").write_bytes(b"\xff\xfe"), ["not UTF-8"]),
-])
+@pytest.mark.parametrize(
+    "case, words",
+    [
+        (lambda d: _edit_json(d / "adapter_config.json", lambda c: [c]), ["must be a mapping", "list"]),
+        (lambda d: _edit_json(d / "adapter_config.json", lambda c: c | {"sites": "layers.0"}), ["sites", "mapping"]),
+        (
+            lambda d: _edit_json(d / "adapter_config.json", _drop_site_key),
+            ["sites['layers.0']", "missing key(s) ['alpha']"],
+        ),
+        (
+            lambda d: _edit_json(d / "adapter_config.json", lambda c: c | {"surprise": 1}),
+            ["unknown key(s) ['surprise']"],
+        ),
+        (lambda d: _edit_json(d / "adapter_config.json", _bool_rank), ["sites['layers.0'].rank", "True"]),
+        (
+            lambda d: (d / "adapter.safetensors").write_bytes((d / "adapter.safetensors").read_bytes()[:40]),
+            ["adapter.safetensors", "not a readable safetensors file"],
+        ),
+        (lambda d: (d / "adapter.safetensors").write_bytes(b"garbage" * 9), ["not a readable safetensors file"]),
+        (lambda d: (d / "adapter.safetensors").unlink(), ["adapter.safetensors is missing"]),
+        (lambda d: (d / "adapter_config.json").write_bytes(b"\xff\xfe"), ["not UTF-8"]),
+    ],
+)
 def test_load_adapter_refuses_malformed_directories(nnx_adapter, tmp_path, case, words):
     directory = tmp_path / "adapter"
     shutil.copytree(nnx_adapter, directory)
@@ -542,8 +657,9 @@ def test_load_adapter_refuses_malformed_directories(nnx_adapter, tmp_path, case,
 def test_nnx_adapters_refuse_nan_and_bad_peft_names(nnx_adapter, tmp_path):
     model = load_adapter(Stack(nnx.Rngs(0)), nnx_adapter)
     assert set(lora_sites(model)) == {"layers.0", "layers.1", "layers.2"}
-    _raises(ConfigError, lambda: save_peft(model, tmp_path / "p", peft_name=lambda path, layer: None), "peft_name",
-            "None")
+    _raises(
+        ConfigError, lambda: save_peft(model, tmp_path / "p", peft_name=lambda path, layer: None), "peft_name", "None"
+    )
     model.layers[1].lora_b.set_value(jnp.full(model.layers[1].lora_b.shape, jnp.nan))
     _raises(NumericsError, lambda: save_adapter(model, tmp_path / "a"), "layers.1.lora_b")
     _raises(NumericsError, lambda: save_peft(model, tmp_path / "p"), "NaN")
@@ -571,12 +687,16 @@ class TinyLM(nnx.Module):
 RECORDS = [MCRecord("t", i, "The answer is", ("yes indeed", "no"), 0) for i in range(3)]
 
 
-@pytest.mark.parametrize("model, tokenizer, exc_type, words", [
-    (TinyLM(nan=True), CharTokenizer(), NumericsError, ["NaN"]),
-    (TinyLM(width=10), CharTokenizer(), ConfigError, ["shape (32, 24, 10)", "64 tokens"]),
-    (TinyLM(width=60), CharTokenizer(), ConfigError, ["60", "64 tokens"]),
-    (TinyLM(), None, ConfigError, ["tokenizer", "None"]),
-], ids=["nan-logits", "10-wide", "narrower-than-tokenizer", "no-tokenizer"])
+@pytest.mark.parametrize(
+    "model, tokenizer, exc_type, words",
+    [
+        (TinyLM(nan=True), CharTokenizer(), NumericsError, ["NaN"]),
+        (TinyLM(width=10), CharTokenizer(), ConfigError, ["shape (32, 24, 10)", "64 tokens"]),
+        (TinyLM(width=60), CharTokenizer(), ConfigError, ["60", "64 tokens"]),
+        (TinyLM(), None, ConfigError, ["tokenizer", "None"]),
+    ],
+    ids=["nan-logits", "10-wide", "narrower-than-tokenizer", "no-tokenizer"],
+)
 def test_evaluate_nnx_refuses_what_would_score_nonsense(model, tokenizer, exc_type, words):
     _raises(exc_type, lambda: fj.evaluate(model, tokenizer, RECORDS, progress=False), *words)
 
@@ -585,7 +705,13 @@ def test_evaluate_checks_its_inputs(tiny):
     params, _ = tiny
     result = fj.evaluate(TinyLM(), CharTokenizer(), RECORDS, progress=False)
     assert result["t"]["n"] == 3
-    _raises(DataError, lambda: fj.evaluate(fj.nnx.LlamaForCausalLM.from_params(TINY, params), CharTokenizer(64), RECORDS, progress=False),
-            "token id", "vocabulary of 32")
+    _raises(
+        DataError,
+        lambda: fj.evaluate(
+            fj.nnx.LlamaForCausalLM.from_params(TINY, params), CharTokenizer(64), RECORDS, progress=False
+        ),
+        "token id",
+        "vocabulary of 32",
+    )
     _raises(ConfigError, lambda: fj.evaluate({"vocab_size": 32}, CharTokenizer(32), RECORDS), "NNX language model")
     _raises(DataError, lambda: fj.evaluate(TinyLM(), CharTokenizer(), None), "evaluate", "None")

@@ -61,8 +61,16 @@ def fake_wandb(monkeypatch):
 
 
 def test_scalars_flatten_lists_and_skip_what_is_not_a_metric():
-    rec = {"step": 3, "stage": "x", "loss": 1.5, "gates": [0.5, 1.5], "n": np.float32(2.0), "flag": True,
-           "note": "text", "nested": {"a": 1.0}}
+    rec = {
+        "step": 3,
+        "stage": "x",
+        "loss": 1.5,
+        "gates": [0.5, 1.5],
+        "n": np.float32(2.0),
+        "flag": True,
+        "note": "text",
+        "nested": {"a": 1.0},
+    }
     assert scalars(rec) == {"loss": 1.5, "gates/0": 0.5, "gates/1": 1.5, "n": 2.0}
 
 

@@ -26,8 +26,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--planted", help="study output directory of configs/study/planted.yaml")
     parser.add_argument("--real", help="study output directory of configs/study/real.yaml")
-    parser.add_argument("--check", action="store_true",
-                        help="write nothing; fail if effectiveness.md differs from what the JSONs render")
+    parser.add_argument(
+        "--check",
+        action="store_true",
+        help="write nothing; fail if effectiveness.md differs from what the JSONs render",
+    )
     args = parser.parse_args(argv)
     results = {}
     for part in ("planted", "real"):

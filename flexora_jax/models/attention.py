@@ -89,8 +89,9 @@ def attention_hm(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, soft
     return _from_hm_q(oh, q.shape)
 
 
-def blocked_attention_hm(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, block: int,
-                         softcap: float | None = None) -> jax.Array:
+def blocked_attention_hm(
+    q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, block: int, softcap: float | None = None
+) -> jax.Array:
     """Causal attention by static query blocks: block ``[start, stop)`` attends to keys ``[:stop]`` only.
 
     Requires a causal ``bias`` (every key after a query is masked), as ``llama.attention_bias``
@@ -129,8 +130,9 @@ def query_block(t: int) -> int:
 _recompute_blocked = jax.checkpoint(blocked_attention_hm, static_argnums=(4, 5))
 
 
-def recompute_blocked_attention_hm(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, block: int,
-                                   softcap: float | None = None) -> jax.Array:
+def recompute_blocked_attention_hm(
+    q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, block: int, softcap: float | None = None
+) -> jax.Array:
     """:func:`blocked_attention_hm` under ``jax.checkpoint`` (probabilities recomputed in the backward pass)."""
     return _recompute_blocked(q, k, v, bias, block, softcap)
 
@@ -170,8 +172,9 @@ def needs_forward_mode(estimator: str | None, darts_mode: str = "exact") -> bool
 AUTO_FALLBACK = {("cpu", False): "flash", ("cpu", True): "flash"}
 
 
-def select_attention(requested: str, dtype: str, *, second_order: bool = False, forward_mode: bool = False,
-                     platform: str | None = None) -> str:
+def select_attention(
+    requested: str, dtype: str, *, second_order: bool = False, forward_mode: bool = False, platform: str | None = None
+) -> str:
     """The attention a computation runs: "xla", "flash", "cudnn" or "splash" (the table in docs/scaling.md).
 
     ``second_order``: the loss is differentiated twice; ``forward_mode``: some of that is forward mode
@@ -195,17 +198,23 @@ def select_attention(requested: str, dtype: str, *, second_order: bool = False, 
             return "splash"
         return AUTO_FALLBACK.get((platform, second_order), "xla")
     if requested == "flash" and forward_mode:
-        raise ConfigError("ModelConfig.attention='flash' is a custom-VJP attention without forward-mode derivatives, "
-                          "and this stage runs forward-mode AD (search.hypergradient forward or darts exact): "
-                          "use attention 'auto' (XLA there) or 'xla'")
+        raise ConfigError(
+            "ModelConfig.attention='flash' is a custom-VJP attention without forward-mode derivatives, "
+            "and this stage runs forward-mode AD (search.hypergradient forward or darts exact): "
+            "use attention 'auto' (XLA there) or 'xla'"
+        )
     if requested in FUSED_ATTENTION and second_order:
-        raise ConfigError(f"ModelConfig.attention={requested!r} is a fused kernel without second-order or forward-mode "
-                          "derivatives, and this stage differentiates the loss twice (search.hypergradient unrolled, "
-                          "forward or darts exact): use attention 'auto' (XLA or flash there, the fused kernel "
-                          "elsewhere) or 'xla'")
+        raise ConfigError(
+            f"ModelConfig.attention={requested!r} is a fused kernel without second-order or forward-mode "
+            "derivatives, and this stage differentiates the loss twice (search.hypergradient unrolled, "
+            "forward or darts exact): use attention 'auto' (XLA or flash there, the fused kernel "
+            "elsewhere) or 'xla'"
+        )
     if requested == "cudnn" and not (platform == "cuda" and half):
-        raise ConfigError(f"ModelConfig.attention='cudnn' needs an NVIDIA GPU and dtype bfloat16/float16; "
-                          f"this is {platform!r} with {dtype!r}: use 'auto' or 'xla'")
+        raise ConfigError(
+            f"ModelConfig.attention='cudnn' needs an NVIDIA GPU and dtype bfloat16/float16; "
+            f"this is {platform!r} with {dtype!r}: use 'auto' or 'xla'"
+        )
     if requested == "splash" and platform != "tpu":
         raise ConfigError(f"ModelConfig.attention='splash' needs a TPU; this is {platform!r}: use 'auto' or 'xla'")
     return requested
@@ -213,8 +222,12 @@ def select_attention(requested: str, dtype: str, *, second_order: bool = False, 
 
 def stage_config(config: ModelConfig, estimator: str | None = None, darts_mode: str = "exact") -> ModelConfig:
     """``config`` with its attention resolved for a stage (``estimator`` None: a first-order stage)."""
-    backend = select_attention(config.attention, config.dtype, second_order=differentiates_twice(estimator, darts_mode),
-                               forward_mode=needs_forward_mode(estimator, darts_mode))
+    backend = select_attention(
+        config.attention,
+        config.dtype,
+        second_order=differentiates_twice(estimator, darts_mode),
+        forward_mode=needs_forward_mode(estimator, darts_mode),
+    )
     return dataclasses.replace(config, attention=backend)
 
 
@@ -225,13 +238,15 @@ def _fall_back(reason: str) -> str:
     return "xla"
 
 
-def cudnn_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
-                    implementation: str = "cudnn") -> jax.Array:
+def cudnn_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, implementation: str = "cudnn"
+) -> jax.Array:
     """``jax.nn.dot_product_attention`` on q [b, t, k, g, e] (GQA by head grouping), the boolean mask of
     ``bias`` (causal, padding, packed segments, windows) with ``is_causal``; "xla" runs it anywhere."""
     b, t, nk, g, e = q.shape
-    out = jax.nn.dot_product_attention(q.reshape(b, t, nk * g, e), k, v, mask=bias > NEG_INF / 2, is_causal=True,
-                                       implementation=implementation)
+    out = jax.nn.dot_product_attention(
+        q.reshape(b, t, nk * g, e), k, v, mask=bias > NEG_INF / 2, is_causal=True, implementation=implementation
+    )
     return out.reshape(q.shape)
 
 
@@ -246,15 +261,28 @@ def splash_segments(bias: jax.Array) -> tuple[jax.Array, jax.Array]:
     return valid.astype(jnp.int32), jnp.all(allowed == (jnp.tril(jnp.ones((t, t), bool))[None] & valid[:, None, :]))
 
 
-def splash_mqa(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, softcap: float | None = None,
-               interpret: bool = False) -> jax.Array:
+def splash_mqa(
+    q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, softcap: float | None = None, interpret: bool = False
+) -> jax.Array:
     """Pallas splash causal attention with ``segments`` [b, t]: one MQA kernel per batch row and KV head."""
     b, t, nk, g, e = q.shape
     blk = min(512, t)
-    blocks = splash.BlockSizes(block_q=blk, block_kv=blk, block_kv_compute=blk, block_q_dkv=blk, block_kv_dkv=blk,
-                               block_kv_dkv_compute=blk, block_q_dq=blk, block_kv_dq=blk)
-    kernel = splash.make_splash_mqa_single_device(splash.MultiHeadMask([splash.CausalMask((t, t))] * g),
-                                                  block_sizes=blocks, attn_logits_soft_cap=softcap, interpret=interpret)
+    blocks = splash.BlockSizes(
+        block_q=blk,
+        block_kv=blk,
+        block_kv_compute=blk,
+        block_q_dkv=blk,
+        block_kv_dkv=blk,
+        block_kv_dkv_compute=blk,
+        block_q_dq=blk,
+        block_kv_dq=blk,
+    )
+    kernel = splash.make_splash_mqa_single_device(
+        splash.MultiHeadMask([splash.CausalMask((t, t))] * g),
+        block_sizes=blocks,
+        attn_logits_soft_cap=softcap,
+        interpret=interpret,
+    )
     qs = jnp.transpose(q, (0, 2, 3, 1, 4)) / jnp.asarray(math.sqrt(e), q.dtype)  # [b, k, g, t, e]
     ks, vs = jnp.transpose(k, (0, 2, 1, 3)), jnp.transpose(v, (0, 2, 1, 3))  # [b, k, s, e]
 
@@ -265,17 +293,28 @@ def splash_mqa(q: jax.Array, k: jax.Array, v: jax.Array, segments: jax.Array, so
     return jnp.transpose(out, (0, 3, 1, 2, 4)).astype(q.dtype)
 
 
-def splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, softcap: float | None = None,
-                     interpret: bool = False) -> jax.Array:
+def splash_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, softcap: float | None = None, interpret: bool = False
+) -> jax.Array:
     """Splash (TPU) for causal + key-padding biases, GQA as MQA per KV head; any other bias (packed
     segments, windows) takes the XLA attention, chosen at run time (``lax.cond``)."""
     segments, plain = splash_segments(bias)
-    return jax.lax.cond(plain, lambda: splash_mqa(q, k, v, segments, softcap, interpret),
-                        lambda: recompute_blocked_attention_hm(q, k, v, bias, 0, softcap))
+    return jax.lax.cond(
+        plain,
+        lambda: splash_mqa(q, k, v, segments, softcap, interpret),
+        lambda: recompute_blocked_attention_hm(q, k, v, bias, 0, softcap),
+    )
 
 
-def attend(config: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, block: int | None = None,
-           softcap: float | None = None) -> jax.Array:
+def attend(
+    config: ModelConfig,
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    bias: jax.Array,
+    block: int | None = None,
+    softcap: float | None = None,
+) -> jax.Array:
     """The decoder's attention by ``config.attention``: a stage's :func:`stage_config` has resolved it (the
     fine-tune and search steps do); an unresolved ``auto`` takes :func:`select_attention`'s first-order
     choice, except that flash becomes XLA there (the caller's AD mode is unknown, and ``jax.jvp`` /
@@ -296,8 +335,9 @@ def attend(config: ModelConfig, q: jax.Array, k: jax.Array, v: jax.Array, bias: 
     return recompute_blocked_attention_hm(q, k, v, bias, query_block(t) if block is None else block, softcap)
 
 
-def cached_attention_hm(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array,
-                        softcap: float | None = None) -> jax.Array:
+def cached_attention_hm(
+    q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, softcap: float | None = None
+) -> jax.Array:
     """:func:`attention_hm` with keys/values already heads-major, [b, k, s, e]: a KV cache, read where it lies.
 
     Generation's decode steps attend to the whole cache every step; keeping it heads-major means no

@@ -77,14 +77,22 @@ def _kv(x: jax.Array) -> jax.Array:
     return jnp.transpose(x, (0, 2, 1, 3))  # [b, s, k, e] -> [b, k, s, e]
 
 
-def _tile_scores(qr: jax.Array, kh: jax.Array, bias: jax.Array, g: int, q_span: tuple[int, int],
-                 k_span: tuple[int, int], softcap: float | None) -> tuple[jax.Array, jax.Array | None]:
+def _tile_scores(
+    qr: jax.Array,
+    kh: jax.Array,
+    bias: jax.Array,
+    g: int,
+    q_span: tuple[int, int],
+    k_span: tuple[int, int],
+    softcap: float | None,
+) -> tuple[jax.Array, jax.Array | None]:
     """Scores of one tile [b, k, n*g, sk] (scaled, soft-capped, plus bias), and ``tanh`` of the capped
     scores (for the backward) when soft-capping."""
     (qs, qe), (ks, ke) = q_span, k_span
     b, nk, _, e = qr.shape
-    s = jnp.einsum("bkre,bkse->bkrs", qr[:, :, qs * g:qe * g], kh[:, :, ks:ke],
-                   preferred_element_type=_acc(qr.dtype)) * (1.0 / math.sqrt(e))
+    s = jnp.einsum(
+        "bkre,bkse->bkrs", qr[:, :, qs * g : qe * g], kh[:, :, ks:ke], preferred_element_type=_acc(qr.dtype)
+    ) * (1.0 / math.sqrt(e))
     tanh = None
     if softcap is not None:
         tanh = jnp.tanh(s / softcap)
@@ -107,8 +115,9 @@ def _forward(q, k, v, bias, block_q, block_k, softcap):
             tile_max = jnp.max(s, axis=-1, keepdims=True)
             m_new = tile_max if m is None else jnp.maximum(m, tile_max)
             p = jnp.exp(s - m_new)
-            pv = jnp.einsum("bkrs,bkse->bkre", p.astype(q.dtype), vh[:, :, span[0]:span[1]],
-                            preferred_element_type=acc)
+            pv = jnp.einsum(
+                "bkrs,bkse->bkre", p.astype(q.dtype), vh[:, :, span[0] : span[1]], preferred_element_type=acc
+            )
             if m is None:
                 rowsum, o = jnp.sum(p, axis=-1, keepdims=True), pv
             else:
@@ -160,14 +169,15 @@ def _sum_tiles(parts: dict[tuple[int, int], list[jax.Array]], t: int, dtype: jnp
     cuts = sorted({0, t} | {c for span in parts for c in span})
     pieces = []
     for lo, hi in zip(cuts[:-1], cuts[1:]):
-        covering = [x[:, :, lo - ks:hi - ks] for (ks, ke), xs in parts.items() if ks <= lo and hi <= ke for x in xs]
+        covering = [x[:, :, lo - ks : hi - ks] for (ks, ke), xs in parts.items() if ks <= lo and hi <= ke for x in xs]
         pieces.append(functools.reduce(jnp.add, covering))
     return jnp.transpose(jnp.concatenate(pieces, axis=2).astype(dtype), (0, 2, 1, 3))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, block_q: int, block_k: int,
-                    softcap: float | None = None) -> jax.Array:
+def flash_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, block_q: int, block_k: int, softcap: float | None = None
+) -> jax.Array:
     """Causal blockwise attention (module docstring); ``block_q``/``block_k`` <= 0 mean the whole sequence.
 
     Equals the softmax attention up to float summation order on every query row that sees a key; a
@@ -183,4 +193,3 @@ def _flash_fwd(q, k, v, bias, block_q, block_k, softcap):
 
 
 flash_attention.defvjp(_flash_fwd, _backward)
-

@@ -55,23 +55,37 @@ SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_WEIGHTS = "pytorch_model.bin"
 _PICKLE_FILES = (PICKLE_WEIGHTS, "pytorch_model.bin.index.json")
 #: config.json fields checked before transformers reads them (it divides by the head count, bool("false") is True).
-_SIZE_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                "num_key_value_heads", "head_dim", "max_position_embeddings")
+_SIZE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+)
 _FLAG_FIELDS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_bidirectional_attention")
 
 
 # ------------------------------------------------------------------------------------------- names
 #: Block norm param -> HF module name (under ``model.layers.{i}``).
-_NORMS = {"input_norm": "input_layernorm", "post_attention_norm": "post_attention_layernorm",
-          "pre_feedforward_norm": "pre_feedforward_layernorm", "post_feedforward_norm": "post_feedforward_layernorm",
-          "q_norm": "self_attn.q_norm", "k_norm": "self_attn.k_norm"}
+_NORMS = {
+    "input_norm": "input_layernorm",
+    "post_attention_norm": "post_attention_layernorm",
+    "pre_feedforward_norm": "pre_feedforward_layernorm",
+    "post_feedforward_norm": "post_feedforward_layernorm",
+    "q_norm": "self_attn.q_norm",
+    "k_norm": "self_attn.k_norm",
+}
 
 
 def hf_tensor_names(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], int | tuple[int, int] | None, bool]]:
     """HF tensor name -> (param path, layer index (or (layer, expert)) or None, transpose?) for every base tensor."""
     names: dict[str, tuple[tuple[str, ...], int | tuple[int, int] | None, bool]] = {
         "model.embed_tokens.weight": (("embed",), None, False),
-        "model.norm.weight": (("final_norm",), None, False)}
+        "model.norm.weight": (("final_norm",), None, False),
+    }
     if not config.tie_word_embeddings:
         names["lm_head.weight"] = (("lm_head",), None, True)
     norms = config.layer_norms + (("q_norm", "k_norm") if config.qk_norm else ())
@@ -82,7 +96,10 @@ def hf_tensor_names(config: ModelConfig) -> dict[str, tuple[tuple[str, ...], int
             if m in EXPERT_MODULES:
                 for e in range(config.num_local_experts or 0):
                     names[f"model.layers.{i}.block_sparse_moe.experts.{e}.{m}.weight"] = (
-                        ("layers", m, "kernel"), (i, e), True)
+                        ("layers", m, "kernel"),
+                        (i, e),
+                        True,
+                    )
                 continue
             names[f"{module_path(m, i)}.weight"] = (("layers", m, "kernel"), i, True)
             if m in config.bias_modules:
@@ -99,7 +116,11 @@ def fused_rows(config: ModelConfig) -> dict[str, tuple[str, int, int]]:
         for fused, parts in config.fused_modules.items():
             start = 0
             for m, rows in parts:
-                out[f"{module_path(m, i)}.weight"] = (f"{module_path(m, i).rsplit('.', 1)[0]}.{fused}.weight", start, rows)
+                out[f"{module_path(m, i)}.weight"] = (
+                    f"{module_path(m, i).rsplit('.', 1)[0]}.{fused}.weight",
+                    start,
+                    rows,
+                )
                 start += rows
     return out
 
@@ -145,8 +166,9 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> Path:
     to use a local directory instead.
     """
     if not isinstance(path_or_hub_id, (str, os.PathLike)) or not str(path_or_hub_id):
-        raise CheckpointError(f"a model path or hub id is needed (a directory with config.json and safetensors), "
-                              f"got {path_or_hub_id!r}")
+        raise CheckpointError(
+            f"a model path or hub id is needed (a directory with config.json and safetensors), got {path_or_hub_id!r}"
+        )
     path = Path(path_or_hub_id).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -156,8 +178,9 @@ def resolve_model_dir(path_or_hub_id: str | os.PathLike) -> Path:
     if text.startswith((".", "/", "~")) or text.count("/") > 1:
         raise CheckpointError(f"model directory {text} does not exist")
     try:
-        local = snapshot_download(repo_id=text, allow_patterns=[
-            "*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"])
+        local = snapshot_download(
+            repo_id=text, allow_patterns=["*.json", "*.safetensors", "tokenizer*", "*.model", "*.txt"]
+        )
     except Exception as exc:  # offline, unknown repo, auth: all end the same way for the user
         raise CheckpointError(
             f"could not fetch {text!r} from the Hugging Face Hub ({type(exc).__name__}: {exc}). "
@@ -172,8 +195,10 @@ def load_model_config(path_or_hub_id: str | os.PathLike, **overrides: Any) -> Mo
     directory = resolve_model_dir(path_or_hub_id)
     cfg_file = directory / "config.json"
     if not cfg_file.exists():
-        raise CheckpointError(f"{directory} has no config.json; a model directory needs config.json "
-                              f"plus {SAFETENSORS} (or {SAFETENSORS_INDEX})")
+        raise CheckpointError(
+            f"{directory} has no config.json; a model directory needs config.json "
+            f"plus {SAFETENSORS} (or {SAFETENSORS_INDEX})"
+        )
     try:
         raw = json.loads(cfg_file.read_bytes().decode("utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -205,8 +230,9 @@ def weight_files(directory: str | os.PathLike) -> list[Path]:
         except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, OSError) as exc:
             raise CheckpointError(f"{index} is not a valid safetensors index ({exc})") from None
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
-            raise CheckpointError(f"{index}: weight_map must map tensor names to shard file names, got "
-                                  f"{type(weight_map).__name__}")
+            raise CheckpointError(
+                f"{index}: weight_map must map tensor names to shard file names, got {type(weight_map).__name__}"
+            )
         files = sorted({directory / f for f in weight_map.values()})
         missing = [str(f) for f in files if not f.exists()]
         if missing:
@@ -222,7 +248,8 @@ def weight_files(directory: str | os.PathLike) -> list[Path]:
         raise CheckpointError(
             f"{directory} has only pickle weights ({pickles[0]}); pickle can execute code, so flexora_jax "
             "reads safetensors only. Convert it (transformers: model.save_pretrained(dir, "
-            "safe_serialization=True)) or pass allow_pickle=True if you trust the file")
+            "safe_serialization=True)) or pass allow_pickle=True if you trust the file"
+        )
     raise CheckpointError(f"{directory} has no weights: expected {SAFETENSORS} or {SAFETENSORS_INDEX}")
 
 
@@ -238,8 +265,11 @@ class TensorSource:
 
 def in_memory(tensors: Mapping[str, np.ndarray], file: str | os.PathLike) -> TensorSource:
     """A :class:`TensorSource` over arrays already read (llama2.c, pickle), all from ``file``."""
-    return TensorSource({name: Path(file) for name in tensors}, lambda name: tuple(np.shape(tensors[name])),
-                        lambda name, index: np.asarray(tensors[name][index]))
+    return TensorSource(
+        {name: Path(file) for name in tensors},
+        lambda name: tuple(np.shape(tensors[name])),
+        lambda name, index: np.asarray(tensors[name][index]),
+    )
 
 
 def _open_safetensors(files: list[Path], stack: contextlib.ExitStack) -> TensorSource:
@@ -273,8 +303,10 @@ def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray]
     return write_with(path, lambda tmp: save_file(dict(tensors), str(tmp), metadata={"format": "pt"}))
 
 
-_QUANTIZED = ("integer (quantized) weights would be cast to float without their scales, so they are refused; "
-              "load a floating-point (float32 / bfloat16 / float16) checkpoint or dequantize it first")
+_QUANTIZED = (
+    "integer (quantized) weights would be cast to float without their scales, so they are refused; "
+    "load a floating-point (float32 / bfloat16 / float16) checkpoint or dequantize it first"
+)
 
 
 def _read_pickle(file: Path) -> dict[str, np.ndarray]:
@@ -297,18 +329,22 @@ def params_from_hf(config: ModelConfig, tensors: TensorSource, source: str, mesh
     names, tensors = hf_tensor_names(config), _unfuse(config, tensors)
     missing = [n for n in names if n not in tensors.files]
     if missing:
-        raise CheckpointError(f"{source}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
-                              f"({len(missing)} in all) for a {config.num_hidden_layers}-layer {config.model_type} model")
+        raise CheckpointError(
+            f"{source}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+            f"({len(missing)} in all) for a {config.num_hidden_layers}-layer {config.model_type} model"
+        )
     _refuse_unused(config, tensors, names, source)
     shapes = param_shapes(config)
     by_path: dict[tuple[str, ...], dict[tuple[int, ...], tuple[str, bool]]] = {}
     for name, (path, layer, transpose) in names.items():
         key = () if layer is None else (layer,) if isinstance(layer, int) else tuple(layer)  # stacked axes' indices
-        want = _get(shapes, path)[len(key):]
+        want = _get(shapes, path)[len(key) :]
         want_hf = tuple(reversed(want)) if transpose else tuple(want)
         if tensors.shape(name) != want_hf:
-            raise CheckpointError(f"{tensors.files[name]}: tensor {name} has shape {tensors.shape(name)}, "
-                                  f"expected {want_hf} from config.json")
+            raise CheckpointError(
+                f"{tensors.files[name]}: tensor {name} has shape {tensors.shape(name)}, "
+                f"expected {want_hf} from config.json"
+            )
         by_path.setdefault(path, {})[key] = (name, transpose)
     target = jnp.dtype(config.dtype)
 
@@ -350,20 +386,28 @@ def _refuse_unused(config: ModelConfig, tensors: TensorSource, names: Mapping[st
     """
     extra = sorted(n for n in tensors.files if n not in names and not n.endswith("rotary_emb.inv_freq"))
     if config.tie_word_embeddings and "lm_head.weight" in extra:
-        head, emb = (tensors.read(n, tuple(slice(None) for _ in tensors.shape(n)))
-                     for n in ("lm_head.weight", "model.embed_tokens.weight"))
+        head, emb = (
+            tensors.read(n, tuple(slice(None) for _ in tensors.shape(n)))
+            for n in ("lm_head.weight", "model.embed_tokens.weight")
+        )
         if head.shape == emb.shape and np.array_equal(head, emb):
             extra.remove("lm_head.weight")
     if extra:
         raise CheckpointError(
             f"{source}: tensor(s) {extra[:5]}{' ...' if len(extra) > 5 else ''} ({len(extra)} in all) would not "
             f"be used by a {config.model_type} model as config.json describes it (biases, norms or heads the "
-            "config does not declare); refusing rather than computing a different function")
+            "config does not declare); refusing rather than computing a different function"
+        )
 
 
-def load_model(path_or_hub_id: str | os.PathLike, dtype: str = "float32", allow_pickle: bool = False,
-               mesh: Mesh | None = None, check_finite: bool = True,
-               **config_overrides: Any) -> tuple[ModelConfig, Params]:
+def load_model(
+    path_or_hub_id: str | os.PathLike,
+    dtype: str = "float32",
+    allow_pickle: bool = False,
+    mesh: Mesh | None = None,
+    check_finite: bool = True,
+    **config_overrides: Any,
+) -> tuple[ModelConfig, Params]:
     """``(ModelConfig, params)`` from an HF model directory or hub id.
 
     Reads config.json through transformers' config classes and the weights from ``model.safetensors``
@@ -413,8 +457,9 @@ def hf_state_dict(config: ModelConfig, params: Params) -> dict[str, np.ndarray]:
     return out
 
 
-def save_model(config: ModelConfig, params: Params, out_dir: str | os.PathLike,
-               tokenizer: Any = None, dtype: str | None = None) -> Path:
+def save_model(
+    config: ModelConfig, params: Params, out_dir: str | os.PathLike, tokenizer: Any = None, dtype: str | None = None
+) -> Path:
     """Write an HF model directory (config.json + model.safetensors [+ tokenizer]) transformers can load.
 
     Each file lands atomically; a stale sharded index is removed so loaders read the new weights.

@@ -103,7 +103,8 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
     wavelen = 2 * math.pi / inv_freq
     scaled = np.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
     smooth = (s.original_max_position_embeddings / wavelen - s.low_freq_factor) / (
-        s.high_freq_factor - s.low_freq_factor)
+        s.high_freq_factor - s.low_freq_factor
+    )
     smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
     medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
     return np.where(medium, smoothed, scaled).astype(np.float32)
@@ -112,6 +113,7 @@ def rope_inv_freq(config: ModelConfig) -> np.ndarray:
 def _yarn_inv_freq(s: RopeScaling, inv_freq: np.ndarray, e: int, theta: float) -> np.ndarray:
     """YaRN: dimensions that turn fewer than ``beta_slow`` times over the original context are interpolated
     (divided by ``factor``), more than ``beta_fast`` times kept, linearly blended between (transformers' ramp)."""
+
     def correction_dim(rotations: float) -> float:  # the dimension that turns `rotations` times
         return e * math.log(s.original_max_position_embeddings / (rotations * 2 * math.pi)) / (2 * math.log(theta))
 
@@ -127,6 +129,7 @@ def _yarn_inv_freq(s: RopeScaling, inv_freq: np.ndarray, e: int, theta: float) -
 def yarn_attention_factor(s: RopeScaling) -> float:
     """YaRN's cos / sin scale: ``attention_factor``, else ``0.1 ln(factor) + 1`` (or the ratio of two such
     terms with ``mscale`` / ``mscale_all_dim``), as transformers' ``_compute_yarn_parameters``."""
+
     def get_mscale(m: float = 1.0) -> float:
         return 1.0 if s.factor <= 1 else 0.1 * m * math.log(s.factor) + 1.0
 
@@ -169,8 +172,9 @@ def rope_tables(config: ModelConfig, positions: jax.Array) -> tuple[jax.Array, j
     return jnp.stack([cos, local_cos]), jnp.stack([sin, local_sin])
 
 
-def layer_rope(config: ModelConfig, cos: jax.Array, sin: jax.Array,
-               window: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+def layer_rope(
+    config: ModelConfig, cos: jax.Array, sin: jax.Array, window: jax.Array | None
+) -> tuple[jax.Array, jax.Array]:
     """The [b, t, e] tables of a layer: the sliding layers' (``window`` > 0) with ``config.rope_local_theta``."""
     if config.rope_local_theta is None:
         return cos, sin
@@ -187,8 +191,9 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
-def attention_bias(attention_mask: jax.Array | None, batch: int, seq: int,
-                   segment_ids: jax.Array | None = None) -> jax.Array:
+def attention_bias(
+    attention_mask: jax.Array | None, batch: int, seq: int, segment_ids: jax.Array | None = None
+) -> jax.Array:
     """Additive bias [b, 1, t, t]: causal, plus key padding from ``attention_mask`` [b, t].
 
     ``segment_ids`` [b, t] packs several sequences that share a prefix into one row: ``0`` marks the
@@ -219,8 +224,14 @@ def window_bias(bias: jax.Array, window: jax.Array, start: jax.Array | int = 0) 
 
 
 # --------------------------------------------------------------------------------------- linear + LoRA
-def linear(x: jax.Array, layer: Params, name: str, lora_layer: dict[str, Any] | None,
-           dropout_key: jax.Array | None, dropout_rate: float) -> jax.Array:
+def linear(
+    x: jax.Array,
+    layer: Params,
+    name: str,
+    lora_layer: dict[str, Any] | None,
+    dropout_key: jax.Array | None,
+    dropout_rate: float,
+) -> jax.Array:
     """``x @ W (+ b)`` plus, when ``name`` is adapted, the gated LoRA branch ``((x @ A) * c) @ B`` (or DoRA's)."""
     kernel = layer[name]["kernel"]
     y = base = jnp.einsum("btd,df->btf", x, kernel)
@@ -240,10 +251,20 @@ def linear(x: jax.Array, layer: Params, name: str, lora_layer: dict[str, Any] | 
     return y
 
 
-def block(config: ModelConfig, layer: Params, h: jax.Array, cos: jax.Array, sin: jax.Array,
-          bias: jax.Array, lora_layer: dict[str, Any] | None, dropout_key: jax.Array | None,
-          dropout_rate: float, attention_block: int | None = None,
-          cache: KVCache | None = None, window: jax.Array | None = None) -> jax.Array | tuple[jax.Array, KVCache]:
+def block(
+    config: ModelConfig,
+    layer: Params,
+    h: jax.Array,
+    cos: jax.Array,
+    sin: jax.Array,
+    bias: jax.Array,
+    lora_layer: dict[str, Any] | None,
+    dropout_key: jax.Array | None,
+    dropout_rate: float,
+    attention_block: int | None = None,
+    cache: KVCache | None = None,
+    window: jax.Array | None = None,
+) -> jax.Array | tuple[jax.Array, KVCache]:
     """One pre-norm block: attention (GQA, RoPE) and a gated MLP (SwiGLU / GeGLU), each with a residual.
 
     Without ``cache``: ``h`` [b, t, d] attends to itself (``bias`` [b, 1, t, t]) and the block returns
@@ -333,10 +354,19 @@ def lm_head(config: ModelConfig, params: Params, h: jax.Array) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------- forward
-def forward(config: ModelConfig, params: Params, tokens: jax.Array, attention_mask: jax.Array | None = None,
-            lora: Any = None, gates: Any = None, positions: jax.Array | None = None,
-            dropout_key: jax.Array | None = None, return_hidden: bool = False,
-            attention_block: int | None = None, segment_ids: jax.Array | None = None) -> jax.Array:
+def forward(
+    config: ModelConfig,
+    params: Params,
+    tokens: jax.Array,
+    attention_mask: jax.Array | None = None,
+    lora: Any = None,
+    gates: Any = None,
+    positions: jax.Array | None = None,
+    dropout_key: jax.Array | None = None,
+    return_hidden: bool = False,
+    attention_block: int | None = None,
+    segment_ids: jax.Array | None = None,
+) -> jax.Array:
     """Logits [b, t, v] (fp32) of the decoder for ``tokens`` [b, t].
 
     Args:
@@ -375,8 +405,9 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array, attention_ma
 
     def step(h, xs):
         layer, lora_layer, key, window = xs
-        return block(config, layer, h, cos, sin, bias, lora_layer, key, dropout_rate, attention_block,
-                     window=window), None
+        return block(
+            config, layer, h, cos, sin, bias, lora_layer, key, dropout_rate, attention_block, window=window
+        ), None
 
     if config.remat_layers:
         step = jax.checkpoint(step)
@@ -394,8 +425,7 @@ def forward(config: ModelConfig, params: Params, tokens: jax.Array, attention_ma
 
 
 # ------------------------------------------------------------------------------------------ init
-def init_params(config: ModelConfig, key: jax.Array, init_std: float = 0.02,
-                head_std: float | None = None) -> Params:
+def init_params(config: ModelConfig, key: jax.Array, init_std: float = 0.02, head_std: float | None = None) -> Params:
     """Random base params in ``config.dtype`` (normal(0, init_std) kernels, unit norms).
 
     ``head_std`` overrides the LM-head (or tied embedding) scale: a peaked output distribution makes a
@@ -419,8 +449,11 @@ def init_params(config: ModelConfig, key: jax.Array, init_std: float = 0.02,
             layers[name]["bias"] = jnp.zeros((L, d_out), dtype)
     if experts:
         layers["router"] = {"kernel": normal((L, d, *experts))}
-    params: Params = {"embed": normal((config.vocab_size, d), head_std if config.tie_word_embeddings and head_std else init_std),
-                      "layers": layers, "final_norm": jnp.ones((d,), dtype)}
+    params: Params = {
+        "embed": normal((config.vocab_size, d), head_std if config.tie_word_embeddings and head_std else init_std),
+        "layers": layers,
+        "final_norm": jnp.ones((d,), dtype),
+    }
     if not config.tie_word_embeddings:
         params["lm_head"] = normal((d, config.vocab_size), head_std or init_std)
     return params

@@ -52,8 +52,17 @@ def read_llama2c(checkpoint: str | os.PathLike) -> tuple[dict[str, int], dict[st
         vocab = abs(vocab)
         offset = 28
         version = 0
-    header = dict(dim=dim, hidden_dim=hidden, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv,
-                  vocab_size=vocab, max_seq_len=seq, shared_classifier=int(shared), version=version)
+    header = dict(
+        dim=dim,
+        hidden_dim=hidden,
+        n_layers=n_layers,
+        n_heads=n_heads,
+        n_kv_heads=n_kv,
+        vocab_size=vocab,
+        max_seq_len=seq,
+        shared_classifier=int(shared),
+        version=version,
+    )
     if min(dim, hidden, n_layers, n_heads, n_kv, vocab, seq) <= 0 or dim % n_heads:
         raise CheckpointError(f"{path}: implausible llama2.c header {header}")
     head = dim // n_heads
@@ -66,16 +75,22 @@ def read_llama2c(checkpoint: str | os.PathLike) -> tuple[dict[str, int], dict[st
         nonlocal pos
         n = int(np.prod(shape))
         if pos + n > floats.size:
-            raise CheckpointError(f"{path} is truncated: needs more than {4 * floats.size + offset} bytes "
-                                  f"for the header {header}")
-        arr = floats[pos:pos + n].reshape(shape).copy()
+            raise CheckpointError(
+                f"{path} is truncated: needs more than {4 * floats.size + offset} bytes for the header {header}"
+            )
+        arr = floats[pos : pos + n].reshape(shape).copy()
         pos += n
         return arr
 
     if version == 0:
         emb = take(vocab, dim)
         att_norm = take(n_layers, dim)
-        wq, wk, wv, wo = take(n_layers, dim, dim), take(n_layers, kv, dim), take(n_layers, kv, dim), take(n_layers, dim, dim)
+        wq, wk, wv, wo = (
+            take(n_layers, dim, dim),
+            take(n_layers, kv, dim),
+            take(n_layers, kv, dim),
+            take(n_layers, dim, dim),
+        )
         ffn_norm = take(n_layers, dim)
         w1, w2, w3 = take(n_layers, hidden, dim), take(n_layers, dim, hidden), take(n_layers, hidden, dim)
         norm = take(dim)
@@ -85,7 +100,12 @@ def read_llama2c(checkpoint: str | os.PathLike) -> tuple[dict[str, int], dict[st
     else:
         att_norm, ffn_norm, norm = take(n_layers, dim), take(n_layers, dim), take(dim)
         emb = take(vocab, dim)
-        wq, wk, wv, wo = take(n_layers, dim, dim), take(n_layers, kv, dim), take(n_layers, kv, dim), take(n_layers, dim, dim)
+        wq, wk, wv, wo = (
+            take(n_layers, dim, dim),
+            take(n_layers, kv, dim),
+            take(n_layers, kv, dim),
+            take(n_layers, dim, dim),
+        )
         w1, w2, w3 = take(n_layers, hidden, dim), take(n_layers, dim, hidden), take(n_layers, hidden, dim)
         wcls = emb if shared else take(vocab, dim)
     tensors = {"model.embed_tokens.weight": emb, "model.norm.weight": norm}
@@ -94,14 +114,22 @@ def read_llama2c(checkpoint: str | os.PathLike) -> tuple[dict[str, int], dict[st
     for i in range(n_layers):
         tensors[f"model.layers.{i}.input_layernorm.weight"] = att_norm[i]
         tensors[f"model.layers.{i}.post_attention_layernorm.weight"] = ffn_norm[i]
-        weights = {"q_proj": _permute_rope_rows(wq[i], n_heads), "k_proj": _permute_rope_rows(wk[i], n_kv),
-                   "v_proj": wv[i], "o_proj": wo[i], "gate_proj": w1[i], "down_proj": w2[i], "up_proj": w3[i]}
+        weights = {
+            "q_proj": _permute_rope_rows(wq[i], n_heads),
+            "k_proj": _permute_rope_rows(wk[i], n_kv),
+            "v_proj": wv[i],
+            "o_proj": wo[i],
+            "gate_proj": w1[i],
+            "down_proj": w2[i],
+            "up_proj": w3[i],
+        }
         tensors.update({f"{module_path(m, i)}.weight": w for m, w in weights.items()})
     return header, tensors
 
 
-def convert_llama2c(checkpoint: str | os.PathLike, tokenizer_model: str | os.PathLike | None,
-                    out_dir: str | os.PathLike) -> Path:
+def convert_llama2c(
+    checkpoint: str | os.PathLike, tokenizer_model: str | os.PathLike | None, out_dir: str | os.PathLike
+) -> Path:
     """Convert a llama2.c checkpoint (+ its SentencePiece model) into an HF LLaMA directory.
 
     The directory (config.json, model.safetensors, tokenizer files) loads with :func:`flexora_jax.models.hf.load_model` and
@@ -110,11 +138,20 @@ def convert_llama2c(checkpoint: str | os.PathLike, tokenizer_model: str | os.Pat
     """
     header, tensors = read_llama2c(checkpoint)
     config = ModelConfig(
-        vocab_size=header["vocab_size"], hidden_size=header["dim"], intermediate_size=header["hidden_dim"],
-        num_hidden_layers=header["n_layers"], num_attention_heads=header["n_heads"],
-        num_key_value_heads=header["n_kv_heads"], max_position_embeddings=header["max_seq_len"],
-        rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=bool(header["shared_classifier"]),
-        bos_token_id=1, eos_token_id=2, pad_token_id=None)
+        vocab_size=header["vocab_size"],
+        hidden_size=header["dim"],
+        intermediate_size=header["hidden_dim"],
+        num_hidden_layers=header["n_layers"],
+        num_attention_heads=header["n_heads"],
+        num_key_value_heads=header["n_kv_heads"],
+        max_position_embeddings=header["max_seq_len"],
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        tie_word_embeddings=bool(header["shared_classifier"]),
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=None,
+    )
     params = params_from_hf(config, in_memory(tensors, checkpoint), str(checkpoint))
     tokenizer = None if tokenizer_model is None else sentencepiece_tokenizer(tokenizer_model)
     out = save_model(config, params, out_dir, tokenizer=tokenizer)
@@ -133,7 +170,9 @@ def sentencepiece_tokenizer(model_file: str | os.PathLike) -> Any:
         try:
             tok = transformers.LlamaTokenizer.from_pretrained(tmp, add_bos_token=True, add_eos_token=False)
         except Exception as exc:
-            raise CheckpointError(f"{path} is not a readable SentencePiece model ({type(exc).__name__}: {exc})") from None
+            raise CheckpointError(
+                f"{path} is not a readable SentencePiece model ({type(exc).__name__}: {exc})"
+            ) from None
     tok.model_max_length = 10**9  # set from the model's config when saved next to it
     if len(tok) < 3:
         raise CheckpointError(f"{path} gave a tokenizer with {len(tok)} tokens; is it a SentencePiece model?")

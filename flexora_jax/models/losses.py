@@ -93,8 +93,9 @@ def _chunk_slices(t: int, chunk: int, i: jax.Array) -> tuple[jax.Array, jax.Arra
     return start, start + jnp.arange(chunk) >= i * chunk
 
 
-def chunked_nll_sum(config: ModelConfig, params: Params, hidden: jax.Array, targets: jax.Array,
-                    weights: jax.Array, chunk: int) -> jax.Array:
+def chunked_nll_sum(
+    config: ModelConfig, params: Params, hidden: jax.Array, targets: jax.Array, weights: jax.Array, chunk: int
+) -> jax.Array:
     """``sum(token_nll(lm_head(hidden)) * weights)`` by chunks of ``chunk`` positions, each rematerialised.
 
     ``hidden`` [b, t, d] final-normed states; ``targets`` [b, t] ids or [b, t, v] distributions. A length
@@ -116,8 +117,15 @@ def chunked_nll_sum(config: ModelConfig, params: Params, hidden: jax.Array, targ
     return jnp.sum(jax.lax.map(piece, jnp.arange(-(-t // chunk))))
 
 
-def lm_loss(config: ModelConfig, params: Params, lora: Any, gates: Any, batch: Batch,
-            dropout_key: jax.Array | None = None, chunk: int | None = None) -> jax.Array:
+def lm_loss(
+    config: ModelConfig,
+    params: Params,
+    lora: Any,
+    gates: Any,
+    batch: Batch,
+    dropout_key: jax.Array | None = None,
+    chunk: int | None = None,
+) -> jax.Array:
     """Answer-token cross-entropy of a batch (soft targets when the batch has ``target_probs``).
 
     ``batch`` holds ``input_ids``, ``loss_mask`` and optionally ``attention_mask``; ``target_probs``
@@ -130,8 +138,16 @@ def lm_loss(config: ModelConfig, params: Params, lora: Any, gates: Any, batch: B
     check_array(batch["input_ids"], "lm_loss: batch['input_ids']", "iu", 2)
     if chunk is not None:
         check_number(chunk, "lm_loss: chunk", lo=0, integer=True)
-    hidden = forward(config, params, batch["input_ids"], batch.get("attention_mask"), lora=lora, gates=gates,
-                     dropout_key=dropout_key, return_hidden=True)
+    hidden = forward(
+        config,
+        params,
+        batch["input_ids"],
+        batch.get("attention_mask"),
+        lora=lora,
+        gates=gates,
+        dropout_key=dropout_key,
+        return_hidden=True,
+    )
     b, t, _ = hidden.shape
     chunk = loss_chunk(b, t, config.vocab_size) if chunk is None else min(chunk, t) if chunk > 0 else t
     targets, weights = batch_targets(batch)
@@ -146,8 +162,14 @@ def lm_loss(config: ModelConfig, params: Params, lora: Any, gates: Any, batch: B
     return total / jnp.maximum(jnp.sum(weights.astype(total.dtype)), 1.0)
 
 
-def token_logprobs(config: ModelConfig, params: Params, hidden: jax.Array, positions: jax.Array,
-                   targets: jax.Array, chunk: int | None = None) -> tuple[jax.Array, jax.Array]:
+def token_logprobs(
+    config: ModelConfig,
+    params: Params,
+    hidden: jax.Array,
+    positions: jax.Array,
+    targets: jax.Array,
+    chunk: int | None = None,
+) -> tuple[jax.Array, jax.Array]:
     """Log-prob [b, p] of ``targets`` [b, p] at row ``positions`` [b, p] of ``hidden`` [b, t, d], and
     whether each is the argmax; the fp32 logits exist one chunk of positions at a time (scoring)."""
     if chunk is not None:

@@ -64,8 +64,13 @@ def route(config: ModelConfig, router: jax.Array, x: jax.Array) -> jax.Array:
     return jnp.sum(jax.nn.one_hot(index, config.num_local_experts, dtype=jnp.float32) * top[..., None], axis=-2)
 
 
-def moe_mlp(config: ModelConfig, layer: dict[str, Any], x: jax.Array, lora_layer: dict[str, Any] | None,
-            act: Callable[[jax.Array], jax.Array]) -> jax.Array:
+def moe_mlp(
+    config: ModelConfig,
+    layer: dict[str, Any],
+    x: jax.Array,
+    lora_layer: dict[str, Any] | None,
+    act: Callable[[jax.Array], jax.Array],
+) -> jax.Array:
     """The MoE MLP of one block on normed hidden states x [b, t, d] -> [b, t, d] (see the module docstring)."""
     weights = route(config, layer["router"]["kernel"], x)  # [b, t, n]
     hidden = act(expert_linear(x, layer, "w1", lora_layer)) * expert_linear(x, layer, "w3", lora_layer)

@@ -53,30 +53,48 @@ from flexora_jax.nnx.export import load_adapter, save_adapter, save_peft
 from flexora_jax.nnx.llama import LlamaForCausalLM
 from flexora_jax.nnx.problem import as_problem, causal_lm, problem
 from flexora_jax.nnx.search import (
-                                    GateLayout,
-                                    apply_selection,
-                                    gate_state,
-                                    init_hyperparameters,
-                                    init_search_state,
-                                    make_loss,
-                                    make_split_search_step,
-                                    select_paths,
-                                    split_for_search,
-                                    update_model,
+    GateLayout,
+    apply_selection,
+    gate_state,
+    init_hyperparameters,
+    init_search_state,
+    make_loss,
+    make_split_search_step,
+    select_paths,
+    split_for_search,
+    update_model,
 )
 from flexora_jax.nnx.surgery import LoraSite, add_lora, count_lora_params, lora_sites, merge_lora, remove_lora
 from flexora_jax.nnx.variables import Gate
 
 __all__ = [
     # variables and models
-    "Gate", "LlamaForCausalLM",
+    "Gate",
+    "LlamaForCausalLM",
     # the engine's entrance: an NNX model as a fj.Problem (fj.search / fj.finetune / fj.select take the model)
-    "problem", "as_problem", "causal_lm",
+    "problem",
+    "as_problem",
+    "causal_lm",
     # surgery
-    "LoraSite", "add_lora", "merge_lora", "remove_lora", "lora_sites", "count_lora_params",
+    "LoraSite",
+    "add_lora",
+    "merge_lora",
+    "remove_lora",
+    "lora_sites",
+    "count_lora_params",
     # search over NNX states
-    "split_for_search", "GateLayout", "init_hyperparameters", "gate_state", "make_loss", "make_split_search_step",
-    "init_search_state", "update_model", "select_paths", "apply_selection",
+    "split_for_search",
+    "GateLayout",
+    "init_hyperparameters",
+    "gate_state",
+    "make_loss",
+    "make_split_search_step",
+    "init_search_state",
+    "update_model",
+    "select_paths",
+    "apply_selection",
     # export
-    "save_adapter", "load_adapter", "save_peft",
+    "save_adapter",
+    "load_adapter",
+    "save_peft",
 ]

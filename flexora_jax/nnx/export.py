@@ -66,19 +66,27 @@ def save_adapter(model: nnx.Module, directory: str | os.PathLike, selection: Sel
     check_finite_tree(tensors, f"save_adapter: the LoRA of this {type(model).__name__}", NumericsError)
     sites = {}
     for path, module in adapted_modules(model).items():
-        sites[path] = {**dataclasses.asdict(module.lora_site),
-                       "layer_gate": "lora_gate" in vars(module), "rank_gate": "lora_rank_gate" in vars(module)}
+        sites[path] = {
+            **dataclasses.asdict(module.lora_site),
+            "layer_gate": "lora_gate" in vars(module),
+            "rank_gate": "lora_rank_gate" in vars(module),
+        }
     lora_config = getattr(model, "lora_config", None)  # a model over the decoder's core: its PEFT-field LoRA
-    config = {"format": "flexora_jax.nnx", "model": type(model).__name__, "sites": sites,
-              "lora_config": lora_config.to_dict() if isinstance(lora_config, LoraConfig) else None}
+    config = {
+        "format": "flexora_jax.nnx",
+        "model": type(model).__name__,
+        "sites": sites,
+        "lora_config": lora_config.to_dict() if isinstance(lora_config, LoraConfig) else None,
+    }
     try:
         write_with(out / ADAPTER_FILE, lambda tmp: save_file(tensors, str(tmp)))
         write_json(out / CONFIG_FILE, config)
         if selection is not None:
             write_json(out / SELECTION_FILE, selection.to_json(count_lora_params(model)))
     except OSError as exc:  # fileio's WriteError: a full disk, a read-only place
-        raise CheckpointError(f"save_adapter: could not write {out}: {exc.strerror or exc}"
-                              f"{f' ({exc.filename})' if exc.filename else ''}") from None
+        raise CheckpointError(
+            f"save_adapter: could not write {out}: {exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}"
+        ) from None
     return out
 
 
@@ -88,14 +96,23 @@ def _rebuild_sites(model: nnx.Module, sites: dict[str, dict[str, Any]], source: 
     shared: dict[Any, Gate] = {}
     for path, raw in sites.items():
         if path not in modules:
-            raise CheckpointError(f"load_adapter: {source} adapts module {path!r}, which this "
-                                  f"{type(model).__name__} does not have (an adapter of another model?)")
+            raise CheckpointError(
+                f"load_adapter: {source} adapts module {path!r}, which this "
+                f"{type(model).__name__} does not have (an adapter of another model?)"
+            )
         raw = dict(raw)
         flags = raw.pop("layer_gate"), raw.pop("rank_gate")
         site = LoraSite(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.items()})
         gates = {(True, True): "both", (True, False): "layer", (False, True): "rank"}.get(flags)
-        attach_lora(modules[path], site, gates=gates, layers=None, ranks={path: site.ranks}, shared_gates=shared,
-                    rngs=nnx.Rngs(0))
+        attach_lora(
+            modules[path],
+            site,
+            gates=gates,
+            layers=None,
+            ranks={path: site.ranks},
+            shared_gates=shared,
+            rngs=nnx.Rngs(0),
+        )
 
 
 def load_adapter(model: nnx.Module, directory: str | os.PathLike) -> nnx.Module:
@@ -115,24 +132,30 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike) -> nnx.Module:
     current = _flat(model)
     missing, unexpected = sorted(set(current) - set(tensors)), sorted(set(tensors) - set(current))
     if missing or unexpected:
-        raise CheckpointError(f"load_adapter: {source / ADAPTER_FILE} does not match this model: missing "
-                              f"{missing[:6]}, unexpected {unexpected[:6]}")
+        raise CheckpointError(
+            f"load_adapter: {source / ADAPTER_FILE} does not match this model: missing "
+            f"{missing[:6]}, unexpected {unexpected[:6]}"
+        )
     for key, var in current.items():
         value = tensors[key]
         if value.shape != var.get_value().shape:
-            raise CheckpointError(f"load_adapter: {source / ADAPTER_FILE}: {key!r} has shape {value.shape}, "
-                                  f"the model expects {var.get_value().shape}")
+            raise CheckpointError(
+                f"load_adapter: {source / ADAPTER_FILE}: {key!r} has shape {value.shape}, "
+                f"the model expects {var.get_value().shape}"
+            )
         var.set_value(jnp.asarray(value, var.get_value().dtype))
     return model
 
 
 def _read_config(file: Path) -> dict[str, Any]:
     """``adapter_config.json`` of a save_adapter directory, every key and site field checked (CheckpointError)."""
-    config = check_mapping(read_json(file, "save_adapter's adapter config"), str(file), _CONFIG_KEYS, ("sites",),
-                           error=CheckpointError)
+    config = check_mapping(
+        read_json(file, "save_adapter's adapter config"), str(file), _CONFIG_KEYS, ("sites",), error=CheckpointError
+    )
     if config.get("format", "flexora_jax.nnx") != "flexora_jax.nnx":
-        raise CheckpointError(f"{file}: format {config['format']!r} is not 'flexora_jax.nnx' (a PEFT adapter? read it "
-                              "with fj.load_peft)")
+        raise CheckpointError(
+            f"{file}: format {config['format']!r} is not 'flexora_jax.nnx' (a PEFT adapter? read it with fj.load_peft)"
+        )
     check_mapping(config["sites"], f"{file}: sites", error=CheckpointError)
     hints = typing.get_type_hints(LoraSite) | _SITE_FLAGS
     for path, site in config["sites"].items():
@@ -151,7 +174,7 @@ def _peft_tensors(module: nnx.Module, name: PeftName | None) -> dict[tuple[str, 
     site: LoraSite = module.lora_site
     a = np.asarray(module.lora_a.get_value(), np.float64)
     b = np.asarray(module.lora_b.get_value(), np.float64)
-    coeff = np.ones(a.shape[:-1 - len(site.in_axes)] + (site.rank,)) * site.scale
+    coeff = np.ones(a.shape[: -1 - len(site.in_axes)] + (site.rank,)) * site.scale
     for attr in ("lora_gate", "lora_rank_gate"):
         if attr in vars(module):
             gate = np.asarray(getattr(module, attr).get_value(), np.float64)
@@ -167,14 +190,20 @@ def _peft_tensors(module: nnx.Module, name: PeftName | None) -> dict[tuple[str, 
         b2 = b[i].reshape(site.rank, -1)[:rank] * (coeff[i, :rank] / peft_scale)[:, None]
         key = name(site.path, layer) if name else (site.path if not site.stacked else f"{site.path}.{layer}")
         if not isinstance(key, str) or not key:
-            raise ConfigError(f"save_peft: peft_name({site.path!r}, {layer}) returned {key!r}; expected the PEFT "
-                              "module name (a non-empty string, e.g. 'model.layers.0.self_attn.q_proj')")
+            raise ConfigError(
+                f"save_peft: peft_name({site.path!r}, {layer}) returned {key!r}; expected the PEFT "
+                "module name (a non-empty string, e.g. 'model.layers.0.self_attn.q_proj')"
+            )
         out[(key, layer)] = (a2.T.astype(np.float32), b2.T.astype(np.float32), rank, site.alpha)
     return out
 
 
-def save_peft(model: nnx.Module, directory: str | os.PathLike, peft_name: PeftName | None = None,
-              base_model_name_or_path: str | None = None) -> Path:
+def save_peft(
+    model: nnx.Module,
+    directory: str | os.PathLike,
+    peft_name: PeftName | None = None,
+    base_model_name_or_path: str | None = None,
+) -> Path:
     """Write the model's LoRA as a PEFT adapter (gates folded into B), module names from ``peft_name``.
 
     A model that computes through its own core and defines ``save_peft(directory, base_model_name_or_path)``
@@ -188,8 +217,10 @@ def save_peft(model: nnx.Module, directory: str | os.PathLike, peft_name: PeftNa
         for (key, layer), entry in _peft_tensors(module, peft_name).items():
             here = f"module {module.lora_site.path!r} layer {layer}"
             if key in owners:  # one PEFT name, two tensors: the second would overwrite the first
-                raise ConfigError(f"save_peft: peft_name gives {owners[key]} and {here} the same PEFT name {key!r}; "
-                                  "expected one name per adapted module and layer (nothing was written)")
+                raise ConfigError(
+                    f"save_peft: peft_name gives {owners[key]} and {here} the same PEFT name {key!r}; "
+                    "expected one name per adapted module and layer (nothing was written)"
+                )
             owners[key] = here
             entries[(key, layer)] = entry
     if not entries:
@@ -202,12 +233,21 @@ def save_peft(model: nnx.Module, directory: str | os.PathLike, peft_name: PeftNa
     r = max(rank for _, _, rank, _ in entries.values())
     alpha = max(al for _, _, _, al in entries.values())
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path,
-        "r": r, "lora_alpha": alpha, "lora_dropout": 0.0, "target_modules": sorted(k for k, _ in entries),
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "target_modules": sorted(k for k, _ in entries),
         "rank_pattern": {k: rank for (k, _), (_, _, rank, _) in entries.items() if rank != r},
         "alpha_pattern": {k: al for (k, _), (_, _, _, al) in entries.items() if not math.isclose(al, alpha)},
-        "use_rslora": any(m.lora_site.use_rslora for m in modules), "init_lora_weights": True,
-        "fan_in_fan_out": False, "bias": "none", "inference_mode": True, "layers_to_transform": None,
+        "use_rslora": any(m.lora_site.use_rslora for m in modules),
+        "init_lora_weights": True,
+        "fan_in_fan_out": False,
+        "bias": "none",
+        "inference_mode": True,
+        "layers_to_transform": None,
         "modules_to_save": None,
     }
     out = Path(directory)
@@ -215,6 +255,7 @@ def save_peft(model: nnx.Module, directory: str | os.PathLike, peft_name: PeftNa
         write_with(out / "adapter_model.safetensors", lambda tmp: save_file(tensors, str(tmp)))
         write_json(out / "adapter_config.json", config)
     except OSError as exc:  # fileio's WriteError: a full disk, a read-only place
-        raise CheckpointError(f"save_peft: could not write {out}: {exc.strerror or exc}"
-                              f"{f' ({exc.filename})' if exc.filename else ''}") from None
+        raise CheckpointError(
+            f"save_peft: could not write {out}: {exc.strerror or exc}{f' ({exc.filename})' if exc.filename else ''}"
+        ) from None
     return out

@@ -33,8 +33,9 @@ from jax.extend import core as jcore
 from flexora_jax.errors import ConfigError
 
 #: Primitives that keep the kernel's layout (the kernel may pass through them before the contraction).
-LAYOUT_PRIMITIVES = frozenset({"convert_element_type", "copy", "copy_p", "sharding_constraint", "reshard",
-                               "mesh_cast", "reduce_precision"})
+LAYOUT_PRIMITIVES = frozenset(
+    {"convert_element_type", "copy", "copy_p", "sharding_constraint", "reshard", "mesh_cast", "reduce_precision"}
+)
 #: Call primitives whose body is evaluated inline when the kernel enters them.
 CALL_PRIMITIVES = frozenset({"jit", "pjit", "closed_call", "core_call"})
 
@@ -50,8 +51,15 @@ def _is_array(x: Any) -> bool:
     return isinstance(x, (jax.Array, np.ndarray))
 
 
-def call_intercepted(module: nnx.Module, call: Callable[..., Any], kernel: str, args: tuple, kwargs: dict,
-                     hook: ContractionHook, path: str) -> Any:
+def call_intercepted(
+    module: nnx.Module,
+    call: Callable[..., Any],
+    kernel: str,
+    args: tuple,
+    kwargs: dict,
+    hook: ContractionHook,
+    path: str,
+) -> Any:
     """``call(module, *args, **kwargs)`` with ``hook`` applied at every contraction of ``module.<kernel>``.
 
     The module is split, traced with the kernel as the jaxpr's first input (a copy is merged inside the
@@ -71,13 +79,25 @@ def call_intercepted(module: nnx.Module, call: Callable[..., Any], kernel: str, 
     inputs = (kernel_state, rest, [leaves[i] for i in dynamic])
     closed, out_shape = jax.make_jaxpr(pure, return_shape=True)(*inputs)
     kernel_var = closed.jaxpr.invars[0]
-    outs = eval_jaxpr(closed.jaxpr, closed.consts, jax.tree.leaves(inputs),
-                      {kernel_var: tuple(range(kernel_var.aval.ndim))}, hook, path)
+    outs = eval_jaxpr(
+        closed.jaxpr,
+        closed.consts,
+        jax.tree.leaves(inputs),
+        {kernel_var: tuple(range(kernel_var.aval.ndim))},
+        hook,
+        path,
+    )
     return jax.tree.unflatten(jax.tree.structure(out_shape), outs)
 
 
-def eval_jaxpr(jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any],
-               kernel_axes: dict[Any, tuple[int, ...]], hook: ContractionHook, path: str) -> list[Any]:
+def eval_jaxpr(
+    jaxpr: jcore.Jaxpr,
+    consts: Sequence[Any],
+    args: Sequence[Any],
+    kernel_axes: dict[Any, tuple[int, ...]],
+    hook: ContractionHook,
+    path: str,
+) -> list[Any]:
     """Evaluate ``jaxpr`` like ``jax.core.eval_jaxpr``, calling ``hook`` where a kernel value is contracted.
 
     ``kernel_axes`` maps each jaxpr variable that holds the kernel (possibly cast or transposed) to the
@@ -105,7 +125,8 @@ def eval_jaxpr(jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any],
             raise ContractionError(
                 f"module {path!r}: its kernel enters `{name}` on the way to its contraction; LoRA can follow "
                 "a kernel that is cast or transposed and then contracted by dot_general (jnp.einsum, "
-                "jax.lax.dot_general, @), nothing else")
+                "jax.lax.dot_general, @), nothing else"
+            )
         with eqn.ctx.manager:
             out = eqn.primitive.bind(*invals, **eqn.primitive.get_bind_params(eqn.params))
         if not hits:
@@ -124,30 +145,45 @@ def eval_jaxpr(jaxpr: jcore.Jaxpr, consts: Sequence[Any], args: Sequence[Any],
     return [read(v) for v in jaxpr.outvars]
 
 
-def split_dimensions(kernel_index: int, kernel_axes: tuple[int, ...], dimension_numbers: Any,
-                     path: str) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
+def split_dimensions(
+    kernel_index: int, kernel_axes: tuple[int, ...], dimension_numbers: Any, path: str
+) -> tuple[tuple[int, ...], tuple[int, ...], tuple[int, ...]]:
     """(contracted kernel axes, free kernel axes in output order, the input's contracted dims) of one dot_general."""
     (lc, rc), (lb, rb) = dimension_numbers
     k_contract, x_contract = (rc, lc) if kernel_index == 1 else (lc, rc)
     if lb or rb:
-        raise ContractionError(f"module {path!r} contracts its kernel with batch dimensions {tuple(rb or lb)}; "
-                               "LoRA supports kernels contracted over input features only")
+        raise ContractionError(
+            f"module {path!r} contracts its kernel with batch dimensions {tuple(rb or lb)}; "
+            "LoRA supports kernels contracted over input features only"
+        )
     contracted = tuple(kernel_axes[j] for j in k_contract)
     free = tuple(kernel_axes[j] for j in range(len(kernel_axes)) if j not in k_contract)
     return contracted, free, tuple(x_contract)
 
 
-def lora_contraction(operands: Sequence[jax.Array], kernel_index: int, kernel_axes: tuple[int, ...],
-                     dimension_numbers: Any, out: jax.Array, a: jax.Array, b: jax.Array, coeff: jax.Array,
-                     in_axes: tuple[int, ...], out_axes: tuple[int, ...], path: str) -> jax.Array:
+def lora_contraction(
+    operands: Sequence[jax.Array],
+    kernel_index: int,
+    kernel_axes: tuple[int, ...],
+    dimension_numbers: Any,
+    out: jax.Array,
+    a: jax.Array,
+    b: jax.Array,
+    coeff: jax.Array,
+    in_axes: tuple[int, ...],
+    out_axes: tuple[int, ...],
+    path: str,
+) -> jax.Array:
     """``out`` plus the LoRA term of the same contraction, in ``out``'s layout.
 
     ``a`` [*kernel dims at in_axes, r], ``b`` [r, *kernel dims at out_axes], ``coeff`` [r] (scale x gates).
     """
     contracted, free, x_contract = split_dimensions(kernel_index, kernel_axes, dimension_numbers, path)
     if sorted(contracted) != list(in_axes):
-        raise ContractionError(f"module {path!r} contracts kernel axes {tuple(sorted(contracted))}, but its LoRA "
-                               f"was built for input axes {in_axes}")
+        raise ContractionError(
+            f"module {path!r} contracts kernel axes {tuple(sorted(contracted))}, but its LoRA "
+            f"was built for input axes {in_axes}"
+        )
     x = operands[1 - kernel_index]
     dt = x.dtype
     a_dims = tuple(in_axes.index(ax) for ax in contracted)

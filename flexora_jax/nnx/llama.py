@@ -94,15 +94,26 @@ class LlamaForCausalLM(nnx.Module):
         logits = model(input_ids, attention_mask)  # [b, t, v] fp32
     """
 
-    def __init__(self, config: ModelConfig, lora_config: LoraConfig | None = None, gates: str | None = None, *,
-                 rngs: nnx.Rngs, params: Params | None = None, init_std: float = 0.02,
-                 head_std: float | None = None):
+    def __init__(
+        self,
+        config: ModelConfig,
+        lora_config: LoraConfig | None = None,
+        gates: str | None = None,
+        *,
+        rngs: nnx.Rngs,
+        params: Params | None = None,
+        init_std: float = 0.02,
+        head_std: float | None = None,
+    ):
         if params is None:
             params = init_params(config, rngs.params(), init_std, head_std)
         self.config = config
         for key, value in params.items():
-            setattr(self, key, ParamNode(value, (key,)) if isinstance(value, Mapping) else
-                    nnx.Param(value, **_spec((key,), value)))
+            setattr(
+                self,
+                key,
+                ParamNode(value, (key,)) if isinstance(value, Mapping) else nnx.Param(value, **_spec((key,), value)),
+            )
         self.lora_config = lora_config
         if lora_config is not None:
             self.set_lora(init_lora(config, lora_config, rngs.params(), params))
@@ -113,14 +124,21 @@ class LlamaForCausalLM(nnx.Module):
 
     # ------------------------------------------------------------------------------ construction
     @classmethod
-    def from_params(cls, config: ModelConfig, params: Params, lora: LoraParams | LoraConfig | None = None,
-                    gates: Gates | GateValues | str | None = None, *,
-                    rngs: nnx.Rngs | None = None) -> LlamaForCausalLM:
+    def from_params(
+        cls,
+        config: ModelConfig,
+        params: Params,
+        lora: LoraParams | LoraConfig | None = None,
+        gates: Gates | GateValues | str | None = None,
+        *,
+        rngs: nnx.Rngs | None = None,
+    ) -> LlamaForCausalLM:
         """The module over given functional pytrees (``lora`` / ``gates`` as objects, or as config / kind;
         raw ``Gates`` are stored as their multipliers)."""
         lora_config = lora.spec.config if isinstance(lora, LoraParams) else lora
-        model = cls(config, lora_config, gates if isinstance(gates, str) else None, rngs=rngs or nnx.Rngs(0),
-                    params=params)
+        model = cls(
+            config, lora_config, gates if isinstance(gates, str) else None, rngs=rngs or nnx.Rngs(0), params=params
+        )
         if isinstance(lora, LoraParams):
             model.set_lora(lora)
         if isinstance(gates, (Gates, GateValues)):
@@ -128,9 +146,16 @@ class LlamaForCausalLM(nnx.Module):
         return model
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike, dtype: str = "float32", lora_config: LoraConfig | None = None,
-                        gates: str | None = None, *, rngs: nnx.Rngs | None = None,
-                        **load_kwargs: Any) -> LlamaForCausalLM:
+    def from_pretrained(
+        cls,
+        path: str | os.PathLike,
+        dtype: str = "float32",
+        lora_config: LoraConfig | None = None,
+        gates: str | None = None,
+        *,
+        rngs: nnx.Rngs | None = None,
+        **load_kwargs: Any,
+    ) -> LlamaForCausalLM:
         """Load an HF checkpoint (safetensors, sharded index) via :func:`flexora_jax.models.load_model`.
 
         llama.c checkpoints go through :func:`flexora_jax.models.convert_llama2c` first. ``load_kwargs``
@@ -142,24 +167,36 @@ class LlamaForCausalLM(nnx.Module):
     # ------------------------------------------------------------------------------ the pytrees
     def params(self) -> Params:
         """The base params in the functional layout."""
-        return {key: (_to_params(v) if isinstance(v, ParamNode) else v[...]) for key, v in vars(self).items()
-                if isinstance(v, ParamNode) or (isinstance(v, nnx.Param) and not isinstance(v, nnx.LoRAParam))}
+        return {
+            key: (_to_params(v) if isinstance(v, ParamNode) else v[...])
+            for key, v in vars(self).items()
+            if isinstance(v, ParamNode) or (isinstance(v, nnx.Param) and not isinstance(v, nnx.LoRAParam))
+        }
 
     def lora(self) -> LoraParams | None:
         """The LoRA pytree of the functional core (None without LoRA)."""
         if self.lora_config is None:
             return None
         spec = make_spec(self.config, self.lora_config)
-        weights = {m: {name[len("lora_"):]: v[...] for name, v in vars(getattr(self.layers, m)).items()
-                       if isinstance(v, nnx.LoRAParam)} for m in spec.targets}
+        weights = {
+            m: {
+                name[len("lora_") :]: v[...]
+                for name, v in vars(getattr(self.layers, m)).items()
+                if isinstance(v, nnx.LoRAParam)
+            }
+            for m in spec.targets
+        }
         return LoraParams(weights=weights, spec=spec)
 
     def gates(self) -> GateValues | None:
         """The gate multipliers the core applies (None without gates)."""
         layer_gate = vars(self.layers).get("lora_gate")
         targets = () if self.lora_config is None else self.lora_config.target_modules
-        rank = {m: getattr(self.layers, m).lora_rank_gate[...] for m in targets
-                if "lora_rank_gate" in vars(getattr(self.layers, m))}
+        rank = {
+            m: getattr(self.layers, m).lora_rank_gate[...]
+            for m in targets
+            if "lora_rank_gate" in vars(getattr(self.layers, m))
+        }
         if layer_gate is None and not rank:
             return None
         return GateValues(layer=None if layer_gate is None else layer_gate[...], rank=rank or None)
@@ -190,13 +227,22 @@ class LlamaForCausalLM(nnx.Module):
             raise ConfigError("add_gates: the model has no LoRA (lora_config=None); gates scale LoRA only")
         spec = make_spec(self.config, self.lora_config)
         L = self.config.num_hidden_layers
-        self.set_gates(GateValues(layer=jnp.ones((L,)) if kind in ("layer", "both") else None,
-                                  rank={m: jnp.ones((L, r)) for m, r in spec.r_max} if kind in ("rank", "both")
-                                  else None))
+        self.set_gates(
+            GateValues(
+                layer=jnp.ones((L,)) if kind in ("layer", "both") else None,
+                rank={m: jnp.ones((L, r)) for m, r in spec.r_max} if kind in ("rank", "both") else None,
+            )
+        )
 
     def drop_gates(self) -> None:
-        for node in [self.layers, *(getattr(self.layers, m) for m in (self.lora_config or LoraConfig()).target_modules
-                                   if hasattr(self.layers, m))]:
+        for node in [
+            self.layers,
+            *(
+                getattr(self.layers, m)
+                for m in (self.lora_config or LoraConfig()).target_modules
+                if hasattr(self.layers, m)
+            ),
+        ]:
             for name in [n for n, v in vars(node).items() if isinstance(v, Gate)]:
                 delattr(node, name)
 
@@ -212,13 +258,20 @@ class LlamaForCausalLM(nnx.Module):
         selections follow the decoder's rule, results are written back into this module."""
         lora = self.lora()
         if lora is None:
-            raise ConfigError("LlamaForCausalLM has no LoRA to train; build it with a lora_config "
-                              "(LlamaForCausalLM(config, LoraConfig(...), gates=...))")
+            raise ConfigError(
+                "LlamaForCausalLM has no LoRA to train; build it with a lora_config "
+                "(LlamaForCausalLM(config, LoraConfig(...), gates=...))"
+            )
         decoder = decoder_problem(self.config, self.params(), lora, gates=self.gates(), write=self._write)
         if loss_fn is None and val_loss_fn is None:
             return decoder
-        return split_problem(self, loss_fn or _own_loss, val_loss_fn, select=decoder.select,
-                             write=lambda lora, hyper: self._write(self.lora(), hyper, state=lora))
+        return split_problem(
+            self,
+            loss_fn or _own_loss,
+            val_loss_fn,
+            select=decoder.select,
+            write=lambda lora, hyper: self._write(self.lora(), hyper, state=lora),
+        )
 
     def _write(self, lora: LoraParams, hyper: Gates | None, state: Any = None) -> LlamaForCausalLM:
         if state is not None:
@@ -241,8 +294,7 @@ class LlamaForCausalLM(nnx.Module):
                 delattr(node, name)
         self.lora_config = None
 
-    def apply_selection(self, selection: Selection, *, gates: str | None = None,
-                        rngs: nnx.Rngs) -> LlamaForCausalLM:
+    def apply_selection(self, selection: Selection, *, gates: str | None = None, rngs: nnx.Rngs) -> LlamaForCausalLM:
         """A fresh LoRA on the selected layers and ranks (``selection.lora_config``, or the selection applied to
         this model's LoRA config), in place; the searched LoRA and gates are dropped (``gates``: new neutral
         gates of that kind)."""
@@ -278,8 +330,9 @@ class LlamaForCausalLM(nnx.Module):
     # ------------------------------------------------------------------------------ forward
     def __call__(self, input_ids: jax.Array, attention_mask: jax.Array | None = None, **kwargs: Any) -> jax.Array:
         """Logits [b, t, v] (fp32); ``kwargs`` go to :func:`flexora_jax.models.llama.forward` (positions, ...)."""
-        return forward(self.config, self.params(), input_ids, attention_mask, lora=self.lora(), gates=self.gates(),
-                       **kwargs)
+        return forward(
+            self.config, self.params(), input_ids, attention_mask, lora=self.lora(), gates=self.gates(), **kwargs
+        )
 
     def lm_loss(self, batch: Mapping[str, jax.Array], dropout_key: jax.Array | None = None) -> jax.Array:
         """The functional core's answer-token loss of a batch (:func:`flexora_jax.models.lm_loss`, chunked)."""

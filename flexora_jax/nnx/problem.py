@@ -52,15 +52,27 @@ def problem(model: nnx.Module, loss_fn: ModelLoss | None = None, val_loss_fn: Mo
     def write(new_lora: Any, hyper: Gates | None) -> nnx.Module:
         return update_model(model, jax.tree.map(jax.numpy.asarray, new_lora), hyper)
 
-    return split_problem(model, loss_fn or causal_lm, val_loss_fn, select=select_with, write=write,
-                         count=_count if loss_fn is None else _rows,
-                         requires=("input_ids", "loss_mask") if loss_fn is None else ("input_ids",))
+    return split_problem(
+        model,
+        loss_fn or causal_lm,
+        val_loss_fn,
+        select=select_with,
+        write=write,
+        count=_count if loss_fn is None else _rows,
+        requires=("input_ids", "loss_mask") if loss_fn is None else ("input_ids",),
+    )
 
 
-def split_problem(model: nnx.Module, loss_fn: ModelLoss, val_loss_fn: ModelLoss | None, *,
-                  select: Callable[[Gates, SelectionConfig], Selection], write: Callable[[Any, Gates | None], Any],
-                  count: Callable[[Batch], jax.Array] | None = None,
-                  requires: tuple[str, ...] = ("input_ids",)) -> Problem:
+def split_problem(
+    model: nnx.Module,
+    loss_fn: ModelLoss,
+    val_loss_fn: ModelLoss | None,
+    *,
+    select: Callable[[Gates, SelectionConfig], Selection],
+    write: Callable[[Any, Gates | None], Any],
+    count: Callable[[Batch], jax.Array] | None = None,
+    requires: tuple[str, ...] = ("input_ids",),
+) -> Problem:
     """The problem of ``model`` split by variable type and merged around ``loss_fn`` inside the step, with the
     given selection rule and write-back (:func:`problem` for ``add_lora`` models, ``LlamaForCausalLM`` with a
     custom loss)."""
@@ -68,11 +80,24 @@ def split_problem(model: nnx.Module, loss_fn: ModelLoss, val_loss_fn: ModelLoss 
     layout = GateLayout.of(gate_vars)
     val = None if val_loss_fn is None else make_loss(graphdef, layout, val_loss_fn)
     sites = [(".".join(map(str, e.path)), e.role, e.layers, e.shape) for e in layout.entries]
-    identity = {"model": f"{type(model).__module__}.{type(model).__qualname__}", "gates": sites,
-                "loss_fn": _name(loss_fn), "val_loss_fn": _name(val_loss_fn)}
-    return Problem(loss=make_loss(graphdef, layout, loss_fn), base={"model": base, "gates": gate_vars}, lora=lora,
-                   layout=layout.hyper_layout(), select=select, write=write, val_loss=val, identity=identity,
-                   count=count or _rows, requires=requires)
+    identity = {
+        "model": f"{type(model).__module__}.{type(model).__qualname__}",
+        "gates": sites,
+        "loss_fn": _name(loss_fn),
+        "val_loss_fn": _name(val_loss_fn),
+    }
+    return Problem(
+        loss=make_loss(graphdef, layout, loss_fn),
+        base={"model": base, "gates": gate_vars},
+        lora=lora,
+        layout=layout.hyper_layout(),
+        select=select,
+        write=write,
+        val_loss=val,
+        identity=identity,
+        count=count or _rows,
+        requires=requires,
+    )
 
 
 def _count(batch: Batch) -> jax.Array:
@@ -88,26 +113,33 @@ def _name(fn: Any) -> str | None:
     return None if fn is None else f"{getattr(fn, '__module__', '')}.{getattr(fn, '__qualname__', repr(fn))}"
 
 
-def as_problem(model: Any, loss_fn: ModelLoss | None = None, val_loss_fn: ModelLoss | None = None,
-               what: str = "fj.search") -> Problem:
+def as_problem(
+    model: Any, loss_fn: ModelLoss | None = None, val_loss_fn: ModelLoss | None = None, what: str = "fj.search"
+) -> Problem:
     """The problem a public entry point runs: a :class:`Problem` as it is, an NNX model through :func:`problem`.
 
     A ``ModelConfig`` (the functional signature of earlier versions) is refused with the call that replaces it.
     """
     if isinstance(model, Problem):
         if loss_fn is not None or val_loss_fn is not None:
-            raise ConfigError(f"{what}: loss_fn / val_loss_fn apply to an NNX model; a Problem carries its own loss "
-                              "(dataclasses.replace(problem, loss=...))")
+            raise ConfigError(
+                f"{what}: loss_fn / val_loss_fn apply to an NNX model; a Problem carries its own loss "
+                "(dataclasses.replace(problem, loss=...))"
+            )
         return model
     if isinstance(model, nnx.Module):
         return problem(model, loss_fn, val_loss_fn)
     hint = ""
     if type(model).__name__ == "ModelConfig":
-        hint = (f"; the functional form {what}(config, params, lora_config, ...) is now "
-                f"{what}(fj.decoder_problem(config, params, lora_config), ...) or {what} of a "
-                "fj.nnx.LlamaForCausalLM.from_params(config, params, lora_config, gates=...)")
-    raise ConfigError(f"{what}: the first argument must be a Flax NNX model with LoRA (fj.nnx.add_lora, "
-                      f"fj.nnx.LlamaForCausalLM) or a fj.Problem, got {type(model).__name__}{hint}")
+        hint = (
+            f"; the functional form {what}(config, params, lora_config, ...) is now "
+            f"{what}(fj.decoder_problem(config, params, lora_config), ...) or {what} of a "
+            "fj.nnx.LlamaForCausalLM.from_params(config, params, lora_config, gates=...)"
+        )
+    raise ConfigError(
+        f"{what}: the first argument must be a Flax NNX model with LoRA (fj.nnx.add_lora, "
+        f"fj.nnx.LlamaForCausalLM) or a fj.Problem, got {type(model).__name__}{hint}"
+    )
 
 
 __all__ = ["as_problem", "causal_lm", "problem", "split_problem"]

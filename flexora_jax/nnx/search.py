@@ -42,8 +42,20 @@ from flexora_jax.validation import check_scalar_loss
 Batch = dict[str, jax.Array]
 ModelLoss = Callable[[nnx.Module, Batch], jax.Array]
 
-__all__ = ["GateEntry", "GateLayout", "Selection", "apply_selection", "gate_state", "init_hyperparameters",
-           "init_search_state", "make_loss", "make_split_search_step", "select_paths", "split_for_search", "update_model"]
+__all__ = [
+    "GateEntry",
+    "GateLayout",
+    "Selection",
+    "apply_selection",
+    "gate_state",
+    "init_hyperparameters",
+    "init_search_state",
+    "make_loss",
+    "make_split_search_step",
+    "select_paths",
+    "split_for_search",
+    "update_model",
+]
 
 
 def split_for_search(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State, nnx.State]:
@@ -80,11 +92,14 @@ class GateLayout:
             meta = dict(var.get_metadata())
             role, layers, site = meta.pop("role", None), tuple(meta.pop("layers", ())), meta.pop("site", None)
             if role not in GATE_ROLES:
-                raise ConfigError(f"gate {'.'.join(map(str, path))!r} has role {role!r}, expected one of {GATE_ROLES}; "
-                                  "create gates with fj.nnx.add_lora")
+                raise ConfigError(
+                    f"gate {'.'.join(map(str, path))!r} has role {role!r}, expected one of {GATE_ROLES}; "
+                    "create gates with fj.nnx.add_lora"
+                )
             value = var.get_value()
-            entries.append(GateEntry(tuple(path), role, layers, site, tuple(value.shape), value.dtype,
-                                     tuple(sorted(meta.items()))))
+            entries.append(
+                GateEntry(tuple(path), role, layers, site, tuple(value.shape), value.dtype, tuple(sorted(meta.items())))
+            )
         return cls(tuple(entries))
 
     @property
@@ -101,8 +116,11 @@ class GateLayout:
         """The raw hyperparameters these gates take: alpha over :attr:`layers` (if any layer gate), beta per site."""
         has_layer = any(e.role == "layer" for e in self.entries)
         dtype = jnp.result_type(*(e.dtype for e in self.entries)) if self.entries else jnp.float32
-        return HyperLayout(len(self.layers) if has_layer else None, tuple(sorted(self.sites("rank").items())),
-                           str(jnp.dtype(jnp.promote_types(dtype, jnp.float32))))
+        return HyperLayout(
+            len(self.layers) if has_layer else None,
+            tuple(sorted(self.sites("rank").items())),
+            str(jnp.dtype(jnp.promote_types(dtype, jnp.float32))),
+        )
 
 
 def init_hyperparameters(layout: GateLayout | nnx.State, kind: str = "layer", power: int = 1) -> Gates:
@@ -157,12 +175,18 @@ def _make_loss(graphdef: nnx.GraphDef, layout: GateLayout, loss_fn: ModelLoss) -
         # copy=True: fresh variables at the current trace level, which NNX transforms inside the model
         # (nnx.scan over stacked layers) require; base arrives from the outer jit.
         return check_scalar_loss(loss_fn(nnx.merge(graphdef, base["model"], lora, gates, copy=True), batch))
+
     return loss
 
 
-def make_split_search_step(graphdef: nnx.GraphDef, gates: nnx.State | GateLayout, loss_fn: ModelLoss,
-                     search: SearchConfig, optimizer: optax.GradientTransformation | None = None,
-                     val_loss_fn: ModelLoss | None = None) -> Callable[..., tuple[SearchState, dict]]:
+def make_split_search_step(
+    graphdef: nnx.GraphDef,
+    gates: nnx.State | GateLayout,
+    loss_fn: ModelLoss,
+    search: SearchConfig,
+    optimizer: optax.GradientTransformation | None = None,
+    val_loss_fn: ModelLoss | None = None,
+) -> Callable[..., tuple[SearchState, dict]]:
     """One jitted search step ``(base, state, train_batches[K], val_batch) -> (state, metrics)``, by hand.
 
     Args:
@@ -195,7 +219,9 @@ def update_model(model: nnx.Module, lora: nnx.State, hyper: Gates | None = None)
 
 
 # ------------------------------------------------------------------------------------ selection
-def select_paths(model: nnx.Module, hyper: Gates, rule: str = "positive", k: int = 0, threshold: float = 1.0) -> Selection:
+def select_paths(
+    model: nnx.Module, hyper: Gates, rule: str = "positive", k: int = 0, threshold: float = 1.0
+) -> Selection:
     """Layers (Flexora rule on alpha) and ranks (AutoLoRA rule on beta) of a model adapted by ``add_lora``,
     in its own module paths (``fj.select(model, gates, selection)`` calls this, or the decoder's rule)."""
     own = getattr(model, "lora_problem", None)
@@ -207,8 +233,10 @@ def select_paths(model: nnx.Module, hyper: Gates, rule: str = "positive", k: int
     layout = GateLayout.of(nnx.state(model, Gate))
     if hyper.layer is not None:
         if np.shape(hyper.layer) != (len(layout.layers),):
-            raise ConfigError(f"select_paths: the layer gates have shape {np.shape(hyper.layer)}, the model adapts "
-                              f"{len(layout.layers)} layers {layout.layers} (gates from another model?)")
+            raise ConfigError(
+                f"select_paths: the layer gates have shape {np.shape(hyper.layer)}, the model adapts "
+                f"{len(layout.layers)} layers {layout.layers} (gates from another model?)"
+            )
         chosen = select_layers(Gates(layer=np.asarray(hyper.layer), power=hyper.power), rule, k, threshold)
         layers = tuple(layout.layers[i] for i in chosen)
     else:
@@ -224,8 +252,7 @@ def select_paths(model: nnx.Module, hyper: Gates, rule: str = "positive", k: int
     return Selection(layers, modules, ranks)
 
 
-def apply_selection(model: nnx.Module, selection: Selection, *, gates: str | None = None,
-                    rngs: nnx.Rngs) -> nnx.Module:
+def apply_selection(model: nnx.Module, selection: Selection, *, gates: str | None = None, rngs: nnx.Rngs) -> nnx.Module:
     """Replace the searched LoRA of ``model`` by a fresh one on the selected layers and ranks only (in place).
 
     Ranks and scale follow PEFT (``alpha / r_i``); a stacked module keeps its layer axis and masks the
@@ -240,14 +267,15 @@ def apply_selection(model: nnx.Module, selection: Selection, *, gates: str | Non
         if path not in sites or sites[path].layers != tuple(layers):
             raise ConfigError(
                 f"apply_selection: the selection names module {path!r} (layers {tuple(layers)}), which this model "
-                f"does not adapt that way; its adapted modules: {sorted(sites)[:12]} (a selection from another model?)")
+                f"does not adapt that way; its adapted modules: {sorted(sites)[:12]} (a selection from another model?)"
+            )
     modules = {path: module for path, module in adapted_modules(model).items() if path in selection.modules}
     old = {path: sites[path] for path in selection.modules}
     remove_lora(model)
     shared: dict[Any, Gate] = {}
     for path, site in old.items():
         ranks = {path: selection.ranks[path]} if path in selection.ranks else None
-        attach_lora(modules[path], site, gates=gates, layers=selection.layers, ranks=ranks,
-                    shared_gates=shared, rngs=rngs)
+        attach_lora(
+            modules[path], site, gates=gates, layers=selection.layers, ranks=ranks, shared_gates=shared, rngs=rngs
+        )
     return model
-

@@ -97,7 +97,7 @@ def count_lora_params(model: nnx.Module) -> int:
         site = m.lora_site
         s = int(site.stacked)
         d_in = math.prod(m.lora_a.shape[s:-1])
-        d_out = math.prod(m.lora_b.shape[s + 1:])
+        d_out = math.prod(m.lora_b.shape[s + 1 :])
         total += sum(site.ranks) * (d_in + d_out)
     return int(total)
 
@@ -112,8 +112,10 @@ def _matcher(targets: Targets) -> Callable[[str, nnx.Module], bool]:
         return lambda path, _: pattern.fullmatch(path) is not None
     names = tuple(targets) if isinstance(targets, (list, tuple, set, frozenset)) else ()
     if not names or not all(isinstance(n, str) and n for n in names):
-        raise ConfigError(f"add_lora: targets must be module names (a non-empty list of strings), a regex string or "
-                          f"a predicate (path, module) -> bool, got {describe(targets)}")
+        raise ConfigError(
+            f"add_lora: targets must be module names (a non-empty list of strings), a regex string or "
+            f"a predicate (path, module) -> bool, got {describe(targets)}"
+        )
     return lambda path, _: any(path == n or path.endswith("." + n) for n in names)
 
 
@@ -122,8 +124,9 @@ def _layer_index(layer_index: LayerIndex) -> Callable[[str], int | None]:
     if callable(layer_index):
         find = layer_index
     else:
-        pattern = check_regex(DEFAULT_LAYER_PATTERN if layer_index is None else layer_index, "add_lora: layer_index",
-                              groups=1)
+        pattern = check_regex(
+            DEFAULT_LAYER_PATTERN if layer_index is None else layer_index, "add_lora: layer_index", groups=1
+        )
 
         def find(path: str) -> Any:
             found = pattern.search(path)
@@ -134,6 +137,7 @@ def _layer_index(layer_index: LayerIndex) -> Callable[[str], int | None]:
         if isinstance(found, str):
             found = int(found) if found.isdigit() else found
         return None if found is None else check_number(found, f"add_lora: layer_index of {path!r}", lo=0, integer=True)
+
     return index
 
 
@@ -143,18 +147,24 @@ def _ndim(variable: nnx.Variable) -> int:
 
 def _kernel_name(module: nnx.Module, path: str) -> str:
     """The attribute holding the kernel: ``kernel`` if present, else the module's only Param of rank >= 2."""
-    found = [name for name, v in vars(module).items()
-             if isinstance(v, nnx.Param) and not isinstance(v, nnx.LoRAParam) and _ndim(v) >= 2]
+    found = [
+        name
+        for name, v in vars(module).items()
+        if isinstance(v, nnx.Param) and not isinstance(v, nnx.LoRAParam) and _ndim(v) >= 2
+    ]
     if not callable(module) or not found:
         raise ConfigError(
             f"add_lora: module {path!r} ({type(module).__name__}) cannot take LoRA: expected a callable "
             "projection holding a kernel nnx.Param of rank >= 2 (nnx.Linear, nnx.LinearGeneral, nnx.Einsum or a "
-            "module contracting its own Param with jnp.einsum / jax.lax.dot_general)")
+            "module contracting its own Param with jnp.einsum / jax.lax.dot_general)"
+        )
     if "kernel" in found:
         return "kernel"
     if len(found) > 1:
-        raise ConfigError(f"add_lora: module {path!r} holds several kernel-like Params {found}; "
-                          "name one of them 'kernel' or target a module with one kernel")
+        raise ConfigError(
+            f"add_lora: module {path!r} holds several kernel-like Params {found}; "
+            "name one of them 'kernel' or target a module with one kernel"
+        )
     return found[0]
 
 
@@ -164,18 +174,21 @@ def _static_axes(module: nnx.Module, path: str) -> tuple[tuple[int, ...], tuple[
         return (0,), (1,)
     if isinstance(module, nnx.LinearGeneral):
         if module.batch_axis:
-            raise ContractionError(f"add_lora: module {path!r} is a batched nnx.LinearGeneral; LoRA supports "
-                                   "kernels contracted over input features only")
+            raise ContractionError(
+                f"add_lora: module {path!r} is a batched nnx.LinearGeneral; LoRA supports "
+                "kernels contracted over input features only"
+            )
         n_in = len(module.in_features)
         return tuple(range(n_in)), tuple(range(n_in, n_in + len(module.out_features)))
     if isinstance(module, nnx.Einsum) and module.einsum_str and "." not in module.einsum_str:
         inputs, out = module.einsum_str.split("->")
         lhs, rhs = inputs.split(",")
         if any(c in lhs and c in out for c in rhs):
-            raise ContractionError(f"add_lora: module {path!r} ({module.einsum_str}) has kernel batch axes; "
-                                   "LoRA supports kernels contracted over input features only")
-        return (tuple(i for i, c in enumerate(rhs) if c not in out),
-                tuple(i for i, c in enumerate(rhs) if c in out))
+            raise ContractionError(
+                f"add_lora: module {path!r} ({module.einsum_str}) has kernel batch axes; "
+                "LoRA supports kernels contracted over input features only"
+            )
+        return (tuple(i for i, c in enumerate(rhs) if c not in out), tuple(i for i, c in enumerate(rhs) if c in out))
     return None
 
 
@@ -185,7 +198,7 @@ def _coefficients(module: nnx.Module) -> jax.Array:
     site: LoraSite = module.lora_site
     a = module.lora_a[...]
     dtype = a.dtype
-    coeff = jnp.full(a.shape[:-1 - len(site.in_axes)] + (a.shape[-1],), site.scale, dtype)
+    coeff = jnp.full(a.shape[: -1 - len(site.in_axes)] + (a.shape[-1],), site.scale, dtype)
     gate = vars(module).get("lora_gate")
     if gate is not None:
         coeff = coeff * gate[...].astype(dtype)[..., None]
@@ -205,18 +218,32 @@ def _lora_call(self: nnx.Module, *args: Any, **kwargs: Any) -> Any:
     if a.ndim != len(site.in_axes) + 1:
         raise ContractionError(
             f"module {site.path!r} holds LoRA stacked over {len(site.layers)} layers (lora_a {a.shape}); call it "
-            "one layer at a time (under nnx.scan / nnx.vmap), as its kernel is")
-    hook = functools.partial(lora_contraction, a=a, b=b, coeff=_coefficients(self), in_axes=site.in_axes,
-                             out_axes=site.out_axes, path=site.path)
+            "one layer at a time (under nnx.scan / nnx.vmap), as its kernel is"
+        )
+    hook = functools.partial(
+        lora_contraction,
+        a=a,
+        b=b,
+        coeff=_coefficients(self),
+        in_axes=site.in_axes,
+        out_axes=site.out_axes,
+        path=site.path,
+    )
     return call_intercepted(self, call, site.kernel, args, kwargs, hook, site.path)
 
 
 @functools.cache
 def lora_class(cls: type) -> type:
     """The LoRA subclass of a module class (``nnx.Linear`` -> ``LoraLinear``); one per class."""
+
     def body(ns: dict) -> None:
-        ns.update(__call__=_lora_call, lora_base_class=cls, __module__=__name__,
-                  __doc__=f"{cls.__name__} with a gated LoRA branch (see flexora_jax.nnx.add_lora).")
+        ns.update(
+            __call__=_lora_call,
+            lora_base_class=cls,
+            __module__=__name__,
+            __doc__=f"{cls.__name__} with a gated LoRA branch (see flexora_jax.nnx.add_lora).",
+        )
+
     return types.new_class(f"Lora{cls.__name__}", (cls,), {}, body)
 
 
@@ -233,8 +260,9 @@ def _record(site: LoraSite, operands, kernel_index, kernel_axes, dimension_numbe
 
 def _probe(model: nnx.Module, found: list[tuple[str, nnx.Module, str]], example_inputs: tuple) -> dict[str, tuple]:
     """Call the model abstractly once to learn how each module contracts its kernel."""
-    placeholder = dict(layers=(), stacked=False, in_axes=None, out_axes=None, rank=0, ranks=(), alpha=0.0,
-                       use_rslora=False)
+    placeholder = dict(
+        layers=(), stacked=False, in_axes=None, out_axes=None, rank=0, ranks=(), alpha=0.0, use_rslora=False
+    )
     originals = [type(m) for _, m, _ in found]
     _PROBE.records = {}
     try:
@@ -253,8 +281,10 @@ def _probe(model: nnx.Module, found: list[tuple[str, nnx.Module, str]], example_
         seen = records.get(path, set())
         if len(seen) != 1:
             what = "is never called" if not seen else f"contracts its kernel in {len(seen)} different ways"
-            raise ContractionError(f"add_lora: module {path!r} {what} when the model runs on example_inputs; "
-                                   "LoRA needs one contraction layout per module")
+            raise ContractionError(
+                f"add_lora: module {path!r} {what} when the model runs on example_inputs; "
+                "LoRA needs one contraction layout per module"
+            )
         out[path] = next(iter(seen))
     return out
 
@@ -280,28 +310,43 @@ def _place(value: jax.Array, kernel: nnx.Variable, axes: Sequence[int | None]) -
     return jax.device_put(value, NamedSharding(sharding.mesh, derived))
 
 
-def _new_var(kind: type, value: jax.Array, kernel: nnx.Variable, axes: Sequence[int | None],
-             **meta: Any) -> nnx.Variable:
+def _new_var(
+    kind: type, value: jax.Array, kernel: nnx.Variable, axes: Sequence[int | None], **meta: Any
+) -> nnx.Variable:
     """A LoRA / gate variable placed like its kernel (annotation kept; no eager resharding by NNX)."""
     return kind(_place(value, kernel, axes), **_sharding_meta(kernel, axes), eager_sharding=False, **meta)
 
 
-def _resolve_ranks(site_path: str, n_layers: int, rank: int, ranks: Mapping[str, Any] | None,
-                   active: Sequence[bool]) -> tuple[int, ...]:
+def _resolve_ranks(
+    site_path: str, n_layers: int, rank: int, ranks: Mapping[str, Any] | None, active: Sequence[bool]
+) -> tuple[int, ...]:
     """Per-layer true ranks of one module (``ranks[path]`` overrides ``rank``; inactive layers get 0)."""
     value = rank if ranks is None else ranks.get(site_path, rank)
     per_layer = tuple(value) if isinstance(value, (tuple, list)) else (value,) * n_layers
-    if len(per_layer) != n_layers or not all(isinstance(r, (int, np.integer)) and not isinstance(r, (bool, np.bool_))
-                                             and r >= 0 for r in per_layer):
-        raise ConfigError(f"add_lora: ranks[{site_path!r}] = {value!r}; expected a rank >= 0"
-                          f"{'' if n_layers == 1 else f' or one per stacked layer ({n_layers})'}")
+    if len(per_layer) != n_layers or not all(
+        isinstance(r, (int, np.integer)) and not isinstance(r, (bool, np.bool_)) and r >= 0 for r in per_layer
+    ):
+        raise ConfigError(
+            f"add_lora: ranks[{site_path!r}] = {value!r}; expected a rank >= 0"
+            f"{'' if n_layers == 1 else f' or one per stacked layer ({n_layers})'}"
+        )
     return tuple(int(r) if on else 0 for r, on in zip(per_layer, active))
 
 
-def add_lora(model: nnx.Module, targets: Targets, rank: int = 8, alpha: float = 16.0, *, gates: str | None = "layer",
-             layer_index: LayerIndex = None, layers: Sequence[int] | None = None,
-             ranks: Mapping[str, int | Sequence[int]] | None = None, use_rslora: bool = False,
-             example_inputs: tuple | None = None, rngs: nnx.Rngs) -> nnx.Module:
+def add_lora(
+    model: nnx.Module,
+    targets: Targets,
+    rank: int = 8,
+    alpha: float = 16.0,
+    *,
+    gates: str | None = "layer",
+    layer_index: LayerIndex = None,
+    layers: Sequence[int] | None = None,
+    ranks: Mapping[str, int | Sequence[int]] | None = None,
+    use_rslora: bool = False,
+    example_inputs: tuple | None = None,
+    rngs: nnx.Rngs,
+) -> nnx.Module:
     """Attach gated LoRA to every module of ``model`` matched by ``targets`` (in place; returns ``model``).
 
     Args:
@@ -358,11 +403,14 @@ def add_lora(model: nnx.Module, targets: Targets, rank: int = 8, alpha: float = 
         if example_inputs is None:
             raise ConfigError(
                 f"add_lora: module {unknown[0][0]!r} ({type(unknown[0][1]).__name__}) computes its own contraction; "
-                "pass example_inputs=(...) (the model's positional inputs) so one abstract call can show its layout")
+                "pass example_inputs=(...) (the model's positional inputs) so one abstract call can show its layout"
+            )
         for path, (contracted, ndim) in _probe(model, unknown, tuple(example_inputs)).items():
             axes[path] = (contracted, tuple(i for i in range(ndim) if i not in contracted))
-    sites = [_site(module, path, kernel_name, *axes[path], index_of(path), rank, alpha, use_rslora)
-             for path, module, kernel_name in found]
+    sites = [
+        _site(module, path, kernel_name, *axes[path], index_of(path), rank, alpha, use_rslora)
+        for path, module, kernel_name in found
+    ]
     _check_coverage(sites, layers, ranks)
     shared_gates: dict[Any, Gate] = {}
     for (_, module, _), site in zip(found, sites):
@@ -379,35 +427,78 @@ def _check_coverage(sites: list[LoraSite], layers: Sequence[int] | None, ranks: 
         raise ConfigError(f"add_lora: layers {outside} are not layers of the matched modules (their layers: {known})")
     unknown = sorted(set(ranks or ()) - {site.path for site in sites})
     if unknown:
-        raise ConfigError(f"add_lora: ranks names module(s) {unknown} that targets do not match; matched modules: "
-                          f"{[site.path for site in sites][:12]}")
-    if not any(any(_resolve_ranks(site.path, len(site.layers), site.rank, ranks,
-                                  [layers is None or i in layers for i in site.layers])) for site in sites):
-        raise ConfigError(f"add_lora: every matched module gets rank 0 (ranks={dict(ranks or {})!r}, "
-                          f"layers={layers!r}); nothing would be adapted")
+        raise ConfigError(
+            f"add_lora: ranks names module(s) {unknown} that targets do not match; matched modules: "
+            f"{[site.path for site in sites][:12]}"
+        )
+    if not any(
+        any(
+            _resolve_ranks(
+                site.path, len(site.layers), site.rank, ranks, [layers is None or i in layers for i in site.layers]
+            )
+        )
+        for site in sites
+    ):
+        raise ConfigError(
+            f"add_lora: every matched module gets rank 0 (ranks={dict(ranks or {})!r}, "
+            f"layers={layers!r}); nothing would be adapted"
+        )
 
 
-def _site(module: nnx.Module, path: str, kernel_name: str, in_axes: tuple[int, ...], out_axes: tuple[int, ...],
-          index: int | None, rank: int, alpha: float, use_rslora: bool) -> LoraSite:
+def _site(
+    module: nnx.Module,
+    path: str,
+    kernel_name: str,
+    in_axes: tuple[int, ...],
+    out_axes: tuple[int, ...],
+    index: int | None,
+    rank: int,
+    alpha: float,
+    use_rslora: bool,
+) -> LoraSite:
     """The site of one matched module: its layers (from the path, or the kernel's leading layer axis)."""
     kernel = getattr(module, kernel_name)
     stack = kernel.ndim - len(in_axes) - len(out_axes)
     if stack not in (0, 1):
-        raise ContractionError(f"add_lora: module {path!r}: kernel of shape {kernel.shape} vs a per-call layout of "
-                               f"{len(in_axes) + len(out_axes)} axes; expected at most one leading layer axis")
+        raise ContractionError(
+            f"add_lora: module {path!r}: kernel of shape {kernel.shape} vs a per-call layout of "
+            f"{len(in_axes) + len(out_axes)} axes; expected at most one leading layer axis"
+        )
     if stack == 0 and index is None:
-        raise ConfigError(f"add_lora: module path {path!r} has no layer index; expected 'layers.<i>' (or "
-                          "'layers_<i>', 'layers/<i>') in the path, or pass layer_index=<regex or function>")
+        raise ConfigError(
+            f"add_lora: module path {path!r} has no layer index; expected 'layers.<i>' (or "
+            "'layers_<i>', 'layers/<i>') in the path, or pass layer_index=<regex or function>"
+        )
     if stack and index is not None:
-        raise ConfigError(f"add_lora: module {path!r} is stacked over layers (kernel {kernel.shape}) and also has "
-                          f"layer index {index} in its path; pass a layer_index that finds none")
+        raise ConfigError(
+            f"add_lora: module {path!r} is stacked over layers (kernel {kernel.shape}) and also has "
+            f"layer index {index} in its path; pass a layer_index that finds none"
+        )
     own = tuple(range(kernel.shape[0])) if stack else (index,)
-    return LoraSite(path=path, kernel=kernel_name, layers=own, stacked=bool(stack), in_axes=tuple(in_axes),
-                    out_axes=tuple(out_axes), rank=rank, ranks=(), alpha=float(alpha), use_rslora=use_rslora)
+    return LoraSite(
+        path=path,
+        kernel=kernel_name,
+        layers=own,
+        stacked=bool(stack),
+        in_axes=tuple(in_axes),
+        out_axes=tuple(out_axes),
+        rank=rank,
+        ranks=(),
+        alpha=float(alpha),
+        use_rslora=use_rslora,
+    )
 
 
-def attach_lora(module: nnx.Module, site: LoraSite, *, gates: str | None, layers: Sequence[int] | None,
-                ranks: Mapping[str, Any] | None, shared_gates: dict[Any, Gate], rngs: nnx.Rngs) -> None:
+def attach_lora(
+    module: nnx.Module,
+    site: LoraSite,
+    *,
+    gates: str | None,
+    layers: Sequence[int] | None,
+    ranks: Mapping[str, Any] | None,
+    shared_gates: dict[Any, Gate],
+    rngs: nnx.Rngs,
+) -> None:
     """Create one module's LoRA variables and gates for ``site`` and switch its class to the LoRA subclass.
 
     ``site.rank`` is the default rank (``ranks[site.path]`` overrides it); ``shared_gates`` holds the
@@ -433,18 +524,21 @@ def attach_lora(module: nnx.Module, site: LoraSite, *, gates: str | None, layers
     if gates in ("layer", "both") or not all(site_ranks):
         key = ("stacked", site.layers) if stack else site.layers[0]
         if key not in shared_gates:
-            shared_gates[key] = _new_var(Gate, jnp.asarray(mask, dtype), kernel, (None,) * stack, role="layer",
-                                         layers=site.layers)
+            shared_gates[key] = _new_var(
+                Gate, jnp.asarray(mask, dtype), kernel, (None,) * stack, role="layer", layers=site.layers
+            )
         module.lora_gate = shared_gates[key]
     if gates in ("rank", "both") or len(set(x for x in site_ranks if x)) > 1:
         # A stacked module with different ranks per layer keeps r columns and masks the rest here, rescaled
         # so that layer l's scale is alpha / r_l.
         cols = np.arange(r)[None, :] < np.asarray(site_ranks)[:, None]
-        rescale = np.asarray([lora_scale(site.alpha, x, site.use_rslora) / site.scale if x else 0.0
-                              for x in site_ranks])
+        rescale = np.asarray(
+            [lora_scale(site.alpha, x, site.use_rslora) / site.scale if x else 0.0 for x in site_ranks]
+        )
         values = (cols * rescale[:, None]).reshape(kernel.shape[:stack] + (r,))
-        module.lora_rank_gate = _new_var(Gate, jnp.asarray(values, dtype), kernel, (*lead, None), role="rank",
-                                         layers=site.layers, site=site.path)
+        module.lora_rank_gate = _new_var(
+            Gate, jnp.asarray(values, dtype), kernel, (*lead, None), role="rank", layers=site.layers, site=site.path
+        )
     module.lora_site = site
     object.__setattr__(module, "__class__", lora_class(type(module)))
 
@@ -465,9 +559,10 @@ def delta_kernel(module: nnx.Module) -> jax.Array:
     s = int(site.stacked)
     a, b = module.lora_a[...], module.lora_b[...]
     lead, r = a.shape[:s], a.shape[-1]
-    in_dims, out_dims = a.shape[s:-1], b.shape[s + 1:]
-    delta = jnp.einsum("...ir,...r,...ro->...io", a.reshape(*lead, -1, r), _coefficients(module),
-                       b.reshape(*lead, r, -1)).reshape(*lead, *in_dims, *out_dims)
+    in_dims, out_dims = a.shape[s:-1], b.shape[s + 1 :]
+    delta = jnp.einsum(
+        "...ir,...r,...ro->...io", a.reshape(*lead, -1, r), _coefficients(module), b.reshape(*lead, r, -1)
+    ).reshape(*lead, *in_dims, *out_dims)
     source = [*range(s), *(s + x for x in site.in_axes), *(s + x for x in site.out_axes)]
     return jnp.transpose(delta, [source.index(k) for k in range(delta.ndim)])
 

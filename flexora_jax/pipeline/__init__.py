@@ -12,5 +12,17 @@ from flexora_jax.pipeline.io import Interrupted
 from flexora_jax.pipeline.registry import Method, get_method, method_names, register, unregister
 from flexora_jax.pipeline.stages import RunResult, run, run_stage
 
-__all__ = ["Interrupted", "Method", "RunConfig", "RunResult", "get_method", "load_config", "method_names", "register",
-           "run", "run_stage", "save_config", "unregister"]
+__all__ = [
+    "Interrupted",
+    "Method",
+    "RunConfig",
+    "RunResult",
+    "get_method",
+    "load_config",
+    "method_names",
+    "register",
+    "run",
+    "run_stage",
+    "save_config",
+    "unregister",
+]

@@ -56,12 +56,17 @@ class ModelSourceConfig:
     def __post_init__(self) -> None:
         check_fields(self, "model")
         require(self.dtype in DTYPES, f"model.dtype must be one of {DTYPES}, got {self.dtype!r}")
-        require(isinstance(self.allow_pickle, bool),
-                f"model.allow_pickle must be true or false, got {self.allow_pickle!r}")
-        require(not (self.path and self.llama2c),
-               f"model.path ({self.path!r}) and model.llama2c ({self.llama2c!r}) are exclusive; set one")
-        require(self.llama2c is None or self.tokenizer_model is not None,
-               "model.llama2c needs model.tokenizer_model (the SentencePiece .model of the checkpoint)")
+        require(
+            isinstance(self.allow_pickle, bool), f"model.allow_pickle must be true or false, got {self.allow_pickle!r}"
+        )
+        require(
+            not (self.path and self.llama2c),
+            f"model.path ({self.path!r}) and model.llama2c ({self.llama2c!r}) are exclusive; set one",
+        )
+        require(
+            self.llama2c is None or self.tokenizer_model is not None,
+            "model.llama2c needs model.tokenizer_model (the SentencePiece .model of the checkpoint)",
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,25 +94,34 @@ class PlantedOptions:
         modules = tuple(self.modules)
         object.__setattr__(self, "modules", modules)
         bad = [m for m in modules if m not in ALL_MODULES]
-        require(modules and not bad,
-                f"task.planted.modules must name modules of {list(ALL_MODULES)}, got {list(modules)!r}")
+        require(
+            modules and not bad, f"task.planted.modules must name modules of {list(ALL_MODULES)}, got {list(modules)!r}"
+        )
         require(len(set(modules)) == len(modules), f"task.planted.modules has duplicates: {list(modules)!r}")
-        require(isinstance(self.layer_kl, (int, float)) and self.layer_kl > 0,
-               f"task.planted.layer_kl must be a KL > 0 (nats), got {self.layer_kl!r}")
+        require(
+            isinstance(self.layer_kl, (int, float)) and self.layer_kl > 0,
+            f"task.planted.layer_kl must be a KL > 0 (nats), got {self.layer_kl!r}",
+        )
         for name in ("num_layers", "num_planted", "n_train", "n_val", "n_test", "rank"):
             v = getattr(self, name)
             require(isinstance(v, int) and v >= 1, f"task.planted.{name} must be an integer >= 1, got {v!r}")
-        require(self.num_planted <= self.num_layers,
-               f"task.planted.num_planted ({self.num_planted}) must be <= num_layers ({self.num_layers})")
-        require(isinstance(self.finetune_examples, int) and 0 <= self.finetune_examples <= self.n_train,
-               f"task.planted.finetune_examples must be in 0..n_train ({self.n_train}), "
-               f"got {self.finetune_examples!r}")
-        require(self.finetune_targets in ("hard", "same"),
-               f"task.planted.finetune_targets must be 'hard' or 'same', got {self.finetune_targets!r}")
+        require(
+            self.num_planted <= self.num_layers,
+            f"task.planted.num_planted ({self.num_planted}) must be <= num_layers ({self.num_layers})",
+        )
+        require(
+            isinstance(self.finetune_examples, int) and 0 <= self.finetune_examples <= self.n_train,
+            f"task.planted.finetune_examples must be in 0..n_train ({self.n_train}), got {self.finetune_examples!r}",
+        )
+        require(
+            self.finetune_targets in ("hard", "same"),
+            f"task.planted.finetune_targets must be 'hard' or 'same', got {self.finetune_targets!r}",
+        )
         for module, r in self.ranks.items():
-            require(module in modules and isinstance(r, int) and r >= 1,
-                   f"task.planted.ranks maps planted modules ({list(modules)}) to ranks >= 1, "
-                   f"got {module!r}: {r!r}")
+            require(
+                module in modules and isinstance(r, int) and r >= 1,
+                f"task.planted.ranks maps planted modules ({list(modules)}) to ranks >= 1, got {module!r}: {r!r}",
+            )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,16 +144,19 @@ class TaskConfig:
         check_fields(self, "task")
         require(isinstance(self.name, str) and self.name != "", "task.name must be a non-empty string")
         require(self.source in ("local", "hub"), f"task.source must be 'local' or 'hub', got {self.source!r}")
-        require(self.too_long in ("drop", "truncate"),
-                f"task.too_long must be 'drop' or 'truncate', got {self.too_long!r}")
-        require(isinstance(self.max_length, int) and self.max_length >= 8,
-               f"task.max_length must be an integer >= 8, got {self.max_length!r}")
+        require(
+            self.too_long in ("drop", "truncate"), f"task.too_long must be 'drop' or 'truncate', got {self.too_long!r}"
+        )
+        require(
+            isinstance(self.max_length, int) and self.max_length >= 8,
+            f"task.max_length must be an integer >= 8, got {self.max_length!r}",
+        )
         for name in ("n_train", "n_val", "n_test", "n_finetune"):
             v = getattr(self, name)
             require(isinstance(v, int) and v >= 0, f"task.{name} must be an integer >= 0 (0 = all), got {v!r}")
-        require(self.split_seed >= 0, f"task.split_seed must be an integer >= 0 (a numpy seed), got "
-                                      f"{self.split_seed!r}")
-
+        require(
+            self.split_seed >= 0, f"task.split_seed must be an integer >= 0 (a numpy seed), got {self.split_seed!r}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -151,10 +168,13 @@ class CheckpointConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "checkpoint")
-        require(isinstance(self.every, int) and self.every >= 0,
-               f"checkpoint.every must be an integer >= 0, got {self.every!r}")
-        require(isinstance(self.keep, int) and self.keep >= 1,
-               f"checkpoint.keep must be an integer >= 1, got {self.keep!r}")
+        require(
+            isinstance(self.every, int) and self.every >= 0,
+            f"checkpoint.every must be an integer >= 0, got {self.every!r}",
+        )
+        require(
+            isinstance(self.keep, int) and self.keep >= 1, f"checkpoint.keep must be an integer >= 1, got {self.keep!r}"
+        )
 
 
 #: The defaults a real task (any ``task.name`` but ``planted``) starts from: the Flexora paper's settings,
@@ -174,9 +194,10 @@ class LogConfig:
     def __post_init__(self) -> None:
         check_fields(self, "log")
         require(isinstance(self.tensorboard, bool), f"log.tensorboard must be true or false, got {self.tensorboard!r}")
-        require(self.wandb_project is None or (isinstance(self.wandb_project, str) and self.wandb_project != ""),
-                f"log.wandb_project must be a W&B project name or null, got {self.wandb_project!r}")
-
+        require(
+            self.wandb_project is None or (isinstance(self.wandb_project, str) and self.wandb_project != ""),
+            f"log.wandb_project must be a W&B project name or null, got {self.wandb_project!r}",
+        )
 
 
 def _demo(section: str) -> functools.partial:
@@ -217,31 +238,48 @@ class RunConfig:
         bad = [m for m in compare if m not in METHODS]
         require(not bad, f"compare: unknown method(s) {bad}; allowed: {list(METHODS)}")
         object.__setattr__(self, "compare", compare)
-        require(isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**31 - 1,
-                f"seed must be an integer in 0..{2**31 - 2}, got {self.seed!r}")
+        require(
+            isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**31 - 1,
+            f"seed must be an integer in 0..{2**31 - 2}, got {self.seed!r}",
+        )
         lt = self.lora.layers_to_transform
-        require(lt is None or len(lt) > 0, "lora.layers_to_transform is empty; list at least one layer, or leave it "
-                                           "unset (null) for every layer")
-        alphas = {"lora.lora_alpha": self.lora.lora_alpha} | {f"lora.alpha_pattern[{k!r}]": v
-                                                             for k, v in dict(self.lora.alpha_pattern).items()}
+        require(
+            lt is None or len(lt) > 0,
+            "lora.layers_to_transform is empty; list at least one layer, or leave it unset (null) for every layer",
+        )
+        alphas = {"lora.lora_alpha": self.lora.lora_alpha} | {
+            f"lora.alpha_pattern[{k!r}]": v for k, v in dict(self.lora.alpha_pattern).items()
+        }
         bad_alpha = {k: v for k, v in alphas.items() if not math.isfinite(float(v))}
         require(not bad_alpha, f"{', '.join(bad_alpha)} must be finite, got {list(bad_alpha.values())}")
-        require(not self.lora.use_dora, "lora.use_dora: a run chooses DoRA by method; use method / compare 'dora' "
-                                        "or 'flexora+dora' (the searches then stay plain LoRA)")
+        require(
+            not self.lora.use_dora,
+            "lora.use_dora: a run chooses DoRA by method; use method / compare 'dora' "
+            "or 'flexora+dora' (the searches then stay plain LoRA)",
+        )
         bad = {k: v for k, v in dict(self.lora.rank_pattern).items() if v < 1}
-        require(not bad, f"lora.rank_pattern gives rank 0 to {sorted(bad)}; expected ranks >= 1 (leave a module out of "
-                         "lora.target_modules / layers_to_transform to not adapt it)")
-        require(isinstance(self.baseline_k, int) and self.baseline_k >= 0,
-               f"baseline_k must be an integer >= 0, got {self.baseline_k!r}")
+        require(
+            not bad,
+            f"lora.rank_pattern gives rank 0 to {sorted(bad)}; expected ranks >= 1 (leave a module out of "
+            "lora.target_modules / layers_to_transform to not adapt it)",
+        )
+        require(
+            isinstance(self.baseline_k, int) and self.baseline_k >= 0,
+            f"baseline_k must be an integer >= 0, got {self.baseline_k!r}",
+        )
         require(isinstance(self.output_dir, str) and self.output_dir != "", "output_dir must be a non-empty path")
         if self.task.name == PLANTED_TASK:
-            require(self.model.path is None and self.model.llama2c is None,
-                   "task.name 'planted' builds its own teacher model; unset model.path / model.llama2c, "
-                   "or name a real task (e.g. task.name=piqa)")
+            require(
+                self.model.path is None and self.model.llama2c is None,
+                "task.name 'planted' builds its own teacher model; unset model.path / model.llama2c, "
+                "or name a real task (e.g. task.name=piqa)",
+            )
         else:
-            require(self.model.path is not None or self.model.llama2c is not None,
-                   f"task.name {self.task.name!r} needs a base model: set model.path (HF directory or hub id) "
-                   "or model.llama2c + model.tokenizer_model")
+            require(
+                self.model.path is not None or self.model.llama2c is not None,
+                f"task.name {self.task.name!r} needs a base model: set model.path (HF directory or hub id) "
+                "or model.llama2c + model.tokenizer_model",
+            )
         _refuse_ignored_settings(self)
 
     @property
@@ -255,19 +293,28 @@ def _refuse_ignored_settings(config: RunConfig) -> None:
     ``model.dtype`` says, and AdaLoRA allocates its own ranks on every layer (no ``layers_to_transform``,
     ``rank_pattern``, ``alpha_pattern``, rsLoRA or dropout)."""
     if config.task.name == PLANTED_TASK:
-        require(config.model.dtype == "float32",
-                f"model.dtype {config.model.dtype!r}: the planted task builds its teacher in float32 and ignores "
-                "model.dtype; leave it at float32, or name a real task (a model read in that dtype)")
+        require(
+            config.model.dtype == "float32",
+            f"model.dtype {config.model.dtype!r}: the planted task builds its teacher in float32 and ignores "
+            "model.dtype; leave it at float32, or name a real task (a model read in that dtype)",
+        )
     adalora = [m for m in config.methods if m in METHODS and get_method(m).finetune == "adalora"]
     if adalora:
         lc = config.lora
-        ignored = {"lora.layers_to_transform": lc.layers_to_transform is not None,
-                   "lora.rank_pattern": bool(dict(lc.rank_pattern)), "lora.alpha_pattern": bool(dict(lc.alpha_pattern)),
-                   "lora.use_rslora": lc.use_rslora, "lora.lora_dropout": lc.lora_dropout > 0}
+        ignored = {
+            "lora.layers_to_transform": lc.layers_to_transform is not None,
+            "lora.rank_pattern": bool(dict(lc.rank_pattern)),
+            "lora.alpha_pattern": bool(dict(lc.alpha_pattern)),
+            "lora.use_rslora": lc.use_rslora,
+            "lora.lora_dropout": lc.lora_dropout > 0,
+        }
         named = [k for k, on in ignored.items() if on]
-        require(not named, f"method {adalora[0]} ignores {', '.join(named)}: AdaLoRA adapts every layer and allocates "
-                           "its own ranks (from 1.5 x lora.r down to lora.r), without dropout or rsLoRA; unset them, "
-                           "or run it in a run of its own")
+        require(
+            not named,
+            f"method {adalora[0]} ignores {', '.join(named)}: AdaLoRA adapts every layer and allocates "
+            "its own ranks (from 1.5 x lora.r down to lora.r), without dropout or rsLoRA; unset them, "
+            "or run it in a run of its own",
+        )
 
 
 def config_to_dict(config: Any) -> Any:
@@ -294,15 +341,18 @@ def _dataclass_type(cls: type, name: str) -> type | None:
 def _check_keys(cls: type, data: Any, where: str, origin: str) -> None:
     """Raise :class:`ConfigError` for any key of ``data`` that is not a field, naming the allowed ones."""
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{origin}: {where or 'the config'} must be a mapping of keys to values, "
-                          f"got {type(data).__name__} {data!r}")
+        raise ConfigError(
+            f"{origin}: {where or 'the config'} must be a mapping of keys to values, got {type(data).__name__} {data!r}"
+        )
     fields = _section_fields(cls)
     for key, value in data.items():
         path = f"{where}.{key}" if where else str(key)
         if key not in fields:
             hint = did_you_mean(str(key), fields, where + "." if where else "")
-            raise ConfigError(f"{origin}: unknown key {path!r}{hint}; allowed keys"
-                              f"{' under ' + repr(where) if where else ''}: {sorted(fields)}")
+            raise ConfigError(
+                f"{origin}: unknown key {path!r}{hint}; allowed keys"
+                f"{' under ' + repr(where) if where else ''}: {sorted(fields)}"
+            )
         sub = _dataclass_type(cls, key)
         if sub is not None and value is not None:
             _check_keys(sub, value, path, origin)
@@ -350,8 +400,9 @@ def _cause(exc: BaseException) -> BaseException | None:
     return None
 
 
-def load_config(path: str | Any | None = None, overrides: tuple[str, ...] | list[str] = (),
-                base: Mapping[str, Any] | None = None) -> RunConfig:
+def load_config(
+    path: str | Any | None = None, overrides: tuple[str, ...] | list[str] = (), base: Mapping[str, Any] | None = None
+) -> RunConfig:
     """A validated :class:`RunConfig` from a YAML file plus ``--section.key=value`` overrides.
 
     The YAML is read with ``yaml.safe_load``. A file may build on others: a top-level ``base:`` (a path or
@@ -384,8 +435,9 @@ def load_config(path: str | Any | None = None, overrides: tuple[str, ...] | list
     args: list[str] = []
     for mapping in (config_to_dict(RunConfig()), base, *(data for _, data in layers)):
         for key, value in _flatten(RunConfig, mapping):
-            args.append(f"--{key}={yaml.safe_dump(value, default_flow_style=True, width=10**9).strip()}"
-                        .removesuffix("\n..."))
+            args.append(
+                f"--{key}={yaml.safe_dump(value, default_flow_style=True, width=10**9).strip()}".removesuffix("\n...")
+            )
     for arg, (key, value) in zip(overrides, parsed):
         _check_override(arg, key, value)
         args.append(arg)
@@ -400,8 +452,7 @@ def load_config(path: str | Any | None = None, overrides: tuple[str, ...] | list
         where = getattr(exc, "key_path", None) or (exc.args[0] if len(exc.args) > 1 else None)
         key = ".".join(map(str, where)) if isinstance(where, (tuple, list)) else None
         detail = exc.args[-1] if exc.args else str(exc)
-        raise ConfigError(f"{origin}: bad value for {key or 'the config'}: {detail}"
-                          f"{_expected(key)}") from None
+        raise ConfigError(f"{origin}: bad value for {key or 'the config'}: {detail}{_expected(key)}") from None
 
 
 def _preset_sections(name: str) -> dict[str, Any]:
@@ -453,8 +504,9 @@ def _read_yaml(path: Path) -> Any:
     except IsADirectoryError:
         raise ConfigError(f"config file {path} is a directory; pass a YAML file to --config") from None
     except UnicodeDecodeError as exc:
-        raise ConfigError(f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); expected "
-                          "a YAML file") from None
+        raise ConfigError(
+            f"config file {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); expected a YAML file"
+        ) from None
     except yaml.YAMLError as exc:
         raise ConfigError(f"config file {path} is not valid YAML: {exc}") from None
 
@@ -463,13 +515,12 @@ def _chain(path: Path, seen: tuple[Path, ...]) -> list[tuple[str, dict[str, Any]
     """``(file, its keys)`` of ``path``'s base files (depth first, in order), then of ``path`` itself."""
     real = path.resolve()
     if real in seen:
-        cycle = " -> ".join(str(p) for p in (*seen[seen.index(real):], real))
+        cycle = " -> ".join(str(p) for p in (*seen[seen.index(real) :], real))
         raise ConfigError(f"config file {path}: its base chain is a cycle ({cycle}); remove one of the base: entries")
     loaded = _read_yaml(path)
     data = {} if loaded is None else loaded
     if not isinstance(data, Mapping):
-        raise ConfigError(f"{path}: the config must be a mapping of keys to values, got {type(data).__name__} "
-                          f"{data!r}")
+        raise ConfigError(f"{path}: the config must be a mapping of keys to values, got {type(data).__name__} {data!r}")
     data = dict(data)
     bases = data.pop("base", [])
     bases = [bases] if isinstance(bases, str) else bases
@@ -479,8 +530,9 @@ def _chain(path: Path, seen: tuple[Path, ...]) -> list[tuple[str, dict[str, Any]
     for b in bases:
         file = Path(b) if Path(b).is_absolute() else path.parent / b
         if not file.is_file():
-            raise ConfigError(f"{path}: base file {b!r} ({file}) does not exist; expected a YAML file relative to "
-                              f"{path.parent}")
+            raise ConfigError(
+                f"{path}: base file {b!r} ({file}) does not exist; expected a YAML file relative to {path.parent}"
+            )
         out += _chain(file, (*seen, real))
     _check_keys(RunConfig, data, "", str(path))
     for key, value in _flatten(RunConfig, data):

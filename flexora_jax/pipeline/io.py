@@ -63,8 +63,25 @@ def progress_enabled() -> bool:
 
 
 def progress(total: int, initial: int, desc: str, unit: str = "step") -> tqdm:
-    return tqdm(total=total, initial=initial, desc=desc, unit=unit, file=sys.stderr, dynamic_ncols=True,
-                leave=False, disable=not progress_enabled())
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit=unit,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        leave=False,
+        disable=not progress_enabled(),
+    )
 
-__all__ = ["Interrupted", "METRICS_FILE", "RunLog", "progress", "progress_enabled", "read_json", "write_json",
-           "write_text"]
+
+__all__ = [
+    "Interrupted",
+    "METRICS_FILE",
+    "RunLog",
+    "progress",
+    "progress_enabled",
+    "read_json",
+    "write_json",
+    "write_text",
+]

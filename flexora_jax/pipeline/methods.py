@@ -57,5 +57,12 @@ def load_search(run_dir: Path, kind: str) -> SearchOutcome:
     return SearchOutcome(kind, read_json(d / "gates.json"), Selection.from_json(read_json(d / "selection.json")))
 
 
-__all__ = ["SearchOutcome", "load_search", "method_dir", "method_dirname", "method_selection", "needed_searches",
-           "selection_json"]
+__all__ = [
+    "SearchOutcome",
+    "load_search",
+    "method_dir",
+    "method_dirname",
+    "method_selection",
+    "needed_searches",
+    "selection_json",
+]

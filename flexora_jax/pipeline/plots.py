@@ -45,30 +45,43 @@ def _save(fig: Any, out: str | os.PathLike) -> Path:
     return fileio.write_with(out, lambda tmp: fig.savefig(tmp, format="png"))
 
 
-def layer_gates(trajectories: Mapping[str, Sequence[Sequence[float]]], out: str | os.PathLike,
-                planted: Sequence[int] | None = None) -> Path | None:
+def layer_gates(
+    trajectories: Mapping[str, Sequence[Sequence[float]]], out: str | os.PathLike, planted: Sequence[int] | None = None
+) -> Path | None:
     """``w_l`` per search step, one panel per search (``{kind: [[w per layer] per step]}``); planted layers solid,
     the others dashed when the truth is known. None (no file) when no trajectory has a step."""
     trajectories = {k: np.asarray(v, np.float64) for k, v in trajectories.items() if len(v)}
     if not trajectories:
         return None
     fig = _figure(7.5, 3.6 * len(trajectories))
-    for ax, (kind, traj) in zip(np.atleast_1d(fig.subplots(len(trajectories), 1, squeeze=False)[:, 0]),
-                                trajectories.items()):
+    for ax, (kind, traj) in zip(
+        np.atleast_1d(fig.subplots(len(trajectories), 1, squeeze=False)[:, 0]), trajectories.items()
+    ):
         steps = np.arange(1, len(traj) + 1)
         for layer in range(traj.shape[1]):
             truth = planted is not None and layer in planted
-            ax.plot(steps, traj[:, layer], "-" if planted is None or truth else "--", linewidth=1.6,
-                    label=f"layer {layer}" + (" (planted)" if truth else ""))
+            ax.plot(
+                steps,
+                traj[:, layer],
+                "-" if planted is None or truth else "--",
+                linewidth=1.6,
+                label=f"layer {layer}" + (" (planted)" if truth else ""),
+            )
         ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
-        ax.set(xlabel="search step", ylabel="layer gate  w = (L softmax(alpha))^p",
-               title=f"Flexora layer gates during the {kind} search")
+        ax.set(
+            xlabel="search step",
+            ylabel="layer gate  w = (L softmax(alpha))^p",
+            title=f"Flexora layer gates during the {kind} search",
+        )
         ax.legend(fontsize=7, ncol=2)
     return _save(fig, out)
 
 
-def rank_gates(searches: Mapping[str, Mapping[str, Sequence[Sequence[float]]]], out: str | os.PathLike,
-               layers: Mapping[str, Sequence[int]] | None = None) -> Path | None:
+def rank_gates(
+    searches: Mapping[str, Mapping[str, Sequence[Sequence[float]]]],
+    out: str | os.PathLike,
+    layers: Mapping[str, Sequence[int]] | None = None,
+) -> Path | None:
     """AutoLoRA's rank gates: per search (``{kind: {module: [L][r] softmax values}}``), the selected rank of each
     (module, layer) (0 where a combined search dropped the layer: ``layers[kind]``), then each module's gate
     values. None (no file) without a rank search."""
@@ -89,17 +102,27 @@ def rank_gates(searches: Mapping[str, Mapping[str, Sequence[Sequence[float]]]], 
         im = row[0].imshow(ranks, cmap="viridis", vmin=0, vmax=r_max, aspect="auto")
         for (i, j), value in np.ndenumerate(ranks):
             row[0].text(j, i, f"{value:.0f}", ha="center", va="center", color="w" if value < r_max / 2 else "k")
-        row[0].set(xticks=range(ranks.shape[1]), yticks=range(len(modules)), yticklabels=modules, xlabel="layer",
-                   title=f"{kind} search: selected rank")
+        row[0].set(
+            xticks=range(ranks.shape[1]),
+            yticks=range(len(modules)),
+            yticklabels=modules,
+            xlabel="layer",
+            title=f"{kind} search: selected rank",
+        )
         fig.colorbar(im, ax=row[0], shrink=0.8, label="rank")
         for ax, module in zip(row[1:], modules):
             values = mods[module].T  # [r, L]
             r = values.shape[0]
             im = ax.imshow(values, cmap="RdBu_r", aspect="auto", vmin=0.0, vmax=2.0 / r)  # white: 1 / r
-            ax.set(xticks=range(values.shape[1]), yticks=range(r), xlabel="layer", ylabel="component",
-                   title=f"{module}: softmax(beta)")
+            ax.set(
+                xticks=range(values.shape[1]),
+                yticks=range(r),
+                xlabel="layer",
+                ylabel="component",
+                title=f"{module}: softmax(beta)",
+            )
             fig.colorbar(im, ax=ax, shrink=0.8, label=f"kept >= 1/r = {1.0 / r:.3g}")
-        for ax in row[1 + len(modules):]:
+        for ax in row[1 + len(modules) :]:
             ax.set_axis_off()
     return _save(fig, out)
 
@@ -112,8 +135,10 @@ def losses(records: Sequence[Mapping[str, Any]], out: str | os.PathLike) -> Path
     for rec in records:
         if "event" not in rec and isinstance(rec.get("step"), int) and any(_finite(rec.get(k)) for k in LOSS_KEYS):
             series.setdefault(str(rec.get("stage", "")), {})[rec["step"]] = rec
-    panels = {"search": [s for s in series if s.startswith("search")],
-              "fine-tune": [s for s in series if not s.startswith("search")]}
+    panels = {
+        "search": [s for s in series if s.startswith("search")],
+        "fine-tune": [s for s in series if not s.startswith("search")],
+    }
     panels = {k: v for k, v in panels.items() if v}
     if not panels:
         return None
@@ -133,9 +158,17 @@ def losses(records: Sequence[Mapping[str, Any]], out: str | os.PathLike) -> Path
                     ax.plot(xs, ys, style, color=colour, linewidth=0.6, alpha=0.3)
                     ys = np.convolve(ys, np.ones(window) / window, mode="same")
                     edge = window // 2
-                    xs, ys = xs[edge:len(xs) - edge], ys[edge:len(ys) - edge]
-                ax.plot(xs, ys, style, color=colour, marker="o" if sparse else None, markersize=3, linewidth=1.3,
-                        label=f"{stage} {key}" + (f" (mean of {window})" if window > 1 else ""))
+                    xs, ys = xs[edge : len(xs) - edge], ys[edge : len(ys) - edge]
+                ax.plot(
+                    xs,
+                    ys,
+                    style,
+                    color=colour,
+                    marker="o" if sparse else None,
+                    markersize=3,
+                    linewidth=1.3,
+                    label=f"{stage} {key}" + (f" (mean of {window})" if window > 1 else ""),
+                )
         ax.set(xlabel="step", ylabel="loss (nats / token)", title=title)
         ax.legend(fontsize=7)
     return _save(fig, out)
@@ -145,8 +178,9 @@ def _finite(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def comparison(scores: Mapping[str, Mapping[str, Score]], out: str | os.PathLike, error: str,
-               floor: float | None = None) -> Path | None:
+def comparison(
+    scores: Mapping[str, Mapping[str, Score]], out: str | os.PathLike, error: str, floor: float | None = None
+) -> Path | None:
     """One panel per metric (``{metric: {method: (value, error bar)}}``), a point per method with its error bar;
     ``error`` names what the bars are; ``floor``: a line at the best reachable ``test_loss``. None (no file)
     without scores."""

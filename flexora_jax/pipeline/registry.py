@@ -123,8 +123,9 @@ def get_method(name: str) -> Method:
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
-        raise ConfigError(f"unknown method {name!r}{did_you_mean(str(name), _REGISTRY)}; registered: "
-                          f"{list(_REGISTRY)}") from None
+        raise ConfigError(
+            f"unknown method {name!r}{did_you_mean(str(name), _REGISTRY)}; registered: {list(_REGISTRY)}"
+        ) from None
 
 
 def method_names() -> tuple[str, ...]:
@@ -169,8 +170,9 @@ def _on_layers(run: Run, layers: Sequence[int], **changes: Any) -> Selection:
     """The run's LoRA (with ``changes``) on ``layers`` (``layers_to_transform`` unset when that is every layer)."""
     L = run.num_layers
     layers = tuple(layers)
-    return Selection.of_lora_config(dataclasses.replace(
-        run.config.lora, layers_to_transform=layers if len(layers) < L else None, **changes), L)
+    return Selection.of_lora_config(
+        dataclasses.replace(run.config.lora, layers_to_transform=layers if len(layers) < L else None, **changes), L
+    )
 
 
 def every_layer(run: Run, searches: Mapping[str, Selection]) -> Selection:
@@ -180,8 +182,10 @@ def every_layer(run: Run, searches: Mapping[str, Selection]) -> Selection:
 
 def searched(kind: str) -> Select:
     """The selection the ``kind`` search found."""
+
     def select(run: Run, searches: Mapping[str, Selection]) -> Selection:
         return searches[kind]
+
     select.__doc__ = f"The selection of the {kind!r} gate search."
     return select
 
@@ -216,32 +220,75 @@ def highrank(run: Run, searches: Mapping[str, Selection]) -> Selection:
     """The flexora selection's layers at rank ``round(r * L / k)``, ``lora_alpha / r`` kept."""
     _k(run, searches)
     layers = searches["layer"].layers
-    return _rescaled(run, layers, round(run.config.lora.r * run.num_layers / max(len(layers), 1)),
-                     "flexora_highrank")
+    return _rescaled(run, layers, round(run.config.lora.r * run.num_layers / max(len(layers), 1)), "flexora_highrank")
 
 
 for _method in (
     Method("lora", "LoRA on every layer (the baseline).", every_layer),
     Method("flexora", "the layers a layer-gate search selects (Flexora).", searched("layer"), search="layer"),
-    Method("autolora", "every layer at the ranks a rank-gate search selects (AutoLoRA).", searched("rank"),
-           search="rank"),
-    Method("flexora+autolora", "the layers and ranks of one combined layer + rank gate search.", searched("both"),
-           search="both"),
-    Method("random_k", "as many layers as the flexora selection (or baseline_k), drawn with the run seed.",
-           random_k, needs_k=True),
+    Method(
+        "autolora", "every layer at the ranks a rank-gate search selects (AutoLoRA).", searched("rank"), search="rank"
+    ),
+    Method(
+        "flexora+autolora",
+        "the layers and ranks of one combined layer + rank gate search.",
+        searched("both"),
+        search="both",
+    ),
+    Method(
+        "random_k",
+        "as many layers as the flexora selection (or baseline_k), drawn with the run seed.",
+        random_k,
+        needs_k=True,
+    ),
     Method("lora_drop", "the last k layers (k: the flexora selection's size, or baseline_k).", last_k, needs_k=True),
-    Method("lora_lowrank", "every layer at rank max(1, round(r * k / L)): about flexora's parameter count spread "
-           "over all layers (lora_alpha / r kept).", lowrank, needs_k=True),
-    Method("flexora_highrank", "flexora's layers at rank round(r * L / k): LoRA-all's parameter count on fewer "
-           "layers (lora_alpha / r kept).", highrank, search="layer", needs_k=True),
+    Method(
+        "lora_lowrank",
+        "every layer at rank max(1, round(r * k / L)): about flexora's parameter count spread "
+        "over all layers (lora_alpha / r kept).",
+        lowrank,
+        needs_k=True,
+    ),
+    Method(
+        "flexora_highrank",
+        "flexora's layers at rank round(r * L / k): LoRA-all's parameter count on fewer layers (lora_alpha / r kept).",
+        highrank,
+        search="layer",
+        needs_k=True,
+    ),
     Method("dora", "DoRA (flexora_jax.dora) on every layer.", every_layer, finetune="dora"),
-    Method("flexora+dora", "DoRA on the layers a layer-gate search selects (the search itself is plain LoRA).",
-           searched("layer"), search="layer", finetune="dora"),
-    Method("adalora", "PEFT's AdaLoRA on every layer, its budget from init_r = 1.5 r down to target_r = r; exported "
-           "rank-pruned as LoRA with rank_pattern (and as a PEFT AdaLoRA adapter).", every_layer,
-           finetune="adalora"),
+    Method(
+        "flexora+dora",
+        "DoRA on the layers a layer-gate search selects (the search itself is plain LoRA).",
+        searched("layer"),
+        search="layer",
+        finetune="dora",
+    ),
+    Method(
+        "adalora",
+        "PEFT's AdaLoRA on every layer, its budget from init_r = 1.5 r down to target_r = r; exported "
+        "rank-pruned as LoRA with rank_pattern (and as a PEFT AdaLoRA adapter).",
+        every_layer,
+        finetune="adalora",
+    ),
 ):
     register(_method)
 
-__all__ = ["FINETUNES", "METHODS", "Method", "Run", "Select", "every_layer", "get_method", "highrank", "last_k",
-           "lowrank", "method_dirname", "method_names", "random_k", "register", "searched", "unregister"]
+__all__ = [
+    "FINETUNES",
+    "METHODS",
+    "Method",
+    "Run",
+    "Select",
+    "every_layer",
+    "get_method",
+    "highrank",
+    "last_k",
+    "lowrank",
+    "method_dirname",
+    "method_names",
+    "random_k",
+    "register",
+    "searched",
+    "unregister",
+]

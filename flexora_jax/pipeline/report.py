@@ -62,8 +62,9 @@ def _tail_slope(traj: np.ndarray, tail: float) -> tuple[np.ndarray, int]:
     return np.polyfit(np.arange(n, dtype=np.float64), traj[-n:], 1)[0], n
 
 
-def moving_gates(trajectory: Sequence[Sequence[float]], tail: float = TAIL,
-                 tolerance: float = MOVING) -> dict[int, float]:
+def moving_gates(
+    trajectory: Sequence[Sequence[float]], tail: float = TAIL, tolerance: float = MOVING
+) -> dict[int, float]:
     """Layers whose gate is still moving when the search ends: ``{layer: change}``.
 
     ``change`` is the least-squares trend over the last ``tail`` of the steps (at least 3), times the
@@ -89,8 +90,9 @@ def boundary(w: Sequence[float], rule: str, top_k: int = 0, threshold: float = 1
     return float(ranked[top_k - 1] + ranked[top_k]) / 2 if rule == "top_k" and 1 <= top_k < len(ranked) else None
 
 
-def marginal_gates(w: Sequence[float], rule: str, top_k: int = 0, threshold: float = 1.0,
-                   margin: float = MARGIN) -> dict[int, float]:
+def marginal_gates(
+    w: Sequence[float], rule: str, top_k: int = 0, threshold: float = 1.0, margin: float = MARGIN
+) -> dict[int, float]:
     """Layers whose selection hangs on less than ``margin`` (relative): ``{layer: the boundary it sits at}``.
 
     ``positive`` keeps ``w > 1`` and ``threshold`` keeps ``w >= threshold``: a gate within ``margin`` of that
@@ -117,15 +119,25 @@ class Check(NamedTuple):
     warning: bool
 
 
-def gate_checks(trajectory: Sequence[Sequence[float]], w: Sequence[float], selected: Sequence[int],
-                selection: Mapping[str, Any], steps: int) -> list[Check]:
+def gate_checks(
+    trajectory: Sequence[Sequence[float]],
+    w: Sequence[float],
+    selected: Sequence[int],
+    selection: Mapping[str, Any],
+    steps: int,
+) -> list[Check]:
     """What the report says about one layer search, with what to do: a gate still moving toward the rule's
     boundary (the selection may change with more steps), gates still moving away from it (they would only
     sharpen), a selection within :data:`MARGIN` of the boundary."""
     rule, k = selection.get("rule", "positive"), selection.get("top_k", 0)
     edge = boundary(w, rule, k, selection.get("threshold", 1.0))
-    where = (f"the boundary between places {k} and {k + 1} of `top_k`" if rule == "top_k"
-             else f"the `{rule}` rule's threshold {edge:g}" if edge is not None else "")
+    where = (
+        f"the boundary between places {k} and {k + 1} of `top_k`"
+        if rule == "top_k"
+        else f"the `{rule}` rule's threshold {edge:g}"
+        if edge is not None
+        else ""
+    )
     moving = moving_gates(trajectory)
     slope = _tail_slope(np.asarray(trajectory, np.float64), TAIL)[0] if moving else None
     checks, away = [], []
@@ -133,15 +145,24 @@ def gate_checks(trajectory: Sequence[Sequence[float]], w: Sequence[float], selec
         if edge is None or (edge - w[layer]) * change <= 0:
             away.append(layer)
             continue
-        checks.append(Check(
-            f"layer {layer}: the gate is still {'rising' if change > 0 else 'falling'} toward {where} (w = "
-            f"{w[layer]:.3f}, {change:+.0%} of its range over the last {TAIL:.0%} of the steps; at that rate it "
-            f"crosses in about {(edge - w[layer]) / slope[layer]:.0f} steps): the selection may change with a longer "
-            f"search: raise `search.steps` (now {steps})", True))
+        checks.append(
+            Check(
+                f"layer {layer}: the gate is still {'rising' if change > 0 else 'falling'} toward {where} (w = "
+                f"{w[layer]:.3f}, {change:+.0%} of its range over the last {TAIL:.0%} of the steps; at that rate it "
+                f"crosses in about {(edge - w[layer]) / slope[layer]:.0f} steps): the selection may change with a longer "
+                f"search: raise `search.steps` (now {steps})",
+                True,
+            )
+        )
     if away:
-        checks.append(Check(f"layers {sorted(away)}: still moving at the end of the search, away from "
-                            f"{where or 'the selection boundary'}: more steps would sharpen these gates, not "
-                            "change the selection", False))
+        checks.append(
+            Check(
+                f"layers {sorted(away)}: still moving at the end of the search, away from "
+                f"{where or 'the selection boundary'}: more steps would sharpen these gates, not "
+                "change the selection",
+                False,
+            )
+        )
     for layer, value in marginal_gates(w, rule, k, selection.get("threshold", 1.0)).items():
         what = "selected" if layer in selected else "not selected"
         if rule == "top_k":
@@ -149,11 +170,14 @@ def gate_checks(trajectory: Sequence[Sequence[float]], w: Sequence[float], selec
             fix = "more `search.steps`, or another `selection.top_k`"
         else:
             why = f"within {MARGIN:.0%} of {where}"
-            fix = ("more `search.steps`, or a rule that does not hang on it: `selection.rule=top_k` with "
-                   f"`selection.top_k={max(1, len(selected))}`" + (", or `selection.rule=threshold`"
-                                                                    if rule == "positive" else ""))
-        checks.append(Check(f"layer {layer}: w = {w[layer]:.4f} ({what}) is {why}; a near tie that noise can "
-                            f"decide: {fix}", True))
+            fix = (
+                "more `search.steps`, or a rule that does not hang on it: `selection.rule=top_k` with "
+                f"`selection.top_k={max(1, len(selected))}`"
+                + (", or `selection.rule=threshold`" if rule == "positive" else "")
+            )
+        checks.append(
+            Check(f"layer {layer}: w = {w[layer]:.4f} ({what}) is {why}; a near tie that noise can decide: {fix}", True)
+        )
     return checks
 
 
@@ -165,9 +189,14 @@ def rank_checks(values: Mapping[str, Sequence[Sequence[float]]], margin: float =
         r = v.shape[-1]
         near = int((np.abs(v - 1.0 / r) <= margin / r).sum())
         if near:
-            lines.append(Check(f"{module}: {near} of {v.size} rank components within {margin:.0%} of the threshold "
-                               f"1/r = {1.0 / r:.3g}; their ranks are not settled: more `search.steps` or a larger "
-                               "`search.outer_lr`", True))
+            lines.append(
+                Check(
+                    f"{module}: {near} of {v.size} rank components within {margin:.0%} of the threshold "
+                    f"1/r = {1.0 / r:.3g}; their ranks are not settled: more `search.steps` or a larger "
+                    "`search.outer_lr`",
+                    True,
+                )
+            )
     return lines
 
 
@@ -181,8 +210,13 @@ def _checks(run_dir: Path, config: Mapping[str, Any]) -> list[Check]:
         checks = []
         if gates.get("layer"):
             sel = _read(run_dir / "searches" / kind / "selection.json") or {}
-            checks += gate_checks(gate_trajectories(run_dir, kind), gates["layer"], sel.get("layers", []),
-                                  config["selection"], config["search"]["steps"])
+            checks += gate_checks(
+                gate_trajectories(run_dir, kind),
+                gates["layer"],
+                sel.get("layers", []),
+                config["selection"],
+                config["search"]["steps"],
+            )
         checks += rank_checks(gates.get("rank") or {})
         found += [c._replace(text=f"`{kind}` search, {c.text}") for c in checks]
     return found
@@ -203,47 +237,73 @@ def _fmt(x: Any, err: float | None = None) -> str:
 
 def _comparison(scores: Mapping[str, Mapping[str, Any]], task: str, keys: Sequence[str]) -> dict[str, dict]:
     """``{metric: {method: (value, stderr)}}`` of one run's scores, for :func:`plots.comparison`."""
-    return {k: {m: (sc[task][k], stderr_of(sc[task], k)) for m, sc in scores.items()
-                if isinstance(sc.get(task, {}).get(k), (int, float))} for k in keys if k != "n"}
+    return {
+        k: {
+            m: (sc[task][k], stderr_of(sc[task], k))
+            for m, sc in scores.items()
+            if isinstance(sc.get(task, {}).get(k), (int, float))
+        }
+        for k in keys
+        if k != "n"
+    }
 
 
 def _score_table(scores: Mapping[str, Mapping[str, Any]]) -> tuple[list[str], list[str], list[str]]:
     keys = [k for k in (*SCORE_KEYS, "n") if any(k in v for sc in scores.values() for v in sc.values())]
     tasks = sorted({t for sc in scores.values() for t in sc})
-    lines = ["| method | " + " | ".join(f"{t} {k}" for t in tasks for k in keys) + " |",
-             "|" + "---|" * (1 + len(tasks) * len(keys))]
+    lines = [
+        "| method | " + " | ".join(f"{t} {k}" for t in tasks for k in keys) + " |",
+        "|" + "---|" * (1 + len(tasks) * len(keys)),
+    ]
     for m, sc in scores.items():
-        lines.append(f"| {m} | " + " | ".join(_fmt(sc.get(t, {}).get(k, ""), stderr_of(sc.get(t, {}), k))
-                                              for t in tasks for k in keys) + " |")
+        lines.append(
+            f"| {m} | "
+            + " | ".join(_fmt(sc.get(t, {}).get(k, ""), stderr_of(sc.get(t, {}), k)) for t in tasks for k in keys)
+            + " |"
+        )
     return lines, keys, tasks
 
 
 def _header(config: Mapping[str, Any], methods: Sequence[str], task: str) -> list[str]:
     model = config["model"]["path"] or config["model"]["llama2c"] or "planted teacher (built in)"
     s, f = config["search"], config["finetune"]
-    return [f"- model: `{model}`", f"- task: `{task}`, seed {config['seed']}",
-            f"- methods: {', '.join(methods)} (main: **{config['method']}**)",
-            f"- LoRA: r {config['lora']['r']}, alpha {config['lora']['lora_alpha']}, "
-            f"targets {', '.join(config['lora']['target_modules'])}",
-            f"- search: {s['hypergradient']} hypergradient, K = {s['inner_steps']}, {s['steps']} steps, "
-            f"inner lr {s['inner_lr']}, gate lr {s['outer_lr']}, selection rule `{config['selection']['rule']}`",
-            f"- fine-tune: {f['optimizer']} lr {f['lr']}, batch {f['batch_size']}, epochs {f['epochs']}, "
-            f"max steps {f['max_steps']}"]
+    return [
+        f"- model: `{model}`",
+        f"- task: `{task}`, seed {config['seed']}",
+        f"- methods: {', '.join(methods)} (main: **{config['method']}**)",
+        f"- LoRA: r {config['lora']['r']}, alpha {config['lora']['lora_alpha']}, "
+        f"targets {', '.join(config['lora']['target_modules'])}",
+        f"- search: {s['hypergradient']} hypergradient, K = {s['inner_steps']}, {s['steps']} steps, "
+        f"inner lr {s['inner_lr']}, gate lr {s['outer_lr']}, selection rule `{config['selection']['rule']}`",
+        f"- fine-tune: {f['optimizer']} lr {f['lr']}, batch {f['batch_size']}, epochs {f['epochs']}, "
+        f"max steps {f['max_steps']}",
+    ]
 
 
 def _data_lines(data: Mapping[str, Any]) -> list[str]:
     if not data.get("sizes"):
         return []
     z = data["sizes"]
-    lines = [f"- data: search {z.get('search_train')} train / {z.get('search_validation')} validation, "
-             f"fine-tune {z.get('finetune_train')} train, test {z.get('test')}"
-             + (f" (max length {data['max_length']}; cut from the left: {data['truncated']})"
-                if any((data.get("truncated") or {}).values()) else "")
-             + (f"; dropped from SFT (answer longer than max length): {data['dropped_too_long']}"
-                if any((data.get("dropped_too_long") or {}).values()) else "")]
+    lines = [
+        f"- data: search {z.get('search_train')} train / {z.get('search_validation')} validation, "
+        f"fine-tune {z.get('finetune_train')} train, test {z.get('test')}"
+        + (
+            f" (max length {data['max_length']}; cut from the left: {data['truncated']})"
+            if any((data.get("truncated") or {}).values())
+            else ""
+        )
+        + (
+            f"; dropped from SFT (answer longer than max length): {data['dropped_too_long']}"
+            if any((data.get("dropped_too_long") or {}).values())
+            else ""
+        )
+    ]
     for sp in data.get("splits") or []:
-        how = (f"re-split of `{sp.get('source_split')}` with seed {sp.get('seed')}" if sp.get("resplit")
-               else f"official split `{sp.get('source_split')}`")
+        how = (
+            f"re-split of `{sp.get('source_split')}` with seed {sp.get('seed')}"
+            if sp.get("resplit")
+            else f"official split `{sp.get('source_split')}`"
+        )
         lines.append(f"  - {sp.get('role')} pool: {sp.get('n')} examples ({how}); the first N are used")
     return lines
 
@@ -254,8 +314,13 @@ def render(run_dir: Path, config: dict[str, Any], timings: dict[str, float] | No
     scores = _read(run_dir / "compare.json") or {}
     methods = [config["method"]] + [m for m in config["compare"] if m != config["method"]]
     task = config["task"]["name"]
-    lines = [f"# flexora-jax run: {config['method']} on {task}", "", *_header(config, methods, task),
-             *_data_lines(_read(run_dir / "data.json") or {}), ""]
+    lines = [
+        f"# flexora-jax run: {config['method']} on {task}",
+        "",
+        *_header(config, methods, task),
+        *_data_lines(_read(run_dir / "data.json") or {}),
+        "",
+    ]
     lines += ["## Selection", "", "| method | layers | ranks | trainable params |", "|---|---|---|---|"]
     if planted is not None:
         lines.append(f"| *planted (truth)* | {planted['layers']} | {planted['ranks']} | |")
@@ -272,30 +337,45 @@ def render(run_dir: Path, config: dict[str, Any], timings: dict[str, float] | No
         table, keys, _ = _score_table(scores)
         lines += table
         if any(stderr_of(v, k) is not None for sc in scores.values() for v in sc.values() for k in keys):
-            lines += ["", "± is the standard error of the mean over the test examples (lm-eval's `*_stderr`). "
-                          "Differences smaller than about two standard errors are within the test set's noise; "
-                          "several seeds (`flexora-jax run --seeds=[0,1,2]`) also show the training's."]
+            lines += [
+                "",
+                "± is the standard error of the mean over the test examples (lm-eval's `*_stderr`). "
+                "Differences smaller than about two standard errors are within the test set's noise; "
+                "several seeds (`flexora-jax run --seeds=[0,1,2]`) also show the training's.",
+            ]
         if planted is None and "test_loss" in keys:
-            lines += ["", "`test_loss` is the held-out answer loss per token (nats; gold answer given the "
-                          "prompt, as in fine-tuning). `acc` / `acc_norm` follow lm-evaluation-harness "
-                          "log-likelihood scoring. Lower loss / higher accuracy is better."]
+            lines += [
+                "",
+                "`test_loss` is the held-out answer loss per token (nats; gold answer given the "
+                "prompt, as in fine-tuning). `acc` / `acc_norm` follow lm-evaluation-harness "
+                "log-likelihood scoring. Lower loss / higher accuracy is better.",
+            ]
         if planted is not None:
             floor = next(iter(scores.values()))[task]["teacher_test_loss"]
-            lines += ["", f"Test loss is the cross-entropy against the teacher's next-token distributions; the "
-                          f"teacher's own entropy ({floor:.4f}) is the floor. Lower is better."]
+            lines += [
+                "",
+                f"Test loss is the cross-entropy against the teacher's next-token distributions; the "
+                f"teacher's own entropy ({floor:.4f}) is the floor. Lower is better.",
+            ]
     lines += _picture(run_dir, "compare.png", "comparison")
     gates = _read(run_dir / "gates.json") or {}
     if gates.get("layer"):
-        lines += ["", "## Final layer gates", "", "| layer | " + " | ".join(map(str, range(len(gates["layer"]))))
-                  + " |", "|" + "---|" * (1 + len(gates["layer"])),
-                  "| w | " + " | ".join(f"{w:.3f}" for w in gates["layer"]) + " |"]
+        lines += [
+            "",
+            "## Final layer gates",
+            "",
+            "| layer | " + " | ".join(map(str, range(len(gates["layer"])))) + " |",
+            "|" + "---|" * (1 + len(gates["layer"])),
+            "| w | " + " | ".join(f"{w:.3f}" for w in gates["layer"]) + " |",
+        ]
     lines += _picture(run_dir, "gates.png", "layer gates") + _picture(run_dir, "rank_gates.png", "rank gates")
     if any((run_dir / "searches" / k).exists() for k in ("layer", "rank", "both")):
         found = _checks(run_dir, config)
         lines += ["", "## Gate checks", ""]
         lines += [f"- {c.text}" for c in found] or [
             f"No gate is still moving over the last {TAIL:.0%} of the search, and none is within {MARGIN:.0%} of "
-            "its rule's threshold."]
+            "its rule's threshold."
+        ]
     if (run_dir / "losses.png").exists():
         lines += ["", "## Training curves", "", "![losses](losses.png)"]
     if timings:
@@ -315,13 +395,25 @@ def write_plots(run_dir: Path, config: Mapping[str, Any]) -> list[Path]:
     scores = _read(run_dir / "compare.json") or {}
     task = config["task"]["name"]
     floor = next(iter(scores.values()), {}).get(task, {}).get("teacher_test_loss")
-    made = [plots.layer_gates({k: gate_trajectories(run_dir, k) for k, g in searches.items() if g.get("layer")},
-                              run_dir / "gates.png", planted["layers"] if planted else None),
-            plots.rank_gates({k: g["rank"] for k, g in searches.items() if g.get("rank")}, run_dir / "rank_gates.png",
-                             {k: v for k, v in layers.items() if v is not None and searches[k].get("layer")}),
-            plots.losses(RunLog(run_dir).records(), run_dir / "losses.png"),
-            plots.comparison(_comparison(scores, task, SCORE_KEYS), run_dir / "compare.png",
-                             "standard error over the test examples", floor)]
+    made = [
+        plots.layer_gates(
+            {k: gate_trajectories(run_dir, k) for k, g in searches.items() if g.get("layer")},
+            run_dir / "gates.png",
+            planted["layers"] if planted else None,
+        ),
+        plots.rank_gates(
+            {k: g["rank"] for k, g in searches.items() if g.get("rank")},
+            run_dir / "rank_gates.png",
+            {k: v for k, v in layers.items() if v is not None and searches[k].get("layer")},
+        ),
+        plots.losses(RunLog(run_dir).records(), run_dir / "losses.png"),
+        plots.comparison(
+            _comparison(scores, task, SCORE_KEYS),
+            run_dir / "compare.png",
+            "standard error over the test examples",
+            floor,
+        ),
+    ]
     return [p for p in made if p is not None]
 
 
@@ -340,11 +432,16 @@ def write_report(run_dir: Path, config: RunConfig, timings: dict[str, float] | N
 # --------------------------------------------------------------------------------------- several seeds
 def seeds_table(result: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[str]:
     """Mean ± sd over seeds per method (``{method: {task: {metric: {mean, std, n}}}}``) as a markdown table."""
-    keys = [k for k in (*SCORE_KEYS, "num_layers", "trainable_params")
-            if any(k in v for tasks in result.values() for v in tasks.values())]
+    keys = [
+        k
+        for k in (*SCORE_KEYS, "num_layers", "trainable_params")
+        if any(k in v for tasks in result.values() for v in tasks.values())
+    ]
     tasks = sorted({t for sc in result.values() for t in sc})
-    lines = ["| method | " + " | ".join(f"{t} {k}" for t in tasks for k in keys) + " | seeds |",
-             "|" + "---|" * (2 + len(tasks) * len(keys))]
+    lines = [
+        "| method | " + " | ".join(f"{t} {k}" for t in tasks for k in keys) + " | seeds |",
+        "|" + "---|" * (2 + len(tasks) * len(keys)),
+    ]
     for method, by_task in result.items():
         cells, n = [], 0
         for t in tasks:
@@ -352,40 +449,63 @@ def seeds_table(result: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> list[s
                 s = by_task.get(t, {}).get(k)
                 n = max(n, s["n"]) if s else n
                 whole = k in ("num_layers", "trainable_params")
-                cells.append("" if not s or not s["n"] else f"{s['mean']:.0f}" if whole
-                             else f"{s['mean']:.4f} ± {s['std']:.4f}")
+                cells.append(
+                    "" if not s or not s["n"] else f"{s['mean']:.0f}" if whole else f"{s['mean']:.4f} ± {s['std']:.4f}"
+                )
         lines.append(f"| {method} | " + " | ".join(cells) + f" | {n} |")
     return lines
 
 
-def render_seeds(out: Path, config: Mapping[str, Any], seeds: Sequence[int],
-                 result: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> str:
+def render_seeds(
+    out: Path, config: Mapping[str, Any], seeds: Sequence[int], result: Mapping[str, Mapping[str, Mapping[str, Any]]]
+) -> str:
     """``report.md`` of a multi-seed run: mean ± sd over the seeds, each seed's selection and report linked."""
     methods = [config["method"]] + [m for m in config["compare"] if m != config["method"]]
     task = config["task"]["name"]
-    lines = [f"# flexora-jax run: {config['method']} on {task}, {len(seeds)} seeds", "",
-             *_header(dict(config, seed=", ".join(map(str, seeds))), methods, task), "", "## Held-out scores", "",
-             *seeds_table(result), "",
-             f"Mean ± standard deviation over the {len(seeds)} seeds (ddof 1); each seed is a whole run (its own "
-             "search, selection, fine-tune and, for a planted task, its own planted layers).", *_picture(
-                 out, "compare.png", "comparison"), "", "## Each seed", "", "| seed | " + " | ".join(methods) + " |",
-             "|" + "---|" * (1 + len(methods))]
+    lines = [
+        f"# flexora-jax run: {config['method']} on {task}, {len(seeds)} seeds",
+        "",
+        *_header(dict(config, seed=", ".join(map(str, seeds))), methods, task),
+        "",
+        "## Held-out scores",
+        "",
+        *seeds_table(result),
+        "",
+        f"Mean ± standard deviation over the {len(seeds)} seeds (ddof 1); each seed is a whole run (its own "
+        "search, selection, fine-tune and, for a planted task, its own planted layers).",
+        *_picture(out, "compare.png", "comparison"),
+        "",
+        "## Each seed",
+        "",
+        "| seed | " + " | ".join(methods) + " |",
+        "|" + "---|" * (1 + len(methods)),
+    ]
     for seed in seeds:
-        sels = [(_read(out / f"seed{seed}" / "methods" / method_dirname(m) / "selection.json") or {}).get("layers")
-                for m in methods]
+        sels = [
+            (_read(out / f"seed{seed}" / "methods" / method_dirname(m) / "selection.json") or {}).get("layers")
+            for m in methods
+        ]
         lines.append(f"| [seed {seed}](seed{seed}/report.md) | " + " | ".join(f"layers {s}" for s in sels) + " |")
     return "\n".join(lines) + "\n"
 
 
-def write_seeds_report(out: Path, config: RunConfig, seeds: Sequence[int],
-                       result: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> None:
+def write_seeds_report(
+    out: Path, config: RunConfig, seeds: Sequence[int], result: Mapping[str, Mapping[str, Mapping[str, Any]]]
+) -> None:
     """``compare.json`` (mean, std, n per method, task and metric), ``compare.png`` and ``report.md`` of a
     multi-seed run in ``out`` (process 0 only)."""
     if not is_main_process():
         return
     data = config_to_dict(config)
     fileio.write_json(out / "compare.json", result)
-    scores = {k: {m: (by_task[t][k]["mean"], by_task[t][k]["std"]) for m, by_task in result.items()
-                  for t in by_task if by_task[t].get(k, {}).get("n")} for k in SCORE_KEYS}
+    scores = {
+        k: {
+            m: (by_task[t][k]["mean"], by_task[t][k]["std"])
+            for m, by_task in result.items()
+            for t in by_task
+            if by_task[t].get(k, {}).get("n")
+        }
+        for k in SCORE_KEYS
+    }
     plots.comparison(scores, out / "compare.png", f"standard deviation over {len(seeds)} seeds")
     fileio.write_bytes(out / "report.md", render_seeds(out, data, seeds, result))

@@ -62,8 +62,10 @@ class RunDir:
         if not ancestor.is_dir():
             raise ConfigError(f"output_dir {p} lies under {ancestor}, which is a file; choose a directory path")
         if not os.access(ancestor, os.W_OK | os.X_OK):
-            raise ConfigError(f"output_dir {p}: {ancestor} is not writable (permission denied or a read-only "
-                              "filesystem); choose a writable place")
+            raise ConfigError(
+                f"output_dir {p}: {ancestor} is not writable (permission denied or a read-only "
+                "filesystem); choose a writable place"
+            )
 
     def check_fresh(self, marker: str) -> None:
         """A fresh run: the directory is new or empty, or already holds a run (``marker`` exists)."""
@@ -72,9 +74,11 @@ class RunDir:
             others = sorted(x.name for x in p.iterdir() if x.name != LOCK_FILE)
             if others:
                 listed = ", ".join(others[:5]) + (", ..." if len(others) > 5 else "")
-                raise ConfigError(f"output_dir {p} is not empty ({listed}) and holds no flexora run; a run writes "
-                                  "into a new or empty directory, and never over your files: choose another "
-                                  "--output-dir")
+                raise ConfigError(
+                    f"output_dir {p} is not empty ({listed}) and holds no flexora run; a run writes "
+                    "into a new or empty directory, and never over your files: choose another "
+                    "--output-dir"
+                )
 
     def claim(self) -> None:
         """Create the directory (process 0) and take its lock; refused while another live process holds it."""
@@ -93,9 +97,11 @@ class RunDir:
             except FileExistsError:
                 holder = self._holder(lock)
                 if holder is not None:
-                    raise ConfigError(f"output_dir {self.path} is in use by process {holder.get('pid')} on "
-                                      f"{holder.get('host')} (since {holder.get('since')}); wait for it to end, or "
-                                      "choose another --output-dir") from None
+                    raise ConfigError(
+                        f"output_dir {self.path} is in use by process {holder.get('pid')} on "
+                        f"{holder.get('host')} (since {holder.get('since')}); wait for it to end, or "
+                        "choose another --output-dir"
+                    ) from None
                 lock.unlink(missing_ok=True)  # left by a process that is gone: take it over
                 continue
             with os.fdopen(fd, "w") as f:

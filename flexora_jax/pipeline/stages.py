@@ -70,11 +70,17 @@ def _stage_hooks(ws: Workspace, stage: str) -> list[Hook]:
     if cfg.log.tensorboard:
         writers.append(TensorBoardWriter(ws.run_dir / "tensorboard", stage=stage))
     if cfg.log.wandb_project:
-        writers.append(WandbWriter(cfg.log.wandb_project, group=ws.run_dir.name, stage=stage,
-                                   config=config_to_dict(cfg), dir=ws.run_dir))
-    return [Checkpoint(ws.run_dir / "checkpoints" / stage, cfg.checkpoint.every, cfg.checkpoint.keep,
-                       restore=ws.resume),
-            ws.log.stage_hook(stage), *writers, Progress(desc=stage, enabled=progress_enabled())]
+        writers.append(
+            WandbWriter(
+                cfg.log.wandb_project, group=ws.run_dir.name, stage=stage, config=config_to_dict(cfg), dir=ws.run_dir
+            )
+        )
+    return [
+        Checkpoint(ws.run_dir / "checkpoints" / stage, cfg.checkpoint.every, cfg.checkpoint.keep, restore=ws.resume),
+        ws.log.stage_hook(stage),
+        *writers,
+        Progress(desc=stage, enabled=progress_enabled()),
+    ]
 
 
 def _timed(ws: Workspace, stage: str, body: Callable[[], Any]) -> Any:
@@ -101,9 +107,22 @@ def search_stage(ws: Workspace, kind: str = "layer") -> SearchOutcome:
         log.info("%s: done in a previous session, reusing %s", stage, out_dir)
         return load_search(ws.run_dir, kind)
     problem = decoder_problem(ws.model_config, ws.params, cfg.lora, seed=cfg.seed)
-    result = _timed(ws, stage, lambda: search(
-        problem, sc, ws.data.train, ws.data.val, gates=kind, selection=cfg.selection, seed=cfg.seed,
-        hooks=_stage_hooks(ws, stage), progress=False, mesh=ws.mesh))
+    result = _timed(
+        ws,
+        stage,
+        lambda: search(
+            problem,
+            sc,
+            ws.data.train,
+            ws.data.val,
+            gates=kind,
+            selection=cfg.selection,
+            seed=cfg.seed,
+            hooks=_stage_hooks(ws, stage),
+            progress=False,
+            mesh=ws.mesh,
+        ),
+    )
     values = gate_values(result.gates, ws.num_layers)
     gates_json: dict[str, Any] = {}
     if "layer" in values:
@@ -113,8 +132,9 @@ def search_stage(ws: Workspace, kind: str = "layer") -> SearchOutcome:
         gates_json["rank"] = {m: np.asarray(v).tolist() for m, v in values["rank"].items()}
     write_json(out_dir / "gates.json", gates_json)
     write_json(out_dir / "selection.json", selection_json(ws, result.selection))
-    log.info("%s: %d steps in %.1f s; selected layers %s", stage, sc.steps, ws.timings[stage],
-             list(result.selection.layers))
+    log.info(
+        "%s: %d steps in %.1f s; selected layers %s", stage, sc.steps, ws.timings[stage], list(result.selection.layers)
+    )
     return SearchOutcome(kind, gates_json, result.selection)
 
 
@@ -133,9 +153,20 @@ def finetune_stage(ws: Workspace, method: str, selection: Selection) -> Any:
         return _finetune_adalora(ws, stage, out_dir)
     lora = init_lora(ws.model_config, selection.lora_config, jax.random.key(cfg.seed + 1), ws.params)  # DoRA: W0
     problem = decoder_problem(ws.model_config, ws.params, lora)
-    trained, history = _timed(ws, stage, lambda: finetune(
-        problem, ws.data.finetune, ft, val=ws.data.val, seed=cfg.seed, hooks=_stage_hooks(ws, stage),
-        progress=False, mesh=ws.mesh))
+    trained, history = _timed(
+        ws,
+        stage,
+        lambda: finetune(
+            problem,
+            ws.data.finetune,
+            ft,
+            val=ws.data.val,
+            seed=cfg.seed,
+            hooks=_stage_hooks(ws, stage),
+            progress=False,
+            mesh=ws.mesh,
+        ),
+    )
     if sh.is_main_process():
         write_dir(adapter, lambda tmp: export_peft(trained, tmp, base_model_name_or_path=ws.model_source))
     write_json(out_dir / "selection.json", selection_json(ws, selection))
@@ -153,21 +184,45 @@ def _finetune_adalora(ws: Workspace, stage: str, out_dir: Path) -> Any:
     cfg, ft = ws.config, ws.config.finetune
     steps = total_steps(ft, len(ws.data.finetune["input_ids"])) * ft.grad_accum
     r = cfg.lora.r
-    ada = AdaLoraConfig(target_r=r, init_r=max(r + 1, round(1.5 * r)), tinit=steps // 10, tfinal=steps // 5,
-                        deltaT=max(1, steps // 20), total_step=steps, lora_alpha=cfg.lora.lora_alpha,
-                        target_modules=cfg.lora.target_modules)
+    ada = AdaLoraConfig(
+        target_r=r,
+        init_r=max(r + 1, round(1.5 * r)),
+        tinit=steps // 10,
+        tfinal=steps // 5,
+        deltaT=max(1, steps // 20),
+        total_step=steps,
+        lora_alpha=cfg.lora.lora_alpha,
+        target_modules=cfg.lora.target_modules,
+    )
     problem = decoder_problem(ws.model_config, ws.params, cfg.lora, seed=cfg.seed)  # AdaLoRA reads its base only
-    found = _timed(ws, stage, lambda: finetune_adalora(
-        problem, ws.data.finetune, ada, lr=ft.lr, batch_size=ft.batch_size, seed=cfg.seed,
-        hooks=_stage_hooks(ws, stage), progress=False, mesh=ws.mesh))
+    found = _timed(
+        ws,
+        stage,
+        lambda: finetune_adalora(
+            problem,
+            ws.data.finetune,
+            ada,
+            lr=ft.lr,
+            batch_size=ft.batch_size,
+            seed=cfg.seed,
+            hooks=_stage_hooks(ws, stage),
+            progress=False,
+            mesh=ws.mesh,
+        ),
+    )
     lora, layers = found.lora, found.layers
     if sh.is_main_process():
         write_dir(out_dir / "adapter", lambda tmp: export_peft(lora, tmp, base_model_name_or_path=ws.model_source))
-        write_dir(out_dir / "adalora_adapter",
-                  lambda tmp: export_adalora(ada, found.weights, layers, ws.num_layers, tmp))
+        write_dir(
+            out_dir / "adalora_adapter", lambda tmp: export_adalora(ada, found.weights, layers, ws.num_layers, tmp)
+        )
     every = tuple(range(ws.num_layers))
-    selection = Selection(layers, {m: every for m in lora.spec.targets},
-                          {m: tuple(lora.spec.rank_of(m)) for m in lora.spec.targets}, lora.spec.config)
+    selection = Selection(
+        layers,
+        {m: every for m in lora.spec.targets},
+        {m: tuple(lora.spec.rank_of(m)) for m in lora.spec.targets},
+        lora.spec.config,
+    )
     write_json(out_dir / "selection.json", selection_json(ws, selection))
     log.info("%s: %d steps in %.1f s; ranks %s", stage, steps, ws.timings[stage], dict(lora.spec.config.rank_pattern))
     return lora
@@ -196,12 +251,17 @@ def evaluate_stage(ws: Workspace, loras: dict[str, Any]) -> dict[str, dict[str, 
             n = len(test["input_ids"]) if not cfg.eval.limit else min(cfg.eval.limit, len(test["input_ids"]))
             test = {k: v[:n] for k, v in test.items()}
             loss = dataset_loss(ws.model_config, ws.params, lora, test, batch_size=cfg.eval.batch_size)
-            results[name] = {PLANTED_TASK: {"test_loss": loss, "teacher_test_loss": ws.planted.teacher_test_loss,
-                                            "n": n}}
+            results[name] = {
+                PLANTED_TASK: {"test_loss": loss, "teacher_test_loss": ws.planted.teacher_test_loss, "n": n}
+            }
         else:
-            res = evaluate(LlamaForCausalLM.from_params(ws.model_config, ws.params, lora), ws.tokenizer,
-                           {cfg.task.name: ws.data.test_records}, batch_size=cfg.eval.batch_size,
-                           progress=progress_enabled())
+            res = evaluate(
+                LlamaForCausalLM.from_params(ws.model_config, ws.params, lora),
+                ws.tokenizer,
+                {cfg.task.name: ws.data.test_records},
+                batch_size=cfg.eval.batch_size,
+                progress=progress_enabled(),
+            )
             test_loss = dataset_loss(ws.model_config, ws.params, lora, ws.data.test, batch_size=cfg.eval.batch_size)
             results[name] = {t: dict(v, test_loss=test_loss) for t, v in res.items()}
             if ws.data.test_noq is not None:
@@ -225,9 +285,13 @@ def _question_control(ws: Workspace, lora: Any, test_loss: float) -> dict[str, f
     """
     cfg = ws.config
     loss = dataset_loss(ws.model_config, ws.params, lora, ws.data.test_noq, batch_size=cfg.eval.batch_size)
-    res = evaluate(LlamaForCausalLM.from_params(ws.model_config, ws.params, lora), ws.tokenizer,
-                   {cfg.task.name: ws.data.test_records_noq}, batch_size=cfg.eval.batch_size,
-                   progress=False)[cfg.task.name]
+    res = evaluate(
+        LlamaForCausalLM.from_params(ws.model_config, ws.params, lora),
+        ws.tokenizer,
+        {cfg.task.name: ws.data.test_records_noq},
+        batch_size=cfg.eval.batch_size,
+        progress=False,
+    )[cfg.task.name]
     out = {"test_loss_noq": loss, "question_gain": loss - test_loss}
     out.update({f"{k}_noq": res[k] for k in ("acc", "acc_norm") if k in res})
     return out
@@ -259,8 +323,10 @@ def export_stage(ws: Workspace, merged: bool = False) -> None:
     if sh.is_main_process():
         write_dir(ws.run_dir / "adapter", lambda tmp: shutil.copytree(src / "adapter", tmp))
     signals.check("in export, before writing selection.json and gates.json")
-    write_json(ws.run_dir / "selection.json", {k: v for k, v in read_json(src / "selection.json").items()
-                                                if k in ("layers", "ranks", "trainable_params")})
+    write_json(
+        ws.run_dir / "selection.json",
+        {k: v for k, v in read_json(src / "selection.json").items() if k in ("layers", "ranks", "trainable_params")},
+    )
     kind = get_method(cfg.method).search or ("layer" if (ws.run_dir / "searches" / "layer").exists() else None)
     write_json(ws.run_dir / "gates.json", read_json(ws.run_dir / "searches" / kind / "gates.json") if kind else {})
     if merged:

@@ -39,9 +39,18 @@ from flexora_jax.pipeline.rundir import RunDir
 from flexora_jax.pipeline.stages import run
 from flexora_jax.sharding import is_main_process
 
-SMOKE_OVERRIDES = ["--search.steps=3", "--finetune.max_steps=5", "--task.planted.n_train=64",
-                   "--task.planted.n_val=32", "--task.planted.n_test=32", "--task.planted.finetune_examples=32",
-                   "--task.n_train=16", "--task.n_val=8", "--task.n_test=8", "--checkpoint.every=1000"]
+SMOKE_OVERRIDES = [
+    "--search.steps=3",
+    "--finetune.max_steps=5",
+    "--task.planted.n_train=64",
+    "--task.planted.n_val=32",
+    "--task.planted.n_test=32",
+    "--task.planted.finetune_examples=32",
+    "--task.n_train=16",
+    "--task.n_val=8",
+    "--task.n_test=8",
+    "--checkpoint.every=1000",
+]
 
 
 #: Scores of the question-removed control (``eval.question_control``), aggregated when present.
@@ -60,8 +69,10 @@ def load_plan(path: str | Path) -> dict[str, Any]:
     for i, e in enumerate(exps):
         unknown = set(e) - {"name", "config", "seeds", "variants", "overrides"}
         if unknown or "name" not in e:
-            raise ConfigError(f"{path}: experiment {i} has unknown keys {sorted(unknown)} or no 'name'; "
-                              "allowed: name, config, seeds, variants, overrides")
+            raise ConfigError(
+                f"{path}: experiment {i} has unknown keys {sorted(unknown)} or no 'name'; "
+                "allowed: name, config, seeds, variants, overrides"
+            )
         e.setdefault("seeds", [0, 1, 2])
         e.setdefault("variants", {"default": []})
         e.setdefault("overrides", [])
@@ -125,8 +136,10 @@ def _rank_slots(selected: dict[str, int], planted: dict[str, Any], num_layers: i
 def rank_by_planted(selected: dict[str, int], planted: dict[str, Any], num_layers: int) -> dict[str, float]:
     """Mean selected rank per planted rank: ``{"rank_at_planted_0": ..., "rank_at_planted_8": ...}``."""
     truth, chosen = _rank_slots(selected, planted, num_layers)
-    return {f"rank_at_planted_{t}": float(np.mean([c for tt, c in zip(truth, chosen) if tt == t]))
-            for t in sorted(set(truth))}
+    return {
+        f"rank_at_planted_{t}": float(np.mean([c for tt, c in zip(truth, chosen) if tt == t]))
+        for t in sorted(set(truth))
+    }
 
 
 def rank_correlation(selected: dict[str, int], planted: dict[str, Any], num_layers: int) -> float:
@@ -172,7 +185,8 @@ def collect(run_dir: Path, slot: dict[str, Any]) -> None:
                 rec.setdefault("recall", []).append(len(chosen & truth) / max(len(truth), 1))
                 if sel.get("ranks") and "num_layers" in planted:
                     rec.setdefault("rank_corr", []).append(
-                        rank_correlation(sel["ranks"], planted, planted["num_layers"]))
+                        rank_correlation(sel["ranks"], planted, planted["num_layers"])
+                    )
                     for key, value in rank_by_planted(sel["ranks"], planted, planted["num_layers"]).items():
                         rec.setdefault(key, []).append(value)
         wall = timings.get(f"finetune_{method}")
@@ -209,14 +223,20 @@ def run_seeds(config: RunConfig, seeds: Sequence[int], resume: bool = False) -> 
     A fresh multi-seed run takes a new or empty directory (``seeds.json`` and ``config.yaml`` mark it as one);
     ``resume`` skips the seeds that finished and resumes the one that was interrupted.
     """
-    if (not isinstance(seeds, (list, tuple)) or not seeds or len(set(seeds)) != len(seeds)
-            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)):
+    if (
+        not isinstance(seeds, (list, tuple))
+        or not seeds
+        or len(set(seeds)) != len(seeds)
+        or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in seeds)
+    ):
         raise ConfigError(f"--seeds must be a list of distinct integers >= 0, e.g. --seeds=[0,1,2], got {seeds!r}")
     top = RunDir(config.output_dir)
     top.check_usable()
     if not resume and (top / SEEDS_FILE).exists():
-        raise ConfigError(f"output_dir {top.path} holds a multi-seed run already; continue it with --resume, or choose "
-                          "another --output-dir")
+        raise ConfigError(
+            f"output_dir {top.path} holds a multi-seed run already; continue it with --resume, or choose "
+            "another --output-dir"
+        )
     if not resume:
         top.check_fresh(SEEDS_FILE)
     if is_main_process() and not (top / SEEDS_FILE).exists():
@@ -239,19 +259,33 @@ def run_seeds(config: RunConfig, seeds: Sequence[int], resume: bool = False) -> 
 
 def render_markdown(result: dict[str, Any]) -> str:
     """One table per experiment: rows (variant, method), mean +- std over seeds."""
-    base_cols = ["test_loss", "floor", "acc", "precision", "recall", "rank_corr", "num_layers", "trainable_params",
-                 "finetune_s"]
+    base_cols = [
+        "test_loss",
+        "floor",
+        "acc",
+        "precision",
+        "recall",
+        "rank_corr",
+        "num_layers",
+        "trainable_params",
+        "finetune_s",
+    ]
     lines = []
     for exp, variants in result.items():
         present = {k for methods in variants.values() for rec in methods.values() for k in rec}
         cols = [c for c in base_cols if c in present or c == "test_loss"]
         if "rank_corr" in cols:
             at = cols.index("rank_corr") + 1
-            cols[at:at] = sorted((c for c in present if c.startswith("rank_at_planted_")),
-                                 key=lambda c: int(c.rsplit("_", 1)[1]))
+            cols[at:at] = sorted(
+                (c for c in present if c.startswith("rank_at_planted_")), key=lambda c: int(c.rsplit("_", 1)[1])
+            )
         cols[2:2] = [c for c in ("question_gain", "acc_noq") if c in present]
-        lines += [f"### {exp}", "", "| variant | method | " + " | ".join(cols) + " | seeds |",
-                  "|---" * (len(cols) + 3) + "|"]
+        lines += [
+            f"### {exp}",
+            "",
+            "| variant | method | " + " | ".join(cols) + " | seeds |",
+            "|---" * (len(cols) + 3) + "|",
+        ]
         for var, methods in variants.items():
             for method, rec in methods.items():
                 if method.startswith("_"):

@@ -100,18 +100,32 @@ def _hard_targets(data: Dataset, n: int, seed: int) -> Dataset:
     cdf = np.cumsum(probs, axis=-1)
     u = rng.random(cdf.shape[:-1] + (1,)) * cdf[..., -1:]
     labels = np.minimum((cdf < u).sum(-1), probs.shape[-1] - 1).astype(np.int32)
-    return {"input_ids": data["input_ids"][:n], "attention_mask": data["attention_mask"][:n],
-            "loss_mask": data["loss_mask"][:n], "labels": labels}
+    return {
+        "input_ids": data["input_ids"][:n],
+        "attention_mask": data["attention_mask"][:n],
+        "loss_mask": data["loss_mask"][:n],
+        "labels": labels,
+    }
 
 
 def _prepare_planted(config: RunConfig) -> tuple[Any, TaskData]:
     """The embedded default's teacher and its data (search train / validation, scarce fine-tune data, test)."""
     po = config.task.planted
-    task = make_planted_task(PlantedConfig(num_layers=po.num_layers, num_planted=po.num_planted,
-                                           soft_targets=po.soft_targets, n_train=po.n_train, n_val=po.n_val,
-                                           n_test=po.n_test, seed=config.seed, planted_rank=po.rank,
-                                           planted_ranks=dict(po.ranks) or None, targets=po.modules,
-                                           layer_kl=float(po.layer_kl)))
+    task = make_planted_task(
+        PlantedConfig(
+            num_layers=po.num_layers,
+            num_planted=po.num_planted,
+            soft_targets=po.soft_targets,
+            n_train=po.n_train,
+            n_val=po.n_val,
+            n_test=po.n_test,
+            seed=config.seed,
+            planted_rank=po.rank,
+            planted_ranks=dict(po.ranks) or None,
+            targets=po.modules,
+            layer_kl=float(po.layer_kl),
+        )
+    )
     n = po.finetune_examples or po.n_train
     if po.finetune_targets == "hard" and "target_probs" in task.train:
         finetune = _hard_targets(task.train, n, config.seed)
@@ -152,30 +166,57 @@ def _prepare_task(config: RunConfig, rundir: RunDir, mesh: Any) -> tuple[ModelCo
         splits = {role: tasks.load_split(tc.name, role, **kwargs) for role in ("train", "validation", "test")}
         records = {role: split.records() for role, split in splits.items()}
     except UnicodeDecodeError as exc:
-        raise DataError(f"task {tc.name}: a data file under {tc.data_dir or 'the data folder'} is not UTF-8 text "
-                        f"({exc.reason} at byte {exc.start}); expected UTF-8 encoded files") from None
+        raise DataError(
+            f"task {tc.name}: a data file under {tc.data_dir or 'the data folder'} is not UTF-8 text "
+            f"({exc.reason} at byte {exc.start}); expected UTF-8 encoded files"
+        ) from None
     limits = {"train": tc.n_train, "validation": tc.n_val, "test": tc.n_test or config.eval.limit}
     n_ft = tc.n_finetune or tc.n_train
     finetune_records = records["train"][:n_ft] if n_ft else records["train"]
-    records = {role: recs[:limits[role]] if limits[role] else recs for role, recs in records.items()}
+    records = {role: recs[: limits[role]] if limits[role] else recs for role, recs in records.items()}
     max_length = min(tc.max_length, model_config.max_position_embeddings)
     # SFT examples whose gold answer alone does not fit max_length are dropped (counted in data.json) or cut
     # (task.too_long); the test records are still all scored for accuracy (lm-eval cuts from the left).
-    sft_records = {"train": records["train"], "validation": records["validation"], "finetune": finetune_records,
-                   "test": records["test"]}
+    sft_records = {
+        "train": records["train"],
+        "validation": records["validation"],
+        "finetune": finetune_records,
+        "test": records["test"],
+    }
     if config.eval.question_control:  # the same held-out examples, prompts cut down to the answer cue
         sft_records["test_noq"] = [question_removed(r) for r in sft_records["test"]]
     arrays, made = {}, {}
     for name, recs in sft_records.items():
-        arrays[name], made[name] = sft_arrays(recs, tokenizer, max_length, too_long=tc.too_long,
-                                              name=f"task {tc.name} {name} split", length_key="task.max_length")
-    sizes = {"search_train": len(records["train"]), "search_validation": len(records["validation"]),
-             "finetune_train": len(finetune_records), "test": len(records["test"])}
-    info = {"task": tc.name, "sizes": sizes, "truncated": {k: m["truncated"] for k, m in made.items()},
-            "dropped_too_long": {k: m["dropped"] for k, m in made.items() if k != "test_noq"},
-            "max_length": max_length, "splits": tasks.split_report(list(splits.values()))}
-    data = TaskData(train=arrays["train"], val=arrays["validation"], finetune=arrays["finetune"],
-                    test=arrays["test"], test_records=records["test"], info=info)
+        arrays[name], made[name] = sft_arrays(
+            recs,
+            tokenizer,
+            max_length,
+            too_long=tc.too_long,
+            name=f"task {tc.name} {name} split",
+            length_key="task.max_length",
+        )
+    sizes = {
+        "search_train": len(records["train"]),
+        "search_validation": len(records["validation"]),
+        "finetune_train": len(finetune_records),
+        "test": len(records["test"]),
+    }
+    info = {
+        "task": tc.name,
+        "sizes": sizes,
+        "truncated": {k: m["truncated"] for k, m in made.items()},
+        "dropped_too_long": {k: m["dropped"] for k, m in made.items() if k != "test_noq"},
+        "max_length": max_length,
+        "splits": tasks.split_report(list(splits.values())),
+    }
+    data = TaskData(
+        train=arrays["train"],
+        val=arrays["validation"],
+        finetune=arrays["finetune"],
+        test=arrays["test"],
+        test_records=records["test"],
+        info=info,
+    )
     if config.eval.question_control:
         data.test_noq = arrays["test_noq"]
         data.test_records_noq = [question_removed(r) for r in records["test"]]
@@ -188,15 +229,19 @@ def _load_base(config: RunConfig, source: str, mesh: Any) -> tuple[ModelConfig, 
     Loaded as the Flax NNX decoder (:class:`flexora_jax.nnx.LlamaForCausalLM`), whose params the stages use:
     the module and the functional core are one computation, so the run's adapters open in either.
     """
-    model = LlamaForCausalLM.from_pretrained(source, dtype=config.model.dtype, allow_pickle=config.model.allow_pickle,
-                                             mesh=mesh)
+    model = LlamaForCausalLM.from_pretrained(
+        source, dtype=config.model.dtype, allow_pickle=config.model.allow_pickle, mesh=mesh
+    )
     model_config, params = model.config, model.params()
-    finite = jax.tree_util.tree_map_with_path(lambda p, x: (jax.tree_util.keystr(p), bool(jnp.all(jnp.isfinite(x)))),
-                                              params)
+    finite = jax.tree_util.tree_map_with_path(
+        lambda p, x: (jax.tree_util.keystr(p), bool(jnp.all(jnp.isfinite(x)))), params
+    )
     bad = [name for name, ok in jax.tree.leaves(finite, is_leaf=lambda v: isinstance(v, tuple)) if not ok]
     if bad:
-        raise CheckpointError(f"{source}: the checkpoint holds NaN or Inf values in {', '.join(bad[:5])}; expected "
-                              "finite weights (the file is damaged, or was saved from a diverged model)")
+        raise CheckpointError(
+            f"{source}: the checkpoint holds NaN or Inf values in {', '.join(bad[:5])}; expected "
+            "finite weights (the file is damaged, or was saved from a diverged model)"
+        )
     return model_config, params
 
 
@@ -216,9 +261,11 @@ def _check_tokenizer(tokenizer: Any, model_config: ModelConfig, source: str) -> 
     """A tokenizer whose ids exceed the model's embedding table would index out of range silently."""
     n = len(tokenizer)
     if n > model_config.vocab_size:
-        raise CheckpointError(f"{source}: the tokenizer has {n} tokens but the model's vocab_size is "
-                              f"{model_config.vocab_size}; expected a tokenizer of at most {model_config.vocab_size} "
-                              "tokens (the tokenizer does not belong to this model)")
+        raise CheckpointError(
+            f"{source}: the tokenizer has {n} tokens but the model's vocab_size is "
+            f"{model_config.vocab_size}; expected a tokenizer of at most {model_config.vocab_size} "
+            "tokens (the tokenizer does not belong to this model)"
+        )
 
 
 def prepare(config: RunConfig, resume: bool = False, stage: str = "run", merged: bool = False) -> Workspace:
@@ -243,17 +290,24 @@ def prepare(config: RunConfig, resume: bool = False, stage: str = "run", merged:
     if holds_run:
         _check_same_run(config, rundir, resume, stage, mesh)
     elif resume:
-        raise ConfigError(f"--resume: {run_dir} holds no run to continue (no {CONFIG_FILE}); drop --resume to "
-                          "start a fresh run there, or pass the --output-dir of an existing run")
+        raise ConfigError(
+            f"--resume: {run_dir} holds no run to continue (no {CONFIG_FILE}); drop --resume to "
+            "start a fresh run there, or pass the --output-dir of an existing run"
+        )
     elif stage not in ("run", "search"):
-        raise ConfigError(f"{run_dir} has no {CONFIG_FILE}: the '{stage}' stage continues a run; "
-                          "run `flexora-jax run` (or `search`) first")
+        raise ConfigError(
+            f"{run_dir} has no {CONFIG_FILE}: the '{stage}' stage continues a run; "
+            "run `flexora-jax run` (or `search`) first"
+        )
     else:
         rundir.check_fresh(CONFIG_FILE)
     rundir.claim()
     try:
-        ws = (_build_export(config, rundir, mesh, merged) if stage == "export" else
-              _build(config, rundir, mesh, resume, stage, fresh=not holds_run))
+        ws = (
+            _build_export(config, rundir, mesh, merged)
+            if stage == "export"
+            else _build(config, rundir, mesh, resume, stage, fresh=not holds_run)
+        )
     except BaseException:
         rundir.release() if holds_run else rundir.abandon()
         raise
@@ -270,9 +324,15 @@ def _build(config: RunConfig, rundir: RunDir, mesh: Any, resume: bool, stage: st
         planted, data = _prepare_planted(config)
         model_config, params = planted.config, sh.shard(planted.params, mesh)
         po = config.task.planted
-        data.info = {"task": PLANTED_TASK, "sizes": {"search_train": po.n_train, "search_validation": po.n_val,
-                                                     "finetune_train": len(data.finetune["input_ids"]),
-                                                     "test": po.n_test}}
+        data.info = {
+            "task": PLANTED_TASK,
+            "sizes": {
+                "search_train": po.n_train,
+                "search_validation": po.n_val,
+                "finetune_train": len(data.finetune["input_ids"]),
+                "test": po.n_test,
+            },
+        }
     else:
         model_config, params, tokenizer, source, data = _prepare_task(config, rundir, mesh)
     _validate_for_layers(config, model_config.num_hidden_layers, f"the model {source}")
@@ -289,16 +349,33 @@ def _build(config: RunConfig, rundir: RunDir, mesh: Any, resume: bool, stage: st
     if planted is not None:
         write_json(run_dir / "planted.json", planted.planted_json())
     write_json(run_dir / "data.json", data.info)
-    ws = Workspace(config=config, run_dir=run_dir, model_config=model_config, params=params, data=data,
-                   log=RunLog(run_dir), resume=resume, tokenizer=tokenizer, planted=planted, model_source=source,
-                   mesh=mesh, rundir=rundir)
+    ws = Workspace(
+        config=config,
+        run_dir=run_dir,
+        model_config=model_config,
+        params=params,
+        data=data,
+        log=RunLog(run_dir),
+        resume=resume,
+        tokenizer=tokenizer,
+        planted=planted,
+        model_source=source,
+        mesh=mesh,
+        rundir=rundir,
+    )
     if not fresh:  # a stage or a resume adds to the earlier stages' times
         ws.timings.update(_earlier_timings(run_dir))
     if stage == "run":
         ws.record_time("prepare", time.perf_counter() - t0)
-    log.info("prepared %s: %d layers, %d / %d / %d train / val / test sequences (%.1f s)", config.task.name,
-             ws.num_layers, len(data.train["input_ids"]), len(data.val["input_ids"]),
-             len(data.test["input_ids"]), time.perf_counter() - t0)
+    log.info(
+        "prepared %s: %d layers, %d / %d / %d train / val / test sequences (%.1f s)",
+        config.task.name,
+        ws.num_layers,
+        len(data.train["input_ids"]),
+        len(data.val["input_ids"]),
+        len(data.test["input_ids"]),
+        time.perf_counter() - t0,
+    )
     if mesh.size > 1:
         log.info("mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
     return ws
@@ -319,9 +396,19 @@ def _build_export(config: RunConfig, rundir: RunDir, mesh: Any, merged: bool) ->
             _check_tokenizer(tokenizer, model_config, source)
         else:
             model_config = load_model_config(source)
-    ws = Workspace(config=config, run_dir=rundir.path, model_config=model_config, params=params, data=None,
-                   log=RunLog(rundir.path), tokenizer=tokenizer, planted=planted, model_source=source, mesh=mesh,
-                   rundir=rundir)
+    ws = Workspace(
+        config=config,
+        run_dir=rundir.path,
+        model_config=model_config,
+        params=params,
+        data=None,
+        log=RunLog(rundir.path),
+        tokenizer=tokenizer,
+        planted=planted,
+        model_source=source,
+        mesh=mesh,
+        rundir=rundir,
+    )
     ws.timings.update(_earlier_timings(rundir.path))
     return ws
 
@@ -333,8 +420,7 @@ def _earlier_timings(run_dir: Path) -> dict[str, float]:
     saved = read_json(path) if path.exists() else {}
     if not isinstance(saved, dict):
         return {}
-    return {str(k): float(v) for k, v in saved.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {str(k): float(v) for k, v in saved.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _identity(config: RunConfig) -> dict[str, Any]:
@@ -346,27 +432,35 @@ def _check_same_run(config: RunConfig, rundir: RunDir, resume: bool, stage: str,
     """An existing run may be resumed or continued by a stage only with its own config and mesh."""
     saved = rundir / CONFIG_FILE
     if stage == "run" and not resume:
-        raise ConfigError(f"{rundir.path} already holds a run ({CONFIG_FILE} exists); pass --resume to continue "
-                          "it, or choose another --output-dir")
+        raise ConfigError(
+            f"{rundir.path} already holds a run ({CONFIG_FILE} exists); pass --resume to continue "
+            "it, or choose another --output-dir"
+        )
     try:
         if not saved.read_bytes().strip():
             raise ConfigError("the file is empty")
         previous = load_config(saved)
     except ConfigError as exc:
-        raise ConfigError(f"{saved} (the config of the run in {rundir.path}) is damaged: {exc}; restore it, or "
-                          "start a new run in another --output-dir") from None
+        raise ConfigError(
+            f"{saved} (the config of the run in {rundir.path}) is damaged: {exc}; restore it, or "
+            "start a new run in another --output-dir"
+        ) from None
     diff = _config_diff(_identity(previous), _identity(config))
     if diff:
-        raise ConfigError(f"the config differs from the one {rundir.path} was run with ({saved}): "
-                          f"{'; '.join(diff)}; use the same settings, or another --output-dir")
+        raise ConfigError(
+            f"the config differs from the one {rundir.path} was run with ({saved}): "
+            f"{'; '.join(diff)}; use the same settings, or another --output-dir"
+        )
     mesh_file = rundir / MESH_FILE
     if (resume or stage in ("search", "finetune")) and mesh_file.exists():
         started = {k: int(v) for k, v in read_json(mesh_file).items()}
         if started != dict(mesh.shape):
-            raise ConfigError(f"{rundir.path} was started on mesh {started} and would continue on {dict(mesh.shape)}: "
-                              "a resumed run reproduces an uninterrupted one bit for bit only on the same mesh; set "
-                              + " ".join(f"--mesh.{a}={n}" for a, n in started.items())
-                              + " (with as many devices), or start a new run")
+            raise ConfigError(
+                f"{rundir.path} was started on mesh {started} and would continue on {dict(mesh.shape)}: "
+                "a resumed run reproduces an uninterrupted one bit for bit only on the same mesh; set "
+                + " ".join(f"--mesh.{a}={n}" for a, n in started.items())
+                + " (with as many devices), or start a new run"
+            )
 
 
 def device_memory_bytes() -> int | None:
@@ -394,46 +488,64 @@ def _validate_memory(config: RunConfig, model_config: ModelConfig, data: TaskDat
         return
     sc, ft = config.search, config.finetune
     seq = int(data.train["input_ids"].shape[1])
-    plans = {"search": plan_memory(model_config, config.lora, dict(mesh.shape), sc.inner_steps, sc.batch_size, seq,
-                                   remat=sc.remat, inner_optimizer=sc.inner_optimizer,
-                                   unrolled_mode=sc.unrolled_mode)["search"],
-             "finetune": plan_memory(model_config, config.lora, dict(mesh.shape), 1, ft.batch_size, seq,
-                                     finetune_optimizer=ft.optimizer)["finetune"]}
+    plans = {
+        "search": plan_memory(
+            model_config,
+            config.lora,
+            dict(mesh.shape),
+            sc.inner_steps,
+            sc.batch_size,
+            seq,
+            remat=sc.remat,
+            inner_optimizer=sc.inner_optimizer,
+            unrolled_mode=sc.unrolled_mode,
+        )["search"],
+        "finetune": plan_memory(
+            model_config, config.lora, dict(mesh.shape), 1, ft.batch_size, seq, finetune_optimizer=ft.optimizer
+        )["finetune"],
+    }
     for step, plan in plans.items():
         if plan["total"] > 1.25 * limit:
-            raise ConfigError(f"the {step} step needs about {plan['total'] / 2**30:.1f} GiB per device (memory "
-                              f"planner: batch {sc.batch_size if step == 'search' else ft.batch_size} x {seq} tokens"
-                              f"{f', K = {sc.inner_steps}' if step == 'search' else ''}), more than the "
-                              f"{limit / 2**30:.1f} GiB this device has; lower {step}.batch_size, "
-                              f"{'search.inner_steps, ' if step == 'search' else ''}task.max_length, or use more "
-                              "devices (mesh)")
+            raise ConfigError(
+                f"the {step} step needs about {plan['total'] / 2**30:.1f} GiB per device (memory "
+                f"planner: batch {sc.batch_size if step == 'search' else ft.batch_size} x {seq} tokens"
+                f"{f', K = {sc.inner_steps}' if step == 'search' else ''}), more than the "
+                f"{limit / 2**30:.1f} GiB this device has; lower {step}.batch_size, "
+                f"{'search.inner_steps, ' if step == 'search' else ''}task.max_length, or use more "
+                "devices (mesh)"
+            )
 
 
 def _validate_sizes(config: RunConfig, data: TaskData) -> None:
     """Batch sizes against the data they are drawn from, and the fine-tune's length (checked before anything is
     written): an optimizer step may not span more than the training set (``grad_accum``), and the step count
     must fit the step counter (``epochs``)."""
-    for key, batch, split, name in (("search.batch_size", config.search.batch_size, data.train, "search training"),
-                                    ("search.val_batch_size", config.search.val_batch_size, data.val,
-                                     "search validation"),
-                                    ("finetune.batch_size", config.finetune.batch_size, data.finetune,
-                                     "fine-tune training")):
+    for key, batch, split, name in (
+        ("search.batch_size", config.search.batch_size, data.train, "search training"),
+        ("search.val_batch_size", config.search.val_batch_size, data.val, "search validation"),
+        ("finetune.batch_size", config.finetune.batch_size, data.finetune, "fine-tune training"),
+    ):
         n = len(split["input_ids"])
         if batch > n:
-            raise ConfigError(f"{key} {batch} is larger than the {n} {name} examples; expected at most {n} "
-                              "(or more examples)")
+            raise ConfigError(
+                f"{key} {batch} is larger than the {n} {name} examples; expected at most {n} (or more examples)"
+            )
     ft = config.finetune
     n = len(data.finetune["input_ids"])
     per_epoch = max(1, n // ft.batch_size)
     if ft.grad_accum > per_epoch:
-        raise ConfigError(f"finetune.grad_accum {ft.grad_accum} x finetune.batch_size {ft.batch_size} is "
-                          f"{ft.grad_accum * ft.batch_size} examples per optimizer step, more than the {n} fine-tune "
-                          f"training examples (an epoch is {per_epoch} batches); expected grad_accum <= {per_epoch}")
+        raise ConfigError(
+            f"finetune.grad_accum {ft.grad_accum} x finetune.batch_size {ft.batch_size} is "
+            f"{ft.grad_accum * ft.batch_size} examples per optimizer step, more than the {n} fine-tune "
+            f"training examples (an epoch is {per_epoch} batches); expected grad_accum <= {per_epoch}"
+        )
     micro_steps = total_steps(ft, n) * ft.grad_accum
     if micro_steps > MAX_STEPS:
-        raise ConfigError(f"finetune.epochs {ft.epochs:g} over {n} examples in batches of {ft.batch_size} is "
-                          f"{micro_steps:.3g} steps, more than the step counter holds ({MAX_STEPS}); lower "
-                          "finetune.epochs, or cap the steps with finetune.max_steps")
+        raise ConfigError(
+            f"finetune.epochs {ft.epochs:g} over {n} examples in batches of {ft.batch_size} is "
+            f"{micro_steps:.3g} steps, more than the step counter holds ({MAX_STEPS}); lower "
+            "finetune.epochs, or cap the steps with finetune.max_steps"
+        )
 
 
 def _validate_planted_size(config: RunConfig) -> None:
@@ -444,10 +556,12 @@ def _validate_planted_size(config: RunConfig) -> None:
     n = po.n_train + po.n_val + po.n_test
     need = planted_data_bytes(n, pc.seq_len, pc.vocab_size)
     if limit is not None and need > 1.25 * limit:
-        raise ConfigError(f"task.planted.n_train + n_val + n_test = {n} sequences of {pc.seq_len} tokens need about "
-                          f"{need / 2**30:.1f} GiB to build (the teacher's distribution over {pc.vocab_size} tokens "
-                          f"at every position), more than the {limit / 2**30:.1f} GiB this device has; lower "
-                          "task.planted.n_train / n_val / n_test")
+        raise ConfigError(
+            f"task.planted.n_train + n_val + n_test = {n} sequences of {pc.seq_len} tokens need about "
+            f"{need / 2**30:.1f} GiB to build (the teacher's distribution over {pc.vocab_size} tokens "
+            f"at every position), more than the {limit / 2**30:.1f} GiB this device has; lower "
+            "task.planted.n_train / n_val / n_test"
+        )
 
 
 def _validate_methods(config: RunConfig, model_config: ModelConfig, source: str | None) -> None:
@@ -461,13 +575,16 @@ def _validate_methods(config: RunConfig, model_config: ModelConfig, source: str 
         names = [m for m, _ in parts]
         chosen = [m for m in names if m in targets]
         if chosen and len(chosen) < len(names):
-            raise ConfigError(f"method {dora[0]!r}: DoRA on {chosen} of the model {source or ''}'s fused {fused} "
-                              f"cannot be written as a PEFT adapter (one DoRA magnitude spans {names}); set "
-                              f"lora.target_modules to include all of {names}, or use a LoRA method")
+            raise ConfigError(
+                f"method {dora[0]!r}: DoRA on {chosen} of the model {source or ''}'s fused {fused} "
+                f"cannot be written as a PEFT adapter (one DoRA magnitude spans {names}); set "
+                f"lora.target_modules to include all of {names}, or use a LoRA method"
+            )
 
 
-def _validate_eval_requests(records: list | None, tokenizer: Any, model_config: ModelConfig,
-                            source: str | None) -> None:
+def _validate_eval_requests(
+    records: list | None, tokenizer: Any, model_config: ModelConfig, source: str | None
+) -> None:
     """Every test request must be scorable in the model's context before the search starts: a choice (lm-eval's
     continuation) longer than the context cannot be scored (lm-eval cannot either), and a generative task needs
     room for its prompt next to the tokens it generates. Longer contexts are cut from the left, as in lm-eval."""
@@ -476,17 +593,21 @@ def _validate_eval_requests(records: list | None, tokenizer: Any, model_config: 
         if isinstance(rec, GenRecord):
             room = context - MAX_NEW_TOKENS.get(rec.task, 0)
             if room < 1:
-                raise DataError(f"task {rec.task}: generating {MAX_NEW_TOKENS[rec.task]} tokens leaves no room for a "
-                                f"prompt in the {context}-token context of the model {source}; use a model with a "
-                                "longer context")
+                raise DataError(
+                    f"task {rec.task}: generating {MAX_NEW_TOKENS[rec.task]} tokens leaves no room for a "
+                    f"prompt in the {context}-token context of the model {source}; use a model with a "
+                    "longer context"
+                )
             continue
         for k, (ctx, cont) in enumerate(rec.requests()):
             n = len(encode_pair(tokenizer, ctx, cont)[1])
             if n > context:
-                raise DataError(f"task {rec.task}: test example {rec.doc_id} (choice {k}) is {n} tokens, longer than "
-                                f"the {context}-token context of the model {source} (max_position_embeddings); it "
-                                "cannot be scored (nor by lm-eval): use a model with a longer context, or other test "
-                                "examples (task.n_test, task.split_seed)")
+                raise DataError(
+                    f"task {rec.task}: test example {rec.doc_id} (choice {k}) is {n} tokens, longer than "
+                    f"the {context}-token context of the model {source} (max_position_embeddings); it "
+                    "cannot be scored (nor by lm-eval): use a model with a longer context, or other test "
+                    "examples (task.n_test, task.split_seed)"
+                )
 
 
 def _validate_for_layers(config: RunConfig, num_layers: int, what: str) -> None:
@@ -495,14 +616,19 @@ def _validate_for_layers(config: RunConfig, num_layers: int, what: str) -> None:
     if lt is not None:
         bad = [i for i in lt if i >= num_layers]
         if bad:
-            raise ConfigError(f"lora.layers_to_transform: layer index(es) {bad} out of range; {what} has "
-                              f"{num_layers} layers (expected indices 0..{num_layers - 1})")
+            raise ConfigError(
+                f"lora.layers_to_transform: layer index(es) {bad} out of range; {what} has "
+                f"{num_layers} layers (expected indices 0..{num_layers - 1})"
+            )
     if config.baseline_k > num_layers:
-        raise ConfigError(f"baseline_k {config.baseline_k} exceeds the {num_layers} layers of {what}; "
-                          f"expected 0..{num_layers}")
+        raise ConfigError(
+            f"baseline_k {config.baseline_k} exceeds the {num_layers} layers of {what}; expected 0..{num_layers}"
+        )
     if config.selection.rule == "top_k" and config.selection.top_k > num_layers:
-        raise ConfigError(f"selection.top_k {config.selection.top_k} exceeds the {num_layers} layers of {what}; "
-                          f"expected 1..{num_layers}")
+        raise ConfigError(
+            f"selection.top_k {config.selection.top_k} exceeds the {num_layers} layers of {what}; "
+            f"expected 1..{num_layers}"
+        )
 
 
 def _config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -512,4 +638,3 @@ def _config_diff(a: Any, b: Any, prefix: str = "") -> list[str]:
             out += _config_diff(a.get(k), b.get(k), f"{prefix}{k}.")
         return out
     return [] if a == b else [f"{prefix.rstrip('.')}: {a!r} -> {b!r}"]
-

@@ -15,20 +15,36 @@ from flexora_jax.tasks.formats import MCRecord
 from flexora_jax.tasks.generative import GenRecord
 from flexora_jax.tasks.local import HUB_FEATURES, default_data_dir, load_local
 from flexora_jax.tasks.registry import (
-                                        TASKS,
-                                        Split,
-                                        TaskSpec,
-                                        get_task,
-                                        list_tasks,
-                                        load_records,
-                                        load_source,
-                                        load_split,
-                                        split_report,
+    TASKS,
+    Split,
+    TaskSpec,
+    get_task,
+    list_tasks,
+    load_records,
+    load_source,
+    load_split,
+    split_report,
 )
 from flexora_jax.tasks.splits import DEFAULT_SEED, REST, ROLES, SplitInfo, SplitPlan
 
 __all__ = [
-    "DEFAULT_SEED", "GenRecord", "HUB_FEATURES", "MCRecord", "REST", "ROLES", "Split", "SplitInfo", "SplitPlan",
-    "TASKS", "TaskSpec", "default_data_dir", "get_task", "list_tasks", "load_local", "load_records", "load_source",
-    "load_split", "split_report",
+    "DEFAULT_SEED",
+    "GenRecord",
+    "HUB_FEATURES",
+    "MCRecord",
+    "REST",
+    "ROLES",
+    "Split",
+    "SplitInfo",
+    "SplitPlan",
+    "TASKS",
+    "TaskSpec",
+    "default_data_dir",
+    "get_task",
+    "list_tasks",
+    "load_local",
+    "load_records",
+    "load_source",
+    "load_split",
+    "split_report",
 ]

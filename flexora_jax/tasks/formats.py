@@ -49,11 +49,15 @@ class MCRecord:
             raise DataError(f"{self.task} doc {self.doc_id}: needs at least 2 choices, got {list(self.choices)}")
         empty = [i for i, c in enumerate(self.choices) if not isinstance(c, str) or not c.strip()]
         if empty:
-            raise DataError(f"{self.task} doc {self.doc_id}: choice(s) {empty} are empty; expected text for every "
-                            "choice (acc_norm divides by its length)")
+            raise DataError(
+                f"{self.task} doc {self.doc_id}: choice(s) {empty} are empty; expected text for every "
+                "choice (acc_norm divides by its length)"
+            )
         if not 0 <= self.gold < len(self.choices):
-            raise DataError(f"{self.task} doc {self.doc_id}: gold label {self.gold} is out of range; "
-                            f"expected 0..{len(self.choices) - 1} for {len(self.choices)} choices")
+            raise DataError(
+                f"{self.task} doc {self.doc_id}: gold label {self.gold} is out of range; "
+                f"expected 0..{len(self.choices) - 1} for {len(self.choices)} choices"
+            )
 
     @property
     def is_partial(self) -> bool:
@@ -128,16 +132,18 @@ def winogrande(doc: Mapping[str, Any], doc_id: int, task: str = "winogrande") ->
     idx = sentence.index("_")
     options = (_field(doc, "option1", task, doc_id), _field(doc, "option2", task, doc_id))
     gold = _index(str(_field(doc, "answer", task, doc_id)), ("1", "2"), task, doc_id, "answer")
-    return MCRecord(task, doc_id, "", tuple(sentence[:idx] + o for o in options), gold,
-                    continuation=sentence[idx + 1:].strip())
+    return MCRecord(
+        task, doc_id, "", tuple(sentence[:idx] + o for o in options), gold, continuation=sentence[idx + 1 :].strip()
+    )
 
 
 # --------------------------------------------------------------------------------------- arc / obqa / csqa
 def _choices(doc: Mapping[str, Any], task: str, doc_id: int) -> tuple[list[str], list[str]]:
     choices = _field(doc, "choices", task, doc_id)
     if not isinstance(choices, Mapping) or "text" not in choices or "label" not in choices:
-        raise DataError(f"{task} doc {doc_id}: field 'choices' must be {{'text': [...], 'label': [...]}}, "
-                        f"got {choices!r}")
+        raise DataError(
+            f"{task} doc {doc_id}: field 'choices' must be {{'text': [...], 'label': [...]}}, got {choices!r}"
+        )
     return list(choices["text"]), list(choices["label"])
 
 
@@ -177,7 +183,7 @@ def commonsenseqa_cloze(doc: Mapping[str, Any], doc_id: int, task: str = "common
     """
     texts, _ = _choices(doc, task, doc_id)
     question = _field(doc, "question", task, doc_id).strip()
-    gold = _index(_field(doc, "answerKey", task, doc_id), CSQA_LETTERS[:len(texts)], task, doc_id, "answerKey")
+    gold = _index(_field(doc, "answerKey", task, doc_id), CSQA_LETTERS[: len(texts)], task, doc_id, "answerKey")
     return MCRecord(task, doc_id, f"Question: {question}\nAnswer:", tuple(texts), gold)
 
 
@@ -190,8 +196,10 @@ def question_removed(record: MCRecord) -> MCRecord:
     priors. Partial scoring (WinoGrande) has no separate question, so it is refused.
     """
     if record.is_partial:
-        raise DataError(f"{record.task}: the question-removed control needs a shared prompt; this task uses "
-                        "partial scoring (each choice in its own context), which has no question to remove")
+        raise DataError(
+            f"{record.task}: the question-removed control needs a shared prompt; this task uses "
+            "partial scoring (each choice in its own context), which has no question to remove"
+        )
     cue = record.context.rsplit("\n", 1)[-1] if "\n" in record.context else ""
     return dataclasses.replace(record, context=cue)
 
@@ -214,8 +222,9 @@ def siqa(doc: Mapping[str, Any], doc_id: int, task: str = "social_iqa") -> MCRec
 RACE_LETTERS = ("A", "B", "C", "D")
 
 
-def race_records(docs: Iterable[Mapping[str, Any]], task: str = "race",
-                 last_question_only: bool = False) -> list[MCRecord]:
+def race_records(
+    docs: Iterable[Mapping[str, Any]], task: str = "race", last_question_only: bool = False
+) -> list[MCRecord]:
     """RACE with lm-eval's multi-question prompt, from per-question rows (``ehovy/race`` schema).
 
     lm-eval's document is one article: the earlier questions of the article are written into the
@@ -262,9 +271,13 @@ def mmlu_question(doc: Mapping[str, Any], task: str, doc_id: int) -> str:
     return f"{_field(doc, 'question', task, doc_id).strip()}{lines}\nAnswer:"
 
 
-def mmlu_records(docs: Iterable[Mapping[str, Any]], task: str = "mmlu",
-                 fewshot_docs: Iterable[Mapping[str, Any]] | None = None, exclude_self: bool = False,
-                 num_fewshot: int = MMLU_FEWSHOT) -> list[MCRecord]:
+def mmlu_records(
+    docs: Iterable[Mapping[str, Any]],
+    task: str = "mmlu",
+    fewshot_docs: Iterable[Mapping[str, Any]] | None = None,
+    exclude_self: bool = False,
+    num_fewshot: int = MMLU_FEWSHOT,
+) -> list[MCRecord]:
     """MMLU with lm-eval's default 5-shot prompt: the subject's first ``num_fewshot`` dev questions.
 
     Context = "The following are multiple choice questions (with answers) about {subject}.\\n\\n" +
@@ -281,8 +294,10 @@ def mmlu_records(docs: Iterable[Mapping[str, Any]], task: str = "mmlu",
     for i, doc in enumerate(docs):
         subject = _field(doc, "subject", task, i)
         if fewshot_docs is not None and len(shots.get(subject, [])) < num_fewshot:
-            raise DataError(f"{task} doc {i}: subject {subject!r} has {len(shots.get(subject, []))} few-shot "
-                            f"examples in the dev split, expected {num_fewshot}")
+            raise DataError(
+                f"{task} doc {i}: subject {subject!r} has {len(shots.get(subject, []))} few-shot "
+                f"examples in the dev split, expected {num_fewshot}"
+            )
         about = subject.replace("_", " ")
         description = f"The following are multiple choice questions (with answers) about {about}.\n\n"
         context = description + "".join(shots.get(subject, [])) + mmlu_question(doc, task, i)

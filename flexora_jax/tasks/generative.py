@@ -39,8 +39,7 @@ GSM8K_IGNORE = (",", "\\$", "(?s).*#### ", "\\.$")
 
 AQUA_LETTERS = ("A", "B", "C", "D", "E")
 AQUA_UNTIL = ("\n\n", "Question:")
-AQUA_PATTERNS = (re.compile(r"answer is\s*:?\s*\(?([A-E])\b"), re.compile(r"\(([A-E])\)"),
-                 re.compile(r"\b([A-E])\b"))
+AQUA_PATTERNS = (re.compile(r"answer is\s*:?\s*\(?([A-E])\b"), re.compile(r"\(([A-E])\)"), re.compile(r"\b([A-E])\b"))
 
 #: Generation length per task (lm-eval's ``max_gen_toks`` default is 256).
 MAX_NEW_TOKENS = {"gsm8k": 256, "aqua": 128}
@@ -90,17 +89,23 @@ def _regex_filter(pattern: re.Pattern, text: str, group_select: int) -> str:
 
 def gsm8k_extract(text: str) -> dict[str, str]:
     """Both lm-eval filters: ``strict-match`` (first ``#### N``) and ``flexible-extract`` (last number)."""
-    return {"strict-match": _regex_filter(GSM8K_STRICT, text, 0),
-            "flexible-extract": _regex_filter(GSM8K_FLEXIBLE, text, -1)}
+    return {
+        "strict-match": _regex_filter(GSM8K_STRICT, text, 0),
+        "flexible-extract": _regex_filter(GSM8K_FLEXIBLE, text, -1),
+    }
 
 
 def gsm8k_question(question: str) -> str:
     return f"Question: {question}\nAnswer:"
 
 
-def gsm8k_records(rows: Sequence[Mapping[str, Any]], task: str = "gsm8k",
-                  fewshot_rows: Sequence[Mapping[str, Any]] | None = None, exclude_self: bool = False,
-                  num_fewshot: int = GSM8K_FEWSHOT) -> list[GenRecord]:
+def gsm8k_records(
+    rows: Sequence[Mapping[str, Any]],
+    task: str = "gsm8k",
+    fewshot_rows: Sequence[Mapping[str, Any]] | None = None,
+    exclude_self: bool = False,
+    num_fewshot: int = GSM8K_FEWSHOT,
+) -> list[GenRecord]:
     """GSM8K documents -> records with lm-eval's 5-shot prompt (shots sampled from ``fewshot_rows``).
 
     ``exclude_self``: the documents come from the few-shot pool itself (a validation set carved from
@@ -123,8 +128,7 @@ def gsm8k_records(rows: Sequence[Mapping[str, Any]], task: str = "gsm8k",
                 picks = kept[:num_fewshot]
             prefix = "".join(f"{gsm8k_question(s['question'])} {s['answer']}\n\n" for s in picks)
         prompt = gsm8k_question(question)
-        records.append(GenRecord(task, i, prefix + prompt, gsm8k_normalize(answer), GSM8K_UNTIL,
-                                 prompt, " " + answer))
+        records.append(GenRecord(task, i, prefix + prompt, gsm8k_normalize(answer), GSM8K_UNTIL, prompt, " " + answer))
     return records
 
 
@@ -138,9 +142,12 @@ def aqua_extract(text: str) -> dict[str, str]:
     return {"letter": INVALID}
 
 
-def aqua_records(rows: Sequence[Mapping[str, Any]], task: str = "aqua",
-                 fewshot_rows: Sequence[Mapping[str, Any]] | None = None, exclude_self: bool = False
-                 ) -> list[GenRecord]:
+def aqua_records(
+    rows: Sequence[Mapping[str, Any]],
+    task: str = "aqua",
+    fewshot_rows: Sequence[Mapping[str, Any]] | None = None,
+    exclude_self: bool = False,
+) -> list[GenRecord]:
     """AQuA-RAT documents -> zero-shot records (options listed as "(A) ..."; gold = ``correct``)."""
     records = []
     for i, doc in enumerate(rows):

@@ -40,22 +40,35 @@ _CHOICES = {"text": Sequence(_S), "label": Sequence(_S)}
 
 #: The hub dataset schema each loader reproduces, per hub dataset.
 HUB_FEATURES: dict[str, Features] = {
-    "hellaswag": Features({"ind": Value("int32"), "activity_label": _S, "ctx_a": _S, "ctx_b": _S, "ctx": _S,
-                           "endings": Sequence(_S), "source_id": _S, "split": _S, "split_type": _S, "label": _S}),
+    "hellaswag": Features(
+        {
+            "ind": Value("int32"),
+            "activity_label": _S,
+            "ctx_a": _S,
+            "ctx_b": _S,
+            "ctx": _S,
+            "endings": Sequence(_S),
+            "source_id": _S,
+            "split": _S,
+            "split_type": _S,
+            "label": _S,
+        }
+    ),
     "piqa": Features({"goal": _S, "sol1": _S, "sol2": _S, "label": Value("int64")}),
     "winogrande": Features({"sentence": _S, "option1": _S, "option2": _S, "answer": _S}),
     "arc": Features({"id": _S, "question": _S, "choices": _CHOICES, "answerKey": _S}),
     "openbookqa": Features({"id": _S, "question_stem": _S, "choices": _CHOICES, "answerKey": _S}),
-    "boolq": Features({"question": _S, "passage": _S, "idx": Value("int32"),
-                       "label": ClassLabel(names=["False", "True"])}),
+    "boolq": Features(
+        {"question": _S, "passage": _S, "idx": Value("int32"), "label": ClassLabel(names=["False", "True"])}
+    ),
     "race": Features({"example_id": _S, "article": _S, "answer": _S, "question": _S, "options": Sequence(_S)}),
-    "commonsenseqa": Features({"id": _S, "question": _S, "question_concept": _S, "choices": _CHOICES,
-                               "answerKey": _S}),
+    "commonsenseqa": Features({"id": _S, "question": _S, "question_concept": _S, "choices": _CHOICES, "answerKey": _S}),
     "siqa": Features({"context": _S, "question": _S, "answerA": _S, "answerB": _S, "answerC": _S, "label": _S}),
     "gsm8k": Features({"question": _S, "answer": _S}),
     "aqua": Features({"question": _S, "options": Sequence(_S), "rationale": _S, "correct": _S}),
-    "mmlu": Features({"question": _S, "subject": _S, "choices": Sequence(_S),
-                      "answer": ClassLabel(names=["A", "B", "C", "D"])}),
+    "mmlu": Features(
+        {"question": _S, "subject": _S, "choices": Sequence(_S), "answer": ClassLabel(names=["A", "B", "C", "D"])}
+    ),
 }
 
 
@@ -70,8 +83,10 @@ def default_data_dir() -> Path:
 # --------------------------------------------------------------------------------------- helpers
 def _require(path: Path, what: str) -> Path:
     if not path.exists():
-        raise DataError(f"{path} not found; expected {what} there (set data_dir or $FLEXORA_DATA_DIR "
-                        f"to the folder holding the task folders)")
+        raise DataError(
+            f"{path} not found; expected {what} there (set data_dir or $FLEXORA_DATA_DIR "
+            f"to the folder holding the task folders)"
+        )
     return path
 
 
@@ -109,8 +124,10 @@ def _labels(path: Path, lines: Iterable[str] | None = None) -> list[str]:
 
 def _aligned(features: list, labels: list, feat_path: Path, label_path: Path) -> None:
     if len(features) != len(labels):
-        raise DataError(f"{feat_path} has {len(features)} examples but {label_path} has {len(labels)} labels; "
-                        "they must be line-aligned")
+        raise DataError(
+            f"{feat_path} has {len(features)} examples but {label_path} has {len(labels)} labels; "
+            "they must be line-aligned"
+        )
 
 
 def _json_array(path: Path) -> list[dict]:
@@ -124,8 +141,9 @@ def _json_array(path: Path) -> list[dict]:
 
 
 def _no_split(task: str, split: str, available: tuple[str, ...], why: str) -> DataError:
-    return DataError(f"{task}: split {split!r} is not available in the local files ({why}); "
-                     f"available: {list(available)}")
+    return DataError(
+        f"{task}: split {split!r} is not available in the local files ({why}); available: {list(available)}"
+    )
 
 
 # --------------------------------------------------------------------------------------- hellaswag
@@ -152,9 +170,20 @@ def _hellaswag(data_dir: Path, split: str) -> list[dict]:
         activity, ctx = head.split(": ", 1)
         m = _HS_FRAGMENT.match(ctx)
         ctx_a, ctx_b = (m.group(1), m.group(2)) if m else (ctx, "")
-        rows.append({"ind": i // 6, "activity_label": activity, "ctx_a": ctx_a, "ctx_b": ctx_b, "ctx": ctx,
-                     "endings": lines[i + 2:i + 6], "source_id": "", "split": "val", "split_type": "",
-                     "label": label})
+        rows.append(
+            {
+                "ind": i // 6,
+                "activity_label": activity,
+                "ctx_a": ctx_a,
+                "ctx_b": ctx_b,
+                "ctx": ctx,
+                "endings": lines[i + 2 : i + 6],
+                "source_id": "",
+                "split": "val",
+                "split_type": "",
+                "label": label,
+            }
+        )
     return rows
 
 
@@ -170,15 +199,23 @@ def _piqa(data_dir: Path, split: str) -> list[dict]:
     for (where, doc), label in zip(docs, labels):
         if label not in ("0", "1"):
             raise DataError(f"{label_path}: label {label!r} for {where} is out of range; expected 0 or 1")
-        rows.append({"goal": _get(doc, "goal", where), "sol1": _get(doc, "sol1", where),
-                     "sol2": _get(doc, "sol2", where), "label": int(label)})
+        rows.append(
+            {
+                "goal": _get(doc, "goal", where),
+                "sol1": _get(doc, "sol1", where),
+                "sol2": _get(doc, "sol2", where),
+                "label": int(label),
+            }
+        )
     return rows
 
 
 # --------------------------------------------------------------------------------------- winogrande
-_WG = re.compile(r"^Please choose the correct answer to fill in the blank to complete the given sentence: "
-                 r"(?P<sentence>.*)\n\nOption1: (?P<o1>.*) Option2: (?P<o2>.*) Answer format: option1/option2$",
-                 re.DOTALL)
+_WG = re.compile(
+    r"^Please choose the correct answer to fill in the blank to complete the given sentence: "
+    r"(?P<sentence>.*)\n\nOption1: (?P<o1>.*) Option2: (?P<o2>.*) Answer format: option1/option2$",
+    re.DOTALL,
+)
 
 
 def _winogrande(data_dir: Path, split: str) -> list[dict]:
@@ -190,8 +227,10 @@ def _winogrande(data_dir: Path, split: str) -> list[dict]:
         where = f"{path}[{n}]"
         m = _WG.match(_get(item, "instruction", where))
         if not m:
-            raise DataError(f"{where}: instruction does not match the WinoGrande template "
-                            f"'...sentence: <s>\\n\\nOption1: <a> Option2: <b> Answer format: option1/option2'")
+            raise DataError(
+                f"{where}: instruction does not match the WinoGrande template "
+                f"'...sentence: <s>\\n\\nOption1: <a> Option2: <b> Answer format: option1/option2'"
+            )
         answer = _get(item, "answer", where)
         if answer not in ("option1", "option2"):
             raise DataError(f"{where}: answer {answer!r} is out of range; expected 'option1' or 'option2'")
@@ -208,7 +247,7 @@ def _arc_instruction(item: dict, where: str) -> tuple[str, list[str], int]:
     prefix = "Please choose the correct answer to the question: "
     if not instruction.startswith(prefix) or "\n\nAnswer format:" not in instruction:
         raise DataError(f"{where}: instruction does not match the ARC template '{prefix}<q>\\n\\nAnswer1: ...'")
-    body = instruction[len(prefix):instruction.rindex("\n\nAnswer format:")]
+    body = instruction[len(prefix) : instruction.rindex("\n\nAnswer format:")]
     question, _, options = body.partition("\n\n")
     parts = _ARC_OPTION.split(options)
     numbers, texts = parts[1::2], parts[2::2]
@@ -229,8 +268,14 @@ def _arc(level: str) -> Callable[[Path, str], list[dict]]:
             for n, item in enumerate(_json_array(path)):
                 question, texts, gold = _arc_instruction(item, f"{path}[{n}]")
                 labels = [chr(ord("A") + k) for k in range(len(texts))]
-                rows.append({"id": f"{name}-train-{n}", "question": question,
-                             "choices": {"text": texts, "label": labels}, "answerKey": labels[gold]})
+                rows.append(
+                    {
+                        "id": f"{name}-train-{n}",
+                        "question": question,
+                        "choices": {"text": texts, "label": labels},
+                        "answerKey": labels[gold],
+                    }
+                )
             return rows
         files = {"validation": "Dev", "test": "Test"}
         if split not in files:
@@ -245,9 +290,16 @@ def _arc(level: str) -> Callable[[Path, str], list[dict]]:
             key = _get(doc, "answerKey", where)
             if key not in labels:
                 raise DataError(f"{where}: answerKey {key!r} is out of range; expected one of {labels}")
-            rows.append({"id": _get(doc, "id", where), "question": _get(question, "stem", where + " question"),
-                         "choices": {"text": texts, "label": labels}, "answerKey": key})
+            rows.append(
+                {
+                    "id": _get(doc, "id", where),
+                    "question": _get(question, "stem", where + " question"),
+                    "choices": {"text": texts, "label": labels},
+                    "answerKey": key,
+                }
+            )
         return rows
+
     return load
 
 
@@ -281,13 +333,20 @@ def _openbookqa(data_dir: Path, split: str) -> list[dict]:
             texts = _obqa_choices(_get(row, "Choices", where))
             labels = ["A", "B", "C", "D"]
             if texts is None:
-                raise DataError(f"{where}: field 'Choices'={row['Choices']!r} does not parse as "
-                                "'(A) .. (B) .. (C) .. (D) ..'")
+                raise DataError(
+                    f"{where}: field 'Choices'={row['Choices']!r} does not parse as '(A) .. (B) .. (C) .. (D) ..'"
+                )
             key = _get(row, "Answer Key", where)
             if key not in labels:
                 raise DataError(f"{where}: 'Answer Key' {key!r} is out of range; expected one of {labels}")
-            rows.append({"id": _get(row, "ID", where), "question_stem": _get(row, "Question Stem", where),
-                         "choices": {"text": texts, "label": labels}, "answerKey": key})
+            rows.append(
+                {
+                    "id": _get(row, "ID", where),
+                    "question_stem": _get(row, "Question Stem", where),
+                    "choices": {"text": texts, "label": labels},
+                    "answerKey": key,
+                }
+            )
     return rows
 
 
@@ -303,8 +362,14 @@ def _boolq(data_dir: Path, split: str) -> list[dict]:
         label = _get(doc, "label", where, object)
         if label not in _BOOLQ_LABELS:  # the file writes "true"/"false" strings; JSON booleans also accepted
             raise DataError(f"{where}: label {label!r} is out of range; expected true or false")
-        rows.append({"question": _get(doc, "question", where), "passage": _get(doc, "passage", where),
-                     "idx": _get(doc, "idx", where, int), "label": _BOOLQ_LABELS[label]})
+        rows.append(
+            {
+                "question": _get(doc, "question", where),
+                "passage": _get(doc, "passage", where),
+                "idx": _get(doc, "idx", where, int),
+                "label": _BOOLQ_LABELS[label],
+            }
+        )
     return rows
 
 
@@ -331,8 +396,11 @@ def _race_archive(path: Path) -> dict[tuple[str, str], list[tuple[int, str, dict
 
 def _race(level: str) -> Callable[[Path, str], list[dict]]:
     def load(data_dir: Path, split: str) -> list[dict]:
-        dirs = {"train": ("RACE-train.tar.gz", "train"), "validation": ("RACE-dev-test.tar.gz", "dev"),
-                "test": ("RACE-dev-test.tar.gz", "test")}
+        dirs = {
+            "train": ("RACE-train.tar.gz", "train"),
+            "validation": ("RACE-dev-test.tar.gz", "dev"),
+            "test": ("RACE-dev-test.tar.gz", "test"),
+        }
         if split not in dirs:
             raise _no_split(f"race_{level}", split, tuple(dirs), "unknown split")
         archive, sub = dirs[split]
@@ -344,20 +412,29 @@ def _race(level: str) -> Callable[[Path, str], list[dict]]:
             options = _get(passage, "options", where, list)
             answers = _get(passage, "answers", where, list)
             if not len(questions) == len(options) == len(answers):
-                raise DataError(f"{where}: {len(questions)} questions, {len(options)} option lists and "
-                                f"{len(answers)} answers; expected equal lengths")
+                raise DataError(
+                    f"{where}: {len(questions)} questions, {len(options)} option lists and "
+                    f"{len(answers)} answers; expected equal lengths"
+                )
             for q, opts, ans in zip(questions, options, answers):
                 if ans not in ("A", "B", "C", "D") or len(opts) != 4:
                     raise DataError(f"{where}: answer {ans!r} with {len(opts)} options; expected A-D and 4 options")
-                rows.append({"example_id": _get(passage, "id", where), "article": _get(passage, "article", where),
-                             "answer": ans, "question": q, "options": opts})
+                rows.append(
+                    {
+                        "example_id": _get(passage, "id", where),
+                        "article": _get(passage, "article", where),
+                        "answer": ans,
+                        "question": q,
+                        "options": opts,
+                    }
+                )
         return rows
+
     return load
 
 
 # --------------------------------------------------------------------------------------- commonsenseqa
-def _split_jsonl(task: str, data_dir: Path, split: str, files: dict[str, str],
-                 why: str) -> Iterator[tuple[str, dict]]:
+def _split_jsonl(task: str, data_dir: Path, split: str, files: dict[str, str], why: str) -> Iterator[tuple[str, dict]]:
     """The records of ``data_dir/task/<file of split>``, or the error naming the splits the release files have."""
     if split not in files:
         raise _no_split(task, split, tuple(files), why)
@@ -371,16 +448,21 @@ def _commonsenseqa_row(where: str, doc: dict) -> dict:
     key = _get(doc, "answerKey", where)
     if key not in labels:
         raise DataError(f"{where}: answerKey {key!r} is out of range; expected one of {labels}")
-    return {"id": _get(doc, "id", where), "question": _get(question, "stem", where + " question"),
-            "question_concept": question.get("question_concept", ""),
-            "choices": {"label": labels, "text": [_get(c, "text", where + " choice") for c in choices]},
-            "answerKey": key}
+    return {
+        "id": _get(doc, "id", where),
+        "question": _get(question, "stem", where + " question"),
+        "question_concept": question.get("question_concept", ""),
+        "choices": {"label": labels, "text": [_get(c, "text", where + " choice") for c in choices]},
+        "answerKey": key,
+    }
 
 
 def _commonsenseqa(data_dir: Path, split: str) -> list[dict]:
     files = {"train": "train.jsonl", "validation": "valid.jsonl"}
-    return [_commonsenseqa_row(where, doc) for where, doc in _split_jsonl(
-        "commonsenseqa", data_dir, split, files, "test.jsonl has no answers")]
+    return [
+        _commonsenseqa_row(where, doc)
+        for where, doc in _split_jsonl("commonsenseqa", data_dir, split, files, "test.jsonl has no answers")
+    ]
 
 
 # --------------------------------------------------------------------------------------- siqa
@@ -395,8 +477,9 @@ def _siqa(data_dir: Path, split: str) -> list[dict]:
             feats = zf.read(f"socialiqa-train-dev/{stem}.jsonl").decode("utf-8").splitlines()
             labels = zf.read(f"socialiqa-train-dev/{stem}-labels.lst").decode("utf-8").splitlines()
         except KeyError as exc:
-            raise DataError(f"{path}: member {exc} missing; expected socialiqa-train-dev/{stem}.jsonl "
-                            f"and {stem}-labels.lst") from None
+            raise DataError(
+                f"{path}: member {exc} missing; expected socialiqa-train-dev/{stem}.jsonl and {stem}-labels.lst"
+            ) from None
     feat_path, label_path = Path(f"{path}:{stem}.jsonl"), Path(f"{path}:{stem}-labels.lst")
     docs, labels = list(_jsonl(feat_path, feats)), _labels(label_path, labels)
     _aligned(docs, labels, feat_path, label_path)
@@ -404,8 +487,10 @@ def _siqa(data_dir: Path, split: str) -> list[dict]:
     for (where, doc), label in zip(docs, labels):
         if label not in ("1", "2", "3"):
             raise DataError(f"{label_path}: label {label!r} for {where} is out of range; expected 1, 2 or 3")
-        rows.append({k: _get(doc, k, where) for k in ("context", "question", "answerA", "answerB", "answerC")}
-                    | {"label": label})
+        rows.append(
+            {k: _get(doc, k, where) for k in ("context", "question", "answerA", "answerB", "answerC")}
+            | {"label": label}
+        )
     return rows
 
 
@@ -429,14 +514,20 @@ def _aqua_row(where: str, obj: dict) -> dict:
     correct = _get(obj, "correct", where)
     if correct not in ("A", "B", "C", "D", "E"):
         raise DataError(f"{where}: correct={correct!r} is not one of A..E")
-    return {"question": _get(obj, "question", where), "options": options, "rationale": _get(obj, "rationale", where),
-            "correct": correct}
+    return {
+        "question": _get(obj, "question", where),
+        "options": options,
+        "rationale": _get(obj, "rationale", where),
+        "correct": correct,
+    }
 
 
 def _aqua(data_dir: Path, split: str) -> list[dict]:
     files = {"validation": "dev.json", "test": "test.json"}
-    return [_aqua_row(where, obj) for where, obj in _split_jsonl(
-        "aqua", data_dir, split, files, "the 97k-example train.json is not kept")]
+    return [
+        _aqua_row(where, obj)
+        for where, obj in _split_jsonl("aqua", data_dir, split, files, "the 97k-example train.json is not kept")
+    ]
 
 
 _MMLU_FILES = {"dev": "dev", "validation": "val", "test": "test"}
@@ -453,7 +544,7 @@ def _mmlu(data_dir: Path, split: str) -> list[dict]:
         raise DataError(f"{folder}: no '*{suffix}' files; expected one CSV per subject")
     rows = []
     for path in files:
-        subject = path.name[:-len(suffix)]
+        subject = path.name[: -len(suffix)]
         with path.open(encoding="utf-8", newline="") as f:
             for n, row in enumerate(csv.DictReader(f), 2):
                 where = f"{path}:{n}"
@@ -461,8 +552,14 @@ def _mmlu(data_dir: Path, split: str) -> list[dict]:
                 answer = _get(row, "answer", where)
                 if answer not in ("0", "1", "2", "3"):
                     raise DataError(f"{where}: answer={answer!r} is out of range; expected 0..3")
-                rows.append({"question": _get(row, "question", where), "subject": subject, "choices": choices,
-                             "answer": int(answer)})
+                rows.append(
+                    {
+                        "question": _get(row, "question", where),
+                        "subject": subject,
+                        "choices": choices,
+                        "answer": int(answer),
+                    }
+                )
     return rows
 
 
@@ -515,8 +612,12 @@ def _load_cached(task: str, split: str, root: str) -> datasets.Dataset:
         if isinstance(exc, DataError):
             raise
         if isinstance(exc, UnicodeDecodeError):
-            raise DataError(f"{task}: a {split!r} data file under {root} is not UTF-8 text ({exc.reason} at byte "
-                            f"{exc.start}); expected UTF-8 encoded files") from None
-        raise DataError(f"{task}: the {split!r} data under {root} cannot be read ({type(exc).__name__}: {exc}); "
-                        "expected the release files intact, as UTF-8 text (a truncated download, a directory "
-                        "where a file belongs, or text with unpaired surrogates)") from None
+            raise DataError(
+                f"{task}: a {split!r} data file under {root} is not UTF-8 text ({exc.reason} at byte "
+                f"{exc.start}); expected UTF-8 encoded files"
+            ) from None
+        raise DataError(
+            f"{task}: the {split!r} data under {root} cannot be read ({type(exc).__name__}: {exc}); "
+            "expected the release files intact, as UTF-8 text (a truncated download, a directory "
+            "where a file belongs, or text with unpaired surrogates)"
+        ) from None

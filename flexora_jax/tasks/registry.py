@@ -67,9 +67,13 @@ class TaskSpec:
     def is_generative(self) -> bool:
         return self.kind == "generate"
 
-    def to_records(self, docs: datasets.Dataset | Iterable[Mapping[str, Any]],
-                   last_question_only: bool = False, fewshot_docs: datasets.Dataset | None = None,
-                   exclude_self: bool = False) -> list[Record]:
+    def to_records(
+        self,
+        docs: datasets.Dataset | Iterable[Mapping[str, Any]],
+        last_question_only: bool = False,
+        fewshot_docs: datasets.Dataset | None = None,
+        exclude_self: bool = False,
+    ) -> list[Record]:
         """Convert hub-schema documents; ``last_question_only`` selects lm-eval's RACE documents.
 
         ``fewshot_docs`` (the ``fewshot_split`` documents) feed few-shot prompts; ``exclude_self``
@@ -97,35 +101,89 @@ _TRAIN_POOL = SplitPlan(official={"test": "validation"}, pool="train", sizes={"t
 _ACC = ("acc",)
 _ACC_NORM = ("acc", "acc_norm")
 _GSM8K = SplitPlan(official={"test": "test"}, pool="train", sizes={"train": REST, "validation": 500})
-_AQUA = SplitPlan(official={"validation": "validation", "test": "test"},
-                  unavailable={"train": "AQuA-RAT's 97k-example train set is not in the local files; "
-                                        "AQuA is evaluation only"})
-_MMLU = SplitPlan(official={"validation": "validation", "test": "test"},
-                  unavailable={"train": "MMLU has no train split (auxiliary_train is not in the local files); "
-                                        "MMLU is evaluation only"})
+_AQUA = SplitPlan(
+    official={"validation": "validation", "test": "test"},
+    unavailable={"train": "AQuA-RAT's 97k-example train set is not in the local files; AQuA is evaluation only"},
+)
+_MMLU = SplitPlan(
+    official={"validation": "validation", "test": "test"},
+    unavailable={
+        "train": "MMLU has no train split (auxiliary_train is not in the local files); MMLU is evaluation only"
+    },
+)
 
-TASKS: dict[str, TaskSpec] = {t.name: t for t in (
-    TaskSpec("hellaswag", "Rowan/hellaswag", None, "hellaswag", formats.hellaswag, _three_way(1000, 1000), _ACC_NORM),
-    TaskSpec("piqa", "baber/piqa", None, "piqa", formats.piqa, _three_way(338, 500), _ACC_NORM),
-    TaskSpec("winogrande", "allenai/winogrande", "winogrande_xl", "winogrande", formats.winogrande,
-             _three_way(250, 250), _ACC),
-    TaskSpec("race_middle", "ehovy/race", "middle", "race", None, _OFFICIAL, _ACC),
-    TaskSpec("race_high", "ehovy/race", "high", "race", None, _OFFICIAL, _ACC),
-    TaskSpec("boolq", "aps/super_glue", "boolq", "boolq", formats.boolq, _three_way(500, 500), _ACC),
-    TaskSpec("arc_easy", "allenai/ai2_arc", "ARC-Easy", "arc", formats.arc, _OFFICIAL, _ACC_NORM),
-    TaskSpec("arc_challenge", "allenai/ai2_arc", "ARC-Challenge", "arc", formats.arc, _OFFICIAL, _ACC_NORM),
-    TaskSpec("openbookqa", "allenai/openbookqa", "main", "openbookqa", formats.openbookqa, _OFFICIAL, _ACC_NORM),
-    TaskSpec("commonsense_qa", "tau/commonsense_qa", None, "commonsenseqa", formats.commonsenseqa, _TRAIN_POOL, _ACC),
-    TaskSpec("commonsense_qa_cloze", "tau/commonsense_qa", None, "commonsenseqa", formats.commonsenseqa_cloze,
-             _TRAIN_POOL, _ACC, local_name="commonsense_qa"),
-    TaskSpec("social_iqa", "allenai/social_i_qa", None, "siqa", formats.siqa, _TRAIN_POOL, _ACC),
-    TaskSpec("gsm8k", "openai/gsm8k", "main", "gsm8k", None, _GSM8K, ("exact_match",), kind="generate",
-             fewshot_split="train", split_to_records=generative.gsm8k_records),
-    TaskSpec("aqua", "deepmind/aqua_rat", "raw", "aqua", None, _AQUA, ("exact_match",), kind="generate",
-             split_to_records=generative.aqua_records),
-    TaskSpec("mmlu", "cais/mmlu", "all", "mmlu", None, _MMLU, ("acc", "acc_macro"), fewshot_split="dev",
-             split_to_records=formats.mmlu_records),
-)}
+TASKS: dict[str, TaskSpec] = {
+    t.name: t
+    for t in (
+        TaskSpec(
+            "hellaswag", "Rowan/hellaswag", None, "hellaswag", formats.hellaswag, _three_way(1000, 1000), _ACC_NORM
+        ),
+        TaskSpec("piqa", "baber/piqa", None, "piqa", formats.piqa, _three_way(338, 500), _ACC_NORM),
+        TaskSpec(
+            "winogrande",
+            "allenai/winogrande",
+            "winogrande_xl",
+            "winogrande",
+            formats.winogrande,
+            _three_way(250, 250),
+            _ACC,
+        ),
+        TaskSpec("race_middle", "ehovy/race", "middle", "race", None, _OFFICIAL, _ACC),
+        TaskSpec("race_high", "ehovy/race", "high", "race", None, _OFFICIAL, _ACC),
+        TaskSpec("boolq", "aps/super_glue", "boolq", "boolq", formats.boolq, _three_way(500, 500), _ACC),
+        TaskSpec("arc_easy", "allenai/ai2_arc", "ARC-Easy", "arc", formats.arc, _OFFICIAL, _ACC_NORM),
+        TaskSpec("arc_challenge", "allenai/ai2_arc", "ARC-Challenge", "arc", formats.arc, _OFFICIAL, _ACC_NORM),
+        TaskSpec("openbookqa", "allenai/openbookqa", "main", "openbookqa", formats.openbookqa, _OFFICIAL, _ACC_NORM),
+        TaskSpec(
+            "commonsense_qa", "tau/commonsense_qa", None, "commonsenseqa", formats.commonsenseqa, _TRAIN_POOL, _ACC
+        ),
+        TaskSpec(
+            "commonsense_qa_cloze",
+            "tau/commonsense_qa",
+            None,
+            "commonsenseqa",
+            formats.commonsenseqa_cloze,
+            _TRAIN_POOL,
+            _ACC,
+            local_name="commonsense_qa",
+        ),
+        TaskSpec("social_iqa", "allenai/social_i_qa", None, "siqa", formats.siqa, _TRAIN_POOL, _ACC),
+        TaskSpec(
+            "gsm8k",
+            "openai/gsm8k",
+            "main",
+            "gsm8k",
+            None,
+            _GSM8K,
+            ("exact_match",),
+            kind="generate",
+            fewshot_split="train",
+            split_to_records=generative.gsm8k_records,
+        ),
+        TaskSpec(
+            "aqua",
+            "deepmind/aqua_rat",
+            "raw",
+            "aqua",
+            None,
+            _AQUA,
+            ("exact_match",),
+            kind="generate",
+            split_to_records=generative.aqua_records,
+        ),
+        TaskSpec(
+            "mmlu",
+            "cais/mmlu",
+            "all",
+            "mmlu",
+            None,
+            _MMLU,
+            ("acc", "acc_macro"),
+            fewshot_split="dev",
+            split_to_records=formats.mmlu_records,
+        ),
+    )
+}
 
 
 def list_tasks() -> list[str]:
@@ -139,14 +197,17 @@ def get_task(name: str | TaskSpec) -> TaskSpec:
         return name
     name = ALIASES.get(name, name)
     if name not in TASKS:
-        raise ConfigError(f"unknown task {name!r}{did_you_mean(name, [*TASKS, *ALIASES])}; known tasks: "
-                          f"{list_tasks()}")
+        raise ConfigError(f"unknown task {name!r}{did_you_mean(name, [*TASKS, *ALIASES])}; known tasks: {list_tasks()}")
     return TASKS[name]
 
 
-def load_source(task: str | TaskSpec, source_split: str, source: Source = "local",
-                data_dir: str | os.PathLike | None = None, hub_path: str | os.PathLike | None = None
-                ) -> datasets.Dataset:
+def load_source(
+    task: str | TaskSpec,
+    source_split: str,
+    source: Source = "local",
+    data_dir: str | os.PathLike | None = None,
+    hub_path: str | os.PathLike | None = None,
+) -> datasets.Dataset:
     """One source split (as named on the hub) in the hub schema, from the local files or the hub.
 
     ``hub_path`` replaces the registry's hub id (a local dataset directory in the hub schema, or a
@@ -161,14 +222,18 @@ def load_source(task: str | TaskSpec, source_split: str, source: Source = "local
     try:
         ds = datasets.load_dataset(path, name, split=source_split)
     except Exception as exc:  # datasets raises many types (ConnectionError, DatasetNotFoundError, ValueError)
-        raise DataError(f"{spec.name}: could not load split {source_split!r} of hub dataset {path!r}"
-                        f"{'' if name is None else f' ({name})'}: {type(exc).__name__}: {exc}. Offline? Use "
-                        f"source='local' with data_dir (or $FLEXORA_DATA_DIR) pointing at the shared data "
-                        f"folder, or hub_path=<a local copy in the hub schema>") from None
+        raise DataError(
+            f"{spec.name}: could not load split {source_split!r} of hub dataset {path!r}"
+            f"{'' if name is None else f' ({name})'}: {type(exc).__name__}: {exc}. Offline? Use "
+            f"source='local' with data_dir (or $FLEXORA_DATA_DIR) pointing at the shared data "
+            f"folder, or hub_path=<a local copy in the hub schema>"
+        ) from None
     missing = [c for c in spec.features if c not in ds.column_names]
     if missing:
-        raise DataError(f"{spec.name}: hub dataset {path!r} split {source_split!r} lacks field(s) {missing}; "
-                        f"expected the columns {list(spec.features)}")
+        raise DataError(
+            f"{spec.name}: hub dataset {path!r} split {source_split!r} lacks field(s) {missing}; "
+            f"expected the columns {list(spec.features)}"
+        )
     if len(ds) == 0:
         raise DataError(f"{spec.name}: hub dataset {path!r} split {source_split!r} is empty")
     with datasets_quietly():
@@ -187,16 +252,27 @@ class Split:
 
     def records(self, last_question_only: bool = False) -> list[Record]:
         """The documents as records (``last_question_only``: RACE as lm-eval)."""
-        return self.task.to_records(self.docs, last_question_only=last_question_only, fewshot_docs=self.fewshot_docs,
-                                    exclude_self=self.info.source_split == self.task.fewshot_split)
+        return self.task.to_records(
+            self.docs,
+            last_question_only=last_question_only,
+            fewshot_docs=self.fewshot_docs,
+            exclude_self=self.info.source_split == self.task.fewshot_split,
+        )
 
     def __len__(self) -> int:
         return len(self.docs)
 
 
-def load_split(task: str | TaskSpec, split: str, *, source: Source = "local",
-               data_dir: str | os.PathLike | None = None, hub_path: str | os.PathLike | None = None,
-               seed: int = DEFAULT_SEED, sizes: Mapping[str, int] | None = None) -> Split:
+def load_split(
+    task: str | TaskSpec,
+    split: str,
+    *,
+    source: Source = "local",
+    data_dir: str | os.PathLike | None = None,
+    hub_path: str | os.PathLike | None = None,
+    seed: int = DEFAULT_SEED,
+    sizes: Mapping[str, int] | None = None,
+) -> Split:
     """One role (``train`` / ``validation`` = search-validation / ``test``) of a task.
 
     Official source splits are used whole; other roles are carved from the plan's pool with
@@ -219,17 +295,19 @@ def load_split(task: str | TaskSpec, split: str, *, source: Source = "local",
         concrete = resolve_sizes(plan, len(pool), sizes)
         indices = resplit_indices(len(pool), concrete, seed)[role]
         docs = pool.select(indices)
-        info = SplitInfo(spec.name, role, source, plan.pool, len(docs), resplit=True, seed=seed,
-                         sizes=concrete, pool_size=len(pool))
+        info = SplitInfo(
+            spec.name, role, source, plan.pool, len(docs), resplit=True, seed=seed, sizes=concrete, pool_size=len(pool)
+        )
     if len(docs) == 0:
-        raise DataError(f"{spec.name}: split {role!r} is empty (source split {info.source_split!r}, "
-                        f"sizes {info.sizes}); expected at least one example")
+        raise DataError(
+            f"{spec.name}: split {role!r} is empty (source split {info.source_split!r}, "
+            f"sizes {info.sizes}); expected at least one example"
+        )
     fewshot = None if spec.fewshot_split is None else load_source(spec, spec.fewshot_split, source, data_dir, hub_path)
     return Split(spec, docs, info, fewshot)
 
 
-def load_records(task: str | TaskSpec, split: str, *, last_question_only: bool = False,
-                 **kwargs: Any) -> list[Record]:
+def load_records(task: str | TaskSpec, split: str, *, last_question_only: bool = False, **kwargs: Any) -> list[Record]:
     """``load_split(task, split, **kwargs).records()`` in one call."""
     return load_split(task, split, **kwargs).records(last_question_only=last_question_only)
 

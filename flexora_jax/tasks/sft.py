@@ -73,14 +73,15 @@ def encode_pair(tokenizer: Any, context: str, continuation: str) -> tuple[list[i
         kwargs["add_special_tokens"] = False
     whole = tokenizer.encode(context + continuation, **kwargs)
     ctx = tokenizer.encode(context, **kwargs)
-    return ctx, whole[len(ctx):]
+    return ctx, whole[len(ctx) :]
 
 
 TOO_LONG = ("error", "drop", "truncate")
 
 
-def tokenize_pair(tokenizer: Any, prompt: str, answer: str, max_length: int,
-                  add_eos: bool = False, too_long: str = "error") -> dict[str, Any] | None:
+def tokenize_pair(
+    tokenizer: Any, prompt: str, answer: str, max_length: int, add_eos: bool = False, too_long: str = "error"
+) -> dict[str, Any] | None:
     """One example: ``input_ids``, ``loss_mask`` (1 on answer tokens), ``length``, ``truncated``.
 
     The prompt is cut from the left to fit ``max_length``. An answer that alone leaves no room for a
@@ -96,10 +97,12 @@ def tokenize_pair(tokenizer: Any, prompt: str, answer: str, max_length: int,
         if too_long == "drop":
             return None
         if too_long != "truncate":
-            raise DataError(f"answer {answer[:80]!r} is {len(ans)} tokens, which does not fit max_length "
-                            f"{max_length} with at least one prompt token before it (too_long='drop' or "
-                            "'truncate' to keep going)")
-        ctx, ans = ctx[-1:], ans[-(max_length - 1):]
+            raise DataError(
+                f"answer {answer[:80]!r} is {len(ans)} tokens, which does not fit max_length "
+                f"{max_length} with at least one prompt token before it (too_long='drop' or "
+                "'truncate' to keep going)"
+            )
+        ctx, ans = ctx[-1:], ans[-(max_length - 1) :]
     ids = ctx + ans
     truncated = len(ids) > max_length
     ids = ids[-max_length:]
@@ -107,8 +110,14 @@ def tokenize_pair(tokenizer: Any, prompt: str, answer: str, max_length: int,
     return {"input_ids": ids, "loss_mask": mask, "length": len(ids), "truncated": truncated}
 
 
-def sft_dataset(records: Sequence[Any], tokenizer: Any, max_length: int, add_eos: bool = False,
-                num_proc: int | None = None, too_long: str = "error") -> datasets.Dataset:
+def sft_dataset(
+    records: Sequence[Any],
+    tokenizer: Any,
+    max_length: int,
+    add_eos: bool = False,
+    num_proc: int | None = None,
+    too_long: str = "error",
+) -> datasets.Dataset:
     """Tokenised SFT examples (columns input_ids, loss_mask, length, truncated, task, doc_id).
 
     ``records`` are task records (``MCRecord`` / ``GenRecord``: their ``sft_pair()``) or ``(prompt, answer)``
@@ -122,41 +131,63 @@ def sft_dataset(records: Sequence[Any], tokenizer: Any, max_length: int, add_eos
     pairs = [r if isinstance(r, (tuple, list)) else r.sft_pair() for r in records]
     if any(len(p) != 2 or not all(isinstance(x, str) for x in p) for p in pairs):
         raise DataError("sft_dataset: expected task records or (prompt, answer) string pairs")
-    raw = datasets.Dataset.from_dict({"prompt": [p for p, _ in pairs], "answer": [a for _, a in pairs],
-                                      "task": [getattr(r, "task", "pairs") for r in records],
-                                      "doc_id": [getattr(r, "doc_id", i) for i, r in enumerate(records)]})
+    raw = datasets.Dataset.from_dict(
+        {
+            "prompt": [p for p, _ in pairs],
+            "answer": [a for _, a in pairs],
+            "task": [getattr(r, "task", "pairs") for r in records],
+            "doc_id": [getattr(r, "doc_id", i) for i, r in enumerate(records)],
+        }
+    )
 
     def tokenize(batch: dict[str, list]) -> dict[str, list]:
-        out = [tokenize_pair(tokenizer, p, a, max_length, add_eos, too_long)
-               for p, a in zip(batch["prompt"], batch["answer"])]
+        out = [
+            tokenize_pair(tokenizer, p, a, max_length, add_eos, too_long)
+            for p, a in zip(batch["prompt"], batch["answer"])
+        ]
         keep = [i for i, o in enumerate(out) if o is not None]
         cols = {k: [out[i][k] for i in keep] for k in ("input_ids", "loss_mask", "length", "truncated")}
         return cols | {k: [batch[k][i] for i in keep] for k in ("task", "doc_id")}
 
     with datasets_quietly():
-        return raw.map(tokenize, batched=True, remove_columns=["prompt", "answer", "task", "doc_id"],
-                       num_proc=num_proc, desc="tokenizing SFT examples")
+        return raw.map(
+            tokenize,
+            batched=True,
+            remove_columns=["prompt", "answer", "task", "doc_id"],
+            num_proc=num_proc,
+            desc="tokenizing SFT examples",
+        )
 
 
 def _records(records: Any, where: str) -> list[Any]:
     """``records`` as a list (a generator is read once), each a task record or a (prompt, answer) pair of strings."""
     if isinstance(records, (str, bytes, dict)) or not hasattr(records, "__iter__"):
-        raise DataError(f"{where}: records must be a list of task records or (prompt, answer) pairs, got "
-                        f"{describe(records)}")
+        raise DataError(
+            f"{where}: records must be a list of task records or (prompt, answer) pairs, got {describe(records)}"
+        )
     records = list(records)
     if not records:
         raise DataError(f"{where}: no records given; expected a non-empty training split")
     for i, r in enumerate(records):
         pair = isinstance(r, (tuple, list)) and len(r) == 2 and all(isinstance(x, str) for x in r)
         if not pair and not callable(getattr(r, "sft_pair", None)):
-            raise DataError(f"{where}: records[{i}] is {describe(r)}; expected a task record (MCRecord / GenRecord) "
-                            "or a (prompt, answer) pair of strings")
+            raise DataError(
+                f"{where}: records[{i}] is {describe(r)}; expected a task record (MCRecord / GenRecord) "
+                "or a (prompt, answer) pair of strings"
+            )
     return records
 
 
-def sft_arrays(records: Sequence[Any], tokenizer: Any, max_length: int, *, too_long: str = "drop",
-               add_eos: bool = False, name: str = "dataset",
-               length_key: str = "max_length") -> tuple[dict[str, np.ndarray], dict[str, int]]:
+def sft_arrays(
+    records: Sequence[Any],
+    tokenizer: Any,
+    max_length: int,
+    *,
+    too_long: str = "drop",
+    add_eos: bool = False,
+    name: str = "dataset",
+    length_key: str = "max_length",
+) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Task records or ``(prompt, answer)`` pairs -> the arrays ``fj.search`` / ``fj.finetune`` draw batches from.
 
     Returns ``(arrays, info)``: ``input_ids`` / ``attention_mask`` int32 and ``loss_mask`` float32 (1 on the
@@ -170,12 +201,19 @@ def sft_arrays(records: Sequence[Any], tokenizer: Any, max_length: int, *, too_l
     max_length = check_number(max_length, f"{name}: {length_key}", lo=2, integer=True)
     ds = sft_dataset(records, tokenizer, max_length, add_eos=add_eos, too_long=too_long)
     if len(ds) == 0:
-        raise DataError(f"{name}: every example's answer is longer than {length_key} {max_length} tokens; "
-                        f"expected a larger {length_key}")
+        raise DataError(
+            f"{name}: every example's answer is longer than {length_key} {max_length} tokens; "
+            f"expected a larger {length_key}"
+        )
     info = {"n": len(ds), "dropped": len(records) - len(ds), "truncated": int(sum(ds["truncated"]))}
     if info["dropped"]:
-        log.info("%s: %d of %d examples dropped (answer longer than max_length %d)", name, info["dropped"],
-                 len(records), max_length)
+        log.info(
+            "%s: %d of %d examples dropped (answer longer than max_length %d)",
+            name,
+            info["dropped"],
+            len(records),
+            max_length,
+        )
     return pad_dataset(ds, name), info
 
 
@@ -189,10 +227,13 @@ def pad_dataset(dataset: datasets.Dataset, what: str = "dataset", multiple: int 
     if not ids:
         raise DataError(f"{what}: no examples after tokenisation")
     width = int(math.ceil(max(len(x) for x in ids) / multiple) * multiple)
-    out = {"input_ids": np.zeros((len(ids), width), np.int32), "attention_mask": np.zeros((len(ids), width), np.int32),
-           "loss_mask": np.zeros((len(ids), width), np.float32)}
+    out = {
+        "input_ids": np.zeros((len(ids), width), np.int32),
+        "attention_mask": np.zeros((len(ids), width), np.int32),
+        "loss_mask": np.zeros((len(ids), width), np.float32),
+    }
     for i, (x, m) in enumerate(zip(ids, masks)):
-        out["input_ids"][i, :len(x)] = x
-        out["attention_mask"][i, :len(x)] = 1
-        out["loss_mask"][i, :len(m)] = m
+        out["input_ids"][i, : len(x)] = x
+        out["attention_mask"][i, : len(x)] = 1
+        out["loss_mask"][i, : len(m)] = m
     return out

@@ -21,8 +21,12 @@ from flexora_jax.errors import ConfigError, DataError
 
 #: Roles, in the order a report lists them. "validation" is the search-validation set.
 ROLES = ("train", "validation", "test")
-_ALIASES = {"search-validation": "validation", "search_validation": "validation", "val": "validation",
-            "dev": "validation"}
+_ALIASES = {
+    "search-validation": "validation",
+    "search_validation": "validation",
+    "val": "validation",
+    "dev": "validation",
+}
 #: Seed used when a caller gives none.
 DEFAULT_SEED = 0
 #: Size value meaning "all the pool that is left".
@@ -54,8 +58,10 @@ class SplitPlan:
     def __post_init__(self) -> None:
         carved = [r for r in ROLES if r not in self.official and r not in self.unavailable]
         if set(carved) != set(self.sizes) or (carved and self.pool is None):
-            raise ConfigError(f"SplitPlan: roles {carved} are not official, so they need a pool and sizes; "
-                              f"got pool={self.pool!r}, sizes={dict(self.sizes)}")
+            raise ConfigError(
+                f"SplitPlan: roles {carved} are not official, so they need a pool and sizes; "
+                f"got pool={self.pool!r}, sizes={dict(self.sizes)}"
+            )
 
     @property
     def carved_roles(self) -> tuple[str, ...]:
@@ -88,9 +94,11 @@ def check_size_roles(plan: SplitPlan, sizes: Mapping[str, int] | None) -> dict[s
     for role, size in (sizes or {}).items():
         role = canonical_role(role)
         if role in plan.official:
-            raise ConfigError(f"split size for {role!r} given, but that role is the official split "
-                              f"{plan.official[role]!r} and is not re-split; re-split roles: "
-                              f"{list(plan.carved_roles)}")
+            raise ConfigError(
+                f"split size for {role!r} given, but that role is the official split "
+                f"{plan.official[role]!r} and is not re-split; re-split roles: "
+                f"{list(plan.carved_roles)}"
+            )
         out[role] = int(size)
     return out
 
@@ -118,6 +126,6 @@ def resplit_indices(pool_size: int, sizes: Mapping[str, int], seed: int) -> dict
     out, start = {}, 0
     for role in ("test", "validation", "train"):
         if role in sizes:
-            out[role] = np.sort(perm[start:start + sizes[role]])
+            out[role] = np.sort(perm[start : start + sizes[role]])
             start += sizes[role]
     return out
