@@ -47,6 +47,8 @@ CASES = {"h256_l4": ("h256_l4", 8, 128, 15), "h768_l12": ("h768_l12", 4, 128, 4)
 SMOKE = {"tiny": ("tiny", 2, 16, 2)}
 GPU_CASES = {"llama_1b_bf16": ("llama_1b", 4, 2048, 10)}
 STEPS = 1000  # schedule length (only the schedule's shape depends on it)
+#: issue 31: ">= 1.5x torch + peft at every load" (was 1.25x before the flash attention and mixed-mode work)
+TARGET_SPEEDUP_CPU = 1.5
 
 
 def torch_step_fn(
@@ -188,7 +190,7 @@ def measure(
         "speedup": tt / jt,
         "runs": per_run,
         "speedup_over_runs": _over_runs([r["speedup"] for r in per_run]),
-        "target_speedup": 1.3 if gpu else 1.25,
+        "target_speedup": 1.3 if gpu else TARGET_SPEEDUP_CPU,
         "flops_per_token": flops,
         "device": jax.devices()[0].device_kind,
         "peak_flops": peak["reference_flops"],
