@@ -59,10 +59,10 @@ def main() -> dict:
             a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
             ja, jb = jnp.asarray(a), jnp.asarray(b)
             ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-            total["jax"] += count * best(lambda: dot(ja, jb).block_until_ready())
+            total["jax"] += count * best(lambda ja=ja, jb=jb: dot(ja, jb).block_until_ready())
             for threads in (2, 1):
                 torch.set_num_threads(threads)
-                total[f"torch_{threads}t"] += count * best(lambda: torch.mm(ta, tb))
+                total[f"torch_{threads}t"] += count * best(lambda ta=ta, tb=tb: torch.mm(ta, tb))
         flops = sum(2 * m * k * n * c for (m, k, n), c in shapes(config, tokens).items())
         row = {
             "case": name,
