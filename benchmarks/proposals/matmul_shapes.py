@@ -3,7 +3,7 @@
 The LoRA fine-tune step of section 1 is mostly the frozen base's matmuls: per layer the seven projections
 forward and their input gradients backward, plus the LM head. This script times exactly those fp32 matmul shapes
 (tokens x d_in @ d_in x d_out forward, tokens x d_out @ d_out x d_in for the input gradient) one by one, best of
-N calls, in ``jax.jit(jnp.dot)`` and ``torch.mm`` (at 1 and 2 threads), and sums them with each shape's count
+N calls, in ``jax.jit(jnp.dot)`` (all shapes first) and ``torch.mm`` (at 2, then 1 threads), and sums them with each shape's count
 per step: the matmul time of one step in each library, against the step times of section 1.
 Run: ``PYTHONPATH=. python benchmarks/proposals/matmul_shapes.py``.
 """
@@ -55,14 +55,22 @@ def main() -> dict:
     for name, tokens in CASES.items():
         config = common.MODELS[name]
         total = {"jax": 0.0, "torch_2t": 0.0, "torch_1t": 0.0}
-        for (m, k, n), count in shapes(config, tokens).items():
-            a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+        operands = {
+            shape: (rng.standard_normal(shape[:2], np.float32), rng.standard_normal(shape[1:], np.float32))
+            for shape in shapes(config, tokens)
+        }
+        # every jax call before any torch call: torch's OpenMP threads spin after each call and would steal the
+        # cores from a jax call timed right after one (measured: up to 1.3x slower jax matmuls when interleaved)
+        for shape, (a, b) in operands.items():
             ja, jb = jnp.asarray(a), jnp.asarray(b)
-            ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-            total["jax"] += count * best(lambda ja=ja, jb=jb: dot(ja, jb).block_until_ready())
-            for threads in (2, 1):
-                torch.set_num_threads(threads)
-                total[f"torch_{threads}t"] += count * best(lambda ta=ta, tb=tb: torch.mm(ta, tb))
+            total["jax"] += shapes(config, tokens)[shape] * best(lambda ja=ja, jb=jb: dot(ja, jb).block_until_ready())
+        for threads in (2, 1):
+            torch.set_num_threads(threads)
+            for shape, (a, b) in operands.items():
+                ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+                total[f"torch_{threads}t"] += shapes(config, tokens)[shape] * best(
+                    lambda ta=ta, tb=tb: torch.mm(ta, tb)
+                )
         flops = sum(2 * m * k * n * c for (m, k, n), c in shapes(config, tokens).items())
         row = {
             "case": name,
