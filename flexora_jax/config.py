@@ -106,9 +106,7 @@ class SearchConfig:
     outer_b2: float = 0.999  # Adam beta2 of the gate optimizer, in [0, 1)
     gate_power: int = 1  # layer gate exponent: 1, or 3 as in the reference code
     remat: bool = True  # jax.checkpoint the inner scan body (memory flat in K; unrolled_mode "reverse" only)
-    unrolled_mode: str = (
-        "mixed"  # unrolled: mixed (forward-over-reverse HVPs) | reverse (to differentiate the hypergradient)
-    )
+    unrolled_mode: str = "mixed"  # mixed (forward-over-reverse HVPs) | reverse (to differentiate the hypergradient)
     darts_mode: str = "exact"  # exact (jvp mixed Hessian-vector product) | finite_difference
     darts_redo_inner: bool = True  # AutoLoRA: redo the inner step with the updated gates
     log_every: int = 1  # log every N search steps
