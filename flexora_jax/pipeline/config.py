@@ -8,11 +8,14 @@ written back fully resolved by :func:`save_config`.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import functools
 import inspect
+import io
 import math
-import re
+import textwrap
+import tokenize
 import typing
 from collections.abc import Mapping
 from pathlib import Path
@@ -561,12 +564,21 @@ def save_config(config: RunConfig, path: str | Any) -> None:
 
 
 def _field_comments(cls: type) -> dict[str, str]:
-    """``{field: comment}`` from the ``name: type = default  # comment`` lines of a dataclass's source."""
+    """``{field: comment}`` from the ``name: type = default  # comment`` statements of a dataclass's source (the
+    comment may sit on any line of a statement the formatter wrapped)."""
+    source = textwrap.dedent(inspect.getsource(cls))
+    comments = {
+        tok.start[0]: tok.string.lstrip("#").strip()
+        for tok in tokenize.generate_tokens(io.StringIO(source).readline)
+        if tok.type == tokenize.COMMENT
+    }
+    names = {f.name for f in dataclasses.fields(cls)}
     out = {}
-    for line in inspect.getsource(cls).splitlines():
-        m = re.match(r"^\s+(\w+)\s*:\s*[^#]+?#\s*(.*)$", line)
-        if m and m.group(1) in {f.name for f in dataclasses.fields(cls)}:
-            out[m.group(1)] = m.group(2).strip()
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and node.target.id in names:
+            found = [comments[n] for n in range(node.lineno, node.end_lineno + 1) if n in comments]
+            if found:
+                out[node.target.id] = " ".join(found)
     return out
 
 
