@@ -47,6 +47,18 @@ def tinystories_dir(tmp_path_factory, data_dir) -> Path:
     return convert_llama2c(TINYSTORIES / "checkpoint_legacy.bin", TINYSTORIES / "tok512.model", out)
 
 
+@pytest.fixture(scope="session")
+def tinystories_golden_ids(data_dir) -> list[int]:
+    """The first 33 greedy token ids from BOS (BOS included), as SOURCE.md in the data folder records them."""
+    import json
+    import re
+
+    text = (TINYSTORIES / "SOURCE.md").read_text()
+    found = re.search(r"First 33 greedy token ids \(including BOS\):\s*(\[[\d, ]+\])", text)
+    assert found, "SOURCE.md no longer records the 33 greedy token ids"
+    return json.loads(found.group(1))
+
+
 @pytest.fixture(autouse=True, scope="module")
 def _free_compiled_programs():
     """Drop every module's compiled programs when it ends: a test process that keeps all of them (hundreds of

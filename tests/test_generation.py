@@ -265,44 +265,10 @@ def test_no_compilation_for_new_prompt_lengths_within_a_bucket(model, greedy):
     assert len(compiled) == 1
 
 
-def test_tinystories_greedy_from_bos_matches_golden_ids(tinystories_dir):
+def test_tinystories_greedy_from_bos_matches_golden_ids(tinystories_dir, tinystories_golden_ids):
     from flexora_jax.models.hf import load_model, load_tokenizer
 
-    golden = [
-        1,
-        403,
-        407,
-        261,
-        378,
-        432,
-        383,
-        286,
-        261,
-        376,
-        298,
-        315,
-        421,
-        395,
-        317,
-        426,
-        338,
-        401,
-        396,
-        267,
-        337,
-        410,
-        408,
-        419,
-        292,
-        411,
-        322,
-        265,
-        282,
-        295,
-        433,
-        426,
-        385,
-    ]  # data/tinystories260k/SOURCE.md
+    golden = tinystories_golden_ids  # data/tinystories260k/SOURCE.md
     config, params = load_model(tinystories_dir)
     tokenizer = load_tokenizer(tinystories_dir)
     out = gen.generate(config, params, [[1]], max_new_tokens=32, tokenizer=tokenizer, stop=["Lily"])

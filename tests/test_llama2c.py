@@ -16,48 +16,14 @@ import flexora_jax as fj
 from flexora_jax.errors import CheckpointError
 from flexora_jax.models.llama2c import _permute_rope_rows, read_llama2c
 
-GOLDEN_IDS = [
-    1,
-    403,
-    407,
-    261,
-    378,
-    432,
-    383,
-    286,
-    261,
-    376,
-    298,
-    315,
-    421,
-    395,
-    317,
-    426,
-    338,
-    401,
-    396,
-    267,
-    337,
-    410,
-    408,
-    419,
-    292,
-    411,
-    322,
-    265,
-    282,
-    295,
-    433,
-    426,
-    385,
-]
 GOLDEN_TEXT = (
     "Once upon a time, there was a little girl named Lily. She loved to play outside in the park. "
     "One day, she saw a big, red ball. She wanted to play with it, but it was too high."
 )
 
 
-def test_tinystories_greedy_and_nll_golden(tinystories_dir):
+def test_tinystories_greedy_and_nll_golden(tinystories_dir, tinystories_golden_ids):
+    golden = tinystories_golden_ids
     config, params = fj.load_model(tinystories_dir)
     assert (config.hidden_size, config.num_hidden_layers, config.num_key_value_heads) == (64, 5, 4)
     assert config.tie_word_embeddings and config.vocab_size == 512
@@ -66,12 +32,12 @@ def test_tinystories_greedy_and_nll_golden(tinystories_dir):
     ids[0, 0] = 1
     for i in range(32):  # fixed shape: one compile
         ids[0, i + 1] = int(jnp.argmax(step(params, ids)[0, i]))
-    assert ids[0].tolist() == GOLDEN_IDS
+    assert ids[0].tolist() == golden
     probs = jax.nn.softmax(step(params, ids)[0, 0])
     assert abs(float(probs[403]) - 0.784) < 1e-3
 
     tok = fj.load_tokenizer(tinystories_dir)
-    assert tok("Once upon a time, there was a little girl named Lily.")["input_ids"] == [1] + GOLDEN_IDS[1:16]
+    assert tok("Once upon a time, there was a little girl named Lily.")["input_ids"] == [1] + golden[1:16]
     text_ids = jnp.asarray([tok(GOLDEN_TEXT)["input_ids"]])
     nll = fj.causal_lm_loss(fj.forward(config, params, text_ids), text_ids, jnp.ones_like(text_ids))
     assert abs(float(nll) - 0.386) < 1e-3
