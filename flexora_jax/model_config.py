@@ -20,6 +20,17 @@ from flexora_jax.validation import check_fields
 #: Linear modules of a LLaMA block that LoRA can adapt, in block order.
 ATTENTION_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+#: ModelConfig's sizes, each a positive integer (or None where the field allows it); also checked in config.json.
+SIZE_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "max_position_embeddings",
+)
 ALL_MODULES = ATTENTION_MODULES + MLP_MODULES
 #: Each expert's projections in a mixture-of-experts MLP (Mixtral's names: w1 gate, w3 up, w2 down), block order.
 EXPERT_MODULES = ("w1", "w3", "w2")
@@ -136,16 +147,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         check_fields(self, "ModelConfig")  # types first: bools are not sizes, floats are finite
-        for name in (
-            "vocab_size",
-            "hidden_size",
-            "intermediate_size",
-            "num_hidden_layers",
-            "num_attention_heads",
-            "num_key_value_heads",
-            "head_dim",
-            "max_position_embeddings",
-        ):
+        for name in SIZE_FIELDS:
             value = getattr(self, name)
             require(value is None or value > 0, f"ModelConfig.{name} must be a positive integer, got {value!r}")
         if self.num_key_value_heads is None:

@@ -44,6 +44,7 @@ from safetensors.numpy import save_file
 from flexora_jax.config import EXPERT_MODULES, GEMMA_TYPES, SUPPORTED_MODEL_TYPES, ModelConfig, module_path
 from flexora_jax.errors import CheckpointError
 from flexora_jax.fileio import write_bytes, write_with
+from flexora_jax.model_config import SIZE_FIELDS
 from flexora_jax.models.hf_config import config_from_hf, config_to_hf, unsupported_model_type
 from flexora_jax.models.hf_import import transformers
 from flexora_jax.models.llama import Params, param_shapes
@@ -54,17 +55,8 @@ SAFETENSORS = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 PICKLE_WEIGHTS = "pytorch_model.bin"
 _PICKLE_FILES = (PICKLE_WEIGHTS, "pytorch_model.bin.index.json")
-#: config.json fields checked before transformers reads them (it divides by the head count, bool("false") is True).
-_SIZE_FIELDS = (
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
-    "max_position_embeddings",
-)
+#: config.json fields checked before transformers reads them (it divides by the head count, bool("false") is True):
+#: the sizes (model_config.SIZE_FIELDS) and these flags.
 _FLAG_FIELDS = ("tie_word_embeddings", "attention_bias", "mlp_bias", "use_bidirectional_attention")
 
 
@@ -210,7 +202,7 @@ def load_model_config(path_or_hub_id: str | os.PathLike, **overrides: Any) -> Mo
     model_type = raw.get("model_type")
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(f"{cfg_file}: {unsupported_model_type(model_type)}")
-    for key in [k for k in _SIZE_FIELDS if raw.get(k) is not None]:
+    for key in [k for k in SIZE_FIELDS if raw.get(k) is not None]:
         check_number(raw[key], f"{cfg_file}: {key}", lo=1, integer=True, error=CheckpointError)
     for key in [k for k in _FLAG_FIELDS if raw.get(k) is not None]:
         check_bool(raw[key], f"{cfg_file}: {key}", error=CheckpointError)
