@@ -25,7 +25,7 @@ from flexora_jax.config import (
     SearchConfig,
     SelectionConfig,
 )
-from flexora_jax.engine import Optimizer, SearchResult, finetune, search, select
+from flexora_jax.engine import Optimizer, SearchResult, finetune, finetune_adalora, search, select
 from flexora_jax.errors import CheckpointError, ConfigError, DataError, FlexoraError, NumericsError
 from flexora_jax.gates import (
     Gates,
@@ -133,6 +133,7 @@ __all__ = [
     "Optimizer",
     "search",
     "finetune",
+    "finetune_adalora",
     "select",
     "SearchConfig",
     "SearchState",

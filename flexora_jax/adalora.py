@@ -336,3 +336,12 @@ def make_adalora_step(
 
     step.jitted = jitted
     return step
+
+
+def __getattr__(name: str) -> object:
+    if name == "finetune_adalora":  # the hand-built loop before the one engine
+        raise AttributeError(
+            "flexora_jax.adalora.finetune_adalora was replaced by the engine's driver: use "
+            "fj.finetune_adalora(model, data, adalora_config, ...) (checkpoints, mesh and hooks included)"
+        )
+    raise AttributeError(f"module 'flexora_jax.adalora' has no attribute {name!r}")

@@ -67,6 +67,25 @@ from flexora_jax.nnx.search import (
 from flexora_jax.nnx.surgery import LoraSite, add_lora, count_lora_params, lora_sites, merge_lora, remove_lora
 from flexora_jax.nnx.variables import Gate
 
+#: Names the NNX face had before the one engine, and where each went: a clear AttributeError, not a bare one.
+_MOVED = {
+    "search_nnx": "fj.search(model, search_config, train, val, ...)",
+    "finetune_nnx": "fj.finetune(model, data, finetune_config, ...)",
+    "select_nnx": "fj.select(model, gates, selection_config)",
+    "select": "fj.select(model, gates, selection_config) (or fj.nnx.select_paths for the model's own paths)",
+    "Selection": "fj.Selection (one Selection keyed by module path, for every model)",
+    "NNXSearchResult": "fj.SearchResult",
+    "NNXTrainState": "fj.TrainState (fj.finetune's state= / checkpoint_dir= resume it)",
+    "make_search_step": "fj.nnx.make_split_search_step (or fj.search, which drives it)",
+}
+
+
+def __getattr__(name: str) -> object:
+    if name in _MOVED:
+        raise AttributeError(f"flexora_jax.nnx.{name} was replaced by the one engine: use {_MOVED[name]}")
+    raise AttributeError(f"module 'flexora_jax.nnx' has no attribute {name!r}")
+
+
 __all__ = [
     # variables and models
     "Gate",
