@@ -277,3 +277,14 @@ def test_adalora_on_a_mesh_ends_where_one_device_ends():
     got = finetune_adalora(make("decoder"), TRAIN, ada, batch_size=4, mesh=fj.sharding.make_mesh((2, 2, 2)))
     assert got.lora.spec == want.lora.spec
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5), got.weights, want.weights)
+
+
+def test_lora_dropout_with_a_custom_loss_is_refused_on_the_nnx_decoder():
+    """LlamaForCausalLM's dropout lives in the decoder's own loss: a custom loss_fn would silently train
+    without it, so the problem is refused naming both, before anything runs."""
+    model = fj.nnx.LlamaForCausalLM(
+        CONFIG, fj.LoraConfig(r=2, lora_alpha=4.0, lora_dropout=0.1), gates="layer", rngs=nnx.Rngs(1)
+    )
+    assert model.lora_problem().dropout  # the own loss keeps it
+    with pytest.raises(fj.ConfigError, match="lora_dropout=0.1.*loss_fn"):
+        fj.finetune(model, TRAIN, FINETUNE, loss_fn=fj.nnx.causal_lm)

@@ -265,6 +265,12 @@ class LlamaForCausalLM(nnx.Module):
         decoder = decoder_problem(self.config, self.params(), lora, gates=self.gates(), write=self._write)
         if loss_fn is None and val_loss_fn is None:
             return decoder
+        if decoder.dropout:  # merged around a model loss, the LoRA branch sees no dropout key
+            raise ConfigError(
+                f"LlamaForCausalLM: lora_dropout={lora.spec.dropout} applies with the model's own loss only; "
+                "with loss_fn / val_loss_fn the fine-tune would run without dropout. Build the model with "
+                "lora_dropout=0, or leave loss_fn and val_loss_fn out"
+            )
         return split_problem(
             self,
             loss_fn or _own_loss,
