@@ -46,16 +46,23 @@ import numpy as np
 from flexora_jax.adalora import AdaLoraConfig, to_lora
 from flexora_jax.config import ALL_MODULES, EXPERT_MODULES, LORA_MODULES, LoraConfig, ModelConfig, module_path
 from flexora_jax.dora import MAGNITUDE
-from flexora_jax.errors import CheckpointError, ConfigError, NumericsError
+from flexora_jax.errors import CheckpointError, ConfigError, NumericsError, check_tree_shapes
 from flexora_jax.fileio import write_bytes
 from flexora_jax.gates import Gates, layer_gate_values, rank_gate_values
 from flexora_jax.lora import LoraParams, LoraSpec, expert_axes, make_spec, merge
+from flexora_jax.models import abstract_params
 from flexora_jax.models.hf import read_safetensors, save_model, write_safetensors
 from flexora_jax.moe_adapters import PREFIX as _PREFIX
 from flexora_jax.moe_adapters import expert_paths, export_experts, group_experts, moe_other_paths, peft_path
 from flexora_jax.moe_adapters import tensor_key as _tensor_key  # PEFT key of a lora_A / lora_B / magnitude tensor
 from flexora_jax.peft_fields import ADALORA_FIELDS, ADAPTER_CONFIG, check_peft_fields, check_peft_values
-from flexora_jax.validation import check_finite_tree, check_number, read_json
+from flexora_jax.validation import (
+    check_config_type,
+    check_finite_tree,
+    check_number,
+    check_path,
+    read_json,
+)
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
@@ -105,6 +112,8 @@ def export_peft(
     Raises:
       CheckpointError: the directory cannot be written (read-only, disk full, a file in its place).
     """
+    check_config_type(lora, LoraParams, "export_peft: lora")
+    check_path(out_dir, "export_peft: out_dir")
     if lora.coef is not None:
         raise ConfigError(
             "export_peft: this LoRA carries a traced layout (LoraParams.traced_layout); export "
@@ -266,8 +275,20 @@ def export_merged(
 ) -> Path:
     """Write the base model with the (gated) LoRA merged in as an HF directory transformers loads.
 
-    The merge is computed in fp32 and cast to the base dtype (or ``dtype`` when given).
+    The merge is computed in fp32 and cast to the base dtype (or ``dtype`` when given). The params must be
+    ``config``'s and the LoRA (gates folded in) finite, checked before anything is written.
     """
+    check_config_type(config, ModelConfig, "export_merged: config")
+    check_config_type(lora, LoraParams, "export_merged: lora")
+    check_path(out_dir, "export_merged: out_dir")
+    check_tree_shapes(params, abstract_params(config), "export_merged: params", ConfigError)
+    if lora.spec.num_layers != config.num_hidden_layers:
+        raise ConfigError(
+            f"export_merged: the LoRA has {lora.spec.num_layers} layers, the model {config.num_hidden_layers}"
+        )
+    check_finite_tree(lora.weights, "export_merged: the LoRA", NumericsError)
+    if gates is not None:
+        check_finite_tree(gates, "export_merged: the gates", NumericsError)
     return save_model(config, merge(params, lora, gates), out_dir, tokenizer=tokenizer, dtype=dtype)
 
 
@@ -285,7 +306,8 @@ def load_peft(adapter_dir: str | os.PathLike, config: ModelConfig) -> LoraParams
     the function in a way flexora_jax does not implement, and :class:`CheckpointError` for missing
     files, missing or unexpected tensors and shapes that do not match the base model.
     """
-    directory = Path(adapter_dir)
+    directory = check_path(adapter_dir, "load_peft: adapter_dir")
+    check_config_type(config, ModelConfig, "load_peft: config")
     raw, cfg_file = _read_config(directory)
     check_peft_fields(raw, cfg_file)
     check_peft_values(raw, cfg_file)

@@ -47,7 +47,17 @@ from flexora_jax.problem import Problem
 from flexora_jax.selection import Selection
 from flexora_jax.sharding import fetch
 from flexora_jax.train import TrainState, check_finite, make_optimizer, total_steps, train_step
-from flexora_jax.validation import check_config_type, check_dataset
+from flexora_jax.validation import (
+    check_bool,
+    check_callable,
+    check_config_type,
+    check_dataset,
+    check_number,
+    check_path,
+    check_type,
+)
+
+MAX_STEPS = 2**31 - 1  # the step counter (int32) of every stage
 
 #: An optax transformation, or a factory ``f(total_steps) -> transformation`` (for schedules).
 Optimizer = optax.GradientTransformation | Callable[[int], optax.GradientTransformation]
@@ -100,6 +110,37 @@ def _check_data(problem: Problem, data: Any, what: str) -> int:
     )
 
 
+def check_finetune_sizes(cfg: FinetuneConfig, n: int, prefix: str = "finetune.", what: str = "") -> None:
+    """A fine-tune's length against its ``n`` training examples, before the first step: an optimizer step may
+    not span more than the training set (``grad_accum``: 100000 is effectively a hang) and the step count must
+    fit the step counter (``epochs``: 1e300 overflows it). ``prefix`` names the keys (the command's
+    ``finetune.``, the API's ``config.``), ``what`` the caller."""
+    per_epoch = max(1, n // cfg.batch_size)
+    if cfg.grad_accum > per_epoch:
+        raise ConfigError(
+            f"{what}{prefix}grad_accum {cfg.grad_accum} x {prefix}batch_size {cfg.batch_size} is "
+            f"{cfg.grad_accum * cfg.batch_size} examples per optimizer step, more than the {n} fine-tune "
+            f"training examples (an epoch is {per_epoch} batches); expected grad_accum <= {per_epoch}"
+        )
+    micro_steps = total_steps(cfg, n) * cfg.grad_accum
+    if micro_steps > MAX_STEPS:
+        raise ConfigError(
+            f"{what}{prefix}epochs {cfg.epochs:g} over {n} examples in batches of {cfg.batch_size} is "
+            f"{micro_steps:.3g} steps, more than the step counter holds ({MAX_STEPS}); lower "
+            f"{prefix}epochs, or cap the steps with {prefix}max_steps"
+        )
+
+
+def _check_arguments(what: str, seed: Any, mesh: Any, loss_fns: dict[str, Any] | None = None) -> None:
+    """The arguments every stage takes besides its hooks: ``seed`` (an integer >= 0: numpy refuses a negative
+    one deep inside the sampler, a bool is not a seed), ``mesh`` and the loss functions (callables or None)."""
+    check_number(seed, f"{what}: seed", lo=0, integer=True)
+    if mesh is not None:
+        check_config_type(mesh, jax.sharding.Mesh, f"{what}: mesh")
+    for name, fn in (loss_fns or {}).items():
+        check_callable(fn, f"{what}: {name}")
+
+
 def _hooks(
     given: Sequence[Hook],
     checkpoint_dir: str | os.PathLike | None,
@@ -107,8 +148,15 @@ def _hooks(
     progress: bool | None,
     callback: Callable[[int, dict], None] | None,
     front: Sequence[Hook] = (),
+    what: str = "fj.search",
 ) -> list:
     """The stage's hooks in order: the engine's own (validation), the checkpoint, the caller's, progress, callback."""
+    check_type(given, tuple[Any, ...], f"{what}: hooks")
+    check_path(checkpoint_dir, f"{what}: checkpoint_dir", optional=True)
+    check_number(checkpoint_every, f"{what}: checkpoint_every", lo=1, integer=True)
+    if progress is not None:
+        check_bool(progress, f"{what}: progress")
+    check_callable(callback, f"{what}: callback")
     for h in given:
         if not isinstance(h, Hook):
             raise ConfigError(f"hooks: expected fj.hooks.Hook instances, got {type(h).__name__}")
@@ -191,6 +239,7 @@ def search(
     Raises:
       NumericsError: a non-finite hypergradient or validation loss, naming the step.
     """
+    _check_arguments("fj.search", seed, mesh, {"loss_fn": loss_fn, "val_loss_fn": val_loss_fn})
     problem = as_problem(model, loss_fn, val_loss_fn, "fj.search")
     _check_config(search_config, SearchConfig, "fj.search: search_config")
     _check_config(selection, SelectionConfig, "fj.search: selection")
@@ -285,12 +334,14 @@ def finetune(
     ``result`` is what the problem wrote back: the NNX model (updated in place) or the trained decoder
     ``LoraParams``. A NaN / Inf loss raises :class:`NumericsError` naming the step.
     """
+    _check_arguments("fj.finetune", seed, mesh, {"loss_fn": loss_fn})
     problem = as_problem(model, loss_fn, None, "fj.finetune")
     _check_config(config, FinetuneConfig, "fj.finetune: config")
     cfg = config
     n = _check_data(problem, train, "fj.finetune: train")
     if val is not None:
         _check_data(problem, val, "fj.finetune: val")
+    check_finetune_sizes(cfg, n, "config.", "fj.finetune: ")
     steps = total_steps(cfg, n)
     opt = _optimizer(optimizer, steps, "fj.finetune")
     if opt is None:
@@ -335,7 +386,7 @@ def finetune(
             "train": fingerprint(train),
         },
     )
-    hooks_list = _hooks(hooks, checkpoint_dir, checkpoint_every, progress, callback, front)
+    hooks_list = _hooks(hooks, checkpoint_dir, checkpoint_every, progress, callback, front, "fj.finetune")
     state, history = drive(
         stage,
         problem.base,
@@ -399,6 +450,7 @@ def finetune_adalora(
     layer. Hooks, checkpoints, progress and
     mesh as in :func:`finetune` (the allocator's EMAs and mask are part of the checkpointed state).
     """
+    _check_arguments("fj.finetune_adalora", seed, mesh)
     problem = as_problem(model, what="fj.finetune_adalora")
     _check_config(config, AdaLoraConfig, "fj.finetune_adalora: config")
     cfg = problem.model_config
@@ -465,7 +517,10 @@ def finetune_adalora(
         },
     )
     state, history = drive(
-        stage, problem.base, hooks=_hooks(hooks, checkpoint_dir, checkpoint_every, progress, callback), mesh=mesh
+        stage,
+        problem.base,
+        hooks=_hooks(hooks, checkpoint_dir, checkpoint_every, progress, callback, what="fj.finetune_adalora"),
+        mesh=mesh,
     )
     weights = jax.tree.map(jnp.asarray, host_tree(state.weights))
     lora = to_lora(cfg, config, weights, layers)
@@ -482,6 +537,7 @@ def select(model: Any, gates: Gates, selection: SelectionConfig = SelectionConfi
             "functional rule is fj.select_lora(gates, lora_config, num_layers, selection)"
         )
     _check_config(selection, SelectionConfig, "fj.select: selection")
+    check_config_type(gates, Gates, "fj.select: gates")
     return as_problem(model, what="fj.select").select(gates, selection)
 
 
@@ -497,6 +553,7 @@ __all__ = [
     "Optimizer",
     "Problem",
     "SearchResult",
+    "check_finetune_sizes",
     "finetune",
     "finetune_adalora",
     "search",

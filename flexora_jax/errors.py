@@ -41,8 +41,9 @@ def did_you_mean(word: str, choices: Iterable[str], prefix: str = "") -> str:
     return f" (did you mean {prefix + close[0]!r}?)" if close else ""
 
 
-def check_tree_shapes(tree: Any, template: Any, what: str) -> None:
-    """Raise :class:`CheckpointError` naming ``what`` unless ``tree`` has ``template``'s structure and shapes.
+def check_tree_shapes(tree: Any, template: Any, what: str, error: type[FlexoraError] | None = None) -> None:
+    """Raise ``error`` (default :class:`CheckpointError`) naming ``what`` unless ``tree`` has ``template``'s
+    structure and shapes: e.g. params of another model size, caught before they are wrapped or written.
 
     Built on chex (``chex.assert_trees_all_equal_structs`` / ``_shapes``), so ``chex.disable_asserts()``
     turns the check off in production runs that trust their inputs. ``template`` may be abstract
@@ -52,7 +53,7 @@ def check_tree_shapes(tree: Any, template: Any, what: str) -> None:
         chex.assert_trees_all_equal_structs(tree, template)
         chex.assert_trees_all_equal_shapes(tree, template)
     except AssertionError as exc:
-        raise CheckpointError(f"{what} does not match the expected structure / shapes: {exc}") from None
+        raise (error or CheckpointError)(f"{what} does not match the expected structure / shapes: {exc}") from None
 
 
 def check_positive(**values: Any) -> None:

@@ -53,7 +53,7 @@ from flexora_jax.tasks import generative
 from flexora_jax.tasks.formats import MCRecord
 from flexora_jax.tasks.generative import MAX_NEW_TOKENS, GenRecord, score
 from flexora_jax.tasks.sft import encode_pair
-from flexora_jax.validation import check_tokenizer, describe
+from flexora_jax.validation import check_bool, check_tokenizer, describe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,11 +122,14 @@ def _score_module(
     """
     logits = nnx.merge(graphdef, state)(tokens)
     shape = tuple(getattr(logits, "shape", ()))
-    if len(shape) != 3 or shape[:2] != tokens.shape or shape[-1] < vocab:
-        got = f"an output of shape {shape}" if hasattr(logits, "shape") else describe(logits, 60)
+    floating = hasattr(logits, "dtype") and jnp.issubdtype(logits.dtype, jnp.floating)
+    if len(shape) != 3 or shape[:2] != tokens.shape or shape[-1] < vocab or not floating:
+        got = (
+            f"an output of shape {shape} and dtype {logits.dtype}" if hasattr(logits, "dtype") else describe(logits, 60)
+        )
         raise ConfigError(
-            f"evaluate: the model maps input_ids of shape {tokens.shape} to {got}; expected logits "
-            f"[batch, seq, vocab] with vocab >= the tokenizer's {vocab} tokens"
+            f"evaluate: the model maps input_ids of shape {tokens.shape} to {got}; expected floating-point "
+            f"logits [batch, seq, vocab] with vocab >= the tokenizer's {vocab} tokens"
         )
     rows = jax.nn.log_softmax(jnp.take_along_axis(logits, pred_pos[..., None], axis=1).astype(jnp.float32), -1)
     token_lp = jnp.take_along_axis(rows, targets[..., None], -1)[..., 0]  # [b, p]
@@ -320,8 +323,9 @@ def _loglikelihoods(
         total, all_greedy = np.asarray(total, np.float64), np.asarray(all_greedy)
         if np.isnan(total[: len(chunk)]).any():
             raise NumericsError(
-                f"{desc}: the model's log-likelihoods are NaN (its logits hold NaN: NaN weights or "
-                "an adapter that diverged); expected finite logits"
+                f"{desc}: the model's log-likelihoods are NaN (its logits hold NaN: NaN weights, "
+                "an adapter that diverged, or token ids of the tokenizer past the model's input embedding); "
+                "expected finite logits"
             )
         for row, p in enumerate(chunk):
             for slot, i in enumerate(p.requests):
@@ -352,19 +356,33 @@ def _as_records(task_or_records: Any, limit: int | None) -> dict[str, list[MCRec
             f"records, got {describe(task_or_records)}"
         )
     if isinstance(task_or_records, Mapping):
-        grouped = {name: list(recs) for name, recs in task_or_records.items()}
+        grouped = {}
+        for name, recs in task_or_records.items():
+            if isinstance(recs, (str, bytes)) or not hasattr(recs, "__iter__"):
+                raise DataError(f"evaluate: records of task {name!r} must be a list of records, got {describe(recs)}")
+            grouped[name] = list(recs)
     else:
         items = list(task_or_records)
         grouped = {}
-        for item in items:
+        for i, item in enumerate(items):
             if isinstance(item, (MCRecord, GenRecord)):
                 grouped.setdefault(item.task, []).append(item)
-            else:
+            elif isinstance(item, (str, tasks.TaskSpec)):
                 spec = tasks.get_task(item)
                 grouped[spec.name] = tasks.load_records(spec, "test")
+            else:
+                raise DataError(
+                    f"evaluate: task_or_records[{i}] is {describe(item)}; expected a task name or a record "
+                    "(MCRecord / GenRecord)"
+                )
     for name, recs in grouped.items():
         if not recs:
             raise DataError(f"evaluate: task {name!r} has no examples; expected a non-empty split")
+        bad = next(((i, r) for i, r in enumerate(recs) if not isinstance(r, (MCRecord, GenRecord))), None)
+        if bad is not None:
+            raise DataError(
+                f"evaluate: task {name!r}: records[{bad[0]}] is {describe(bad[1])}; expected MCRecord / GenRecord"
+            )
         if limit is not None:
             grouped[name] = recs[:limit]
     if not grouped:
@@ -416,6 +434,8 @@ def evaluate(
             "fj.evaluate(fj.nnx.LlamaForCausalLM.from_params(config, params, lora), tokenizer, tasks)"
         )
     check_positive(batch_size=batch_size, limit=limit, max_length=max_length)
+    check_bool(return_per_example, "evaluate: return_per_example")
+    check_bool(progress, "evaluate: progress")
     vocab = check_tokenizer(tokenizer, "evaluate: tokenizer") or 0
     grouped = _as_records(task_or_records, limit)
     decoder = getattr(model, "decoder_pytrees", None)

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from flexora_jax.errors import ConfigError
+from flexora_jax.validation import check_number
 
 GateKind = Literal["none", "layer", "rank", "both"]
 GATE_KINDS = ("none", "layer", "rank", "both")
@@ -69,8 +70,9 @@ def init_gates(kind: GateKind, num_layers: int, ranks: dict[str, int] | None = N
     """
     if kind not in GATE_KINDS:
         raise ConfigError(f"unknown gate kind {kind!r}; valid: {GATE_KINDS}")
-    if power not in (1, 3):
+    if power not in (1, 3) or isinstance(power, bool):
         raise ConfigError(f"gate power must be 1 or 3, got {power!r}")
+    num_layers = check_number(num_layers, "init_gates: num_layers", lo=1, integer=True)
     if kind == "none":
         return None
     layer = jnp.zeros((num_layers,), jnp.float32) if kind in ("layer", "both") else None

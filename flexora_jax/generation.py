@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,6 +50,7 @@ from flexora_jax.errors import ConfigError, DataError
 from flexora_jax.lora import per_layer_lora
 from flexora_jax.models.attention import NEG_INF
 from flexora_jax.models.llama import KVCache, Params, block, embed, lm_head, rms_norm, rope_tables
+from flexora_jax.validation import check_config_type, check_number, check_type, describe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -298,7 +298,8 @@ def generate(
       top_p: nucleus sampling: keep the most likely tokens whose mass before them is < top_p.
       seed: PRNG seed for sampling; the same seed and inputs give the same samples.
       stop: strings that end a continuation; matched on the decoded text after decoding.
-      eos_token_id: id(s) that end a row in-graph; default ``config.eos_token_id``.
+      eos_token_id: id(s) that end a row in-graph; default ``config.eos_token_id``; -1: none (rows run to
+        ``max_new_tokens``).
       batch_size: the largest batch per jitted call; smaller batches pad to a power of two.
       max_length: the model's context (prompt + new tokens must fit); default
         ``config.max_position_embeddings``.
@@ -306,24 +307,38 @@ def generate(
     Returns:
       a :class:`GenerateOutput` (tokens, log-probs, texts, finish reasons) in prompt order.
     """
-    if isinstance(prompts, str):
-        raise DataError("generate: prompts must be a list of prompts, got a single string; wrap it in a list")
+    check_config_type(config, ModelConfig, "generate: config")
+    if isinstance(prompts, str) or not hasattr(prompts, "__iter__"):
+        raise DataError(
+            f"generate: prompts must be a list of prompts (strings or token id lists), got {describe(prompts)}"
+        )
     prompts = list(prompts)
     if not prompts:
         raise DataError("generate: no prompts given")
-    if int(max_new_tokens) != max_new_tokens or max_new_tokens <= 0:
-        raise ConfigError(f"generate: max_new_tokens must be a positive integer, got {max_new_tokens!r}")
-    if any((not isinstance(s, str)) or s == "" for s in stop):
-        raise ConfigError(f"generate: stop strings must be non-empty strings, got {list(stop)!r}")
+    max_new_tokens = check_number(max_new_tokens, "generate: max_new_tokens", lo=1, integer=True)
+    temperature = check_number(temperature, "generate: temperature", lo=0)
+    top_k = check_number(top_k, "generate: top_k", lo=0, integer=True)
+    top_p = check_number(top_p, "generate: top_p", lo=0, hi=1, lo_open=True)
+    seed = check_number(seed, "generate: seed", integer=True)
+    batch_size = check_number(batch_size, "generate: batch_size", lo=1, integer=True)
+    if max_length is not None:
+        max_length = check_number(max_length, "generate: max_length", lo=2, integer=True)
+    if isinstance(stop, str) or any((not isinstance(s, str)) or s == "" for s in stop):
+        raise ConfigError(f"generate: stop must be a list of non-empty strings, got {describe(stop)}")
     if stop and tokenizer is None:
         raise ConfigError("generate: stop strings need a tokenizer to decode the generated tokens")
-    if not (math.isfinite(temperature) and temperature >= 0 and 0 < top_p <= 1 and top_k >= 0):
+    if tokenizer is not None and not callable(getattr(tokenizer, "decode", None)):
         raise ConfigError(
-            f"generate: need temperature >= 0, 0 < top_p <= 1 and top_k >= 0; got "
-            f"temperature={temperature}, top_p={top_p}, top_k={top_k}"
+            f"generate: tokenizer must have decode(ids) (fj.load_tokenizer(path)), got {describe(tokenizer)}"
         )
-    if batch_size < 1:
-        raise ConfigError(f"generate: batch_size must be >= 1, got {batch_size}")
+    if eos_token_id is not None:
+        check_type(eos_token_id, int | tuple[int, ...], "generate: eos_token_id")
+        given = [eos_token_id] if not isinstance(eos_token_id, (list, tuple)) else list(eos_token_id)
+        if not given or any(not (0 <= int(e) < config.vocab_size or e == -1) for e in given):  # -1: no EOS
+            raise ConfigError(
+                f"generate: eos_token_id {eos_token_id!r} must name token ids of the vocabulary "
+                f"0..{config.vocab_size - 1} (or -1: no EOS)"
+            )
     max_length = int(max_length or config.max_position_embeddings)
     encoded = []
     for i, prompt in enumerate(prompts):
@@ -332,7 +347,8 @@ def generate(
                 raise ConfigError("generate: string prompts need a tokenizer (or pass token id lists)")
             ids = list(tokenizer.encode(prompt))
         else:
-            ids = [int(t) for t in prompt]
+            prompt = prompt.tolist() if hasattr(prompt, "tolist") else prompt  # a numpy / jax row
+            ids = [int(t) for t in check_type(prompt, tuple[int, ...], f"generate: prompts[{i}]", error=DataError)]
         if not ids:
             raise DataError(f"generate: prompt {i} has no tokens; start it with at least the BOS token")
         outside = [t for t in ids if not 0 <= t < config.vocab_size]

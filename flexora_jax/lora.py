@@ -42,6 +42,7 @@ from flexora_jax.dora import EXACT_NORM, GATE, MAGNITUDE, column_norm, dora_merg
 from flexora_jax.errors import ConfigError
 from flexora_jax.gates import Gates, layer_gate_values, rank_gate_values
 from flexora_jax.sharding import Axes, declared_axes
+from flexora_jax.validation import check_config_type, check_key
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,6 +208,9 @@ def init_lora(
     block's rank and blocks that are not adapted are zero. With ``use_dora`` the magnitude starts at
     the column norms of ``W0 + s * B A`` (PEFT's ``DoraLinearLayer.update_layer``); 0 in blocks not adapted.
     """
+    check_config_type(model_config, ModelConfig, "init_lora: model_config")
+    check_config_type(lora_config, LoraConfig, "init_lora: lora_config")
+    check_key(key, "init_lora: key")
     spec = make_spec(model_config, lora_config)
     if spec.use_dora and params is None:
         raise ConfigError(

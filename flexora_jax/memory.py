@@ -36,7 +36,7 @@ from jax.sharding import PartitionSpec as P
 from flexora_jax.config import LoraConfig, ModelConfig
 from flexora_jax.errors import ConfigError
 from flexora_jax.lora import init_lora
-from flexora_jax.models.llama import init_params
+from flexora_jax.models.llama import abstract_params
 from flexora_jax.models.losses import loss_chunk
 from flexora_jax.sharding import AXES, axis_sizes, partition_specs
 
@@ -70,7 +70,7 @@ def _sharded_bytes(tree: Any, sizes: Mapping[str, int]) -> int:
 
 
 def _abstract(model_config: ModelConfig, lora_config: LoraConfig) -> tuple[Any, Any]:
-    params = jax.eval_shape(lambda: init_params(model_config, jax.random.key(0)))
+    params = abstract_params(model_config)
     lora = jax.eval_shape(lambda: init_lora(model_config, lora_config, jax.random.key(0)))
     return params, lora
 

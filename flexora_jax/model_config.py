@@ -383,6 +383,18 @@ class LoraConfig:
                 f"the model has {n} layers (valid: 0..{n - 1})",
             )
             require(len(self.layers_to_transform) > 0, "LoraConfig.layers_to_transform is empty")
+        # A pattern key that matches no adapted module path would be ignored silently (a typo, a layer past the
+        # model's depth): name it. Phi-3's fused projections are paths too (PEFT adapters name them).
+        modules = (*self.target_modules, *config.fused_modules)
+        paths = [module_path(m, i) for m in modules for i in range(n)]
+        for field in ("rank_pattern", "alpha_pattern"):
+            unmatched = [k for k in getattr(self, field) if not any(p == k or p.endswith("." + k) for p in paths)]
+            require(
+                not unmatched,
+                f"LoraConfig.{field} key(s) {unmatched} match no adapted module of this {n}-layer model "
+                f"(target_modules {list(self.target_modules)}); expected a module name ('q_proj') or the end "
+                f"of a module path ('layers.0.self_attn.q_proj', e.g. {paths[0]!r})",
+            )
 
     def layers(self, num_layers: int) -> tuple[int, ...]:
         return tuple(range(num_layers)) if self.layers_to_transform is None else tuple(self.layers_to_transform)

@@ -164,6 +164,11 @@ class Selection:
         check_type(data["layers"], tuple[int, ...], f"{name}['layers']")
         check_type(data["modules"], Mapping[str, tuple[int, ...]], f"{name}['modules']")
         check_type(data.get("ranks") or {}, Mapping[str, int], f"{name}['ranks']")
+        named = {f"{name}['layers']": data["layers"]}
+        named.update({f"{name}['modules'][{p!r}]": v for p, v in data["modules"].items()})
+        for where, layers in named.items():  # a negative index would count from the end of a list of layers
+            if any(i < 0 for i in layers) or len(set(layers)) != len(layers):
+                raise ConfigError(f"{where} = {list(layers)}: expected distinct layer indices >= 0")
         lora_config = None if data.get("lora_config") is None else _lora_config(data["lora_config"])
         modules = {p: tuple(v) for p, v in data["modules"].items()}
         ranks: dict[str, list[int]] = {}

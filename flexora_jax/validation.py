@@ -45,12 +45,15 @@ Error = type[FlexoraError]
 __all__ = [
     "check_array",
     "check_bool",
+    "check_callable",
     "check_config_type",
     "check_dataset",
     "check_fields",
     "check_finite_tree",
+    "check_key",
     "check_mapping",
     "check_number",
+    "check_path",
     "check_regex",
     "check_scalar_loss",
     "check_tokenizer",
@@ -116,8 +119,8 @@ def check_bool(value: Any, name: str, error: Error = ConfigError) -> bool:
 
 
 def check_regex(pattern: Any, name: str, groups: int = 0, error: Error = ConfigError) -> re.Pattern:
-    """``pattern`` (a string or a compiled regex) compiled, with at least ``groups`` capture groups."""
-    if not isinstance(pattern, (str, re.Pattern)):
+    """``pattern`` (a string or a compiled str regex, not bytes) compiled, with at least ``groups`` capture groups."""
+    if not isinstance(pattern, (str, re.Pattern)) or not isinstance(getattr(pattern, "pattern", ""), str):
         raise error(f"{name} must be a regular expression (a string), got {describe(pattern)}")
     try:
         compiled = re.compile(pattern)
@@ -129,6 +132,34 @@ def check_regex(pattern: Any, name: str, groups: int = 0, error: Error = ConfigE
             f"(e.g. r'layers\\.(\\d+)' captures the layer index)"
         )
     return compiled
+
+
+def check_callable(value: Any, name: str, optional: bool = True, error: Error = ConfigError) -> Any:
+    """``value`` if it is callable (or None when ``optional``), else ``error`` naming ``name``."""
+    if (value is None and not optional) or (value is not None and not callable(value)):
+        raise error(f"{name} must be a function{' or None' if optional else ''}, got {describe(value)}")
+    return value
+
+
+def check_key(key: Any, name: str, error: Error = ConfigError) -> Any:
+    """``key`` if it is a JAX PRNG key: ``jax.random.key(seed)`` or a legacy ``PRNGKey`` (uint32 ``[..., 2]``)."""
+    dtype, shape = getattr(key, "dtype", None), tuple(getattr(key, "shape", ()))
+    typed = dtype is not None and jnp.issubdtype(dtype, jax.dtypes.prng_key)
+    legacy = dtype is not None and not typed and np.dtype(dtype) == np.uint32 and shape[-1:] == (2,)
+    if not (typed or legacy):
+        raise error(f"{name} must be a JAX PRNG key (jax.random.key(seed)), got {describe(key)}")
+    return key
+
+
+def check_path(value: Any, name: str, optional: bool = False, error: Error = ConfigError) -> Path | None:
+    """``value`` (a string or ``os.PathLike``; None when ``optional``) as a ``Path``, else ``error`` naming ``name``."""
+    if value is None and optional:
+        return None
+    if not isinstance(value, (str, os.PathLike)) or value == "":
+        raise error(
+            f"{name} must be a path (a string or os.PathLike){' or None' if optional else ''}, got {describe(value)}"
+        )
+    return Path(value)
 
 
 def check_config_type(obj: Any, cls: type | tuple[type, ...], name: str, error: Error = ConfigError) -> Any:

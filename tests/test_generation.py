@@ -328,9 +328,9 @@ def test_bad_inputs_raise_clear_errors(model):
     params, _, _ = model
     with pytest.raises(DataError, match="more than the model's context 64"):
         gen.generate(CONFIG, params, [[1] * 60], max_new_tokens=NEW)
-    with pytest.raises(ConfigError, match="max_new_tokens must be a positive integer"):
+    with pytest.raises(ConfigError, match="max_new_tokens must be an integer >= 1"):
         gen.generate(CONFIG, params, PROMPTS, max_new_tokens=0)
-    with pytest.raises(ConfigError, match="stop strings must be non-empty"):
+    with pytest.raises(ConfigError, match="stop must be a list of non-empty strings"):
         gen.generate(CONFIG, params, PROMPTS, max_new_tokens=NEW, stop=[""])
     with pytest.raises(DataError, match="no tokens"):
         gen.generate(CONFIG, params, [[]], max_new_tokens=NEW)

@@ -358,8 +358,11 @@ def test_signals_stop_the_export_between_its_outputs(run_copy):
             ["finetune.epochs 1e+300", "step counter", "finetune.max_steps"],
         ),
         (["--task.planted.n_train=10000000000"], ["task.planted.n_train", "GiB", "lower"]),
+        # a pattern key matching no adapted module was ignored: the run trained at rank r / alpha lora_alpha
+        (["--lora.rank_pattern={zzz: 2}"], ["rank_pattern", "'zzz'", "match no adapted module"]),
+        (["--lora.alpha_pattern={layers.9.self_attn.q_proj: 4}"], ["alpha_pattern", "layers.9.self_attn.q_proj"]),
     ],
-    ids=["grad-accum", "epochs", "planted-size"],
+    ids=["grad-accum", "epochs", "planted-size", "rank-pattern-typo", "alpha-pattern-past-depth"],
 )
 def test_sizes_are_planned_before_anything_is_written(args, keywords, tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("FLEXORA_PROGRESS", "0")

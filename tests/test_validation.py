@@ -715,3 +715,244 @@ def test_evaluate_checks_its_inputs(tiny):
     )
     _raises(ConfigError, lambda: fj.evaluate({"vocab_size": 32}, CharTokenizer(32), RECORDS), "NNX language model")
     _raises(DataError, lambda: fj.evaluate(TinyLM(), CharTokenizer(), None), "evaluate", "None")
+
+
+# ------------------------------------------------------------- the re-check of issue 30: every public door
+class SmallLM(nnx.Module):
+    """An NNX language model of three residual layers over a 32-token vocabulary: logits [b, t, 32]."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.embed = nnx.Embed(32, 8, rngs=rngs)
+        self.layers = nnx.List([nnx.Linear(8, 8, rngs=rngs) for _ in range(3)])
+        self.head = nnx.Linear(8, 32, rngs=rngs)
+
+    def __call__(self, tokens):
+        x = self.embed(tokens)
+        for layer in self.layers:
+            x = x + layer(x)
+        return self.head(x)
+
+
+def _small_lm():
+    return add_lora(SmallLM(nnx.Rngs(0)), TARGETS, rank=2, rngs=nnx.Rngs(1))
+
+
+SEARCH = fj.SearchConfig(hypergradient="first_order", inner_steps=1, steps=1, batch_size=4, val_batch_size=4)
+FINETUNE = fj.FinetuneConfig(max_steps=1, batch_size=4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(seed=-1), ["seed", ">= 0", "-1"]),
+        (dict(seed=True), ["seed", "True (bool)"]),
+        (dict(seed="0"), ["seed", "'0' (str)"]),
+        (dict(seed=1.5), ["seed", "integer"]),
+        (dict(checkpoint_every=0), ["checkpoint_every", ">= 1"]),
+        (dict(checkpoint_every=True), ["checkpoint_every", "True"]),
+        (dict(checkpoint_dir=5), ["checkpoint_dir", "5 (int)"]),
+        (dict(callback=5), ["callback", "5 (int)"]),
+        (dict(hooks=None), ["hooks", "None"]),
+        (dict(loss_fn=5), ["loss_fn", "5 (int)"]),
+        (dict(progress="yes"), ["progress", "true or false"]),
+        (dict(mesh=5), ["mesh", "Mesh"]),
+    ],
+)
+@pytest.mark.parametrize("stage", ["search", "finetune"])
+def test_search_and_finetune_check_their_keyword_arguments(stage, kwargs, words):
+    """Each raised a TypeError / numpy ValueError / AttributeError, or (a bool seed, checkpoint_every=0, a
+    string progress) ran silently with another meaning."""
+    model, data = _small_lm(), _data(n=8, vocab=32)
+    if stage == "search":
+        call = lambda: fj.search(model, SEARCH, data, data, **kwargs)  # noqa: E731
+    else:
+        call = lambda: fj.finetune(model, data, FINETUNE, **kwargs)  # noqa: E731
+    _raises(ConfigError, call, f"fj.{stage}", *words)
+
+
+@pytest.mark.parametrize("stage", ["search", "finetune"])
+def test_a_token_id_past_a_foreign_models_logits_is_named_not_blamed_on_the_learning_rate(stage):
+    """An NNX model's default causal-LM loss scores ids against its logits' width: an id past it was a NaN
+    loss "at step 1: lower the learning rate"."""
+    data = _data(n=8, vocab=32)
+    data["input_ids"][2, 3] = 40
+    model = _small_lm()
+    if stage == "search":
+        call = lambda: fj.search(model, SEARCH, _data(n=8, vocab=32), data)  # noqa: E731
+    else:
+        call = lambda: fj.finetune(model, data, FINETUNE)  # noqa: E731
+    err = _raises(DataError, call, "['input_ids']", "row 2", "40", "[0, 32)")
+    assert "learning rate" not in str(err)
+
+
+@pytest.mark.parametrize(
+    "config, words",
+    [
+        (fj.FinetuneConfig(grad_accum=100000, batch_size=4), ["config.grad_accum 100000", "grad_accum <= 2"]),
+        (fj.FinetuneConfig(epochs=1e300, max_steps=0, batch_size=4), ["config.epochs 1e+300", "step counter"]),
+    ],
+    ids=["grad-accum", "epochs"],
+)
+def test_finetune_sizes_are_checked_by_the_api_as_by_the_command(config, words):
+    """The command refused them; fj.finetune ran 100000 micro-steps per optimizer step (effectively a hang)
+    or overflowed inside jit (OverflowError)."""
+    _raises(ConfigError, lambda: fj.finetune(_small_lm(), _data(n=8, vocab=32), config), "fj.finetune", *words)
+
+
+def test_select_refuses_what_is_not_gates():
+    for gates in (None, {"layer": np.zeros(3)}):
+        _raises(ConfigError, lambda gates=gates: fj.select(_small_lm(), gates), "fj.select: gates", "Gates")
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(max_new_tokens=True), ["max_new_tokens", "True (bool)"]),
+        (dict(max_new_tokens=None), ["max_new_tokens", "None"]),
+        (dict(temperature="0.5"), ["temperature", "'0.5' (str)"]),
+        (dict(temperature=True), ["temperature", "True (bool)"]),
+        (dict(top_k=2.5), ["top_k", "integer"]),
+        (dict(top_p=None), ["top_p", "None"]),
+        (dict(batch_size=2.5), ["batch_size", "integer"]),
+        (dict(batch_size=True), ["batch_size", "True"]),
+        (dict(seed="x"), ["seed", "'x'"]),
+        (dict(seed=True), ["seed", "True"]),
+        (dict(eos_token_id=99), ["eos_token_id", "99", "0..31"]),
+        (dict(eos_token_id="x"), ["eos_token_id", "'x'"]),
+        (dict(prompts=[[1.7, 2.2]]), ["prompts[0]", "integers", "1.7"]),
+        (dict(prompts=[[True, 2]]), ["prompts[0]", "True"]),
+        (dict(prompts=[None]), ["prompts[0]", "None"]),
+        (dict(prompts=5), ["prompts", "5 (int)"]),
+        (dict(stop="\n", tokenizer=CharTokenizer(32)), ["stop", "list of non-empty strings"]),
+        (dict(tokenizer=CharTokenizer(32)), ["tokenizer", "decode"]),
+        (dict(config={"vocab_size": 32}), ["generate: config", "ModelConfig"]),
+    ],
+)
+def test_generate_checks_every_argument(tiny, kwargs, words):
+    """Raw TypeErrors before, or silently another value: max_new_tokens=True generated 1 token, top_k=2.5 ran
+    as 2, float ids were truncated, an eos id past the vocabulary padded with it and returned NaN log-probs."""
+    params, _ = tiny
+    args = dict(config=TINY, prompts=[[1, 2]], max_new_tokens=2) | kwargs
+    _raises(FlexoraError, lambda: fj.generate(args.pop("config"), params, args.pop("prompts"), **args), *words)
+
+
+@pytest.mark.parametrize(
+    "records, kwargs, exc_type, words",
+    [
+        ({"t": None}, {}, DataError, ["task 't'", "None"]),
+        ({"t": [1, 2]}, {}, DataError, ["task 't'", "records[0]", "1 (int)"]),
+        ([1, 2], {}, DataError, ["task_or_records[0]", "1 (int)"]),
+        (RECORDS, dict(return_per_example="x"), ConfigError, ["return_per_example", "true or false"]),
+        (RECORDS, dict(progress="no"), ConfigError, ["progress", "true or false"]),
+    ],
+)
+def test_evaluate_checks_records_and_flags(records, kwargs, exc_type, words):
+    _raises(exc_type, lambda: fj.evaluate(TinyLM(), CharTokenizer(), records, **({"progress": False} | kwargs)), *words)
+
+
+class IntLogits(nnx.Module):
+    def __call__(self, tokens):
+        return jnp.zeros(tokens.shape + (64,), jnp.int32)
+
+
+def test_evaluate_refuses_integer_logits():
+    """They were cast and scored as a uniform distribution (accuracy of the first choice)."""
+    _raises(
+        ConfigError, lambda: fj.evaluate(IntLogits(), CharTokenizer(), RECORDS, progress=False), "int32", "floating"
+    )
+
+
+def test_adapters_check_their_arguments_and_export_merged_refuses_nan_and_other_models(tiny, peft_dir, tmp_path):
+    params, _ = tiny
+    lora, src = peft_dir
+    _raises(ConfigError, lambda: fj.export_peft(None, tmp_path / "p"), "export_peft: lora", "LoraParams")
+    _raises(ConfigError, lambda: fj.export_peft(lora, None), "export_peft: out_dir", "None")
+    _raises(ConfigError, lambda: fj.load_peft(src, None), "load_peft: config", "ModelConfig")
+    _raises(ConfigError, lambda: fj.export_merged(TINY, params, None, tmp_path / "m"), "export_merged: lora")
+    nan_lora = dataclasses.replace(lora, weights=jax.tree.map(lambda x: x * jnp.nan, lora.weights))
+    _raises(NumericsError, lambda: fj.export_merged(TINY, params, nan_lora, tmp_path / "nan"), "NaN or Inf")
+    deeper = dataclasses.replace(TINY, num_hidden_layers=3)
+    _raises(
+        ConfigError, lambda: fj.export_merged(deeper, params, lora, tmp_path / "deep"), "export_merged", "(3, 32, 16)"
+    )
+    wider = dataclasses.replace(TINY, hidden_size=32, intermediate_size=64)
+    _raises(ConfigError, lambda: fj.export_merged(wider, params, lora, tmp_path / "wide"), "shape", "(32, 32)")
+    assert not any(tmp_path.iterdir())  # nothing was written
+
+
+def test_init_lora_and_init_gates_check_their_arguments():
+    _raises(ConfigError, lambda: fj.init_lora(TINY, {"r": 2}, jax.random.key(0)), "init_lora: lora_config")
+    _raises(ConfigError, lambda: fj.init_lora(TINY, fj.LoraConfig(r=2), None), "init_lora: key", "PRNG key")
+    _raises(ConfigError, lambda: fj.init_lora(TINY, fj.LoraConfig(r=2), 0), "init_lora: key")
+    assert fj.init_lora(TINY, fj.LoraConfig(r=2), jax.random.PRNGKey(0)).weights  # the legacy key still works
+    _raises(ConfigError, lambda: fj.init_gates("layer", True), "num_layers", "True (bool)")
+    _raises(ConfigError, lambda: fj.init_gates("layer", 0), "num_layers", ">= 1")
+
+
+@pytest.mark.parametrize(
+    "field, pattern",
+    [
+        ("rank_pattern", {"zzz": 2}),
+        ("rank_pattern", {"layers.9.self_attn.q_proj": 2}),
+        ("alpha_pattern", {"o_proj": 4.0}),  # a module the config does not target
+    ],
+)
+def test_a_pattern_key_matching_no_adapted_module_is_refused(field, pattern):
+    """It was ignored: the LoRA trained at rank r where the user asked for another (like add_lora's ranks)."""
+    cfg = fj.LoraConfig(r=2, target_modules=("q_proj", "v_proj"), **{field: pattern})
+    _raises(ConfigError, lambda: fj.init_lora(TINY, cfg, jax.random.key(0)), f"LoraConfig.{field}", next(iter(pattern)))
+    ok = fj.LoraConfig(r=2, target_modules=("q_proj", "v_proj"), rank_pattern={"layers.1.self_attn.q_proj": 3})
+    assert fj.make_spec(TINY, ok).rank_of("q_proj") == (2, 3)
+
+
+def test_nnx_functions_check_their_arguments(nnx_adapter, tmp_path):
+    model = load_adapter(Stack(nnx.Rngs(0)), nnx_adapter)
+    before = jax.tree.map(np.asarray, nnx.state(model))
+    _raises(ConfigError, lambda: save_adapter(model, tmp_path / "a", selection={"layers": [0]}), "selection")
+    _raises(ConfigError, lambda: save_adapter(model, None), "save_adapter: directory")
+    _raises(ConfigError, lambda: save_peft(model, tmp_path / "p", peft_name=5), "peft_name", "5 (int)")
+    _raises(ConfigError, lambda: load_adapter(None, nnx_adapter), "load_adapter: model")
+    sel = Selection((0,), {"layers.0": (0,)})
+    _raises(ConfigError, lambda: fj.nnx.apply_selection(model, {"layers": [0]}, rngs=nnx.Rngs(0)), "selection")
+    _raises(ConfigError, lambda: fj.nnx.apply_selection(model, sel, rngs=None), "apply_selection: rngs")
+    _raises(ConfigError, lambda: fj.nnx.apply_selection(model, sel, gates="bogus", rngs=nnx.Rngs(0)), "gates")
+    _raises(ConfigError, lambda: fj.nnx.merge_lora(None), "merge_lora: model")
+    _raises(ConfigError, lambda: fj.nnx.remove_lora(None), "remove_lora: model")
+    assert set(lora_sites(model)) == {"layers.0", "layers.1", "layers.2"}  # unchanged on every error
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.state(model)), before)
+    assert not any(tmp_path.iterdir())
+
+
+def test_llama_from_params_checks_config_and_params(tiny):
+    params, _ = tiny
+    _raises(ConfigError, lambda: fj.nnx.LlamaForCausalLM.from_params({"vocab_size": 32}, params), "config")
+    wider = dataclasses.replace(TINY, hidden_size=32, intermediate_size=64)
+    _raises(ConfigError, lambda: fj.nnx.LlamaForCausalLM.from_params(wider, params), "LlamaForCausalLM", "shape")
+    _raises(ConfigError, lambda: fj.nnx.LlamaForCausalLM.from_params(TINY, [1]), "params")
+
+
+@pytest.mark.parametrize(
+    "data, words",
+    [
+        ({"layers": [-1], "modules": {"a": [-1]}}, ["selection['layers']", "[-1]", ">= 0"]),
+        ({"layers": [0, 0], "modules": {"a": [0]}}, ["selection['layers']", "distinct"]),
+        ({"layers": [0], "modules": {"a": [0, -2]}}, ["selection['modules']['a']", ">= 0"]),
+    ],
+)
+def test_selection_from_json_refuses_negative_and_repeated_layers(data, words):
+    """A negative layer counted from the end of the model's layers."""
+    _raises(ConfigError, lambda: Selection.from_json(data), *words)
+
+
+def test_a_bytes_regex_and_a_string_flag_are_refused():
+    import re
+
+    model = Stack(nnx.Rngs(0))
+    _raises(
+        ConfigError,
+        lambda: add_lora(model, re.compile(rb"layers\.\d"), rngs=nnx.Rngs(1)),
+        "targets",
+        "regular expression",
+    )
+    assert lora_sites(model) == {}
+    _raises(ConfigError, lambda: fj.sft_arrays(PAIRS, CharTokenizer(), 64, add_eos="no"), "add_eos")

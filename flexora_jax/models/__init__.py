@@ -8,13 +8,14 @@ from flexora_jax.models.hf import (
     load_tokenizer,
     save_model,
 )
-from flexora_jax.models.llama import forward, init_params
+from flexora_jax.models.llama import abstract_params, forward, init_params
 from flexora_jax.models.llama2c import convert_llama2c
 from flexora_jax.models.losses import causal_lm_loss, labels_lm_loss, lm_loss, soft_lm_loss
 
 __all__ = [
     "forward",
     "init_params",
+    "abstract_params",
     "causal_lm_loss",
     "soft_lm_loss",
     "labels_lm_loss",

@@ -459,14 +459,19 @@ def init_params(config: ModelConfig, key: jax.Array, init_std: float = 0.02, hea
     return params
 
 
+def abstract_params(config: ModelConfig) -> Params:
+    """:func:`init_params`'s tree as ``jax.ShapeDtypeStruct`` leaves: no compile, no allocation."""
+    return jax.eval_shape(lambda: init_params(config, jax.random.key(0)))
+
+
 def param_axes(config: ModelConfig) -> Params:
     """The logical axis names of every base param: a tree of :class:`~flexora_jax.sharding.Axes` beside
     :func:`init_params`'s (e.g. ``layers.q_proj.kernel``: ``Axes("layers", "embed", "heads")``, Mixtral's
     ``w1``: ``Axes("layers", "expert", "embed", "mlp")``), what :func:`flexora_jax.sharding.partition_specs`
     maps to mesh axes through its rules table. A param without declared axes raises, naming it."""
-    return logical_axes(jax.eval_shape(lambda: init_params(config, jax.random.key(0))))
+    return logical_axes(abstract_params(config))
 
 
 def param_shapes(config: ModelConfig) -> Params:
     """The expected shape of every base param (what loaders validate against)."""
-    return jax.tree.map(lambda x: x.shape, jax.eval_shape(lambda: init_params(config, jax.random.key(0))))
+    return jax.tree.map(lambda x: x.shape, abstract_params(config))

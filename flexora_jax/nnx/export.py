@@ -43,7 +43,15 @@ from flexora_jax.models.hf import read_safetensors
 from flexora_jax.nnx.surgery import LoraSite, adapted_modules, attach_lora, count_lora_params, lora_scale, path_str
 from flexora_jax.nnx.variables import Gate
 from flexora_jax.selection import Selection
-from flexora_jax.validation import check_finite_tree, check_mapping, check_type, read_json
+from flexora_jax.validation import (
+    check_callable,
+    check_config_type,
+    check_finite_tree,
+    check_mapping,
+    check_path,
+    check_type,
+    read_json,
+)
 
 ADAPTER_FILE, CONFIG_FILE, SELECTION_FILE = "adapter.safetensors", "adapter_config.json", "selection.json"
 PeftName = Callable[[str, int], str]
@@ -59,7 +67,10 @@ def _flat(model: nnx.Module) -> dict[str, nnx.Variable]:
 
 def save_adapter(model: nnx.Module, directory: str | os.PathLike, selection: Selection | None = None) -> Path:
     """Write the model's LoRA and gates keyed by NNX paths (plus ``selection.json``); returns the directory."""
-    out = Path(directory)
+    check_config_type(model, nnx.Module, "save_adapter: model")
+    out = check_path(directory, "save_adapter: directory")
+    if selection is not None:
+        check_config_type(selection, Selection, "save_adapter: selection")
     tensors = {key: np.asarray(v.get_value()) for key, v in _flat(model).items()}
     if not tensors:
         raise CheckpointError(f"save_adapter: {type(model).__name__} has no LoRA to save")
@@ -121,7 +132,8 @@ def load_adapter(model: nnx.Module, directory: str | os.PathLike) -> nnx.Module:
     Raises CheckpointError naming the file and the key on a missing, unexpected or mis-shaped tensor.
     The selection, if saved, reads back with ``Selection.from_json(json.load(open(dir / "selection.json")))``.
     """
-    source = Path(directory)
+    check_config_type(model, nnx.Module, "load_adapter: model")
+    source = check_path(directory, "load_adapter: directory")
     config = _read_config(source / CONFIG_FILE)
     if not (source / ADAPTER_FILE).is_file():
         raise CheckpointError(f"load_adapter: {source / ADAPTER_FILE} is missing; expected a save_adapter directory")
@@ -208,6 +220,9 @@ def save_peft(
 
     A model that computes through its own core and defines ``save_peft(directory, base_model_name_or_path)``
     (``LlamaForCausalLM``: HF's names already) writes its adapter itself."""
+    check_config_type(model, nnx.Module, "save_peft: model")
+    check_path(directory, "save_peft: directory")
+    check_callable(peft_name, "save_peft: peft_name")
     own = getattr(model, "save_peft", None)
     if callable(own):
         return own(directory, base_model_name_or_path=base_model_name_or_path)

@@ -31,15 +31,16 @@ from flax import nnx
 
 from flexora_jax.adapters import export_peft
 from flexora_jax.config import LoraConfig, ModelConfig
-from flexora_jax.errors import ConfigError
+from flexora_jax.errors import ConfigError, check_tree_shapes
 from flexora_jax.gates import Gates, GateValues, multipliers
 from flexora_jax.lora import LoraParams, init_lora, make_spec, merge
-from flexora_jax.models import forward, init_params, lm_loss, load_model
+from flexora_jax.models import abstract_params, forward, init_params, lm_loss, load_model
 from flexora_jax.nnx.problem import ModelLoss, split_problem
 from flexora_jax.nnx.variables import Gate
 from flexora_jax.problem import Problem, decoder_problem
 from flexora_jax.selection import Selection
 from flexora_jax.sharding import REPLICATED, leaf_axes, sharding_metadata
+from flexora_jax.validation import check_config_type
 
 Params = dict[str, Any]
 
@@ -105,8 +106,13 @@ class LlamaForCausalLM(nnx.Module):
         init_std: float = 0.02,
         head_std: float | None = None,
     ):
+        check_config_type(config, ModelConfig, "LlamaForCausalLM: config")
+        if lora_config is not None:
+            check_config_type(lora_config, LoraConfig, "LlamaForCausalLM: lora_config")
         if params is None:
             params = init_params(config, rngs.params(), init_std, head_std)
+        else:
+            check_tree_shapes(params, abstract_params(config), "LlamaForCausalLM: params", ConfigError)
         self.config = config
         for key, value in params.items():
             setattr(
@@ -277,6 +283,7 @@ class LlamaForCausalLM(nnx.Module):
             val_loss_fn,
             select=decoder.select,
             write=lambda lora, hyper: self._write(self.lora(), hyper, state=lora),
+            vocab_size=decoder.vocab_size if loss_fn is None else None,  # its own LM loss reads input_ids
         )
 
     def _write(self, lora: LoraParams, hyper: Gates | None, state: Any = None) -> LlamaForCausalLM:

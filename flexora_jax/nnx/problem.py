@@ -60,7 +60,22 @@ def problem(model: nnx.Module, loss_fn: ModelLoss | None = None, val_loss_fn: Mo
         write=write,
         count=_count if loss_fn is None else _rows,
         requires=("input_ids", "loss_mask") if loss_fn is None else ("input_ids",),
+        vocab_size=_logits_width(model) if loss_fn is None else None,
     )
+
+
+def _logits_width(model: nnx.Module) -> int | None:
+    """The vocabulary :func:`causal_lm` scores token ids against: the width of ``model(input_ids)``'s logits,
+    from one abstract call on a ``[1, 2]`` batch (no compile); None when the model cannot be called that way.
+    Token ids are then checked against it before the first step (an id past the logits is a NaN loss later)."""
+    graphdef, state = nnx.split(model)
+    tokens = jax.ShapeDtypeStruct((1, 2), jax.numpy.int32)
+    try:
+        logits = jax.eval_shape(lambda s, x: nnx.merge(graphdef, s)(x), state, tokens)
+    except Exception:  # a model that needs more than input_ids: the data check keeps ids >= 0 only
+        return None
+    shape = getattr(logits, "shape", ())
+    return int(shape[-1]) if len(shape) == 3 else None
 
 
 def split_problem(
@@ -72,6 +87,7 @@ def split_problem(
     write: Callable[[Any, Gates | None], Any],
     count: Callable[[Batch], jax.Array] | None = None,
     requires: tuple[str, ...] = ("input_ids",),
+    vocab_size: int | None = None,
 ) -> Problem:
     """The problem of ``model`` split by variable type and merged around ``loss_fn`` inside the step, with the
     given selection rule and write-back (:func:`problem` for ``add_lora`` models, ``LlamaForCausalLM`` with a
@@ -97,6 +113,7 @@ def split_problem(
         identity=identity,
         count=count or _rows,
         requires=requires,
+        vocab_size=vocab_size,
     )
 
 

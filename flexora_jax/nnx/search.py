@@ -33,11 +33,11 @@ from flexora_jax.bilevel import ProblemLoss, SearchState, init_search_state, sea
 from flexora_jax.config import SearchConfig, SelectionConfig
 from flexora_jax.errors import ConfigError
 from flexora_jax.gates import Gates, GateValues, multipliers
-from flexora_jax.nnx.surgery import LoraSite, adapted_modules, attach_lora, lora_sites, remove_lora
+from flexora_jax.nnx.surgery import GATE_CHOICES, LoraSite, adapted_modules, attach_lora, lora_sites, remove_lora
 from flexora_jax.nnx.variables import GATE_ROLES, Gate
 from flexora_jax.problem import HyperLayout
 from flexora_jax.selection import Selection, select_layers, select_ranks
-from flexora_jax.validation import check_scalar_loss
+from flexora_jax.validation import check_config_type, check_scalar_loss
 
 Batch = dict[str, jax.Array]
 ModelLoss = Callable[[nnx.Module, Batch], jax.Array]
@@ -259,6 +259,11 @@ def apply_selection(model: nnx.Module, selection: Selection, *, gates: str | Non
     layers and rank components left out (through its gates, which then hold 0 / 1 masks). A model with its
     own ``apply_selection`` method (``fj.nnx.LlamaForCausalLM``) applies it itself.
     """
+    check_config_type(model, nnx.Module, "apply_selection: model")
+    check_config_type(selection, Selection, "apply_selection: selection")
+    check_config_type(rngs, nnx.Rngs, "apply_selection: rngs")
+    if gates not in GATE_CHOICES:
+        raise ConfigError(f"apply_selection: gates must be one of {GATE_CHOICES}, got {gates!r}")
     own = getattr(model, "apply_selection", None)
     if callable(own):
         return own(selection, gates=gates, rngs=rngs)

@@ -581,6 +581,7 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
     A model that computes through its own core and defines ``merge_lora()`` (``LlamaForCausalLM``) folds
     its LoRA itself.
     """
+    check_config_type(model, nnx.Module, "merge_lora: model")
     own = getattr(model, "merge_lora", None)
     if callable(own):
         return own()
@@ -595,6 +596,7 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
 
 def remove_lora(model: nnx.Module) -> nnx.Module:
     """Drop every LoRA branch without merging it: the model computes as before :func:`add_lora`."""
+    check_config_type(model, nnx.Module, "remove_lora: model")
     for _, module in _adapted(model):
         _detach(module)
     return model

@@ -24,6 +24,7 @@ from flexora_jax import sharding as sh
 from flexora_jax import tasks
 from flexora_jax.config import ModelConfig
 from flexora_jax.data import Dataset
+from flexora_jax.engine import check_finetune_sizes
 from flexora_jax.errors import CheckpointError, ConfigError, DataError
 from flexora_jax.fileio import write_dir
 from flexora_jax.memory import plan_memory, planted_data_bytes
@@ -37,13 +38,11 @@ from flexora_jax.planted import PlantedConfig, make_planted_task
 from flexora_jax.tasks.formats import question_removed
 from flexora_jax.tasks.generative import MAX_NEW_TOKENS, GenRecord
 from flexora_jax.tasks.sft import encode_pair, sft_arrays
-from flexora_jax.train import total_steps
 
 log = logging.getLogger("flexora_jax")
 
 CONFIG_FILE = "config.yaml"
 MESH_FILE = "mesh.json"  # the mesh a run started on: a resume must use the same one
-MAX_STEPS = 2**31 - 1  # the step counter (int32) of every stage
 
 
 @dataclasses.dataclass
@@ -530,22 +529,7 @@ def _validate_sizes(config: RunConfig, data: TaskData) -> None:
             raise ConfigError(
                 f"{key} {batch} is larger than the {n} {name} examples; expected at most {n} (or more examples)"
             )
-    ft = config.finetune
-    n = len(data.finetune["input_ids"])
-    per_epoch = max(1, n // ft.batch_size)
-    if ft.grad_accum > per_epoch:
-        raise ConfigError(
-            f"finetune.grad_accum {ft.grad_accum} x finetune.batch_size {ft.batch_size} is "
-            f"{ft.grad_accum * ft.batch_size} examples per optimizer step, more than the {n} fine-tune "
-            f"training examples (an epoch is {per_epoch} batches); expected grad_accum <= {per_epoch}"
-        )
-    micro_steps = total_steps(ft, n) * ft.grad_accum
-    if micro_steps > MAX_STEPS:
-        raise ConfigError(
-            f"finetune.epochs {ft.epochs:g} over {n} examples in batches of {ft.batch_size} is "
-            f"{micro_steps:.3g} steps, more than the step counter holds ({MAX_STEPS}); lower "
-            "finetune.epochs, or cap the steps with finetune.max_steps"
-        )
+    check_finetune_sizes(config.finetune, len(data.finetune["input_ids"]))  # the API's check too
 
 
 def _validate_planted_size(config: RunConfig) -> None:

@@ -29,7 +29,7 @@ import datasets
 import numpy as np
 
 from flexora_jax.errors import DataError
-from flexora_jax.validation import check_number, check_tokenizer, describe
+from flexora_jax.validation import check_bool, check_number, check_tokenizer, describe
 
 log = logging.getLogger("flexora_jax")
 
@@ -199,6 +199,7 @@ def sft_arrays(
     records = _records(records, name)
     check_tokenizer(tokenizer, f"{name}: tokenizer")
     max_length = check_number(max_length, f"{name}: {length_key}", lo=2, integer=True)
+    add_eos = check_bool(add_eos, f"{name}: add_eos")
     ds = sft_dataset(records, tokenizer, max_length, add_eos=add_eos, too_long=too_long)
     if len(ds) == 0:
         raise DataError(
