@@ -28,6 +28,7 @@ from flexora_jax.gates import Gates
 from flexora_jax.lora import LoraParams
 from flexora_jax.models.attention import stage_config
 from flexora_jax.models.losses import lm_loss
+from flexora_jax.validation import check_dataset, check_number
 
 
 class TrainState(NamedTuple):
@@ -160,7 +161,10 @@ def dataset_loss(
     batch_size: int = 64,
     gates: Gates | None = None,
 ) -> float:
-    """Mean per-token loss of ``lora`` (or the base, ``lora=None``) over a whole dataset."""
+    """Mean per-token loss of ``lora`` (or the base, ``lora=None``) over a whole dataset (its token ids
+    checked against the vocabulary first: an id past the embedding would read as a NaN loss)."""
+    check_number(batch_size, "dataset_loss: batch_size", lo=1, integer=True)
+    check_dataset(data, "dataset_loss: data", config.vocab_size, loss_mask_required=False)
     fn = make_eval_loss(config)
     total, count = 0.0, 0.0
     for batch in batches_in_order(data, batch_size):

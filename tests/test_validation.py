@@ -956,3 +956,21 @@ def test_a_bytes_regex_and_a_string_flag_are_refused():
     )
     assert lora_sites(model) == {}
     _raises(ConfigError, lambda: fj.sft_arrays(PAIRS, CharTokenizer(), 64, add_eos="no"), "add_eos")
+
+
+def test_model_io_and_dataset_loss_check_their_arguments(tiny, tmp_path):
+    """A string flag was taken as true, an unknown dtype was a raw TypeError, NaN params were written, and
+    dataset_loss scored ids past the vocabulary as NaN and a batch_size of 0 as a raw ValueError."""
+    params, directory = tiny
+    _raises(ConfigError, lambda: fj.load_model(directory, check_finite="no"), "load_model: check_finite", "'no'")
+    _raises(ConfigError, lambda: fj.load_model(directory, allow_pickle=1), "load_model: allow_pickle")
+    _raises(ConfigError, lambda: fj.save_model(TINY, params, tmp_path / "m", dtype="float99"), "float99")
+    _raises(ConfigError, lambda: fj.save_model(TINY, params, tmp_path / "m", dtype="int8"), "floating")
+    nan_params = jax.tree.map(lambda x: x * jnp.nan, params)
+    _raises(NumericsError, lambda: fj.save_model(TINY, nan_params, tmp_path / "m"), "save_model: params", "NaN")
+    assert not any(tmp_path.iterdir())  # nothing was written
+    data = {"input_ids": np.ones((4, 8), np.int32), "loss_mask": np.ones((4, 8), np.float32)}
+    _raises(ConfigError, lambda: fj.dataset_loss(TINY, params, None, data, batch_size=0), "batch_size", ">= 1")
+    past = {**data, "input_ids": np.full((4, 8), TINY.vocab_size, np.int32)}
+    _raises(DataError, lambda: fj.dataset_loss(TINY, params, None, past), "dataset_loss: data", "outside")
+    assert math.isfinite(fj.dataset_loss(TINY, params, None, data, batch_size=2))

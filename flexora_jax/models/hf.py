@@ -42,7 +42,7 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 from flexora_jax.config import EXPERT_MODULES, GEMMA_TYPES, SUPPORTED_MODEL_TYPES, ModelConfig, module_path
-from flexora_jax.errors import CheckpointError
+from flexora_jax.errors import CheckpointError, ConfigError, NumericsError
 from flexora_jax.fileio import write_bytes, write_with
 from flexora_jax.model_config import SIZE_FIELDS
 from flexora_jax.models.hf_config import config_from_hf, config_to_hf, unsupported_model_type
@@ -408,6 +408,8 @@ def load_model(
     tensor or key on any problem (integer / quantized tensors, and with ``check_finite`` a NaN or Inf
     weight: one reduction per param, skip it for a checkpoint you trust); nothing partial is returned.
     """
+    check_bool(allow_pickle, "load_model: allow_pickle")
+    check_bool(check_finite, "load_model: check_finite")
     directory = resolve_model_dir(path_or_hub_id)
     config = load_model_config(directory, dtype=dtype, **config_overrides)
     with contextlib.ExitStack() as stack:
@@ -455,10 +457,19 @@ def save_model(
     """Write an HF model directory (config.json + model.safetensors [+ tokenizer]) transformers can load.
 
     Each file lands atomically; a stale sharded index is removed so loaders read the new weights.
-    An unwritable directory raises :class:`CheckpointError` naming it and the reason.
+    An unwritable directory raises :class:`CheckpointError` naming it and the reason; NaN / Inf params
+    (:class:`NumericsError`) and an unknown ``dtype`` are refused before the first write.
     """
     out = Path(out_dir)
-    target = jnp.dtype(dtype or config.dtype)
+    try:
+        target = jnp.dtype(dtype or config.dtype)
+    except TypeError:
+        raise ConfigError(
+            f"save_model: dtype {dtype!r} is not a dtype; expected e.g. 'float32' or 'bfloat16'"
+        ) from None
+    if not jnp.issubdtype(target, jnp.floating):
+        raise ConfigError(f"save_model: dtype {target} is not a floating-point dtype; expected e.g. 'bfloat16'")
+    check_finite_tree(params, "save_model: params", NumericsError)  # before anything is written
     state = {k: v.astype(target) for k, v in hf_state_dict(config, params).items()}
     hf_config = config_to_hf(config)
     hf_config.dtype = str(target)
